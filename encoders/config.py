@@ -1,0 +1,236 @@
+"""``MergeConfig``: one frozen value that says how (and how much) an encoder merges tokens.
+
+Parsed from strings such as ``r=8``, ``r=8,method=lsh,lsh_bits=6``, ``r=[16,16,8,8,0,0]`` or
+``r=8,schedule=decreasing``; ``str(cfg)`` round-trips through :meth:`MergeConfig.parse` so every
+report can record the exact setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Tuple, Union
+
+from errors import ConfigError
+
+METHODS = ("none", "bipartite", "lsh", "importance", "zerotprune")
+SCHEDULES = ("constant", "decreasing")
+# Methods whose matcher can take at most half of the unprotected tokens per layer (each merge
+# needs a partner from the other half); the importance methods can merge more.
+_BIPARTITE_LIKE = ("bipartite", "lsh")
+_BOOL_TRUE = ("1", "true", "on", "yes")
+_BOOL_FALSE = ("0", "false", "off", "no")
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """How an encoder merges tokens.
+
+    Args:
+        method: ``none`` (no patch), ``bipartite`` (ToMe), ``lsh`` (hashed partner search),
+            ``importance`` (class-attention guided, arXiv 2306.04897) or ``zerotprune``
+            (PageRank importance, arXiv 2305.17328).
+        r: tokens removed per layer (int) or an explicit per-layer list.
+        schedule: ``constant`` (r every layer) or ``decreasing`` (same total, front-loaded).
+        prop_attn: proportional attention (add log(size) to the attention logits).
+        lsh_bits: SimHash bits per table (``lsh``).
+        lsh_tables: number of hash tables (``lsh``).
+        lsh_window: candidates per token per table: bucket-mates within this many positions in
+            the table's sort order (``lsh``; >= the token count means an exhaustive bucket search).
+        seed: seed of the random hyperplanes (``lsh``).
+        keep: instead of r, the fraction of unprotected tokens kept at each acting layer
+            (``importance``, ``zerotprune``).
+        iters: PageRank iterations (``zerotprune``).
+        layers: block indices where the method acts (empty = every block).
+    """
+
+    method: str = "bipartite"
+    r: Union[int, Tuple[int, ...]] = 0
+    schedule: str = "constant"
+    prop_attn: bool = True
+    lsh_bits: int = 4
+    lsh_tables: int = 4
+    lsh_window: int = 16
+    seed: int = 0
+    keep: Optional[float] = None
+    iters: int = 5
+    layers: Tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"merge method={self.method!r} is not valid; choose one of: {', '.join(METHODS)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"merge schedule={self.schedule!r} is not valid; choose one of: {', '.join(SCHEDULES)}")
+        rs = self.r if isinstance(self.r, tuple) else (self.r,)
+        if any((not isinstance(v, int)) or v < 0 for v in rs):
+            raise ConfigError(f"merge r={self.r!r} is not valid; give a non-negative integer or a list of them")
+        if isinstance(self.r, tuple) and self.schedule != "constant":
+            raise ConfigError("merge schedule applies to a single r; an explicit list r=[...] is already a schedule")
+        for key, lo in (("lsh_bits", 1), ("lsh_tables", 1), ("lsh_window", 1), ("iters", 1)):
+            if getattr(self, key) < lo:
+                raise ConfigError(f"merge {key}={getattr(self, key)} is not valid; it must be >= {lo}")
+        if self.lsh_bits > 30:
+            raise ConfigError(f"merge lsh_bits={self.lsh_bits} is not valid; it must be <= 30")
+        if self.keep is not None and not (0.0 < self.keep <= 1.0):
+            raise ConfigError(f"merge keep={self.keep} is not valid; give a fraction in (0, 1]")
+        if self.keep is not None and self.method in _BIPARTITE_LIKE:
+            raise ConfigError(f"merge keep= applies to importance and zerotprune, not method={self.method}; use r=")
+
+    # ------------------------------------------------------------------ parsing / printing
+    @classmethod
+    def parse(cls, spec: Union[str, "MergeConfig", None]) -> "MergeConfig":
+        """Parse ``key=value`` pairs separated by commas (``none`` or empty: no merging)."""
+        if spec is None:
+            return cls(method="none")
+        if isinstance(spec, MergeConfig):
+            return spec
+        text = spec.strip()
+        if text.lower() in ("", "none", "off", "method=none"):
+            return cls(method="none")
+        kwargs: dict[str, Any] = {}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for item in _split_top_level(text):
+            if "=" not in item:
+                raise ConfigError(
+                    f"merge option {item!r} in {spec!r} is not key=value; valid keys: {', '.join(fields)}"
+                )
+            key, value = (s.strip() for s in item.split("=", 1))
+            if key not in fields:
+                raise ConfigError(f"unknown merge option {key!r} in {spec!r}; valid keys: {', '.join(fields)}")
+            kwargs[key] = _convert(key, value)
+        return cls(**kwargs)
+
+    def __str__(self) -> str:
+        if self.method == "none":
+            return "none"
+        parts = [f"method={self.method}"]
+        for f in dataclasses.fields(self):
+            if f.name == "method":
+                continue
+            value = getattr(self, f.name)
+            if f.name == "r" or value != f.default:
+                parts.append(f"{f.name}={_format(value)}")
+        return ",".join(parts)
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    def schedule_for(self, num_layers: int, num_tokens: int, protected: int = 1) -> list[int]:
+        """Per-layer tokens to remove, clamped to what each layer can remove.
+
+        Args:
+            num_layers: blocks in the encoder.
+            num_tokens: tokens entering the first block (patches + class token).
+            protected: tokens never merged (the class token).
+        """
+        if not self.enabled:
+            return [0] * num_layers
+        acting = set(range(num_layers)) if not self.layers else set(self.layers)
+        bad = [i for i in acting if not 0 <= i < num_layers]
+        if bad:
+            raise ConfigError(f"merge layers={list(self.layers)} names blocks {bad}; the model has {num_layers} (0..{num_layers - 1})")
+        if isinstance(self.r, tuple):
+            if len(self.r) != num_layers:
+                raise ConfigError(
+                    f"merge r has {len(self.r)} entries but the model has {num_layers} blocks; give one per block"
+                )
+            wanted = list(self.r)
+        elif self.schedule == "decreasing":
+            wanted = _decreasing(self.r, num_layers)
+        else:
+            wanted = [self.r] * num_layers
+        out = []
+        n = num_tokens
+        for i in range(num_layers):
+            free = n - protected
+            if i not in acting:
+                r = 0
+            elif self.keep is not None:
+                r = free - max(1, int(round(free * self.keep)))
+            else:
+                r = wanted[i]
+            limit = free // 2 if self.method in _BIPARTITE_LIKE else max(free - 1, 0)
+            r = max(0, min(r, limit))
+            out.append(r)
+            n -= r
+        return out
+
+
+def _decreasing(r: int, num_layers: int) -> list[int]:
+    """Linearly decreasing per-layer r with the same total as a constant r (exact, by carrying)."""
+    weights = [num_layers - i for i in range(num_layers)]
+    total = r * num_layers
+    scale = total / sum(weights)
+    out, carry = [], 0.0
+    for w in weights:
+        exact = w * scale + carry
+        val = int(round(exact))
+        carry = exact - val
+        out.append(val)
+    out[-1] += total - sum(out)
+    return out
+
+
+def _split_top_level(text: str) -> list[str]:
+    items, depth, cur = [], 0, []
+    for ch in text:
+        if ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth -= 1
+        if ch == "," and depth == 0:
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    items.append("".join(cur))
+    return [i.strip() for i in items if i.strip()]
+
+
+def _int(key: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"merge {key}={value!r} is not valid; give an integer") from None
+
+
+def _int_list(key: str, value: str) -> Tuple[int, ...]:
+    inner = value.strip()[1:-1]
+    return tuple(_int(key, v.strip()) for v in inner.split(",") if v.strip())
+
+
+def _convert(key: str, value: str) -> Any:
+    if key in ("method", "schedule"):
+        return value.lower()
+    if key == "r":
+        return _int_list(key, value) if value.startswith(("[", "(")) else _int(key, value)
+    if key == "layers":
+        return _int_list(key, value) if value.startswith(("[", "(")) else (_int(key, value),)
+    if key == "prop_attn":
+        low = value.lower()
+        if low in _BOOL_TRUE:
+            return True
+        if low in _BOOL_FALSE:
+            return False
+        raise ConfigError(f"merge prop_attn={value!r} is not valid; choose one of: on, off")
+    if key == "keep":
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"merge keep={value!r} is not valid; give a fraction such as 0.7") from None
+    return _int(key, value)
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return "[" + ",".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+def parse_merges(specs: Optional[Sequence[str]]) -> list[MergeConfig]:
+    """Parse repeated ``--merge`` options; an empty list means just the unmerged baseline."""
+    return [MergeConfig.parse(s) for s in (specs or ["none"])]

@@ -1,0 +1,200 @@
+"""``Encoder``: an open_clip model (optionally token-merged) that turns images and texts into
+L2-normalised float32 vectors.
+
+Loading accepts an open_clip model name with a pretrained tag, a local checkpoint path, or
+``None`` / ``"none"`` for random weights (asked for explicitly).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import numpy as np
+
+from encoders.config import MergeConfig
+from errors import ConfigError, WeightsUnavailableError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+ImageLike = Any  # PIL.Image.Image, HxWx3 uint8 numpy array, or an already preprocessed CHW tensor
+
+
+def normalize_pretrained(pretrained: Optional[str]) -> Optional[str]:
+    """``none``/empty -> None (random init); anything else is a tag or a path, unchanged."""
+    if pretrained is None or str(pretrained).strip().lower() in ("", "none", "random"):
+        return None
+    return str(pretrained)
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} was asked for but no CUDA device is present; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError(f"device={device!r} is not valid; choose one of: auto, cpu, cuda, cuda:N")
+    return device
+
+
+def load_open_clip(model_name: str, pretrained: Optional[str], device: str = "cpu"):
+    """Create an open_clip model, its eval transform and tokenizer; raise one clear error offline."""
+    import open_clip
+
+    if model_name not in open_clip.list_models() and not model_name.startswith(("hf-hub:", "local-dir:")):
+        raise ConfigError(
+            f"model {model_name!r} is not an open_clip model; see `python -c \"import open_clip; "
+            f"print(open_clip.list_models())\"` (e.g. ViT-B-32, ViT-B-16, ViT-L-14)"
+        )
+    pretrained = normalize_pretrained(pretrained)
+    if pretrained is not None and not os.path.isfile(pretrained):
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        looks_like_path = os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+        if looks_like_path:
+            raise WeightsUnavailableError(f"checkpoint file {pretrained!r} does not exist; pass an existing file to --pretrained")
+        if pretrained not in tags:
+            raise ConfigError(
+                f"pretrained tag {pretrained!r} is unknown for {model_name}; valid tags: {', '.join(tags) or '(none)'}, "
+                "a local checkpoint path, or none"
+            )
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
+    except RuntimeError as exc:
+        if pretrained is not None and ("download" in str(exc).lower() or "hub" in str(exc).lower()):
+            raise WeightsUnavailableError(
+                f"weights {model_name}/{pretrained} cannot be downloaded here (offline?); download the checkpoint "
+                f"elsewhere and pass its path with --pretrained /path/to/open_clip_model.safetensors, "
+                f"or pass --pretrained none for random weights"
+            ) from exc
+        raise
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(model_name)
+    return model, preprocess, tokenizer
+
+
+@dataclass
+class Encoder:
+    """Batch image/text encoder over an open_clip CLIP model.
+
+    Args:
+        model_name: open_clip model name (``ViT-B-32``, ``ViT-B-16``, ...).
+        pretrained: tag (``openai``, ``laion2b_s34b_b79k``), checkpoint path, or None for random init.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``fp32``, ``fp16`` or ``bf16`` (autocast; fp16 on CPU falls back to bf16).
+        merge: token-merging config (string or ``MergeConfig``); ``none`` leaves the model as shipped.
+        batch_size: images/texts per forward pass.
+    """
+
+    model_name: str = "ViT-B-32"
+    pretrained: Optional[str] = "openai"
+    device: str = "auto"
+    precision: str = "fp32"
+    merge: Union[MergeConfig, str, None] = None
+    batch_size: int = 32
+    model: Any = field(default=None, repr=False)
+    preprocess: Optional[Callable] = field(default=None, repr=False)
+    tokenizer: Optional[Callable] = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.precision!r} is not valid; choose one of: {', '.join(PRECISIONS)}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size} is not valid; it must be >= 1")
+        self.pretrained = normalize_pretrained(self.pretrained)
+        self.merge = MergeConfig.parse(self.merge)
+        self.device = resolve_device(self.device)
+        if self.model is None:
+            self.model, self.preprocess, self.tokenizer = load_open_clip(self.model_name, self.pretrained, self.device)
+        if self.merge.enabled:
+            from encoders.patch import apply_merging
+
+            apply_merging(self.model, self.merge)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def dim(self) -> int:
+        return int(self.model.visual.output_dim)
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    def describe(self) -> dict:
+        """What produced these vectors (stored in index manifests and eval reports)."""
+        return {
+            "model": self.model_name,
+            "pretrained": self.pretrained or "none",
+            "merge": str(self.merge),
+            "dim": self.dim,
+            "precision": self.precision,
+        }
+
+    # ------------------------------------------------------------------ encoding
+    def preprocess_images(self, images: Sequence[ImageLike]):
+        """Images (PIL, HxWx3 uint8 arrays or preprocessed CHW tensors) -> a [B,3,H,W] float tensor."""
+        import torch
+        from PIL import Image
+
+        tensors = []
+        for im in images:
+            if isinstance(im, torch.Tensor):
+                tensors.append(im)
+                continue
+            if isinstance(im, np.ndarray):
+                im = Image.fromarray(im)
+            tensors.append(self.preprocess(im.convert("RGB")))
+        return torch.stack(tensors)
+
+    def _autocast(self):
+        import contextlib
+
+        import torch
+
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dev = "cuda" if self.device.startswith("cuda") else "cpu"
+        dtype = torch.float16 if self.precision == "fp16" and dev == "cuda" else torch.bfloat16
+        return torch.autocast(device_type=dev, dtype=dtype)
+
+    def encode_image_tensor(self, pixels) -> "torch.Tensor":  # noqa: F821
+        """One forward of the image tower on a preprocessed batch; returns normalised float32 [B, dim]."""
+        import torch
+
+        with torch.inference_mode(), self._autocast():
+            feats = self.model.encode_image(pixels.to(self.device, non_blocking=True))
+        return torch.nn.functional.normalize(feats.float(), dim=-1)
+
+    def encode_images(self, images: Sequence[ImageLike], progress: bool = False) -> np.ndarray:
+        """Encode images in batches; returns float32 [n, dim], L2-normalised."""
+        out = [np.zeros((0, self.dim), np.float32)]
+        for chunk in _batches(images, self.batch_size, progress, "encode images"):
+            out.append(self.encode_image_tensor(self.preprocess_images(chunk)).cpu().numpy())
+        return np.concatenate(out)
+
+    def encode_texts(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+        """Encode texts in batches; returns float32 [n, dim], L2-normalised."""
+        import torch
+
+        out = [np.zeros((0, self.dim), np.float32)]
+        for chunk in _batches(list(texts), self.batch_size, progress, "encode texts"):
+            tokens = self.tokenizer(list(chunk)).to(self.device)
+            with torch.inference_mode(), self._autocast():
+                feats = self.model.encode_text(tokens)
+            out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy())
+        return np.concatenate(out)
+
+
+def _batches(items: Sequence, size: int, progress: bool, desc: str) -> Iterable[Sequence]:
+    starts = range(0, len(items), size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=desc, unit="batch")
+    for s in starts:
+        yield items[s : s + size]

@@ -1,0 +1,43 @@
+"""One error hierarchy for mergeseek.
+
+Library code raises these with a message that says what failed, the offending value and what to
+do; ``cli.py`` turns them into a one-line message and an exit code in exactly one place.
+"""
+
+from __future__ import annotations
+
+
+class MergeseekError(Exception):
+    """Base class: the message is meant to be shown to the user as is."""
+
+    exit_code = 1
+
+
+class ConfigError(MergeseekError, ValueError):
+    """A bad option value or config string (names the key and lists the valid choices)."""
+
+    exit_code = 2
+
+
+class InputError(MergeseekError):
+    """Bad input data: missing folder, unreadable video or image, empty query."""
+
+    exit_code = 3
+
+
+class IndexMismatchError(MergeseekError):
+    """An index was built with a different model / dimension than the one asked for."""
+
+    exit_code = 4
+
+
+class UnsupportedModelError(MergeseekError):
+    """A model family or architecture the merge patches cannot handle."""
+
+    exit_code = 5
+
+
+class WeightsUnavailableError(MergeseekError):
+    """Pretrained weights could not be loaded (offline, unknown tag, missing file)."""
+
+    exit_code = 6
