@@ -118,17 +118,26 @@ class MergeConfig:
         return self.method != "none"
 
     def schedule_for(self, num_layers: int, num_tokens: int, protected: int = 1) -> list[int]:
-        """Per-layer tokens to remove, clamped to what each layer can remove.
+        """Per-layer tokens to remove when every requested merge succeeds (clamped per layer).
 
         Args:
             num_layers: blocks in the encoder.
             num_tokens: tokens entering the first block (patches + class token).
             protected: tokens never merged (the class token).
         """
+        wanted = self.wanted(num_layers)
+        out, n = [], num_tokens
+        for i in range(num_layers):
+            r = self.layer_r(wanted[i], n, protected)
+            out.append(r)
+            n -= r
+        return out
+
+    def wanted(self, num_layers: int) -> list[Optional[int]]:
+        """Requested r per block before clamping (None: derived from ``keep`` at run time)."""
         if not self.enabled:
             return [0] * num_layers
-        acting = set(range(num_layers)) if not self.layers else set(self.layers)
-        bad = [i for i in acting if not 0 <= i < num_layers]
+        bad = [i for i in self.layers if not 0 <= i < num_layers]
         if bad:
             raise ConfigError(f"merge layers={list(self.layers)} names blocks {bad}; the model has {num_layers} (0..{num_layers - 1})")
         if isinstance(self.r, tuple):
@@ -136,26 +145,25 @@ class MergeConfig:
                 raise ConfigError(
                     f"merge r has {len(self.r)} entries but the model has {num_layers} blocks; give one per block"
                 )
-            wanted = list(self.r)
+            wanted: list[Optional[int]] = list(self.r)
+        elif self.keep is not None:
+            wanted = [None] * num_layers
         elif self.schedule == "decreasing":
-            wanted = _decreasing(self.r, num_layers)
+            wanted = list(_decreasing(self.r, num_layers))
         else:
             wanted = [self.r] * num_layers
-        out = []
-        n = num_tokens
-        for i in range(num_layers):
-            free = n - protected
-            if i not in acting:
-                r = 0
-            elif self.keep is not None:
-                r = free - max(1, int(round(free * self.keep)))
-            else:
-                r = wanted[i]
-            limit = free // 2 if self.method in _BIPARTITE_LIKE else max(free - 1, 0)
-            r = max(0, min(r, limit))
-            out.append(r)
-            n -= r
-        return out
+        if self.layers:
+            acting = set(self.layers)
+            wanted = [w if i in acting else 0 for i, w in enumerate(wanted)]
+        return wanted
+
+    def layer_r(self, wanted: Optional[int], num_tokens: int, protected: int = 1) -> int:
+        """Tokens one block removes given its current token count (at most half of the unprotected
+        tokens for bipartite-like methods; the importance methods keep at least one)."""
+        free = num_tokens - protected
+        r = free - max(1, int(round(free * self.keep))) if wanted is None else wanted
+        limit = free // 2 if self.method in _BIPARTITE_LIKE else max(free - 1, 0)
+        return max(0, min(r, limit))
 
 
 def _decreasing(r: int, num_layers: int) -> list[int]:

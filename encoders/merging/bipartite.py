@@ -1,0 +1,49 @@
+"""ToMe's bipartite soft matching (Bolya et al., ICLR 2023), written from the paper."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from encoders.merging.core import MergeFn, assign_top_r, identity_merge, protect, real_mask
+
+
+def protected_count(class_token: bool, protected: Optional[int]) -> int:
+    return int(class_token) if protected is None else protected
+
+
+@torch.no_grad()
+def bipartite_soft_matching(
+    metric: torch.Tensor,
+    r: int,
+    class_token: bool = True,
+    *,
+    size: Optional[torch.Tensor] = None,
+    protected: Optional[int] = None,
+    padded: Optional[bool] = None,
+    **_: object,
+) -> Tuple[MergeFn, MergeFn]:
+    """Merge r tokens: each A token's most similar B token (cosine), top-r edges.
+
+    Args:
+        metric: [B, N, C] similarity features (ToMe: head-averaged attention keys).
+        r: tokens to remove (clamped to half of the unprotected tokens).
+        class_token: position 0 is a class token that is never merged.
+        size: [B, N, 1] token sizes; size-0 rows are padding and are never matched.
+        protected: number of leading prefix tokens never merged (overrides class_token).
+        padded: whether ``size`` holds padding (None: look, which costs a device sync).
+    """
+    batch, n, _ = metric.shape
+    keep_first = protected_count(class_token, protected)
+    r = min(r, (n - keep_first) // 2)
+    if r <= 0:
+        return identity_merge()
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    scores = metric[:, 0::2] @ metric[:, 1::2].transpose(-1, -2)
+    real = real_mask(size)
+    if padded is None:
+        padded = real is not None and not bool(real.all())
+    protect(scores, keep_first, real if padded else None)
+    best, partner = scores.max(dim=-1)
+    return assign_top_r(best, partner, r, n, real if padded else None, exact_r=not padded)

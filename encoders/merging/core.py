@@ -1,0 +1,167 @@
+"""Shared machinery of every matcher: turn "which A tokens merge into which B tokens" into the
+``merge`` / ``unmerge`` closures, plus the size-weighted average.
+
+Tokens are split alternately: A = positions 0, 2, 4, ...; B = positions 1, 3, 5, ... A merged A
+token is added into its B partner; the output is ``[unmerged A in position order, all B]`` (as in
+ToMe). Each input token gets an output *slot*; ``merge`` scatters tokens into their slots.
+
+Batches stay rectangular even when images merge different numbers of tokens (the hashed matcher
+can find fewer than r partners for one image): the output is as wide as the widest image and the
+spare slots are *padding* with size 0. Proportional attention gives a size-0 key the bias
+log(0) = -inf, size-weighted pooling gives it weight 0, and matchers never pick it, so padding is
+invisible: a padded image computes exactly what it computes alone.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+
+MergeFn = Callable[..., torch.Tensor]
+NEG_INF = float("-inf")
+
+
+def identity_merge() -> Tuple[MergeFn, MergeFn]:
+    def merge(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
+        return x
+
+    def unmerge(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    merge.width = None  # type: ignore[attr-defined]
+    merge.num_merged = 0  # type: ignore[attr-defined]
+    return merge, unmerge
+
+
+def real_mask(size: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """[B, N] bool of non-padding tokens, or None when no size is tracked yet."""
+    return None if size is None else size[..., 0] > 0
+
+
+def protect(scores: torch.Tensor, protected: int, real: Optional[torch.Tensor]) -> torch.Tensor:
+    """Forbid protected (class/prefix) tokens and padding as merge sources or destinations.
+
+    ``scores`` is [B, NA, NB] (A rows, B columns); edited in place and returned.
+    """
+    if protected:
+        scores[:, : (protected + 1) // 2, :] = NEG_INF  # protected A positions 0, 2, ...
+        scores[:, :, : protected // 2] = NEG_INF  # protected B positions 1, 3, ...
+    if real is not None:
+        scores.masked_fill_(~real[:, 0::2, None], NEG_INF)
+        scores.masked_fill_(~real[:, None, 1::2], NEG_INF)
+    return scores
+
+
+def assign_top_r(
+    best: torch.Tensor,
+    partner: torch.Tensor,
+    r: int,
+    num_tokens: int,
+    real: Optional[torch.Tensor] = None,
+    exact_r: bool = False,
+) -> Tuple[MergeFn, MergeFn]:
+    """Merge the r A tokens with the highest ``best`` score into their ``partner`` B tokens.
+
+    Args:
+        best: [B, NA] score of each A token's best partner (-inf: no partner, never merged).
+        partner: [B, NA] index into B of that partner.
+        r: tokens to remove.
+        num_tokens: N, tokens in the sequence.
+        real: [B, N] non-padding mask, or None when there is no padding.
+        exact_r: the caller guarantees r valid edges in every image and no padding, so the output
+            width is N - r without a device sync.
+    """
+    batch, num_a = best.shape
+    # Stable descending sort: ties go to the earlier A token, the same rule the naive loop uses.
+    order = torch.sort(best, dim=-1, descending=True, stable=True).indices
+    src = order[:, :r]
+    valid = best.gather(1, src) > NEG_INF
+    merged_a = torch.zeros(batch, num_a, dtype=torch.bool, device=best.device)
+    merged_a.scatter_(1, src, valid)
+    return merge_from_assignment(merged_a, partner, num_tokens, real, width=num_tokens - r if exact_r else None)
+
+
+def merge_from_assignment(
+    merged_a: torch.Tensor,
+    partner: torch.Tensor,
+    num_tokens: int,
+    real: Optional[torch.Tensor] = None,
+    width: Optional[int] = None,
+) -> Tuple[MergeFn, MergeFn]:
+    """Build ``merge``/``unmerge`` from a per-A-token "merged into partner" decision.
+
+    Args:
+        merged_a: [B, NA] bool, A tokens merged away.
+        partner: [B, NA] long, index into B of each merged A token's destination.
+        num_tokens: N.
+        real: [B, N] non-padding mask or None.
+        width: output width when known without a sync (no padding, equal counts).
+    """
+    batch, num_a = merged_a.shape
+    num_b = num_tokens - num_a
+    keep = torch.cat([~merged_a, torch.ones(batch, num_b, dtype=torch.bool, device=merged_a.device)], dim=1)
+    if real is not None:
+        keep &= torch.cat([real[:, 0::2], real[:, 1::2]], dim=1)
+    slot_ord = keep.cumsum(dim=1) - 1
+    kept = slot_ord[:, -1] + 1
+    padded = False
+    if width is None:  # one device sync: the widest image sets the width, narrower ones get padding
+        fewest, width = torch.stack(kept.aminmax()).tolist()
+        padded = fewest < width
+    slot_a, slot_b = slot_ord[:, :num_a], slot_ord[:, num_a:]
+    slot_a = torch.where(merged_a, slot_b.gather(1, partner), slot_a)
+    dump = real is not None
+    if dump:  # padding of the input goes to an extra slot that is dropped
+        slot_a = torch.where(real[:, 0::2], slot_a, width)
+        slot_b = torch.where(real[:, 1::2], slot_b, width)
+    slot = torch.empty(batch, num_tokens, dtype=torch.long, device=merged_a.device)
+    slot[:, 0::2] = slot_a
+    slot[:, 1::2] = slot_b
+    num_merged = merged_a.sum(dim=1)
+
+    def merge(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
+        b, n, c = x.shape
+        index = slot.unsqueeze(-1).expand(b, n, c)
+        out = x.new_zeros(b, width + int(dump), c)
+        if mode == "sum":
+            out.scatter_add_(1, index, x)
+        elif mode == "mean":
+            out.scatter_reduce_(1, index, x, reduce="mean", include_self=False)
+        elif mode == "amax":
+            out.scatter_reduce_(1, index, x, reduce="amax", include_self=False)
+        else:
+            raise ValueError(f"merge mode {mode!r} is not valid; choose one of: sum, mean, amax")
+        return out[:, :width] if dump else out
+
+    def unmerge(x: torch.Tensor) -> torch.Tensor:
+        b, _, c = x.shape
+        index = slot.clamp(max=width - 1).unsqueeze(-1).expand(b, num_tokens, c)
+        out = x.gather(1, index)
+        return out if real is None else out * real[..., None].to(out.dtype)
+
+    merge.width = width  # type: ignore[attr-defined]
+    merge.num_merged = num_merged  # type: ignore[attr-defined]
+    merge.padded = padded  # type: ignore[attr-defined]
+    return merge, unmerge
+
+
+def merge_wavg(
+    merge: MergeFn, x: torch.Tensor, size: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Weighted average of merged tokens; returns (x, size) with sizes summed.
+
+    Args:
+        merge: from a matcher.
+        x: [B, N, C] tokens.
+        size: [B, N, 1] tokens represented by each row (None: all ones).
+        weight: [B, N, 1] averaging weights (None: the sizes, as in ToMe).
+    """
+    if size is None:
+        size = torch.ones_like(x[..., :1])
+    w = size if weight is None else weight
+    x = merge(x * w, mode="sum")
+    size_merged = merge(size, mode="sum")
+    denom = size_merged if weight is None else merge(w, mode="sum")
+    x = x / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return x, size_merged

@@ -1,0 +1,161 @@
+"""Token merging for open_clip's ``VisionTransformer`` (its default ``ResidualAttentionBlock``
+with ``nn.MultiheadAttention`` and its ``CustomResidualAttentionBlock``; LayerScale kept;
+class-token, average and attention pooling weighted by token size)."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from encoders.patch.common import (
+    Plan,
+    TokenState,
+    attention_bias,
+    attention_probs,
+    merge_tokens,
+    run_blocks,
+    sdpa,
+    sized_mean,
+)
+from errors import UnsupportedModelError
+
+Tensor = torch.Tensor
+
+
+def _heads(t: Tensor, batch: int, n: int, heads: int) -> Tensor:
+    return t.reshape(batch, n, heads, -1).transpose(1, 2)
+
+
+def mha_attention(attn: torch.nn.MultiheadAttention, x: Tensor, bias: Optional[Tensor], needs: str):
+    """``nn.MultiheadAttention`` self-attention through the fused kernel with an additive bias.
+
+    Returns (output, metric = head-averaged keys, attention probabilities if ``needs`` them).
+    """
+    batch, n, c = x.shape
+    q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (_heads(t, batch, n, attn.num_heads) for t in (q, k, v))
+    out = sdpa(q, k, v, bias, attn.dropout if attn.training else 0.0)
+    out = attn.out_proj(out.transpose(1, 2).reshape(batch, n, c))
+    probs = attention_probs(q, k, bias, q.shape[-1] ** -0.5, needs)
+    return out, k.mean(dim=1), probs
+
+
+def custom_attention(attn, x: Tensor, bias: Optional[Tensor], needs: str):
+    """open_clip's own ``Attention`` (qk-norm, scaled-cosine, head scale, inner norm)."""
+    batch, n, c = x.shape
+    q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (_heads(t, batch, n, attn.num_heads) for t in (q, k, v))
+    if attn.logit_scale is not None:
+        logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2)
+        logits = logits * torch.clamp(attn.logit_scale, max=attn.logit_scale_max).exp()
+        if bias is not None:
+            logits = logits + bias.to(logits.dtype)
+        weights = attn.attn_drop(logits.softmax(dim=-1))
+        out = weights @ v
+        probs = None if needs == "keys" else (weights[:, :, :1] if needs == "cls_attn" else weights)
+    else:
+        q, k = attn.ln_q(q), attn.ln_k(k)
+        out = sdpa(q, k, v, bias, attn.attn_drop.p if attn.training else 0.0)
+        probs = attention_probs(q, k, bias, attn.scale, needs)
+    if attn.head_scale is not None:
+        out = out * attn.head_scale
+    out = attn.ln_inner(out.transpose(1, 2).reshape(batch, n, c))
+    out = attn.out_drop(attn.out_proj(out))
+    return out, k.mean(dim=1), probs
+
+
+class MergingResidualBlock:
+    """Mixin for ``ResidualAttentionBlock``: attention, merge, then MLP (ToMe's order)."""
+
+    def merged_forward(self, x: Tensor, state: TokenState, r: int, plan: Plan):
+        bias = attention_bias(state, plan.prop_attn, x.dtype)
+        h, metric, probs = mha_attention(self.attn, self.ln_1(x), bias, plan.needs if r > 0 else "keys")
+        x = x + self.ls_1(h)
+        x, state, merged = merge_tokens(x, state, metric, probs, r, plan)
+        x = x + self.ls_2(self.mlp(self.ln_2(x)))
+        return x, state, merged
+
+
+class MergingCustomBlock:
+    """Mixin for ``CustomResidualAttentionBlock``."""
+
+    def merged_forward(self, x: Tensor, state: TokenState, r: int, plan: Plan):
+        bias = attention_bias(state, plan.prop_attn, x.dtype)
+        h, metric, probs = custom_attention(self.attn, self.ln_1(x), bias, plan.needs if r > 0 else "keys")
+        x = x + self.ls_1(self.ln_attn(h))
+        x, state, merged = merge_tokens(x, state, metric, probs, r, plan)
+        x = x + self.ls_2(self.mlp(self.ln_2(x)))
+        return x, state, merged
+
+
+def _attn_pool(pooler, x: Tensor, size: Optional[Tensor], prop_attn: bool) -> Tensor:
+    """open_clip ``AttentionalPooler`` with size-aware keys (log size bias; padding hidden)."""
+    batch = x.shape[0]
+    keys = pooler.ln_k(x)
+    queries = pooler.ln_q(pooler.query).unsqueeze(0).expand(batch, -1, -1)
+    mask = None
+    if size is not None:
+        bias = attention_bias(TokenState(size, True), prop_attn, keys.dtype)  # [B,1,1,S]
+        heads = pooler.attn.num_heads
+        mask = bias.expand(batch, heads, queries.shape[1], x.shape[1]).reshape(batch * heads, queries.shape[1], x.shape[1])
+    return pooler.attn(queries, keys, keys, need_weights=False, attn_mask=mask)[0]
+
+
+class MergingVisionTransformer:
+    """Mixin for open_clip's ``VisionTransformer``: merged blocks and size-aware pooling."""
+
+    def _merged_global_pool(self, x: Tensor, size: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        if self.pool_type == "avg":
+            return sized_mean(x[:, 1:], None if size is None else size[:, 1:]), x[:, 1:]
+        if self.pool_type == "tok":
+            return x[:, 0], x[:, 1:]
+        return x, x
+
+    def _merged_pool(self, x: Tensor, size: Optional[Tensor], prop_attn: bool) -> Tuple[Tensor, Tensor]:
+        if self.attn_pool is not None:
+            if self.attn_pool_contrastive is not None:
+                x = self.ln_post(x)
+                tokens = _attn_pool(self.attn_pool, x, size, prop_attn)
+                if self.attn_pool_type == "parallel":
+                    pooled = _attn_pool(self.attn_pool_contrastive, x, size, prop_attn)
+                else:
+                    pooled = _attn_pool(self.attn_pool_contrastive, tokens, None, prop_attn)
+                return pooled, tokens
+            x = self.ln_post(_attn_pool(self.attn_pool, x, size, prop_attn))
+            return self._merged_global_pool(x, None)
+        if self.final_ln_after_pool:
+            pooled, tokens = self._merged_global_pool(x, size)
+            return self.ln_post(pooled), tokens
+        return self._merged_global_pool(self.ln_post(x), size)
+
+    def forward(self, x: Tensor):
+        x = self._embeds(x)
+        x, state, stats = run_blocks(self.transformer.resblocks, x, self._merge_cfg, self._merge_plan())
+        pooled, tokens = self._merged_pool(x, state.size, self._merge_cfg.prop_attn)
+        if self.proj is not None:
+            pooled = pooled @ self.proj
+        self._merge_last = stats
+        return (pooled, tokens) if self.output_tokens else pooled
+
+
+def block_mixin(block: torch.nn.Module) -> type:
+    from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
+
+    cls = getattr(block, "_merge_orig_class", type(block))
+    if cls is ResidualAttentionBlock:
+        if hasattr(block, "ln_1_kv"):
+            raise UnsupportedModelError("open_clip cross-attention blocks cannot merge tokens; merge only the image tower")
+        return MergingResidualBlock
+    if cls is CustomResidualAttentionBlock:
+        return MergingCustomBlock
+    raise UnsupportedModelError(
+        f"open_clip block {cls.__name__} is not supported for token merging; "
+        "supported: ResidualAttentionBlock, CustomResidualAttentionBlock"
+    )
+
+
+def check_vision_transformer(visual: torch.nn.Module) -> None:
+    if not getattr(visual.transformer, "batch_first", True):
+        raise UnsupportedModelError("this open_clip VisionTransformer runs sequence-first; upgrade open_clip_torch to >= 2.24")

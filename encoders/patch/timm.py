@@ -1,0 +1,120 @@
+"""Token merging for timm's ``VisionTransformer`` (ViT, DeiT, MAE-style ``global_pool='avg'``):
+its standard ``Block`` and ``Attention`` (qk-norm, gate, LayerScale, drop-path kept)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from encoders.patch.common import (
+    Plan,
+    TokenState,
+    attention_bias,
+    attention_probs,
+    merge_tokens,
+    run_blocks,
+    sdpa,
+    sized_max,
+    sized_mean,
+)
+from errors import UnsupportedModelError
+
+Tensor = torch.Tensor
+
+
+def timm_attention(attn, x: Tensor, bias: Optional[Tensor], needs: str):
+    """timm ``Attention`` through the fused kernel (or its plain path when fused is off)."""
+    batch, n, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if attn.fused_attn:
+        out = sdpa(q, k, v, bias, attn.attn_drop.p if attn.training else 0.0)
+    else:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias.to(logits.dtype)
+        out = attn.attn_drop(logits.softmax(dim=-1)) @ v
+    out = out.transpose(1, 2).reshape(batch, n, attn.num_heads * attn.head_dim)
+    out = attn.norm(out)
+    if gate is not None:
+        out = out * gate
+    out = attn.proj_drop(attn.proj(out))
+    return out, k.mean(dim=1), attention_probs(q, k, bias, attn.scale, needs)
+
+
+class MergingTimmBlock:
+    """Mixin for timm ``Block``: attention, merge, then MLP."""
+
+    def merged_forward(self, x: Tensor, state: TokenState, r: int, plan: Plan):
+        bias = attention_bias(state, plan.prop_attn, x.dtype)
+        h, metric, probs = timm_attention(self.attn, self.norm1(x), bias, plan.needs if r > 0 else "keys")
+        x = x + self.drop_path1(self.ls1(h))
+        x, state, merged = merge_tokens(x, state, metric, probs, r, plan)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, state, merged
+
+
+class MergingTimmViT:
+    """Mixin for timm ``VisionTransformer``; pooling weighted by token size."""
+
+    def _merged_features(self, x: Tensor):
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        x, state, stats = run_blocks(self.blocks, x, self._merge_cfg, self._merge_plan())
+        self._merge_last = stats
+        return self.norm(x), state.size
+
+    def _merged_head(self, x: Tensor, size: Optional[Tensor], pre_logits: bool = False) -> Tensor:
+        pool = self.global_pool
+        if pool == "token":
+            x = x[:, 0]
+        elif pool:
+            if not getattr(self, "pool_include_prefix", False):
+                x = x[:, self.num_prefix_tokens :]
+                size = None if size is None else size[:, self.num_prefix_tokens :]
+            if pool == "avg":
+                x = sized_mean(x, size)
+            elif pool == "max":
+                x = sized_max(x, size)
+            elif pool == "avgmax":
+                x = 0.5 * (sized_max(x, size) + sized_mean(x, size))
+            else:
+                raise UnsupportedModelError(f"timm global_pool={pool!r} is not supported with token merging")
+        x = self.fc_norm(x)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        _no_masks(attn_mask, is_causal)
+        return self._merged_features(x)[0]
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        _no_masks(attn_mask, is_causal)
+        x, size = self._merged_features(x)
+        return self._merged_head(x, size)
+
+
+def _no_masks(attn_mask, is_causal) -> None:
+    if attn_mask is not None or is_causal:
+        raise UnsupportedModelError("token merging cannot honour a caller attention mask; call the model without one")
+
+
+def check_vit(model: torch.nn.Module) -> None:
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block
+
+    if getattr(model, "attn_pool", None) is not None:
+        raise UnsupportedModelError("timm ViTs with an attention-pool (MAP) head are not supported; use global_pool token or avg")
+    for i, blk in enumerate(model.blocks):
+        cls = getattr(blk, "_merge_orig_class", type(blk))
+        attn_cls = type(getattr(blk, "attn", None))
+        if cls is not Block or attn_cls is not Attention:
+            raise UnsupportedModelError(
+                f"timm block {i} is {cls.__name__} with {attn_cls.__name__}; token merging supports the plain "
+                "vision_transformer.Block with timm.layers.Attention (ViT, DeiT, MAE-style)"
+            )
