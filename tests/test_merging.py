@@ -1,0 +1,129 @@
+"""The matchers against an independent naive loop implementation, and merge invariants."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from encoders.merging import bipartite_soft_matching, lsh_soft_matching, merge_wavg
+
+
+def naive_bipartite(metric: torch.Tensor, x: torch.Tensor, size: torch.Tensor, r: int):
+    """ToMe written out with Python loops over one image: returns (x, size, merged pairs)."""
+    n = metric.shape[0]
+    unit = [metric[i] / metric[i].norm() for i in range(n)]
+    a_pos, b_pos = list(range(0, n, 2)), list(range(1, n, 2))
+    edges = []
+    for ai, p in enumerate(a_pos):
+        if p == 0:  # class token
+            continue
+        best, best_j = -math.inf, None
+        for bj, q in enumerate(b_pos):
+            s = float(unit[p] @ unit[q])
+            if s > best:  # strict: the first maximum wins
+                best, best_j = s, bj
+        edges.append((best, ai, best_j))
+    edges.sort(key=lambda e: (-e[0], e[1]))
+    chosen = edges[: min(r, (n - 1) // 2)]
+    merged_src = {ai: bj for _, ai, bj in chosen}
+    out_x, out_s = [], []
+    for ai, p in enumerate(a_pos):
+        if ai not in merged_src:
+            out_x.append(x[p])
+            out_s.append(size[p])
+    for bj, q in enumerate(b_pos):
+        sx, ss = x[q] * size[q], size[q].clone()
+        for ai, tgt in merged_src.items():
+            if tgt == bj:
+                sx = sx + x[a_pos[ai]] * size[a_pos[ai]]
+                ss = ss + size[a_pos[ai]]
+        out_x.append(sx / ss)
+        out_s.append(ss)
+    pairs = sorted((a_pos[ai], b_pos[bj]) for ai, bj in merged_src.items())
+    return torch.stack(out_x), torch.stack(out_s), pairs
+
+
+def merged_pairs(merge, n: int):
+    """Recover (A position, B position) pairs from a merge function by merging position one-hots."""
+    eye = torch.eye(n, dtype=torch.float64)[None]
+    m = merge(eye)[0]  # [width, n]: which inputs each output slot holds
+    pairs = []
+    for row in m:
+        members = torch.nonzero(row).flatten().tolist()
+        a = [p for p in members if p % 2 == 0]
+        b = [p for p in members if p % 2 == 1]
+        pairs += [(pa, b[0]) for pa in a if b]
+    return sorted(pairs)
+
+
+@pytest.mark.parametrize("n,r,seed", [(17, 4, 0), (50, 8, 1), (197, 16, 2), (30, 14, 3)])
+def test_bipartite_agrees_with_naive_loop(n, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    metric = torch.randn(2, n, 16, generator=g, dtype=torch.float64)
+    x = torch.randn(2, n, 8, generator=g, dtype=torch.float64)
+    size = torch.randint(1, 4, (2, n, 1), generator=g).double()
+    merge, _ = bipartite_soft_matching(metric, r, size=size)
+    got_x, got_s = merge_wavg(merge, x, size)
+    for b in range(2):
+        want_x, want_s, _ = naive_bipartite(metric[b], x[b], size[b], r)
+        torch.testing.assert_close(got_x[b], want_x, rtol=0, atol=1e-10)
+        torch.testing.assert_close(got_s[b], want_s, rtol=0, atol=0)
+    b0_merge, _ = bipartite_soft_matching(metric[:1], r, size=size[:1])
+    assert merged_pairs(b0_merge, n) == naive_bipartite(metric[0], x[0], size[0], r)[2]
+
+
+def test_ties_are_broken_like_the_naive_loop():
+    # Every A token has the same best score: the earlier A token must win the tie.
+    n, r = 21, 3
+    metric = torch.zeros(1, n, 4, dtype=torch.float64)
+    metric[..., 0] = 1.0
+    x = torch.arange(n, dtype=torch.float64).view(1, n, 1)
+    merge, _ = bipartite_soft_matching(metric, r)
+    got_x, _ = merge_wavg(merge, x)
+    want_x, _, pairs = naive_bipartite(metric[0], x[0], torch.ones(n, 1, dtype=torch.float64), r)
+    assert merged_pairs(merge, n) == pairs
+    torch.testing.assert_close(got_x[0], want_x)
+
+
+@pytest.mark.parametrize("matcher", [bipartite_soft_matching, lsh_soft_matching])
+def test_sizes_sum_and_class_token_kept(matcher):
+    g = torch.Generator().manual_seed(0)
+    metric = torch.randn(3, 65, 32, generator=g)
+    x = torch.randn(3, 65, 8, generator=g)
+    merge, unmerge = matcher(metric, 12)
+    y, size = merge_wavg(merge, x)
+    assert size.sum(dim=(1, 2)).tolist() == [65.0] * 3
+    torch.testing.assert_close(y[:, 0], x[:, 0])  # class token untouched, at index 0
+    assert size[:, 0, 0].tolist() == [1.0] * 3
+    # unmerge puts every token back where it came from (merged ones get their group's mean)
+    back = unmerge(y)
+    assert back.shape == x.shape
+    torch.testing.assert_close(back[:, 0], x[:, 0])
+
+
+def test_r_zero_and_too_large_r():
+    metric = torch.randn(2, 9, 4)
+    merge, _ = bipartite_soft_matching(metric, 0)
+    x = torch.randn(2, 9, 3)
+    assert merge(x) is x
+    merge, _ = bipartite_soft_matching(metric, 100)  # clamped to (9 - 1) // 2 = 4
+    assert merge_wavg(merge, x)[0].shape[1] == 5
+
+
+def test_padding_is_never_matched_and_stays_invisible():
+    g = torch.Generator().manual_seed(5)
+    metric = torch.randn(2, 21, 8, generator=g)
+    x = torch.randn(2, 21, 4, generator=g)
+    size = torch.ones(2, 21, 1)
+    size[1, 15:] = 0  # image 1 has 6 padding slots
+    merge, _ = bipartite_soft_matching(metric, 4, size=size)
+    y, s = merge_wavg(merge, x, size)
+    assert s[0].sum() == 21 and s[1].sum() == 15
+    # padding never received a real token, and image 1 equals image 1 merged alone
+    alone, _ = bipartite_soft_matching(metric[1:, :15], 4)
+    y1, s1 = merge_wavg(alone, x[1:, :15])
+    torch.testing.assert_close(y[1, : y1.shape[1]], y1[0])
+    torch.testing.assert_close(s[1, : s1.shape[1]], s1[0])
+    assert (s[1, y1.shape[1] :] == 0).all()
