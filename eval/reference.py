@@ -441,8 +441,10 @@ def load_reference(name_or_path: Union[str, Path] = DEFAULT_REFERENCE, device: s
     if fmt not in (EXPORT_FORMAT, TRAIN_FORMAT):
         raise WeightsUnavailableError(f"{path} is not a mergeseek reference checkpoint (format={fmt!r}); "
                                       f"expected {EXPORT_FORMAT} or {TRAIN_FORMAT}")
-    cfg = ReferenceConfig.from_dict(blob["config"])
-    state = blob["state_dict"] if fmt == EXPORT_FORMAT else blob["model"]
+    if fmt == EXPORT_FORMAT:
+        cfg, state = ReferenceConfig.from_dict(blob["config"]), blob["state_dict"]
+    else:
+        cfg, state = ReferenceConfig.from_dict(blob["meta"]["config"]), blob["model"]
     model = build_model(cfg)
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     if missing or unexpected:
