@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 
 import numpy as np
 
@@ -66,6 +66,21 @@ class Sampling:
         except ValueError:
             raise ConfigError(f"sampling {spec!r} has a non-numeric value {raw!r}") from None
         return cls(mode, value)
+
+    @classmethod
+    def from_options(cls, fps: Optional[float] = None, every: Optional[int] = None, uniform: Optional[int] = None,
+                     scene: Optional[float] = None) -> "Sampling":
+        """At most one of the CLI's ``--fps/--every/--uniform/--scene``; none given means ``fps=1``."""
+        given = {k: v for k, v in (("fps", fps), ("every", every), ("uniform", uniform), ("scene", scene)) if v is not None}
+        if len(given) > 1:
+            raise ConfigError(
+                f"choose one sampling option, not {' and '.join('--' + k for k in given)}: "
+                "--fps N, --every N, --uniform K or --scene THRESHOLD"
+            )
+        if not given:
+            return cls()
+        (mode, value), = given.items()
+        return cls(mode, float(value))
 
     def __str__(self) -> str:
         return "all" if self.mode == "all" else f"{self.mode}={self.value:g}"

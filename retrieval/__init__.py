@@ -1,1 +1,24 @@
-"""retrieval."""
+"""Query an index: text, image and temporal ("A then B within W s") queries; tables, JSON, CSV.
+
+Public API::
+
+    from retrieval import Searcher, Hit
+    searcher = Searcher.open("my_index")          # builds the encoder the index was made with
+    hits = searcher.search_text("a man riding a bike", k=20)
+"""
+
+from retrieval.format import format_timestamp, hits_json, hits_table, write_submission_csv
+from retrieval.search import Hit, Searcher, TemporalHit, best_per_video, pair_events, run_search
+
+__all__ = [
+    "Hit",
+    "Searcher",
+    "TemporalHit",
+    "best_per_video",
+    "format_timestamp",
+    "hits_json",
+    "hits_table",
+    "pair_events",
+    "run_search",
+    "write_submission_csv",
+]

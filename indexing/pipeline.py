@@ -1,0 +1,387 @@
+"""Batch indexing: reader -> mapper -> writer, each stage timed.
+
+* reader (a background thread): decodes the sampled frames of one source at a time, hashes them
+  to drop near-duplicates, and preprocesses the rest into pixel tensors;
+* mapper (the calling thread): runs the image tower on each batch;
+* writer (the calling thread): buffers finished sources and commits them as one shard when the
+  buffer holds ``shard_size`` vectors or ``commit_every_s`` passed, then refreshes index.faiss.
+
+The reader runs ahead by at most ``prefetch`` batches, so decoding overlaps encoding while memory
+stays bounded. A source is committed whole or not at all; a bad file is listed and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+
+from errors import InputError
+from indexing.dedup import Dedup, DuplicateFilter, phash
+from indexing.faiss_index import add_to_index, build_index, load_index, save_index
+from indexing.sampling import Sampling
+from indexing.sources import BadInput, MediaSource, SourceReader, discover
+from indexing.store import EncodedSource, IndexStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    """How to index.
+
+    Args:
+        sampling: which frames of a video to keep (keyframe and image folders are taken whole).
+        dedup: near-duplicate rule (``Dedup(enabled=False)`` encodes every sampled frame).
+        index_type: FAISS factory string (``Flat``, ``IVF1024,Flat``, ``HNSW32``); None keeps the
+            index's current type (``Flat`` for a new index).
+        force: drop everything in the index and start again.
+        shard_size: commit once this many vectors are buffered...
+        commit_every_s: ...or this many seconds after the last commit (bounds the work a kill loses).
+        prefetch: batches the reader may decode ahead of the encoder.
+        ngpu: GPUs for FAISS (-1: all that exist, 0: none).
+        progress: tqdm bars over sources and frames.
+    """
+
+    sampling: Sampling = field(default_factory=Sampling)
+    dedup: Dedup = field(default_factory=Dedup)
+    index_type: Optional[str] = None
+    force: bool = False
+    shard_size: int = 4096
+    commit_every_s: float = 60.0
+    prefetch: int = 4
+    ngpu: int = -1
+    progress: bool = False
+
+
+@dataclass
+class StageTimes:
+    """Seconds each stage was busy (read: decode + hash + preprocess, in its own thread)."""
+
+    read_s: float = 0.0
+    encode_s: float = 0.0
+    write_s: float = 0.0
+    faiss_s: float = 0.0
+    wall_s: float = 0.0
+
+
+@dataclass
+class IndexReport:
+    """What a run did; ``failed`` lists every input that was skipped and why."""
+
+    index_dir: str
+    sources_found: int = 0
+    indexed: list = field(default_factory=list)  # video ids committed in this run
+    up_to_date: int = 0
+    failed: list = field(default_factory=list)  # BadInput
+    frames_sampled: int = 0
+    frames_encoded: int = 0
+    duplicates_skipped: int = 0
+    vectors_total: int = 0
+    times: StageTimes = field(default_factory=StageTimes)
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames_encoded / self.times.wall_s if self.times.wall_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        import dataclasses
+
+        d = dataclasses.asdict(self)
+        d["failed"] = [{"path": b.path, "reason": b.reason} for b in self.failed]
+        d["frames_per_s"] = round(self.frames_per_s, 3)
+        return d
+
+    def summary_lines(self) -> list[str]:
+        t = self.times
+        lines = [
+            f"index {self.index_dir}: {len(self.indexed)} source(s) indexed, {self.up_to_date} already up to date, "
+            f"{len(self.failed)} skipped; {self.frames_encoded} frames encoded "
+            f"({self.duplicates_skipped} near-duplicates skipped of {self.frames_sampled} sampled); "
+            f"{self.vectors_total} vectors in the index",
+            f"time: {t.wall_s:.1f}s wall ({self.frames_per_s:.1f} frames/s); busy read {t.read_s:.1f}s, "
+            f"encode {t.encode_s:.1f}s, write {t.write_s:.1f}s, faiss {t.faiss_s:.1f}s",
+        ]
+        lines += [f"skipped {b.path}: {b.reason}" for b in self.failed]
+        return lines
+
+
+# ---------------------------------------------------------------------------- reader stage
+@dataclass
+class _Batch:
+    source: MediaSource
+    frame_idx: list
+    pts_time: list
+    paths: list
+    hashes: list
+    pixels: Any  # preprocessed tensor [B,3,H,W] or None when every frame was a duplicate
+    sampled: int
+
+
+@dataclass
+class _Done:
+    source: MediaSource
+    duplicates: int
+    skipped: list
+
+
+@dataclass
+class _Failed:
+    source: MediaSource
+    reason: str
+
+
+class _Stop(Exception):
+    pass
+
+
+class Reader(threading.Thread):
+    """Background stage: sources in, preprocessed batches out (bounded queue)."""
+
+    def __init__(self, sources: Sequence[MediaSource], sampling: Sampling, dedup: Dedup, preprocess: Callable,
+                 batch_size: int, prefetch: int):
+        super().__init__(name="mergeseek-reader", daemon=True)
+        self.sources, self.sampling, self.dedup = list(sources), sampling, dedup
+        self.preprocess, self.batch_size = preprocess, batch_size
+        self.out: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self.stop_event = threading.Event()
+        self.busy_s = 0.0
+        self.error: Optional[BaseException] = None
+
+    def _put(self, item) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.out.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise _Stop
+
+    def run(self) -> None:
+        try:
+            for src in self.sources:
+                self._read_source(src)
+        except _Stop:
+            return
+        except BaseException as exc:  # handed to the main thread, which re-raises it
+            self.error = exc
+        finally:
+            try:
+                self._put(None)
+            except _Stop:
+                pass
+
+    def _read_source(self, src: MediaSource) -> None:
+        reader = SourceReader(src, self.sampling, self.batch_size)
+        filt = DuplicateFilter(self.dedup)
+        try:
+            t0 = time.perf_counter()
+            for frames in reader.batches():
+                kept, hashes = [], []
+                for f in frames:
+                    h = phash(f.image)
+                    if filt.keep(h):
+                        kept.append(f)
+                        hashes.append(h.signed)
+                pixels = self.preprocess([f.image for f in kept]) if kept else None
+                batch = _Batch(src, [f.frame_idx for f in kept], [f.pts_time for f in kept], [f.path for f in kept],
+                               hashes, pixels, len(frames))
+                self.busy_s += time.perf_counter() - t0
+                self._put(batch)
+                t0 = time.perf_counter()
+            self.busy_s += time.perf_counter() - t0
+        except InputError as exc:
+            log.warning("skip %s", exc)
+            self._put(_Failed(src, str(exc)))
+            return
+        self._put(_Done(src, filt.skipped, reader.skipped))
+
+
+# ---------------------------------------------------------------------------- the run
+def recipe_for(source: MediaSource, options: IndexOptions) -> str:
+    sampling = str(options.sampling) if source.kind == "video" else "all"
+    return f"{sampling};dedup={options.dedup}"
+
+
+def index_paths(
+    paths: Sequence[Union[str, Path]],
+    index_dir: Union[str, Path],
+    encoder: Any,
+    options: IndexOptions = IndexOptions(),
+    on_commit: Optional[Callable[[list], None]] = None,
+) -> IndexReport:
+    """Index videos / keyframe folders / image folders under ``paths`` into ``index_dir``.
+
+    Args:
+        encoder: an ``encoders.Encoder``, or a zero-argument callable returning one (called only
+            after the inputs were found, so a missing folder fails before the model loads).
+        on_commit: called with the committed source keys after every commit (progress hooks, tests).
+
+    Raises:
+        InputError: nothing could be indexed (every input missing, empty or unreadable).
+        IndexMismatchError: the index was built with another model or merge config.
+    """
+    t_start = time.perf_counter()
+    sources, bad = discover([Path(p) for p in paths])
+    for b in bad:
+        log.warning("skip %s: %s", b.path, b.reason)
+    if not hasattr(encoder, "describe"):
+        encoder = encoder()
+    identity = encoder.describe()
+    report = IndexReport(str(index_dir), sources_found=len(sources), failed=list(bad))
+    with IndexStore.open_for_write(Path(index_dir), identity, options.index_type, options.force) as store:
+        faiss_was_current = store.faiss_is_current()
+        todo = [s for s in sources if not store.is_current(s.key, s.fingerprint, recipe_for(s, options))]
+        report.up_to_date = len(sources) - len(todo)
+        replaced = any(s.key in store.manifest.sources for s in todo)
+        if todo:
+            log.info("%d source(s) to index, %d up to date", len(todo), report.up_to_date)
+        new_shards = _run_stages(store, todo, encoder, options, report, on_commit) if todo else []
+        t0 = time.perf_counter()
+        _refresh_faiss(store, new_shards, faiss_was_current and not replaced, options)
+        report.times.faiss_s = time.perf_counter() - t0
+        report.vectors_total = store.manifest.counts()["vectors"]
+    report.times.wall_s = time.perf_counter() - t_start
+    if not report.indexed and not report.up_to_date:
+        reasons = "; ".join(f"{Path(b.path).name}: {b.reason}" for b in report.failed[:5])
+        more = f" (+{len(report.failed) - 5} more)" if len(report.failed) > 5 else ""
+        raise InputError(f"nothing could be indexed: {len(report.failed)} input(s) failed ({reasons}{more})")
+    return report
+
+
+def _run_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, report: IndexReport,
+                on_commit) -> list:
+    settings = {"sampling": str(options.sampling), "dedup": str(options.dedup)}
+    reader = Reader(todo, options.sampling, options.dedup, encoder.preprocess_images, encoder.batch_size, options.prefetch)
+    bars = _Bars(len(todo)) if options.progress else None
+    partial: dict = {}  # source key -> list of (batch, vectors)
+    buffer: list = []
+    new_shards: list = []
+    last_commit = time.perf_counter()
+
+    def commit() -> None:
+        nonlocal buffer, last_commit
+        t0 = time.perf_counter()
+        store.commit(buffer, settings)
+        new_shards.append(f"part-{store.manifest.next_shard - 1:05d}")
+        report.times.write_s += time.perf_counter() - t0
+        keys = [e.key for e in buffer]
+        buffer, last_commit = [], time.perf_counter()
+        if on_commit is not None:
+            on_commit(keys)
+
+    reader.start()
+    try:
+        while True:
+            item = reader.out.get()
+            if item is None:
+                break
+            if isinstance(item, _Batch):
+                report.frames_sampled += item.sampled
+                if item.pixels is not None:
+                    t0 = time.perf_counter()
+                    vecs = encoder.encode_image_tensor(item.pixels).cpu().numpy()
+                    report.times.encode_s += time.perf_counter() - t0
+                    partial.setdefault(item.source.key, []).append((item, vecs))
+                    report.frames_encoded += len(vecs)
+                if bars:
+                    bars.frames(item.sampled)
+            elif isinstance(item, _Failed):
+                partial.pop(item.source.key, None)
+                report.failed.append(BadInput(str(item.source.path), item.reason.split(": ", 1)[-1]))
+                if bars:
+                    bars.source_done()
+            else:
+                report.failed.extend(item.skipped)
+                enc = _finish(item, partial.pop(item.source.key, []), recipe_for(item.source, options), store.manifest.dim)
+                if enc is None:
+                    report.failed.append(BadInput(str(item.source.path), "no readable frames"))
+                else:
+                    report.duplicates_skipped += item.duplicates
+                    report.indexed.append(enc.video_id)
+                    buffer.append(enc)
+                if bars:
+                    bars.source_done()
+                buffered = sum(len(e.frame_idx) for e in buffer)
+                if buffer and (buffered >= options.shard_size or time.perf_counter() - last_commit >= options.commit_every_s):
+                    commit()
+        if reader.error is not None:
+            raise reader.error
+        if buffer:
+            commit()
+    finally:
+        reader.stop_event.set()
+        reader.join(timeout=5)
+        if bars:
+            bars.close()
+    report.times.read_s = reader.busy_s
+    return new_shards
+
+
+def _finish(done: _Done, parts: list, recipe: str, dim: int) -> Optional[EncodedSource]:
+    if not parts:
+        return None
+    src = done.source
+    batches = [b for b, _ in parts]
+    return EncodedSource(
+        key=src.key,
+        video_id=src.video_id,
+        kind=src.kind,
+        fingerprint=src.fingerprint,
+        recipe=recipe,
+        frame_idx=np.asarray([i for b in batches for i in b.frame_idx], np.int64),
+        pts_time=np.asarray([t for b in batches for t in b.pts_time], np.float64),
+        paths=[p for b in batches for p in b.paths],
+        hashes=np.asarray([h for b in batches for h in b.hashes], np.int64),
+        vectors=np.concatenate([v for _, v in parts]).astype(np.float32).reshape(-1, dim),
+        duplicates=done.duplicates,
+    )
+
+
+def _refresh_faiss(store: IndexStore, new_shards: list, can_append: bool, options: IndexOptions) -> None:
+    """Make index.faiss match the committed shards: append the new ones when possible, else rebuild."""
+    m = store.manifest
+    if store.faiss_is_current() and not new_shards:
+        return
+    if can_append and store.faiss_path.is_file():
+        index = load_index(store.faiss_path)
+        ids, vecs = store.read_vectors(shards=new_shards)
+        add_to_index(index, vecs, ids)
+    else:
+        ids, vecs = store.read_vectors()
+        if len(ids) == 0:
+            return
+        index = build_index(vecs, ids, m.index_type, ngpu=options.ngpu)
+    if index.ntotal != m.counts()["vectors"]:
+        log.warning("index.faiss has %d vectors but the shards hold %d; rebuilding", index.ntotal, m.counts()["vectors"])
+        ids, vecs = store.read_vectors()
+        index = build_index(vecs, ids, m.index_type, ngpu=options.ngpu)
+    save_index(index, store.faiss_path)
+    store.write_manifest(faiss_current=True)
+
+
+class _Bars:
+    """tqdm bars over sources and frames (only when asked for: progress is the edge's business)."""
+
+    def __init__(self, n_sources: int):
+        from tqdm.auto import tqdm
+
+        self.src = tqdm(total=n_sources, desc="videos", unit="video", position=0)
+        self.frm = tqdm(desc="frames", unit="frame", position=1)
+
+    def frames(self, n: int) -> None:
+        self.frm.update(n)
+
+    def source_done(self) -> None:
+        self.src.update(1)
+
+    def close(self) -> None:
+        self.frm.close()
+        self.src.close()
+

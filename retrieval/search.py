@@ -1,0 +1,256 @@
+"""Query -> hits over an index directory: text, image and temporal ("A then B within W s") queries.
+
+``Searcher`` loads the manifest, the FAISS index (rebuilt in memory from the shards when a run was
+interrupted before index.faiss was refreshed) and the metadata, and refuses an encoder whose
+model, weights or dimension differ from the ones the index was built with.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from errors import IndexMismatchError, InputError
+from indexing.faiss_index import build_index, for_search, load_index
+from indexing.store import IndexStore, check_identity
+
+log = logging.getLogger(__name__)
+
+# A query vector must come from the same embedding space: same model, same weights (merging
+# changes image vectors only slightly and text vectors not at all, so it is not checked here).
+SEARCH_IDENTITY = ("model", "pretrained", "dim")
+FROM_INDEX = "from-index"
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One retrieved frame. ``pts_time`` is seconds (NaN when the source had no timestamps)."""
+
+    score: float
+    video_id: str
+    frame_idx: int
+    pts_time: float
+    path: str
+    id: int = -1
+
+
+@dataclass(frozen=True)
+class TemporalHit:
+    """A frame of the first event followed, in the same video, by a frame of the second."""
+
+    score: float
+    first: Hit
+    then: Hit
+
+    @property
+    def video_id(self) -> str:
+        return self.first.video_id
+
+
+class Searcher:
+    """Search one index directory.
+
+    Args:
+        index_dir: a folder written by ``indexing.index_paths``.
+        encoder: an ``encoders.Encoder`` for text/image queries (None: vector queries only).
+        ngpu: GPUs for FAISS search (-1: all that exist).
+        nprobe: IVF lists visited per query; ef_search: HNSW search depth.
+    """
+
+    def __init__(self, index_dir: Union[str, Path], encoder: Any = None, ngpu: int = -1, nprobe: int = 16,
+                 ef_search: int = 64):
+        self.store = IndexStore.open_for_read(Path(index_dir))
+        self.manifest = self.store.manifest
+        self.encoder = encoder
+        if encoder is not None:
+            check_identity(self.store.root, self.manifest, encoder.describe(), SEARCH_IDENTITY, action="search")
+        meta = self.store.read_meta()
+        if meta.num_rows == 0:
+            raise InputError(f"index {index_dir} holds no vectors; index some videos into it first")
+        self._ids = meta.column("id").to_numpy()
+        self._order = np.argsort(self._ids, kind="stable")
+        self._sorted_ids = self._ids[self._order]
+        self._video = meta.column("video_id").to_pylist()
+        self._frame = meta.column("frame_idx").to_numpy()
+        self._pts = meta.column("pts_time").to_numpy()
+        self._path = meta.column("path").to_pylist()
+        self.index = for_search(self._load_faiss(ngpu), ngpu=ngpu, nprobe=nprobe, ef_search=ef_search)
+
+    @classmethod
+    def open(cls, index_dir: Union[str, Path], model: str = FROM_INDEX, pretrained: str = FROM_INDEX,
+             merge: str = FROM_INDEX, device: str = "auto", precision: str = "fp32", batch_size: int = 32,
+             **kwargs) -> "Searcher":
+        """Build the encoder the index needs ("from-index" takes the manifest's value) and open it."""
+        from encoders import Encoder
+
+        m = IndexStore.open_for_read(Path(index_dir)).manifest
+        asked = {"model": model, "pretrained": pretrained}
+        wanted = {k: (getattr(m, k) if v in (None, "", FROM_INDEX) else v) for k, v in asked.items()}
+        check_identity(Path(index_dir), m, wanted, ("model", "pretrained"), action="search")
+        encoder = Encoder(
+            model_name=wanted["model"], pretrained=wanted["pretrained"], device=device, precision=precision,
+            merge=m.merge if merge in (None, "", FROM_INDEX) else merge, batch_size=batch_size,
+        )
+        return cls(index_dir, encoder, **kwargs)
+
+    def _load_faiss(self, ngpu: int):
+        if self.store.faiss_is_current():
+            index = load_index(self.store.faiss_path)
+            if index.ntotal == len(self._ids):
+                return index
+        log.warning(
+            "index.faiss in %s is missing or older than its shards (interrupted run?); rebuilt it in memory. "
+            "Run `cli.py index` on the same folder again to save it", self.store.root,
+        )
+        ids, vecs = self.store.read_vectors()
+        return build_index(vecs, ids, self.manifest.index_type, ngpu=ngpu)
+
+    @property
+    def size(self) -> int:
+        return len(self._ids)
+
+    # ------------------------------------------------------------------ queries
+    def search_vectors(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+        """Nearest frames for each row of ``queries`` (float32 [m, dim], L2-normalised)."""
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if q.shape[1] != self.manifest.dim:
+            raise IndexMismatchError(
+                f"query vectors have dim {q.shape[1]} but index {self.store.root} has dim {self.manifest.dim} "
+                f"({self.manifest.model}); encode queries with {self.manifest.model}"
+            )
+        k = max(1, min(int(k), self.size))
+        scores, ids = self.index.search(q, k)
+        return [self._hits(s, i) for s, i in zip(scores, ids)]
+
+    def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
+        valid = ids >= 0
+        scores, ids = scores[valid], ids[valid]
+        rows = self._order[np.searchsorted(self._sorted_ids, ids)]
+        return [
+            Hit(float(s), self._video[r], int(self._frame[r]), float(self._pts[r]), self._path[r], int(i))
+            for s, i, r in zip(scores, ids, rows)
+        ]
+
+    def _fetch(self, vector: np.ndarray, k: int, per_video: bool) -> list[Hit]:
+        if not per_video:
+            return self.search_vectors(vector, k)[0]
+        depth = min(self.size, max(4 * k, 64))
+        while True:
+            best = best_per_video(self.search_vectors(vector, depth)[0])
+            if len(best) >= k or depth >= self.size:
+                return best[:k]
+            depth = min(self.size, depth * 4)
+
+    def text_vector(self, text: str) -> np.ndarray:
+        if text is None or not text.strip():
+            raise InputError("empty query; give a description such as \"a man riding a bike\", or --image query.jpg")
+        self._need_encoder()
+        return self.encoder.encode_texts([text.strip()])
+
+    def image_vector(self, image: Union[str, Path, np.ndarray, Any]) -> np.ndarray:
+        self._need_encoder()
+        return self.encoder.encode_images([load_query_image(image)])
+
+    def search_text(self, text: str, k: int = 20, per_video: bool = False) -> list[Hit]:
+        return self._fetch(self.text_vector(text), k, per_video)
+
+    def search_image(self, image: Union[str, Path, np.ndarray, Any], k: int = 20, per_video: bool = False) -> list[Hit]:
+        return self._fetch(self.image_vector(image), k, per_video)
+
+    def search_temporal(self, first: str, then: str, within_s: float = 30.0, k: int = 20, per_video: bool = False,
+                        depth: int = 1000) -> list[TemporalHit]:
+        """Frames of ``first`` followed in the same video by ``then`` within ``within_s`` seconds."""
+        if not within_s > 0:
+            raise InputError(f"--within {within_s} is not valid; give a window in seconds > 0")
+        qa, qb = self.text_vector(first), self.text_vector(then)
+        depth = min(self.size, max(int(depth), 20 * k))
+        hits_a, hits_b = self.search_vectors(np.concatenate([qa, qb]), depth)
+        pairs = pair_events(hits_a, hits_b, within_s)
+        if per_video:
+            seen, kept = set(), []
+            for p in pairs:
+                if p.video_id not in seen:
+                    seen.add(p.video_id)
+                    kept.append(p)
+            pairs = kept
+        return pairs[:k]
+
+    def _need_encoder(self) -> None:
+        if self.encoder is None:
+            raise InputError("this Searcher was opened without an encoder; use Searcher.open(...) for text or image queries")
+
+
+def run_search(index_dir: Union[str, Path], text: Optional[str] = None, image: Optional[Union[str, Path]] = None,
+               then: Optional[str] = None, within_s: float = 30.0, k: int = 20, per_video: bool = False,
+               model: str = FROM_INDEX, pretrained: str = FROM_INDEX, merge: str = FROM_INDEX, device: str = "auto",
+               precision: str = "fp32", batch_size: int = 32) -> list:
+    """One query from the command line: checks the query first (no model load for a bad one)."""
+    if image is None and (text is None or not text.strip()):
+        raise InputError("empty query; give a description such as \"a man riding a bike\", or --image query.jpg")
+    if image is not None and text:
+        raise InputError("give either a text query or --image, not both")
+    if then is not None and (image is not None or not then.strip()):
+        raise InputError("--then needs a text query and a non-empty second event, e.g. \"a man\" --then \"a car\"")
+    if image is not None:
+        load_query_image(image)  # fail before loading the model
+    if k < 1:
+        raise InputError(f"-k {k} is not valid; ask for at least 1 result")
+    searcher = Searcher.open(index_dir, model=model, pretrained=pretrained, merge=merge, device=device,
+                             precision=precision, batch_size=batch_size)
+    if then is not None:
+        return searcher.search_temporal(text, then, within_s=within_s, k=k, per_video=per_video)
+    if image is not None:
+        return searcher.search_image(image, k=k, per_video=per_video)
+    return searcher.search_text(text, k=k, per_video=per_video)
+
+
+def best_per_video(hits: Sequence[Hit]) -> list[Hit]:
+    """Keep the first (best) hit of each video, in order."""
+    seen, out = set(), []
+    for h in hits:
+        if h.video_id not in seen:
+            seen.add(h.video_id)
+            out.append(h)
+    return out
+
+
+def pair_events(hits_a: Sequence[Hit], hits_b: Sequence[Hit], within_s: float) -> list[TemporalHit]:
+    """For each frame of event A, the best frame of B in (t_A, t_A + within_s] of the same video.
+
+    Ranked by score_A + score_B. Frames without a timestamp cannot take part.
+    """
+    by_video: dict = {}
+    for h in hits_b:
+        if math.isfinite(h.pts_time):
+            by_video.setdefault(h.video_id, []).append(h)
+    out = []
+    for a in hits_a:
+        if not math.isfinite(a.pts_time):
+            continue
+        cands = [b for b in by_video.get(a.video_id, ()) if a.pts_time < b.pts_time <= a.pts_time + within_s]
+        if cands:
+            b = max(cands, key=lambda h: h.score)
+            out.append(TemporalHit(a.score + b.score, a, b))
+    out.sort(key=lambda p: -p.score)
+    return out
+
+
+def load_query_image(image: Union[str, Path, np.ndarray, Any]) -> Any:
+    """A query image from a path (or an array / PIL image passed through); one clear error if unreadable."""
+    if isinstance(image, (str, Path)):
+        from PIL import Image
+
+        path = Path(image)
+        if not path.is_file():
+            raise InputError(f"query image {path} does not exist; pass an existing .jpg/.png file to --image")
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except Exception as exc:  # PIL raises several types for bad files
+            raise InputError(f"query image {path} cannot be read ({str(exc)[:120]}); pass a JPEG or PNG file") from None
+    return image
