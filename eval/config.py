@@ -1,0 +1,132 @@
+"""``EvalConfig``: everything one ``cli.py eval`` run does, as one frozen value (stored in
+``report.json``), and the expansion of ``--merge`` / ``--sweep`` into the merge configs compared."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from encoders.config import MergeConfig
+from errors import ConfigError
+
+BASELINE = "none"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation run.
+
+    Args:
+        models: ``--model`` values (open_clip names, ``NAME@tag``, ``timm:<name>``, ``reference-cifar10``).
+        pretrained: weights for models given without ``@tag``; None = random weights.
+        datasets: dataset specs (see :mod:`eval.datasets`).
+        merges: ``--merge`` values; the unmerged baseline is always added first.
+        sweep: ``--sweep`` spec, e.g. ``r=0:16:4`` or ``r=4|8|16,method=bipartite|lsh``.
+        data_root: folder of the named datasets (``../shared/data``).
+        limit: images (classification, captions) or queries (keyframes) kept per set; None = all.
+        seed: seed of the ``limit`` subset.
+        batch_size: images per forward, for accuracy passes and timing.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+        precision: ``fp32``, ``fp16``, ``bf16``.
+        warmup: untimed batches per candidate before timing.
+        iters: timed batches per candidate (alternating).
+        topk: k of the top-k agreement between merged and unmerged retrieval results.
+        plots: write PNG plots.
+    """
+
+    models: tuple[str, ...] = ("ViT-B-32",)
+    pretrained: Optional[str] = "openai"
+    datasets: tuple[str, ...] = ("cifar10",)
+    merges: tuple[str, ...] = ("r=8",)
+    sweep: Optional[str] = None
+    data_root: str = "../shared/data"
+    limit: Optional[int] = None
+    seed: int = 0
+    batch_size: int = 32
+    device: str = "auto"
+    precision: str = "fp32"
+    warmup: int = 2
+    iters: int = 10
+    topk: int = 10
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ConfigError("no model given; pass --model ViT-B-32 (repeatable)")
+        if not self.datasets:
+            raise ConfigError("no dataset given; pass --dataset cifar10 (repeatable)")
+        for key, lo in (("batch_size", 1), ("iters", 1), ("warmup", 0), ("topk", 1)):
+            if getattr(self, key) < lo:
+                raise ConfigError(f"eval {key}={getattr(self, key)} is not valid; it must be >= {lo}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"eval limit={self.limit} is not valid; give a positive number or leave it out")
+        self.merge_configs()  # fail early on a bad --merge / --sweep
+
+    def merge_configs(self) -> list[MergeConfig]:
+        """Baseline first, then each ``--merge`` and each swept config, duplicates dropped."""
+        return expand_merges(self.merges, self.sweep)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["merge_configs"] = [str(c) for c in self.merge_configs()]
+        return d
+
+
+def expand_merges(merges: Sequence[str], sweep: Optional[str] = None) -> list[MergeConfig]:
+    """``--merge`` values plus the ``--sweep`` grid, with the unmerged baseline first.
+
+    The sweep applies to every enabled ``--merge`` config (its other options kept); with none it
+    applies to ``method=bipartite``. Sweep values: ``a:b:step`` (inclusive) or ``v1|v2|v3``;
+    several keys (``r=4|8,method=bipartite|lsh``) form a grid.
+    """
+    cfgs = [MergeConfig.parse(BASELINE)] + [MergeConfig.parse(m) for m in merges]
+    if sweep:
+        grid = parse_sweep(sweep)
+        templates = [c for c in cfgs if c.enabled] or [MergeConfig.parse("method=bipartite")]
+        keys = [k for k, _ in grid]
+        for tpl in templates:
+            for values in itertools.product(*[v for _, v in grid]):
+                override = ",".join(f"{k}={v}" for k, v in zip(keys, values))
+                cfgs.append(MergeConfig.parse(f"{tpl},{override}"))
+    out, seen = [], set()
+    for c in cfgs:
+        if str(c) not in seen:
+            seen.add(str(c))
+            out.append(c)
+    return out
+
+
+def parse_sweep(spec: str) -> list[tuple[str, list[str]]]:
+    """``r=0:16:4,method=bipartite|lsh`` -> [("r", ["0","4","8","12","16"]), ("method", ["bipartite","lsh"])]."""
+    grid = []
+    for item in [s.strip() for s in spec.split(",") if s.strip()]:
+        key, sep, value = item.partition("=")
+        if not sep or not value:
+            raise ConfigError(f"sweep item {item!r} is not key=values; e.g. --sweep r=0:16:4 or r=4|8|16,method=bipartite|lsh")
+        if key.strip() == "method" and "none" in value.split("|"):
+            raise ConfigError("sweep method=none is always included as the baseline; leave it out of the sweep")
+        if ":" in value:
+            parts = value.split(":")
+            try:
+                nums = [int(p) for p in parts]
+            except ValueError:
+                raise ConfigError(f"sweep range {value!r} for {key} must be integers start:stop[:step]") from None
+            if len(nums) not in (2, 3) or (len(nums) == 3 and nums[2] <= 0) or nums[1] < nums[0]:
+                raise ConfigError(f"sweep range {value!r} for {key} is not start:stop[:step] with stop >= start, step > 0")
+            step = nums[2] if len(nums) == 3 else 1
+            values = [str(v) for v in range(nums[0], nums[1] + 1, step)]
+        else:
+            values = [v.strip() for v in value.split("|") if v.strip()]
+        grid.append((key.strip(), values))
+    if not grid:
+        raise ConfigError(f"sweep {spec!r} is empty; e.g. --sweep r=0:16:4")
+    return grid
+
+
+def group_label(cfg: MergeConfig) -> str:
+    """A config without its r: the line a swept config belongs to in plots (``method=lsh,lsh_bits=6``)."""
+    if not cfg.enabled:
+        return BASELINE
+    return ",".join(p for p in str(dataclasses.replace(cfg, r=0)).split(",") if p != "r=0")

@@ -1,0 +1,150 @@
+"""Write an evaluation: ``report.json`` (every number), ``report.md`` (tables) and PNG plots.
+
+The markdown tables are also what ``cli.py eval`` prints, so the terminal and the file agree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from eval.config import BASELINE
+from eval.results import DatasetResult, EvalReport, ModelResult
+
+log = logging.getLogger(__name__)
+
+_CLS_METRICS = ("top1", "top5")
+_RET_METRICS = ("R@1", "R@5", "R@10", "R@100", "MRR")
+_VIDEO_METRICS = ("video_R@1", "video_R@5", "video_R@10", "video_MRR")
+
+
+def write_report(report: EvalReport, out_dir: Path, plots: bool = True) -> list[Path]:
+    """Write the three kinds of output under ``out_dir``; returns the paths written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [
+        _atomic_write(out_dir / "report.json", json.dumps(report.to_dict(), indent=2, default=_json_default) + "\n"),
+    ]
+    png = []
+    if plots:
+        from eval.plots import plot_report
+
+        png = plot_report(report, out_dir)
+    written.append(_atomic_write(out_dir / "report.md", render_markdown(report, [p.name for p in png])))
+    return written + png
+
+
+def _json_default(o):
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    raise TypeError(f"cannot serialise {type(o).__name__}")
+
+
+def _atomic_write(path: Path, text: str) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------- markdown
+def render_markdown(report: EvalReport, images: Optional[list[str]] = None) -> str:
+    cfg = report.config
+    env = report.environment
+    lines = ["# mergeseek evaluation", ""]
+    for note in report.notes:
+        lines += [f"> **Note** — {note}.", ""]
+    lines += [
+        f"- models: {', '.join(m.name for m in report.models)} (pretrained: {cfg.pretrained or 'none'})",
+        f"- merge configs: {', '.join(f'`{c}`' for c in cfg.merge_configs())}",
+        f"- datasets: {', '.join(cfg.datasets)} (limit {cfg.limit or 'none'}, seed {cfg.seed}, data root `{cfg.data_root}`)",
+        f"- timing: batch {cfg.batch_size}, {cfg.warmup} warm-up + {cfg.iters} timed batches per config, "
+        f"alternating in one process; {cfg.precision} on {env.get('gpu') or env.get('cpu', '?')} "
+        f"({env.get('torch_threads', '?')} torch threads)",
+        f"- versions: torch {env.get('torch')}, open_clip {env.get('open_clip')}, timm {env.get('timm')}, "
+        f"commit {env.get('git_commit')}",
+        "",
+    ]
+    for m in report.models:
+        lines += model_tables(m)
+    if images:
+        lines += ["## Plots", ""] + [f"![{name}]({name})" for name in images] + [""]
+    return "\n".join(lines)
+
+
+def model_tables(m: ModelResult) -> list[str]:
+    """The timing table and one comparison table per dataset, for one model."""
+    d = m.model
+    head = f"## {m.name} ({d.get('kind')}, pretrained {d.get('pretrained')}, {d.get('tokens')} tokens × {d.get('layers')} blocks)"
+    lines = [head, ""]
+    if not m.meaningful:
+        lines += ["*Random weights: the accuracy / recall columns are meaningless; speed and agreement are real.*", ""]
+    mem_kind = next(iter(m.timing.values())).mem_kind if m.timing else ""
+    lines += [
+        "| config | img/s | speed-up | FLOP ratio (ideal) | ms/img | p50 ms | p95 ms | peak MB | act. MB | tokens at exit |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, t in m.timing.items():
+        toks = m.tokens.get(name) or [float("nan")]
+        lines.append(
+            f"| `{name}` | {t.images_per_s:.1f} | {m.speedup(name):.2f}× | {m.flop_ratio.get(name, float('nan')):.2f}× | "
+            f"{t.ms_per_image:.1f} | {t.p50_ms:.0f} | {t.p95_ms:.0f} | {t.peak_mem_mb:.0f} | {t.act_mem_mb:.0f} | {toks[-1]} |"
+        )
+    lines += ["", f"Peak memory: `{mem_kind}` (see eval/timing.py). Speed-up = img/s ÷ unmerged img/s.", ""]
+    for ds in m.datasets:
+        lines += dataset_table(m, ds)
+    return lines
+
+
+def metric_columns(ds: DatasetResult) -> list[str]:
+    present = set()
+    for r in ds.results:
+        present.update(r.metrics)
+    cols = [k for k in _CLS_METRICS + _RET_METRICS + _VIDEO_METRICS if k in present]
+    return cols
+
+
+def dataset_table(m: ModelResult, ds: DatasetResult) -> list[str]:
+    what = f"{ds.n_images} images" + (f", {ds.n_queries} queries" if ds.n_queries else "") + (
+        f", {ds.n_classes} classes" if ds.n_classes else "")
+    lines = [f"### {m.name} · {ds.dataset} ({what}; {ds.protocol})", ""]
+    for note in ds.notes:
+        lines += [f"- {note}"]
+    if ds.notes:
+        lines.append("")
+    if not ds.results:
+        return lines
+    cols = metric_columns(ds)
+    agree_cols = [k for k in ds.results[0].agreement if k not in ("cos_p5", "cos_min")]
+    header = ["config", "img/s", "speed-up"] + cols + ([f"Δ{ds.primary}"] if ds.primary else []) + agree_cols
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
+    base = ds.result(BASELINE)
+    for r in ds.results:
+        t = m.timing.get(r.config)
+        row = [f"`{r.config}`", f"{t.images_per_s:.1f}" if t else "–", f"{m.speedup(r.config):.2f}×" if t else "–"]
+        row += [_pct(r.metrics.get(c)) for c in cols]
+        if ds.primary:
+            delta = r.metrics.get(ds.primary, math.nan) - (base.metrics.get(ds.primary, math.nan) if base else math.nan)
+            row.append(f"{delta * 100:+.1f}")
+        row += [f"{r.agreement[c]:.3f}" for c in agree_cols]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Metrics in %; Δ in points vs `none`; cos_mean = mean cosine to the unmerged embedding; "
+              "overlap = shared fraction of the top-k results (or classes) with the unmerged model.", ""]
+    return lines
+
+
+def _pct(v) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")

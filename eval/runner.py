@@ -1,0 +1,208 @@
+"""Run one evaluation: every model × dataset × merge config, timed by the alternating protocol.
+
+For each model the unmerged base and one weight-sharing merged copy per config are built once
+(:mod:`eval.candidates`). Each dataset is streamed in batches: a batch is decoded and
+preprocessed once and then run through every candidate, so images are never held in memory
+and all candidates see identical pixels. Timing runs once per model on a batch of real images
+from the first dataset (the input size is fixed by the model, so throughput does not depend on
+which set the batch came from).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from typing import Any, Optional
+
+import numpy as np
+
+from eval.config import BASELINE, EvalConfig
+from eval.datasets import ClassificationSet, DatasetSpec, EvalSet, RetrievalSet, load_dataset
+from eval.metrics import (
+    cosine_agreement,
+    first_relevant_rank,
+    group_max,
+    ranking,
+    retrieval_metrics,
+    topk_accuracy,
+    topk_overlap,
+)
+from eval.models import ModelUnderTest, load_model
+from eval.results import CandidateResult, DatasetResult, EvalReport, ModelResult
+from eval.timing import flop_ratio, time_alternating
+
+log = logging.getLogger(__name__)
+
+
+def run_eval(cfg: EvalConfig, progress: bool = False) -> EvalReport:
+    """Evaluate ``cfg`` and return the report (written to disk by :func:`eval.report.write_report`)."""
+    from eval.results import environment
+
+    merges = cfg.merge_configs()
+    sets = [load_dataset(DatasetSpec.parse(s), cfg.data_root, cfg.limit, cfg.seed) for s in cfg.datasets]
+    models = []
+    for spec in cfg.models:
+        mut = load_model(spec, cfg.pretrained, cfg.device, cfg.precision)
+        models.append(evaluate_model(mut, merges, sets, cfg, progress))
+        del mut
+        gc.collect()
+    return EvalReport(config=cfg, models=tuple(models), environment=environment(cfg.device))
+
+
+def evaluate_model(mut: ModelUnderTest, merges, sets: list[EvalSet], cfg: EvalConfig, progress: bool = False) -> ModelResult:
+    """All datasets and the timing for one model."""
+    from encoders import merge_stats, token_counts
+    from eval.candidates import merged_models
+
+    cands = merged_models(mut.base, merges)
+    log.info("%s: %d candidates (%s)", mut.name, len(cands), ", ".join(cands))
+    results = []
+    for ds in sets:
+        if mut.kind == "classifier" and isinstance(ds, RetrievalSet):
+            log.warning("%s is a classifier: skipping text-query set %s", mut.name, ds.name)
+            results.append(DatasetResult.skipped(ds, f"{mut.name} has no text tower; text→image retrieval needs a CLIP model"))
+            continue
+        results.append(evaluate_dataset(mut, cands, ds, cfg.batch_size, cfg.topk, progress))
+
+    pixels = timing_batch(mut, sets[0], cfg.batch_size)
+    calls = {name: _forward_call(mut, m, pixels) for name, m in cands.items()}
+    timing = time_alternating(calls, cfg.batch_size, cfg.warmup, cfg.iters, mut.device, progress)
+    base_counts = mut.base_token_counts()
+    tokens, flops, stats = {}, {}, {}
+    for name, m in cands.items():
+        counts = token_counts(m) or base_counts
+        tokens[name] = counts
+        flops[name] = flop_ratio(counts, base_counts, mut.width, mut.mlp_ratio)
+        stats[name] = merge_stats(m)
+    return ModelResult(
+        model=mut.describe(), timing=timing, tokens=tokens, flop_ratio=flops, merge_stats=stats, datasets=tuple(results)
+    )
+
+
+def _forward_call(mut: ModelUnderTest, module: Any, pixels):
+    def call():
+        with mut.autocast():
+            return module(pixels)
+
+    return call
+
+
+def timing_batch(mut: ModelUnderTest, ds: EvalSet, batch_size: int):
+    """``batch_size`` preprocessed images of ``ds`` on the model's device (cycled if the set is smaller)."""
+    import torch
+
+    idx = [i % len(ds.images) for i in range(batch_size)]
+    return torch.stack([mut.preprocess(ds.images.load(i)) for i in idx]).to(mut.device)
+
+
+def embed_all(mut: ModelUnderTest, cands: dict[str, Any], ds: EvalSet, batch_size: int, progress: bool = False):
+    """Embeddings (and logits) of every image of ``ds`` under every candidate.
+
+    Returns ({name: float32 [N, D]}, {name: float32 [N, C] or None}).
+    """
+    import torch
+
+    n = len(ds.images)
+    embs: dict[str, list] = {k: [] for k in cands}
+    logits: dict[str, list] = {k: [] for k in cands}
+    starts = range(0, n, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=f"{mut.name} {ds.name}", unit="batch")
+    for s in starts:
+        pixels = torch.stack([mut.preprocess(ds.images.load(i)) for i in range(s, min(s + batch_size, n))]).to(mut.device)
+        for name, m in cands.items():
+            e, lg = mut.forward(m, pixels)
+            embs[name].append(e.cpu().numpy())
+            if lg is not None:
+                logits[name].append(lg.cpu().numpy())
+    return (
+        {k: np.concatenate(v) for k, v in embs.items()},
+        {k: (np.concatenate(v) if v else None) for k, v in logits.items()},
+    )
+
+
+def evaluate_dataset(mut: ModelUnderTest, cands: dict[str, Any], ds: EvalSet, batch_size: int, topk: int = 10,
+                     progress: bool = False) -> DatasetResult:
+    embs, logits = embed_all(mut, cands, ds, batch_size, progress)
+    if isinstance(ds, ClassificationSet):
+        return _classification(mut, ds, embs, logits)
+    return _retrieval(mut, ds, embs, topk)
+
+
+# ---------------------------------------------------------------------------- classification
+def zeroshot_weights(mut: ModelUnderTest, classes: tuple[str, ...], templates: tuple[str, ...]) -> np.ndarray:
+    """[C, D] class embeddings: each class's template embeddings averaged, then re-normalised."""
+    texts = [t.format(c) for c in classes for t in templates]
+    emb = mut.encode_texts(texts).reshape(len(classes), len(templates), -1).mean(axis=1)
+    return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+
+
+def _classification(mut: ModelUnderTest, ds: ClassificationSet, embs, logits) -> DatasetResult:
+    notes = []
+    if mut.kind == "clip":
+        weights = zeroshot_weights(mut, ds.classes, ds.templates)
+        scores = {k: e @ weights.T for k, e in embs.items()}
+        protocol = f"zero-shot, {len(ds.templates)} template(s): {ds.templates[0]!r}"
+    elif (mut.label_space and mut.label_space == ds.label_space) or (
+        not mut.label_space and mut.num_classes == len(ds.classes)
+    ):
+        scores = logits
+        protocol = f"own {mut.num_classes}-way head"
+        if not mut.label_space:
+            notes.append(f"assumed the model's {mut.num_classes} outputs are this set's classes in order")
+    else:
+        scores = None
+        protocol = "agreement only"
+        notes.append(
+            f"{mut.name}'s head predicts {mut.label_space or str(mut.num_classes) + ' classes'}, not {ds.name}'s "
+            f"{len(ds.classes)} classes: accuracy not measured"
+        )
+    ks = tuple(k for k in (1, 5) if k <= len(ds.classes))
+    base_scores = scores[BASELINE] if scores is not None else None
+    rows = []
+    for name in embs:
+        metrics = topk_accuracy(scores[name], ds.labels, ks) if scores is not None else {}
+        agree = cosine_agreement(embs[name], embs[BASELINE])
+        if scores is not None:
+            o, ob = ranking(scores[name]), ranking(base_scores)
+            agree["pred_agree"] = float(np.mean(o[:, 0] == ob[:, 0]))
+            agree[f"top{ks[-1]}_overlap"] = topk_overlap(o, ob, ks[-1])
+        rows.append(CandidateResult(config=name, metrics=metrics, agreement=agree))
+    return DatasetResult(
+        dataset=ds.name, kind="classification", source=ds.source, n_images=len(ds), n_queries=0,
+        n_classes=len(ds.classes), protocol=protocol, primary="top1" if scores is not None else "",
+        notes=tuple(notes), results=tuple(rows),
+    )
+
+
+# ---------------------------------------------------------------------------- retrieval
+def _retrieval(mut: ModelUnderTest, ds: RetrievalSet, embs, topk: int) -> DatasetResult:
+    q = mut.encode_texts([x.text for x in ds.queries])
+    relevant = [set(x.relevant) for x in ds.queries]
+    video_rel: Optional[list] = None
+    rows = []
+    base_order = None
+    for name in [BASELINE] + [k for k in embs if k != BASELINE]:
+        scores = q @ embs[name].T
+        order = ranking(scores)
+        metrics = retrieval_metrics(first_relevant_rank(order, relevant))
+        if ds.has_videos:
+            vscores, vnames = group_max(scores, ds.video_ids)
+            if video_rel is None:
+                col = {v: i for i, v in enumerate(vnames)}
+                video_rel = [{col[x.video_id]} for x in ds.queries]
+            metrics.update(retrieval_metrics(first_relevant_rank(ranking(vscores), video_rel), prefix="video_"))
+        if base_order is None:
+            base_order = order
+        agree = cosine_agreement(embs[name], embs[BASELINE])
+        agree[f"top{topk}_overlap"] = topk_overlap(order, base_order, topk)
+        rows.append(CandidateResult(config=name, metrics=metrics, agreement=agree))
+    order_of = {k: i for i, k in enumerate(embs)}
+    rows.sort(key=lambda r: order_of[r.config])
+    return DatasetResult(
+        dataset=ds.name, kind="retrieval", source=ds.source, n_images=len(ds), n_queries=len(ds.queries),
+        n_classes=0, protocol="text→image" + (", frame and video level" if ds.has_videos else ""),
+        primary="R@1", notes=ds.notes, results=tuple(rows),
+    )
