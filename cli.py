@@ -187,6 +187,105 @@ def demo_cmd(
         typer.secho(result.warning, fg=typer.colors.YELLOW, err=True)
 
 
+@app.command("eval")
+@handle_errors
+def eval_cmd(
+    *,
+    model: Annotated[
+        Optional[List[str]],
+        typer.Option("--model", help="Model to evaluate (repeatable; default ViT-B-32): an open_clip name "
+                     "(ViT-B-16, or ViT-B-16@openai to pin weights), timm:<name> (own-head classifier, weights via "
+                     "--pretrained PATH), or reference-cifar10 / a reference checkpoint."),
+    ] = None,
+    pretrained: PretrainedOpt = "openai",
+    dataset: Annotated[
+        Optional[List[str]],
+        typer.Option("--dataset", help="Dataset spec (repeatable; default cifar10): cifar10, cifar100[:PATH], pets, "
+                     "imagenet, coco[,split=val2017], keyframes:PATH[,queries=FILE], imagefolder:PATH "
+                     "[,templates=ensemble]. Named sets are read under --data-root."),
+    ] = None,
+    merge: Annotated[
+        Optional[List[str]],
+        typer.Option("--merge", help="Merge config to compare with the unmerged baseline (repeatable; default r=8 "
+                     "unless --sweep is given): 'r=8', 'r=8,method=lsh', 'none', ..."),
+    ] = None,
+    sweep: Annotated[
+        Optional[str],
+        typer.Option("--sweep", help="Grid applied to each --merge config (or method=bipartite): 'r=0:16:4' "
+                     "(inclusive range) or 'r=4|8|16,method=bipartite|lsh'."),
+    ] = None,
+    data_root: Annotated[Path, typer.Option("--data-root", help="Folder of the named datasets.")] = Path("../shared/data"),
+    limit: Annotated[
+        Optional[int],
+        typer.Option("--limit", min=1, help="Fixed subset: images per classification/caption set, queries per keyframe set."),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the --limit subset.")] = 0,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed warm-up batches per config.")] = 2,
+    iters: Annotated[int, typer.Option("--iters", min=1, help="Timed batches per config (run alternately).")] = 10,
+    topk: Annotated[int, typer.Option("--topk", min=1, help="k of the merged-vs-unmerged top-k result overlap.")] = 10,
+    out: Annotated[Path, typer.Option("--out", help="Output folder for report.json, report.md and plots.")] = Path("eval_out"),
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots.")] = True,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
+    json_out: JsonOpt = False,
+) -> None:
+    """Compare merged encoders with the unmerged baseline: speed, accuracy/recall and agreement."""
+    from eval import evaluate
+    from eval.config import EvalConfig
+
+    cfg = EvalConfig(
+        models=tuple(model or ["ViT-B-32"]), pretrained=None if pretrained.lower() in ("none", "") else pretrained,
+        datasets=tuple(dataset or ["cifar10"]), merges=tuple(merge if merge else ([] if sweep else ["r=8"])),
+        sweep=sweep, data_root=str(data_root), limit=limit, seed=seed, batch_size=batch_size, device=device,
+        precision=precision, warmup=warmup, iters=iters, topk=topk, plots=plots,
+    )
+    outcome = evaluate(cfg, out, progress=progress)
+    if json_out:
+        typer.echo((out / "report.json").read_text())
+    else:
+        typer.echo(outcome.summary())
+
+
+@app.command()
+@handle_errors
+def bench(
+    *,
+    model: ModelOpt = "ViT-B-16",
+    pretrained: Annotated[
+        str, typer.Option("--pretrained", help="Weights to time (timing does not depend on them): a tag, a path, or 'none'.")
+    ] = "none",
+    merge: Annotated[
+        Optional[List[str]],
+        typer.Option("--merge", help="Merge config to time against the unmerged model; repeat for several (default r=8)."),
+    ] = None,
+    batch_size: BatchOpt = 8,
+    iters: Annotated[int, typer.Option("--iters", min=1, help="Timed rounds; each round runs every config once, rotating.")] = 10,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed rounds first.")] = 2,
+    image_size: Annotated[
+        Optional[int], typer.Option("--image-size", help="Input side override, e.g. 448 for a high-resolution setting.")
+    ] = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+    json_out: JsonOpt = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Also write the JSON report to this file.")] = None,
+) -> None:
+    """Images/s of merged vs unmerged encoders (alternating, one process), with tokens per block and FLOP ratio."""
+    import json
+
+    from bench.throughput import format_report, run_throughput
+
+    report = run_throughput(
+        model, pretrained, merge or ["r=8"], batch_size, iters, warmup, image_size, device, precision, progress=not json_out
+    )
+    if out is not None:
+        from indexing.store import atomic_write
+
+        atomic_write(out, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    typer.echo(json.dumps(report, indent=2) if json_out else format_report(report))
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

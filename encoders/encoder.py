@@ -42,8 +42,12 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def load_open_clip(model_name: str, pretrained: Optional[str], device: str = "cpu"):
-    """Create an open_clip model, its eval transform and tokenizer; raise one clear error offline."""
+def load_open_clip(model_name: str, pretrained: Optional[str], device: str = "cpu", image_size: Optional[int] = None):
+    """Create an open_clip model, its eval transform and tokenizer; raise one clear error offline.
+
+    ``image_size`` overrides the model's input side (positional embeddings are interpolated when
+    pretrained weights are loaded), e.g. ViT-B-16 at 448 px for high-resolution benchmarks.
+    """
     import open_clip
 
     if model_name not in open_clip.list_models() and not model_name.startswith(("hf-hub:", "local-dir:")):
@@ -63,7 +67,9 @@ def load_open_clip(model_name: str, pretrained: Optional[str], device: str = "cp
                 "a local checkpoint path, or none"
             )
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained, device=device, force_image_size=image_size
+        )
     except RuntimeError as exc:
         if pretrained is not None and ("download" in str(exc).lower() or "hub" in str(exc).lower()):
             raise WeightsUnavailableError(
@@ -88,6 +94,7 @@ class Encoder:
         precision: ``fp32``, ``fp16`` or ``bf16`` (autocast; fp16 on CPU falls back to bf16).
         merge: token-merging config (string or ``MergeConfig``); ``none`` leaves the model as shipped.
         batch_size: images/texts per forward pass.
+        image_size: input side override (None: the model's own).
     """
 
     model_name: str = "ViT-B-32"
@@ -96,6 +103,7 @@ class Encoder:
     precision: str = "fp32"
     merge: Union[MergeConfig, str, None] = None
     batch_size: int = 32
+    image_size_override: Optional[int] = None
     model: Any = field(default=None, repr=False)
     preprocess: Optional[Callable] = field(default=None, repr=False)
     tokenizer: Optional[Callable] = field(default=None, repr=False)
@@ -109,7 +117,9 @@ class Encoder:
         self.merge = MergeConfig.parse(self.merge)
         self.device = resolve_device(self.device)
         if self.model is None:
-            self.model, self.preprocess, self.tokenizer = load_open_clip(self.model_name, self.pretrained, self.device)
+            self.model, self.preprocess, self.tokenizer = load_open_clip(
+                self.model_name, self.pretrained, self.device, self.image_size_override
+            )
         if self.merge.enabled:
             from encoders.patch import apply_merging
 
