@@ -91,7 +91,7 @@ def index_cmd(
     uniform: Annotated[Optional[int], typer.Option("--uniform", min=1, help="Keep K frames spread evenly per video instead.")] = None,
     scene: Annotated[
         Optional[float],
-        typer.Option("--scene", help="Keep scene-change keyframes instead: threshold on the mean grey difference (0..1), e.g. 0.15."),
+        typer.Option("--scene", help="Keep scene-change keyframes instead: threshold on the mean colour difference (0..1), e.g. 0.15."),
     ] = None,
     dedup: Annotated[bool, typer.Option("--dedup/--no-dedup", help="Skip near-duplicate frames (perceptual hash).")] = True,
     index_type: Annotated[

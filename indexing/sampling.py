@@ -3,7 +3,7 @@
 ``Sampling`` is a frozen value parsed from ``fps=1``, ``every=10``, ``uniform=16``, ``scene=0.15``
 or ``all``; ``str()`` round-trips so the index manifest records the exact setting. The index
 choices for the first three modes are pure functions of the frame count and the video's frame
-rate; scene detection needs pixels, so it works on a stream of small grey thumbnails.
+rate; scene detection needs pixels, so it works on a stream of small colour thumbnails.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class Sampling:
     Args:
         mode: ``fps`` (``value`` frames per second of video time), ``every`` (every ``value``-th
             frame), ``uniform`` (``value`` frames spread evenly over the video), ``scene`` (a frame
-            is kept when its mean absolute grey difference from the last kept frame, on a 0..1
+            is kept when its mean absolute RGB difference from the last kept frame, on a 0..1
             scale, exceeds ``value``) or ``all``.
         value: the mode's parameter (see above); ignored for ``all``.
     """
@@ -115,9 +115,9 @@ def fps_indices(n_frames: int, video_fps: float, fps: float) -> np.ndarray:
     return np.unique(np.clip(idx, 0, n_frames - 1))
 
 
-def grey_thumbnails(frames: np.ndarray) -> np.ndarray:
-    """[B,H,W,3] uint8 -> [B,h,w] float32 grey in 0..1 (frames may already be thumbnail-sized)."""
-    return frames.astype(np.float32).mean(axis=-1) / 255.0
+def thumbnails(frames: np.ndarray) -> np.ndarray:
+    """[B,H,W,3] uint8 -> float32 in 0..1. Colour is kept: a red->blue cut can have equal grey levels."""
+    return frames.astype(np.float32) / 255.0
 
 
 class SceneDetector:
@@ -142,7 +142,7 @@ class SceneDetector:
 
 
 def scene_indices(thumb_chunks: Iterable[np.ndarray], threshold: float) -> np.ndarray:
-    """Scene-start frame indices over consecutive chunks of grey thumbnails."""
+    """Scene-start frame indices over consecutive chunks of thumbnails."""
     det, kept, offset = SceneDetector(threshold), [], 0
     for chunk in thumb_chunks:
         kept.extend(det.keep(chunk, offset))

@@ -20,7 +20,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from errors import InputError
-from indexing.sampling import SCENE_THUMB, Sampling, grey_thumbnails, scene_indices
+from indexing.sampling import SCENE_THUMB, Sampling, thumbnails, scene_indices
 
 log = logging.getLogger(__name__)
 
@@ -219,10 +219,19 @@ class SourceReader:
         path = self.source.path
         if path.stat().st_size == 0:
             raise InputError(f"{path}: empty file (0 bytes); re-copy it or remove it")
+        decord.logging.set_level(decord.logging.QUIET)  # ffmpeg's own chatter; we report one line per file
         try:
             return decord.VideoReader(str(path), ctx=decord.cpu(0), **kwargs)
         except Exception as exc:  # decord raises its own DECORDError or RuntimeError
-            raise InputError(f"{path}: cannot be decoded as a video ({_short(exc)}); check the file or re-encode it to H.264 mp4") from None
+            if "video stream" in str(exc):
+                raise InputError(
+                    f"{path}: no video stream that can be decoded (unsupported codec, or no video track); "
+                    "re-encode it, e.g. ffmpeg -i IN -c:v libx264 OUT.mp4"
+                ) from None
+            raise InputError(
+                f"{path}: cannot be decoded as a video (not a video file, or truncated: {_short(exc)}); "
+                "check the file or re-encode it to H.264 mp4"
+            ) from None
 
     def frame_indices(self) -> tuple[np.ndarray, object]:
         """(indices to keep, an open full-size reader)."""
@@ -234,7 +243,7 @@ class SourceReader:
             return self.sampling.indices(n, float(vr.get_avg_fps())), vr
         small = self._open(width=SCENE_THUMB, height=SCENE_THUMB)
         chunks = (
-            grey_thumbnails(_decode(small, list(range(s, min(s + 256, n))), self.source.path))
+            thumbnails(_decode(small, list(range(s, min(s + 256, n))), self.source.path))
             for s in range(0, n, 256)
         )
         return scene_indices(chunks, self.sampling.value), vr

