@@ -74,11 +74,11 @@ def sample_videos() -> dict:
 
 @pytest.fixture(scope="session")
 def shots_dir(tmp_path_factory) -> Path:
-    """Three synthetic 10 fps videos: 3 s each, one colour per second."""
+    """Three synthetic 10 fps videos: 2 s each, one colour per second."""
     d = tmp_path_factory.mktemp("shots")
-    write_video(d / "rgb.mp4", [("red", 10), ("green", 10), ("blue", 10)])
-    write_video(d / "ywk.mp4", [("yellow", 10), ("white", 10), ("black", 10)])
-    write_video(d / "rby.mp4", [("red", 10), ("blue", 10), ("yellow", 10)])
+    write_video(d / "rg.mp4", [("red", 10), ("green", 10)])
+    write_video(d / "yw.mp4", [("yellow", 10), ("white", 10)])
+    write_video(d / "bk.mp4", [("blue", 10), ("black", 10)])
     return d
 
 
@@ -91,3 +91,37 @@ def test_write_video_has_the_frames_and_rate_asked_for(tmp_path):
     assert vr.get_avg_fps() == pytest.approx(12.0)
     frames = vr.get_batch([0, 11]).asnumpy()
     assert frames[0, 30, 50, 0] > 180 and frames[1, 30, 50, 2] > 180  # red first, blue last
+
+
+# ---------------------------------------------------------------------------- shared built indexes
+_BUILT: dict = {}
+
+
+def built_index(key: str, make):
+    """Build an index once per test process (several modules read the same one)."""
+    if key not in _BUILT:
+        _BUILT[key] = make()
+    return _BUILT[key]
+
+
+@pytest.fixture(scope="session")
+def sample_index(tmp_path_factory, encoder, sample_videos):
+    """bikes.mp4 + bigbuckbunny.mp4 at 1 fps -> (index dir, IndexReport)."""
+    from indexing import IndexOptions, index_paths
+
+    def make():
+        d = tmp_path_factory.mktemp("sample_index")
+        return d, index_paths(list(sample_videos.values()), d, encoder, IndexOptions())
+
+    return built_index("sample", make)
+
+
+def index_contents(index_dir: Path) -> tuple[list, np.ndarray]:
+    """(metadata rows sorted by id, vectors in the same order): what 'same index' means."""
+    from indexing.store import IndexStore
+
+    store = IndexStore.open_for_read(index_dir)
+    meta = store.read_meta().sort_by("id")
+    rows = list(zip(*(meta.column(c).to_pylist() for c in ("id", "video_id", "frame_idx", "pts_time", "path"))))
+    ids, vecs = store.read_vectors()
+    return rows, vecs[np.argsort(ids)]

@@ -1,0 +1,125 @@
+"""The on-disk index without a model: commits, replaced sources, crash recovery, identity checks, FAISS types."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from errors import ConfigError, IndexMismatchError, InputError
+from indexing.faiss_index import build_index, for_search, make_index
+from indexing.store import EncodedSource, IndexStore
+
+DIM = 8
+IDENTITY = {"model": "ViT-B-32", "pretrained": "none", "merge": "none", "precision": "fp32", "dim": DIM}
+
+
+def _enc(key: str, n: int, seed: int, fingerprint: str = "f1") -> EncodedSource:
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal((n, DIM)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    return EncodedSource(
+        key=f"/data/{key}.mp4", video_id=key, kind="video", fingerprint=fingerprint, recipe="fps=1",
+        frame_idx=np.arange(n, dtype=np.int64) * 25, pts_time=np.arange(n, dtype=np.float64),
+        paths=[f"/data/{key}.mp4"] * n, hashes=np.arange(n, dtype=np.int64), vectors=v,
+    )
+
+
+def test_commits_are_read_back_with_explicit_ids(tmp_path):
+    with IndexStore.open_for_write(tmp_path, IDENTITY) as store:
+        a, b, c = _enc("a", 3, 0), _enc("b", 2, 1), _enc("c", 4, 2)
+        assert store.commit([a, b]).tolist() == [0, 1, 2, 3, 4]
+        assert store.commit([c]).tolist() == [5, 6, 7, 8]
+    store = IndexStore.open_for_read(tmp_path)
+    meta = store.read_meta()
+    assert meta.column("id").to_pylist() == list(range(9))
+    assert meta.column("video_id").to_pylist() == ["a"] * 3 + ["b"] * 2 + ["c"] * 4
+    assert meta.column("frame_idx").to_pylist()[:3] == [0, 25, 50]
+    ids, vecs = store.read_vectors()
+    np.testing.assert_array_equal(vecs, np.concatenate([a.vectors, b.vectors, c.vectors]))
+    assert sorted(p.name for p in (tmp_path / "meta").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["counts"]["vectors"] == 9 and manifest["dim"] == DIM and manifest["metric"] == "inner_product"
+
+
+def test_a_changed_source_replaces_its_rows(tmp_path):
+    with IndexStore.open_for_write(tmp_path, IDENTITY) as store:
+        store.commit([_enc("a", 3, 0), _enc("b", 2, 1)])
+        store.commit([_enc("c", 1, 2)])
+        assert store.is_current("/data/a.mp4", "f1", "fps=1")
+        assert not store.is_current("/data/a.mp4", "f2", "fps=1")
+        assert not store.is_current("/data/a.mp4", "f1", "fps=2")
+        store.commit([_enc("a", 5, 9, fingerprint="f2")])
+        store.commit([_enc("b", 1, 8, fingerprint="f2")])  # part-00000 now holds no live row
+    store = IndexStore.open_for_read(tmp_path)
+    meta = store.read_meta()
+    assert sorted(meta.column("video_id").to_pylist()) == ["a"] * 5 + ["b"] + ["c"]
+    assert store.read_vectors()[1].shape == (7, DIM)
+    assert not (tmp_path / "emb" / "part-00000.npy").exists()  # fully dead shard deleted
+    assert store.manifest.counts()["vectors"] == 7
+
+
+def test_crash_between_shard_and_manifest_leaves_the_last_commit(tmp_path, monkeypatch):
+    with IndexStore.open_for_write(tmp_path, IDENTITY) as store:
+        store.commit([_enc("a", 3, 0)])
+
+        def killed(*args, **kwargs):
+            raise KeyboardInterrupt  # as if the process died right after the shard was renamed
+
+        monkeypatch.setattr(store, "write_manifest", killed)
+        with pytest.raises(KeyboardInterrupt):
+            store.commit([_enc("b", 2, 1)])
+    assert (tmp_path / "emb" / "part-00001.npy").exists()  # the orphan is on disk...
+    (tmp_path / "meta" / "part-00009.parquet.tmp").write_bytes(b"half a file")
+    with IndexStore.open_for_write(tmp_path, IDENTITY) as store:  # ...and gone on the next open
+        assert sorted(p.name for p in (tmp_path / "emb").iterdir()) == ["part-00000.npy"]
+        assert sorted(p.name for p in (tmp_path / "meta").iterdir()) == ["part-00000.parquet"]
+        assert store.commit([_enc("b", 2, 1)]).tolist() == [3, 4]  # ids continue, none duplicated
+    assert IndexStore.open_for_read(tmp_path).read_meta().column("id").to_pylist() == [0, 1, 2, 3, 4]
+
+
+def test_another_model_is_refused_unless_forced(tmp_path):
+    with IndexStore.open_for_write(tmp_path, IDENTITY) as store:
+        store.commit([_enc("a", 3, 0)])
+    other = dict(IDENTITY, model="ViT-L-14", dim=768)
+    with pytest.raises(IndexMismatchError, match="ViT-L-14") as info:
+        IndexStore.open_for_write(tmp_path, other)
+    assert "--model ViT-B-32" in str(info.value) and "--force" in str(info.value)
+    with pytest.raises(IndexMismatchError, match="merge"):
+        IndexStore.open_for_write(tmp_path, dict(IDENTITY, merge="method=bipartite,r=8"))
+    assert IndexStore.open_for_read(tmp_path).manifest.counts()["vectors"] == 3  # nothing lost
+    with IndexStore.open_for_write(tmp_path, other, force=True) as store:
+        assert store.manifest.counts()["vectors"] == 0 and store.manifest.dim == 768
+
+
+def test_one_writer_at_a_time(tmp_path):
+    with IndexStore.open_for_write(tmp_path, IDENTITY):
+        with pytest.raises(InputError, match="another process"):
+            IndexStore.open_for_write(tmp_path, IDENTITY)
+
+
+def test_reading_a_folder_that_is_not_an_index(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        IndexStore.open_for_read(tmp_path / "nope")
+    with pytest.raises(InputError, match="not a mergeseek index"):
+        IndexStore.open_for_read(tmp_path)
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat", "HNSW16", "IVF8,SQ8"])
+def test_faiss_types_find_a_stored_vector_by_its_id(factory):
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal((2000, 16)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    ids = np.arange(2000, dtype=np.int64) * 7 + 100  # ids are not row positions
+    index = for_search(build_index(v, ids, factory), nprobe=16, ef_search=64)
+    _, found = index.search(v[[5, 1234]], 3)
+    assert found[:, 0].tolist() == [ids[5], ids[1234]]
+
+
+def test_bad_faiss_types_are_config_errors():
+    with pytest.raises(ConfigError, match="factory string"):
+        make_index(16, "NotAnIndex42")
+    v = np.eye(16, dtype=np.float32)
+    with pytest.raises(ConfigError, match="at least 64 vectors"):
+        build_index(v, np.arange(16), "IVF64,Flat")
