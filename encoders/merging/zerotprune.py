@@ -1,0 +1,150 @@
+"""Zero-TPrune (Wang, Dedhia and Jha, "Zero-TPrune: Zero-Shot Token Pruning through Leveraging of
+the Attention Graph in Pre-Trained Transformers", arXiv 2305.17328), written from the paper.
+
+Two stages, both training-free:
+
+* **I-stage, importance.** The attention matrix is the adjacency matrix of a weighted directed
+  graph (query i sends weight ``A[i, j]`` to key j). A token is important when important tokens
+  attend to it, so the importance vector is the stationary distribution of that graph, found
+  by a few power iterations ``s <- A^T s`` from the uniform vector (their Weighted PageRank).
+  Each head is ranked separately and the head scores are averaged.
+* **S-stage, similarity.** Tokens are ranked by importance; the less important part forms the
+  source group A, the more important part the target group B. Each A token's most similar B
+  token (cosine of the metric) is its partner, and the r A tokens with the most similar partners
+  are removed: merged into the partner (default; size-weighted, sizes summed) or dropped
+  (``prune=True``, the paper's pruning).
+
+A is the less important half of the unprotected tokens, or the r least important ones when r
+is larger (the excess is decided by importance alone, as the paper's I-stage would).
+Left out: the paper's Emphasizing-Informative-Region and Variance-based-Head-Filter refinements
+of the head aggregation.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from encoders.merging.bipartite import protected_count
+from encoders.merging.core import NEG_INF, MergeFn, identity_merge, real_mask
+from encoders.merging.importance import assignment_from_keep
+from errors import ConfigError
+
+
+def weighted_pagerank(attn: torch.Tensor, iters: int = 5, real: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Importance of every token: ``iters`` power iterations of ``s <- A^T s`` per head, averaged.
+
+    Args:
+        attn: [B, H, N, N] row-stochastic attention probabilities (row = query).
+        iters: power iterations; the result approaches the graph's stationary distribution.
+        real: [B, N] non-padding mask; padding starts with (and, attended by nobody, keeps)
+            score 0, so its own attention rows carry no weight.
+
+    Returns:
+        [B, N] float32 scores; each image's scores sum to 1.
+    """
+    if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
+        raise ValueError(f"weighted_pagerank needs the full attention [B, H, N, N]; got shape {tuple(attn.shape)}")
+    batch, heads, n, _ = attn.shape
+    a = attn.float()
+    if real is None:
+        s = a.new_full((batch, heads, n), 1.0 / n)
+    else:
+        w = real.float()
+        s = (w / w.sum(dim=1, keepdim=True)).unsqueeze(1).expand(batch, heads, n).contiguous()
+    for _ in range(iters):
+        s = torch.einsum("bhi,bhij->bhj", s, a)  # s_j <- sum_i s_i A[i, j]
+        # Rows sum to 1, so the mass is preserved in exact arithmetic; renormalizing only keeps
+        # rounding (and fp16 attention) from drifting.
+        s = s / s.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+    return s.mean(dim=1)
+
+
+def importance_partition(
+    importance: torch.Tensor, r: int, protected: int, real: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(source, target) masks [B, N]: the less important unprotected tokens and the rest."""
+    batch, n = importance.shape
+    s = importance.float().clone()
+    free = torch.ones(batch, n, dtype=torch.bool, device=importance.device)
+    if protected:
+        free[:, :protected] = False
+    if real is not None:
+        free &= real
+    s = s.masked_fill(~free, float("inf"))  # protected / padding sort first and are never sources
+    order = torch.sort(s, dim=1, stable=True).indices  # ascending importance
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=order.device).expand(batch, n))
+    n_free = free.sum(dim=1, keepdim=True)
+    # Half of the free tokens, or r of them when r is larger; B keeps at least one.
+    n_src = torch.maximum(n_free // 2, (n_free - 1).clamp(min=0, max=r))
+    source = rank < n_src  # the n_src least important free tokens (free tokens sort first)
+    source &= free
+    target = free & ~source
+    return source, target
+
+
+@torch.no_grad()
+def zerotprune_merging(
+    metric: torch.Tensor,
+    r: int,
+    class_token: bool = True,
+    *,
+    size: Optional[torch.Tensor] = None,
+    protected: Optional[int] = None,
+    padded: Optional[bool] = None,
+    attn: Optional[torch.Tensor] = None,
+    iters: int = 5,
+    prune: bool = False,
+    **_: object,
+) -> Tuple[MergeFn, MergeFn]:
+    """Remove r tokens: PageRank importance picks the candidates, similarity picks the r removed.
+
+    Args:
+        metric: [B, N, C] similarity features (head-averaged keys).
+        r: tokens to remove (clamped so that one unprotected token stays).
+        class_token: position 0 is a class token (never removed, never a destination).
+        size: [B, N, 1] token sizes; size-0 rows are padding, never removed or chosen.
+        protected: leading prefix tokens never merged (overrides class_token).
+        padded: whether ``size`` holds padding (None: look, which costs a device sync).
+        attn: attention probabilities [B, H, N, N] of this layer.
+        iters: Weighted-PageRank power iterations.
+        prune: drop the removed tokens instead of merging them into their partners.
+
+    Returns:
+        (merge, unmerge); ``merge.importance`` holds the [B, N] PageRank scores.
+    """
+    batch, n, _ = metric.shape
+    keep_first = protected_count(class_token, protected)
+    r = min(r, n - keep_first - 1)
+    if r <= 0:
+        return identity_merge()
+    if attn is None or attn.dim() != 4 or attn.shape[-2] != n:
+        raise ConfigError("method=zerotprune needs the full attention matrix (matcher.needs='attn'); "
+                          "run it through encoders.apply_merging, which provides it")
+    if iters < 1:
+        raise ConfigError(f"merge iters={iters} is not valid; it must be >= 1")
+    real = real_mask(size)
+    if padded is None:
+        padded = real is not None and not bool(real.all())
+    real = real if padded else None
+    importance = weighted_pagerank(attn, iters, real)
+    source, target = importance_partition(importance, r, keep_first, real)
+
+    unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    sim = (unit @ unit.transpose(-1, -2)).float()
+    sim.masked_fill_(~target[:, None, :], NEG_INF)
+    best, partner = sim.max(dim=-1)  # [B, N]
+    best = best.masked_fill(~source, NEG_INF)
+    # Stable: equal similarities go to the earlier token.
+    order = torch.sort(best, dim=1, descending=True, stable=True).indices[:, :r]
+    removed = torch.zeros(batch, n, dtype=torch.bool, device=metric.device)
+    removed.scatter_(1, order, best.gather(1, order) > NEG_INF)
+    keep = ~removed if real is None else (~removed & real)
+    dest = torch.full_like(partner, -1) if prune else partner
+    merge, unmerge = assignment_from_keep(keep, dest, real, width=None if padded else n - r, drops=prune)
+    merge.importance = importance  # type: ignore[attr-defined]
+    return merge, unmerge
+
+
+zerotprune_merging.needs = "attn"  # type: ignore[attr-defined]
