@@ -69,7 +69,7 @@ def render_markdown(report: EvalReport, images: Optional[list[str]] = None) -> s
         f"- datasets: {', '.join(cfg.datasets)} (limit {cfg.limit or 'none'}, seed {cfg.seed}, data root `{cfg.data_root}`)",
         f"- timing: batch {cfg.batch_size}, {cfg.warmup} warm-up + {cfg.iters} timed batches per config, "
         f"alternating in one process; {cfg.precision} on {env.get('gpu') or env.get('cpu', '?')} "
-        f"({env.get('torch_threads', '?')} torch threads)",
+        f"({env.get('torch_threads', '?')} torch threads; load average {_load(env)})",
         f"- versions: torch {env.get('torch')}, open_clip {env.get('open_clip')}, timm {env.get('timm')}, "
         f"commit {env.get('git_commit')}",
         "",
@@ -140,6 +140,11 @@ def dataset_table(m: ModelResult, ds: DatasetResult) -> list[str]:
     lines += ["", "Metrics in %; Δ in points vs `none`; cos_mean = mean cosine to the unmerged embedding; "
               "overlap = shared fraction of the top-k results (or classes) with the unmerged model.", ""]
     return lines
+
+
+def _load(env: dict) -> str:
+    la = env.get("load_avg_1_5_15")
+    return "/".join(f"{x:.1f}" for x in la) if la else "n/a"
 
 
 def _pct(v) -> str:

@@ -139,6 +139,8 @@ def environment(device: str = "cpu") -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": device,
+        # Other processes on the machine skew timings; the load when the report was written says how much.
+        "load_avg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     for mod in ("open_clip", "timm"):
         try:

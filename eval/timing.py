@@ -18,6 +18,11 @@ Peak memory:
 
 Both are process-wide peaks (they include every model's weights); ``act_mem_mb`` subtracts the
 memory in use just before the batch, i.e. what the forward itself added (activations).
+
+Memory is measured in a separate pass after the timed rounds (one batch per candidate), not
+inside them: on CPU we first hand freed heap memory back to the OS (glibc ``malloc_trim``) so
+the forward's allocations show up as new resident pages, and the page faults that causes must
+not slow the timed batches.
 """
 
 from __future__ import annotations
@@ -47,8 +52,8 @@ class TimingResult:
         p95_ms: 95th-percentile batch latency (ms).
         batches: timed batches (after warm-up).
         batch_size: images per batch.
-        peak_mem_mb: highest process-wide peak seen over this candidate's batches (see module doc).
-        act_mem_mb: largest increase over the memory in use just before a batch (activations).
+        peak_mem_mb: process-wide peak during one batch of this candidate (see module doc).
+        act_mem_mb: that peak minus the memory in use just before the batch (activations).
         mem_kind: which memory counter produced the two numbers above.
         times_ms: every timed batch latency, in the order run.
     """
@@ -179,6 +184,30 @@ def _make_probe(device: str) -> _MemProbe:
     return _RssProbe()
 
 
+def _release_freed_memory() -> None:
+    """Return freed heap pages to the OS (glibc only; a no-op elsewhere)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _measure_memory(call: Callable[[], object], probe: _MemProbe, sync: Callable[[], None]) -> tuple[float, float]:
+    """(peak MB, peak minus memory in use before) over one call of ``call``."""
+    if isinstance(probe, _RssProbe):
+        _release_freed_memory()
+    sync()
+    before = probe.reset()
+    call()
+    sync()
+    peak = probe.peak()
+    return peak, max(peak - before, 0.0)
+
+
 def _synchronizer(device: str) -> Callable[[], None]:
     if device.startswith("cuda"):
         import torch
@@ -240,16 +269,13 @@ def time_alternating(
         for it in rounds:
             k = it % len(names)
             for name in names[k:] + names[:k]:
-                before = probe.reset()
                 sync()
                 t0 = time.perf_counter()
                 candidates[name]()
                 sync()
-                dt = time.perf_counter() - t0
-                peak = probe.peak()
-                times[name].append(dt * 1000.0)
-                peaks[name] = max(peaks[name], peak)
-                acts[name] = max(acts[name], peak - before)
+                times[name].append((time.perf_counter() - t0) * 1000.0)
+        for name in names:
+            peaks[name], acts[name] = _measure_memory(candidates[name], probe, sync)
 
     out = {}
     for name in names:
@@ -264,7 +290,7 @@ def time_alternating(
             batches=len(ts),
             batch_size=batch_size,
             peak_mem_mb=peaks[name],
-            act_mem_mb=max(acts[name], 0.0),
+            act_mem_mb=acts[name],
             mem_kind=probe.kind,
             times_ms=tuple(ts),
         )

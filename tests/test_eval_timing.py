@@ -16,7 +16,8 @@ def test_candidates_alternate_batch_by_batch_with_rotation():
     res = time_alternating(cands, batch_size=4, warmup=1, iters=3)
     # warm-up once each, then rounds rotated so no candidate is always first
     assert calls[:3] == ["a", "b", "c"]
-    assert calls[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert calls[3:12] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert calls[12:] == ["a", "b", "c"]  # the separate memory pass, one batch each
     assert list(res) == ["a", "b", "c"]
     for r in res.values():
         assert r.batches == 3 and r.batch_size == 4 and len(r.times_ms) == 3
