@@ -228,6 +228,9 @@ def eval_cmd(
     topk: Annotated[int, typer.Option("--topk", min=1, help="k of the merged-vs-unmerged top-k result overlap.")] = 10,
     out: Annotated[Path, typer.Option("--out", help="Output folder for report.json, report.md and plots.")] = Path("eval_out"),
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots.")] = True,
+    threads: Annotated[
+        Optional[int], typer.Option("--threads", min=1, help="torch CPU threads (default: torch's choice).")
+    ] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
     json_out: JsonOpt = False,
 ) -> None:
@@ -239,7 +242,7 @@ def eval_cmd(
         models=tuple(model or ["ViT-B-32"]), pretrained=None if pretrained.lower() in ("none", "") else pretrained,
         datasets=tuple(dataset or ["cifar10"]), merges=tuple(merge if merge else ([] if sweep else ["r=8"])),
         sweep=sweep, data_root=str(data_root), limit=limit, seed=seed, batch_size=batch_size, device=device,
-        precision=precision, warmup=warmup, iters=iters, topk=topk, plots=plots,
+        precision=precision, warmup=warmup, iters=iters, topk=topk, plots=plots, threads=threads,
     )
     outcome = evaluate(cfg, out, progress=progress)
     if json_out:

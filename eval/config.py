@@ -34,6 +34,8 @@ class EvalConfig:
         iters: timed batches per candidate (alternating).
         topk: k of the top-k agreement between merged and unmerged retrieval results.
         plots: write PNG plots.
+        threads: torch CPU threads (None = torch's default); fewer threads than cores gives steadier
+            CPU timings on a shared machine.
     """
 
     models: tuple[str, ...] = ("ViT-B-32",)
@@ -51,12 +53,15 @@ class EvalConfig:
     iters: int = 10
     topk: int = 10
     plots: bool = True
+    threads: Optional[int] = None
 
     def __post_init__(self) -> None:
         if not self.models:
             raise ConfigError("no model given; pass --model ViT-B-32 (repeatable)")
         if not self.datasets:
             raise ConfigError("no dataset given; pass --dataset cifar10 (repeatable)")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"eval threads={self.threads} is not valid; it must be >= 1")
         for key, lo in (("batch_size", 1), ("iters", 1), ("warmup", 0), ("topk", 1)):
             if getattr(self, key) < lo:
                 raise ConfigError(f"eval {key}={getattr(self, key)} is not valid; it must be >= {lo}")

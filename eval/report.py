@@ -97,7 +97,7 @@ def model_tables(m: ModelResult) -> list[str]:
         toks = m.tokens.get(name) or [float("nan")]
         lines.append(
             f"| `{name}` | {t.images_per_s:.1f} | {m.speedup(name):.2f}× | {m.flop_ratio.get(name, float('nan')):.2f}× | "
-            f"{t.ms_per_image:.1f} | {t.p50_ms:.0f} | {t.p95_ms:.0f} | {t.peak_mem_mb:.0f} | {t.act_mem_mb:.0f} | {toks[-1]} |"
+            f"{t.ms_per_image:.2f} | {t.p50_ms:.1f} | {t.p95_ms:.1f} | {t.peak_mem_mb:.0f} | {t.act_mem_mb:.0f} | {toks[-1]} |"
         )
     lines += ["", f"Peak memory: `{mem_kind}` (see eval/timing.py). Speed-up = img/s ÷ unmerged img/s.", ""]
     for ds in m.datasets:

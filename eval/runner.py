@@ -36,8 +36,12 @@ log = logging.getLogger(__name__)
 
 def run_eval(cfg: EvalConfig, progress: bool = False) -> EvalReport:
     """Evaluate ``cfg`` and return the report (written to disk by :func:`eval.report.write_report`)."""
+    import torch
+
     from eval.results import environment
 
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     merges = cfg.merge_configs()
     sets = [load_dataset(DatasetSpec.parse(s), cfg.data_root, cfg.limit, cfg.seed) for s in cfg.datasets]
     models = []
