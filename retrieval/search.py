@@ -136,7 +136,8 @@ class Searcher:
             for s, i, r in zip(scores, ids, rows)
         ]
 
-    def _fetch(self, vector: np.ndarray, k: int, per_video: bool) -> list[Hit]:
+    def search_vector(self, vector: np.ndarray, k: int = 20, per_video: bool = False) -> list[Hit]:
+        """Hits for one query vector; ``per_video`` keeps the best hit of each video (searching deeper as needed)."""
         if not per_video:
             return self.search_vectors(vector, k)[0]
         depth = min(self.size, max(4 * k, 64))
@@ -157,10 +158,10 @@ class Searcher:
         return self.encoder.encode_images([load_query_image(image)])
 
     def search_text(self, text: str, k: int = 20, per_video: bool = False) -> list[Hit]:
-        return self._fetch(self.text_vector(text), k, per_video)
+        return self.search_vector(self.text_vector(text), k, per_video)
 
     def search_image(self, image: Union[str, Path, np.ndarray, Any], k: int = 20, per_video: bool = False) -> list[Hit]:
-        return self._fetch(self.image_vector(image), k, per_video)
+        return self.search_vector(self.image_vector(image), k, per_video)
 
     def search_temporal(self, first: str, then: str, within_s: float = 30.0, k: int = 20, per_video: bool = False,
                         depth: int = 1000) -> list[TemporalHit]:

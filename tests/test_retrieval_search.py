@@ -63,11 +63,13 @@ def test_text_search_and_best_hit_per_video(searcher):
     hits = searcher.search_text("a man riding a bike", k=8)
     assert len(hits) == 8 and len({h.id for h in hits}) == 8
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
-    everything = searcher.search_text("a man riding a bike", k=searcher.size)
-    best = searcher.search_text("a man riding a bike", k=5, per_video=True)
+    q = searcher.text_vector("a man riding a bike")
+    assert [h.id for h in searcher.search_vector(q, k=8)] == [h.id for h in hits]
+    everything = searcher.search_vector(q, k=searcher.size)
+    best = searcher.search_vector(q, k=5, per_video=True)
     assert [h.video_id for h in best] == list(dict.fromkeys(h.video_id for h in everything))
     assert best[0] == everything[0]
-    assert len(searcher.search_text("a man riding a bike", k=10_000)) == searcher.size
+    assert len(searcher.search_vector(q, k=10_000)) == searcher.size
 
 
 def test_empty_and_bad_queries_are_one_clear_error(searcher, tmp_path):
