@@ -139,26 +139,39 @@ def pipeline_table(r: dict) -> str:
 
 
 # ---------------------------------------------------------------------------- faiss
-def _unit(rng, n: int, dim: int) -> np.ndarray:
+def _unit(rng, n: int, dim: int, centres: np.ndarray | None = None, spread: float = 1.0) -> np.ndarray:
+    """Random unit vectors; with ``centres``, each is a noisy copy of a random centre (clustered)."""
     x = rng.standard_normal((n, dim), dtype=np.float32)
+    if centres is not None:
+        # Noise of norm ~spread around unit centres: like embeddings of many shots of few scenes.
+        x *= spread / np.sqrt(dim)
+        x += centres[rng.integers(0, len(centres), n)]
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x
 
 
 def _latency(index, queries: np.ndarray, k: int) -> tuple[float, float]:
-    """(ms per query in one batch of all queries, median ms of single-query calls)."""
+    """(ms per query in one batch of all queries on all threads, median ms of single-query calls on one thread)."""
     t0 = time.perf_counter()
     index.search(queries, k)
     batch_ms = (time.perf_counter() - t0) * 1000 / len(queries)
+    import faiss
+
+    # One query on one thread: OpenMP start-up per call would otherwise dominate (and is noisy).
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
     singles = []
-    for q in queries[:100]:
-        t0 = time.perf_counter()
-        index.search(q[None], k)
-        singles.append((time.perf_counter() - t0) * 1000)
+    try:
+        for q in queries[:100]:
+            t0 = time.perf_counter()
+            index.search(q[None], k)
+            singles.append((time.perf_counter() - t0) * 1000)
+    finally:
+        faiss.omp_set_num_threads(threads)
     return batch_ms, statistics.median(singles)
 
 
-def bench_faiss(sizes: list[int], dim: int, n_queries: int, k: int, seed: int) -> list[dict]:
+def bench_faiss(sizes: list[int], dim: int, n_queries: int, k: int, seed: int, data_kind: str = "random") -> list[dict]:
     import faiss
 
     from indexing.faiss_index import build_index, for_search
@@ -166,7 +179,8 @@ def bench_faiss(sizes: list[int], dim: int, n_queries: int, k: int, seed: int) -
     out = []
     for n in sizes:
         rng = np.random.default_rng(seed)
-        data, queries = _unit(rng, n, dim), _unit(rng, n_queries, dim)
+        centres = _unit(rng, 1000, dim) if data_kind == "clustered" else None
+        data, queries = _unit(rng, n, dim, centres), _unit(rng, n_queries, dim, centres)
         ids = np.arange(n, dtype=np.int64)
         nlist = 1024 if n <= 200_000 else 4096
         configs = [
@@ -190,7 +204,7 @@ def bench_faiss(sizes: list[int], dim: int, n_queries: int, k: int, seed: int) -
                 truth = found
             recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, truth)]))
             row = {
-                "n": n, "dim": dim, "index": factory, **params, "build_s": round(built[factory + ":build_s"], 1),
+                "n": n, "dim": dim, "data": data_kind, "index": factory, **params, "build_s": round(built[factory + ":build_s"], 1),
                 "ms_per_query_batched": round(batch_ms, 4), "ms_single_query_p50": round(single_ms, 3),
                 f"recall@{k}_vs_flat": round(recall, 4),
             }
@@ -203,15 +217,15 @@ def bench_faiss(sizes: list[int], dim: int, n_queries: int, k: int, seed: int) -
 
 def faiss_table(rows: list[dict], k: int = 10) -> str:
     lines = [
-        f"| vectors | index | search param | build s | ms/query (batch of queries) | ms single query (p50) | recall@{k} vs Flat |",
-        "|---:|---|---|---:|---:|---:|---:|",
+        f"| vectors | data | index | search param | build s | ms/query (batch of queries) | ms single query, 1 thread (p50) | recall@{k} vs Flat |",
+        "|---:|---|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "index" not in r:
             continue
         param = f"nprobe={r['nprobe']}" if "nprobe" in r else f"efSearch={r['ef_search']}" if "ef_search" in r else "exact"
         lines.append(
-            f"| {r['n']:,} | {r['index']} | {param} | {r['build_s']} | {r['ms_per_query_batched']} | "
+            f"| {r['n']:,} | {r.get('data', 'random')} | {r['index']} | {param} | {r['build_s']} | {r['ms_per_query_batched']} | "
             f"{r['ms_single_query_p50']} | {r[f'recall@{k}_vs_flat']:.3f} |"
         )
     return "\n".join(lines)
@@ -246,6 +260,8 @@ def main(argv=None) -> None:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", choices=["random", "clustered"], nargs="*", default=["random"],
+                    help="random: uniform on the sphere (hardest for IVF/HNSW); clustered: noisy copies of 1000 centres.")
     ap.add_argument("--out", default=None, help="Write the results as JSON here.")
     args = ap.parse_args(argv)
     result: dict = {"machine": machine(), "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}
@@ -256,7 +272,7 @@ def main(argv=None) -> None:
         print(json.dumps(r, indent=1))
         print(pipeline_table(r))
     if args.part in ("faiss", "all"):
-        rows = bench_faiss(args.sizes, args.dim, args.queries, 10, args.seed)
+        rows = [r for kind in args.data for r in bench_faiss(args.sizes, args.dim, args.queries, 10, args.seed, kind)]
         result["faiss"] = rows
         print(faiss_table(rows))
     if args.out:
