@@ -233,6 +233,7 @@ def index_paths(
         log.warning("skip %s: %s", b.path, b.reason)
     if not hasattr(encoder, "describe"):
         encoder = encoder()
+        t_start = time.perf_counter()  # the run's wall time leaves out loading the model
     identity = encoder.describe()
     report = IndexReport(str(index_dir), sources_found=len(sources), failed=list(bad))
     with IndexStore.open_for_write(Path(index_dir), identity, options.index_type, options.force) as store:

@@ -228,8 +228,11 @@ class SourceReader:
                     f"{path}: no video stream that can be decoded (unsupported codec, or no video track); "
                     "re-encode it, e.g. ffmpeg -i IN -c:v libx264 OUT.mp4"
                 ) from None
+            detail = _short(exc)
+            # decord's "Error reading <path>..." only repeats the path; its own log line says why.
+            detail = "" if detail.startswith("Error reading") else f": {detail}"
             raise InputError(
-                f"{path}: cannot be decoded as a video (not a video file, or truncated: {_short(exc)}); "
+                f"{path}: cannot be decoded as a video (not a video file, or truncated{detail}); "
                 "check the file or re-encode it to H.264 mp4"
             ) from None
 
