@@ -171,7 +171,8 @@ def _latency(index, queries: np.ndarray, k: int) -> tuple[float, float]:
     return batch_ms, statistics.median(singles)
 
 
-def bench_faiss(sizes: list[int], dim: int, n_queries: int, k: int, seed: int, data_kind: str = "random") -> list[dict]:
+def bench_faiss(sizes: list[int], dim: int, n_queries: int, k: int, seed: int, data_kind: str = "random",
+                families: tuple = ("Flat", "IVF", "HNSW"), nlist: int = 0) -> list[dict]:
     import faiss
 
     from indexing.faiss_index import build_index, for_search
@@ -182,14 +183,16 @@ def bench_faiss(sizes: list[int], dim: int, n_queries: int, k: int, seed: int, d
         centres = _unit(rng, 1000, dim) if data_kind == "clustered" else None
         data, queries = _unit(rng, n, dim, centres), _unit(rng, n_queries, dim, centres)
         ids = np.arange(n, dtype=np.int64)
-        nlist = 1024 if n <= 200_000 else 4096
+        lists = nlist or (1024 if n <= 200_000 else 4096)
         configs = [
             ("Flat", {}),
-            (f"IVF{nlist},Flat", {"nprobe": 16}),
-            (f"IVF{nlist},Flat", {"nprobe": 64}),
+            (f"IVF{lists},Flat", {"nprobe": 16}),
+            (f"IVF{lists},Flat", {"nprobe": 64}),
             ("HNSW32", {"ef_search": 64}),
             ("HNSW32", {"ef_search": 256}),
         ]
+        # Flat always runs first: it is the ground truth for recall.
+        configs = [c for c in configs if c[0] == "Flat" or c[0].startswith(tuple(families))]
         built: dict = {}
         truth = None
         for factory, params in configs:
@@ -260,6 +263,9 @@ def main(argv=None) -> None:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--indexes", nargs="*", default=["Flat", "IVF", "HNSW"], choices=["Flat", "IVF", "HNSW"],
+                    help="Index families to time (Flat always runs: it is the reference for recall).")
+    ap.add_argument("--nlist", type=int, default=0, help="IVF lists (default: 1024 up to 200k vectors, else 4096).")
     ap.add_argument("--data", choices=["random", "clustered"], nargs="*", default=["random"],
                     help="random: uniform on the sphere (hardest for IVF/HNSW); clustered: noisy copies of 1000 centres.")
     ap.add_argument("--out", default=None, help="Write the results as JSON here.")
@@ -272,7 +278,8 @@ def main(argv=None) -> None:
         print(json.dumps(r, indent=1))
         print(pipeline_table(r))
     if args.part in ("faiss", "all"):
-        rows = [r for kind in args.data for r in bench_faiss(args.sizes, args.dim, args.queries, 10, args.seed, kind)]
+        rows = [r for kind in args.data for r in bench_faiss(args.sizes, args.dim, args.queries, 10, args.seed, kind,
+                                                                 tuple(args.indexes), args.nlist)]
         result["faiss"] = rows
         print(faiss_table(rows))
     if args.out:
