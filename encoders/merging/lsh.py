@@ -69,19 +69,23 @@ def lsh_soft_matching(
     metric = metric / metric.norm(dim=-1, keepdim=True)
     if planes is None:
         planes = simhash_planes(dim, bits, tables, seed, metric.device, metric.dtype)
-    proj = (metric @ planes.to(metric.dtype)).view(batch, n, tables, bits + 1)
+    # [B, T, N, bits + 1]: per table, the code planes then the ordering direction.
+    proj = (metric @ planes.to(metric.dtype)).view(batch, n, tables, bits + 1).transpose(1, 2)
     weights = 2 ** torch.arange(bits, device=metric.device)
-    codes = ((proj[..., :bits] > 0).long() * weights).sum(-1)  # [B, N, T]
-
-    pos = torch.arange(n, device=metric.device)
-    eligible = (pos >= keep_first).expand(batch, n)
+    codes = ((proj[..., :bits] > 0).long() * weights).sum(-1)  # [B, T, N]
+    # Sort key = code + a fraction from the ordering projection; ineligible tokens (class token,
+    # padding) get +inf and sort last. Sorting returns the key, so the code of each sorted
+    # position is its floor: no gather of the codes is needed.
+    key_dtype = torch.float32 if bits <= 12 else torch.float64
+    key = codes.to(key_dtype) + (proj[..., bits].to(key_dtype).clamp(-1, 1) + 1) * 0.25
+    if keep_first:
+        key[:, :, :keep_first] = float("inf")
     real = real_mask(size)
-    if real is not None:
-        eligible = eligible & real
-    # Sort key: code, then the ordering projection in (0, 2); ineligible tokens sort last.
-    key = codes.double() * 4 + proj[..., bits].double().clamp(-1, 1) + 1
-    key = key.masked_fill(~eligible[..., None], float("inf"))
-    perm = key.argsort(dim=1).transpose(1, 2)  # [B, T, N] sorted position -> token
+    padded_in = real is not None and (padded if padded is not None else not bool(real.all()))
+    if padded_in:
+        key.masked_fill_(~real[:, None, :], float("inf"))
+    sorted_key, perm = key.sort(dim=-1)  # [B, T, N] sorted position -> token
+    ok = torch.isfinite(sorted_key)
 
     chunks = -(-n // window)
     padded_n = chunks * window
@@ -90,10 +94,10 @@ def lsh_soft_matching(
     # tail padding points at an extra zero row (so no separate padding copy).
     offsets = (torch.arange(batch, device=metric.device) * n)[:, None, None]
     rows = perm + offsets  # [B, T, N] rows of the flat metric
-    ok = eligible.unsqueeze(1).expand(batch, tables, n).gather(2, perm)
     # A pair (i, j) is a candidate iff same code, both eligible, one A and one B: with
     # tag = 2*code + is_A (ineligible: -2) that is exactly tag_i ^ 1 == tag_j.
-    tag = torch.where(ok, codes.transpose(1, 2).gather(2, perm) * 2 + (perm % 2 == 0).long(), -2)
+    sorted_code = sorted_key.masked_fill(~ok, 0).long()
+    tag = torch.where(ok, sorted_code * 2 + 1 - (perm & 1), -2)
     if fill:
         rows = torch.nn.functional.pad(rows, (0, fill), value=batch * n)
         tag = torch.nn.functional.pad(tag, (0, fill), value=-2)
@@ -143,5 +147,4 @@ def lsh_soft_matching(
     best = table_val[:, 0::2]
     # B tokens sit at odd positions; an A token without a partner points at B 0 (never used).
     partner = torch.where(best > NEG_INF, partner_tok[:, 0::2] // 2, 0)
-    padded_in = real is not None and (padded if padded is not None else not bool(real.all()))
     return assign_top_r(best, partner, r, n, real if padded_in else None)
