@@ -50,6 +50,7 @@ class BaselineConfig:
         tnt: include TNT.
         slab: include the SLAB-style ViT (plain and norm-fused).
         device: ``cpu`` or ``cuda``.
+        precision: ``fp32``, or ``fp16`` / ``bf16`` autocast around every forward.
         seed: weight initialisation seed.
     """
 
@@ -63,11 +64,14 @@ class BaselineConfig:
     tnt: bool = True
     slab: bool = True
     device: str = "cpu"
+    precision: str = "fp32"
     seed: int = 0
 
     def __post_init__(self) -> None:
         from errors import ConfigError
 
+        if self.precision not in ("fp32", "fp16", "bf16"):
+            raise ConfigError(f"precision={self.precision!r} is not valid; choose one of: fp32, fp16, bf16")
         if self.arch not in ARCHS:
             raise ConfigError(f"arch={self.arch!r} is not valid; choose one of: {', '.join(ARCHS)}")
         if self.img_size % 16:
@@ -198,8 +202,17 @@ def run_baselines(cfg: BaselineConfig, progress: bool = False) -> BaselineReport
         info[name] = row
         log.info("%s: %.2f GFLOPs/img", name, row["gflops"])
 
+    amp = None if cfg.precision == "fp32" else getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[cfg.precision])
+
     def call(m):
-        return lambda: m(pixels)
+        if amp is None:
+            return lambda: m(pixels)
+
+        def run():
+            with torch.autocast(torch.device(cfg.device).type, dtype=amp):
+                return m(pixels)
+
+        return run
 
     timing = time_alternating({n: call(m) for n, (_, m) in models.items()}, cfg.batch_size, cfg.warmup, cfg.iters,
                               cfg.device, progress)
@@ -229,12 +242,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--no-tnt", action="store_true")
     p.add_argument("--no-slab", action="store_true")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--out", default=None, help="write the JSON report here")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = BaselineConfig(
         arch=a.arch, img_size=a.img_size, depth=a.depth, batch_size=a.batch_size, warmup=a.warmup, iters=a.iters,
         merges=tuple(a.merge) if a.merge else DEFAULT_MERGES, tnt=not a.no_tnt, slab=not a.no_slab, device=a.device,
+        precision=a.precision,
     )
     report = run_baselines(cfg, progress=True)
     print(report.markdown())
