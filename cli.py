@@ -289,6 +289,53 @@ def bench(
     typer.echo(json.dumps(report, indent=2) if json_out else format_report(report))
 
 
+@app.command("train-reference")
+@handle_errors
+def train_reference_cmd(
+    *,
+    data: Annotated[Path, typer.Option("--data", help="Folder with CIFAR-10 train_jpeg.npz and test_jpeg.npz.")] = Path(
+        "../shared/data/cifar10"
+    ),
+    out: Annotated[Path, typer.Option("--out", help="Run folder (last.pt, manifest.json); resumed when present.")] = Path(
+        "runs/ref"
+    ),
+    config: Annotated[str, typer.Option("--config", help="reference-cifar10 (the committed one) or reference-tiny.")] = (
+        "reference-cifar10"
+    ),
+    overrides: Annotated[str, typer.Option("--set", help="Config overrides, e.g. 'lr=5e-4,depth=6,mix_prob=0.5'.")] = "",
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Total epochs (default: config's or checkpoint's).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Override the config's batch size.")] = None,
+    device: DeviceOpt = "auto",
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Train on the first N (class-interleaved) images.")] = None,
+    eval_limit: Annotated[Optional[int], typer.Option("--eval-limit", min=1, help="Score on the first N test images.")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue from this checkpoint (default OUT/last.pt).")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore OUT/last.pt and start over.")] = False,
+    compile: Annotated[
+        Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training forward (default: on CUDA only).")
+    ] = None,
+    eval_every: Annotated[int, typer.Option("--eval-every", min=1, help="Score the test set every N epochs.")] = 1,
+    time_budget: Annotated[Optional[float], typer.Option("--time-budget", help="Seconds; stop after the last epoch that fits.")] = None,
+    stop_after: Annotated[Optional[int], typer.Option("--stop-after", min=1, help="Run at most N epochs now, then stop.")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="tqdm bars per epoch.")] = True,
+    export: Annotated[Optional[Path], typer.Option("--export", help="Export this checkpoint (fp16 + manifest) instead of training.")] = None,
+    to: Annotated[Path, typer.Option("--to", help="Export folder.")] = Path("eval/reference"),
+) -> None:
+    """Train the CIFAR-10 reference ViT (resumable), or --export a checkpoint to eval/reference/."""
+    import logging
+    import shlex
+
+    from eval.train_reference import describe, run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    result = run(
+        data=str(data), out=str(out), config=config, overrides=overrides, epochs=epochs, batch_size=batch_size,
+        device=device, limit=limit, eval_limit=eval_limit, resume=str(resume) if resume else None, fresh=fresh,
+        compile=compile, time_budget=time_budget, stop_after=stop_after, eval_every=eval_every, progress=progress,
+        export=str(export) if export else None, to=str(to), command="cli.py " + shlex.join(sys.argv[1:]),
+    )
+    typer.echo(describe(result))
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

@@ -56,6 +56,15 @@ def cifar_dir(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models train faster on one thread, and far faster when other work shares the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny(**overrides) -> ReferenceConfig:
     return get_config("reference-tiny").with_overrides([f"{k}={v}" for k, v in overrides.items()])
 
@@ -65,7 +74,7 @@ def _train(cifar_dir, out, cfg, **kw):
 
 
 # ------------------------------------------------------------------------------- config and data
-def test_config_round_trips_and_reference_shape():
+def test_config_round_trips_and_reference_shape(one_thread):
     cfg = ReferenceConfig.parse("reference-cifar10,lr=0.0005,depth=6,hflip=false,mean=[0.5,0.5,0.5]")
     assert (cfg.lr, cfg.depth, cfg.hflip, cfg.mean) == (5e-4, 6, False, (0.5, 0.5, 0.5))
     assert ReferenceConfig.parse(str(cfg)) == cfg
@@ -113,7 +122,7 @@ def test_augment_is_a_padded_crop_with_optional_flip_and_matches_eval_without_th
 
 
 # ------------------------------------------------------------------------------- training
-def test_training_loss_falls_and_the_model_learns(cifar_dir, tmp_path):
+def test_training_loss_falls_and_the_model_learns(cifar_dir, tmp_path, one_thread):
     result = _train(cifar_dir, tmp_path / "run", tiny(epochs=6))
     losses = [h["loss"] for h in result.history]
     assert result.complete and len(losses) == 6
@@ -125,7 +134,7 @@ def test_training_loss_falls_and_the_model_learns(cifar_dir, tmp_path):
     assert manifest["config"]["name"] == "reference-tiny" and manifest["command"] == "pytest"
 
 
-def test_resume_continues_the_epoch_counter_and_matches_an_uninterrupted_run(cifar_dir, tmp_path):
+def test_resume_continues_the_epoch_counter_and_matches_an_uninterrupted_run(cifar_dir, tmp_path, one_thread):
     cfg = tiny(epochs=3, jitter=0.2, mix_prob=0.5, drop_path_rate=0.1)
     first = _train(cifar_dir, tmp_path / "a", cfg, stop_after=1)
     assert (first.epochs_done, first.complete) == (1, False)
@@ -142,7 +151,7 @@ def test_resume_continues_the_epoch_counter_and_matches_an_uninterrupted_run(cif
 
 
 # ------------------------------------------------------------------------------- export / loading
-def test_export_round_trips_offline(cifar_dir, tmp_path):
+def test_export_round_trips_offline(cifar_dir, tmp_path, one_thread):
     run = _train(cifar_dir, tmp_path / "run", tiny(epochs=2))
     exp = export_reference(run.checkpoint, tmp_path / "ref", data=cifar_dir)
     blob = torch.load(exp.weights, weights_only=True)
@@ -174,7 +183,7 @@ def test_missing_and_unknown_references_fail_clearly(tmp_path, monkeypatch):
         load_reference(str(tmp_path / "missing.pt"))
 
 
-def test_reference_model_accepts_token_merging():
+def test_reference_model_accepts_token_merging(one_thread):
     from encoders import MergeConfig, apply_merging, token_counts
 
     cfg = tiny(img_size=48, patch_size=4, depth=3)  # 145 tokens like the real reference, tiny width
@@ -185,7 +194,30 @@ def test_reference_model_accepts_token_merging():
     assert token_counts(model) == [129, 113, 97]
 
 
+def test_cli_train_reference_passes_its_options_through(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import cli
+    from eval.train_reference import ExportResult
+
+    seen = {}
+
+    def fake_run(**kwargs):
+        seen.update(kwargs)
+        return ExportResult(weights=tmp_path / "w.pt", manifest=tmp_path / "w.json", top1_subset=0.5)
+
+    monkeypatch.setattr("eval.train_reference.run", fake_run)
+    res = CliRunner().invoke(cli.app, ["train-reference", "--data", "d", "--out", "o", "--epochs", "7", "--set",
+                                       "lr=5e-4", "--limit", "100", "--no-compile", "--time-budget", "60",
+                                       "--export", "o/last.pt", "--to", "x"])
+    assert res.exit_code == 0, res.output
+    assert "top-1 0.5000" in res.output
+    assert (seen["data"], seen["out"], seen["epochs"], seen["overrides"], seen["limit"]) == ("d", "o", 7, "lr=5e-4", 100)
+    assert (seen["compile"], seen["time_budget"], seen["export"], seen["to"]) == (False, 60.0, "o/last.pt", "x")
+
+
 # ------------------------------------------------------------------------------- committed checkpoint
+@pytest.mark.slow  # about 20 s on 2 CPU cores: 1,000 images through the 145-token model
 def test_committed_reference_reproduces_its_recorded_accuracy():
     manifest_path = REFERENCE_DIR / "reference-cifar10.json"
     if not manifest_path.is_file():
