@@ -78,31 +78,24 @@ def lsh_soft_matching(
     # position is its floor: no gather of the codes is needed.
     key_dtype = torch.float32 if bits <= 12 else torch.float64
     key = codes.to(key_dtype) + (proj[..., bits].to(key_dtype).clamp(-1, 1) + 1) * 0.25
+    chunks = -(-n // window)
+    padded_n = chunks * window
+    if padded_n > n:  # pad the key (once) so the sorted order cuts into whole chunks
+        key = torch.nn.functional.pad(key, (0, padded_n - n), value=float("inf"))
     if keep_first:
         key[:, :, :keep_first] = float("inf")
     real = real_mask(size)
     padded_in = real is not None and (padded if padded is not None else not bool(real.all()))
     if padded_in:
-        key.masked_fill_(~real[:, None, :], float("inf"))
-    sorted_key, perm = key.sort(dim=-1)  # [B, T, N] sorted position -> token
+        key[:, :, :n].masked_fill_(~real[:, None, :], float("inf"))
+    sorted_key, perm = key.sort(dim=-1)  # [B, T, padded_n] sorted position -> token
     ok = torch.isfinite(sorted_key)
-
-    chunks = -(-n // window)
-    padded_n = chunks * window
-    fill = padded_n - n
-    # Sorted copies of the metric, one per table, read as whole rows from a flat view; the sort's
-    # tail padding points at an extra zero row (so no separate padding copy).
+    # Rows of the flat metric (sort padding and ineligible tokens read an extra zero row).
     offsets = (torch.arange(batch, device=metric.device) * n)[:, None, None]
-    rows = perm + offsets  # [B, T, N] rows of the flat metric
+    rows = torch.where(ok, perm + offsets, batch * n)
     # A pair (i, j) is a candidate iff same code, both eligible, one A and one B: with
     # tag = 2*code + is_A (ineligible: -2) that is exactly tag_i ^ 1 == tag_j.
-    sorted_code = sorted_key.masked_fill(~ok, 0).long()
-    tag = torch.where(ok, sorted_code * 2 + 1 - (perm & 1), -2)
-    if fill:
-        rows = torch.nn.functional.pad(rows, (0, fill), value=batch * n)
-        tag = torch.nn.functional.pad(tag, (0, fill), value=-2)
-        perm = torch.nn.functional.pad(perm, (0, fill), value=0)
-        ok = torch.nn.functional.pad(ok, (0, fill), value=False)
+    tag = torch.where(ok, sorted_key.masked_fill(~ok, 0).long() * 2 + 1 - (perm & 1), -2)
     # One flat sequence of all (image, table) sorted orders, after `window` zero rows, so that
     # "chunk c" and "chunk c-1" are both plain contiguous views (no copies before the matmuls).
     flat = torch.cat([metric.reshape(batch * n, dim), metric.new_zeros(1, dim)])
