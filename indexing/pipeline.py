@@ -13,9 +13,11 @@ stays bounded. A source is committed whole or not at all; a bad file is listed a
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -45,6 +47,7 @@ class IndexOptions:
         shard_size: commit once this many vectors are buffered...
         commit_every_s: ...or this many seconds after the last commit (bounds the work a kill loses).
         prefetch: batches the reader may decode ahead of the encoder.
+        read_workers: threads that hash and preprocess decoded frames (0: min(8, CPU count)).
         ngpu: GPUs for FAISS (-1: all that exist, 0: none).
         progress: tqdm bars over sources and frames.
     """
@@ -56,6 +59,7 @@ class IndexOptions:
     shard_size: int = 4096
     commit_every_s: float = 60.0
     prefetch: int = 4
+    read_workers: int = 0
     ngpu: int = -1
     progress: bool = False
 
@@ -145,10 +149,13 @@ class Reader(threading.Thread):
     """Background stage: sources in, preprocessed batches out (bounded queue)."""
 
     def __init__(self, sources: Sequence[MediaSource], sampling: Sampling, dedup: Dedup, preprocess: Callable,
-                 batch_size: int, prefetch: int):
+                 batch_size: int, prefetch: int, workers: int = 0):
         super().__init__(name="mergeseek-reader", daemon=True)
         self.sources, self.sampling, self.dedup = list(sources), sampling, dedup
         self.preprocess, self.batch_size = preprocess, batch_size
+        # Hashing and preprocessing (PIL resize, which releases the GIL) run on a small pool; decoding
+        # stays sequential per video so frames, duplicates and ids come out in a fixed order.
+        self.workers = workers if workers > 0 else min(8, os.cpu_count() or 1)
         self.out: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         self.stop_event = threading.Event()
         self.busy_s = 0.0
@@ -165,8 +172,9 @@ class Reader(threading.Thread):
 
     def run(self) -> None:
         try:
-            for src in self.sources:
-                self._read_source(src)
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="mergeseek-prep") as pool:
+                for src in self.sources:
+                    self._read_source(src, pool)
         except _Stop:
             return
         except BaseException as exc:  # handed to the main thread, which re-raises it
@@ -177,19 +185,18 @@ class Reader(threading.Thread):
             except _Stop:
                 pass
 
-    def _read_source(self, src: MediaSource) -> None:
+    def _read_source(self, src: MediaSource, pool: ThreadPoolExecutor) -> None:
         reader = SourceReader(src, self.sampling, self.batch_size)
         filt = DuplicateFilter(self.dedup)
         try:
             t0 = time.perf_counter()
             for frames in reader.batches():
                 kept, hashes = [], []
-                for f in frames:
-                    h = phash(f.image)
-                    if filt.keep(h):
+                for f, h in zip(frames, pool.map(phash, [f.image for f in frames])):
+                    if filt.keep(h):  # sequential: each decision depends on the last kept frame
                         kept.append(f)
                         hashes.append(h.signed)
-                pixels = self.preprocess([f.image for f in kept]) if kept else None
+                pixels = self._preprocess([f.image for f in kept], pool) if kept else None
                 batch = _Batch(src, [f.frame_idx for f in kept], [f.pts_time for f in kept], [f.path for f in kept],
                                hashes, pixels, len(frames))
                 self.busy_s += time.perf_counter() - t0
@@ -201,6 +208,13 @@ class Reader(threading.Thread):
             self._put(_Failed(src, str(exc)))
             return
         self._put(_Done(src, filt.skipped, reader.skipped))
+
+    def _preprocess(self, images: list, pool: ThreadPoolExecutor):
+        import torch
+
+        step = max(1, -(-len(images) // self.workers))
+        chunks = [images[i : i + step] for i in range(0, len(images), step)]
+        return torch.cat(list(pool.map(self.preprocess, chunks)))
 
 
 # ---------------------------------------------------------------------------- the run
@@ -259,7 +273,8 @@ def index_paths(
 def _run_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, report: IndexReport,
                 on_commit) -> list:
     settings = {"sampling": str(options.sampling), "dedup": str(options.dedup)}
-    reader = Reader(todo, options.sampling, options.dedup, encoder.preprocess_images, encoder.batch_size, options.prefetch)
+    reader = Reader(todo, options.sampling, options.dedup, encoder.preprocess_images, encoder.batch_size, options.prefetch,
+                    options.read_workers)
     bars = _Bars(len(todo)) if options.progress else None
     partial: dict = {}  # source key -> list of (batch, vectors)
     buffer: list = []
