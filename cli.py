@@ -93,6 +93,7 @@ def index_cmd(
         Optional[float],
         typer.Option("--scene", help="Keep scene-change keyframes instead: threshold on the mean colour difference (0..1), e.g. 0.15."),
     ] = None,
+    scenes: Annotated[bool, typer.Option("--scenes", help="Scene-change keyframes at the default threshold (0.15).")] = False,
     dedup: Annotated[bool, typer.Option("--dedup/--no-dedup", help="Skip near-duplicate frames (perceptual hash).")] = True,
     index_type: Annotated[
         Optional[str],
@@ -110,7 +111,7 @@ def index_cmd(
     from indexing import Dedup, IndexOptions, Sampling, index_paths
 
     options = IndexOptions(
-        sampling=Sampling.from_options(fps, every, uniform, scene),
+        sampling=Sampling.from_options(fps, every, uniform, scene, scenes),
         dedup=Dedup(enabled=dedup),
         index_type=index_type,
         force=force,

@@ -69,8 +69,11 @@ class Sampling:
 
     @classmethod
     def from_options(cls, fps: Optional[float] = None, every: Optional[int] = None, uniform: Optional[int] = None,
-                     scene: Optional[float] = None) -> "Sampling":
-        """At most one of the CLI's ``--fps/--every/--uniform/--scene``; none given means ``fps=1``."""
+                     scene: Optional[float] = None, scenes: bool = False) -> "Sampling":
+        """At most one of the CLI's ``--fps/--every/--uniform/--scene T`` (``--scenes``: scene at the
+        default threshold); none given means ``fps=1``."""
+        if scenes and scene is None:
+            scene = DEFAULT_SCENE_THRESHOLD
         given = {k: v for k, v in (("fps", fps), ("every", every), ("uniform", uniform), ("scene", scene)) if v is not None}
         if len(given) > 1:
             raise ConfigError(

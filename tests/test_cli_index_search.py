@@ -89,6 +89,8 @@ def test_index_options_reach_the_library(tmp_path, monkeypatch):
     assert json.loads(out)["index_dir"] == str(tmp_path)
     code, _, _ = run("index", "a", "--scene", "0.2", "--index", tmp_path, "--json")
     assert code == 0 and str(seen["options"].sampling) == "scene=0.2"
+    code, _, _ = run("index", "a", "--scenes", "--index", tmp_path, "--json")
+    assert code == 0 and str(seen["options"].sampling) == "scene=0.15"
 
 
 @pytest.mark.parametrize(
