@@ -123,6 +123,10 @@ def bench_pipeline(videos: list[str], sampling: str, model: str, device: str, pr
         "frames_per_s": {k: round(v, 2) for k, v in med.items()},
         "all_runs": {k: [round(x, 2) for x in v] for k, v in runs.items()},
         "pipeline_vs_slower_stage": round(med["pipeline"] / slower, 3),
+        # Per repetition (stages measured back to back): less exposed to drift in machine load.
+        "pipeline_vs_slower_stage_per_run": [
+            round(p / min(d, e), 3) for d, e, p in zip(runs["decode"], runs["encode"], runs["pipeline"])
+        ],
         "last_run_busy_s": {k: round(getattr(stage_busy[-1], k), 3) for k in ("read_s", "encode_s", "write_s", "faiss_s", "wall_s")},
     }
 
@@ -238,7 +242,8 @@ def faiss_table(rows: list[dict], k: int = 10) -> str:
 
 # ---------------------------------------------------------------------------- main
 def machine() -> dict:
-    info = {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()}
+    info = {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
     try:
         import torch
 

@@ -171,8 +171,9 @@ class Reader(threading.Thread):
         raise _Stop
 
     def run(self) -> None:
+        _lower_priority()
         try:
-            with ThreadPoolExecutor(self.workers, thread_name_prefix="mergeseek-prep") as pool:
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="mergeseek-prep", initializer=_lower_priority) as pool:
                 for src in self.sources:
                     self._read_source(src, pool)
         except _Stop:
@@ -215,6 +216,20 @@ class Reader(threading.Thread):
         step = max(1, -(-len(images) // self.workers))
         chunks = [images[i : i + step] for i in range(0, len(images), step)]
         return torch.cat(list(pool.map(self.preprocess, chunks)))
+
+
+def _lower_priority() -> None:
+    """Run this thread (and the decoder threads it starts) at nice +5.
+
+    When the encoder runs on the same CPU cores (no GPU), the reader should only fill the gaps the
+    encoder leaves: it is the faster stage, and every cycle it takes from the encoder slows the
+    whole run. With a GPU encoder the CPU is idle anyway and the niceness changes nothing.
+    """
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + 5))
+    except (AttributeError, OSError):  # not Linux, or not allowed: plain priority is fine
+        pass
 
 
 # ---------------------------------------------------------------------------- the run
