@@ -53,6 +53,10 @@ def run_demo(index_dir: str = "demo_index", model: str = "ViT-B-32", pretrained:
     except WeightsUnavailableError as exc:
         warning = RANDOM_WEIGHTS_WARNING.format(model=model, pretrained=pretrained, reason=str(exc).split(";")[0])
         log.warning(warning)
+        import torch
+
+        # Seeded, so a second demo run builds the same random model as the one that filled demo_index/.
+        torch.manual_seed(0)
         encoder = Encoder(model_name=model, pretrained=None, device=device, precision=precision, batch_size=batch_size)
     options = IndexOptions(progress=progress)
     videos = sample_videos()
