@@ -338,7 +338,11 @@ def train_reference_cmd(
 
 
 def main() -> None:
+    import logging
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # One short format for library warnings (set before open_clip installs the default one).
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     app()
 
 

@@ -66,10 +66,16 @@ def load_open_clip(model_name: str, pretrained: Optional[str], device: str = "cp
                 f"pretrained tag {pretrained!r} is unknown for {model_name}; valid tags: {', '.join(tags) or '(none)'}, "
                 "a local checkpoint path, or none"
             )
+    import torch
+
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained, device=device, force_image_size=image_size
-        )
+        # Random weights are drawn from a fixed seed (without touching the global RNG), so an index
+        # built with random weights can be searched from another process.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=pretrained, device=device, force_image_size=image_size
+            )
     except RuntimeError as exc:
         if pretrained is not None and ("download" in str(exc).lower() or "hub" in str(exc).lower()):
             raise WeightsUnavailableError(

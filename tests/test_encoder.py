@@ -69,3 +69,14 @@ def test_bf16_precision_runs(photos):
     enc = Encoder("ViT-B-32", pretrained=None, device="cpu", precision="bf16", merge="r=4,method=lsh")
     out = enc.encode_images(photos[:2])
     assert out.shape == (2, 512) and np.isfinite(out).all()
+
+
+def test_random_weights_are_the_same_in_every_load(random_b32, photos):
+    import torch
+
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    again = Encoder("ViT-B-32", pretrained=None, device="cpu", merge="none")
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(1), before)  # the global RNG stream is not disturbed
+    np.testing.assert_allclose(again.encode_images(photos[:1]), random_b32.encode_images(photos[:1]), atol=1e-6)
