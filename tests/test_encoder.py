@@ -75,8 +75,8 @@ def test_random_weights_are_the_same_in_every_load(random_b32, photos):
     import torch
 
     torch.manual_seed(123)
-    before = torch.rand(1)
-    again = Encoder("ViT-B-32", pretrained=None, device="cpu", merge="none")
+    expected = torch.rand(1)
     torch.manual_seed(123)
-    assert torch.equal(torch.rand(1), before)  # the global RNG stream is not disturbed
+    again = Encoder("ViT-B-32", pretrained=None, device="cpu", merge="none")
+    assert torch.equal(torch.rand(1), expected)  # loading did not consume the global RNG stream
     np.testing.assert_allclose(again.encode_images(photos[:1]), random_b32.encode_images(photos[:1]), atol=1e-6)
