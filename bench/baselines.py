@@ -51,6 +51,8 @@ class BaselineConfig:
         slab: include the SLAB-style ViT (plain and norm-fused).
         device: ``cpu`` or ``cuda``.
         precision: ``fp32``, or ``fp16`` / ``bf16`` autocast around every forward.
+        cpu_time: also measure single-thread CPU time per image (CPU only; see
+            :func:`time_cpu_alternating`), a figure that survives a machine shared with other jobs.
         seed: weight initialisation seed.
     """
 
@@ -65,6 +67,7 @@ class BaselineConfig:
     slab: bool = True
     device: str = "cpu"
     precision: str = "fp32"
+    cpu_time: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -89,6 +92,8 @@ class BaselineRow:
     gflops: float  # per image, counted
     params_m: float
     tokens_out: Optional[int] = None  # tokens after the last block
+    cpu_ms: Optional[float] = None  # median single-thread CPU time per image
+    cpu_ratio: Optional[float] = None  # unmerged ViT's cpu_ms / this one's (>1: cheaper)
     cosine: Optional[float] = None
     top1_agree: Optional[float] = None
 
@@ -103,16 +108,20 @@ class BaselineReport:
         return {"config": asdict(self.config), "rows": [asdict(r) for r in self.rows], "environment": self.environment}
 
     def markdown(self) -> str:
+        cpu = any(r.cpu_ms is not None for r in self.rows)
+        head = "| candidate | img/s | ratio |" + (" CPU ms/img (1 thread) | CPU ratio |" if cpu else "")
         lines = [
-            "| candidate | img/s | ratio | GFLOPs/img | params (M) | tokens out | cosine | top-1 agree |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            head + " GFLOPs/img | params (M) | tokens out | cosine | top-1 agree |",
+            "|---|---:|---:|" + ("---:|---:|" if cpu else "") + "---:|---:|---:|---:|---:|",
         ]
-        for r in self.rows:
-            def opt(v, fmt):
-                return "–" if v is None else format(v, fmt)
 
+        def opt(v, fmt):
+            return "–" if v is None else format(v, fmt)
+
+        for r in self.rows:
+            cpu_cols = f" {opt(r.cpu_ms, '.1f')} | {opt(r.cpu_ratio, '.2f')} |" if cpu else ""
             lines.append(
-                f"| {r.name} | {r.images_per_s:.1f} | {r.ratio:.2f} | {r.gflops:.2f} | {r.params_m:.1f} | "
+                f"| {r.name} | {r.images_per_s:.1f} | {r.ratio:.2f} |{cpu_cols} {r.gflops:.2f} | {r.params_m:.1f} | "
                 f"{opt(r.tokens_out, 'd')} | {opt(r.cosine, '.4f')} | {opt(r.top1_agree, '.2f')} |"
             )
         return "\n".join(lines)
@@ -177,6 +186,39 @@ def agreement(model: Any, base: Any, pixels) -> tuple[float, float]:
     return cos, top
 
 
+def time_cpu_alternating(candidates: dict, batch_size: int, warmup: int = 1, iters: int = 5) -> dict[str, float]:
+    """Median CPU time per image (ms) of each one-batch callable, one torch thread, alternating.
+
+    Wall-clock time on a machine shared with other jobs measures the neighbours as much as the
+    model. With one intra-op thread the whole forward runs on the calling thread, so that
+    thread's CPU time (``time.thread_time``) counts only the work this candidate did; it still
+    includes cache and frequency effects, but no time spent waiting for a core.
+    """
+    import statistics
+    import time
+
+    import torch
+
+    names = list(candidates)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                for n in names:
+                    candidates[n]()
+            for it in range(iters):
+                k = it % len(names)
+                for n in names[k:] + names[:k]:
+                    t0 = time.thread_time()
+                    candidates[n]()
+                    times[n].append((time.thread_time() - t0) * 1000.0 / batch_size)
+    finally:
+        torch.set_num_threads(before)
+    return {n: statistics.median(ts) for n, ts in times.items()}
+
+
 def run_baselines(cfg: BaselineConfig, progress: bool = False) -> BaselineReport:
     """Build, count, check agreement and time every candidate; returns the report."""
     import platform
@@ -216,6 +258,10 @@ def run_baselines(cfg: BaselineConfig, progress: bool = False) -> BaselineReport
 
     timing = time_alternating({n: call(m) for n, (_, m) in models.items()}, cfg.batch_size, cfg.warmup, cfg.iters,
                               cfg.device, progress)
+    if cfg.cpu_time and cfg.device == "cpu":
+        cpu = time_cpu_alternating({n: call(m) for n, (_, m) in models.items()}, cfg.batch_size, cfg.warmup, cfg.iters)
+        for n in models:
+            info[n]["cpu_ms"], info[n]["cpu_ratio"] = cpu[n], cpu["vit"] / cpu[n]
     base_ips = timing["vit"].images_per_s
     rows = tuple(
         BaselineRow(name=n, images_per_s=timing[n].images_per_s, ratio=timing[n].images_per_s / base_ips, **info[n])
@@ -243,13 +289,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--no-slab", action="store_true")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--cpu-time", action="store_true", help="also time single-thread CPU time per image (CPU only)")
     p.add_argument("--out", default=None, help="write the JSON report here")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = BaselineConfig(
         arch=a.arch, img_size=a.img_size, depth=a.depth, batch_size=a.batch_size, warmup=a.warmup, iters=a.iters,
         merges=tuple(a.merge) if a.merge else DEFAULT_MERGES, tnt=not a.no_tnt, slab=not a.no_slab, device=a.device,
-        precision=a.precision,
+        precision=a.precision, cpu_time=a.cpu_time,
     )
     report = run_baselines(cfg, progress=True)
     print(report.markdown())

@@ -360,7 +360,7 @@ def test_slab_progressive_norm_and_timm_registry():
 def test_baselines_bench_matches_token_budgets():
     from bench.baselines import BaselineConfig, run_baselines
 
-    cfg = BaselineConfig(arch="tiny", img_size=64, depth=2, batch_size=2, warmup=0, iters=1,
+    cfg = BaselineConfig(arch="tiny", img_size=64, depth=2, batch_size=2, warmup=0, iters=1, cpu_time=True,
                          merges=("r=3", "r=3,method=importance", "r=3,method=zerotprune"))
     report = run_baselines(cfg)
     rows = {r.name: r for r in report.rows}
@@ -368,6 +368,6 @@ def test_baselines_bench_matches_token_budgets():
                          "tnt", "slab", "slab-fused"}
     assert rows["vit"].ratio == 1.0 and rows["vit"].tokens_out == 17
     assert {rows[n].tokens_out for n in rows if n.startswith("vit ")} == {17 - 6}
-    assert all(r.images_per_s > 0 and r.gflops > 0 for r in report.rows)
+    assert all(r.images_per_s > 0 and r.gflops > 0 and r.cpu_ms > 0 for r in report.rows)
     assert rows["vit method=zerotprune,r=3"].gflops < rows["vit"].gflops
     assert "| tnt |" in report.markdown()
