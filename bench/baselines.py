@@ -15,8 +15,9 @@ Candidates, all at the same width / depth / heads / patch size and random weight
   folded into the next linear layers (its inference form).
 
 Everything is timed alternately, batch by batch, in one process (``eval.timing.time_alternating``).
-FLOPs are counted by ``torch.utils.flop_counter`` on one image, so they include the extra
-attention-probability computation that the importance methods need at their merging layers.
+FLOPs are counted by ``torch.utils.flop_counter`` on one image (plus a formula for the CPU
+fused-attention kernel, which it lacks), so they include the extra attention-probability
+computation that the importance methods need at their merging layers.
 Agreement (cosine of the pooled pre-logits features and top-1 agreement of the logits, merged vs
 unmerged on the same photos) applies to the merged ViTs only; with random weights it measures
 fidelity to the unmerged model, not accuracy.
@@ -160,12 +161,26 @@ def build_models(cfg: BaselineConfig) -> dict[str, tuple[str, Any]]:
     return {k: (kind, m.to(cfg.device)) for k, (kind, m) in out.items()}
 
 
+def _sdpa_flops(q_shape, k_shape, v_shape, *_: Any, out_shape=None, **__: Any) -> int:
+    """Q K^T and (probabilities) V of one fused attention call: 2 FLOPs per multiply-add."""
+    b, h, nq, d = q_shape
+    return 2 * b * h * nq * k_shape[-2] * (d + v_shape[-1])
+
+
 def count_gflops(model: Any, pixels) -> float:
-    """GFLOPs of one forward per image, as counted by ``torch.utils.flop_counter``."""
+    """GFLOPs of one forward per image, as counted by ``torch.utils.flop_counter``.
+
+    The counter has no formula for the CPU flash-attention kernel that fused attention uses on
+    CPU, so one is added here; without it the unmerged ViT's attention would count as free.
+    """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    mapping = {}
+    cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_flash is not None:
+        mapping[cpu_flash] = _sdpa_flops
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
     with torch.no_grad(), counter:
         model(pixels)
     return counter.get_total_flops() / 1e9 / pixels.shape[0]
