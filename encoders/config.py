@@ -41,6 +41,7 @@ class MergeConfig:
         keep: instead of r, the fraction of unprotected tokens kept at each acting layer
             (``importance``, ``zerotprune``).
         iters: PageRank iterations (``zerotprune``).
+        prune: drop the selected tokens instead of merging them (``zerotprune``).
         layers: block indices where the method acts (empty = every block).
     """
 
@@ -54,6 +55,7 @@ class MergeConfig:
     seed: int = 0
     keep: Optional[float] = None
     iters: int = 5
+    prune: bool = False
     layers: Tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
@@ -73,6 +75,8 @@ class MergeConfig:
             raise ConfigError(f"merge lsh_bits={self.lsh_bits} is not valid; it must be <= 30")
         if self.keep is not None and not (0.0 < self.keep <= 1.0):
             raise ConfigError(f"merge keep={self.keep} is not valid; give a fraction in (0, 1]")
+        if self.prune and self.method != "zerotprune":
+            raise ConfigError(f"merge prune=on applies to method=zerotprune, not method={self.method}")
         if self.keep is not None and self.method in _BIPARTITE_LIKE:
             raise ConfigError(f"merge keep= applies to importance and zerotprune, not method={self.method}; use r=")
 
@@ -216,13 +220,13 @@ def _convert(key: str, value: str) -> Any:
         return _int_list(key, value) if value.startswith(("[", "(")) else _int(key, value)
     if key == "layers":
         return _int_list(key, value) if value.startswith(("[", "(")) else (_int(key, value),)
-    if key == "prop_attn":
+    if key in ("prop_attn", "prune"):
         low = value.lower()
         if low in _BOOL_TRUE:
             return True
         if low in _BOOL_FALSE:
             return False
-        raise ConfigError(f"merge prop_attn={value!r} is not valid; choose one of: on, off")
+        raise ConfigError(f"merge {key}={value!r} is not valid; choose one of: on, off")
     if key == "keep":
         try:
             return float(value)

@@ -18,6 +18,7 @@ from errors import ConfigError
         "r=8,method=lsh,lsh_bits=6,lsh_tables=2,lsh_window=32,seed=3",
         "method=importance,keep=0.7,layers=[3,6,9]",
         "method=zerotprune,r=4,iters=10",
+        "method=zerotprune,r=4,prune=on",
         "none",
     ],
 )
@@ -45,6 +46,7 @@ def test_fields_parsed():
         ("r=8,lsh_bits=0", "lsh_bits=0 is not valid"),
         ("r8", "'r8' .* is not key=value"),
         ("method=lsh,keep=0.5", "keep= applies to importance and zerotprune"),
+        ("r=4,prune=on", "prune=on applies to method=zerotprune"),
     ],
 )
 def test_errors_name_key_and_valid_values(spec, needle):

@@ -69,6 +69,11 @@ def apply_merging(model: torch.nn.Module, cfg: Union[MergeConfig, str, None]) ->
         fam.check_vit(root)
         mixins = [fam.MergingTimmBlock] * len(blocks)
         root_mixin, protected = fam.MergingTimmViT, int(root.num_prefix_tokens)
+    if cfg.method == "importance" and protected == 0:
+        raise UnsupportedModelError(
+            "method=importance scores tokens by the class token's attention and this model has no class token; "
+            "use method=bipartite, lsh or zerotprune"
+        )
     for block, mixin in zip(blocks, mixins):
         swap_class(block, mixin)
     swap_class(root, _root_mixin(root_mixin))
