@@ -14,7 +14,7 @@ invisible: a padded image computes exactly what it computes alone.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 
@@ -118,7 +118,28 @@ def merge_from_assignment(
     slot = torch.empty(batch, num_tokens, dtype=torch.long, device=merged_a.device)
     slot[:, 0::2] = slot_a
     slot[:, 1::2] = slot_b
-    num_merged = merged_a.sum(dim=1)
+    return merge_from_slots(slot, width, real is not None, merged_a.sum(dim=1), padded, live=real)
+
+
+def merge_from_slots(
+    slot: torch.Tensor,
+    width: int,
+    dump: bool,
+    num_merged: Any,
+    padded: bool,
+    live: Optional[torch.Tensor] = None,
+) -> Tuple[MergeFn, MergeFn]:
+    """``merge``/``unmerge`` closures from the output slot of every input token.
+
+    Args:
+        slot: [B, N] long, output slot of each token (``width``: an extra slot that is discarded).
+        width: output tokens.
+        dump: some tokens go to the discarded slot.
+        num_merged: tokens each image removed ([B] tensor or int), kept for the stats.
+        padded: the output holds size-0 padding slots.
+        live: [B, N] tokens that ``unmerge`` restores (others come back as 0); None: all.
+    """
+    num_tokens = slot.shape[1]
 
     def merge(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
         b, n, c = x.shape
@@ -136,9 +157,8 @@ def merge_from_assignment(
 
     def unmerge(x: torch.Tensor) -> torch.Tensor:
         b, _, c = x.shape
-        index = slot.clamp(max=width - 1).unsqueeze(-1).expand(b, num_tokens, c)
-        out = x.gather(1, index)
-        return out if real is None else out * real[..., None].to(out.dtype)
+        out = x.gather(1, slot.clamp(max=width - 1).unsqueeze(-1).expand(b, num_tokens, c))
+        return out if live is None else out * live[..., None].to(out.dtype)
 
     merge.width = width  # type: ignore[attr-defined]
     merge.num_merged = num_merged  # type: ignore[attr-defined]

@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 import torch
 
 from encoders.merging.bipartite import protected_count
-from encoders.merging.core import NEG_INF, MergeFn, identity_merge, real_mask
+from encoders.merging.core import NEG_INF, MergeFn, identity_merge, merge_from_slots, real_mask
 from errors import ConfigError, UnsupportedModelError
 
 # Floor of the normalized importance used as an averaging weight: a token the class token ignores
@@ -65,31 +65,8 @@ def assignment_from_keep(
     slot = torch.where(keep, slot_ord, partner_slot)
     slot = torch.where(dropped, torch.full_like(slot, width), slot)  # the extra slot is cut off
     removed = (~keep) if real is None else (~keep & real)
-    num_merged = removed.sum(dim=1)
-
-    def merge(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
-        b, _, c = x.shape
-        index = slot.unsqueeze(-1).expand(b, n, c)
-        out = x.new_zeros(b, width + int(dump), c)
-        if mode == "sum":
-            out.scatter_add_(1, index, x)
-        elif mode == "mean":
-            out.scatter_reduce_(1, index, x, reduce="mean", include_self=False)
-        elif mode == "amax":
-            out.scatter_reduce_(1, index, x, reduce="amax", include_self=False)
-        else:
-            raise ValueError(f"merge mode {mode!r} is not valid; choose one of: sum, mean, amax")
-        return out[:, :width] if dump else out
-
-    def unmerge(x: torch.Tensor) -> torch.Tensor:
-        b, _, c = x.shape
-        out = x.gather(1, slot.clamp(max=width - 1).unsqueeze(-1).expand(b, n, c))
-        return out * (~dropped)[..., None].to(out.dtype)  # dropped tokens and padding come back as 0
-
-    merge.width = width  # type: ignore[attr-defined]
-    merge.num_merged = num_merged  # type: ignore[attr-defined]
-    merge.padded = padded  # type: ignore[attr-defined]
-    return merge, unmerge
+    # dropped tokens and padding go to the discarded slot, and come back from unmerge as 0
+    return merge_from_slots(slot, width, dump, removed.sum(dim=1), padded, live=~dropped)
 
 
 def class_attention(attn: torch.Tensor) -> torch.Tensor:
