@@ -232,6 +232,10 @@ def eval_cmd(
     threads: Annotated[
         Optional[int], typer.Option("--threads", min=1, help="torch CPU threads (default: torch's choice).")
     ] = None,
+    cpu_time: Annotated[
+        bool, typer.Option("--cpu-time", help="Time by single-thread CPU time instead of wall-clock (CPU only; "
+                           "robust when other jobs share the machine).")
+    ] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
     json_out: JsonOpt = False,
 ) -> None:
@@ -244,6 +248,7 @@ def eval_cmd(
         datasets=tuple(dataset or ["cifar10"]), merges=tuple(merge if merge else ([] if sweep else ["r=8"])),
         sweep=sweep, data_root=str(data_root), limit=limit, seed=seed, batch_size=batch_size, device=device,
         precision=precision, warmup=warmup, iters=iters, topk=topk, plots=plots, threads=threads,
+        cpu_time=cpu_time,
     )
     outcome = evaluate(cfg, out, progress=progress)
     if json_out:

@@ -36,6 +36,8 @@ class EvalConfig:
         plots: write PNG plots.
         threads: torch CPU threads (None = torch's default); fewer threads than cores gives steadier
             CPU timings on a shared machine.
+        cpu_time: time by CPU time of one thread (``clock=cpu``, forces one torch thread) instead
+            of wall-clock; robust on a machine shared with other jobs. CPU only.
     """
 
     models: tuple[str, ...] = ("ViT-B-32",)
@@ -54,12 +56,15 @@ class EvalConfig:
     topk: int = 10
     plots: bool = True
     threads: Optional[int] = None
+    cpu_time: bool = False
 
     def __post_init__(self) -> None:
         if not self.models:
             raise ConfigError("no model given; pass --model ViT-B-32 (repeatable)")
         if not self.datasets:
             raise ConfigError("no dataset given; pass --dataset cifar10 (repeatable)")
+        if self.cpu_time and self.threads not in (None, 1):
+            raise ConfigError(f"cpu_time times one thread; threads={self.threads} conflicts with it (leave threads out)")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"eval threads={self.threads} is not valid; it must be >= 1")
         for key, lo in (("batch_size", 1), ("iters", 1), ("warmup", 0), ("topk", 1)):

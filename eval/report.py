@@ -88,7 +88,9 @@ def model_tables(m: ModelResult) -> list[str]:
     lines = [head, ""]
     if not m.meaningful:
         lines += ["*Random weights: the accuracy / recall columns are meaningless; speed and agreement are real.*", ""]
-    mem_kind = next(iter(m.timing.values())).mem_kind if m.timing else ""
+    first = next(iter(m.timing.values()), None)
+    mem_kind = first.mem_kind if first else ""
+    clock = "single-thread CPU time" if first is not None and first.clock == "cpu" else "wall-clock"
     lines += [
         "| config | img/s | speed-up | FLOP ratio (ideal) | ms/img | p50 ms | p95 ms | peak MB | act. MB | tokens at exit |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -99,7 +101,8 @@ def model_tables(m: ModelResult) -> list[str]:
             f"| `{name}` | {t.images_per_s:.1f} | {m.speedup(name):.2f}× | {m.flop_ratio.get(name, float('nan')):.2f}× | "
             f"{t.ms_per_image:.2f} | {t.p50_ms:.1f} | {t.p95_ms:.1f} | {t.peak_mem_mb:.0f} | {t.act_mem_mb:.0f} | {toks[-1]} |"
         )
-    lines += ["", f"Peak memory: `{mem_kind}` (see eval/timing.py). Speed-up = img/s ÷ unmerged img/s.", ""]
+    lines += ["", f"Timed by {clock}. Peak memory: `{mem_kind}` (see eval/timing.py). "
+              "Speed-up = img/s ÷ unmerged img/s.", ""]
     for ds in m.datasets:
         lines += dataset_table(m, ds)
     return lines

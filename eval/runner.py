@@ -40,8 +40,8 @@ def run_eval(cfg: EvalConfig, progress: bool = False) -> EvalReport:
 
     from eval.results import environment
 
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    if cfg.threads is not None or cfg.cpu_time:
+        torch.set_num_threads(1 if cfg.cpu_time else cfg.threads)
     merges = cfg.merge_configs()
     sets = [load_dataset(DatasetSpec.parse(s), cfg.data_root, cfg.limit, cfg.seed) for s in cfg.datasets]
     models = []
@@ -70,7 +70,8 @@ def evaluate_model(mut: ModelUnderTest, merges, sets: list[EvalSet], cfg: EvalCo
 
     pixels = timing_batch(mut, sets[0], cfg.batch_size)
     calls = {name: _forward_call(mut, m, pixels) for name, m in cands.items()}
-    timing = time_alternating(calls, cfg.batch_size, cfg.warmup, cfg.iters, mut.device, progress)
+    timing = time_alternating(calls, cfg.batch_size, cfg.warmup, cfg.iters, mut.device, progress,
+                              clock="cpu" if cfg.cpu_time else "wall")
     base_counts = mut.base_token_counts()
     tokens, flops, stats = {}, {}, {}
     for name, m in cands.items():

@@ -56,6 +56,7 @@ class TimingResult:
         act_mem_mb: that peak minus the memory in use just before the batch (activations).
         mem_kind: which memory counter produced the two numbers above.
         times_ms: every timed batch latency, in the order run.
+        clock: ``wall`` (elapsed time) or ``cpu`` (CPU time of the calling thread).
     """
 
     name: str
@@ -69,6 +70,7 @@ class TimingResult:
     act_mem_mb: float
     mem_kind: str
     times_ms: tuple[float, ...] = ()
+    clock: str = "wall"
 
     def speedup_over(self, base: "TimingResult") -> float:
         """Throughput ratio self / base (>1 means faster than ``base``)."""
@@ -87,6 +89,7 @@ class TimingResult:
             "act_mem_mb": self.act_mem_mb,
             "mem_kind": self.mem_kind,
             "times_ms": list(self.times_ms),
+            "clock": self.clock,
         }
 
 
@@ -225,6 +228,7 @@ def time_alternating(
     iters: int = 10,
     device: str = "cpu",
     progress: bool = False,
+    clock: str = "wall",
 ) -> dict[str, TimingResult]:
     """Time each candidate's one-batch callable, alternating batch by batch.
 
@@ -236,6 +240,10 @@ def time_alternating(
         iters: timed rounds; every round runs each candidate once, in a rotated order.
         device: ``cpu`` or ``cuda[:N]``; on CUDA every call is bracketed by synchronize.
         progress: show a tqdm bar over rounds (CLI edge only).
+        clock: ``wall`` (``time.perf_counter``, the protocol's default) or ``cpu``
+            (``time.thread_time``: CPU time of this thread only; with ``torch.set_num_threads(1)``
+            the forward runs in this thread, so the figure counts only the candidate's own work
+            and is robust to other processes on a shared machine). CPU devices only.
 
     Returns:
         name -> :class:`TimingResult`, in the order of ``candidates``.
@@ -247,8 +255,13 @@ def time_alternating(
             f"timing needs batch_size >= 1, iters >= 1, warmup >= 0; got batch_size={batch_size}, "
             f"iters={iters}, warmup={warmup}"
         )
+    if clock not in ("wall", "cpu"):
+        raise ConfigError(f"timing clock={clock!r} is not valid; choose wall or cpu")
+    if clock == "cpu" and device.startswith("cuda"):
+        raise ConfigError("timing clock=cpu measures CPU work and cannot time a CUDA device; use clock=wall")
     import torch
 
+    now = time.perf_counter if clock == "wall" else time.thread_time
     names = list(candidates)
     sync = _synchronizer(device)
     probe = _make_probe(device)
@@ -270,10 +283,10 @@ def time_alternating(
             k = it % len(names)
             for name in names[k:] + names[:k]:
                 sync()
-                t0 = time.perf_counter()
+                t0 = now()
                 candidates[name]()
                 sync()
-                times[name].append((time.perf_counter() - t0) * 1000.0)
+                times[name].append((now() - t0) * 1000.0)
         for name in names:
             peaks[name], acts[name] = _measure_memory(candidates[name], probe, sync)
 
@@ -293,6 +306,7 @@ def time_alternating(
             act_mem_mb=acts[name],
             mem_kind=probe.kind,
             times_ms=tuple(ts),
+            clock=clock,
         )
         log.info("%s: %.1f img/s, p50 %.1f ms, p95 %.1f ms", name, out[name].images_per_s, med, out[name].p95_ms)
     return out

@@ -97,3 +97,23 @@ def test_shared_copy_shares_weights_but_not_modules():
 
     c[0].__class__ = Swapped  # what the merge patch does to a copy
     assert type(m[0]) is torch.nn.Linear
+
+
+def test_cpu_clock_counts_only_own_work():
+    import time
+
+    def sleeper():
+        time.sleep(0.02)  # waits, does no work
+
+    def busy():
+        t0 = time.thread_time()
+        while time.thread_time() - t0 < 0.01:
+            pass
+
+    res = time_alternating({"sleep": sleeper, "busy": busy}, batch_size=1, warmup=0, iters=3, clock="cpu")
+    assert res["sleep"].clock == "cpu" and res["sleep"].p50_ms < 5.0
+    assert res["busy"].p50_ms >= 10.0
+    with pytest.raises(ConfigError):
+        time_alternating({"a": lambda: None}, batch_size=1, clock="cpu", device="cuda")
+    with pytest.raises(ConfigError):
+        time_alternating({"a": lambda: None}, batch_size=1, clock="gpu")
