@@ -52,7 +52,7 @@ def run_demo(index_dir: str = "demo_index", model: str = "ViT-B-32", pretrained:
         encoder = Encoder(model_name=model, pretrained=pretrained, device=device, precision=precision, batch_size=batch_size)
     except WeightsUnavailableError as exc:
         warning = RANDOM_WEIGHTS_WARNING.format(model=model, pretrained=pretrained, reason=str(exc).split(";")[0])
-        log.warning(warning)
+        log.warning(warning.removeprefix("WARNING: "))  # the log format adds the level
         import torch
 
         # Seeded, so a second demo run builds the same random model as the one that filled demo_index/.
