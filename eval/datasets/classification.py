@@ -27,7 +27,6 @@ from eval.datasets.base import (
     FileImages,
     JpegPackImages,
     list_images,
-    natural_key,
     pretty_class,
 )
 
@@ -335,4 +334,4 @@ def _read_class_map(explicit: Optional[Path], search: list[Path]) -> dict[str, s
     )
 
 
-__all__ = ["load_cifar10", "load_cifar100", "load_imagefolder", "load_imagenet", "load_pets", "natural_key"]
+__all__ = ["load_cifar10", "load_cifar100", "load_imagefolder", "load_imagenet", "load_pets"]
