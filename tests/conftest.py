@@ -49,3 +49,15 @@ def photo_batch(photos):
     mean = torch.tensor([0.481, 0.458, 0.408])[:, None, None]
     std = torch.tensor([0.269, 0.261, 0.276])[:, None, None]
     return (t - mean) / std
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module: on a 2-core machine shared with other jobs, two spinning
+    OpenMP threads per process made model-heavy tests ~5x slower; one thread keeps them steady."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,16 +16,8 @@ MERGES = ("r=8", "r=8,method=lsh")
 BATCH = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a 2-core machine shared with other jobs, two spinning OpenMP
-    threads per process made these tests ~5x slower; one thread keeps them steady."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One intra-op thread (see conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")
