@@ -3,6 +3,7 @@
     python -m bench.matching step        # the matching step alone, N = 197 ... 8193
     python -m bench.matching e2e         # images/s end to end + fraction of the forward in matching
     python -m bench.matching agreement   # embedding agreement on real photos and video frames
+    python -m bench.matching quality     # partner-search quality on a trained ViT's keys, N = 197 ... 2305
 
 Each part prints a markdown table (``--json`` for machine output). Ratios come from alternating
 runs in one process; absolute times are only meaningful on the machine that produced them.
@@ -186,6 +187,117 @@ def agreement(model_name: str = "ViT-B-16", r: int = 8, lsh: str = "", pretraine
     return rows
 
 
+QUALITY_SIZES = (56, 96, 128, 192)  # the reference ViT (patch 4) at these sides has 197, 577, 1025, 2305 tokens
+
+
+def _reference_inputs(side: int):
+    """Real photos and video frames resized to ``side`` and normalised for the reference ViT."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from skimage import data
+
+    from eval.reference import CIFAR10_MEAN, CIFAR10_STD
+
+    photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.immunohistochemistry(), data.hubble_deep_field()]
+    images = [np.ascontiguousarray(p[..., :3]) for p in photos] + _video_frames()
+    arr = np.stack([np.asarray(Image.fromarray(im).resize((side, side), Image.BICUBIC), dtype=np.float32) / 255.0 for im in images])
+    x = (torch.from_numpy(arr) - torch.tensor(CIFAR10_MEAN)) / torch.tensor(CIFAR10_STD)
+    return x.permute(0, 3, 1, 2).contiguous()
+
+
+def _top_edges(best, partner, r: int) -> set:
+    """The r highest-scoring (A index, B index) edges of each image (-inf edges are not edges)."""
+    import torch
+
+    order = torch.sort(best, dim=-1, descending=True, stable=True).indices[:, :r]
+    edges = set()
+    for b in range(best.shape[0]):
+        for a in order[b].tolist():
+            if best[b, a] > float("-inf"):
+                edges.add((b, a, int(partner[b, a])))
+    return edges
+
+
+def edge_quality(
+    sizes: Sequence[int] = QUALITY_SIZES, configs: Sequence[str] = ("",), r_div: int = 16, iters: int = 10
+) -> list[dict[str, Any]]:
+    """LSH against bipartite partner search on the keys of a trained ViT, on real images.
+
+    The trained CIFAR-10 reference ViT runs (pos-embeds resampled) on 6 scikit-image photos and
+    8 frames of bikes.mp4 at each side in ``sizes``; every block merges r = N // ``r_div`` tokens
+    with bipartite matching while the (metric, sizes) handed to the matcher are recorded. On each
+    recorded input both partner searches then choose their top-r edges; reported per setting:
+    the share of bipartite's edges LSH also chose, the mean cosine of the chosen edges relative
+    to bipartite's (1.0 = as similar), how many fewer than r LSH found, and the matching-step
+    time ratio measured alternating on the first block's input (the largest N).
+    """
+    import torch
+
+    from encoders import MergeConfig, apply_merging, remove_merging
+    from encoders.merging import MATCHERS, bipartite_partners, bipartite_soft_matching, lsh_partners, lsh_soft_matching
+    from eval.reference import load_reference
+    from eval.timing import time_alternating
+
+    model, _ = load_reference()
+    rows = []
+    for side in sizes:
+        model.set_input_size(img_size=side)
+        pixels = _reference_inputs(side)
+        n = model.patch_embed.num_patches + 1
+        calls = []
+        original = MATCHERS["bipartite"]
+
+        def recording(metric, r, *args, **kwargs):
+            calls.append((metric.detach().clone(), r, kwargs.get("size"), kwargs.get("protected")))
+            return original(metric, r, *args, **kwargs)
+
+        MATCHERS["bipartite"] = recording
+        try:
+            apply_merging(model, f"r={max(1, n // r_div)}")
+            with torch.inference_mode():
+                model(pixels)
+        finally:
+            MATCHERS["bipartite"] = original
+            remove_merging(model)
+        for spec in configs:
+            cfg = MergeConfig.parse("method=lsh" + ("," + spec if spec else ""))
+            opts = dict(lsh_bits=cfg.lsh_bits, lsh_tables=cfg.lsh_tables, lsh_window=cfg.lsh_window, seed=cfg.seed)
+            recall, cos_ratio, short = [], [], 0
+            for metric, r, size, protected in calls:
+                kw = dict(size=size, protected=protected)
+                eb = _top_edges(*bipartite_partners(metric, **kw)[:2], r)
+                best, partner, _ = lsh_partners(metric, **kw, **opts)
+                el = _top_edges(best, partner, r)
+                recall.append(len(eb & el) / max(1, len(eb)))
+                bb = bipartite_partners(metric, **kw)[0]
+                sum_b = sum(float(bb[b, a]) for b, a, _ in eb)
+                sum_l = sum(float(best[b, a]) for b, a, _ in el)
+                cos_ratio.append((sum_l / max(1, len(el))) / (sum_b / max(1, len(eb))))
+                short += len(eb) - len(el)
+            metric0, r0, _, protected0 = calls[0]
+            t = time_alternating(
+                {
+                    "bipartite": lambda: bipartite_soft_matching(metric0, r0, protected=protected0),
+                    "lsh": lambda: lsh_soft_matching(metric0, r0, protected=protected0, **opts),
+                },
+                batch_size=metric0.shape[0], warmup=2, iters=iters,
+            )
+            rows.append(
+                {
+                    "N": n,
+                    "lsh": str(cfg).replace("method=lsh,r=0,", "").replace("method=lsh,r=0", "defaults"),
+                    "images": pixels.shape[0],
+                    "blocks": len(calls),
+                    "edge_recall": sum(recall) / len(recall),
+                    "cos_ratio": sum(cos_ratio) / len(cos_ratio),
+                    "shortfall_per_block": short / len(calls),
+                    "step_speedup": t["bipartite"].p50_ms / t["lsh"].p50_ms,
+                }
+            )
+    return rows
+
+
 def to_markdown(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "(no rows)"
@@ -198,7 +310,7 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.matching", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=["step", "e2e", "agreement"])
+    p.add_argument("part", choices=["step", "e2e", "agreement", "quality"])
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--iters", type=int, default=None, help="timed rounds (default: 15 for step, 4 for e2e)")
     p.add_argument("--batch-size", type=int, default=2, help="images per forward (e2e)")
@@ -206,12 +318,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ns", default=",".join(map(str, STEP_NS)), help="token counts (step)")
     p.add_argument("--lsh", default="", help="extra LSH options, e.g. 'lsh_bits=6,lsh_tables=2'")
     p.add_argument("--model", default="ViT-B-16", help="model (agreement)")
+    p.add_argument("--sizes", default=",".join(map(str, QUALITY_SIZES)), help="image sides for the reference ViT (quality)")
+    p.add_argument("--configs", default="", help="';'-separated LSH settings to compare (quality), e.g. 'lsh_tables=2;lsh_window=32'")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     if a.part == "step":
         rows = matching_step([int(n) for n in a.ns.split(",")], device=a.device, iters=a.iters or 15, lsh=a.lsh)
     elif a.part == "e2e":
         rows = end_to_end(batch_size=a.batch_size, iters=a.iters or 4, device=a.device, precision=a.precision, lsh=a.lsh)
+    elif a.part == "quality":
+        configs = a.configs.split(";") if a.configs else [a.lsh]
+        rows = edge_quality([int(v) for v in a.sizes.split(",")], configs, iters=a.iters or 10)
     else:
         rows = agreement(a.model, lsh=a.lsh)
     print(json.dumps(rows, indent=2) if a.json else to_markdown(rows))

@@ -34,11 +34,30 @@ def bipartite_soft_matching(
         protected: number of leading prefix tokens never merged (overrides class_token).
         padded: whether ``size`` holds padding (None: look, which costs a device sync).
     """
-    batch, n, _ = metric.shape
+    n = metric.shape[1]
     keep_first = protected_count(class_token, protected)
     r = min(r, (n - keep_first) // 2)
     if r <= 0:
         return identity_merge()
+    best, partner, real = bipartite_partners(metric, class_token, size=size, protected=protected, padded=padded)
+    return assign_top_r(best, partner, r, n, real, exact_r=real is None)
+
+
+@torch.no_grad()
+def bipartite_partners(
+    metric: torch.Tensor,
+    class_token: bool = True,
+    *,
+    size: Optional[torch.Tensor] = None,
+    protected: Optional[int] = None,
+    padded: Optional[bool] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Each A token's most similar B token: ``(best [B, NA], partner [B, NA], real)``.
+
+    ``best`` is the cosine (-inf for protected tokens and padding), ``partner`` an index into B,
+    ``real`` the [B, N] non-padding mask when ``size`` holds padding (else None).
+    """
+    keep_first = protected_count(class_token, protected)
     metric = metric / metric.norm(dim=-1, keepdim=True)
     scores = metric[:, 0::2] @ metric[:, 1::2].transpose(-1, -2)
     real = real_mask(size)
@@ -46,4 +65,4 @@ def bipartite_soft_matching(
         padded = real is not None and not bool(real.all())
     protect(scores, keep_first, real if padded else None)
     best, partner = scores.max(dim=-1)
-    return assign_top_r(best, partner, r, n, real if padded else None, exact_r=not padded)
+    return best, partner, (real if padded else None)

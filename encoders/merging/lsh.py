@@ -3,26 +3,38 @@
 Bipartite matching scores every A token against every B token (an N/2 x N/2 matrix). Here each
 token gets SimHash codes (signs of random-hyperplane projections of its normalised metric) in
 ``tables`` independent tables of ``bits`` bits; an A token looks for its most similar B token
-only among tokens that share its bucket in some table.
+only among B tokens that share its bucket in some table.
 
-Buckets are ragged, so each table sorts the tokens by (bucket code, one more random projection)
-and cuts the sorted order into chunks of ``window`` tokens; a token is compared with the tokens
-of its own and the neighbouring chunks that share its code. The extra projection keeps similar
-tokens of a large bucket close in the sorted order. Cost per table is O(N * window * C) plus a
-sort, against O(N^2 * C / 4) for the full matrix; with ``window >= N`` the search is exhaustive
-within buckets. Edges are then chosen exactly as in bipartite matching (top-r by cosine) and
-merged with the same size-weighted average; an A token with no bucket-mate in B scores -inf
-and is never merged, so an image can merge fewer than r tokens (reported, never hidden).
+Buckets are ragged, so each table turns them into fixed-size work by sorting. The A tokens and
+the B tokens are sorted separately by a small integer key, (bucket code, quantised position along
+one more random direction), so that similar tokens of a large bucket sit close together. The
+sorted A tokens are cut into chunks of ``window // 2``; each chunk is scored against the
+``window`` sorted B tokens centred on where the chunk falls in B's order (one ``searchsorted``),
+as one batched matrix product of small blocks; pairs whose codes differ are masked. Every score
+computed is an A-B pair. Cost per table is O(N * window * C) plus two sorts of N/2 keys, against
+O(N^2 * C / 4) for the full matrix; with ``window >= N/2`` the search is exhaustive within buckets.
+
+Edges are then chosen exactly as in bipartite matching (top-r by cosine) and merged with the same
+size-weighted average; an A token with no bucket-mate in B scores -inf and is never merged, so an
+image can merge fewer than r tokens (reported, never hidden).
+
+On CPU the keys are 16-bit integers sorted by NumPy's radix sort (``kind="stable"``), which is
+several times faster than a comparison sort at these sizes; on other devices ``torch.argsort``.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 from encoders.merging.bipartite import protected_count
 from encoders.merging.core import NEG_INF, MergeFn, assign_top_r, identity_merge, real_mask
+
+
+SLAB_ROWS = 8192  # gathered metric rows scored per slab (8192 x 64 fp32 = 2 MiB)
 
 
 def simhash_planes(dim: int, bits: int, tables: int, seed: int = 0, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -30,6 +42,138 @@ def simhash_planes(dim: int, bits: int, tables: int, seed: int = 0, device=None,
     gen = torch.Generator().manual_seed(seed)
     planes = torch.randn(dim, tables * (bits + 1), generator=gen)
     return planes.to(device=device, dtype=dtype)
+
+
+def _argsort_rows(keys: torch.Tensor) -> torch.Tensor:
+    """Stable argsort along the last dim (ties keep token order, so results are deterministic)."""
+    if keys.device.type == "cpu" and keys.dtype == torch.int16:
+        return torch.from_numpy(np.argsort(keys.numpy(), axis=-1, kind="stable"))
+    return torch.argsort(keys, dim=-1, stable=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _constants(batch: int, n: int, bits: int, pos_bits: int, length: int, window: int, device: str):
+    """Small index tensors that depend only on shapes (built once per shape, not per call)."""
+    dev = torch.device(device)
+    weights = 2.0 ** torch.arange(bits + 1, device=dev, dtype=torch.float32)
+    weights[bits] = 0  # the last column of each table is the ordering direction, not a code bit
+    parity = torch.arange(n, device=dev, dtype=torch.float32).remainder(2)
+    sentinel = (parity + (1 << bits)) * (1 << pos_bits)  # code 2**bits (A) / 2**bits + 1 (B)
+    steps = torch.arange(window, device=dev)
+    offsets = (torch.arange(batch, device=dev) * n)[:, None, None]
+    return weights, sentinel, steps, offsets
+
+
+@torch.no_grad()
+def lsh_partners(
+    metric: torch.Tensor,
+    class_token: bool = True,
+    *,
+    size: Optional[torch.Tensor] = None,
+    protected: Optional[int] = None,
+    padded: Optional[bool] = None,
+    lsh_bits: int = 4,
+    lsh_tables: int = 4,
+    lsh_window: int = 16,
+    lsh_chunk: Optional[int] = None,
+    seed: int = 0,
+    planes: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Each A token's best B bucket-mate: ``(best [B, NA], partner [B, NA], real)``.
+
+    ``best`` is the cosine to the partner (-inf: no bucket-mate, never merged), ``partner`` an
+    index into B, ``real`` the [B, N] non-padding mask when ``size`` holds padding (else None).
+    ``lsh_chunk`` (A tokens per chunk, default ``lsh_window // 2``) trades candidates per window
+    for larger, faster matrix blocks.
+    """
+    batch, n, dim = metric.shape
+    keep_first = protected_count(class_token, protected)
+    bits, tables, dev = lsh_bits, lsh_tables, metric.device
+    num_a, num_b = (n + 1) // 2, n // 2
+    window = max(1, min(lsh_window, num_b))
+    half = max(1, min(lsh_chunk or window, window))  # A tokens per chunk
+    # A and B sorted orders are both padded to `length` (whole A chunks, at least one B window).
+    length = max(-(-num_a // half) * half, window)
+    chunks = length // half
+    small = bits <= 11  # int16 keys: 2 + bits code bits, 13 - bits position bits
+    pos_bits = 13 - bits if small else 24
+    weights, sentinel, steps, offsets = _constants(batch, n, bits, pos_bits, length, window, str(dev))
+
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    if planes is None:
+        planes = simhash_planes(dim, bits, tables, seed, dev)
+    # Keys are built in float32 whatever the metric's precision (bf16 cannot hold a 15-bit key).
+    with torch.autocast(dev.type, enabled=False):
+        proj = (metric.float() @ planes.float()).view(batch, n, tables, bits + 1)
+        code = (proj > 0).float() @ weights  # [B, N, T]
+
+    # Integer sort keys, code << pos_bits | position along the ordering direction. Tokens that
+    # may not merge get code 2**bits (A) or 2**bits + 1 (B), which match nothing; sort padding
+    # gets the largest key, whose code matches no real token either. The ordering projection of
+    # a unit vector onto a Gaussian direction is N(0, 1): its CDF spreads tokens evenly over the
+    # quantisation levels.
+    key = torch.special.ndtr(proj[..., bits]).mul_((1 << pos_bits) - 1).round_().add_(code, alpha=1 << pos_bits)
+    real = real_mask(size)
+    padded_in = real is not None and (padded if padded is not None else not bool(real.all()))
+    if keep_first:
+        key[:, :keep_first] = sentinel[:keep_first, None]
+    if padded_in:
+        key = torch.where(real[..., None], key, sentinel[:, None])
+    big = (1 << 15) - 1 if small else (1 << 40)
+    key = torch.nn.functional.pad(key.transpose(1, 2), (0, 2 * length - n), value=big)
+    key = key.to(torch.int16 if small else torch.int64).view(batch, tables, length, 2).transpose(2, 3)
+    perm = _argsort_rows(key).to(dev)  # [B, T, 2 (A, B), length]: sorted position -> A / B index
+    sorted_key = key.gather(3, perm)
+    sorted_code = sorted_key >> pos_bits
+    perm_a, perm_b = perm[:, :, 0], perm[:, :, 1]
+
+    # Each A chunk is scored against the `window` B tokens centred on its middle key.
+    mid = sorted_key[:, :, 0, half // 2 :: half].contiguous()  # [B, T, chunks]
+    # Windows stay inside the eligible B tokens (they sort first), so an image's windows do not
+    # depend on how much padding its batch adds: a batch computes what each image does alone.
+    start = torch.searchsorted(sorted_key[:, :, 1].contiguous(), mid).sub_(window // 2)
+    if padded_in:
+        count_b = real[:, 1::2].sum(dim=1) - keep_first // 2  # eligible B: real and not protected
+        start = torch.minimum(start, (count_b - window).clamp(min=0)[:, None, None]).clamp_(min=0)
+    else:
+        start = start.clamp_(0, max(0, num_b - keep_first // 2 - window))
+    cand = (start[..., None] + steps).view(batch, tables, chunks * window)  # sorted B positions
+    cand_b = perm_b.gather(2, cand)  # -> B index
+    cand_code = sorted_code[:, :, 1].gather(2, cand)
+
+    # Rows of the flat metric: A token a is row 2a, B token j row 2j + 1. Sort padding (index
+    # >= num_a / num_b) reads some real row: its code matches no real token, so its scores are
+    # masked (B) or land in dropped columns (A).
+    flat = metric.reshape(batch * n, dim)
+    groups = batch * tables
+    row_a = torch.where(perm_a < num_a, perm_a * 2, 0).add_(offsets).view(groups, length)
+    row_b = torch.where(cand_b < num_b, cand_b * 2 + 1, 0).add_(offsets).view(groups, chunks * window)
+    code_a = sorted_code[:, :, 0].reshape(groups, chunks, half, 1)
+    code_b = cand_code.view(groups, chunks, 1, window)
+    cand_b = cand_b.view(groups, chunks, window)
+    val = metric.new_empty(groups, chunks, half)
+    partner = cand_b.new_empty(groups, chunks, half)
+    # Score in slabs of (image, table) groups small enough to stay in cache: the gathered rows
+    # are written and read back at once instead of streaming through memory.
+    step = max(1, SLAB_ROWS // (length + chunks * window))
+    for g in range(0, groups, step):
+        sl = slice(g, g + step)
+        xa = flat.index_select(0, row_a[sl].reshape(-1)).view(-1, half, dim)
+        xb = flat.index_select(0, row_b[sl].reshape(-1)).view(-1, window, dim)
+        scores = torch.bmm(xa, xb.transpose(1, 2)).view(-1, chunks, half, window)
+        scores.masked_fill_(code_a[sl] != code_b[sl], NEG_INF)
+        v, arg = scores.max(dim=-1)  # [g, chunks, half]
+        val[sl] = v
+        partner[sl] = cand_b[sl].gather(2, arg)
+    val = val.view(batch, tables, length)
+    partner = partner.view(batch, tables, length)
+
+    # Back to A token order (perm_a is a permutation of 0..length-1), then the best over tables.
+    tok_val = val.new_empty(batch, tables, length).scatter_(2, perm_a, val)
+    tok_partner = partner.new_empty(batch, tables, length).scatter_(2, perm_a, partner)
+    best, table = tok_val[..., :num_a].max(dim=1)  # [B, NA]
+    best_b = tok_partner[..., :num_a].gather(1, table[:, None])[:, 0].clamp_(max=num_b - 1)
+    return best, best_b, (real if padded_in else None)
 
 
 @torch.no_grad()
@@ -44,6 +188,7 @@ def lsh_soft_matching(
     lsh_bits: int = 4,
     lsh_tables: int = 4,
     lsh_window: int = 16,
+    lsh_chunk: Optional[int] = None,
     seed: int = 0,
     planes: Optional[torch.Tensor] = None,
     **_: object,
@@ -56,88 +201,18 @@ def lsh_soft_matching(
         class_token: position 0 is never merged.
         size: [B, N, 1] sizes; size-0 rows are padding and never matched.
         protected: leading prefix tokens never merged (overrides class_token).
-        padded: unused here (kept for the shared signature).
-        lsh_bits / lsh_tables / lsh_window / seed: hashing options (see ``MergeConfig``).
+        padded: whether ``size`` holds padding (None: look, which costs a device sync).
+        lsh_bits / lsh_tables / lsh_window / seed: hashing options (see ``MergeConfig``);
+            ``lsh_window`` is the number of B candidates scored per A token and table.
+        lsh_chunk: A tokens sharing one window (default ``lsh_window // 2``).
         planes: precomputed ``simhash_planes`` (else drawn from ``seed``).
     """
-    batch, n, dim = metric.shape
-    keep_first = protected_count(class_token, protected)
-    r = min(r, (n - keep_first) // 2)
+    n = metric.shape[1]
+    r = min(r, (n - protected_count(class_token, protected)) // 2)
     if r <= 0:
         return identity_merge()
-    bits, tables, window = lsh_bits, lsh_tables, max(1, min(lsh_window, n))
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    if planes is None:
-        planes = simhash_planes(dim, bits, tables, seed, metric.device, metric.dtype)
-    # [B, T, N, bits + 1]: per table, the code planes then the ordering direction.
-    proj = (metric @ planes.to(metric.dtype)).view(batch, n, tables, bits + 1).transpose(1, 2)
-    weights = 2 ** torch.arange(bits, device=metric.device)
-    codes = ((proj[..., :bits] > 0).long() * weights).sum(-1)  # [B, T, N]
-    # Sort key = code + a fraction from the ordering projection; ineligible tokens (class token,
-    # padding) get +inf and sort last. Sorting returns the key, so the code of each sorted
-    # position is its floor: no gather of the codes is needed.
-    key_dtype = torch.float32 if bits <= 12 else torch.float64
-    key = codes.to(key_dtype) + (proj[..., bits].to(key_dtype).clamp(-1, 1) + 1) * 0.25
-    chunks = -(-n // window)
-    padded_n = chunks * window
-    if padded_n > n:  # pad the key (once) so the sorted order cuts into whole chunks
-        key = torch.nn.functional.pad(key, (0, padded_n - n), value=float("inf"))
-    if keep_first:
-        key[:, :, :keep_first] = float("inf")
-    real = real_mask(size)
-    padded_in = real is not None and (padded if padded is not None else not bool(real.all()))
-    if padded_in:
-        key[:, :, :n].masked_fill_(~real[:, None, :], float("inf"))
-    sorted_key, perm = key.sort(dim=-1)  # [B, T, padded_n] sorted position -> token
-    ok = torch.isfinite(sorted_key)
-    # Rows of the flat metric (sort padding and ineligible tokens read an extra zero row).
-    offsets = (torch.arange(batch, device=metric.device) * n)[:, None, None]
-    rows = torch.where(ok, perm + offsets, batch * n)
-    # A pair (i, j) is a candidate iff same code, both eligible, one A and one B: with
-    # tag = 2*code + is_A (ineligible: -2) that is exactly tag_i ^ 1 == tag_j.
-    tag = torch.where(ok, sorted_key.masked_fill(~ok, 0).long() * 2 + 1 - (perm & 1), -2)
-    # One flat sequence of all (image, table) sorted orders, after `window` zero rows, so that
-    # "chunk c" and "chunk c-1" are both plain contiguous views (no copies before the matmuls).
-    flat = torch.cat([metric.reshape(batch * n, dim), metric.new_zeros(1, dim)])
-    lead = torch.full((window,), batch * n, dtype=rows.dtype, device=rows.device)
-    seq = flat.index_select(0, torch.cat([lead, rows.reshape(-1)]))
-    cur = seq[window:].view(-1, window, dim)
-    prev = seq[:-window].view(-1, window, dim)
-    tag = tag.view(batch, tables, chunks, window)
-    prev_tag = tag.roll(1, dims=2)
-    prev_tag[:, :, 0] = -2  # chunk 0 has no previous chunk (the view reaches into another table)
-
-    own = torch.bmm(cur, cur.transpose(1, 2)).view(batch, tables, chunks, window, window)
-    own.masked_fill_((tag[..., :, None] ^ 1) != tag[..., None, :], NEG_INF)
-    best_val, best_arg = own.max(dim=-1)
-    chunk_start = torch.arange(chunks, device=metric.device)[:, None] * window
-    best_pos = chunk_start + best_arg
-    if chunks > 1:
-        # cross[c] = chunk c (rows) against chunk c-1 (columns); chunk c-1's partners in chunk c
-        # are the columns of cross[c].
-        cross = torch.bmm(cur, prev.transpose(1, 2)).view(batch, tables, chunks, window, window)
-        cross.masked_fill_((tag[..., :, None] ^ 1) != prev_tag[..., None, :], NEG_INF)
-        prev_val, prev_arg = cross[:, :, 1:].max(dim=-1)
-        next_val, next_arg = cross[:, :, 1:].max(dim=-2)
-        take = prev_val > best_val[:, :, 1:]
-        best_val[:, :, 1:] = torch.where(take, prev_val, best_val[:, :, 1:])
-        best_pos[:, :, 1:] = torch.where(take, chunk_start[:-1] + prev_arg, best_pos[:, :, 1:])
-        take = next_val > best_val[:, :, :-1]
-        best_val[:, :, :-1] = torch.where(take, next_val, best_val[:, :, :-1])
-        best_pos[:, :, :-1] = torch.where(take, chunk_start[1:] + next_arg, best_pos[:, :, :-1])
-    best_val = best_val.view(batch, tables, padded_n)
-    best_tok = perm.gather(2, best_pos.view(batch, tables, padded_n))  # partner as a token position
-
-    # Back to token order, then the best over tables.
-    dest = torch.where(ok, perm, n)  # sort padding goes to a dropped column
-    tok_val = torch.full((batch, tables, n + 1), NEG_INF, dtype=best_val.dtype, device=metric.device)
-    tok_partner = torch.zeros((batch, tables, n + 1), dtype=torch.long, device=metric.device)
-    tok_val.scatter_(2, dest, best_val)
-    tok_partner.scatter_(2, dest, best_tok)
-    table_val, table_arg = tok_val[..., :n].max(dim=1)  # [B, N]
-    partner_tok = tok_partner[..., :n].gather(1, table_arg[:, None])[:, 0]
-
-    best = table_val[:, 0::2]
-    # B tokens sit at odd positions; an A token without a partner points at B 0 (never used).
-    partner = torch.where(best > NEG_INF, partner_tok[:, 0::2] // 2, 0)
-    return assign_top_r(best, partner, r, n, real if padded_in else None)
+    best, partner, real = lsh_partners(
+        metric, class_token, size=size, protected=protected, padded=padded, lsh_bits=lsh_bits,
+        lsh_tables=lsh_tables, lsh_window=lsh_window, lsh_chunk=lsh_chunk, seed=seed, planes=planes,
+    )
+    return assign_top_r(best, partner, r, n, real)
