@@ -35,8 +35,8 @@ class MergeConfig:
         prop_attn: proportional attention (add log(size) to the attention logits).
         lsh_bits: SimHash bits per table (``lsh``).
         lsh_tables: number of hash tables (``lsh``).
-        lsh_window: candidates per token per table: bucket-mates within this many positions in
-            the table's sort order (``lsh``; >= the token count means an exhaustive bucket search).
+        lsh_window: B candidates scored per A token per table: the B tokens nearest in the
+            table's sort order, bucket-mates only (``lsh``; >= N/2 means an exhaustive bucket search).
         seed: seed of the random hyperplanes (``lsh``).
         keep: instead of r, the fraction of unprotected tokens kept at each acting layer
             (``importance``, ``zerotprune``).

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from encoders.merging import bipartite_soft_matching, lsh_soft_matching, merge_wavg
@@ -72,3 +75,78 @@ def test_batch_rows_equal_single_rows_even_with_shortfall():
         torch.testing.assert_close(y[b, :width], ya[0])
         torch.testing.assert_close(s[b, :width], sa[0])
         assert (s[b, width:] == 0).all()  # the rest is padding
+
+
+def naive_lsh_partners(metric, planes, bits, tables, window, protected=1, real=None):
+    """The windowed hashed search of one image written out with Python loops and bisect.
+
+    Per table: sort the eligible A and B tokens by (code, quantised ordering position, index);
+    cut sorted A into chunks of ``window``; score each chunk against the ``window`` sorted B
+    tokens centred (bisect) on the chunk's middle key, kept inside the sorted B list; only
+    same-code pairs count. Each A token keeps its best partner over all tables (first maximum).
+    """
+    import bisect
+
+    n = metric.shape[0]
+    unit = [metric[p] / metric[p].norm() for p in range(n)]
+    num_b = n // 2
+    window = max(1, min(window, num_b))
+    pos_bits = 13 - bits
+
+    def eligible(p):
+        return p >= protected and (real is None or bool(real[p]))
+
+    best = {p: (-math.inf, None) for p in range(0, n, 2)}
+    for t in range(tables):
+        cols = planes[:, t * (bits + 1) : (t + 1) * (bits + 1)].float()
+
+        def key(p):
+            proj = unit[p].float() @ cols
+            code = sum(1 << i for i in range(bits) if proj[i] > 0)
+            pos = int(torch.round(torch.special.ndtr(proj[bits]) * ((1 << pos_bits) - 1)))
+            return (code, pos, p)
+
+        a_sorted = sorted(key(p) for p in range(0, n, 2) if eligible(p))
+        b_sorted = sorted(key(q) for q in range(1, n, 2) if eligible(q))
+        b_keys = [k[:2] for k in b_sorted]
+        for c in range(0, len(a_sorted), window):
+            chunk = a_sorted[c : c + window]
+            mid_at = c + window // 2
+            mid = a_sorted[mid_at][:2] if mid_at < len(a_sorted) else (math.inf, 0)
+            start = bisect.bisect_left(b_keys, mid) - window // 2
+            start = max(0, min(start, max(0, len(b_sorted) - window)))
+            for code_a, _, p in chunk:
+                for code_b, _, q in b_sorted[start : start + window]:
+                    if code_a != code_b:
+                        continue
+                    s = float(unit[p] @ unit[q])
+                    if s > best[p][0]:
+                        best[p] = (s, q)
+    return best
+
+
+@pytest.mark.parametrize("n,bits,tables,window,padding", [(65, 3, 3, 8, 0), (97, 2, 2, 6, 0), (81, 3, 4, 8, 11)])
+def test_lsh_partners_agree_with_naive_loops(n, bits, tables, window, padding):
+    from encoders.merging import lsh_partners, simhash_planes
+
+    g = torch.Generator().manual_seed(n + window)
+    metric = torch.randn(2, n, 16, generator=g, dtype=torch.float64)
+    size = torch.ones(2, n, 1, dtype=torch.float64)
+    if padding:
+        size[1, n - padding :] = 0  # the second image ends in padding (size 0), as after a shortfall
+    planes = simhash_planes(16, bits, tables, seed=5)
+    best, partner, _ = lsh_partners(
+        metric, size=size, lsh_bits=bits, lsh_tables=tables, lsh_window=window, planes=planes
+    )
+    found_any = 0
+    for b in range(2):
+        want = naive_lsh_partners(metric[b], planes, bits, tables, window, real=size[b, :, 0] > 0)
+        for p, (score, q) in want.items():
+            got = float(best[b, p // 2])
+            if q is None:
+                assert got == -math.inf, (b, p)
+            else:
+                found_any += 1
+                assert got == pytest.approx(score, abs=1e-12), (b, p)
+                assert int(partner[b, p // 2]) * 2 + 1 == q, (b, p)
+    assert found_any > n // 2  # most A tokens found a partner: the comparison is not vacuous

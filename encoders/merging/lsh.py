@@ -6,13 +6,14 @@ token gets SimHash codes (signs of random-hyperplane projections of its normalis
 only among B tokens that share its bucket in some table.
 
 Buckets are ragged, so each table turns them into fixed-size work by sorting. The A tokens and
-the B tokens are sorted separately by a small integer key, (bucket code, quantised position along
-one more random direction), so that similar tokens of a large bucket sit close together. The
-sorted A tokens are cut into chunks of ``window // 2``; each chunk is scored against the
-``window`` sorted B tokens centred on where the chunk falls in B's order (one ``searchsorted``),
-as one batched matrix product of small blocks; pairs whose codes differ are masked. Every score
-computed is an A-B pair. Cost per table is O(N * window * C) plus two sorts of N/2 keys, against
-O(N^2 * C / 4) for the full matrix; with ``window >= N/2`` the search is exhaustive within buckets.
+the B tokens are sorted separately by a 16-bit key, (bucket code, quantised position along one
+more random direction), so that similar tokens of a large bucket sit close together. The sorted
+A tokens are cut into chunks of ``window``; each chunk is scored against the ``window`` sorted B
+tokens centred on the chunk's middle key (one ``searchsorted``), as one batched product of small
+blocks; pairs whose codes differ are masked. Every score computed is an A-B pair: per table the
+cost is N/2 * window * C multiply-adds plus two sorts of N/2 keys, against N^2 * C / 4 for the
+full matrix; with ``window >= N/2`` the search is exhaustive within buckets. The gathered rows
+are scored in slabs of about 2 MiB so they are read back from cache, not from memory.
 
 Edges are then chosen exactly as in bipartite matching (top-r by cosine) and merged with the same
 size-weighted average; an A token with no bucket-mate in B scores -inf and is never merged, so an
@@ -155,7 +156,8 @@ def lsh_partners(
     partner = cand_b.new_empty(groups, chunks, half)
     # Score in slabs of (image, table) groups small enough to stay in cache: the gathered rows
     # are written and read back at once instead of streaming through memory.
-    step = max(1, SLAB_ROWS // (length + chunks * window))
+    slabs = max(1, round(groups * (length + chunks * window) / SLAB_ROWS))
+    step = -(-groups // slabs)
     for g in range(0, groups, step):
         sl = slice(g, g + step)
         xa = flat.index_select(0, row_a[sl].reshape(-1)).view(-1, half, dim)
@@ -204,7 +206,7 @@ def lsh_soft_matching(
         padded: whether ``size`` holds padding (None: look, which costs a device sync).
         lsh_bits / lsh_tables / lsh_window / seed: hashing options (see ``MergeConfig``);
             ``lsh_window`` is the number of B candidates scored per A token and table.
-        lsh_chunk: A tokens sharing one window (default ``lsh_window // 2``).
+        lsh_chunk: A tokens sharing one window (default ``lsh_window``).
         planes: precomputed ``simhash_planes`` (else drawn from ``seed``).
     """
     n = metric.shape[1]
