@@ -103,7 +103,8 @@ def naive_lsh_partners(metric, planes, bits, tables, window, protected=1, real=N
         def key(p):
             proj = unit[p].float() @ cols
             code = sum(1 << i for i in range(bits) if proj[i] > 0)
-            pos = int(torch.round(torch.special.ndtr(proj[bits]) * ((1 << pos_bits) - 1)))
+            u = min(max(float(proj[bits]), -4.0), 4.0)  # equal steps on [-4, 4]
+            pos = int(torch.round(torch.tensor((u + 4.0) * ((1 << pos_bits) - 1) / 8.0)))
             return (code, pos, p)
 
         a_sorted = sorted(key(p) for p in range(0, n, 2) if eligible(p))

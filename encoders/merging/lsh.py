@@ -35,6 +35,7 @@ from encoders.merging.bipartite import protected_count
 from encoders.merging.core import NEG_INF, MergeFn, assign_top_r, identity_merge, real_mask
 
 
+ORDER_RANGE = 4.0  # the ordering projection (N(0, 1) for a unit metric) is quantised on [-4, 4]
 SLAB_ROWS = 8192  # gathered metric rows scored per slab (8192 x 64 fp32 = 2 MiB)
 
 
@@ -43,6 +44,11 @@ def simhash_planes(dim: int, bits: int, tables: int, seed: int = 0, device=None,
     gen = torch.Generator().manual_seed(seed)
     planes = torch.randn(dim, tables * (bits + 1), generator=gen)
     return planes.to(device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_planes(dim: int, bits: int, tables: int, seed: int, device: str) -> torch.Tensor:
+    return simhash_planes(dim, bits, tables, seed, torch.device(device))
 
 
 def _argsort_rows(keys: torch.Tensor) -> torch.Tensor:
@@ -102,7 +108,7 @@ def lsh_partners(
 
     metric = metric / metric.norm(dim=-1, keepdim=True)
     if planes is None:
-        planes = simhash_planes(dim, bits, tables, seed, dev)
+        planes = _cached_planes(dim, bits, tables, seed, str(dev))
     # Keys are built in float32 whatever the metric's precision (bf16 cannot hold a 15-bit key).
     with torch.autocast(dev.type, enabled=False):
         proj = (metric.float() @ planes.float()).view(batch, n, tables, bits + 1)
@@ -111,9 +117,9 @@ def lsh_partners(
     # Integer sort keys, code << pos_bits | position along the ordering direction. Tokens that
     # may not merge get code 2**bits (A) or 2**bits + 1 (B), which match nothing; sort padding
     # gets the largest key, whose code matches no real token either. The ordering projection of
-    # a unit vector onto a Gaussian direction is N(0, 1): its CDF spreads tokens evenly over the
-    # quantisation levels.
-    key = torch.special.ndtr(proj[..., bits]).mul_((1 << pos_bits) - 1).round_().add_(code, alpha=1 << pos_bits)
+    # a unit vector onto a Gaussian direction is N(0, 1): [-4, 4] is cut into equal levels.
+    key = proj[..., bits].clamp(-ORDER_RANGE, ORDER_RANGE).add_(ORDER_RANGE)
+    key = key.mul_(((1 << pos_bits) - 1) / (2 * ORDER_RANGE)).round_().add_(code, alpha=1 << pos_bits)
     real = real_mask(size)
     padded_in = real is not None and (padded if padded is not None else not bool(real.all()))
     if keep_first:
