@@ -44,7 +44,7 @@ MergeOpt = Annotated[
         "--merge",
         help="Token merging: 'none', 'r=8', 'r=8,method=lsh,lsh_bits=4,lsh_tables=4', 'r=[16,16,8,...]', "
         "'r=8,schedule=decreasing', 'method=importance,keep=0.7'. Keys: method, r, schedule, prop_attn, "
-        "lsh_bits, lsh_tables, lsh_window, seed, keep, iters, prune, layers.",
+        "lsh_bits, lsh_tables, lsh_window, lsh_chunk, seed, keep, iters, prune, layers.",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]

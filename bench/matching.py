@@ -32,7 +32,7 @@ def matching_step(
     from eval.timing import time_alternating
 
     cfg = MergeConfig.parse("method=lsh" + ("," + lsh if lsh else ""))
-    opts = dict(lsh_bits=cfg.lsh_bits, lsh_tables=cfg.lsh_tables, lsh_window=cfg.lsh_window, seed=cfg.seed)
+    opts = dict(lsh_bits=cfg.lsh_bits, lsh_tables=cfg.lsh_tables, lsh_window=cfg.lsh_window, lsh_chunk=cfg.lsh_chunk or None, seed=cfg.seed)
     rows = []
     for n in ns:
         for b in batches:
@@ -262,7 +262,7 @@ def edge_quality(
             remove_merging(model)
         for spec in configs:
             cfg = MergeConfig.parse("method=lsh" + ("," + spec if spec else ""))
-            opts = dict(lsh_bits=cfg.lsh_bits, lsh_tables=cfg.lsh_tables, lsh_window=cfg.lsh_window, seed=cfg.seed)
+            opts = dict(lsh_bits=cfg.lsh_bits, lsh_tables=cfg.lsh_tables, lsh_window=cfg.lsh_window, lsh_chunk=cfg.lsh_chunk or None, seed=cfg.seed)
             recall, cos_ratio, short = [], [], 0
             for metric, r, size, protected in calls:
                 kw = dict(size=size, protected=protected)

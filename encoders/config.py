@@ -37,6 +37,8 @@ class MergeConfig:
         lsh_tables: number of hash tables (``lsh``).
         lsh_window: B candidates scored per A token per table: the B tokens nearest in the
             table's sort order, bucket-mates only (``lsh``; >= N/2 means an exhaustive bucket search).
+        lsh_chunk: A tokens sharing one window (``lsh``; 0 = ``lsh_window``): smaller chunks centre
+            each window closer to its tokens, at the price of smaller, slower matrix blocks.
         seed: seed of the random hyperplanes (``lsh``).
         keep: instead of r, the fraction of unprotected tokens kept at each acting layer
             (``importance``, ``zerotprune``).
@@ -52,6 +54,7 @@ class MergeConfig:
     lsh_bits: int = 4
     lsh_tables: int = 4
     lsh_window: int = 16
+    lsh_chunk: int = 0
     seed: int = 0
     keep: Optional[float] = None
     iters: int = 5
@@ -71,6 +74,8 @@ class MergeConfig:
         for key, lo in (("lsh_bits", 1), ("lsh_tables", 1), ("lsh_window", 1), ("iters", 1)):
             if getattr(self, key) < lo:
                 raise ConfigError(f"merge {key}={getattr(self, key)} is not valid; it must be >= {lo}")
+        if self.lsh_chunk < 0:
+            raise ConfigError(f"merge lsh_chunk={self.lsh_chunk} is not valid; it must be >= 0 (0: lsh_window)")
         if self.lsh_bits > 30:
             raise ConfigError(f"merge lsh_bits={self.lsh_bits} is not valid; it must be <= 30")
         if self.keep is not None and not (0.0 < self.keep <= 1.0):

@@ -15,7 +15,7 @@ from errors import ConfigError
         "r=8,method=bipartite,prop_attn=off",
         "r=[16,16,8,8,0,0,0,0,0,0,0,0]",
         "r=8,schedule=decreasing",
-        "r=8,method=lsh,lsh_bits=6,lsh_tables=2,lsh_window=32,seed=3",
+        "r=8,method=lsh,lsh_bits=6,lsh_tables=2,lsh_window=32,lsh_chunk=8,seed=3",
         "method=importance,keep=0.7,layers=[3,6,9]",
         "method=zerotprune,r=4,iters=10",
         "method=zerotprune,r=4,prune=on",
