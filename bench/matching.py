@@ -329,6 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=2, help="images per forward (e2e)")
     p.add_argument("--precision", default="fp32", help="fp32, fp16 or bf16 (e2e)")
     p.add_argument("--ns", default=",".join(map(str, STEP_NS)), help="token counts (step)")
+    p.add_argument(
+        "--settings", default="", help="e2e models as model:side:r, comma-separated (default: ViT-B-16:224:8,ViT-L-14:336:12,ViT-B-16:448:32)"
+    )
     p.add_argument("--lsh", default="", help="extra LSH options, e.g. 'lsh_bits=6,lsh_tables=2'")
     p.add_argument("--model", default="ViT-B-16", help="model (agreement)")
     p.add_argument("--sizes", default=",".join(map(str, QUALITY_SIZES)), help="image sides for the reference ViT (quality)")
@@ -345,7 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.part == "step":
         rows = matching_step([int(n) for n in a.ns.split(",")], device=a.device, iters=a.iters or 15, lsh=a.lsh)
     elif a.part == "e2e":
-        rows = end_to_end(batch_size=a.batch_size, iters=a.iters or 4, device=a.device, precision=a.precision, lsh=a.lsh)
+        settings = [(m, int(side), int(r)) for m, side, r in (x.split(":") for x in a.settings.split(","))] if a.settings else E2E_SETTINGS
+        rows = end_to_end(settings, batch_size=a.batch_size, iters=a.iters or 4, device=a.device, precision=a.precision, lsh=a.lsh)
     elif a.part == "quality":
         configs = a.configs.split(";") if a.configs else [a.lsh]
         rows = edge_quality([int(v) for v in a.sizes.split(",")], configs, iters=a.iters or 10)
