@@ -91,7 +91,7 @@ def naive_lsh_partners(metric, planes, bits, tables, window, protected=1, real=N
     unit = [metric[p] / metric[p].norm() for p in range(n)]
     num_b = n // 2
     window = max(1, min(window, num_b))
-    pos_bits = 13 - bits
+    pos_bits = 13 - bits if bits <= 11 else 20
 
     def eligible(p):
         return p >= protected and (real is None or bool(real[p]))
@@ -104,7 +104,7 @@ def naive_lsh_partners(metric, planes, bits, tables, window, protected=1, real=N
             proj = unit[p].float() @ cols
             code = sum(1 << i for i in range(bits) if proj[i] > 0)
             u = min(max(float(proj[bits]), -4.0), 4.0)  # equal steps on [-4, 4]
-            pos = int(torch.round(torch.tensor((u + 4.0) * ((1 << pos_bits) - 1) / 8.0)))
+            pos = int(torch.round(torch.tensor((u + 4.0) * (((1 << pos_bits) - 1) / 8.0))))
             return (code, pos, p)
 
         a_sorted = sorted(key(p) for p in range(0, n, 2) if eligible(p))
@@ -126,12 +126,17 @@ def naive_lsh_partners(metric, planes, bits, tables, window, protected=1, real=N
     return best
 
 
-@pytest.mark.parametrize("n,bits,tables,window,padding", [(65, 3, 3, 8, 0), (97, 2, 2, 6, 0), (81, 3, 4, 8, 11)])
+@pytest.mark.parametrize(
+    "n,bits,tables,window,padding", [(65, 3, 3, 8, 0), (97, 2, 2, 6, 0), (81, 3, 4, 8, 11), (65, 14, 2, 8, 5)]
+)
 def test_lsh_partners_agree_with_naive_loops(n, bits, tables, window, padding):
     from encoders.merging import lsh_partners, simhash_planes
 
     g = torch.Generator().manual_seed(n + window)
     metric = torch.randn(2, n, 16, generator=g, dtype=torch.float64)
+    if bits > 11:  # wide (int64) keys: cluster the tokens so that 14-bit buckets still hold pairs
+        centers = torch.randn(4, 16, generator=g, dtype=torch.float64)
+        metric = centers[torch.randint(0, 4, (2, n), generator=g)] + 0.01 * metric
     size = torch.ones(2, n, 1, dtype=torch.float64)
     if padding:
         size[1, n - padding :] = 0  # the second image ends in padding (size 0), as after a shortfall

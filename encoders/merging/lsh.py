@@ -59,12 +59,12 @@ def _argsort_rows(keys: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _constants(batch: int, n: int, bits: int, pos_bits: int, length: int, window: int, device: str):
+def _constants(batch: int, n: int, bits: int, pos_bits: int, length: int, window: int, device: str, dtype: torch.dtype):
     """Small index tensors that depend only on shapes (built once per shape, not per call)."""
     dev = torch.device(device)
-    weights = 2.0 ** torch.arange(bits + 1, device=dev, dtype=torch.float32)
+    weights = 2.0 ** torch.arange(bits + 1, device=dev, dtype=dtype)
     weights[bits] = 0  # the last column of each table is the ordering direction, not a code bit
-    parity = torch.arange(n, device=dev, dtype=torch.float32).remainder(2)
+    parity = torch.arange(n, device=dev, dtype=dtype).remainder(2)
     sentinel = (parity + (1 << bits)) * (1 << pos_bits)  # code 2**bits (A) / 2**bits + 1 (B)
     steps = torch.arange(window, device=dev)
     offsets = (torch.arange(batch, device=dev) * n)[:, None, None]
@@ -90,8 +90,8 @@ def lsh_partners(
 
     ``best`` is the cosine to the partner (-inf: no bucket-mate, never merged), ``partner`` an
     index into B, ``real`` the [B, N] non-padding mask when ``size`` holds padding (else None).
-    ``lsh_chunk`` (A tokens per chunk, default ``lsh_window // 2``) trades candidates per window
-    for larger, faster matrix blocks.
+    ``lsh_chunk`` (A tokens sharing one window, default ``lsh_window``): smaller chunks centre
+    each window closer to its tokens at the price of smaller, slower matrix blocks.
     """
     batch, n, dim = metric.shape
     keep_first = protected_count(class_token, protected)
@@ -102,23 +102,26 @@ def lsh_partners(
     # A and B sorted orders are both padded to `length` (whole A chunks, at least one B window).
     length = max(-(-num_a // half) * half, window)
     chunks = length // half
-    small = bits <= 11  # int16 keys: 2 + bits code bits, 13 - bits position bits
-    pos_bits = 13 - bits if small else 24
-    weights, sentinel, steps, offsets = _constants(batch, n, bits, pos_bits, length, window, str(dev))
+    # Keys: int16 (bits + 2 code bits, 13 - bits position bits; radix-sorted on CPU) up to 11 bits,
+    # else int64 built exactly in float64 (bits + 2 <= 32 code bits, 20 position bits < 2**53).
+    small = bits <= 11
+    pos_bits = 13 - bits if small else 20
+    key_dtype = torch.float32 if small else torch.float64
+    weights, sentinel, steps, offsets = _constants(batch, n, bits, pos_bits, length, window, str(dev), key_dtype)
 
     metric = metric / metric.norm(dim=-1, keepdim=True)
     if planes is None:
         planes = _cached_planes(dim, bits, tables, seed, str(dev))
-    # Keys are built in float32 whatever the metric's precision (bf16 cannot hold a 15-bit key).
+    # Keys are built in float32/64 whatever the metric's precision (bf16 cannot hold a 15-bit key).
     with torch.autocast(dev.type, enabled=False):
         proj = (metric.float() @ planes.float()).view(batch, n, tables, bits + 1)
-        code = (proj > 0).float() @ weights  # [B, N, T]
+        code = (proj > 0).to(key_dtype) @ weights  # [B, N, T]
 
     # Integer sort keys, code << pos_bits | position along the ordering direction. Tokens that
     # may not merge get code 2**bits (A) or 2**bits + 1 (B), which match nothing; sort padding
     # gets the largest key, whose code matches no real token either. The ordering projection of
     # a unit vector onto a Gaussian direction is N(0, 1): [-4, 4] is cut into equal levels.
-    key = proj[..., bits].clamp(-ORDER_RANGE, ORDER_RANGE).add_(ORDER_RANGE)
+    key = proj[..., bits].to(key_dtype).clamp(-ORDER_RANGE, ORDER_RANGE).add_(ORDER_RANGE)
     key = key.mul_(((1 << pos_bits) - 1) / (2 * ORDER_RANGE)).round_().add_(code, alpha=1 << pos_bits)
     real = real_mask(size)
     padded_in = real is not None and (padded if padded is not None else not bool(real.all()))
@@ -126,7 +129,7 @@ def lsh_partners(
         key[:, :keep_first] = sentinel[:keep_first, None]
     if padded_in:
         key = torch.where(real[..., None], key, sentinel[:, None])
-    big = (1 << 15) - 1 if small else (1 << 40)
+    big = (1 << 15) - 1 if small else (1 << 52)  # above every real or ineligible key
     key = torch.nn.functional.pad(key.transpose(1, 2), (0, 2 * length - n), value=big)
     key = key.to(torch.int16 if small else torch.int64).view(batch, tables, length, 2).transpose(2, 3)
     perm = _argsort_rows(key).to(dev)  # [B, T, 2 (A, B), length]: sorted position -> A / B index
@@ -148,33 +151,41 @@ def lsh_partners(
     cand_b = perm_b.gather(2, cand)  # -> B index
     cand_code = sorted_code[:, :, 1].gather(2, cand)
 
-    # Rows of the flat metric: A token a is row 2a, B token j row 2j + 1. Sort padding (index
-    # >= num_a / num_b) reads some real row: its code matches no real token, so its scores are
-    # masked (B) or land in dropped columns (A).
+    # Rows of the flat metric: A token a is row 2a, B token j row 2j + 1. Sort padding reads
+    # some real row: its code matches no real token, so its scores are masked (B) or land in
+    # dropped columns (A).
     flat = metric.reshape(batch * n, dim)
     groups = batch * tables
-    row_a = torch.where(perm_a < num_a, perm_a * 2, 0).add_(offsets).view(groups, length)
-    row_b = torch.where(cand_b < num_b, cand_b * 2 + 1, 0).add_(offsets).view(groups, chunks * window)
+    # Sort padding (index >= num_a / num_b) is clamped onto the last real row.
+    row_a = (perm_a * 2).clamp_(max=n - 1).add_(offsets).view(groups, length)
+    row_b = (cand_b * 2 + 1).clamp_(max=n - 1).add_(offsets).view(groups, chunks * window)
     code_a = sorted_code[:, :, 0].reshape(groups, chunks, half, 1)
     code_b = cand_code.view(groups, chunks, 1, window)
     cand_b = cand_b.view(groups, chunks, window)
-    val = metric.new_empty(groups, chunks, half)
-    partner = cand_b.new_empty(groups, chunks, half)
-    # Score in slabs of (image, table) groups small enough to stay in cache: the gathered rows
-    # are written and read back at once instead of streaming through memory.
-    slabs = max(1, round(groups * (length + chunks * window) / SLAB_ROWS))
-    step = -(-groups // slabs)
-    for g in range(0, groups, step):
-        sl = slice(g, g + step)
+
+    def score(sl: slice) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Best same-code candidate of each A token in the groups ``sl``: (score, B index)."""
         xa = flat.index_select(0, row_a[sl].reshape(-1)).view(-1, half, dim)
         xb = flat.index_select(0, row_b[sl].reshape(-1)).view(-1, window, dim)
         scores = torch.bmm(xa, xb.transpose(1, 2)).view(-1, chunks, half, window)
         scores.masked_fill_(code_a[sl] != code_b[sl], NEG_INF)
         v, arg = scores.max(dim=-1)  # [g, chunks, half]
-        val[sl] = v
-        partner[sl] = cand_b[sl].gather(2, arg)
+        return v, cand_b[sl].gather(2, arg)
+
+    # Score in slabs of (image, table) groups small enough to stay in cache: the gathered rows
+    # are written and read back at once instead of streaming through memory.
+    slabs = max(1, round(groups * (length + chunks * window) / SLAB_ROWS))
+    step = -(-groups // slabs)
+    if step >= groups:
+        val, partner = score(slice(None))
+    else:
+        val = metric.new_empty(groups, chunks, half)
+        partner = cand_b.new_empty(groups, chunks, half)
+        for g in range(0, groups, step):
+            sl = slice(g, g + step)
+            val[sl], partner[sl] = score(sl)
     val = val.view(batch, tables, length)
-    partner = partner.view(batch, tables, length)
+    partner = partner.reshape(batch, tables, length)
 
     # Back to A token order (perm_a is a permutation of 0..length-1), then the best over tables.
     tok_val = val.new_empty(batch, tables, length).scatter_(2, perm_a, val)
