@@ -60,11 +60,12 @@ def _atomic_write(path: Path, text: str) -> Path:
 def render_markdown(report: EvalReport, images: Optional[list[str]] = None) -> str:
     cfg = report.config
     env = report.environment
+    models = ", ".join(f"{m.name} (weights: {m.model.get('pretrained') or 'none, random'})" for m in report.models)
     lines = ["# mergeseek evaluation", ""]
     for note in report.notes:
         lines += [f"> **Note** — {note}.", ""]
     lines += [
-        f"- models: {', '.join(m.name for m in report.models)} (pretrained: {cfg.pretrained or 'none'})",
+        f"- models: {models}",
         f"- merge configs: {', '.join(f'`{c}`' for c in cfg.merge_configs())}",
         f"- datasets: {', '.join(cfg.datasets)} (limit {cfg.limit or 'none'}, seed {cfg.seed}, data root `{cfg.data_root}`)",
         f"- timing: batch {cfg.batch_size}, {cfg.warmup} warm-up + {cfg.iters} timed batches per config, "
