@@ -126,18 +126,19 @@ def naive_lsh_partners(metric, planes, bits, tables, window, protected=1, real=N
     return best
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32 on CPU: the fused kernel
 @pytest.mark.parametrize(
     "n,bits,tables,window,padding", [(65, 3, 3, 8, 0), (97, 2, 2, 6, 0), (81, 3, 4, 8, 11), (65, 14, 2, 8, 5)]
 )
-def test_lsh_partners_agree_with_naive_loops(n, bits, tables, window, padding):
+def test_lsh_partners_agree_with_naive_loops(n, bits, tables, window, padding, dtype):
     from encoders.merging import lsh_partners, simhash_planes
 
     g = torch.Generator().manual_seed(n + window)
-    metric = torch.randn(2, n, 16, generator=g, dtype=torch.float64)
+    metric = torch.randn(2, n, 16, generator=g, dtype=torch.float64).to(dtype)
     if bits > 11:  # wide (int64) keys: cluster the tokens so that 14-bit buckets still hold pairs
         centers = torch.randn(4, 16, generator=g, dtype=torch.float64)
-        metric = centers[torch.randint(0, 4, (2, n), generator=g)] + 0.01 * metric
-    size = torch.ones(2, n, 1, dtype=torch.float64)
+        metric = (centers[torch.randint(0, 4, (2, n), generator=g)] + 0.01 * metric).to(dtype)
+    size = torch.ones(2, n, 1, dtype=dtype)
     if padding:
         size[1, n - padding :] = 0  # the second image ends in padding (size 0), as after a shortfall
     planes = simhash_planes(16, bits, tables, seed=5)
@@ -153,6 +154,6 @@ def test_lsh_partners_agree_with_naive_loops(n, bits, tables, window, padding):
                 assert got == -math.inf, (b, p)
             else:
                 found_any += 1
-                assert got == pytest.approx(score, abs=1e-12), (b, p)
+                assert got == pytest.approx(score, abs=1e-12 if dtype == torch.float64 else 1e-5), (b, p)
                 assert int(partner[b, p // 2]) * 2 + 1 == q, (b, p)
     assert found_any > n // 2  # most A tokens found a partner: the comparison is not vacuous

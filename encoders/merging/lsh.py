@@ -31,6 +31,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from encoders.merging import lsh_native
 from encoders.merging.bipartite import protected_count
 from encoders.merging.core import NEG_INF, MergeFn, assign_top_r, identity_merge, real_mask
 
@@ -71,6 +72,35 @@ def _constants(batch: int, n: int, bits: int, pos_bits: int, length: int, window
     return weights, sentinel, steps, offsets
 
 
+def _native_partners(
+    metric: torch.Tensor, proj: torch.Tensor, keep_first: int, real: Optional[torch.Tensor], window: int, chunk: int
+) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """The fused C kernel's (best, partner), or None when it is unavailable or failed."""
+    lib = lsh_native.load()
+    if lib is None:
+        return None
+    batch, n, dim = metric.shape
+    tables, planes_per_table = proj.shape[2], proj.shape[3]
+    eligible = torch.ones(batch, n, dtype=torch.uint8)
+    eligible[:, :keep_first] = 0
+    if real is not None:
+        eligible &= real.to(torch.uint8)
+    metric, proj = metric.contiguous(), proj.contiguous()
+    num_a = (n + 1) // 2
+    best = torch.empty(batch, tables, num_a, dtype=torch.float32)
+    partner = torch.empty(batch, tables, num_a, dtype=torch.int64)
+    status = lib.mergeseek_lsh_search(
+        metric.data_ptr(), proj.data_ptr(), eligible.data_ptr(), batch, n, dim, tables, planes_per_table - 1,
+        window, chunk, best.data_ptr(), partner.data_ptr(), torch.get_num_threads(),
+    )
+    if status != 0:
+        return None
+    if tables == 1:
+        return best[:, 0], partner[:, 0]
+    best, table = best.max(dim=1)
+    return best, partner.gather(1, table[:, None])[:, 0]
+
+
 @torch.no_grad()
 def lsh_partners(
     metric: torch.Tensor,
@@ -85,6 +115,7 @@ def lsh_partners(
     lsh_chunk: Optional[int] = None,
     seed: int = 0,
     planes: Optional[torch.Tensor] = None,
+    backend: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Each A token's best B bucket-mate: ``(best [B, NA], partner [B, NA], real)``.
 
@@ -92,6 +123,8 @@ def lsh_partners(
     index into B, ``real`` the [B, N] non-padding mask when ``size`` holds padding (else None).
     ``lsh_chunk`` (A tokens sharing one window, default ``lsh_window``): smaller chunks centre
     each window closer to its tokens at the price of smaller, slower matrix blocks.
+    ``backend``: ``auto`` runs the fused C kernel (``lsh_native``) for float32 CPU inputs with at
+    most 11 bits when it can be built, else the tensor code; ``torch`` / ``native`` force one.
     """
     batch, n, dim = metric.shape
     keep_first = protected_count(class_token, protected)
@@ -115,6 +148,15 @@ def lsh_partners(
     # Keys are built in float32/64 whatever the metric's precision (bf16 cannot hold a 15-bit key).
     with torch.autocast(dev.type, enabled=False):
         proj = (metric.float() @ planes.float()).view(batch, n, tables, bits + 1)
+    real = real_mask(size)
+    padded_in = real is not None and (padded if padded is not None else not bool(real.all()))
+    if backend != "torch" and dev.type == "cpu" and metric.dtype == torch.float32 and small:
+        found = _native_partners(metric, proj, keep_first, real if padded_in else None, window, half)
+        if found is not None:
+            return found[0], found[1], (real if padded_in else None)
+        if backend == "native":
+            raise RuntimeError(f"the fused LSH kernel is unavailable: {lsh_native.reason() or 'it failed'}")
+    with torch.autocast(dev.type, enabled=False):
         code = (proj > 0).to(key_dtype) @ weights  # [B, N, T]
 
     # Integer sort keys, code << pos_bits | position along the ordering direction. Tokens that
@@ -123,8 +165,6 @@ def lsh_partners(
     # a unit vector onto a Gaussian direction is N(0, 1): [-4, 4] is cut into equal levels.
     key = proj[..., bits].to(key_dtype).clamp(-ORDER_RANGE, ORDER_RANGE).add_(ORDER_RANGE)
     key = key.mul_(((1 << pos_bits) - 1) / (2 * ORDER_RANGE)).round_().add_(code, alpha=1 << pos_bits)
-    real = real_mask(size)
-    padded_in = real is not None and (padded if padded is not None else not bool(real.all()))
     if keep_first:
         key[:, :keep_first] = sentinel[:keep_first, None]
     if padded_in:

@@ -1,0 +1,111 @@
+"""Build and call the fused C kernel of the hashed partner search (CPU, float32).
+
+The kernel (``lsh_kernel.c``) does per (image, table) what ``lsh.lsh_partners`` does with ~60
+tensor operations: hash keys, radix sort, windowed same-code scoring, best partner. It needs only
+a C compiler (``cc``/``gcc``/``clang``) and no Python headers: the first use compiles it into a
+per-user cache (``$MERGESEEK_CACHE`` or ``~/.cache/mergeseek``), later uses load the cached
+library. Without a compiler, or with ``MERGESEEK_LSH_NATIVE=0``, ``load()`` returns None and the
+tensor version runs (same results; see ``tests/test_lsh_native.py``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("lsh_kernel.c")
+FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math")
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def enabled() -> bool:
+    return os.environ.get("MERGESEEK_LSH_NATIVE", "1").lower() not in ("0", "off", "false", "no")
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("MERGESEEK_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mergeseek")
+    return Path(root)
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's feature flags (Linux) or the platform string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() + platform.machine()
+
+
+def _compile(cc: str, out: Path) -> Optional[str]:
+    """Compile to ``out`` atomically; returns None or the compiler's complaint."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    error = None
+    # Some compilers reject -march=native or lack OpenMP: then build without (serial kernel).
+    for extra in (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []):
+        cmd = [cc, *FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode == 0:
+            os.replace(tmp, out)
+            return None
+        error = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]
+    os.unlink(tmp)
+    return error[0] if error else "failed"
+
+
+def load() -> Optional[ctypes.CDLL]:
+    """The compiled kernel's library, or None when it cannot be used here (reason in ``reason()``)."""
+    if not enabled():
+        return None
+    with _lock:
+        if "lib" in _state:
+            return _state["lib"]
+        lib, why = None, None
+        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        if cc is None:
+            why = "no C compiler (cc, gcc or clang) on PATH"
+        else:
+            digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_id().encode() + cc.encode())
+            path = _cache_dir() / f"lsh_kernel-{digest.hexdigest()[:16]}.so"
+            try:
+                if not path.is_file():
+                    why = _compile(cc, path)
+                if why is None:
+                    lib = ctypes.CDLL(str(path))
+                    fn = lib.mergeseek_lsh_search
+                    fn.restype = ctypes.c_int
+                    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 7 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
+            except OSError as exc:  # unwritable cache, unloadable library
+                lib, why = None, str(exc)
+        if why:
+            log.info("fused LSH kernel unavailable (%s); using the tensor implementation", why)
+        _state["lib"], _state["why"] = lib, why
+        return lib
+
+
+def reason() -> Optional[str]:
+    """Why ``load()`` returned None (None when it loaded or was not tried)."""
+    if not enabled():
+        return "disabled by MERGESEEK_LSH_NATIVE=0"
+    return _state.get("why")
+
+
+def backend() -> str:
+    """``native`` when the fused CPU kernel is in use for float32 CPU inputs, else ``torch``."""
+    return "native" if load() is not None else "torch"
