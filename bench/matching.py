@@ -22,7 +22,8 @@ E2E_SETTINGS = (("ViT-B-16", 224, 8), ("ViT-L-14", 336, 12), ("ViT-B-16", 448, 3
 
 
 def matching_step(
-    ns: Sequence[int] = STEP_NS, batches: Sequence[int] = (1, 8), dim: int = 64, iters: int = 15, device: str = "cpu", lsh: str = ""
+    ns: Sequence[int] = STEP_NS, batches: Sequence[int] = (1, 8), dim: int = 64, iters: int = 15, device: str = "cpu", lsh: str = "",
+    backend: str = "auto",
 ) -> list[dict[str, Any]]:
     """Median time of one matching call (metric -> merge closures) for bipartite and LSH."""
     import torch
@@ -32,7 +33,10 @@ def matching_step(
     from eval.timing import time_alternating
 
     cfg = MergeConfig.parse("method=lsh" + ("," + lsh if lsh else ""))
-    opts = dict(lsh_bits=cfg.lsh_bits, lsh_tables=cfg.lsh_tables, lsh_window=cfg.lsh_window, lsh_chunk=cfg.lsh_chunk or None, seed=cfg.seed)
+    opts = dict(
+        lsh_bits=cfg.lsh_bits, lsh_tables=cfg.lsh_tables, lsh_window=cfg.lsh_window, lsh_chunk=cfg.lsh_chunk or None,
+        seed=cfg.seed, backend=backend,
+    )
     rows = []
     for n in ns:
         for b in batches:
@@ -52,9 +56,19 @@ def matching_step(
                     "lsh_ms": t["lsh"].p50_ms,
                     "lsh_speedup": t["bipartite"].p50_ms / t["lsh"].p50_ms,
                     "lsh": str(cfg),
+                    "lsh_backend": _lsh_backend(backend, device),
                 }
             )
     return rows
+
+
+def _lsh_backend(backend: str, device: str) -> str:
+    """Which LSH implementation the step ran: the fused CPU kernel or the tensor code."""
+    from encoders.merging import lsh_native
+
+    if backend == "torch" or not device.startswith("cpu"):
+        return "torch"
+    return lsh_native.backend()
 
 
 @contextlib.contextmanager
@@ -332,6 +346,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--settings", default="", help="e2e models as model:side:r, comma-separated (default: ViT-B-16:224:8,ViT-L-14:336:12,ViT-B-16:448:32)"
     )
+    p.add_argument(
+        "--backend", default="auto", choices=["auto", "torch", "native"],
+        help="LSH implementation (step): the fused C kernel on CPU when it builds (auto), or force one",
+    )
     p.add_argument("--lsh", default="", help="extra LSH options, e.g. 'lsh_bits=6,lsh_tables=2'")
     p.add_argument("--model", default="ViT-B-16", help="model (agreement)")
     p.add_argument("--sizes", default=",".join(map(str, QUALITY_SIZES)), help="image sides for the reference ViT (quality)")
@@ -346,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.keep_heap:
         keep_heap()
     if a.part == "step":
-        rows = matching_step([int(n) for n in a.ns.split(",")], device=a.device, iters=a.iters or 15, lsh=a.lsh)
+        rows = matching_step([int(n) for n in a.ns.split(",")], device=a.device, iters=a.iters or 15, lsh=a.lsh, backend=a.backend)
     elif a.part == "e2e":
         settings = [(m, int(side), int(r)) for m, side, r in (x.split(":") for x in a.settings.split(","))] if a.settings else E2E_SETTINGS
         rows = end_to_end(settings, batch_size=a.batch_size, iters=a.iters or 4, device=a.device, precision=a.precision, lsh=a.lsh)

@@ -250,6 +250,7 @@ def lsh_soft_matching(
     lsh_chunk: Optional[int] = None,
     seed: int = 0,
     planes: Optional[torch.Tensor] = None,
+    backend: str = "auto",
     **_: object,
 ) -> Tuple[MergeFn, MergeFn]:
     """Merge up to r tokens, each A token into its best B bucket-mate (see module doc).
@@ -265,6 +266,7 @@ def lsh_soft_matching(
             ``lsh_window`` is the number of B candidates scored per A token and table.
         lsh_chunk: A tokens sharing one window (default ``lsh_window``).
         planes: precomputed ``simhash_planes`` (else drawn from ``seed``).
+        backend: ``auto``, ``torch`` or ``native`` (see ``lsh_partners``).
     """
     n = metric.shape[1]
     r = min(r, (n - protected_count(class_token, protected)) // 2)
@@ -272,6 +274,6 @@ def lsh_soft_matching(
         return identity_merge()
     best, partner, real = lsh_partners(
         metric, class_token, size=size, protected=protected, padded=padded, lsh_bits=lsh_bits,
-        lsh_tables=lsh_tables, lsh_window=lsh_window, lsh_chunk=lsh_chunk, seed=seed, planes=planes,
+        lsh_tables=lsh_tables, lsh_window=lsh_window, lsh_chunk=lsh_chunk, seed=seed, planes=planes, backend=backend,
     )
     return assign_top_r(best, partner, r, n, real)

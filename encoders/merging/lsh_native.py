@@ -56,17 +56,20 @@ def _compile(cc: str, out: Path) -> Optional[str]:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    error = None
-    # Some compilers reject -march=native or lack OpenMP: then build without (serial kernel).
-    for extra in (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []):
-        cmd = [cc, *FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode == 0:
-            os.replace(tmp, out)
-            return None
-        error = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]
-    os.unlink(tmp)
-    return error[0] if error else "failed"
+    error = "failed"
+    try:
+        # Some compilers reject -march=native or lack OpenMP: then build without (serial kernel).
+        for extra in (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []):
+            cmd = [cc, *FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode == 0:
+                os.replace(tmp, out)
+                return None
+            error = ((proc.stderr or proc.stdout).strip().splitlines() or [f"{cc} exited with {proc.returncode}"])[-1]
+        return error
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def load() -> Optional[ctypes.CDLL]:
