@@ -25,6 +25,7 @@ several times faster than a comparison sort at these sizes; on other devices ``t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional, Tuple
 
@@ -72,6 +73,14 @@ def _constants(batch: int, n: int, bits: int, pos_bits: int, length: int, window
     return weights, sentinel, steps, offsets
 
 
+@functools.lru_cache(maxsize=64)
+def _eligible(batch: int, n: int, keep_first: int) -> torch.Tensor:
+    """[B, N] uint8, 0 for the protected prefix (shared and never written to)."""
+    eligible = torch.ones(batch, n, dtype=torch.uint8)
+    eligible[:, :keep_first] = 0
+    return eligible
+
+
 def _native_partners(
     metric: torch.Tensor, proj: torch.Tensor, keep_first: int, real: Optional[torch.Tensor], window: int, chunk: int
 ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
@@ -81,10 +90,9 @@ def _native_partners(
         return None
     batch, n, dim = metric.shape
     tables, planes_per_table = proj.shape[2], proj.shape[3]
-    eligible = torch.ones(batch, n, dtype=torch.uint8)
-    eligible[:, :keep_first] = 0
+    eligible = _eligible(batch, n, keep_first)
     if real is not None:
-        eligible &= real.to(torch.uint8)
+        eligible = eligible & real.to(torch.uint8)
     metric, proj = metric.contiguous(), proj.contiguous()
     num_a = (n + 1) // 2
     best = torch.empty(batch, tables, num_a, dtype=torch.float32)
@@ -146,7 +154,8 @@ def lsh_partners(
     if planes is None:
         planes = _cached_planes(dim, bits, tables, seed, str(dev))
     # Keys are built in float32/64 whatever the metric's precision (bf16 cannot hold a 15-bit key).
-    with torch.autocast(dev.type, enabled=False):
+    autocast = torch.is_autocast_enabled(dev.type)
+    with torch.autocast(dev.type, enabled=False) if autocast else contextlib.nullcontext():
         proj = (metric.float() @ planes.float()).view(batch, n, tables, bits + 1)
     real = real_mask(size)
     padded_in = real is not None and (padded if padded is not None else not bool(real.all()))
@@ -156,7 +165,7 @@ def lsh_partners(
             return found[0], found[1], (real if padded_in else None)
         if backend == "native":
             raise RuntimeError(f"the fused LSH kernel is unavailable: {lsh_native.reason() or 'it failed'}")
-    with torch.autocast(dev.type, enabled=False):
+    with torch.autocast(dev.type, enabled=False) if autocast else contextlib.nullcontext():
         code = (proj > 0).to(key_dtype) @ weights  # [B, N, T]
 
     # Integer sort keys, code << pos_bits | position along the ordering direction. Tokens that

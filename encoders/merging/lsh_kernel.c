@@ -4,7 +4,7 @@
  * operations: per image and table, the 16-bit sort keys of the eligible A and B tokens
  * (code << pos_bits | quantised ordering position), a stable radix sort of each set, and for each
  * chunk of sorted A tokens a window of sorted B tokens centred (lower bound) on the chunk's middle
- * key, scoring only same-code pairs: the window's rows are transposed once and four A rows at a
+ * key, scoring only same-code pairs: the window's rows are transposed once and eight A rows at a
  * time score 16 candidates per vector multiply-add. Each (image, table) pair yields every A
  * token's best partner in that table (ties: the first window position, as torch.max); the caller
  * takes the best table. Pairs are split over OpenMP threads when built with -fopenmp.
@@ -70,11 +70,13 @@ static void *work(void *arg) {
     /* 64-byte aligned, rows of 16-float multiples: whole-vector loads and stores (aligned_alloc
      * wants a size that is a multiple of the alignment). */
     const size_t win_bytes = (sizeof(float) * (size_t)C * (window + 16) + 63) & ~(size_t)63;
-    const size_t acc_bytes = (sizeof(float) * 4 * (size_t)(window + 16) + 63) & ~(size_t)63;
+    const size_t acc_bytes = (sizeof(float) * 8 * (size_t)(window + 16) + 63) & ~(size_t)63;
     float *win = aligned_alloc(64, win_bytes);
     float *acc = aligned_alloc(64, acc_bytes);
-    if (!key_a || !key_b || !sorted_b || !list_a || !list_b || !tmp || !win || !acc) {
+    const float **rows_b = malloc(sizeof(float *) * (window + 1));
+    if (!key_a || !key_b || !sorted_b || !list_a || !list_b || !tmp || !win || !acc || !rows_b) {
         free(key_a); free(key_b); free(sorted_b); free(list_a); free(list_b); free(tmp); free(win); free(acc);
+        free(rows_b);
         return (void *)1;
     }
     for (int bt = j->first; bt < j->last; bt++) {
@@ -123,32 +125,28 @@ static void *work(void *arg) {
              * filled): each A row then scores 16 candidates with C vector multiply-adds and no
              * horizontal sums. */
             const int stride = (width + 15) & ~15;
-            for (int w = 0; w < stride; w++) {
-                if (w < width) {
-                    const float *y = m + (size_t)(2 * list_b[start + w] + 1) * C;
-                    for (int k = 0; k < C; k++) win[(size_t)k * stride + w] = y[k];
-                } else {
-                    for (int k = 0; k < C; k++) win[(size_t)k * stride + w] = 0.0f;
-                }
+            for (int w = 0; w < width; w++) rows_b[w] = m + (size_t)(2 * list_b[start + w] + 1) * C;
+            for (int k = 0; k < C; k++) { /* contiguous stores, 16 reads of rows in cache */
+                float *dst = win + (size_t)k * stride;
+                for (int w = 0; w < width; w++) dst[w] = rows_b[w][k];
+                for (int w = width; w < stride; w++) dst[w] = 0.0f;
             }
-            /* Four A rows at a time: four independent multiply-add chains share each load. */
-            for (int i0 = c0; i0 < c1; i0 += 4) {
-                const int rows = c1 - i0 < 4 ? c1 - i0 : 4;
-                const float *x[4];
-                for (int r = 0; r < 4; r++) x[r] = m + (size_t)(2 * list_a[i0 + (r < rows ? r : 0)]) * C;
+            /* Eight A rows at a time: eight independent multiply-add chains share each load. */
+            for (int i0 = c0; i0 < c1; i0 += 8) {
+                const int rows = c1 - i0 < 8 ? c1 - i0 : 8;
+                const float *x[8];
+                for (int r = 0; r < 8; r++) x[r] = m + (size_t)(2 * list_a[i0 + (r < rows ? r : 0)]) * C;
                 for (int w0 = 0; w0 < stride; w0 += 16) {
-                    v16f s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+                    v16f s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, s4 = {0}, s5 = {0}, s6 = {0}, s7 = {0};
                     for (int k = 0; k < C; k++) {
                         const v16f v = *(const v16f *)(win + (size_t)k * stride + w0);
-                        s0 += x[0][k] * v;
-                        s1 += x[1][k] * v;
-                        s2 += x[2][k] * v;
-                        s3 += x[3][k] * v;
+                        s0 += x[0][k] * v; s1 += x[1][k] * v; s2 += x[2][k] * v; s3 += x[3][k] * v;
+                        s4 += x[4][k] * v; s5 += x[5][k] * v; s6 += x[6][k] * v; s7 += x[7][k] * v;
                     }
-                    *(v16f *)(acc + w0) = s0;
-                    *(v16f *)(acc + stride + w0) = s1;
-                    *(v16f *)(acc + 2 * stride + w0) = s2;
-                    *(v16f *)(acc + 3 * stride + w0) = s3;
+                    float *o = acc + w0;
+                    *(v16f *)o = s0; *(v16f *)(o + stride) = s1; *(v16f *)(o + 2 * stride) = s2;
+                    *(v16f *)(o + 3 * stride) = s3; *(v16f *)(o + 4 * stride) = s4; *(v16f *)(o + 5 * stride) = s5;
+                    *(v16f *)(o + 6 * stride) = s6; *(v16f *)(o + 7 * stride) = s7;
                 }
                 for (int r = 0; r < rows; r++) {
                     const int a = list_a[i0 + r];
@@ -167,6 +165,7 @@ static void *work(void *arg) {
         }
     }
     free(key_a); free(key_b); free(sorted_b); free(list_a); free(list_b); free(tmp); free(win); free(acc);
+    free(rows_b);
     return NULL;
 }
 
