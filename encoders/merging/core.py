@@ -72,13 +72,15 @@ def assign_top_r(
         exact_r: the caller guarantees r valid edges in every image and no padding, so the output
             width is N - r without a device sync.
     """
-    batch, num_a = best.shape
-    # Stable descending sort: ties go to the earlier A token, the same rule the naive loop uses.
-    order = torch.sort(best, dim=-1, descending=True, stable=True).indices
-    src = order[:, :r]
-    valid = best.gather(1, src) > NEG_INF
-    merged_a = torch.zeros(batch, num_a, dtype=torch.bool, device=best.device)
-    merged_a.scatter_(1, src, valid)
+    # The r best edges as a set, ties at the r-th score going to the earlier A tokens: exactly the
+    # first r of a stable descending sort (the naive loop's rule), without sorting all N/2 scores.
+    r = min(r, best.shape[1])
+    threshold = best.topk(r, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    above = best > threshold
+    tied = best == threshold
+    room = r - above.sum(dim=-1, keepdim=True)
+    merged_a = above | (tied & (tied.cumsum(dim=-1) <= room))
+    merged_a &= best > NEG_INF  # A tokens without a partner never merge
     return merge_from_assignment(merged_a, partner, num_tokens, real, width=num_tokens - r if exact_r else None)
 
 
