@@ -95,18 +95,13 @@ def _native_partners(
         eligible = eligible & real.to(torch.uint8)
     metric, proj = metric.contiguous(), proj.contiguous()
     num_a = (n + 1) // 2
-    best = torch.empty(batch, tables, num_a, dtype=torch.float32)
-    partner = torch.empty(batch, tables, num_a, dtype=torch.int64)
+    best = torch.empty(batch, num_a, dtype=torch.float32)
+    partner = torch.empty(batch, num_a, dtype=torch.int64)
     status = lib.mergeseek_lsh_search(
         metric.data_ptr(), proj.data_ptr(), eligible.data_ptr(), batch, n, dim, tables, planes_per_table - 1,
         window, chunk, best.data_ptr(), partner.data_ptr(), torch.get_num_threads(),
     )
-    if status != 0:
-        return None
-    if tables == 1:
-        return best[:, 0], partner[:, 0]
-    best, table = best.max(dim=1)
-    return best, partner.gather(1, table[:, None])[:, 0]
+    return (best, partner) if status == 0 else None
 
 
 @torch.no_grad()
@@ -148,7 +143,6 @@ def lsh_partners(
     small = bits <= 11
     pos_bits = 13 - bits if small else 20
     key_dtype = torch.float32 if small else torch.float64
-    weights, sentinel, steps, offsets = _constants(batch, n, bits, pos_bits, length, window, str(dev), key_dtype)
 
     metric = metric / metric.norm(dim=-1, keepdim=True)
     if planes is None:
@@ -165,6 +159,7 @@ def lsh_partners(
             return found[0], found[1], (real if padded_in else None)
         if backend == "native":
             raise RuntimeError(f"the fused LSH kernel is unavailable: {lsh_native.reason() or 'it failed'}")
+    weights, sentinel, steps, offsets = _constants(batch, n, bits, pos_bits, length, window, str(dev), key_dtype)
     with torch.autocast(dev.type, enabled=False) if autocast else contextlib.nullcontext():
         code = (proj > 0).to(key_dtype) @ weights  # [B, N, T]
 

@@ -6,8 +6,9 @@
  * chunk of sorted A tokens a window of sorted B tokens centred (lower bound) on the chunk's middle
  * key, scoring only same-code pairs: the window's rows are transposed once and eight A rows at a
  * time score 16 candidates per vector multiply-add. Each (image, table) pair yields every A
- * token's best partner in that table (ties: the first window position, as torch.max); the caller
- * takes the best table. Pairs are split over OpenMP threads when built with -fopenmp.
+ * token's best partner in that table (ties: the first window position, as torch.max), then the
+ * best table is kept (ties: the first). Pairs are split over OpenMP threads when built with
+ * -fopenmp.
  *
  * Built on first use by encoders/merging/lsh_native.py with the system C compiler; no Python or
  * torch headers are needed. Inputs are C-contiguous float32 arrays.
@@ -27,8 +28,8 @@ typedef struct {
     const float *proj;      /* [B, N, T * (bits + 1)]: per table, bits code planes then the ordering one */
     const uint8_t *elig;    /* [B, N] 1 = may merge */
     int B, N, C, T, bits, window, chunk;
-    float *best;            /* [B, T, NA] per-table best score */
-    int64_t *part;          /* [B, T, NA] per-table partner (index into B) */
+    float *best;            /* [B * T, NA] per-table best score */
+    int64_t *part;          /* [B * T, NA] per-table partner (index into B) */
     int first, last;        /* (image, table) pairs [first, last) of this worker */
 } job_t;
 
@@ -169,13 +170,20 @@ static void *work(void *arg) {
     return NULL;
 }
 
-/* Returns 0 on success. best/part: [B, T, NA] per-table results (the caller takes the best table). */
+/* Returns 0 on success. best/part: [B, NA], each A token's best score and partner (index into B)
+ * over all tables; -inf where no table found a same-code candidate. */
 int mergeseek_lsh_search(const float *metric, const float *proj, const uint8_t *elig, int B, int N, int C,
                          int T, int bits, int window, int chunk, float *best, int64_t *part, int threads) {
     if (bits < 1 || bits > 11 || window < 1 || chunk < 1) return 2;
-    const int pairs = B * T;
+    const int pairs = B * T, NA = (N + 1) / 2;
     if (threads > pairs) threads = pairs;
     if (threads < 1) threads = 1;
+    float *t_best = malloc(sizeof(float) * (size_t)pairs * NA);
+    int64_t *t_part = malloc(sizeof(int64_t) * (size_t)pairs * NA);
+    if (!t_best || !t_part) {
+        free(t_best); free(t_part);
+        return 1;
+    }
     int failed = 0;
     /* (image, table) pairs split evenly over the workers. Built with -fopenmp, the library binds
      * to the libgomp already loaded by torch, so these are torch's warm intra-op threads. */
@@ -188,9 +196,24 @@ int mergeseek_lsh_search(const float *metric, const float *proj, const uint8_t *
         w = omp_get_thread_num();
         nw = omp_get_num_threads();
 #endif
-        job_t job = {metric, proj, elig, B, N, C, T, bits, window, chunk, best, part,
+        job_t job = {metric, proj, elig, B, N, C, T, bits, window, chunk, t_best, t_part,
                      (int)((long)pairs * w / nw), (int)((long)pairs * (w + 1) / nw)};
         failed |= work(&job) != NULL;
     }
+    /* Best table per A token; ties keep the first table, as torch.max does. */
+    for (int b = 0; b < B; b++) {
+        for (int a = 0; a < NA; a++) {
+            float s = t_best[(size_t)b * T * NA + a];
+            int64_t q = t_part[(size_t)b * T * NA + a];
+            for (int t = 1; t < T; t++) {
+                const size_t i = ((size_t)b * T + t) * NA + a;
+                if (t_best[i] > s) { s = t_best[i]; q = t_part[i]; }
+            }
+            best[(size_t)b * NA + a] = s;
+            part[(size_t)b * NA + a] = q;
+        }
+    }
+    free(t_best);
+    free(t_part);
     return failed;
 }
