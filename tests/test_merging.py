@@ -127,3 +127,26 @@ def test_padding_is_never_matched_and_stays_invisible():
     torch.testing.assert_close(y[1, : y1.shape[1]], y1[0])
     torch.testing.assert_close(s[1, : s1.shape[1]], s1[0])
     assert (s[1, y1.shape[1] :] == 0).all()
+
+
+def test_top_r_set_equals_first_r_of_a_stable_sort_with_ties_and_no_partner():
+    from encoders.merging import assign_top_r
+
+    g = torch.Generator().manual_seed(7)
+    best = (torch.randn(3, 41, generator=g) * 2).round()  # many exact ties, also at the r-th score
+    best[0, :30] = float("-inf")  # image 0: fewer scored edges than r
+    partner = torch.zeros(3, 41, dtype=torch.long)
+    merge, _ = assign_top_r(best, partner, 15, 81)
+    order = torch.sort(best, dim=-1, descending=True, stable=True).indices[:, :15]
+    want = torch.zeros_like(best, dtype=torch.bool).scatter_(1, order, True) & (best > float("-inf"))
+    eye = torch.eye(81, dtype=torch.float64)[None].expand(3, -1, -1)
+    members = merge(eye)  # [3, width, 81]: which inputs each output slot holds
+    for b in range(3):
+        a_pos = torch.arange(0, 81, 2)
+        shared = members[b][:, 1::2].sum(dim=1) > 0  # slots that hold a B token
+        merged = [(members[b][s_, a_pos] > 0).nonzero().flatten() for s_ in range(members.shape[1]) if shared[s_]]
+        got = torch.zeros(41, dtype=torch.bool)
+        for idx in merged:
+            got[idx] = True
+        assert torch.equal(got, want[b]), b
+    assert merge.num_merged.tolist() == want.sum(dim=1).tolist()
