@@ -114,9 +114,19 @@ def run_throughput(
         "device_name": torch.cuda.get_device_name(base.device) if base.device.startswith("cuda") else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
         "precision": precision,
+        "lsh_backend": _lsh_backend(base.device, precision),
         "torch": torch.__version__,
         "rows": [r.__dict__ | {"tokens": list(r.tokens)} for r in rows],
     }
+
+
+def _lsh_backend(device: str, precision: str) -> str:
+    """How method=lsh searches here: the fused C kernel (CPU, fp32) or the tensor code."""
+    from encoders.merging import lsh_native
+
+    if not device.startswith("cpu") or precision != "fp32":
+        return "tensor code"
+    return "C kernel" if lsh_native.backend() == "native" else f"tensor code ({lsh_native.reason()})"
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -125,6 +135,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"{report['iters']} alternating rounds on {report['device']} ({report['device_name']}, {report['threads']} threads), "
         f"{report['precision']}, weights: {report['pretrained']}"
     )
+    if any("method=lsh" in r["merge"] for r in report["rows"]):
+        head += f", lsh search: {report.get('lsh_backend', '?')}"
     lines = [head, "", "| merge | images/s | speed-up | FLOP ratio | p50 ms | p95 ms | tokens after each block |", "|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         toks = ",".join(str(t) for t in r["tokens"])
