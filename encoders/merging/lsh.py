@@ -19,8 +19,11 @@ Edges are then chosen exactly as in bipartite matching (top-r by cosine) and mer
 size-weighted average; an A token with no bucket-mate in B scores -inf and is never merged, so an
 image can merge fewer than r tokens (reported, never hidden).
 
-On CPU the keys are 16-bit integers sorted by NumPy's radix sort (``kind="stable"``), which is
-several times faster than a comparison sort at these sizes; on other devices ``torch.argsort``.
+Two implementations compute the same partners. On CPU with a float32 metric the search runs in
+a fused C kernel (``lsh_kernel.c``, built on first use by ``lsh_native``; one pass per image and
+table on torch's OpenMP threads). Otherwise (GPU, float64, no C compiler) it runs as tensor code
+below; there the keys are sorted by NumPy's radix sort on CPU (``kind="stable"``, several times
+faster than a comparison sort at these sizes) and by ``torch.argsort`` elsewhere.
 """
 
 from __future__ import annotations
