@@ -33,10 +33,7 @@ def matching_step(
     from eval.timing import time_alternating
 
     cfg = MergeConfig.parse("method=lsh" + ("," + lsh if lsh else ""))
-    opts = dict(
-        lsh_bits=cfg.lsh_bits, lsh_tables=cfg.lsh_tables, lsh_window=cfg.lsh_window, lsh_chunk=cfg.lsh_chunk or None,
-        seed=cfg.seed, backend=backend,
-    )
+    opts = dict(cfg.lsh_options(), backend=backend)
     rows = []
     for n in ns:
         for b in batches:
@@ -274,20 +271,21 @@ def edge_quality(
         finally:
             MATCHERS["bipartite"] = original
             remove_merging(model)
+        exact = []  # bipartite's top-r edges and their mean cosine, once per recorded call
+        for metric, r, size, protected in calls:
+            bb, bp, _ = bipartite_partners(metric, size=size, protected=protected)
+            eb = _top_edges(bb, bp, r)
+            exact.append((eb, sum(float(bb[b, a]) for b, a, _ in eb) / max(1, len(eb))))
         for spec in configs:
             cfg = MergeConfig.parse("method=lsh" + ("," + spec if spec else ""))
-            opts = dict(lsh_bits=cfg.lsh_bits, lsh_tables=cfg.lsh_tables, lsh_window=cfg.lsh_window, lsh_chunk=cfg.lsh_chunk or None, seed=cfg.seed)
+            opts = cfg.lsh_options()
             recall, cos_ratio, short = [], [], 0
-            for metric, r, size, protected in calls:
-                kw = dict(size=size, protected=protected)
-                eb = _top_edges(*bipartite_partners(metric, **kw)[:2], r)
-                best, partner, _ = lsh_partners(metric, **kw, **opts)
+            for (metric, r, size, protected), (eb, mean_b) in zip(calls, exact):
+                best, partner, _ = lsh_partners(metric, size=size, protected=protected, **opts)
                 el = _top_edges(best, partner, r)
                 recall.append(len(eb & el) / max(1, len(eb)))
-                bb = bipartite_partners(metric, **kw)[0]
-                sum_b = sum(float(bb[b, a]) for b, a, _ in eb)
                 sum_l = sum(float(best[b, a]) for b, a, _ in el)
-                cos_ratio.append((sum_l / max(1, len(el))) / (sum_b / max(1, len(eb))))
+                cos_ratio.append((sum_l / max(1, len(el))) / mean_b)
                 short += len(eb) - len(el)
             metric0, r0, _, protected0 = calls[0]
             t = time_alternating(

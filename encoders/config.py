@@ -121,6 +121,13 @@ class MergeConfig:
                 parts.append(f"{f.name}={_format(value)}")
         return ",".join(parts)
 
+    def lsh_options(self) -> dict[str, Any]:
+        """The hashing keyword options of ``lsh_soft_matching`` / ``lsh_partners``."""
+        return dict(
+            lsh_bits=self.lsh_bits, lsh_tables=self.lsh_tables, lsh_window=self.lsh_window,
+            lsh_chunk=self.lsh_chunk or None, seed=self.seed,
+        )
+
     # ------------------------------------------------------------------ schedule
     @property
     def enabled(self) -> bool:

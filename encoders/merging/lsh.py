@@ -76,6 +76,11 @@ def _constants(batch: int, n: int, bits: int, pos_bits: int, length: int, window
     return weights, sentinel, steps, offsets
 
 
+def _full_precision(dev: torch.device):
+    """Autocast switched off where it is on (entering a context only when needed is cheaper)."""
+    return torch.autocast(dev.type, enabled=False) if torch.is_autocast_enabled(dev.type) else contextlib.nullcontext()
+
+
 @functools.lru_cache(maxsize=64)
 def _eligible(batch: int, n: int, keep_first: int) -> torch.Tensor:
     """[B, N] uint8, 0 for the protected prefix (shared and never written to)."""
@@ -151,8 +156,7 @@ def lsh_partners(
     if planes is None:
         planes = _cached_planes(dim, bits, tables, seed, str(dev))
     # Keys are built in float32/64 whatever the metric's precision (bf16 cannot hold a 15-bit key).
-    autocast = torch.is_autocast_enabled(dev.type)
-    with torch.autocast(dev.type, enabled=False) if autocast else contextlib.nullcontext():
+    with _full_precision(dev):
         proj = (metric.float() @ planes.float()).view(batch, n, tables, bits + 1)
     real = real_mask(size)
     padded_in = real is not None and (padded if padded is not None else not bool(real.all()))
@@ -163,7 +167,7 @@ def lsh_partners(
         if backend == "native":
             raise RuntimeError(f"the fused LSH kernel is unavailable: {lsh_native.reason() or 'it failed'}")
     weights, sentinel, steps, offsets = _constants(batch, n, bits, pos_bits, length, window, str(dev), key_dtype)
-    with torch.autocast(dev.type, enabled=False) if autocast else contextlib.nullcontext():
+    with _full_precision(dev):
         code = (proj > 0).to(key_dtype) @ weights  # [B, N, T]
 
     # Integer sort keys, code << pos_bits | position along the ordering direction. Tokens that
@@ -248,17 +252,9 @@ def lsh_soft_matching(
     r: int,
     class_token: bool = True,
     *,
-    size: Optional[torch.Tensor] = None,
     protected: Optional[int] = None,
-    padded: Optional[bool] = None,
-    lsh_bits: int = 4,
-    lsh_tables: int = 4,
-    lsh_window: int = 16,
-    lsh_chunk: Optional[int] = None,
-    seed: int = 0,
-    planes: Optional[torch.Tensor] = None,
-    backend: str = "auto",
-    **_: object,
+    attn: Optional[torch.Tensor] = None,
+    **options: object,
 ) -> Tuple[MergeFn, MergeFn]:
     """Merge up to r tokens, each A token into its best B bucket-mate (see module doc).
 
@@ -266,21 +262,15 @@ def lsh_soft_matching(
         metric: [B, N, C] similarity features.
         r: tokens to remove (at most; fewer when fewer A tokens have a bucket-mate).
         class_token: position 0 is never merged.
-        size: [B, N, 1] sizes; size-0 rows are padding and never matched.
         protected: leading prefix tokens never merged (overrides class_token).
-        padded: whether ``size`` holds padding (None: look, which costs a device sync).
-        lsh_bits / lsh_tables / lsh_window / seed: hashing options (see ``MergeConfig``);
-            ``lsh_window`` is the number of B candidates scored per A token and table.
-        lsh_chunk: A tokens sharing one window (default ``lsh_window``).
-        planes: precomputed ``simhash_planes`` (else drawn from ``seed``).
-        backend: ``auto``, ``torch`` or ``native`` (see ``lsh_partners``).
+        attn: unused; the patches hand it to every matcher and hashing needs none.
+        options: ``size``, ``padded`` and the hashing options of ``lsh_partners``
+            (``lsh_bits``, ``lsh_tables``, ``lsh_window``, ``lsh_chunk``, ``seed``, ``planes``,
+            ``backend``; see ``MergeConfig``).
     """
     n = metric.shape[1]
     r = min(r, (n - protected_count(class_token, protected)) // 2)
     if r <= 0:
         return identity_merge()
-    best, partner, real = lsh_partners(
-        metric, class_token, size=size, protected=protected, padded=padded, lsh_bits=lsh_bits,
-        lsh_tables=lsh_tables, lsh_window=lsh_window, lsh_chunk=lsh_chunk, seed=seed, planes=planes, backend=backend,
-    )
+    best, partner, real = lsh_partners(metric, class_token, protected=protected, **options)
     return assign_top_r(best, partner, r, n, real)

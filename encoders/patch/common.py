@@ -70,10 +70,7 @@ def make_plan(cfg: MergeConfig, protected: int, planes: Optional[Tensor]) -> Pla
     matcher = MATCHERS[cfg.method]
     options = {}
     if cfg.method == "lsh":
-        options = dict(
-            lsh_bits=cfg.lsh_bits, lsh_tables=cfg.lsh_tables, lsh_window=cfg.lsh_window, lsh_chunk=cfg.lsh_chunk or None,
-            seed=cfg.seed, planes=planes,
-        )
+        options = dict(cfg.lsh_options(), planes=planes)
     elif cfg.method == "zerotprune":
         options = dict(iters=cfg.iters, prune=cfg.prune)
     return Plan(matcher, getattr(matcher, "needs", "keys"), cfg.prop_attn, protected, options)
