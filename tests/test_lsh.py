@@ -128,7 +128,10 @@ def naive_lsh_partners(metric, planes, bits, tables, window, protected=1, real=N
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32 on CPU: the fused kernel
 @pytest.mark.parametrize(
-    "n,bits,tables,window,padding", [(65, 3, 3, 8, 0), (97, 2, 2, 6, 0), (81, 3, 4, 8, 11), (65, 14, 2, 8, 5)]
+    "n,bits,tables,window,padding",
+    # (21, 2, 1, 16, 0): a window narrower than the kernel's 16 lanes, where many A tokens have
+    # only negative same-code scores, so an unused lane (score 0) must never win.
+    [(65, 3, 3, 8, 0), (97, 2, 2, 6, 0), (81, 3, 4, 8, 11), (65, 14, 2, 8, 5), (21, 2, 1, 16, 0)],
 )
 def test_lsh_partners_agree_with_naive_loops(n, bits, tables, window, padding, dtype):
     from encoders.merging import lsh_partners, simhash_planes
@@ -157,3 +160,25 @@ def test_lsh_partners_agree_with_naive_loops(n, bits, tables, window, padding, d
                 assert got == pytest.approx(score, abs=1e-12 if dtype == torch.float64 else 1e-5), (b, p)
                 assert int(partner[b, p // 2]) * 2 + 1 == q, (b, p)
     assert found_any > n // 2  # most A tokens found a partner: the comparison is not vacuous
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_exact_ties_go_to_the_first_b_token(dtype):
+    """Repeated tokens score exactly alike: every search must keep the first (lowest index) one."""
+    from encoders.merging import lsh_partners, simhash_planes
+
+    g = torch.Generator().manual_seed(3)
+    centers = torch.randn(5, 16, generator=g, dtype=torch.float64)
+    metric = centers[torch.randint(0, 5, (2, 97), generator=g)].to(dtype)  # exact repeats only
+    planes = simhash_planes(16, 2, 2, seed=1)
+    best, partner, _ = lsh_partners(metric, lsh_bits=2, lsh_tables=2, lsh_window=24, planes=planes)
+    ties = 0
+    for b in range(2):
+        want = naive_lsh_partners(metric[b], planes, 2, 2, 24)
+        for p, (score, q) in want.items():
+            if q is None:
+                assert best[b, p // 2] == -math.inf
+                continue
+            assert int(partner[b, p // 2]) * 2 + 1 == q, (b, p)
+            ties += sum(bool(torch.equal(metric[b, q], metric[b, o])) for o in range(q + 2, 97, 2))
+    assert ties > 0  # chosen partners had identical later twins: the ties were real

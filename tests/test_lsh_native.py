@@ -8,6 +8,15 @@ import torch
 from encoders.merging import lsh_native, lsh_partners, lsh_soft_matching, merge_wavg
 
 native = pytest.mark.skipif(lsh_native.load() is None, reason=f"no fused kernel here: {lsh_native.reason()}")
+SHAPES = [
+    ((1, 2305, 64), {}),
+    ((4, 197, 64), {}),
+    ((3, 65, 16), dict(lsh_window=8, lsh_chunk=4)),
+    ((2, 577, 80), dict(lsh_bits=8, lsh_tables=2)),
+    ((2, 129, 32), dict(lsh_bits=1, lsh_tables=6, lsh_window=200)),  # exhaustive within buckets
+    ((2, 97, 8), dict(lsh_window=7, lsh_chunk=3, protected=5)),
+    ((2, 301, 24), dict(lsh_window=40, lsh_chunk=12)),  # windows of several 16-lane blocks, C % 16 != 0
+]
 
 
 def _agree(metric, **opts):
@@ -27,17 +36,7 @@ def _agree(metric, **opts):
 
 
 @native
-@pytest.mark.parametrize(
-    "shape,opts",
-    [
-        ((1, 2305, 64), {}),
-        ((4, 197, 64), {}),
-        ((3, 65, 16), dict(lsh_window=8, lsh_chunk=4)),
-        ((2, 577, 80), dict(lsh_bits=8, lsh_tables=2)),
-        ((2, 129, 32), dict(lsh_bits=1, lsh_tables=6, lsh_window=200)),  # exhaustive within buckets
-        ((2, 97, 8), dict(lsh_window=7, lsh_chunk=3, protected=5)),
-    ],
-)
+@pytest.mark.parametrize("shape,opts", SHAPES)
 def test_native_kernel_matches_tensor_code(shape, opts):
     metric = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
     assert _agree(metric, **opts) <= 2
@@ -95,6 +94,18 @@ def test_broken_compiler_falls_back_with_a_reason(fresh_native, monkeypatch):
     assert not list(fresh_native.glob("*.so"))  # nothing half-written is left in the cache
     merge, _ = lsh_soft_matching(torch.randn(1, 65, 16), 8)
     assert int(merge.num_merged) > 0
+
+
+@native
+def test_portable_build_matches_tensor_code(fresh_native, monkeypatch):
+    """The kernel's path without AVX-512 (other CPUs) gives the same partners as the tensor code."""
+    monkeypatch.setenv("MERGESEEK_LSH_CFLAGS", "-mno-avx512f")
+    if lsh_native.load() is None:
+        pytest.skip(f"this compiler cannot build without AVX-512: {lsh_native.reason()}")
+    assert lsh_native.variant() == "portable"
+    for shape, opts in SHAPES:
+        metric = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+        assert _agree(metric, **opts) <= 2
 
 
 @native

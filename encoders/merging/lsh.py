@@ -90,24 +90,36 @@ def _eligible(batch: int, n: int, keep_first: int) -> torch.Tensor:
 
 
 def _native_partners(
-    metric: torch.Tensor, proj: torch.Tensor, keep_first: int, real: Optional[torch.Tensor], window: int, chunk: int
+    metric: torch.Tensor,
+    planes: torch.Tensor,
+    tables: int,
+    bits: int,
+    keep_first: int,
+    real: Optional[torch.Tensor],
+    window: int,
+    chunk: int,
 ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """The fused C kernel's (best, partner), or None when it is unavailable or failed."""
+    """The fused C kernel's (best, partner), or None when it is unavailable or failed.
+
+    The kernel takes the metric as it is and its projections onto ``planes``; it normalises
+    (scores and ordering positions) itself, so no normalised copy of the metric is made here.
+    """
     lib = lsh_native.load()
     if lib is None:
         return None
     batch, n, dim = metric.shape
-    tables, planes_per_table = proj.shape[2], proj.shape[3]
+    metric = metric.contiguous()
+    with _full_precision(metric.device):
+        proj = metric @ planes.float()  # [B, N, T * (bits + 1)]
     eligible = _eligible(batch, n, keep_first)
     if real is not None:
         eligible = eligible & real.to(torch.uint8)
-    metric, proj = metric.contiguous(), proj.contiguous()
     num_a = (n + 1) // 2
     best = torch.empty(batch, num_a, dtype=torch.float32)
     partner = torch.empty(batch, num_a, dtype=torch.int64)
     status = lib.mergeseek_lsh_search(
-        metric.data_ptr(), proj.data_ptr(), eligible.data_ptr(), batch, n, dim, tables, planes_per_table - 1,
-        window, chunk, best.data_ptr(), partner.data_ptr(), torch.get_num_threads(),
+        metric.data_ptr(), proj.data_ptr(), eligible.data_ptr(), batch, n, dim, tables, bits, window, chunk,
+        best.data_ptr(), partner.data_ptr(), torch.get_num_threads(),
     )
     return (best, partner) if status == 0 else None
 
@@ -152,20 +164,20 @@ def lsh_partners(
     pos_bits = 13 - bits if small else 20
     key_dtype = torch.float32 if small else torch.float64
 
-    metric = metric / metric.norm(dim=-1, keepdim=True)
     if planes is None:
         planes = _cached_planes(dim, bits, tables, seed, str(dev))
-    # Keys are built in float32/64 whatever the metric's precision (bf16 cannot hold a 15-bit key).
-    with _full_precision(dev):
-        proj = (metric.float() @ planes.float()).view(batch, n, tables, bits + 1)
     real = real_mask(size)
     padded_in = real is not None and (padded if padded is not None else not bool(real.all()))
     if backend != "torch" and dev.type == "cpu" and metric.dtype == torch.float32 and small:
-        found = _native_partners(metric, proj, keep_first, real if padded_in else None, window, half)
+        found = _native_partners(metric, planes, tables, bits, keep_first, real if padded_in else None, window, half)
         if found is not None:
             return found[0], found[1], (real if padded_in else None)
         if backend == "native":
             raise RuntimeError(f"the fused LSH kernel is unavailable: {lsh_native.reason() or 'it failed'}")
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    # Keys are built in float32/64 whatever the metric's precision (bf16 cannot hold a 15-bit key).
+    with _full_precision(dev):
+        proj = (metric.float() @ planes.float()).view(batch, n, tables, bits + 1)
     weights, sentinel, steps, offsets = _constants(batch, n, bits, pos_bits, length, window, str(dev), key_dtype)
     with _full_precision(dev):
         code = (proj > 0).to(key_dtype) @ weights  # [B, N, T]

@@ -5,7 +5,9 @@ tensor operations: hash keys, radix sort, windowed same-code scoring, best partn
 a C compiler (``cc``/``gcc``/``clang``) and no Python headers: the first use compiles it into a
 per-user cache (``$MERGESEEK_CACHE`` or ``~/.cache/mergeseek``), later uses load the cached
 library. Without a compiler, or with ``MERGESEEK_LSH_NATIVE=0``, ``load()`` returns None and the
-tensor version runs (same results; see ``tests/test_lsh_native.py``).
+tensor version runs (same results; see ``tests/test_lsh_native.py``). ``MERGESEEK_LSH_CFLAGS``
+adds compiler flags (e.g. ``-mno-avx512f`` builds the portable path on an AVX-512 machine; the
+cache key includes them).
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ def _cpu_id() -> str:
     return platform.processor() + platform.machine()
 
 
+def _extra_flags() -> list:
+    return os.environ.get("MERGESEEK_LSH_CFLAGS", "").split()
+
+
 def _compile(cc: str, out: Path) -> Optional[str]:
     """Compile to ``out`` atomically; returns None or the compiler's complaint."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +66,7 @@ def _compile(cc: str, out: Path) -> Optional[str]:
     try:
         # Some compilers reject -march=native or lack OpenMP: then build without (serial kernel).
         for extra in (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []):
-            cmd = [cc, *FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"]
+            cmd = [cc, *FLAGS, *extra, *_extra_flags(), str(SOURCE), "-o", tmp, "-lm"]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode == 0:
                 os.replace(tmp, out)
@@ -84,7 +90,8 @@ def load() -> Optional[ctypes.CDLL]:
         if cc is None:
             why = "no C compiler (cc, gcc or clang) on PATH"
         else:
-            digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_id().encode() + cc.encode())
+            flags = " ".join([*FLAGS, *_extra_flags()])
+            digest = hashlib.sha256(SOURCE.read_bytes() + flags.encode() + _cpu_id().encode() + cc.encode())
             path = _cache_dir() / f"lsh_kernel-{digest.hexdigest()[:16]}.so"
             try:
                 if not path.is_file():
@@ -94,6 +101,7 @@ def load() -> Optional[ctypes.CDLL]:
                     fn = lib.mergeseek_lsh_search
                     fn.restype = ctypes.c_int
                     fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 7 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
+                    lib.mergeseek_lsh_simd_bits.restype = ctypes.c_int
             except OSError as exc:  # unwritable cache, unloadable library
                 lib, why = None, str(exc)
         if why:
@@ -107,6 +115,14 @@ def reason() -> Optional[str]:
     if not enabled():
         return "disabled by MERGESEEK_LSH_NATIVE=0"
     return _state.get("why")
+
+
+def variant() -> Optional[str]:
+    """The loaded kernel's scoring path: ``avx512`` or ``portable`` (None when not loaded)."""
+    lib = load()
+    if lib is None:
+        return None
+    return "avx512" if lib.mergeseek_lsh_simd_bits() == 512 else "portable"
 
 
 def backend() -> str:
