@@ -182,3 +182,34 @@ def test_exact_ties_go_to_the_first_b_token(dtype):
             assert int(partner[b, p // 2]) * 2 + 1 == q, (b, p)
             ties += sum(bool(torch.equal(metric[b, q], metric[b, o])) for o in range(q + 2, 97, 2))
     assert ties > 0  # chosen partners had identical later twins: the ties were real
+
+
+def test_torch_sort_path_equals_the_numpy_radix_path(monkeypatch):
+    """Off the CPU the int16 keys are sorted by torch.argsort: on CPU it must give the same partners."""
+    from encoders.merging import lsh, lsh_partners
+
+    g = torch.Generator().manual_seed(6)
+    metric = torch.randn(3, 577, 64, generator=g)
+    size = torch.ones(3, 577, 1)
+    size[2, 500:] = 0
+    want = lsh_partners(metric, size=size, backend="torch")
+    monkeypatch.setattr(lsh, "_argsort_rows", lambda keys: torch.argsort(keys, dim=-1, stable=True))
+    got = lsh_partners(metric, size=size, backend="torch")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.gpu
+def test_cuda_search_equals_cpu_tensor_code():
+    """The GPU runs the tensor code: same partners as on CPU, batch > 1, with padding."""
+    from encoders.merging import lsh_partners
+
+    g = torch.Generator().manual_seed(8)
+    metric = torch.randn(4, 1025, 64, generator=g, dtype=torch.float64)
+    size = torch.ones(4, 1025, 1, dtype=torch.float64)
+    size[1, 900:] = 0
+    want_b, want_p, _ = lsh_partners(metric, size=size, backend="torch")
+    got_b, got_p, _ = lsh_partners(metric.cuda(), size=size.cuda())
+    torch.testing.assert_close(got_b.cpu(), want_b, rtol=0, atol=1e-12)
+    assert torch.equal(got_p.cpu(), want_p)
+    merge, _ = lsh_soft_matching(metric.cuda().float(), 256)
+    assert 1025 - 256 <= merge.width < 1025  # r merged, or fewer when partners ran short
