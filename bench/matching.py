@@ -65,7 +65,9 @@ def _lsh_backend(backend: str, device: str) -> str:
 
     if backend == "torch" or not device.startswith("cpu"):
         return "torch"
-    return lsh_native.backend()
+    if lsh_native.backend() != "native":
+        return "torch"
+    return f"native ({lsh_native.variant()})"
 
 
 @contextlib.contextmanager

@@ -126,7 +126,9 @@ def _lsh_backend(device: str, precision: str) -> str:
 
     if not device.startswith("cpu") or precision != "fp32":
         return "tensor code"
-    return "C kernel" if lsh_native.backend() == "native" else f"tensor code ({lsh_native.reason()})"
+    if lsh_native.backend() == "native":
+        return f"C kernel ({lsh_native.variant()})"
+    return f"tensor code ({lsh_native.reason()})"
 
 
 def format_report(report: dict[str, Any]) -> str:
