@@ -3,6 +3,7 @@
     python -m bench.matching step        # the matching step alone, N = 197 ... 8193
     python -m bench.matching e2e         # images/s end to end + fraction of the forward in matching
     python -m bench.matching agreement   # embedding agreement on real photos and video frames
+    python -m bench.matching agreement --model reference-cifar10 --sizes 48,96,192   # ... on a trained ViT
     python -m bench.matching quality     # partner-search quality on a trained ViT's keys, N = 197 ... 2305
 
 Each part prints a markdown table (``--json`` for machine output). Ratios come from alternating
@@ -200,6 +201,47 @@ def agreement(model_name: str = "ViT-B-16", r: int = 8, lsh: str = "", pretraine
     return rows
 
 
+def agreement_reference(sizes: Sequence[int] = (48,), r_div: int = 16, lsh: str = "") -> list[dict[str, Any]]:
+    """The same cosines on the trained CIFAR-10 reference ViT, whose features depend on the input.
+
+    The 6 scikit-image photos and 8 bikes.mp4 frames are resized to each side in ``sizes`` (48 px:
+    the trained 145 tokens; larger sides resample the position embeddings, as in ``quality``);
+    every block merges r = N // ``r_div``. Also reported: how often LSH and bipartite predict the
+    same CIFAR-10 class (of little meaning for these photos, but a second view of agreement).
+    """
+    import numpy as np
+
+    from bench.reference_agreement import features
+    from eval.candidates import merged_models
+    from eval.reference import load_reference
+
+    model, _ = load_reference()
+    rows = []
+    for side in sizes:
+        model.set_input_size(img_size=side)
+        n = model.patch_embed.num_patches + 1
+        r = max(1, n // r_div)
+        pixels = _reference_inputs(side)
+        models = merged_models(model, ["none", f"r={r}", f"r={r},method=lsh" + ("," + lsh if lsh else "")])
+        none, bip, hashed = (features(m, pixels) for m in models.values())
+        for set_name, sl in (("scikit-image photos", slice(0, 6)), ("bikes.mp4 frames", slice(6, None))):
+            cos = lambda u, v: float(np.mean(np.sum(u[0][sl] * v[0][sl], axis=1)))  # noqa: E731
+            rows.append(
+                {
+                    "model": "reference-cifar10",
+                    "N": n,
+                    "images": set_name,
+                    "n": sl.stop - sl.start if sl.stop else pixels.shape[0] - sl.start,
+                    "r": r,
+                    "cos_lsh_bipartite": cos(hashed, bip),
+                    "cos_bipartite_none": cos(bip, none),
+                    "cos_lsh_none": cos(hashed, none),
+                    "same_class_lsh_bipartite": float(np.mean(hashed[1][sl] == bip[1][sl])),
+                }
+            )
+    return rows
+
+
 QUALITY_SIZES = (56, 96, 128, 192)  # the reference ViT (patch 4) at these sides has 197, 577, 1025, 2305 tokens
 
 
@@ -351,8 +393,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="LSH implementation (step): the fused C kernel on CPU when it builds (auto), or force one",
     )
     p.add_argument("--lsh", default="", help="extra LSH options, e.g. 'lsh_bits=6,lsh_tables=2'")
-    p.add_argument("--model", default="ViT-B-16", help="model (agreement)")
-    p.add_argument("--sizes", default=",".join(map(str, QUALITY_SIZES)), help="image sides for the reference ViT (quality)")
+    p.add_argument(
+        "--model", default="ViT-B-16",
+        help="model (agreement): an open_clip name, or reference-cifar10 for the trained reference ViT",
+    )
+    p.add_argument(
+        "--sizes", default=None,
+        help=f"image sides for the reference ViT (quality, default {','.join(map(str, QUALITY_SIZES))}; "
+        "agreement with --model reference-cifar10, default 48 = its trained 145 tokens)",
+    )
     p.add_argument("--configs", default="", help="';'-separated LSH settings to compare (quality), e.g. 'lsh_tables=2;lsh_window=32'")
     p.add_argument(
         "--keep-heap", action="store_true",
@@ -370,7 +419,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = end_to_end(settings, batch_size=a.batch_size, iters=a.iters or 4, device=a.device, precision=a.precision, lsh=a.lsh)
     elif a.part == "quality":
         configs = a.configs.split(";") if a.configs else [a.lsh]
-        rows = edge_quality([int(v) for v in a.sizes.split(",")], configs, iters=a.iters or 10)
+        sizes = [int(v) for v in a.sizes.split(",")] if a.sizes else QUALITY_SIZES
+        rows = edge_quality(sizes, configs, iters=a.iters or 10)
+    elif a.model == "reference-cifar10":
+        rows = agreement_reference([int(v) for v in a.sizes.split(",")] if a.sizes else (48,), lsh=a.lsh)
     else:
         rows = agreement(a.model, lsh=a.lsh)
     print(json.dumps(rows, indent=2) if a.json else to_markdown(rows))

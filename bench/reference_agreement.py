@@ -16,9 +16,20 @@ import json
 import numpy as np
 
 
-def main(argv=None) -> int:
+def features(model, x):
+    """(unit pre-logit features [B, D], predicted classes [B]) of a reference ViT, merged or not."""
     import torch
 
+    with torch.inference_mode():
+        if hasattr(model, "_merged_features"):  # patched: sizes travel from the blocks to the pooling
+            tokens, size = model._merged_features(x)
+            h = model._merged_head(tokens, size, pre_logits=True)
+        else:
+            h = model.forward_head(model.forward_features(x), pre_logits=True)
+        return torch.nn.functional.normalize(h.float(), dim=-1).numpy(), model.head(h).argmax(-1).numpy()
+
+
+def main(argv=None) -> int:
     from eval.candidates import merged_models
     from eval.reference import load_cifar10_npz, load_reference, preprocess_uint8
 
@@ -33,19 +44,9 @@ def main(argv=None) -> int:
     configs = ["none"] + [f"r={r}{m}" for r in a.rs.split(",") for m in ("", ",method=lsh")]
     models = merged_models(model, configs)
     feats, preds = {}, {}
-    with torch.inference_mode():
-        for name, m in models.items():
-            f, c = [], []
-            for s in range(0, len(split.labels), 250):
-                x = preprocess_uint8(split.images[s : s + 250], info)
-                if hasattr(m, "_merged_features"):  # patched: sizes travel from the blocks to the pooling
-                    tokens, size = m._merged_features(x)
-                    h = m._merged_head(tokens, size, pre_logits=True)
-                else:
-                    h = m.forward_head(m.forward_features(x), pre_logits=True)
-                f.append(torch.nn.functional.normalize(h.float(), dim=-1))
-                c.append(m.head(h).argmax(-1))
-            feats[name], preds[name] = torch.cat(f).numpy(), torch.cat(c).numpy()
+    for name, m in models.items():
+        parts = [features(m, preprocess_uint8(split.images[s : s + 250], info)) for s in range(0, len(split.labels), 250)]
+        feats[name], preds[name] = np.concatenate([f for f, _ in parts]), np.concatenate([c for _, c in parts])
     rows = []
     names = list(models)
     for r in a.rs.split(","):
