@@ -117,3 +117,12 @@ def test_kernel_is_built_into_the_cache_once(fresh_native):
     lsh_native._state.clear()
     assert lsh_native.load() is not None  # loaded from the cache, not rebuilt
     assert built[0].stat().st_mtime_ns == stamp
+
+
+def test_planes_of_the_wrong_shape_are_refused_before_any_search():
+    from encoders.merging import simhash_planes
+
+    metric = torch.randn(1, 65, 16)
+    for backend in ("auto", "torch"):
+        with pytest.raises(ValueError, match="planes must be"):
+            lsh_partners(metric, lsh_bits=4, lsh_tables=4, planes=simhash_planes(16, 4, 2), backend=backend)

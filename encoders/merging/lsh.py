@@ -166,6 +166,10 @@ def lsh_partners(
 
     if planes is None:
         planes = _cached_planes(dim, bits, tables, seed, str(dev))
+    elif tuple(planes.shape) != (dim, tables * (bits + 1)):
+        raise ValueError(
+            f"planes must be [{dim}, {tables * (bits + 1)}] (metric dim, tables * (bits + 1)), got {list(planes.shape)}"
+        )
     real = real_mask(size)
     padded_in = real is not None and (padded if padded is not None else not bool(real.all()))
     if backend != "torch" and dev.type == "cpu" and metric.dtype == torch.float32 and small:
