@@ -32,7 +32,7 @@ typedef float v16f __attribute__((vector_size(64))); /* 16 lanes: one AVX-512 re
 
 typedef struct {
     const float *metric;    /* [B, N, C] rows of any norm */
-    const float *proj;      /* [B, N, T * (bits + 1)]: metric @ planes; per table bits code planes, then the ordering one */
+    const float *proj;      /* [B, N, T * (bits + 1)] metric @ planes: per table, bits code planes + the ordering one */
     const uint8_t *elig;    /* [B, N] 1 = may merge */
     int B, N, C, T, bits, window, chunk;
     float *best;            /* [B * T, NA] per-table best score */
@@ -98,7 +98,7 @@ static inline void transpose16(__m512 r[16]) {
 #endif
 
 static void inverse_norms(const float *m, int N, int C, float *inv) {
-    /* 1 / |row| of every row (inf for a zero row: its scores are NaN and never win). */
+    /* 1 / |row| of every row (inf for a zero row, whose cosines come out NaN as in the tensor code). */
     for (int p = 0; p < N; p++) {
         const float *x = m + (size_t)p * C;
         float s = 0.0f;
