@@ -114,17 +114,17 @@ def run_throughput(
         "device_name": torch.cuda.get_device_name(base.device) if base.device.startswith("cuda") else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
         "precision": precision,
-        "lsh_backend": _lsh_backend(base.device, precision),
+        "lsh_backend": _lsh_backend(base.device),
         "torch": torch.__version__,
         "rows": [r.__dict__ | {"tokens": list(r.tokens)} for r in rows],
     }
 
 
-def _lsh_backend(device: str, precision: str) -> str:
-    """How method=lsh searches here: the fused C kernel (CPU, fp32) or the tensor code."""
+def _lsh_backend(device: str) -> str:
+    """How method=lsh searches here: the fused C kernel (CPU; half precision scored in float32) or the tensor code."""
     from encoders.merging import lsh_native
 
-    if not device.startswith("cpu") or precision != "fp32":
+    if not device.startswith("cpu"):
         return "tensor code"
     if lsh_native.backend() == "native":
         return f"C kernel ({lsh_native.variant()})"

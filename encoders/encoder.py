@@ -47,6 +47,8 @@ def load_open_clip(model_name: str, pretrained: Optional[str], device: str = "cp
 
     ``image_size`` overrides the model's input side (positional embeddings are interpolated when
     pretrained weights are loaded), e.g. ViT-B-16 at 448 px for high-resolution benchmarks.
+    Self-attention modules are switched to ``encoders.cpu_attention``'s batch-first path, which
+    only differs from the stock module under CPU half-precision autocast.
     """
     import open_clip
 
@@ -85,6 +87,11 @@ def load_open_clip(model_name: str, pretrained: Optional[str], device: str = "cp
             ) from exc
         raise
     model.eval()
+    # CPU half-precision autocast sends torch's MultiheadAttention down a ~7-20x slower path; this
+    # switch computes that case batch-first and leaves every other call to the stock module.
+    from encoders.cpu_attention import use_batch_first_attention
+
+    use_batch_first_attention(model)
     tokenizer = open_clip.get_tokenizer(model_name)
     return model, preprocess, tokenizer
 

@@ -126,3 +126,16 @@ def test_planes_of_the_wrong_shape_are_refused_before_any_search():
     for backend in ("auto", "torch"):
         with pytest.raises(ValueError, match="planes must be"):
             lsh_partners(metric, lsh_bits=4, lsh_tables=4, planes=simhash_planes(16, 4, 2), backend=backend)
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_cpu_metrics_are_scored_by_the_kernel_in_float32(dtype):
+    metric = torch.randn(2, 197, 64, generator=torch.Generator().manual_seed(9)).to(dtype)
+    best, partner, _ = lsh_partners(metric)  # auto: the kernel, on the float32 values
+    want_b, want_p, _ = lsh_partners(metric.float(), backend="native")
+    assert best.dtype == torch.float32
+    assert torch.equal(best, want_b) and torch.equal(partner, want_p)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as inside a bf16 encoder forward
+        merge, _ = lsh_soft_matching(metric, 32)
+    assert int(merge.num_merged.min()) == 32

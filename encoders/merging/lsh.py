@@ -19,11 +19,12 @@ Edges are then chosen exactly as in bipartite matching (top-r by cosine) and mer
 size-weighted average; an A token with no bucket-mate in B scores -inf and is never merged, so an
 image can merge fewer than r tokens (reported, never hidden).
 
-Two implementations compute the same partners. On CPU with a float32 metric the search runs in
-a fused C kernel (``lsh_kernel.c``, built on first use by ``lsh_native``; one pass per image and
-table on torch's OpenMP threads). Otherwise (GPU, float64, no C compiler) it runs as tensor code
-below; there the keys are sorted by NumPy's radix sort on CPU (``kind="stable"``, several times
-faster than a comparison sort at these sizes) and by ``torch.argsort`` elsewhere.
+Two implementations compute the same partners. On CPU with a float32 metric (or bf16/fp16, scored
+in float32) the search runs in a fused C kernel (``lsh_kernel.c``, built on first use by
+``lsh_native``; one pass per image and table on torch's OpenMP threads). Otherwise (GPU, float64,
+no C compiler) it runs as tensor code below; there the keys are sorted by NumPy's radix sort on
+CPU (``kind="stable"``, several times faster than a comparison sort at these sizes) and by
+``torch.argsort`` elsewhere.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ from encoders.merging.bipartite import protected_count
 from encoders.merging.core import NEG_INF, MergeFn, assign_top_r, identity_merge, real_mask
 
 
+# Metric dtypes the CPU kernel takes (half precision is scored in float32: more exact than the
+# tensor code's half-precision products, and still far faster); float64 stays in float64.
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ORDER_RANGE = 4.0  # the ordering projection (N(0, 1) for a unit metric) is quantised on [-4, 4]
 SLAB_ROWS = 8192  # gathered metric rows scored per slab (8192 x 64 fp32 = 2 MiB)
 
@@ -108,7 +112,7 @@ def _native_partners(
     if lib is None:
         return None
     batch, n, dim = metric.shape
-    metric = metric.contiguous()
+    metric = metric.float().contiguous()
     with _full_precision(metric.device):
         proj = metric @ planes.float()  # [B, N, T * (bits + 1)]
     eligible = _eligible(batch, n, keep_first)
@@ -146,8 +150,9 @@ def lsh_partners(
     index into B, ``real`` the [B, N] non-padding mask when ``size`` holds padding (else None).
     ``lsh_chunk`` (A tokens sharing one window, default ``lsh_window``): smaller chunks centre
     each window closer to its tokens at the price of smaller, slower matrix blocks.
-    ``backend``: ``auto`` runs the fused C kernel (``lsh_native``) for float32 CPU inputs with at
-    most 11 bits when it can be built, else the tensor code; ``torch`` / ``native`` force one.
+    ``backend``: ``auto`` runs the fused C kernel (``lsh_native``) for float32, bfloat16 and
+    float16 CPU inputs (scored in float32) with at most 11 bits when it can be built, else the
+    tensor code; ``torch`` / ``native`` force one.
     """
     batch, n, dim = metric.shape
     keep_first = protected_count(class_token, protected)
@@ -172,7 +177,7 @@ def lsh_partners(
         )
     real = real_mask(size)
     padded_in = real is not None and (padded if padded is not None else not bool(real.all()))
-    if backend != "torch" and dev.type == "cpu" and metric.dtype == torch.float32 and small:
+    if backend != "torch" and dev.type == "cpu" and metric.dtype in _KERNEL_DTYPES and small:
         found = _native_partners(metric, planes, tables, bits, keep_first, real if padded_in else None, window, half)
         if found is not None:
             return found[0], found[1], (real if padded_in else None)
