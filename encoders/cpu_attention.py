@@ -9,12 +9,12 @@ over a copy of the weight per token. Measured on the 2-core development CPU (ran
 ViT-B-16 took 5.2 s instead of 0.22 s per two images, its text tower 1.1 s instead of 0.15 s per
 four queries, about 20x and 7x slower than they need to be (see docs/BENCHMARKS.md).
 
-``use_batch_first_attention(model)`` switches each plain self-attention module to a subclass
-whose forward, on CPU under autocast or with half-precision inputs, computes the same attention
-batch-first: one packed in-projection of the contiguous input, ``scaled_dot_product_attention``
-with the same mask, the output projection. Every other call (float32 without autocast, cross
-attention, attention weights requested, padding masks, training) runs the stock forward, so
-float32 results are unchanged bit for bit.
+``use_batch_first_attention(model)`` switches each plain attention module to a subclass whose
+forward, on CPU under autocast or with half-precision inputs, computes the same attention
+batch-first: the in-projection of the contiguous inputs (one packed product for self-attention),
+``scaled_dot_product_attention`` with the same mask, the output projection. Every other call
+(float32 without autocast, attention weights requested, padding masks, training) runs the stock
+forward, so float32 results are unchanged bit for bit.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ HALF = (torch.bfloat16, torch.float16)
 
 
 class BatchFirstMultiheadAttention(torch.nn.MultiheadAttention):
-    """``nn.MultiheadAttention`` whose CPU half-precision self-attention runs batch-first."""
+    """``nn.MultiheadAttention`` whose CPU half-precision attention runs batch-first."""
 
     def forward(  # type: ignore[override]
         self,
@@ -42,7 +42,7 @@ class BatchFirstMultiheadAttention(torch.nn.MultiheadAttention):
         is_causal: bool = False,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         if self._takes_batch_first_path(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal):
-            return batch_first_self_attention(self, query, attn_mask), None
+            return batch_first_attention(self, query, key, value, attn_mask), None
         return super().forward(
             query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
             average_attn_weights=average_attn_weights, is_causal=is_causal,
@@ -52,9 +52,9 @@ class BatchFirstMultiheadAttention(torch.nn.MultiheadAttention):
         return (
             query.device.type == "cpu"
             and (torch.is_autocast_enabled("cpu") or query.dtype in HALF)
-            and query is key
-            and key is value
             and query.dim() == 3
+            and key.dim() == 3
+            and key.shape[1] == value.shape[1]
             and key_padding_mask is None
             and not need_weights
             and not (is_causal and attn_mask is None)
@@ -63,29 +63,40 @@ class BatchFirstMultiheadAttention(torch.nn.MultiheadAttention):
         )
 
 
-def batch_first_self_attention(mha: torch.nn.MultiheadAttention, x: torch.Tensor, attn_mask: Optional[torch.Tensor]):
-    """Self-attention of ``mha`` on batch-first ``x`` [B, N, C], as ``nn.MultiheadAttention`` computes it.
+def batch_first_attention(
+    mha: torch.nn.MultiheadAttention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``mha``'s attention of batch-first ``query`` [B, L, C] over ``key``/``value`` [B, S, C].
 
-    ``attn_mask`` follows ``nn.MultiheadAttention``: [N, N] or [B * heads, N, N], boolean (True:
-    not allowed) or additive.
+    Computed as ``nn.MultiheadAttention`` computes it (packed in-projection when all three are
+    one tensor, else its three slices), without weights. ``attn_mask`` follows
+    ``nn.MultiheadAttention``: [L, S] or [B * heads, L, S], boolean (True: not allowed) or additive.
     """
-    batch, n, c = x.shape
-    heads = mha.num_heads
-    q, k, v = (
-        t.reshape(batch, n, heads, c // heads).transpose(1, 2)
-        for t in F.linear(x.contiguous(), mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
-    )
+    batch, length, c = query.shape
+    source, heads = key.shape[1], mha.num_heads
+    if query is key and key is value:
+        q, k, v = F.linear(query.contiguous(), mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
+    else:
+        weights = mha.in_proj_weight.chunk(3)
+        biases = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None, None, None)
+        q, k, v = (F.linear(t.contiguous(), w, b) for t, w, b in zip((query, key, value), weights, biases))
+    q = q.reshape(batch, length, heads, -1).transpose(1, 2)
+    k, v = (t.reshape(batch, source, heads, -1).transpose(1, 2) for t in (k, v))
     mask = attn_mask
     if mask is not None:
         mask = ~mask if mask.dtype == torch.bool else mask.to(q.dtype)  # SDPA: True = allowed
         if mask.dim() == 3:
-            mask = mask.reshape(batch, heads, n, n)
+            mask = mask.reshape(batch, heads, length, source)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return mha.out_proj(out.transpose(1, 2).reshape(batch, n, c))
+    return mha.out_proj(out.transpose(1, 2).reshape(batch, length, c))
 
 
 def use_batch_first_attention(model: torch.nn.Module) -> int:
-    """Switch ``model``'s plain batch-first self-attention modules to the batch-first path.
+    """Switch ``model``'s plain batch-first attention modules to the batch-first path.
 
     Only modules the path can compute exactly are switched (batch_first, packed in-projection, no
     extra key/value biases, no zero attention). Returns how many were switched (already switched

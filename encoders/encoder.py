@@ -47,7 +47,7 @@ def load_open_clip(model_name: str, pretrained: Optional[str], device: str = "cp
 
     ``image_size`` overrides the model's input side (positional embeddings are interpolated when
     pretrained weights are loaded), e.g. ViT-B-16 at 448 px for high-resolution benchmarks.
-    Self-attention modules are switched to ``encoders.cpu_attention``'s batch-first path, which
+    Attention modules are switched to ``encoders.cpu_attention``'s batch-first path, which
     only differs from the stock module under CPU half-precision autocast.
     """
     import open_clip
