@@ -6,8 +6,8 @@ half precision while its weights are float32 (every vision block after the autoc
 embedding). The fallback projects the transposed, sequence-first and therefore non-contiguous
 input with ``F.linear``, and for that layout this torch builds the product as a batched matmul
 over a copy of the weight per token. Measured on the 2-core development CPU (random weights):
-ViT-B-16 took 5.2 s instead of 0.22 s per two images, its text tower 1.1 s instead of 0.15 s per
-four queries, about 20x and 7x slower than they need to be (see docs/BENCHMARKS.md).
+ViT-B-16 took 5.2 s instead of 0.24 s per two images and its text tower 1.1 s instead of 0.1 s
+per four queries with this path (see docs/BENCHMARKS.md).
 
 ``use_batch_first_attention(model)`` switches each plain attention module to a subclass whose
 forward, on CPU under autocast or with half-precision inputs, computes the same attention

@@ -87,7 +87,7 @@ def load_open_clip(model_name: str, pretrained: Optional[str], device: str = "cp
             ) from exc
         raise
     model.eval()
-    # CPU half-precision autocast sends torch's MultiheadAttention down a ~7-20x slower path; this
+    # CPU half-precision autocast sends torch's MultiheadAttention down a ~10-20x slower path; this
     # switch computes that case batch-first and leaves every other call to the stock module.
     from encoders.cpu_attention import use_batch_first_attention
 
