@@ -139,3 +139,20 @@ def test_half_precision_cpu_metrics_are_scored_by_the_kernel_in_float32(dtype):
     with torch.autocast("cpu", dtype=torch.bfloat16):  # as inside a bf16 encoder forward
         merge, _ = lsh_soft_matching(metric, 32)
     assert int(merge.num_merged.min()) == 32
+
+
+@native
+def test_a_new_build_removes_stale_builds_only(fresh_native):
+    import os
+    import time
+
+    old_build, old_tmp, recent = (fresh_native / n for n in ("lsh_kernel-0000.so", "tmpabc.so", "lsh_kernel-1111.so"))
+    for f in (old_build, old_tmp, recent):
+        f.write_bytes(b"x")
+    month_ago = time.time() - 31 * 86400
+    for f in (old_build, old_tmp):
+        os.utime(f, (month_ago, month_ago))
+    assert lsh_native.load() is not None
+    assert not old_build.exists() and not old_tmp.exists()
+    assert recent.exists()  # maybe another machine's build sharing this cache: kept
+    assert len(list(fresh_native.glob("lsh_kernel-*.so"))) == 2

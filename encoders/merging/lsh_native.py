@@ -1,4 +1,4 @@
-"""Build and call the fused C kernel of the hashed partner search (CPU, float32).
+"""Build and call the fused C kernel of the hashed partner search (CPU; float32 scores).
 
 The kernel (``lsh_kernel.c``) does per (image, table) what ``lsh.lsh_partners`` does with ~60
 tensor operations: hash keys, radix sort, windowed same-code scoring, best partner. It needs only
@@ -7,7 +7,7 @@ per-user cache (``$MERGESEEK_CACHE`` or ``~/.cache/mergeseek``), later uses load
 library. Without a compiler, or with ``MERGESEEK_LSH_NATIVE=0``, ``load()`` returns None and the
 tensor version runs (same results; see ``tests/test_lsh_native.py``). ``MERGESEEK_LSH_CFLAGS``
 adds compiler flags (e.g. ``-mno-avx512f`` builds the portable path on an AVX-512 machine; the
-cache key includes them).
+cache key includes them). A new build removes builds older than ``STALE_DAYS``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -78,6 +79,24 @@ def _compile(cc: str, out: Path) -> Optional[str]:
             os.unlink(tmp)
 
 
+STALE_DAYS = 30  # builds of other sources / CPUs untouched this long are removed after a new build
+
+
+def _prune(cache: Path, keep: Path) -> None:
+    """Remove kernel builds (and leftovers of interrupted builds) not written for STALE_DAYS.
+
+    Runs only after a new build, i.e. when the source or the CPU changed. A build another machine
+    sharing this cache still uses is at worst rebuilt (about a second) on its next use.
+    """
+    cutoff = time.time() - STALE_DAYS * 86400
+    for old in (*cache.glob("lsh_kernel-*.so"), *cache.glob("tmp*.so")):
+        try:
+            if old != keep and old.stat().st_mtime < cutoff:
+                old.unlink()
+        except OSError:  # gone already, or not ours to remove
+            pass
+
+
 def load() -> Optional[ctypes.CDLL]:
     """The compiled kernel's library, or None when it cannot be used here (reason in ``reason()``)."""
     if not enabled():
@@ -96,6 +115,8 @@ def load() -> Optional[ctypes.CDLL]:
             try:
                 if not path.is_file():
                     why = _compile(cc, path)
+                    if why is None:
+                        _prune(path.parent, path)
                 if why is None:
                     lib = ctypes.CDLL(str(path))
                     fn = lib.mergeseek_lsh_search
