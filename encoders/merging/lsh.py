@@ -68,7 +68,7 @@ def _argsort_rows(keys: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _constants(batch: int, n: int, bits: int, pos_bits: int, length: int, window: int, device: str, dtype: torch.dtype):
+def _constants(batch: int, n: int, bits: int, pos_bits: int, window: int, device: str, dtype: torch.dtype):
     """Small index tensors that depend only on shapes (built once per shape, not per call)."""
     dev = torch.device(device)
     weights = 2.0 ** torch.arange(bits + 1, device=dev, dtype=dtype)
@@ -160,15 +160,7 @@ def lsh_partners(
     num_a, num_b = (n + 1) // 2, n // 2
     window = max(1, min(lsh_window, num_b))
     half = max(1, min(lsh_chunk or window, window))  # A tokens per chunk
-    # A and B sorted orders are both padded to `length` (whole A chunks, at least one B window).
-    length = max(-(-num_a // half) * half, window)
-    chunks = length // half
-    # Keys: int16 (bits + 2 code bits, 13 - bits position bits; radix-sorted on CPU) up to 11 bits,
-    # else int64 built exactly in float64 (bits + 2 <= 32 code bits, 20 position bits < 2**53).
-    small = bits <= 11
-    pos_bits = 13 - bits if small else 20
-    key_dtype = torch.float32 if small else torch.float64
-
+    small = bits <= 11  # 16-bit keys (the kernel's and the radix sort's); wider ones: int64
     if planes is None:
         planes = _cached_planes(dim, bits, tables, seed, str(dev))
     elif tuple(planes.shape) != (dim, tables * (bits + 1)):
@@ -176,18 +168,26 @@ def lsh_partners(
             f"planes must be [{dim}, {tables * (bits + 1)}] (metric dim, tables * (bits + 1)), got {list(planes.shape)}"
         )
     real = real_mask(size)
-    padded_in = real is not None and (padded if padded is not None else not bool(real.all()))
+    if real is not None and not (padded if padded is not None else not bool(real.all())):
+        real = None  # no padding: nothing to mask
     if backend != "torch" and dev.type == "cpu" and metric.dtype in _KERNEL_DTYPES and small:
-        found = _native_partners(metric, planes, tables, bits, keep_first, real if padded_in else None, window, half)
+        found = _native_partners(metric, planes, tables, bits, keep_first, real, window, half)
         if found is not None:
-            return found[0], found[1], (real if padded_in else None)
+            return found[0], found[1], real
         if backend == "native":
             raise RuntimeError(f"the fused LSH kernel is unavailable: {lsh_native.reason() or 'it failed'}")
     metric = metric / metric.norm(dim=-1, keepdim=True)
     # Keys are built in float32/64 whatever the metric's precision (bf16 cannot hold a 15-bit key).
     with _full_precision(dev):
         proj = (metric.float() @ planes.float()).view(batch, n, tables, bits + 1)
-    weights, sentinel, steps, offsets = _constants(batch, n, bits, pos_bits, length, window, str(dev), key_dtype)
+    # A and B sorted orders are both padded to `length` (whole A chunks, at least one B window).
+    length = max(-(-num_a // half) * half, window)
+    chunks = length // half
+    # Keys: int16 (bits + 2 code bits, 13 - bits position bits; radix-sorted on CPU) up to 11 bits,
+    # else int64 built exactly in float64 (bits + 2 <= 32 code bits, 20 position bits < 2**53).
+    pos_bits = 13 - bits if small else 20
+    key_dtype = torch.float32 if small else torch.float64
+    weights, sentinel, steps, offsets = _constants(batch, n, bits, pos_bits, window, str(dev), key_dtype)
     with _full_precision(dev):
         code = (proj > 0).to(key_dtype) @ weights  # [B, N, T]
 
@@ -199,7 +199,7 @@ def lsh_partners(
     key = key.mul_(((1 << pos_bits) - 1) / (2 * ORDER_RANGE)).round_().add_(code, alpha=1 << pos_bits)
     if keep_first:
         key[:, :keep_first] = sentinel[:keep_first, None]
-    if padded_in:
+    if real is not None:
         key = torch.where(real[..., None], key, sentinel[:, None])
     big = (1 << 15) - 1 if small else (1 << 52)  # above every real or ineligible key
     key = torch.nn.functional.pad(key.transpose(1, 2), (0, 2 * length - n), value=big)
@@ -214,7 +214,7 @@ def lsh_partners(
     # Windows stay inside the eligible B tokens (they sort first), so an image's windows do not
     # depend on how much padding its batch adds: a batch computes what each image does alone.
     start = torch.searchsorted(sorted_key[:, :, 1].contiguous(), mid).sub_(window // 2)
-    if padded_in:
+    if real is not None:
         count_b = real[:, 1::2].sum(dim=1) - keep_first // 2  # eligible B: real and not protected
         start = torch.minimum(start, (count_b - window).clamp(min=0)[:, None, None]).clamp_(min=0)
     else:
@@ -264,7 +264,7 @@ def lsh_partners(
     tok_partner = partner.new_empty(batch, tables, length).scatter_(2, perm_a, partner)
     best, table = tok_val[..., :num_a].max(dim=1)  # [B, NA]
     best_b = tok_partner[..., :num_a].gather(1, table[:, None])[:, 0].clamp_(max=num_b - 1)
-    return best, best_b, (real if padded_in else None)
+    return best, best_b, real
 
 
 @torch.no_grad()
