@@ -41,3 +41,9 @@ class WeightsUnavailableError(MergeseekError):
     """Pretrained weights could not be loaded (offline, unknown tag, missing file)."""
 
     exit_code = 6
+
+
+class MissingDependencyError(MergeseekError):
+    """An optional package that this feature needs is not installed (the message has the pip command)."""
+
+    exit_code = 7

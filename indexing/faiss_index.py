@@ -23,8 +23,15 @@ ADD_CHUNK = 65536
 
 
 def _faiss():
-    import faiss
+    try:
+        import faiss
+    except ImportError:
+        from errors import MissingDependencyError
 
+        raise MissingDependencyError(
+            "FAISS is not installed; run pip install faiss-cpu (the 'cpu' extra: pip install '.[cpu]'), "
+            "or faiss-gpu-cu12 for NVIDIA GPUs (the 'gpu' extra), never both in one environment"
+        ) from None
     return faiss
 
 
