@@ -47,3 +47,21 @@ class MissingDependencyError(MergeseekError):
     """An optional package that this feature needs is not installed (the message has the pip command)."""
 
     exit_code = 7
+
+
+class WriteError(MergeseekError):
+    """A write failed (disk full, read-only or missing folder); nothing of this run was committed."""
+
+    exit_code = 8
+
+
+class PartialWriteError(WriteError):
+    """A write failed after part of the run was committed (kept; the same command resumes)."""
+
+    exit_code = 9
+
+
+class DamagedIndexError(InputError):
+    """A file of an index is damaged or missing; the message names it and the repair command."""
+
+    exit_code = 10

@@ -1,0 +1,173 @@
+"""Small runtime helpers every package shares: durable atomic writes, writability checks, version records.
+
+Every file mergeseek writes goes through :func:`atomic_write` (or :func:`commit_file` for a file
+another program produced): the data go to a temporary name, the file is fsynced, renamed over
+the target, and the folder is fsynced so the rename itself survives a power cut. A failed write
+removes its temporary file and raises :class:`errors.WriteError` with one line that says what to do.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+from errors import WriteError
+
+TMP_SUFFIX = ".tmp"
+
+Writer = Union[str, bytes, Callable[[Path], object]]
+
+
+def tmp_path_for(path: Union[str, Path]) -> Path:
+    """The temporary name :func:`atomic_write` uses for ``path`` (callers that journal it need it first)."""
+    path = Path(path)
+    return path.with_name(path.name + TMP_SUFFIX)
+
+
+def fsync_dir(path: Union[str, Path]) -> None:
+    """fsync a folder, so renames and new names in it are on disk (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # Windows, or a folder that cannot be opened for reading: nothing more we can do
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Union[str, Path]) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def commit_file(tmp: Union[str, Path], path: Union[str, Path]) -> Path:
+    """fsync ``tmp``, rename it over ``path`` and fsync the folder: readers see the old or the new file."""
+    tmp, path = Path(tmp), Path(path)
+    try:
+        fsync_file(tmp)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        _unlink_quietly(tmp)
+        raise write_error(path, exc) from None
+    return path
+
+
+def atomic_write(path: Union[str, Path], write: Writer, tmp: Optional[Union[str, Path]] = None) -> Path:
+    """Write ``path`` atomically and durably.
+
+    Args:
+        path: the file to (re)place.
+        write: the content (``str`` is written as UTF-8, ``bytes`` as is) or a callable that writes
+            the temporary path it is given (``np.save``, ``pq.write_table``, ``torch.save``, ...).
+        tmp: the temporary name (default ``path`` + ``.tmp``; must be in the same folder).
+
+    Raises:
+        WriteError: the folder is missing or read-only, the disk is full, ... (the old file is intact).
+    """
+    path = Path(path)
+    tmp = Path(tmp) if tmp is not None else tmp_path_for(path)
+    try:
+        if isinstance(write, str):
+            write = write.encode("utf-8")
+        if isinstance(write, bytes):
+            data = write
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+        else:
+            write(tmp)
+    except OSError as exc:
+        _unlink_quietly(tmp)
+        raise write_error(path, exc) from None
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    return commit_file(tmp, path)
+
+
+def write_error(path: Union[str, Path], exc: OSError, committed: bool = False) -> WriteError:
+    """A one-line :class:`WriteError` for an ``OSError`` met while writing ``path``."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    code = exc.errno
+    if code == errno.ENOSPC or code == errno.EDQUOT:
+        hint = "free some space (or choose another location) and run the command again"
+    elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        hint = "choose a writable location"
+    elif code in (errno.ENOENT, errno.ENOTDIR):
+        hint = "create the folder first or choose an existing one"
+    else:
+        hint = "check the location and run the command again"
+    cls = WriteError
+    if committed:
+        from errors import PartialWriteError
+
+        cls = PartialWriteError
+    err = cls(f"cannot write {path}: {reason}; {hint}")
+    err.errno = code
+    return err
+
+
+def check_writable(path: Union[str, Path], folder: bool = False, what: str = "") -> Path:
+    """Fail fast (before hours of work) when ``path`` cannot be written.
+
+    Args:
+        path: a file to be written (its folder must exist), or with ``folder`` a folder that is
+            created when missing (its nearest existing parent must be writable).
+        what: the option the path came from, for the message (``--csv``).
+
+    A probe file is created and removed in the folder that will receive the writes: permission
+    bits alone say nothing for root, and a read-only mount is only seen by trying.
+    """
+    path = Path(path)
+    label = f"{what} {path}" if what else str(path)
+    if folder:
+        if path.exists() and not path.is_dir():
+            raise WriteError(f"{label} is a file, not a folder; choose a folder")
+        probe_dir = path
+        while not probe_dir.exists():
+            if probe_dir.parent == probe_dir:
+                break
+            probe_dir = probe_dir.parent
+        if not probe_dir.is_dir():
+            raise WriteError(f"{label}: {probe_dir} is a file, not a folder; choose another location")
+    else:
+        if path.is_dir():
+            raise WriteError(f"{label} is a folder; give a file name")
+        probe_dir = path.parent if str(path.parent) else Path(".")
+        if not probe_dir.is_dir():
+            raise WriteError(f"{label}: folder {probe_dir} does not exist; create it first or choose an existing one")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".mergeseek-probe-", dir=probe_dir)
+    except OSError as exc:
+        err = write_error(path, exc)
+        raise WriteError(f"{label} is not writable: {str(err).split(': ', 1)[-1]}") from None
+    os.close(fd)
+    _unlink_quietly(Path(name))
+    return path
+
+
+def software_versions() -> dict:
+    """Versions of the packages that decide what an index or a report holds (recorded in manifests)."""
+    from importlib import metadata
+
+    out = {}
+    for dist in ("mergeseek", "torch", "open_clip_torch", "faiss-cpu", "faiss-gpu-cu12", "decord", "pyarrow", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
