@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 
 from errors import InputError
+from indexing import aic
 from indexing.dedup import Dedup, DuplicateFilter, phash
 from indexing.faiss_index import add_to_index, build_index, load_index, save_index
 from indexing.sampling import Sampling
@@ -50,6 +51,8 @@ class IndexOptions:
         read_workers: threads that hash and preprocess decoded frames (0: min(8, CPU count)).
         ngpu: GPUs for FAISS (-1: all that exist, 0: none).
         progress: tqdm bars over sources and frames.
+        release_parts: AI Challenge release parts that live elsewhere (``{"maps": DIR, "media_info": DIR,
+            "videos": DIR, "objects": DIR, "features": DIR}``, see ``indexing.aic``).
     """
 
     sampling: Sampling = field(default_factory=Sampling)
@@ -62,6 +65,7 @@ class IndexOptions:
     read_workers: int = 0
     ngpu: int = -1
     progress: bool = False
+    release_parts: Optional[dict] = None
 
 
 @dataclass
@@ -89,6 +93,8 @@ class IndexReport:
     duplicates_skipped: int = 0
     vectors_total: int = 0
     times: StageTimes = field(default_factory=StageTimes)
+    unmapped: list = field(default_factory=list)  # keyframe video ids without a map-keyframes CSV
+    metadata: dict = field(default_factory=dict)  # release metadata written beside the index (indexing.aic)
 
     @property
     def frames_per_s(self) -> float:
@@ -112,6 +118,13 @@ class IndexReport:
             f"time: {t.wall_s:.1f}s wall ({self.frames_per_s:.1f} frames/s); busy read {t.read_s:.1f}s, "
             f"encode {t.encode_s:.1f}s, write {t.write_s:.1f}s, faiss {t.faiss_s:.1f}s",
         ]
+        if self.unmapped:
+            names = ", ".join(self.unmapped[:10]) + (f" (+{len(self.unmapped) - 10} more)" if len(self.unmapped) > 10 else "")
+            lines.append(f"WARNING: {len(self.unmapped)} keyframe folder(s) have no map-keyframes CSV, so their frame_idx "
+                         f"is only the keyframe number and their time is unknown: {names}; pass --maps DIR")
+        if self.metadata:
+            lines.append(f"release metadata: {self.metadata.get('videos_with_metadata', 0)} video(s) in videos.json, "
+                         f"{self.metadata.get('objects', 0)} detections in objects.parquet")
         lines += [f"skipped {b.path}: {b.reason}" for b in self.failed]
         return lines
 
@@ -187,35 +200,47 @@ class Reader(threading.Thread):
                 pass
 
     def _read_source(self, src: MediaSource, pool: ThreadPoolExecutor) -> None:
-        reader = SourceReader(src, self.sampling, self.batch_size)
-        filt = DuplicateFilter(self.dedup)
-        try:
-            t0 = time.perf_counter()
-            for frames in reader.batches():
-                kept, hashes = [], []
-                for f, h in zip(frames, pool.map(phash, [f.image for f in frames])):
-                    if filt.keep(h):  # sequential: each decision depends on the last kept frame
-                        kept.append(f)
-                        hashes.append(h.signed)
-                pixels = self._preprocess([f.image for f in kept], pool) if kept else None
-                batch = _Batch(src, [f.frame_idx for f in kept], [f.pts_time for f in kept], [f.path for f in kept],
-                               hashes, pixels, len(frames))
-                self.busy_s += time.perf_counter() - t0
-                self._put(batch)
-                t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        for item in read_source(src, self.sampling, self.dedup, self.preprocess, self.batch_size, pool, self.workers):
             self.busy_s += time.perf_counter() - t0
-        except InputError as exc:
-            log.warning("skip %s", exc)
-            self._put(_Failed(src, str(exc)))
-            return
-        self._put(_Done(src, filt.skipped, reader.skipped))
+            self._put(item)
+            t0 = time.perf_counter()
+        self.busy_s += time.perf_counter() - t0
 
-    def _preprocess(self, images: list, pool: ThreadPoolExecutor):
-        import torch
 
-        step = max(1, -(-len(images) // self.workers))
-        chunks = [images[i : i + step] for i in range(0, len(images), step)]
-        return torch.cat(list(pool.map(self.preprocess, chunks)))
+def read_source(src: MediaSource, sampling: Sampling, dedup: Dedup, preprocess: Callable, batch_size: int,
+                pool: Optional[ThreadPoolExecutor] = None, workers: int = 1):
+    """One source's items: a ``_Batch`` per decoded batch, then ``_Done`` (or ``_Failed`` for a bad file).
+
+    Decoding, sampling, near-duplicate skipping and preprocessing of one source, in order; the
+    threaded ``Reader`` and the Ray decode tasks (``indexing.distributed``) both run this.
+    """
+    run = pool.map if pool is not None else map
+    reader = SourceReader(src, sampling, batch_size)
+    filt = DuplicateFilter(dedup)
+    try:
+        for frames in reader.batches():
+            kept, hashes = [], []
+            for f, h in zip(frames, run(phash, [f.image for f in frames])):
+                if filt.keep(h):  # sequential: each decision depends on the last kept frame
+                    kept.append(f)
+                    hashes.append(h.signed)
+            pixels = _preprocess([f.image for f in kept], preprocess, run, workers) if kept else None
+            yield _Batch(src, [f.frame_idx for f in kept], [f.pts_time for f in kept], [f.path for f in kept],
+                         hashes, pixels, len(frames))
+    except InputError as exc:
+        log.warning("skip %s", exc)
+        yield _Failed(src, str(exc))
+        return
+    yield _Done(src, filt.skipped, reader.skipped)
+
+
+def _preprocess(images: list, preprocess: Callable, run: Callable = map, workers: int = 1):
+    import torch
+
+    step = max(1, -(-len(images) // max(1, workers)))
+    chunks = [images[i : i + step] for i in range(0, len(images), step)]
+    return torch.cat(list(run(preprocess, chunks)))
 
 
 def _lower_priority() -> None:
@@ -244,6 +269,7 @@ def index_paths(
     encoder: Any,
     options: IndexOptions = IndexOptions(),
     on_commit: Optional[Callable[[list], None]] = None,
+    stages: Optional[Callable] = None,
 ) -> IndexReport:
     """Index videos / keyframe folders / image folders under ``paths`` into ``index_dir``.
 
@@ -251,20 +277,27 @@ def index_paths(
         encoder: an ``encoders.Encoder``, or a zero-argument callable returning one (called only
             after the inputs were found, so a missing folder fails before the model loads).
         on_commit: called with the committed source keys after every commit (progress hooks, tests).
+        stages: ``(store, todo, encoder, options, report, on_commit) -> new shard names``, the part that
+            encodes and commits the sources still to do (default: the threaded reader/encoder of this
+            process; ``indexing.distributed.index_paths_ray`` passes its Ray version).
 
     Raises:
         InputError: nothing could be indexed (every input missing, empty or unreadable).
         IndexMismatchError: the index was built with another model or merge config.
     """
     t_start = time.perf_counter()
-    sources, bad = discover([Path(p) for p in paths])
+    sources, bad = discover([Path(p) for p in paths], options.release_parts)
     for b in bad:
         log.warning("skip %s: %s", b.path, b.reason)
+    unmapped = [s for s in sources if s.kind == "keyframes" and s.map_csv is None]
+    for s in unmapped:
+        log.warning("%s", aic.unmapped_warning(s.video_id, s.path))
     if not hasattr(encoder, "describe"):
         encoder = encoder()
         t_start = time.perf_counter()  # the run's wall time leaves out loading the model
     identity = encoder.describe()
-    report = IndexReport(str(index_dir), sources_found=len(sources), failed=list(bad))
+    report = IndexReport(str(index_dir), sources_found=len(sources), failed=list(bad),
+                         unmapped=[s.video_id for s in unmapped])
     with IndexStore.open_for_write(Path(index_dir), identity, options.index_type, options.force) as store:
         faiss_was_current = store.faiss_is_current()
         todo = [s for s in sources if not store.is_current(s.key, s.fingerprint, recipe_for(s, options))]
@@ -272,11 +305,15 @@ def index_paths(
         replaced = any(s.key in store.manifest.sources for s in todo)
         if todo:
             log.info("%d source(s) to index, %d up to date", len(todo), report.up_to_date)
-        new_shards = _run_stages(store, todo, encoder, options, report, on_commit) if todo else []
+        new_shards = (stages or _run_stages)(store, todo, encoder, options, report, on_commit) if todo else []
         t0 = time.perf_counter()
         _refresh_faiss(store, new_shards, faiss_was_current and not replaced, options)
         report.times.faiss_s = time.perf_counter() - t0
         report.vectors_total = store.manifest.counts()["vectors"]
+        have = set(aic.load_video_meta(Path(index_dir)))
+        report.metadata = aic.write_release_metadata(
+            Path(index_dir), sources, options.release_parts, {s.video_id for s in sources if s.video_id not in have}
+            | set(report.indexed))
     report.times.wall_s = time.perf_counter() - t_start
     if not report.indexed and not report.up_to_date:
         reasons = "; ".join(f"{Path(b.path).name}: {b.reason}" for b in report.failed[:5])
