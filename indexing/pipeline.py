@@ -31,6 +31,7 @@ from indexing.faiss_index import add_to_index, build_index, load_index, save_ind
 from indexing.sampling import Sampling
 from indexing.sources import BadInput, MediaSource, SourceReader, discover
 from indexing.store import EncodedSource, IndexStore
+from indexing.thumbs import ThumbCollector, ensure_thumbs, make_jpeg
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ class _Batch:
     hashes: list
     pixels: Any  # preprocessed tensor [B,3,H,W] or None when every frame was a duplicate
     sampled: int
+    thumbs: list = field(default_factory=list)  # JPEG thumbnail of each kept frame (indexing.thumbs)
 
 
 @dataclass
@@ -227,7 +229,7 @@ def read_source(src: MediaSource, sampling: Sampling, dedup: Dedup, preprocess: 
                     hashes.append(h.signed)
             pixels = _preprocess([f.image for f in kept], preprocess, run, workers) if kept else None
             yield _Batch(src, [f.frame_idx for f in kept], [f.pts_time for f in kept], [f.path for f in kept],
-                         hashes, pixels, len(frames))
+                         hashes, pixels, len(frames), thumbs=list(run(make_jpeg, [f.image for f in kept])))
     except InputError as exc:
         log.warning("skip %s", exc)
         yield _Failed(src, str(exc))
@@ -310,6 +312,7 @@ def index_paths(
         _refresh_faiss(store, new_shards, faiss_was_current and not replaced, options)
         report.times.faiss_s = time.perf_counter() - t0
         report.vectors_total = store.manifest.counts()["vectors"]
+        ensure_thumbs(store)  # packs a killed run or an older version did not write (decodes those frames again)
         have = set(aic.load_video_meta(Path(index_dir)))
         report.metadata = aic.write_release_metadata(
             Path(index_dir), sources, options.release_parts, {s.video_id for s in sources if s.video_id not in have}
@@ -329,6 +332,7 @@ def _run_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
                     options.read_workers)
     bars = _Bars(len(todo)) if options.progress else None
     partial: dict = {}  # source key -> list of (batch, vectors)
+    thumbs = ThumbCollector()  # written beside each shard right after its commit
     buffer: list = []
     new_shards: list = []
     last_commit = time.perf_counter()
@@ -336,8 +340,9 @@ def _run_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
     def commit() -> None:
         nonlocal buffer, last_commit
         t0 = time.perf_counter()
-        store.commit(buffer, settings)
+        ids = store.commit(buffer, settings)
         new_shards.append(f"part-{store.manifest.next_shard - 1:05d}")
+        thumbs.write(store.root, new_shards[-1], buffer, ids)
         report.times.write_s += time.perf_counter() - t0
         keys = [e.key for e in buffer]
         buffer, last_commit = [], time.perf_counter()
@@ -352,6 +357,7 @@ def _run_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
                 break
             if isinstance(item, _Batch):
                 report.frames_sampled += item.sampled
+                thumbs.add(item.source.key, item.thumbs)
                 if item.pixels is not None:
                     t0 = time.perf_counter()
                     vecs = encoder.encode_image_tensor(item.pixels).cpu().numpy()
@@ -362,6 +368,7 @@ def _run_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
                     bars.frames(item.sampled)
             elif isinstance(item, _Failed):
                 partial.pop(item.source.key, None)
+                thumbs.drop(item.source.key)
                 report.failed.append(BadInput(str(item.source.path), item.reason.split(": ", 1)[-1]))
                 if bars:
                     bars.source_done()

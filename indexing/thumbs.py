@@ -212,6 +212,8 @@ class ThumbCollector:
 
     def write(self, root: Path, shard: str, items: Sequence, ids: np.ndarray) -> bool:
         """Write the pack of ``shard`` from ``items`` (``EncodedSource`` in commit order); False if incomplete."""
+        if len(ids) == 0:
+            return False
         jpegs: list[bytes] = []
         complete = True
         with self._lock:

@@ -46,7 +46,7 @@ def test_sample_videos_are_indexed_with_the_right_counts(sample_index):  # noqa:
     assert [f for f, _ in bikes] == list(range(0, 250, 25))
     assert [t for _, t in bikes] == pytest.approx([f / 25 for f, _ in bikes], abs=1e-3)
     assert load_index(index_dir / "index.faiss").ntotal == report.vectors_total
-    assert sorted(p.name for p in index_dir.iterdir()) == [".lock", "emb", "index.faiss", "manifest.json", "meta"]
+    assert sorted(p.name for p in index_dir.iterdir()) == [".lock", "emb", "index.faiss", "manifest.json", "meta", "thumbs"]
 
 
 def test_reindexing_the_same_videos_adds_nothing(sample_index, encoder, sample_videos):  # noqa: F811
