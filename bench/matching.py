@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import time
 from typing import Any, Iterator, Sequence
@@ -76,10 +77,10 @@ def matcher_timer(device: str) -> Iterator[dict]:
     """Wrap every registered matcher so the seconds spent inside it are summed."""
     import torch
 
-    from encoders.merging import MATCHERS
+    from encoders.merging import REGISTRY
 
     spent = {"s": 0.0, "calls": 0}
-    originals = dict(MATCHERS)
+    originals = dict(REGISTRY)
 
     def wrap(fn):
         def timed(*args, **kwargs):
@@ -93,15 +94,14 @@ def matcher_timer(device: str) -> Iterator[dict]:
             spent["calls"] += 1
             return out
 
-        timed.needs = getattr(fn, "needs", "keys")
         return timed
 
     try:
-        for k, fn in originals.items():
-            MATCHERS[k] = wrap(fn)
+        for k, spec in originals.items():
+            REGISTRY[k] = dataclasses.replace(spec, target=wrap(spec.fn))
         yield spent
     finally:
-        MATCHERS.update(originals)
+        REGISTRY.update(originals)
 
 
 def end_to_end(
@@ -290,7 +290,7 @@ def edge_quality(
     import torch
 
     from encoders import MergeConfig, apply_merging, remove_merging
-    from encoders.merging import MATCHERS, bipartite_partners, bipartite_soft_matching, lsh_partners, lsh_soft_matching
+    from encoders.merging import REGISTRY, bipartite_partners, bipartite_soft_matching, lsh_partners, lsh_soft_matching
     from eval.reference import load_reference
     from eval.timing import time_alternating
 
@@ -301,19 +301,19 @@ def edge_quality(
         pixels = _reference_inputs(side)
         n = model.patch_embed.num_patches + 1
         calls = []
-        original = MATCHERS["bipartite"]
+        original = REGISTRY["bipartite"]
 
         def recording(metric, r, *args, **kwargs):
             calls.append((metric.detach().clone(), r, kwargs.get("size"), kwargs.get("protected")))
-            return original(metric, r, *args, **kwargs)
+            return original.fn(metric, r, *args, **kwargs)
 
-        MATCHERS["bipartite"] = recording
+        REGISTRY["bipartite"] = dataclasses.replace(original, target=recording)
         try:
             apply_merging(model, f"r={max(1, n // r_div)}")
             with torch.inference_mode():
                 model(pixels)
         finally:
-            MATCHERS["bipartite"] = original
+            REGISTRY["bipartite"] = original
             remove_merging(model)
         exact = []  # bipartite's top-r edges and their mean cosine, once per recorded call
         for metric, r, size, protected in calls:

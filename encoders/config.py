@@ -11,13 +11,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Tuple, Union
 
+from encoders.merging.registry import REGISTRY, get_spec
 from errors import ConfigError
 
-METHODS = ("none", "bipartite", "lsh", "importance", "zerotprune")
+METHODS = ("none", *REGISTRY)  # every registered method (encoders/merging/registry.py)
 SCHEDULES = ("constant", "decreasing")
-# Methods whose matcher can take at most half of the unprotected tokens per layer (each merge
-# needs a partner from the other half); the importance methods can merge more.
-_BIPARTITE_LIKE = ("bipartite", "lsh")
 _BOOL_TRUE = ("1", "true", "on", "yes")
 _BOOL_FALSE = ("0", "false", "off", "no")
 
@@ -62,8 +60,8 @@ class MergeConfig:
     layers: Tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"merge method={self.method!r} is not valid; choose one of: {', '.join(METHODS)}")
+        if self.method != "none" and self.method not in REGISTRY:
+            raise ConfigError(f"merge method={self.method!r} is not valid; choose one of: none, {', '.join(REGISTRY)}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"merge schedule={self.schedule!r} is not valid; choose one of: {', '.join(SCHEDULES)}")
         rs = self.r if isinstance(self.r, tuple) else (self.r,)
@@ -80,10 +78,12 @@ class MergeConfig:
             raise ConfigError(f"merge lsh_bits={self.lsh_bits} is not valid; it must be <= 30")
         if self.keep is not None and not (0.0 < self.keep <= 1.0):
             raise ConfigError(f"merge keep={self.keep} is not valid; give a fraction in (0, 1]")
-        if self.prune and self.method != "zerotprune":
-            raise ConfigError(f"merge prune=on applies to method=zerotprune, not method={self.method}")
-        if self.keep is not None and self.method in _BIPARTITE_LIKE:
-            raise ConfigError(f"merge keep= applies to importance and zerotprune, not method={self.method}; use r=")
+        if self.prune and (not self.enabled or "prune" not in self.spec.config_keys):
+            users = [s.name for s in REGISTRY.values() if "prune" in s.config_keys]
+            raise ConfigError(f"merge prune=on applies to method={'|'.join(users)}, not method={self.method}")
+        if self.keep is not None and self.enabled and self.spec.bipartite_bounded:
+            users = [s.name for s in REGISTRY.values() if not s.bipartite_bounded]
+            raise ConfigError(f"merge keep= applies to {' and '.join(users)}, not method={self.method}; use r=")
 
     # ------------------------------------------------------------------ parsing / printing
     @classmethod
@@ -127,6 +127,15 @@ class MergeConfig:
             lsh_bits=self.lsh_bits, lsh_tables=self.lsh_tables, lsh_window=self.lsh_window,
             lsh_chunk=self.lsh_chunk or None, seed=self.seed,
         )
+
+    def matcher_options(self) -> dict[str, Any]:
+        """The keyword options this config gives its method's matcher (from its ``MatcherSpec``)."""
+        return self.spec.options(self) if self.enabled else {}
+
+    @property
+    def spec(self):
+        """The method's ``MatcherSpec`` (``encoders.merging.registry``)."""
+        return get_spec(self.method)
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -178,7 +187,7 @@ class MergeConfig:
         tokens for bipartite-like methods; the importance methods keep at least one)."""
         free = num_tokens - protected
         r = free - max(1, int(round(free * self.keep))) if wanted is None else wanted
-        limit = free // 2 if self.method in _BIPARTITE_LIKE else max(free - 1, 0)
+        limit = free // 2 if (not self.enabled or self.spec.bipartite_bounded) else max(free - 1, 0)
         return max(0, min(r, limit))
 
 

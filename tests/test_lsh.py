@@ -12,8 +12,8 @@ from tests.test_merging import merged_pairs
 
 
 def _pairs(matcher, metric, r, **opts):
-    merge, _ = matcher(metric.double(), r, **opts)
-    return merged_pairs(merge, metric.shape[1]), merge
+    result = matcher(metric.double(), r, **opts)
+    return merged_pairs(result.merge, metric.shape[1]), result
 
 
 def test_few_bits_many_tables_agree_with_bipartite():
@@ -32,7 +32,7 @@ def test_more_bits_find_fewer_partners():
     metric = torch.randn(1, 129, 64, generator=torch.Generator().manual_seed(1))
     counts = {}
     for bits in (1, 8, 16):
-        _, merge = _pairs(lsh_soft_matching, metric, 64, lsh_bits=bits, lsh_tables=2, lsh_window=129)
+        _, merge = _pairs(lsh_soft_matching, metric, 64, lsh_bits=bits, lsh_tables=2, lsh_window=129, fallback=False)
         counts[bits] = int(merge.num_merged)
     assert counts[1] > counts[8] > counts[16]
     assert counts[16] < 64  # fewer than r found: merged fewer, and the count says so
@@ -63,8 +63,8 @@ def test_batch_rows_equal_single_rows_even_with_shortfall():
     g = torch.Generator().manual_seed(4)
     metric = torch.randn(4, 65, 32, generator=g)
     x = torch.randn(4, 65, 8, generator=g)
-    opts = dict(lsh_bits=6, lsh_tables=2, lsh_window=8)
-    merge, _ = lsh_soft_matching(metric, 24, **opts)
+    opts = dict(lsh_bits=6, lsh_tables=2, lsh_window=8, fallback=False)
+    merge = lsh_soft_matching(metric, 24, **opts)
     y, s = merge_wavg(merge, x)
     counts = merge.num_merged.tolist()
     assert len(set(counts)) > 1, counts  # images merged different numbers: padding is exercised
@@ -211,5 +211,5 @@ def test_cuda_search_equals_cpu_tensor_code():
     got_b, got_p, _ = lsh_partners(metric.cuda(), size=size.cuda())
     torch.testing.assert_close(got_b.cpu(), want_b, rtol=0, atol=1e-12)
     assert torch.equal(got_p.cpu(), want_p)
-    merge, _ = lsh_soft_matching(metric.cuda().float(), 256)
-    assert 1025 - 256 <= merge.width < 1025  # r merged, or fewer when partners ran short
+    merge = lsh_soft_matching(metric.cuda().float(), 256)
+    assert merge.width == 1025 - 256  # r merged: fallback edges make up a shortfall

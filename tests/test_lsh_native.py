@@ -92,8 +92,8 @@ def test_broken_compiler_falls_back_with_a_reason(fresh_native, monkeypatch):
     assert lsh_native.load() is None
     assert lsh_native.reason()
     assert not list(fresh_native.glob("*.so"))  # nothing half-written is left in the cache
-    merge, _ = lsh_soft_matching(torch.randn(1, 65, 16), 8)
-    assert int(merge.num_merged) > 0
+    merge = lsh_soft_matching(torch.randn(1, 65, 16), 8)
+    assert int(merge.num_merged) == 8
 
 
 @native
@@ -137,7 +137,7 @@ def test_half_precision_cpu_metrics_are_scored_by_the_kernel_in_float32(dtype):
     assert best.dtype == torch.float32
     assert torch.equal(best, want_b) and torch.equal(partner, want_p)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # as inside a bf16 encoder forward
-        merge, _ = lsh_soft_matching(metric, 32)
+        merge = lsh_soft_matching(metric, 32)
     assert int(merge.num_merged.min()) == 32
 
 

@@ -136,7 +136,7 @@ def test_top_r_set_equals_first_r_of_a_stable_sort_with_ties_and_no_partner():
     best = (torch.randn(3, 41, generator=g) * 2).round()  # many exact ties, also at the r-th score
     best[0, :30] = float("-inf")  # image 0: fewer scored edges than r
     partner = torch.zeros(3, 41, dtype=torch.long)
-    merge, _ = assign_top_r(best, partner, 15, 81)
+    merge = assign_top_r(best, partner, 15, 81)
     order = torch.sort(best, dim=-1, descending=True, stable=True).indices[:, :15]
     want = torch.zeros_like(best, dtype=torch.bool).scatter_(1, order, True) & (best > float("-inf"))
     eye = torch.eye(81, dtype=torch.float64)[None].expand(3, -1, -1)

@@ -95,8 +95,8 @@ def _random_case(batch=3, n=13, c=8, heads=2, seed=0):
 @pytest.mark.parametrize("r", [1, 4, 9])
 def test_importance_matches_naive_loop(r):
     metric, x, size, attn = _random_case()
-    merge, _ = importance_merging(metric, r, size=size, attn=attn[:, :, :1])
-    out_x, out_s = merge_wavg(merge, x, size, merge.weight)
+    merge = importance_merging(metric, r, size=size, attn=attn[:, :, :1])
+    out_x, out_s = merge_wavg(merge, x, size)
     for b in range(3):
         ref_x, ref_s = naive_importance(metric[b], x[b], size[b], attn[b, :, 0].mean(0), r)
         torch.testing.assert_close(out_x[b], ref_x)
@@ -122,7 +122,7 @@ def test_token_receiving_all_class_attention_ranks_first():
     attn[..., 6] = 1.0
     metric = torch.randn(1, n, 4, generator=torch.Generator().manual_seed(0))
     assert keep_top(attn[:, :, 0].mean(1), n - 2, 1, None)[0].nonzero().flatten().tolist() == [0, 6]
-    merge, _ = importance_merging(metric, n - 2, attn=attn)
+    merge = importance_merging(metric, n - 2, attn=attn)
     members = merge(torch.eye(n)[None])[0]  # [width, n]: which inputs each slot holds
     assert merge.width == 2
     assert members[0].nonzero().flatten().tolist() == [0]  # the class token alone, first
@@ -146,11 +146,11 @@ def test_padding_is_never_kept_and_padded_image_computes_what_it_computes_alone(
     attn[1, :, :, 9:] = 0
     attn[1, :, :9, :9] /= attn[1, :, :9, :9].sum(-1, keepdim=True)  # real rows attend only to real tokens
     a = attn[:, :, :1] if method == "importance" else attn
-    merge, _ = MATCHERS[method](metric, 3, size=size, attn=a)
-    out_x, out_s = merge_wavg(merge, x, size, getattr(merge, "weight", None))
+    merge = MATCHERS[method](metric, 3, size=size, attn=a)
+    out_x, out_s = merge_wavg(merge, x, size)
     alone_a = attn[1:, :, :9, :9][:, :, :1] if method == "importance" else attn[1:, :, :9, :9]
-    m1, _ = MATCHERS[method](metric[1:, :9], 3, size=size[1:, :9], attn=alone_a)
-    ref_x, ref_s = merge_wavg(m1, x[1:, :9], size[1:, :9], getattr(m1, "weight", None))
+    m1 = MATCHERS[method](metric[1:, :9], 3, size=size[1:, :9], attn=alone_a)
+    ref_x, ref_s = merge_wavg(m1, x[1:, :9], size[1:, :9])
     assert merge.padded and merge.width == 9 and merge.num_merged.tolist() == [3, 3]
     torch.testing.assert_close(out_x[1, :6], ref_x[0])
     torch.testing.assert_close(out_s[1, :6], ref_s[0])

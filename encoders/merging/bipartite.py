@@ -6,7 +6,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from encoders.merging.core import MergeFn, assign_top_r, identity_merge, protect, real_mask
+from encoders.merging.core import assign_top_r, identity_merge, protect, real_mask
+from encoders.merging.registry import MergeResult
 
 
 def protected_count(class_token: bool, protected: Optional[int]) -> int:
@@ -23,7 +24,7 @@ def bipartite_soft_matching(
     protected: Optional[int] = None,
     padded: Optional[bool] = None,
     **_: object,
-) -> Tuple[MergeFn, MergeFn]:
+) -> MergeResult:
     """Merge r tokens: each A token's most similar B token (cosine), top-r edges.
 
     Args:
@@ -38,9 +39,9 @@ def bipartite_soft_matching(
     keep_first = protected_count(class_token, protected)
     r = min(r, (n - keep_first) // 2)
     if r <= 0:
-        return identity_merge()
+        return identity_merge(n)
     best, partner, real = bipartite_partners(metric, class_token, size=size, protected=protected, padded=padded)
-    return assign_top_r(best, partner, r, n, real, exact_r=real is None)
+    return assign_top_r(best, partner, r, n, real, exact_r=real is None, protected=keep_first)
 
 
 @torch.no_grad()

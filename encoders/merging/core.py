@@ -2,36 +2,42 @@
 ``merge`` / ``unmerge`` closures, plus the size-weighted average.
 
 Tokens are split alternately: A = positions 0, 2, 4, ...; B = positions 1, 3, 5, ... A merged A
-token is added into its B partner; the output is ``[unmerged A in position order, all B]`` (as in
-ToMe). Each input token gets an output *slot*; ``merge`` scatters tokens into their slots.
+token is added into its B partner; the output is ``[the P protected prefix tokens in place,
+unmerged A in position order, all B]`` -- ToMe's ``[unmerged A, all B]`` for a class token
+(P = 1) and its distillation-token order for P = 2, so that every prefix token (class, distillation,
+register tokens) keeps its position in every block. Each input token gets an output *slot*;
+``merge`` scatters tokens into their slots.
 
-Batches stay rectangular even when images merge different numbers of tokens (the hashed matcher
-can find fewer than r partners for one image): the output is as wide as the widest image and the
-spare slots are *padding* with size 0. Proportional attention gives a size-0 key the bias
+Output widths are static (``num_tokens - r``, known without reading the device) whenever the
+input holds no padding, which is always the case inside a patched model. Inputs that do hold
+padding (size-0 rows, from direct callers) keep batches rectangular: the output is as wide as the
+widest image and the spare slots are *padding* with size 0. Proportional attention gives a size-0 key the bias
 log(0) = -inf, size-weighted pooling gives it weight 0, and matchers never pick it, so padding is
 invisible: a padded image computes exactly what it computes alone.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional
 
 import torch
+
+from encoders.merging.registry import MergeResult
 
 MergeFn = Callable[..., torch.Tensor]
 NEG_INF = float("-inf")
 
 
-def identity_merge() -> Tuple[MergeFn, MergeFn]:
+def identity_merge(num_tokens: int = 0) -> MergeResult:
+    """The result of a layer that merges nothing."""
+
     def merge(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
         return x
 
     def unmerge(x: torch.Tensor) -> torch.Tensor:
         return x
 
-    merge.width = None  # type: ignore[attr-defined]
-    merge.num_merged = 0  # type: ignore[attr-defined]
-    return merge, unmerge
+    return MergeResult(merge, unmerge, num_tokens, 0, identity=True)
 
 
 def real_mask(size: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -60,7 +66,8 @@ def assign_top_r(
     num_tokens: int,
     real: Optional[torch.Tensor] = None,
     exact_r: bool = False,
-) -> Tuple[MergeFn, MergeFn]:
+    protected: int = 0,
+) -> MergeResult:
     """Merge the r A tokens with the highest ``best`` score into their ``partner`` B tokens.
 
     Args:
@@ -71,6 +78,7 @@ def assign_top_r(
         real: [B, N] non-padding mask, or None when there is no padding.
         exact_r: the caller guarantees r valid edges in every image and no padding, so the output
             width is N - r without a device sync.
+        protected: leading prefix tokens, kept first and in place (see the module doc).
     """
     # The r best edges as a set, ties at the r-th score going to the earlier A tokens: exactly the
     # first r of a stable descending sort (the naive loop's rule), without sorting all N/2 scores.
@@ -81,7 +89,9 @@ def assign_top_r(
     room = r - above.sum(dim=-1, keepdim=True)
     merged_a = above | (tied & (tied.cumsum(dim=-1) <= room))
     merged_a &= best > NEG_INF  # A tokens without a partner never merge
-    return merge_from_assignment(merged_a, partner, num_tokens, real, width=num_tokens - r if exact_r else None)
+    return merge_from_assignment(
+        merged_a, partner, num_tokens, real, width=num_tokens - r if exact_r else None, protected=protected
+    )
 
 
 def merge_from_assignment(
@@ -90,7 +100,8 @@ def merge_from_assignment(
     num_tokens: int,
     real: Optional[torch.Tensor] = None,
     width: Optional[int] = None,
-) -> Tuple[MergeFn, MergeFn]:
+    protected: int = 0,
+) -> MergeResult:
     """Build ``merge``/``unmerge`` from a per-A-token "merged into partner" decision.
 
     Args:
@@ -99,19 +110,27 @@ def merge_from_assignment(
         num_tokens: N.
         real: [B, N] non-padding mask or None.
         width: output width when known without a sync (no padding, equal counts).
+        protected: the first ``protected`` tokens (never merged, never merged into) keep slots
+            0..protected-1; then come the unmerged A tokens, then the B tokens.
     """
     batch, num_a = merged_a.shape
     num_b = num_tokens - num_a
-    keep = torch.cat([~merged_a, torch.ones(batch, num_b, dtype=torch.bool, device=merged_a.device)], dim=1)
+    dev = merged_a.device
+    pa, pb = (protected + 1) // 2, protected // 2  # protected tokens among A and among B
+    keep = torch.cat([~merged_a[:, pa:], torch.ones(batch, num_b - pb, dtype=torch.bool, device=dev)], dim=1)
     if real is not None:
-        keep &= torch.cat([real[:, 0::2], real[:, 1::2]], dim=1)
-    slot_ord = keep.cumsum(dim=1) - 1
-    kept = slot_ord[:, -1] + 1
+        keep &= torch.cat([real[:, 0::2][:, pa:], real[:, 1::2][:, pb:]], dim=1)
+    slot_ord = keep.cumsum(dim=1) + (protected - 1)
     padded = False
     if width is None:  # one device sync: the widest image sets the width, narrower ones get padding
+        kept = slot_ord[:, -1] + 1
         fewest, width = torch.stack(kept.aminmax()).tolist()
         padded = fewest < width
-    slot_a, slot_b = slot_ord[:, :num_a], slot_ord[:, num_a:]
+    slot_a, slot_b = slot_ord[:, : num_a - pa], slot_ord[:, num_a - pa :]
+    if protected:  # prefix tokens keep their own positions as slots
+        prefix = torch.arange(protected, device=dev).expand(batch, protected)
+        slot_a = torch.cat([prefix[:, 0::2], slot_a], dim=1)
+        slot_b = torch.cat([prefix[:, 1::2], slot_b], dim=1)
     slot_a = torch.where(merged_a, slot_b.gather(1, partner), slot_a)
     dump = real is not None
     if dump:  # padding of the input goes to an extra slot that is dropped
@@ -130,7 +149,7 @@ def merge_from_slots(
     num_merged: Any,
     padded: bool,
     live: Optional[torch.Tensor] = None,
-) -> Tuple[MergeFn, MergeFn]:
+) -> MergeResult:
     """``merge``/``unmerge`` closures from the output slot of every input token.
 
     Args:
@@ -168,23 +187,24 @@ def merge_from_slots(
         out = x.gather(1, slot.clamp(max=width - 1).unsqueeze(-1).expand(b, num_tokens, c))
         return out if live is None else out * live[..., None].to(out.dtype)
 
-    merge.width = width  # type: ignore[attr-defined]
-    merge.num_merged = num_merged  # type: ignore[attr-defined]
-    merge.padded = padded  # type: ignore[attr-defined]
-    return merge, unmerge
+    return MergeResult(merge, unmerge, width, num_merged, padded)
 
 
 def merge_wavg(
-    merge: MergeFn, x: torch.Tensor, size: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    merge: Any, x: torch.Tensor, size: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None
+) -> "tuple[torch.Tensor, torch.Tensor]":
     """Weighted average of merged tokens; returns (x, size) with sizes summed.
 
     Args:
-        merge: from a matcher.
+        merge: a matcher's ``MergeResult`` (its ``weight`` is used when ``weight`` is None) or
+            its ``merge`` function.
         x: [B, N, C] tokens.
         size: [B, N, 1] tokens represented by each row (None: all ones).
         weight: [B, N, 1] averaging weights (None: the sizes, as in ToMe).
     """
+    if isinstance(merge, MergeResult):
+        weight = merge.weight if weight is None else weight
+        merge = merge.merge
     if size is None:
         size = torch.ones_like(x[..., :1])
     w = size if weight is None else weight

@@ -20,7 +20,8 @@ from typing import Optional, Tuple
 import torch
 
 from encoders.merging.bipartite import protected_count
-from encoders.merging.core import NEG_INF, MergeFn, identity_merge, merge_from_slots, real_mask
+from encoders.merging.core import NEG_INF, identity_merge, merge_from_slots, real_mask
+from encoders.merging.registry import MergeResult
 from errors import ConfigError, UnsupportedModelError
 
 # Floor of the normalized importance used as an averaging weight: a token the class token ignores
@@ -34,7 +35,7 @@ def assignment_from_keep(
     real: Optional[torch.Tensor] = None,
     width: Optional[int] = None,
     drops: bool = False,
-) -> Tuple[MergeFn, MergeFn]:
+) -> MergeResult:
     """``merge``/``unmerge`` closures for "kept tokens keep a slot, the others join a kept one".
 
     The output holds the kept tokens in their original order (so a class token at position 0
@@ -140,7 +141,7 @@ def importance_merging(
     padded: Optional[bool] = None,
     attn: Optional[torch.Tensor] = None,
     **_: object,
-) -> Tuple[MergeFn, MergeFn]:
+) -> MergeResult:
     """Keep the N - r tokens the class token attends to most; merge each other token into its
     most similar kept token, weighted by importance.
 
@@ -155,20 +156,20 @@ def importance_merging(
         attn: class-token attention probabilities [B, H, 1, N] (or the full [B, H, N, N]).
 
     Returns:
-        (merge, unmerge); ``merge.weight`` holds the importance weights for ``merge_wavg``.
+        ``MergeResult`` whose ``weight`` holds the importance weights for ``merge_wavg``.
     """
     batch, n, _ = metric.shape
     keep_first = protected_count(class_token, protected)
     r = min(r, n - keep_first - 1)
     if r <= 0:
-        return identity_merge()
+        return identity_merge(n)
     if keep_first == 0:
         raise UnsupportedModelError(
             "method=importance scores tokens by the class token's attention, but this model has no class token; "
             "use method=zerotprune (attention-graph importance) or method=bipartite"
         )
     if attn is None:
-        raise ConfigError("method=importance needs the class-token attention (matcher.needs='cls_attn'); "
+        raise ConfigError("method=importance needs the class-token attention (its MatcherSpec needs='cls_attn'); "
                           "run it through encoders.apply_merging, which provides it")
     real = real_mask(size)
     if padded is None:
@@ -177,10 +178,7 @@ def importance_merging(
     importance = class_attention(attn)
     keep = keep_top(importance, r, keep_first, real)
     _, partner = most_similar_kept(metric, keep, keep_first, real)
-    merge, unmerge = assignment_from_keep(keep, partner, real, width=None if padded else n - r)
-    merge.weight = importance_weight(importance, size, metric.dtype)  # type: ignore[attr-defined]
-    merge.importance = importance  # type: ignore[attr-defined]
-    return merge, unmerge
-
-
-importance_merging.needs = "cls_attn"  # type: ignore[attr-defined]
+    result = assignment_from_keep(keep, partner, real, width=None if padded else n - r)
+    result.weight = importance_weight(importance, size, metric.dtype)
+    result.importance = importance
+    return result

@@ -16,14 +16,18 @@ full matrix; with ``window >= N/2`` the search is exhaustive within buckets. The
 are scored in slabs of about 2 MiB so they are read back from cache, not from memory.
 
 Edges are then chosen exactly as in bipartite matching (top-r by cosine) and merged with the same
-size-weighted average; an A token with no bucket-mate in B scores -inf and is never merged, so an
-image can merge fewer than r tokens (reported, never hidden).
+size-weighted average. An A token with no bucket-mate in B scores -inf in the search; so that every
+image still merges exactly r tokens (a static output width, no device read), ``lsh_soft_matching``
+gives such tokens a *fallback* edge: their most similar token among ``FALLBACK_B`` B tokens spread
+evenly over the sequence, ranked below every bucket edge. Fallback edges are used only when an
+image has fewer than r bucket edges; how many were used is reported (``MergeResult.fallback``).
 
-Two implementations compute the same partners. On CPU with a float32 metric (or bf16/fp16, scored
-in float32) the search runs in a fused C kernel (``lsh_kernel.c``, built on first use by
-``lsh_native``; one pass per image and table on torch's OpenMP threads). Otherwise (GPU, float64,
-no C compiler) it runs as tensor code below; there the keys are sorted by NumPy's radix sort on
-CPU (``kind="stable"``, several times faster than a comparison sort at these sizes) and by
+Two implementations compute the same partners. In eager mode on CPU with a float32 metric (or
+bf16/fp16, scored in float32) the search runs in a fused C kernel (``lsh_kernel.c``, built on first
+use by ``lsh_native``; one pass per image and table on torch's OpenMP threads). Otherwise (GPU,
+float64, no C compiler, and always under ``torch.compile``) it runs as tensor code below, which
+traces into one graph; there the keys are sorted by NumPy's radix sort in eager CPU runs
+(``kind="stable"``, several times faster than a comparison sort at these sizes) and by
 ``torch.argsort`` elsewhere.
 """
 
@@ -38,7 +42,8 @@ import torch
 
 from encoders.merging import lsh_native
 from encoders.merging.bipartite import protected_count
-from encoders.merging.core import NEG_INF, MergeFn, assign_top_r, identity_merge, real_mask
+from encoders.merging.core import NEG_INF, assign_top_r, identity_merge, real_mask
+from encoders.merging.registry import MergeResult
 
 
 # Metric dtypes the CPU kernel takes (half precision is scored in float32: more exact than the
@@ -46,6 +51,16 @@ from encoders.merging.core import NEG_INF, MergeFn, assign_top_r, identity_merge
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ORDER_RANGE = 4.0  # the ordering projection (N(0, 1) for a unit metric) is quantised on [-4, 4]
 SLAB_ROWS = 8192  # gathered metric rows scored per slab (8192 x 64 fp32 = 2 MiB)
+FALLBACK_B = 16  # B tokens (evenly spread) where an A token without bucket-mate finds its fallback partner
+FALLBACK_OFFSET = 4.0  # fallback scores are cosine - 4 < -3: below every bucket edge's cosine
+
+
+def _compiling() -> bool:
+    """Inside torch.compile tracing: host code (the C kernel, NumPy) would break the graph."""
+    try:
+        return bool(torch.compiler.is_compiling())
+    except AttributeError:  # pragma: no cover - torch < 2.3
+        return False
 
 
 def simhash_planes(dim: int, bits: int, tables: int, seed: int = 0, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -62,7 +77,7 @@ def _cached_planes(dim: int, bits: int, tables: int, seed: int, device: str) -> 
 
 def _argsort_rows(keys: torch.Tensor) -> torch.Tensor:
     """Stable argsort along the last dim (ties keep token order, so results are deterministic)."""
-    if keys.device.type == "cpu" and keys.dtype == torch.int16:
+    if keys.device.type == "cpu" and keys.dtype == torch.int16 and not _compiling():
         return torch.from_numpy(np.argsort(keys.numpy(), axis=-1, kind="stable"))
     return torch.argsort(keys, dim=-1, stable=True)
 
@@ -170,7 +185,7 @@ def lsh_partners(
     real = real_mask(size)
     if real is not None and not (padded if padded is not None else not bool(real.all())):
         real = None  # no padding: nothing to mask
-    if backend != "torch" and dev.type == "cpu" and metric.dtype in _KERNEL_DTYPES and small:
+    if backend != "torch" and dev.type == "cpu" and metric.dtype in _KERNEL_DTYPES and small and not _compiling():
         found = _native_partners(metric, planes, tables, bits, keep_first, real, window, half)
         if found is not None:
             return found[0], found[1], real
@@ -267,6 +282,27 @@ def lsh_partners(
     return best, best_b, real
 
 
+def fallback_partners(
+    metric: torch.Tensor, keep_first: int, count: int = FALLBACK_B
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each A token's most similar B token among ``count`` eligible B tokens spread evenly.
+
+    Static work (``[B, NA, count]`` scores): used for A tokens without a bucket-mate, so that an
+    image always has r edges and the output width never depends on the data.
+    """
+    n = metric.shape[1]
+    num_b = n // 2
+    first = keep_first // 2  # protected B tokens come first
+    free_b = num_b - first
+    count = max(1, min(count, free_b))
+    cols = torch.linspace(first, num_b - 1, count, device=metric.device).round().long()
+    unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    with _full_precision(metric.device):
+        scores = unit[:, 0::2].float() @ unit[:, 1::2].index_select(1, cols).float().transpose(1, 2)
+    val, arg = scores.max(dim=-1)
+    return val, cols[arg]
+
+
 @torch.no_grad()
 def lsh_soft_matching(
     metric: torch.Tensor,
@@ -275,23 +311,40 @@ def lsh_soft_matching(
     *,
     protected: Optional[int] = None,
     attn: Optional[torch.Tensor] = None,
+    fallback: bool = True,
     **options: object,
-) -> Tuple[MergeFn, MergeFn]:
-    """Merge up to r tokens, each A token into its best B bucket-mate (see module doc).
+) -> MergeResult:
+    """Merge r tokens, each A token into its best B bucket-mate (see module doc).
 
     Args:
         metric: [B, N, C] similarity features.
-        r: tokens to remove (at most; fewer when fewer A tokens have a bucket-mate).
+        r: tokens to remove (clamped to half of the unprotected tokens).
         class_token: position 0 is never merged.
         protected: leading prefix tokens never merged (overrides class_token).
         attn: unused; the patches hand it to every matcher and hashing needs none.
+        fallback: A tokens without a bucket-mate get a fallback edge (module doc), so every image
+            merges exactly r tokens and the width is static; False: such images merge fewer and
+            the batch is padded to the widest image (a device read).
         options: ``size``, ``padded`` and the hashing options of ``lsh_partners``
             (``lsh_bits``, ``lsh_tables``, ``lsh_window``, ``lsh_chunk``, ``seed``, ``planes``,
             ``backend``; see ``MergeConfig``).
     """
     n = metric.shape[1]
-    r = min(r, (n - protected_count(class_token, protected)) // 2)
+    keep_first = protected_count(class_token, protected)
+    r = min(r, (n - keep_first) // 2)
     if r <= 0:
-        return identity_merge()
+        return identity_merge(n)
     best, partner, real = lsh_partners(metric, class_token, protected=protected, **options)
-    return assign_top_r(best, partner, r, n, real)
+    missing = None
+    if fallback and real is None:
+        fb_best, fb_partner = fallback_partners(metric, keep_first)
+        missing = best == NEG_INF
+        if keep_first:  # protected A tokens stay without an edge
+            missing[:, : (keep_first + 1) // 2] = False
+        bucket_edges = ((best > NEG_INF) & ~missing).sum(dim=1)
+        best = torch.where(missing, fb_best.to(best.dtype) - FALLBACK_OFFSET, best)
+        partner = torch.where(missing, fb_partner, partner)
+    result = assign_top_r(best, partner, r, n, real, exact_r=missing is not None, protected=keep_first)
+    if missing is not None:
+        result.fallback = (r - bucket_edges).clamp(min=0)  # fallback edges are ranked last
+    return result

@@ -27,8 +27,9 @@ from typing import Optional, Tuple
 import torch
 
 from encoders.merging.bipartite import protected_count
-from encoders.merging.core import NEG_INF, MergeFn, identity_merge, real_mask
+from encoders.merging.core import NEG_INF, identity_merge, real_mask
 from encoders.merging.importance import assignment_from_keep
+from encoders.merging.registry import MergeResult
 from errors import ConfigError
 
 
@@ -97,7 +98,7 @@ def zerotprune_merging(
     iters: int = 5,
     prune: bool = False,
     **_: object,
-) -> Tuple[MergeFn, MergeFn]:
+) -> MergeResult:
     """Remove r tokens: PageRank importance picks the candidates, similarity picks the r removed.
 
     Args:
@@ -112,15 +113,15 @@ def zerotprune_merging(
         prune: drop the removed tokens instead of merging them into their partners.
 
     Returns:
-        (merge, unmerge); ``merge.importance`` holds the [B, N] PageRank scores.
+        ``MergeResult`` whose ``importance`` holds the [B, N] PageRank scores.
     """
     batch, n, _ = metric.shape
     keep_first = protected_count(class_token, protected)
     r = min(r, n - keep_first - 1)
     if r <= 0:
-        return identity_merge()
+        return identity_merge(n)
     if attn is None or attn.dim() != 4 or attn.shape[-2] != n:
-        raise ConfigError("method=zerotprune needs the full attention matrix (matcher.needs='attn'); "
+        raise ConfigError("method=zerotprune needs the full attention matrix (its MatcherSpec needs='attn'); "
                           "run it through encoders.apply_merging, which provides it")
     if iters < 1:
         raise ConfigError(f"merge iters={iters} is not valid; it must be >= 1")
@@ -142,9 +143,6 @@ def zerotprune_merging(
     removed.scatter_(1, order, best.gather(1, order) > NEG_INF)
     keep = ~removed if real is None else (~removed & real)
     dest = torch.full_like(partner, -1) if prune else partner
-    merge, unmerge = assignment_from_keep(keep, dest, real, width=None if padded else n - r, drops=prune)
-    merge.importance = importance  # type: ignore[attr-defined]
-    return merge, unmerge
-
-
-zerotprune_merging.needs = "attn"  # type: ignore[attr-defined]
+    result = assignment_from_keep(keep, dest, real, width=None if padded else n - r, drops=prune)
+    result.importance = importance
+    return result

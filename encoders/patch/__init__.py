@@ -12,7 +12,7 @@ from typing import List, Optional, Union
 import torch
 
 from encoders.config import MergeConfig
-from encoders.merging import simhash_planes
+from encoders.merging import REGISTRY, simhash_planes
 from encoders.patch.common import MergeStats, make_plan, restore_class, swap_class
 from errors import UnsupportedModelError
 
@@ -69,10 +69,10 @@ def apply_merging(model: torch.nn.Module, cfg: Union[MergeConfig, str, None]) ->
         fam.check_vit(root)
         mixins = [fam.MergingTimmBlock] * len(blocks)
         root_mixin, protected = fam.MergingTimmViT, int(root.num_prefix_tokens)
-    if cfg.method == "importance" and protected == 0:
+    if cfg.spec.needs_prefix and protected == 0:
         raise UnsupportedModelError(
-            "method=importance scores tokens by the class token's attention and this model has no class token; "
-            "use method=bipartite, lsh or zerotprune"
+            f"method={cfg.method} scores tokens by the class token's attention and this model has no class token; "
+            f"use method={'|'.join(s.name for s in REGISTRY.values() if not s.needs_prefix)}"
         )
     for block, mixin in zip(blocks, mixins):
         swap_class(block, mixin)

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from encoders.config import MergeConfig
-from encoders.merging import MATCHERS, merge_wavg
+from encoders.merging import merge_wavg
+from encoders.merging.registry import MergeResult
 
 Tensor = torch.Tensor
 
@@ -28,6 +29,7 @@ class MergeStats:
     requested: List[int] = field(default_factory=list)
     tokens: List[int] = field(default_factory=list)
     merged: List[Any] = field(default_factory=list)
+    fallback: List[Any] = field(default_factory=list)
 
     def summary(self) -> dict:
         merged_min, merged_mean = [], []
@@ -44,6 +46,8 @@ class MergeStats:
             "merged_min": merged_min,
             "merged_mean": merged_mean,
             "shortfall": int(sum(r - m for r, m in zip(self.requested, merged_min))),
+            # lsh: merged edges per block (max over the batch) that came from the fallback search
+            "fallback_max": [int(f.max()) if isinstance(f, torch.Tensor) else int(f) for f in self.fallback],
         }
 
 
@@ -52,10 +56,11 @@ class Plan:
     """Everything a block needs to merge in one forward (immutable)."""
 
     matcher: Callable
-    needs: str  # "keys", "cls_attn" or "attn"
+    needs: str  # "keys", "cls_attn" or "attn" (from the method's MatcherSpec)
     prop_attn: bool
     protected: int
     options: dict
+    attn_mode: str = "channel"  # how log(size) reaches the fused attention: "channel" or "mask"
 
 
 @dataclass
@@ -66,14 +71,25 @@ class TokenState:
     padded: bool = False
 
 
-def make_plan(cfg: MergeConfig, protected: int, planes: Optional[Tensor]) -> Plan:
-    matcher = MATCHERS[cfg.method]
-    options = {}
-    if cfg.method == "lsh":
-        options = dict(cfg.lsh_options(), planes=planes)
-    elif cfg.method == "zerotprune":
-        options = dict(iters=cfg.iters, prune=cfg.prune)
-    return Plan(matcher, getattr(matcher, "needs", "keys"), cfg.prop_attn, protected, options)
+def make_plan(cfg: MergeConfig, protected: int, planes: Optional[Tensor], attn_mode: Optional[str] = None) -> Plan:
+    """The plan of one forward: the method's matcher, what it needs and its options."""
+    spec = cfg.spec
+    options = cfg.matcher_options()
+    if planes is not None and "planes" not in options and cfg.method == "lsh":
+        options = dict(options, planes=planes)
+    return Plan(spec.fn, spec.needs, cfg.prop_attn, protected, options, attn_mode or default_attn_mode())
+
+
+def default_attn_mode() -> str:
+    """``channel`` (log(size) inside the dot product, no mask: FlashAttention stays eligible) under
+    torch.compile and on CUDA; on eager CPU the environment variable MERGESEEK_PROP_ATTN=mask|channel
+    chooses (default: channel, measured not slower; see docs/MERGING.md)."""
+    import os
+
+    if torch.compiler.is_compiling():
+        return "channel"
+    mode = os.environ.get("MERGESEEK_PROP_ATTN", "channel").strip().lower()
+    return mode if mode in ("mask", "channel") else "channel"
 
 
 def attention_bias(state: TokenState, prop_attn: bool, dtype: torch.dtype) -> Optional[Tensor]:
@@ -89,6 +105,33 @@ def attention_bias(state: TokenState, prop_attn: bool, dtype: torch.dtype) -> Op
     else:
         return None
     return bias[:, None, None, :].to(dtype)
+
+
+def channel_sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float, dropout_p: float = 0.0) -> Tensor:
+    """Fused attention with an additive per-key bias but no ``attn_mask``.
+
+    ``softmax(q.k * scale + bias_j)`` equals ``softmax(q'.k' * scale)`` with one more channel: 1 in
+    every query, ``bias_j / scale`` in key j (log(size) for proportional attention; log(0) = -inf
+    hides a size-0 key, as the mask did, and 1 * -inf stays -inf). The head dim is padded with
+    zeros to a multiple of 8 (what the flash / memory-efficient kernels take), ``scale`` is passed
+    explicitly (the kernel would otherwise use the padded dim) and the output's extra channels are
+    cut off.
+
+    Args:
+        q, k, v: [B, H, N, D].
+        bias: [B, 1, 1, N] additive key bias, or None (plain fused attention).
+        scale: the attention's own logit scale (usually D ** -0.5).
+    """
+    if bias is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    b, h, n, d = k.shape
+    padded = -(-(d + 1) // 8) * 8
+    key_bias = (bias[:, 0, 0, :].float() / scale).to(k.dtype)[:, None, :, None].expand(b, h, n, 1)
+    q2 = F.pad(torch.cat([q, torch.ones_like(q[..., :1])], dim=-1), (0, padded - d - 1))
+    k2 = F.pad(torch.cat([k, key_bias], dim=-1), (0, padded - d - 1))
+    v2 = F.pad(v, (0, padded - d))
+    out = F.scaled_dot_product_attention(q2, k2, v2, dropout_p=dropout_p, scale=scale)
+    return out[..., :d]
 
 
 def attention_probs(q: Tensor, k: Tensor, bias: Optional[Tensor], scale: float, needs: str) -> Optional[Tensor]:
@@ -111,13 +154,13 @@ def merge_tokens(
     """Run the matcher and merge; returns (x, new state, tokens merged per image)."""
     if r <= 0:
         return x, state, 0
-    merge, _ = plan.matcher(
+    result: MergeResult = plan.matcher(
         metric, r, size=state.size, padded=state.padded, protected=plan.protected, attn=attn, **plan.options
     )
-    if getattr(merge, "width", None) is None:  # nothing to merge (too few tokens)
-        return x, state, 0
-    x, size = merge_wavg(merge, x, state.size, getattr(merge, "weight", None))
-    return x, TokenState(size, getattr(merge, "padded", False)), merge.num_merged
+    if result.identity:  # nothing to merge (too few tokens)
+        return x, state, result
+    x, size = merge_wavg(result, x, state.size)
+    return x, TokenState(size, result.padded), result
 
 
 def run_blocks(blocks: Sequence[torch.nn.Module], x: Tensor, cfg: MergeConfig, plan: Plan) -> Tuple[Tensor, TokenState, MergeStats]:
@@ -130,9 +173,11 @@ def run_blocks(blocks: Sequence[torch.nn.Module], x: Tensor, cfg: MergeConfig, p
         # take more, as the budget allows.
         r = cfg.layer_r(want, int(x.shape[1]), plan.protected)
         stats.requested.append(r)
-        x, state, merged = block.merged_forward(x, state, r, plan)
+        x, state, result = block.merged_forward(x, state, r, plan)
         stats.tokens.append(int(x.shape[1]))
-        stats.merged.append(merged)
+        stats.merged.append(result.num_merged if isinstance(result, MergeResult) else result)
+        fallback = result.fallback if isinstance(result, MergeResult) else None
+        stats.fallback.append(0 if fallback is None else fallback)
     return x, state, stats
 
 
@@ -149,10 +194,17 @@ def sized_max(x: Tensor, size: Optional[Tensor]) -> Tensor:
     return x.masked_fill(size <= 0, float("-inf")).amax(dim=1)
 
 
-def sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], dropout_p: float = 0.0) -> Tensor:
+def sdpa(
+    q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], dropout_p: float = 0.0,
+    scale: Optional[float] = None, mode: str = "mask",
+) -> Tensor:
+    """Fused attention with an additive key bias: as ``attn_mask`` (``mode="mask"``) or as an
+    extra channel of the dot product (``mode="channel"``, :func:`channel_sdpa`; no mask)."""
+    if mode == "channel":
+        return channel_sdpa(q, k, v, bias, q.shape[-1] ** -0.5 if scale is None else scale, dropout_p)
     if bias is not None:
         bias = bias.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
 
 
 _SUBCLASSES: dict = {}

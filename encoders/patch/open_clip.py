@@ -28,21 +28,24 @@ def _heads(t: Tensor, batch: int, n: int, heads: int) -> Tensor:
     return t.reshape(batch, n, heads, -1).transpose(1, 2)
 
 
-def mha_attention(attn: torch.nn.MultiheadAttention, x: Tensor, bias: Optional[Tensor], needs: str):
-    """``nn.MultiheadAttention`` self-attention through the fused kernel with an additive bias.
+def mha_attention(
+    attn: torch.nn.MultiheadAttention, x: Tensor, bias: Optional[Tensor], needs: str, mode: str = "channel"
+):
+    """``nn.MultiheadAttention`` self-attention through the fused kernel with an additive bias
+    (``mode``: how the bias reaches the kernel, see ``common.sdpa``).
 
     Returns (output, metric = head-averaged keys, attention probabilities if ``needs`` them).
     """
     batch, n, c = x.shape
     q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
     q, k, v = (_heads(t, batch, n, attn.num_heads) for t in (q, k, v))
-    out = sdpa(q, k, v, bias, attn.dropout if attn.training else 0.0)
+    out = sdpa(q, k, v, bias, attn.dropout if attn.training else 0.0, mode=mode)
     out = attn.out_proj(out.transpose(1, 2).reshape(batch, n, c))
     probs = attention_probs(q, k, bias, q.shape[-1] ** -0.5, needs)
     return out, k.mean(dim=1), probs
 
 
-def custom_attention(attn, x: Tensor, bias: Optional[Tensor], needs: str):
+def custom_attention(attn, x: Tensor, bias: Optional[Tensor], needs: str, mode: str = "channel"):
     """open_clip's own ``Attention`` (qk-norm, scaled-cosine, head scale, inner norm)."""
     batch, n, c = x.shape
     q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
@@ -57,7 +60,7 @@ def custom_attention(attn, x: Tensor, bias: Optional[Tensor], needs: str):
         probs = None if needs == "keys" else (weights[:, :, :1] if needs == "cls_attn" else weights)
     else:
         q, k = attn.ln_q(q), attn.ln_k(k)
-        out = sdpa(q, k, v, bias, attn.attn_drop.p if attn.training else 0.0)
+        out = sdpa(q, k, v, bias, attn.attn_drop.p if attn.training else 0.0, scale=attn.scale, mode=mode)
         probs = attention_probs(q, k, bias, attn.scale, needs)
     if attn.head_scale is not None:
         out = out * attn.head_scale
@@ -71,7 +74,7 @@ class MergingResidualBlock:
 
     def merged_forward(self, x: Tensor, state: TokenState, r: int, plan: Plan):
         bias = attention_bias(state, plan.prop_attn, x.dtype)
-        h, metric, probs = mha_attention(self.attn, self.ln_1(x), bias, plan.needs if r > 0 else "keys")
+        h, metric, probs = mha_attention(self.attn, self.ln_1(x), bias, plan.needs if r > 0 else "keys", plan.attn_mode)
         x = x + self.ls_1(h)
         x, state, merged = merge_tokens(x, state, metric, probs, r, plan)
         x = x + self.ls_2(self.mlp(self.ln_2(x)))
@@ -83,7 +86,7 @@ class MergingCustomBlock:
 
     def merged_forward(self, x: Tensor, state: TokenState, r: int, plan: Plan):
         bias = attention_bias(state, plan.prop_attn, x.dtype)
-        h, metric, probs = custom_attention(self.attn, self.ln_1(x), bias, plan.needs if r > 0 else "keys")
+        h, metric, probs = custom_attention(self.attn, self.ln_1(x), bias, plan.needs if r > 0 else "keys", plan.attn_mode)
         x = x + self.ls_1(self.ln_attn(h))
         x, state, merged = merge_tokens(x, state, metric, probs, r, plan)
         x = x + self.ls_2(self.mlp(self.ln_2(x)))

@@ -23,7 +23,7 @@ from errors import UnsupportedModelError
 Tensor = torch.Tensor
 
 
-def timm_attention(attn, x: Tensor, bias: Optional[Tensor], needs: str):
+def timm_attention(attn, x: Tensor, bias: Optional[Tensor], needs: str, mode: str = "channel"):
     """timm ``Attention`` through the fused kernel (or its plain path when fused is off)."""
     batch, n, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
@@ -31,7 +31,7 @@ def timm_attention(attn, x: Tensor, bias: Optional[Tensor], needs: str):
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     if attn.fused_attn:
-        out = sdpa(q, k, v, bias, attn.attn_drop.p if attn.training else 0.0)
+        out = sdpa(q, k, v, bias, attn.attn_drop.p if attn.training else 0.0, scale=attn.scale, mode=mode)
     else:
         logits = (q * attn.scale) @ k.transpose(-2, -1)
         if bias is not None:
@@ -50,7 +50,7 @@ class MergingTimmBlock:
 
     def merged_forward(self, x: Tensor, state: TokenState, r: int, plan: Plan):
         bias = attention_bias(state, plan.prop_attn, x.dtype)
-        h, metric, probs = timm_attention(self.attn, self.norm1(x), bias, plan.needs if r > 0 else "keys")
+        h, metric, probs = timm_attention(self.attn, self.norm1(x), bias, plan.needs if r > 0 else "keys", plan.attn_mode)
         x = x + self.drop_path1(self.ls1(h))
         x, state, merged = merge_tokens(x, state, metric, probs, r, plan)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -71,9 +71,12 @@ class MergingTimmViT:
 
     def _merged_head(self, x: Tensor, size: Optional[Tensor], pre_logits: bool = False) -> Tensor:
         pool = self.global_pool
-        if pool == "token":
-            x = x[:, 0]
-        elif pool:
+        base = self._merge_orig_class
+        if pool == "token" or base.forward_head is not _stock_forward_head():
+            # Prefix-token heads (class token; DeiT's class + distillation tokens) do not depend on
+            # sizes, and prefix tokens stay in place: the model's own head is exact.
+            return base.forward_head(self, x, pre_logits=pre_logits)
+        if pool:
             if not getattr(self, "pool_include_prefix", False):
                 x = x[:, self.num_prefix_tokens :]
                 size = None if size is None else size[:, self.num_prefix_tokens :]
@@ -97,6 +100,12 @@ class MergingTimmViT:
         _no_masks(attn_mask, is_causal)
         x, size = self._merged_features(x)
         return self._merged_head(x, size)
+
+
+def _stock_forward_head():
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer.forward_head
 
 
 def _no_masks(attn_mask, is_causal) -> None:

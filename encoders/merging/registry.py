@@ -1,0 +1,146 @@
+"""One entry per merge method: what it is called, which function matches, what it needs.
+
+Everything the rest of mergeseek knows about a method lives in its :class:`MatcherSpec`:
+``MergeConfig`` validates names and options against it, the patches ask it what to compute from
+attention and which options to pass, the schedule asks whether r is bounded by half the tokens.
+A new method is one matcher function (signature ``(metric, r, class_token=True, *, size,
+protected, padded, attn, **options) -> MergeResult``) and one :func:`register` call here.
+
+This module imports no torch: ``MergeConfig`` (and so ``cli.py --help``) reads it; the matcher
+function is named by ``module:function`` and imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Tuple
+
+NEEDS = ("keys", "cls_attn", "attn")
+
+
+@dataclass(frozen=True)
+class MatcherSpec:
+    """A merge method.
+
+    Args:
+        name: the ``method=`` value.
+        target: ``"module:function"`` of the matcher (imported lazily), or the function itself.
+        needs: what the patch hands the matcher besides the metric (the head-averaged keys):
+            ``keys`` (nothing), ``cls_attn`` (the class token's attention row, [B, H, 1, N]) or
+            ``attn`` (the full attention probabilities, [B, H, N, N]).
+        bipartite_bounded: r is at most half of the unprotected tokens (each merge needs a partner
+            from the other half); otherwise up to all but one.
+        config_keys: ``MergeConfig`` fields only this method reads (others may not set them).
+        options: ``MergeConfig -> dict`` of keyword options for the matcher.
+        needs_prefix: the method scores by the class token and refuses models without one.
+        doc: one line for help texts.
+    """
+
+    name: str
+    target: Any
+    needs: str = "keys"
+    bipartite_bounded: bool = True
+    config_keys: Tuple[str, ...] = ()
+    options: Callable[[Any], Dict[str, Any]] = field(default=lambda cfg: {})
+    needs_prefix: bool = False
+    doc: str = ""
+
+    def __post_init__(self) -> None:
+        if self.needs not in NEEDS:
+            raise ValueError(f"MatcherSpec {self.name!r}: needs={self.needs!r} is not one of {', '.join(NEEDS)}")
+
+    @property
+    def fn(self) -> Callable:
+        """The matcher function."""
+        if callable(self.target):
+            return self.target
+        module, _, name = str(self.target).partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+REGISTRY: Dict[str, MatcherSpec] = {}
+
+
+def register(spec: MatcherSpec) -> MatcherSpec:
+    """Add (or replace) a method; returns the spec."""
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_spec(method: str) -> MatcherSpec:
+    try:
+        return REGISTRY[method]
+    except KeyError:
+        raise KeyError(f"merge method {method!r} is not registered; registered: {', '.join(REGISTRY)}") from None
+
+
+def methods() -> Tuple[str, ...]:
+    return tuple(REGISTRY)
+
+
+def _lsh_options(cfg: Any) -> Dict[str, Any]:
+    return cfg.lsh_options()
+
+
+def _zerotprune_options(cfg: Any) -> Dict[str, Any]:
+    return dict(iters=cfg.iters, prune=cfg.prune)
+
+
+register(MatcherSpec(
+    "bipartite", "encoders.merging.bipartite:bipartite_soft_matching",
+    doc="ToMe's bipartite soft matching (cosine of the keys, top-r edges)",
+))
+register(MatcherSpec(
+    "lsh", "encoders.merging.lsh:lsh_soft_matching",
+    config_keys=("lsh_bits", "lsh_tables", "lsh_window", "lsh_chunk", "seed"), options=_lsh_options,
+    doc="hashed partner search (SimHash buckets, windowed scoring)",
+))
+register(MatcherSpec(
+    "importance", "encoders.merging.importance:importance_merging", needs="cls_attn", bipartite_bounded=False,
+    needs_prefix=True, doc="class-attention importance (arXiv 2306.04897)",
+))
+register(MatcherSpec(
+    "zerotprune", "encoders.merging.zerotprune:zerotprune_merging", needs="attn", bipartite_bounded=False,
+    config_keys=("iters", "prune"), options=_zerotprune_options, doc="PageRank importance (arXiv 2305.17328)",
+))
+
+
+@dataclass
+class MergeResult:
+    """What a matcher decided, for one layer of one batch.
+
+    Args:
+        merge: ``merge(x [B, N, C], mode="sum"|"mean"|"amax") -> [B, width, C]``.
+        unmerge: ``unmerge(x [B, width, C]) -> [B, N, C]`` (each input position gets its slot's row).
+        width: output tokens (static: known without reading the device).
+        num_merged: tokens each image removed, a [B] tensor (or 0 for the identity).
+        padded: the output holds size-0 padding slots (only for inputs that held padding).
+        weight: [B, N, 1] averaging weights for ``merge_wavg`` (None: token sizes).
+        importance: [B, N] scores the method ranked tokens by (importance methods).
+        fallback: [B] merged edges that did not come from the method's own search (lsh: tokens
+            without a bucket-mate that took their best partner in a fixed B subset).
+        identity: nothing merged (too few tokens, or r = 0).
+
+    Unpacks as ``merge, unmerge = result`` for callers of the earlier tuple API, and calling it
+    calls ``merge``.
+    """
+
+    merge: Callable
+    unmerge: Callable
+    width: int
+    num_merged: Any = 0
+    padded: bool = False
+    weight: Optional[Any] = None
+    importance: Optional[Any] = None
+    fallback: Optional[Any] = None
+    identity: bool = False
+
+    def __iter__(self):
+        return iter((self.merge, self.unmerge))
+
+    def __getitem__(self, i: int) -> Callable:
+        return (self.merge, self.unmerge)[i]
+
+    def __call__(self, x: Any, mode: str = "sum") -> Any:
+        return self.merge(x, mode=mode)
