@@ -106,6 +106,21 @@ class Sampling:
             return np.floor((np.arange(k) + 0.5) * n_frames / k).astype(np.int64)
         return fps_indices(n_frames, video_fps, self.value)
 
+    def select(self, timestamps: np.ndarray, video_fps: float = 0.0) -> np.ndarray:
+        """Frame indices for the rate-based modes given every frame's presentation time.
+
+        ``fps`` picks, for each t = t0 + k/fps before the video's end, the frame whose timestamp
+        is nearest to t (a variable-frame-rate video is sampled by time, not by its average
+        rate); the other modes depend only on the frame count. Timestamps that are unknown or
+        out of order fall back to the average rate.
+        """
+        ts = np.asarray(timestamps, dtype=np.float64)
+        if self.mode != "fps" or len(ts) == 0:
+            return self.indices(len(ts), video_fps)
+        if not np.all(np.isfinite(ts)) or np.any(np.diff(ts) < 0):
+            return fps_indices(len(ts), video_fps, self.value)
+        return fps_indices_by_time(ts, self.value)
+
 
 def fps_indices(n_frames: int, video_fps: float, fps: float) -> np.ndarray:
     """Frames nearest to t = 0, 1/fps, 2/fps, ... for every t before the video's end."""
@@ -116,6 +131,30 @@ def fps_indices(n_frames: int, video_fps: float, fps: float) -> np.ndarray:
     count = max(1, math.ceil(duration * fps - 1e-9))
     idx = np.rint(np.arange(count) * (video_fps / fps)).astype(np.int64)
     return np.unique(np.clip(idx, 0, n_frames - 1))
+
+
+def fps_indices_by_time(timestamps: np.ndarray, fps: float) -> np.ndarray:
+    """Frames nearest (by timestamp) to t = t0, t0 + 1/fps, ... for every t before the end.
+
+    The end is the last frame's time plus one typical frame duration (the median gap), so a
+    constant-rate video gives exactly what ``fps_indices`` gives. On a tie the earlier frame wins.
+    """
+    ts = np.asarray(timestamps, dtype=np.float64)
+    n = len(ts)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    gap = float(np.median(np.diff(ts))) if n > 1 else 0.0
+    t0, end = float(ts[0]), float(ts[-1]) + max(gap, 0.0)
+    # Container timestamps are often float32 or rounded to the time base: a slack of 1e-4 periods
+    # keeps 2.5000001 s at 2 fps from adding a target at the very end.
+    count = max(1, math.ceil((end - t0) * fps - 1e-4))
+    targets = t0 + np.arange(count) / fps
+    right = np.clip(np.searchsorted(ts, targets, side="left"), 0, n - 1)
+    left = np.clip(right - 1, 0, n - 1)
+    # 1e-9 s slack: a timestamp stored as 0.5000000001 still ties with 0.4999999999
+    take_left = np.abs(targets - ts[left]) <= np.abs(ts[right] - targets) + 1e-9
+    idx = np.where(take_left, left, right)
+    return np.unique(idx).astype(np.int64)
 
 
 def thumbnails(frames: np.ndarray) -> np.ndarray:

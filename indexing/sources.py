@@ -1,14 +1,18 @@
-"""Where frames come from: video files (decord), AI Challenge keyframe folders, plain image folders.
+"""Where frames come from: video files, AI Challenge keyframe folders, plain image folders.
 
 ``discover`` turns the paths a user gave into ``MediaSource`` units (one per video file, per
 ``keyframes/<video_id>/`` folder, or per folder of images). A source is the unit of incremental
 indexing: it has a fingerprint, and it is committed to the index whole or not at all.
-``read_frames`` yields a source's frames in batches of ``Frame``.
+``SourceReader`` yields a source's frames in batches of ``Frame``.
+
+Nothing a user points at aborts the run: a broken or looping symbolic link, an unreadable file
+or folder, a damaged image or a bad keyframe-map row is listed as a ``BadInput`` and skipped;
+a video that decodes only in part is indexed in part and listed too.
 """
 
 from __future__ import annotations
 
-import csv
+import errno
 import hashlib
 import logging
 import math
@@ -20,14 +24,23 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from errors import InputError
-from indexing.sampling import SCENE_THUMB, Sampling, thumbnails, scene_indices
+from indexing.decoders import DEFAULT_BACKEND, open_video
+from indexing.formats import (
+    IMAGE_EXTS,
+    KEYFRAME_DIR,
+    KEYFRAME_MAP_DIR,
+    VIDEO_EXTS,
+    is_image,
+    is_video,
+    natural_key,
+    read_keyframe_map,
+    read_rgb,
+)
+from indexing.sampling import SCENE_THUMB, Sampling, scene_indices, thumbnails
 
 log = logging.getLogger(__name__)
 
-VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-KEYFRAME_DIR = "keyframes"
-KEYFRAME_MAP_DIR = "map-keyframes"
+__all__ = ["BadInput", "Frame", "MediaSource", "SourceReader", "discover", "assign_ids", "IMAGE_EXTS", "VIDEO_EXTS"]
 
 
 @dataclass(frozen=True)
@@ -84,88 +97,159 @@ def _files_fingerprint(files: Sequence[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def _images_in(folder: Path) -> list[Path]:
-    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS]
-    return sorted(files, key=_natural_key)
+def _images_in(folder: Path, bad: Optional[list] = None) -> list[Path]:
+    """Readable image files directly in ``folder``, natural order; broken links go to ``bad``."""
+    files, _ = _scan(Path(folder), bad if bad is not None else [])
+    return [p for p in files if is_image(p)]
 
 
-def _natural_key(p: Path):
-    # 2.jpg before 10.jpg; AI Challenge keyframes are numbered, sometimes without zero padding.
-    stem = p.stem
-    return (0, int(stem), "") if stem.isdigit() else (1, 0, stem)
+def _link_problem(p: Path) -> Optional[str]:
+    """Why the link ``p`` cannot be followed (None when it can)."""
+    try:
+        os.stat(p)
+        return None
+    except OSError as exc:
+        target = os.readlink(p) if os.path.islink(p) else "?"
+        if exc.errno == errno.ELOOP:
+            return f"symbolic link loop ({p.name} -> {target} leads back to itself); skipped"
+        if exc.errno == errno.ENOENT:
+            return f"broken symbolic link (its target {target} does not exist); skipped"
+        return f"symbolic link cannot be followed ({exc.strerror}); skipped"
 
 
-def discover(paths: Sequence[Path]) -> tuple[list[MediaSource], list[BadInput]]:
-    """Find the sources under ``paths`` (files or folders). Raises when nothing usable exists."""
+def _os_problem(exc: OSError, what: str) -> str:
+    if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied: the {what} cannot be read; make it readable (chmod a+rX) or run as its owner"
+    return f"the {what} cannot be read ({exc.strerror or exc})"
+
+
+def _scan(folder: Path, bad: list) -> tuple[list[Path], list[Path]]:
+    """(files, sub-folders) directly in ``folder``, each list in natural order.
+
+    Links are followed; a broken or looping link, or an entry whose type cannot be read, is listed
+    in ``bad``. A folder that cannot be listed is listed in ``bad`` and gives nothing.
+    """
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as exc:
+        bad.append(BadInput(str(folder), _os_problem(exc, "folder")))
+        return [], []
+    files, dirs = [], []
+    for e in entries:
+        p = Path(e.path)
+        try:
+            if e.is_dir():
+                dirs.append(p)
+            elif e.is_file():
+                files.append(p)
+            elif e.is_symlink():
+                problem = _link_problem(p)
+                if problem:
+                    bad.append(BadInput(str(p), problem))
+        except OSError as exc:
+            bad.append(BadInput(str(p), _os_problem(exc, "entry")))
+    return sorted(files, key=natural_key), sorted(dirs, key=natural_key)
+
+
+def _signed(files: Sequence[Path], bad: list) -> list[Path]:
+    """The files whose size and mtime can be read (a file removed mid-scan is listed, not fatal)."""
+    out = []
+    for f in files:
+        try:
+            f.stat()
+            out.append(f)
+        except OSError as exc:
+            bad.append(BadInput(str(f), _link_problem(f) or _os_problem(exc, "file")))
+    return out
+
+
+def discover(paths: Sequence[Path], release_parts: Optional[dict] = None) -> tuple[list[MediaSource], list[BadInput]]:
+    """Find the sources under ``paths`` (files or folders). Raises when nothing usable exists.
+
+    A path in an AI Challenge release (archives side by side, see ``indexing.aic``) gives its
+    keyframe folders with their maps; ``release_parts`` (``{"maps": DIR, ...}``) points at parts
+    that live elsewhere. Ids are unique within the result (``assign_ids``).
+    """
+    from indexing import aic
+
     sources: list[MediaSource] = []
     bad: list[BadInput] = []
     for raw in paths:
-        root = Path(raw).expanduser().resolve()
+        given = Path(raw).expanduser()
+        if os.path.islink(given) and _link_problem(given):
+            bad.append(BadInput(str(raw), _link_problem(given)))
+            continue
+        try:
+            root = given.resolve()
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop on older Pythons
+            bad.append(BadInput(str(raw), f"cannot be resolved ({exc}); skipped"))
+            continue
         if not root.exists():
             bad.append(BadInput(str(raw), "does not exist"))
             continue
         if root.is_file():
-            if root.suffix.lower() in VIDEO_EXTS:
+            if is_video(root):
                 sources.append(MediaSource("video", root, root.stem, _file_sig(root)))
-            elif root.suffix.lower() in IMAGE_EXTS:
+            elif is_image(root):
                 sources.append(MediaSource("images", root, root.stem, _files_fingerprint([root])))
             else:
                 bad.append(BadInput(str(root), f"not a video ({', '.join(VIDEO_EXTS)}) or image file"))
             continue
-        found = _walk(root)
+        found = aic.sources_for_path(root, release_parts)
+        if found is None:
+            found = _walk(root, bad)
         if not found:
             bad.append(BadInput(str(root), f"no videos ({', '.join(VIDEO_EXTS)}), keyframe folders or images inside"))
         sources.extend(found)
     if not sources:
         what = "; ".join(f"{b.path}: {b.reason}" for b in bad) or "no paths given"
         raise InputError(f"nothing to index ({what}); pass a folder of videos, a keyframes folder or an image folder")
-    return _unique_ids(_dedupe_sources(sources)), bad
+    return assign_ids(_dedupe_sources(sources)), bad
 
 
-def _walk(root: Path) -> list[MediaSource]:
+def _walk(root: Path, bad: list) -> list[MediaSource]:
+    """Every source under ``root``; linked folders are followed once (a link back up is a loop)."""
     out: list[MediaSource] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        dirnames.sort()
-        if here.name.lower() == KEYFRAME_MAP_DIR:
-            dirnames[:] = []
+    seen: set = set()
+    stack = [root]
+    while stack:
+        here = stack.pop()
+        real = os.path.realpath(here)
+        if real in seen:
+            bad.append(BadInput(str(here), f"folder already visited as {real} (a symbolic link loop or a second link to it); skipped"))
             continue
-        if here.name.lower() == KEYFRAME_DIR:
-            out.extend(_keyframe_sources(here))
-            dirnames[:] = []  # each child is one video's keyframes, consumed above
+        seen.add(real)
+        name = here.name.lower()
+        if name == KEYFRAME_MAP_DIR:
             continue
-        images = []
-        for name in sorted(filenames):
-            p = here / name
-            ext = p.suffix.lower()
-            if ext in VIDEO_EXTS:
-                out.append(MediaSource("video", p, p.stem, _file_sig(p)))
-            elif ext in IMAGE_EXTS:
-                images.append(p)
+        if name == KEYFRAME_DIR:
+            out.extend(_keyframe_sources(here, bad))  # each child is one video's keyframes
+            continue
+        files, dirs = _scan(here, bad)
+        files = _signed(files, bad)
+        out.extend(MediaSource("video", p, p.stem, _file_sig(p)) for p in files if is_video(p))
+        images = [p for p in files if is_image(p)]
         if images:
-            images.sort(key=_natural_key)
             out.append(MediaSource("images", here, here.name, _files_fingerprint(images)))
+        stack.extend(reversed(dirs))  # depth first, in natural order
     return out
 
 
-def _keyframe_sources(kf_dir: Path) -> list[MediaSource]:
+def _keyframe_sources(kf_dir: Path, bad: list) -> list[MediaSource]:
     out = []
-    map_dir = next((d for d in kf_dir.parent.iterdir() if d.name.lower() == KEYFRAME_MAP_DIR and d.is_dir()), None)
-    for vdir in sorted(d for d in kf_dir.iterdir() if d.is_dir()):
-        images = _images_in(vdir)
+    _, siblings = _scan(kf_dir.parent, [])
+    map_dir = next((d for d in siblings if d.name.lower() == KEYFRAME_MAP_DIR), None)
+    _, vdirs = _scan(kf_dir, bad)
+    for vdir in vdirs:
+        images = _signed(_images_in(vdir, bad), bad)
         if not images:
             continue
         csv_path = map_dir / f"{vdir.name}.csv" if map_dir is not None else None
-        files = images + ([csv_path] if csv_path is not None and csv_path.is_file() else [])
-        out.append(
-            MediaSource(
-                "keyframes",
-                vdir,
-                vdir.name,
-                _files_fingerprint(files),
-                csv_path if csv_path is not None and csv_path.is_file() else None,
-            )
-        )
+        has_map = csv_path is not None and csv_path.is_file()
+        if map_dir is not None and not has_map:
+            log.warning("%s has no map %s: frame numbers are the keyframe numbers, times unknown", vdir, csv_path)
+        files = images + ([csv_path] if has_map else [])
+        out.append(MediaSource("keyframes", vdir, vdir.name, _files_fingerprint(files), csv_path if has_map else None))
     return out
 
 
@@ -178,32 +262,73 @@ def _dedupe_sources(sources: list[MediaSource]) -> list[MediaSource]:
     return out
 
 
-def _unique_ids(sources: list[MediaSource]) -> list[MediaSource]:
-    """Two sources with one stem (a/x.mp4, b/x.mp4) get their parent folder prefixed."""
+def assign_ids(sources: list[MediaSource], existing: Optional[dict] = None) -> list[MediaSource]:
+    """Give every source a video id no other source has, in this run or in the index.
+
+    The file stem (folder name for keyframes) is kept where it is unique: the AI Challenge CSV
+    needs ``L01_V001``. ``existing`` maps the index's source keys to their ids: a source already
+    in the index keeps its id, and a new source whose stem another source (in the index, or twice
+    in this run) already has gets its parent folders prefixed (``a/clip``, then ``x/a/clip``...),
+    or ``#2``, ``#3`` when even the full path does not tell them apart. Each renaming is logged.
+    """
+    existing = dict(existing or {})
+    taken = {vid: key for key, vid in existing.items()}  # id -> the key that owns it
     counts: dict[str, int] = {}
     for s in sources:
-        counts[s.video_id] = counts.get(s.video_id, 0) + 1
+        if s.key not in existing:
+            counts[s.video_id] = counts.get(s.video_id, 0) + 1
+    for s in sources:  # ids of sources the index already has are fixed first
+        if s.key in existing:
+            taken[existing[s.key]] = s.key
     out = []
     for s in sources:
-        if counts[s.video_id] > 1:
-            vid = f"{s.path.parent.name}/{s.video_id}"
+        if s.key in existing:
+            vid = existing[s.key]
+        else:
+            vid = s.video_id
+            clash = counts[vid] > 1 or (vid in taken and taken[vid] != s.key)
+            if clash:
+                vid = _distinct_id(s, taken)
+                owner = taken.get(s.video_id)
+                where = f"the index already has {s.video_id!r} from {owner}" if owner else f"{s.video_id!r} names more than one source in this run"
+                log.warning("video id %r given to %s (%s)", vid, s.path, where)
+            taken[vid] = s.key
+        if vid != s.video_id:
             s = MediaSource(s.kind, s.path, vid, s.fingerprint, s.map_csv)
         out.append(s)
     return out
 
 
+def _distinct_id(s: MediaSource, taken: dict) -> str:
+    parents = [p.name for p in s.path.parents if p.name]
+    for depth in range(1, len(parents) + 1):
+        vid = "/".join(list(reversed(parents[:depth])) + [s.video_id])
+        if vid not in taken:
+            return vid
+    k = 2
+    while f"{s.video_id}#{k}" in taken:
+        k += 1
+    return f"{s.video_id}#{k}"
+
+
 # ---------------------------------------------------------------------------- reading frames
 class SourceReader:
-    """Yields a source's frames in batches; per-image problems are collected in ``skipped``.
+    """Yields a source's frames in batches; per-file problems are collected in ``skipped``.
 
-    A video that cannot be opened or fails mid-way raises ``InputError`` (the caller drops the
-    whole video); an unreadable image in a folder is skipped alone.
+    A video that cannot be opened, or whose first sampled frame cannot be decoded, raises
+    ``InputError`` (the caller drops the whole video). A video that decodes only up to some frame
+    gives the frames before it, and ``skipped`` says where decoding stopped. An unreadable image,
+    or a keyframe missing from its map, is skipped alone.
+
+    Args:
+        decoder: video backend (``indexing.decoders.BACKENDS``).
     """
 
-    def __init__(self, source: MediaSource, sampling: Sampling, batch_size: int = 32):
+    def __init__(self, source: MediaSource, sampling: Sampling, batch_size: int = 32, decoder: str = DEFAULT_BACKEND):
         self.source = source
         self.sampling = sampling
         self.batch_size = batch_size
+        self.decoder = decoder
         self.skipped: list[BadInput] = []
 
     def batches(self) -> Iterator[list[Frame]]:
@@ -213,72 +338,64 @@ class SourceReader:
             yield from self._image_batches()
 
     # ------------------------------------------------------------------ videos
-    def _open(self, **kwargs):
-        import decord
-
-        path = self.source.path
-        if path.stat().st_size == 0:
-            raise InputError(f"{path}: empty file (0 bytes); re-copy it or remove it")
-        decord.logging.set_level(decord.logging.QUIET)  # ffmpeg's own chatter; we report one line per file
-        try:
-            return decord.VideoReader(str(path), ctx=decord.cpu(0), **kwargs)
-        except Exception as exc:  # decord raises its own DECORDError or RuntimeError
-            if "video stream" in str(exc):
-                raise InputError(
-                    f"{path}: no video stream that can be decoded (unsupported codec, or no video track); "
-                    "re-encode it, e.g. ffmpeg -i IN -c:v libx264 OUT.mp4"
-                ) from None
-            detail = _short(exc)
-            # decord's "Error reading <path>..." only repeats the path; its own log line says why.
-            detail = "" if detail.startswith("Error reading") else f": {detail}"
-            raise InputError(
-                f"{path}: cannot be decoded as a video (not a video file, or truncated{detail}); "
-                "check the file or re-encode it to H.264 mp4"
-            ) from None
+    def _open(self, size: Optional[tuple[int, int]] = None):
+        return open_video(self.source.path, self.decoder, size=size)
 
     def frame_indices(self) -> tuple[np.ndarray, object]:
-        """(indices to keep, an open full-size reader)."""
+        """(indices to keep, the open full-size ``VideoReader``)."""
         vr = self._open()
-        n = len(vr)
-        if n == 0:
-            raise InputError(f"{self.source.path}: the video has no frames")
         if self.sampling.mode != "scene":
-            return self.sampling.indices(n, float(vr.get_avg_fps())), vr
-        small = self._open(width=SCENE_THUMB, height=SCENE_THUMB)
-        chunks = (
-            thumbnails(_decode(small, list(range(s, min(s + 256, n))), self.source.path))
-            for s in range(0, n, 256)
-        )
-        return scene_indices(chunks, self.sampling.value), vr
+            return self.sampling.select(vr.timestamps, vr.avg_fps), vr
+        small = self._open(size=(SCENE_THUMB, SCENE_THUMB))
+        chunks = (thumbnails(images) for _, images in small.read(range(len(small)), 256))
+        idx = scene_indices(chunks, self.sampling.value)
+        small.close()
+        return idx, vr
 
     def _video_batches(self) -> Iterator[list[Frame]]:
         indices, vr = self.frame_indices()
-        fps = float(vr.get_avg_fps())
-        for s in range(0, len(indices), self.batch_size):
-            chunk = [int(i) for i in indices[s : s + self.batch_size]]
-            images = _decode(vr, chunk, self.source.path)
-            times = _timestamps(vr, chunk, fps)
+        path, done = self.source.path, 0
+        for chunk, images in vr.read(indices, self.batch_size):
+            done += len(chunk)
             yield [
-                Frame(self.source.video_id, i, t, img, str(self.source.path))
-                for i, t, img in zip(chunk, times, images)
+                Frame(self.source.video_id, i, float(vr.timestamps[i]), img, str(path))
+                for i, img in zip(chunk, images)
             ]
+        vr.close()
+        if done < len(indices):
+            stop = vr.stopped_at if vr.stopped_at is not None else int(indices[done])
+            what = f"decoding failed at frame {stop} of {len(vr)} ({vr.stop_reason or 'no frame'})"
+            if done == 0:
+                raise InputError(f"{path}: {what}; the file is truncated or damaged, re-copy or re-encode it")
+            reason = (f"partly indexed: {what}; {done} of {len(indices)} sampled frames indexed "
+                      "(the file is truncated or damaged; re-copy it and index again to add the rest)")
+            log.warning("%s: %s", path, reason)
+            self.skipped.append(BadInput(str(path), reason))
 
     # ------------------------------------------------------------------ images / keyframes
     def _image_batches(self) -> Iterator[list[Frame]]:
         path = self.source.path
-        files = [path] if path.is_file() else _images_in(path)
-        meta = _read_keyframe_map(self.source.map_csv) if self.source.map_csv else {}
+        files = [path] if path.is_file() else _images_in(path, self.skipped)
+        kmap = read_keyframe_map(self.source.map_csv) if self.source.map_csv else None
+        if kmap is not None:
+            self.skipped.extend(BadInput(p.split(": ", 1)[0], p.split(": ", 1)[-1]) for p in kmap.problems)
         batch: list[Frame] = []
         for pos, f in enumerate(files):
-            img = self._load_image(f)
-            if img is None:
-                continue
             n = int(f.stem) if f.stem.isdigit() else None
-            if self.source.kind == "keyframes" and n is not None and n in meta:
-                frame_idx, pts = meta[n]
+            if kmap is not None:
+                if n is None or n not in kmap:
+                    why = "is not named by a number" if n is None else f"has no row n={n} in {self.source.map_csv}"
+                    reason = f"keyframe {why}; skipped (its frame number is unknown: add the row to the map)"
+                    log.warning("skip %s: %s", f, reason)
+                    self.skipped.append(BadInput(str(f), reason))
+                    continue
+                frame_idx, pts = kmap[n].frame_idx, kmap[n].pts_time
             else:
                 # Without a map the keyframe number (or the position) is the best frame id we have.
                 frame_idx, pts = (n if n is not None and self.source.kind == "keyframes" else pos), math.nan
+            img = self._load_image(f)
+            if img is None:
+                continue
             batch.append(Frame(self.source.video_id, frame_idx, pts, img, str(f)))
             if len(batch) == self.batch_size:
                 yield batch
@@ -287,50 +404,17 @@ class SourceReader:
             yield batch
 
     def _load_image(self, f: Path) -> Optional[np.ndarray]:
-        from PIL import Image
-
         try:
             if f.stat().st_size == 0:
                 raise ValueError("empty file (0 bytes)")
-            with Image.open(f) as im:
-                return np.asarray(im.convert("RGB"))
+            return read_rgb(f)
+        except PermissionError:
+            reason = "permission denied; make the file readable (chmod a+r) or run as its owner"
         except Exception as exc:  # PIL raises many types for bad images
             reason = f"unreadable image ({_short(exc)})"
-            log.warning("skip %s: %s", f, reason)
-            self.skipped.append(BadInput(str(f), reason))
-            return None
-
-
-def _decode(vr, indices: list[int], path: Path) -> np.ndarray:
-    try:
-        return vr.get_batch(indices).asnumpy()
-    except Exception as exc:
-        raise InputError(f"{path}: decoding failed at frames {indices[0]}..{indices[-1]} ({_short(exc)}); the file may be truncated") from None
-
-
-def _timestamps(vr, indices: list[int], fps: float) -> list[float]:
-    try:
-        ts = np.asarray(vr.get_frame_timestamp(indices), dtype=np.float64)[:, 0]
-    except Exception:
-        ts = np.full(len(indices), np.nan)
-    # Some containers carry no usable pts; fall back to index / average frame rate.
-    bad = ~np.isfinite(ts) | (ts < 0)
-    if bad.any() and fps > 0:
-        ts[bad] = np.asarray(indices, dtype=np.float64)[bad] / fps
-    return [float(t) for t in ts]
-
-
-def _read_keyframe_map(csv_path: Path) -> dict[int, tuple[int, float]]:
-    """``map-keyframes/<video_id>.csv`` (n, pts_time, fps, frame_idx) -> {n: (frame_idx, pts_time)}."""
-    out: dict[int, tuple[int, float]] = {}
-    try:
-        with open(csv_path, newline="") as fh:
-            for row in csv.DictReader(fh):
-                out[int(float(row["n"]))] = (int(float(row["frame_idx"])), float(row["pts_time"]))
-    except (KeyError, ValueError, OSError) as exc:
-        log.warning("ignoring keyframe map %s (%s); expected columns n,pts_time,fps,frame_idx", csv_path, _short(exc))
-        return {}
-    return out
+        log.warning("skip %s: %s", f, reason)
+        self.skipped.append(BadInput(str(f), reason))
+        return None
 
 
 def _short(exc: BaseException) -> str:

@@ -1,0 +1,334 @@
+"""Video decoding behind one small interface: ``open_video(path, backend) -> VideoReader``.
+
+A ``VideoReader`` knows its frame count and the presentation time of every frame (from the
+container's packets, without decoding), decodes a batch of frames by index, and falls back to
+decoding from the start when random access fails (some VP9/WebM files have no usable seek
+index; a truncated file cannot seek past its cut). Frames are indexed in presentation order.
+
+Backends:
+
+* ``decord`` (default): the decord2 package (the maintained fork; ``import decord``).
+* ``torchcodec``: PyTorch's decoder (``pip install 'mergeseek[torchcodec]'``; needs FFmpeg's
+  shared libraries, e.g. ``apt-get install ffmpeg``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("decord", "torchcodec")
+DEFAULT_BACKEND = "decord"
+INSTALL_HINT = {
+    "decord": "pip install decord2",
+    "torchcodec": "pip install torchcodec (and FFmpeg's shared libraries: apt-get install ffmpeg)",
+}
+
+
+class DecodeError(Exception):
+    """Raised by a backend when frames cannot be decoded (handled inside this module)."""
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ConfigError(f"decoder {backend!r} is not valid; choose one of: {', '.join(BACKENDS)}")
+    return backend
+
+
+def available_backends() -> list[str]:
+    """Backends whose library imports here."""
+    out = []
+    for b in BACKENDS:
+        try:
+            _import(b)
+            out.append(b)
+        except InputError:
+            pass
+    return out
+
+
+def _import(backend: str):
+    try:
+        if backend == "decord":
+            import decord
+
+            return decord
+        import torchcodec.decoders
+
+        return torchcodec
+    except Exception as exc:  # ImportError, or an OSError/RuntimeError when FFmpeg's libraries are missing
+        raise InputError(f"video decoder {backend!r} cannot be loaded ({_short(exc)}); {INSTALL_HINT[backend]}") from None
+
+
+class VideoReader:
+    """One open video.
+
+    Attributes:
+        path: the file.
+        backend: which decoder reads it.
+        timestamps: presentation time in seconds of every frame (float64, ``len(self)`` values;
+            NaN where the container has none).
+        avg_fps: the container's average frame rate (0 when unknown).
+        fell_back: True once random access failed and frames were decoded sequentially.
+        stopped_at: the first frame index that could not be decoded at all (None: all fine).
+        stop_reason: why decoding stopped there.
+    """
+
+    backend = ""
+
+    def __init__(self, path: Path, size: Optional[tuple[int, int]] = None):
+        self.path = Path(path)
+        self.size = size  # (width, height) to resize decoded frames to, or None
+        self.timestamps = np.zeros(0)
+        self.avg_fps = 0.0
+        self.fell_back = False
+        self.stopped_at: Optional[int] = None
+        self.stop_reason = ""
+        self._seq: Optional[Iterator[np.ndarray]] = None
+        self._seq_pos = 0
+
+    def __len__(self) -> int:
+        return len(self.timestamps)
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.timestamps)
+
+    # ------------------------------------------------------------------ backend hooks
+    def _get_batch(self, indices: list[int]) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _sequential(self) -> Iterator[np.ndarray]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ public
+    def get_batch(self, indices: Sequence[int]) -> np.ndarray:
+        """Frames ``indices`` as [B,H,W,3] uint8 RGB by random access (raises ``DecodeError``)."""
+        idx = [int(i) for i in indices]
+        if any(i < 0 or i >= len(self) for i in idx):
+            raise DecodeError(f"frame indices {idx} outside 0..{len(self) - 1}")
+        if not idx:
+            return np.zeros((0, 1, 1, 3), np.uint8)
+        return self._get_batch(idx)
+
+    def read(self, indices: Sequence[int], batch_size: int = 32) -> Iterator[tuple[list[int], np.ndarray]]:
+        """Decode ``indices`` (ascending) in batches: random access first; when a batch fails,
+        decode from the start of the file instead. Stops at the first frame that cannot be decoded
+        either way, leaving ``stopped_at`` and ``stop_reason`` set."""
+        idx = [int(i) for i in indices]
+        for s in range(0, len(idx), batch_size):
+            chunk = idx[s : s + batch_size]
+            if not self.fell_back:
+                try:
+                    yield chunk, self.get_batch(chunk)
+                    continue
+                except DecodeError as exc:
+                    log.info("%s: random access failed at frames %d..%d (%s); decoding sequentially",
+                             self.path, chunk[0], chunk[-1], exc)
+                    self.fell_back = True
+            images = []
+            for i in chunk:
+                img = self._next_at(i)
+                if img is None:
+                    break
+                images.append(img)
+            if images:
+                yield chunk[: len(images)], np.stack(images)
+            if len(images) < len(chunk):
+                return
+
+    def _next_at(self, index: int) -> Optional[np.ndarray]:
+        """Frame ``index`` from the sequential decoder (restarted from frame 0 when it is behind)."""
+        if self.stopped_at is not None and index >= self.stopped_at:
+            return None
+        if self._seq is None or self._seq_pos > index:
+            self._seq, self._seq_pos = self._sequential(), 0
+        try:
+            while True:
+                frame = next(self._seq)
+                self._seq_pos += 1
+                if self._seq_pos - 1 == index:
+                    return frame
+        except StopIteration:
+            self.stopped_at, self.stop_reason = self._seq_pos, "the stream ends early"
+        except Exception as exc:  # the backends raise RuntimeError or their own error types
+            self.stopped_at, self.stop_reason = self._seq_pos, _short(exc)
+        self._seq = None
+        return None
+
+    def close(self) -> None:
+        self._seq = None
+
+
+# ---------------------------------------------------------------------------- decord
+class DecordReader(VideoReader):
+    backend = "decord"
+
+    def __init__(self, path: Path, size: Optional[tuple[int, int]] = None):
+        super().__init__(path, size)
+        decord = _import("decord")
+        decord.logging.set_level(decord.logging.QUIET)  # FFmpeg's chatter; we report one line per file
+        self._decord = decord
+        self._vr = self._open(num_threads=0)
+        n = len(self._vr)
+        try:
+            ts = np.asarray(self._vr.get_frame_timestamp(list(range(n))), dtype=np.float64).reshape(n, -1)[:, 0]
+        except Exception:
+            ts = np.full(n, np.nan)
+        self.avg_fps = _finite(self._vr.get_avg_fps())
+        self.timestamps = _fill_missing(ts, self.avg_fps)
+
+    def _open(self, num_threads: int):
+        kw = {} if self.size is None else {"width": self.size[0], "height": self.size[1]}
+        return self._decord.VideoReader(str(self.path), ctx=self._decord.cpu(0), num_threads=num_threads, **kw)
+
+    def _get_batch(self, indices: list[int]) -> np.ndarray:
+        try:
+            return self._vr.get_batch(indices).asnumpy()
+        except Exception as exc:
+            raise DecodeError(_short(exc)) from None
+
+    def _sequential(self) -> Iterator[np.ndarray]:
+        # decord's frame-threaded decoder loses packets on some VP9 streams; one thread does not.
+        vr = self._open(num_threads=1)
+        for _ in range(len(vr)):
+            yield vr.next().asnumpy()
+
+
+# ---------------------------------------------------------------------------- torchcodec
+class TorchcodecReader(VideoReader):
+    backend = "torchcodec"
+
+    def __init__(self, path: Path, size: Optional[tuple[int, int]] = None, device: str = "cpu"):
+        super().__init__(path, size)
+        _import("torchcodec")
+        from torchcodec.decoders import VideoDecoder
+
+        self._device = device
+        self._dec = VideoDecoder(str(self.path), seek_mode="exact", dimension_order="NHWC", device=device)
+        md = self._dec.metadata
+        self.avg_fps = _finite(md.average_fps)
+        self.timestamps = _fill_missing(self._scan_pts(len(self._dec)), self.avg_fps)
+
+    def _scan_pts(self, n: int) -> np.ndarray:
+        # The demuxer's frame index gives every frame's pts without decoding; it lives in
+        # torchcodec's block API, so an older torchcodec falls back to the header's rate.
+        try:
+            from torchcodec.decoders._blocks import Demuxer
+
+            pts = Demuxer(str(self.path)).streams[0].scan().pts_seconds.double().numpy()
+            if len(pts) == n:
+                return np.sort(pts)
+        except Exception as exc:
+            log.debug("%s: torchcodec frame index unavailable (%s)", self.path, exc)
+        return np.full(n, np.nan)
+
+    def _to_numpy(self, data) -> np.ndarray:
+        if self.size is not None:
+            import torch.nn.functional as F
+
+            w, h = self.size
+            data = F.interpolate(data.permute(0, 3, 1, 2).float(), size=(h, w), mode="area")
+            data = data.round().clamp(0, 255).to(dtype=__import__("torch").uint8).permute(0, 2, 3, 1)
+        return data.cpu().numpy()
+
+    def _get_batch(self, indices: list[int]) -> np.ndarray:
+        try:
+            return self._to_numpy(self._dec.get_frames_at(indices).data)
+        except Exception as exc:
+            raise DecodeError(_short(exc)) from None
+
+    def _sequential(self) -> Iterator[np.ndarray]:
+        from torchcodec.decoders import VideoDecoder
+
+        dec = VideoDecoder(str(self.path), seek_mode="approximate", dimension_order="NHWC", device=self._device)
+        n, step = len(self), 64
+        for s in range(0, n, step):  # consecutive ranges: the decoder continues without seeking
+            batch = self._to_numpy(dec.get_frames_in_range(s, min(n, s + step)).data)
+            yield from batch
+
+
+# ---------------------------------------------------------------------------- open
+def open_video(path: Path, backend: str = DEFAULT_BACKEND, size: Optional[tuple[int, int]] = None) -> VideoReader:
+    """Open ``path`` with ``backend``; ``size=(width, height)`` resizes decoded frames.
+
+    Raises:
+        InputError: one line naming the file and why it cannot be read (empty, permission
+            denied, no video stream, not a video), and what to do.
+        ConfigError: an unknown backend.
+    """
+    check_backend(backend)
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise InputError(f"{path}: empty file (0 bytes); re-copy it or remove it")
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise InputError(f"{path}: permission denied; make the file readable (chmod a+r) or run as its owner") from None
+    except FileNotFoundError:
+        raise InputError(f"{path}: does not exist (a broken link, or removed during the run)") from None
+    cls = DecordReader if backend == "decord" else TorchcodecReader
+    try:
+        reader = cls(path, size)
+    except InputError:
+        raise
+    except Exception as exc:  # decord raises DECORDError/RuntimeError; torchcodec RuntimeError/ValueError
+        raise _open_error(path, backend, exc) from None
+    if len(reader) == 0:
+        raise InputError(f"{path}: the video has no frames")
+    return reader
+
+
+def _open_error(path: Path, backend: str, exc: BaseException) -> InputError:
+    text = str(exc)
+    if "video stream" in text.lower() or "no stream" in text.lower():
+        return InputError(
+            f"{path}: no video stream that can be decoded (unsupported codec, or no video track); "
+            "re-encode it, e.g. ffmpeg -i IN -c:v libx264 OUT.mp4"
+        )
+    if "broken metadata" in text or "duration" in text:
+        other = "torchcodec" if backend == "decord" else "decord"
+        return InputError(
+            f"{path}: {backend} cannot read its length (no duration or frame count in the container); "
+            f"try --decoder {other}, or remux it: ffmpeg -i IN -c copy OUT.mkv"
+        )
+    detail = _short(exc)
+    # decord's "Error reading <path>..." only repeats the path; its own log line says why.
+    detail = "" if detail.startswith("Error reading") else f": {detail}"
+    return InputError(
+        f"{path}: cannot be decoded as a video (not a video file, or truncated{detail}); "
+        "check the file or re-encode it to H.264 mp4"
+    )
+
+
+# ---------------------------------------------------------------------------- helpers
+def _finite(x) -> float:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return 0.0
+    return v if math.isfinite(v) and v > 0 else 0.0
+
+
+def _fill_missing(ts: np.ndarray, fps: float) -> np.ndarray:
+    """Frames without a usable pts (NaN, negative) get index / average rate when the rate is known."""
+    ts = np.asarray(ts, dtype=np.float64).copy()
+    bad = ~np.isfinite(ts) | (ts < 0)
+    if bad.any() and fps > 0:
+        ts[bad] = np.flatnonzero(bad) / fps
+    return ts
+
+
+def _short(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    msg = lines[-1] if lines else type(exc).__name__
+    return msg[:200]

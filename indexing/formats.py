@@ -1,0 +1,192 @@
+"""One reader per on-disk format, shared by ``indexing/`` and ``eval/``.
+
+* media file extensions and the natural (numeric-aware) order of image files;
+* the AI Challenge keyframe map ``map-keyframes/<video_id>.csv`` (columns ``n,pts_time,fps,frame_idx``);
+* images decoded to 8-bit RGB, with 16-bit and float images scaled (not clipped) to 0..255.
+
+Readers here raise ``InputError`` only when a whole file is unusable; a bad row of a map is a
+warning for that row, and the rest of the map is kept.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from errors import InputError
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+KEYFRAME_DIR = "keyframes"
+KEYFRAME_MAP_DIR = "map-keyframes"
+KEYFRAME_MAP_COLUMNS = ("n", "pts_time", "fps", "frame_idx")
+
+
+# ---------------------------------------------------------------------------- file order
+def natural_key(p: Path) -> list:
+    """Sort key that puts ``2.jpg`` before ``10.jpg`` (AI Challenge keyframes are not always zero-padded)."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", Path(p).name)]
+
+
+def is_image(p: Path) -> bool:
+    return Path(p).suffix.lower() in IMAGE_EXTS
+
+
+def is_video(p: Path) -> bool:
+    return Path(p).suffix.lower() in VIDEO_EXTS
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly inside ``folder`` (broken symlinks left out), in natural order.
+
+    Raises ``OSError`` (e.g. ``PermissionError``) when the folder itself cannot be listed.
+    """
+    return sorted((p for p in Path(folder).iterdir() if is_image(p) and p.is_file()), key=natural_key)
+
+
+# ---------------------------------------------------------------------------- keyframe maps
+@dataclass(frozen=True)
+class KeyframeRow:
+    """One row of a keyframe map: keyframe ``n`` is frame ``frame_idx`` at ``pts_time`` seconds."""
+
+    n: int
+    frame_idx: int
+    pts_time: float = math.nan
+    fps: float = math.nan
+
+
+@dataclass
+class KeyframeMap:
+    """A parsed keyframe map; ``problems`` holds one line per row that was skipped."""
+
+    path: Path
+    rows: dict = field(default_factory=dict)  # n -> KeyframeRow
+    problems: list = field(default_factory=list)
+
+    def __contains__(self, n: int) -> bool:
+        return n in self.rows
+
+    def __getitem__(self, n: int) -> KeyframeRow:
+        return self.rows[n]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def _number(text: Optional[str], kind, name: str):
+    if text is None:
+        raise ValueError(f"no {name} value (short row)")
+    text = text.strip()
+    if not text:
+        raise ValueError(f"empty {name}")
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={text!r} is not a finite number")
+    if kind is int:
+        if value != int(value) or value < 0:
+            raise ValueError(f"{name}={text!r} is not a whole number >= 0")
+        return int(value)
+    return value
+
+
+def read_keyframe_map(path: Path) -> KeyframeMap:
+    """Read ``map-keyframes/<video_id>.csv``.
+
+    The file is read as ``utf-8-sig`` (maps saved by Excel start with a BOM, which would otherwise
+    rename the first column to ``\\ufeffn``). Column names are matched case-insensitively. A row
+    that is short, has a bad number or repeats an ``n`` is skipped with a warning naming its line.
+
+    Raises:
+        InputError: the file cannot be read, or has no ``n`` and ``frame_idx`` columns.
+    """
+    path = Path(path)
+    out = KeyframeMap(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if header is None:
+                raise InputError(f"keyframe map {path} is empty; expected columns {','.join(KEYFRAME_MAP_COLUMNS)}")
+            cols = {name.strip().lower(): i for i, name in enumerate(header)}
+            if "n" not in cols or "frame_idx" not in cols:
+                raise InputError(
+                    f"keyframe map {path} needs columns {','.join(KEYFRAME_MAP_COLUMNS)}; got {','.join(header)}"
+                )
+
+            def cell(row: list, name: str) -> Optional[str]:
+                i = cols.get(name)
+                return row[i] if i is not None and i < len(row) else None
+
+            for row in reader:
+                line = reader.line_num
+                if not any(c.strip() for c in row):
+                    continue  # blank line (a trailing newline saved by a spreadsheet)
+                try:
+                    n = _number(cell(row, "n"), int, "n")
+                    frame_idx = _number(cell(row, "frame_idx"), int, "frame_idx")
+                    pts = _number(cell(row, "pts_time"), float, "pts_time") if "pts_time" in cols else math.nan
+                    fps = _number(cell(row, "fps"), float, "fps") if "fps" in cols and cell(row, "fps") else math.nan
+                except ValueError as exc:
+                    out.problems.append(f"{path}:{line}: {exc}; row skipped")
+                    continue
+                if n in out.rows:
+                    out.problems.append(f"{path}:{line}: n={n} appears twice; the first row is kept")
+                    continue
+                out.rows[n] = KeyframeRow(n, frame_idx, pts, fps)
+    except UnicodeDecodeError as exc:
+        raise InputError(f"keyframe map {path} is not UTF-8 text ({exc.reason}); save it as CSV UTF-8") from None
+    except PermissionError:
+        raise InputError(f"keyframe map {path}: permission denied; make it readable (chmod a+r)") from None
+    except OSError as exc:
+        raise InputError(f"keyframe map {path} cannot be read ({exc.strerror or exc})") from None
+    except csv.Error as exc:
+        raise InputError(f"keyframe map {path} is not valid CSV ({exc})") from None
+    for p in out.problems:
+        log.warning("%s", p)
+    return out
+
+
+# ---------------------------------------------------------------------------- images
+_GREY16 = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def to_rgb8(im) -> np.ndarray:
+    """A PIL image as an HxWx3 uint8 RGB array.
+
+    PIL's ``convert("RGB")`` clips 16-bit grey (``I;16``), 32-bit integer (``I``) and float
+    (``F``) images to 0..255, so a 16-bit PNG or TIFF comes out almost white; these are scaled by
+    their range instead (16-bit: 0..65535; float: 0..1 when that is where the values lie). 16-bit
+    colour files are already reduced to 8 bits by PIL itself (by scaling, not clipping).
+    """
+    if im.mode in _GREY16 or im.mode in ("I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = arr.max(initial=0.0)
+        if im.mode in _GREY16 or (im.mode == "I" and top > 255):
+            scale = 255.0 / 65535.0
+        elif im.mode == "F" and top <= 1.0:
+            scale = 255.0
+        else:
+            scale = 1.0
+        grey = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2))
+    return np.asarray(im.convert("RGB"))
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """Decode an image file to HxWx3 uint8 RGB (16-bit files scaled, see ``to_rgb8``)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return to_rgb8(im)
