@@ -15,10 +15,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from errors import ConfigError, InputError
+from indexing.formats import IMAGE_EXTS, list_images, natural_key  # noqa: F401  (one reader, shared with indexing/)
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 # Prompt templates for zero-shot classification. One template is the cheap default (text
 # encoding costs as much as a batch of images on CPU); the ensemble is the usual CLIP-style mix.
@@ -64,10 +63,11 @@ class FileImages(ImageSource):
     def load(self, i: int):
         from PIL import Image
 
+        from indexing.formats import read_rgb
+
         path = self.paths[i]
         try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
+            return Image.fromarray(read_rgb(path))  # 16-bit files scaled to 8 bits, not clipped
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot read image {path}: {exc}; remove or replace the file") from exc
 
@@ -265,18 +265,6 @@ def random_indices(n: int, limit: Optional[int], seed: int = 0) -> np.ndarray:
     if limit < 1:
         raise ConfigError(f"limit={limit} is not valid; give a positive number")
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
-
-
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly inside ``folder``, in natural (numeric-aware) order."""
-    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS), key=natural_key)
-
-
-def natural_key(p: Path):
-    """Sort key that puts ``2.jpg`` before ``10.jpg``."""
-    import re
-
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)]
 
 
 def pretty_class(name: str) -> str:

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Optional
 
 from errors import InputError
-from eval.datasets.base import FileImages, Query, RetrievalSet, list_images, random_indices
+from eval.datasets.base import FileImages, Query, RetrievalSet, random_indices
+from indexing.formats import KEYFRAME_DIR, KEYFRAME_MAP_DIR, list_images, read_keyframe_map
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,9 @@ def load_keyframes(
 
 # ---------------------------------------------------------------------------- gallery
 def _read_gallery(root: Path) -> tuple[list[Path], list[str], list[int]]:
-    kf = root / "keyframes"
+    kf = root / KEYFRAME_DIR
     if kf.is_dir():
-        return _read_aic(kf, root / "map-keyframes")
+        return _read_aic(kf, root / KEYFRAME_MAP_DIR)
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     paths, vids, frames = [], [], []
     if subdirs:
@@ -141,11 +142,9 @@ def _read_aic(kf: Path, maps: Path) -> tuple[list[Path], list[str], list[int]]:
 def _read_map(path: Path) -> dict[int, int]:
     if not path.is_file():
         raise InputError(f"keyframe map {path} does not exist; every keyframes/<video_id>/ needs map-keyframes/<video_id>.csv")
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if rows and not {"n", "frame_idx"} <= set(rows[0]):
-        raise InputError(f"{path} needs columns n,pts_time,fps,frame_idx; got {list(rows[0])}")
-    return {int(float(r["n"])): int(float(r["frame_idx"])) for r in rows}
+    # The shared reader (indexing.formats): BOM-tolerant; a bad row is warned about and left out,
+    # so a keyframe that needed it is reported by _read_aic as missing from the map.
+    return {n: row.frame_idx for n, row in read_keyframe_map(path).rows.items()}
 
 
 def _stem_int(p: Path) -> int:
