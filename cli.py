@@ -19,6 +19,7 @@ import typer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from errors import MergeseekError  # noqa: E402
+from runtime import parse_bytes  # noqa: E402
 
 app = typer.Typer(
     add_completion=False,
@@ -97,14 +98,36 @@ def index_cmd(
     dedup: Annotated[bool, typer.Option("--dedup/--no-dedup", help="Skip near-duplicate frames (perceptual hash).")] = True,
     index_type: Annotated[
         Optional[str],
-        typer.Option("--index-type", help="FAISS factory string: Flat (default), IVF1024,Flat, HNSW32, IVF4096,PQ64, ..."),
+        typer.Option("--index-type", help="FAISS factory string: Flat (default), IVF1024,Flat, HNSW32, IVF4096,PQ64, ..., "
+                     "or auto (Flat / HNSW / IVF / IVF-PQ from the vector count and --memory-budget)."),
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Drop what the index holds and index everything again.")] = False,
+    memory_budget: Annotated[
+        Optional[str], typer.Option("--memory-budget", help="RAM the FAISS index may use with --index-type auto, e.g. 4G (default 8G).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Index everything again into a new generation; it replaces the "
+                                        "old one only when the run indexed at least one source.")] = False,
     shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Vectors per committed shard.")] = 4096,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars over videos and frames.")] = True,
+    ray_address: Annotated[
+        Optional[str],
+        typer.Option("--ray", help="Index on Ray: 'local' (start Ray on this machine), 'auto' (the cluster this machine "
+                     "joined with `ray start`) or a cluster address HOST:6379. See docs/SCALE.md."),
+    ] = None,
+    workers: Annotated[
+        int, typer.Option("--workers", min=1, help="With --ray: encoder actors (one model each; one GPU each when the cluster has GPUs).")
+    ] = 1,
+    maps: MapsOpt = None,
+    media_info: MediaInfoOpt = None,
+    videos: VideosOpt = None,
+    objects: ObjectsOpt = None,
+    reuse: ReuseOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Index videos, AI Challenge keyframe folders or image folders (incremental and resumable)."""
+    """Index videos, AI Challenge keyframe folders or image folders (incremental and resumable).
+
+    An extracted AI Challenge release (Keyframes_*/keyframes/, map-keyframes*/, media-info*/, ...)
+    is indexed from its root: keyframes with their real frame numbers, metadata beside the index.
+    """
     import json
 
     from encoders import Encoder
@@ -115,17 +138,49 @@ def index_cmd(
         dedup=Dedup(enabled=dedup),
         index_type=index_type,
         force=force,
+        memory_budget=parse_bytes(memory_budget),
         shard_size=shard_size,
         progress=progress and not json_out,
+        release_parts=_release_parts(maps, media_info, videos, objects),
+        reuse=_reuse_option(reuse, ray_address),
     )
-    report = index_paths(
-        paths,
-        index_dir,
-        lambda: Encoder(model_name=model, pretrained=pretrained, device=device, precision=precision, merge=merge,
-                        batch_size=batch_size),
-        options,
-    )
+    if ray_address is not None:
+        from indexing.distributed import RayOptions, index_paths_ray
+
+        # The driver's copy only gives the index identity and the preprocessing: CPU; actors pick their device.
+        report = index_paths_ray(
+            paths, index_dir,
+            lambda: Encoder(model_name=model, pretrained=pretrained, device="cpu", precision=precision, merge=merge,
+                            batch_size=batch_size),
+            options, RayOptions(address=ray_address, workers=workers, gpus_per_worker=0 if device == "cpu" else None),
+        )
+    else:
+        report = index_paths(
+            paths,
+            index_dir,
+            lambda: Encoder(model_name=model, pretrained=pretrained, device=device, precision=precision, merge=merge,
+                            batch_size=batch_size),
+            options,
+        )
     typer.echo(json.dumps(report.to_dict(), indent=1) if json_out else "\n".join(report.summary_lines()))
+
+
+# ---------------------------------------------------------------- reuse across frames (encoders/reuse.py)
+ReuseOpt = Annotated[
+    Optional[str],
+    typer.Option("--reuse", help="Reuse work across the frames of a shot: 'threshold=0.05,refresh=16' (keys: threshold, "
+                 "refresh, cut, bits, seed, max_videos; 'none' = off). See docs/REUSE.md."),
+]
+
+
+def _reuse_option(reuse: Optional[str], ray_address: Optional[str] = None) -> Optional[str]:
+    from encoders.reuse import ReuseConfig
+    from errors import ConfigError
+
+    cfg = ReuseConfig.parse(reuse)
+    if cfg.enabled and ray_address is not None:
+        raise ConfigError("--reuse runs in the local pipeline only (frames of a video must reach one encoder in order); drop --ray or --reuse")
+    return str(cfg) if cfg.enabled else None
 
 
 @app.command("search")
@@ -149,18 +204,137 @@ def search_cmd(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "fp32",
     batch_size: BatchOpt = 32,
+    nprobe: Annotated[int, typer.Option("--nprobe", min=1, help="IVF index types: lists visited per query (more: better recall, slower).")] = 16,
+    ef_search: Annotated[int, typer.Option("--ef-search", min=1, help="HNSW index types: search depth (more: better recall, slower).")] = 64,
 ) -> None:
     """Search an index by text, by image (--image) or for one event followed by another (--then)."""
     from retrieval import hits_json, hits_table, run_search, write_submission_csv
+    from runtime import check_writable
 
+    if csv_out is not None:
+        check_writable(csv_out, what="--csv")  # before the model loads
     results = run_search(
         index_dir, text=query, image=image, then=then, within_s=within, k=k, per_video=per_video, model=model,
         pretrained=pretrained, merge=merge, device=device, precision=precision, batch_size=batch_size,
+        nprobe=nprobe, ef_search=ef_search,
     )
+    typer.echo(hits_json(results) if json_out else hits_table(results))  # printed even when the CSV fails below
     if csv_out is not None:
         n = write_submission_csv(csv_out, results)
         typer.echo(f"wrote {n} rows to {csv_out}", err=True)
-    typer.echo(hits_json(results) if json_out else hits_table(results))
+
+
+# ---------------------------------------------------------------- HCMC AI Challenge (indexing/aic.py, retrieval/submission.py)
+MapsOpt = Annotated[Optional[Path], typer.Option("--maps", help="Folder of map-keyframes/<video_id>.csv when not in the release root.")]
+MediaInfoOpt = Annotated[Optional[Path], typer.Option("--media-info", help="Folder of media-info/<video_id>.json when elsewhere.")]
+VideosOpt = Annotated[Optional[Path], typer.Option("--videos", help="Folder of the release's <video_id>.mp4 (for playback) when elsewhere.")]
+ObjectsOpt = Annotated[Optional[Path], typer.Option("--objects", help="Folder of objects/<video_id>/<n>.json when elsewhere.")]
+FeaturesOpt = Annotated[Optional[Path], typer.Option("--features", help="Folder of clip-features-32/<video_id>.npy when elsewhere.")]
+
+
+def _release_parts(maps=None, media_info=None, videos=None, objects=None, features=None) -> Optional[dict]:
+    given = {"maps": maps, "media_info": media_info, "videos": videos, "objects": objects, "features": features}
+    given = {k: v for k, v in given.items() if v is not None}
+    return given or None
+
+
+@app.command("import-features")
+@handle_errors
+def import_features_cmd(
+    paths: Annotated[List[Path], typer.Argument(help="Root of the extracted release (or a clip-features-32 folder).")],
+    *,
+    index_dir: IndexDirOpt = Path("index"),
+    model: Annotated[str, typer.Option("--model", help="open_clip model that made the features (text queries use its text tower).")] = "ViT-B-32",
+    pretrained: Annotated[str, typer.Option("--pretrained", help="Its weights tag (the organisers' features: openai).")] = "openai",
+    index_type: Annotated[Optional[str], typer.Option("--index-type", help="FAISS factory string (default Flat).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Drop what the index holds first.")] = False,
+    maps: MapsOpt = None,
+    media_info: MediaInfoOpt = None,
+    videos: VideosOpt = None,
+    objects: ObjectsOpt = None,
+    features: FeaturesOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Build an index from the organisers' clip-features .npy files, without encoding a frame."""
+    import json
+
+    from indexing.aic import import_features
+
+    report = import_features(paths, index_dir, model=model, pretrained=pretrained, force=force, index_type=index_type,
+                             overrides=_release_parts(maps, media_info, videos, objects, features))
+    typer.echo(json.dumps(report.to_dict(), indent=1) if json_out else "\n".join(report.summary_lines()))
+
+
+@app.command("submit")
+@handle_errors
+def submit_cmd(
+    queries: Annotated[
+        Path, typer.Argument(help="Query file: 'id<TAB>type<TAB>text' lines (type kis, qa or trake; TRAKE events "
+                           "separated by ' | '), JSON lines or a JSON array (see docs/AIC.md).")
+    ],
+    *,
+    index_dir: IndexDirOpt = Path("index"),
+    out: Annotated[Path, typer.Option("--out", help="Folder for the {query_id}.csv files.")] = Path("submission"),
+    answers: Annotated[
+        Optional[Path], typer.Option("--answers", help="QA answers: 'id<TAB>answer' lines or a JSON object {id: answer}.")
+    ] = None,
+    within: Annotated[float, typer.Option("--within", help="TRAKE: seconds from the first event within which all events fall.")] = 60.0,
+    model: ModelOpt = "from-index",
+    pretrained: PretrainedOpt = "from-index",
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+    json_out: JsonOpt = False,
+) -> None:
+    """Write one AI Challenge submission CSV per query (KIS, QA, TRAKE; <= 100 distinct rows each)."""
+    import json
+
+    from retrieval.submission import run_submit
+
+    report = run_submit(queries, index_dir, out, answers=answers, within_s=within, model=model, pretrained=pretrained,
+                        device=device, precision=precision)
+    typer.echo(json.dumps(report.to_dict(), indent=1) if json_out else "\n".join(report.summary_lines()))
+
+
+# ---------------------------------------------------------------- index maintenance (indexing/repair.py)
+@app.command("repair")
+@handle_errors
+def repair_cmd(
+    *,
+    index_dir: IndexDirOpt = Path("index"),
+    json_out: JsonOpt = False,
+) -> None:
+    """Check every file of an index; rebuild a lost or damaged manifest.json and index.faiss from the shards.
+
+    A damaged shard is moved to damaged/ (never deleted) and its sources are dropped from the
+    manifest, so the next `cli.py index` run over the same inputs encodes them again.
+    """
+    import json
+
+    from indexing.repair import repair_index
+
+    report = repair_index(index_dir)
+    typer.echo(json.dumps(report.to_dict(), indent=1) if json_out else "\n".join(report.summary_lines()))
+
+
+@app.command("compact")
+@handle_errors
+def compact_cmd(
+    *,
+    index_dir: IndexDirOpt = Path("index"),
+    json_out: JsonOpt = False,
+) -> None:
+    """Drop the dead rows of re-indexed sources from the shards, in place and atomically (ids unchanged)."""
+    import json
+
+    from indexing.repair import compact_index
+
+    r = compact_index(index_dir)
+    if json_out:
+        typer.echo(json.dumps(r, indent=1))
+    else:
+        typer.echo(f"compact {r['index_dir']}: {r['shards_rewritten']} shard(s) rewritten; dead rows "
+                   f"{r['before']['dead_rows']} -> {r['after']['dead_rows']}; {r['after']['vectors']} vectors in "
+                   f"{r['after']['shards']} shard(s); {r['faiss']}")
 
 
 @app.command("demo")
@@ -186,6 +360,55 @@ def demo_cmd(
     typer.echo(f"\nquery: {result.query!r}\n{hits_table(result.hits)}")
     if result.warning:
         typer.secho(result.warning, fg=typer.colors.YELLOW, err=True)
+
+
+# ---------------------------------------------------------------- serve / thumbs (serve/, indexing/thumbs.py)
+@app.command("serve")
+@handle_errors
+def serve_cmd(
+    *,
+    index_dir: IndexDirOpt = Path("index"),
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on; anything but a loopback address (127.0.0.1, ::1, localhost) needs --token.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port.")] = 8000,
+    token: Annotated[
+        Optional[str],
+        typer.Option("--token", envvar="MERGESEEK_TOKEN", show_envvar=True,
+                     help="Secret every request must carry (Authorization: Bearer TOKEN, or ?token=TOKEN in the page's URL)."),
+    ] = None,
+    model: ModelOpt = "from-index",
+    pretrained: PretrainedOpt = "from-index",
+    merge: MergeOpt = "from-index",
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+) -> None:
+    """Serve a search web page and JSON API over an index (read-only) until Ctrl-C."""
+    from serve import run_server
+
+    def ready(url: str, health: dict) -> None:
+        typer.echo(f"serving {index_dir} ({health['vectors']} frames of {health['videos']} video(s), "
+                   f"{health['thumbnails']} thumbnails, {health['model']}/{health['pretrained']}) at {url}", err=True)
+
+    run_server(index_dir, host=host, port=port, token=token, model=model, pretrained=pretrained, merge=merge,
+               device=device, precision=precision, on_ready=ready)
+
+
+@app.command("thumbs")
+@handle_errors
+def thumbs_cmd(
+    *,
+    index_dir: IndexDirOpt = Path("index"),
+    force: Annotated[bool, typer.Option("--force", help="Make every thumbnail again, not only the missing ones.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Make the JPEG thumbnails `serve` shows, for an index built before they existed (decodes the frames again)."""
+    import json
+
+    from indexing.thumbs import make_thumbs
+
+    report = make_thumbs(index_dir, force=force)
+    typer.echo(json.dumps(report.to_dict(), indent=1) if json_out else report.summary())
 
 
 @app.command("eval")
@@ -215,7 +438,17 @@ def eval_cmd(
         typer.Option("--sweep", help="Grid applied to each --merge config (or method=bipartite): 'r=0:16:4' "
                      "(inclusive range) or 'r=4|8|16,method=bipartite|lsh'."),
     ] = None,
-    data_root: Annotated[Path, typer.Option("--data-root", help="Folder of the named datasets.")] = Path("../shared/data"),
+    data_root: Annotated[
+        Optional[Path],
+        typer.Option("--data-root", help="Folder of the named datasets (default: $MERGESEEK_DATA, else "
+                     "$XDG_CACHE_HOME/mergeseek/data, i.e. ~/.cache/mergeseek/data)."),
+    ] = None,
+    templates: Annotated[
+        str,
+        typer.Option("--templates", help="Zero-shot prompts: openai (the published ones: ImageNet 80, CIFAR 18, Pets 1; "
+                     "own image folders keep 'a photo of a {}.'), simple (open_clip's 7 for every set) or a file "
+                     "(one template per line, {} marks the class; or clip_benchmark's JSON)."),
+    ] = "openai",
     limit: Annotated[
         Optional[int],
         typer.Option("--limit", min=1, help="Fixed subset: images per classification/caption set, queries per keyframe set."),
@@ -243,13 +476,14 @@ def eval_cmd(
     from eval import evaluate
     from eval.config import EvalConfig
 
-    cfg = EvalConfig(
-        models=tuple(model or ["ViT-B-32"]), pretrained=None if pretrained.lower() in ("none", "") else pretrained,
-        datasets=tuple(dataset or ["cifar10"]), merges=tuple(merge if merge else ([] if sweep else ["r=8"])),
-        sweep=sweep, data_root=str(data_root), limit=limit, seed=seed, batch_size=batch_size, device=device,
-        precision=precision, warmup=warmup, iters=iters, topk=topk, plots=plots, threads=threads,
-        cpu_time=cpu_time,
+    cfg = EvalConfig.from_options(
+        models=model, pretrained=pretrained, datasets=dataset, merges=merge, sweep=sweep, data_root=data_root,
+        templates=templates, limit=limit, seed=seed, batch_size=batch_size, device=device, precision=precision,
+        warmup=warmup, iters=iters, topk=topk, plots=plots, threads=threads, cpu_time=cpu_time,
     )
+    from runtime import check_writable
+
+    check_writable(out, folder=True, what="--out")  # before hours of evaluation
     outcome = evaluate(cfg, out, progress=progress)
     if json_out:
         typer.echo((out / "report.json").read_text())
@@ -284,14 +518,15 @@ def bench(
     import json
 
     from bench.throughput import format_report, run_throughput
+    from runtime import atomic_write, check_writable
 
+    if out is not None:
+        check_writable(out, what="--out")  # before the timing runs
     report = run_throughput(
         model, pretrained, merge or ["r=8"], batch_size, iters, warmup, image_size, device, precision, progress=not json_out
     )
     if out is not None:
-        from indexing.store import atomic_write
-
-        atomic_write(out, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+        atomic_write(out, json.dumps(report, indent=2))
     typer.echo(json.dumps(report, indent=2) if json_out else format_report(report))
 
 

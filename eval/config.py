@@ -5,13 +5,33 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Sequence
 
 from encoders.config import MergeConfig
 from errors import ConfigError
 
 BASELINE = "none"
+
+
+def default_data_root() -> Path:
+    """Where the named datasets are read when ``--data-root`` is not given.
+
+    ``$MERGESEEK_DATA`` when set, else the user's cache folder: ``$XDG_CACHE_HOME/mergeseek/data``
+    (``~/.cache/mergeseek/data`` when ``XDG_CACHE_HOME`` is unset).
+    """
+    env = os.environ.get("MERGESEEK_DATA", "").strip()
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "mergeseek" / "data"
+
+
+def resolve_data_root(data_root: Optional[str | os.PathLike] = None) -> Path:
+    """``--data-root`` when given, else :func:`default_data_root`."""
+    return Path(data_root).expanduser() if data_root not in (None, "") else default_data_root()
 
 
 @dataclass(frozen=True)
@@ -24,7 +44,9 @@ class EvalConfig:
         datasets: dataset specs (see :mod:`eval.datasets`).
         merges: ``--merge`` values; the unmerged baseline is always added first.
         sweep: ``--sweep`` spec, e.g. ``r=0:16:4`` or ``r=4|8|16,method=bipartite|lsh``.
-        data_root: folder of the named datasets (``../shared/data``).
+        data_root: folder of the named datasets (default: :func:`default_data_root`).
+        templates: zero-shot prompts: ``openai`` (the published ones per set), ``simple`` (open_clip's
+            7) or a templates file; see :mod:`eval.zeroshot`. A dataset's own ``templates=`` option wins.
         limit: images (classification, captions) or queries (keyframes) kept per set; None = all.
         seed: seed of the ``limit`` subset.
         batch_size: images per forward, for accuracy passes and timing.
@@ -45,7 +67,8 @@ class EvalConfig:
     datasets: tuple[str, ...] = ("cifar10",)
     merges: tuple[str, ...] = ("r=8",)
     sweep: Optional[str] = None
-    data_root: str = "../shared/data"
+    data_root: str = field(default_factory=lambda: str(default_data_root()))
+    templates: str = "openai"
     limit: Optional[int] = None
     seed: int = 0
     batch_size: int = 32
@@ -72,7 +95,40 @@ class EvalConfig:
                 raise ConfigError(f"eval {key}={getattr(self, key)} is not valid; it must be >= {lo}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"eval limit={self.limit} is not valid; give a positive number or leave it out")
+        from eval.zeroshot import TEMPLATE_CHOICES
+
+        if self.templates not in TEMPLATE_CHOICES and not Path(self.templates).expanduser().is_file():
+            raise ConfigError(f"eval templates={self.templates!r} is not valid; choose {' or '.join(TEMPLATE_CHOICES)} "
+                              "or the path of a templates file (one template per line, {} for the class name)")
         self.merge_configs()  # fail early on a bad --merge / --sweep
+
+    @classmethod
+    def from_options(cls, *, models: Optional[Sequence[str]] = None, pretrained: Optional[str] = "openai",
+                     datasets: Optional[Sequence[str]] = None, merges: Optional[Sequence[str]] = None,
+                     data_root: Optional[str | os.PathLike] = None, **options) -> "EvalConfig":
+        """The config of ``cli.py eval``: options left out (None) take the defaults.
+
+        No ``--model`` means ViT-B-32, no ``--dataset`` cifar10, no ``--merge`` r=8 (none when a
+        ``--sweep`` is given: the sweep then runs over method=bipartite); ``pretrained`` ``none`` or
+        empty means random weights; no ``--data-root`` means :func:`default_data_root`.
+        """
+        defaults = cls.__dataclass_fields__
+        if merges:
+            merges = tuple(merges)
+        else:
+            merges = () if options.get("sweep") else defaults["merges"].default
+        kept = {k: v for k, v in options.items() if v is not None}
+        unknown = set(kept) - set(defaults)
+        if unknown:
+            raise ConfigError(f"unknown eval option(s) {sorted(unknown)}; valid: {', '.join(defaults)}")
+        return cls(
+            models=tuple(models) if models else defaults["models"].default,
+            pretrained=None if pretrained is None or pretrained.strip().lower() in ("none", "") else pretrained,
+            datasets=tuple(datasets) if datasets else defaults["datasets"].default,
+            merges=merges,
+            data_root=str(resolve_data_root(data_root)),
+            **kept,
+        )
 
     def merge_configs(self) -> list[MergeConfig]:
         """Baseline first, then each ``--merge`` and each swept config, duplicates dropped."""

@@ -30,6 +30,7 @@ from eval.metrics import (
 from eval.models import ModelUnderTest, load_model
 from eval.results import CandidateResult, DatasetResult, EvalReport, ModelResult
 from eval.timing import flop_ratio, time_alternating
+from eval.zeroshot import choose_templates, describe_prompts
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def run_eval(cfg: EvalConfig, progress: bool = False) -> EvalReport:
     if cfg.threads is not None or cfg.cpu_time:
         torch.set_num_threads(1 if cfg.cpu_time else cfg.threads)
     merges = cfg.merge_configs()
-    sets = [load_dataset(DatasetSpec.parse(s), cfg.data_root, cfg.limit, cfg.seed) for s in cfg.datasets]
+    sets = [load_with_templates(DatasetSpec.parse(s), cfg) for s in cfg.datasets]
     models = []
     for spec in cfg.models:
         mut = load_model(spec, cfg.pretrained, cfg.device, cfg.precision)
@@ -128,6 +129,14 @@ def embed_all(mut: ModelUnderTest, cands: dict[str, Any], ds: EvalSet, batch_siz
     )
 
 
+def load_with_templates(spec: DatasetSpec, cfg: EvalConfig) -> EvalSet:
+    """One set with ``cfg.templates`` applied to classification sets (its own ``templates=`` option wins)."""
+    ds = load_dataset(spec, cfg.data_root, cfg.limit, cfg.seed)
+    if isinstance(ds, ClassificationSet) and spec.option("templates") is None:
+        ds = choose_templates(ds, cfg.templates)
+    return ds
+
+
 def evaluate_dataset(mut: ModelUnderTest, cands: dict[str, Any], ds: EvalSet, batch_size: int, topk: int = 10,
                      progress: bool = False) -> DatasetResult:
     embs, logits = embed_all(mut, cands, ds, batch_size, progress)
@@ -149,7 +158,7 @@ def _classification(mut: ModelUnderTest, ds: ClassificationSet, embs, logits) ->
     if mut.kind == "clip":
         weights = zeroshot_weights(mut, ds.classes, ds.templates)
         scores = {k: e @ weights.T for k, e in embs.items()}
-        protocol = f"zero-shot, {len(ds.templates)} template(s): {ds.templates[0]!r}"
+        protocol = f"zero-shot, {describe_prompts(ds.classes, ds.templates, ds.label_space)}"
     elif (mut.label_space and mut.label_space == ds.label_space) or (
         not mut.label_space and mut.num_classes == len(ds.classes)
     ):

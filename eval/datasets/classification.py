@@ -21,6 +21,7 @@ from typing import Any, Optional
 import numpy as np
 
 from errors import ConfigError, InputError
+from eval.zeroshot import CIFAR10_CLASSNAMES, PETS_TEMPLATES, with_published_names
 from eval.datasets.base import (
     ArrayImages,
     ClassificationSet,
@@ -32,8 +33,9 @@ from eval.datasets.base import (
 
 log = logging.getLogger(__name__)
 
-PET_TEMPLATES = ("a photo of a {}, a type of pet.",)
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# Whole standard sets get the published class names and prompts (eval.zeroshot): comparable figures.
+PET_TEMPLATES = PETS_TEMPLATES
+CIFAR10_CLASSES = CIFAR10_CLASSNAMES
 
 
 def _need_dir(path: Path, what: str, hint: str) -> Path:
@@ -117,14 +119,14 @@ def load_cifar100(root: Path, split: str = "test") -> ClassificationSet:
     meta = _unpickle(root / "meta")
     classes = _names(meta["fine_label_names"])
     names = _names(data.get("filenames", []))
-    return ClassificationSet(
+    return with_published_names(ClassificationSet(
         name="cifar100",
         images=ArrayImages(_cifar_images(data["data"]), names),
         labels=np.asarray(data["fine_labels"], dtype=np.int64),
         classes=tuple(pretty_class(c) for c in classes),
         source=str(root / split),
         label_space="cifar100",
-    )
+    ))
 
 
 def load_cifar10(root: Path, split: str = "test") -> ClassificationSet:
@@ -155,14 +157,14 @@ def _load_cifar10_pack(path: Path) -> ClassificationSet:
         classes = tuple(str(c) for c in d["classes"]) if "classes" in d.files else CIFAR10_CLASSES
     if len(offsets) != len(labels) + 1:
         raise InputError(f"{path}: {len(offsets)} offsets for {len(labels)} labels; expected labels + 1")
-    return ClassificationSet(
+    return with_published_names(ClassificationSet(
         name="cifar10",
         images=JpegPackImages(blob, offsets, np.arange(len(labels)), names),
         labels=labels,
         classes=classes,
         source=str(path),
         label_space="cifar10",
-    )
+    ))
 
 
 def _load_cifar10_pickles(root: Path, split: str) -> ClassificationSet:
@@ -174,14 +176,14 @@ def _load_cifar10_pickles(root: Path, split: str) -> ClassificationSet:
         labels += list(d["labels"])
         names += list(_names(d.get("filenames", [])))
     meta = _unpickle(root / "batches.meta")
-    return ClassificationSet(
+    return with_published_names(ClassificationSet(
         name="cifar10",
         images=ArrayImages(np.concatenate(arrays), tuple(names)),
         labels=np.asarray(labels, dtype=np.int64),
         classes=_names(meta["label_names"]),
         source=str(root),
         label_space="cifar10",
-    )
+    ))
 
 
 # ---------------------------------------------------------------------------- Oxford-IIIT Pet
@@ -216,7 +218,7 @@ def load_pets(root: Path, split: str = "test") -> ClassificationSet:
     missing = [i for i in range(n_cls) if i not in names]
     if missing:
         raise InputError(f"{ann}: class ids {[i + 1 for i in missing]} have no images, so their names are unknown")
-    return ClassificationSet(
+    return with_published_names(ClassificationSet(
         name="pets",
         images=FileImages(tuple(root / "images" / f"{img}.jpg" for img, _ in entries)),
         labels=np.asarray([c for _, c in entries], dtype=np.int64),
@@ -224,7 +226,7 @@ def load_pets(root: Path, split: str = "test") -> ClassificationSet:
         templates=PET_TEMPLATES,
         source=str(ann),
         label_space="pets",
-    )
+    ))
 
 
 def _load_pets_csv(root: Path) -> ClassificationSet:
@@ -237,7 +239,7 @@ def _load_pets_csv(root: Path) -> ClassificationSet:
     else:
         by_label = {int(r["label"]): r.get("breed") or r["label"] for r in rows}
         classes = tuple(by_label[i] for i in range(max(by_label) + 1))
-    return ClassificationSet(
+    return with_published_names(ClassificationSet(
         name="pets",
         images=FileImages(tuple(root / r["file"] for r in rows)),
         labels=labels,
@@ -245,7 +247,7 @@ def _load_pets_csv(root: Path) -> ClassificationSet:
         templates=PET_TEMPLATES,
         source=str(root / "labels.csv"),
         label_space="pets",
-    )
+    ))
 
 
 # ---------------------------------------------------------------------------- ImageNet
@@ -277,14 +279,14 @@ def load_imagenet(root: Path, class_map: Optional[Path] = None) -> Classificatio
     missing = [w for w in all_wnids if w not in names]
     if missing:
         raise InputError(f"the ImageNet class map has no name for {missing[:3]}...; pass a complete map")
-    return ClassificationSet(
+    return with_published_names(ClassificationSet(
         name="imagenet",
         images=FileImages(tuple(paths)),
         labels=np.asarray(labels, dtype=np.int64),
         classes=tuple(pretty_class(names[w]) for w in all_wnids),
         source=str(folder),
         label_space="imagenet1k" if len(all_wnids) == 1000 else "",
-    )
+    ))
 
 
 def _tsv_header(path: Path) -> list[str]:
@@ -298,14 +300,14 @@ def _load_imagenet_flat(root: Path, tsv: Path) -> ClassificationSet:
         raise InputError(f"{tsv} needs columns idx, wnid, name, file")
     rows.sort(key=lambda r: int(r["idx"]))
     classes = tuple(pretty_class(r["name"]) for r in rows)
-    return ClassificationSet(
+    return with_published_names(ClassificationSet(
         name="imagenet",
         images=FileImages(tuple(root / r["file"] for r in rows)),
         labels=np.asarray([int(r["idx"]) for r in rows], dtype=np.int64),
         classes=classes,
         source=str(tsv),
         label_space="imagenet1k" if len(classes) == 1000 else "",
-    )
+    ))
 
 
 def _read_class_map(explicit: Optional[Path], search: list[Path]) -> dict[str, str]:
