@@ -193,6 +193,14 @@ class Encoder:
             feats = self.model.encode_image(pixels.to(self.device, non_blocking=True))
         return torch.nn.functional.normalize(feats.float(), dim=-1)
 
+    def stream(self, reuse) -> "ReuseEncoder":  # noqa: F821
+        """This encoder's image tower over a stream of video frames that reuses work across the
+        frames of a shot (``reuse``: a ``ReuseConfig`` or ``threshold=0.05,refresh=16``); see
+        encoders/reuse.py and docs/REUSE.md."""
+        from encoders.reuse import ReuseEncoder
+
+        return ReuseEncoder(self, reuse)
+
     def encode_images(self, images: Sequence[ImageLike], progress: bool = False) -> np.ndarray:
         """Encode images in batches; returns float32 [n, dim], L2-normalised."""
         out = [np.zeros((0, self.dim), np.float32)]
@@ -205,12 +213,38 @@ class Encoder:
         import torch
 
         out = [np.zeros((0, self.dim), np.float32)]
+        _warn_if_truncated(self.tokenizer, texts)
         for chunk in _batches(list(texts), self.batch_size, progress, "encode texts"):
             tokens = self.tokenizer(list(chunk)).to(self.device)
             with torch.inference_mode(), self._autocast():
                 feats = self.model.encode_text(tokens)
             out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy())
         return np.concatenate(out)
+
+
+def _token_count(tokenizer: Callable, text: str) -> Optional[int]:
+    """Tokens ``text`` takes in the text tower, start and end tokens included (None: unknown)."""
+    try:
+        if hasattr(tokenizer, "encode"):  # open_clip's SimpleTokenizer (the OpenAI BPE)
+            return len(tokenizer.encode(text)) + 2
+        hf = getattr(tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers one
+        if hf is not None:
+            return len(hf(text)["input_ids"])
+    except Exception:  # a tokenizer without these methods: no warning rather than a failed search
+        return None
+    return None
+
+
+def _warn_if_truncated(tokenizer: Callable, texts: Sequence[str]) -> None:
+    """The tokenizer cuts texts at the context length silently; say so, once per text."""
+    ctx = getattr(tokenizer, "context_length", None)
+    if not ctx:
+        return
+    for i, text in enumerate(texts):
+        n = _token_count(tokenizer, text)
+        if n is not None and n > ctx:
+            log.warning("text %d is %d tokens, longer than the text tower's context of %d: only its first %d "
+                        "tokens are used (%r...); shorten it to keep the rest", i, n, ctx, ctx - 2, text[:60])
 
 
 def _batches(items: Sequence, size: int, progress: bool, desc: str) -> Iterable[Sequence]:

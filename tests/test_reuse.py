@@ -1,0 +1,227 @@
+"""Reuse across frames (encoders/reuse.py): exactness where nothing is reused, full reuse of
+identical frames, cuts and refresh, per-video caches, merging on top, the index pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from encoders.reuse import ReuseConfig, ReuseStream
+from errors import ConfigError
+from eval.datasets.video import static_clip
+
+MERGES = ["none", "r=8", "r=8,method=lsh"]
+
+
+@pytest.fixture(scope="module")
+def encoders_by_merge(one_torch_thread):
+    """Random-weight ViT-B-32 (50 tokens, seeded), once per merge config."""
+    from encoders import Encoder
+
+    return {m: Encoder(model_name="ViT-B-32", pretrained=None, device="cpu", merge=m, batch_size=8) for m in MERGES}
+
+
+@pytest.fixture(scope="module")
+def clip_frames(encoders_by_merge):
+    """Preprocessed frames: a static scene with a moving object (6), then another photo (4)."""
+    from skimage import data
+
+    enc = encoders_by_merge["none"]
+    scene = static_clip(data.coffee(), 6, fps=5.0, size=224, noise=1.0).frames
+    other = static_clip(data.astronaut(), 4, fps=5.0, size=224, noise=1.0, seed=3).frames
+    return enc.preprocess_images(list(scene)), enc.preprocess_images(list(other))
+
+
+@pytest.fixture(scope="module")
+def reference_vit(one_torch_thread):
+    """The trained CIFAR-10 reference ViT (timm, 145 tokens) when its weights are in the repo, else
+    the same architecture with random weights."""
+    from eval import reference as ref
+
+    if ref.reference_available():
+        model, info = ref.load_reference()
+    else:
+        torch.manual_seed(0)
+        model = ref.build_model(ref.get_config("reference-cifar10")).eval()
+        info = ref.preprocess_info_of(model)
+    return model, info
+
+
+def per_frame(enc, pixels):
+    return enc.encode_image_tensor(pixels)
+
+
+# ---------------------------------------------------------------------------- config
+def test_config_round_trips_and_bad_keys_list_the_valid_ones():
+    cfg = ReuseConfig.parse("threshold=0.1,refresh=8,cut=0.4")
+    assert (cfg.threshold, cfg.refresh, cfg.cut) == (0.1, 8, 0.4)
+    assert ReuseConfig.parse(str(cfg)) == cfg
+    assert str(ReuseConfig.parse("none")) == "none" and not ReuseConfig.parse(None).enabled
+    assert not ReuseConfig.parse("threshold=0").enabled and not ReuseConfig.parse("refresh=1").enabled
+    with pytest.raises(ConfigError, match="valid keys: threshold, refresh, cut, bits, seed, max_videos"):
+        ReuseConfig.parse("treshold=0.1")
+    for bad, words in (("refresh=0", ">= 1"), ("threshold=-1", ">= 0"), ("cut=2", "(0, 1]"), ("refresh=x", "integer"),
+                       ("threshold", "key=value")):
+        with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace("]", r"\]")):
+            ReuseConfig.parse(bad)
+
+
+# ---------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("merge", MERGES)
+def test_threshold_zero_equals_per_frame_encoding(encoders_by_merge, clip_frames, merge):
+    enc = encoders_by_merge[merge]
+    frames = torch.cat(clip_frames)
+    stream = enc.stream("threshold=0")
+    out = stream.encode_image_tensor(frames, ["v"] * len(frames))
+    assert (out - per_frame(enc, frames)).abs().max().item() <= 1e-5
+    assert stream.stats.references == len(frames) and stream.stats.reuse_rate == 0.0
+
+
+@pytest.mark.parametrize("merge", MERGES)
+def test_identical_frames_reuse_every_token_after_the_first(encoders_by_merge, clip_frames, merge):
+    enc = encoders_by_merge[merge]
+    frames = clip_frames[0][:1].repeat(5, 1, 1, 1)
+    stream = enc.stream("threshold=0.05,refresh=16")
+    out = stream.encode_image_tensor(frames, ["v"] * 5)
+    assert torch.equal(out[1:], out[:1].expand(4, -1))
+    assert (out[0] - per_frame(enc, frames[:1])[0]).abs().max().item() <= 1e-5
+    st = stream.stats
+    assert st.references == 1
+    first = [[r // 5 for r in rows] for rows in st.rows]  # one frame's rows per block and gate
+    assert st.computed == first  # only the first frame computed anything
+    assert st.reuse_rate == pytest.approx(0.8)
+
+
+def test_a_cut_resets_the_cache(encoders_by_merge, clip_frames):
+    enc = encoders_by_merge["none"]
+    scene, other = clip_frames
+    frames = torch.cat([scene, other])
+    stream = enc.stream("threshold=0.05,refresh=100,cut=0.5")
+    out = stream.encode_image_tensor(frames, ["v"] * len(frames))
+    st = stream.stats
+    assert st.cuts == 1 and st.references == 2
+    # The first frame after the cut is computed in full: it equals per-frame encoding.
+    cut_at = len(scene)
+    assert (out[cut_at] - per_frame(enc, frames[cut_at : cut_at + 1])[0]).abs().max().item() <= 1e-5
+    # Frames of the static scene with a moving object stay close and reuse work.
+    base = per_frame(enc, frames)
+    assert (out * base).sum(-1).min().item() > 0.99
+    assert st.reuse_rate > 0.2
+
+
+def test_refresh_bounds_how_many_frames_reuse_one_reference(encoders_by_merge, clip_frames):
+    enc = encoders_by_merge["none"]
+    frames = clip_frames[0][:1].repeat(7, 1, 1, 1)
+    stream = enc.stream("threshold=0.05,refresh=3")
+    stream.encode_image_tensor(frames, ["v"] * 7)
+    assert stream.stats.references == 3 and stream.stats.refreshes == 2  # frames 0, 3, 6
+
+
+@pytest.mark.parametrize("merge", ["none", "r=8"])
+def test_videos_in_one_batch_never_share_a_cache_and_batching_does_not_matter(encoders_by_merge, clip_frames, merge):
+    enc = encoders_by_merge[merge]
+    a, b = clip_frames[0], clip_frames[1]
+    alone_a = enc.stream("threshold=0.05").encode_image_tensor(a, ["a"] * len(a))
+    alone_b = enc.stream("threshold=0.05").encode_image_tensor(b, ["b"] * len(b))
+    # Interleaved in one batch: a0 b0 a1 b1 ... then the rest of a.
+    order = []
+    for i in range(max(len(a), len(b))):
+        if i < len(a):
+            order.append(("a", i))
+        if i < len(b):
+            order.append(("b", i))
+    pixels = torch.stack([(a if v == "a" else b)[i] for v, i in order])
+    ids = [v for v, _ in order]
+    for chunk in (len(order), 3, 1):
+        stream = enc.stream("threshold=0.05")
+        out = torch.cat([stream.encode_image_tensor(pixels[s : s + chunk], ids[s : s + chunk])
+                         for s in range(0, len(order), chunk)])
+        want = torch.stack([(alone_a if v == "a" else alone_b)[i] for v, i in order])
+        assert (out - want).abs().max().item() <= 1e-5, chunk
+
+
+def test_the_cache_is_a_hash_of_patches_not_a_pixel_compare(encoders_by_merge, clip_frames):
+    """A change in one patch marks that patch only; the hash has ``bits`` bits per patch."""
+    enc = encoders_by_merge["none"]
+    stream = ReuseStream(enc.model, "threshold=0.05,bits=32", enc.merge)
+    frame = clip_frames[0][:1]
+    moved = frame.clone()
+    moved[..., 32:64, 64:96] = -moved[..., 32:64, 64:96]  # exactly patch (1, 2) of the 7x7 grid
+    with torch.inference_mode():
+        stream.encode(torch.cat([frame, moved]), ["v", "v"])
+        patches = stream.fam.patches(torch.cat([frame, moved]))
+        codes = (patches @ stream.planes) > 0
+    assert codes.shape == (2, 49, 32)
+    changed = stream._changed(codes[1:], codes[0])[0]
+    assert changed.nonzero().flatten().tolist() == [1 * 7 + 2]
+
+
+# ---------------------------------------------------------------------------- timm (reference ViT)
+@pytest.mark.parametrize("merge", ["none", "r=8", "r=8,method=lsh"])
+def test_timm_reference_vit(reference_vit, merge):
+    from encoders import apply_merging, remove_merging
+    from eval.datasets.video import cifar_clips
+    from eval.reference import preprocess_uint8
+    from skimage import data
+    from PIL import Image
+
+    model, info = reference_vit
+    photo = np.asarray(Image.fromarray(data.chelsea()).resize((32, 32), Image.BILINEAR))
+    clip = cifar_clips(photo[None], [3], frames=6, fps=5.0)[0]
+    x = preprocess_uint8(np.stack(clip.frames), info)
+    apply_merging(model, merge)
+    try:
+        with torch.inference_mode():
+            base = model(x)
+            exact = ReuseStream(model, "threshold=0", merge).encode(x, ["c"] * 6)
+            stream = ReuseStream(model, "threshold=0.05,cut=1", merge)
+            reused = stream.encode(x, ["c"] * 6)
+    finally:
+        remove_merging(model)
+    assert (exact - base).abs().max().item() <= 1e-4 * max(1.0, base.abs().max().item())
+    assert stream.stats.references == 1 and stream.stats.reuse_rate > 0.0
+    cos = torch.nn.functional.cosine_similarity(reused, base)
+    assert cos.min().item() > 0.95
+
+
+# ---------------------------------------------------------------------------- the index pipeline
+def test_index_with_reuse_reports_the_reuse(tmp_path, encoders_by_merge):
+    from test_indexing_support import write_video
+
+    from indexing import IndexOptions, index_paths
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "clip.mp4", [("red", 20), ("blue", 20)])
+    enc = encoders_by_merge["none"]
+    plain = index_paths([videos], tmp_path / "plain", enc, IndexOptions())
+    report = index_paths([videos], tmp_path / "ix", enc, IndexOptions(reuse="threshold=0.05,refresh=4"))
+    assert report.frames_encoded == plain.frames_encoded and report.reuse["frames"] == report.frames_encoded
+    assert report.reuse["references"] >= 2 and 0.0 <= report.reuse["reuse_rate"] < 1.0
+    assert any(line.startswith("reuse threshold=0.05") for line in report.summary_lines())
+    # A different reuse setting is a different recipe: the source is indexed again.
+    again = index_paths([videos], tmp_path / "ix", enc, IndexOptions())
+    assert again.indexed and again.reuse == {}
+
+
+def test_cli_rejects_a_bad_reuse_key(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    result = CliRunner().invoke(app, ["index", str(tmp_path), "--reuse", "refesh=4", "--pretrained", "none"])
+    assert result.exit_code != 0
+    assert "valid keys: threshold, refresh" in (result.stdout + result.stderr)
+
+
+# ---------------------------------------------------------------------------- device
+@pytest.mark.gpu
+def test_cuda_matches_cpu(encoders_by_merge, clip_frames):
+    from encoders import Encoder
+
+    frames = torch.cat(clip_frames)
+    cpu = encoders_by_merge["none"].stream("threshold=0.05").encode_image_tensor(frames, ["v"] * len(frames))
+    gpu_enc = Encoder(model_name="ViT-B-32", pretrained=None, device="cuda", merge="none")
+    gpu = gpu_enc.stream("threshold=0.05").encode_image_tensor(frames, ["v"] * len(frames)).cpu()
+    assert (gpu * cpu).sum(-1).min().item() > 0.999
