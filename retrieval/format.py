@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
 from typing import Sequence, Union
 
 from retrieval.search import Hit, TemporalHit
+from retrieval.submission import MAX_ROWS as SUBMISSION_MAX_ROWS  # the HCMC AI Challenge's row limit
 
-# The HCMC AI Challenge accepts at most this many rows per query file.
-SUBMISSION_MAX_ROWS = 100
 Result = Union[Hit, TemporalHit]
 
 
@@ -26,11 +24,27 @@ def format_timestamp(seconds: float) -> str:
     return f"{h:02d}:{m:02d}:{s:02d}.{ms:03d}"
 
 
+def _cell(text: str) -> str:
+    """One table cell on one line: control characters (a newline in a file name) shown escaped."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _width(text: str) -> int:
+    """Terminal columns: wide (CJK) characters take two, combining marks none."""
+    import unicodedata
+
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    rows = [[_cell(c) for c in r] for r in rows]
+    widths = [max([_width(h)] + [_width(r[i]) for r in rows]) for i, h in enumerate(header)]
 
     def line(cells):
-        out = [c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)]
+        pads = [" " * (w - _width(c)) for c, w in zip(cells, widths)]
+        out = [p + c if r else c + p for c, p, r in zip(cells, pads, right)]
         return "  ".join(out).rstrip()
 
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
@@ -48,6 +62,10 @@ def hits_table(results: Sequence[Result]) -> str:
         header = ["score", "video_id", "frame_idx", "timestamp", "then_frame", "then_time", "path"]
         return _table(header, rows, [True, False, True, True, True, True, False])
     rows = [[f"{h.score:.4f}", h.video_id, str(h.frame_idx), format_timestamp(h.pts_time), h.path] for h in results]
+    if any(h.video and h.video.get("title") for h in results):  # AI Challenge media-info
+        rows = [r + [str((h.video or {}).get("title", ""))[:60]] for r, h in zip(rows, results)]
+        return _table(["score", "video_id", "frame_idx", "timestamp", "path", "title"], rows,
+                      [True, False, True, True, False, False])
     return _table(["score", "video_id", "frame_idx", "timestamp", "path"], rows, [True, False, True, True, False])
 
 
@@ -60,6 +78,7 @@ def _hit_dict(h: Hit) -> dict:
         "timestamp": format_timestamp(h.pts_time) if math.isfinite(h.pts_time) else None,
         "path": h.path,
         "id": h.id,
+        **({k: h.video[k] for k in ("title", "watch_url", "video_path", "publish_date") if k in h.video} if h.video else {}),
     }
 
 
@@ -76,19 +95,9 @@ def hits_json(results: Sequence[Result]) -> str:
 def write_submission_csv(path: Union[str, Path], results: Sequence[Result]) -> int:
     """AI Challenge format: no header, ``video_id,frame_idx`` (temporal: ``video_id,frame_a,frame_b``).
 
-    At most ``SUBMISSION_MAX_ROWS`` rows; returns the number written. Written through a temp name.
+    At most ``SUBMISSION_MAX_ROWS`` distinct rows; returns the number written. Written through a
+    temp name by ``retrieval.submission`` (the one submission writer).
     """
-    import os
+    from retrieval.submission import write_results
 
-    path = Path(path)
-    rows = []
-    for r in results[:SUBMISSION_MAX_ROWS]:
-        if isinstance(r, TemporalHit):
-            rows.append([r.video_id, r.first.frame_idx, r.then.frame_idx])
-        else:
-            rows.append([r.video_id, r.frame_idx])
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        csv.writer(fh, lineterminator="\n").writerows(rows)
-    os.replace(tmp, path)
-    return len(rows)
+    return write_results(path, results)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from errors import IndexMismatchError, InputError
+from errors import DamagedIndexError, IndexMismatchError, InputError
 from indexing.faiss_index import build_index, for_search, load_index
 from indexing.store import IndexStore, check_identity
 
@@ -29,7 +29,11 @@ FROM_INDEX = "from-index"
 
 @dataclass(frozen=True)
 class Hit:
-    """One retrieved frame. ``pts_time`` is seconds (NaN when the source had no timestamps)."""
+    """One retrieved frame. ``pts_time`` is seconds (NaN when the source had no timestamps).
+
+    ``video`` is the video's metadata from the index's ``videos.json`` (AI Challenge releases:
+    title, watch_url, video_path, ...; see ``indexing.aic``), None when there is none.
+    """
 
     score: float
     video_id: str
@@ -37,6 +41,7 @@ class Hit:
     pts_time: float
     path: str
     id: int = -1
+    video: Optional[dict] = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,9 @@ class Searcher:
         self._frame = meta.column("frame_idx").to_numpy()
         self._pts = meta.column("pts_time").to_numpy()
         self._path = meta.column("path").to_pylist()
+        from indexing.aic import load_video_meta
+
+        self.video_meta = load_video_meta(self.store.root)
         self.index = for_search(self._load_faiss(ngpu), ngpu=ngpu, nprobe=nprobe, ef_search=ef_search)
 
     @classmethod
@@ -100,15 +108,20 @@ class Searcher:
 
     def _load_faiss(self, ngpu: int):
         if self.store.faiss_is_current():
-            index = load_index(self.store.faiss_path)
-            if index.ntotal == len(self._ids):
+            try:
+                index = load_index(self.store.faiss_path)
+            except DamagedIndexError as exc:  # derived from the shards: rebuilt below, the file is left alone
+                log.warning("%s", str(exc).split(";")[0])
+                index = None
+            if index is not None and index.ntotal == len(self._ids):
                 return index
         log.warning(
-            "index.faiss in %s is missing or older than its shards (interrupted run?); rebuilt it in memory. "
-            "Run `cli.py index` on the same folder again to save it", self.store.root,
+            "index.faiss in %s is missing, damaged or older than its shards (interrupted run?); rebuilt it in memory. "
+            "Run `cli.py repair --index %s` (or `cli.py index` on the same folder) to save it", self.store.root,
+            self.store.root,
         )
         ids, vecs = self.store.read_vectors()
-        return build_index(vecs, ids, self.manifest.index_type, ngpu=ngpu)
+        return build_index(vecs, ids, self.manifest.index_type, ngpu=ngpu, memory_budget=self.manifest.memory_budget)
 
     @property
     def size(self) -> int:
@@ -132,7 +145,8 @@ class Searcher:
         scores, ids = scores[valid], ids[valid]
         rows = self._order[np.searchsorted(self._sorted_ids, ids)]
         return [
-            Hit(float(s), self._video[r], int(self._frame[r]), float(self._pts[r]), self._path[r], int(i))
+            Hit(float(s), self._video[r], int(self._frame[r]), float(self._pts[r]), self._path[r], int(i),
+                self.video_meta.get(self._video[r]))
             for s, i, r in zip(scores, ids, rows)
         ]
 
@@ -189,8 +203,12 @@ class Searcher:
 def run_search(index_dir: Union[str, Path], text: Optional[str] = None, image: Optional[Union[str, Path]] = None,
                then: Optional[str] = None, within_s: float = 30.0, k: int = 20, per_video: bool = False,
                model: str = FROM_INDEX, pretrained: str = FROM_INDEX, merge: str = FROM_INDEX, device: str = "auto",
-               precision: str = "fp32", batch_size: int = 32) -> list:
-    """One query from the command line: checks the query first (no model load for a bad one)."""
+               precision: str = "fp32", batch_size: int = 32, nprobe: int = 16, ef_search: int = 64) -> list:
+    """One query from the command line: checks the query first (no model load for a bad one).
+
+    ``nprobe`` (IVF lists visited) and ``ef_search`` (HNSW depth) trade speed for recall on
+    approximate index types; exact ``Flat`` ignores them.
+    """
     if image is None and (text is None or not text.strip()):
         raise InputError("empty query; give a description such as \"a man riding a bike\", or --image query.jpg")
     if image is not None and text:
@@ -202,7 +220,7 @@ def run_search(index_dir: Union[str, Path], text: Optional[str] = None, image: O
     if k < 1:
         raise InputError(f"-k {k} is not valid; ask for at least 1 result")
     searcher = Searcher.open(index_dir, model=model, pretrained=pretrained, merge=merge, device=device,
-                             precision=precision, batch_size=batch_size)
+                             precision=precision, batch_size=batch_size, nprobe=nprobe, ef_search=ef_search)
     if then is not None:
         return searcher.search_temporal(text, then, within_s=within_s, k=k, per_video=per_video)
     if image is not None:

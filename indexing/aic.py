@@ -1,0 +1,559 @@
+"""The HCMC AI Challenge release layout: archives extracted side by side under one root.
+
+::
+
+    ROOT/
+      Keyframes_L21/keyframes/L21_V001/001.jpg ...        keyframes (what is indexed)
+      Videos_L21_a/L21_V001.mp4 ...                        the videos (played from results)
+      map-keyframes-aic25-b1/map-keyframes/L21_V001.csv    n,pts_time,fps,frame_idx (n is 1-based;
+                                                           frame_idx is the real frame, the one submitted)
+      media-info-aic25-b1/media-info/L21_V001.json         title, description, keywords, publish_date, watch_url
+      objects-aic25-b1/objects/L21_V001/001.json           detections of keyframe n = 1
+      clip-features-32-aic25-b1/clip-features-32/L21_V001.npy  ViT-B/32 float16, row i = keyframe n = i + 1
+
+Every part is matched to a keyframe folder by video id (the folder / file stem). Parts that live
+elsewhere are given with ``--maps DIR``, ``--media-info DIR``, ``--videos DIR``, ``--objects DIR``,
+``--features DIR`` (``ReleaseParts.with_overrides``).
+
+Besides the index, a release gives per-video metadata written beside it (never in the store's
+``emb/`` or ``meta/``): ``videos.json`` (media-info and the video file, for results and playback)
+and ``objects.parquet`` (detections at or above ``OBJECT_MIN_SCORE``, for filtering).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from errors import InputError
+
+log = logging.getLogger(__name__)
+
+# part name -> (archive folder prefixes, inner folder name); prefixes are compared lower-case.
+PARTS = {
+    "keyframes": (("keyframes",), "keyframes"),
+    "maps": (("map-keyframes",), "map-keyframes"),
+    "media_info": (("media-info",), "media-info"),
+    "objects": (("objects",), "objects"),
+    "features": (("clip-features",), "clip-features-32"),
+    "videos": (("videos",), None),
+}
+OVERRIDE_FLAGS = {"maps": "--maps", "media_info": "--media-info", "videos": "--videos", "objects": "--objects",
+                  "features": "--features"}
+VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
+VIDEOS_FILE = "videos.json"
+OBJECTS_FILE = "objects.parquet"
+OBJECT_MIN_SCORE = 0.5
+MEDIA_KEYS = ("title", "description", "keywords", "publish_date", "watch_url", "author", "channel_id",
+              "channel_url", "length", "thumbnail_url")
+_UP_LEVELS = 4  # how far above a given path the release root may be
+
+
+@dataclass(frozen=True)
+class ReleaseParts:
+    """Where each part of a release lives (folders holding the per-video files directly).
+
+    Args:
+        root: the release root (None when only overrides were given).
+        keyframes: folders whose children are ``<video_id>/`` keyframe folders.
+        maps, media_info, objects, features: folders of ``<video_id>.csv`` / ``.json`` /
+            ``<video_id>/`` / ``.npy``.
+        videos: folders holding ``<video_id>.mp4`` (searched two levels deep).
+    """
+
+    root: Optional[Path] = None
+    keyframes: tuple[Path, ...] = ()
+    maps: tuple[Path, ...] = ()
+    media_info: tuple[Path, ...] = ()
+    objects: tuple[Path, ...] = ()
+    features: tuple[Path, ...] = ()
+    videos: tuple[Path, ...] = ()
+    archive: bool = False  # found as archives side by side (Keyframes_*/keyframes/, map-keyframes-*/...)
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def is_release(self) -> bool:
+        return bool(self.keyframes or self.features)
+
+    def with_overrides(self, overrides: Optional[dict]) -> "ReleaseParts":
+        """Replace parts by user-given folders (``{"maps": Path, ...}``); each must exist."""
+        if not overrides:
+            return self
+        changes = {}
+        for part, path in overrides.items():
+            if path is None:
+                continue
+            if part not in OVERRIDE_FLAGS:
+                raise InputError(f"unknown release part {part!r}; valid: {', '.join(OVERRIDE_FLAGS)}")
+            p = Path(path).expanduser().resolve()
+            if not p.is_dir():
+                raise InputError(f"{OVERRIDE_FLAGS[part]} {path}: no such folder; pass the folder holding the "
+                                 f"per-video files (or the archive folder above it)")
+            changes[part] = _inner_dirs(p, part)
+        return replace(self, _cache={}, **changes)
+
+    # ------------------------------------------------------------------ per-video files
+    def _file(self, part: str, video_id: str, suffix: str) -> Optional[Path]:
+        for d in getattr(self, part):
+            p = d / f"{video_id}{suffix}"
+            if p.exists():
+                return p
+        return None
+
+    def map_for(self, video_id: str) -> Optional[Path]:
+        p = self._file("maps", video_id, ".csv")
+        return p if p is not None and p.is_file() else None
+
+    def media_info_for(self, video_id: str) -> Optional[Path]:
+        p = self._file("media_info", video_id, ".json")
+        return p if p is not None and p.is_file() else None
+
+    def objects_for(self, video_id: str) -> Optional[Path]:
+        p = self._file("objects", video_id, "")
+        return p if p is not None and p.is_dir() else None
+
+    def features_for(self, video_id: str) -> Optional[Path]:
+        p = self._file("features", video_id, ".npy")
+        return p if p is not None and p.is_file() else None
+
+    def video_for(self, video_id: str) -> Optional[Path]:
+        if "videos" not in self._cache:
+            found: dict = {}
+            for d in self.videos:
+                for p in _video_files(d):
+                    found.setdefault(p.stem, p)
+            self._cache["videos"] = found
+        return self._cache["videos"].get(video_id)
+
+    def keyframe_dirs(self, under: Optional[Path] = None) -> list[Path]:
+        """Every ``keyframes/<video_id>/`` folder (only those inside ``under`` when given)."""
+        out = []
+        for kf in self.keyframes:
+            for d in sorted(p for p in kf.iterdir() if p.is_dir()):
+                if under is None or _is_within(d, under) or _is_within(under, d):
+                    out.append(d)
+        return out
+
+    def video_ids(self) -> list[str]:
+        """Video ids with keyframes or features, in order."""
+        ids = {d.name for d in self.keyframe_dirs()}
+        for f in self.features:
+            ids.update(p.stem for p in f.glob("*.npy"))
+        return sorted(ids)
+
+
+# ---------------------------------------------------------------------------- discovery
+def find_release(path: Path, overrides: Optional[dict] = None) -> ReleaseParts:
+    """The release that ``path`` belongs to (``path`` is its root or anything under it).
+
+    Returns a ``ReleaseParts`` whose ``is_release`` is False when ``path`` is not in a release
+    (then only the overrides are filled in).
+    """
+    path = Path(path).expanduser().resolve()
+    start = path if path.is_dir() else path.parent
+    plain = None
+    for cand in [start, *list(start.parents)[:_UP_LEVELS]]:
+        if cand != start and not _names_a_part(start.relative_to(cand).parts[0]):
+            continue  # only climb out of a release's own archive folders
+        parts = _parts_at(cand)
+        if parts.archive:
+            return parts.with_overrides(overrides)
+        if parts.is_release and plain is None:
+            plain = parts  # a bare keyframes/ folder: used unless a release of archives lies above
+    return (plain or ReleaseParts()).with_overrides(overrides)
+
+
+def _names_a_part(name: str) -> bool:
+    low = name.lower()
+    return any(low.startswith(prefixes) for prefixes, _ in PARTS.values())
+
+
+def release_sources(parts: ReleaseParts, under: Path) -> list:
+    """One ``keyframes`` ``MediaSource`` per keyframe folder inside ``under``, its map matched by id.
+
+    A folder without a map is still a source (``map_csv`` None); the caller warns about it.
+    """
+    from indexing.sources import MediaSource, _files_fingerprint, _images_in
+
+    out = []
+    for vdir in parts.keyframe_dirs(under):
+        images = _images_in(vdir)
+        if not images:
+            continue
+        csv_path = parts.map_for(vdir.name)
+        files = images + ([csv_path] if csv_path is not None else [])
+        out.append(MediaSource("keyframes", vdir, vdir.name, _files_fingerprint(files), csv_path))
+    return out
+
+
+def _parts_at(root: Path) -> ReleaseParts:
+    """Parts found directly under ``root`` (archive folders side by side)."""
+    try:
+        children = sorted(p for p in root.iterdir() if p.is_dir())
+    except OSError:
+        return ReleaseParts()
+    found: dict = {k: [] for k in PARTS}
+    archive = False
+    for child in children:
+        low = child.name.lower()
+        for part, (prefixes, inner) in PARTS.items():
+            if not low.startswith(prefixes):
+                continue
+            if part in ("keyframes", "maps", "features") and low not in ("keyframes", "map-keyframes"):
+                archive = archive or bool(_inner_dirs(child, part, strict=True))
+            if part == "keyframes" and low == "keyframes":
+                # a bare keyframes/ folder next to map-keyframes/ (the older, single-archive layout)
+                found[part].append(child)
+            elif part == "maps" and low == "map-keyframes":
+                found[part].append(child)
+            elif part == "videos":
+                found[part].append(child)
+            else:
+                found[part].extend(_inner_dirs(child, part, strict=True))
+    if not found["keyframes"] and not found["features"]:
+        return ReleaseParts()
+    return ReleaseParts(root=root, archive=archive, **{k: tuple(v) for k, v in found.items()})
+
+
+def _inner_dirs(folder: Path, part: str, strict: bool = False) -> tuple[Path, ...]:
+    """The folder(s) of per-video files for ``part`` inside an archive folder (or the folder itself)."""
+    prefixes, inner = PARTS[part]
+    if part == "videos":
+        return (folder,)
+    sub = [p for p in folder.iterdir() if p.is_dir() and p.name.lower() == inner] if inner else []
+    if not sub and part == "features":  # clip-features-32/, clip-features-16/, ...
+        sub = [p for p in folder.iterdir() if p.is_dir() and p.name.lower().startswith("clip-features")]
+    if sub:
+        return tuple(sorted(sub))
+    return () if strict else (folder,)
+
+
+def _video_files(folder: Path, depth: int = 2) -> Iterable[Path]:
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        if len(here.relative_to(folder).parts) >= depth:
+            dirnames[:] = []
+        for name in sorted(filenames):
+            if Path(name).suffix.lower() in VIDEO_EXTS:
+                yield here / name
+
+
+def _is_within(p: Path, parent: Path) -> bool:
+    try:
+        p.relative_to(parent)
+        return True
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------------------- per-video metadata
+def read_media_info(path: Path) -> dict:
+    """The fields of a ``media-info/<video_id>.json`` kept in ``videos.json`` (unknown keys dropped)."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("ignoring media info %s (%s); expected a JSON object with title, watch_url, ...", path, exc)
+        return {}
+    if not isinstance(raw, dict):
+        log.warning("ignoring media info %s: not a JSON object", path)
+        return {}
+    out = {k: raw[k] for k in MEDIA_KEYS if k in raw}
+    if isinstance(out.get("keywords"), str):
+        out["keywords"] = [k.strip() for k in out["keywords"].split(",") if k.strip()]
+    return out
+
+
+def video_metadata(parts: ReleaseParts, video_ids: Sequence[str]) -> dict:
+    """``{video_id: {title, ..., watch_url, video_path, media_info_path, map_path}}`` for ``video_ids``."""
+    out = {}
+    for vid in video_ids:
+        base = vid.rsplit("/", 1)[-1]
+        entry: dict = {}
+        mi = parts.media_info_for(base)
+        if mi is not None:
+            entry.update(read_media_info(mi))
+            entry["media_info_path"] = str(mi)
+        video = parts.video_for(base)
+        if video is not None:
+            entry["video_path"] = str(video)
+        mp = parts.map_for(base)
+        if mp is not None:
+            entry["map_path"] = str(mp)
+        if entry:
+            out[vid] = entry
+    return out
+
+
+def read_objects(folder: Path, video_id: str, min_score: float = OBJECT_MIN_SCORE) -> list[tuple]:
+    """Detections of ``objects/<video_id>/<n>.json``: (video_id, n, entity, score, ymin, xmin, ymax, xmax)."""
+    rows = []
+    for f in sorted(Path(folder).glob("*.json")):
+        if not f.stem.isdigit():
+            continue
+        try:
+            d = json.loads(f.read_text(encoding="utf-8-sig"))
+            names = d.get("detection_class_entities") or d.get("detection_class_names") or []
+            scores = [float(s) for s in d.get("detection_scores", [])]
+            boxes = d.get("detection_boxes", [])
+        except (OSError, json.JSONDecodeError, TypeError, ValueError, AttributeError) as exc:
+            log.warning("ignoring detections %s (%s)", f, exc)
+            continue
+        for i, (name, score) in enumerate(zip(names, scores)):
+            if score < min_score:
+                continue
+            box = [float(x) for x in boxes[i]] if i < len(boxes) and len(boxes[i]) == 4 else [math.nan] * 4
+            rows.append((video_id, int(f.stem), str(name), score, *box))
+    return rows
+
+
+def write_sidecars(index_dir: Path, parts_by_video: dict, min_score: float = OBJECT_MIN_SCORE) -> dict:
+    """Merge the metadata of these videos into ``index_dir/videos.json`` and ``objects.parquet``.
+
+    Args:
+        parts_by_video: ``{video_id: ReleaseParts}`` (each video's release).
+
+    Returns: counts ``{"videos_with_metadata": n, "objects": rows}``.
+    """
+    from indexing.store import atomic_write
+
+    index_dir = Path(index_dir)
+    meta = load_video_meta(index_dir)
+    objects: list[tuple] = []
+    touched = set()
+    for vid, parts in parts_by_video.items():
+        new = video_metadata(parts, [vid])
+        if new:
+            meta[vid] = new[vid]
+        folder = parts.objects_for(vid.rsplit("/", 1)[-1])
+        if folder is not None:
+            objects.extend(read_objects(folder, vid, min_score))
+            touched.add(vid)
+    if meta:
+        text = json.dumps(dict(sorted(meta.items())), indent=1, ensure_ascii=False)
+        atomic_write(index_dir / VIDEOS_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    n_obj = _merge_objects(index_dir, objects, touched) if touched else 0
+    return {"videos_with_metadata": len(meta), "objects": n_obj}
+
+
+def _merge_objects(index_dir: Path, rows: list, touched: set) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from indexing.store import atomic_write
+
+    cols = ("video_id", "n", "entity", "score", "ymin", "xmin", "ymax", "xmax")
+    new = pa.table({c: list(v) for c, v in zip(cols, zip(*rows))} if rows else {c: [] for c in cols},
+                   schema=pa.schema([("video_id", pa.string()), ("n", pa.int64()), ("entity", pa.string()),
+                                     ("score", pa.float64()), ("ymin", pa.float64()), ("xmin", pa.float64()),
+                                     ("ymax", pa.float64()), ("xmax", pa.float64())]))
+    path = index_dir / OBJECTS_FILE
+    if path.is_file():
+        old = pq.read_table(path)
+        keep = np.asarray([v not in touched for v in old.column("video_id").to_pylist()], dtype=bool)
+        new = pa.concat_tables([old.filter(pa.array(keep)), new.cast(old.schema)])
+    atomic_write(path, lambda tmp: pq.write_table(new, tmp))
+    return new.num_rows
+
+
+def load_video_meta(index_dir: Path) -> dict:
+    """``videos.json`` of an index ({} when absent)."""
+    path = Path(index_dir) / VIDEOS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("ignoring %s (%s); re-run `cli.py index` to rewrite it", path, exc)
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def sources_for_path(root: Path, overrides: Optional[dict] = None) -> Optional[list]:
+    """The keyframe sources of ``root`` when it is (in) a release; None to walk it as plain folders.
+
+    Plain ``keyframes/`` + ``map-keyframes/`` side by side (the older layout) is left to the
+    generic walk unless part folders were given (``overrides``).
+    """
+    parts = find_release(root, overrides)
+    if not parts.keyframes or not (parts.archive or any(v is not None for v in (overrides or {}).values())):
+        return None
+    found = release_sources(parts, root)
+    if found and parts.videos:
+        log.info("release %s: the videos in %s are kept for playback, not indexed (the keyframes are); "
+                 "pass a videos folder on its own to index its frames", parts.root, ", ".join(p.name for p in parts.videos))
+    return found or None
+
+
+def write_release_metadata(index_dir: Path, sources: Sequence, overrides: Optional[dict] = None,
+                           video_ids: Optional[set] = None) -> dict:
+    """``write_sidecars`` for the keyframe ``sources`` that belong to a release (or have overrides).
+
+    Args:
+        video_ids: only these videos (default: every keyframe source given).
+    """
+    by_video: dict = {}
+    releases: dict = {}
+    for s in sources:
+        if s.kind != "keyframes" or (video_ids is not None and s.video_id not in video_ids):
+            continue
+        kf = Path(s.path).parent
+        if kf not in releases:
+            releases[kf] = find_release(kf, overrides)
+        parts = releases[kf]
+        if parts.is_release or overrides:
+            by_video[s.video_id] = parts
+    if not by_video:
+        return {}
+    return write_sidecars(Path(index_dir), by_video)
+
+
+def unmapped_warning(video_id: str, path: Path) -> str:
+    return (f"NO KEYFRAME MAP for {video_id} ({path}): frame_idx will only be the keyframe number and the time is "
+            f"unknown, so submissions from it are wrong; put map-keyframes/{video_id}.csv beside the keyframes "
+            f"archive or pass --maps DIR")
+
+
+# ---------------------------------------------------------------------------- import-features
+def import_features(paths: Sequence[Path], index_dir: Path, model: str = "ViT-B-32", pretrained: str = "openai",
+                    overrides: Optional[dict] = None, force: bool = False, index_type: Optional[str] = None,
+                    ngpu: int = -1):
+    """Build (or extend) an index from the organisers' ``clip-features-32/<video_id>.npy`` files.
+
+    Nothing is encoded: row i of a file is keyframe n = i + 1, whose frame_idx and pts_time come
+    from the video's map and whose path is its keyframe image (when the keyframes are there). The
+    vectors are the file's, L2-normalised, as float32. The index records ``model``/``pretrained``
+    so that text queries use the matching text tower.
+
+    Returns: an ``indexing.pipeline.IndexReport``.
+    """
+    import time
+
+    from indexing.faiss_index import build_index, save_index
+    from indexing.pipeline import IndexReport
+    from indexing.sources import BadInput
+    from indexing.store import IndexStore
+
+    t0 = time.perf_counter()
+    videos = _feature_videos(paths, overrides)
+    report = IndexReport(str(index_dir), sources_found=len(videos))
+    if not videos:
+        where = ", ".join(str(p) for p in paths)
+        raise InputError(f"no clip-features .npy files found under {where}; expected "
+                         "clip-features-32*/clip-features-32/<video_id>.npy, or pass --features DIR")
+    first = np.load(videos[0][2], mmap_mode="r")
+    if first.ndim != 2:
+        raise InputError(f"{videos[0][2]} has shape {first.shape}; expected [keyframes, dim]")
+    identity = {"model": model, "pretrained": pretrained, "merge": "none", "precision": "fp32", "dim": int(first.shape[1])}
+    recipe = "clip-features;dedup=off"
+    with IndexStore.open_for_write(Path(index_dir), identity, index_type, force) as store:
+        todo = []
+        for vid, parts, npy in videos:
+            key, fingerprint = _feature_key(parts, vid, npy)
+            if store.is_current(key, fingerprint, recipe):
+                report.up_to_date += 1
+                continue
+            try:
+                todo.append(_feature_source(vid, parts, npy, key, fingerprint, recipe, identity["dim"], report))
+            except InputError as exc:
+                log.warning("skip %s", exc)
+                report.failed.append(BadInput(str(npy), str(exc)))
+        if todo:
+            t1 = time.perf_counter()
+            store.commit(todo, {"sampling": "all", "dedup": "off"})
+            report.times.write_s = time.perf_counter() - t1
+            report.indexed = [e.video_id for e in todo]
+            report.frames_sampled = report.frames_encoded = sum(len(e.frame_idx) for e in todo)
+        if todo or not store.faiss_is_current():
+            t1 = time.perf_counter()
+            ids, vecs = store.read_vectors()
+            if len(ids):
+                save_index(build_index(vecs, ids, store.manifest.index_type, ngpu=ngpu), store.faiss_path)
+                store.write_manifest(faiss_current=True)
+            report.times.faiss_s = time.perf_counter() - t1
+        report.vectors_total = store.manifest.counts()["vectors"]
+        by_video = {vid: parts for vid, parts, _ in videos if vid in set(report.indexed)}
+        report.metadata = write_sidecars(Path(index_dir), by_video) if by_video else {}
+    report.times.wall_s = time.perf_counter() - t0
+    if not report.indexed and not report.up_to_date:
+        raise InputError(f"nothing could be imported: {len(report.failed)} feature file(s) failed "
+                         f"({'; '.join(b.reason for b in report.failed[:3])})")
+    return report
+
+
+def _feature_videos(paths: Sequence[Path], overrides: Optional[dict]) -> list[tuple[str, ReleaseParts, Path]]:
+    out, seen = [], set()
+    for raw in paths:
+        root = Path(raw).expanduser().resolve()
+        if not root.exists():
+            raise InputError(f"{raw} does not exist; pass the root of the extracted release")
+        parts = find_release(root, overrides)
+        feature_dirs = parts.features or ((root,) if root.is_dir() and any(root.glob("*.npy")) else ())
+        if not parts.features and feature_dirs:
+            parts = replace(parts, features=feature_dirs, _cache={})
+        for d in feature_dirs:
+            for npy in sorted(d.glob("*.npy")):
+                if npy.stem not in seen:
+                    seen.add(npy.stem)
+                    out.append((npy.stem, parts, npy))
+    return out
+
+
+def _feature_key(parts: ReleaseParts, vid: str, npy: Path) -> tuple[str, str]:
+    """The store key is the keyframe folder when there is one (so `index` of it replaces these rows)."""
+    from indexing.sources import _file_sig
+
+    kf = next((d for d in parts.keyframe_dirs() if d.name == vid), None)
+    mp = parts.map_for(vid)
+    fp = "|".join([_file_sig(npy)] + ([_file_sig(mp)] if mp is not None else []))
+    return (str(kf) if kf is not None else str(npy)), fp
+
+
+def _feature_source(vid: str, parts: ReleaseParts, npy: Path, key: str, fingerprint: str, recipe: str, dim: int,
+                    report):
+    from indexing.formats import read_keyframe_map
+    from indexing.sources import _images_in
+    from indexing.store import EncodedSource
+
+    try:
+        arr = np.load(npy)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{npy}: not a readable .npy file ({exc})") from None
+    if arr.ndim != 2 or arr.shape[1] != dim:
+        raise InputError(f"{npy}: shape {arr.shape}, but the index has dim {dim}; all feature files must be [n, {dim}]")
+    vecs = arr.astype(np.float32)
+    norms = np.linalg.norm(vecs, axis=1, keepdims=True)
+    if not np.all(np.isfinite(vecs)) or np.any(norms == 0):
+        raise InputError(f"{npy}: has rows that are zero or not finite; re-download the features")
+    vecs /= norms
+    n_rows = len(vecs)
+    mp = parts.map_for(vid)
+    kmap = read_keyframe_map(mp) if mp is not None else None
+    if kmap is None:
+        log.warning("%s", unmapped_warning(vid, npy))
+        report.unmapped.append(vid)
+    elif len(kmap) != n_rows:
+        raise InputError(f"{npy} has {n_rows} rows but {mp} has {len(kmap)} keyframes; they must match (row i = n i+1)")
+    kf = next((d for d in parts.keyframe_dirs() if d.name == vid), None)
+    images = {int(p.stem): p for p in _images_in(kf) if p.stem.isdigit()} if kf is not None else {}
+    frame_idx, pts, paths = [], [], []
+    for i in range(n_rows):
+        n = i + 1
+        if kmap is not None:
+            if n not in kmap:
+                raise InputError(f"{mp} has no row n={n} but {npy} has {n_rows} rows; the map is incomplete")
+            frame_idx.append(kmap[n].frame_idx)
+            pts.append(kmap[n].pts_time)
+        else:
+            frame_idx.append(n)
+            pts.append(math.nan)
+        paths.append(str(images[n]) if n in images else "")
+    return EncodedSource(key=key, video_id=vid, kind="keyframes", fingerprint=fingerprint, recipe=recipe,
+                         frame_idx=np.asarray(frame_idx, np.int64), pts_time=np.asarray(pts, np.float64),
+                         paths=paths, hashes=np.zeros(n_rows, np.int64), vectors=vecs)

@@ -1,0 +1,285 @@
+"""The HCMC AI Challenge submission files: the one writer every command (and the web app) uses.
+
+One CSV per query, named ``{query_id}.csv``, no header, at most ``MAX_ROWS`` ranked lines:
+
+* KIS: ``video_id,frame_idx``
+* QA: ``video_id,frame_idx,answer``
+* TRAKE: ``video_id,frame1,...,frameN`` (one frame per event, in event order)
+
+``frame_idx`` is the real frame number of the video (the keyframe map's ``frame_idx``, which the
+index stores), never the keyframe number. A row that repeats an earlier one is dropped, so the
+file holds up to 100 distinct candidates; rows are written through a temp file and a rename.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+from errors import InputError
+
+MAX_ROWS = 100
+KIS, QA, TRAKE = "kis", "qa", "trake"
+TASKS = (KIS, QA, TRAKE)
+_ALIASES = {"kis": KIS, "qa": QA, "vqa": QA, "trake": TRAKE}
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def parse_task(text: str) -> str:
+    """``kis`` / ``qa`` (or ``vqa``) / ``trake``, case-insensitive."""
+    task = _ALIASES.get(str(text).strip().lower())
+    if task is None:
+        raise InputError(f"query type {text!r} is not known; use one of kis, qa (or vqa), trake")
+    return task
+
+
+def result_row(result, task: str = KIS, answer: str = "") -> tuple:
+    """One submission row from a search result (``Hit``, ``TemporalHit`` or ``trake.EventChain``)."""
+    frames = _frames(result)
+    if task == QA:
+        return (result.video_id, frames[0], answer)
+    if task == KIS:
+        return (result.video_id, frames[0])
+    return (result.video_id, *frames)
+
+
+def _frames(result) -> list[int]:
+    if hasattr(result, "hits"):  # trake.EventChain
+        return [int(h.frame_idx) for h in result.hits]
+    if hasattr(result, "then"):  # search.TemporalHit
+        return [int(result.first.frame_idx), int(result.then.frame_idx)]
+    return [int(result.frame_idx)]
+
+
+def submission_rows(results: Iterable, task: Optional[str] = None, answer: str = "", limit: int = MAX_ROWS) -> list[tuple]:
+    """Distinct rows in rank order, at most ``limit``.
+
+    Args:
+        task: ``kis``, ``qa`` or ``trake``; None picks it from the results (frames per result:
+            one -> KIS, more -> TRAKE).
+        answer: the QA answer written on every row.
+    """
+    out, seen = [], set()
+    for r in results:
+        t = task if task is not None else (KIS if len(_frames(r)) == 1 else TRAKE)
+        row = result_row(r, t, answer)
+        if row in seen:
+            continue
+        seen.add(row)
+        out.append(row)
+        if len(out) >= limit:
+            break
+    return out
+
+
+def dedup_rows(rows: Iterable[Sequence], limit: int = MAX_ROWS) -> list[tuple]:
+    """First occurrence of each row, in order, at most ``limit``."""
+    out, seen = [], set()
+    for r in rows:
+        r = tuple(r)
+        if r not in seen:
+            seen.add(r)
+            out.append(r)
+            if len(out) >= limit:
+                break
+    return out
+
+
+def render(rows: Sequence[Sequence]) -> str:
+    """The file's text: comma-separated, ``\\n`` line ends, quoted only where needed (answers)."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def write_rows(path: Union[str, Path], rows: Sequence[Sequence], limit: int = MAX_ROWS) -> int:
+    """Write distinct ``rows`` (at most ``limit``) to ``path`` atomically; returns the rows written."""
+    path = Path(path)
+    rows = dedup_rows(rows, limit)
+    text = render(rows)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return len(rows)
+
+
+def write_results(path: Union[str, Path], results: Iterable, task: Optional[str] = None, answer: str = "") -> int:
+    """``submission_rows`` then ``write_rows``: search results straight to a submission file."""
+    return write_rows(path, submission_rows(results, task, answer))
+
+
+def query_file_name(query_id: str) -> str:
+    """``{query_id}.csv``; refuses ids that are not plain file names."""
+    qid = str(query_id).strip()
+    if not _SAFE_ID.match(qid):
+        raise InputError(f"query id {query_id!r} cannot be a file name; use letters, digits, '.', '_' or '-'")
+    return f"{qid}.csv"
+
+
+def read_rows(path: Union[str, Path]) -> list[list[str]]:
+    """A submission file's rows as strings (for scoring and checks)."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        return [r for r in csv.reader(fh) if r]
+
+
+# ---------------------------------------------------------------------------- batch submissions
+@dataclass(frozen=True)
+class SubmitQuery:
+    """One query of a query file: ``events`` holds the TRAKE event texts (one for KIS / QA)."""
+
+    qid: str
+    task: str
+    text: str
+    events: tuple[str, ...]
+    answer: str = ""
+
+
+@dataclass
+class SubmitReport:
+    out_dir: str
+    files: list = field(default_factory=list)  # (query id, task, rows written, path)
+
+    def summary_lines(self) -> list[str]:
+        lines = [f"{qid} ({task}): {n} rows -> {path}" for qid, task, n, path in self.files]
+        return lines + [f"wrote {len(self.files)} submission file(s) to {self.out_dir}"]
+
+    def to_dict(self) -> dict:
+        return {"out_dir": self.out_dir,
+                "files": [{"query_id": q, "task": t, "rows": n, "path": p} for q, t, n, p in self.files]}
+
+
+def read_queries(path: Union[str, Path]) -> list[SubmitQuery]:
+    """A query file: tab-separated ``id<TAB>type<TAB>text`` lines, JSON lines, or one JSON array.
+
+    TRAKE events are separated by `` | `` in the text (or given as a JSON list ``events``). Blank
+    lines and lines starting with ``#`` are skipped. JSON keys: ``query_id`` (or ``id``),
+    ``task`` (or ``type``), ``query`` (or ``text``), optional ``events`` and ``answer``.
+    """
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"query file {path} does not exist")
+    text = path.read_text(encoding="utf-8-sig")
+    body = text.lstrip()
+    rows: list[tuple[int, dict]] = []
+    if body.startswith("["):
+        try:
+            data = json.loads(body)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        rows = [(i + 1, r) for i, r in enumerate(data)]
+    else:
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            if line.lstrip().startswith("{"):
+                try:
+                    rows.append((n, json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise InputError(f"{path}:{n} is not valid JSON ({exc.msg}); one object per line") from None
+                continue
+            cells = line.split("\t")
+            if len(cells) < 3:
+                raise InputError(f"{path}:{n}: expected id<TAB>type<TAB>text, got {line[:80]!r}")
+            rows.append((n, {"query_id": cells[0], "task": cells[1], "query": "\t".join(cells[2:])}))
+    out, seen = [], set()
+    for n, r in rows:
+        if not isinstance(r, dict):
+            raise InputError(f"{path} entry {n} is not an object with query_id, task and query")
+        q = _query(r, f"{path}:{n}")
+        if q.qid in seen:
+            raise InputError(f"{path}:{n}: query id {q.qid!r} appears twice; ids name the output files")
+        seen.add(q.qid)
+        out.append(q)
+    if not out:
+        raise InputError(f"query file {path} holds no queries")
+    return out
+
+
+def _query(r: dict, where: str) -> SubmitQuery:
+    qid = str(r.get("query_id", r.get("id", ""))).strip()
+    if not qid:
+        raise InputError(f"{where}: no query id (query_id or id)")
+    query_file_name(qid)
+    try:
+        task = parse_task(r.get("task", r.get("type", "")))
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
+    text = str(r.get("query", r.get("text", "")) or "").strip()
+    events = r.get("events")
+    if events is None:
+        events = [e.strip() for e in text.split(" | ")] if task == TRAKE else [text]
+    events = tuple(str(e).strip() for e in events if str(e).strip())
+    if not events:
+        raise InputError(f"{where}: query {qid} has no text")
+    return SubmitQuery(qid, task, text or " | ".join(events), events, str(r.get("answer", "") or ""))
+
+
+def read_answers(path: Union[str, Path]) -> dict:
+    """QA answers: a JSON object ``{query_id: answer}`` or ``id<TAB>answer`` lines."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"answers file {path} does not exist")
+    text = path.read_text(encoding="utf-8-sig")
+    if text.lstrip().startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path} is not valid JSON ({exc.msg}); give {{\"query_id\": \"answer\"}}") from None
+        return {str(k): str(v) for k, v in data.items()}
+    out = {}
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        qid, sep, ans = line.partition("\t")
+        if not sep:
+            raise InputError(f"{path}:{n}: expected id<TAB>answer, got {line[:80]!r}")
+        out[qid.strip()] = ans.strip()
+    return out
+
+
+def run_submit(queries: Union[str, Path], index_dir: Union[str, Path], out_dir: Union[str, Path],
+               answers: Optional[Union[str, Path]] = None, within_s: float = 60.0, searcher=None,
+               **open_kwargs) -> SubmitReport:
+    """One submission file per query of ``queries`` under ``out_dir`` (checks every input first).
+
+    Args:
+        answers: QA answers file (``read_answers``); a query's own ``answer`` is used otherwise,
+            else the answer is left empty for you to fill in.
+        within_s: TRAKE window: every event within this many seconds of the first.
+        searcher: an open ``retrieval.Searcher`` (default: ``Searcher.open(index_dir, **open_kwargs)``).
+    """
+    from retrieval.search import Searcher
+    from retrieval.trake import search_events
+
+    qs = read_queries(queries)
+    given = read_answers(answers) if answers else {}
+    if not within_s > 0:
+        raise InputError(f"--within {within_s} is not valid; give a window in seconds > 0")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if searcher is None:
+        searcher = Searcher.open(index_dir, **open_kwargs)
+    report = SubmitReport(str(out))
+    depth = 2 * MAX_ROWS  # rows that repeat a (video, frame) are dropped, so ask for more
+    for q in qs:
+        if q.task == TRAKE:
+            results = search_events(searcher, q.events, within_s=within_s, k=depth)
+        else:
+            results = searcher.search_text(q.events[0], k=depth)
+        answer = given.get(q.qid, q.answer) if q.task == QA else ""
+        path = out / query_file_name(q.qid)
+        n = write_rows(path, submission_rows(results, q.task, answer))
+        report.files.append((q.qid, q.task, n, str(path)))
+    return report

@@ -1,0 +1,163 @@
+"""`cli.py submit`: query files in, byte-exact KIS / QA / TRAKE files out; the N-event TRAKE chain."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_aic_support import FRAMES, make_release
+from typer.testing import CliRunner
+
+from errors import InputError
+from retrieval.search import Hit, pair_events
+from retrieval.submission import (
+    read_queries,
+    render,
+    run_submit,
+    submission_rows,
+    write_rows,
+)
+from retrieval.trake import EventChain, chain_events
+
+
+def _hit(vid, frame, t, score):
+    return Hit(score, vid, frame, t, f"{vid}/{frame}.jpg")
+
+
+# ---------------------------------------------------------------------------- the writer
+def test_rows_are_distinct_capped_at_100_and_written_exactly(tmp_path):
+    hits = [_hit("L21_V001", 137, 5.48, 0.9), _hit("L21_V001", 137, 5.48, 0.8), _hit("L21_V002", 12, 0.4, 0.7)]
+    hits += [_hit("L22_V001", f, f / 25, 0.5) for f in range(200)]
+    path = tmp_path / "q1.csv"
+    assert write_rows(path, submission_rows(hits, "kis")) == 100
+    text = path.read_bytes().decode()
+    lines = text.split("\n")
+    assert lines[:3] == ["L21_V001,137", "L21_V002,12", "L22_V001,0"] and lines[-1] == "" and len(lines) == 101
+    assert render(submission_rows(hits[:3], "qa", answer="màu xanh, đỏ")) == (
+        'L21_V001,137,"màu xanh, đỏ"\nL21_V002,12,"màu xanh, đỏ"\n')
+    chain = EventChain(2.0, (_hit("V", 10, 1.0, 1.0), _hit("V", 30, 2.0, 0.5), _hit("V", 75, 3.0, 0.5)))
+    assert render(submission_rows([chain, chain], "trake")) == "V,10,30,75\n"
+    assert not (tmp_path / "q1.csv.tmp").exists()
+
+
+def test_query_files_in_all_three_forms(tmp_path):
+    tsv = tmp_path / "q.tsv"
+    tsv.write_text("# id\ttype\ttext\nq1\tkis\ta red car\n\nq2\tQA\twhat colour is the car?\n"
+                   "q3\ttrake\ta man opens a door | he sits down | he drinks\n", encoding="utf-8")
+    jl = tmp_path / "q.jsonl"
+    jl.write_text("\n".join(json.dumps(d) for d in [
+        {"query_id": "q1", "task": "kis", "query": "a red car"},
+        {"id": "q2", "type": "vqa", "text": "what colour is the car?"},
+        {"query_id": "q3", "task": "trake", "events": ["a man opens a door", "he sits down", "he drinks"]}]))
+    arr = tmp_path / "q.json"
+    arr.write_text(json.dumps([json.loads(x) for x in jl.read_text().splitlines()]))
+    want = [("q1", "kis", ("a red car",)), ("q2", "qa", ("what colour is the car?",)),
+            ("q3", "trake", ("a man opens a door", "he sits down", "he drinks"))]
+    for f in (tsv, jl, arr):
+        assert [(q.qid, q.task, q.events) for q in read_queries(f)] == want
+    for text, words in [("q1\tkis\n", "id<TAB>type<TAB>text"), ("q1\tfoo\tx\n", "not known"),
+                        ("q1\tkis\ta\nq1\tkis\tb\n", "appears twice"), ("../x\tkis\ta\n", "file name")]:
+        tsv.write_text(text)
+        with pytest.raises(InputError, match=words):
+            read_queries(tsv)
+
+
+# ---------------------------------------------------------------------------- TRAKE chains
+def test_two_event_chains_equal_pair_events():
+    rng = random.Random(3)
+    hits_a = [_hit(f"V{rng.randrange(3)}", i, rng.uniform(0, 100), rng.random()) for i in range(60)]
+    hits_b = [_hit(f"V{rng.randrange(3)}", 100 + i, rng.uniform(0, 100), rng.random()) for i in range(60)]
+    hits_a.append(_hit("V0", 999, math.nan, 5.0))  # no time: cannot take part
+    pairs = pair_events(hits_a, hits_b, 7.5)
+    chains = chain_events([hits_a, hits_b], 7.5)
+    assert [(p.first.frame_idx, p.then.frame_idx) for p in pairs] == [c.frames for c in chains]
+    assert [p.score for p in pairs] == pytest.approx([c.score for c in chains])
+
+
+def test_n_event_chains_agree_with_brute_force():
+    rng = random.Random(7)
+    events = [[_hit(f"V{rng.randrange(2)}", 1000 * e + i, rng.uniform(0, 40), rng.random()) for i in range(9)]
+              for e in range(3)]
+    within = 15.0
+    got = chain_events(events, within)
+    for a in events[0]:
+        best = None
+        for b in events[1]:
+            for c in events[2]:
+                if a.video_id == b.video_id == c.video_id and a.pts_time < b.pts_time < c.pts_time <= a.pts_time + within:
+                    s = a.score + b.score + c.score
+                    if best is None or s > best[0]:
+                        best = (s, (a.frame_idx, b.frame_idx, c.frame_idx))
+        mine = [ch for ch in got if ch.hits[0] is a]
+        if best is None:
+            assert not mine
+        else:
+            assert len(mine) == 1 and mine[0].frames == best[1] and mine[0].score == pytest.approx(best[0])
+    assert [c.score for c in got] == sorted((c.score for c in got), reverse=True)
+
+
+# ---------------------------------------------------------------------------- end to end
+def test_submit_writes_the_three_formats_byte_exact(tmp_path, monkeypatch, one_torch_thread):
+    """A real index of the release (random weights); queries are the index's own vectors, so the
+    ranking is known: each query's top row is the keyframe whose vector it is."""
+    from indexing.aic import import_features
+    from retrieval.search import Searcher
+
+    rel = make_release(tmp_path / "release")
+    ix = tmp_path / "ix"
+    import_features([rel], ix, pretrained="none")
+    searcher = Searcher(ix)
+    feats = rel / "clip-features-32-aic25-b1" / "clip-features-32"
+    vec = {}
+    for vid in FRAMES:
+        arr = np.load(feats / f"{vid}.npy").astype(np.float32)
+        for n, f in enumerate(FRAMES[vid], start=1):
+            vec[f"{vid}#{n}"] = (arr[n - 1] / np.linalg.norm(arr[n - 1]))[None]
+    monkeypatch.setattr(searcher, "text_vector", lambda text: vec[text.strip()])
+    # L21_V001: frames 0, 137, 290, 1034 at 0, 5.48, 11.6, 41.36 s
+    q = tmp_path / "queries.tsv"
+    q.write_text("k1\tkis\tL21_V002#2\nqa1\tqa\tL22_V001#3\nqa2\tqa\tL21_V001#1\n"
+                 "t1\ttrake\tL21_V001#1 | L21_V001#2 | L21_V001#3\n", encoding="utf-8")
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps({"qa1": "hai người, một chó"}))
+    out = tmp_path / "sub"
+    report = run_submit(q, ix, out, answers=answers, within_s=20.0, searcher=searcher)
+    assert sorted(p.name for p in out.iterdir()) == ["k1.csv", "qa1.csv", "qa2.csv", "t1.csv"]
+    assert [(f[0], f[1], f[2]) for f in report.files] == [("k1", "kis", 10), ("qa1", "qa", 10), ("qa2", "qa", 10),
+                                                          ("t1", "trake", 2)]
+
+    keys = list(vec)  # the expected ranking, by brute force over the feature files
+    real = {k: (k.split("#")[0], FRAMES[k.split("#")[0]][int(k.split("#")[1]) - 1]) for k in keys}
+
+    def ranked(query: str, suffix: str = "") -> str:
+        sims = [float((vec[k] @ vec[query].T)[0, 0]) for k in keys]
+        order = sorted(range(len(keys)), key=lambda i: -sims[i])
+        return "".join(f"{real[keys[i]][0]},{real[keys[i]][1]}{suffix}\n" for i in order)
+
+    assert (out / "k1.csv").read_bytes() == ranked("L21_V002#2").encode()
+    assert (out / "k1.csv").read_bytes().startswith(b"L21_V002,400\n")  # the real frame, not n = 2
+    assert (out / "qa1.csv").read_bytes() == ranked("L22_V001#3", ',"hai người, một chó"').encode("utf-8")
+    assert (out / "qa2.csv").read_bytes() == ranked("L21_V001#1", ",").encode()  # answer left for the user
+    # TRAKE, 3 events within 20 s: L21_V001 at 0, 5.48, 11.6 s (41.36 s is too late); L21_V002 at
+    # 0.4, 13.33, 13.37 s; L22_V001 (0.2, 3.0, 119.96 s) has no 3 frames in a window
+    assert (out / "t1.csv").read_bytes() == b"L21_V001,0,137,290\nL21_V002,12,400,401\n"
+
+
+def test_submit_cli_checks_the_query_file_before_the_model(tmp_path, monkeypatch):
+    from cli import app
+
+    import encoders
+
+    def no_model(**kw):
+        raise AssertionError("the model must not load for a bad query file")
+
+    monkeypatch.setattr(encoders, "Encoder", no_model)
+    q = tmp_path / "q.tsv"
+    q.write_text("q1\tbogus\ttext\n")
+    res = CliRunner().invoke(app, ["submit", str(q), "--index", str(tmp_path / "ix"), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 3 and "kis, qa (or vqa), trake" in res.stderr
+    assert Path  # noqa
