@@ -153,6 +153,24 @@ def check_writable(path: Union[str, Path], folder: bool = False, what: str = "")
     return path
 
 
+def parse_bytes(text: Optional[str]) -> Optional[int]:
+    """``"8G"``, ``"512MiB"``, ``"1.5GB"``, ``"1000000"`` -> bytes (binary units); None for None/empty."""
+    from errors import ConfigError
+
+    if text is None or not str(text).strip():
+        return None
+    raw = str(text).strip().upper().replace("IB", "").rstrip("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(raw[-1:], 1)
+    number = raw[:-1] if scale > 1 else raw
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(f"memory size {text!r} is not valid; give a positive size such as 512M, 8G or 16GiB")
+    return int(value * scale)
+
+
 def software_versions() -> dict:
     """Versions of the packages that decide what an index or a report holds (recorded in manifests)."""
     from importlib import metadata

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -17,6 +18,8 @@ from errors import ConfigError
 log = logging.getLogger(__name__)
 
 DEFAULT_FACTORY = "Flat"
+AUTO = "auto"
+DEFAULT_MEMORY_BUDGET = 8 << 30  # bytes the index may take in RAM under --index-type auto
 # Training sample: FAISS wants ~39..256 points per IVF centroid; 64 keeps k-means quick at 1M+.
 TRAIN_POINTS_PER_LIST = 64
 ADD_CHUNK = 65536
@@ -51,11 +54,62 @@ def make_index(dim: int, factory: str = DEFAULT_FACTORY):
     return faiss.IndexIDMap2(base)
 
 
-def build_index(vectors: np.ndarray, ids: np.ndarray, factory: str = DEFAULT_FACTORY, ngpu: int = -1, seed: int = 0):
-    """Build a CPU index over ``vectors`` (float32 [n, d]) keyed by ``ids`` (int64 [n]), training if needed."""
+def validate_index_type(factory: str, dim: Optional[int] = None) -> str:
+    """Refuse a factory string FAISS does not accept, before any model loads or vector is encoded.
+
+    With ``dim`` unknown (the model is not loaded yet) the string must build at one of a few common
+    widths; once the model is known it must build at its ``dim``. ``auto`` is always valid.
+    """
+    spec = (factory or DEFAULT_FACTORY).strip()
+    if spec.lower() == AUTO:
+        return AUTO
+    first: Optional[ConfigError] = None
+    for d in [int(dim)] if dim else [512, 768, 1024, 1280, 1536]:
+        try:
+            make_index(d, spec)
+            return spec
+        except ConfigError as exc:
+            first = first or exc
+    if dim:
+        raise ConfigError(f"{first} (at the model's dim {dim})")
+    raise first  # type: ignore[misc]
+
+
+def choose_index_type(n: int, dim: int, memory_budget: Optional[int] = None) -> str:
+    """``--index-type auto``: a factory string for ``n`` vectors of ``dim`` floats within ``memory_budget`` bytes.
+
+    * up to 100k vectors whose raw floats fit the budget: ``Flat`` (exact; ~10 ms a query at 100k x 512);
+    * up to 5M vectors when the floats plus an HNSW graph (M=32: 256 bytes a vector) fit: ``HNSW32``;
+    * when the raw floats fit: ``IVF<nlist>,Flat`` (nlist ~ 4 sqrt(n), a power of two, >= 39 vectors a list);
+    * otherwise ``IVF<nlist>,PQ<m>`` with the largest m (bytes a vector) that divides dim and fits.
+    """
+    budget = int(memory_budget or DEFAULT_MEMORY_BUDGET)
+    flat = n * dim * 4
+    if n <= 100_000 and flat <= budget:
+        return "Flat"
+    nlist = 1 << max(0, int(round(np.log2(max(1.0, 4 * np.sqrt(n))))))
+    nlist = max(1, min(nlist, n // 39))
+    if n <= 5_000_000 and flat + n * 256 <= budget:
+        return "HNSW32"
+    if flat * 1.05 <= budget:
+        return f"IVF{nlist},Flat"
+    divisors = [m for m in (64, 48, 32, 24, 16, 8, 4, 2, 1) if dim % m == 0]
+    fitting = [m for m in divisors if n * (m + 8) <= budget]
+    return f"IVF{nlist},PQ{(fitting or divisors[-1:])[0]}"
+
+
+def build_index(vectors: np.ndarray, ids: np.ndarray, factory: str = DEFAULT_FACTORY, ngpu: int = -1, seed: int = 0,
+                memory_budget: Optional[int] = None):
+    """Build a CPU index over ``vectors`` (float32 [n, d]) keyed by ``ids`` (int64 [n]), training if needed.
+
+    ``factory`` ``auto`` is resolved by :func:`choose_index_type` from the vector count and ``memory_budget``.
+    """
     faiss = _faiss()
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if (factory or "").strip().lower() == AUTO:
+        factory = choose_index_type(len(vectors), vectors.shape[1], memory_budget)
+        log.info("index type auto -> %s (%d vectors)", factory, len(vectors))
     index = make_index(vectors.shape[1], factory)
     gpu = _to_gpu(index, ngpu) if len(vectors) else None
     work = gpu if gpu is not None else index
@@ -129,16 +183,54 @@ def for_search(index, ngpu: int = -1, nprobe: int = 16, ef_search: int = 64):
 
 
 def save_index(index, path: Path) -> None:
-    """Write ``index`` to ``path`` through a temporary name and ``os.replace``."""
-    import os
+    """Write ``index`` to ``path`` through a temporary name (file and folder fsynced; see ``runtime``)."""
+    from runtime import atomic_write, write_error
 
     faiss = _faiss()
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        try:
+            faiss.write_index(index, str(tmp))
+        except RuntimeError as exc:  # FAISS reports a failed write (ENOSPC, EROFS) as RuntimeError
+            raise OSError(_errno_of(str(exc)), _short(exc)) from None
+
+    try:
+        atomic_write(Path(path), write)
+    except OSError as exc:
+        raise write_error(path, exc) from None
 
 
 def load_index(path: Path):
-    return _faiss().read_index(str(path))
+    """Read ``index.faiss``; ``DamagedIndexError`` when it is truncated or not a FAISS file."""
+    from errors import DamagedIndexError
+
+    try:
+        return _faiss().read_index(str(path))
+    except RuntimeError as exc:
+        raise DamagedIndexError(f"index file {path} is damaged ({_short(exc)}); it is derived from the shards: "
+                                f"run `cli.py repair --index {Path(path).parent}` to rebuild it") from None
+
+
+def index_factory_of(index) -> str:
+    """A short name of the FAISS type inside an ``IndexIDMap2`` (for reports)."""
+    faiss = _faiss()
+    inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
+    return type(inner).__name__
+
+
+def _short(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[-1] if lines else type(exc).__name__)[:160]
+
+
+def _errno_of(text: str) -> int:
+    import errno
+
+    low = text.lower()
+    if "no space" in low:
+        return errno.ENOSPC
+    if "read-only" in low:
+        return errno.EROFS
+    if "permission" in low:
+        return errno.EACCES
+    return errno.EIO

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +15,7 @@ from errors import ConfigError, IndexMismatchError, InputError
 from indexing.faiss_index import build_index, for_search, make_index
 from indexing.store import EncodedSource, IndexStore
 
+ROOT = Path(__file__).resolve().parents[1]
 DIM = 8
 IDENTITY = {"model": "ViT-B-32", "pretrained": "none", "merge": "none", "precision": "fp32", "dim": DIM}
 
@@ -60,23 +65,36 @@ def test_a_changed_source_replaces_its_rows(tmp_path):
     assert store.manifest.counts()["vectors"] == 7
 
 
-def test_crash_between_shard_and_manifest_leaves_the_last_commit(tmp_path, monkeypatch):
-    with IndexStore.open_for_write(tmp_path, IDENTITY) as store:
-        store.commit([_enc("a", 3, 0)])
+KILL_AFTER_SHARD = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path[:0] = [{root!r}, {tests!r}]
+    from test_indexing_store import IDENTITY, _enc
+    from indexing.store import IndexStore
 
-        def killed(*args, **kwargs):
-            raise KeyboardInterrupt  # as if the process died right after the shard was renamed
+    store = IndexStore.open_for_write({out!r}, IDENTITY)
+    store.commit([_enc("a", 3, 0)])
+    # die right after the second shard pair is renamed into place, before manifest.json names it
+    store.write_manifest = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+    store.commit([_enc("b", 2, 1)])
+    """
+)
 
-        monkeypatch.setattr(store, "write_manifest", killed)
-        with pytest.raises(KeyboardInterrupt):
-            store.commit([_enc("b", 2, 1)])
-    assert (tmp_path / "emb" / "part-00001.npy").exists()  # the orphan is on disk...
-    (tmp_path / "meta" / "part-00009.parquet.tmp").write_bytes(b"half a file")
-    with IndexStore.open_for_write(tmp_path, IDENTITY) as store:  # ...and gone on the next open
-        assert sorted(p.name for p in (tmp_path / "emb").iterdir()) == ["part-00000.npy"]
-        assert sorted(p.name for p in (tmp_path / "meta").iterdir()) == ["part-00000.parquet"]
+
+def test_crash_between_shard_and_manifest_leaves_the_last_commit(tmp_path):
+    out = tmp_path / "index"
+    script = KILL_AFTER_SHARD.format(root=str(ROOT), tests=str(ROOT / "tests"), out=str(out))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (out / "emb" / "part-00001.npy").exists() and (out / ".journal").exists()  # the orphan is on disk...
+    (out / "meta" / "part-00009.parquet.tmp").write_bytes(b"a user's file that only looks like ours")
+    with IndexStore.open_for_write(out, IDENTITY) as store:  # ...and gone on the next open
+        assert sorted(p.name for p in (out / "emb").iterdir()) == ["part-00000.npy"]
+        assert sorted(p.name for p in (out / "meta").iterdir()) == ["part-00000.parquet", "part-00009.parquet.tmp"]
         assert store.commit([_enc("b", 2, 1)]).tolist() == [3, 4]  # ids continue, none duplicated
-    assert IndexStore.open_for_read(tmp_path).read_meta().column("id").to_pylist() == [0, 1, 2, 3, 4]
+    assert IndexStore.open_for_read(out).read_meta().column("id").to_pylist() == [0, 1, 2, 3, 4]
+    assert (out / "meta" / "part-00009.parquet.tmp").read_bytes().startswith(b"a user's file")  # never ours to delete
+    assert not (out / ".journal").exists()  # a clean close leaves no journal
 
 
 def test_another_model_is_refused_unless_forced(tmp_path):

@@ -1,0 +1,207 @@
+"""Index maintenance: ``repair`` (damaged or lost files) and ``compact`` (drop dead rows).
+
+Both take the writer's lock and follow the commit protocol of ``indexing.store``: new files are
+journaled before they exist, ``manifest.json`` is switched atomically, and old files are removed
+only after the manifest that forgets them is on disk, so a kill at any point leaves a readable index.
+Nothing is ever deleted that the index did not write; a damaged file is moved to ``damaged/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+
+from errors import DamagedIndexError, InputError
+from indexing.store import (
+    DAMAGED_DIR, FAISS_FILE, MANIFEST, IndexStore, _described_shards, read_manifest, rebuild_manifest, shard_problem,
+)
+from runtime import fsync_dir, write_error
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RepairReport:
+    """What ``repair_index`` found and did (``damaged``: one dict per shard moved aside)."""
+
+    index_dir: str
+    manifest: str = "ok"  # ok | rebuilt from the shards (was missing) | rebuilt from the shards (was damaged)
+    damaged: list = field(default_factory=list)
+    unlisted: list = field(default_factory=list)  # shard-like files no manifest lists: left in place
+    faiss: str = "ok"  # ok | rebuilt | empty
+    vectors: int = 0
+    sources: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def summary_lines(self) -> list[str]:
+        lines = [f"repair {self.index_dir}: manifest {self.manifest}; index.faiss {self.faiss}; "
+                 f"{self.vectors} vectors of {self.sources} source(s)"]
+        for d in self.damaged:
+            lines.append(f"damaged {d['file']}: {d['reason']}; moved to {d['moved_to']}; "
+                         f"{len(d['sources'])} source(s) dropped, re-indexed by the next `cli.py index` run: "
+                         + ", ".join(d["video_ids"][:10]) + (" ..." if len(d["video_ids"]) > 10 else ""))
+        for p in self.unlisted:
+            lines.append(f"left in place (not listed by the manifest): {p}")
+        return lines
+
+
+def _move_aside(root: Path, path: Path) -> str:
+    """Move ``path`` (inside the index) to ``damaged/`` under a free name; returns the new relative name."""
+    rel = path.relative_to(root)
+    target = root / DAMAGED_DIR / rel
+    n = 0
+    while target.exists():
+        n += 1
+        target = root / DAMAGED_DIR / rel.with_name(f"{rel.name}.{n}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(path, target)
+        fsync_dir(target.parent)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        raise write_error(target, exc) from None
+    return target.relative_to(root).as_posix()
+
+
+def repair_index(root: Union[str, Path], ngpu: int = 0) -> RepairReport:
+    """Make an index readable again without losing anything that can be kept.
+
+    * ``manifest.json`` missing or damaged: rebuilt from what the shards say about themselves
+      (a damaged manifest is first moved to ``damaged/``).
+    * A damaged or missing shard (checked whole: parquet read, ``.npy`` shape, size and checksum):
+      its files are moved to ``damaged/`` and its sources dropped from the manifest, so the next
+      ``cli.py index`` run over the same inputs encodes them again. Other shards are not touched.
+    * ``index.faiss`` unreadable or not matching the live rows: rebuilt from the shards.
+    """
+    from indexing.faiss_index import build_index, load_index, save_index
+
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"index folder {root} does not exist; nothing to repair")
+    report = RepairReport(str(root))
+    store = IndexStore(root, None, writable=True)  # type: ignore[arg-type]
+    store._lock()
+    try:
+        try:
+            m = read_manifest(root)
+        except DamagedIndexError:
+            moved = _move_aside(root, root / MANIFEST)
+            log.warning("%s is damaged; moved to %s and rebuilt from the shards", root / MANIFEST, moved)
+            m, report.manifest = None, "rebuilt from the shards (the damaged one is in damaged/)"
+        if m is None:
+            if not _described_shards(root):
+                raise InputError(f"{root} has no {MANIFEST} and no shard that describes itself; "
+                                 "it cannot be rebuilt: index the videos again into a new folder")
+            m = rebuild_manifest(root)
+            if report.manifest == "ok":
+                report.manifest = "rebuilt from the shards (it was missing)"
+        store.manifest = m
+        store._recover()
+        for shard in sorted(m.shards):
+            problem = shard_problem(root, shard, m.shards[shard], m.dim, deep=True)
+            if problem is None:
+                continue
+            path, reason = problem
+            dropped = {k: e for k, e in m.sources.items() if e.shard == shard}
+            moved = [_move_aside(root, p) for p in store.shard_paths(shard) if p.is_file()]
+            for k in dropped:
+                del m.sources[k]
+            del m.shards[shard]
+            report.damaged.append({"shard": shard, "file": str(path), "reason": reason, "moved_to": ", ".join(moved),
+                                   "sources": sorted(dropped), "video_ids": sorted(e.video_id for e in dropped.values())})
+        listed = {p.relative_to(root).as_posix() for s in m.shards for p in store.shard_paths(s)}
+        for sub, ext in (("emb", ".npy"), ("meta", ".parquet")):
+            for p in sorted((root / sub).glob(f"part-*{ext}")) if (root / sub).is_dir() else ():
+                if p.relative_to(root).as_posix() not in listed:
+                    report.unlisted.append(p.relative_to(root).as_posix())
+        m.faiss_generation = -1
+        store.write_manifest()
+        ids, vecs = store.read_vectors()
+        report.vectors, report.sources = len(ids), len(m.sources)
+        report.faiss = _check_faiss(store, ids, load_index)
+        if report.faiss != "ok" and len(ids):
+            save_index(build_index(vecs, ids, m.index_type, ngpu=ngpu, memory_budget=m.memory_budget), store.faiss_path)
+            report.faiss = "rebuilt"
+        if len(ids):
+            store.write_manifest(faiss_current=True)
+        elif report.faiss != "ok":
+            report.faiss = "empty (no vectors left)"
+    finally:
+        store.close()
+    return report
+
+
+def _check_faiss(store: IndexStore, ids: np.ndarray, load_index) -> str:
+    import faiss
+
+    if not store.faiss_path.is_file():
+        return "missing"
+    try:
+        index = load_index(store.faiss_path)
+    except DamagedIndexError:
+        return "damaged"
+    if index.ntotal != len(ids):
+        return f"stale ({index.ntotal} vectors, the shards hold {len(ids)})"
+    try:
+        have = np.sort(faiss.vector_to_array(index.id_map))
+    except AttributeError:  # not an IDMap: not written by mergeseek
+        return "not an id-mapped index"
+    return "ok" if np.array_equal(have, np.sort(ids)) else "stale (other ids)"
+
+
+def compact_index(root: Union[str, Path]) -> dict:
+    """Rewrite the shards that hold dead rows with their live rows only (ids unchanged).
+
+    New shards are written first, then ``manifest.json`` switches to them, then the old shards
+    are removed; a kill at any point leaves the old or the new index, both readable.
+    index.faiss keeps matching (same ids, same vectors). Returns counts before and after.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"index folder {root} does not exist")
+    m0 = read_manifest(root)
+    if m0 is None:
+        raise InputError(f"{root} has no {MANIFEST}; it is not a mergeseek index (`cli.py repair --index {root}` "
+                         "rebuilds a lost manifest)")
+    before = m0.counts()
+    with IndexStore.open_for_write(root, m0.identity) as store:
+        m = store.manifest
+        was_current = store.faiss_is_current()
+        old = []
+        for shard in sorted(m.shards):
+            owners = {k: e for k, e in m.sources.items() if e.shard == shard}
+            if sum(e.count for e in owners.values()) == m.shards[shard]:
+                continue
+            old.append(shard)
+            if owners:
+                t = store._read_table(shard)
+                v = store._load_vectors(shard, t.num_rows)
+                mask = store._live_mask(shard, np.asarray(t.column("source").to_pylist(), dtype=object))
+                import pyarrow as pa
+
+                kept = t.filter(pa.array(mask)).replace_schema_metadata(None)
+                new = store._write_shard(kept, np.asarray(v[mask], dtype=np.float32), owners)
+                for k, e in owners.items():
+                    m.sources[k] = dataclasses.replace(e, shard=new)
+                m.shards[new] = kept.num_rows
+            del m.shards[shard]
+        if old:
+            store._journal(*(p for s in old for p in store.shard_paths(s)))
+            store.write_manifest(faiss_current=was_current)
+            for s in old:
+                for p in store.shard_paths(s):
+                    p.unlink(missing_ok=True)
+        after = m.counts()
+    return {"index_dir": str(root), "shards_rewritten": len(old), "before": before, "after": after,
+            "faiss": FAISS_FILE + (" unchanged" if was_current else " stale (rebuilt by the next index run)")}
+
+
+__all__ = ["RepairReport", "compact_index", "repair_index"]
