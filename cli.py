@@ -337,6 +337,29 @@ def compact_cmd(
                    f"{r['after']['shards']} shard(s); {r['faiss']}")
 
 
+# ---------------------------------------------------------------- export (indexing/export.py)
+@app.command("export")
+@handle_errors
+def export_cmd(
+    *,
+    index_dir: IndexDirOpt = Path("index"),
+    fmt: Annotated[str, typer.Option("--format", help="Output layout: clip-retrieval (img_emb/img_emb_0.npy + "
+                                     "metadata/metadata_0.parquet).")] = "clip-retrieval",
+    out: Annotated[Path, typer.Option("--out", help="Export folder (written under a temporary name, then renamed).")] = Path(
+        "export"
+    ),
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing export folder.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Export the live rows (vectors + video_id, frame_idx, pts_time, path) for embedding readers."""
+    import json
+
+    from indexing.export import export_index
+
+    report = export_index(index_dir, out, fmt=fmt, overwrite=overwrite)
+    typer.echo(json.dumps(report.to_dict(), indent=1) if json_out else report.summary())
+
+
 @app.command("demo")
 @handle_errors
 def demo_cmd(
