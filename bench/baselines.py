@@ -316,10 +316,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     report = run_baselines(cfg, progress=True)
     print(report.markdown())
     if a.out:
-        tmp = a.out + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(report.to_dict(), fh, indent=1)
-        os.replace(tmp, a.out)
+        from runtime import atomic_write
+
+        atomic_write(a.out, json.dumps(report.to_dict(), indent=1))
 
 
 if __name__ == "__main__":

@@ -8,9 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -49,11 +47,9 @@ def _json_default(o):
 
 
 def _atomic_write(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-    return path
+    from runtime import atomic_write
+
+    return atomic_write(path, text)
 
 
 # ---------------------------------------------------------------------------- markdown

@@ -79,15 +79,15 @@ def resolve_device(device: str):
 def atomic_torch_save(obj: Any, path: Path) -> None:
     import torch
 
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from runtime import atomic_write
+
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_json(data: Dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    from runtime import atomic_write
+
+    atomic_write(path, json.dumps(data, indent=2) + "\n")
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, cfg: ReferenceConfig) -> float:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,13 +100,9 @@ def write_rows(path: Union[str, Path], rows: Sequence[Sequence], limit: int = MA
     """Write distinct ``rows`` (at most ``limit``) to ``path`` atomically; returns the rows written."""
     path = Path(path)
     rows = dedup_rows(rows, limit)
-    text = render(rows)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    from runtime import atomic_write
+
+    atomic_write(path, render(rows))  # UTF-8, "\n" line ends as rendered; file and folder fsynced
     return len(rows)
 
 

@@ -70,7 +70,9 @@ def _compile(cc: str, out: Path) -> Optional[str]:
             cmd = [cc, *FLAGS, *extra, *_extra_flags(), str(SOURCE), "-o", tmp, "-lm"]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode == 0:
-                os.replace(tmp, out)
+                from runtime import commit_file
+
+                commit_file(tmp, out)  # fsync, rename, fsync the folder
                 return None
             error = ((proc.stderr or proc.stdout).strip().splitlines() or [f"{cc} exited with {proc.returncode}"])[-1]
         return error
