@@ -1,0 +1,74 @@
+"""``cli.py serve``: a search web app over one index (FastAPI + uvicorn; a JSON API and one page).
+
+Public API (FastAPI, uvicorn and the model load lazily, inside the functions)::
+
+    from serve import check_bind, run_server
+    run_server("my_index", host="127.0.0.1", port=8000)
+
+    from serve.engine import Engine; from serve.app import create_app
+    app = create_app(Engine.open("my_index"))       # an ASGI app, e.g. for FastAPI's TestClient
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+from errors import ConfigError
+
+__all__ = ["check_bind", "is_loopback", "run_server"]
+
+
+def is_loopback(host: str) -> bool:
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def check_bind(host: str, token: Optional[str]) -> None:
+    """Refuse to serve beyond this machine without a token (one line, before the model loads)."""
+    if token is not None and not token.strip():
+        raise ConfigError("--token is empty; give a secret string, e.g. --token $(openssl rand -hex 16)")
+    if not is_loopback(host) and token is None:
+        raise ConfigError(
+            f"--host {host} would serve the index to other machines without a password; add --token TOKEN "
+            "(clients send it as 'Authorization: Bearer TOKEN' or ?token=TOKEN), or bind to --host 127.0.0.1"
+        )
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host.strip("[]"), port))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pass another --port or --host") from None
+
+
+def run_server(index_dir: Union[str, Path], host: str = "127.0.0.1", port: int = 8000, token: Optional[str] = None,
+               model: str = "from-index", pretrained: str = "from-index", merge: str = "from-index",
+               device: str = "auto", precision: str = "fp32", on_ready: Optional[Callable[[str, dict], None]] = None) -> None:
+    """Load the model and the index once, then serve until Ctrl-C."""
+    check_bind(host, token)
+    if not 0 < int(port) < 65536:
+        raise ConfigError(f"--port {port} is not valid; give 1..65535 (0 is not allowed)")
+    _check_port_free(host, int(port))  # before minutes of loading, not after
+    import uvicorn
+
+    from serve.app import create_app
+    from serve.engine import Engine
+
+    engine = Engine.open(index_dir, model=model, pretrained=pretrained, merge=merge, device=device, precision=precision)
+    app = create_app(engine, token=token)
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
+    if on_ready is not None:
+        on_ready(url, engine.health())
+    uvicorn.run(app, host=host, port=int(port), log_level="info", access_log=False)

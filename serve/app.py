@@ -1,0 +1,234 @@
+"""The HTTP layer: a FastAPI app over one ``Engine`` (JSON API + the single page at ``/``).
+
+Status codes: 404 for an id, video id or route the index does not have (never a file outside
+it), 422 for a bad parameter (one ``detail`` line), 400 for an upload that is not an image, 413
+for one over ``MAX_UPLOAD`` bytes, 401 for a missing or wrong token when one is set.
+"""
+
+import io
+import re
+import secrets
+import time
+from pathlib import Path
+from typing import List, Optional, Union
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, Field, StrictInt
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from errors import MergeseekError
+from serve.engine import MAX_K, Engine, NotFound, submission_csv
+
+MAX_UPLOAD = 20 * 1024 * 1024
+MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the file
+MAX_PIXELS = 64_000_000
+MAX_NEIGHBOURS = 50
+MAX_BASKET = 1000
+PAGE = Path(__file__).with_name("static") / "index.html"
+_ID = re.compile(r"^[0-9]{1,18}$")
+# The page loads nothing from the network: only this server, inline code and local blobs.
+CSP = ("default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+       "img-src 'self' blob: data:; media-src 'self'; connect-src 'self'; form-action 'none'; base-uri 'none'; "
+       "frame-ancestors 'none'")
+
+
+class UploadRefused(Exception):
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+def _frame_id(raw: str) -> int:
+    """A frame id from a path segment; anything that is not a plain non-negative integer is unknown."""
+    if not _ID.match(raw):
+        raise NotFound(f"no frame with id {raw[:40]!r} in this index")
+    return int(raw)
+
+
+def _file_name(query_id: Optional[str]) -> str:
+    """``{query_id}.csv`` (``submission.csv`` without one); 422 for an id that is not a plain file name."""
+    from retrieval.submission import query_file_name
+
+    return "submission.csv" if query_id is None or query_id == "" else query_file_name(query_id)
+
+
+def _open_image(data: bytes):
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise UploadRefused(413, f"image of {im.width}x{im.height} pixels is too large; send at most {MAX_PIXELS} pixels")
+            im.verify()
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")
+    except UploadRefused:
+        raise
+    except Exception:  # PIL raises many types for bad data
+        raise UploadRefused(400, "the upload is not an image that can be read; send a JPEG, PNG or WebP file") from None
+
+
+async def _read_limited(request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise UploadRefused(413, f"upload of {int(declared)} bytes is over the {MAX_UPLOAD // 2**20} MB limit")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise UploadRefused(413, f"upload is over the {MAX_UPLOAD // 2**20} MB limit")
+    return bytes(body)
+
+
+class Basket(BaseModel):
+    """``POST /api/export.csv`` body: chosen frame ids in order (a pair [first, then] for a temporal hit)."""
+
+    ids: List[Union[StrictInt, List[StrictInt]]] = Field(..., min_length=1, max_length=MAX_BASKET)
+    query_id: Optional[str] = Field(None, max_length=100)
+    answer: Optional[str] = Field(None, max_length=500)  # a QA answer: rows become video_id,frame_idx,answer
+
+
+def create_app(engine: Engine, token: Optional[str] = None):
+    """The ASGI app. ``token``: required on every request (``Authorization: Bearer`` or ``?token=``)."""
+    app = FastAPI(title="mergeseek", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+    page = PAGE.read_text(encoding="utf-8")
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if token is not None:
+            auth = request.headers.get("authorization", "")
+            given = auth[7:] if auth[:7].lower() == "bearer " else request.query_params.get("token", "")
+            if not secrets.compare_digest(given.encode(), token.encode()):
+                return JSONResponse({"detail": "missing or wrong token; send Authorization: Bearer TOKEN or ?token=TOKEN"},
+                                    status_code=401)
+        response = await call_next(request)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        return response
+
+    @app.exception_handler(NotFound)
+    async def not_found(request, exc: NotFound):
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(MergeseekError)
+    async def bad_input(request, exc: MergeseekError):
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(UploadRefused)
+    async def refused(request, exc: UploadRefused):
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        parts = []
+        for e in exc.errors():
+            loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("query", "path", "body"))
+            parts.append(f"{loc or 'request'}: {e.get('msg', 'invalid')}")
+        return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
+
+    def hits_response(results: list, started: float, **extra) -> dict:
+        pairs = bool(results) and hasattr(results[0], "then")
+        return {"kind": "pairs" if pairs else "frames", **extra, "took_ms": round((time.perf_counter() - started) * 1e3, 2),
+                "hits": [engine.result_dict(r) for r in results]}
+
+    # ------------------------------------------------------------------ page and health
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index_page():
+        return HTMLResponse(page, headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache"})
+
+    @app.get("/api/health")
+    def health():
+        return engine.health()
+
+    # ------------------------------------------------------------------ searches
+    K = Query(20, ge=1, le=MAX_K, description="number of results")
+
+    @app.get("/api/search")
+    def search(q: str = Query(..., min_length=1, max_length=2000), k: int = K,
+               then: Optional[str] = Query(None, max_length=2000), within: float = Query(30.0, gt=0, le=86400),
+               per_video: bool = False):
+        t0 = time.perf_counter()
+        results = engine.search(q, k=k, then=then, within=within, per_video=per_video)
+        return hits_response(results, t0, query=q, then=then or None)
+
+    @app.post("/api/search/image")
+    async def search_image(request: Request, k: int = K, per_video: bool = False):
+        t0 = time.perf_counter()
+        body = await _read_limited(request, MAX_UPLOAD + MULTIPART_SLACK)
+        ctype = request.headers.get("content-type", "").lower()
+        if ctype.startswith("multipart/form-data"):
+            sent = False
+
+            async def replay():
+                nonlocal sent
+                if sent:
+                    return {"type": "http.disconnect"}
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
+            upload = form.get("file") or form.get("image")
+            if not isinstance(upload, UploadFile):
+                raise UploadRefused(400, "no image in the upload; send it as the multipart field 'file'")
+            data = await upload.read()
+            await form.close()
+        elif ctype.startswith("image/") or ctype.startswith("application/octet-stream"):
+            data = body
+        else:
+            raise UploadRefused(400, "send the image as multipart/form-data (field 'file') or as an image/* body")
+        if len(data) > MAX_UPLOAD:
+            raise UploadRefused(413, f"upload is over the {MAX_UPLOAD // 2**20} MB limit")
+        if not data:
+            raise UploadRefused(400, "the upload is empty; send a JPEG, PNG or WebP file")
+        image = _open_image(data)
+        results = await run_in_threadpool(engine.search_image, image, k, per_video)
+        return hits_response(results, t0, query="image")
+
+    @app.get("/api/similar/{frame}")
+    def similar(frame: str, k: int = K, per_video: bool = False):
+        t0 = time.perf_counter()
+        results = engine.similar(_frame_id(frame), k=k, per_video=per_video)
+        return hits_response(results, t0, query=f"similar:{frame}")
+
+    # ------------------------------------------------------------------ frames and files (by recorded ids only)
+    @app.get("/api/thumb/{frame}")
+    def thumb(frame: str):
+        data = engine.catalog.thumb(_frame_id(frame))
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/api/neighbors/{frame}")
+    def neighbors(frame: str, n: int = Query(6, ge=0, le=MAX_NEIGHBOURS)):
+        before, hit, after = engine.catalog.neighbours(_frame_id(frame), n)
+        return {"id": hit.id, "video_id": hit.video_id, "hit": engine.hit_dict(hit),
+                "before": [engine.hit_dict(h) for h in before], "after": [engine.hit_dict(h) for h in after]}
+
+    @app.get("/api/video/{video_id:path}")
+    def video(video_id: str):
+        v = engine.catalog.video(video_id)  # a dict lookup: a request never names a path
+        return FileResponse(v.path, media_type=v.media_type, headers={"Cache-Control": "private, max-age=3600"})
+
+    # ------------------------------------------------------------------ submission
+    def csv_response(results: list, query_id: Optional[str], answer: Optional[str] = None) -> Response:
+        name = _file_name(query_id)
+        text, n = submission_csv(results, answer)
+        return Response(text, media_type="text/csv", headers={
+            "Content-Disposition": f'attachment; filename="{name}"', "X-Rows": str(n)})
+
+    @app.get("/api/export.csv")
+    def export_search(q: str = Query(..., min_length=1, max_length=2000), k: int = Query(100, ge=1, le=100),
+                      then: Optional[str] = Query(None, max_length=2000), within: float = Query(30.0, gt=0, le=86400),
+                      per_video: bool = False, query_id: Optional[str] = Query(None, max_length=100),
+                      answer: Optional[str] = Query(None, max_length=500)):
+        _file_name(query_id)  # a bad name fails before the search runs
+        return csv_response(engine.search(q, k=k, then=then, within=within, per_video=per_video), query_id, answer)
+
+    @app.post("/api/export.csv")
+    def export_basket(basket: Basket):
+        _file_name(basket.query_id)
+        return csv_response(engine.rows_for(basket.ids), basket.query_id, basket.answer)
+
+    return app

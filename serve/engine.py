@@ -1,0 +1,292 @@
+"""What the web app serves, without HTTP: searches, frames by id, neighbours, thumbnails, videos.
+
+``Engine`` opens an index read-only (it never writes there): a ``retrieval.search.Searcher`` for
+the queries and a ``Catalog`` of the live rows for everything addressed by id. Files are reached
+only through ids and video ids the index recorded (a dict or sorted-array lookup), never through a
+path taken from a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+from urllib.parse import quote
+
+import numpy as np
+
+from errors import InputError, MergeseekError
+from retrieval.search import FROM_INDEX, Hit, Searcher, TemporalHit
+
+log = logging.getLogger(__name__)
+
+TEXT_CACHE_SIZE = 512
+MAX_K = 1000
+VIDEO_TYPES = {".mp4": "video/mp4", ".webm": "video/webm", ".mkv": "video/x-matroska", ".mov": "video/quicktime",
+               ".avi": "video/x-msvideo"}
+
+
+class NotFound(MergeseekError):
+    """An id or video id the index does not hold (HTTP 404)."""
+
+    exit_code = 3
+
+
+class CachedSearcher(Searcher):
+    """A ``Searcher`` that keeps the text vectors of recent queries and runs one encode at a time.
+
+    The merge patches keep per-forward state on the model's modules, so two forwards must never
+    overlap; FAISS searches and metadata lookups run concurrently.
+    """
+
+    def __init__(self, *args, cache_size: int = TEXT_CACHE_SIZE, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_size = cache_size
+        self._cache_lock = threading.Lock()
+        self.encode_lock = threading.Lock()
+        self.cache_hits = 0
+        self.cache_misses = 0
+
+    def text_vector(self, text: str) -> np.ndarray:
+        if text is None or not text.strip():
+            return super().text_vector(text)  # raises the usual message
+        key = text.strip()
+        with self._cache_lock:
+            vec = self._cache.get(key)
+            if vec is not None:
+                self._cache.move_to_end(key)
+                self.cache_hits += 1
+                return vec
+        with self.encode_lock:
+            vec = super().text_vector(key)
+        vec.setflags(write=False)
+        with self._cache_lock:
+            self.cache_misses += 1
+            self._cache[key] = vec
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return vec
+
+    def image_vector(self, image: Any) -> np.ndarray:
+        with self.encode_lock:
+            return super().image_vector(image)
+
+
+@dataclass(frozen=True)
+class VideoFile:
+    path: Path
+    media_type: str
+
+
+class Catalog:
+    """The live rows of an index, addressable by id (read-only, thread-safe).
+
+    Args:
+        searcher: the opened ``Searcher`` (its store gives the manifest, metadata and shards).
+    """
+
+    def __init__(self, searcher: Searcher):
+        import pyarrow.parquet as pq
+
+        from indexing.thumbs import ThumbReader
+
+        store = searcher.store
+        self.root = store.root
+        m = store.manifest
+        meta = store.read_meta()
+        self.ids = meta.column("id").to_numpy()
+        order = np.argsort(self.ids, kind="stable")
+        self._sorted_ids, self._row_at = self.ids[order], order
+        video = meta.column("video_id").dictionary_encode().combine_chunks()
+        self.video_names: list[str] = video.dictionary.to_pylist()
+        self.video_code = video.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        self.frame_idx = meta.column("frame_idx").to_numpy()
+        self.pts_time = meta.column("pts_time").to_numpy()
+        self.paths = meta.column("path")
+        hashes = meta.column("hash").to_numpy()
+        # Frames of one video in frame order, for the neighbour strip.
+        self._by_video = np.lexsort((self.frame_idx, self.video_code))
+        self._pos = np.empty_like(self._by_video)
+        self._pos[self._by_video] = np.arange(len(self._by_video))
+        codes_sorted = self.video_code[self._by_video]
+        self._video_start = np.searchsorted(codes_sorted, np.arange(len(self.video_names)), "left")
+        self._video_end = np.searchsorted(codes_sorted, np.arange(len(self.video_names)), "right")
+        # Videos the browser may fetch: only video sources, by the id the index gave them.
+        self.videos: dict[str, VideoFile] = {}
+        self.kinds: dict[str, str] = {}
+        for key, e in m.sources.items():
+            self.kinds[e.video_id] = e.kind
+            if e.kind == "video":
+                p = Path(key)
+                self.videos[e.video_id] = VideoFile(p, VIDEO_TYPES.get(p.suffix.lower(), "application/octet-stream"))
+        # Stored vectors by id (memory-mapped shards), for "more like this".
+        self._emb, shard_ids, shard_no, shard_row = [], [], [], []
+        for s, shard in enumerate(sorted(m.shards)):
+            emb_path, meta_path = store.shard_paths(shard)
+            self._emb.append(np.load(emb_path, mmap_mode="r"))
+            ids = pq.read_table(meta_path, columns=["id"]).column("id").to_numpy()
+            shard_ids.append(ids)
+            shard_no.append(np.full(len(ids), s, np.int32))
+            shard_row.append(np.arange(len(ids), dtype=np.int64))
+        all_ids = np.concatenate(shard_ids) if shard_ids else np.zeros(0, np.int64)
+        o = np.argsort(all_ids, kind="stable")
+        self._vec_ids = all_ids[o]
+        self._vec_loc = (np.concatenate(shard_no)[o], np.concatenate(shard_row)[o]) if shard_ids else (None, None)
+        self.thumbs = ThumbReader(self.root, list(m.shards), self.ids, hashes)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def row(self, id_: int) -> int:
+        """Row of ``id_``; raises ``NotFound`` for an id the index does not hold."""
+        i = int(np.searchsorted(self._sorted_ids, id_))
+        if i >= len(self._sorted_ids) or self._sorted_ids[i] != id_:
+            raise NotFound(f"no frame with id {id_} in this index")
+        return int(self._row_at[i])
+
+    def hit(self, row: int, score: float = 0.0) -> Hit:
+        return Hit(float(score), self.video_names[self.video_code[row]], int(self.frame_idx[row]),
+                   float(self.pts_time[row]), self.paths[row].as_py(), int(self.ids[row]))
+
+    def vector(self, id_: int) -> np.ndarray:
+        self.row(id_)  # live rows only
+        i = int(np.searchsorted(self._vec_ids, id_))
+        shard, r = self._vec_loc[0][i], self._vec_loc[1][i]
+        return np.asarray(self._emb[shard][r], np.float32)[None]
+
+    def neighbours(self, id_: int, n: int) -> tuple[list[Hit], Hit, list[Hit]]:
+        row = self.row(id_)
+        p = int(self._pos[row])
+        code = self.video_code[row]
+        lo, hi = int(self._video_start[code]), int(self._video_end[code])
+        before = [self.hit(int(r)) for r in self._by_video[max(lo, p - n) : p]]
+        after = [self.hit(int(r)) for r in self._by_video[p + 1 : min(hi, p + 1 + n)]]
+        return before, self.hit(row), after
+
+    def video(self, video_id: str) -> VideoFile:
+        v = self.videos.get(video_id)
+        if v is None:
+            what = "is not a video file (keyframes or images)" if video_id in self.kinds else "is not in this index"
+            raise NotFound(f"video {video_id!r} {what}")
+        if not v.path.is_file():
+            raise NotFound(f"video {video_id!r} was indexed from {v.path.name}, which is no longer there")
+        return v
+
+    def thumb(self, id_: int) -> bytes:
+        self.row(id_)
+        data = self.thumbs.get(id_)
+        if data is None:
+            raise NotFound(f"frame {id_} has no thumbnail; run `cli.py thumbs --index {self.root}`")
+        return data
+
+
+def _timestamp(t: float) -> Optional[str]:
+    from retrieval.format import format_timestamp
+
+    return format_timestamp(t) if math.isfinite(t) else None
+
+
+class Engine:
+    """Searches and lookups for the web app; every method is safe to call from many threads."""
+
+    def __init__(self, searcher: CachedSearcher):
+        self.searcher = searcher
+        self.catalog = Catalog(searcher)
+        self.manifest = searcher.manifest
+
+    @classmethod
+    def open(cls, index_dir: Union[str, Path], model: str = FROM_INDEX, pretrained: str = FROM_INDEX,
+             merge: str = FROM_INDEX, device: str = "auto", precision: str = "fp32", ngpu: int = -1) -> "Engine":
+        return cls(CachedSearcher.open(index_dir, model=model, pretrained=pretrained, merge=merge, device=device,
+                                       precision=precision, ngpu=ngpu))
+
+    # ------------------------------------------------------------------ shapes
+    def hit_dict(self, h: Hit) -> dict:
+        return {
+            "id": h.id,
+            "score": round(h.score, 6),
+            "video_id": h.video_id,
+            "frame_idx": h.frame_idx,
+            "pts_time": h.pts_time if math.isfinite(h.pts_time) else None,
+            "timestamp": _timestamp(h.pts_time),
+            "thumb_url": f"/api/thumb/{h.id}" if h.id in self.catalog.thumbs else None,
+            "video_url": f"/api/video/{quote(h.video_id, safe='')}" if h.video_id in self.catalog.videos else None,
+        }
+
+    def result_dict(self, r: Union[Hit, TemporalHit]) -> dict:
+        if isinstance(r, TemporalHit):
+            d = self.hit_dict(r.first)
+            d.update(score=round(r.score, 6), first_score=round(r.first.score, 6), then=self.hit_dict(r.then))
+            return d
+        return self.hit_dict(r)
+
+    def health(self) -> dict:
+        m = self.manifest
+        s = self.searcher
+        return {"status": "ok", "vectors": len(self.catalog), "videos": len(self.catalog.video_names),
+                "thumbnails": len(self.catalog.thumbs), "model": m.model, "pretrained": m.pretrained, "merge": m.merge,
+                "dim": m.dim, "index_type": m.index_type,
+                "text_cache": {"hits": getattr(s, "cache_hits", 0), "misses": getattr(s, "cache_misses", 0)}}
+
+    # ------------------------------------------------------------------ queries
+    def search(self, q: str, k: int = 20, then: Optional[str] = None, within: float = 30.0,
+               per_video: bool = False) -> list:
+        _check_k(k)
+        if then is not None and then.strip():
+            return self.searcher.search_temporal(q, then, within_s=within, k=k, per_video=per_video)
+        return self.searcher.search_text(q, k=k, per_video=per_video)
+
+    def search_image(self, image: Any, k: int = 20, per_video: bool = False) -> list[Hit]:
+        _check_k(k)
+        return self.searcher.search_image(image, k=k, per_video=per_video)
+
+    def similar(self, id_: int, k: int = 20, per_video: bool = False) -> list[Hit]:
+        """Frames nearest to frame ``id_`` (the frame itself left out)."""
+        _check_k(k)
+        vec = self.catalog.vector(id_)
+        hits = self.searcher.search_vector(vec, k=min(k + 1, self.searcher.size), per_video=per_video)
+        return [h for h in hits if h.id != id_][:k]
+
+    def rows_for(self, items: Sequence) -> list:
+        """Basket entries (an id, or [first_id, then_id] of one video) as results, in the given order."""
+        out = []
+        for it in items:
+            if isinstance(it, (list, tuple)):
+                if len(it) != 2:
+                    raise InputError(f"basket entry {it!r}: give an id or a pair [first_id, then_id]")
+                a, b = (self.catalog.hit(self._known(x)) for x in it)
+                if a.video_id != b.video_id:
+                    raise InputError(f"basket pair {list(it)} spans two videos ({a.video_id}, {b.video_id})")
+                out.append(TemporalHit(0.0, a, b))
+            else:
+                out.append(self.catalog.hit(self._known(it)))
+        return out
+
+    def _known(self, x) -> int:
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise InputError(f"basket entry {x!r} is not a frame id (an integer)")
+        try:
+            return self.catalog.row(x)
+        except NotFound:
+            raise InputError(f"basket entry {x}: no frame with that id in this index") from None
+
+
+def _check_k(k: int) -> None:
+    if not 1 <= int(k) <= MAX_K:
+        raise InputError(f"k={k} is not valid; ask for 1..{MAX_K} results")
+
+
+def submission_csv(results: Sequence, answer: Optional[str] = None) -> tuple[str, int]:
+    """The AI Challenge submission text for ``results`` through the one writer (``retrieval.submission``).
+
+    No header, distinct rows in order, at most 100; ``answer`` makes it a QA file (``video_id,frame_idx,answer``).
+    """
+    from retrieval.submission import QA, render, submission_rows
+
+    rows = submission_rows(list(results), task=QA if answer else None, answer=answer or "")
+    return render(rows), len(rows)
