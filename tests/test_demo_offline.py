@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +80,16 @@ def test_the_users_setting_wins(monkeypatch, answering_url, value, offline):
     monkeypatch.setenv("HF_HUB_OFFLINE", value)
     assert decide_offline("openai", url=answering_url) is offline
     assert os.environ["HF_HUB_OFFLINE"] == value
+
+
+def test_lsh_kernel_cache_follows_xdg_cache_home(tmp_path, monkeypatch):
+    from encoders.merging import lsh_native
+
+    monkeypatch.delenv("MERGESEEK_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert lsh_native._cache_dir() == tmp_path / "xdg" / "mergeseek"
+    monkeypatch.setenv("MERGESEEK_CACHE", str(tmp_path / "own"))
+    assert lsh_native._cache_dir() == tmp_path / "own"
+    monkeypatch.delenv("MERGESEEK_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert lsh_native._cache_dir() == Path.home() / ".cache" / "mergeseek"

@@ -3,11 +3,12 @@
 The kernel (``lsh_kernel.c``) does per (image, table) what ``lsh.lsh_partners`` does with ~60
 tensor operations: hash keys, radix sort, windowed same-code scoring, best partner. It needs only
 a C compiler (``cc``/``gcc``/``clang``) and no Python headers: the first use compiles it into a
-per-user cache (``$MERGESEEK_CACHE`` or ``~/.cache/mergeseek``), later uses load the cached
-library. Without a compiler, or with ``MERGESEEK_LSH_NATIVE=0``, ``load()`` returns None and the
-tensor version runs (same results; see ``tests/test_lsh_native.py``). ``MERGESEEK_LSH_CFLAGS``
-adds compiler flags (e.g. ``-mno-avx512f`` builds the portable path on an AVX-512 machine; the
-cache key includes them). A new build removes builds older than ``STALE_DAYS``.
+per-user cache (``$MERGESEEK_CACHE``, else ``$XDG_CACHE_HOME/mergeseek``, by default
+``~/.cache/mergeseek``), later uses load the cached library. Without a compiler, or with
+``MERGESEEK_LSH_NATIVE=0``, ``load()`` returns None and the tensor version runs (same results;
+see ``tests/test_lsh_native.py``). ``MERGESEEK_LSH_CFLAGS`` adds compiler flags (e.g.
+``-mno-avx512f`` builds the portable path on an AVX-512 machine; the cache key includes them).
+A new build removes builds older than ``STALE_DAYS``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ def enabled() -> bool:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("MERGESEEK_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mergeseek")
+    # $MERGESEEK_CACHE, else the XDG cache folder ($XDG_CACHE_HOME, by default ~/.cache) / mergeseek.
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
+    root = os.environ.get("MERGESEEK_CACHE") or os.path.join(xdg, "mergeseek")
     return Path(root)
 
 
