@@ -129,3 +129,90 @@ def score_by_task(scores: Mapping[str, float], tasks: Mapping[str, str]) -> dict
         if vals:
             out[f"score_{t}"] = sum(vals) / len(vals)
     return out
+
+
+# ---------------------------------------------------------------------------- query sets (eval)
+@dataclass(frozen=True)
+class AicQuery:
+    """What the official score needs of one query of a keyframe set.
+
+    Args:
+        truth: task, raw frame ranges (not snapped to keyframes) and answer.
+        events: TRAKE event texts, one per span (empty for KIS / QA).
+        within_s: TRAKE window: every event within this many seconds of the first.
+        tolerance: TRAKE: frames by which each event's range is widened.
+    """
+
+    truth: Truth
+    events: tuple[str, ...] = ()
+    within_s: float = 60.0
+    tolerance: int = 0
+
+    def __post_init__(self) -> None:
+        if self.truth.task == "trake" and len(self.events) != len(self.truth.spans):
+            raise InputError(f"a trake query has {len(self.events)} event texts but {len(self.truth.spans)} ranges")
+
+
+def gallery_rows(order: Sequence[int], video_ids: Sequence[str], frame_idx: Sequence[int], answer: str = "",
+                 qa: bool = False) -> list[tuple]:
+    """Submission rows of a ranked gallery: distinct (video_id, frame_idx[, answer]), at most 100."""
+    rows, seen = [], set()
+    for i in order:
+        row = (video_ids[i], int(frame_idx[i])) + ((answer,) if qa else ())
+        if row not in seen:
+            seen.add(row)
+            rows.append(row)
+            if len(rows) == MAX_ROWS:
+                break
+    return rows
+
+
+def set_scores(queries: Sequence, query_scores, event_scores: Mapping[str, object], video_ids: Sequence[str],
+               frame_idx: Sequence[int], pts_time: Sequence[float], depth: int = 1000) -> dict:
+    """Official scores of one candidate on a keyframe set (queries without ground truth are left out).
+
+    Args:
+        queries: ``eval.datasets.Query`` items; those with ``aic`` are scored.
+        query_scores: float [Q, N] text-to-gallery similarities (KIS / QA rank by these).
+        event_scores: ``{qid: float [E, N]}`` similarities of each TRAKE query's event texts.
+        depth: gallery items per event handed to the TRAKE chain search.
+
+    Returns: ``{"AIC": mean, "AIC_kis": ..., "AIC_qa": ..., "AIC_trake": ...}`` (keys only for the
+    tasks present). QA rows carry the true answer: the model finds frames, it does not answer, so
+    a QA score here is the frame part only (an upper bound on the real one).
+    """
+    import numpy as np
+
+    from retrieval.search import Hit
+    from retrieval.trake import chain_events
+
+    scores, tasks = {}, {}
+    n = len(video_ids)
+    for qi, q in enumerate(queries):
+        a = getattr(q, "aic", None)
+        if a is None:
+            continue
+        t = a.truth
+        if t.task == "trake":
+            ev = np.asarray(event_scores[q.qid])
+            per_event = []
+            for row in ev:
+                top = np.argsort(-row, kind="stable")[: min(depth, n)]
+                per_event.append([Hit(float(row[i]), video_ids[i], int(frame_idx[i]), float(pts_time[i]), "", int(i))
+                                  for i in top])
+            chains = chain_events(per_event, a.within_s)
+            rows, seen = [], set()
+            for c in chains:
+                r = (c.video_id, *c.frames)
+                if r not in seen:
+                    seen.add(r)
+                    rows.append(r)
+                    if len(rows) == MAX_ROWS:
+                        break
+            scores[q.qid] = query_score(rows, t, a.tolerance)
+        else:
+            order = np.argsort(-np.asarray(query_scores[qi]), kind="stable")
+            rows = gallery_rows(order, video_ids, frame_idx, t.answer or "", qa=t.task == "qa")
+            scores[q.qid] = query_score(rows, t)
+        tasks[q.qid] = t.task
+    return {("AIC" + k[5:]): v for k, v in score_by_task(scores, tasks).items()}

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 _CLS_METRICS = ("top1", "top5")
 _RET_METRICS = ("R@1", "R@5", "R@10", "R@100", "MRR")
 _VIDEO_METRICS = ("video_R@1", "video_R@5", "video_R@10", "video_MRR")
+_AIC_METRICS = ("AIC", "AIC_kis", "AIC_qa", "AIC_trake")  # the HCMC AI Challenge score (eval/aic_score.py)
 
 
 def write_report(report: EvalReport, out_dir: Path, plots: bool = True) -> list[Path]:
@@ -109,7 +110,7 @@ def metric_columns(ds: DatasetResult) -> list[str]:
     present = set()
     for r in ds.results:
         present.update(r.metrics)
-    cols = [k for k in _CLS_METRICS + _RET_METRICS + _VIDEO_METRICS if k in present]
+    cols = [k for k in _CLS_METRICS + _RET_METRICS + _VIDEO_METRICS + _AIC_METRICS if k in present]
     return cols
 
 

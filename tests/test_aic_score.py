@@ -74,3 +74,68 @@ def test_per_task_means_and_bad_truth():
         Truth("qa", (Span("V", 1, 2),))
     with pytest.raises(InputError):
         Truth("kis", (Span("V", 1, 2), Span("V", 3, 4)))
+
+
+# ---------------------------------------------------------------------------- wired into eval
+def test_eval_reports_the_official_score_per_task_on_a_release(tmp_path):
+    """A keyframe set in the release layout, queries of the three types; the text 'vectors' are
+    gallery vectors, so every ranking is known and the score is recomputed by brute force."""
+    import json
+    import shutil
+
+    import numpy as np
+    from test_aic_support import FRAMES, make_release, pts
+
+    from eval.datasets import load_dataset
+    from eval.runner import _retrieval
+
+    rel = make_release(tmp_path / "release")
+    with pytest.raises(InputError, match="L22_V002.csv does not exist"):  # a keyframe folder without its map
+        load_dataset(f"keyframes:{rel},queries={tmp_path / 'none.jsonl'}")
+    shutil.rmtree(rel / "Keyframes_L22" / "keyframes" / "L22_V002")
+    queries = [
+        {"id": "k1", "task": "kis", "query": "L21_V001#2", "video_id": "L21_V001", "frame_start": 130, "frame_end": 140},
+        {"id": "k2", "task": "kis", "query": "L21_V002#1", "video_id": "L21_V002", "frame_start": 395, "frame_end": 405},
+        {"id": "q1", "task": "qa", "query": "L22_V001#3", "video_id": "L22_V001", "frame_idx": 2999, "answer": "ba"},
+        {"id": "t1", "task": "trake", "video_id": "L21_V001", "within": 20,
+         "events": [{"text": "L21_V001#1", "frame_start": 0, "frame_end": 0},
+                    {"text": "L21_V001#2", "frame_start": 130, "frame_end": 140},
+                    {"text": "L21_V001#3", "frame_start": 500, "frame_end": 600}]},
+    ]
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(q) for q in queries))
+    ds = load_dataset(f"keyframes:{rel},queries={tmp_path / 'q.jsonl'}")
+    assert [x.aic.truth.task for x in ds.queries] == ["kis", "kis", "qa", "trake"]
+    assert list(ds.frame_idx) == [f for v in sorted(FRAMES) for f in FRAMES[v]]
+    assert list(ds.pts_time) == [pts(v, n) for v in sorted(FRAMES) for n in range(1, len(FRAMES[v]) + 1)]
+
+    feats = rel / "clip-features-32-aic25-b1" / "clip-features-32"
+    gallery = np.concatenate([np.load(feats / f"{v}.npy").astype(np.float32) for v in sorted(FRAMES)])
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    keys = [f"{v}#{n}" for v in sorted(FRAMES) for n in range(1, len(FRAMES[v]) + 1)]
+
+    class Texts:  # a "text tower" that returns the named gallery vector
+        def encode_texts(self, texts):
+            return np.stack([gallery[keys.index(t)] for t in texts])
+
+    res = _retrieval(Texts(), ds, {"none": gallery}, topk=3)
+    (row,) = res.results
+    m = row.metrics
+
+    def first_hit_rank(key, video, lo, hi):  # brute force
+        sims = gallery @ gallery[keys.index(key)]
+        order = sorted(range(len(keys)), key=lambda i: -sims[i])
+        for r, i in enumerate(order, start=1):
+            if ds.video_ids[i] == video and lo <= ds.frame_idx[i] <= hi:
+                return r
+        return None
+
+    k1 = rank_score(first_hit_rank("L21_V001#2", "L21_V001", 130, 140))
+    k2 = rank_score(first_hit_rank("L21_V002#1", "L21_V002", 395, 405))
+    assert k1 == 1.0 and k2 < 1.0  # k2's text names frame 12, the truth is 400 or 401
+    qa = 1.0  # its own frame, true answer filled in
+    trake = 2 / 3  # the chain 0, 137, 290 is found first; event 3's range holds no keyframe
+    assert m["AIC_kis"] == pytest.approx((k1 + k2) / 2)
+    assert m["AIC_qa"] == pytest.approx(qa) and m["AIC_trake"] == pytest.approx(trake)
+    assert m["AIC"] == pytest.approx((k1 + k2 + qa + trake) / 4)
+    assert "R@1" in m and any("AIC = the HCMC AI Challenge score" in n for n in res.notes)
+    assert any("TRAKE queries are left out of R@K" in n for n in res.notes)

@@ -10,7 +10,7 @@ import io
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -185,12 +185,15 @@ class Query:
         text: the query text.
         relevant: gallery item indices accepted as the answer (frame level).
         video_id: the target video (video level); None for image–caption sets.
+        aic: the AI Challenge ground truth (``eval.aic_score.AicQuery``: task, raw frame ranges,
+            answer, TRAKE events) when the query file gives it; scored by the official rule.
     """
 
     qid: str
     text: str
     relevant: tuple[int, ...]
     video_id: Optional[str] = None
+    aic: Optional[Any] = None
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,7 @@ class RetrievalSet:
         queries: text queries with their relevant gallery items.
         video_ids: per gallery item, its video (keyframe sets: enables video-level metrics).
         frame_idx: per gallery item, its frame index in the video.
+        pts_time: per gallery item, seconds from the video's start (keyframe maps; TRAKE windows).
         source: where it was read from.
         notes: facts a reader of the report should know (snapped targets, dropped queries).
     """
@@ -214,6 +218,7 @@ class RetrievalSet:
     frame_idx: tuple[int, ...] = ()
     source: str = ""
     notes: tuple[str, ...] = ()
+    pts_time: tuple[float, ...] = ()
 
     kind = "retrieval"
 

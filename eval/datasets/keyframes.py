@@ -24,6 +24,7 @@ import bisect
 import csv
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -44,6 +45,7 @@ class _Target:
     video_id: str
     frames: tuple[int, ...] = ()
     frame_range: Optional[tuple[int, int]] = None
+    aic: Optional[object] = None  # eval.aic_score.AicQuery
 
 
 def load_keyframes(
@@ -56,7 +58,7 @@ def load_keyframes(
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"keyframe folder {root} does not exist; pass the folder with keyframes/ and map-keyframes/")
-    paths, video_ids, frames = _read_gallery(root)
+    paths, video_ids, frames, times = _read_gallery(root)
     qpath = Path(queries) if queries else next((root / f for f in QUERY_FILES if (root / f).is_file()), None)
     if qpath is None:
         raise InputError(f"no queries file for {root}; put queries.jsonl there or pass queries=PATH")
@@ -76,7 +78,7 @@ def load_keyframes(
             dropped.append(t.qid)
             continue
         snapped += snap
-        out.append(Query(qid=t.qid, text=t.text, relevant=tuple(sorted(rel)), video_id=t.video_id))
+        out.append(Query(qid=t.qid, text=t.text, relevant=tuple(sorted(rel)), video_id=t.video_id, aic=t.aic))
     notes = []
     if snapped:
         notes.append(f"{snapped} target frame(s) are not keyframes and were snapped to the nearest keyframe of their video")
@@ -93,14 +95,23 @@ def load_keyframes(
         frame_idx=tuple(frames),
         source=f"{root} + {qpath}",
         notes=tuple(notes),
+        pts_time=tuple(times),
     )
 
 
 # ---------------------------------------------------------------------------- gallery
-def _read_gallery(root: Path) -> tuple[list[Path], list[str], list[int]]:
+def _read_gallery(root: Path) -> tuple[list[Path], list[str], list[int], list[float]]:
     kf = root / KEYFRAME_DIR
     if kf.is_dir():
-        return _read_aic(kf, root / KEYFRAME_MAP_DIR)
+        maps = root / KEYFRAME_MAP_DIR
+        return _read_aic(kf, sorted(p for p in kf.iterdir() if p.is_dir()),
+                         lambda v: maps / f"{v}.csv" if maps.is_dir() else None)
+    from indexing.aic import find_release
+
+    release = find_release(root)  # archives side by side: Keyframes_*/keyframes/, map-keyframes*/map-keyframes/
+    if release.archive and release.keyframes:
+        return _read_aic(root, release.keyframe_dirs(), lambda v: release.map_for(v) or (
+            release.maps[0] / f"{v}.csv" if release.maps else None))
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     paths, vids, frames = [], [], []
     if subdirs:
@@ -116,35 +127,37 @@ def _read_gallery(root: Path) -> tuple[list[Path], list[str], list[int]]:
             frames.append(0)
     if not paths:
         raise InputError(f"no keyframe images under {root}; expected keyframes/<video_id>/<n>.jpg or <video_id>/<frame>.jpg")
-    return paths, vids, frames
+    return paths, vids, frames, [math.nan] * len(paths)
 
 
-def _read_aic(kf: Path, maps: Path) -> tuple[list[Path], list[str], list[int]]:
-    paths, vids, frames = [], [], []
-    for d in sorted(p for p in kf.iterdir() if p.is_dir()):
-        n_to_frame = _read_map(maps / f"{d.name}.csv") if maps.is_dir() else None
+def _read_aic(kf: Path, video_dirs: list, map_for) -> tuple[list[Path], list[str], list[int], list[float]]:
+    paths, vids, frames, times = [], [], [], []
+    for d in video_dirs:
+        map_path = map_for(d.name)
+        n_to_frame = _read_map(map_path) if map_path is not None else None
         for p in list_images(d):
             n = _stem_int(p)
             if n_to_frame is not None:
                 if n not in n_to_frame:
-                    raise InputError(f"{maps / (d.name + '.csv')} has no row n={n} for keyframe {p}; the map is incomplete")
-                frame = n_to_frame[n]
+                    raise InputError(f"{map_path} has no row n={n} for keyframe {p}; the map is incomplete")
+                frame, t = n_to_frame[n]
             else:
-                frame = n  # no map: the stem is taken as the frame index
+                frame, t = n, math.nan  # no map: the stem is taken as the frame index
             paths.append(p)
             vids.append(d.name)
             frames.append(frame)
+            times.append(t)
     if not paths:
         raise InputError(f"no keyframe images under {kf}; expected {kf}/<video_id>/<n>.jpg")
-    return paths, vids, frames
+    return paths, vids, frames, times
 
 
-def _read_map(path: Path) -> dict[int, int]:
+def _read_map(path: Path) -> dict[int, tuple[int, float]]:
     if not path.is_file():
         raise InputError(f"keyframe map {path} does not exist; every keyframes/<video_id>/ needs map-keyframes/<video_id>.csv")
     # The shared reader (indexing.formats): BOM-tolerant; a bad row is warned about and left out,
     # so a keyframe that needed it is reported by _read_aic as missing from the map.
-    return {n: row.frame_idx for n, row in read_keyframe_map(path).rows.items()}
+    return {n: (row.frame_idx, row.pts_time) for n, row in read_keyframe_map(path).rows.items()}
 
 
 def _stem_int(p: Path) -> int:
@@ -171,7 +184,67 @@ def _read_queries(path: Path) -> list[_Target]:
                     raise InputError(f"{path}:{n} is not valid JSON ({exc.msg}); one object per line") from None
     if not rows:
         raise InputError(f"queries file {path} is empty")
-    return [_target(r, i, path) for i, r in enumerate(rows, start=1)]
+    return [_with_aic(r, i, path) for i, r in enumerate(rows, start=1)]
+
+
+def _with_aic(row: dict, line: int, path: Path) -> _Target:
+    """``_target`` plus the official-score ground truth (task, raw ranges, answer, TRAKE events).
+
+    Optional keys: ``task`` (``kis``, ``qa``/``vqa``, ``trake``; default kis), ``answer`` (QA),
+    ``events`` (TRAKE: a list of ``{"text", "frame_start", "frame_end"}`` or ``{"text",
+    "frame_idx"}``, optional per-event ``video_id``), ``within`` (TRAKE window in seconds, default
+    60) and ``tolerance`` (TRAKE: frames added to each side of an event's range, default 0).
+    A TRAKE query's frame-level metrics (R@K, MRR) use its first event.
+    """
+    from dataclasses import replace as _replace
+
+    from eval.aic_score import AicQuery, Span, Truth
+    from retrieval.submission import parse_task
+
+    where = f"{path} query {line}"
+    raw_task = row.get("task") or row.get("type") or ("trake" if row.get("events") else "kis")
+    try:
+        task = parse_task(raw_task)
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
+    events = row.get("events") or []
+    if task == "trake":
+        if not isinstance(events, list) or not events or not all(isinstance(e, dict) for e in events):
+            raise InputError(f"{where}: a trake query needs 'events': a list of {{\"text\", \"frame_start\", \"frame_end\"}}")
+        first = events[0]
+        row = {**{k: v for k, v in first.items() if k in ("frame_start", "frame_end", "frame_idx", "video_id")}, **{
+            k: v for k, v in row.items() if k not in ("frame_start", "frame_end", "frame_idx", "frames")}}
+        row.setdefault("video_id", first.get("video_id"))
+        if not (row.get("query") or row.get("text")):
+            row["query"] = first.get("text") or first.get("query")
+    t = _target(row, line, path)
+    try:
+        if task == "trake":
+            spans = tuple(_span(e, str(e.get("video_id") or t.video_id), where) for e in events)
+            texts = tuple(str(e.get("text") or e.get("query") or "").strip() for e in events)
+            if not all(texts):
+                raise InputError(f"{where}: every trake event needs a 'text'")
+            aic = AicQuery(Truth("trake", spans), texts, float(row.get("within") or 60.0), int(float(row.get("tolerance") or 0)))
+        else:
+            span = Span(t.video_id, *t.frame_range) if t.frame_range else (
+                Span(t.video_id, t.frames[0], t.frames[0]) if len(t.frames) == 1 else None)
+            if task == "qa" and row.get("answer") in (None, ""):
+                raise InputError(f"{where}: a qa query needs its 'answer' for the official score")
+            aic = AicQuery(Truth(task, (span,), row.get("answer") if task == "qa" else None)) if span else None
+    except ValueError:
+        raise InputError(f"{where}: within / tolerance / frame numbers must be numbers; got {row}") from None
+    return _replace(t, aic=aic)
+
+
+def _span(e: dict, video_id: str, where: str):
+    from eval.aic_score import Span
+
+    if e.get("frame_start") not in (None, "") and e.get("frame_end") not in (None, ""):
+        return Span(video_id, int(float(e["frame_start"])), int(float(e["frame_end"])))
+    if e.get("frame_idx") not in (None, ""):
+        f = int(float(e["frame_idx"]))
+        return Span(video_id, f, f)
+    raise InputError(f"{where}: every trake event needs frame_start + frame_end (or frame_idx)")
 
 
 def _target(row: dict, line: int, path: Path) -> _Target:
