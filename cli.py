@@ -108,6 +108,10 @@ def index_cmd(
                                         "old one only when the run indexed at least one source.")] = False,
     shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Vectors per committed shard.")] = 4096,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars over videos and frames.")] = True,
+    decoder: Annotated[
+        str, typer.Option("--decoder", help="Video decoder: decord (decord2, the default) or torchcodec "
+                          "(pip install torchcodec; needs FFmpeg's shared libraries).")
+    ] = "decord",
     ray_address: Annotated[
         Optional[str],
         typer.Option("--ray", help="Index on Ray: 'local' (start Ray on this machine), 'auto' (the cluster this machine "
@@ -143,6 +147,7 @@ def index_cmd(
         progress=progress and not json_out,
         release_parts=_release_parts(maps, media_info, videos, objects),
         reuse=_reuse_option(reuse, ray_address),
+        decoder=decoder,
     )
     if ray_address is not None:
         from indexing.distributed import RayOptions, index_paths_ray
