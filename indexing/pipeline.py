@@ -54,6 +54,8 @@ class IndexOptions:
         progress: tqdm bars over sources and frames.
         release_parts: AI Challenge release parts that live elsewhere (``{"maps": DIR, "media_info": DIR,
             "videos": DIR, "objects": DIR, "features": DIR}``, see ``indexing.aic``).
+        reuse: reuse work across the frames of a shot (``threshold=0.05,refresh=16``, see
+            ``encoders.reuse``); None or ``none`` encodes every frame on its own.
     """
 
     sampling: Sampling = field(default_factory=Sampling)
@@ -67,6 +69,7 @@ class IndexOptions:
     ngpu: int = -1
     progress: bool = False
     release_parts: Optional[dict] = None
+    reuse: Optional[str] = None
 
 
 @dataclass
@@ -96,6 +99,7 @@ class IndexReport:
     times: StageTimes = field(default_factory=StageTimes)
     unmapped: list = field(default_factory=list)  # keyframe video ids without a map-keyframes CSV
     metadata: dict = field(default_factory=dict)  # release metadata written beside the index (indexing.aic)
+    reuse: dict = field(default_factory=dict)  # --reuse: config and ReuseStats.summary() (encoders.reuse)
 
     @property
     def frames_per_s(self) -> float:
@@ -126,6 +130,12 @@ class IndexReport:
         if self.metadata:
             lines.append(f"release metadata: {self.metadata.get('videos_with_metadata', 0)} video(s) in videos.json, "
                          f"{self.metadata.get('objects', 0)} detections in objects.parquet")
+        if self.reuse:
+            r = self.reuse
+            lines.append(f"reuse {r['config']}: {r['reuse_rate']:.0%} of the linear-layer work reused "
+                         f"(ideal speed-up {1 / max(1e-9, 1 - r['reuse_rate']):.2f}x); {r['references']} of {r['frames']} "
+                         f"frames computed in full ({r['cuts']} scene cuts, {r['refreshes']} refreshes); "
+                         "error and measured gain vs per-frame: cli.py eval --dataset video --reuse, bench/reuse.py")
         lines += [f"skipped {b.path}: {b.reason}" for b in self.failed]
         return lines
 
@@ -262,7 +272,19 @@ def _lower_priority() -> None:
 # ---------------------------------------------------------------------------- the run
 def recipe_for(source: MediaSource, options: IndexOptions) -> str:
     sampling = str(options.sampling) if source.kind == "video" else "all"
-    return f"{sampling};dedup={options.dedup}"
+    recipe = f"{sampling};dedup={options.dedup}"
+    reuse = _reuse_config(options)
+    return recipe + (f";reuse={reuse}" if reuse is not None else "")
+
+
+def _reuse_config(options: IndexOptions):
+    """The enabled ``ReuseConfig`` of ``options``, or None."""
+    if options.reuse is None:
+        return None
+    from encoders.reuse import ReuseConfig
+
+    cfg = ReuseConfig.parse(options.reuse)
+    return cfg if cfg.enabled else None
 
 
 def index_paths(
@@ -331,6 +353,9 @@ def _run_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
     reader = Reader(todo, options.sampling, options.dedup, encoder.preprocess_images, encoder.batch_size, options.prefetch,
                     options.read_workers)
     bars = _Bars(len(todo)) if options.progress else None
+    # --reuse: frames of one source reach the encoder in order (the reader decodes sources one
+    # at a time, sequentially), so a per-source cache in the stream encoder is valid.
+    stream = encoder.stream(_reuse_config(options)) if _reuse_config(options) is not None else None
     partial: dict = {}  # source key -> list of (batch, vectors)
     thumbs = ThumbCollector()  # written beside each shard right after its commit
     buffer: list = []
@@ -360,7 +385,11 @@ def _run_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
                 thumbs.add(item.source.key, item.thumbs)
                 if item.pixels is not None:
                     t0 = time.perf_counter()
-                    vecs = encoder.encode_image_tensor(item.pixels).cpu().numpy()
+                    if stream is not None:
+                        keys = [item.source.key] * int(item.pixels.shape[0])
+                        vecs = stream.encode_image_tensor(item.pixels, keys).cpu().numpy()
+                    else:
+                        vecs = encoder.encode_image_tensor(item.pixels).cpu().numpy()
                     report.times.encode_s += time.perf_counter() - t0
                     partial.setdefault(item.source.key, []).append((item, vecs))
                     report.frames_encoded += len(vecs)
@@ -368,11 +397,15 @@ def _run_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
                     bars.frames(item.sampled)
             elif isinstance(item, _Failed):
                 partial.pop(item.source.key, None)
+                if stream is not None:
+                    stream.end(item.source.key)
                 thumbs.drop(item.source.key)
                 report.failed.append(BadInput(str(item.source.path), item.reason.split(": ", 1)[-1]))
                 if bars:
                     bars.source_done()
             else:
+                if stream is not None:
+                    stream.end(item.source.key)
                 report.failed.extend(item.skipped)
                 enc = _finish(item, partial.pop(item.source.key, []), recipe_for(item.source, options), store.manifest.dim)
                 if enc is None:
@@ -396,6 +429,8 @@ def _run_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
         if bars:
             bars.close()
     report.times.read_s = reader.busy_s
+    if stream is not None:
+        report.reuse = {"config": str(stream.cfg), **stream.stats.summary()}
     return new_shards
 
 
