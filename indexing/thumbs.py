@@ -302,13 +302,18 @@ def ensure_thumbs(store, force: bool = False) -> ThumbReport:
     ``store`` is an ``IndexStore`` opened for writing (its lock keeps other writers out). Frames
     whose source is gone or unreadable are listed in the report and left without a thumbnail.
     """
+    from indexing.store import read_manifest
+
     m = store.manifest
     report = ThumbReport(str(store.root), shards=len(m.shards))
     tdir = Path(store.root) / THUMB_DIR
     if tdir.is_dir():
+        # A --force run writes a new generation while readers still use manifest.json: keep both.
+        active = read_manifest(store.root)
+        keep = set(m.shards) | set(active.shards if active is not None else ())
         for p in tdir.iterdir():
             # temp files of a killed run, and packs of shards the index dropped
-            if p.name.endswith(".tmp") or (p.name.endswith(PACK_EXT) and p.name[: -len(PACK_EXT)] not in m.shards):
+            if p.name.endswith(".tmp") or (p.name.endswith(PACK_EXT) and p.name[: -len(PACK_EXT)] not in keep):
                 p.unlink()
                 report.removed += 1
     owner = {k: e.shard for k, e in m.sources.items()}

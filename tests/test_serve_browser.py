@@ -1,0 +1,144 @@
+"""The page in a real headless Chromium (Debian's package, driven by Playwright), against uvicorn.
+
+Skipped, with the reason, only where no Chromium is installed (`.ci/run` installs it with apt-get).
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from test_indexing_support import build_encoder
+from test_serve_api import build_served_index
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (apt-get install chromium)")
+LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run", "--mute-audio"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, one_torch_thread):
+    import uvicorn
+
+    from serve.app import create_app
+    from serve.engine import CachedSearcher, Engine
+
+    root = tmp_path_factory.mktemp("browser")
+    ix = build_served_index(root)
+    engine = Engine(CachedSearcher(ix, build_encoder(), ngpu=0))
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield {"base": f"http://127.0.0.1:{port}", "engine": engine, "root": root}
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser_page(server):
+    with sync_api.sync_playwright() as pw, tempfile.TemporaryDirectory(prefix="mergeseek-chromium-") as profile:
+        ctx = pw.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS,
+                                                    accept_downloads=True, viewport={"width": 1400, "height": 900})
+        page = ctx.new_page()
+        page.set_default_timeout(30_000)
+        seen = {"requests": [], "errors": []}
+        page.on("request", lambda r: seen["requests"].append(r.url))
+        page.on("console", lambda m: seen["errors"].append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: seen["errors"].append(str(e)))
+        yield page, seen
+        ctx.close()
+
+
+def test_search_play_basket_and_export_in_chromium(server, browser_page, tmp_path):
+    page, seen = browser_page
+    base = server["base"]
+    page.goto(f"{base}/?q=a%20test%20pattern")
+    page.wait_for_function("""() => { const imgs = [...document.querySelectorAll('#grid .card img')];
+        return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0); }""")
+    expected = server["engine"].searcher.search_text("a test pattern", k=50)
+    ids = [int(x) for x in page.eval_on_selector_all("#grid .card", "cs => cs.map(c => c.dataset.id)")]
+    assert ids == [h.id for h in expected]
+    assert "result(s)" in page.inner_text("#status")
+    assert page.input_value("#q") == "a test pattern"
+
+    # click a result: its video plays from the hit's timestamp, with the neighbouring frames below
+    pick = next(i for i, h in enumerate(expected) if h.pts_time >= 1.0)
+    hit = expected[pick]
+    page.locator("#grid .card").nth(pick).locator(".pics").click()
+    page.wait_for_function("() => document.querySelector('#video').dataset.seeked === '1'")
+    now = page.evaluate("() => document.querySelector('#video').currentTime")
+    assert abs(now - hit.pts_time) < 0.5, (now, hit.pts_time)
+    assert page.evaluate("() => document.querySelector('#video').currentSrc").endswith(f"/api/video/{hit.video_id}")
+    page.wait_for_function("() => document.querySelectorAll('#strip img').length >= 2")
+    strip = [int(x) for x in page.eval_on_selector_all("#strip img", "ims => ims.map(i => i.dataset.id)")]
+    assert hit.id in strip and page.get_attribute("#strip img.cur", "data-id") == str(hit.id)
+
+    # a basket of three, one removed, the other two swapped; then exported as the submission CSV
+    page.evaluate("() => localStorage.clear()")
+    page.click("#bclear")
+    chosen = [expected[0], expected[pick], expected[-1]]
+    for h in chosen:
+        page.locator(f"#grid .card[data-id='{h.id}'] .add").click()
+    assert page.locator("#basket li").count() == 3
+    page.locator("#basket li").nth(2).locator(".remove").click()
+    page.locator("#basket li").nth(0).locator(".down").click()
+    order = [int(x) for x in page.eval_on_selector_all("#basket li", "ls => ls.map(l => l.dataset.key)")]
+    assert order == [expected[pick].id, expected[0].id]
+    page.fill("#queryId", "q-browser")
+    with page.expect_download() as dl:
+        page.click("#export")
+    download = dl.value
+    assert download.suggested_filename == "q-browser.csv"
+    saved = tmp_path / "q-browser.csv"
+    download.save_as(saved)
+    rows = list(csv.reader(saved.open()))
+    assert rows == [[h.video_id, str(h.frame_idx)] for h in (expected[pick], expected[0])]
+
+    # keyboard: arrows move the selection from the clicked result, b adds the selected one, Enter plays it
+    page.locator("#q").blur()
+    assert page.get_attribute("#grid .card.sel", "data-id") == str(hit.id)
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowLeft")
+    sel = expected[min(pick + 2, len(expected) - 1) - 1]
+    assert page.get_attribute("#grid .card.sel", "data-id") == str(sel.id)
+    page.keyboard.press("b")
+    assert page.locator("#basket li").count() == 3
+    page.keyboard.press("Enter")
+    page.wait_for_function(f"() => document.querySelector('#pinfo').textContent.includes('frame {sel.frame_idx}')")
+
+    # nothing but this server was asked for anything
+    assert all(u.startswith(base) or u.startswith(("blob:", "data:")) for u in seen["requests"]), seen["requests"]
+    assert not seen["errors"], seen["errors"]
+
+
+def test_errors_are_shown_on_the_page(server, browser_page):
+    page, seen = browser_page
+    page.goto(f"{server['base']}/?q=x&then=y&within=0")
+    page.wait_for_function("() => document.querySelector('#status').className === 'error'")
+    text = page.inner_text("#status")
+    assert text.startswith("error:") and "within" in text
+    assert page.locator("#grid .card").count() == 0
+    seen["errors"].clear()  # the failed request's 422 is logged by Chromium itself
