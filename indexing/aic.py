@@ -291,8 +291,15 @@ def video_metadata(parts: ReleaseParts, video_ids: Sequence[str]) -> dict:
     return out
 
 
-def read_objects(folder: Path, video_id: str, min_score: float = OBJECT_MIN_SCORE) -> list[tuple]:
-    """Detections of ``objects/<video_id>/<n>.json``: (video_id, n, entity, score, ymin, xmin, ymax, xmax)."""
+def read_objects(folder: Path, video_id: str, min_score: float = OBJECT_MIN_SCORE,
+                 frame_of: Optional[dict] = None) -> list[tuple]:
+    """Detections of ``objects/<video_id>/<n>.json`` with score >= ``min_score``.
+
+    Rows: (video_id, n, frame_idx, entity, score, ymin, xmin, ymax, xmax); ``frame_idx`` is the
+    real frame from ``frame_of`` ({n: frame_idx}, the video's map), -1 when unknown. Scores and
+    boxes may be strings in the organisers' files.
+    """
+    frame_of = frame_of or {}
     rows = []
     for f in sorted(Path(folder).glob("*.json")):
         if not f.stem.isdigit():
@@ -309,7 +316,8 @@ def read_objects(folder: Path, video_id: str, min_score: float = OBJECT_MIN_SCOR
             if score < min_score:
                 continue
             box = [float(x) for x in boxes[i]] if i < len(boxes) and len(boxes[i]) == 4 else [math.nan] * 4
-            rows.append((video_id, int(f.stem), str(name), score, *box))
+            n = int(f.stem)
+            rows.append((video_id, n, int(frame_of.get(n, -1)), str(name), score, *box))
     return rows
 
 
@@ -333,7 +341,7 @@ def write_sidecars(index_dir: Path, parts_by_video: dict, min_score: float = OBJ
             meta[vid] = new[vid]
         folder = parts.objects_for(vid.rsplit("/", 1)[-1])
         if folder is not None:
-            objects.extend(read_objects(folder, vid, min_score))
+            objects.extend(read_objects(folder, vid, min_score, _frames_of(parts, vid)))
             touched.add(vid)
     if meta:
         text = json.dumps(dict(sorted(meta.items())), indent=1, ensure_ascii=False)
@@ -342,15 +350,42 @@ def write_sidecars(index_dir: Path, parts_by_video: dict, min_score: float = OBJ
     return {"videos_with_metadata": len(meta), "objects": n_obj}
 
 
+def _frames_of(parts: ReleaseParts, video_id: str) -> dict:
+    from indexing.formats import read_keyframe_map
+
+    mp = parts.map_for(video_id.rsplit("/", 1)[-1])
+    if mp is None:
+        return {}
+    try:
+        return {n: r.frame_idx for n, r in read_keyframe_map(mp).rows.items()}
+    except InputError as exc:
+        log.warning("%s", exc)
+        return {}
+
+
+def objects_in_frames(index_dir: Path, entity: str, min_score: float = OBJECT_MIN_SCORE) -> set:
+    """(video_id, frame_idx) of the keyframes with a detection of ``entity`` (case-insensitive), for filtering hits."""
+    import pyarrow.parquet as pq
+
+    path = Path(index_dir) / OBJECTS_FILE
+    if not path.is_file():
+        raise InputError(f"{index_dir} has no {OBJECTS_FILE}; index an AI Challenge release with its objects*/ folder "
+                         "(or pass --objects DIR) to filter by detected objects")
+    t = pq.read_table(path, columns=["video_id", "frame_idx", "entity", "score"]).to_pylist()
+    want = entity.strip().casefold()
+    return {(r["video_id"], r["frame_idx"]) for r in t if r["entity"].casefold() == want and r["score"] >= min_score}
+
+
 def _merge_objects(index_dir: Path, rows: list, touched: set) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from indexing.store import atomic_write
 
-    cols = ("video_id", "n", "entity", "score", "ymin", "xmin", "ymax", "xmax")
+    cols = ("video_id", "n", "frame_idx", "entity", "score", "ymin", "xmin", "ymax", "xmax")
     new = pa.table({c: list(v) for c, v in zip(cols, zip(*rows))} if rows else {c: [] for c in cols},
-                   schema=pa.schema([("video_id", pa.string()), ("n", pa.int64()), ("entity", pa.string()),
+                   schema=pa.schema([("video_id", pa.string()), ("n", pa.int64()), ("frame_idx", pa.int64()),
+                                     ("entity", pa.string()),
                                      ("score", pa.float64()), ("ymin", pa.float64()), ("xmin", pa.float64()),
                                      ("ymax", pa.float64()), ("xmax", pa.float64())]))
     path = index_dir / OBJECTS_FILE

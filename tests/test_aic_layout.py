@@ -15,7 +15,7 @@ from test_indexing_support import build_encoder
 from typer.testing import CliRunner
 
 from indexing import Dedup, IndexOptions, index_paths
-from indexing.aic import find_release, import_features, load_video_meta
+from indexing.aic import find_release, import_features, load_video_meta, objects_in_frames
 from indexing.sources import discover
 from indexing.store import IndexStore
 
@@ -113,8 +113,9 @@ def test_release_metadata_is_written_beside_the_index_and_shown_in_hits(indexed)
     assert sorted(p.name for p in ix.iterdir() if p.is_file()) == [".lock", "index.faiss", "manifest.json",
                                                                    "objects.parquet", "videos.json"]
     obj = pq.read_table(ix / "objects.parquet").to_pylist()
-    assert [(o["video_id"], o["n"], o["entity"], o["score"]) for o in obj] == [("L21_V001", 1, "Person", 0.91),
-                                                                             ("L21_V001", 3, "Dog", 0.66)]
+    assert [(o["video_id"], o["n"], o["frame_idx"], o["entity"], o["score"]) for o in obj] == [
+        ("L21_V001", 1, 0, "Person", 0.91), ("L21_V001", 3, 290, "Dog", 0.66)]  # the 0.2 car is below 0.5
+    assert objects_in_frames(ix, "dog") == {("L21_V001", 290)} and objects_in_frames(ix, "car") == set()
     assert report.metadata == {"videos_with_metadata": 3, "objects": 2}
     s = Searcher(ix)
     vec = IndexStore.open_for_read(ix).read_vectors()[1][:1]
