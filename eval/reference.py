@@ -9,18 +9,18 @@ The model is a plain timm ``VisionTransformer`` (class token, plain blocks, ``gl
 so every merge method in ``encoders`` applies to it unchanged::
 
     model, prep = load_reference("reference-cifar10")          # eval/reference/reference-cifar10.pt
-    images, labels = load_cifar10_npz("../shared/data/cifar10", "test", limit=1000)
+    images, labels = load_cifar10_npz("$MERGESEEK_DATA/cifar10", "test", limit=1000)
     top1 = evaluate_reference(model, images, labels)             # fraction in [0, 1]
 
 Only torch, timm, numpy and pillow are imported (inside functions), so the same code runs on a
-training machine that has none of the retrieval dependencies.
+training machine that has none of the retrieval dependencies. CIFAR-10 packs are read by
+:mod:`eval.datasets.classification` (the one reader of the format).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 from dataclasses import dataclass
@@ -320,60 +320,46 @@ class Cifar10Split(NamedTuple):
 
 def cifar10_npz_path(path: Union[str, Path], split: str) -> Path:
     """``path`` is the folder holding ``{train,test}_jpeg.npz`` or one of those files."""
-    if split not in ("train", "test"):
-        raise ConfigError(f"CIFAR-10 split {split!r} is not valid; choose train or test")
-    p = Path(path)
-    if p.is_dir():
-        p = p / f"{split}_jpeg.npz"
-    if not p.is_file():
-        raise InputError(f"CIFAR-10 {split} pack {p} does not exist; pass --data pointing at the folder with "
-                         f"train_jpeg.npz and test_jpeg.npz (e.g. ../shared/data/cifar10)")
-    return p
+    from eval.datasets.classification import cifar10_pack_path
+
+    return cifar10_pack_path(Path(path), split)
 
 
 def interleaved_order(labels: np.ndarray) -> np.ndarray:
     """Indices that deal the images out class by class: 1st of each class, then 2nd of each, ...
 
     The JPEG packs are sorted by class, so "the first N images" would be N airplanes; in this
-    order every prefix is class-balanced (the first 1,000 test images are 100 per class).
+    order every prefix is class-balanced (the first 1,000 test images are 100 per class). The
+    rule lives in :func:`eval.datasets.base.interleaved_order` (``--limit`` subsets use it too).
     """
-    labels = np.asarray(labels)
-    rank = np.empty(len(labels), dtype=np.int64)
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        rank[idx] = np.arange(len(idx))
-    return np.lexsort((labels, rank))
+    from eval.datasets.base import interleaved_order as deal
+
+    return deal(labels)
 
 
 def load_cifar10_npz(path: Union[str, Path], split: str = "test", limit: Optional[int] = None) -> Cifar10Split:
     """Decode a CIFAR-10 JPEG pack into uint8 images [N,32,32,3] and int64 labels.
 
     Images come in class-interleaved order (see :func:`interleaved_order`), so ``limit=N`` gives
-    a balanced, fixed subset. Only the images kept are decoded.
+    a balanced, fixed subset. Only the images kept are decoded. The pack is read by
+    :func:`eval.datasets.classification.load_cifar10_pack`, the one reader of the format.
     """
-    from PIL import Image
+    from eval.datasets.classification import load_cifar10_pack
 
     p = cifar10_npz_path(path, split)
-    with np.load(p, allow_pickle=False) as data:
-        missing = {"jpeg", "offsets", "labels"} - set(data.files)
-        if missing:
-            raise InputError(f"{p} lacks arrays {sorted(missing)}; it is not a CIFAR-10 JPEG pack (see its README.md)")
-        jpeg, offsets, labels = data["jpeg"], data["offsets"], data["labels"].astype(np.int64)
-    if len(offsets) != len(labels) + 1:
-        raise InputError(f"{p}: {len(offsets)} offsets for {len(labels)} labels; expected labels + 1")
-    order = interleaved_order(labels)
+    pack = load_cifar10_pack(p)
+    order = interleaved_order(pack.labels)
     if limit is not None:
         if limit < 1:
             raise ConfigError(f"limit={limit} is not valid; give a positive number of images or none")
         order = order[:limit]
     images = np.empty((len(order), 32, 32, 3), dtype=np.uint8)
     for out_i, i in enumerate(order):
-        with Image.open(io.BytesIO(jpeg[offsets[i]:offsets[i + 1]].tobytes())) as im:
-            arr = np.asarray(im.convert("RGB"))
+        arr = np.asarray(pack.images.load(int(i)))
         if arr.shape != (32, 32, 3):
             raise InputError(f"{p}: image {i} is {arr.shape}, expected (32, 32, 3)")
         images[out_i] = arr
-    return Cifar10Split(images, labels[order])
+    return Cifar10Split(images, pack.labels[order])
 
 
 def file_sha256(path: Union[str, Path]) -> str:
@@ -430,7 +416,7 @@ def load_reference(name_or_path: Union[str, Path] = DEFAULT_REFERENCE, device: s
     if not path.is_file():
         raise WeightsUnavailableError(
             f"reference weights {path} are not present; train them with `python -m eval.train_reference --data "
-            f"../shared/data/cifar10 --out runs/ref --device cuda` and export with `python -m eval.train_reference "
+            f"$MERGESEEK_DATA/cifar10 --out runs/ref --device cuda` and export with `python -m eval.train_reference "
             f"--export runs/ref/last.pt --to eval/reference/`")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)

@@ -241,6 +241,23 @@ class RetrievalSet:
 
 
 # ---------------------------------------------------------------------------- subsets
+def interleaved_order(labels: np.ndarray, class_key: Optional[np.ndarray] = None) -> np.ndarray:
+    """All indices, dealt out class by class: the 1st image of every class, then the 2nd, ...
+
+    Within a round, classes come in the order of ``class_key[label]`` (default: the label), and
+    images of one class keep their file order. Every prefix is as class-balanced as it can be:
+    the first 1,000 of the CIFAR-10 test pack are 100 per class. The one rule behind
+    :func:`balanced_indices` and ``eval.reference.load_cifar10_npz``.
+    """
+    labels = np.asarray(labels)
+    rank = np.empty(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        where = np.flatnonzero(labels == c)
+        rank[where] = np.arange(len(where))
+    key = labels if class_key is None else np.asarray(class_key)[labels]
+    return np.lexsort((key, rank))
+
+
 def balanced_indices(labels: np.ndarray, limit: int, seed: int = 0) -> np.ndarray:
     """``limit`` indices, class-balanced and fixed: the k-th image of every class (file order)
     comes before any class's (k+1)-th, and the order of classes within each round is a seeded
@@ -252,15 +269,8 @@ def balanced_indices(labels: np.ndarray, limit: int, seed: int = 0) -> np.ndarra
     if limit < 1:
         raise ConfigError(f"limit={limit} is not valid; give a positive number of images")
     labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    rank = np.empty(len(labels), dtype=np.int64)
-    for c in np.unique(labels):
-        where = np.flatnonzero(labels == c)
-        rank[where] = np.arange(len(where))
-    perm = rng.permutation(int(labels.max()) + 1 if len(labels) else 0)
-    class_key = perm[labels]
-    order = np.lexsort((class_key, rank))
-    return np.sort(order[:limit])
+    perm = np.random.default_rng(seed).permutation(int(labels.max()) + 1 if len(labels) else 0)
+    return np.sort(interleaved_order(labels, perm)[:limit])
 
 
 def random_indices(n: int, limit: Optional[int], seed: int = 0) -> np.ndarray:

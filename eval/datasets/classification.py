@@ -136,7 +136,7 @@ def load_cifar10(root: Path, split: str = "test") -> ClassificationSet:
         raise ConfigError(f"CIFAR-10 split={split!r} is not valid; choose train or test")
     pack = root if root.suffix == ".npz" else root / f"{split}_jpeg.npz"
     if pack.is_file():
-        return _load_cifar10_pack(pack)
+        return load_cifar10_pack(pack)
     if (root / "cifar-10-batches-py").is_dir():
         root = root / "cifar-10-batches-py"
     if (root / "batches.meta").is_file():
@@ -147,7 +147,22 @@ def load_cifar10(root: Path, split: str = "test") -> ClassificationSet:
     )
 
 
-def _load_cifar10_pack(path: Path) -> ClassificationSet:
+def cifar10_pack_path(path: Path, split: str) -> Path:
+    """The JPEG pack of ``split``: ``path`` is the folder holding ``{train,test}_jpeg.npz`` or one of them."""
+    if split not in ("train", "test"):
+        raise ConfigError(f"CIFAR-10 split {split!r} is not valid; choose train or test")
+    p = Path(path)
+    if p.is_dir():
+        p = p / f"{split}_jpeg.npz"
+    if not p.is_file():
+        raise InputError(f"CIFAR-10 {split} pack {p} does not exist; pass the folder with train_jpeg.npz and "
+                         "test_jpeg.npz (e.g. $MERGESEEK_DATA/cifar10)")
+    return p
+
+
+def load_cifar10_pack(path: Path) -> ClassificationSet:
+    """The offline CIFAR-10 JPEG pack (``jpeg`` bytes, ``offsets``, ``labels``; optional ``names``,
+    ``classes``), decoded lazily. The one reader of the format (``eval.reference`` uses it too)."""
     with np.load(path, allow_pickle=False) as d:
         missing = {"jpeg", "offsets", "labels"} - set(d.files)
         if missing:
@@ -336,4 +351,5 @@ def _read_class_map(explicit: Optional[Path], search: list[Path]) -> dict[str, s
     )
 
 
-__all__ = ["load_cifar10", "load_cifar100", "load_imagefolder", "load_imagenet", "load_pets"]
+__all__ = ["cifar10_pack_path", "load_cifar10", "load_cifar10_pack", "load_cifar100", "load_imagefolder",
+           "load_imagenet", "load_pets"]

@@ -1,0 +1,45 @@
+"""One reader per data format: the CIFAR-10 pack and the class-balanced order are shared by
+``eval.datasets`` (``--limit`` subsets) and ``eval.reference`` (the reference model's data)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from eval.datasets import load_dataset
+from eval.datasets.base import balanced_indices, interleaved_order
+from eval.reference import load_cifar10_npz
+
+
+def _pack(folder, labels):
+    rng = np.random.default_rng(0)
+    blobs = []
+    for _ in labels:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")  # lossless
+        blobs.append(buf.getvalue())
+    offsets = np.cumsum([0] + [len(b) for b in blobs])
+    np.savez(folder / "test_jpeg.npz", jpeg=np.frombuffer(b"".join(blobs), np.uint8), offsets=offsets,
+             labels=np.asarray(labels))
+
+
+def test_interleaved_order_deals_class_by_class():
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])  # sorted by class, like the packs
+    order = interleaved_order(labels)
+    assert order.tolist() == [0, 3, 5, 1, 4, 6, 2, 7, 8]
+    # a class key reorders classes within a round, never images within a class
+    assert interleaved_order(labels, np.array([2, 1, 0])).tolist() == [5, 3, 0, 6, 4, 1, 7, 2, 8]
+
+
+def test_reference_and_eval_subsets_are_the_same_images(tmp_path):
+    labels = [c for c in range(4) for _ in range(5)]  # 4 classes x 5 images, sorted by class
+    _pack(tmp_path, labels)
+    ref = load_cifar10_npz(tmp_path, "test", limit=8)
+    ds = load_dataset(f"cifar10:{tmp_path}", limit=8)
+    assert sorted(ref.labels.tolist()) == sorted(ds.labels.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+    ours = {np.asarray(ds.images.load(i)).tobytes() for i in range(len(ds))}
+    theirs = {img.tobytes() for img in ref.images}
+    assert ours == theirs  # the same 8 images, decoded by the same reader
+    assert balanced_indices(np.asarray(labels), 8).tolist() == [0, 1, 5, 6, 10, 11, 15, 16]
