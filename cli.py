@@ -365,6 +365,34 @@ def export_cmd(
     typer.echo(json.dumps(report.to_dict(), indent=1) if json_out else report.summary())
 
 
+@app.command("score")
+@handle_errors
+def score_cmd(
+    submission: Annotated[Path, typer.Argument(help="Folder of {query_id}.csv submission files.")],
+    *,
+    truth: Annotated[Path, typer.Option("--truth", help="Ground truth: JSON lines or a JSON array (query_id, task, "
+                                        "video_id, span / frame_start+frame_end, answer, events; see docs/AIC.md).")],
+    tolerance: Annotated[
+        Optional[int], typer.Option("--tolerance", min=0, help="TRAKE: frames added to each side of every event's range "
+                                    "(default: each query's own, else 0).")
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Score a submission folder by the HCMC AI Challenge rule (mean of the best hit within top 1/5/20/50/100)."""
+    import json
+
+    from eval.aic_score import score_submission_dir
+
+    result = score_submission_dir(submission, truth, tolerance)
+    if json_out:
+        typer.echo(json.dumps(result, indent=1))
+        return
+    for qid, v in result["queries"].items():
+        typer.echo(f"{qid}: {v:.3f}" + (" (no file)" if qid in result["missing"] else ""))
+    per_task = ", ".join(f"{k} {result[k]:.3f}" for k in ("AIC_kis", "AIC_qa", "AIC_trake") if k in result)
+    typer.echo(f"score {result['AIC']:.3f} over {result['n_queries']} queries ({per_task})")
+
+
 @app.command("demo")
 @handle_errors
 def demo_cmd(

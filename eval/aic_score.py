@@ -138,7 +138,7 @@ class AicQuery:
 
     Args:
         truth: task, raw frame ranges (not snapped to keyframes) and answer.
-        events: TRAKE event texts, one per span (empty for KIS / QA).
+        events: TRAKE event texts, one per span (empty for KIS / QA, and when only scoring files).
         within_s: TRAKE window: every event within this many seconds of the first.
         tolerance: TRAKE: frames by which each event's range is widened.
     """
@@ -149,7 +149,7 @@ class AicQuery:
     tolerance: int = 0
 
     def __post_init__(self) -> None:
-        if self.truth.task == "trake" and len(self.events) != len(self.truth.spans):
+        if self.truth.task == "trake" and self.events and len(self.events) != len(self.truth.spans):
             raise InputError(f"a trake query has {len(self.events)} event texts but {len(self.truth.spans)} ranges")
 
 
@@ -216,3 +216,138 @@ def set_scores(queries: Sequence, query_scores, event_scores: Mapping[str, objec
             scores[q.qid] = query_score(rows, t)
         tasks[q.qid] = t.task
     return {("AIC" + k[5:]): v for k, v in score_by_task(scores, tasks).items()}
+
+
+# ---------------------------------------------------------------------------- ground-truth files
+def _task(text) -> str:
+    t = {"kis": "kis", "qa": "qa", "vqa": "qa", "trake": "trake"}.get(str(text).strip().lower())
+    if t is None:
+        raise InputError(f"task {text!r} is not known; use one of kis, qa (or vqa), trake")
+    return t
+
+
+def _span_of(d: Mapping, video_id: str, where: str) -> Optional[Span]:
+    def given(k: str) -> bool:
+        return d.get(k) not in (None, "")
+
+    try:
+        if given("span"):
+            lo, hi = d["span"]
+            return Span(video_id, int(float(lo)), int(float(hi)))
+        if given("frame_start") and given("frame_end"):
+            return Span(video_id, int(float(d["frame_start"])), int(float(d["frame_end"])))
+        if given("frame_idx"):
+            f = int(float(d["frame_idx"]))
+            return Span(video_id, f, f)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: frame numbers must be integers (span [start, end], frame_start/frame_end "
+                         f"or frame_idx); got {dict(d)}") from None
+    return None
+
+
+def aic_query_from_row(row: Mapping, where: str, texts: bool = True) -> Optional[AicQuery]:
+    """The ground truth of one query-file row, None when it has no frame range (e.g. a ``frames`` list).
+
+    Keys: ``task`` (or ``type``; ``kis`` unless ``events`` is given), ``video_id``, the range as
+    ``span: [start, end]``, ``frame_start`` + ``frame_end`` or ``frame_idx``; QA: ``answer``;
+    TRAKE: ``events``, a list of objects with a range (and ``text``; their own ``video_id``
+    optional), ``within`` (seconds, default 60), ``tolerance`` (frames, default 0).
+    ``texts=False`` accepts TRAKE events without texts (scoring only).
+    """
+    try:
+        task = _task(row.get("task") or row.get("type") or ("trake" if row.get("events") else "kis"))
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
+    vid = str(row.get("video_id") or "")
+    try:
+        within = float(row.get("within") or 60.0)
+        tolerance = int(float(row.get("tolerance") or 0))
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: within (seconds) and tolerance (frames) must be numbers") from None
+    if task == "trake":
+        events = row.get("events")
+        if not isinstance(events, list) or not events or not all(isinstance(e, Mapping) for e in events):
+            raise InputError(f'{where}: a trake query needs "events": a list of {{"text", "frame_start", "frame_end"}}')
+        spans = []
+        for e in events:
+            s = _span_of(e, str(e.get("video_id") or vid), where)
+            if s is None or not s.video_id:
+                raise InputError(f"{where}: every trake event needs a video_id and a frame range")
+            spans.append(s)
+        names = tuple(str(e.get("text") or e.get("query") or "").strip() for e in events)
+        if texts and not all(names):
+            raise InputError(f"{where}: every trake event needs a 'text'")
+        return AicQuery(Truth("trake", tuple(spans)), names if texts else (), within, tolerance)
+    if not vid:
+        raise InputError(f"{where}: no video_id")
+    span = _span_of(row, vid, where)
+    if span is None:
+        return None
+    if task == "qa" and row.get("answer") in (None, ""):
+        raise InputError(f"{where}: a qa query needs its 'answer' for the official score")
+    return AicQuery(Truth(task, (span,), str(row["answer"]) if task == "qa" else None), (), within, tolerance)
+
+
+def read_truth(path) -> dict:
+    """``{query_id: AicQuery}`` from a JSON-lines file or a JSON array of ground-truth rows."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"ground-truth file {path} does not exist")
+    text = path.read_text(encoding="utf-8-sig")
+    if text.lstrip().startswith("["):
+        try:
+            rows = list(enumerate(json.loads(text), start=1))
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append((n, json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise InputError(f"{path}:{n} is not valid JSON ({exc.msg}); one object per line") from None
+    out = {}
+    for n, r in rows:
+        where = f"{path}:{n}"
+        if not isinstance(r, Mapping):
+            raise InputError(f"{where}: not a JSON object")
+        qid = str(r.get("query_id") or r.get("id") or "").strip()
+        if not qid:
+            raise InputError(f"{where}: no query_id (or id)")
+        a = aic_query_from_row(r, where, texts=False)
+        if a is None:
+            raise InputError(f"{where}: no frame range (span, frame_start + frame_end, or frame_idx)")
+        out[qid] = a
+    if not out:
+        raise InputError(f"ground-truth file {path} holds no queries")
+    return out
+
+
+def score_submission_dir(sub_dir, truth_path, tolerance: Optional[int] = None) -> dict:
+    """Score ``{query_id}.csv`` files against a ground-truth file; a missing file scores 0 and is listed.
+
+    Returns: ``{"queries": {qid: score}, "missing": [...], "AIC": ..., "AIC_kis": ..., ...}``.
+    """
+    import csv
+    from pathlib import Path
+
+    truth = read_truth(truth_path)
+    sub_dir = Path(sub_dir)
+    if not sub_dir.is_dir():
+        raise InputError(f"submission folder {sub_dir} does not exist")
+    scores, missing = {}, []
+    for qid, a in truth.items():
+        f = sub_dir / f"{qid}.csv"
+        if not f.is_file():
+            missing.append(qid)
+            scores[qid] = 0.0
+            continue
+        with open(f, newline="", encoding="utf-8-sig") as fh:
+            rows = [r for r in csv.reader(fh) if r]
+        scores[qid] = query_score(rows, a.truth, a.tolerance if tolerance is None else tolerance)
+    out = {("AIC" + k[5:]): v for k, v in score_by_task(scores, {q: a.truth.task for q, a in truth.items()}).items()}
+    return {**out, "queries": scores, "missing": missing, "n_queries": len(truth)}

@@ -139,3 +139,39 @@ def test_eval_reports_the_official_score_per_task_on_a_release(tmp_path):
     assert m["AIC"] == pytest.approx((k1 + k2 + qa + trake) / 4)
     assert "R@1" in m and any("AIC = the HCMC AI Challenge score" in n for n in res.notes)
     assert any("TRAKE queries are left out of R@K" in n for n in res.notes)
+
+
+def test_a_submission_folder_is_scored_against_a_truth_file(tmp_path):
+    import json
+
+    from cli import app
+    from eval.aic_score import score_submission_dir
+    from retrieval.submission import write_rows
+    from typer.testing import CliRunner
+
+    truth = tmp_path / "truth.jsonl"
+    truth.write_text("\n".join(json.dumps(r) for r in [
+        {"query_id": "k1", "task": "kis", "video_id": "L21_V001", "span": [500, 510]},
+        {"query_id": "q1", "task": "vqa", "video_id": "L22_V002", "frame_start": 800, "frame_end": 900, "answer": "Màu xanh"},
+        {"query_id": "t1", "task": "trake", "video_id": "V", "tolerance": 1,
+         "events": [{"frame_start": 10, "frame_end": 20}, {"span": [50, 60]}]},
+        {"query_id": "gone", "task": "kis", "video_id": "V", "frame_idx": 3},
+    ]))
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    write_rows(sub / "k1.csv", [("L21_V001", 1)] * 1 + [("L21_V001", 2), ("L21_V001", 505)])  # rank 3
+    write_rows(sub / "q1.csv", [("L22_V002", 850, "màu xanh.")])  # rank 1
+    write_rows(sub / "t1.csv", [("V", 15, 61)])  # 61 is within the tolerance of 1
+    got = score_submission_dir(sub, truth)
+    assert got["queries"] == pytest.approx({"k1": 0.8, "q1": 1.0, "t1": 1.0, "gone": 0.0})
+    assert got["missing"] == ["gone"]
+    assert got["AIC"] == pytest.approx(2.8 / 4) and got["AIC_kis"] == pytest.approx(0.4)
+    assert got["AIC_qa"] == 1.0 and got["AIC_trake"] == 1.0
+    assert score_submission_dir(sub, truth, tolerance=0)["queries"]["t1"] == pytest.approx(0.5)
+
+    res = CliRunner().invoke(app, ["score", str(sub), "--truth", str(truth), "--json"])
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["AIC"] == pytest.approx(0.7)
+    truth.write_text('{"query_id": "x", "task": "qa", "video_id": "V", "frame_idx": 1}\n')
+    res = CliRunner().invoke(app, ["score", str(sub), "--truth", str(truth)])
+    assert res.exit_code == 3 and "needs its 'answer'" in res.stderr

@@ -188,7 +188,7 @@ def _read_queries(path: Path) -> list[_Target]:
 
 
 def _with_aic(row: dict, line: int, path: Path) -> _Target:
-    """``_target`` plus the official-score ground truth (task, raw ranges, answer, TRAKE events).
+    """``_target`` plus the official-score ground truth (``eval.aic_score.aic_query_from_row``).
 
     Optional keys: ``task`` (``kis``, ``qa``/``vqa``, ``trake``; default kis), ``answer`` (QA),
     ``events`` (TRAKE: a list of ``{"text", "frame_start", "frame_end"}`` or ``{"text",
@@ -198,53 +198,22 @@ def _with_aic(row: dict, line: int, path: Path) -> _Target:
     """
     from dataclasses import replace as _replace
 
-    from eval.aic_score import AicQuery, Span, Truth
-    from retrieval.submission import parse_task
+    from eval.aic_score import aic_query_from_row
 
-    where = f"{path} query {line}"
-    raw_task = row.get("task") or row.get("type") or ("trake" if row.get("events") else "kis")
-    try:
-        task = parse_task(raw_task)
-    except InputError as exc:
-        raise InputError(f"{where}: {exc}") from None
-    events = row.get("events") or []
-    if task == "trake":
-        if not isinstance(events, list) or not events or not all(isinstance(e, dict) for e in events):
-            raise InputError(f"{where}: a trake query needs 'events': a list of {{\"text\", \"frame_start\", \"frame_end\"}}")
-        first = events[0]
-        row = {**{k: v for k, v in first.items() if k in ("frame_start", "frame_end", "frame_idx", "video_id")}, **{
-            k: v for k, v in row.items() if k not in ("frame_start", "frame_end", "frame_idx", "frames")}}
-        row.setdefault("video_id", first.get("video_id"))
+    aic = aic_query_from_row(row, f"{path} query {line}")
+    if aic is not None and aic.truth.task == "trake":
+        first = row["events"][0]
+        target_keys = ("frame_start", "frame_end", "frame_idx", "frames", "span")
+        row = {**{k: v for k, v in row.items() if k not in target_keys},
+               **{k: v for k, v in first.items() if k in target_keys[:3]}}
+        if "span" in first:
+            row["frame_start"], row["frame_end"] = first["span"]
+        row["video_id"] = aic.truth.spans[0].video_id
         if not (row.get("query") or row.get("text")):
-            row["query"] = first.get("text") or first.get("query")
-    t = _target(row, line, path)
-    try:
-        if task == "trake":
-            spans = tuple(_span(e, str(e.get("video_id") or t.video_id), where) for e in events)
-            texts = tuple(str(e.get("text") or e.get("query") or "").strip() for e in events)
-            if not all(texts):
-                raise InputError(f"{where}: every trake event needs a 'text'")
-            aic = AicQuery(Truth("trake", spans), texts, float(row.get("within") or 60.0), int(float(row.get("tolerance") or 0)))
-        else:
-            span = Span(t.video_id, *t.frame_range) if t.frame_range else (
-                Span(t.video_id, t.frames[0], t.frames[0]) if len(t.frames) == 1 else None)
-            if task == "qa" and row.get("answer") in (None, ""):
-                raise InputError(f"{where}: a qa query needs its 'answer' for the official score")
-            aic = AicQuery(Truth(task, (span,), row.get("answer") if task == "qa" else None)) if span else None
-    except ValueError:
-        raise InputError(f"{where}: within / tolerance / frame numbers must be numbers; got {row}") from None
-    return _replace(t, aic=aic)
-
-
-def _span(e: dict, video_id: str, where: str):
-    from eval.aic_score import Span
-
-    if e.get("frame_start") not in (None, "") and e.get("frame_end") not in (None, ""):
-        return Span(video_id, int(float(e["frame_start"])), int(float(e["frame_end"])))
-    if e.get("frame_idx") not in (None, ""):
-        f = int(float(e["frame_idx"]))
-        return Span(video_id, f, f)
-    raise InputError(f"{where}: every trake event needs frame_start + frame_end (or frame_idx)")
+            row["query"] = aic.events[0]
+    elif row.get("span") not in (None, "") and row.get("frame_start") in (None, ""):
+        row = {**row, "frame_start": row["span"][0], "frame_end": row["span"][1]}
+    return _replace(_target(row, line, path), aic=aic)
 
 
 def _target(row: dict, line: int, path: Path) -> _Target:
