@@ -590,9 +590,11 @@ def bench(
 @handle_errors
 def train_reference_cmd(
     *,
-    data: Annotated[Path, typer.Option("--data", help="Folder with CIFAR-10 train_jpeg.npz and test_jpeg.npz.")] = Path(
-        "../shared/data/cifar10"
-    ),
+    data: Annotated[
+        Optional[Path],
+        typer.Option("--data", help="Folder with CIFAR-10 train_jpeg.npz and test_jpeg.npz (default: cifar10 under "
+                     "$MERGESEEK_DATA, else ~/.cache/mergeseek/data)."),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="Run folder (last.pt, manifest.json); resumed when present.")] = Path(
         "runs/ref"
     ),
@@ -623,9 +625,9 @@ def train_reference_cmd(
 
     from eval.train_reference import describe, run
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("eval").setLevel(logging.INFO)  # per-epoch progress through main()'s handler
     result = run(
-        data=str(data), out=str(out), config=config, overrides=overrides, epochs=epochs, batch_size=batch_size,
+        data=str(data) if data else None, out=str(out), config=config, overrides=overrides, epochs=epochs, batch_size=batch_size,
         device=device, limit=limit, eval_limit=eval_limit, resume=str(resume) if resume else None, fresh=fresh,
         compile=compile, time_budget=time_budget, stop_after=stop_after, eval_every=eval_every, progress=progress,
         export=str(export) if export else None, to=str(to), command="cli.py " + shlex.join(sys.argv[1:]),

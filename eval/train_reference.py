@@ -1,9 +1,11 @@
 """Train, resume and export the CIFAR-10 reference ViT (see :mod:`eval.reference`).
 
-Runs on a bare GPU box that has only torch, timm, numpy and pillow (tqdm optional)::
+Runs on a bare GPU box with the core dependencies (torch, timm, numpy, pillow, typer; tqdm optional)::
 
-    python -m eval.train_reference --data ../shared/data/cifar10 --out runs/ref --device cuda
-    python -m eval.train_reference --export runs/ref/last.pt --to eval/reference/
+    mergeseek train-reference --data $MERGESEEK_DATA/cifar10 --out runs/ref --device cuda
+    mergeseek train-reference --export runs/ref/last.pt --to eval/reference/
+
+(``python -m eval.train_reference ...`` is the same command; the options live in ``cli.py``.)
 
 The whole training set is decoded once into a uint8 tensor on the device; crops, flips, colour
 jitter, mixup/cutmix and the resize to the model's input size are batched tensor ops, so the
@@ -15,13 +17,11 @@ uninterrupted one.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
 import platform
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from errors import ConfigError, MergeseekError, WeightsUnavailableError
+from errors import ConfigError, WeightsUnavailableError
 from eval.reference import (
     EXPORT_FORMAT, TRAIN_FORMAT, PreprocessInfo, ReferenceConfig, build_model, cifar10_npz_path, evaluate_reference,
     file_sha256, load_cifar10_npz, load_reference, normalize_resize,
@@ -252,29 +252,102 @@ def train_reference(data: Path, out: Path, config: ReferenceConfig, *, epochs: O
         time_budget_s / stop_after: end this invocation early (after a whole epoch) so a later
             run resumes -- for machines with a per-command time limit.
     """
-    import torch
-    import torch.nn.functional as F
-
     out = Path(out)
     dev = resolve_device(device)
     blob = _load_resume(out, Path(resume) if resume else None, fresh)
+    cfg = _planned_config(config, epochs, blob, out / CHECKPOINT_NAME)
+    data_hash = _data_hash(data, blob, out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = _start_run(cfg, dev, blob, data, data_hash, limit, eval_limit, compile)
+    ckpt_path, manifest_path = out / CHECKPOINT_NAME, out / "manifest.json"
+    meta, start_epoch = run.meta, run.meta["epoch"]
+    log.info("%s: %d params, %d tokens, %d images, %d steps/epoch, epochs %d..%d on %s", cfg.name, meta["params"],
+             cfg.num_tokens, run.n, run.steps_per_epoch, start_epoch + 1, cfg.epochs, meta["device"])
+
+    run_start = time.perf_counter()
+    epochs_this_run = 0
+    for epoch in range(start_epoch, cfg.epochs):
+        ep_start = time.perf_counter()
+        record = _train_epoch(run, epoch, progress)
+        if (epoch + 1) % max(1, eval_every) == 0 or epoch + 1 == cfg.epochs:
+            record["top1_test"] = evaluate_reference(run.model, run.test.images, run.test.labels, batch_size=1000,
+                                                     preprocess=run.info, autocast=dev.type == "cuda")
+        meta["history"].append(record)
+        if epochs_this_run == 0:
+            meta["commands"].append(command)
+        meta["epoch"] = epoch + 1
+        meta["train_wall_s"] += time.perf_counter() - ep_start
+        if meta["epoch"] >= cfg.epochs:
+            meta["final"] = _final_eval(run.model, run.test, run.info)
+        _save(run.model, run.opt, meta, ckpt_path, manifest_path)
+        top1 = record["top1_test"]
+        log.info("epoch %d/%d loss %.4f top1 %s (%d imgs) %.1fs, %.0f img/s", epoch + 1, cfg.epochs, record["loss"],
+                 "-" if top1 is None else f"{top1:.4f}", len(run.test.labels), record["train_s"],
+                 record["imgs_per_s"])
+        epochs_this_run += 1
+        if _stop_now(epoch, epochs_this_run, time.perf_counter() - run_start, stop_after, time_budget_s):
+            break
+    if meta["epoch"] >= cfg.epochs and "final" not in meta:  # resumed a finished run that lacks final numbers
+        meta["final"] = _final_eval(run.model, run.test, run.info)
+        _save(run.model, run.opt, meta, ckpt_path, manifest_path)
+    if epochs_this_run == 0:
+        log.info("%s already holds %d of %d epochs; nothing to train", ckpt_path, meta["epoch"], cfg.epochs)
+    final = meta.get("final") or {}
+    return TrainResult(checkpoint=ckpt_path, manifest=manifest_path, start_epoch=start_epoch,
+                       epochs_done=meta["epoch"], epochs_planned=cfg.epochs, complete=meta["epoch"] >= cfg.epochs,
+                       top1_test=final.get("top1_test"), top1_subset=final.get("top1_subset"),
+                       history=list(meta["history"]))
+
+
+def _planned_config(config: ReferenceConfig, epochs: Optional[int], blob, ckpt_path: Path) -> ReferenceConfig:
+    """The config to train with: ``epochs`` applied; a resumed run keeps its planned epochs and must match."""
     if blob is not None:
         saved_epochs = blob["meta"]["config"]["epochs"]
         config = ReferenceConfig.from_dict({**config.to_dict(), "epochs": epochs or saved_epochs})
-        _check_compatible(config, blob["meta"]["config"], out / CHECKPOINT_NAME)
+        _check_compatible(config, blob["meta"]["config"], ckpt_path)
         if config.epochs != saved_epochs:
             log.warning("epochs changed %d -> %d: the cosine schedule is re-stretched from here on",
                         saved_epochs, config.epochs)
     elif epochs is not None:
         config = ReferenceConfig.from_dict({**config.to_dict(), "epochs": epochs})
-    cfg = config
-    info = PreprocessInfo.from_config(cfg)
+    return config
 
+
+def _data_hash(data: Path, blob, out: Path) -> Dict[str, str]:
+    """sha256 of both packs; a resumed run must see the data it was trained on."""
     data_hash = {split: file_sha256(cifar10_npz_path(data, split)) for split in ("train", "test")}
     if blob is not None and blob["meta"]["data"]["sha256"] != data_hash:
         raise ConfigError(f"checkpoint in {out} was trained on other data (sha256 {blob['meta']['data']['sha256']}) "
                           f"than --data {data} ({data_hash}); pass the same data, --fresh or another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    return data_hash
+
+
+@dataclass
+class _Run:
+    """What the epochs of one invocation share: data on the device, model, optimizer, schedule."""
+
+    cfg: ReferenceConfig
+    info: PreprocessInfo
+    dev: Any
+    model: Any
+    fwd: Any  # the model, or its torch.compile wrapper
+    opt: Any
+    meta: Dict[str, Any]
+    train_x: Any
+    train_y: Any
+    test: Any
+    n: int
+    bs: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def _start_run(cfg: ReferenceConfig, dev, blob, data: Path, data_hash: Dict[str, str], limit: Optional[int],
+               eval_limit: Optional[int], compile: Optional[bool]) -> _Run:
+    """Decode the data once onto the device; build (or restore) model, optimizer and run record."""
+    import torch
+
     t0 = time.perf_counter()
     train = load_cifar10_npz(data, "train", limit)
     test = load_cifar10_npz(data, "test", eval_limit)
@@ -300,90 +373,70 @@ def train_reference(data: Path, out: Path, config: ReferenceConfig, *, epochs: O
                           f"{len(train.labels)}; pass the same --limit, --fresh or another --out")
     meta["versions"] = _versions()
     meta["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-    start_epoch = meta["epoch"]
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if compile is None:
         compile = dev.type == "cuda"
-    fwd = torch.compile(model) if compile else model
-
     n = len(train.labels)
     bs = min(cfg.batch_size, n)
     steps_per_epoch = n // bs
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = cfg.warmup_epochs * steps_per_epoch
-    ckpt_path, manifest_path = out / CHECKPOINT_NAME, out / "manifest.json"
-    log.info("%s: %d params, %d tokens, %d images, %d steps/epoch, epochs %d..%d on %s",
-             cfg.name, meta["params"], cfg.num_tokens, n, steps_per_epoch, start_epoch + 1, cfg.epochs, meta["device"])
+    return _Run(cfg=cfg, info=PreprocessInfo.from_config(cfg), dev=dev, model=model,
+                fwd=torch.compile(model) if compile else model, opt=opt, meta=meta, train_x=train_x, train_y=train_y,
+                test=test, n=n, bs=bs, steps_per_epoch=steps_per_epoch, total_steps=cfg.epochs * steps_per_epoch,
+                warmup_steps=cfg.warmup_epochs * steps_per_epoch)
 
-    run_start = time.perf_counter()
-    epochs_this_run = 0
-    for epoch in range(start_epoch, cfg.epochs):
-        ep_start = time.perf_counter()
-        # Everything random in an epoch derives from (seed, epoch): resuming replays it exactly.
-        torch.manual_seed(cfg.seed * 100_003 + epoch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)).to(dev)
-        gen = torch.Generator(device=dev).manual_seed(cfg.seed * 104_729 + epoch)
-        rng = np.random.default_rng([cfg.seed, epoch])
-        model.train()
-        loss_sum = torch.zeros((), device=dev)
-        bar = _progress(range(steps_per_epoch), progress, f"epoch {epoch + 1}/{cfg.epochs}")
-        for i in bar:
-            step = epoch * steps_per_epoch + i
-            lr = lr_at(step, total_steps, warmup_steps, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            idx = order[i * bs:(i + 1) * bs]
-            x = augment(train_x[idx], cfg, info, gen)
-            target = F.one_hot(train_y[idx], cfg.num_classes).float()
-            x, target = mix_batch(x, target, cfg, rng)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                logits = fwd(x)
-            loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            loss_sum += loss.detach()
-            if progress and hasattr(bar, "set_postfix") and (i % 20 == 0 or i == steps_per_epoch - 1):
-                bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.3f}", lr=f"{lr:.2e}")
-        train_s = time.perf_counter() - ep_start
-        top1 = None
-        if (epoch + 1) % max(1, eval_every) == 0 or epoch + 1 == cfg.epochs:
-            top1 = evaluate_reference(model, test.images, test.labels, batch_size=1000, preprocess=info,
-                                      autocast=dev.type == "cuda")
-        record = {"epoch": epoch + 1, "loss": round(loss_sum.item() / steps_per_epoch, 5), "top1_test": top1,
-                  "lr": lr, "train_s": round(train_s, 2), "imgs_per_s": round(steps_per_epoch * bs / train_s, 1)}
-        meta["history"].append(record)
-        if epochs_this_run == 0:
-            meta["commands"].append(command)
-        meta["epoch"] = epoch + 1
-        meta["train_wall_s"] += time.perf_counter() - ep_start
-        if meta["epoch"] >= cfg.epochs:
-            meta["final"] = _final_eval(model, test, info)
-        _save(model, opt, meta, ckpt_path, manifest_path)
-        log.info("epoch %d/%d loss %.4f top1 %s (%d imgs) %.1fs, %.0f img/s", epoch + 1, cfg.epochs, record["loss"],
-                 "-" if top1 is None else f"{top1:.4f}", len(test.labels), train_s, record["imgs_per_s"])
-        epochs_this_run += 1
-        if stop_after is not None and epochs_this_run >= stop_after:
-            break
-        elapsed = time.perf_counter() - run_start
-        if time_budget_s is not None and elapsed + elapsed / epochs_this_run > time_budget_s:
-            log.info("stopping after epoch %d: another epoch would pass the %.0fs budget; rerun to resume",
-                     epoch + 1, time_budget_s)
-            break
-    if meta["epoch"] >= cfg.epochs and "final" not in meta:  # resumed a finished run that lacks final numbers
-        meta["final"] = _final_eval(model, test, info)
-        _save(model, opt, meta, ckpt_path, manifest_path)
-    if epochs_this_run == 0:
-        log.info("%s already holds %d of %d epochs; nothing to train", ckpt_path, meta["epoch"], cfg.epochs)
-    final = meta.get("final") or {}
-    return TrainResult(checkpoint=ckpt_path, manifest=manifest_path, start_epoch=start_epoch,
-                       epochs_done=meta["epoch"], epochs_planned=cfg.epochs, complete=meta["epoch"] >= cfg.epochs,
-                       top1_test=final.get("top1_test"), top1_subset=final.get("top1_subset"),
-                       history=list(meta["history"]))
+
+def _train_epoch(run: _Run, epoch: int, progress: bool) -> Dict[str, Any]:
+    """One pass over the training set; returns the epoch's history record (top1_test still None)."""
+    import torch
+    import torch.nn.functional as F
+
+    cfg, dev, opt = run.cfg, run.dev, run.opt
+    ep_start = time.perf_counter()
+    # Everything random in an epoch derives from (seed, epoch): resuming replays it exactly.
+    torch.manual_seed(cfg.seed * 100_003 + epoch)
+    order = torch.randperm(run.n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)).to(dev)
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed * 104_729 + epoch)
+    rng = np.random.default_rng([cfg.seed, epoch])
+    run.model.train()
+    loss_sum = torch.zeros((), device=dev)
+    lr = cfg.lr
+    bar = _progress(range(run.steps_per_epoch), progress, f"epoch {epoch + 1}/{cfg.epochs}")
+    for i in bar:
+        lr = lr_at(epoch * run.steps_per_epoch + i, run.total_steps, run.warmup_steps, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = order[i * run.bs:(i + 1) * run.bs]
+        x = augment(run.train_x[idx], cfg, run.info, gen)
+        target = F.one_hot(run.train_y[idx], cfg.num_classes).float()
+        x, target = mix_batch(x, target, cfg, rng)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            logits = run.fwd(x)
+        loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+        opt.step()
+        loss_sum += loss.detach()
+        if progress and hasattr(bar, "set_postfix") and (i % 20 == 0 or i == run.steps_per_epoch - 1):
+            bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.3f}", lr=f"{lr:.2e}")
+    train_s = time.perf_counter() - ep_start
+    return {"epoch": epoch + 1, "loss": round(loss_sum.item() / run.steps_per_epoch, 5), "top1_test": None,
+            "lr": lr, "train_s": round(train_s, 2), "imgs_per_s": round(run.steps_per_epoch * run.bs / train_s, 1)}
+
+
+def _stop_now(epoch: int, epochs_this_run: int, elapsed: float, stop_after: Optional[int],
+              time_budget_s: Optional[float]) -> bool:
+    """End this invocation after ``stop_after`` epochs, or when another epoch would pass the budget."""
+    if stop_after is not None and epochs_this_run >= stop_after:
+        return True
+    if time_budget_s is not None and elapsed + elapsed / epochs_this_run > time_budget_s:
+        log.info("stopping after epoch %d: another epoch would pass the %.0fs budget; rerun to resume",
+                 epoch + 1, time_budget_s)
+        return True
+    return False
 
 
 def _final_eval(model, test, info: PreprocessInfo) -> Dict[str, Any]:
@@ -425,8 +478,8 @@ def export_reference(checkpoint: Path, to: Path, data: Optional[Path] = None) ->
 
     checkpoint, to = Path(checkpoint), Path(to)
     if not checkpoint.is_file():
-        raise WeightsUnavailableError(f"checkpoint {checkpoint} does not exist; train first (python -m "
-                                      f"eval.train_reference --data ... --out runs/ref)")
+        raise WeightsUnavailableError(f"checkpoint {checkpoint} does not exist; train first (mergeseek "
+                                      f"train-reference --data ... --out runs/ref)")
     blob = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if blob.get("format") != TRAIN_FORMAT:
         raise WeightsUnavailableError(f"{checkpoint} is not a training checkpoint (format={blob.get('format')!r})")
@@ -458,37 +511,22 @@ def export_reference(checkpoint: Path, to: Path, data: Optional[Path] = None) ->
 
 
 # ------------------------------------------------------------------------------- entry point
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eval.train_reference", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default="../shared/data/cifar10", help="folder with train_jpeg.npz and test_jpeg.npz")
-    p.add_argument("--out", default="runs/ref", help="run folder: last.pt + manifest.json (resumed when present)")
-    p.add_argument("--config", default="reference-cifar10", help="registered config name (reference-cifar10, reference-tiny)")
-    p.add_argument("--set", default="", dest="overrides", help="config overrides, e.g. 'lr=5e-4,depth=6,mix_prob=0.5'")
-    p.add_argument("--epochs", type=int, default=None, help="total epochs (default: the config's, or the checkpoint's)")
-    p.add_argument("--batch-size", type=int, default=None, help="override the config's batch size")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--limit", type=int, default=None, help="train on the first N (class-interleaved) images")
-    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images")
-    p.add_argument("--resume", default=None, help="continue from this checkpoint (default: OUT/last.pt if present)")
-    p.add_argument("--fresh", action="store_true", help="ignore OUT/last.pt and start over")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the training forward (default: on for CUDA, off for CPU)")
-    p.add_argument("--eval-every", type=int, default=1, help="score the test set every N epochs (last always)")
-    p.add_argument("--time-budget", type=float, default=None, help="seconds; stop after the last epoch that fits")
-    p.add_argument("--stop-after", type=int, default=None, help="run at most this many epochs now, then stop")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
-    p.add_argument("--export", default=None, help="export this checkpoint instead of training")
-    p.add_argument("--to", default="eval/reference", help="export folder")
-    return p
-
-
-def run(*, data: str, out: str, config: str = "reference-cifar10", overrides: str = "", epochs: Optional[int] = None,
+def run(*, data: Optional[str] = None, out: str = "runs/ref", config: str = "reference-cifar10", overrides: str = "",
+        epochs: Optional[int] = None,
         batch_size: Optional[int] = None, device: str = "auto", limit: Optional[int] = None,
         eval_limit: Optional[int] = None, resume: Optional[str] = None, fresh: bool = False,
         compile: Optional[bool] = None, time_budget: Optional[float] = None, stop_after: Optional[int] = None,
         eval_every: int = 1, progress: bool = True,
         export: Optional[str] = None, to: str = "eval/reference", command: str = ""):
-    """The one function behind both ``python -m eval.train_reference`` and ``cli.py train-reference``."""
+    """The one function behind ``cli.py train-reference`` (and ``python -m eval.train_reference``).
+
+    ``data`` defaults to ``cifar10`` under the data root (``$MERGESEEK_DATA`` or the user's cache,
+    see :func:`eval.config.default_data_root`).
+    """
+    if data is None:
+        from eval.config import default_data_root
+
+        data = str(default_data_root() / "cifar10")
     if export:
         return export_reference(Path(export), Path(to), Path(data) if data else None)
     cfg = ReferenceConfig.parse(config).with_overrides(overrides)
@@ -505,31 +543,22 @@ def describe(result) -> str:
     if isinstance(result, ExportResult):
         check = "not re-scored" if result.top1_subset is None else f"top-1 {result.top1_subset:.4f} on the fixed 1000"
         return f"exported {result.weights} + {result.manifest} ({check})"
-    state = "complete" if result.complete else f"stopped, rerun to resume"
+    state = "complete" if result.complete else "stopped, rerun to resume"
     top = "" if result.top1_test is None else (f"; top-1 {result.top1_test:.4f} test, "
                                                f"{result.top1_subset:.4f} on the fixed 1000")
     return f"epoch {result.epochs_done}/{result.epochs_planned} ({state}){top}; {result.checkpoint}, {result.manifest}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    command = "python -m eval.train_reference " + shlex.join(argv)
+    """``python -m eval.train_reference ARGS`` runs ``cli.py train-reference ARGS``: the options are
+    defined once, in ``cli.py`` (typer)."""
+    from cli import app
+
+    args = ["train-reference", *(sys.argv[1:] if argv is None else argv)]
     try:
-        result = run(data=args.data, out=args.out, config=args.config, overrides=args.overrides, epochs=args.epochs,
-                     batch_size=args.batch_size, device=args.device, limit=args.limit, eval_limit=args.eval_limit,
-                     resume=args.resume, fresh=args.fresh, compile=args.compile, time_budget=args.time_budget,
-                     stop_after=args.stop_after, eval_every=args.eval_every, progress=not args.no_progress,
-                     export=args.export, to=args.to,
-                     command=command)
-    except MergeseekError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted; the last finished epoch is in the checkpoint and a rerun resumes", file=sys.stderr)
-        return 130
-    print(describe(result))
+        app(args=args, prog_name="mergeseek")  # typer prints usage errors and exits with the code
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return 0
 
 

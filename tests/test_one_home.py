@@ -1,5 +1,6 @@
-"""One reader per data format: the CIFAR-10 pack and the class-balanced order are shared by
-``eval.datasets`` (``--limit`` subsets) and ``eval.reference`` (the reference model's data)."""
+"""One home for each rule: the CIFAR-10 pack and the class-balanced order are shared by
+``eval.datasets`` (``--limit`` subsets) and ``eval.reference`` (the reference model's data); the
+train-reference options are defined once (cli.py, typer)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,16 @@ def test_reference_and_eval_subsets_are_the_same_images(tmp_path):
     theirs = {img.tobytes() for img in ref.images}
     assert ours == theirs  # the same 8 images, decoded by the same reader
     assert balanced_indices(np.asarray(labels), 8).tolist() == [0, 1, 5, 6, 10, 11, 15, 16]
+
+
+def test_python_m_train_reference_is_the_cli_command(tmp_path, capsys):
+    import inspect
+
+    import eval.train_reference as tr
+
+    assert "argparse" not in inspect.getsource(tr)  # no second option parser
+    assert tr.main(["--export", str(tmp_path / "missing.pt"), "--to", str(tmp_path / "x")]) == 6
+    assert "missing.pt does not exist" in capsys.readouterr().err
+    assert tr.main(["--no-such-option"]) == 2
+    assert tr.main(["--help"]) == 0
+    assert "--time-budget" in capsys.readouterr().out
