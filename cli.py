@@ -284,6 +284,10 @@ def submit_cmd(
         Optional[Path], typer.Option("--answers", help="QA answers: 'id<TAB>answer' lines or a JSON object {id: answer}.")
     ] = None,
     within: Annotated[float, typer.Option("--within", help="TRAKE: seconds from the first event within which all events fall.")] = 60.0,
+    allow_unmapped: Annotated[
+        bool, typer.Option("--allow-unmapped", help="Also submit keyframes indexed without their map (frame_idx is then "
+                           "only the keyframe number; left out by default).")
+    ] = False,
     model: ModelOpt = "from-index",
     pretrained: PretrainedOpt = "from-index",
     device: DeviceOpt = "auto",
@@ -295,8 +299,8 @@ def submit_cmd(
 
     from retrieval.submission import run_submit
 
-    report = run_submit(queries, index_dir, out, answers=answers, within_s=within, model=model, pretrained=pretrained,
-                        device=device, precision=precision)
+    report = run_submit(queries, index_dir, out, answers=answers, within_s=within, allow_unmapped=allow_unmapped,
+                        model=model, pretrained=pretrained, device=device, precision=precision)
     typer.echo(json.dumps(report.to_dict(), indent=1) if json_out else "\n".join(report.summary_lines()))
 
 
@@ -526,6 +530,12 @@ def eval_cmd(
                            "robust when other jobs share the machine).")
     ] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
+    reuse: Annotated[
+        Optional[List[str]],
+        typer.Option("--reuse", help="Reuse config evaluated on the video sets (--dataset video[,fps=5] or "
+                     "cifar10-video[,fps=5,frames=8]) against per-frame encoding (repeatable; default "
+                     "threshold=0.05,refresh=16). See docs/REUSE.md."),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Compare merged encoders with the unmerged baseline: speed, accuracy/recall and agreement."""
@@ -536,6 +546,7 @@ def eval_cmd(
         models=model, pretrained=pretrained, datasets=dataset, merges=merge, sweep=sweep, data_root=data_root,
         templates=templates, limit=limit, seed=seed, batch_size=batch_size, device=device, precision=precision,
         warmup=warmup, iters=iters, topk=topk, plots=plots, threads=threads, cpu_time=cpu_time,
+        reuse=tuple(reuse) if reuse else None,
     )
     from runtime import check_writable
 
@@ -551,36 +562,47 @@ def eval_cmd(
 @handle_errors
 def bench(
     *,
-    model: ModelOpt = "ViT-B-16",
+    model: Annotated[Optional[str], typer.Option("--model", help="open_clip model name (default ViT-B-16).")] = None,
     pretrained: Annotated[
-        str, typer.Option("--pretrained", help="Weights to time (timing does not depend on them): a tag, a path, or 'none'.")
-    ] = "none",
+        Optional[str],
+        typer.Option("--pretrained", help="Weights to time (timing does not depend on them): a tag, a path, or 'none' "
+                     "(the default)."),
+    ] = None,
     merge: Annotated[
         Optional[List[str]],
         typer.Option("--merge", help="Merge config to time against the unmerged model; repeat for several (default r=8)."),
     ] = None,
-    batch_size: BatchOpt = 8,
-    iters: Annotated[int, typer.Option("--iters", min=1, help="Timed rounds; each round runs every config once, rotating.")] = 10,
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed rounds first.")] = 2,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per forward (default 8).")] = None,
+    iters: Annotated[
+        Optional[int], typer.Option("--iters", min=1, help="Timed rounds; each runs every config once, rotating (default 10).")
+    ] = None,
+    warmup: Annotated[Optional[int], typer.Option("--warmup", min=0, help="Untimed rounds first (default 2).")] = None,
     image_size: Annotated[
         Optional[int], typer.Option("--image-size", help="Input side override, e.g. 448 for a high-resolution setting.")
     ] = None,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "fp32",
+    device: Annotated[Optional[str], typer.Option("--device", help="auto (the default: CUDA when present), cpu, cuda or cuda:N.")] = None,
+    precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 (the default), fp16 or bf16 (autocast).")] = None,
     json_out: JsonOpt = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Also write the JSON report to this file.")] = None,
 ) -> None:
     """Images/s of merged vs unmerged encoders (alternating, one process), with tokens per block and FLOP ratio."""
     import json
 
-    from bench.throughput import format_report, run_throughput
+    from errors import MissingDependencyError
     from runtime import atomic_write, check_writable
 
+    try:
+        from bench.throughput import BenchConfig, format_report, run_bench
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("bench", "bench.throughput"):
+            raise
+        raise MissingDependencyError("`bench` runs from a checkout of the repository (bench/ is not installed with "
+                                     "the package): git clone it, then python cli.py bench ...") from None
+    cfg = BenchConfig.from_options(model=model, pretrained=pretrained, merges=merge, batch_size=batch_size, iters=iters,
+                                   warmup=warmup, image_size=image_size, device=device, precision=precision)
     if out is not None:
         check_writable(out, what="--out")  # before the timing runs
-    report = run_throughput(
-        model, pretrained, merge or ["r=8"], batch_size, iters, warmup, image_size, device, precision, progress=not json_out
-    )
+    report = run_bench(cfg, progress=not json_out)
     if out is not None:
         atomic_write(out, json.dumps(report, indent=2))
     typer.echo(json.dumps(report, indent=2) if json_out else format_report(report))

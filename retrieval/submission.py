@@ -141,13 +141,17 @@ class SubmitQuery:
 class SubmitReport:
     out_dir: str
     files: list = field(default_factory=list)  # (query id, task, rows written, path)
+    unmapped: set = field(default_factory=set)  # videos whose frames were left out (no time, no real frame)
 
     def summary_lines(self) -> list[str]:
         lines = [f"{qid} ({task}): {n} rows -> {path}" for qid, task, n, path in self.files]
+        if self.unmapped:
+            lines.append(f"WARNING: left out the frames of {len(self.unmapped)} video(s) indexed without a keyframe map: "
+                         f"{', '.join(sorted(self.unmapped)[:10])}")
         return lines + [f"wrote {len(self.files)} submission file(s) to {self.out_dir}"]
 
     def to_dict(self) -> dict:
-        return {"out_dir": self.out_dir,
+        return {"out_dir": self.out_dir, "unmapped_left_out": sorted(self.unmapped),
                 "files": [{"query_id": q, "task": t, "rows": n, "path": p} for q, t, n, p in self.files]}
 
 
@@ -246,7 +250,7 @@ def read_answers(path: Union[str, Path]) -> dict:
 
 def run_submit(queries: Union[str, Path], index_dir: Union[str, Path], out_dir: Union[str, Path],
                answers: Optional[Union[str, Path]] = None, within_s: float = 60.0, searcher=None,
-               **open_kwargs) -> SubmitReport:
+               allow_unmapped: bool = False, **open_kwargs) -> SubmitReport:
     """One submission file per query of ``queries`` under ``out_dir`` (checks every input first).
 
     Args:
@@ -254,7 +258,11 @@ def run_submit(queries: Union[str, Path], index_dir: Union[str, Path], out_dir: 
             else the answer is left empty for you to fill in.
         within_s: TRAKE window: every event within this many seconds of the first.
         searcher: an open ``retrieval.Searcher`` (default: ``Searcher.open(index_dir, **open_kwargs)``).
+        allow_unmapped: also submit frames without a time (keyframes indexed without their map,
+            whose frame_idx is only the keyframe number); by default they are left out, with a warning.
     """
+    import logging
+
     from retrieval.search import Searcher
     from retrieval.trake import search_events
 
@@ -273,8 +281,28 @@ def run_submit(queries: Union[str, Path], index_dir: Union[str, Path], out_dir: 
             results = search_events(searcher, q.events, within_s=within_s, k=depth)
         else:
             results = searcher.search_text(q.events[0], k=depth)
+            if not allow_unmapped:
+                results = _timed(results, report)
         answer = given.get(q.qid, q.answer) if q.task == QA else ""
         path = out / query_file_name(q.qid)
         n = write_rows(path, submission_rows(results, q.task, answer))
         report.files.append((q.qid, q.task, n, str(path)))
+    if report.unmapped:
+        logging.getLogger(__name__).warning(
+            "left out frames of %d video(s) without a keyframe map (their frame_idx is only the keyframe number): %s; "
+            "index them with their map-keyframes CSV (--maps DIR), or pass --allow-unmapped",
+            len(report.unmapped), ", ".join(sorted(report.unmapped)[:10]))
     return report
+
+
+def _timed(hits: list, report: "SubmitReport") -> list:
+    """Hits with a known time: a keyframe indexed without its map has none, and no real frame number."""
+    import math
+
+    kept = []
+    for h in hits:
+        if math.isfinite(h.pts_time):
+            kept.append(h)
+        else:
+            report.unmapped.add(h.video_id)
+    return kept

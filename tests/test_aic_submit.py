@@ -204,3 +204,25 @@ def test_import_features_then_submit_through_the_cli(tmp_path, monkeypatch, one_
         vid, f1, f2 = r.split(",")
         assert (vid, f1) in real and (vid, f2) in real and int(f1) < int(f2)
     assert "wrote 3 submission file(s)" in res.stdout
+
+
+def test_frames_without_a_map_are_left_out_of_submissions(tmp_path, monkeypatch):
+    from indexing.aic import import_features
+    from retrieval.search import Searcher
+
+    rel = make_release(tmp_path / "release")
+    (rel / "map-keyframes-aic25-b1" / "map-keyframes" / "L21_V002.csv").unlink()
+    report = import_features([rel], tmp_path / "ix", pretrained="none")
+    assert report.unmapped == ["L21_V002"]
+    searcher = Searcher(tmp_path / "ix")
+    v = np.load(rel / "clip-features-32-aic25-b1/clip-features-32/L21_V002.npy").astype(np.float32)[:1]
+    monkeypatch.setattr(searcher, "text_vector", lambda text: v / np.linalg.norm(v))
+    q = tmp_path / "q.tsv"
+    q.write_text("k\tkis\tanything\n")
+    rep = run_submit(q, None, tmp_path / "out", searcher=searcher)
+    rows = (tmp_path / "out" / "k.csv").read_text().splitlines()
+    assert rep.unmapped == {"L21_V002"} and len(rows) == 7 and not any(r.startswith("L21_V002,") for r in rows)
+    assert any("WARNING: left out the frames of 1 video" in line for line in rep.summary_lines())
+    rep = run_submit(q, None, tmp_path / "out2", searcher=searcher, allow_unmapped=True)
+    rows = (tmp_path / "out2" / "k.csv").read_text().splitlines()
+    assert rows[0] == "L21_V002,1" and len(rows) == 10  # keyframe numbers: what --allow-unmapped accepts
