@@ -2,13 +2,15 @@
 
     python cli.py bench --model ViT-B-16 --merge r=4 --merge r=8 --merge r=16
 
+(``python -m bench.throughput ...`` is the same command; the options are defined in ``cli.py``,
+the defaults in :class:`BenchConfig`.)
+
 Prints, per config: images/s, the ratio to the unmerged model, the tokens after each block and the
 FLOP ratio (the ideal speed-up). The unmerged baseline is the model as shipped (fused attention).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 from dataclasses import dataclass
@@ -27,6 +29,57 @@ class BenchRow:
     p95_ms: float
     tokens: tuple
     shortfall: int
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One ``cli.py bench`` run; the defaults of the command live here.
+
+    Args:
+        model: open_clip model name.
+        pretrained: weights (timing does not depend on them); None = random.
+        merges: merge configs timed against the unmerged model.
+        batch_size / iters / warmup: images per forward, timed rounds, untimed rounds first.
+        image_size: input side override (e.g. 448); None = the model's.
+        device / precision: ``auto|cpu|cuda[:N]`` and ``fp32|fp16|bf16``.
+    """
+
+    model: str = "ViT-B-16"
+    pretrained: Optional[str] = None
+    merges: tuple[str, ...] = ("r=8",)
+    batch_size: int = 8
+    iters: int = 10
+    warmup: int = 2
+    image_size: Optional[int] = None
+    device: str = "auto"
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        from encoders import MergeConfig
+        from errors import ConfigError
+
+        for key, lo in (("batch_size", 1), ("iters", 1), ("warmup", 0)):
+            if getattr(self, key) < lo:
+                raise ConfigError(f"bench {key}={getattr(self, key)} is not valid; it must be >= {lo}")
+        if self.image_size is not None and self.image_size < 16:
+            raise ConfigError(f"bench image_size={self.image_size} is not valid; give a side of at least 16 pixels")
+        for m in self.merges:
+            MergeConfig.parse(m)  # fail before loading a model
+
+    @classmethod
+    def from_options(cls, *, pretrained: Optional[str] = None, merges: Optional[Sequence[str]] = None,
+                     **options) -> "BenchConfig":
+        """Options left out (None) take the defaults; ``pretrained`` ``none`` means random weights."""
+        if pretrained is not None and pretrained.strip().lower() in ("", "none"):
+            pretrained = None
+        kept = {k: v for k, v in options.items() if v is not None}
+        return cls(pretrained=pretrained, merges=tuple(merges) if merges else cls.merges, **kept)
+
+
+def run_bench(cfg: BenchConfig, progress: bool = False) -> dict[str, Any]:
+    """:func:`run_throughput` for one :class:`BenchConfig`."""
+    return run_throughput(cfg.model, cfg.pretrained, cfg.merges, cfg.batch_size, cfg.iters, cfg.warmup,
+                          cfg.image_size, cfg.device, cfg.precision, progress=progress)
 
 
 def sample_pixels(batch_size: int, image_size: int, device: str):
@@ -150,18 +203,9 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # pragma: no cover - script entry
-    import argparse
+if __name__ == "__main__":  # pragma: no cover - script entry: the same command as `cli.py bench`
+    import sys
 
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", default="ViT-B-16")
-    p.add_argument("--merge", action="append", default=None)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="fp32")
-    p.add_argument("--json", action="store_true")
-    a = p.parse_args()
-    rep = run_throughput(a.model, None, a.merge or ["r=8"], a.batch_size, a.iters, 2, a.image_size, a.device, a.precision)
-    print(json.dumps(rep, indent=2) if a.json else format_report(rep))
+    from cli import app
+
+    app(args=["bench", *sys.argv[1:]], prog_name="mergeseek")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from eval.datasets import load_dataset
@@ -57,3 +58,44 @@ def test_python_m_train_reference_is_the_cli_command(tmp_path, capsys):
     assert tr.main(["--no-such-option"]) == 2
     assert tr.main(["--help"]) == 0
     assert "--time-budget" in capsys.readouterr().out
+
+
+def test_bench_defaults_live_in_bench_config_and_the_cli_only_parses(monkeypatch):
+    import sys
+
+    from typer.testing import CliRunner
+
+    import bench.throughput as bt
+    from cli import app
+    from errors import ConfigError
+
+    seen = []
+    fake = {"model": "m", "device": "cpu", "precision": "fp32", "batch_size": 8, "image_size": 224, "rows": []}
+    monkeypatch.setattr(bt, "run_bench", lambda cfg, progress=False: seen.append(cfg) or fake)
+    monkeypatch.setattr(bt, "format_report", lambda report: "table")
+    res = CliRunner().invoke(app, ["bench"])
+    assert res.exit_code == 0, res.output
+    assert seen[-1] == bt.BenchConfig()  # nothing given: every default comes from the config
+    assert seen[-1].model == "ViT-B-16" and seen[-1].pretrained is None and seen[-1].merges == ("r=8",)
+    res = CliRunner().invoke(app, ["bench", "--model", "ViT-B-32", "--merge", "r=4", "--merge", "r=8,method=lsh",
+                                   "--iters", "3", "--pretrained", "none", "--batch-size", "2"])
+    assert res.exit_code == 0, res.output
+    assert seen[-1] == bt.BenchConfig(model="ViT-B-32", merges=("r=4", "r=8,method=lsh"), iters=3, batch_size=2)
+    with pytest.raises(ConfigError, match="warmup"):
+        bt.BenchConfig(warmup=-1)
+    res = CliRunner().invoke(app, ["bench", "--merge", "method=nope"])
+    assert res.exit_code == 2 and res.stderr.startswith("error: ")
+    # An installed package has no bench/: one clear line instead of a traceback.
+    monkeypatch.setitem(sys.modules, "bench.throughput", None)
+    res = CliRunner().invoke(app, ["bench"])
+    assert res.exit_code == 7 and "checkout" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_eval_defaults_live_in_eval_config():
+    from eval.config import EvalConfig
+
+    cfg = EvalConfig.from_options(data_root="/d")
+    assert (cfg.models, cfg.datasets, cfg.merges, cfg.pretrained) == (("ViT-B-32",), ("cifar10",), ("r=8",), "openai")
+    assert EvalConfig.from_options(sweep="r=4|8", data_root="/d").merges == ()  # a sweep replaces the default r=8
+    assert EvalConfig.from_options(pretrained="none", data_root="/d").pretrained is None
+    assert EvalConfig.from_options(limit=None, threads=None, data_root="/d").limit is None
