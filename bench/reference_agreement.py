@@ -1,6 +1,6 @@
 """Agreement of LSH-merged and bipartite-merged features on the trained CIFAR-10 reference ViT.
 
-    python -m bench.reference_agreement --data ../shared/data/cifar10 --limit 1000
+    python -m bench.reference_agreement --data $MERGESEEK_DATA/cifar10 --limit 1000
 
 Cosine between the pre-logit features (the class token after the final norm) of LSH-merged and
 bipartite-merged models at the same r, and between each and the unmerged model, plus how often
@@ -34,12 +34,16 @@ def main(argv=None) -> int:
     from eval.reference import load_cifar10_npz, load_reference, preprocess_uint8
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="../shared/data/cifar10")
+    p.add_argument("--data", default=None, help="CIFAR-10 pack folder (default: cifar10 under the data root)")
     p.add_argument("--limit", type=int, default=1000)
     p.add_argument("--rs", default="4,8,12,16")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     model, info = load_reference()
+    if a.data is None:
+        from eval.config import default_data_root
+
+        a.data = default_data_root() / "cifar10"
     split = load_cifar10_npz(a.data, "test", a.limit)
     configs = ["none"] + [f"r={r}{m}" for r in a.rs.split(",") for m in ("", ",method=lsh")]
     models = merged_models(model, configs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,9 @@ from eval.reference import (
 from eval.train_reference import augment, export_reference, train_reference
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10"
+# The real test set: under $MERGESEEK_DATA when set, else the checkout's neighbour folder.
+SHARED_CIFAR = Path(os.environ["MERGESEEK_DATA"]) / "cifar10" if os.environ.get("MERGESEEK_DATA") else (
+    REPO.parent / "shared" / "data" / "cifar10")
 # Class colours far apart in RGB, so the tiny model can learn them in a few epochs.
 COLOURS = np.array([[230, 30, 30], [30, 230, 30], [30, 30, 230], [230, 230, 30], [230, 30, 230],
                     [30, 230, 230], [240, 240, 240], [20, 20, 20], [140, 70, 20], [120, 120, 200]])

@@ -89,16 +89,19 @@ class DatasetSpec:
         return ",".join([head] + [f"{k}={v}" for k, v in self.options])
 
 
-def load_dataset(spec: Union[str, DatasetSpec], data_root: Union[str, Path] = "../shared/data",
+def load_dataset(spec: Union[str, DatasetSpec], data_root: Union[str, Path, None] = None,
                  limit: Optional[int] = None, seed: int = 0) -> EvalSet:
     """Read one evaluation set; ``limit`` keeps a fixed subset (images for classification and
-    caption sets, queries for keyframe sets)."""
+    caption sets, queries for keyframe sets). ``data_root`` None: ``$MERGESEEK_DATA`` or the
+    user's cache folder (:func:`eval.config.default_data_root`)."""
     from eval.datasets.captions import load_captions
     from eval.datasets.classification import load_cifar10, load_cifar100, load_imagefolder, load_imagenet, load_pets
     from eval.datasets.keyframes import load_keyframes
 
+    from eval.config import resolve_data_root
+
     spec = DatasetSpec.parse(spec) if isinstance(spec, str) else spec
-    path = spec.resolve_path(data_root)
+    path = spec.resolve_path(resolve_data_root(data_root))
     split = spec.option("split")
     if spec.name == "cifar10":
         ds = load_cifar10(path, split or "test")

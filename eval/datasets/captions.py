@@ -44,7 +44,7 @@ def load_captions(
         if not found:
             raise InputError(
                 f"no captions.jsonl or COCO captions_*.json in {root}; pass a folder holding one "
-                f"(e.g. ../shared/data/coco_captions)"
+                f"(e.g. $MERGESEEK_DATA/coco_captions)"
             )
         path = found[0]
     items = _read_jsonl(path, root) if path.suffix == ".jsonl" else _read_coco_json(path, root)
