@@ -43,6 +43,12 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+def require_backend(backend: str) -> str:
+    """``check_backend`` and make sure its library loads (before any model is loaded)."""
+    _import(check_backend(backend))
+    return backend
+
+
 def available_backends() -> list[str]:
     """Backends whose library imports here."""
     out = []
@@ -56,14 +62,31 @@ def available_backends() -> list[str]:
 
 
 def _import(backend: str):
+    import importlib.util
+    import sys
+
     try:
         if backend == "decord":
+            if "decord" not in sys.modules and importlib.util.find_spec("torchcodec") is not None:
+                # decord loads its bundled FFmpeg with RTLD_GLOBAL; torchcodec, started after that,
+                # binds the system FFmpeg to those symbols and crashes. Loaded first, both work.
+                try:
+                    import torchcodec.decoders  # noqa: F401
+                except Exception:  # a broken torchcodec must not stop decord
+                    pass
             import decord
 
             return decord
+        if "decord" in sys.modules and "torchcodec.decoders" not in sys.modules:
+            raise InputError(
+                "torchcodec cannot start in a process that already loaded decord (decord's bundled FFmpeg "
+                "libraries would crash it); use one decoder per process, e.g. a fresh `cli.py index --decoder torchcodec`"
+            )
         import torchcodec.decoders
 
         return torchcodec
+    except InputError:
+        raise
     except Exception as exc:  # ImportError, or an OSError/RuntimeError when FFmpeg's libraries are missing
         raise InputError(f"video decoder {backend!r} cannot be loaded ({_short(exc)}); {INSTALL_HINT[backend]}") from None
 
@@ -210,10 +233,8 @@ class TorchcodecReader(VideoReader):
     def __init__(self, path: Path, size: Optional[tuple[int, int]] = None, device: str = "cpu"):
         super().__init__(path, size)
         _import("torchcodec")
-        from torchcodec.decoders import VideoDecoder
-
         self._device = device
-        self._dec = VideoDecoder(str(self.path), seek_mode="exact", dimension_order="NHWC", device=device)
+        self._dec = self._decoder("exact")
         md = self._dec.metadata
         self.avg_fps = _finite(md.average_fps)
         self.timestamps = _fill_missing(self._scan_pts(len(self._dec)), self.avg_fps)
@@ -231,13 +252,17 @@ class TorchcodecReader(VideoReader):
             log.debug("%s: torchcodec frame index unavailable (%s)", self.path, exc)
         return np.full(n, np.nan)
 
-    def _to_numpy(self, data) -> np.ndarray:
-        if self.size is not None:
-            import torch.nn.functional as F
+    def _decoder(self, seek_mode: str):
+        from torchcodec.decoders import VideoDecoder
 
-            w, h = self.size
-            data = F.interpolate(data.permute(0, 3, 1, 2).float(), size=(h, w), mode="area")
-            data = data.round().clamp(0, 255).to(dtype=__import__("torch").uint8).permute(0, 2, 3, 1)
+        kw = {}
+        if self.size is not None:  # scaled by FFmpeg inside the decoder: full-size frames never exist
+            from torchcodec.transforms import Resize
+
+            kw["transforms"] = [Resize((self.size[1], self.size[0]))]
+        return VideoDecoder(str(self.path), seek_mode=seek_mode, dimension_order="NHWC", device=self._device, **kw)
+
+    def _to_numpy(self, data) -> np.ndarray:
         return data.cpu().numpy()
 
     def _get_batch(self, indices: list[int]) -> np.ndarray:
@@ -247,9 +272,7 @@ class TorchcodecReader(VideoReader):
             raise DecodeError(_short(exc)) from None
 
     def _sequential(self) -> Iterator[np.ndarray]:
-        from torchcodec.decoders import VideoDecoder
-
-        dec = VideoDecoder(str(self.path), seek_mode="approximate", dimension_order="NHWC", device=self._device)
+        dec = self._decoder("approximate")
         n, step = len(self), 64
         for s in range(0, n, step):  # consecutive ranges: the decoder continues without seeking
             batch = self._to_numpy(dec.get_frames_in_range(s, min(n, s + step)).data)

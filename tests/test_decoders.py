@@ -1,0 +1,219 @@
+"""Decoding behind one interface: decord2 and torchcodec agree on frames and timestamps, common
+codecs decode (files made by ffmpeg here), variable-frame-rate video is sampled by time, and a
+failed random access falls back to sequential decoding."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_indexing_support import COLOURS, encoder, index_contents, sample_videos, write_video  # noqa: F401
+
+from errors import ConfigError, InputError
+from indexing import IndexOptions, index_paths
+from indexing.decoders import BACKENDS, DecodeError, open_video
+from indexing.sampling import Sampling, fps_indices
+from indexing.sources import MediaSource, SourceReader
+
+# torchcodec must load its FFmpeg before decord does (see indexing.decoders._import): at collection.
+if importlib.util.find_spec("torchcodec") is not None:
+    try:
+        import torchcodec.decoders  # noqa: F401
+
+        TORCHCODEC_WHY = ""
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        TORCHCODEC_WHY = f"torchcodec does not load here: {exc}"
+else:  # pragma: no cover
+    TORCHCODEC_WHY = "torchcodec is not installed (pip install torchcodec)"
+
+FFMPEG = shutil.which("ffmpeg")
+needs_ffmpeg = pytest.mark.skipif(FFMPEG is None, reason="ffmpeg is not installed (apt-get install ffmpeg)")
+BACKEND_PARAMS = [
+    "decord",
+    pytest.param("torchcodec", marks=pytest.mark.skipif(bool(TORCHCODEC_WHY), reason=TORCHCODEC_WHY or "-")),
+]
+
+
+def _encoders() -> str:
+    if FFMPEG is None:
+        return ""
+    return subprocess.run([FFMPEG, "-hide_banner", "-encoders"], capture_output=True, text=True).stdout
+
+
+def _ffmpeg(*args: str) -> None:
+    subprocess.run([FFMPEG, "-v", "error", "-y", *args], check=True, capture_output=True)
+
+
+# ---------------------------------------------------------------------------- sample videos
+@pytest.mark.skipif(bool(TORCHCODEC_WHY), reason=TORCHCODEC_WHY or "-")
+@pytest.mark.parametrize("name", ["bikes", "bigbuckbunny"])
+def test_backends_agree_on_timestamps_and_frames_of_the_sample_videos(sample_videos, name):  # noqa: F811
+    a, b = open_video(sample_videos[name], "decord"), open_video(sample_videos[name], "torchcodec")
+    assert len(a) == len(b) > 100
+    # decord keeps times as float32: equal to the float64 of torchcodec after rounding to 1 us
+    assert np.array_equal(np.round(a.timestamps, 6), np.round(b.timestamps, 6))
+    assert np.all(np.diff(a.timestamps) > 0)
+    idx = [0, 1, len(a) // 3, len(a) // 2, len(a) - 1]
+    fa, fb = a.get_batch(idx), b.get_batch(idx)
+    assert fa.shape == fb.shape and fa.dtype == fb.dtype == np.uint8
+    assert np.abs(fa.astype(int) - fb.astype(int)).mean() < 0.5  # same FFmpeg colour conversion, near bit-exact
+    # the sampled indices, and so the index rows, are the same whichever backend decodes (scene
+    # cuts are found on thumbnails each backend scales itself, so they may move by a frame)
+    for spec in ("fps=1", "fps=3", "uniform=7", "every=9"):
+        ia, _ = SourceReader(MediaSource("video", sample_videos[name], name, "x"), Sampling.parse(spec)).frame_indices()
+        ib, _ = SourceReader(MediaSource("video", sample_videos[name], name, "x"), Sampling.parse(spec),
+                             decoder="torchcodec").frame_indices()
+        assert ia.tolist() == ib.tolist(), spec
+
+
+# ---------------------------------------------------------------------------- codecs
+CODECS = {  # name: (encoder needed, file, ffmpeg output arguments)
+    "av1-aom": ("libaom-av1", "av1.mp4", ["-c:v", "libaom-av1", "-cpu-used", "8", "-crf", "30"]),
+    "av1-svt": ("libsvtav1", "av1svt.mkv", ["-c:v", "libsvtav1", "-preset", "12", "-svtav1-params", "fast-decode=1"]),
+    "vp9": ("libvpx-vp9", "vp9.webm", ["-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8", "-b:v", "500k"]),
+    "hevc": ("libx265", "hevc.mp4", ["-c:v", "libx265", "-preset", "ultrafast", "-x265-params", "log-level=error"]),
+    "h264-10bit": ("libx264", "h264_10.mp4", ["-c:v", "libx264", "-pix_fmt", "yuv420p10le", "-profile:v", "high10"]),
+}
+
+
+@pytest.fixture(scope="module")
+def codec_files(tmp_path_factory):
+    """Each codec from one source clip: 1 s red, 1 s blue at 10 fps, 64x64."""
+    d = tmp_path_factory.mktemp("codecs")
+    src = write_video(d / "src.avi", [("red", 10), ("blue", 10)], fps=10.0, size=(64, 64), fourcc="MJPG")
+    have = _encoders()
+    out = {}
+    for name, (enc, fname, args) in CODECS.items():
+        if f" {enc} " in have:
+            _ffmpeg("-i", str(src), *args, str(d / fname))
+            out[name] = d / fname
+    return out
+
+
+@needs_ffmpeg
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("codec", list(CODECS))
+def test_common_codecs_decode(codec_files, codec, backend):
+    if codec not in codec_files:
+        pytest.skip(f"ffmpeg here has no {CODECS[codec][0]} encoder")
+    vr = open_video(codec_files[codec], backend)
+    assert len(vr) == 20
+    assert vr.timestamps == pytest.approx(np.arange(20) / 10.0, abs=1e-3)
+    frames = vr.get_batch([0, 9, 10, 19])
+    assert frames.shape == (4, 64, 64, 3) and frames.dtype == np.uint8
+    red, blue = np.array(COLOURS["red"]), np.array(COLOURS["blue"])
+    means = frames[:, 16:, 16:].reshape(4, -1, 3).mean(1)  # away from the moving grey square
+    for m, want in zip(means, (red, red, blue, blue)):
+        assert np.abs(m - want).max() < 16, (codec, backend, m)
+    # indexing reads it whole through the same reader
+    got = [f for b in SourceReader(MediaSource("video", codec_files[codec], codec, "x"), Sampling.parse("fps=2"),
+                                   decoder=backend).batches() for f in b]
+    assert [f.frame_idx for f in got] == [0, 5, 10, 15]
+
+
+# ---------------------------------------------------------------------------- variable frame rate
+@pytest.fixture(scope="module")
+def vfr_video(tmp_path_factory):
+    """2 s at 5 fps, then 2 s at 30 fps, in one H.264 file with the real (variable) timestamps."""
+    if FFMPEG is None or " libx264 " not in _encoders():
+        pytest.skip("needs ffmpeg with libx264")
+    d = tmp_path_factory.mktemp("vfr")
+    path = d / "vfr.mp4"
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48:rate=5:duration=2",
+            "-f", "lavfi", "-i", "testsrc=size=64x48:rate=30:duration=2",
+            "-filter_complex", "[0:v]settb=1/90000[a];[1:v]settb=1/90000[b];[a][b]concat=n=2:v=1:a=0[v]",
+            "-map", "[v]", "-fps_mode", "vfr", "-c:v", "libx264", "-pix_fmt", "yuv420p", str(path))
+    probe = subprocess.run([shutil.which("ffprobe") or "ffprobe", "-v", "error", "-select_streams", "v:0",
+                            "-show_entries", "frame=pts_time", "-of", "csv=p=0", str(path)],
+                           capture_output=True, text=True, check=True).stdout
+    pts = np.array(sorted(float(x.strip().strip(",")) for x in probe.split() if x.strip()))
+    assert len(pts) == 70
+    return path, pts
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("fps", [1.0, 3.0, 4.0])
+def test_fps_sampling_of_a_vfr_video_follows_the_timestamps(vfr_video, backend, fps):
+    path, pts = vfr_video  # pts as ffprobe sees them: an independent reading of the file
+    vr = open_video(path, backend)
+    assert np.allclose(vr.timestamps, pts, atol=1e-5)
+    frames = [f for b in SourceReader(MediaSource("video", path, "vfr", "x"), Sampling.parse(f"fps={fps:g}"),
+                                      decoder=backend).batches() for f in b]
+    duration = pts[-1] + np.median(np.diff(pts))
+    targets = np.arange(int(np.ceil(duration * fps - 1e-4))) / fps
+    # naive reference: for each requested time, the frame with the nearest pts (the first on a tie)
+    want = sorted({int(np.flatnonzero(np.isclose(np.abs(pts - t), np.abs(pts - t).min(), atol=1e-9))[0]) for t in targets})
+    assert [f.frame_idx for f in frames] == want
+    for f in frames:
+        assert f.pts_time == pytest.approx(pts[f.frame_idx], abs=1e-5)
+    # the average rate would have sampled other frames (so this test tells the two apart)
+    if fps == 1.0:
+        assert [f.frame_idx for f in frames] == [0, 5, 10, 40]
+        assert fps_indices(len(pts), vr.avg_fps, fps).tolist() != [0, 5, 10, 40]
+
+
+def test_constant_rate_sampling_by_time_equals_sampling_by_rate(sample_videos):  # noqa: F811
+    vr = open_video(sample_videos["bikes"])
+    for fps in (0.5, 1, 2.5, 3, 7, 25):
+        assert Sampling.parse(f"fps={fps:g}").select(vr.timestamps, vr.avg_fps).tolist() == \
+            fps_indices(len(vr), vr.avg_fps, fps).tolist(), fps
+
+
+# ---------------------------------------------------------------------------- fallback and errors
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_sequential_fallback_gives_the_same_frames_as_random_access(sample_videos, backend, monkeypatch):  # noqa: F811
+    path = sample_videos["bikes"]
+    want = [0, 7, 30, 31, 100, 249]
+    ref = open_video(path, backend).get_batch(want)
+    vr = open_video(path, backend)
+    calls = []
+
+    def refuse(indices):  # random access broken, as on a WebM without Cues
+        calls.append(indices)
+        raise DecodeError("seek failed")
+
+    monkeypatch.setattr(vr, "_get_batch", refuse)
+    got = [(chunk, imgs) for chunk, imgs in vr.read(want, batch_size=4)]
+    assert vr.fell_back and len(calls) == 1 and vr.stopped_at is None
+    assert [i for c, _ in got for i in c] == want
+    assert np.array_equal(np.concatenate([imgs for _, imgs in got]), ref)
+
+
+def test_unknown_decoder_is_a_config_error_before_the_model_loads(tmp_path):
+    write_video(tmp_path / "v.mp4", [("red", 5)])
+
+    def no_model():
+        raise AssertionError("the model must not load for a bad --decoder")
+
+    with pytest.raises(ConfigError, match="decoder 'pyav' is not valid; choose one of: decord, torchcodec"):
+        index_paths([tmp_path], tmp_path / "idx", no_model, IndexOptions(decoder="pyav"))
+    with pytest.raises(ConfigError, match="choose one of"):
+        open_video(tmp_path / "v.mp4", "opencv")
+    assert BACKENDS == ("decord", "torchcodec")
+
+
+def test_empty_and_missing_files_are_one_line(tmp_path):
+    (tmp_path / "zero.mp4").write_bytes(b"")
+    with pytest.raises(InputError, match="empty file"):
+        open_video(tmp_path / "zero.mp4")
+    with pytest.raises(InputError, match="does not exist"):
+        open_video(tmp_path / "gone.mp4")
+
+
+@pytest.mark.skipif(bool(TORCHCODEC_WHY), reason=TORCHCODEC_WHY or "-")
+def test_index_with_torchcodec_gives_the_rows_of_decord(tmp_path, encoder):  # noqa: F811
+    d = tmp_path / "v"
+    d.mkdir()
+    write_video(d / "a.mp4", [("red", 12), ("green", 12)], fps=12.0)
+    write_video(d / "b.mp4", [("blue", 10), ("yellow", 10)])
+    ra = index_paths([d], tmp_path / "i1", encoder, IndexOptions())
+    rb = index_paths([d], tmp_path / "i2", encoder, IndexOptions(decoder="torchcodec"))
+    assert ra.indexed == rb.indexed == ["a", "b"]
+    rows_a, vecs_a = index_contents(tmp_path / "i1")
+    rows_b, vecs_b = index_contents(tmp_path / "i2")
+    assert [r[1:4] for r in rows_a] == [r[1:4] for r in rows_b]  # video_id, frame_idx, pts_time
+    assert np.allclose(vecs_a, vecs_b, atol=2e-2)
