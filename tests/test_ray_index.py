@@ -1,0 +1,231 @@
+"""Indexing on a local Ray (2 CPUs, started once for the module): the index equals the single-process one.
+
+"Equal" is what ``index_contents`` compares: the rows (id, video_id, frame_idx, pts_time, path) in
+id order, and the vectors in that order within 1e-5. Shard boundaries may differ (they follow
+commit timing), ids may not.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from test_indexing_support import build_encoder, index_contents, write_video  # noqa: E402
+
+from errors import IndexMismatchError  # noqa: E402
+from indexing import IndexOptions, index_paths  # noqa: E402
+from indexing.distributed import RayOptions, _EncodeActor, index_paths_ray  # noqa: E402
+from indexing.store import IndexStore  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local Ray for the module (starting Ray takes seconds); workers can import the tests."""
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")] + ([old] if old else []))
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, configure_logging=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> Path:
+    """Three 2 s videos, an empty .mp4 and a non-video .mov, and an image folder with one broken image."""
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("ray_media")
+    write_video(d / "a_rg.mp4", [("red", 10), ("green", 10)])
+    write_video(d / "b_yw.mp4", [("yellow", 10), ("white", 10)])
+    write_video(d / "c_bk.mp4", [("blue", 10), ("black", 10), ("black", 5)])  # a near-duplicate at 2 s
+    (d / "d_zero.mp4").write_bytes(b"")
+    (d / "e_notes.mov").write_text("not a video")
+    stills = d / "stills"
+    stills.mkdir()
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(stills / "1.png")
+    (stills / "2.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    return d
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, media, one_torch_thread):
+    """The single-process index of ``media`` and its report."""
+    out = tmp_path_factory.mktemp("ray_reference")
+    return out, index_paths([media], out, build_encoder(), IndexOptions())
+
+
+def _failed(report) -> list:
+    return [(Path(b.path).name, b.reason) for b in report.failed]
+
+
+def _rows(index_dir: Path):
+    """``index_contents`` with NaN times (images have none) made comparable."""
+    rows, vecs = index_contents(index_dir)
+    return [tuple("nan" if isinstance(v, float) and v != v else v for v in r) for r in rows], vecs
+
+
+def _assert_same_index(index_dir: Path, reference_dir: Path) -> None:
+    rows, vecs = _rows(index_dir)
+    ref_rows, ref_vecs = _rows(reference_dir)
+    assert rows == ref_rows
+    np.testing.assert_allclose(vecs, ref_vecs, atol=1e-5)
+
+
+def dying_encoder(flag: str, device: str):
+    """The test encoder, except that the first forward in any process ends that process (``os._exit``),
+    once per flag file: an actor killed mid-run."""
+    enc = build_encoder()
+    encode = enc.encode_image_tensor
+
+    def encode_or_die(pixels):
+        try:
+            fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return encode(pixels)
+        os.close(fd)
+        os._exit(1)
+
+    enc.encode_image_tensor = encode_or_die
+    return enc
+
+
+@pytest.mark.parametrize("workers,shard_size,dies", [(1, 4096, False), (2, 1, True)], ids=["1-worker", "2-workers-one-dies"])
+def test_ray_index_equals_the_single_process_index(tmp_path, cluster, reference, media, workers, shard_size, dies):
+    ref_dir, ref = reference
+    out, flag = tmp_path / "index", tmp_path / "died-once"
+    report = index_paths_ray([media], out, build_encoder(), IndexOptions(shard_size=shard_size),
+                             RayOptions(workers=workers),
+                             actor_encoder=functools.partial(dying_encoder, str(flag)) if dies else None)
+    assert flag.exists() == dies  # an actor did die mid-run (it was restarted, its chunk encoded again)
+    _assert_same_index(out, ref_dir)
+    assert len(index_contents(out)[0]) == ref.vectors_total == 7  # 2 + 2 + (3 - 1 duplicate) frames at 1 fps + 1 image
+    assert report.indexed == ref.indexed == ["a_rg", "b_yw", "c_bk", "stills"]
+    assert (report.frames_sampled, report.frames_encoded, report.duplicates_skipped) == (
+        ref.frames_sampled, ref.frames_encoded, ref.duplicates_skipped) == (8, 7, 1)
+    # Bad input: the same one line per file as the single process, nothing else lost.
+    assert sorted(_failed(report)) == sorted(_failed(ref))
+    assert sorted(n for n, _ in _failed(report)) == ["2.jpg", "d_zero.mp4", "e_notes.mov"]
+    assert sum(line.startswith("skipped ") for line in report.summary_lines()) == 3
+    store = IndexStore.open_for_read(out)
+    assert store.faiss_is_current()
+    if shard_size == 1:
+        assert len(store.manifest.shards) == 4  # one commit per source, in discover order
+
+
+def test_up_to_date_sources_are_skipped_under_ray(tmp_path, cluster, reference, media):
+    import shutil
+
+    ref_dir, _ = reference
+    out = tmp_path / "index"
+    shutil.copytree(ref_dir, out)
+    report = index_paths_ray([media], out, build_encoder(), IndexOptions(), RayOptions(workers=1))
+    assert report.indexed == [] and report.up_to_date == 4 and report.frames_encoded == 0
+    _assert_same_index(out, ref_dir)
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path[:0] = [{root!r}, {tests!r}]
+    import ray
+    ray.init(address={address!r}, configure_logging=False)
+    from test_indexing_support import build_encoder
+    from indexing import IndexOptions
+    from indexing.distributed import RayOptions, index_paths_ray
+
+    def die(keys):  # right after the first commit: the driver is SIGKILLed with work in flight
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    index_paths_ray([{src!r}], {out!r}, build_encoder(), IndexOptions(shard_size=1), RayOptions(workers=1),
+                    on_commit=die)
+    """
+)
+
+
+def test_a_sigkilled_driver_resumes_to_the_same_index(tmp_path, cluster, reference, media):
+    ref_dir, ref = reference
+    out = tmp_path / "index"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    script = KILL_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), address=cluster, src=str(media), out=str(out))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert list(IndexStore.open_for_read(out).manifest.sources) == [str(media / "a_rg.mp4")]
+    report = index_paths_ray([media], out, build_encoder(), IndexOptions(), RayOptions(workers=1))
+    assert report.up_to_date == 1 and report.indexed == ["b_yw", "c_bk", "stills"]
+    _assert_same_index(out, ref_dir)
+
+
+def always_dying_encoder(device: str):
+    os._exit(1)  # an actor that cannot start (out of memory at load, a broken node)
+
+
+def test_workers_dying_past_their_retries_stop_the_run_with_one_line(tmp_path, cluster, media):
+    from indexing.distributed import RayRunError
+
+    out = tmp_path / "index"
+    with pytest.raises(RayRunError) as info:
+        index_paths_ray([media], out, build_encoder(), IndexOptions(), RayOptions(workers=1, max_retries=1),
+                        actor_encoder=always_dying_encoder)
+    msg = str(info.value)
+    assert "\n" not in msg and "Ray run stopped" in msg and "run the same command again to resume" in msg
+    assert "0 sources, 0 vectors" in msg
+    assert not (out / "manifest.json").exists()  # nothing was committed, nothing half-written
+
+
+def test_cli_ray_options_reach_the_library(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import indexing.distributed as dist
+    from cli import app
+    from indexing import IndexReport
+
+    seen = {}
+
+    def fake(paths, index_dir, encoder, options, ray_options):
+        seen.update(paths=paths, options=options, ray=ray_options)
+        return IndexReport(str(index_dir))
+
+    monkeypatch.setattr(dist, "index_paths_ray", fake)
+    result = CliRunner().invoke(app, ["index", "v", "--index", str(tmp_path), "--ray", "10.0.0.1:6379", "--workers", "3",
+                                      "--every", "5", "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert (seen["ray"].address, seen["ray"].workers, seen["ray"].gpus_per_worker) == ("10.0.0.1:6379", 3, None)
+    assert str(seen["options"].sampling) == "every=5" and seen["paths"] == [Path("v")]
+    result = CliRunner().invoke(app, ["index", "v", "--index", str(tmp_path), "--ray", "local", "--device", "cpu", "--json"])
+    assert result.exit_code == 0 and seen["ray"].gpus_per_worker == 0
+
+
+class _OtherModel:
+    def describe(self) -> dict:
+        return {"model": "ViT-B-16", "pretrained": "none", "merge": "none", "precision": "fp32", "dim": 512}
+
+
+def test_an_actor_with_another_model_is_refused():
+    identity = {"model": "ViT-B-32", "pretrained": "none", "merge": "none", "precision": "fp32", "dim": 512}
+    with pytest.raises(IndexMismatchError, match="model=ViT-B-16 but the run indexes with model=ViT-B-32"):
+        _EncodeActor(lambda device: _OtherModel(), identity, "cpu", 1)
+
+
+def test_ray_options_are_checked():
+    from errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--workers 0"):
+        RayOptions(workers=0)
