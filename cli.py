@@ -481,7 +481,11 @@ def eval_cmd(
                      "(ViT-B-16, or ViT-B-16@openai to pin weights), timm:<name> (own-head classifier, weights via "
                      "--pretrained PATH), or reference-cifar10 / a reference checkpoint."),
     ] = None,
-    pretrained: PretrainedOpt = "openai",
+    pretrained: Annotated[
+        Optional[str],
+        typer.Option("--pretrained", help="Weights for models given without @tag (default openai): a tag, a local "
+                     "checkpoint path, or 'none' for random weights."),
+    ] = None,
     dataset: Annotated[
         Optional[List[str]],
         typer.Option("--dataset", help="Dataset spec (repeatable; default cifar10): cifar10, cifar100[:PATH], pets, "
@@ -504,31 +508,32 @@ def eval_cmd(
                      "$XDG_CACHE_HOME/mergeseek/data, i.e. ~/.cache/mergeseek/data)."),
     ] = None,
     templates: Annotated[
-        str,
-        typer.Option("--templates", help="Zero-shot prompts: openai (the published ones: ImageNet 80, CIFAR 18, Pets 1; "
+        Optional[str],
+        typer.Option("--templates", help="Zero-shot prompts: openai (the default; the published ones: ImageNet 80, CIFAR 18, Pets 1; "
                      "own image folders keep 'a photo of a {}.'), simple (open_clip's 7 for every set) or a file "
                      "(one template per line, {} marks the class; or clip_benchmark's JSON)."),
-    ] = "openai",
+    ] = None,
     limit: Annotated[
         Optional[int],
         typer.Option("--limit", min=1, help="Fixed subset: images per classification/caption set, queries per keyframe set."),
     ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the --limit subset.")] = 0,
-    batch_size: BatchOpt = 32,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "fp32",
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed warm-up batches per config.")] = 2,
-    iters: Annotated[int, typer.Option("--iters", min=1, help="Timed batches per config (run alternately).")] = 10,
-    topk: Annotated[int, typer.Option("--topk", min=1, help="k of the merged-vs-unmerged top-k result overlap.")] = 10,
+    # Defaults of the options below live in EvalConfig (from_options); the CLI only parses.
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the --limit subset (default 0).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per forward pass (default 32).")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="auto (the default: CUDA when present), cpu, cuda or cuda:N.")] = None,
+    precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 (the default), fp16 or bf16 (autocast).")] = None,
+    warmup: Annotated[Optional[int], typer.Option("--warmup", min=0, help="Untimed warm-up batches per config (default 2).")] = None,
+    iters: Annotated[Optional[int], typer.Option("--iters", min=1, help="Timed batches per config, run alternately (default 10).")] = None,
+    topk: Annotated[Optional[int], typer.Option("--topk", min=1, help="k of the merged-vs-unmerged top-k result overlap (default 10).")] = None,
     out: Annotated[Path, typer.Option("--out", help="Output folder for report.json, report.md and plots.")] = Path("eval_out"),
-    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots.")] = True,
+    plots: Annotated[Optional[bool], typer.Option("--plots/--no-plots", help="Write PNG plots (default: on; needs matplotlib, the 'eval' extra).")] = None,
     threads: Annotated[
         Optional[int], typer.Option("--threads", min=1, help="torch CPU threads (default: torch's choice).")
     ] = None,
     cpu_time: Annotated[
-        bool, typer.Option("--cpu-time", help="Time by single-thread CPU time instead of wall-clock (CPU only; "
-                           "robust when other jobs share the machine).")
-    ] = False,
+        Optional[bool], typer.Option("--cpu-time", help="Time by single-thread CPU time instead of wall-clock (CPU only; "
+                                     "robust when other jobs share the machine).")
+    ] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
     reuse: Annotated[
         Optional[List[str]],

@@ -103,14 +103,14 @@ class EvalConfig:
         self.merge_configs()  # fail early on a bad --merge / --sweep
 
     @classmethod
-    def from_options(cls, *, models: Optional[Sequence[str]] = None, pretrained: Optional[str] = "openai",
+    def from_options(cls, *, models: Optional[Sequence[str]] = None, pretrained: Optional[str] = None,
                      datasets: Optional[Sequence[str]] = None, merges: Optional[Sequence[str]] = None,
                      data_root: Optional[str | os.PathLike] = None, **options) -> "EvalConfig":
         """The config of ``cli.py eval``: options left out (None) take the defaults.
 
         No ``--model`` means ViT-B-32, no ``--dataset`` cifar10, no ``--merge`` r=8 (none when a
-        ``--sweep`` is given: the sweep then runs over method=bipartite); ``pretrained`` ``none`` or
-        empty means random weights; no ``--data-root`` means :func:`default_data_root`.
+        ``--sweep`` is given: the sweep then runs over method=bipartite); no ``--pretrained`` means
+        openai, ``none`` (or empty) random weights; no ``--data-root`` means :func:`default_data_root`.
         """
         defaults = cls.__dataclass_fields__
         if merges:
@@ -123,7 +123,8 @@ class EvalConfig:
             raise ConfigError(f"unknown eval option(s) {sorted(unknown)}; valid: {', '.join(defaults)}")
         return cls(
             models=tuple(models) if models else defaults["models"].default,
-            pretrained=None if pretrained is None or pretrained.strip().lower() in ("none", "") else pretrained,
+            pretrained=defaults["pretrained"].default if pretrained is None
+            else None if pretrained.strip().lower() in ("none", "") else pretrained,
             datasets=tuple(datasets) if datasets else defaults["datasets"].default,
             merges=merges,
             data_root=str(resolve_data_root(data_root)),

@@ -156,6 +156,13 @@ def test_cli_eval_passes_templates_and_data_root_defaults(tmp_path, monkeypatch)
     cfg = seen["cfg"]
     assert cfg.templates == "simple" and cfg.data_root == str(tmp_path / "data")
     assert cfg.models == ("ViT-B-32",) and cfg.datasets == ("cifar10",) and cfg.merges == ("r=8",)
+    # every default comes from EvalConfig, none from the CLI
+    from eval.config import EvalConfig
+
+    assert cfg == EvalConfig(templates="simple", data_root=str(tmp_path / "data"))
+    res = CliRunner().invoke(app, ["eval", "--iters", "3", "--no-plots", "--pretrained", "none", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.stderr
+    assert (seen["cfg"].iters, seen["cfg"].plots, seen["cfg"].pretrained, seen["cfg"].warmup) == (3, False, None, 2)
     res = CliRunner().invoke(app, ["eval", "--templates", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "missing.txt" in res.stderr
 
