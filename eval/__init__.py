@@ -42,6 +42,10 @@ def evaluate(cfg: "EvalConfig", out_dir: Union[str, Path] = "eval_out", progress
     from eval.report import write_report
     from eval.runner import run_eval
 
+    if cfg.plots:
+        from eval.plots import require_matplotlib
+
+        require_matplotlib()  # before the evaluation, not after it
     report = run_eval(cfg, progress=progress)
     paths = write_report(report, Path(out_dir), plots=cfg.plots)
     return EvalOutcome(report, tuple(paths))

@@ -20,7 +20,19 @@ from eval.results import DatasetResult, EvalReport, ModelResult
 log = logging.getLogger(__name__)
 
 
+def require_matplotlib() -> None:
+    """Fail before any work when plots are asked for and matplotlib (the 'eval' extra) is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        from errors import MissingDependencyError
+
+        raise MissingDependencyError("plots need matplotlib: pip install matplotlib (the 'eval' extra: "
+                                     "pip install '.[eval]'), or pass --no-plots")
+
+
 def _pyplot():
+    require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never open a window

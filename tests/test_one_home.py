@@ -99,3 +99,18 @@ def test_eval_defaults_live_in_eval_config():
     assert EvalConfig.from_options(sweep="r=4|8", data_root="/d").merges == ()  # a sweep replaces the default r=8
     assert EvalConfig.from_options(pretrained="none", data_root="/d").pretrained is None
     assert EvalConfig.from_options(limit=None, threads=None, data_root="/d").limit is None
+
+
+def test_eval_without_matplotlib_fails_before_the_work(monkeypatch, tmp_path):
+    import importlib.util
+
+    import eval as eval_pkg
+    import eval.runner
+    from errors import MissingDependencyError
+    from eval.config import EvalConfig
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    monkeypatch.setattr(eval.runner, "run_eval", lambda *a, **k: pytest.fail("evaluated although plots cannot be drawn"))
+    with pytest.raises(MissingDependencyError, match=r"pip install '\.\[eval\]'.*--no-plots"):
+        eval_pkg.evaluate(EvalConfig(data_root=str(tmp_path)), tmp_path / "out")
