@@ -207,3 +207,25 @@ def test_bad_video_files_raise_one_clear_input_error(tmp_path, sample_videos):  
         with pytest.raises(InputError, match=words) as info:
             _frames(_video(tmp_path / name), "fps=1")
         assert name in str(info.value) and "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------- one reader per format
+def test_indexing_and_eval_share_one_reader_per_format(tmp_path):
+    import eval.datasets.base as eval_base
+    import eval.datasets.keyframes as eval_keyframes
+    import indexing.formats as formats
+    import indexing.sources as sources
+
+    assert eval_base.IMAGE_EXTS is formats.IMAGE_EXTS is sources.IMAGE_EXTS
+    assert eval_base.list_images is formats.list_images and eval_base.natural_key is formats.natural_key
+    assert eval_keyframes.read_keyframe_map is sources.read_keyframe_map is formats.read_keyframe_map
+    # the same folder lists the same files in the same order on both sides (.tif included)
+    d = tmp_path / "mixed"
+    for name in ("10.jpg", "2.png", "1.tif", "b10.jpg", "b9.webp", "notes.txt"):
+        if name.endswith(".txt"):
+            (d / name).write_text("x")
+        else:
+            _jpg(d / name, (20, 20, 20))
+    (src,) = discover([d])[0]
+    names = [Path(f.path).name for f in _frames(src, "all")]
+    assert names == [p.name for p in eval_base.list_images(d)] == ["1.tif", "2.png", "10.jpg", "b9.webp", "b10.jpg"]
