@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional, Sequence
 
 from errors import InputError
 
@@ -49,7 +49,7 @@ class Truth:
 
     task: str
     spans: tuple[Span, ...]
-    answer: Optional[str] = None
+    answer: str | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -62,7 +62,7 @@ class Truth:
             raise InputError("a qa query's ground truth needs its answer")
 
 
-def normalize_answer(text: Optional[str]) -> str:
+def normalize_answer(text: str | None) -> str:
     """Case-folded, Unicode NFC (accents kept: they carry meaning in Vietnamese), punctuation
     dropped, runs of spaces collapsed; ``"  Màu XANH. "`` -> ``"màu xanh"``."""
     if text is None:
@@ -111,7 +111,7 @@ def query_score(rows: Sequence[Sequence], truth: Truth, tolerance: int = 0, ks: 
     return score_from_row_scores([row_score(r, truth, tolerance) for r in list(rows)[:MAX_ROWS]], ks)
 
 
-def rank_score(rank: Optional[int], ks: Iterable[int] = KS) -> float:
+def rank_score(rank: int | None, ks: Iterable[int] = KS) -> float:
     """Score of a single full hit at 1-based ``rank`` (None: no hit)."""
     ks = tuple(ks)
     if rank is None:
@@ -226,7 +226,7 @@ def _task(text) -> str:
     return t
 
 
-def _span_of(d: Mapping, video_id: str, where: str) -> Optional[Span]:
+def _span_of(d: Mapping, video_id: str, where: str) -> Span | None:
     def given(k: str) -> bool:
         return d.get(k) not in (None, "")
 
@@ -245,7 +245,7 @@ def _span_of(d: Mapping, video_id: str, where: str) -> Optional[Span]:
     return None
 
 
-def aic_query_from_row(row: Mapping, where: str, texts: bool = True) -> Optional[AicQuery]:
+def aic_query_from_row(row: Mapping, where: str, texts: bool = True) -> AicQuery | None:
     """The ground truth of one query-file row, None when it has no frame range (e.g. a ``frames`` list).
 
     Keys: ``task`` (or ``type``; ``kis`` unless ``events`` is given), ``video_id``, the range as
@@ -327,7 +327,7 @@ def read_truth(path) -> dict:
     return out
 
 
-def score_submission_dir(sub_dir, truth_path, tolerance: Optional[int] = None) -> dict:
+def score_submission_dir(sub_dir, truth_path, tolerance: int | None = None) -> dict:
     """Score ``{query_id}.csv`` files against a ground-truth file; a missing file scores 0 and is listed.
 
     Returns: ``{"queries": {qid: score}, "missing": [...], "AIC": ..., "AIC_kis": ..., ...}``.

@@ -26,9 +26,9 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -68,7 +68,7 @@ class ReleaseParts:
         videos: folders holding ``<video_id>.mp4`` (searched two levels deep).
     """
 
-    root: Optional[Path] = None
+    root: Path | None = None
     keyframes: tuple[Path, ...] = ()
     maps: tuple[Path, ...] = ()
     media_info: tuple[Path, ...] = ()
@@ -82,7 +82,7 @@ class ReleaseParts:
     def is_release(self) -> bool:
         return bool(self.keyframes or self.features)
 
-    def with_overrides(self, overrides: Optional[dict]) -> "ReleaseParts":
+    def with_overrides(self, overrides: dict | None) -> ReleaseParts:
         """Replace parts by user-given folders (``{"maps": Path, ...}``); each must exist."""
         if not overrides:
             return self
@@ -100,30 +100,30 @@ class ReleaseParts:
         return replace(self, _cache={}, **changes)
 
     # ------------------------------------------------------------------ per-video files
-    def _file(self, part: str, video_id: str, suffix: str) -> Optional[Path]:
+    def _file(self, part: str, video_id: str, suffix: str) -> Path | None:
         for d in getattr(self, part):
             p = d / f"{video_id}{suffix}"
             if p.exists():
                 return p
         return None
 
-    def map_for(self, video_id: str) -> Optional[Path]:
+    def map_for(self, video_id: str) -> Path | None:
         p = self._file("maps", video_id, ".csv")
         return p if p is not None and p.is_file() else None
 
-    def media_info_for(self, video_id: str) -> Optional[Path]:
+    def media_info_for(self, video_id: str) -> Path | None:
         p = self._file("media_info", video_id, ".json")
         return p if p is not None and p.is_file() else None
 
-    def objects_for(self, video_id: str) -> Optional[Path]:
+    def objects_for(self, video_id: str) -> Path | None:
         p = self._file("objects", video_id, "")
         return p if p is not None and p.is_dir() else None
 
-    def features_for(self, video_id: str) -> Optional[Path]:
+    def features_for(self, video_id: str) -> Path | None:
         p = self._file("features", video_id, ".npy")
         return p if p is not None and p.is_file() else None
 
-    def video_for(self, video_id: str) -> Optional[Path]:
+    def video_for(self, video_id: str) -> Path | None:
         if "videos" not in self._cache:
             found: dict = {}
             for d in self.videos:
@@ -132,7 +132,7 @@ class ReleaseParts:
             self._cache["videos"] = found
         return self._cache["videos"].get(video_id)
 
-    def keyframe_dirs(self, under: Optional[Path] = None) -> list[Path]:
+    def keyframe_dirs(self, under: Path | None = None) -> list[Path]:
         """Every ``keyframes/<video_id>/`` folder (only those inside ``under`` when given)."""
         out = []
         for kf in self.keyframes:
@@ -141,16 +141,18 @@ class ReleaseParts:
                     out.append(d)
         return out
 
-    def video_ids(self) -> list[str]:
-        """Video ids with keyframes or features, in order."""
-        ids = {d.name for d in self.keyframe_dirs()}
-        for f in self.features:
-            ids.update(p.stem for p in f.glob("*.npy"))
-        return sorted(ids)
+    def keyframe_dir_for(self, video_id: str) -> Path | None:
+        """The ``keyframes/<video_id>/`` folder of a video (first archive that has it), None if none."""
+        if "keyframe_dirs" not in self._cache:
+            found: dict = {}
+            for d in self.keyframe_dirs():
+                found.setdefault(d.name, d)
+            self._cache["keyframe_dirs"] = found
+        return self._cache["keyframe_dirs"].get(video_id)
 
 
 # ---------------------------------------------------------------------------- discovery
-def find_release(path: Path, overrides: Optional[dict] = None) -> ReleaseParts:
+def find_release(path: Path, overrides: dict | None = None) -> ReleaseParts:
     """The release that ``path`` belongs to (``path`` is its root or anything under it).
 
     Returns a ``ReleaseParts`` whose ``is_release`` is False when ``path`` is not in a release
@@ -211,9 +213,7 @@ def _parts_at(root: Path) -> ReleaseParts:
             if part == "keyframes" and low == "keyframes":
                 # a bare keyframes/ folder next to map-keyframes/ (the older, single-archive layout)
                 found[part].append(child)
-            elif part == "maps" and low == "map-keyframes":
-                found[part].append(child)
-            elif part == "videos":
+            elif part == "maps" and low == "map-keyframes" or part == "videos":
                 found[part].append(child)
             else:
                 found[part].extend(_inner_dirs(child, part, strict=True))
@@ -224,7 +224,7 @@ def _parts_at(root: Path) -> ReleaseParts:
 
 def _inner_dirs(folder: Path, part: str, strict: bool = False) -> tuple[Path, ...]:
     """The folder(s) of per-video files for ``part`` inside an archive folder (or the folder itself)."""
-    prefixes, inner = PARTS[part]
+    inner = PARTS[part][1]
     if part == "videos":
         return (folder,)
     sub = [p for p in folder.iterdir() if p.is_dir() and p.name.lower() == inner] if inner else []
@@ -292,7 +292,7 @@ def video_metadata(parts: ReleaseParts, video_ids: Sequence[str]) -> dict:
 
 
 def read_objects(folder: Path, video_id: str, min_score: float = OBJECT_MIN_SCORE,
-                 frame_of: Optional[dict] = None) -> list[tuple]:
+                 frame_of: dict | None = None) -> list[tuple]:
     """Detections of ``objects/<video_id>/<n>.json`` with score >= ``min_score``.
 
     Rows: (video_id, n, frame_idx, entity, score, ymin, xmin, ymax, xmax); ``frame_idx`` is the
@@ -410,7 +410,7 @@ def load_video_meta(index_dir: Path) -> dict:
     return d if isinstance(d, dict) else {}
 
 
-def sources_for_path(root: Path, overrides: Optional[dict] = None) -> Optional[list]:
+def sources_for_path(root: Path, overrides: dict | None = None) -> list | None:
     """The keyframe sources of ``root`` when it is (in) a release; None to walk it as plain folders.
 
     Plain ``keyframes/`` + ``map-keyframes/`` side by side (the older layout) is left to the
@@ -426,8 +426,8 @@ def sources_for_path(root: Path, overrides: Optional[dict] = None) -> Optional[l
     return found or None
 
 
-def write_release_metadata(index_dir: Path, sources: Sequence, overrides: Optional[dict] = None,
-                           video_ids: Optional[set] = None) -> dict:
+def write_release_metadata(index_dir: Path, sources: Sequence, overrides: dict | None = None,
+                           video_ids: set | None = None) -> dict:
     """``write_sidecars`` for the keyframe ``sources`` that belong to a release (or have overrides).
 
     Args:
@@ -457,7 +457,7 @@ def unmapped_warning(video_id: str, path: Path) -> str:
 
 # ---------------------------------------------------------------------------- import-features
 def import_features(paths: Sequence[Path], index_dir: Path, model: str = "ViT-B-32", pretrained: str = "openai",
-                    overrides: Optional[dict] = None, force: bool = False, index_type: Optional[str] = None,
+                    overrides: dict | None = None, force: bool = False, index_type: str | None = None,
                     ngpu: int = -1):
     """Build (or extend) an index from the organisers' ``clip-features-32/<video_id>.npy`` files.
 
@@ -522,7 +522,7 @@ def import_features(paths: Sequence[Path], index_dir: Path, model: str = "ViT-B-
     return report
 
 
-def _feature_videos(paths: Sequence[Path], overrides: Optional[dict]) -> list[tuple[str, ReleaseParts, Path]]:
+def _feature_videos(paths: Sequence[Path], overrides: dict | None) -> list[tuple[str, ReleaseParts, Path]]:
     out, seen = [], set()
     for raw in paths:
         root = Path(raw).expanduser().resolve()
@@ -544,7 +544,7 @@ def _feature_key(parts: ReleaseParts, vid: str, npy: Path) -> tuple[str, str]:
     """The store key is the keyframe folder when there is one (so `index` of it replaces these rows)."""
     from indexing.sources import _file_sig
 
-    kf = next((d for d in parts.keyframe_dirs() if d.name == vid), None)
+    kf = parts.keyframe_dir_for(vid)
     mp = parts.map_for(vid)
     fp = "|".join([_file_sig(npy)] + ([_file_sig(mp)] if mp is not None else []))
     return (str(kf) if kf is not None else str(npy)), fp
@@ -575,7 +575,7 @@ def _feature_source(vid: str, parts: ReleaseParts, npy: Path, key: str, fingerpr
         report.unmapped.append(vid)
     elif len(kmap) != n_rows:
         raise InputError(f"{npy} has {n_rows} rows but {mp} has {len(kmap)} keyframes; they must match (row i = n i+1)")
-    kf = next((d for d in parts.keyframe_dirs() if d.name == vid), None)
+    kf = parts.keyframe_dir_for(vid)
     images = {int(p.stem): p for p in _images_in(kf) if p.stem.isdigit()} if kf is not None else {}
     frame_idx, pts, paths = [], [], []
     for i in range(n_rows):

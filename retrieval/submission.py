@@ -16,9 +16,9 @@ from __future__ import annotations
 import csv
 import io
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
 
 from errors import InputError
 
@@ -55,7 +55,7 @@ def _frames(result) -> list[int]:
     return [int(result.frame_idx)]
 
 
-def submission_rows(results: Iterable, task: Optional[str] = None, answer: str = "", limit: int = MAX_ROWS) -> list[tuple]:
+def submission_rows(results: Iterable, task: str | None = None, answer: str = "", limit: int = MAX_ROWS) -> list[tuple]:
     """Distinct rows in rank order, at most ``limit``.
 
     Args:
@@ -96,7 +96,7 @@ def render(rows: Sequence[Sequence]) -> str:
     return buf.getvalue()
 
 
-def write_rows(path: Union[str, Path], rows: Sequence[Sequence], limit: int = MAX_ROWS) -> int:
+def write_rows(path: str | Path, rows: Sequence[Sequence], limit: int = MAX_ROWS) -> int:
     """Write distinct ``rows`` (at most ``limit``) to ``path`` atomically; returns the rows written."""
     path = Path(path)
     rows = dedup_rows(rows, limit)
@@ -106,7 +106,7 @@ def write_rows(path: Union[str, Path], rows: Sequence[Sequence], limit: int = MA
     return len(rows)
 
 
-def write_results(path: Union[str, Path], results: Iterable, task: Optional[str] = None, answer: str = "") -> int:
+def write_results(path: str | Path, results: Iterable, task: str | None = None, answer: str = "") -> int:
     """``submission_rows`` then ``write_rows``: search results straight to a submission file."""
     return write_rows(path, submission_rows(results, task, answer))
 
@@ -119,7 +119,7 @@ def query_file_name(query_id: str) -> str:
     return f"{qid}.csv"
 
 
-def read_rows(path: Union[str, Path]) -> list[list[str]]:
+def read_rows(path: str | Path) -> list[list[str]]:
     """A submission file's rows as strings (for scoring and checks)."""
     with open(path, newline="", encoding="utf-8-sig") as fh:
         return [r for r in csv.reader(fh) if r]
@@ -155,7 +155,7 @@ class SubmitReport:
                 "files": [{"query_id": q, "task": t, "rows": n, "path": p} for q, t, n, p in self.files]}
 
 
-def read_queries(path: Union[str, Path]) -> list[SubmitQuery]:
+def read_queries(path: str | Path) -> list[SubmitQuery]:
     """A query file: tab-separated ``id<TAB>type<TAB>text`` lines, JSON lines, or one JSON array.
 
     TRAKE events are separated by `` | `` in the text (or given as a JSON list ``events``). Blank
@@ -223,7 +223,7 @@ def _query(r: dict, where: str) -> SubmitQuery:
     return SubmitQuery(qid, task, text or " | ".join(events), events, str(r.get("answer", "") or ""))
 
 
-def read_answers(path: Union[str, Path]) -> dict:
+def read_answers(path: str | Path) -> dict:
     """QA answers: a JSON object ``{query_id: answer}`` or ``id<TAB>answer`` lines."""
     import json
 
@@ -248,8 +248,8 @@ def read_answers(path: Union[str, Path]) -> dict:
     return out
 
 
-def run_submit(queries: Union[str, Path], index_dir: Union[str, Path], out_dir: Union[str, Path],
-               answers: Optional[Union[str, Path]] = None, within_s: float = 60.0, searcher=None,
+def run_submit(queries: str | Path, index_dir: str | Path, out_dir: str | Path,
+               answers: str | Path | None = None, within_s: float = 60.0, searcher=None,
                allow_unmapped: bool = False, **open_kwargs) -> SubmitReport:
     """One submission file per query of ``queries`` under ``out_dir`` (checks every input first).
 
@@ -295,7 +295,7 @@ def run_submit(queries: Union[str, Path], index_dir: Union[str, Path], out_dir: 
     return report
 
 
-def _timed(hits: list, report: "SubmitReport") -> list:
+def _timed(hits: list, report: SubmitReport) -> list:
     """Hits with a known time: a keyframe indexed without its map has none, and no real frame number."""
     import math
 

@@ -8,8 +8,8 @@ event, maximising the sum of their scores. With N = 2 it gives exactly ``pair_ev
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -55,8 +55,8 @@ def chain_events(per_event: Sequence[Sequence[Hit]], within_s: float) -> list[Ev
         for h in hits:
             if math.isfinite(h.pts_time):
                 groups.setdefault(h.video_id, []).append(h)
-        for v in groups:
-            groups[v].sort(key=lambda h: h.pts_time)
+        for hits_v in groups.values():
+            hits_v.sort(key=lambda h: h.pts_time)
         by_video.append(groups)
     out = []
     for a in per_event[0]:

@@ -10,12 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_aic_support import FRAMES, FPS, MEDIA, UNMAPPED, make_release, pts
+from test_aic_support import FRAMES, MEDIA, UNMAPPED, make_release, pts
 from test_indexing_support import build_encoder
 from typer.testing import CliRunner
 
 from indexing import Dedup, IndexOptions, index_paths
-from indexing.aic import find_release, import_features, load_video_meta, objects_in_frames
+from indexing.aic import (
+    find_release,
+    import_features,
+    load_video_meta,
+    objects_in_frames,
+)
 from indexing.sources import discover
 from indexing.store import IndexStore
 
@@ -181,4 +186,3 @@ def test_import_features_gives_the_rows_of_index_and_the_files_vectors(indexed, 
     rep = import_features([bad], tmp_path / "imp2", pretrained="none")
     assert [(Path(b.path).name, "5 rows" in b.reason and "3 keyframes" in b.reason) for b in rep.failed] == [
         ("L21_V002.npy", True)]
-    assert FPS  # (fps is in the maps; the index keeps pts_time)

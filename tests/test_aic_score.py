@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 
 from errors import InputError
-from eval.aic_score import KS, Span, Truth, normalize_answer, query_score, rank_score, row_score, score_by_task
+from eval.aic_score import (
+    KS,
+    Span,
+    Truth,
+    normalize_answer,
+    query_score,
+    rank_score,
+    row_score,
+    score_by_task,
+)
 
 KIS = Truth("kis", (Span("L21_V001", 100, 120),))
 MISS = ("L21_V002", 110)
@@ -144,10 +153,11 @@ def test_eval_reports_the_official_score_per_task_on_a_release(tmp_path):
 def test_a_submission_folder_is_scored_against_a_truth_file(tmp_path):
     import json
 
+    from typer.testing import CliRunner
+
     from cli import app
     from eval.aic_score import score_submission_dir
     from retrieval.submission import write_rows
-    from typer.testing import CliRunner
 
     truth = tmp_path / "truth.jsonl"
     truth.write_text("\n".join(json.dumps(r) for r in [
