@@ -211,6 +211,16 @@ def search_cmd(
     batch_size: BatchOpt = 32,
     nprobe: Annotated[int, typer.Option("--nprobe", min=1, help="IVF index types: lists visited per query (more: better recall, slower).")] = 16,
     ef_search: Annotated[int, typer.Option("--ef-search", min=1, help="HNSW index types: search depth (more: better recall, slower).")] = 64,
+    shards: Annotated[
+        Optional[List[Path]],
+        typer.Option("--shard", help="Another index folder searched together with --index (repeatable): one FAISS index "
+                     "per folder, results merged by score (faiss.IndexShards). See docs/SCALE.md."),
+    ] = None,
+    shard_index_type: Annotated[
+        Optional[str],
+        typer.Option("--index-type", help="With --shard: build this FAISS type per shard (IVF4096,PQ64, HNSW32, auto), "
+                     "trained once on a sample across the shards (default: each folder's own index.faiss)."),
+    ] = None,
 ) -> None:
     """Search an index by text, by image (--image) or for one event followed by another (--then)."""
     from retrieval import hits_json, hits_table, run_search, write_submission_csv
@@ -218,11 +228,20 @@ def search_cmd(
 
     if csv_out is not None:
         check_writable(csv_out, what="--csv")  # before the model loads
-    results = run_search(
-        index_dir, text=query, image=image, then=then, within_s=within, k=k, per_video=per_video, model=model,
-        pretrained=pretrained, merge=merge, device=device, precision=precision, batch_size=batch_size,
-        nprobe=nprobe, ef_search=ef_search,
-    )
+    if shards or shard_index_type:
+        from retrieval.sharded import run_sharded_search
+
+        results = run_sharded_search(
+            [index_dir, *(shards or [])], text=query, image=image, then=then, within_s=within, k=k,
+            per_video=per_video, model=model, pretrained=pretrained, merge=merge, device=device, precision=precision,
+            batch_size=batch_size, nprobe=nprobe, ef_search=ef_search, index_type=shard_index_type,
+        )
+    else:
+        results = run_search(
+            index_dir, text=query, image=image, then=then, within_s=within, k=k, per_video=per_video, model=model,
+            pretrained=pretrained, merge=merge, device=device, precision=precision, batch_size=batch_size,
+            nprobe=nprobe, ef_search=ef_search,
+        )
     typer.echo(hits_json(results) if json_out else hits_table(results))  # printed even when the CSV fails below
     if csv_out is not None:
         n = write_submission_csv(csv_out, results)
@@ -305,6 +324,28 @@ def submit_cmd(
 
 
 # ---------------------------------------------------------------- index maintenance (indexing/repair.py)
+@app.command("merge-index")
+@handle_errors
+def merge_index_cmd(
+    inputs: Annotated[List[Path], typer.Argument(help="Index folders to combine (built apart: other machines, other jobs).")],
+    *,
+    into: Annotated[Path, typer.Option("--into", help="Target index folder (created, or extended when it exists).")],
+    index_type: Annotated[
+        Optional[str],
+        typer.Option("--index-type", help="FAISS type of the merged index (default: the target's, or the first input's); "
+                     "IVF/PQ types are trained on the merged vectors."),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Combine indexes of the same model into one: sources copied in the order given, ids renumbered (docs/SCALE.md)."""
+    import json
+
+    from indexing.merge import merge_indexes
+
+    report = merge_indexes(inputs, into, index_type=index_type)
+    typer.echo(json.dumps(report.to_dict(), indent=1) if json_out else "\n".join(report.summary_lines()))
+
+
 @app.command("repair")
 @handle_errors
 def repair_cmd(

@@ -44,12 +44,14 @@ from indexing.pipeline import (
     _Done,
     _Failed,
     _finish,
+    _reuse_config,
     index_paths,
     read_source,
     recipe_for,
 )
 from indexing.sources import BadInput, MediaSource
 from indexing.store import IDENTITY_KEYS, IndexStore
+from indexing.thumbs import ThumbCollector
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +143,11 @@ class _Preprocess:
 
 
 # ---------------------------------------------------------------------------- Ray stages
-def _decode_rows(row: dict, sampling, dedup, preprocess, batch_size: int):
+def _decode_rows(row: dict, sampling, dedup, preprocess, batch_size: int, decoder: str):
     """flat_map: one source row -> its chunks (pickled), the last one being _Done or _Failed."""
-    src = MediaSource(row["kind"], Path(row["path"]), row["video_id"], row["fingerprint"],
-                      Path(row["map_csv"]) if row["map_csv"] else None)
+    src = pickle.loads(row["source"])
     t0 = time.perf_counter()
-    for n, item in enumerate(read_source(src, sampling, dedup, preprocess, batch_size)):
+    for n, item in enumerate(read_source(src, sampling, dedup, preprocess, batch_size, decoder=decoder)):
         chunk = _Chunk(row["order"], n, item, read_s=time.perf_counter() - t0)
         yield {"payload": pickle.dumps(chunk, protocol=5)}
         t0 = time.perf_counter()
@@ -250,6 +251,9 @@ def index_paths_ray(
         RayRunError: Ray could not be reached, or workers died past their retries (what was
             committed is kept; run again to resume).
     """
+    if _reuse_config(options) is not None:
+        raise ConfigError("--reuse needs every frame of a video to pass through one encoder in order; it cannot be "
+                          "combined with --ray yet: drop --reuse, or index without --ray")
     started = connect(ray_options.address, ray_options.num_cpus)
     try:
         def stages(store, todo, enc, opts, report, commit_hook):
@@ -269,11 +273,7 @@ def _dataset(todo: Sequence[MediaSource], encoder, options: IndexOptions, ray_op
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(options.progress)
     ctx.verbose_stats_logs = False
-    rows = [
-        {"order": i, "kind": s.kind, "path": str(s.path), "video_id": s.video_id, "fingerprint": s.fingerprint,
-         "map_csv": str(s.map_csv) if s.map_csv else ""}
-        for i, s in enumerate(todo)
-    ]
+    rows = [{"order": i, "source": pickle.dumps(s, protocol=5)} for i, s in enumerate(todo)]
     cpus, gpus, threads, device = _resources(ray_options)
     log.info("ray: %d encoder actor(s) with %g CPU / %g GPU each on %s", ray_options.workers, cpus, gpus, device)
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))  # one decode task per source
@@ -290,7 +290,8 @@ def _stages_on(ds, encoder, options, ray_options: RayOptions, actor_encoder, res
     ds = ds.flat_map(
         _decode_rows,
         fn_kwargs={"sampling": options.sampling, "dedup": options.dedup,
-                   "preprocess": _Preprocess(encoder.preprocess), "batch_size": encoder.batch_size},
+                   "preprocess": _Preprocess(encoder.preprocess), "batch_size": encoder.batch_size,
+                   "decoder": getattr(options, "decoder", "decord")},
         num_cpus=ray_options.decode_cpus,
         max_retries=ray_options.max_retries,
     )
@@ -350,6 +351,7 @@ def _ray_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
                 ray_options: RayOptions, actor_encoder) -> list:
     settings = {"sampling": str(options.sampling), "dedup": str(options.dedup)}
     assembler = _Assembler(todo)
+    thumbs = ThumbCollector()  # written beside each shard right after its commit, as in one process
     bars = _Bars(len(todo)) if options.progress else None
     buffer: list = []
     new_shards: list = []
@@ -358,8 +360,9 @@ def _ray_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
     def commit() -> None:
         nonlocal buffer, last_commit
         t0 = time.perf_counter()
-        store.commit(buffer, settings)
+        ids = store.commit(buffer, settings)
         new_shards.append(f"part-{store.manifest.next_shard - 1:05d}")
+        thumbs.write(store.root, new_shards[-1], buffer, ids)
         report.times.write_s += time.perf_counter() - t0
         keys = [e.key for e in buffer]
         buffer, last_commit = [], time.perf_counter()
@@ -368,6 +371,10 @@ def _ray_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
 
     def take(src: MediaSource, last, parts: list) -> None:
         # The bookkeeping of pipeline._run_stages, applied in to-do order so the report matches too.
+        for batch, _ in parts:
+            thumbs.add(src.key, batch.thumbs)
+        if last is None or isinstance(last, _Failed):
+            thumbs.drop(src.key)
         if last is None:
             report.failed.append(BadInput(str(src.path), "lost on the Ray cluster (its worker failed past the retries)"))
         elif isinstance(last, _Failed):

@@ -82,11 +82,26 @@ def _rows(index_dir: Path):
     return [tuple("nan" if isinstance(v, float) and v != v else v for v in r) for r in rows], vecs
 
 
+def _thumbs(index_dir: Path) -> dict:
+    from indexing.thumbs import ThumbReader
+
+    store = IndexStore.open_for_read(index_dir)
+    meta = store.read_meta()
+    ids = meta.column("id").to_numpy()
+    reader = ThumbReader(index_dir, list(store.manifest.shards), ids, meta.column("hash").to_numpy())
+    try:
+        return {int(i): reader.get(i) for i in ids}
+    finally:
+        reader.close()
+
+
 def _assert_same_index(index_dir: Path, reference_dir: Path) -> None:
     rows, vecs = _rows(index_dir)
     ref_rows, ref_vecs = _rows(reference_dir)
     assert rows == ref_rows
     np.testing.assert_allclose(vecs, ref_vecs, atol=1e-5)
+    thumbs = _thumbs(index_dir)
+    assert thumbs == _thumbs(reference_dir) and all(thumbs.values())  # every frame has its thumbnail
 
 
 def dying_encoder(flag: str, device: str):

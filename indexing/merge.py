@@ -1,0 +1,254 @@
+"""``cli.py merge-index A B ... --into C``: combine indexes built apart into one.
+
+Indexes made on other machines, or by separate jobs over parts of an archive, become one index
+with the usual commit protocol (``IndexStore.commit``), as if their sources had been indexed
+into it in that order:
+
+* the inputs must agree on model, weights, merge config, precision and dim (``IDENTITY_KEYS``);
+  anything else is refused with one line before anything is written;
+* sources are copied whole, input by input in the order given and, within an input, in the order
+  they were committed there (= id order); rows keep their frame order, metadata (video_id,
+  frame_idx, pts_time, path, hash, source) and vectors (bit for bit) and thumbnails;
+* ids are given by the target as it commits, so they are unique and consecutive. **What "same"
+  means for ids**: merging indexes that were each built by one run gives exactly the ids one
+  ``index`` run over the inputs' sources in that order gives (``index A_PATHS B_PATHS``); in
+  general, a row's new id is its rank in (input order, old id) after the target's existing rows;
+* a source already in the target with the same fingerprint and recipe is skipped (merging again
+  is a no-op); the same source in two inputs is taken from the first when both copies agree, and
+  refused when they differ (two different files under one path: say which one to keep).
+
+Only live rows are read (a re-indexed source's old rows are left behind), one shard at a time.
+A merge killed half way resumes like an ``index`` run: committed sources are skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from errors import IndexMismatchError, InputError
+from indexing.store import IDENTITY_KEYS, EncodedSource, IndexStore, read_manifest
+from indexing.thumbs import ThumbCollector, ThumbReader
+
+log = logging.getLogger(__name__)
+
+COMMIT_ROWS = 65536  # rows per committed shard of the merged index
+
+
+@dataclass
+class MergeReport:
+    into: str
+    inputs: list = field(default_factory=list)
+    sources_copied: int = 0
+    vectors_copied: int = 0
+    up_to_date: int = 0  # sources the target already held
+    duplicates: list = field(default_factory=list)  # source keys found in more than one input (first copy kept)
+    vectors_total: int = 0
+    index_type: str = ""
+    wall_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        import dataclasses
+
+        return dataclasses.asdict(self)
+
+    def summary_lines(self) -> list[str]:
+        lines = [
+            f"merged {len(self.inputs)} index(es) into {self.into}: {self.sources_copied} source(s) and "
+            f"{self.vectors_copied} vectors copied, {self.up_to_date} already there; {self.vectors_total} vectors "
+            f"in {self.into} ({self.index_type}); {self.wall_s:.1f}s",
+        ]
+        lines += [f"duplicate {k}: the same source is in several inputs; the first copy was kept" for k in self.duplicates]
+        return lines
+
+
+def merge_indexes(inputs: Sequence[Union[str, Path]], into: Union[str, Path], index_type: Optional[str] = None,
+                  ngpu: int = -1, commit_rows: int = COMMIT_ROWS) -> MergeReport:
+    """Copy the sources of ``inputs`` into ``into`` (created if missing) and build its FAISS index.
+
+    Args:
+        index_type: FAISS factory string of the merged index (IVF/PQ types are trained on the merged
+            vectors); None keeps the target's type, or the first input's for a new target.
+
+    Raises:
+        InputError: no inputs, an input that is not an index, or the target among the inputs.
+        IndexMismatchError: inputs (or the target) built with another model / weights / merge config /
+            precision / dim, or one source with different contents in two inputs.
+    """
+    from indexing.pipeline import IndexOptions, _refresh_faiss
+
+    t0 = time.perf_counter()
+    into = Path(into)
+    roots = [Path(p) for p in inputs]
+    if not roots:
+        raise InputError("merge-index needs at least one input index: cli.py merge-index A B --into C")
+    if any(r.resolve() == into.resolve() for r in roots):
+        raise InputError(f"{into} is both an input and the target; merge into a new folder or leave it out of the inputs")
+    stores = [IndexStore.open_for_read(r) for r in roots]
+    first = stores[0]
+    for s in stores[1:]:
+        _check_same(first, s)
+    target = read_manifest(into) if (into / "manifest.json").is_file() else None
+    if target is not None:
+        _check_same(first, _Named(into, target))
+    plan, duplicates = _plan(stores)
+    report = MergeReport(str(into), [str(r) for r in roots], duplicates=duplicates)
+    settings = _settings(stores)
+    with IndexStore.open_for_write(into, first.manifest.identity, index_type or (None if target else first.manifest.index_type)) as out:
+        faiss_was_current = out.faiss_is_current()
+        todo = [(s, k) for s, k in plan if not out.is_current(k, s.manifest.sources[k].fingerprint, s.manifest.sources[k].recipe)]
+        report.up_to_date = len(plan) - len(todo)
+        replaced = any(key in out.manifest.sources for _, key in todo)
+        new_shards = _copy(out, todo, settings, commit_rows, report)
+        _refresh_faiss(out, new_shards, faiss_was_current and not replaced, IndexOptions(ngpu=ngpu))
+        report.vectors_total = out.manifest.counts()["vectors"]
+        report.index_type = out.manifest.index_type
+    report.wall_s = time.perf_counter() - t0
+    return report
+
+
+@dataclass
+class _Named:
+    root: Path
+    manifest: object
+
+
+def _check_same(a, b) -> None:
+    diffs = [k for k in IDENTITY_KEYS if str(getattr(a.manifest, k)) != str(getattr(b.manifest, k))]
+    if diffs:
+        have = ", ".join(f"{k}={getattr(b.manifest, k)}" for k in diffs)
+        want = ", ".join(f"{k}={getattr(a.manifest, k)}" for k in diffs)
+        raise IndexMismatchError(
+            f"cannot merge {b.root} with {a.root}: {b.root} was built with {have} but {a.root} with {want}; only "
+            "indexes of the same model, weights, merge config, precision and dim can be merged (re-index one of them)"
+        )
+
+
+def _plan(stores: Sequence[IndexStore]) -> tuple[list, list]:
+    """[(store, source key)] in merge order, and the keys that more than one input holds."""
+    plan, seen, duplicates = [], {}, []
+    for s in stores:
+        first_id = _first_ids(s)
+        for key in sorted(s.manifest.sources, key=lambda k: first_id.get(k, 1 << 62)):
+            e = s.manifest.sources[key]
+            if key in seen:
+                other = seen[key].manifest.sources[key]
+                if (other.fingerprint, other.recipe, other.count) != (e.fingerprint, e.recipe, e.count):
+                    raise IndexMismatchError(
+                        f"source {key} is in {seen[key].root} and in {s.root} with different contents "
+                        f"(fingerprint {other.fingerprint} vs {e.fingerprint}, recipe {other.recipe!r} vs {e.recipe!r}); "
+                        "re-index it in one of them, or leave one index out"
+                    )
+                duplicates.append(key)
+                continue
+            seen[key] = s
+            plan.append((s, key))
+    return plan, duplicates
+
+
+def _first_ids(store: IndexStore) -> dict:
+    meta = store.read_meta()
+    keys = meta.column("source").to_pylist()
+    ids = meta.column("id").to_numpy()
+    first: dict = {}
+    for k, i in zip(keys, ids.tolist()):
+        if i < first.get(k, 1 << 62):
+            first[k] = i
+    return first
+
+
+def _settings(stores: Sequence[IndexStore]) -> dict:
+    """The manifest's informational sampling/dedup: the inputs' value, or all of them when they differ."""
+    out = {}
+    for k in ("sampling", "dedup"):
+        vals = list(dict.fromkeys(str(getattr(s.manifest, k)) for s in stores))
+        out[k] = vals[0] if len(vals) == 1 else " | ".join(vals)
+    return out
+
+
+def _copy(out: IndexStore, todo: list, settings: dict, commit_rows: int, report: MergeReport) -> list:
+    """Commit the planned sources in order, ``commit_rows`` rows per shard, thumbnails beside each shard."""
+    thumbs = ThumbCollector()
+    new_shards: list = []
+    buffer: list = []
+    current: Optional[_Input] = None
+
+    def commit() -> None:
+        nonlocal buffer
+        ids = out.commit(buffer, settings)
+        new_shards.append(f"part-{out.manifest.next_shard - 1:05d}")
+        thumbs.write(out.root, new_shards[-1], buffer, ids)
+        report.sources_copied += len(buffer)
+        report.vectors_copied += int(len(ids))
+        buffer = []
+
+    try:
+        for store, key in todo:
+            if current is None or current.store is not store:
+                if current is not None:  # inputs are consumed one after another: free the previous one
+                    current.close()
+                current = _Input(store)
+            enc, jpegs = current.source(key)
+            if all(j is not None for j in jpegs):
+                thumbs.add(key, jpegs)  # else `cli.py thumbs --index INTO` makes them from the videos
+            buffer.append(enc)
+            if sum(len(e.frame_idx) for e in buffer) >= commit_rows:
+                commit()
+        if buffer:
+            commit()
+    finally:
+        if current is not None:
+            current.close()
+    return new_shards
+
+
+class _Input:
+    """Live rows of one input index, handed out source by source (one shard's vectors in memory at a time)."""
+
+    def __init__(self, store: IndexStore):
+        self.store = store
+        self.meta = store.read_meta().sort_by("id")
+        self.ids = self.meta.column("id").to_numpy()
+        positions: dict = {}
+        for pos, k in enumerate(self.meta.column("source").to_pylist()):
+            positions.setdefault(k, []).append(pos)
+        self.positions = positions
+        self.thumbs = ThumbReader(store.root, list(store.manifest.shards), self.ids, self.meta.column("hash").to_numpy())
+        self._shard: Optional[str] = None
+        self._vecs: tuple = ()
+
+    def close(self) -> None:
+        self.thumbs.close()
+
+    def source(self, key: str) -> tuple[EncodedSource, list]:
+        """``key``'s rows (id order = frame order) as an ``EncodedSource``, and their thumbnails (None: missing)."""
+        store, e = self.store, self.store.manifest.sources[key]
+        pos = np.asarray(self.positions.get(key, []), dtype=np.int64)
+        if len(pos) != e.count:
+            raise InputError(f"{store.root}: source {key} has {len(pos)} rows but its manifest says {e.count}; "
+                             f"run `cli.py repair --index {store.root}` first")
+        rows = self.meta.take(pos)
+        if self._shard != e.shard:
+            sids, svecs = store.read_vectors(shards=[e.shard])
+            self._shard, self._vecs = e.shard, (sids, svecs, np.argsort(sids, kind="stable"))
+        sids, svecs, order = self._vecs
+        row_ids = self.ids[pos]
+        at = order[np.clip(np.searchsorted(sids, row_ids, sorter=order), 0, max(len(sids) - 1, 0))]
+        if len(sids) == 0 or not np.array_equal(sids[at], row_ids):
+            raise InputError(f"{store.root}: vectors of source {key} are missing from shard {e.shard}; "
+                             f"run `cli.py repair --index {store.root}` first")
+        enc = EncodedSource(
+            key=key, video_id=e.video_id, kind=e.kind, fingerprint=e.fingerprint, recipe=e.recipe,
+            frame_idx=rows.column("frame_idx").to_numpy().astype(np.int64),
+            pts_time=rows.column("pts_time").to_numpy().astype(np.float64),
+            paths=rows.column("path").to_pylist(),
+            hashes=rows.column("hash").to_numpy().astype(np.int64),
+            vectors=np.ascontiguousarray(svecs[at], dtype=np.float32),
+            duplicates=e.duplicates,
+        )
+        return enc, [self.thumbs.get(int(i)) for i in row_ids]

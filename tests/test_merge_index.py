@@ -1,0 +1,202 @@
+"""`merge-index` and sharded search: indexes built apart equal one index of all their sources.
+
+"Equal" for a merge: the same rows (id, video_id, frame_idx, pts_time, path) in id order, the
+same vectors and thumbnails, the same sources in the manifest. For sharded search: the same hits
+(scores, frames) as searching the merged index.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_indexing_support import build_encoder, index_contents, write_video
+from typer.testing import CliRunner
+
+from cli import app
+from errors import IndexMismatchError, InputError
+from indexing import IndexOptions, index_paths
+from indexing.merge import merge_indexes
+from indexing.store import EncodedSource, IndexStore
+from retrieval import Searcher
+from retrieval.sharded import ShardedSearcher
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> Path:
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("merge_media")
+    write_video(d / "a.mp4", [("red", 10), ("green", 10)])
+    write_video(d / "b.mp4", [("yellow", 10), ("white", 10), ("blue", 10)])
+    write_video(d / "c.mp4", [("blue", 10), ("black", 10)])
+    stills = d / "stills"
+    stills.mkdir()
+    for i, v in enumerate((40, 200)):
+        Image.fromarray(np.full((32, 32, 3), v, np.uint8)).save(stills / f"{i + 1}.png")
+    return d
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, media, one_torch_thread):
+    """The whole folder in one index, and the same sources as two halves built apart."""
+    enc = build_encoder()
+    root = tmp_path_factory.mktemp("merge_built")
+    index_paths([media], root / "whole", enc, IndexOptions())
+    index_paths([media / "a.mp4", media / "b.mp4"], root / "half1", enc, IndexOptions())
+    index_paths([media / "c.mp4", media / "stills"], root / "half2", enc, IndexOptions(shard_size=1))
+    return root
+
+
+def _rows(index_dir: Path):
+    rows, vecs = index_contents(index_dir)
+    return [tuple("nan" if isinstance(v, float) and v != v else v for v in r) for r in rows], vecs
+
+
+def _thumbs(index_dir: Path) -> dict:
+    from indexing.thumbs import ThumbReader
+
+    store = IndexStore.open_for_read(index_dir)
+    meta = store.read_meta()
+    ids = meta.column("id").to_numpy()
+    reader = ThumbReader(index_dir, list(store.manifest.shards), ids, meta.column("hash").to_numpy())
+    try:
+        return {int(i): reader.get(i) for i in ids}
+    finally:
+        reader.close()
+
+
+def _sources(index_dir: Path) -> dict:
+    m = IndexStore.open_for_read(index_dir).manifest
+    return {k: (e.video_id, e.kind, e.fingerprint, e.recipe, e.count, e.duplicates) for k, e in m.sources.items()}
+
+
+def test_merging_two_halves_equals_indexing_the_whole(tmp_path, built):
+    into = tmp_path / "merged"
+    report = merge_indexes([built / "half1", built / "half2"], into)
+    rows, vecs = _rows(into)
+    ref_rows, ref_vecs = _rows(built / "whole")
+    assert rows == ref_rows and [r[0] for r in rows] == list(range(len(rows)))  # same ids, 0..n-1
+    np.testing.assert_allclose(vecs, ref_vecs, atol=1e-5)
+    half_vecs = np.concatenate([index_contents(built / h)[1] for h in ("half1", "half2")])
+    assert np.array_equal(vecs, half_vecs)  # copied bit for bit
+    assert _sources(into) == _sources(built / "whole")
+    thumbs = _thumbs(into)
+    assert thumbs == _thumbs(built / "whole") and all(thumbs.values())
+    store = IndexStore.open_for_read(into)
+    assert store.faiss_is_current()
+    assert report.sources_copied == 4 and report.vectors_copied == report.vectors_total == len(rows)
+    # The merged index answers like the whole one.
+    q = ref_vecs[[0, 3]]
+    got, want = Searcher(into).search_vectors(q, 5), Searcher(built / "whole").search_vectors(q, 5)
+    assert [[(h.id, h.video_id, h.frame_idx) for h in hs] for hs in got] == [[(h.id, h.video_id, h.frame_idx) for h in hs] for hs in want]
+    # Merging again adds nothing.
+    again = merge_indexes([built / "half1", built / "half2"], into)
+    assert again.sources_copied == 0 and again.up_to_date == 4
+    assert _rows(into)[0] == rows
+
+
+def test_a_source_in_both_inputs_is_taken_once(tmp_path, built):
+    into = tmp_path / "merged"
+    report = merge_indexes([built / "half1", built / "whole"], into)
+    assert _rows(into)[0] == _rows(built / "whole")[0]  # a, b from half1 (the same rows), c and stills from whole
+    assert sorted(_sources(into)) == sorted(_sources(built / "whole"))
+    assert len(report.duplicates) == 2 and report.sources_copied == 4
+    assert len(index_contents(into)[0]) == len(index_contents(built / "whole")[0])
+
+
+def _fake_index(root: Path, vectors: np.ndarray, key: str = "/data/x.mp4", fingerprint: str = "1-1", **identity) -> Path:
+    ident = {"model": "ViT-B-32", "pretrained": "none", "merge": "none", "precision": "fp32", "dim": vectors.shape[1]}
+    ident.update(identity)
+    n = len(vectors)
+    with IndexStore.open_for_write(root, ident) as store:
+        store.commit([EncodedSource(key, Path(key).stem, "video", fingerprint, "fps=1;dedup=off", np.arange(n),
+                                    np.arange(n, dtype=np.float64), [key] * n, np.arange(n), vectors)])
+    return root
+
+
+def _unit(n: int, d: int, seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("key,value", [("model", "ViT-B-16"), ("merge", "r=8"), ("precision", "bf16"), ("dim", 256)])
+def test_indexes_of_another_model_merge_config_precision_or_dim_are_refused(tmp_path, key, value):
+    a = _fake_index(tmp_path / "a", _unit(4, 512, 0))
+    b = _fake_index(tmp_path / "b", _unit(4, value if key == "dim" else 512, 1), key="/data/y.mp4",
+                    **({key: value} if key != "dim" else {}))
+    with pytest.raises(IndexMismatchError, match=f"cannot merge .* {key}=") as info:
+        merge_indexes([a, b], tmp_path / "c")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "c").exists()  # refused before anything was written
+    # A target of another model is refused as well.
+    _fake_index(tmp_path / "t", _unit(4, 512, 2), key="/data/t.mp4", model="ViT-L-14")
+    with pytest.raises(IndexMismatchError, match="model="):
+        merge_indexes([a], tmp_path / "t")
+
+
+def test_one_source_with_different_contents_in_two_inputs_is_refused(tmp_path):
+    a = _fake_index(tmp_path / "a", _unit(3, 64, 0))
+    b = _fake_index(tmp_path / "b", _unit(3, 64, 1), fingerprint="2-2")
+    with pytest.raises(IndexMismatchError, match="/data/x.mp4 is in .* with different contents"):
+        merge_indexes([a, b], tmp_path / "c")
+    with pytest.raises(InputError, match="both an input and the target"):
+        merge_indexes([a, b], a)
+
+
+def test_cli_merge_index(tmp_path, built):
+    result = CliRunner().invoke(app, ["merge-index", str(built / "half1"), str(built / "half2"), "--into",
+                                      str(tmp_path / "m"), "--json"])
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["sources_copied"] == 4 and out["vectors_total"] == len(index_contents(built / "whole")[0])
+    a = _fake_index(tmp_path / "a", _unit(4, 512, 0), model="ViT-B-16")
+    result = CliRunner().invoke(app, ["merge-index", str(a), str(built / "half1"), "--into", str(tmp_path / "n")])
+    assert result.exit_code == IndexMismatchError.exit_code
+    assert len(result.stderr.strip().splitlines()) == 1 and "cannot merge" in result.stderr
+
+
+# ---------------------------------------------------------------------------- sharded search
+def test_sharded_search_equals_the_merged_index(tmp_path, built):
+    merged = tmp_path / "merged"
+    merge_indexes([built / "half1", built / "half2"], merged)
+    sharded = ShardedSearcher([built / "half1", built / "half2"])
+    one = Searcher(merged)
+    q = index_contents(merged)[1]
+    for got, want in zip(sharded.search_vectors(q, 6), one.search_vectors(q, 6)):
+        assert [(h.video_id, h.frame_idx, h.pts_time if h.pts_time == h.pts_time else None) for h in got] == \
+               [(h.video_id, h.frame_idx, h.pts_time if h.pts_time == h.pts_time else None) for h in want]
+        np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-5)
+    # global ids map back to (folder, id there)
+    n1 = len(index_contents(built / "half1")[0])
+    assert sharded.locate(0) == (IndexStore.open_for_read(built / "half1").root, 0)
+    assert sharded.locate(n1) == (IndexStore.open_for_read(built / "half2").root, 0)
+    assert sharded.size == len(q)
+
+
+def test_sharded_ivf_is_trained_once_across_shards(tmp_path):
+    """IVF-Flat with every list probed is exact: the sharded search must equal brute force."""
+    va, vb = _unit(300, 32, 0), _unit(200, 32, 1)
+    a = _fake_index(tmp_path / "a", va, key="/data/a.mp4")
+    b = _fake_index(tmp_path / "b", vb, key="/data/b.mp4")
+    s = ShardedSearcher([a, b], index_type="IVF8,Flat", nprobe=8)
+    assert all(p.ntotal == n for p, n in zip(s.parts, (300, 200)))
+    q = _unit(5, 32, 2)
+    allv = np.concatenate([va, vb])
+    want = np.argsort(-(q @ allv.T), axis=1, kind="stable")[:, :10]
+    got = [[h.id for h in hs] for hs in s.search_vectors(q, 10)]
+    assert got == want.tolist()  # global ids: a's rows 0..299, then b's 300..499
+    # Both shards share one trained quantizer: the same centroids.
+    import faiss
+
+    cents = [faiss.extract_index_ivf(faiss.downcast_index(p).index).quantizer.reconstruct_n(0, 8) for p in s.parts]
+    assert np.array_equal(cents[0], cents[1])
+
+
+def test_sharded_search_refuses_another_model(tmp_path):
+    a = _fake_index(tmp_path / "a", _unit(4, 64, 0))
+    b = _fake_index(tmp_path / "b", _unit(4, 64, 1), key="/data/y.mp4", model="ViT-B-16")
+    with pytest.raises(IndexMismatchError, match="model"):
+        ShardedSearcher([a, b])
