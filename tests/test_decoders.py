@@ -217,3 +217,20 @@ def test_index_with_torchcodec_gives_the_rows_of_decord(tmp_path, encoder):  # n
     rows_b, vecs_b = index_contents(tmp_path / "i2")
     assert [r[1:4] for r in rows_a] == [r[1:4] for r in rows_b]  # video_id, frame_idx, pts_time
     assert np.allclose(vecs_a, vecs_b, atol=2e-2)
+
+
+@needs_ffmpeg
+def test_a_live_webm_without_duration_names_the_way_out(tmp_path, sample_videos):  # noqa: F811
+    live = tmp_path / "live.webm"  # a live-mode WebM: no duration, no frame count in the header
+    _ffmpeg("-i", str(sample_videos["bikes"]), "-t", "2", "-an", "-c:v", "libvpx-vp9", "-deadline", "realtime",
+            "-cpu-used", "8", "-b:v", "200k", "-live", "1", str(live))
+    try:
+        vr = open_video(live, "decord")
+    except InputError as exc:  # decord2 cannot size it: one line that names the other decoder
+        assert "try --decoder torchcodec" in str(exc) and str(live) in str(exc) and "\n" not in str(exc)
+    else:  # a decord2 that can read it must read it whole
+        assert len(vr) == 50
+    if not TORCHCODEC_WHY:
+        tc = open_video(live, "torchcodec")
+        assert len(tc) == 50 and tc.timestamps == pytest.approx(np.arange(50) * 0.04, abs=1e-3)
+        assert tc.get_batch([0, 49]).shape == (2, 272, 640, 3)
