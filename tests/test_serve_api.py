@@ -411,3 +411,16 @@ def test_cli_thumbs_remakes_missing_and_stale_packs_identically(served, tmp_path
     assert json.loads(r.stdout)["removed"] == 1 and not pack_path(ix, "part-09999").exists()
     bad = CliRunner().invoke(app, ["thumbs", "--index", str(tmp_path / "nope")])
     assert bad.exit_code == 3 and "not a mergeseek index" in bad.stderr
+
+
+def test_next_index_run_fills_missing_packs_without_encoding(served, tmp_path):
+    from indexing import IndexOptions, Sampling, index_paths
+    from indexing.thumbs import THUMB_DIR
+
+    ix = tmp_path / "ix"
+    shutil.copytree(served["ix"], ix)
+    original = {p.name: p.read_bytes() for p in (served["ix"] / THUMB_DIR).iterdir()}
+    shutil.rmtree(ix / THUMB_DIR)  # as after a run killed between a shard's commit and its pack
+    report = index_paths([served["root"] / "videos"], ix, build_encoder(), IndexOptions(sampling=Sampling.parse("fps=2")))
+    assert report.up_to_date == 2 and report.frames_encoded == 0
+    assert {p.name: p.read_bytes() for p in (ix / THUMB_DIR).iterdir()} == original
