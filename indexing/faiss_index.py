@@ -88,7 +88,7 @@ def choose_index_type(n: int, dim: int, memory_budget: Optional[int] = None) -> 
     if n <= 100_000 and flat <= budget:
         return "Flat"
     nlist = 1 << max(0, int(round(np.log2(max(1.0, 4 * np.sqrt(n))))))
-    nlist = max(1, min(nlist, n // 39))
+    nlist = max(1, min(nlist, 1 << int(np.log2(max(1, n // 39)))))
     if n <= 5_000_000 and flat + n * 256 <= budget:
         return "HNSW32"
     if flat * 1.05 <= budget:
