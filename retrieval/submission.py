@@ -278,7 +278,8 @@ def run_submit(queries: str | Path, index_dir: str | Path, out_dir: str | Path,
     depth = 2 * MAX_ROWS  # rows that repeat a (video, frame) are dropped, so ask for more
     for q in qs:
         if q.task == TRAKE:
-            results = search_events(searcher, q.events, within_s=within_s, k=depth)
+            # chains start at distinct frames, so few repeat: the 100 rows plus a margin (search depth is 20x this)
+            results = search_events(searcher, q.events, within_s=within_s, k=MAX_ROWS + 20)
         else:
             results = searcher.search_text(q.events[0], k=depth)
             if not allow_unmapped:

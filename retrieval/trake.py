@@ -7,6 +7,7 @@ event, maximising the sum of their scores. With N = 2 it gives exactly ``pair_ev
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,8 +17,8 @@ import numpy as np
 from errors import InputError
 from retrieval.search import Hit
 
-# Candidates per event inside one window: the chain search is quadratic in this number.
-MAX_PER_WINDOW = 64
+# Candidates per event inside one window (the best-scoring ones): bounds the work per first-event frame.
+MAX_PER_WINDOW = 256
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,9 @@ def chain_events(per_event: Sequence[Sequence[Hit]], within_s: float) -> list[Ev
         for h in hits:
             if math.isfinite(h.pts_time):
                 groups.setdefault(h.video_id, []).append(h)
-        for hits_v in groups.values():
+        for v, hits_v in groups.items():
             hits_v.sort(key=lambda h: h.pts_time)
+            groups[v] = (hits_v, [h.pts_time for h in hits_v])
         by_video.append(groups)
     out = []
     for a in per_event[0]:
@@ -74,9 +76,15 @@ def chain_events(per_event: Sequence[Sequence[Hit]], within_s: float) -> list[Ev
     return [out[i] for i in order]
 
 
-def _window(hits: list[Hit], t0: float, within_s: float) -> list[Hit]:
-    """Hits in (t0, t0 + within_s], by time; only the ``MAX_PER_WINDOW`` best-scoring ones (bounds the DP)."""
-    inside = [h for h in hits if t0 < h.pts_time <= t0 + within_s]
+def _window(group, t0: float, within_s: float) -> list[Hit]:
+    """Hits in (t0, t0 + within_s], by time; only the ``MAX_PER_WINDOW`` best-scoring ones (bounds the DP).
+
+    ``group`` is ``(hits sorted by time, their times)``; the window is found by bisection.
+    """
+    if not group:
+        return []
+    hits, times = group
+    inside = hits[bisect.bisect_right(times, t0) : bisect.bisect_right(times, t0 + within_s)]
     if len(inside) > MAX_PER_WINDOW:
         best = sorted(range(len(inside)), key=lambda i: -inside[i].score)[:MAX_PER_WINDOW]
         inside = [inside[i] for i in sorted(best)]
@@ -86,25 +94,25 @@ def _window(hits: list[Hit], t0: float, within_s: float) -> list[Hit]:
 def _best_chain(cands: list[list[Hit]]):
     """Max-score choice of one hit per list with strictly increasing times (lists sorted by time).
 
-    Dynamic programming from the last event back: best[j] = score of hit j plus the best
-    continuation strictly after it. Among equal scores the earliest-ranked hit is kept.
+    Dynamic programming from the last event back: the best chain from a hit is its score plus the
+    best chain of the next event that starts strictly later, read from a suffix maximum over that
+    event's hits (found by bisection). Among equal totals the earliest hit is kept.
     """
     if any(not c for c in cands):
         return None
-    nxt_best = None  # per hit of the following event: (total, chain)
-    for k in range(len(cands) - 1, -1, -1):
+    nxt = [(h.score, (h,)) for h in cands[-1]]
+    for k in range(len(cands) - 2, -1, -1):
+        times = [h.pts_time for h in cands[k + 1]]
+        suffix: list = [None] * (len(nxt) + 1)
+        for j in range(len(nxt) - 1, -1, -1):
+            best = suffix[j + 1]
+            suffix[j] = nxt[j] if nxt[j][0] is not None and (best is None or nxt[j][0] >= best[0]) else best
         cur = []
         for h in cands[k]:
-            if nxt_best is None:
-                cur.append((h.score, (h,)))
-                continue
-            best = None
-            for (tot, ch), h2 in zip(nxt_best, cands[k + 1]):
-                if tot is not None and h2.pts_time > h.pts_time and (best is None or tot > best[0]):
-                    best = (tot, ch)
+            best = suffix[bisect.bisect_right(times, h.pts_time)]
             cur.append((None, None) if best is None else (h.score + best[0], (h, *best[1])))
-        nxt_best = cur
-    valid = [(tot, ch) for tot, ch in nxt_best if tot is not None]
+        nxt = cur
+    valid = [(tot, ch) for tot, ch in nxt if tot is not None]
     if not valid:
         return None
     return max(valid, key=lambda x: x[0])
