@@ -142,3 +142,79 @@ def test_errors_are_shown_on_the_page(server, browser_page):
     assert text.startswith("error:") and "within" in text
     assert page.locator("#grid .card").count() == 0
     seen["errors"].clear()  # the failed request's 422 is logged by Chromium itself
+
+
+def test_image_query_by_upload_and_drop_more_like_this_and_then(server, browser_page, tmp_path):
+    import decord
+    from PIL import Image
+
+    page, seen = browser_page
+    engine = server["engine"]
+    page.goto(server["base"] + "/")
+    page.wait_for_function("() => document.querySelector('#status').textContent.includes('frames of 2 video(s)')")
+
+    frame = decord.VideoReader(str(server["root"] / "videos" / "b.mp4"))[20].asnumpy()
+    Image.fromarray(frame).save(tmp_path / "query.png")
+    target = next(h for h in engine.searcher.search_image(tmp_path / "query.png", k=1))
+    page.set_input_files("#imageFile", str(tmp_path / "query.png"))
+    page.wait_for_function("() => document.querySelector('#status').textContent.includes('for image query.png')")
+    assert page.get_attribute("#grid .card", "data-id") == str(target.id)
+
+    # drag and drop: a real File in a DataTransfer, dropped on the page
+    page.evaluate("""async (url) => {
+        const blob = await (await fetch(url)).blob();
+        const dt = new DataTransfer();
+        dt.items.add(new File([blob], 'dropped.jpg', { type: 'image/jpeg' }));
+        window.dispatchEvent(new DragEvent('drop', { dataTransfer: dt, bubbles: true, cancelable: true }));
+    }""", f"/api/thumb/{target.id}")
+    page.wait_for_function("() => document.querySelector('#status').textContent.includes('for image dropped.jpg')")
+    assert page.locator("#grid .card").count() > 0
+
+    # more like this on the first result: the server's nearest frames, without that frame
+    first = int(page.get_attribute("#grid .card", "data-id"))
+    page.locator("#grid .card").first.locator(".like").click()
+    page.wait_for_function(f"() => document.querySelector('#status').textContent.includes('frames like {first}')")
+    ids = [int(x) for x in page.eval_on_selector_all("#grid .card", "cs => cs.map(c => c.dataset.id)")]
+    assert ids == [h.id for h in engine.similar(first, k=50)] and first not in ids
+
+    # a "then" query from the boxes: pair cards with two thumbnails each
+    page.fill("#q", "colour bars")
+    page.fill("#then", "a clock")
+    page.fill("#within", "2")
+    page.press("#q", "Enter")
+    page.wait_for_function("() => document.querySelector('#status').textContent.includes('then \"a clock\"')")
+    pairs = engine.search("colour bars", k=50, then="a clock", within=2)
+    assert page.locator("#grid .card").count() == len(pairs) > 0
+    assert page.locator("#grid .card").first.locator(".pics.pair img").count() == 2
+    assert "then=a+clock" in page.url and "within=2" in page.url
+    assert not seen["errors"], seen["errors"]
+
+
+def test_the_page_passes_the_token_on(server, browser_page):
+    import uvicorn
+
+    from serve.app import create_app
+
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(server["engine"], token="t0ken-42"), host="127.0.0.1", port=port,
+                                        log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        assert thread.is_alive()
+        time.sleep(0.05)
+    page = browser_page[0].context.new_page()
+    try:
+        page.set_default_timeout(30_000)
+        assert page.goto(f"http://127.0.0.1:{port}/?q=a%20clock").status == 401
+        page.goto(f"http://127.0.0.1:{port}/?q=a%20clock&token=t0ken-42")
+        page.wait_for_function("""() => { const imgs = [...document.querySelectorAll('#grid .card img')];
+            return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0); }""")
+        page.locator("#grid .card").first.locator(".pics").click()
+        page.wait_for_function("() => document.querySelector('#video').dataset.seeked === '1'")
+        assert "token=t0ken-42" in page.evaluate("() => document.querySelector('#video').currentSrc")
+        assert "token=t0ken-42" in page.url
+    finally:
+        page.close()
+        srv.should_exit = True
+        thread.join(timeout=10)
