@@ -110,7 +110,12 @@ class ReuseConfig:
     def __str__(self) -> str:
         if self == ReuseConfig(threshold=0.0):
             return "none"
-        return ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("threshold", "refresh") or value != f.default:
+                parts.append(f"{f.name}={value:g}" if isinstance(value, float) else f"{f.name}={value}")
+        return ",".join(parts)
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -420,13 +425,16 @@ class ReuseStream:
             for j, i in enumerate(refs):
                 out[i] = outs[j : j + 1]
                 new_refs[i] = refs_made[j]
-        # Dependants grouped by their reference (a frame of this batch or one kept from before).
+        # Dependants (whatever their reference: a frame of this batch or one kept from before) run
+        # as one batch per token layout, each row against its own reference's cache.
         groups: "OrderedDict[Any, list]" = OrderedDict()
         for i, (kind, key) in enumerate(roles):
             if kind == "dep":
-                groups.setdefault(key, []).append(i)
-        for key, idx in groups.items():
-            ref = new_refs[key[1]] if key[0] == "batch" else kept[key[1]]
+                ref = new_refs[key[1]] if key[0] == "batch" else kept[key[1]]
+                groups.setdefault(_layout(ref), []).append((i, ref))
+        for members in groups.values():
+            idx = [i for i, _ in members]
+            ref = _stack([r for _, r in members])
             changed = self._changed(codes[idx], ref.codes)
             res = self._dependent(patches[idx], changed, ref)
             for j, i in enumerate(idx):
@@ -590,7 +598,7 @@ class ReuseStream:
             moved = act.any(dim=1)
             if bool(moved.any()):
                 a = a.clone()
-                bias = None if c.bias is None else c.bias.expand(int(moved.sum()), -1, -1, -1)
+                bias = None if c.bias is None else c.bias.expand(f, -1, -1, -1)[moved]
                 a[moved] = self._attend(b, qkv[moved], bias)[0].to(a.dtype)
             act2 = self._gate(a, c.a, True)
             p, proj_done = self._scatter(c.p, act2, lambda t: fam.proj(b, t), a)
@@ -607,6 +615,31 @@ class ReuseStream:
         if bool(touched.any()):  # a frame where no gate opened is the reference, exactly
             out[touched] = fam.pool(x[touched], None if size is None else size[touched]).to(out.dtype)
         return out
+
+
+def _layout(ref: _Reference) -> tuple:
+    """References whose caches can be stacked into one batch: same tokens per block, same extras."""
+    return tuple((tuple(c.x.shape), tuple(c.y.shape), c.bias is None, c.merge_map is None) for c in ref.blocks)
+
+
+def _stack(refs: List[_Reference]) -> _Reference:
+    """One reference per row: [F, ...] caches (a single distinct reference stays [1, ...], expanded later)."""
+    import torch
+
+    distinct = list({id(r): r for r in refs}.values())
+    if len(distinct) == 1:
+        r = distinct[0]
+        return _Reference(r.codes[None], r.blocks, r.size, r.out)
+
+    def cat(get):
+        parts = [get(r) for r in refs]
+        return None if parts[0] is None else torch.cat(parts)
+
+    blocks = []
+    for bi in range(len(refs[0].blocks)):
+        fields = {f.name: cat(lambda r, n=f.name: getattr(r.blocks[bi], n)) for f in dataclasses.fields(_BlockCache)}
+        blocks.append(_BlockCache(**fields))
+    return _Reference(torch.stack([r.codes for r in refs]), blocks, cat(lambda r: r.size), cat(lambda r: r.out))
 
 
 class ReuseEncoder:

@@ -225,3 +225,46 @@ def test_cuda_matches_cpu(encoders_by_merge, clip_frames):
     gpu_enc = Encoder(model_name="ViT-B-32", pretrained=None, device="cuda", merge="none")
     gpu = gpu_enc.stream("threshold=0.05").encode_image_tensor(frames, ["v"] * len(frames)).cpu()
     assert (gpu * cpu).sum(-1).min().item() > 0.999
+
+
+# ---------------------------------------------------------------------------- cli.py eval: video sets
+def test_video_set_specs():
+    from eval.datasets.video import is_video_spec, load_video_set
+
+    assert is_video_spec("video,fps=2") and is_video_spec("cifar10-video:/x") and not is_video_spec("cifar10")
+    vs = load_video_set("video,sets=synthetic,fps=2,seconds=1.5", "/nonexistent")
+    assert vs.name == "video@2fps" and len(vs.clips) == 5 and all(len(c) == 3 for c in vs.clips)
+    kinds = {c.kind for c in vs.clips}
+    assert kinds == {"pan", "zoom", "static", "cut"}
+    with pytest.raises(ConfigError, match="valid keys: fps, sets"):
+        load_video_set("video,speed=3", "/nonexistent")
+    with pytest.raises(ConfigError, match="synthetic, sample"):
+        load_video_set("video,sets=youtube", "/nonexistent")
+
+
+def test_eval_reports_reuse_against_per_frame_on_a_video_set(tmp_path, one_torch_thread):
+    import json
+
+    from eval.config import EvalConfig
+    from eval.report import write_report
+    from eval.runner import run_eval
+
+    cfg = EvalConfig(models=("reference-cifar10",), pretrained=None, datasets=("video,sets=synthetic,seconds=0.6",),
+                     merges=("r=8",), reuse=("threshold=0", "threshold=0.05,refresh=4"), batch_size=8, iters=1,
+                     warmup=0, plots=False, device="cpu", data_root=str(tmp_path))
+    report = run_eval(cfg)
+    write_report(report, tmp_path / "out", plots=False)
+    d = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert d["config"]["reuse"] == ["threshold=0", "threshold=0.05,refresh=4"]  # as given; rows carry str(ReuseConfig)
+    video = [ds for ds in d["models"][0]["datasets"] if ds["kind"] == "video"]
+    assert len(video) == 1 and video[0]["n_images"] == 15
+    rows = {r["config"]: r for r in video[0]["results"]}
+    assert set(rows) == {f"{m} + reuse {r}" for m in ("none", "method=bipartite,r=8")
+                         for r in ("none", "threshold=0.05,refresh=4")}
+    for m in ("none", "method=bipartite,r=8"):
+        exact = rows[f"{m} + reuse none"]  # threshold=0: every frame in full, through the stream
+        assert exact["metrics"]["reuse_rate"] == 0 and exact["agreement"]["cos_min"] > 0.99999
+        assert exact["metrics"]["references"] == 15
+        assert rows[f"{m} + reuse threshold=0.05,refresh=4"]["metrics"]["reuse_rate"] > 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "video@5fps" in md and "frames/s reuse" in md

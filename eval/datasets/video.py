@@ -159,3 +159,169 @@ def cifar_clips(images: np.ndarray, labels: Sequence[int], frames: int = 8, fps:
             kind = "zoom"
         clips.append(VideoClip(f"cifar-{i}", kind, tuple(fr), int(lab)))
     return clips
+
+
+# ---------------------------------------------------------------------------- eval sets (cli.py eval --dataset video)
+VIDEO_SETS = ("video", "cifar10-video")
+VIDEO_KEYS = ("fps", "sets", "frames", "seconds", "max_frames", "name")
+
+
+@dataclass(frozen=True)
+class VideoSet:
+    """Clips evaluated with reuse against per-frame encoding; ``classes`` when clips carry labels."""
+
+    name: str
+    source: str
+    fps: float
+    clips: tuple
+    classes: tuple = ()
+    kind: str = "video"
+
+    @property
+    def n_frames(self) -> int:
+        return sum(len(c) for c in self.clips)
+
+
+def is_video_spec(text: str) -> bool:
+    return text.split(",")[0].split(":")[0].strip().lower() in VIDEO_SETS
+
+
+def load_video_set(text: str, data_root, limit: Optional[int] = None, seed: int = 0) -> VideoSet:
+    """``video[,fps=5][,sets=synthetic+sample][,seconds=6][,max_frames=30]`` or
+    ``cifar10-video[:PATH][,fps=5][,frames=8]`` (``limit``: CIFAR images, default 100)."""
+    from errors import ConfigError
+
+    head, *rest = [p.strip() for p in text.split(",")]
+    name, _, path = head.partition(":")
+    name = name.strip().lower()
+    opts = {}
+    for item in rest:
+        key, sep, value = (s.strip() for s in item.partition("="))
+        if not sep or key not in VIDEO_KEYS:
+            raise ConfigError(f"video set option {item!r} in {text!r} is not key=value; valid keys: {', '.join(VIDEO_KEYS)}")
+        opts[key] = value
+    try:
+        fps = float(opts.get("fps", 5))
+        frames, seconds = int(opts.get("frames", 8)), float(opts.get("seconds", 6))
+        max_frames = int(opts.get("max_frames", 30))
+    except ValueError:
+        raise ConfigError(f"video set {text!r}: fps, seconds are numbers and frames, max_frames integers") from None
+    if fps <= 0 or frames < 2 or seconds <= 0 or max_frames < 2:
+        raise ConfigError(f"video set {text!r}: fps and seconds must be > 0, frames and max_frames >= 2")
+    if name == "cifar10-video":
+        from eval.reference import CIFAR10_CLASSES, load_cifar10_npz
+
+        folder = Path(path).expanduser() if path else Path(data_root).expanduser() / "cifar10"
+        split = load_cifar10_npz(folder, "test", limit=limit or 100)
+        clips = cifar_clips(split.images, split.labels, frames=frames, fps=fps, seed=seed)
+        return VideoSet(opts.get("name", f"cifar10-video@{fps:g}fps"), f"{folder} (test, {len(clips)} images x {frames} frames)",
+                        fps, tuple(clips), CIFAR10_CLASSES)
+    sets = opts.get("sets", "synthetic+sample").split("+")
+    bad = [s for s in sets if s not in ("synthetic", "sample")]
+    if bad:
+        raise ConfigError(f"video set sets={'+'.join(sets)!r} is not valid; use synthetic, sample or synthetic+sample")
+    clips = []
+    if "synthetic" in sets:
+        clips += synthetic_clips(fps, seconds=seconds)
+    if "sample" in sets:
+        clips += sample_clips(fps, max_frames=max_frames)
+    return VideoSet(opts.get("name", f"video@{fps:g}fps"), f"{'+'.join(sets)} clips", fps, tuple(clips))
+
+
+def _frames_to_pixels(mut, vs: VideoSet):
+    import torch
+    from PIL import Image
+
+    return [torch.stack([mut.preprocess(Image.fromarray(f)) for f in c.frames]).to(mut.device) for c in vs.clips]
+
+
+def timing_pixels(mut, vs: VideoSet, batch_size: int):
+    """``batch_size`` preprocessed frames of ``vs`` (cycled) for the merge timing when only video sets are given."""
+    import torch
+    from PIL import Image
+
+    frames = [f for c in vs.clips for f in c.frames]
+    return torch.stack([mut.preprocess(Image.fromarray(frames[i % len(frames)])) for i in range(batch_size)]).to(mut.device)
+
+
+def _top_k_overlap(base: np.ndarray, other: np.ndarray, k: int) -> float:
+    """Image-to-image search: each per-frame vector queries the per-frame and the reuse database."""
+    k = min(k, len(base))
+    a = np.argsort(-(base @ base.T), axis=1, kind="stable")[:, :k]
+    b = np.argsort(-(base @ other.T), axis=1, kind="stable")[:, :k]
+    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b)]))
+
+
+def evaluate_video_set(mut, cands: dict, merges: dict, vs: VideoSet, reuses: Sequence[str], batch_size: int,
+                       topk: int = 10, cpu_time: bool = False):
+    """Every candidate (merge config) per frame vs with each reuse config, on ``vs``.
+
+    Per row: frames/s of both passes (timed alternately, by CPU time with ``cpu_time``), the gain,
+    the reuse rate, references / cuts / refreshes, cosine of every output to its per-frame output
+    (CLIP: the embedding; classifiers: the logits), top-k overlap of image-to-image search, and
+    with labels top-1 of both. Returns a ``DatasetResult`` of kind ``video``.
+    """
+    import time
+
+    import torch
+
+    from encoders.reuse import ReuseConfig, ReuseStream
+    from eval.results import CandidateResult, DatasetResult
+
+    clock = time.process_time if cpu_time else time.perf_counter
+    pixels = _frames_to_pixels(mut, vs)
+    allpx = torch.cat(pixels)
+    n = len(allpx)
+    labels = None
+    if vs.classes:
+        labels = np.concatenate([[c.label] * len(c) for c in vs.clips])
+    rows = []
+
+    def outputs(module_out):
+        return torch.nn.functional.normalize(module_out.float(), dim=-1).cpu().numpy()
+
+    for name, module in cands.items():
+        def per_frame():
+            with torch.inference_mode(), mut.autocast():
+                return torch.cat([module(allpx[s : s + batch_size]) for s in range(0, n, batch_size)])
+
+        for spec in reuses:
+            cfg = ReuseConfig.parse(spec)
+            stream = ReuseStream(module, cfg, merges[name])
+
+            def reused():
+                outs = []
+                with torch.inference_mode(), mut.autocast():
+                    for c, px in zip(vs.clips, pixels):
+                        for s in range(0, len(px), batch_size):
+                            outs.append(stream.encode(px[s : s + batch_size], [c.name] * len(px[s : s + batch_size])))
+                return torch.cat(outs)
+
+            t0 = clock()
+            base = per_frame()
+            t_pf = clock() - t0
+            t0 = clock()
+            out = reused()
+            t_ru = clock() - t0
+            e_pf, e_ru = outputs(base), outputs(out)
+            cos = (e_pf * e_ru).sum(axis=1)
+            st = stream.stats.summary()
+            metrics = {"per_frame_fps": n / t_pf, "reuse_fps": n / t_ru, "gain": t_pf / t_ru,
+                       "reuse_rate": st["reuse_rate"], "references": st["references"], "cuts": st["cuts"],
+                       "refreshes": st["refreshes"], "block_reuse": st["block_reuse"]}
+            agree = {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
+                     f"top{topk}_overlap": _top_k_overlap(e_pf, e_ru, topk)}
+            if labels is not None:
+                p_pf, p_ru = base.argmax(1).cpu().numpy(), out.argmax(1).cpu().numpy()
+                metrics["top1_per_frame"] = float(np.mean(p_pf == labels))
+                metrics["top1"] = float(np.mean(p_ru == labels))
+                agree["pred_agree"] = float(np.mean(p_pf == p_ru))
+            rows.append(CandidateResult(config=f"{name} + reuse {cfg}", metrics=metrics, agreement=agree))
+    what = "logits of the own head" if vs.classes else "embeddings"
+    return DatasetResult(
+        dataset=vs.name, kind="video", source=vs.source, n_images=n, n_queries=0, n_classes=len(vs.classes),
+        protocol=f"reuse vs per-frame encoding at {vs.fps:g} fps, {len(vs.clips)} clips", primary="top1" if vs.classes else "",
+        notes=(f"cosine and overlap compare {what} with per-frame encoding of the same merge config; "
+               "overlap = image-to-image search, every per-frame vector as the query",),
+        results=tuple(rows),
+    )

@@ -1,0 +1,221 @@
+"""Frames/s of reuse across frames (encoders/reuse.py) against per-frame encoding.
+
+For each model and sampling rate the same frames are encoded per frame (batched) and as streams
+(each clip in order, the same batch size), alternating in one process, ``--rounds`` times; the
+ratio of the median times is the gain. Beside it: cosine of every frame's embedding to its
+per-frame embedding, top-10 overlap of image-to-image search (each per-frame embedding as the
+query, all frames of the set as the database, per-frame vs reuse database), the reuse rate, and
+for the CIFAR-10 reference ViT the top-1 accuracy of frame-by-frame classification.
+
+    python -m bench.reuse --model ViT-B-32 --fps 1 --fps 2 --fps 5 --sets synthetic,sample
+    python -m bench.reuse --model reference-cifar10 --fps 1 --fps 5 --data-root ../shared/data --cifar-images 100
+
+Random weights (the CLIP models here): cosine and overlap are weak evidence (a random model's
+features are not what a trained one's are); the reference ViT is trained, so its accuracy is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import List, Optional
+
+import numpy as np
+
+
+def _clips(sets: List[str], fps: float, size: int, max_frames: int, seconds: float):
+    from eval.datasets.video import sample_clips, synthetic_clips
+
+    clips = []
+    if "synthetic" in sets:
+        clips += synthetic_clips(fps, seconds=seconds, size=size)
+    if "sample" in sets:
+        clips += sample_clips(fps, max_frames=max_frames, size=size)
+    return clips
+
+
+def _topk_overlap(base: np.ndarray, other: np.ndarray, k: int = 10) -> float:
+    k = min(k, len(base))
+    q = base
+    a = np.argsort(-(q @ base.T), axis=1, kind="stable")[:, :k]
+    b = np.argsort(-(q @ other.T), axis=1, kind="stable")[:, :k]
+    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b)]))
+
+
+CLOCK = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
+def _run_pair(per_frame, reuse, rounds: int, clock: str = "cpu"):
+    """Alternate the two passes; returns (median per-frame s, median reuse s, last outputs).
+
+    ``cpu``: process CPU time (one torch thread), robust on a machine shared with other jobs."""
+    now = CLOCK[clock]
+    t_pf, t_ru = [], []
+    out_pf = out_ru = None
+    for _ in range(rounds):
+        t0 = now()
+        out_pf = per_frame()
+        t_pf.append(now() - t0)
+        t0 = now()
+        out_ru = reuse()
+        t_ru.append(now() - t0)
+    return statistics.median(t_pf), statistics.median(t_ru), out_pf, out_ru
+
+
+def bench_clip_model(model: str, fps_list: List[float], sets: List[str], reuse: str, merge: str, batch_size: int,
+                     rounds: int, max_frames: int, seconds: float, clock: str = "cpu") -> List[dict]:
+    import torch
+
+    from encoders import Encoder
+
+    enc = Encoder(model_name=model, pretrained=None, device="cpu", merge=merge, batch_size=batch_size)
+    rows = []
+    for fps in fps_list:
+        clips = _clips(sets, fps, enc.image_size, max_frames, seconds)
+        pixels = [enc.preprocess_images(list(c.frames)) for c in clips]
+        n = sum(len(p) for p in pixels)
+        allpx = torch.cat(pixels)
+
+        def per_frame():
+            return torch.cat([enc.encode_image_tensor(allpx[s : s + batch_size]) for s in range(0, n, batch_size)]).numpy()
+
+        stats = {}
+
+        def reused():
+            stream = enc.stream(reuse)
+            outs = []
+            for c, px in zip(clips, pixels):
+                for s in range(0, len(px), batch_size):
+                    outs.append(stream.encode_image_tensor(px[s : s + batch_size], [c.name] * len(px[s : s + batch_size])))
+            stats["s"] = stream.stats
+            return torch.cat(outs).numpy()
+
+        enc.stream(reuse).encode_image_tensor(pixels[0][:batch_size], [clips[0].name] * len(pixels[0][:batch_size]))  # warm-up
+        t_pf, t_ru, e_pf, e_ru = _run_pair(per_frame, reused, rounds, clock)
+        cos = (e_pf * e_ru).sum(axis=1)
+        kinds = sorted({c.kind for c in clips})
+        by_kind = {}
+        start = 0
+        for c in clips:
+            cc = cos[start : start + len(c)]
+            by_kind.setdefault(c.kind, []).append(cc)
+            start += len(c)
+        rows.append({
+            "model": model, "merge": merge, "reuse": reuse, "fps": fps, "frames": n, "sets": ",".join(sets),
+            "per_frame_fps": round(n / t_pf, 2), "reuse_fps": round(n / t_ru, 2), "gain": round(t_pf / t_ru, 2),
+            "cos_min": round(float(cos.min()), 4), "cos_mean": round(float(cos.mean()), 4),
+            "top10_overlap": round(_topk_overlap(e_pf, e_ru), 4),
+            "cos_min_by_kind": {k: round(float(np.concatenate(by_kind[k]).min()), 4) for k in kinds},
+            **{k: v for k, v in stats["s"].summary().items() if k in ("references", "cuts", "refreshes", "reuse_rate")},
+        })
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def bench_reference(fps_list: List[float], reuse: str, merge: str, data_root: Optional[str], n_images: int,
+                    frames: int, batch_size: int, rounds: int, clock: str = "cpu") -> List[dict]:
+    import torch
+
+    from encoders import apply_merging
+    from encoders.reuse import ReuseStream
+    from eval import reference as ref
+    from eval.datasets.video import cifar_clips
+
+    model, info = ref.load_reference()
+    apply_merging(model, merge)
+    if data_root:
+        split = ref.load_cifar10_npz(f"{data_root}/cifar10", "test", limit=n_images)
+        images, labels, source = split.images, split.labels, "CIFAR-10 test (first images, class-interleaved)"
+    else:  # no data: photos from scikit-image, labels unknown (agreement only)
+        from PIL import Image
+        from skimage import data
+
+        photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
+        images = np.stack([np.asarray(Image.fromarray(p[..., :3]).resize((32, 32), Image.BILINEAR)) for p in photos])
+        labels, source = None, "scikit-image photos (no labels)"
+    rows = []
+    for fps in fps_list:
+        clips = cifar_clips(images, labels if labels is not None else [0] * len(images), frames=frames, fps=fps)
+        pixels = [ref.preprocess_uint8(np.stack(c.frames), info) for c in clips]
+        allpx = torch.cat(pixels)
+        n = len(allpx)
+        stats = {}
+
+        def per_frame():
+            with torch.inference_mode():
+                return torch.cat([model(allpx[s : s + batch_size]) for s in range(0, n, batch_size)])
+
+        def reused():
+            stream = ReuseStream(model, reuse, merge)
+            outs = []
+            with torch.inference_mode():
+                # Clips are short (``frames``): several clips per call, each its own video id.
+                for s in range(0, len(clips), max(1, batch_size // frames)):
+                    group = clips[s : s + max(1, batch_size // frames)]
+                    px = torch.cat(pixels[s : s + len(group)])
+                    ids = [c.name for c in group for _ in range(len(c))]
+                    outs.append(stream.encode(px, ids))
+            stats["s"] = stream.stats
+            return torch.cat(outs)
+
+        t_pf, t_ru, l_pf, l_ru = _run_pair(per_frame, reused, rounds, clock)
+        e_pf = torch.nn.functional.normalize(l_pf, dim=-1).numpy()
+        e_ru = torch.nn.functional.normalize(l_ru, dim=-1).numpy()
+        row = {
+            "model": "reference-cifar10", "merge": merge, "reuse": reuse, "fps": fps, "frames": n, "source": source,
+            "clip_frames": frames, "per_frame_fps": round(n / t_pf, 2), "reuse_fps": round(n / t_ru, 2),
+            "gain": round(t_pf / t_ru, 2), "logit_cos_min": round(float((e_pf * e_ru).sum(1).min()), 4),
+            "pred_agree": round(float((l_pf.argmax(1) == l_ru.argmax(1)).float().mean()), 4),
+            **{k: v for k, v in stats["s"].summary().items() if k in ("references", "cuts", "refreshes", "reuse_rate")},
+        }
+        if labels is not None:
+            y = torch.as_tensor(np.repeat(np.asarray(labels), frames))
+            row["top1_per_frame"] = round(float((l_pf.argmax(1) == y).float().mean()), 4)
+            row["top1_reuse"] = round(float((l_ru.argmax(1) == y).float().mean()), 4)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main(argv: Optional[List[str]] = None) -> List[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", action="append", help="ViT-B-32, ViT-B-16 (random weights) or reference-cifar10 (repeatable)")
+    p.add_argument("--fps", action="append", type=float, help="sampling rate (repeatable; default 1, 2, 5)")
+    p.add_argument("--sets", default="synthetic,sample", help="CLIP models: synthetic and/or sample clips")
+    p.add_argument("--reuse", default="threshold=0.05,refresh=16", help="reuse config")
+    p.add_argument("--merge", default="none", help="merge config applied to both passes")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=2, help="alternating timed rounds (median)")
+    p.add_argument("--max-frames", type=int, default=30, help="frames per sample video")
+    p.add_argument("--seconds", type=float, default=6.0, help="length of each synthetic clip")
+    p.add_argument("--data-root", default=None, help="folder with cifar10/ (reference model); none: photos only")
+    p.add_argument("--cifar-images", type=int, default=100)
+    p.add_argument("--cifar-frames", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the cpu clock needs 1)")
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="cpu: process CPU time (shared machines)")
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    a = p.parse_args(argv)
+    import torch
+
+    if a.clock == "cpu" and a.threads != 1:
+        p.error("--clock cpu times one thread; pass --threads 1 or --clock wall")
+    torch.set_num_threads(a.threads)
+    rows = []
+    for model in a.model or ["ViT-B-32"]:
+        fps = a.fps or [1.0, 2.0, 5.0]
+        if model == "reference-cifar10":
+            rows += bench_reference(fps, a.reuse, a.merge, a.data_root, a.cifar_images, a.cifar_frames, 64, a.rounds,
+                                    a.clock)
+        else:
+            rows += bench_clip_model(model, fps, a.sets.split(","), a.reuse, a.merge, a.batch_size, a.rounds,
+                                     a.max_frames, a.seconds, a.clock)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"args": vars(a), "rows": rows, "threads": torch.get_num_threads()}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
