@@ -60,6 +60,8 @@ class EvalConfig:
             CPU timings on a shared machine.
         cpu_time: time by CPU time of one thread (``clock=cpu``, forces one torch thread) instead
             of wall-clock; robust on a machine shared with other jobs. CPU only.
+        reuse: reuse configs evaluated on the video sets (``--dataset video``, ``cifar10-video``;
+            see :mod:`encoders.reuse`); empty: ``threshold=0.05,refresh=16``.
     """
 
     models: tuple[str, ...] = ("ViT-B-32",)
@@ -80,6 +82,7 @@ class EvalConfig:
     plots: bool = True
     threads: Optional[int] = None
     cpu_time: bool = False
+    reuse: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -101,6 +104,7 @@ class EvalConfig:
             raise ConfigError(f"eval templates={self.templates!r} is not valid; choose {' or '.join(TEMPLATE_CHOICES)} "
                               "or the path of a templates file (one template per line, {} for the class name)")
         self.merge_configs()  # fail early on a bad --merge / --sweep
+        self.reuse_configs()  # ... and on a bad --reuse
 
     @classmethod
     def from_options(cls, *, models: Optional[Sequence[str]] = None, pretrained: Optional[str] = None,
@@ -130,6 +134,12 @@ class EvalConfig:
             data_root=str(resolve_data_root(data_root)),
             **kept,
         )
+
+    def reuse_configs(self) -> list[str]:
+        """The ``--reuse`` configs (normalised) that the video sets are evaluated with."""
+        from encoders.reuse import ReuseConfig
+
+        return [str(ReuseConfig.parse(r)) for r in (self.reuse or ("threshold=0.05,refresh=16",))]
 
     def merge_configs(self) -> list[MergeConfig]:
         """Baseline first, then each ``--merge`` and each swept config, duplicates dropped."""

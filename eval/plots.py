@@ -46,7 +46,7 @@ def plot_report(report: EvalReport, out_dir: Path) -> list[Path]:
     for m in report.models:
         paths.append(plot_speed(m, out_dir / f"speed_{safe_name(m.name)}.png"))
         for ds in m.datasets:
-            if ds.results:
+            if ds.results and ds.kind != "video":  # video sets: a table of reuse vs per-frame, no trade-off plot
                 paths.append(plot_tradeoff(m, ds, out_dir / f"tradeoff_{safe_name(m.name)}_{safe_name(ds.dataset)}.png"))
     return paths
 

@@ -102,7 +102,30 @@ def model_tables(m: ModelResult) -> list[str]:
     lines += ["", f"Timed by {clock}. Peak memory: `{mem_kind}` (see eval/timing.py). "
               "Speed-up = img/s ÷ unmerged img/s.", ""]
     for ds in m.datasets:
-        lines += dataset_table(m, ds)
+        lines += reuse_table(m, ds) if ds.kind == "video" else dataset_table(m, ds)
+    return lines
+
+
+def reuse_table(m: ModelResult, ds: DatasetResult) -> list[str]:
+    """A video set: reuse across frames against per-frame encoding (eval/datasets/video.py)."""
+    lines = [f"### {m.name} · {ds.dataset} ({ds.n_images} frames; {ds.protocol})", ""]
+    lines += [f"- {note}" for note in ds.notes] + ([""] if ds.notes else [])
+    labelled = any("top1" in r.metrics for r in ds.results)
+    head = ["config", "frames/s per frame", "frames/s reuse", "gain", "reuse rate", "full / cuts / refreshes",
+            "cos min", "cos mean", "top-k overlap"] + (["top1 per frame", "top1 reuse", "Δtop1"] if labelled else [])
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+    for r in ds.results:
+        x, a = r.metrics, r.agreement
+        overlap = next((v for k, v in a.items() if k.endswith("_overlap")), math.nan)
+        row = [f"`{r.config}`", f"{x['per_frame_fps']:.1f}", f"{x['reuse_fps']:.1f}", f"{x['gain']:.2f}×",
+               _pct(x["reuse_rate"]), f"{x['references']} / {x['cuts']} / {x['refreshes']}",
+               f"{a['cos_min']:.4f}", f"{a['cos_mean']:.4f}", f"{overlap:.3f}"]
+        if labelled:
+            row += [_pct(x.get("top1_per_frame")), _pct(x.get("top1")),
+                    f"{(x.get('top1', math.nan) - x.get('top1_per_frame', math.nan)) * 100:+.1f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "gain = per-frame time ÷ reuse time (same frames, same merge config, run one after the other); "
+              "reuse rate = share of linear-layer work reused; see docs/REUSE.md.", ""]
     return lines
 
 

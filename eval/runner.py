@@ -44,18 +44,22 @@ def run_eval(cfg: EvalConfig, progress: bool = False) -> EvalReport:
     if cfg.threads is not None or cfg.cpu_time:
         torch.set_num_threads(1 if cfg.cpu_time else cfg.threads)
     merges = cfg.merge_configs()
-    sets = [load_with_templates(DatasetSpec.parse(s), cfg) for s in cfg.datasets]
+    from eval.datasets.video import is_video_spec, load_video_set
+
+    sets = [load_with_templates(DatasetSpec.parse(s), cfg) for s in cfg.datasets if not is_video_spec(s)]
+    videos = [load_video_set(s, cfg.data_root, cfg.limit, cfg.seed) for s in cfg.datasets if is_video_spec(s)]
     models = []
     for spec in cfg.models:
         mut = load_model(spec, cfg.pretrained, cfg.device, cfg.precision)
-        models.append(evaluate_model(mut, merges, sets, cfg, progress))
+        models.append(evaluate_model(mut, merges, sets, cfg, progress, videos))
         del mut
         gc.collect()
     return EvalReport(config=cfg, models=tuple(models), environment=environment(cfg.device))
 
 
-def evaluate_model(mut: ModelUnderTest, merges, sets: list[EvalSet], cfg: EvalConfig, progress: bool = False) -> ModelResult:
-    """All datasets and the timing for one model."""
+def evaluate_model(mut: ModelUnderTest, merges, sets: list[EvalSet], cfg: EvalConfig, progress: bool = False,
+                   videos: tuple = ()) -> ModelResult:
+    """All datasets and the timing for one model (``videos``: video sets, reuse vs per-frame)."""
     from encoders import merge_stats, token_counts
     from eval.candidates import merged_models
 
@@ -68,8 +72,15 @@ def evaluate_model(mut: ModelUnderTest, merges, sets: list[EvalSet], cfg: EvalCo
             results.append(DatasetResult.skipped(ds, f"{mut.name} has no text tower; text→image retrieval needs a CLIP model"))
             continue
         results.append(evaluate_dataset(mut, cands, ds, cfg.batch_size, cfg.topk, progress))
+    if videos:
+        from eval.datasets.video import evaluate_video_set, timing_pixels
 
-    pixels = timing_batch(mut, sets[0], cfg.batch_size)
+        by_name = {str(m): m for m in merges}
+        for vs in videos:
+            results.append(evaluate_video_set(mut, cands, by_name, vs, cfg.reuse_configs(), cfg.batch_size, cfg.topk,
+                                              cfg.cpu_time))
+
+    pixels = timing_batch(mut, sets[0], cfg.batch_size) if sets else timing_pixels(mut, videos[0], cfg.batch_size)
     calls = {name: _forward_call(mut, m, pixels) for name, m in cands.items()}
     timing = time_alternating(calls, cfg.batch_size, cfg.warmup, cfg.iters, mut.device, progress,
                               clock="cpu" if cfg.cpu_time else "wall")
