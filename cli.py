@@ -199,6 +199,9 @@ def search_cmd(
     then: Annotated[Optional[str], typer.Option("--then", help="Temporal query: a second event after the first.")] = None,
     within: Annotated[float, typer.Option("--within", help="Seconds within which --then must follow.")] = 30.0,
     per_video: Annotated[bool, typer.Option("--per-video", help="Keep only the best hit of each video.")] = False,
+    object_name: Annotated[
+        Optional[str], typer.Option("--object", help="AI Challenge: only keyframes with this detected object (objects.parquet), e.g. Dog.")
+    ] = None,
     csv_out: Annotated[
         Optional[Path], typer.Option("--csv", help="Also write the AI Challenge submission CSV (no header, <= 100 rows).")
     ] = None,
@@ -228,6 +231,10 @@ def search_cmd(
 
     if csv_out is not None:
         check_writable(csv_out, what="--csv")  # before the model loads
+    if (shards or shard_index_type) and object_name:
+        from errors import ConfigError
+
+        raise ConfigError("--object works on one index; drop --shard or --object")
     if shards or shard_index_type:
         from retrieval.sharded import run_sharded_search
 
@@ -240,7 +247,7 @@ def search_cmd(
         results = run_search(
             index_dir, text=query, image=image, then=then, within_s=within, k=k, per_video=per_video, model=model,
             pretrained=pretrained, merge=merge, device=device, precision=precision, batch_size=batch_size,
-            nprobe=nprobe, ef_search=ef_search,
+            nprobe=nprobe, ef_search=ef_search, object_name=object_name,
         )
     typer.echo(hits_json(results) if json_out else hits_table(results))  # printed even when the CSV fails below
     if csv_out is not None:

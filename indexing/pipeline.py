@@ -24,13 +24,13 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from errors import InputError
+from errors import ConfigError, DamagedIndexError, InputError
 from indexing import aic
 from indexing.dedup import Dedup, DuplicateFilter, phash
 from indexing.faiss_index import add_to_index, build_index, load_index, save_index
 from indexing.sampling import Sampling
 from indexing.sources import BadInput, MediaSource, SourceReader, discover
-from indexing.store import EncodedSource, IndexStore
+from indexing.store import EncodedSource, IndexStore, preflight
 from indexing.thumbs import ThumbCollector, ensure_thumbs, make_jpeg
 
 log = logging.getLogger(__name__)
@@ -43,9 +43,10 @@ class IndexOptions:
     Args:
         sampling: which frames of a video to keep (keyframe and image folders are taken whole).
         dedup: near-duplicate rule (``Dedup(enabled=False)`` encodes every sampled frame).
-        index_type: FAISS factory string (``Flat``, ``IVF1024,Flat``, ``HNSW32``); None keeps the
-            index's current type (``Flat`` for a new index).
-        force: drop everything in the index and start again.
+        index_type: FAISS factory string (``Flat``, ``IVF1024,Flat``, ``HNSW32``) or ``auto``; None keeps
+            the index's current type (``Flat`` for a new index).
+        force: index everything again into a new generation, which replaces the old one at the end
+            of the run when it holds at least one source (a failed run leaves the old index).
         shard_size: commit once this many vectors are buffered...
         commit_every_s: ...or this many seconds after the last commit (bounds the work a kill loses).
         prefetch: batches the reader may decode ahead of the encoder.
@@ -54,6 +55,7 @@ class IndexOptions:
         progress: tqdm bars over sources and frames.
         release_parts: AI Challenge release parts that live elsewhere (``{"maps": DIR, "media_info": DIR,
             "videos": DIR, "objects": DIR, "features": DIR}``, see ``indexing.aic``).
+        memory_budget: bytes the FAISS index may use, for ``index_type="auto"`` (None: 8 GiB).
         reuse: reuse work across the frames of a shot (``threshold=0.05,refresh=16``, see
             ``encoders.reuse``); None or ``none`` encodes every frame on its own.
     """
@@ -69,6 +71,7 @@ class IndexOptions:
     ngpu: int = -1
     progress: bool = False
     release_parts: Optional[dict] = None
+    memory_budget: Optional[int] = None
     reuse: Optional[str] = None
 
 
@@ -316,13 +319,15 @@ def index_paths(
     unmapped = [s for s in sources if s.kind == "keyframes" and s.map_csv is None]
     for s in unmapped:
         log.warning("%s", aic.unmapped_warning(s.video_id, s.path))
+    preflight(Path(index_dir), options.index_type)  # a wrong --index or --index-type fails before the model loads
     if not hasattr(encoder, "describe"):
         encoder = encoder()
         t_start = time.perf_counter()  # the run's wall time leaves out loading the model
     identity = encoder.describe()
     report = IndexReport(str(index_dir), sources_found=len(sources), failed=list(bad),
                          unmapped=[s.video_id for s in unmapped])
-    with IndexStore.open_for_write(Path(index_dir), identity, options.index_type, options.force) as store:
+    with IndexStore.open_for_write(Path(index_dir), identity, options.index_type, options.force,
+                                   options.memory_budget) as store:
         faiss_was_current = store.faiss_is_current()
         todo = [s for s in sources if not store.is_current(s.key, s.fingerprint, recipe_for(s, options))]
         report.up_to_date = len(sources) - len(todo)
@@ -330,6 +335,7 @@ def index_paths(
         if todo:
             log.info("%d source(s) to index, %d up to date", len(todo), report.up_to_date)
         new_shards = (stages or _run_stages)(store, todo, encoder, options, report, on_commit) if todo else []
+        store.finish()  # --force: the new generation replaces the old one only now, and only when it holds a source
         t0 = time.perf_counter()
         _refresh_faiss(store, new_shards, faiss_was_current and not replaced, options)
         report.times.faiss_s = time.perf_counter() - t0
@@ -459,21 +465,53 @@ def _refresh_faiss(store: IndexStore, new_shards: list, can_append: bool, option
     m = store.manifest
     if store.faiss_is_current() and not new_shards:
         return
-    if can_append and store.faiss_path.is_file():
-        index = load_index(store.faiss_path)
+    index = None
+    if can_append and store.faiss_path.is_file() and not _auto_type_changes(store, new_shards):
+        try:
+            index = load_index(store.faiss_path)
+        except DamagedIndexError as exc:  # derived data: rebuilt from the shards below
+            log.warning("%s; rebuilding it", str(exc).split(";")[0])
+    if index is not None:
         ids, vecs = store.read_vectors(shards=new_shards)
         add_to_index(index, vecs, ids)
     else:
         ids, vecs = store.read_vectors()
         if len(ids) == 0:
             return
-        index = build_index(vecs, ids, m.index_type, ngpu=options.ngpu)
+        try:
+            index = build_index(vecs, ids, m.index_type, ngpu=options.ngpu, memory_budget=m.memory_budget)
+        except ConfigError as exc:  # e.g. an IVF with more lists than vectors: keep the type it had
+            _keep_previous_type(store, ids, vecs, options, exc)
     if index.ntotal != m.counts()["vectors"]:
         log.warning("index.faiss has %d vectors but the shards hold %d; rebuilding", index.ntotal, m.counts()["vectors"])
         ids, vecs = store.read_vectors()
-        index = build_index(vecs, ids, m.index_type, ngpu=options.ngpu)
+        index = build_index(vecs, ids, m.index_type, ngpu=options.ngpu, memory_budget=m.memory_budget)
     save_index(index, store.faiss_path)
     store.write_manifest(faiss_current=True)
+
+
+def _keep_previous_type(store: IndexStore, ids: np.ndarray, vecs: np.ndarray, options: IndexOptions,
+                        exc: ConfigError) -> None:
+    """A new --index-type that cannot be built here is not stored: index.faiss keeps the previous type."""
+    m = store.manifest
+    asked, m.index_type = m.index_type, store.previous_index_type
+    save_index(build_index(vecs, ids, m.index_type, ngpu=options.ngpu, memory_budget=m.memory_budget), store.faiss_path)
+    store.write_manifest(faiss_current=True)
+    raise ConfigError(f"{exc}. The vectors are committed and index.faiss was built as {m.index_type}, the index "
+                      f"type it keeps; run `cli.py index` again with another --index-type than {asked!r} "
+                      "to switch (no re-encoding)") from None
+
+
+def _auto_type_changes(store: IndexStore, new_shards: list) -> bool:
+    """With --index-type auto, True when the new vectors move the index to another FAISS type (rebuild)."""
+    from indexing.faiss_index import AUTO, choose_index_type
+
+    m = store.manifest
+    if m.index_type.lower() != AUTO:
+        return False
+    total = m.counts()["vectors"]
+    added = sum(e.count for e in m.sources.values() if e.shard in set(new_shards))
+    return choose_index_type(total, m.dim, m.memory_budget) != choose_index_type(total - added, m.dim, m.memory_budget)
 
 
 class _Bars:

@@ -51,6 +51,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STAGING = "manifest.next.json"
 FAISS_FILE = "index.faiss"
+FAISS_MAGIC = b"IxM2"  # FAISS's fourcc of IndexIDMap2, the first bytes of every index.faiss we write
 LOCK_FILE = ".lock"
 JOURNAL = ".journal"
 DAMAGED_DIR = "damaged"
@@ -226,6 +227,7 @@ class IndexStore:
         self.committed_sources = 0  # sources made durable in manifest.json by this store
         self._lock_fh = None
         self._staged = False  # a force run's generation, not yet switched in
+        self.previous_index_type = "Flat"  # the type before this writer changed it (kept when a new one cannot train)
         self._journaled: set = set()
 
     # ------------------------------------------------------------------ opening
@@ -283,6 +285,7 @@ class IndexStore:
                 store._staged = True
             elif old is not None:
                 _check_identity(root, old, identity, action="index into")
+                store.previous_index_type = old.index_type
                 if index_type and index_type != old.index_type:
                     log.info("index type changes %s -> %s; index.faiss will be rebuilt", old.index_type, index_type)
                     old.index_type = index_type
@@ -608,10 +611,17 @@ class IndexStore:
         return self.root / FAISS_FILE
 
     def faiss_is_current(self) -> bool:
+        """index.faiss was saved for this manifest and still looks like it (size, IndexIDMap2 magic)."""
         m = self.manifest
         if not self.faiss_path.is_file() or m.faiss_generation != m.generation:
             return False
-        return m.faiss_size < 0 or self.faiss_path.stat().st_size == m.faiss_size
+        if m.faiss_size >= 0 and self.faiss_path.stat().st_size != m.faiss_size:
+            return False  # truncated or replaced: rebuilt from the shards
+        try:
+            with open(self.faiss_path, "rb") as fh:
+                return fh.read(4) == FAISS_MAGIC
+        except OSError:
+            return False
 
 
 # ---------------------------------------------------------------------------- checks

@@ -150,13 +150,19 @@ class Searcher:
             for s, i, r in zip(scores, ids, rows)
         ]
 
-    def search_vector(self, vector: np.ndarray, k: int = 20, per_video: bool = False) -> list[Hit]:
-        """Hits for one query vector; ``per_video`` keeps the best hit of each video (searching deeper as needed)."""
-        if not per_video:
+    def search_vector(self, vector: np.ndarray, k: int = 20, per_video: bool = False,
+                      allow: Optional[set] = None) -> list[Hit]:
+        """Hits for one query vector; ``per_video`` keeps the best hit of each video, ``allow`` only
+        the frames in it (a set of ``(video_id, frame_idx)``), searching deeper as needed."""
+        if not per_video and allow is None:
             return self.search_vectors(vector, k)[0]
         depth = min(self.size, max(4 * k, 64))
         while True:
-            best = best_per_video(self.search_vectors(vector, depth)[0])
+            best = self.search_vectors(vector, depth)[0]
+            if allow is not None:
+                best = [h for h in best if (h.video_id, h.frame_idx) in allow]
+            if per_video:
+                best = best_per_video(best)
             if len(best) >= k or depth >= self.size:
                 return best[:k]
             depth = min(self.size, depth * 4)
@@ -171,11 +177,12 @@ class Searcher:
         self._need_encoder()
         return self.encoder.encode_images([load_query_image(image)])
 
-    def search_text(self, text: str, k: int = 20, per_video: bool = False) -> list[Hit]:
-        return self.search_vector(self.text_vector(text), k, per_video)
+    def search_text(self, text: str, k: int = 20, per_video: bool = False, allow: Optional[set] = None) -> list[Hit]:
+        return self.search_vector(self.text_vector(text), k, per_video, allow)
 
-    def search_image(self, image: Union[str, Path, np.ndarray, Any], k: int = 20, per_video: bool = False) -> list[Hit]:
-        return self.search_vector(self.image_vector(image), k, per_video)
+    def search_image(self, image: Union[str, Path, np.ndarray, Any], k: int = 20, per_video: bool = False,
+                     allow: Optional[set] = None) -> list[Hit]:
+        return self.search_vector(self.image_vector(image), k, per_video, allow)
 
     def search_temporal(self, first: str, then: str, within_s: float = 30.0, k: int = 20, per_video: bool = False,
                         depth: int = 1000) -> list[TemporalHit]:
@@ -203,11 +210,13 @@ class Searcher:
 def run_search(index_dir: Union[str, Path], text: Optional[str] = None, image: Optional[Union[str, Path]] = None,
                then: Optional[str] = None, within_s: float = 30.0, k: int = 20, per_video: bool = False,
                model: str = FROM_INDEX, pretrained: str = FROM_INDEX, merge: str = FROM_INDEX, device: str = "auto",
-               precision: str = "fp32", batch_size: int = 32, nprobe: int = 16, ef_search: int = 64) -> list:
+               precision: str = "fp32", batch_size: int = 32, nprobe: int = 16, ef_search: int = 64,
+               object_name: Optional[str] = None) -> list:
     """One query from the command line: checks the query first (no model load for a bad one).
 
     ``nprobe`` (IVF lists visited) and ``ef_search`` (HNSW depth) trade speed for recall on
-    approximate index types; exact ``Flat`` ignores them.
+    approximate index types; exact ``Flat`` ignores them. ``object_name`` keeps only keyframes
+    with that detected object (AI Challenge releases, ``indexing.aic.objects_in_frames``).
     """
     if image is None and (text is None or not text.strip()):
         raise InputError("empty query; give a description such as \"a man riding a bike\", or --image query.jpg")
@@ -219,13 +228,23 @@ def run_search(index_dir: Union[str, Path], text: Optional[str] = None, image: O
         load_query_image(image)  # fail before loading the model
     if k < 1:
         raise InputError(f"-k {k} is not valid; ask for at least 1 result")
+    allow = None
+    if object_name is not None:
+        from indexing.aic import objects_in_frames
+
+        if then is not None:
+            raise InputError("--object filters text and image queries; drop --then or --object")
+        allow = objects_in_frames(Path(index_dir), object_name)
+        if not allow:
+            raise InputError(f"no keyframe of {index_dir} has a detection of {object_name!r} (score >= 0.5); "
+                             "check the name in objects.parquet (e.g. Person, Car, Dog)")
     searcher = Searcher.open(index_dir, model=model, pretrained=pretrained, merge=merge, device=device,
                              precision=precision, batch_size=batch_size, nprobe=nprobe, ef_search=ef_search)
     if then is not None:
         return searcher.search_temporal(text, then, within_s=within_s, k=k, per_video=per_video)
     if image is not None:
-        return searcher.search_image(image, k=k, per_video=per_video)
-    return searcher.search_text(text, k=k, per_video=per_video)
+        return searcher.search_image(image, k=k, per_video=per_video, allow=allow)
+    return searcher.search_text(text, k=k, per_video=per_video, allow=allow)
 
 
 def best_per_video(hits: Sequence[Hit]) -> list[Hit]:

@@ -186,3 +186,17 @@ def test_import_features_gives_the_rows_of_index_and_the_files_vectors(indexed, 
     rep = import_features([bad], tmp_path / "imp2", pretrained="none")
     assert [(Path(b.path).name, "5 rows" in b.reason and "3 keyframes" in b.reason) for b in rep.failed] == [
         ("L21_V002.npy", True)]
+
+
+def test_search_keeps_only_keyframes_with_the_object(indexed, monkeypatch):
+    import encoders
+    from cli import app
+
+    ix, _ = indexed
+    model = build_encoder()
+    monkeypatch.setattr(encoders, "Encoder", lambda **kw: model)
+    res = CliRunner().invoke(app, ["search", "a dog", "--index", str(ix), "--object", "dog", "--json"])
+    assert res.exit_code == 0, res.stderr
+    assert [(h["video_id"], h["frame_idx"]) for h in json.loads(res.stdout)] == [("L21_V001", 290)]
+    res = CliRunner().invoke(app, ["search", "a cat", "--index", str(ix), "--object", "Cat"])
+    assert res.exit_code == 3 and "no keyframe" in res.stderr and "'Cat'" in res.stderr

@@ -515,3 +515,67 @@ def test_cli_write_targets_are_checked_before_the_work(tmp_path, tmpfs, monkeypa
     monkeypatch.setattr("eval.evaluate", lambda *a, **k: called.append("eval"))
     r = runner.invoke(cli.app, ["eval", "--out", str(mnt / "eval_out")])
     assert r.exit_code == 8 and "Read-only" in r.output and called[-1] != "eval"
+
+
+# ---------------------------------------------------------------------------- durability
+def test_atomic_write_fsyncs_the_file_and_then_its_folder(tmp_path, monkeypatch):
+    import runtime
+
+    synced = []
+    real = os.fsync
+
+    def record(fd):
+        st = os.fstat(fd)
+        synced.append(("dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "file", st.st_ino))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    target = tmp_path / "sub" / "out.json"
+    target.parent.mkdir()
+    runtime.atomic_write(target, '{"a": 1}')
+    assert target.read_text() == '{"a": 1}' and not (tmp_path / "sub" / "out.json.tmp").exists()
+    assert synced == [("file", target.stat().st_ino), ("dir", target.parent.stat().st_ino)]  # file first, then folder
+
+    def half_then_fail(tmp):
+        Path(tmp).write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(WriteError, match="cannot write .*out.json: No space left on device; free some space"):
+        runtime.atomic_write(target, half_then_fail)
+    assert target.read_text() == '{"a": 1}' and sorted(p.name for p in target.parent.iterdir()) == ["out.json"]
+
+
+def test_every_rename_in_the_repository_is_followed_by_a_folder_fsync():
+    """Writers use runtime.atomic_write/commit_file; a module that renames by itself must fsync the folder."""
+    offenders = []
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith((".venv/", "tests/", "build/")) or "/site-packages/" in rel:
+            continue
+        text = path.read_text(errors="replace")
+        renames = text.count("os.replace(") + text.count("os.rename(") + text.count(".rename(")
+        if renames and rel != "runtime.py" and "fsync_dir(" not in text:
+            offenders.append(rel)
+    assert offenders == []
+
+
+# ---------------------------------------------------------------------------- the index command repairs
+def test_index_rebuilds_a_damaged_faiss_and_refuses_an_untrainable_type_without_storing_it(tmp_path, encoder):
+    from test_indexing_support import write_video
+
+    from indexing import IndexOptions, index_paths
+
+    video = write_video(tmp_path / "v.mp4", [("red", 10), ("blue", 10), ("green", 10)])
+    index_dir = tmp_path / "index"
+    index_paths([video], index_dir, encoder, IndexOptions())
+    before = index_contents(index_dir)
+    faiss_file = index_dir / "index.faiss"
+    faiss_file.write_bytes(os.urandom(faiss_file.stat().st_size))
+    again = index_paths([video], index_dir, encoder, IndexOptions())
+    assert again.up_to_date == 1 and again.frames_encoded == 0
+    assert load_index(faiss_file).ntotal == len(before[0]) == 3
+    with pytest.raises(ConfigError, match="needs at least 64 vectors.*built as Flat"):
+        index_paths([video], index_dir, encoder, IndexOptions(index_type="IVF64,Flat"))
+    m = json.loads((index_dir / "manifest.json").read_text())
+    assert m["index_type"] == "Flat" and m["faiss_generation"] == m["generation"]
+    assert same(index_contents(index_dir), before) and load_index(faiss_file).ntotal == 3
