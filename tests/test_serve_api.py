@@ -38,15 +38,33 @@ def make_video(path: Path, seconds: float, pattern: str = "testsrc", size: str =
 
 
 def build_served_index(root: Path) -> Path:
-    """videos/a.mp4 (6 s) and videos/b.mp4 (4 s) indexed at 2 fps into root/ix (thumbnails included)."""
+    """videos/a.mp4 (6 s) and videos/b.mp4 (4 s) at 2 fps, and stills/ (3 images, no video file), into root/ix."""
+    from PIL import Image
+
     from indexing import IndexOptions, Sampling, index_paths
 
     videos = root / "videos"
     videos.mkdir()
     make_video(videos / "a.mp4", 6, "testsrc")
     make_video(videos / "b.mp4", 4, "testsrc2")
-    index_paths([videos], root / "ix", build_encoder(), IndexOptions(sampling=Sampling.parse("fps=2")))
+    stills = root / "stills"
+    stills.mkdir()
+    y, x = np.mgrid[0:64, 0:96]
+    for i, rgb in enumerate([(200, 40, 40), (40, 200, 40), (40, 40, 200)]):
+        img = np.stack([(c * (x + y * i) / 160) % 256 for c in rgb], -1).astype(np.uint8)
+        Image.fromarray(img).save(stills / f"{i}.png")
+    index_paths([videos, stills], root / "ix", build_encoder(), IndexOptions(sampling=Sampling.parse("fps=2")))
     return root / "ix"
+
+
+def source_frame(root: Path, hit) -> np.ndarray:
+    """The hit's frame decoded again from its source (video frame, or the still image)."""
+    import decord
+    from PIL import Image
+
+    if hit["video_id"] == "stills":
+        return np.asarray(Image.open(root / "stills" / f"{hit['frame_idx']}.png").convert("RGB"))
+    return decord.VideoReader(str(root / "videos" / f"{hit['video_id']}.mp4"))[hit["frame_idx"]].asnumpy()
 
 
 def snapshot(folder: Path) -> dict:
@@ -85,7 +103,7 @@ def test_health_and_the_page_loads_nothing_from_the_network(client, served):
     assert h.status_code == 200
     body = h.json()
     n = len(stored_vectors(served["ix"])[0])
-    assert body["status"] == "ok" and body["vectors"] == n and body["model"] == "ViT-B-32" and body["videos"] == 2
+    assert body["status"] == "ok" and body["vectors"] == n and body["model"] == "ViT-B-32" and body["videos"] == 3
     assert body["thumbnails"] == n
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
@@ -97,22 +115,28 @@ def test_health_and_the_page_loads_nothing_from_the_network(client, served):
 
 
 def test_search_matches_the_searcher_and_has_the_documented_shape(client, served):
-    r = client.get("/api/search", params={"q": "a test pattern", "k": 7})
+    r = client.get("/api/search", params={"q": "a test pattern", "k": 17})
     assert r.status_code == 200
     data = r.json()
-    assert data["kind"] == "frames" and len(data["hits"]) == 7
+    assert data["kind"] == "frames" and len(data["hits"]) == 17
     for h in data["hits"]:
         assert HIT_KEYS <= set(h)
-        assert h["thumb_url"] == f"/api/thumb/{h['id']}" and h["video_url"] == f"/api/video/{h['video_id']}"
-    direct = served["engine"].searcher.search_text("a test pattern", k=7)
+        assert h["thumb_url"] == f"/api/thumb/{h['id']}"
+        if h["video_id"] == "stills":  # an image folder: no video to play, no time
+            assert h["video_url"] is None and h["pts_time"] is None and h["timestamp"] is None
+        else:
+            assert h["video_url"] == f"/api/video/{h['video_id']}" and h["timestamp"].startswith("00:00:0")
+    assert {h["video_id"] for h in data["hits"]} == {"a", "b", "stills"}
+    direct = served["engine"].searcher.search_text("a test pattern", k=17)
     assert [h["id"] for h in data["hits"]] == [h.id for h in direct]
     assert [h["score"] for h in data["hits"]] == pytest.approx([h.score for h in direct], abs=1e-5)
     assert [h["frame_idx"] for h in data["hits"]] == [h.frame_idx for h in direct]
-    first = data["hits"][0]
-    assert first["timestamp"].startswith("00:00:0") and first["pts_time"] == pytest.approx(first["frame_idx"] / 10, abs=1e-3)
+    for h in data["hits"]:
+        if h["pts_time"] is not None:
+            assert h["pts_time"] == pytest.approx(h["frame_idx"] / 10, abs=1e-3)
 
     per = client.get("/api/search", params={"q": "a test pattern", "k": 5, "per_video": 1}).json()["hits"]
-    assert sorted(h["video_id"] for h in per) == ["a", "b"]
+    assert sorted(h["video_id"] for h in per) == ["a", "b", "stills"]
 
 
 def test_then_search_gives_pairs_in_order_within_the_window(client):
@@ -172,19 +196,18 @@ def test_neighbours_are_the_adjacent_frames_of_the_same_video(client, served):
 
 
 def test_thumbnails_are_small_jpegs_of_the_right_frames(client, served):
-    import decord
     from PIL import Image
 
     from indexing.thumbs import make_jpeg
 
-    hits = client.get("/api/search", params={"q": "anything", "k": 4}).json()["hits"]
+    hits = client.get("/api/search", params={"q": "anything", "k": 100}).json()["hits"]
+    assert len(hits) == len(stored_vectors(served["ix"])[0])
     for h in hits:
         r = client.get(h["thumb_url"])
         assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
         with Image.open(io.BytesIO(r.content)) as im:
             assert im.format == "JPEG" and max(im.size) <= 256
-        frame = decord.VideoReader(str(served["root"] / "videos" / f"{h['video_id']}.mp4"))[h["frame_idx"]].asnumpy()
-        assert r.content == make_jpeg(frame), "the thumbnail is not the hit's frame"
+        assert r.content == make_jpeg(source_frame(served["root"], h)), f"the thumbnail of {h} is not its frame"
     assert client.get("/api/thumb/987654").status_code == 404
 
 
@@ -212,11 +235,12 @@ def test_path_traversal_and_unknown_ids_give_404_and_never_file_contents(client,
     attempts = [
         "/api/video/..%2F..%2Fetc%2Fpasswd", "/api/video/..%2f..%2fetc%2fpasswd", "/api/video/%2Fetc%2Fpasswd",
         "/api/video//etc/passwd", "/api/video/%2e%2e/%2e%2e/etc/passwd", "/api/video/..%5C..%5Cetc%5Cpasswd",
-        f"/api/video/{video}", f"/api/video/{str(video).replace('/', '%2F')}", "/api/video/a.mp4", "/api/video/c",
+        f"/api/video/{video}", f"/api/video/{str(video).replace('/', '%2F')}", "/api/video/a.mp4", "/api/video/c", "/api/video/stills",
         "/api/video/..%2Fix%2Fmanifest.json", "/api/video/%2e%2e%2fmanifest.json",
         "/api/thumb/..%2Fmanifest.json", "/api/thumb/-1", "/api/thumb/1e3", "/api/thumb/%2Fetc%2Fpasswd",
         "/api/neighbors/..%2F..%2Fetc%2Fpasswd", "/api/similar/%2e%2e", "/api/thumb/99999999999999999999999",
     ]
+    assert "not a video file" in client.get("/api/video/stills").json()["detail"]
     for url in attempts:
         r = client.get(url)
         assert r.status_code == 404, (url, r.status_code)

@@ -95,6 +95,14 @@ def test_search_play_basket_and_export_in_chromium(server, browser_page, tmp_pat
     strip = [int(x) for x in page.eval_on_selector_all("#strip img", "ims => ims.map(i => i.dataset.id)")]
     assert hit.id in strip and page.get_attribute("#strip img.cur", "data-id") == str(hit.id)
 
+    # a still (image folder): shown as a picture, the video stops
+    still = next(i for i, h in enumerate(expected) if h.video_id == "stills")
+    page.locator("#grid .card").nth(still).locator(".pics").click()
+    page.wait_for_function("() => getComputedStyle(document.querySelector('#still')).display === 'block'")
+    assert page.evaluate("() => document.querySelector('#video').paused")
+    assert page.get_attribute("#still", "src").endswith(f"/api/thumb/{expected[still].id}")
+    page.locator("#grid .card").nth(pick).locator(".pics").click()
+
     # a basket of three, one removed, the other two swapped; then exported as the submission CSV
     page.evaluate("() => localStorage.clear()")
     page.click("#bclear")
@@ -151,7 +159,7 @@ def test_image_query_by_upload_and_drop_more_like_this_and_then(server, browser_
     page, seen = browser_page
     engine = server["engine"]
     page.goto(server["base"] + "/")
-    page.wait_for_function("() => document.querySelector('#status').textContent.includes('frames of 2 video(s)')")
+    page.wait_for_function("() => document.querySelector('#status').textContent.includes('frames of 3 video(s)')")
 
     frame = decord.VideoReader(str(server["root"] / "videos" / "b.mp4"))[20].asnumpy()
     Image.fromarray(frame).save(tmp_path / "query.png")
@@ -210,7 +218,8 @@ def test_the_page_passes_the_token_on(server, browser_page):
         page.goto(f"http://127.0.0.1:{port}/?q=a%20clock&token=t0ken-42")
         page.wait_for_function("""() => { const imgs = [...document.querySelectorAll('#grid .card img')];
             return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0); }""")
-        page.locator("#grid .card").first.locator(".pics").click()
+        first_video = next(i for i, h in enumerate(server["engine"].search("a clock", k=50)) if h.video_id != "stills")
+        page.locator("#grid .card").nth(first_video).locator(".pics").click()
         page.wait_for_function("() => document.querySelector('#video').dataset.seeked === '1'")
         assert "token=t0ken-42" in page.evaluate("() => document.querySelector('#video').currentSrc")
         assert "token=t0ken-42" in page.url
