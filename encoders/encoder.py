@@ -108,6 +108,8 @@ class Encoder:
         merge: token-merging config (string or ``MergeConfig``); ``none`` leaves the model as shipped.
         batch_size: images/texts per forward pass.
         image_size: input side override (None: the model's own).
+        compile: ``torch.compile`` the image tower (merged or not; CUDA graphs on CUDA), with
+            every batch padded to ``batch_size`` so nothing recompiles (``encoders.compile``).
     """
 
     model_name: str = "ViT-B-32"
@@ -117,6 +119,7 @@ class Encoder:
     merge: Union[MergeConfig, str, None] = None
     batch_size: int = 32
     image_size_override: Optional[int] = None
+    compile: bool = False
     model: Any = field(default=None, repr=False)
     preprocess: Optional[Callable] = field(default=None, repr=False)
     tokenizer: Optional[Callable] = field(default=None, repr=False)
@@ -137,6 +140,16 @@ class Encoder:
             from encoders.patch import apply_merging
 
             apply_merging(self.model, self.merge)
+        self._tower = None
+        if self.compile:
+            from encoders.compile import CompiledTower
+
+            self._tower = CompiledTower(self.model.visual, self.batch_size, self.device)
+
+    @property
+    def compile_s(self) -> Optional[float]:
+        """Seconds the first (compiling) image batch took; None before it or without ``compile``."""
+        return None if self._tower is None else self._tower.compile_s
 
     # ------------------------------------------------------------------ properties
     @property
@@ -190,7 +203,8 @@ class Encoder:
         import torch
 
         with torch.inference_mode(), self._autocast():
-            feats = self.model.encode_image(pixels.to(self.device, non_blocking=True))
+            pixels = pixels.to(self.device, non_blocking=True)
+            feats = self._tower(pixels) if self._tower is not None else self.model.encode_image(pixels)
         return torch.nn.functional.normalize(feats.float(), dim=-1)
 
     def stream(self, reuse) -> "ReuseEncoder":  # noqa: F821

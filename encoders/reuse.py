@@ -354,6 +354,7 @@ class _Reference:
     blocks: List[_BlockCache]
     size: Any  # token sizes after the last block (None without merging)
     out: Any  # model output of the reference frame [1, D]
+    owned: bool = False  # the caches are a fresh per-row stack (may be written in place)
 
 
 @dataclass
@@ -567,12 +568,14 @@ class ReuseStream:
         return active
 
     @staticmethod
-    def _scatter(cached, active, compute, inp):
-        """``cached`` expanded to the frames, with ``compute(inp[active])`` written at the active rows."""
+    def _scatter(cached, active, compute, inp, owned: bool = False):
+        """``cached`` expanded to the frames, with ``compute(inp[active])`` written at the active rows
+        (in place when ``owned``: a per-row stack nobody reads again)."""
         out = cached.expand(active.shape[0], -1, -1)
         rows = int(active.sum())
         if rows:
-            out = out.clone()
+            if not owned:
+                out = out.clone()
             out[active] = compute(inp[active]).to(out.dtype)
         return out, rows
 
@@ -593,7 +596,7 @@ class ReuseStream:
                 act = self._force_prefix(act)
             else:
                 act = self._gate(x, c.x, True)
-            qkv, qkv_done = self._scatter(c.qkv, act, lambda t: fam.qkv(b, fam.ln1(b, t)), x)
+            qkv, qkv_done = self._scatter(c.qkv, act, lambda t: fam.qkv(b, fam.ln1(b, t)), x, ref.owned)
             a = c.a.expand(f, -1, -1)
             moved = act.any(dim=1)
             if bool(moved.any()):
@@ -601,17 +604,17 @@ class ReuseStream:
                 bias = None if c.bias is None else c.bias.expand(f, -1, -1, -1)[moved]
                 a[moved] = self._attend(b, qkv[moved], bias)[0].to(a.dtype)
             act2 = self._gate(a, c.a, True)
-            p, proj_done = self._scatter(c.p, act2, lambda t: fam.proj(b, t), a)
+            p, proj_done = self._scatter(c.p, act2, lambda t: fam.proj(b, t), a, ref.owned)
             y = x + p
             if c.merge_map is not None:
                 y = torch.bmm(c.merge_map.expand(f, -1, -1), y)
             act3 = self._gate(y, c.y, True)
-            m, mlp_done = self._scatter(c.m, act3, lambda t: fam.mlp(b, t), y)
+            m, mlp_done = self._scatter(c.m, act3, lambda t: fam.mlp(b, t), y, ref.owned)
             self._count(bi, f * n, f * n, f * y.shape[1], qkv_done, proj_done, mlp_done)
             touched |= act.any(dim=1) | act2.any(dim=1) | act3.any(dim=1)
             x = y + m
         size = None if ref.size is None else ref.size.expand(f, -1, -1)
-        out = ref.out.expand(f, -1).clone()
+        out = ref.out.expand(f, -1) if ref.owned else ref.out.expand(f, -1).clone()
         if bool(touched.any()):  # a frame where no gate opened is the reference, exactly
             out[touched] = fam.pool(x[touched], None if size is None else size[touched]).to(out.dtype)
         return out
@@ -639,7 +642,7 @@ def _stack(refs: List[_Reference]) -> _Reference:
     for bi in range(len(refs[0].blocks)):
         fields = {f.name: cat(lambda r, n=f.name: getattr(r.blocks[bi], n)) for f in dataclasses.fields(_BlockCache)}
         blocks.append(_BlockCache(**fields))
-    return _Reference(torch.stack([r.codes for r in refs]), blocks, cat(lambda r: r.size), cat(lambda r: r.out))
+    return _Reference(torch.stack([r.codes for r in refs]), blocks, cat(lambda r: r.size), cat(lambda r: r.out), owned=True)
 
 
 class ReuseEncoder:

@@ -202,7 +202,8 @@ def lsh_partners(
     # else int64 built exactly in float64 (bits + 2 <= 32 code bits, 20 position bits < 2**53).
     pos_bits = 13 - bits if small else 20
     key_dtype = torch.float32 if small else torch.float64
-    weights, sentinel, steps, offsets = _constants(batch, n, bits, pos_bits, window, str(dev), key_dtype)
+    constants = _constants.__wrapped__ if _compiling() else _constants  # traced: no lru_cache
+    weights, sentinel, steps, offsets = constants(batch, n, bits, pos_bits, window, str(dev), key_dtype)
     with _full_precision(dev):
         code = (proj > 0).to(key_dtype) @ weights  # [B, N, T]
 
@@ -234,7 +235,7 @@ def lsh_partners(
         start = torch.minimum(start, (count_b - window).clamp(min=0)[:, None, None]).clamp_(min=0)
     else:
         start = start.clamp_(0, max(0, num_b - keep_first // 2 - window))
-    cand = (start[..., None] + steps).view(batch, tables, chunks * window)  # sorted B positions
+    cand = (start[..., None] + steps).reshape(batch, tables, chunks * window)  # sorted B positions
     cand_b = perm_b.gather(2, cand)  # -> B index
     cand_code = sorted_code[:, :, 1].gather(2, cand)
 
@@ -244,11 +245,12 @@ def lsh_partners(
     flat = metric.reshape(batch * n, dim)
     groups = batch * tables
     # Sort padding (index >= num_a / num_b) is clamped onto the last real row.
-    row_a = (perm_a * 2).clamp_(max=n - 1).add_(offsets).view(groups, length)
-    row_b = (cand_b * 2 + 1).clamp_(max=n - 1).add_(offsets).view(groups, chunks * window)
+    # reshape, not view: under torch.compile the sort's output may be laid out differently.
+    row_a = (perm_a * 2).clamp_(max=n - 1).add_(offsets).reshape(groups, length)
+    row_b = (cand_b * 2 + 1).clamp_(max=n - 1).add_(offsets).reshape(groups, chunks * window)
     code_a = sorted_code[:, :, 0].reshape(groups, chunks, half, 1)
-    code_b = cand_code.view(groups, chunks, 1, window)
-    cand_b = cand_b.view(groups, chunks, window)
+    code_b = cand_code.reshape(groups, chunks, 1, window)
+    cand_b = cand_b.reshape(groups, chunks, window)
 
     def score(sl: slice) -> Tuple[torch.Tensor, torch.Tensor]:
         """Best same-code candidate of each A token in the groups ``sl``: (score, B index)."""
@@ -263,7 +265,7 @@ def lsh_partners(
     # are written and read back at once instead of streaming through memory.
     slabs = max(1, round(groups * (length + chunks * window) / SLAB_ROWS))
     step = -(-groups // slabs)
-    if step >= groups:
+    if step >= groups or _compiling():  # (a compiled graph fuses the gathers: no slabs needed)
         val, partner = score(slice(None))
     else:
         val = metric.new_empty(groups, chunks, half)
@@ -271,7 +273,7 @@ def lsh_partners(
         for g in range(0, groups, step):
             sl = slice(g, g + step)
             val[sl], partner[sl] = score(sl)
-    val = val.view(batch, tables, length)
+    val = val.reshape(batch, tables, length)
     partner = partner.reshape(batch, tables, length)
 
     # Back to A token order (perm_a is a permutation of 0..length-1), then the best over tables.

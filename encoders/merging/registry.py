@@ -52,11 +52,18 @@ class MatcherSpec:
 
     @property
     def fn(self) -> Callable:
-        """The matcher function."""
+        """The matcher function (imported once; later lookups are a dict read, which
+        torch.compile traces without a graph break)."""
         if callable(self.target):
             return self.target
-        module, _, name = str(self.target).partition(":")
-        return getattr(importlib.import_module(module), name)
+        found = _RESOLVED.get(self.target)
+        if found is None:
+            module, _, name = str(self.target).partition(":")
+            found = _RESOLVED[self.target] = getattr(importlib.import_module(module), name)
+        return found
+
+
+_RESOLVED: Dict[str, Callable] = {}
 
 
 REGISTRY: Dict[str, MatcherSpec] = {}

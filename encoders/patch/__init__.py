@@ -57,6 +57,7 @@ def apply_merging(model: torch.nn.Module, cfg: Union[MergeConfig, str, None]) ->
     if not cfg.enabled:
         return remove_merging(model)
     root, blocks, family = _family(model)
+    cfg.spec.fn  # import the matcher now, not inside a (possibly compiled) forward
     if family == "open_clip":
         from encoders.patch import open_clip as fam
 

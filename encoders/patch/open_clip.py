@@ -29,7 +29,7 @@ def _heads(t: Tensor, batch: int, n: int, heads: int) -> Tensor:
 
 
 def mha_attention(
-    attn: torch.nn.MultiheadAttention, x: Tensor, bias: Optional[Tensor], needs: str, mode: str = "channel"
+    attn: torch.nn.MultiheadAttention, x: Tensor, bias: Optional[Tensor], needs: str, mode: str = "auto"
 ):
     """``nn.MultiheadAttention`` self-attention through the fused kernel with an additive bias
     (``mode``: how the bias reaches the kernel, see ``common.sdpa``).
@@ -45,7 +45,7 @@ def mha_attention(
     return out, k.mean(dim=1), probs
 
 
-def custom_attention(attn, x: Tensor, bias: Optional[Tensor], needs: str, mode: str = "channel"):
+def custom_attention(attn, x: Tensor, bias: Optional[Tensor], needs: str, mode: str = "auto"):
     """open_clip's own ``Attention`` (qk-norm, scaled-cosine, head scale, inner norm)."""
     batch, n, c = x.shape
     q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)

@@ -23,7 +23,7 @@ from errors import UnsupportedModelError
 Tensor = torch.Tensor
 
 
-def timm_attention(attn, x: Tensor, bias: Optional[Tensor], needs: str, mode: str = "channel"):
+def timm_attention(attn, x: Tensor, bias: Optional[Tensor], needs: str, mode: str = "auto"):
     """timm ``Attention`` through the fused kernel (or its plain path when fused is off)."""
     batch, n, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
