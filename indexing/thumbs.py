@@ -152,38 +152,48 @@ class ThumbReader:
 
     def __init__(self, root: Path, shards: Sequence[str], ids: np.ndarray, hashes: np.ndarray):
         self.packs: list[Pack] = []
-        want = dict(zip(np.asarray(ids).tolist(), np.asarray(hashes).tolist()))
-        self._where: dict[int, tuple[int, int]] = {}
+        ids, hashes = np.asarray(ids, np.int64), np.asarray(hashes, np.int64)
+        order = np.argsort(ids, kind="stable")
+        want_ids, want_hashes = ids[order], hashes[order]
+        got_ids, got_pack, got_entry = [], [], []
         stale = 0
         for shard in sorted(shards):
             pack = open_pack(pack_path(root, shard))
             if pack is None:
                 continue
+            pos = np.minimum(np.searchsorted(want_ids, pack.ids), max(len(want_ids) - 1, 0))
+            live = (want_ids[pos] == pack.ids) if len(want_ids) else np.zeros(len(pack.ids), bool)  # else a dead row
+            ok = live & (want_hashes[pos] == pack.hashes) if len(want_ids) else live
+            stale += int((live & ~ok).sum())
+            got_ids.append(pack.ids[ok])
+            got_pack.append(np.full(int(ok.sum()), len(self.packs), np.int32))
+            got_entry.append(np.flatnonzero(ok).astype(np.int64))
             self.packs.append(pack)
-            p = len(self.packs) - 1
-            for i, (id_, h) in enumerate(zip(pack.ids.tolist(), pack.hashes.tolist())):
-                expected = want.get(id_)
-                if expected is None:
-                    continue  # a dead row
-                if expected != h:
-                    stale += 1
-                    continue
-                self._where[id_] = (p, i)
+        cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt))
+        ids_found = cat(got_ids, np.int64)
+        o = np.argsort(ids_found, kind="stable")
+        self._ids = ids_found[o]
+        self._pack = cat(got_pack, np.int32)[o]
+        self._entry = cat(got_entry, np.int64)[o]
         if stale:
             log.warning("%d thumbnail(s) in %s belong to an older build of the index and are not shown; "
                         "run `cli.py thumbs --index %s`", stale, root, root)
 
+    def _find(self, id_: int) -> int:
+        i = int(np.searchsorted(self._ids, id_))
+        return i if i < len(self._ids) and self._ids[i] == id_ else -1
+
     def __len__(self) -> int:
-        return len(self._where)
+        return len(self._ids)
 
     def __contains__(self, id_: int) -> bool:
-        return int(id_) in self._where
+        return self._find(int(id_)) >= 0
 
     def get(self, id_: int) -> Optional[bytes]:
-        loc = self._where.get(int(id_))
-        if loc is None:
+        i = self._find(int(id_))
+        if i < 0:
             return None
-        return self.packs[loc[0]].entry(loc[1])
+        return self.packs[int(self._pack[i])].entry(int(self._entry[i]))
 
     def close(self) -> None:
         for p in self.packs:
