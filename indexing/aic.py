@@ -329,7 +329,7 @@ def write_sidecars(index_dir: Path, parts_by_video: dict, min_score: float = OBJ
 
     Returns: counts ``{"videos_with_metadata": n, "objects": rows}``.
     """
-    from indexing.store import atomic_write
+    from runtime import atomic_write
 
     index_dir = Path(index_dir)
     meta = load_video_meta(index_dir)
@@ -345,7 +345,7 @@ def write_sidecars(index_dir: Path, parts_by_video: dict, min_score: float = OBJ
             touched.add(vid)
     if meta:
         text = json.dumps(dict(sorted(meta.items())), indent=1, ensure_ascii=False)
-        atomic_write(index_dir / VIDEOS_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        atomic_write(index_dir / VIDEOS_FILE, text)  # UTF-8; file and folder fsynced
     n_obj = _merge_objects(index_dir, objects, touched) if touched else 0
     return {"videos_with_metadata": len(meta), "objects": n_obj}
 
@@ -380,7 +380,7 @@ def _merge_objects(index_dir: Path, rows: list, touched: set) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from indexing.store import atomic_write
+    from runtime import atomic_write
 
     cols = ("video_id", "n", "frame_idx", "entity", "score", "ymin", "xmin", "ymax", "xmax")
     new = pa.table({c: list(v) for c, v in zip(cols, zip(*rows))} if rows else {c: [] for c in cols},
