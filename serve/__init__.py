@@ -40,6 +40,20 @@ def check_bind(host: str, token: Optional[str]) -> None:
         )
 
 
+def _need_web_packages() -> None:
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(m) is None]
+    if missing:
+        from errors import MissingDependencyError
+
+        names = {"multipart": "python-multipart"}
+        raise MissingDependencyError(
+            f"the web app needs {', '.join(names.get(m, m) for m in missing)}; install the 'serve' extra: "
+            "pip install 'mergeseek[serve]' (in a checkout: pip install -e '.[serve]')"
+        )
+
+
 def _check_port_free(host: str, port: int) -> None:
     import socket
 
@@ -60,6 +74,7 @@ def run_server(index_dir: Union[str, Path], host: str = "127.0.0.1", port: int =
     if not 0 < int(port) < 65536:
         raise ConfigError(f"--port {port} is not valid; give 1..65535 (0 is not allowed)")
     _check_port_free(host, int(port))  # before minutes of loading, not after
+    _need_web_packages()
     import uvicorn
 
     from serve.app import create_app

@@ -448,3 +448,33 @@ def test_next_index_run_fills_missing_packs_without_encoding(served, tmp_path):
     report = index_paths([served["root"] / "videos"], ix, build_encoder(), IndexOptions(sampling=Sampling.parse("fps=2")))
     assert report.up_to_date == 2 and report.frames_encoded == 0
     assert {p.name: p.read_bytes() for p in (ix / THUMB_DIR).iterdir()} == original
+
+
+def test_serve_refuses_a_busy_port_and_missing_packages_in_one_line(served, monkeypatch):
+    import socket
+
+    import serve.engine
+    from errors import ConfigError, MissingDependencyError
+    from serve import run_server
+
+    monkeypatch.setattr(serve.engine.Engine, "open", lambda *a, **k: pytest.fail("must not load"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}"):
+            run_server(served["ix"], port=port)
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    with pytest.raises(MissingDependencyError, match=r"uvicorn; install the 'serve' extra"):
+        run_server(served["ix"], port=free_port_for_test())
+
+
+def free_port_for_test() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
