@@ -213,3 +213,32 @@ def test_cuda_search_equals_cpu_tensor_code():
     assert torch.equal(got_p.cpu(), want_p)
     merge = lsh_soft_matching(metric.cuda().float(), 256)
     assert merge.width == 1025 - 256  # r merged: fallback edges make up a shortfall
+
+
+def test_shortfall_is_made_up_by_fallback_edges_with_a_static_width():
+    """Many bits: few bucket-mates. Every image still merges r (width N - r, no device read); the
+    bucket edges are all kept and the fallback edges come from the fixed B subset."""
+    from encoders.merging.lsh import FALLBACK_B, fallback_partners
+
+    g = torch.Generator().manual_seed(11)
+    metric = torch.randn(3, 129, 32, generator=g, dtype=torch.float64)
+    x = torch.randn(3, 129, 8, generator=g, dtype=torch.float64)
+    opts = dict(lsh_bits=10, lsh_tables=1, lsh_window=16)
+    short = lsh_soft_matching(metric, 48, fallback=False, **opts)
+    full = lsh_soft_matching(metric, 48, **opts)
+    assert full.width == 129 - 48 and full.num_merged.tolist() == [48] * 3
+    assert (short.num_merged < 48).all()
+    assert full.fallback.tolist() == (48 - short.num_merged).tolist()
+    bucket_pairs = [merged_pairs(lambda t, b=b: short.merge(t.expand(3, -1, -1))[b : b + 1], 129) for b in range(3)]
+    full_pairs = [merged_pairs(lambda t, b=b: full.merge(t.expand(3, -1, -1))[b : b + 1], 129) for b in range(3)]
+    _, fb_partner = fallback_partners(metric, 1)
+    subset = set(torch.linspace(0, 63, min(FALLBACK_B, 64)).round().long().mul(2).add(1).tolist())
+    for b in range(3):
+        assert set(bucket_pairs[b]) <= set(full_pairs[b])
+        assert all(q in subset for _, q in set(full_pairs[b]) - set(bucket_pairs[b]))
+    y, s = merge_wavg(full, x)
+    assert s.sum(dim=(1, 2)).tolist() == [129.0] * 3
+    for b in range(3):  # a batch computes what each image computes alone
+        ya, sa = merge_wavg(lsh_soft_matching(metric[b : b + 1], 48, **opts), x[b : b + 1])
+        torch.testing.assert_close(y[b], ya[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(s[b], sa[0], rtol=0, atol=0)

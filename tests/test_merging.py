@@ -10,30 +10,39 @@ import torch
 from encoders.merging import bipartite_soft_matching, lsh_soft_matching, merge_wavg
 
 
-def naive_bipartite(metric: torch.Tensor, x: torch.Tensor, size: torch.Tensor, r: int):
-    """ToMe written out with Python loops over one image: returns (x, size, merged pairs)."""
+def naive_bipartite(metric: torch.Tensor, x: torch.Tensor, size: torch.Tensor, r: int, protected: int = 1):
+    """ToMe written out with Python loops over one image: returns (x, size, merged pairs).
+
+    The first ``protected`` tokens (class, distillation, register tokens) are never merged nor
+    merged into and come first, in place: [prefix, unmerged A, B] (ToMe's order for 1 and 2).
+    """
     n = metric.shape[0]
     unit = [metric[i] / metric[i].norm() for i in range(n)]
     a_pos, b_pos = list(range(0, n, 2)), list(range(1, n, 2))
     edges = []
     for ai, p in enumerate(a_pos):
-        if p == 0:  # class token
+        if p < protected:
             continue
         best, best_j = -math.inf, None
         for bj, q in enumerate(b_pos):
+            if q < protected:
+                continue
             s = float(unit[p] @ unit[q])
             if s > best:  # strict: the first maximum wins
                 best, best_j = s, bj
         edges.append((best, ai, best_j))
     edges.sort(key=lambda e: (-e[0], e[1]))
-    chosen = edges[: min(r, (n - 1) // 2)]
+    chosen = edges[: min(r, (n - protected) // 2)]
     merged_src = {ai: bj for _, ai, bj in chosen}
-    out_x, out_s = [], []
+    out_x = [x[p] for p in range(protected)]
+    out_s = [size[p] for p in range(protected)]
     for ai, p in enumerate(a_pos):
-        if ai not in merged_src:
+        if ai not in merged_src and p >= protected:
             out_x.append(x[p])
             out_s.append(size[p])
     for bj, q in enumerate(b_pos):
+        if q < protected:
+            continue
         sx, ss = x[q] * size[q], size[q].clone()
         for ai, tgt in merged_src.items():
             if tgt == bj:
@@ -72,6 +81,29 @@ def test_bipartite_agrees_with_naive_loop(n, r, seed):
         torch.testing.assert_close(got_s[b], want_s, rtol=0, atol=0)
     b0_merge, _ = bipartite_soft_matching(metric[:1], r, size=size[:1])
     assert merged_pairs(b0_merge, n) == naive_bipartite(metric[0], x[0], size[0], r)[2]
+
+
+@pytest.mark.parametrize("protected", [0, 2, 5])
+@pytest.mark.parametrize("method", ["bipartite", "lsh"])
+def test_prefix_tokens_stay_first_in_place_like_the_naive_loop(protected, method):
+    """Class + distillation (2) or class + 4 registers (5): the prefix keeps slots 0..P-1."""
+    g = torch.Generator().manual_seed(protected)
+    n, r = 41, 12
+    metric = torch.randn(2, n, 16, generator=g, dtype=torch.float64)
+    x = torch.randn(2, n, 8, generator=g, dtype=torch.float64)
+    size = torch.randint(1, 4, (2, n, 1), generator=g).double()
+    if method == "bipartite":
+        result = bipartite_soft_matching(metric, r, size=size, protected=protected)
+    else:  # one bucket, exhaustive window: the exact bipartite edges
+        metric = metric * 1e-3 + torch.randn(16, generator=g, dtype=torch.float64)
+        result = lsh_soft_matching(metric, r, size=size, protected=protected, lsh_bits=2, lsh_tables=1, lsh_window=n)
+    got_x, got_s = merge_wavg(result, x, size)
+    assert result.width == n - r
+    for b in range(2):
+        want_x, want_s, _ = naive_bipartite(metric[b], x[b], size[b], r, protected=protected)
+        torch.testing.assert_close(got_x[b], want_x, rtol=0, atol=1e-10)
+        torch.testing.assert_close(got_s[b], want_s, rtol=0, atol=0)
+        torch.testing.assert_close(got_x[b, :protected], x[b, :protected], rtol=0, atol=1e-12)
 
 
 def test_ties_are_broken_like_the_naive_loop():

@@ -96,12 +96,11 @@ def test_token_counts_follow_schedule(b32, photo_batch, spec):
     for r in cfg.schedule_for(12, 50):
         n -= r
         expected.append(n)
-    if cfg.method == "lsh":  # may merge fewer, never more, and says how many
-        stats = merge_stats(b32)
-        assert all(t >= e for t, e in zip(token_counts(b32), expected))
-        assert [50 - sum(stats["merged_min"][: i + 1]) for i in range(12)] == token_counts(b32)
-    else:
-        assert token_counts(b32) == expected
+    # lsh too: tokens without a bucket-mate take fallback edges, so the widths are static
+    assert token_counts(b32) == expected
+    stats = merge_stats(b32)
+    assert [50 - sum(stats["merged_min"][: i + 1]) for i in range(12)] == expected
+    assert len(stats["fallback_max"]) == 12 and stats["shortfall"] == 0
     remove_merging(b32)
 
 
@@ -181,3 +180,64 @@ def test_torch_compile_runs():
         compiled = torch.compile(copy.deepcopy(model))
         out = compiled(x)
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- prefix tokens (class, registers, distillation)
+PREFIX_MODELS = {
+    "timm ViT-S/16 + 4 registers": lambda: _timm("vit_small_patch16_224", reg_tokens=4, img_size=64, depth=3),
+    "timm DINOv2-reg4-like (ViT-S/14)": lambda: _timm("vit_small_patch14_reg4_dinov2", img_size=70, depth=3),
+    "timm DeiT distilled": lambda: _timm("deit_tiny_distilled_patch16_224", img_size=64, depth=3),
+}
+
+
+@pytest.mark.parametrize("name", list(PREFIX_MODELS))
+def test_prefix_token_models_are_exact_at_r0(name):
+    model = PREFIX_MODELS[name]()
+    side = model.patch_embed.img_size[0]
+    x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = model(x)
+        apply_merging(model, "r=0")
+        out = model(x)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("name", list(PREFIX_MODELS))
+@pytest.mark.parametrize("spec", ["r=4", "r=4,method=lsh", "r=4,method=importance", "r=4,method=zerotprune"])
+def test_prefix_tokens_keep_their_positions_and_size_one_in_every_block(name, spec):
+    model = PREFIX_MODELS[name]()
+    prefix = int(model.num_prefix_tokens)
+    apply_merging(model, spec)
+    side = model.patch_embed.img_size[0]
+    x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
+    seen = []
+    for block in model.blocks:
+        forward = block.merged_forward
+
+        def recording(x, state, r, plan, _forward=forward):
+            out = _forward(x, state, r, plan)
+            seen.append((x.shape[1], out[1], out[2]))
+            return out
+
+        block.merged_forward = recording
+    with torch.inference_mode():
+        out = model(x)
+        features = model.forward_features(x)
+        # the model's own head (DeiT: class and distillation tokens) on the merged features
+        assert torch.equal(out, model.forward_head(features))
+    for n_in, state, result in seen:
+        assert state.size[:, :prefix].eq(1).all()  # prefix tokens: never merged, never merged into
+        members = result.merge(torch.eye(n_in, dtype=torch.float64).expand(2, n_in, n_in))
+        for p in range(prefix):  # slot p holds exactly input token p
+            assert torch.equal(members[:, p], torch.eye(n_in, dtype=torch.float64)[p].expand(2, n_in))
+    assert token_counts(model)[-1] == model.patch_embed.num_patches + prefix - 12
+
+
+def test_distilled_model_is_refused_nothing_and_uses_both_heads():
+    model = PREFIX_MODELS["timm DeiT distilled"]()
+    apply_merging(model, "r=4")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        feats = model.forward_features(x)
+        want = (model.head(feats[:, 0]) + model.head_dist(feats[:, 1])) / 2
+        assert torch.equal(model(x), want)
