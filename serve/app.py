@@ -184,7 +184,7 @@ def create_app(engine: Engine, token: Optional[str] = None):
             raise UploadRefused(413, f"upload is over the {MAX_UPLOAD // 2**20} MB limit")
         if not data:
             raise UploadRefused(400, "the upload is empty; send a JPEG, PNG or WebP file")
-        image = _open_image(data)
+        image = await run_in_threadpool(_open_image, data)  # decoding a large image must not stall other requests
         results = await run_in_threadpool(engine.search_image, image, k, per_video)
         return hits_response(results, t0, query="image")
 
