@@ -51,6 +51,7 @@ VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 VIDEOS_FILE = "videos.json"
 OBJECTS_FILE = "objects.parquet"
 OBJECT_MIN_SCORE = 0.5
+COMMIT_ROWS = 65536  # import-features commits a shard every this many rows
 MEDIA_KEYS = ("title", "description", "keywords", "publish_date", "watch_url", "author", "channel_id",
               "channel_url", "length", "thumbnail_url")
 _UP_LEVELS = 4  # how far above a given path the release root may be
@@ -470,8 +471,7 @@ def import_features(paths: Sequence[Path], index_dir: Path, model: str = "ViT-B-
     """
     import time
 
-    from indexing.faiss_index import build_index, save_index
-    from indexing.pipeline import IndexReport
+    from indexing.pipeline import IndexOptions, IndexReport, _refresh_faiss
     from indexing.sources import BadInput
     from indexing.store import IndexStore
 
@@ -488,7 +488,18 @@ def import_features(paths: Sequence[Path], index_dir: Path, model: str = "ViT-B-
     identity = {"model": model, "pretrained": pretrained, "merge": "none", "precision": "fp32", "dim": int(first.shape[1])}
     recipe = "clip-features;dedup=off"
     with IndexStore.open_for_write(Path(index_dir), identity, index_type, force) as store:
-        todo = []
+        faiss_was_current = store.faiss_is_current()
+        todo, new_shards, replaced = [], [], False
+
+        def commit() -> None:
+            t1 = time.perf_counter()
+            store.commit(todo, {"sampling": "all", "dedup": "off"})
+            new_shards.append(f"part-{store.manifest.next_shard - 1:05d}")
+            report.times.write_s += time.perf_counter() - t1
+            report.indexed += [e.video_id for e in todo]
+            report.frames_sampled = report.frames_encoded = report.frames_encoded + sum(len(e.frame_idx) for e in todo)
+            todo.clear()
+
         for vid, parts, npy in videos:
             key, fingerprint = _feature_key(parts, vid, npy)
             if store.is_current(key, fingerprint, recipe):
@@ -499,19 +510,16 @@ def import_features(paths: Sequence[Path], index_dir: Path, model: str = "ViT-B-
             except InputError as exc:
                 log.warning("skip %s", exc)
                 report.failed.append(BadInput(str(npy), str(exc)))
+                continue
+            replaced = replaced or key in store.manifest.sources
+            if sum(len(e.frame_idx) for e in todo) >= COMMIT_ROWS:  # bounds memory on a whole release
+                commit()
         if todo:
-            t1 = time.perf_counter()
-            store.commit(todo, {"sampling": "all", "dedup": "off"})
-            report.times.write_s = time.perf_counter() - t1
-            report.indexed = [e.video_id for e in todo]
-            report.frames_sampled = report.frames_encoded = sum(len(e.frame_idx) for e in todo)
-        if todo or not store.faiss_is_current():
-            t1 = time.perf_counter()
-            ids, vecs = store.read_vectors()
-            if len(ids):
-                save_index(build_index(vecs, ids, store.manifest.index_type, ngpu=ngpu), store.faiss_path)
-                store.write_manifest(faiss_current=True)
-            report.times.faiss_s = time.perf_counter() - t1
+            commit()
+        store.finish()  # --force: the new generation replaces the old one only now
+        t1 = time.perf_counter()
+        _refresh_faiss(store, new_shards, faiss_was_current and not replaced, IndexOptions(index_type=index_type, ngpu=ngpu))
+        report.times.faiss_s = time.perf_counter() - t1
         report.vectors_total = store.manifest.counts()["vectors"]
         by_video = {vid: parts for vid, parts, _ in videos if vid in set(report.indexed)}
         report.metadata = write_sidecars(Path(index_dir), by_video) if by_video else {}

@@ -179,6 +179,12 @@ def test_import_features_gives_the_rows_of_index_and_the_files_vectors(indexed, 
     assert load_video_meta(imp)["L21_V001"]["title"] == MEDIA["L21_V001"]["title"]
     again = import_features([release], imp, model="ViT-B-32", pretrained="none")
     assert again.indexed == [] and again.up_to_date == 3
+    forced = import_features([release], imp, model="ViT-B-32", pretrained="none", force=True)
+    assert sorted(forced.indexed) == sorted(FRAMES) and _rows(imp) == [r for r in _rows(ix) if r[0] not in UNMAPPED]
+    from retrieval import Searcher
+
+    assert Searcher(imp).size == forced.vectors_total == sum(map(len, FRAMES.values()))
+    assert IndexStore.open_for_read(imp).faiss_is_current()
     # a features file that does not match its map is refused with the counts
     bad = tmp_path / "bad"
     shutil.copytree(release, bad)
