@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, StrictInt
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from errors import MergeseekError
+from errors import ConfigError, InputError, MergeseekError
 from serve.engine import MAX_K, Engine, NotFound, submission_csv
 
 MAX_UPLOAD = 20 * 1024 * 1024
@@ -115,8 +115,10 @@ def create_app(engine: Engine, token: Optional[str] = None):
         return JSONResponse({"detail": str(exc)}, status_code=404)
 
     @app.exception_handler(MergeseekError)
-    async def bad_input(request, exc: MergeseekError):
-        return JSONResponse({"detail": str(exc)}, status_code=422)
+    async def failed(request, exc: MergeseekError):
+        # a bad query or option is the client's (422); anything else (a damaged shard, ...) is the server's
+        status = 422 if isinstance(exc, (InputError, ConfigError)) else 500
+        return JSONResponse({"detail": str(exc)}, status_code=status)
 
     @app.exception_handler(UploadRefused)
     async def refused(request, exc: UploadRefused):
@@ -130,8 +132,7 @@ def create_app(engine: Engine, token: Optional[str] = None):
             parts.append(f"{loc or 'request'}: {e.get('msg', 'invalid')}")
         return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
 
-    def hits_response(results: list, started: float, **extra) -> dict:
-        pairs = bool(results) and hasattr(results[0], "then")
+    def hits_response(results: list, started: float, pairs: bool = False, **extra) -> dict:
         return {"kind": "pairs" if pairs else "frames", **extra, "took_ms": round((time.perf_counter() - started) * 1e3, 2),
                 "hits": [engine.result_dict(r) for r in results]}
 
@@ -153,7 +154,8 @@ def create_app(engine: Engine, token: Optional[str] = None):
                per_video: bool = False):
         t0 = time.perf_counter()
         results = engine.search(q, k=k, then=then, within=within, per_video=per_video)
-        return hits_response(results, t0, query=q, then=then or None)
+        pairs = then is not None and bool(then.strip())
+        return hits_response(results, t0, pairs=pairs, query=q, then=then if pairs else None)
 
     @app.post("/api/search/image")
     async def search_image(request: Request, k: int = K, per_video: bool = False):

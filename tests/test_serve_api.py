@@ -147,6 +147,9 @@ def test_then_search_gives_pairs_in_order_within_the_window(client):
         assert p["then"]["video_id"] == p["video_id"]
         assert 0 < p["then"]["pts_time"] - p["pts_time"] <= 1.5 + 1e-9
         assert p["score"] == pytest.approx(p["first_score"] + p["then"]["score"], abs=1e-5)
+    # frames 0.5 s apart (2 fps): a 0.1 s window pairs nothing, and says so as an empty list of pairs
+    none = client.get("/api/search", params={"q": "colour bars", "then": "a clock", "within": 0.1}).json()
+    assert none["kind"] == "pairs" and none["hits"] == []
 
 
 @pytest.mark.parametrize("params, what", [
