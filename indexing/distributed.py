@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import pickle
 import time
 import warnings
@@ -77,7 +76,7 @@ class RayOptions:
         cpus_per_worker: CPUs per CPU actor (None: share the cluster's CPUs, keeping one for decoding).
         decode_cpus: CPUs per decode task (one task per source).
         max_retries: restarts of a dead actor / retries of a lost task before the run stops.
-        num_cpus: CPUs of a ``local`` Ray (None: all of this machine's).
+        num_cpus: CPUs of a ``local`` Ray (None: what Ray detects, cgroup limits included).
     """
 
     address: str = "local"
@@ -97,25 +96,28 @@ class RayOptions:
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """The constructor arguments of an ``encoders.Encoder``: how every actor builds the same encoder."""
+    """The constructor arguments of an ``encoders.Encoder``: how every actor builds the same encoder.
 
-    model_name: str
-    pretrained: Optional[str]
-    precision: str
-    merge: str
-    batch_size: int
-    image_size_override: Optional[int] = None
+    ``kwargs`` are the encoder's dataclass fields except the device (each actor picks its own) and
+    the loaded objects (model, transforms), so a new ``Encoder`` option travels without a change here.
+    """
+
+    kwargs: tuple  # ((name, value), ...)
 
     @classmethod
     def from_encoder(cls, encoder: Any) -> "EncoderSpec":
-        return cls(encoder.model_name, encoder.pretrained, encoder.precision, str(encoder.merge), encoder.batch_size,
-                   encoder.image_size_override)
+        import dataclasses
+
+        skip = {"device", "model", "preprocess", "tokenizer"}
+        kw = {f.name: getattr(encoder, f.name) for f in dataclasses.fields(encoder) if f.init and f.name not in skip}
+        if "merge" in kw:
+            kw["merge"] = str(kw["merge"])
+        return cls(tuple(sorted(kw.items())))
 
     def __call__(self, device: str):
         from encoders import Encoder
 
-        return Encoder(model_name=self.model_name, pretrained=self.pretrained, device=device, precision=self.precision,
-                       merge=self.merge, batch_size=self.batch_size, image_size_override=self.image_size_override)
+        return Encoder(device=device, **dict(self.kwargs))
 
 
 @dataclass
@@ -198,7 +200,7 @@ def connect(address: str, num_cpus: Optional[int] = None) -> bool:
     kwargs: dict = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
     try:
         if address == "local":
-            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)
+            ray.init(num_cpus=num_cpus, **kwargs)  # None: Ray counts the CPUs this process may use (cgroups)
         else:
             ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
