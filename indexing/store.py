@@ -51,6 +51,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STAGING = "manifest.next.json"
 FAISS_FILE = "index.faiss"
+FAISS_NEXT = "index.next.faiss"  # a --force generation's index.faiss until the switch
 FAISS_MAGIC = b"IxM2"  # FAISS's fourcc of IndexIDMap2, the first bytes of every index.faiss we write
 LOCK_FILE = ".lock"
 JOURNAL = ".journal"
@@ -300,6 +301,8 @@ class IndexStore:
                 )
             for sub in ("emb", "meta"):
                 (root / sub).mkdir(exist_ok=True)
+            # FAISS files other code may save through store.faiss_path during this session
+            store._journal(*(root / n for n in (FAISS_NEXT, FAISS_NEXT + TMP_TAG, FAISS_FILE + TMP_TAG)))
         except BaseException:
             store.close()
             raise
@@ -398,7 +401,8 @@ class IndexStore:
                 removed += 1
         if removed:
             log.warning("removed %d file(s) an interrupted run of mergeseek left in %s", removed, self.root)
-        if on_disk is not None:
+        pending = [n for n in names - keep if on_disk is None and (self.root / n).is_file()]
+        if on_disk is not None or not pending:
             path.unlink(missing_ok=True)
             self._journaled.clear()
 
@@ -491,6 +495,7 @@ class IndexStore:
             format=FORMAT, format_version=FORMAT_VERSION, shard=shard, rows=int(len(vectors)),
             index_type=m.index_type, sampling=settings.get("sampling", m.sampling), dedup=settings.get("dedup", m.dedup),
             emb_crc32=zlib.crc32(vectors.tobytes()), created=_now(),
+            ids=[int(table.column("id")[0].as_py()), int(table.column("id")[-1].as_py())],
             sources={k: {f: v for f, v in dataclasses.asdict(e).items() if f != "shard"} for k, e in entries.items()},
         )
         table = table.replace_schema_metadata({SHARD_META_KEY: json.dumps(described).encode()})
@@ -531,10 +536,15 @@ class IndexStore:
         old = read_manifest(self.root)
         dead = [s for s in (old.shards if old else ()) if s not in self.manifest.shards]
         self._journal(*(p for s in dead for p in self.shard_paths(s)))
+        staged_faiss = self.faiss_is_current()  # this writer saved index.next.faiss for the new generation
         self._staged = False
-        # index.faiss is still the old generation's unless this writer saved one for the new manifest
-        self.write_manifest(faiss_current=self.faiss_is_current())
+        self.write_manifest()  # the switch; index.faiss is the old generation's, so not current yet
         self.committed_sources = len(self.manifest.sources)
+        if staged_faiss:
+            from runtime import commit_file
+
+            commit_file(self.root / FAISS_NEXT, self.root / FAISS_FILE)
+            self.write_manifest(faiss_current=True)
         for s in dead:
             for p in self.shard_paths(s):
                 p.unlink(missing_ok=True)
@@ -608,7 +618,8 @@ class IndexStore:
 
     @property
     def faiss_path(self) -> Path:
-        return self.root / FAISS_FILE
+        """index.faiss (``index.next.faiss`` while a force run's generation is staged: the old one stays valid)."""
+        return self.root / (FAISS_NEXT if self._staged else FAISS_FILE)
 
     def faiss_is_current(self) -> bool:
         """index.faiss was saved for this manifest and still looks like it (size, IndexIDMap2 magic)."""

@@ -579,3 +579,55 @@ def test_index_rebuilds_a_damaged_faiss_and_refuses_an_untrainable_type_without_
     m = json.loads((index_dir / "manifest.json").read_text())
     assert m["index_type"] == "Flat" and m["faiss_generation"] == m["generation"]
     assert same(index_contents(index_dir), before) and load_index(faiss_file).ntotal == 3
+
+
+# ---------------------------------------------------------------------------- the commands
+def test_repair_compact_and_damaged_search_on_the_command_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import cli
+
+    runner = CliRunner()
+    before = build(tmp_path)
+    r = runner.invoke(cli.app, ["compact", "--index", str(tmp_path), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["after"]["dead_rows"] == 0 and same(index_contents(tmp_path), before)
+    _truncate(tmp_path / "meta" / "part-00001.parquet")
+    r = runner.invoke(cli.app, ["search", "a bike", "--index", str(tmp_path)])  # fails before any model loads
+    assert r.exit_code == 10 and "part-00001.parquet is damaged" in r.output and "cli.py repair" in r.output
+    r = runner.invoke(cli.app, ["repair", "--index", str(tmp_path)])
+    assert r.exit_code == 0 and "damaged" in r.output and "c" in r.output.split("re-indexed by the next")[1]
+    assert len(index_contents(tmp_path)[0]) == 4  # a and b live; c dropped, its files in damaged/
+
+    seen = {}
+    monkeypatch.setattr("indexing.index_paths", lambda paths, index_dir, encoder, options: seen.update(o=options))
+    r = runner.invoke(cli.app, ["index", "v", "--index", str(tmp_path / "x"), "--index-type", "auto",
+                                "--memory-budget", "512M", "--json"])
+    assert seen["o"].index_type == "auto" and seen["o"].memory_budget == 512 << 20, r.output
+    r = runner.invoke(cli.app, ["index", "v", "--index", str(tmp_path / "x"), "--memory-budget", "lots"])
+    assert r.exit_code == 2 and "512M" in r.output
+
+
+def test_a_force_run_saves_its_faiss_beside_the_old_one_until_the_switch(tmp_path):
+    """Code that builds index.faiss inside a force run (import-features does) never breaks the old index."""
+    before = build(tmp_path)
+    old_faiss = (tmp_path / "index.faiss").read_bytes()
+
+    def force_run(fail: bool) -> None:
+        with IndexStore.open_for_write(tmp_path, OTHER, force=True) as store:
+            store.commit([_enc("x", 8, 9)])  # 8 vectors: an IndexFlat of the same size as the old one
+            ids, vecs = store.read_vectors()
+            save_index(build_index(vecs, ids), store.faiss_path)
+            store.write_manifest(faiss_current=True)
+            if fail:
+                raise RuntimeError("a later step failed")
+
+    with pytest.raises(RuntimeError):
+        force_run(fail=True)
+    assert (tmp_path / "index.faiss").read_bytes() == old_faiss and not (tmp_path / "index.next.faiss").exists()
+    assert same(index_contents(tmp_path), before) and IndexStore.open_for_read(tmp_path).faiss_is_current()
+    force_run(fail=False)
+    store = IndexStore.open_for_read(tmp_path)
+    assert store.faiss_is_current() and store.manifest.model == "ViT-B-16"
+    index = load_index(tmp_path / "index.faiss")
+    assert index.ntotal == 8 and index.search(store.read_vectors()[1][[4]], 1)[1][0, 0] == 4
