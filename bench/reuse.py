@@ -25,7 +25,7 @@ from typing import List, Optional
 import numpy as np
 
 
-def _clips(sets: List[str], fps: float, size: int, max_frames: int, seconds: float):
+def _clips(sets: List[str], fps: float, size: int, max_frames: int, seconds: float, kinds: Optional[List[str]] = None):
     from eval.datasets.video import sample_clips, synthetic_clips
 
     clips = []
@@ -33,7 +33,7 @@ def _clips(sets: List[str], fps: float, size: int, max_frames: int, seconds: flo
         clips += synthetic_clips(fps, seconds=seconds, size=size)
     if "sample" in sets:
         clips += sample_clips(fps, max_frames=max_frames, size=size)
-    return clips
+    return [c for c in clips if not kinds or c.kind in kinds]
 
 
 def _topk_overlap(base: np.ndarray, other: np.ndarray, k: int = 10) -> float:
@@ -65,7 +65,8 @@ def _run_pair(per_frame, reuse, rounds: int, clock: str = "cpu"):
 
 
 def bench_clip_model(model: str, fps_list: List[float], sets: List[str], reuse: str, merge: str, batch_size: int,
-                     rounds: int, max_frames: int, seconds: float, clock: str = "cpu") -> List[dict]:
+                     rounds: int, max_frames: int, seconds: float, clock: str = "cpu",
+                     kinds: Optional[List[str]] = None) -> List[dict]:
     import torch
 
     from encoders import Encoder
@@ -73,7 +74,7 @@ def bench_clip_model(model: str, fps_list: List[float], sets: List[str], reuse: 
     enc = Encoder(model_name=model, pretrained=None, device="cpu", merge=merge, batch_size=batch_size)
     rows = []
     for fps in fps_list:
-        clips = _clips(sets, fps, enc.image_size, max_frames, seconds)
+        clips = _clips(sets, fps, enc.image_size, max_frames, seconds, kinds)
         pixels = [enc.preprocess_images(list(c.frames)) for c in clips]
         n = sum(len(p) for p in pixels)
         allpx = torch.cat(pixels)
@@ -104,6 +105,7 @@ def bench_clip_model(model: str, fps_list: List[float], sets: List[str], reuse: 
             start += len(c)
         rows.append({
             "model": model, "merge": merge, "reuse": reuse, "fps": fps, "frames": n, "sets": ",".join(sets),
+            "kinds": ",".join(kinds or []) or "all",
             "per_frame_fps": round(n / t_pf, 2), "reuse_fps": round(n / t_ru, 2), "gain": round(t_pf / t_ru, 2),
             "cos_min": round(float(cos.min()), 4), "cos_mean": round(float(cos.mean()), 4),
             "top10_overlap": round(_topk_overlap(e_pf, e_ru), 4),
@@ -189,6 +191,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--rounds", type=int, default=2, help="alternating timed rounds (median)")
     p.add_argument("--max-frames", type=int, default=30, help="frames per sample video")
+    p.add_argument("--kinds", default=None, help="only clips of these kinds: pan,zoom,static,cut,sample")
     p.add_argument("--seconds", type=float, default=6.0, help="length of each synthetic clip")
     p.add_argument("--data-root", default=None, help="folder with cifar10/ (reference model); none: photos only")
     p.add_argument("--cifar-images", type=int, default=100)
@@ -210,7 +213,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
                                     a.clock)
         else:
             rows += bench_clip_model(model, fps, a.sets.split(","), a.reuse, a.merge, a.batch_size, a.rounds,
-                                     a.max_frames, a.seconds, a.clock)
+                                     a.max_frames, a.seconds, a.clock, a.kinds.split(",") if a.kinds else None)
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"args": vars(a), "rows": rows, "threads": torch.get_num_threads()}, f, indent=1)
