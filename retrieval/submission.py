@@ -275,18 +275,15 @@ def run_submit(queries: str | Path, index_dir: str | Path, out_dir: str | Path,
     if searcher is None:
         searcher = Searcher.open(index_dir, **open_kwargs)
     report = SubmitReport(str(out))
-    depth = 2 * MAX_ROWS  # rows that repeat a (video, frame) are dropped, so ask for more
     for q in qs:
+        answer = given.get(q.qid, q.answer) if q.task == QA else ""
         if q.task == TRAKE:
             # chains start at distinct frames, so few repeat: the 100 rows plus a margin (search depth is 20x this)
-            results = search_events(searcher, q.events, within_s=within_s, k=MAX_ROWS + 20)
+            rows = submission_rows(search_events(searcher, q.events, within_s=within_s, k=MAX_ROWS + 20), TRAKE)
         else:
-            results = searcher.search_text(q.events[0], k=depth)
-            if not allow_unmapped:
-                results = _timed(results, report)
-        answer = given.get(q.qid, q.answer) if q.task == QA else ""
+            rows = _frame_rows(searcher, searcher.text_vector(q.events[0]), q.task, answer, allow_unmapped, report)
         path = out / query_file_name(q.qid)
-        n = write_rows(path, submission_rows(results, q.task, answer))
+        n = write_rows(path, rows)
         report.files.append((q.qid, q.task, n, str(path)))
     if report.unmapped:
         logging.getLogger(__name__).warning(
@@ -294,6 +291,19 @@ def run_submit(queries: str | Path, index_dir: str | Path, out_dir: str | Path,
             "index them with their map-keyframes CSV (--maps DIR), or pass --allow-unmapped",
             len(report.unmapped), ", ".join(sorted(report.unmapped)[:10]))
     return report
+
+
+def _frame_rows(searcher, vector, task: str, answer: str, allow_unmapped: bool, report: SubmitReport) -> list[tuple]:
+    """KIS / QA rows: the nearest frames, searching deeper until 100 distinct usable rows (or the whole index)."""
+    depth = min(searcher.size, 2 * MAX_ROWS)
+    while True:
+        hits = searcher.search_vector(vector, depth)
+        if not allow_unmapped:
+            hits = _timed(hits, report)
+        rows = submission_rows(hits, task, answer)
+        if len(rows) >= MAX_ROWS or depth >= searcher.size:
+            return rows
+        depth = min(searcher.size, depth * 4)
 
 
 def _timed(hits: list, report: SubmitReport) -> list:

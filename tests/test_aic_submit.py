@@ -223,3 +223,27 @@ def test_frames_without_a_map_are_left_out_of_submissions(tmp_path, monkeypatch)
     rep = run_submit(q, None, tmp_path / "out2", searcher=searcher, allow_unmapped=True)
     rows = (tmp_path / "out2" / "k.csv").read_text().splitlines()
     assert rows[0] == "L21_V002,1" and len(rows) == 10  # keyframe numbers: what --allow-unmapped accepts
+
+
+def test_kis_searches_deeper_until_it_has_100_usable_rows(tmp_path):
+    """The first 300 hits are frames without a map or repeats: the file still gets 100 real rows."""
+    from retrieval.submission import SubmitReport, _frame_rows
+
+    ranking = [_hit("U", i, math.nan, 1.0) for i in range(150)]  # indexed without a map
+    ranking += [_hit("V", 7, 0.28, 0.9)] * 150  # one frame indexed many times
+    ranking += [_hit("W", i, i / 25, 0.5) for i in range(500)]
+
+    class Ranked:  # the Searcher interface run_submit uses, over a fixed ranking
+        size = len(ranking)
+
+        def __init__(self):
+            self.asked = []
+
+        def search_vector(self, vector, k):
+            self.asked.append(k)
+            return ranking[:k]
+
+    report, engine = SubmitReport(str(tmp_path)), Ranked()
+    rows = _frame_rows(engine, None, "kis", "", False, report)
+    assert rows == [("V", 7)] + [("W", i) for i in range(99)]
+    assert engine.asked == [200, 800] and report.unmapped == {"U"}
