@@ -49,6 +49,12 @@ MergeOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+CompileOpt = Annotated[
+    Optional[bool],
+    typer.Option("--compile/--no-compile", help="torch.compile the image tower (merged or not; CUDA graphs on CUDA), "
+                 "batches padded to --batch-size so nothing recompiles; the compile time is printed once and not "
+                 "counted in any timing (default: off)."),
+]
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -125,6 +131,7 @@ def index_cmd(
     videos: VideosOpt = None,
     objects: ObjectsOpt = None,
     reuse: ReuseOpt = None,
+    compile_: CompileOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Index videos, AI Challenge keyframe folders or image folders (incremental and resumable).
@@ -164,7 +171,7 @@ def index_cmd(
             paths,
             index_dir,
             lambda: Encoder(model_name=model, pretrained=pretrained, device=device, precision=precision, merge=merge,
-                            batch_size=batch_size),
+                            batch_size=batch_size, compile=bool(compile_)),
             options,
         )
     typer.echo(json.dumps(report.to_dict(), indent=1) if json_out else "\n".join(report.summary_lines()))
@@ -589,6 +596,7 @@ def eval_cmd(
                      "cifar10-video[,fps=5,frames=8]) against per-frame encoding (repeatable; default "
                      "threshold=0.05,refresh=16). See docs/REUSE.md."),
     ] = None,
+    compile_: CompileOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Compare merged encoders with the unmerged baseline: speed, accuracy/recall and agreement."""
@@ -599,7 +607,7 @@ def eval_cmd(
         models=model, pretrained=pretrained, datasets=dataset, merges=merge, sweep=sweep, data_root=data_root,
         templates=templates, limit=limit, seed=seed, batch_size=batch_size, device=device, precision=precision,
         warmup=warmup, iters=iters, topk=topk, plots=plots, threads=threads, cpu_time=cpu_time,
-        reuse=tuple(reuse) if reuse else None,
+        reuse=tuple(reuse) if reuse else None, compile=compile_,
     )
     from runtime import check_writable
 
@@ -635,6 +643,7 @@ def bench(
     ] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto (the default: CUDA when present), cpu, cuda or cuda:N.")] = None,
     precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 (the default), fp16 or bf16 (autocast).")] = None,
+    compile_: CompileOpt = None,
     json_out: JsonOpt = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Also write the JSON report to this file.")] = None,
 ) -> None:
@@ -652,7 +661,8 @@ def bench(
         raise MissingDependencyError("`bench` runs from a checkout of the repository (bench/ is not installed with "
                                      "the package): git clone it, then python cli.py bench ...") from None
     cfg = BenchConfig.from_options(model=model, pretrained=pretrained, merges=merge, batch_size=batch_size, iters=iters,
-                                   warmup=warmup, image_size=image_size, device=device, precision=precision)
+                                   warmup=warmup, image_size=image_size, device=device, precision=precision,
+                                   compile=compile_)
     if out is not None:
         check_writable(out, what="--out")  # before the timing runs
     report = run_bench(cfg, progress=not json_out)

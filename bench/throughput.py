@@ -29,6 +29,11 @@ class BenchRow:
     p95_ms: float
     tokens: tuple
     shortfall: int
+    device_ms: Optional[float] = None  # CUDA-event time per batch (median), CUDA only
+    kernels: Optional[int] = None  # GPU kernels launched per forward (CUDA) / aten ops (CPU)
+    attention: str = ""  # attention kernel(s) the profiled forward ran
+    compile_s: Optional[float] = None  # first (compiling) call, excluded from every other figure
+    fallback: int = 0  # lsh: merged edges (max over blocks and images) from the fallback search
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,8 @@ class BenchConfig:
         batch_size / iters / warmup: images per forward, timed rounds, untimed rounds first.
         image_size: input side override (e.g. 448); None = the model's.
         device / precision: ``auto|cpu|cuda[:N]`` and ``fp32|fp16|bf16``.
+        compile: torch.compile every candidate, the unmerged one too (CUDA graphs on CUDA); the
+            compile time is reported per row and kept out of every other figure.
     """
 
     model: str = "ViT-B-16"
@@ -53,6 +60,7 @@ class BenchConfig:
     image_size: Optional[int] = None
     device: str = "auto"
     precision: str = "fp32"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         from encoders import MergeConfig
@@ -79,7 +87,7 @@ class BenchConfig:
 def run_bench(cfg: BenchConfig, progress: bool = False) -> dict[str, Any]:
     """:func:`run_throughput` for one :class:`BenchConfig`."""
     return run_throughput(cfg.model, cfg.pretrained, cfg.merges, cfg.batch_size, cfg.iters, cfg.warmup,
-                          cfg.image_size, cfg.device, cfg.precision, progress=progress)
+                          cfg.image_size, cfg.device, cfg.precision, progress=progress, compile=cfg.compile)
 
 
 def sample_pixels(batch_size: int, image_size: int, device: str):
@@ -111,31 +119,58 @@ def run_throughput(
     device: str = "auto",
     precision: str = "fp32",
     progress: bool = False,
+    compile: bool = False,
+    profile: bool = True,
+    base: Any = None,
 ) -> dict[str, Any]:
-    """Time the unmerged model and each merge config alternately; returns a JSON-able report."""
+    """Time the unmerged model and each merge config alternately; returns a JSON-able report.
+
+    Args:
+        compile: torch.compile every candidate (``encoders.compile.CompiledTower``; CUDA graphs on
+            CUDA); the first call's time is ``compile_s`` and not part of any other figure.
+        profile: also count kernels per forward and name the attention kernel (one extra forward
+            per candidate under ``torch.profiler``).
+        base: an ``Encoder`` to reuse (same model, device and precision; saves the load).
+    """
     import torch
 
     from encoders import Encoder, MergeConfig, merge_stats, token_counts
     from eval.candidates import merged_models
     from eval.timing import flop_ratio, time_alternating
 
-    base = Encoder(model_name, pretrained, device, precision, "none", batch_size, image_size_override=image_size)
+    if base is None:
+        base = Encoder(model_name, pretrained, device, precision, "none", batch_size, image_size_override=image_size)
     visual = base.model.visual
     configs = ["none"] + [str(MergeConfig.parse(m)) for m in merges if str(MergeConfig.parse(m)) != "none"]
     models = merged_models(visual, configs)
     pixels = sample_pixels(batch_size, base.image_size, base.device)
+    autocast = _autocast(base.device, precision)
+    callables = dict(models)
+    compile_s: dict[str, Optional[float]] = {k: None for k in models}
+    if compile:
+        from encoders.compile import CompiledTower
 
-    def runner(model):
+        torch._dynamo.reset()
+        callables = {k: CompiledTower(m, batch_size, base.device) for k, m in models.items()}
+
+    def runner(fn):
         def run():
-            with base._autocast():
-                return model(pixels)
+            with autocast:
+                return fn(pixels)
 
         return run
 
     with torch.inference_mode():
-        for m in models.values():  # one forward each, for token counts
-            runner(m)()
-    timings = time_alternating({k: runner(m) for k, m in models.items()}, batch_size, warmup, iters, base.device, progress)
+        for k, fn in callables.items():  # one forward each, for token counts (and the compile)
+            runner(fn)()
+            if compile:
+                compile_s[k] = fn.compile_s
+    if compile:
+        log.warning("compile times (s): %s", ", ".join(f"{k}: {v:.1f}" for k, v in compile_s.items()))
+    runs = {k: runner(fn) for k, fn in callables.items()}
+    timings = time_alternating(runs, batch_size, warmup, iters, base.device, progress)
+    device_ms = _device_times(runs, base.device, iters)
+    profiled = {k: _profile(run, base.device) for k, run in runs.items()} if profile else {}
     base_tokens = token_counts(models["none"])
     width = int(visual.transformer.width)
     mlp_ratio = visual.transformer.resblocks[0].mlp.c_fc.out_features / width
@@ -144,6 +179,7 @@ def run_throughput(
         tokens = token_counts(model)
         stats = merge_stats(model)
         t = timings[name]
+        kernels, attention = profiled.get(name, (None, ""))
         rows.append(
             BenchRow(
                 merge=name,
@@ -154,6 +190,11 @@ def run_throughput(
                 p95_ms=t.p95_ms,
                 tokens=tuple(tokens),
                 shortfall=int(stats.get("shortfall", 0)),
+                device_ms=device_ms.get(name),
+                kernels=kernels,
+                attention=attention,
+                compile_s=compile_s[name],
+                fallback=max(stats.get("fallback_max", [0]) or [0]),
             )
         )
     return {
@@ -167,17 +208,121 @@ def run_throughput(
         "device_name": torch.cuda.get_device_name(base.device) if base.device.startswith("cuda") else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
         "precision": precision,
-        "lsh_backend": _lsh_backend(base.device),
+        "compiled": bool(compile),
+        "compile_mode": (("reduce-overhead" if base.device.startswith("cuda") else "default") if compile else "eager"),
+        "kernels_counted": "GPU kernels" if base.device.startswith("cuda") else "aten ops",
+        "lsh_backend": _lsh_backend(base.device, compile),
         "torch": torch.__version__,
         "rows": [r.__dict__ | {"tokens": list(r.tokens)} for r in rows],
     }
 
 
-def _lsh_backend(device: str) -> str:
-    """How method=lsh searches here: the fused C kernel (CPU; half precision scored in float32) or the tensor code."""
+def run_suite(
+    model_name: str,
+    merges: Sequence[str],
+    batch_sizes: Sequence[int] = (8, 64, 256),
+    precisions: Sequence[str] = ("fp16", "bf16"),
+    iters: int = 20,
+    warmup: int = 3,
+    device: str = "auto",
+    compile: bool = False,
+    image_size: Optional[int] = None,
+) -> list[dict[str, Any]]:
+    """One report per (precision, batch size), loading the model once."""
+    from encoders import Encoder
+
+    base = Encoder(model_name, None, device, "fp32", "none", max(batch_sizes), image_size_override=image_size)
+    out = []
+    for precision in precisions:
+        for bs in batch_sizes:
+            rep = run_throughput(
+                model_name, None, merges, bs, iters, warmup, image_size, base.device, precision,
+                compile=compile, base=base,
+            )
+            log.info("%s", format_report(rep))
+            out.append(rep)
+    return out
+
+
+def _autocast(device: str, precision: str):
+    import contextlib
+
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dev = "cuda" if device.startswith("cuda") else "cpu"
+    dtype = torch.float16 if precision == "fp16" and dev == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=dev, dtype=dtype)
+
+
+def _device_times(runs: dict, device: str, iters: int) -> dict[str, float]:
+    """Median CUDA-event time of one call per candidate (GPU time, launch gaps included)."""
+    if not device.startswith("cuda"):
+        return {}
+    import statistics
+
+    import torch
+
+    out = {}
+    with torch.inference_mode():
+        for name, run in runs.items():
+            times = []
+            for _ in range(max(3, iters)):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                run()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            out[name] = statistics.median(times)
+    return out
+
+
+_ATTENTION_KERNELS = (  # substring of a profiler event name -> the SDPA backend it belongs to
+    ("flash", "flash"),
+    ("fmha", "mem-efficient"),
+    ("efficient_attention", "mem-efficient"),
+    ("cudnn_attention", "cudnn"),
+    ("cudnn_sdpa", "cudnn"),
+    ("_scaled_dot_product_attention_math", "math"),
+    ("_native_multi_head_attention", "native MHA"),  # nn.MultiheadAttention's fast path (the shipped model)
+)
+
+
+def _profile(run, device: str) -> tuple:
+    """(kernels per forward, attention kernel names) from one profiled forward.
+
+    CUDA: GPU kernel launches. CPU: top-level aten ops (each one dispatch; the CPU's "kernel").
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.inference_mode(), profile(activities=activities) as prof:
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.events()
+    if cuda:
+        kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    else:
+        kernels = sum(1 for e in events if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+    backends = set()
+    for e in events:
+        low = e.name.lower()
+        for key, backend in _ATTENTION_KERNELS:
+            if key in low:
+                backends.add(backend + (" (cpu)" if not cuda and "cpu" in low else ""))
+    return kernels, ", ".join(sorted(backends))
+
+
+def _lsh_backend(device: str, compiled: bool = False) -> str:
+    """How method=lsh searches here: the fused C kernel (eager CPU; half precision scored in float32) or the tensor code."""
     from encoders.merging import lsh_native
 
-    if not device.startswith("cpu"):
+    if not device.startswith("cpu") or compiled:
         return "tensor code"
     if lsh_native.backend() == "native":
         return f"C kernel ({lsh_native.variant()})"
@@ -188,18 +333,30 @@ def format_report(report: dict[str, Any]) -> str:
     head = (
         f"{report['model']} @ {report['image_size']}px ({report['tokens_in']} tokens), batch {report['batch_size']}, "
         f"{report['iters']} alternating rounds on {report['device']} ({report['device_name']}, {report['threads']} threads), "
-        f"{report['precision']}, weights: {report['pretrained']}"
+        f"{report['precision']}, {report.get('compile_mode', 'eager')}, weights: {report['pretrained']}"
     )
     if any("method=lsh" in r["merge"] for r in report["rows"]):
         head += f", lsh search: {report.get('lsh_backend', '?')}"
-    lines = [head, "", "| merge | images/s | speed-up | FLOP ratio | p50 ms | p95 ms | tokens after each block |", "|---|---|---|---|---|---|---|"]
+    cuda = report["device"].startswith("cuda")
+    count = report.get("kernels_counted", "kernels")
+    cols = ["merge", "images/s", "speed-up", "FLOP ratio", "p50 ms"] + (["device ms"] if cuda else []) + [
+        "p95 ms", count, "attention", "compile s", "tokens after each block"]
+    lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in report["rows"]:
         toks = ",".join(str(t) for t in r["tokens"])
         short = f" (merged {r['shortfall']} fewer)" if r["shortfall"] else ""
-        lines.append(
-            f"| {r['merge']} | {r['images_per_s']:.2f} | {r['ratio']:.2f}x | {r['flop_ratio']:.2f}x | {r['p50_ms']:.1f} | "
-            f"{r['p95_ms']:.1f} | {toks}{short} |"
-        )
+        short += f" ({r['fallback']} fallback edges)" if r.get("fallback") else ""
+        cells = [r["merge"], f"{r['images_per_s']:.2f}", f"{r['ratio']:.2f}x", f"{r['flop_ratio']:.2f}x", f"{r['p50_ms']:.1f}"]
+        if cuda:
+            cells.append("-" if r.get("device_ms") is None else f"{r['device_ms']:.2f}")
+        cells += [
+            f"{r['p95_ms']:.1f}",
+            "-" if r.get("kernels") is None else str(r["kernels"]),
+            r.get("attention") or "-",
+            "-" if r.get("compile_s") is None else f"{r['compile_s']:.1f}",
+            toks + short,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

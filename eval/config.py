@@ -62,6 +62,9 @@ class EvalConfig:
             of wall-clock; robust on a machine shared with other jobs. CPU only.
         reuse: reuse configs evaluated on the video sets (``--dataset video``, ``cifar10-video``;
             see :mod:`encoders.reuse`); empty: ``threshold=0.05,refresh=16``.
+        compile: time every candidate (the baseline too) torch.compiled with a fixed batch (CUDA
+            graphs on CUDA; ``encoders.compile``); compile time is logged and not timed. The
+            accuracy passes run eager.
     """
 
     models: tuple[str, ...] = ("ViT-B-32",)
@@ -83,6 +86,7 @@ class EvalConfig:
     threads: Optional[int] = None
     cpu_time: bool = False
     reuse: tuple[str, ...] = ()
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if not self.models:

@@ -81,7 +81,7 @@ def evaluate_model(mut: ModelUnderTest, merges, sets: list[EvalSet], cfg: EvalCo
                                               cfg.cpu_time))
 
     pixels = timing_batch(mut, sets[0], cfg.batch_size) if sets else timing_pixels(mut, videos[0], cfg.batch_size)
-    calls = {name: _forward_call(mut, m, pixels) for name, m in cands.items()}
+    calls = {name: _forward_call(mut, _compiled(m, cfg, mut.device, pixels, mut), pixels) for name, m in cands.items()}
     timing = time_alternating(calls, cfg.batch_size, cfg.warmup, cfg.iters, mut.device, progress,
                               clock="cpu" if cfg.cpu_time else "wall")
     base_counts = mut.base_token_counts()
@@ -94,6 +94,21 @@ def evaluate_model(mut: ModelUnderTest, merges, sets: list[EvalSet], cfg: EvalCo
     return ModelResult(
         model=mut.describe(), timing=timing, tokens=tokens, flop_ratio=flops, merge_stats=stats, datasets=tuple(results)
     )
+
+
+def _compiled(module: Any, cfg: EvalConfig, device: str, pixels, mut: ModelUnderTest) -> Any:
+    """``module`` or, with ``cfg.compile``, its compiled tower after the (untimed) compiling call."""
+    if not cfg.compile:
+        return module
+    import torch
+
+    from encoders.compile import CompiledTower
+
+    tower = CompiledTower(module, int(pixels.shape[0]), device)
+    with torch.inference_mode(), mut.autocast():
+        tower(pixels)
+    log.warning("compiled %s in %.1f s (not timed)", getattr(module, "_merge_cfg", "none"), tower.compile_s)
+    return tower
 
 
 def _forward_call(mut: ModelUnderTest, module: Any, pixels):

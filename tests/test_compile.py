@@ -231,3 +231,45 @@ def test_merged_model_runs_under_flash_attention_in_fp16(spec):
     assert torch.isfinite(got).all()
     assert torch.nn.functional.cosine_similarity(got, want).min() > 0.9
     assert os.environ.get("MERGESEEK_PROP_ATTN", "auto") == "auto"
+
+
+def test_cli_compile_flags_reach_the_library(monkeypatch, tmp_path):
+    """``--compile`` on bench, eval and index is parsed and handed on (the heavy calls mocked)."""
+    from typer.testing import CliRunner
+
+    import bench.throughput as throughput
+    import cli
+    import encoders
+    import eval as eval_pkg
+    import indexing
+
+    got = {}
+    monkeypatch.setattr(throughput, "run_bench", lambda cfg, progress=False: got.__setitem__("bench", cfg) or {})
+    monkeypatch.setattr(throughput, "format_report", lambda report: "")
+
+    def fake_evaluate(cfg, out, progress=True):
+        got["eval"] = cfg
+        raise SystemExit(0)
+
+    monkeypatch.setattr(eval_pkg, "evaluate", fake_evaluate)
+
+    class FakeEncoder:
+        def __init__(self, **kwargs):
+            got["encoder"] = kwargs
+
+    def fake_index(paths, index_dir, make_encoder, options, *args, **kwargs):
+        make_encoder()
+        raise SystemExit(0)
+
+    monkeypatch.setattr(encoders, "Encoder", FakeEncoder)
+    monkeypatch.setattr(indexing, "index_paths", fake_index)
+    runner = CliRunner()
+    runner.invoke(cli.app, ["bench", "--compile", "--merge", "r=8"])
+    runner.invoke(cli.app, ["eval", "--compile", "--out", str(tmp_path / "ev")])
+    (tmp_path / "imgs").mkdir()
+    runner.invoke(cli.app, ["index", str(tmp_path / "imgs"), "--index", str(tmp_path / "ix"), "--compile"])
+    assert got["bench"].compile is True
+    assert got["eval"].compile is True
+    assert got["encoder"]["compile"] is True
+    runner.invoke(cli.app, ["bench", "--merge", "r=8"])
+    assert got["bench"].compile is False  # off unless asked for
