@@ -481,3 +481,27 @@ def free_port_for_test() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_keyframe_sources_play_the_release_video_recorded_in_videos_json(served, tmp_path):
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from serve.app import create_app
+    from serve.engine import CachedSearcher, Engine
+
+    ix = tmp_path / "ix"
+    shutil.copytree(served["ix"], ix)
+    video = served["root"] / "videos" / "a.mp4"
+    # what indexing.aic writes for a release's keyframe folder whose video is in the release
+    (ix / "videos.json").write_text(json.dumps({"stills": {"video_path": str(video), "title": "t"},
+                                                "nope": {"video_path": "/etc/passwd"}}))
+    engine = Engine(CachedSearcher(ix, build_encoder(), ngpu=0))
+    with TestClient(create_app(engine)) as c:
+        hits = c.get("/api/search", params={"q": "x", "k": 100}).json()["hits"]
+        still = next(h for h in hits if h["video_id"] == "stills")
+        assert still["video_url"] == "/api/video/stills"
+        r = c.get("/api/video/stills", headers={"Range": "bytes=0-99"})
+        assert r.status_code == 206 and r.content == video.read_bytes()[:100]
+        assert c.get("/api/video/nope").status_code == 404
