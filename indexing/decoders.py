@@ -33,6 +33,10 @@ INSTALL_HINT = {
 }
 
 
+# A damaged stretch this long ends the attempts: each failed frame costs a seek and a decode.
+MAX_FAILURES_IN_A_ROW = 16
+
+
 class DecodeError(Exception):
     """Raised by a backend when frames cannot be decoded (handled inside this module)."""
 
@@ -67,6 +71,10 @@ def _import(backend: str):
 
     try:
         if backend == "decord":
+            if "decord" not in sys.modules and importlib.util.find_spec("torch") is not None:
+                # decord2 preloads the nvidia-* pip libraries (NVBLAS among them) with RTLD_GLOBAL;
+                # a torch imported after that sends its matrix products to NVBLAS and crashes.
+                import torch  # noqa: F401
             if "decord" not in sys.modules and importlib.util.find_spec("torchcodec") is not None:
                 # decord loads its bundled FFmpeg with RTLD_GLOBAL; torchcodec, started after that,
                 # binds the system FFmpeg to those symbols and crashes. Loaded first, both work.
@@ -100,9 +108,9 @@ class VideoReader:
         timestamps: presentation time in seconds of every frame (float64, ``len(self)`` values;
             NaN where the container has none).
         avg_fps: the container's average frame rate (0 when unknown).
-        fell_back: True once random access failed and frames were decoded sequentially.
-        stopped_at: the first frame index that could not be decoded at all (None: all fine).
-        stop_reason: why decoding stopped there.
+        fell_back: True once a batch failed and frames were decoded one by one.
+        failed: the frame indices ``read`` could not decode in any way (ascending).
+        fail_reason: the decoder's message for the first of them.
     """
 
     backend = ""
@@ -113,8 +121,10 @@ class VideoReader:
         self.timestamps = np.zeros(0)
         self.avg_fps = 0.0
         self.fell_back = False
-        self.stopped_at: Optional[int] = None
-        self.stop_reason = ""
+        self.failed: list[int] = []
+        self.fail_reason = ""
+        self._seq_end: Optional[int] = None  # where the sequential decoder gave up, and why
+        self._seq_reason = ""
         self._seq: Optional[Iterator[np.ndarray]] = None
         self._seq_pos = 0
 
@@ -143,10 +153,15 @@ class VideoReader:
         return self._get_batch(idx)
 
     def read(self, indices: Sequence[int], batch_size: int = 32) -> Iterator[tuple[list[int], np.ndarray]]:
-        """Decode ``indices`` (ascending) in batches: random access first; when a batch fails,
-        decode from the start of the file instead. Stops at the first frame that cannot be decoded
-        either way, leaving ``stopped_at`` and ``stop_reason`` set."""
+        """Decode ``indices`` (ascending) in batches of (indices, frames).
+
+        Random access by batch first. Once a batch fails, each frame is tried alone by random
+        access, then by decoding from the start of the file (a WebM without its seek index); a
+        frame that fails both ways (a truncated file) is left out and recorded in ``failed``.
+        After ``MAX_FAILURES_IN_A_ROW`` such frames the rest are given up without trying.
+        """
         idx = [int(i) for i in indices]
+        in_a_row = 0
         for s in range(0, len(idx), batch_size):
             chunk = idx[s : s + batch_size]
             if not self.fell_back:
@@ -154,23 +169,36 @@ class VideoReader:
                     yield chunk, self.get_batch(chunk)
                     continue
                 except DecodeError as exc:
-                    log.info("%s: random access failed at frames %d..%d (%s); decoding sequentially",
+                    log.info("%s: batch decoding failed at frames %d..%d (%s); decoding frame by frame",
                              self.path, chunk[0], chunk[-1], exc)
                     self.fell_back = True
-            images = []
+            got, images = [], []
             for i in chunk:
-                img = self._next_at(i)
+                img = self._one(i) if in_a_row < MAX_FAILURES_IN_A_ROW else None
                 if img is None:
-                    break
-                images.append(img)
+                    self.failed.append(i)
+                    in_a_row += 1
+                else:
+                    got.append(i)
+                    images.append(img)
+                    in_a_row = 0
             if images:
-                yield chunk[: len(images)], np.stack(images)
-            if len(images) < len(chunk):
-                return
+                yield got, np.stack(images)
+
+    def _one(self, index: int) -> Optional[np.ndarray]:
+        """Frame ``index`` by random access, else from the sequential decoder; None if neither works."""
+        try:
+            return self.get_batch([index])[0]
+        except DecodeError as exc:
+            reason = str(exc)
+        frame = self._next_at(index)
+        if frame is None and not self.fail_reason:
+            self.fail_reason = self._seq_reason or reason
+        return frame
 
     def _next_at(self, index: int) -> Optional[np.ndarray]:
         """Frame ``index`` from the sequential decoder (restarted from frame 0 when it is behind)."""
-        if self.stopped_at is not None and index >= self.stopped_at:
+        if self._seq_end is not None and index >= self._seq_end:
             return None
         if self._seq is None or self._seq_pos > index:
             self._seq, self._seq_pos = self._sequential(), 0
@@ -181,9 +209,9 @@ class VideoReader:
                 if self._seq_pos - 1 == index:
                     return frame
         except StopIteration:
-            self.stopped_at, self.stop_reason = self._seq_pos, "the stream ends early"
+            self._seq_end, self._seq_reason = self._seq_pos, "the stream ends early"
         except Exception as exc:  # the backends raise RuntimeError or their own error types
-            self.stopped_at, self.stop_reason = self._seq_pos, _short(exc)
+            self._seq_end, self._seq_reason = self._seq_pos, _short(exc)
         self._seq = None
         return None
 
@@ -217,6 +245,8 @@ class DecordReader(VideoReader):
         try:
             return self._vr.get_batch(indices).asnumpy()
         except Exception as exc:
+            # After an error decord's threaded decoder stays broken: later frames fail too.
+            self._vr = self._open(num_threads=0)
             raise DecodeError(_short(exc)) from None
 
     def _sequential(self) -> Iterator[np.ndarray]:

@@ -36,7 +36,7 @@ from indexing.formats import (
     read_keyframe_map,
     read_rgb,
 )
-from indexing.sampling import SCENE_THUMB, Sampling, scene_indices, thumbnails
+from indexing.sampling import SCENE_THUMB, Sampling, SceneDetector, thumbnails
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,8 @@ def _scan(folder: Path, bad: list) -> tuple[list[Path], list[Path]]:
                 problem = _link_problem(p)
                 if problem:
                     bad.append(BadInput(str(p), problem))
-        except OSError as exc:
-            bad.append(BadInput(str(p), _os_problem(exc, "entry")))
+        except OSError as exc:  # e.g. ELOOP: a link loop raises instead of answering False
+            bad.append(BadInput(str(p), (_link_problem(p) if os.path.islink(p) else None) or _os_problem(exc, "entry")))
     return sorted(files, key=natural_key), sorted(dirs, key=natural_key)
 
 
@@ -347,10 +347,11 @@ class SourceReader:
         if self.sampling.mode != "scene":
             return self.sampling.select(vr.timestamps, vr.avg_fps), vr
         small = self._open(size=(SCENE_THUMB, SCENE_THUMB))
-        chunks = (thumbnails(images) for _, images in small.read(range(len(small)), 256))
-        idx = scene_indices(chunks, self.sampling.value)
+        det, kept = SceneDetector(self.sampling.value), []
+        for chunk, images in small.read(range(len(small)), 256):  # frames that fail to decode are left out
+            kept.extend(chunk[p] for p in det.keep(thumbnails(images)))
         small.close()
-        return idx, vr
+        return np.asarray(kept, dtype=np.int64), vr
 
     def _video_batches(self) -> Iterator[list[Frame]]:
         indices, vr = self.frame_indices()
@@ -362,20 +363,22 @@ class SourceReader:
                 for i, img in zip(chunk, images)
             ]
         vr.close()
-        if done < len(indices):
-            stop = vr.stopped_at if vr.stopped_at is not None else int(indices[done])
-            what = f"decoding failed at frame {stop} of {len(vr)} ({vr.stop_reason or 'no frame'})"
+        if vr.failed:
+            first = vr.failed[0]
+            what = (f"{len(vr.failed)} of {len(indices)} sampled frames could not be decoded, the first at frame "
+                    f"{first} of {len(vr)} ({vr.fail_reason or 'no frame'})")
             if done == 0:
                 raise InputError(f"{path}: {what}; the file is truncated or damaged, re-copy or re-encode it")
-            reason = (f"partly indexed: {what}; {done} of {len(indices)} sampled frames indexed "
-                      "(the file is truncated or damaged; re-copy it and index again to add the rest)")
+            reason = (f"partly indexed: {what}; {done} indexed (the file is truncated or damaged; re-copy it "
+                      "and index again to add the rest)")
             log.warning("%s: %s", path, reason)
             self.skipped.append(BadInput(str(path), reason))
 
     # ------------------------------------------------------------------ images / keyframes
     def _image_batches(self) -> Iterator[list[Frame]]:
         path = self.source.path
-        files = [path] if path.is_file() else _images_in(path, self.skipped)
+        # link and folder problems were listed by discover(); listing them again would double them
+        files = [path] if path.is_file() else _images_in(path)
         kmap = read_keyframe_map(self.source.map_csv) if self.source.map_csv else None
         if kmap is not None:
             self.skipped.extend(BadInput(p.split(": ", 1)[0], p.split(": ", 1)[-1]) for p in kmap.problems)
