@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import logging
 import mmap
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ MAGIC = b"MSTHUMB1"
 MAX_SIDE = 256  # pixels of the longer side: sharp in a grid of ~200 px tiles, ~8 KB a frame
 QUALITY = 78
 DECODE_CHUNK = 32
+_PACK_NAME = re.compile(r"^(part-\d{5,})\.thumbs(\.tmp)?$")
 
 
 def make_jpeg(image, max_side: int = MAX_SIDE, quality: int = QUALITY) -> bytes:
@@ -322,8 +324,9 @@ def ensure_thumbs(store, force: bool = False) -> ThumbReport:
         active = read_manifest(store.root)
         keep = set(m.shards) | set(active.shards if active is not None else ())
         for p in tdir.iterdir():
-            # temp files of a killed run, and packs of shards the index dropped
-            if p.name.endswith(".tmp") or (p.name.endswith(PACK_EXT) and p.name[: -len(PACK_EXT)] not in keep):
+            # only our own names: temp files of a killed run, and packs of shards the index dropped
+            mine = _PACK_NAME.match(p.name)
+            if mine and (mine.group(2) or mine.group(1) not in keep):
                 p.unlink()
                 report.removed += 1
     owner = {k: e.shard for k, e in m.sources.items()}

@@ -505,3 +505,17 @@ def test_keyframe_sources_play_the_release_video_recorded_in_videos_json(served,
         r = c.get("/api/video/stills", headers={"Range": "bytes=0-99"})
         assert r.status_code == 206 and r.content == video.read_bytes()[:100]
         assert c.get("/api/video/nope").status_code == 404
+
+
+def test_thumbs_cleanup_touches_only_its_own_files(served, tmp_path):
+    from indexing.thumbs import THUMB_DIR, make_thumbs
+
+    ix = tmp_path / "ix"
+    shutil.copytree(served["ix"], ix)
+    others = [ix / THUMB_DIR / n for n in ("notes.txt", "part-00000.pack", "x.tmp", "part-00099.thumbs.bak")]
+    for p in others:
+        p.write_bytes(b"someone else's")
+    (ix / THUMB_DIR / "part-00098.thumbs.tmp").write_bytes(b"a killed run's")
+    report = make_thumbs(ix)
+    assert report.removed == 1 and not (ix / THUMB_DIR / "part-00098.thumbs.tmp").exists()
+    assert all(p.read_bytes() == b"someone else's" for p in others)
