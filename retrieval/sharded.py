@@ -10,9 +10,9 @@ Ids: each folder numbers its rows from 0, so a shard's ids are offset by the sum
 shards' ``max id + 1`` (folders in the order given). ``Hit.id`` is that global id;
 ``ShardedSearcher.locate(id)`` gives back (folder, id in that folder).
 
-Memory per million 512-d vectors (FAISS's own code sizes; ``docs/SCALE.md`` has the derivation
-and a measurement): Flat 2.05 GB, SQ8 0.52 GB, IVF-PQ64 0.07 GB + 0.008 GB ids, HNSW32 2.3 GB;
-the metadata held for hits (video, frame, time, path) adds ~0.1-0.2 GB.
+Memory per million 512-d vectors with mergeseek's id map (``docs/SCALE.md`` has the derivation and
+the measurement): Flat 2.08 GB, SQ8 0.54 GB, IVF4096,PQ64 0.11 GB, HNSW32 2.35 GB; the metadata
+held for hits (video, frame, time, path) adds ~0.1-0.2 GB.
 """
 
 from __future__ import annotations
