@@ -234,3 +234,37 @@ def test_a_live_webm_without_duration_names_the_way_out(tmp_path, sample_videos)
         tc = open_video(live, "torchcodec")
         assert len(tc) == 50 and tc.timestamps == pytest.approx(np.arange(50) * 0.04, abs=1e-3)
         assert tc.get_batch([0, 49]).shape == (2, 272, 640, 3)
+
+
+def test_decord_loaded_first_breaks_neither_torch_nor_torchcodec(sample_videos):  # noqa: F811
+    # decord2 loads FFmpeg and the nvidia-* libraries with RTLD_GLOBAL. Through open_video, torch
+    # and torchcodec load first and keep working; torchcodec after a bare `import decord` is refused
+    # with one line instead of a segfault. Fresh interpreters: the order of imports is the point.
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    script = f"""
+import sys; sys.path.insert(0, {str(root)!r})
+from indexing.decoders import open_video
+vr = open_video({str(sample_videos["bikes"])!r}, "decord")
+assert vr.get_batch([0, 100]).shape == (2, 272, 640, 3)
+import torch
+a = torch.randn(512, 512)
+assert torch.isfinite(a @ a).all() and torch.isfinite(torch.nn.functional.linear(a, a)).all()
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+    if not TORCHCODEC_WHY:
+        script = f"""
+import sys; sys.path.insert(0, {str(root)!r})
+import decord
+from errors import InputError
+from indexing.decoders import open_video
+try:
+    open_video({str(sample_videos["bikes"])!r}, "torchcodec")
+except InputError as exc:
+    print(exc)
+"""
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "torchcodec cannot start in a process that already loaded decord" in done.stdout
