@@ -29,7 +29,8 @@ from indexing import aic
 from indexing.dedup import Dedup, DuplicateFilter, phash
 from indexing.faiss_index import add_to_index, build_index, load_index, save_index
 from indexing.sampling import Sampling
-from indexing.sources import BadInput, MediaSource, SourceReader, discover
+from indexing.decoders import require_backend
+from indexing.sources import BadInput, MediaSource, SourceReader, assign_ids, discover
 from indexing.store import EncodedSource, IndexStore, preflight
 from indexing.thumbs import ThumbCollector, ensure_thumbs, make_jpeg
 
@@ -53,6 +54,7 @@ class IndexOptions:
         read_workers: threads that hash and preprocess decoded frames (0: min(8, CPU count)).
         ngpu: GPUs for FAISS (-1: all that exist, 0: none).
         progress: tqdm bars over sources and frames.
+        decoder: video decoder, ``decord`` (decord2) or ``torchcodec`` (see ``indexing.decoders``).
         release_parts: AI Challenge release parts that live elsewhere (``{"maps": DIR, "media_info": DIR,
             "videos": DIR, "objects": DIR, "features": DIR}``, see ``indexing.aic``).
         memory_budget: bytes the FAISS index may use, for ``index_type="auto"`` (None: 8 GiB).
@@ -71,6 +73,7 @@ class IndexOptions:
     ngpu: int = -1
     progress: bool = False
     release_parts: Optional[dict] = None
+    decoder: str = "decord"  # video backend, see indexing.decoders.BACKENDS
     memory_budget: Optional[int] = None
     reuse: Optional[str] = None
 
@@ -177,9 +180,9 @@ class Reader(threading.Thread):
     """Background stage: sources in, preprocessed batches out (bounded queue)."""
 
     def __init__(self, sources: Sequence[MediaSource], sampling: Sampling, dedup: Dedup, preprocess: Callable,
-                 batch_size: int, prefetch: int, workers: int = 0):
+                 batch_size: int, prefetch: int, workers: int = 0, decoder: str = "decord"):
         super().__init__(name="mergeseek-reader", daemon=True)
-        self.sources, self.sampling, self.dedup = list(sources), sampling, dedup
+        self.sources, self.sampling, self.dedup, self.decoder = list(sources), sampling, dedup, decoder
         self.preprocess, self.batch_size = preprocess, batch_size
         # Hashing and preprocessing (PIL resize, which releases the GIL) run on a small pool; decoding
         # stays sequential per video so frames, duplicates and ids come out in a fixed order.
@@ -216,7 +219,8 @@ class Reader(threading.Thread):
 
     def _read_source(self, src: MediaSource, pool: ThreadPoolExecutor) -> None:
         t0 = time.perf_counter()
-        for item in read_source(src, self.sampling, self.dedup, self.preprocess, self.batch_size, pool, self.workers):
+        for item in read_source(src, self.sampling, self.dedup, self.preprocess, self.batch_size, pool, self.workers,
+                                self.decoder):
             self.busy_s += time.perf_counter() - t0
             self._put(item)
             t0 = time.perf_counter()
@@ -224,14 +228,14 @@ class Reader(threading.Thread):
 
 
 def read_source(src: MediaSource, sampling: Sampling, dedup: Dedup, preprocess: Callable, batch_size: int,
-                pool: Optional[ThreadPoolExecutor] = None, workers: int = 1):
+                pool: Optional[ThreadPoolExecutor] = None, workers: int = 1, decoder: str = "decord"):
     """One source's items: a ``_Batch`` per decoded batch, then ``_Done`` (or ``_Failed`` for a bad file).
 
     Decoding, sampling, near-duplicate skipping and preprocessing of one source, in order; the
     threaded ``Reader`` and the Ray decode tasks (``indexing.distributed``) both run this.
     """
     run = pool.map if pool is not None else map
-    reader = SourceReader(src, sampling, batch_size)
+    reader = SourceReader(src, sampling, batch_size, decoder)
     filt = DuplicateFilter(dedup)
     try:
         for frames in reader.batches():
@@ -246,6 +250,13 @@ def read_source(src: MediaSource, sampling: Sampling, dedup: Dedup, preprocess: 
     except InputError as exc:
         log.warning("skip %s", exc)
         yield _Failed(src, str(exc))
+        return
+    except (MemoryError, ImportError):
+        raise  # not this file's fault: the run cannot go on
+    except Exception as exc:  # a bug or an odd file: it fails this source, never the whole run
+        log.warning("skip %s: unexpected %s while reading it", src.path, type(exc).__name__, exc_info=True)
+        yield _Failed(src, f"{src.path}: unexpected error while reading ({type(exc).__name__}: {str(exc)[:200]}); "
+                           "the file was skipped, please report it")
         return
     yield _Done(src, filt.skipped, reader.skipped)
 
@@ -319,6 +330,7 @@ def index_paths(
     unmapped = [s for s in sources if s.kind == "keyframes" and s.map_csv is None]
     for s in unmapped:
         log.warning("%s", aic.unmapped_warning(s.video_id, s.path))
+    require_backend(options.decoder)  # a wrong or missing --decoder fails before the model loads
     preflight(Path(index_dir), options.index_type)  # a wrong --index or --index-type fails before the model loads
     if not hasattr(encoder, "describe"):
         encoder = encoder()
@@ -329,6 +341,8 @@ def index_paths(
     with IndexStore.open_for_write(Path(index_dir), identity, options.index_type, options.force,
                                    options.memory_budget) as store:
         faiss_was_current = store.faiss_is_current()
+        # A stem another source of the index already has gets a distinct id (logged); known sources keep theirs.
+        sources = assign_ids(sources, {key: e.video_id for key, e in store.manifest.sources.items()})
         todo = [s for s in sources if not store.is_current(s.key, s.fingerprint, recipe_for(s, options))]
         report.up_to_date = len(sources) - len(todo)
         replaced = any(s.key in store.manifest.sources for s in todo)
@@ -357,7 +371,7 @@ def _run_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
                 on_commit) -> list:
     settings = {"sampling": str(options.sampling), "dedup": str(options.dedup)}
     reader = Reader(todo, options.sampling, options.dedup, encoder.preprocess_images, encoder.batch_size, options.prefetch,
-                    options.read_workers)
+                    options.read_workers, decoder=options.decoder)
     bars = _Bars(len(todo)) if options.progress else None
     # --reuse: frames of one source reach the encoder in order (the reader decodes sources one
     # at a time, sequentially), so a per-source cache in the stream encoder is valid.
