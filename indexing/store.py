@@ -226,6 +226,7 @@ class IndexStore:
         self.manifest = manifest
         self.writable = writable
         self.committed_sources = 0  # sources made durable in manifest.json by this store
+        self.last_shard: Optional[str] = None  # name of the shard the last commit wrote
         self._lock_fh = None
         self._staged = False  # a force run's generation, not yet switched in
         self.previous_index_type = "Flat"  # the type before this writer changed it (kept when a new one cannot train)
@@ -488,6 +489,7 @@ class IndexStore:
             m.next_shard += 1  # a file we did not write has this name: leave it alone
         shard = f"part-{m.next_shard:05d}"
         m.next_shard += 1
+        self.last_shard = shard
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         described = {k: getattr(m, k) for k in IDENTITY_KEYS}
         settings = settings or {}

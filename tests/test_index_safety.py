@@ -264,7 +264,7 @@ def test_a_killed_force_run_leaves_the_old_index(tmp_path):
     assert same(index_contents(tmp_path), before)
 
 
-def test_a_force_run_that_indexes_nothing_keeps_the_old_index(tmp_path, encoder):
+def test_a_force_run_that_indexes_nothing_keeps_the_old_index(tmp_path, encoder):  # noqa: F811
     from test_indexing_support import write_video
 
     from indexing import IndexOptions, index_paths
@@ -560,7 +560,7 @@ def test_every_rename_in_the_repository_is_followed_by_a_folder_fsync():
 
 
 # ---------------------------------------------------------------------------- the index command repairs
-def test_index_rebuilds_a_damaged_faiss_and_refuses_an_untrainable_type_without_storing_it(tmp_path, encoder):
+def test_index_rebuilds_a_damaged_faiss_and_refuses_an_untrainable_type_without_storing_it(tmp_path, encoder):  # noqa: F811
     from test_indexing_support import write_video
 
     from indexing import IndexOptions, index_paths
@@ -600,7 +600,7 @@ def test_repair_compact_and_damaged_search_on_the_command_line(tmp_path, monkeyp
     assert len(index_contents(tmp_path)[0]) == 4  # a and b live; c dropped, its files in damaged/
 
     seen = {}
-    monkeypatch.setattr("indexing.index_paths", lambda paths, index_dir, encoder, options: seen.update(o=options))
+    monkeypatch.setattr("indexing.index_paths", lambda paths, index_dir, enc, options: seen.update(o=options))
     r = runner.invoke(cli.app, ["index", "v", "--index", str(tmp_path / "x"), "--index-type", "auto",
                                 "--memory-budget", "512M", "--json"])
     assert seen["o"].index_type == "auto" and seen["o"].memory_budget == 512 << 20, r.output
