@@ -123,6 +123,11 @@ def test_search_play_basket_and_export_in_chromium(server, browser_page, tmp_pat
     download.save_as(saved)
     rows = list(csv.reader(saved.open()))
     assert rows == [[h.video_id, str(h.frame_idx)] for h in (expected[pick], expected[0])]
+    with page.expect_download() as dl:  # the current search's top 100, not the basket
+        page.click("#exportResults")
+    dl.value.save_as(tmp_path / "results.csv")
+    assert dl.value.suggested_filename == "q-browser.csv"
+    assert list(csv.reader((tmp_path / "results.csv").open())) == [[h.video_id, str(h.frame_idx)] for h in expected]
 
     # keyboard: arrows move the selection from the clicked result, b adds the selected one, Enter plays it
     page.locator("#q").blur()
