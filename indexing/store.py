@@ -760,6 +760,8 @@ def preflight(root: Path, index_type: Optional[str] = None) -> str:
     from indexing.faiss_index import validate_index_type
 
     state = check_index_folder(Path(root))
+    if state == "index":
+        IndexStore.open_for_read(Path(root))  # a damaged manifest or shard is named now, not after the model loaded
     if index_type:
         validate_index_type(index_type)
     check_writable(Path(root), folder=True, what="--index")
