@@ -377,6 +377,15 @@ class IndexStore:
             raise write_error(path, exc) from None
         self._journaled.update(names)
 
+    def journal(self, *paths: Path) -> None:
+        """Record files (inside the index folder) this writer is about to create, before creating them.
+
+        For other parts that write beside the shards (thumbnails, sidecars): a name recorded here
+        and not listed by the committed manifest is removed after a kill. Only record files that
+        are rewritten from the shards anyway, or temporary names.
+        """
+        self._journal(*(Path(p) for p in paths))
+
     def _recover(self) -> None:
         """Remove journaled files that the committed manifest does not list (left by a killed run)."""
         path = self.root / JOURNAL
