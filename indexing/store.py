@@ -381,8 +381,9 @@ class IndexStore:
         """Record files (inside the index folder) this writer is about to create, before creating them.
 
         For other parts that write beside the shards (thumbnails, sidecars): a name recorded here
-        and not listed by the committed manifest is removed after a kill. Only record files that
-        are rewritten from the shards anyway, or temporary names.
+        and not listed by the committed manifest is removed when this writer closes or, after a
+        kill, when the next one opens. So record only temporary names (``x.tmp`` before
+        ``atomic_write(x, ..., tmp=x.tmp)``), never a file that must stay.
         """
         self._journal(*(Path(p) for p in paths))
 
