@@ -113,7 +113,7 @@ def published_prompts(label_space: str, num_classes: int) -> Optional[tuple[tupl
     if label_space == "pets" and num_classes == len(PETS_CLASSNAMES):
         return PETS_CLASSNAMES, PETS_TEMPLATES, "clip_benchmark pets"
     if label_space == "imagenet1k" and num_classes == 1000:
-        return imagenet_classnames(), openai_imagenet_templates(), "open_clip imagenet (OPENAI_IMAGENET_TEMPLATES)"
+        return imagenet_classnames(), openai_imagenet_templates(), "open_clip imagenet"
     return None
 
 
@@ -179,9 +179,9 @@ def describe_prompts(classes: Sequence[str], templates: Sequence[str], label_spa
     """Where a set's class names and templates come from, for the report."""
     classes, templates = tuple(classes), tuple(templates)
     found = published_prompts(label_space, len(classes)) if label_space else None
-    names = f"{found[2].split(' (')[0]} class names" if found and found[0] == classes else "the set's own class names"
+    names = f"{found[2]} class names" if found and found[0] == classes else "the set's own class names"
     if found and templates == found[1]:
-        tpl = f"{found[2].split(' (')[0]} templates"
+        tpl = f"{found[2]} templates"
     elif templates == simple_imagenet_templates():
         tpl = "open_clip SIMPLE_IMAGENET_TEMPLATES"
     elif templates == openai_imagenet_templates():
