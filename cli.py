@@ -715,7 +715,8 @@ def train_reference_cmd(
         data=str(data) if data else None, out=str(out), config=config, overrides=overrides, epochs=epochs, batch_size=batch_size,
         device=device, limit=limit, eval_limit=eval_limit, resume=str(resume) if resume else None, fresh=fresh,
         compile=compile, time_budget=time_budget, stop_after=stop_after, eval_every=eval_every, progress=progress,
-        export=str(export) if export else None, to=str(to), command="cli.py " + shlex.join(sys.argv[1:]),
+        export=str(export) if export else None, to=str(to), command="cli.py train-reference " + shlex.join(
+            sys.argv[sys.argv.index("train-reference") + 1:] if "train-reference" in sys.argv else sys.argv[1:]),
     )
     typer.echo(describe(result))
 
