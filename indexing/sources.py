@@ -111,10 +111,10 @@ def _link_problem(p: Path) -> Optional[str]:
     except OSError as exc:
         target = os.readlink(p) if os.path.islink(p) else "?"
         if exc.errno == errno.ELOOP:
-            return f"symbolic link loop ({p.name} -> {target} leads back to itself); skipped"
+            return f"symbolic link loop ({p.name} -> {target} leads back to itself)"
         if exc.errno == errno.ENOENT:
-            return f"broken symbolic link (its target {target} does not exist); skipped"
-        return f"symbolic link cannot be followed ({exc.strerror}); skipped"
+            return f"broken symbolic link (its target {target} does not exist)"
+        return f"symbolic link cannot be followed ({exc.strerror})"
 
 
 def _os_problem(exc: OSError, what: str) -> str:
@@ -182,7 +182,7 @@ def discover(paths: Sequence[Path], release_parts: Optional[dict] = None) -> tup
         try:
             root = given.resolve()
         except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop on older Pythons
-            bad.append(BadInput(str(raw), f"cannot be resolved ({exc}); skipped"))
+            bad.append(BadInput(str(raw), f"cannot be resolved ({exc})"))
             continue
         if not root.exists():
             bad.append(BadInput(str(raw), "does not exist"))
@@ -216,7 +216,7 @@ def _walk(root: Path, bad: list) -> list[MediaSource]:
         here = stack.pop()
         real = os.path.realpath(here)
         if real in seen:
-            bad.append(BadInput(str(here), f"folder already visited as {real} (a symbolic link loop or a second link to it); skipped"))
+            bad.append(BadInput(str(here), f"folder already visited as {real} (a symbolic link loop or a second link to it)"))
             continue
         seen.add(real)
         name = here.name.lower()

@@ -14,7 +14,7 @@ import pytest
 from test_indexing_support import COLOURS, encoder, index_contents, sample_videos, write_video  # noqa: F401
 
 from errors import ConfigError, InputError
-from indexing import IndexOptions, index_paths
+from indexing import Dedup, IndexOptions, index_paths
 from indexing.decoders import BACKENDS, DecodeError, open_video
 from indexing.sampling import Sampling, fps_indices
 from indexing.sources import MediaSource, SourceReader
@@ -268,3 +268,15 @@ except InputError as exc:
 """
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and "torchcodec cannot start in a process that already loaded decord" in done.stdout
+
+
+@needs_ffmpeg
+def test_an_av1_file_is_indexed(codec_files, tmp_path, encoder):  # noqa: F811
+    av1 = codec_files.get("av1-aom") or codec_files.get("av1-svt")
+    if av1 is None:
+        pytest.skip("ffmpeg here has no AV1 encoder (libaom-av1 or libsvtav1)")
+    report = index_paths([av1], tmp_path / "idx", encoder, IndexOptions(sampling=Sampling.parse("fps=2"),
+                                                                             dedup=Dedup(enabled=False)))
+    assert report.indexed == [av1.stem] and not report.failed
+    rows, vecs = index_contents(tmp_path / "idx")
+    assert [(r[2], r[3]) for r in rows] == [(0, 0.0), (5, 0.5), (10, 1.0), (15, 1.5)] and vecs.shape == (4, 512)
