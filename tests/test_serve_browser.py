@@ -11,7 +11,6 @@ import socket
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from test_indexing_support import build_encoder
