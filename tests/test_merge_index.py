@@ -200,3 +200,22 @@ def test_sharded_search_refuses_another_model(tmp_path):
     b = _fake_index(tmp_path / "b", _unit(4, 64, 1), key="/data/y.mp4", model="ViT-B-16")
     with pytest.raises(IndexMismatchError, match="model"):
         ShardedSearcher([a, b])
+
+
+def test_cli_search_with_shards_equals_the_merged_index(tmp_path, built, media):
+    import decord
+    from PIL import Image
+
+    Image.fromarray(decord.VideoReader(str(media / "b.mp4"))[10].asnumpy()).save(tmp_path / "q.png")
+    merged = tmp_path / "merged"
+    merge_indexes([built / "half1", built / "half2"], merged)
+
+    def search(*index_args):
+        result = CliRunner().invoke(app, ["search", "--image", str(tmp_path / "q.png"), "-k", "5", "--json", "--device",
+                                          "cpu", *index_args])
+        assert result.exit_code == 0, result.stderr
+        return [(h["video_id"], h["frame_idx"], round(h["score"], 4)) for h in json.loads(result.stdout)]
+
+    sharded = search("--index", str(built / "half1"), "--shard", str(built / "half2"))
+    assert sharded == search("--index", str(merged))
+    assert sharded[0][:2] == ("b", 10)  # the query frame itself comes first
