@@ -156,6 +156,10 @@ def index_cmd(
         reuse=_reuse_option(reuse, ray_address),
         decoder=decoder,
     )
+    if ray_address is None and workers != 1:
+        from errors import ConfigError
+
+        raise ConfigError(f"--workers {workers} only applies with --ray (local, auto or a cluster address)")
     if ray_address is not None:
         from indexing.distributed import RayOptions, index_paths_ray
 

@@ -226,6 +226,8 @@ def test_cli_ray_options_reach_the_library(tmp_path, monkeypatch):
     assert str(seen["options"].sampling) == "every=5" and seen["paths"] == [Path("v")]
     result = CliRunner().invoke(app, ["index", "v", "--index", str(tmp_path), "--ray", "local", "--device", "cpu", "--json"])
     assert result.exit_code == 0 and seen["ray"].gpus_per_worker == 0
+    result = CliRunner().invoke(app, ["index", "v", "--index", str(tmp_path), "--workers", "2"])
+    assert result.exit_code == 2 and "--workers 2 only applies with --ray" in result.stderr
 
 
 class _OtherModel:
