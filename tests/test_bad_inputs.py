@@ -191,9 +191,9 @@ def test_truncated_video_is_indexed_in_part_and_reported(tmp_path, sample_videos
 @needs_ffmpeg
 def test_truncated_video_in_a_run_is_committed_in_part_and_listed(tmp_path, sample_videos, encoder):  # noqa: F811
     cut = _truncated(tmp_path, sample_videos["bikes"])
-    report = index_paths([cut], tmp_path / "idx", encoder, IndexOptions(sampling=Sampling.parse("all")))
-    # how far decord's reader gets before the cut depends a little on timing: about 75 of 79 frames
-    assert report.indexed == ["cut"] and 60 <= report.frames_sampled <= 79
+    report = index_paths([cut], tmp_path / "idx", encoder, IndexOptions(sampling=Sampling.parse("every=4")))
+    # 79 frames are left, the last ones broken: frames 0, 4, ..., 72 decode, 76 does not
+    assert report.indexed == ["cut"] and 15 <= report.frames_sampled <= 19
     (note,) = report.failed
     assert note.path == str(cut) and "partly indexed" in note.reason
     rows, vecs = index_contents(tmp_path / "idx")
