@@ -3,7 +3,6 @@ maps, 16-bit images, id collisions, long queries, odd file names. Real files mad
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
