@@ -1,9 +1,10 @@
 """Which frames of a video to keep: fixed rate, every n-th, k uniform, or scene-change keyframes.
 
 ``Sampling`` is a frozen value parsed from ``fps=1``, ``every=10``, ``uniform=16``, ``scene=0.15``
-or ``all``; ``str()`` round-trips so the index manifest records the exact setting. The index
-choices for the first three modes are pure functions of the frame count and the video's frame
-rate; scene detection needs pixels, so it works on a stream of small colour thumbnails.
+or ``all``; ``str()`` round-trips so the index manifest records the exact setting. ``fps`` picks
+frames by their timestamps (``Sampling.select``), so a variable-frame-rate video is sampled evenly
+in time; ``every`` and ``uniform`` depend only on the frame count; scene detection needs pixels,
+so it works on a stream of small colour thumbnails.
 """
 
 from __future__ import annotations
