@@ -283,11 +283,13 @@ def test_permission_errors_are_named_and_unreadable_folders_listed(world_dir):
     _jpg(top / "photos" / "a.jpg", 50)
     _jpg(top / "photos" / "b.jpg", 150)
     _jpg(top / "closed" / "c.jpg", 200)
+    _keyframes(top / "aic", (1, 2), "n,pts_time,fps,frame_idx\n1,0.0,25,0\n2,1.0,25,25\n")
     for p in top.rglob("*"):
         p.chmod(0o755 if p.is_dir() else 0o644)
     (top / "open" / "locked.mp4").chmod(0o000)
     (top / "photos" / "b.jpg").chmod(0o000)
     (top / "closed").chmod(0o000)
+    (top / "aic" / "map-keyframes" / "L01_V001.csv").chmod(0o000)
 
     def run():
         sources, bad = discover([top])
@@ -302,7 +304,8 @@ def test_permission_errors_are_named_and_unreadable_folders_listed(world_dir):
 
     got = _as_nobody(run)
     assert "error" not in got, got
-    assert got["sources"] == ["locked", "ok", "photos"]
+    assert got["sources"] == ["L01_V001", "locked", "ok", "photos"]
+    assert "keyframe map" in got["L01_V001"]["error"] and "permission denied" in got["L01_V001"]["error"]
     assert "permission denied" in got["bad"]["closed"] and "folder" in got["bad"]["closed"]
     assert got["ok"]["frames"] == 5
     assert "permission denied" in got["locked"]["error"] and "locked.mp4" in got["locked"]["error"]
