@@ -363,7 +363,7 @@ def _ray_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
         nonlocal buffer, last_commit
         t0 = time.perf_counter()
         ids = store.commit(buffer, settings)
-        new_shards.append(f"part-{store.manifest.next_shard - 1:05d}")
+        new_shards.append(store.last_shard)
         thumbs.write(store.root, new_shards[-1], buffer, ids)
         report.times.write_s += time.perf_counter() - t0
         keys = [e.key for e in buffer]

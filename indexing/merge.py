@@ -181,7 +181,7 @@ def _copy(out: IndexStore, todo: list, settings: dict, commit_rows: int, report:
     def commit() -> None:
         nonlocal buffer
         ids = out.commit(buffer, settings)
-        new_shards.append(f"part-{out.manifest.next_shard - 1:05d}")
+        new_shards.append(out.last_shard)
         thumbs.write(out.root, new_shards[-1], buffer, ids)
         report.sources_copied += len(buffer)
         report.vectors_copied += int(len(ids))
