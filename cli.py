@@ -648,6 +648,10 @@ def bench(
     device: Annotated[Optional[str], typer.Option("--device", help="auto (the default: CUDA when present), cpu, cuda or cuda:N.")] = None,
     precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 (the default), fp16 or bf16 (autocast).")] = None,
     compile_: CompileOpt = None,
+    cpu_time: Annotated[
+        Optional[bool], typer.Option("--cpu-time", help="Time by the CPU time of one torch thread instead of wall-clock "
+                                     "(CPU only; robust when other jobs share the machine).")
+    ] = None,
     json_out: JsonOpt = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Also write the JSON report to this file.")] = None,
 ) -> None:
@@ -666,7 +670,7 @@ def bench(
                                      "the package): git clone it, then python cli.py bench ...") from None
     cfg = BenchConfig.from_options(model=model, pretrained=pretrained, merges=merge, batch_size=batch_size, iters=iters,
                                    warmup=warmup, image_size=image_size, device=device, precision=precision,
-                                   compile=compile_)
+                                   compile=compile_, cpu_time=cpu_time)
     if out is not None:
         check_writable(out, what="--out")  # before the timing runs
     report = run_bench(cfg, progress=not json_out)

@@ -49,6 +49,8 @@ class BenchConfig:
         device / precision: ``auto|cpu|cuda[:N]`` and ``fp32|fp16|bf16``.
         compile: torch.compile every candidate, the unmerged one too (CUDA graphs on CUDA); the
             compile time is reported per row and kept out of every other figure.
+        cpu_time: time by the CPU time of the calling thread (one torch thread; CPU only), robust
+            when other jobs share the machine.
     """
 
     model: str = "ViT-B-16"
@@ -61,6 +63,7 @@ class BenchConfig:
     device: str = "auto"
     precision: str = "fp32"
     compile: bool = False
+    cpu_time: bool = False
 
     def __post_init__(self) -> None:
         from encoders import MergeConfig
@@ -87,7 +90,8 @@ class BenchConfig:
 def run_bench(cfg: BenchConfig, progress: bool = False) -> dict[str, Any]:
     """:func:`run_throughput` for one :class:`BenchConfig`."""
     return run_throughput(cfg.model, cfg.pretrained, cfg.merges, cfg.batch_size, cfg.iters, cfg.warmup,
-                          cfg.image_size, cfg.device, cfg.precision, progress=progress, compile=cfg.compile)
+                          cfg.image_size, cfg.device, cfg.precision, progress=progress, compile=cfg.compile,
+                          clock="cpu" if cfg.cpu_time else "wall")
 
 
 def sample_pixels(batch_size: int, image_size: int, device: str):
@@ -122,6 +126,7 @@ def run_throughput(
     compile: bool = False,
     profile: bool = True,
     base: Any = None,
+    clock: str = "wall",
 ) -> dict[str, Any]:
     """Time the unmerged model and each merge config alternately; returns a JSON-able report.
 
@@ -131,6 +136,7 @@ def run_throughput(
         profile: also count kernels per forward and name the attention kernel (one extra forward
             per candidate under ``torch.profiler``).
         base: an ``Encoder`` to reuse (same model, device and precision; saves the load).
+        clock: ``wall`` or ``cpu`` (CPU time of this thread; one torch thread is set).
     """
     import torch
 
@@ -138,6 +144,8 @@ def run_throughput(
     from eval.candidates import merged_models
     from eval.timing import flop_ratio, time_alternating
 
+    if clock == "cpu":
+        torch.set_num_threads(1)
     if base is None:
         base = Encoder(model_name, pretrained, device, precision, "none", batch_size, image_size_override=image_size)
     visual = base.model.visual
@@ -168,7 +176,7 @@ def run_throughput(
     if compile:
         log.warning("compile times (s): %s", ", ".join(f"{k}: {v:.1f}" for k, v in compile_s.items()))
     runs = {k: runner(fn) for k, fn in callables.items()}
-    timings = time_alternating(runs, batch_size, warmup, iters, base.device, progress)
+    timings = time_alternating(runs, batch_size, warmup, iters, base.device, progress, clock=clock)
     device_ms = _device_times(runs, base.device, iters)
     profiled = {k: _profile(run, base.device) for k, run in runs.items()} if profile else {}
     base_tokens = token_counts(models["none"])
@@ -208,6 +216,7 @@ def run_throughput(
         "device_name": torch.cuda.get_device_name(base.device) if base.device.startswith("cuda") else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
         "precision": precision,
+        "clock": clock,
         "compiled": bool(compile),
         "compile_mode": (("reduce-overhead" if base.device.startswith("cuda") else "default") if compile else "eager"),
         "kernels_counted": "GPU kernels" if base.device.startswith("cuda") else "aten ops",

@@ -272,4 +272,6 @@ def test_cli_compile_flags_reach_the_library(monkeypatch, tmp_path):
     assert got["eval"].compile is True
     assert got["encoder"]["compile"] is True
     runner.invoke(cli.app, ["bench", "--merge", "r=8"])
-    assert got["bench"].compile is False  # off unless asked for
+    assert got["bench"].compile is False and got["bench"].cpu_time is False  # off unless asked for
+    runner.invoke(cli.app, ["bench", "--cpu-time"])
+    assert got["bench"].cpu_time is True
