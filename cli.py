@@ -167,7 +167,7 @@ def index_cmd(
         report = index_paths_ray(
             paths, index_dir,
             lambda: Encoder(model_name=model, pretrained=pretrained, device="cpu", precision=precision, merge=merge,
-                            batch_size=batch_size),
+                            batch_size=batch_size, compile=bool(compile_)),  # compiles lazily: only in the actors
             options, RayOptions(address=ray_address, workers=workers, gpus_per_worker=0 if device == "cpu" else None),
         )
     else:
