@@ -80,7 +80,7 @@ def test_the_recorders_do_see_host_reads():
     assert _syncs(lambda: (t.tolist(), t.sum().item(), t.nonzero())) == (["_local_scalar_dense", "nonzero"], ["item", "nonzero", "tolist"])
 
 
-@pytest.mark.parametrize("spec", COMPILE_SPECS)
+@pytest.mark.parametrize("spec", COMPILE_SPECS + ["r=8,method=zerotprune"])
 def test_merged_vit_b16_traces_into_one_graph_without_attention_masks(b16, spec, one_torch_thread):
     apply_merging(b16, spec)
     torch._dynamo.reset()
