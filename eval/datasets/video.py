@@ -272,6 +272,7 @@ def evaluate_video_set(mut, cands: dict, merges: dict, vs: VideoSet, reuses: Seq
     pixels = _frames_to_pixels(mut, vs)
     allpx = torch.cat(pixels)
     n = len(allpx)
+    ids = [c.name for c in vs.clips for _ in range(len(c))]
     labels = None
     if vs.classes:
         labels = np.concatenate([[c.label] * len(c) for c in vs.clips])
@@ -290,11 +291,12 @@ def evaluate_video_set(mut, cands: dict, merges: dict, vs: VideoSet, reuses: Seq
             stream = ReuseStream(module, cfg, merges[name])
 
             def reused():
+                # Frames in playing order, clips one after another; a batch may span clips (each
+                # frame carries its clip's id, so clips never share a cache).
                 outs = []
                 with torch.inference_mode(), mut.autocast():
-                    for c, px in zip(vs.clips, pixels):
-                        for s in range(0, len(px), batch_size):
-                            outs.append(stream.encode(px[s : s + batch_size], [c.name] * len(px[s : s + batch_size])))
+                    for s in range(0, n, batch_size):
+                        outs.append(stream.encode(allpx[s : s + batch_size], ids[s : s + batch_size]))
                 return torch.cat(outs)
 
             t0 = clock()
