@@ -175,7 +175,7 @@ def index_cmd(
             paths,
             index_dir,
             lambda: Encoder(model_name=model, pretrained=pretrained, device=device, precision=precision, merge=merge,
-                            batch_size=batch_size, compile=bool(compile_)),
+                            batch_size=batch_size, **({"compile": True} if compile_ else {})),
             options,
         )
     typer.echo(json.dumps(report.to_dict(), indent=1) if json_out else "\n".join(report.summary_lines()))
