@@ -275,3 +275,23 @@ def test_cli_compile_flags_reach_the_library(monkeypatch, tmp_path):
     assert got["bench"].compile is False and got["bench"].cpu_time is False  # off unless asked for
     runner.invoke(cli.app, ["bench", "--cpu-time"])
     assert got["bench"].cpu_time is True
+
+
+@pytest.mark.skipif(not HAS_CC, reason="torch.compile (inductor) needs a C compiler on CPU")
+def test_eval_times_compiled_candidates_compiled_before_the_clock(one_torch_thread):
+    import contextlib
+    import types
+
+    from eval.config import EvalConfig
+    from eval.runner import _compiled
+
+    model = _timm_tiny(depth=1)
+    apply_merging(model, "r=2")
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    mut = types.SimpleNamespace(autocast=contextlib.nullcontext)
+    assert _compiled(model, EvalConfig(compile=False), "cpu", pixels, mut) is model
+    torch._dynamo.reset()
+    tower = _compiled(model, EvalConfig(compile=True), "cpu", pixels, mut)
+    assert tower.compile_s is not None and tower.compile_s > 0  # the compiling call happened here, untimed
+    with torch.inference_mode():
+        torch.testing.assert_close(tower(pixels), model(pixels), rtol=1e-4, atol=1e-4)

@@ -241,3 +241,33 @@ def test_distilled_model_is_refused_nothing_and_uses_both_heads():
         feats = model.forward_features(x)
         want = (model.head(feats[:, 0]) + model.head_dist(feats[:, 1])) / 2
         assert torch.equal(model(x), want)
+
+
+def test_a_new_method_is_one_function_and_one_registry_entry(b32, photo_batch):
+    """Register a method: MergeConfig accepts it, the patch runs it with what its spec asks for."""
+    from encoders.merging import REGISTRY, MatcherSpec, bipartite_soft_matching, register
+    from errors import ConfigError
+
+    seen = []
+
+    def every_other_block(metric, r, class_token=True, *, attn=None, stride=1, **kw):
+        seen.append((metric.shape[1], r, None if attn is None else tuple(attn.shape), stride))
+        return bipartite_soft_matching(metric, r, class_token, **kw)
+
+    register(MatcherSpec("toy", every_other_block, needs="cls_attn", options=lambda cfg: {"stride": 2}))
+    try:
+        cfg = MergeConfig.parse("r=4,method=toy")
+        assert str(cfg) == "method=toy,r=4" and MergeConfig.parse(str(cfg)) == cfg
+        apply_merging(b32, cfg)
+        with torch.inference_mode():
+            b32(photo_batch[:2])
+        steps = cfg.schedule_for(12, 50)
+        assert token_counts(b32) == [50 - sum(steps[: i + 1]) for i in range(12)] and steps[0] == 4
+        assert seen[0] == (50, 4, (2, 12, 1, 50), 2)  # its options, and the class-token attention it needs
+        with pytest.raises(ConfigError, match="keep= applies to importance and zerotprune"):
+            MergeConfig.parse("keep=0.5,method=toy")  # bipartite-bounded by default
+    finally:
+        REGISTRY.pop("toy")
+        remove_merging(b32)
+    with pytest.raises(ConfigError, match="method='toy' is not valid"):
+        MergeConfig.parse("r=4,method=toy")
