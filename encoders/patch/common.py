@@ -89,8 +89,8 @@ def default_attn_mode() -> str:
 
     ``channel``: inside the dot product (:func:`channel_sdpa`; no mask, so FlashAttention stays
     eligible); ``mask``: as ``attn_mask``; ``auto``: ``channel`` under torch.compile and off the
-    CPU, ``mask`` in eager CPU runs, where the masked kernel measured ~6% faster per forward
-    (docs/MERGING.md).
+    CPU, ``mask`` in eager CPU runs, where the masked kernel was faster in most measured runs
+    (5-15% per merged ViT-B-16 forward; docs/MERGING.md).
     """
     if torch.compiler.is_compiling():
         return "auto"
