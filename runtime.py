@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from errors import WriteError
+from mergeseek.errors import WriteError
 
 TMP_SUFFIX = ".tmp"
 
@@ -106,7 +106,7 @@ def write_error(path: Union[str, Path], exc: OSError, committed: bool = False) -
         hint = "check the location and run the command again"
     cls = WriteError
     if committed:
-        from errors import PartialWriteError
+        from mergeseek.errors import PartialWriteError
 
         cls = PartialWriteError
     err = cls(f"cannot write {path}: {reason}; {hint}")
@@ -155,7 +155,7 @@ def check_writable(path: Union[str, Path], folder: bool = False, what: str = "")
 
 def parse_bytes(text: Optional[str]) -> Optional[int]:
     """``"8G"``, ``"512MiB"``, ``"1.5GB"``, ``"1000000"`` -> bytes (binary units); None for None/empty."""
-    from errors import ConfigError
+    from mergeseek.errors import ConfigError
 
     if text is None or not str(text).strip():
         return None

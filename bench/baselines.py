@@ -72,7 +72,7 @@ class BaselineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from errors import ConfigError
+        from mergeseek.errors import ConfigError
 
         if self.precision not in ("fp32", "fp16", "bf16"):
             raise ConfigError(f"precision={self.precision!r} is not valid; choose one of: fp32, fp16, bf16")
@@ -133,8 +133,8 @@ def build_models(cfg: BaselineConfig) -> dict[str, tuple[str, Any]]:
     import timm
     import torch
 
-    from encoders.slab import create_slab_vit, fuse_norms
-    from eval.candidates import merged_models
+    from mergeseek.encoders.slab import create_slab_vit, fuse_norms
+    from mergeseek.eval.candidates import merged_models
 
     dim, heads = ARCHS[cfg.arch]
     common = dict(img_size=cfg.img_size, patch_size=16, embed_dim=dim, depth=cfg.depth, num_heads=heads)
@@ -241,8 +241,8 @@ def run_baselines(cfg: BaselineConfig, progress: bool = False) -> BaselineReport
     import torch
 
     from bench.throughput import sample_pixels
-    from encoders import token_counts
-    from eval.timing import time_alternating
+    from mergeseek.encoders import token_counts
+    from mergeseek.eval.timing import time_alternating
 
     models = build_models(cfg)
     pixels = sample_pixels(cfg.batch_size, cfg.img_size, cfg.device)
@@ -316,7 +316,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     report = run_baselines(cfg, progress=True)
     print(report.markdown())
     if a.out:
-        from runtime import atomic_write
+        from mergeseek.runtime import atomic_write
 
         atomic_write(a.out, json.dumps(report.to_dict(), indent=1))
 

@@ -41,7 +41,7 @@ import json, logging, sys
 out, model, batches, precisions, compiled, iters, *merges = sys.argv[1:]
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
 from bench.throughput import format_report, run_throughput
-from encoders import Encoder
+from mergeseek.encoders import Encoder
 
 base = Encoder(model, None, "cuda", "fp32", "none", 8)
 kind = "compiled" if compiled == "1" else "eager"

@@ -30,9 +30,9 @@ def matching_step(
     """Median time of one matching call (metric -> merge closures) for bipartite and LSH."""
     import torch
 
-    from encoders import MergeConfig
-    from encoders.merging import bipartite_soft_matching, lsh_soft_matching
-    from eval.timing import time_alternating
+    from mergeseek.encoders import MergeConfig
+    from mergeseek.encoders.merging import bipartite_soft_matching, lsh_soft_matching
+    from mergeseek.eval.timing import time_alternating
 
     cfg = MergeConfig.parse("method=lsh" + ("," + lsh if lsh else ""))
     opts = dict(cfg.lsh_options(), backend=backend)
@@ -63,7 +63,7 @@ def matching_step(
 
 def _lsh_backend(backend: str, device: str) -> str:
     """Which LSH implementation the step ran: the fused CPU kernel or the tensor code."""
-    from encoders.merging import lsh_native
+    from mergeseek.encoders.merging import lsh_native
 
     if backend == "torch" or not device.startswith("cpu"):
         return "torch"
@@ -77,7 +77,7 @@ def matcher_timer(device: str) -> Iterator[dict]:
     """Wrap every registered matcher so the seconds spent inside it are summed."""
     import torch
 
-    from encoders.merging import REGISTRY
+    from mergeseek.encoders.merging import REGISTRY
 
     spent = {"s": 0.0, "calls": 0}
     originals = dict(REGISTRY)
@@ -111,7 +111,7 @@ def end_to_end(
     import torch
 
     from bench.throughput import run_throughput, sample_pixels
-    from encoders import Encoder, apply_merging
+    from mergeseek.encoders import Encoder, apply_merging
 
     out = []
     for model_name, size, r in settings:
@@ -173,8 +173,8 @@ def agreement(model_name: str = "ViT-B-16", r: int = 8, lsh: str = "", pretraine
     import numpy as np
     from skimage import data
 
-    from encoders import Encoder
-    from eval.candidates import merged_encoders
+    from mergeseek.encoders import Encoder
+    from mergeseek.eval.candidates import merged_encoders
 
     photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.immunohistochemistry(), data.hubble_deep_field()]
     sets = {"scikit-image photos": [np.ascontiguousarray(p[..., :3]) for p in photos], "bikes.mp4 frames": _video_frames()}
@@ -212,8 +212,8 @@ def agreement_reference(sizes: Sequence[int] = (48,), r_div: int = 16, lsh: str 
     import numpy as np
 
     from bench.reference_agreement import features
-    from eval.candidates import merged_models
-    from eval.reference import load_reference
+    from mergeseek.eval.candidates import merged_models
+    from mergeseek.eval.reference import load_reference
 
     model, _ = load_reference()
     rows = []
@@ -252,7 +252,7 @@ def _reference_inputs(side: int):
     from PIL import Image
     from skimage import data
 
-    from eval.reference import CIFAR10_MEAN, CIFAR10_STD
+    from mergeseek.eval.reference import CIFAR10_MEAN, CIFAR10_STD
 
     photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.immunohistochemistry(), data.hubble_deep_field()]
     images = [np.ascontiguousarray(p[..., :3]) for p in photos] + _video_frames()
@@ -289,10 +289,10 @@ def edge_quality(
     """
     import torch
 
-    from encoders import MergeConfig, apply_merging, remove_merging
-    from encoders.merging import REGISTRY, bipartite_partners, bipartite_soft_matching, lsh_partners, lsh_soft_matching
-    from eval.reference import load_reference
-    from eval.timing import time_alternating
+    from mergeseek.encoders import MergeConfig, apply_merging, remove_merging
+    from mergeseek.encoders.merging import REGISTRY, bipartite_partners, bipartite_soft_matching, lsh_partners, lsh_soft_matching
+    from mergeseek.eval.reference import load_reference
+    from mergeseek.eval.timing import time_alternating
 
     model, _ = load_reference()
     rows = []

@@ -34,8 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from indexing import Dedup, IndexOptions, Sampling, discover, index_paths  # noqa: E402
-from indexing.pipeline import Reader  # noqa: E402
+from mergeseek.indexing import Dedup, IndexOptions, Sampling, discover, index_paths  # noqa: E402
+from mergeseek.indexing.pipeline import Reader  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- pipeline
@@ -81,7 +81,7 @@ def bench_pipeline(videos: list[str], sampling: str, model: str, device: str, pr
                    repeat: int, workers: int = 0) -> dict:
     import torch
 
-    from encoders import Encoder
+    from mergeseek.encoders import Encoder
 
     torch.manual_seed(0)
     encoder = Encoder(model_name=model, pretrained=None, device=device, precision=precision, batch_size=batch_size)
@@ -181,7 +181,7 @@ def bench_faiss(sizes: list[int], dim: int, n_queries: int, k: int, seed: int, d
                 families: tuple = ("Flat", "IVF", "HNSW"), nlist: int = 0) -> list[dict]:
     import faiss
 
-    from indexing.faiss_index import build_index, for_search
+    from mergeseek.indexing.faiss_index import build_index, for_search
 
     out = []
     for n in sizes:

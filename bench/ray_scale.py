@@ -59,10 +59,10 @@ def _rss() -> int:
 def throughput(args) -> dict:
     import torch
 
-    from encoders import Encoder
-    from indexing import Dedup, IndexOptions, Sampling, index_paths
-    from indexing.distributed import RayOptions, index_paths_ray
-    from indexing.store import IndexStore
+    from mergeseek.encoders import Encoder
+    from mergeseek.indexing import Dedup, IndexOptions, Sampling, index_paths
+    from mergeseek.indexing.distributed import RayOptions, index_paths_ray
+    from mergeseek.indexing.store import IndexStore
 
     tmp = Path(tempfile.mkdtemp(prefix="mergeseek-ray-bench-"))
     try:
@@ -114,7 +114,7 @@ def _contents(IndexStore, d: Path):
 def memory(args) -> dict:
     import faiss
 
-    from indexing.faiss_index import build_index
+    from mergeseek.indexing.faiss_index import build_index
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.n, args.dim)).astype(np.float32)

@@ -30,8 +30,8 @@ def features(model, x):
 
 
 def main(argv=None) -> int:
-    from eval.candidates import merged_models
-    from eval.reference import load_cifar10_npz, load_reference, preprocess_uint8
+    from mergeseek.eval.candidates import merged_models
+    from mergeseek.eval.reference import load_cifar10_npz, load_reference, preprocess_uint8
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="CIFAR-10 pack folder (default: cifar10 under the data root)")
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     model, info = load_reference()
     if a.data is None:
-        from eval.config import default_data_root
+        from mergeseek.eval.config import default_data_root
 
         a.data = default_data_root() / "cifar10"
     split = load_cifar10_npz(a.data, "test", a.limit)

@@ -26,7 +26,7 @@ import numpy as np
 
 
 def _clips(sets: List[str], fps: float, size: int, max_frames: int, seconds: float, kinds: Optional[List[str]] = None):
-    from eval.datasets.video import sample_clips, synthetic_clips
+    from mergeseek.eval.datasets.video import sample_clips, synthetic_clips
 
     clips = []
     if "synthetic" in sets:
@@ -69,7 +69,7 @@ def bench_clip_model(model: str, fps_list: List[float], sets: List[str], reuse: 
                      kinds: Optional[List[str]] = None) -> List[dict]:
     import torch
 
-    from encoders import Encoder
+    from mergeseek.encoders import Encoder
 
     enc = Encoder(model_name=model, pretrained=None, device="cpu", merge=merge, batch_size=batch_size)
     rows = []
@@ -120,10 +120,10 @@ def bench_reference(fps_list: List[float], reuse: str, merge: str, data_root: Op
                     frames: int, batch_size: int, rounds: int, clock: str = "cpu") -> List[dict]:
     import torch
 
-    from encoders import apply_merging
-    from encoders.reuse import ReuseStream
-    from eval import reference as ref
-    from eval.datasets.video import cifar_clips
+    from mergeseek.encoders import apply_merging
+    from mergeseek.encoders.reuse import ReuseStream
+    from mergeseek.eval import reference as ref
+    from mergeseek.eval.datasets.video import cifar_clips
 
     model, info = ref.load_reference()
     apply_merging(model, merge)

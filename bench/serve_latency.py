@@ -37,7 +37,7 @@ IDENTITY = {"model": "ViT-B-32", "pretrained": "none", "merge": "none", "precisi
 
 
 def _sample_thumb() -> bytes:
-    from indexing.thumbs import make_jpeg
+    from mergeseek.indexing.thumbs import make_jpeg
 
     try:
         import decord
@@ -52,9 +52,9 @@ def _sample_thumb() -> bytes:
 
 def build_random_index(root: Path, n: int, seed: int = 0) -> Path:
     """``n`` random unit vectors in a real index folder (shards, manifest, index.faiss, one thumbnail pack)."""
-    from indexing.faiss_index import make_index, save_index
-    from indexing.store import EncodedSource, IndexStore, read_manifest
-    from indexing.thumbs import write_pack
+    from mergeseek.indexing.faiss_index import make_index, save_index
+    from mergeseek.indexing.store import EncodedSource, IndexStore, read_manifest
+    from mergeseek.indexing.thumbs import write_pack
 
     m = read_manifest(root) if (root / "manifest.json").is_file() else None
     if m is not None and m.counts()["vectors"] == n and m.faiss_generation == m.generation:

@@ -66,8 +66,8 @@ class BenchConfig:
     cpu_time: bool = False
 
     def __post_init__(self) -> None:
-        from encoders import MergeConfig
-        from errors import ConfigError
+        from mergeseek.encoders import MergeConfig
+        from mergeseek.errors import ConfigError
 
         for key, lo in (("batch_size", 1), ("iters", 1), ("warmup", 0)):
             if getattr(self, key) < lo:
@@ -140,9 +140,9 @@ def run_throughput(
     """
     import torch
 
-    from encoders import Encoder, MergeConfig, merge_stats, token_counts
-    from eval.candidates import merged_models
-    from eval.timing import flop_ratio, time_alternating
+    from mergeseek.encoders import Encoder, MergeConfig, merge_stats, token_counts
+    from mergeseek.eval.candidates import merged_models
+    from mergeseek.eval.timing import flop_ratio, time_alternating
 
     if clock == "cpu":
         torch.set_num_threads(1)
@@ -156,7 +156,7 @@ def run_throughput(
     callables = dict(models)
     compile_s: dict[str, Optional[float]] = {k: None for k in models}
     if compile:
-        from encoders.compile import CompiledTower
+        from mergeseek.encoders.compile import CompiledTower
 
         torch._dynamo.reset()
         callables = {k: CompiledTower(m, batch_size, base.device) for k, m in models.items()}
@@ -238,7 +238,7 @@ def run_suite(
     image_size: Optional[int] = None,
 ) -> list[dict[str, Any]]:
     """One report per (precision, batch size), loading the model once."""
-    from encoders import Encoder
+    from mergeseek.encoders import Encoder
 
     base = Encoder(model_name, None, device, "fp32", "none", max(batch_sizes), image_size_override=image_size)
     out = []
@@ -329,7 +329,7 @@ def _profile(run, device: str) -> tuple:
 
 def _lsh_backend(device: str, compiled: bool = False) -> str:
     """How method=lsh searches here: the fused C kernel (eager CPU; half precision scored in float32) or the tensor code."""
-    from encoders.merging import lsh_native
+    from mergeseek.encoders.merging import lsh_native
 
     if not device.startswith("cpu") or compiled:
         return "tensor code"
@@ -372,6 +372,6 @@ def format_report(report: dict[str, Any]) -> str:
 if __name__ == "__main__":  # pragma: no cover - script entry: the same command as `cli.py bench`
     import sys
 
-    from cli import app
+    from mergeseek.cli import app
 
     app(args=["bench", *sys.argv[1:]], prog_name="mergeseek")

@@ -2,12 +2,12 @@
 
 Public API::
 
-    from encoders import Encoder, MergeConfig, apply_merging, remove_merging, token_counts
+    from mergeseek.encoders import Encoder, MergeConfig, apply_merging, remove_merging, token_counts
 """
 
-from encoders.config import MergeConfig, parse_merges
-from encoders.encoder import Encoder, load_open_clip
-from encoders.patch import apply_merging, merge_stats, remove_merging, token_counts
+from mergeseek.encoders.config import MergeConfig, parse_merges
+from mergeseek.encoders.encoder import Encoder, load_open_clip
+from mergeseek.encoders.patch import apply_merging, merge_stats, remove_merging, token_counts
 
 __all__ = [
     "Encoder",

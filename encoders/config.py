@@ -11,8 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Tuple, Union
 
-from encoders.merging.registry import REGISTRY, get_spec
-from errors import ConfigError
+from mergeseek.encoders.merging.registry import REGISTRY, get_spec
+from mergeseek.errors import ConfigError
 
 METHODS = ("none", *REGISTRY)  # every registered method (encoders/merging/registry.py)
 SCHEDULES = ("constant", "decreasing")

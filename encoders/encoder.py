@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from encoders.config import MergeConfig
-from errors import ConfigError, WeightsUnavailableError
+from mergeseek.encoders.config import MergeConfig
+from mergeseek.errors import ConfigError, WeightsUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def load_open_clip(model_name: str, pretrained: Optional[str], device: str = "cp
     model.eval()
     # CPU half-precision autocast sends torch's MultiheadAttention down a ~10-20x slower path; this
     # switch computes that case batch-first and leaves every other call to the stock module.
-    from encoders.cpu_attention import use_batch_first_attention
+    from mergeseek.encoders.cpu_attention import use_batch_first_attention
 
     use_batch_first_attention(model)
     tokenizer = open_clip.get_tokenizer(model_name)
@@ -137,12 +137,12 @@ class Encoder:
                 self.model_name, self.pretrained, self.device, self.image_size_override
             )
         if self.merge.enabled:
-            from encoders.patch import apply_merging
+            from mergeseek.encoders.patch import apply_merging
 
             apply_merging(self.model, self.merge)
         self._tower = None
         if self.compile:
-            from encoders.compile import CompiledTower
+            from mergeseek.encoders.compile import CompiledTower
 
             self._tower = CompiledTower(self.model.visual, self.batch_size, self.device)
 
@@ -211,7 +211,7 @@ class Encoder:
         """This encoder's image tower over a stream of video frames that reuses work across the
         frames of a shot (``reuse``: a ``ReuseConfig`` or ``threshold=0.05,refresh=16``); see
         encoders/reuse.py and docs/REUSE.md."""
-        from encoders.reuse import ReuseEncoder
+        from mergeseek.encoders.reuse import ReuseEncoder
 
         return ReuseEncoder(self, reuse)
 

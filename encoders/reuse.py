@@ -42,7 +42,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Hashable, List, Optional, Sequence, Tuple, Union
 
-from errors import ConfigError, UnsupportedModelError
+from mergeseek.errors import ConfigError, UnsupportedModelError
 
 _OFF = ("", "none", "off")
 
@@ -247,7 +247,7 @@ class _OpenClip(_Family):
         return b.ls_2(b.mlp(b.ln_2(y)))
 
     def pool(self, x, size):
-        from encoders.patch.common import sized_mean
+        from mergeseek.encoders.patch.common import sized_mean
 
         r = self.root
 
@@ -300,7 +300,7 @@ class _Timm(_Family):
         return b.drop_path2(b.ls2(b.mlp(b.norm2(y))))
 
     def pool(self, x, size):
-        from encoders.patch.common import sized_mean
+        from mergeseek.encoders.patch.common import sized_mean
 
         r = self.root
         x = r.norm(x)
@@ -379,7 +379,7 @@ class ReuseStream:
     def __init__(self, model, cfg: Union[ReuseConfig, str, None], merge=None):
         import torch
 
-        from encoders.config import MergeConfig
+        from mergeseek.encoders.config import MergeConfig
 
         self.cfg = ReuseConfig.parse(cfg)
         self.merge = MergeConfig.parse(merge)
@@ -391,8 +391,8 @@ class ReuseStream:
         self.planes = torch.randn(self.fam.width, self.cfg.bits, generator=g).to(ref.device)
         self._plan = None
         if self.merge.enabled:
-            from encoders.merging import simhash_planes
-            from encoders.patch.common import make_plan
+            from mergeseek.encoders.merging import simhash_planes
+            from mergeseek.encoders.patch.common import make_plan
 
             planes = getattr(self.fam.root, "_merge_planes", None)
             if planes is None and self.merge.method == "lsh":
@@ -508,7 +508,7 @@ class ReuseStream:
         """Full forward of reference frames; returns (outputs [R, D], one _Reference per frame)."""
         import torch
 
-        from encoders.patch.common import TokenState, attention_bias, attention_probs, merge_tokens
+        from mergeseek.encoders.patch.common import TokenState, attention_bias, attention_probs, merge_tokens
 
         fam, plan = self.fam, self._plan
         x = fam.tokens(patches)

@@ -211,7 +211,7 @@ def _register() -> None:
 
         def build(pretrained: bool = False, _dim: int = dim, _heads: int = heads, **kwargs: Any):
             if pretrained:
-                from errors import WeightsUnavailableError
+                from mergeseek.errors import WeightsUnavailableError
 
                 raise WeightsUnavailableError(
                     "no SLAB-style ViT weights are published for this variant; train one or pass "

@@ -2,7 +2,7 @@
 
 Entry point (what ``cli.py eval`` calls)::
 
-    from eval import EvalConfig, evaluate
+    from mergeseek.eval import EvalConfig, evaluate
     outcome = evaluate(EvalConfig(models=("ViT-B-32",), pretrained=None, datasets=("cifar10",),
                                   merges=("r=8", "r=8,method=lsh"), limit=200), out_dir="eval_out")
     outcome.report, outcome.paths   # typed results; report.json / report.md / *.png written
@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 if TYPE_CHECKING:  # pragma: no cover
-    from eval.config import EvalConfig
-    from eval.results import EvalReport
+    from mergeseek.eval.config import EvalConfig
+    from mergeseek.eval.results import EvalReport
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class EvalOutcome:
 
     def summary(self) -> str:
         """The comparison tables as printed by ``cli.py eval``."""
-        from eval.report import model_tables
+        from mergeseek.eval.report import model_tables
 
         lines = [f"note: {n}" for n in self.report.notes]
         for m in self.report.models:
@@ -39,11 +39,11 @@ class EvalOutcome:
 
 def evaluate(cfg: "EvalConfig", out_dir: Union[str, Path] = "eval_out", progress: bool = False) -> EvalOutcome:
     """Run ``cfg`` and write ``report.json``, ``report.md`` and the plots under ``out_dir``."""
-    from eval.report import write_report
-    from eval.runner import run_eval
+    from mergeseek.eval.report import write_report
+    from mergeseek.eval.runner import run_eval
 
     if cfg.plots:
-        from eval.plots import require_matplotlib
+        from mergeseek.eval.plots import require_matplotlib
 
         require_matplotlib()  # before the evaluation, not after it
     report = run_eval(cfg, progress=progress)
@@ -52,9 +52,9 @@ def evaluate(cfg: "EvalConfig", out_dir: Union[str, Path] = "eval_out", progress
 
 
 def __getattr__(name: str):
-    # ``from eval import EvalConfig`` without importing torch at package import.
+    # ``from mergeseek.eval import EvalConfig`` without importing torch at package import.
     if name == "EvalConfig":
-        from eval.config import EvalConfig
+        from mergeseek.eval.config import EvalConfig
 
         return EvalConfig
     raise AttributeError(name)

@@ -20,7 +20,7 @@ import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from errors import InputError
+from mergeseek.errors import InputError
 
 KS = (1, 5, 20, 50, 100)
 MAX_ROWS = 100
@@ -183,8 +183,8 @@ def set_scores(queries: Sequence, query_scores, event_scores: Mapping[str, objec
     """
     import numpy as np
 
-    from retrieval.search import Hit
-    from retrieval.trake import chain_events
+    from mergeseek.retrieval.search import Hit
+    from mergeseek.retrieval.trake import chain_events
 
     scores, tasks = {}, {}
     n = len(video_ids)

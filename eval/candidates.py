@@ -13,7 +13,7 @@ import copy
 import logging
 from typing import Any, Iterable, Sequence, Union
 
-from encoders.config import MergeConfig
+from mergeseek.encoders.config import MergeConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def merged_models(model: Any, configs: Sequence[ConfigLike]) -> dict[str, Any]:
     The ``none`` config gets an unpatched copy, so ``model`` itself is never modified. Duplicate
     configs are kept once.
     """
-    from encoders import apply_merging
+    from mergeseek.encoders import apply_merging
 
     out: dict[str, Any] = {}
     for cfg in _cfgs(configs):
@@ -63,8 +63,8 @@ def merged_encoders(base: Any, configs: Sequence[ConfigLike], batch_size: int | 
         configs: merge configs (strings or ``MergeConfig``).
         batch_size: images per forward; defaults to ``base.batch_size``.
     """
-    from encoders import Encoder
-    from errors import ConfigError
+    from mergeseek.encoders import Encoder
+    from mergeseek.errors import ConfigError
 
     if base.merge.enabled:
         raise ConfigError(

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from encoders.config import MergeConfig
-from errors import ConfigError
+from mergeseek.encoders.config import MergeConfig
+from mergeseek.errors import ConfigError
 
 BASELINE = "none"
 
@@ -102,7 +102,7 @@ class EvalConfig:
                 raise ConfigError(f"eval {key}={getattr(self, key)} is not valid; it must be >= {lo}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"eval limit={self.limit} is not valid; give a positive number or leave it out")
-        from eval.zeroshot import TEMPLATE_CHOICES
+        from mergeseek.eval.zeroshot import TEMPLATE_CHOICES
 
         if self.templates not in TEMPLATE_CHOICES and not Path(self.templates).expanduser().is_file():
             raise ConfigError(f"eval templates={self.templates!r} is not valid; choose {' or '.join(TEMPLATE_CHOICES)} "
@@ -141,7 +141,7 @@ class EvalConfig:
 
     def reuse_configs(self) -> list[str]:
         """The ``--reuse`` configs (normalised) that the video sets are evaluated with."""
-        from encoders.reuse import ReuseConfig
+        from mergeseek.encoders.reuse import ReuseConfig
 
         return [str(ReuseConfig.parse(r)) for r in (self.reuse or ("threshold=0.05,refresh=16",))]
 

@@ -11,7 +11,7 @@ from typing import Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from errors import InputError
+from mergeseek.errors import InputError
 
 RECALL_KS = (1, 5, 10, 100)
 

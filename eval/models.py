@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from errors import ConfigError
+from mergeseek.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class ModelUnderTest:
         return fc.out_features / float(self.width)
 
     def base_token_counts(self) -> list[int]:
-        from encoders import token_counts
+        from mergeseek.encoders import token_counts
 
         return token_counts(self.base)
 
@@ -157,7 +157,7 @@ def split_model_spec(spec: str, pretrained: Optional[str]) -> tuple[str, Optiona
 
 def load_model(spec: str, pretrained: Optional[str], device: str = "cpu", precision: str = "fp32") -> ModelUnderTest:
     """Load one ``--model`` value (see module doc) unmerged."""
-    from encoders.encoder import PRECISIONS, normalize_pretrained, resolve_device
+    from mergeseek.encoders.encoder import PRECISIONS, normalize_pretrained, resolve_device
 
     if precision not in PRECISIONS:
         raise ConfigError(f"precision={precision!r} is not valid; choose one of: {', '.join(PRECISIONS)}")
@@ -172,7 +172,7 @@ def load_model(spec: str, pretrained: Optional[str], device: str = "cpu", precis
 
 
 def _load_clip(name: str, tag: Optional[str], device: str, precision: str) -> ModelUnderTest:
-    from encoders import load_open_clip
+    from mergeseek.encoders import load_open_clip
 
     model, preprocess, tokenizer = load_open_clip(name, tag, device)
     return ModelUnderTest(
@@ -185,7 +185,7 @@ def _load_timm(name: str, checkpoint: Optional[str], device: str, precision: str
     import timm
     from timm.data import create_transform, resolve_data_config
 
-    from errors import WeightsUnavailableError
+    from mergeseek.errors import WeightsUnavailableError
 
     if name not in timm.list_models():
         raise ConfigError(f"timm model {name!r} is unknown; see timm.list_models('vit_*') (e.g. vit_base_patch16_224, "
@@ -209,7 +209,7 @@ def _load_timm(name: str, checkpoint: Optional[str], device: str, precision: str
 def _load_reference(name: str, device: str, precision: str) -> ModelUnderTest:
     """The CIFAR-10 reference ViT with its trained weights; a registered name whose weights are
     absent falls back to random weights (reported as not meaningful)."""
-    from eval import reference as ref
+    from mergeseek.eval import reference as ref
 
     if name in REFERENCE_NAMES and not ref.reference_available(name):
         log.warning("reference weights for %s are not present: using random weights", name)
@@ -233,7 +233,7 @@ class _ReferencePreprocess:
     info: Any
 
     def __call__(self, im):
-        from eval.reference import preprocess_uint8
+        from mergeseek.eval.reference import preprocess_uint8
 
         w, h = im.size
         if w != h:

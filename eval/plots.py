@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from encoders.config import MergeConfig
-from eval.config import BASELINE, group_label
-from eval.report import safe_name
-from eval.results import DatasetResult, EvalReport, ModelResult
+from mergeseek.encoders.config import MergeConfig
+from mergeseek.eval.config import BASELINE, group_label
+from mergeseek.eval.report import safe_name
+from mergeseek.eval.results import DatasetResult, EvalReport, ModelResult
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def require_matplotlib() -> None:
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is None:
-        from errors import MissingDependencyError
+        from mergeseek.errors import MissingDependencyError
 
         raise MissingDependencyError("plots need matplotlib: pip install matplotlib (the 'eval' extra: "
                                      "pip install '.[eval]'), or pass --no-plots")

@@ -29,7 +29,7 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
-from errors import ConfigError, InputError, WeightsUnavailableError
+from mergeseek.errors import ConfigError, InputError, WeightsUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ class Cifar10Split(NamedTuple):
 
 def cifar10_npz_path(path: Union[str, Path], split: str) -> Path:
     """``path`` is the folder holding ``{train,test}_jpeg.npz`` or one of those files."""
-    from eval.datasets.classification import cifar10_pack_path
+    from mergeseek.eval.datasets.classification import cifar10_pack_path
 
     return cifar10_pack_path(Path(path), split)
 
@@ -332,7 +332,7 @@ def interleaved_order(labels: np.ndarray) -> np.ndarray:
     order every prefix is class-balanced (the first 1,000 test images are 100 per class). The
     rule lives in :func:`eval.datasets.base.interleaved_order` (``--limit`` subsets use it too).
     """
-    from eval.datasets.base import interleaved_order as deal
+    from mergeseek.eval.datasets.base import interleaved_order as deal
 
     return deal(labels)
 
@@ -344,7 +344,7 @@ def load_cifar10_npz(path: Union[str, Path], split: str = "test", limit: Optiona
     a balanced, fixed subset. Only the images kept are decoded. The pack is read by
     :func:`eval.datasets.classification.load_cifar10_pack`, the one reader of the format.
     """
-    from eval.datasets.classification import load_cifar10_pack
+    from mergeseek.eval.datasets.classification import load_cifar10_pack
 
     p = cifar10_npz_path(path, split)
     pack = load_cifar10_pack(p)
@@ -415,8 +415,8 @@ def load_reference(name_or_path: Union[str, Path] = DEFAULT_REFERENCE, device: s
     path = _resolve_weights(name_or_path)
     if not path.is_file():
         raise WeightsUnavailableError(
-            f"reference weights {path} are not present; train them with `python -m eval.train_reference --data "
-            f"$MERGESEEK_DATA/cifar10 --out runs/ref --device cuda` and export with `python -m eval.train_reference "
+            f"reference weights {path} are not present; train them with `python -m mergeseek.eval.train_reference --data "
+            f"$MERGESEEK_DATA/cifar10 --out runs/ref --device cuda` and export with `python -m mergeseek.eval.train_reference "
             f"--export runs/ref/last.pt --to eval/reference/`")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)

@@ -12,8 +12,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from eval.config import BASELINE
-from eval.results import DatasetResult, EvalReport, ModelResult
+from mergeseek.eval.config import BASELINE
+from mergeseek.eval.results import DatasetResult, EvalReport, ModelResult
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def write_report(report: EvalReport, out_dir: Path, plots: bool = True) -> list[
     ]
     png = []
     if plots:
-        from eval.plots import plot_report
+        from mergeseek.eval.plots import plot_report
 
         png = plot_report(report, out_dir)
     written.append(_atomic_write(out_dir / "report.md", render_markdown(report, [p.name for p in png])))
@@ -48,7 +48,7 @@ def _json_default(o):
 
 
 def _atomic_write(path: Path, text: str) -> Path:
-    from runtime import atomic_write
+    from mergeseek.runtime import atomic_write
 
     return atomic_write(path, text)
 

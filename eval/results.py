@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from eval.timing import TimingResult
+from mergeseek.eval.timing import TimingResult
 
 RANDOM_WEIGHTS_NOTE = (
     "random weights: accuracy and recall of these models mean nothing (chance level at best); "

@@ -16,9 +16,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from eval.config import BASELINE, EvalConfig
-from eval.datasets import ClassificationSet, DatasetSpec, EvalSet, RetrievalSet, load_dataset
-from eval.metrics import (
+from mergeseek.eval.config import BASELINE, EvalConfig
+from mergeseek.eval.datasets import ClassificationSet, DatasetSpec, EvalSet, RetrievalSet, load_dataset
+from mergeseek.eval.metrics import (
     cosine_agreement,
     first_relevant_rank,
     group_max,
@@ -27,10 +27,10 @@ from eval.metrics import (
     topk_accuracy,
     topk_overlap,
 )
-from eval.models import ModelUnderTest, load_model
-from eval.results import CandidateResult, DatasetResult, EvalReport, ModelResult
-from eval.timing import flop_ratio, time_alternating
-from eval.zeroshot import choose_templates, describe_prompts
+from mergeseek.eval.models import ModelUnderTest, load_model
+from mergeseek.eval.results import CandidateResult, DatasetResult, EvalReport, ModelResult
+from mergeseek.eval.timing import flop_ratio, time_alternating
+from mergeseek.eval.zeroshot import choose_templates, describe_prompts
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +39,12 @@ def run_eval(cfg: EvalConfig, progress: bool = False) -> EvalReport:
     """Evaluate ``cfg`` and return the report (written to disk by :func:`eval.report.write_report`)."""
     import torch
 
-    from eval.results import environment
+    from mergeseek.eval.results import environment
 
     if cfg.threads is not None or cfg.cpu_time:
         torch.set_num_threads(1 if cfg.cpu_time else cfg.threads)
     merges = cfg.merge_configs()
-    from eval.datasets.video import is_video_spec, load_video_set
+    from mergeseek.eval.datasets.video import is_video_spec, load_video_set
 
     sets = [load_with_templates(DatasetSpec.parse(s), cfg) for s in cfg.datasets if not is_video_spec(s)]
     videos = [load_video_set(s, cfg.data_root, cfg.limit, cfg.seed) for s in cfg.datasets if is_video_spec(s)]
@@ -60,8 +60,8 @@ def run_eval(cfg: EvalConfig, progress: bool = False) -> EvalReport:
 def evaluate_model(mut: ModelUnderTest, merges, sets: list[EvalSet], cfg: EvalConfig, progress: bool = False,
                    videos: tuple = ()) -> ModelResult:
     """All datasets and the timing for one model (``videos``: video sets, reuse vs per-frame)."""
-    from encoders import merge_stats, token_counts
-    from eval.candidates import merged_models
+    from mergeseek.encoders import merge_stats, token_counts
+    from mergeseek.eval.candidates import merged_models
 
     cands = merged_models(mut.base, merges)
     log.info("%s: %d candidates (%s)", mut.name, len(cands), ", ".join(cands))
@@ -73,7 +73,7 @@ def evaluate_model(mut: ModelUnderTest, merges, sets: list[EvalSet], cfg: EvalCo
             continue
         results.append(evaluate_dataset(mut, cands, ds, cfg.batch_size, cfg.topk, progress))
     if videos:
-        from eval.datasets.video import evaluate_video_set, timing_pixels
+        from mergeseek.eval.datasets.video import evaluate_video_set, timing_pixels
 
         by_name = {str(m): m for m in merges}
         for vs in videos:
@@ -102,7 +102,7 @@ def _compiled(module: Any, cfg: EvalConfig, device: str, pixels, mut: ModelUnder
         return module
     import torch
 
-    from encoders.compile import CompiledTower
+    from mergeseek.encoders.compile import CompiledTower
 
     tower = CompiledTower(module, int(pixels.shape[0]), device)
     with torch.inference_mode(), mut.autocast():
@@ -238,7 +238,7 @@ def _retrieval(mut: ModelUnderTest, ds: RetrievalSet, embs, topk: int) -> Datase
                 video_rel = [{col[ds.queries[i].video_id]} for i in frame_q]
             metrics.update(retrieval_metrics(first_relevant_rank(ranking(vscores), video_rel), prefix="video_"))
         if any(x.aic is not None for x in ds.queries):  # the HCMC AI Challenge score (eval/aic_score.py)
-            from eval.aic_score import set_scores
+            from mergeseek.eval.aic_score import set_scores
 
             metrics.update(set_scores(ds.queries, scores, {k: v @ embs[name].T for k, v in event_q.items()},
                                       ds.video_ids, ds.frame_idx, ds.pts_time or [float("nan")] * len(ds.video_ids)))

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
-from errors import ConfigError
+from mergeseek.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

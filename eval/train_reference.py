@@ -5,7 +5,7 @@ Runs on a bare GPU box with the core dependencies (torch, timm, numpy, pillow, t
     mergeseek train-reference --data $MERGESEEK_DATA/cifar10 --out runs/ref --device cuda
     mergeseek train-reference --export runs/ref/last.pt --to eval/reference/
 
-(``python -m eval.train_reference ...`` is the same command; the options live in ``cli.py``.)
+(``python -m mergeseek.eval.train_reference ...`` is the same command; the options live in ``cli.py``.)
 
 The whole training set is decoded once into a uint8 tensor on the device; crops, flips, colour
 jitter, mixup/cutmix and the resize to the model's input size are batched tensor ops, so the
@@ -30,8 +30,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from errors import ConfigError, WeightsUnavailableError
-from eval.reference import (
+from mergeseek.errors import ConfigError, WeightsUnavailableError
+from mergeseek.eval.reference import (
     EXPORT_FORMAT, TRAIN_FORMAT, PreprocessInfo, ReferenceConfig, build_model, cifar10_npz_path, evaluate_reference,
     file_sha256, load_cifar10_npz, load_reference, normalize_resize,
 )
@@ -79,13 +79,13 @@ def resolve_device(device: str):
 def atomic_torch_save(obj: Any, path: Path) -> None:
     import torch
 
-    from runtime import atomic_write
+    from mergeseek.runtime import atomic_write
 
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_json(data: Dict[str, Any], path: Path) -> None:
-    from runtime import atomic_write
+    from mergeseek.runtime import atomic_write
 
     atomic_write(path, json.dumps(data, indent=2) + "\n")
 
@@ -518,13 +518,13 @@ def run(*, data: Optional[str] = None, out: str = "runs/ref", config: str = "ref
         compile: Optional[bool] = None, time_budget: Optional[float] = None, stop_after: Optional[int] = None,
         eval_every: int = 1, progress: bool = True,
         export: Optional[str] = None, to: str = "eval/reference", command: str = ""):
-    """The one function behind ``cli.py train-reference`` (and ``python -m eval.train_reference``).
+    """The one function behind ``cli.py train-reference`` (and ``python -m mergeseek.eval.train_reference``).
 
     ``data`` defaults to ``cifar10`` under the data root (``$MERGESEEK_DATA`` or the user's cache,
     see :func:`eval.config.default_data_root`).
     """
     if data is None:
-        from eval.config import default_data_root
+        from mergeseek.eval.config import default_data_root
 
         data = str(default_data_root() / "cifar10")
     if export:
@@ -550,9 +550,9 @@ def describe(result) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m eval.train_reference ARGS`` runs ``cli.py train-reference ARGS``: the options are
+    """``python -m mergeseek.eval.train_reference ARGS`` runs ``cli.py train-reference ARGS``: the options are
     defined once, in ``cli.py`` (typer)."""
-    from cli import app
+    from mergeseek.cli import app
 
     args = ["train-reference", *(sys.argv[1:] if argv is None else argv)]
     try:

@@ -30,7 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-from errors import ConfigError, InputError
+from mergeseek.errors import ConfigError, InputError
 
 TEMPLATE_CHOICES = ("openai", "simple")
 DEFAULT_TEMPLATES_CHOICE = "openai"

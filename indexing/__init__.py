@@ -2,15 +2,15 @@
 
 Public API (heavy libraries load lazily, inside the functions)::
 
-    from indexing import index_paths, IndexOptions, Sampling, Dedup, IndexStore
+    from mergeseek.indexing import index_paths, IndexOptions, Sampling, Dedup, IndexStore
     report = index_paths(["videos/"], "my_index", encoder, IndexOptions(sampling=Sampling.parse("fps=1")))
 """
 
-from indexing.dedup import Dedup
-from indexing.pipeline import IndexOptions, IndexReport, index_paths
-from indexing.sampling import Sampling
-from indexing.sources import BadInput, Frame, MediaSource, SourceReader, discover
-from indexing.store import IndexStore, Manifest
+from mergeseek.indexing.dedup import Dedup
+from mergeseek.indexing.pipeline import IndexOptions, IndexReport, index_paths
+from mergeseek.indexing.sampling import Sampling
+from mergeseek.indexing.sources import BadInput, Frame, MediaSource, SourceReader, discover
+from mergeseek.indexing.store import IndexStore, Manifest
 
 __all__ = [
     "BadInput",

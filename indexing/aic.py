@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from errors import InputError
+from mergeseek.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def release_sources(parts: ReleaseParts, under: Path) -> list:
 
     A folder without a map is still a source (``map_csv`` None); the caller warns about it.
     """
-    from indexing.sources import MediaSource, _files_fingerprint, _images_in
+    from mergeseek.indexing.sources import MediaSource, _files_fingerprint, _images_in
 
     out = []
     for vdir in parts.keyframe_dirs(under):
@@ -330,7 +330,7 @@ def write_sidecars(index_dir: Path, parts_by_video: dict, min_score: float = OBJ
 
     Returns: counts ``{"videos_with_metadata": n, "objects": rows}``.
     """
-    from runtime import atomic_write
+    from mergeseek.runtime import atomic_write
 
     index_dir = Path(index_dir)
     meta = load_video_meta(index_dir)
@@ -352,7 +352,7 @@ def write_sidecars(index_dir: Path, parts_by_video: dict, min_score: float = OBJ
 
 
 def _frames_of(parts: ReleaseParts, video_id: str) -> dict:
-    from indexing.formats import read_keyframe_map
+    from mergeseek.indexing.formats import read_keyframe_map
 
     mp = parts.map_for(video_id.rsplit("/", 1)[-1])
     if mp is None:
@@ -381,7 +381,7 @@ def _merge_objects(index_dir: Path, rows: list, touched: set) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from runtime import atomic_write
+    from mergeseek.runtime import atomic_write
 
     cols = ("video_id", "n", "frame_idx", "entity", "score", "ymin", "xmin", "ymax", "xmax")
     new = pa.table({c: list(v) for c, v in zip(cols, zip(*rows))} if rows else {c: [] for c in cols},
@@ -471,9 +471,9 @@ def import_features(paths: Sequence[Path], index_dir: Path, model: str = "ViT-B-
     """
     import time
 
-    from indexing.pipeline import IndexOptions, IndexReport, _refresh_faiss
-    from indexing.sources import BadInput
-    from indexing.store import IndexStore
+    from mergeseek.indexing.pipeline import IndexOptions, IndexReport, _refresh_faiss
+    from mergeseek.indexing.sources import BadInput
+    from mergeseek.indexing.store import IndexStore
 
     t0 = time.perf_counter()
     videos = _feature_videos(paths, overrides)
@@ -550,7 +550,7 @@ def _feature_videos(paths: Sequence[Path], overrides: dict | None) -> list[tuple
 
 def _feature_key(parts: ReleaseParts, vid: str, npy: Path) -> tuple[str, str]:
     """The store key is the keyframe folder when there is one (so `index` of it replaces these rows)."""
-    from indexing.sources import _file_sig
+    from mergeseek.indexing.sources import _file_sig
 
     kf = parts.keyframe_dir_for(vid)
     mp = parts.map_for(vid)
@@ -560,9 +560,9 @@ def _feature_key(parts: ReleaseParts, vid: str, npy: Path) -> tuple[str, str]:
 
 def _feature_source(vid: str, parts: ReleaseParts, npy: Path, key: str, fingerprint: str, recipe: str, dim: int,
                     report):
-    from indexing.formats import read_keyframe_map
-    from indexing.sources import _images_in
-    from indexing.store import EncodedSource
+    from mergeseek.indexing.formats import read_keyframe_map
+    from mergeseek.indexing.sources import _images_in
+    from mergeseek.indexing.store import EncodedSource
 
     try:
         arr = np.load(npy)

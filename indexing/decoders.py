@@ -21,7 +21,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from errors import ConfigError, InputError
+from mergeseek.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from errors import ConfigError
+from mergeseek.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-from errors import ConfigError, IndexMismatchError, MergeseekError
-from indexing.pipeline import (
+from mergeseek.errors import ConfigError, IndexMismatchError, MergeseekError
+from mergeseek.indexing.pipeline import (
     IndexOptions,
     IndexReport,
     _Bars,
@@ -48,9 +48,9 @@ from indexing.pipeline import (
     read_source,
     recipe_for,
 )
-from indexing.sources import BadInput, MediaSource
-from indexing.store import IDENTITY_KEYS, IndexStore
-from indexing.thumbs import ThumbCollector
+from mergeseek.indexing.sources import BadInput, MediaSource
+from mergeseek.indexing.store import IDENTITY_KEYS, IndexStore
+from mergeseek.indexing.thumbs import ThumbCollector
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class EncoderSpec:
         return cls(tuple(sorted(kw.items())))
 
     def __call__(self, device: str):
-        from encoders import Encoder
+        from mergeseek.encoders import Encoder
 
         return Encoder(device=device, **dict(self.kwargs))
 
@@ -139,7 +139,7 @@ class _Preprocess:
         self.preprocess = transform
 
     def __call__(self, images):
-        from encoders import Encoder
+        from mergeseek.encoders import Encoder
 
         return Encoder.preprocess_images(self, images)
 

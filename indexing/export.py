@@ -24,7 +24,7 @@ from typing import Union
 
 import numpy as np
 
-from errors import ConfigError, IndexMismatchError, InputError
+from mergeseek.errors import ConfigError, IndexMismatchError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,8 @@ def export_index(index_dir: Union[str, Path], out: Union[str, Path], fmt: str = 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from indexing.store import IndexStore
-    from runtime import fsync_dir
+    from mergeseek.indexing.store import IndexStore
+    from mergeseek.runtime import fsync_dir
 
     if fmt not in FORMATS:
         raise ConfigError(f"export format {fmt!r} is not known; choose one of: {', '.join(FORMATS)}")

@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from errors import ConfigError
+from mergeseek.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def _faiss():
     try:
         import faiss
     except ImportError:
-        from errors import MissingDependencyError
+        from mergeseek.errors import MissingDependencyError
 
         raise MissingDependencyError(
             "FAISS is not installed; run pip install faiss-cpu (the 'cpu' extra: pip install '.[cpu]'), "
@@ -184,7 +184,7 @@ def for_search(index, ngpu: int = -1, nprobe: int = 16, ef_search: int = 64):
 
 def save_index(index, path: Path) -> None:
     """Write ``index`` to ``path`` through a temporary name (file and folder fsynced; see ``runtime``)."""
-    from runtime import atomic_write, write_error
+    from mergeseek.runtime import atomic_write, write_error
 
     faiss = _faiss()
 
@@ -202,7 +202,7 @@ def save_index(index, path: Path) -> None:
 
 def load_index(path: Path):
     """Read ``index.faiss``; ``DamagedIndexError`` when it is truncated or not a FAISS file."""
-    from errors import DamagedIndexError
+    from mergeseek.errors import DamagedIndexError
 
     try:
         return _faiss().read_index(str(path))

@@ -20,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-from errors import InputError
+from mergeseek.errors import InputError
 
 log = logging.getLogger(__name__)
 

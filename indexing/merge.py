@@ -31,9 +31,9 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from errors import IndexMismatchError, InputError
-from indexing.store import IDENTITY_KEYS, EncodedSource, IndexStore, read_manifest
-from indexing.thumbs import ThumbCollector, ThumbReader
+from mergeseek.errors import IndexMismatchError, InputError
+from mergeseek.indexing.store import IDENTITY_KEYS, EncodedSource, IndexStore, read_manifest
+from mergeseek.indexing.thumbs import ThumbCollector, ThumbReader
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def merge_indexes(inputs: Sequence[Union[str, Path]], into: Union[str, Path], in
         IndexMismatchError: inputs (or the target) built with another model / weights / merge config /
             precision / dim, or one source with different contents in two inputs.
     """
-    from indexing.pipeline import IndexOptions, _refresh_faiss
+    from mergeseek.indexing.pipeline import IndexOptions, _refresh_faiss
 
     t0 = time.perf_counter()
     into = Path(into)

@@ -24,15 +24,15 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from errors import ConfigError, DamagedIndexError, InputError
-from indexing import aic
-from indexing.dedup import Dedup, DuplicateFilter, phash
-from indexing.faiss_index import add_to_index, build_index, load_index, save_index
-from indexing.sampling import Sampling
-from indexing.decoders import require_backend
-from indexing.sources import BadInput, MediaSource, SourceReader, assign_ids, discover
-from indexing.store import EncodedSource, IndexStore, preflight
-from indexing.thumbs import ThumbCollector, ensure_thumbs, make_jpeg
+from mergeseek.errors import ConfigError, DamagedIndexError, InputError
+from mergeseek.indexing import aic
+from mergeseek.indexing.dedup import Dedup, DuplicateFilter, phash
+from mergeseek.indexing.faiss_index import add_to_index, build_index, load_index, save_index
+from mergeseek.indexing.sampling import Sampling
+from mergeseek.indexing.decoders import require_backend
+from mergeseek.indexing.sources import BadInput, MediaSource, SourceReader, assign_ids, discover
+from mergeseek.indexing.store import EncodedSource, IndexStore, preflight
+from mergeseek.indexing.thumbs import ThumbCollector, ensure_thumbs, make_jpeg
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ def _reuse_config(options: IndexOptions):
     """The enabled ``ReuseConfig`` of ``options``, or None."""
     if options.reuse is None:
         return None
-    from encoders.reuse import ReuseConfig
+    from mergeseek.encoders.reuse import ReuseConfig
 
     cfg = ReuseConfig.parse(options.reuse)
     return cfg if cfg.enabled else None
@@ -518,7 +518,7 @@ def _keep_previous_type(store: IndexStore, ids: np.ndarray, vecs: np.ndarray, op
 
 def _auto_type_changes(store: IndexStore, new_shards: list) -> bool:
     """With --index-type auto, True when the new vectors move the index to another FAISS type (rebuild)."""
-    from indexing.faiss_index import AUTO, choose_index_type
+    from mergeseek.indexing.faiss_index import AUTO, choose_index_type
 
     m = store.manifest
     if m.index_type.lower() != AUTO:

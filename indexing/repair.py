@@ -17,11 +17,11 @@ from typing import Union
 
 import numpy as np
 
-from errors import DamagedIndexError, InputError
-from indexing.store import (
+from mergeseek.errors import DamagedIndexError, InputError
+from mergeseek.indexing.store import (
     DAMAGED_DIR, FAISS_FILE, MANIFEST, IndexStore, _described_shards, read_manifest, rebuild_manifest, shard_problem,
 )
-from runtime import fsync_dir, write_error
+from mergeseek.runtime import fsync_dir, write_error
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def repair_index(root: Union[str, Path], ngpu: int = 0) -> RepairReport:
       ``cli.py index`` run over the same inputs encodes them again. Other shards are not touched.
     * ``index.faiss`` unreadable or not matching the live rows: rebuilt from the shards.
     """
-    from indexing.faiss_index import build_index, load_index, save_index
+    from mergeseek.indexing.faiss_index import build_index, load_index, save_index
 
     root = Path(root)
     if not root.is_dir():

@@ -15,7 +15,7 @@ from typing import Iterable, Optional, Union
 
 import numpy as np
 
-from errors import ConfigError
+from mergeseek.errors import ConfigError
 
 MODES = ("fps", "every", "uniform", "scene", "all")
 DEFAULT_SCENE_THRESHOLD = 0.15

@@ -23,9 +23,9 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from errors import InputError
-from indexing.decoders import DEFAULT_BACKEND, open_video
-from indexing.formats import (
+from mergeseek.errors import InputError
+from mergeseek.indexing.decoders import DEFAULT_BACKEND, open_video
+from mergeseek.indexing.formats import (
     IMAGE_EXTS,
     KEYFRAME_DIR,
     KEYFRAME_MAP_DIR,
@@ -36,7 +36,7 @@ from indexing.formats import (
     read_keyframe_map,
     read_rgb,
 )
-from indexing.sampling import SCENE_THUMB, Sampling, SceneDetector, thumbnails
+from mergeseek.indexing.sampling import SCENE_THUMB, Sampling, SceneDetector, thumbnails
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def discover(paths: Sequence[Path], release_parts: Optional[dict] = None) -> tup
     keyframe folders with their maps; ``release_parts`` (``{"maps": DIR, ...}``) points at parts
     that live elsewhere. Ids are unique within the result (``assign_ids``).
     """
-    from indexing import aic
+    from mergeseek.indexing import aic
 
     sources: list[MediaSource] = []
     bad: list[BadInput] = []

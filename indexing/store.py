@@ -39,8 +39,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from errors import DamagedIndexError, IndexMismatchError, InputError, PartialWriteError, WriteError
-from runtime import (  # noqa: F401 (atomic_write and software_versions are re-exported)
+from mergeseek.errors import DamagedIndexError, IndexMismatchError, InputError, PartialWriteError, WriteError
+from mergeseek.runtime import (  # noqa: F401 (atomic_write and software_versions are re-exported)
     atomic_write, check_writable, fsync_dir, software_versions, tmp_path_for, write_error,
 )
 
@@ -259,7 +259,7 @@ class IndexStore:
         A folder that holds files but is not an index is refused; one whose manifest was lost is
         rebuilt from its shards first.
         """
-        from indexing.faiss_index import validate_index_type
+        from mergeseek.indexing.faiss_index import validate_index_type
 
         root = Path(root)
         check_index_folder(root)
@@ -553,7 +553,7 @@ class IndexStore:
         self.write_manifest()  # the switch; index.faiss is the old generation's, so not current yet
         self.committed_sources = len(self.manifest.sources)
         if staged_faiss:
-            from runtime import commit_file
+            from mergeseek.runtime import commit_file
 
             commit_file(self.root / FAISS_NEXT, self.root / FAISS_FILE)
             self.write_manifest(faiss_current=True)
@@ -767,7 +767,7 @@ def check_index_folder(root: Path) -> str:
 def preflight(root: Path, index_type: Optional[str] = None) -> str:
     """What an indexing run checks before the model loads: the folder (new, empty or an index), that
     it can be written, and the index type. Returns the folder's state (see :func:`check_index_folder`)."""
-    from indexing.faiss_index import validate_index_type
+    from mergeseek.indexing.faiss_index import validate_index_type
 
     state = check_index_folder(Path(root))
     if state == "index":

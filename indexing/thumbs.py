@@ -29,8 +29,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from errors import InputError
-from runtime import atomic_write
+from mergeseek.errors import InputError
+from mergeseek.runtime import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +314,7 @@ def ensure_thumbs(store, force: bool = False) -> ThumbReport:
     ``store`` is an ``IndexStore`` opened for writing (its lock keeps other writers out). Frames
     whose source is gone or unreadable are listed in the report and left without a thumbnail.
     """
-    from indexing.store import read_manifest
+    from mergeseek.indexing.store import read_manifest
 
     m = store.manifest
     report = ThumbReport(str(store.root), shards=len(m.shards))
@@ -361,7 +361,7 @@ def ensure_thumbs(store, force: bool = False) -> ThumbReport:
 
 def make_thumbs(index_dir, force: bool = False) -> ThumbReport:
     """``cli.py thumbs``: thumbnails for an index built before they existed (or ``force``: all again)."""
-    from indexing.store import IndexStore, read_manifest
+    from mergeseek.indexing.store import IndexStore, read_manifest
 
     root = Path(index_dir)
     m = read_manifest(root) if root.is_dir() else None

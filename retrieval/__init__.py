@@ -2,13 +2,13 @@
 
 Public API::
 
-    from retrieval import Searcher, Hit
+    from mergeseek.retrieval import Searcher, Hit
     searcher = Searcher.open("my_index")          # builds the encoder the index was made with
     hits = searcher.search_text("a man riding a bike", k=20)
 """
 
-from retrieval.format import format_timestamp, hits_json, hits_table, write_submission_csv
-from retrieval.search import Hit, Searcher, TemporalHit, best_per_video, pair_events, run_search
+from mergeseek.retrieval.format import format_timestamp, hits_json, hits_table, write_submission_csv
+from mergeseek.retrieval.search import Hit, Searcher, TemporalHit, best_per_video, pair_events, run_search
 
 __all__ = [
     "Hit",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from errors import IndexMismatchError, InputError, WeightsUnavailableError
+from mergeseek.errors import IndexMismatchError, InputError, WeightsUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,9 @@ def sample_videos() -> list[Path]:
 def run_demo(index_dir: str = "demo_index", model: str = "ViT-B-32", pretrained: str = "openai", device: str = "auto",
              precision: str = "fp32", batch_size: int = 32, query: str = DEMO_QUERY, k: int = 10,
              progress: bool = True) -> DemoResult:
-    from encoders import Encoder
-    from indexing import IndexOptions, index_paths
-    from retrieval.search import Searcher
+    from mergeseek.encoders import Encoder
+    from mergeseek.indexing import IndexOptions, index_paths
+    from mergeseek.retrieval.search import Searcher
 
     warning = None
     decide_offline(pretrained)

@@ -7,8 +7,8 @@ import math
 from pathlib import Path
 from typing import Sequence, Union
 
-from retrieval.search import Hit, TemporalHit
-from retrieval.submission import MAX_ROWS as SUBMISSION_MAX_ROWS  # the HCMC AI Challenge's row limit
+from mergeseek.retrieval.search import Hit, TemporalHit
+from mergeseek.retrieval.submission import MAX_ROWS as SUBMISSION_MAX_ROWS  # the HCMC AI Challenge's row limit
 
 Result = Union[Hit, TemporalHit]
 
@@ -98,6 +98,6 @@ def write_submission_csv(path: Union[str, Path], results: Sequence[Result]) -> i
     At most ``SUBMISSION_MAX_ROWS`` distinct rows; returns the number written. Written through a
     temp name by ``retrieval.submission`` (the one submission writer).
     """
-    from retrieval.submission import write_results
+    from mergeseek.retrieval.submission import write_results
 
     return write_results(path, results)

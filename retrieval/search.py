@@ -15,9 +15,9 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from errors import DamagedIndexError, IndexMismatchError, InputError
-from indexing.faiss_index import build_index, for_search, load_index
-from indexing.store import IndexStore, check_identity
+from mergeseek.errors import DamagedIndexError, IndexMismatchError, InputError
+from mergeseek.indexing.faiss_index import build_index, for_search, load_index
+from mergeseek.indexing.store import IndexStore, check_identity
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Searcher:
         self._frame = meta.column("frame_idx").to_numpy()
         self._pts = meta.column("pts_time").to_numpy()
         self._path = meta.column("path").to_pylist()
-        from indexing.aic import load_video_meta
+        from mergeseek.indexing.aic import load_video_meta
 
         self.video_meta = load_video_meta(self.store.root)
         self.index = for_search(self._load_faiss(ngpu), ngpu=ngpu, nprobe=nprobe, ef_search=ef_search)
@@ -94,7 +94,7 @@ class Searcher:
              merge: str = FROM_INDEX, device: str = "auto", precision: str = "fp32", batch_size: int = 32,
              **kwargs) -> "Searcher":
         """Build the encoder the index needs ("from-index" takes the manifest's value) and open it."""
-        from encoders import Encoder
+        from mergeseek.encoders import Encoder
 
         m = IndexStore.open_for_read(Path(index_dir)).manifest
         asked = {"model": model, "pretrained": pretrained}
@@ -230,7 +230,7 @@ def run_search(index_dir: Union[str, Path], text: Optional[str] = None, image: O
         raise InputError(f"-k {k} is not valid; ask for at least 1 result")
     allow = None
     if object_name is not None:
-        from indexing.aic import objects_in_frames
+        from mergeseek.indexing.aic import objects_in_frames
 
         if then is not None:
             raise InputError("--object filters text and image queries; drop --then or --object")

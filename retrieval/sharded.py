@@ -23,10 +23,10 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from errors import IndexMismatchError, InputError
-from indexing.faiss_index import build_index, for_search, load_index, make_index
-from indexing.store import IndexStore, check_identity
-from retrieval.search import FROM_INDEX, SEARCH_IDENTITY, Searcher, load_query_image
+from mergeseek.errors import IndexMismatchError, InputError
+from mergeseek.indexing.faiss_index import build_index, for_search, load_index, make_index
+from mergeseek.indexing.store import IndexStore, check_identity
+from mergeseek.retrieval.search import FROM_INDEX, SEARCH_IDENTITY, Searcher, load_query_image
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class ShardedSearcher(Searcher):
         self._path = [p for m in metas for p in m.column("path").to_pylist()]
         self.video_meta = {}
         try:
-            from indexing.aic import load_video_meta
+            from mergeseek.indexing.aic import load_video_meta
 
             for s in self.stores:
                 self.video_meta.update(load_video_meta(s.root))
@@ -105,7 +105,7 @@ class ShardedSearcher(Searcher):
              merge: str = FROM_INDEX, device: str = "auto", precision: str = "fp32", batch_size: int = 32,
              **kwargs) -> "ShardedSearcher":
         """Build the encoder the first index needs ("from-index": the manifest's value) and open them all."""
-        from encoders import Encoder
+        from mergeseek.encoders import Encoder
 
         m = IndexStore.open_for_read(Path(index_dirs[0])).manifest
         asked = {"model": model, "pretrained": pretrained}
@@ -123,7 +123,7 @@ class ShardedSearcher(Searcher):
     # ------------------------------------------------------------------ building
     def _train(self, index_type: str, train_sample: int, seed: int):
         """An empty index of ``index_type`` trained on a sample spread over the shards (by their size)."""
-        from indexing.faiss_index import AUTO, choose_index_type
+        from mergeseek.indexing.faiss_index import AUTO, choose_index_type
 
         rng = np.random.default_rng(seed)
         sizes = [s.manifest.counts()["vectors"] for s in self.stores]
@@ -140,7 +140,7 @@ class ShardedSearcher(Searcher):
         sample = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
         index = make_index(int(self.manifest.dim), index_type)
         if not index.is_trained:
-            from indexing.faiss_index import _train
+            from mergeseek.indexing.faiss_index import _train
 
             _train(index, sample, index_type, seed)
         log.info("trained %s on %d vectors across %d shard(s)", index_type, len(sample), len(parts))

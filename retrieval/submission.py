@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from errors import InputError
+from mergeseek.errors import InputError
 
 MAX_ROWS = 100
 KIS, QA, TRAKE = "kis", "qa", "trake"
@@ -100,7 +100,7 @@ def write_rows(path: str | Path, rows: Sequence[Sequence], limit: int = MAX_ROWS
     """Write distinct ``rows`` (at most ``limit``) to ``path`` atomically; returns the rows written."""
     path = Path(path)
     rows = dedup_rows(rows, limit)
-    from runtime import atomic_write
+    from mergeseek.runtime import atomic_write
 
     atomic_write(path, render(rows))  # UTF-8, "\n" line ends as rendered; file and folder fsynced
     return len(rows)
@@ -263,8 +263,8 @@ def run_submit(queries: str | Path, index_dir: str | Path, out_dir: str | Path,
     """
     import logging
 
-    from retrieval.search import Searcher
-    from retrieval.trake import search_events
+    from mergeseek.retrieval.search import Searcher
+    from mergeseek.retrieval.trake import search_events
 
     qs = read_queries(queries)
     given = read_answers(answers) if answers else {}

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from errors import InputError
-from retrieval.search import Hit
+from mergeseek.errors import InputError
+from mergeseek.retrieval.search import Hit
 
 # Candidates per event inside one window (the best-scoring ones): bounds the work per first-event frame.
 MAX_PER_WINDOW = 256

@@ -2,10 +2,10 @@
 
 Public API (FastAPI, uvicorn and the model load lazily, inside the functions)::
 
-    from serve import check_bind, run_server
+    from mergeseek.serve import check_bind, run_server
     run_server("my_index", host="127.0.0.1", port=8000)
 
-    from serve.engine import Engine; from serve.app import create_app
+    from mergeseek.serve.engine import Engine; from serve.app import create_app
     app = create_app(Engine.open("my_index"))       # an ASGI app, e.g. for FastAPI's TestClient
 """
 
@@ -15,7 +15,7 @@ import ipaddress
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from errors import ConfigError
+from mergeseek.errors import ConfigError
 
 __all__ = ["check_bind", "is_loopback", "run_server"]
 
@@ -45,7 +45,7 @@ def _need_web_packages() -> None:
 
     missing = [m for m in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(m) is None]
     if missing:
-        from errors import MissingDependencyError
+        from mergeseek.errors import MissingDependencyError
 
         names = {"multipart": "python-multipart"}
         raise MissingDependencyError(
@@ -77,8 +77,8 @@ def run_server(index_dir: Union[str, Path], host: str = "127.0.0.1", port: int =
     _need_web_packages()
     import uvicorn
 
-    from serve.app import create_app
-    from serve.engine import Engine
+    from mergeseek.serve.app import create_app
+    from mergeseek.serve.engine import Engine
 
     engine = Engine.open(index_dir, model=model, pretrained=pretrained, merge=merge, device=device, precision=precision)
     app = create_app(engine, token=token)

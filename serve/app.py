@@ -19,8 +19,8 @@ from pydantic import BaseModel, Field, StrictInt
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from errors import ConfigError, InputError, MergeseekError
-from serve.engine import MAX_K, Engine, NotFound, submission_csv
+from mergeseek.errors import ConfigError, InputError, MergeseekError
+from mergeseek.serve.engine import MAX_K, Engine, NotFound, submission_csv
 
 MAX_UPLOAD = 20 * 1024 * 1024
 MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the file
@@ -50,7 +50,7 @@ def _frame_id(raw: str) -> int:
 
 def _file_name(query_id: Optional[str]) -> str:
     """``{query_id}.csv`` (``submission.csv`` without one); 422 for an id that is not a plain file name."""
-    from retrieval.submission import query_file_name
+    from mergeseek.retrieval.submission import query_file_name
 
     return "submission.csv" if query_id is None or query_id == "" else query_file_name(query_id)
 

@@ -19,8 +19,8 @@ from urllib.parse import quote
 
 import numpy as np
 
-from errors import InputError, MergeseekError
-from retrieval.search import FROM_INDEX, Hit, Searcher, TemporalHit
+from mergeseek.errors import InputError, MergeseekError
+from mergeseek.retrieval.search import FROM_INDEX, Hit, Searcher, TemporalHit
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class Catalog:
     def __init__(self, searcher: Searcher):
         import pyarrow.parquet as pq
 
-        from indexing.thumbs import ThumbReader
+        from mergeseek.indexing.thumbs import ThumbReader
 
         store = searcher.store
         self.root = store.root
@@ -197,14 +197,14 @@ def _video_file(p: Path) -> VideoFile:
 
 def _release_videos(root: Path) -> dict:
     try:
-        from indexing.aic import load_video_meta
+        from mergeseek.indexing.aic import load_video_meta
     except ImportError:  # an older checkout without release metadata
         return {}
     return load_video_meta(root)
 
 
 def _timestamp(t: float) -> Optional[str]:
-    from retrieval.format import format_timestamp
+    from mergeseek.retrieval.format import format_timestamp
 
     return format_timestamp(t) if math.isfinite(t) else None
 
@@ -304,7 +304,7 @@ def submission_csv(results: Sequence, answer: Optional[str] = None) -> tuple[str
 
     No header, distinct rows in order, at most 100; ``answer`` makes it a QA file (``video_id,frame_idx,answer``).
     """
-    from retrieval.submission import QA, render, submission_rows
+    from mergeseek.retrieval.submission import QA, render, submission_rows
 
     rows = submission_rows(list(results), task=QA if answer else None, answer=answer or "")
     return render(rows), len(rows)

@@ -14,15 +14,15 @@ from test_aic_support import FRAMES, MEDIA, UNMAPPED, make_release, pts
 from test_indexing_support import build_encoder
 from typer.testing import CliRunner
 
-from indexing import Dedup, IndexOptions, index_paths
-from indexing.aic import (
+from mergeseek.indexing import Dedup, IndexOptions, index_paths
+from mergeseek.indexing.aic import (
     find_release,
     import_features,
     load_video_meta,
     objects_in_frames,
 )
-from indexing.sources import discover
-from indexing.store import IndexStore
+from mergeseek.indexing.sources import discover
+from mergeseek.indexing.store import IndexStore
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_every_row_has_the_real_frame_and_time_from_the_map(indexed, release):
 
 
 def test_a_keyframe_folder_without_its_map_warns(release, caplog):
-    from indexing import pipeline
+    from mergeseek.indexing import pipeline
 
     caplog.set_level(logging.WARNING)
 
@@ -105,7 +105,7 @@ def test_a_keyframe_folder_without_its_map_warns(release, caplog):
 def test_release_metadata_is_written_beside_the_index_and_shown_in_hits(indexed):
     import pyarrow.parquet as pq
 
-    from retrieval import Searcher, hits_json
+    from mergeseek.retrieval import Searcher, hits_json
 
     ix, report = indexed
     meta = load_video_meta(ix)
@@ -132,7 +132,7 @@ def test_release_metadata_is_written_beside_the_index_and_shown_in_hits(indexed)
 
 
 def test_parts_elsewhere_are_given_by_flags(release, tmp_path, monkeypatch, one_torch_thread):
-    from cli import app
+    from mergeseek.cli import app
 
     moved = tmp_path / "rel"
     shutil.copytree(release, moved)
@@ -142,8 +142,7 @@ def test_parts_elsewhere_are_given_by_flags(release, tmp_path, monkeypatch, one_
     sources, _ = discover([moved], {"maps": tmp_path / "maps_elsewhere"})
     assert [s.map_csv is not None for s in sources] == [True, True, True, False]
 
-    import encoders
-
+    from mergeseek import encoders
     model = build_encoder()
     monkeypatch.setattr(encoders, "Encoder", lambda **kw: model)
     res = CliRunner().invoke(app, ["index", str(moved / "Keyframes_L21"), "--index", str(tmp_path / "ix"),
@@ -181,7 +180,7 @@ def test_import_features_gives_the_rows_of_index_and_the_files_vectors(indexed, 
     assert again.indexed == [] and again.up_to_date == 3
     forced = import_features([release], imp, model="ViT-B-32", pretrained="none", force=True)
     assert sorted(forced.indexed) == sorted(FRAMES) and _rows(imp) == [r for r in _rows(ix) if r[0] not in UNMAPPED]
-    from retrieval import Searcher
+    from mergeseek.retrieval import Searcher
 
     assert Searcher(imp).size == forced.vectors_total == sum(map(len, FRAMES.values()))
     assert IndexStore.open_for_read(imp).faiss_is_current()
@@ -195,8 +194,8 @@ def test_import_features_gives_the_rows_of_index_and_the_files_vectors(indexed, 
 
 
 def test_search_keeps_only_keyframes_with_the_object(indexed, monkeypatch):
-    import encoders
-    from cli import app
+    from mergeseek import encoders
+    from mergeseek.cli import app
 
     ix, _ = indexed
     model = build_encoder()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from errors import InputError
-from eval.aic_score import (
+from mergeseek.errors import InputError
+from mergeseek.eval.aic_score import (
     KS,
     Span,
     Truth,
@@ -95,8 +95,8 @@ def test_eval_reports_the_official_score_per_task_on_a_release(tmp_path):
     import numpy as np
     from test_aic_support import FRAMES, make_release, pts
 
-    from eval.datasets import load_dataset
-    from eval.runner import _retrieval
+    from mergeseek.eval.datasets import load_dataset
+    from mergeseek.eval.runner import _retrieval
 
     rel = make_release(tmp_path / "release")
     with pytest.raises(InputError, match="L22_V002.csv does not exist"):  # a keyframe folder without its map
@@ -155,9 +155,9 @@ def test_a_submission_folder_is_scored_against_a_truth_file(tmp_path):
 
     from typer.testing import CliRunner
 
-    from cli import app
-    from eval.aic_score import score_submission_dir
-    from retrieval.submission import write_rows
+    from mergeseek.cli import app
+    from mergeseek.eval.aic_score import score_submission_dir
+    from mergeseek.retrieval.submission import write_rows
 
     truth = tmp_path / "truth.jsonl"
     truth.write_text("\n".join(json.dumps(r) for r in [

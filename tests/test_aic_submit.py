@@ -11,16 +11,16 @@ import pytest
 from test_aic_support import FRAMES, make_release
 from typer.testing import CliRunner
 
-from errors import InputError
-from retrieval.search import Hit, pair_events
-from retrieval.submission import (
+from mergeseek.errors import InputError
+from mergeseek.retrieval.search import Hit, pair_events
+from mergeseek.retrieval.submission import (
     read_queries,
     render,
     run_submit,
     submission_rows,
     write_rows,
 )
-from retrieval.trake import EventChain, chain_events
+from mergeseek.retrieval.trake import EventChain, chain_events
 
 
 def _hit(vid, frame, t, score):
@@ -103,8 +103,8 @@ def test_n_event_chains_agree_with_brute_force():
 def test_submit_writes_the_three_formats_byte_exact(tmp_path, monkeypatch, one_torch_thread):
     """A real index of the release (random weights); queries are the index's own vectors, so the
     ranking is known: each query's top row is the keyframe whose vector it is."""
-    from indexing.aic import import_features
-    from retrieval.search import Searcher
+    from mergeseek.indexing.aic import import_features
+    from mergeseek.retrieval.search import Searcher
 
     rel = make_release(tmp_path / "release")
     ix = tmp_path / "ix"
@@ -147,8 +147,8 @@ def test_submit_writes_the_three_formats_byte_exact(tmp_path, monkeypatch, one_t
 
 
 def test_submit_cli_checks_the_query_file_before_the_model(tmp_path, monkeypatch):
-    import encoders
-    from cli import app
+    from mergeseek import encoders
+    from mergeseek.cli import app
 
     def no_model(**kw):
         raise AssertionError("the model must not load for a bad query file")
@@ -164,8 +164,8 @@ def test_import_features_then_submit_through_the_cli(tmp_path, monkeypatch, one_
     """As a contestant: import the organisers' features, then submit a query file."""
     from test_indexing_support import build_encoder
 
-    import encoders
-    from cli import app
+    from mergeseek import encoders
+    from mergeseek.cli import app
 
     calls = []
     model = build_encoder()
@@ -204,8 +204,8 @@ def test_import_features_then_submit_through_the_cli(tmp_path, monkeypatch, one_
 
 
 def test_frames_without_a_map_are_left_out_of_submissions(tmp_path, monkeypatch):
-    from indexing.aic import import_features
-    from retrieval.search import Searcher
+    from mergeseek.indexing.aic import import_features
+    from mergeseek.retrieval.search import Searcher
 
     rel = make_release(tmp_path / "release")
     (rel / "map-keyframes-aic25-b1" / "map-keyframes" / "L21_V002.csv").unlink()
@@ -227,7 +227,7 @@ def test_frames_without_a_map_are_left_out_of_submissions(tmp_path, monkeypatch)
 
 def test_kis_searches_deeper_until_it_has_100_usable_rows(tmp_path):
     """The first 300 hits are frames without a map or repeats: the file still gets 100 real rows."""
-    from retrieval.submission import SubmitReport, _frame_rows
+    from mergeseek.retrieval.submission import SubmitReport, _frame_rows
 
     ranking = [_hit("U", i, math.nan, 1.0) for i in range(150)]  # indexed without a map
     ranking += [_hit("V", 7, 0.28, 0.9)] * 150  # one frame indexed many times

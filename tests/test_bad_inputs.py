@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from test_indexing_support import encoder, index_contents, sample_videos, write_video  # noqa: F401  (fixtures)
 
-from errors import InputError
-from indexing import IndexOptions, index_paths
-from indexing.formats import read_keyframe_map
-from indexing.sampling import Sampling
-from indexing.sources import MediaSource, SourceReader, assign_ids, discover
+from mergeseek.errors import InputError
+from mergeseek.indexing import IndexOptions, index_paths
+from mergeseek.indexing.formats import read_keyframe_map
+from mergeseek.indexing.sampling import Sampling
+from mergeseek.indexing.sources import MediaSource, SourceReader, assign_ids, discover
 
 FFMPEG = shutil.which("ffmpeg")
 needs_ffmpeg = pytest.mark.skipif(FFMPEG is None, reason="ffmpeg is not installed (apt-get install ffmpeg)")
@@ -116,7 +116,7 @@ def test_keyframe_map_with_bom_bad_rows_and_a_missing_keyframe(tmp_path):
 
 
 def test_map_reader_is_the_same_for_eval(tmp_path):
-    from eval.datasets.keyframes import load_keyframes
+    from mergeseek.eval.datasets.keyframes import load_keyframes
 
     root = _keyframes(tmp_path / "set", (1, 2), "n,pts_time,fps,frame_idx\n1,0.0,25,0\n2,2.0,25,50\n", bom=True)
     (root / "queries.jsonl").write_text(json.dumps({"query": "grey", "video_id": "L01_V001", "frame_idx": 50}) + "\n")
@@ -136,7 +136,7 @@ def test_map_without_the_needed_columns_fails_that_source_only(tmp_path, encoder
 
 
 def test_an_unexpected_error_in_one_source_fails_that_source_not_the_run(tmp_path, encoder, monkeypatch):  # noqa: F811
-    import indexing.sources as sources_mod
+    import mergeseek.indexing.sources as sources_mod
 
     d = tmp_path / "v"
     d.mkdir()
@@ -274,7 +274,9 @@ def world_dir():
 def test_permission_errors_are_named_and_unreadable_folders_listed(world_dir):
     import decord  # noqa: F401  (loaded before the fork)
 
-    import indexing.decoders  # noqa: F401
+    import mergeseek.indexing.decoders  # noqa: F401
+
+    from mergeseek import indexing
 
     top = world_dir / "media"
     (top / "open").mkdir(parents=True)
@@ -363,7 +365,7 @@ def test_same_stem_in_a_second_run_gets_a_distinct_id(tmp_path, encoder, caplog)
     first = index_paths([tmp_path / "a"], idx, encoder, IndexOptions())
     assert first.indexed == ["clip"]
     rows_before, vecs_before = index_contents(idx)
-    with caplog.at_level(logging.WARNING, logger="indexing.sources"):
+    with caplog.at_level(logging.WARNING, logger="mergeseek.indexing.sources"):
         second = index_paths([tmp_path / "b"], idx, encoder, IndexOptions())
     assert second.indexed == ["b/clip"]
     assert any("video id 'b/clip'" in r.getMessage() and "already has 'clip'" in r.getMessage() for r in caplog.records)
@@ -386,10 +388,10 @@ def test_same_stem_in_a_second_run_gets_a_distinct_id(tmp_path, encoder, caplog)
 # ---------------------------------------------------------------------------- queries and output
 def test_a_query_longer_than_the_context_is_truncated_with_a_warning(encoder, caplog):  # noqa: F811
     long = " ".join(f"word{i}" for i in range(120))
-    with caplog.at_level(logging.WARNING, logger="encoders.encoder"):
+    with caplog.at_level(logging.WARNING, logger="mergeseek.encoders.encoder"):
         v_short = encoder.encode_texts(["a man riding a bike"])
     assert not caplog.records
-    with caplog.at_level(logging.WARNING, logger="encoders.encoder"):
+    with caplog.at_level(logging.WARNING, logger="mergeseek.encoders.encoder"):
         v_long = encoder.encode_texts([long, long + " and more words at the end"])
     msgs = [r.getMessage() for r in caplog.records]
     assert len(msgs) == 2 and all("longer than the text tower's context of 77" in m for m in msgs)
@@ -398,9 +400,9 @@ def test_a_query_longer_than_the_context_is_truncated_with_a_warning(encoder, ca
 
 
 def test_file_names_with_newlines_and_wide_characters_keep_the_table_and_csv(tmp_path):
-    from retrieval.format import _width, hits_table, write_submission_csv
-    from retrieval.search import Hit
-    from retrieval.submission import read_rows
+    from mergeseek.retrieval.format import _width, hits_table, write_submission_csv
+    from mergeseek.retrieval.search import Hit
+    from mergeseek.retrieval.submission import read_rows
 
     hits = [
         Hit(0.9, "旅行_ビデオ", 12, 1.5, "/data/旅行_ビデオ.mp4"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from eval.reference import reference_available
+from mergeseek.eval.reference import reference_available
 
 
 @pytest.mark.skipif(not reference_available(), reason="reference weights not present")

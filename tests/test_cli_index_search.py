@@ -15,9 +15,9 @@ import pytest
 from test_indexing_support import build_encoder, write_video
 from typer.testing import CliRunner
 
-import encoders
-from cli import app
-from errors import WeightsUnavailableError
+from mergeseek import encoders
+from mergeseek.cli import app
+from mergeseek.errors import WeightsUnavailableError
 
 
 @pytest.fixture
@@ -71,8 +71,7 @@ def test_index_then_search_by_image_json_and_csv(tmp_path, model_calls):
 
 
 def test_index_options_reach_the_library(tmp_path, monkeypatch):
-    import indexing
-
+    from mergeseek import indexing
     seen = {}
 
     def fake_index_paths(paths, index_dir, encoder, options):
@@ -116,7 +115,7 @@ def test_bad_input_is_one_line_and_an_exit_code(tmp_path, model_calls, args, cod
 
 
 def test_search_with_another_model_is_refused(tmp_path, model_calls):
-    from indexing.store import EncodedSource, IndexStore
+    from mergeseek.indexing.store import EncodedSource, IndexStore
 
     identity = {"model": "ViT-B-32", "pretrained": "none", "merge": "none", "precision": "fp32", "dim": 512}
     with IndexStore.open_for_write(tmp_path, identity) as store:
@@ -128,8 +127,8 @@ def test_search_with_another_model_is_refused(tmp_path, model_calls):
 
 
 def test_demo_falls_back_to_random_weights_loudly(tmp_path, model_calls, monkeypatch):
-    import retrieval.demo
-
+    import mergeseek.retrieval.demo
+    from mergeseek import retrieval
     clip = write_video(tmp_path / "bikes.mp4", [("red", 10), ("green", 10)])
     monkeypatch.setattr(retrieval.demo, "sample_videos", lambda: [clip])
     code, out, err = run("demo", "--index", tmp_path / "demo_index", "-k", "2")

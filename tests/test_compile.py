@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from encoders import apply_merging, token_counts
-from encoders.patch.common import channel_sdpa
+from mergeseek.encoders import apply_merging, token_counts
+from mergeseek.encoders.patch.common import channel_sdpa
 
 COMPILE_SPECS = ["r=8", "r=16", "r=8,method=lsh", "r=8,method=importance"]
 HAS_CC = shutil.which("cc") is not None or shutil.which("gcc") is not None
@@ -69,7 +69,7 @@ def b16():
 @pytest.fixture
 def device_like_lsh(monkeypatch):
     """The LSH search as it runs on CUDA / under compile: tensor code, torch.argsort."""
-    from encoders.merging import lsh
+    from mergeseek.encoders.merging import lsh
 
     monkeypatch.setenv("MERGESEEK_LSH_NATIVE", "0")
     monkeypatch.setattr(lsh, "_argsort_rows", lambda keys: torch.argsort(keys, dim=-1, stable=True))
@@ -200,7 +200,7 @@ def _tiny_clip():
 
 @pytest.mark.skipif(not HAS_CC, reason="torch.compile (inductor) needs a C compiler on CPU")
 def test_encoder_compile_pads_the_last_batch_and_equals_eager(one_torch_thread):
-    from encoders import Encoder
+    from mergeseek.encoders import Encoder
 
     pixels = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(4))
     eager = Encoder("ViT-B-32", None, "cpu", merge="r=4", batch_size=4, model=_tiny_clip())
@@ -238,11 +238,10 @@ def test_cli_compile_flags_reach_the_library(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
     import bench.throughput as throughput
-    import cli
-    import encoders
-    import eval as eval_pkg
-    import indexing
-
+    from mergeseek import cli
+    from mergeseek import encoders
+    import mergeseek.eval as eval_pkg
+    from mergeseek import indexing
     got = {}
     monkeypatch.setattr(throughput, "run_bench", lambda cfg, progress=False: got.__setitem__("bench", cfg) or {})
     monkeypatch.setattr(throughput, "format_report", lambda report: "")
@@ -282,8 +281,8 @@ def test_eval_times_compiled_candidates_compiled_before_the_clock(one_torch_thre
     import contextlib
     import types
 
-    from eval.config import EvalConfig
-    from eval.runner import _compiled
+    from mergeseek.eval.config import EvalConfig
+    from mergeseek.eval.runner import _compiled
 
     model = _timm_tiny(depth=1)
     apply_merging(model, "r=2")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from encoders import MergeConfig
-from errors import ConfigError
+from mergeseek.encoders import MergeConfig
+from mergeseek.errors import ConfigError
 
 
 @pytest.mark.parametrize(

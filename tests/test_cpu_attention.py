@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from encoders.cpu_attention import BatchFirstMultiheadAttention, batch_first_attention, use_batch_first_attention
+from mergeseek.encoders.cpu_attention import BatchFirstMultiheadAttention, batch_first_attention, use_batch_first_attention
 
 
 def _mha(**kw):
@@ -51,7 +51,7 @@ def test_batch_first_cross_attention_equals_the_stock_module_in_float32(same_kv)
 
 @pytest.mark.parametrize("mask_name", ["none", "causal additive"])
 def test_switched_module_under_bf16_autocast_stays_close_to_float32(mask_name, monkeypatch):
-    from encoders import cpu_attention
+    from mergeseek.encoders import cpu_attention
 
     stock = _mha()
     switched = copy.deepcopy(stock)
@@ -97,7 +97,7 @@ def test_open_clip_models_are_switched_and_float32_embeddings_unchanged(photos):
     import open_clip
     from PIL import Image
 
-    from encoders import Encoder
+    from mergeseek.encoders import Encoder
 
     torch.manual_seed(0)
     model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)

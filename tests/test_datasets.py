@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from errors import ConfigError, InputError
-from eval.datasets import DatasetSpec, balanced_indices, load_dataset
+from mergeseek.errors import ConfigError, InputError
+from mergeseek.eval.datasets import DatasetSpec, balanced_indices, load_dataset
 
 
 def _img(color, size=(12, 10)) -> Image.Image:

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from test_indexing_support import COLOURS, encoder, index_contents, sample_videos, write_video  # noqa: F401
 
-from errors import ConfigError, InputError
-from indexing import Dedup, IndexOptions, index_paths
-from indexing.decoders import BACKENDS, DecodeError, open_video
-from indexing.sampling import Sampling, fps_indices
-from indexing.sources import MediaSource, SourceReader
+from mergeseek.errors import ConfigError, InputError
+from mergeseek.indexing import Dedup, IndexOptions, index_paths
+from mergeseek.indexing.decoders import BACKENDS, DecodeError, open_video
+from mergeseek.indexing.sampling import Sampling, fps_indices
+from mergeseek.indexing.sources import MediaSource, SourceReader
 
 # torchcodec must load its FFmpeg before decord does (see indexing.decoders._import): at collection.
 if importlib.util.find_spec("torchcodec") is not None:
@@ -244,7 +244,7 @@ def test_decord_loaded_first_breaks_neither_torch_nor_torchcodec(sample_videos):
     root = Path(__file__).resolve().parents[1]
     script = f"""
 import sys; sys.path.insert(0, {str(root)!r})
-from indexing.decoders import open_video
+from mergeseek.indexing.decoders import open_video
 vr = open_video({str(sample_videos["bikes"])!r}, "decord")
 assert vr.get_batch([0, 100]).shape == (2, 272, 640, 3)
 import torch

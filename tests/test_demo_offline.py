@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from retrieval.demo import decide_offline, hub_reachable
+from mergeseek.retrieval.demo import decide_offline, hub_reachable
 
 
 @pytest.fixture()
@@ -83,7 +83,7 @@ def test_the_users_setting_wins(monkeypatch, answering_url, value, offline):
 
 
 def test_lsh_kernel_cache_follows_xdg_cache_home(tmp_path, monkeypatch):
-    from encoders.merging import lsh_native
+    from mergeseek.encoders.merging import lsh_native
 
     monkeypatch.delenv("MERGESEEK_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from encoders import Encoder, token_counts
-from errors import ConfigError, WeightsUnavailableError
+from mergeseek.encoders import Encoder, token_counts
+from mergeseek.errors import ConfigError, WeightsUnavailableError
 
 
 @pytest.fixture(scope="module")

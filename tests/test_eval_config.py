@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from errors import ConfigError
-from eval.config import EvalConfig, expand_merges, group_label, parse_sweep
+from mergeseek.errors import ConfigError
+from mergeseek.eval.config import EvalConfig, expand_merges, group_label, parse_sweep
 
 
 def names(cfgs):
@@ -38,7 +38,7 @@ def test_parse_sweep_ranges_and_errors():
 
 
 def test_group_label_drops_r_only():
-    from encoders import MergeConfig
+    from mergeseek.encoders import MergeConfig
 
     assert group_label(MergeConfig.parse("r=8,method=lsh,lsh_bits=6")) == "method=lsh,lsh_bits=6"
     assert group_label(MergeConfig.parse("r=[1,2,3],method=lsh")) == "method=lsh"

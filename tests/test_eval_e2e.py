@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="session")
 def clip_b32():
     """Random-weight ViT-B-32, loaded once; the evaluator only ever merges copies of it."""
-    from eval.models import load_model
+    from mergeseek.eval.models import load_model
 
     return load_model("ViT-B-32", None, "cpu")
 
@@ -74,12 +74,13 @@ def _is_png(path) -> bool:
 
 
 def test_end_to_end_report_agrees_with_recomputation(tmp_path, tiny_sets, clip_b32, monkeypatch):
-    import eval.runner
-    from encoders import Encoder
-    from eval import EvalConfig, evaluate
-    from eval.candidates import merged_encoders
-    from eval.datasets import load_dataset
-    from eval.timing import flop_ratio
+    import mergeseek.eval.runner
+    from mergeseek import eval
+    from mergeseek.encoders import Encoder
+    from mergeseek.eval import EvalConfig, evaluate
+    from mergeseek.eval.candidates import merged_encoders
+    from mergeseek.eval.datasets import load_dataset
+    from mergeseek.eval.timing import flop_ratio
 
     monkeypatch.setattr(eval.runner, "load_model", lambda *a, **k: clip_b32)
     kf_spec, img_spec = tiny_sets
@@ -165,10 +166,12 @@ def test_reference_classifier_scored_with_its_own_head(tmp_path, monkeypatch):
     eval.reference.evaluate_reference on the same images, merged and unmerged agree on timing keys."""
     import torch
 
-    import eval.runner
-    from eval import EvalConfig, evaluate
-    from eval.models import load_model
-    from eval.reference import evaluate_reference, load_cifar10_npz
+    import mergeseek.eval.runner
+
+    from mergeseek import eval
+    from mergeseek.eval import EvalConfig, evaluate
+    from mergeseek.eval.models import load_model
+    from mergeseek.eval.reference import evaluate_reference, load_cifar10_npz
 
     blobs, labels = [], []
     rng = np.random.default_rng(0)
@@ -199,8 +202,8 @@ def test_reference_classifier_scored_with_its_own_head(tmp_path, monkeypatch):
 def test_cli_eval_passes_options(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
-    import eval as eval_pkg
-    from cli import app
+    import mergeseek.eval as eval_pkg
+    from mergeseek.cli import app
 
     seen = {}
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from errors import ConfigError, WeightsUnavailableError
+from mergeseek.errors import ConfigError, WeightsUnavailableError
 
 
 # One intra-op thread (see conftest.one_torch_thread).
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def timm_tiny():
     import torch
 
-    from eval.models import load_model
+    from mergeseek.eval.models import load_model
 
     torch.manual_seed(0)
     return load_model("timm:vit_tiny_patch16_224", None, "cpu")
@@ -26,9 +26,9 @@ def timm_tiny():
 def test_timm_classifier_own_head_matches_direct_forward(timm_tiny, photos):
     import torch
 
-    from eval.candidates import merged_models
-    from eval.datasets.base import ArrayImages, ClassificationSet
-    from eval.runner import evaluate_dataset
+    from mergeseek.eval.candidates import merged_models
+    from mergeseek.eval.datasets.base import ArrayImages, ClassificationSet
+    from mergeseek.eval.runner import evaluate_dataset
 
     mut = timm_tiny
     assert (mut.kind, mut.label_space, mut.num_classes, mut.meaningful) == ("classifier", "imagenet1k", 1000, False)
@@ -52,7 +52,7 @@ def test_timm_classifier_own_head_matches_direct_forward(timm_tiny, photos):
 
 
 def test_bad_model_specs_raise_clear_errors(tmp_path):
-    from eval.models import load_model, split_model_spec
+    from mergeseek.eval.models import load_model, split_model_spec
 
     assert split_model_spec("ViT-B-16@openai", None) == ("ViT-B-16", "openai")
     assert split_model_spec("ViT-B-16", "laion") == ("ViT-B-16", "laion")

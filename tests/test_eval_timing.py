@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from errors import ConfigError
-from eval.timing import block_macs, encoder_macs, flop_ratio, percentile, time_alternating
+from mergeseek.errors import ConfigError
+from mergeseek.eval.timing import block_macs, encoder_macs, flop_ratio, percentile, time_alternating
 
 
 def test_candidates_alternate_batch_by_batch_with_rotation():
@@ -84,7 +84,7 @@ def test_flop_ratio_is_one_without_merging_and_matches_hand_count():
 def test_shared_copy_shares_weights_but_not_modules():
     import torch
 
-    from eval.candidates import shared_copy
+    from mergeseek.eval.candidates import shared_copy
 
     m = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
     c = shared_copy(m)

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
-from indexing.store import EncodedSource, IndexStore
+from mergeseek.cli import app
+from mergeseek.indexing.store import EncodedSource, IndexStore
 
 DIM = 8
 IDENTITY = {"model": "ViT-B-32", "pretrained": "none", "merge": "none", "precision": "fp32", "dim": DIM}

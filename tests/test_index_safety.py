@@ -19,10 +19,10 @@ import pytest
 from test_indexing_store import DIM, IDENTITY, _enc
 from test_indexing_support import encoder, index_contents  # noqa: F401 (fixture)
 
-from errors import ConfigError, DamagedIndexError, InputError, PartialWriteError, WriteError
-from indexing.faiss_index import build_index, load_index, save_index
-from indexing.repair import compact_index, repair_index
-from indexing.store import IndexStore, check_index_folder, preflight
+from mergeseek.errors import ConfigError, DamagedIndexError, InputError, PartialWriteError, WriteError
+from mergeseek.indexing.faiss_index import build_index, load_index, save_index
+from mergeseek.indexing.repair import compact_index, repair_index
+from mergeseek.indexing.store import IndexStore, check_index_folder, preflight
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def test_a_folder_that_is_not_an_index_is_refused_and_left_as_it_was(tmp_path):
     assert "\n" not in str(info.value) and "nothing was changed" in str(info.value)
     assert snapshot(tmp_path, skip=()) == before and len(before) == len(files)  # not even a .lock was added
 
-    from indexing import IndexOptions, index_paths
+    from mergeseek.indexing import IndexOptions, index_paths
 
     def no_model():
         raise AssertionError("the model must not load for a folder that will be refused")
@@ -196,7 +196,7 @@ def test_flipped_bytes_in_vectors_are_found_by_repairs_checksum(tmp_path):
 
 
 def test_a_garbage_index_faiss_is_rebuilt_from_the_shards(tmp_path, caplog):
-    from retrieval import Searcher
+    from mergeseek.retrieval import Searcher
 
     build(tmp_path)
     ids, vecs = IndexStore.open_for_read(tmp_path).read_vectors()
@@ -243,7 +243,7 @@ KILL_DURING_FORCE = textwrap.dedent(
     import os, signal, sys
     sys.path[:0] = [{root!r}, {tests!r}]
     from test_indexing_store import IDENTITY, _enc
-    from indexing.store import IndexStore
+    from mergeseek.indexing.store import IndexStore
 
     store = IndexStore.open_for_write({out!r}, dict(IDENTITY, model="ViT-B-16"), force=True)
     store.commit([_enc("x", 2, 9)])
@@ -269,7 +269,7 @@ def test_a_killed_force_run_leaves_the_old_index(tmp_path):
 def test_a_force_run_that_indexes_nothing_keeps_the_old_index(tmp_path, encoder):  # noqa: F811
     from test_indexing_support import write_video
 
-    from indexing import IndexOptions, index_paths
+    from mergeseek.indexing import IndexOptions, index_paths
 
     good = write_video(tmp_path / "good.mp4", [("red", 10), ("blue", 10)])
     index_dir = tmp_path / "index"
@@ -292,7 +292,7 @@ def test_a_force_run_that_indexes_nothing_keeps_the_old_index(tmp_path, encoder)
 def test_an_invalid_index_type_is_refused_before_the_model_loads_and_never_stored(tmp_path):
     from test_indexing_support import write_video
 
-    from indexing import IndexOptions, index_paths
+    from mergeseek.indexing import IndexOptions, index_paths
 
     build(tmp_path)
     manifest = (tmp_path / "manifest.json").read_bytes()
@@ -310,7 +310,7 @@ def test_an_invalid_index_type_is_refused_before_the_model_loads_and_never_store
 
 
 def test_auto_index_type_follows_the_vector_count_and_the_memory_budget():
-    from indexing.faiss_index import choose_index_type
+    from mergeseek.indexing.faiss_index import choose_index_type
 
     assert choose_index_type(5_000, 512) == "Flat"
     assert choose_index_type(1_000_000, 512) == "HNSW32"
@@ -334,7 +334,7 @@ def test_auto_index_type_follows_the_vector_count_and_the_memory_budget():
 def test_search_passes_nprobe_and_ef_search_to_faiss(tmp_path):
     import faiss
 
-    from retrieval import Searcher
+    from mergeseek.retrieval import Searcher
 
     rng = np.random.default_rng(0)
     with IndexStore.open_for_write(tmp_path, IDENTITY, index_type="IVF4,Flat") as store:
@@ -367,8 +367,8 @@ KILL_DURING_COMPACT = textwrap.dedent(
     import os, signal, sys
     sys.path[:0] = [{root!r}, {tests!r}]
     from pathlib import Path
-    import indexing.store as st
-    from indexing.repair import compact_index
+    import mergeseek.indexing.store as st
+    from mergeseek.indexing.repair import compact_index
 
     real = st.IndexStore.write_manifest
     def die_before(self, *a, **k):
@@ -482,7 +482,7 @@ def test_a_full_disk_is_one_line_and_the_index_is_intact(tmpfs):
 def test_a_read_only_index_folder_fails_before_the_model_loads(tmpfs, tmp_path):
     from test_indexing_support import write_video
 
-    from indexing import IndexOptions, index_paths
+    from mergeseek.indexing import IndexOptions, index_paths
 
     mnt = tmpfs("256k", ro=True)
     video = write_video(tmp_path / "v.mp4", [("red", 5)])
@@ -497,12 +497,12 @@ def test_a_read_only_index_folder_fails_before_the_model_loads(tmpfs, tmp_path):
 def test_cli_write_targets_are_checked_before_the_work(tmp_path, tmpfs, monkeypatch):
     from typer.testing import CliRunner
 
-    import cli
-    from retrieval import Hit
+    from mergeseek import cli
+    from mergeseek.retrieval import Hit
 
     runner = CliRunner()
     called = []
-    monkeypatch.setattr("retrieval.run_search", lambda *a, **k: called.append(k) or [Hit(0.9, "L01_V001", 5, 0.2, "p")])
+    monkeypatch.setattr("mergeseek.retrieval.run_search", lambda *a, **k: called.append(k) or [Hit(0.9, "L01_V001", 5, 0.2, "p")])
     r = runner.invoke(cli.app, ["search", "a bike", "--index", str(tmp_path), "--csv", str(tmp_path / "no" / "q.csv")])
     assert r.exit_code == 8 and "does not exist" in r.output and not called
     monkeypatch.setattr("bench.throughput.run_throughput", lambda *a, **k: called.append("bench"))
@@ -514,15 +514,14 @@ def test_cli_write_targets_are_checked_before_the_work(tmp_path, tmpfs, monkeypa
     assert r.exit_code == 8 and "L01_V001" in r.output and "No space left" in r.output  # results printed first
     assert called[-1]["nprobe"] == 7 and called[-1]["ef_search"] == 64
     subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
-    monkeypatch.setattr("eval.evaluate", lambda *a, **k: called.append("eval"))
+    monkeypatch.setattr("mergeseek.eval.evaluate", lambda *a, **k: called.append("eval"))
     r = runner.invoke(cli.app, ["eval", "--out", str(mnt / "eval_out")])
     assert r.exit_code == 8 and "Read-only" in r.output and called[-1] != "eval"
 
 
 # ---------------------------------------------------------------------------- durability
 def test_atomic_write_fsyncs_the_file_and_then_its_folder(tmp_path, monkeypatch):
-    import runtime
-
+    from mergeseek import runtime
     synced = []
     real = os.fsync
 
@@ -567,7 +566,7 @@ def test_every_rename_in_the_repository_is_followed_by_a_folder_fsync():
 def test_index_rebuilds_a_damaged_faiss_and_refuses_an_untrainable_type_without_storing_it(tmp_path, encoder):  # noqa: F811
     from test_indexing_support import write_video
 
-    from indexing import IndexOptions, index_paths
+    from mergeseek.indexing import IndexOptions, index_paths
 
     video = write_video(tmp_path / "v.mp4", [("red", 10), ("blue", 10), ("green", 10)])
     index_dir = tmp_path / "index"
@@ -589,8 +588,7 @@ def test_index_rebuilds_a_damaged_faiss_and_refuses_an_untrainable_type_without_
 def test_repair_compact_and_damaged_search_on_the_command_line(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import cli
-
+    from mergeseek import cli
     runner = CliRunner()
     before = build(tmp_path)
     r = runner.invoke(cli.app, ["compact", "--index", str(tmp_path), "--json"])
@@ -604,7 +602,7 @@ def test_repair_compact_and_damaged_search_on_the_command_line(tmp_path, monkeyp
     assert len(index_contents(tmp_path)[0]) == 4  # a and b live; c dropped, its files in damaged/
 
     seen = {}
-    monkeypatch.setattr("indexing.index_paths", lambda paths, index_dir, enc, options: seen.update(o=options))
+    monkeypatch.setattr("mergeseek.indexing.index_paths", lambda paths, index_dir, enc, options: seen.update(o=options))
     r = runner.invoke(cli.app, ["index", "v", "--index", str(tmp_path / "x"), "--index-type", "auto",
                                 "--memory-budget", "512M", "--json"])
     assert seen["o"].index_type == "auto" and seen["o"].memory_budget == 512 << 20, r.output

@@ -22,10 +22,10 @@ from test_indexing_support import (  # noqa: F401  (fixtures)
     write_video,
 )
 
-from errors import InputError
-from indexing import Dedup, IndexOptions, index_paths
-from indexing.faiss_index import load_index
-from indexing.store import IndexStore
+from mergeseek.errors import InputError
+from mergeseek.indexing import Dedup, IndexOptions, index_paths
+from mergeseek.indexing.faiss_index import load_index
+from mergeseek.indexing.store import IndexStore
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,7 +122,7 @@ KILL_SCRIPT = textwrap.dedent(
     import os, signal, sys
     sys.path[:0] = [{root!r}, {tests!r}]
     from test_indexing_support import build_encoder
-    from indexing import IndexOptions, index_paths
+    from mergeseek.indexing import IndexOptions, index_paths
 
     enc = build_encoder()
     encode, commits = enc.encode_image_tensor, []

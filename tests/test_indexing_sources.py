@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from test_indexing_support import sample_videos, write_video  # noqa: F401  (fixture)
 
-from errors import ConfigError, InputError
-from indexing.dedup import Dedup, DuplicateFilter, phash
-from indexing.sampling import Sampling, fps_indices
-from indexing.sources import MediaSource, SourceReader, discover
+from mergeseek.errors import ConfigError, InputError
+from mergeseek.indexing.dedup import Dedup, DuplicateFilter, phash
+from mergeseek.indexing.sampling import Sampling, fps_indices
+from mergeseek.indexing.sources import MediaSource, SourceReader, discover
 
 
 def _video(path: Path) -> MediaSource:
@@ -211,10 +211,10 @@ def test_bad_video_files_raise_one_clear_input_error(tmp_path, sample_videos):  
 
 # ---------------------------------------------------------------------------- one reader per format
 def test_indexing_and_eval_share_one_reader_per_format(tmp_path):
-    import eval.datasets.base as eval_base
-    import eval.datasets.keyframes as eval_keyframes
-    import indexing.formats as formats
-    import indexing.sources as sources
+    import mergeseek.eval.datasets.base as eval_base
+    import mergeseek.eval.datasets.keyframes as eval_keyframes
+    import mergeseek.indexing.formats as formats
+    import mergeseek.indexing.sources as sources
 
     assert eval_base.IMAGE_EXTS is formats.IMAGE_EXTS is sources.IMAGE_EXTS
     assert eval_base.list_images is formats.list_images and eval_base.natural_key is formats.natural_key

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from errors import ConfigError, IndexMismatchError, InputError
-from indexing.faiss_index import build_index, for_search, make_index
-from indexing.store import EncodedSource, IndexStore
+from mergeseek.errors import ConfigError, IndexMismatchError, InputError
+from mergeseek.indexing.faiss_index import build_index, for_search, make_index
+from mergeseek.indexing.store import EncodedSource, IndexStore
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 8
@@ -70,7 +70,7 @@ KILL_AFTER_SHARD = textwrap.dedent(
     import os, signal, sys
     sys.path[:0] = [{root!r}, {tests!r}]
     from test_indexing_store import IDENTITY, _enc
-    from indexing.store import IndexStore
+    from mergeseek.indexing.store import IndexStore
 
     store = IndexStore.open_for_write({out!r}, IDENTITY)
     store.commit([_enc("a", 3, 0)])

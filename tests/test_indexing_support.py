@@ -33,7 +33,7 @@ def build_encoder():
     """Random-weight ViT-B-32 (seeded: the same weights in every process)."""
     import torch
 
-    from encoders import Encoder
+    from mergeseek.encoders import Encoder
 
     torch.manual_seed(SEED)
     return Encoder(model_name="ViT-B-32", pretrained=None, merge="none", device="cpu", batch_size=16)
@@ -107,7 +107,7 @@ def built_index(key: str, make):
 @pytest.fixture(scope="session")
 def sample_index(tmp_path_factory, encoder, sample_videos):
     """bikes.mp4 + bigbuckbunny.mp4 at 1 fps -> (index dir, IndexReport)."""
-    from indexing import IndexOptions, index_paths
+    from mergeseek.indexing import IndexOptions, index_paths
 
     def make():
         d = tmp_path_factory.mktemp("sample_index")
@@ -118,7 +118,7 @@ def sample_index(tmp_path_factory, encoder, sample_videos):
 
 def index_contents(index_dir: Path) -> tuple[list, np.ndarray]:
     """(metadata rows sorted by id, vectors in the same order): what 'same index' means."""
-    from indexing.store import IndexStore
+    from mergeseek.indexing.store import IndexStore
 
     store = IndexStore.open_for_read(index_dir)
     meta = store.read_meta().sort_by("id")

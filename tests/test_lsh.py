@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from encoders.merging import bipartite_soft_matching, lsh_soft_matching, merge_wavg
+from mergeseek.encoders.merging import bipartite_soft_matching, lsh_soft_matching, merge_wavg
 from tests.test_merging import merged_pairs
 
 
@@ -134,7 +134,7 @@ def naive_lsh_partners(metric, planes, bits, tables, window, protected=1, real=N
     [(65, 3, 3, 8, 0), (97, 2, 2, 6, 0), (81, 3, 4, 8, 11), (65, 14, 2, 8, 5), (21, 2, 1, 16, 0)],
 )
 def test_lsh_partners_agree_with_naive_loops(n, bits, tables, window, padding, dtype):
-    from encoders.merging import lsh_partners, simhash_planes
+    from mergeseek.encoders.merging import lsh_partners, simhash_planes
 
     g = torch.Generator().manual_seed(n + window)
     metric = torch.randn(2, n, 16, generator=g, dtype=torch.float64).to(dtype)
@@ -165,7 +165,7 @@ def test_lsh_partners_agree_with_naive_loops(n, bits, tables, window, padding, d
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_exact_ties_go_to_the_first_b_token(dtype):
     """Repeated tokens score exactly alike: every search must keep the first (lowest index) one."""
-    from encoders.merging import lsh_partners, simhash_planes
+    from mergeseek.encoders.merging import lsh_partners, simhash_planes
 
     g = torch.Generator().manual_seed(3)
     centers = torch.randn(5, 16, generator=g, dtype=torch.float64)
@@ -186,7 +186,7 @@ def test_exact_ties_go_to_the_first_b_token(dtype):
 
 def test_torch_sort_path_equals_the_numpy_radix_path(monkeypatch):
     """Off the CPU the int16 keys are sorted by torch.argsort: on CPU it must give the same partners."""
-    from encoders.merging import lsh, lsh_partners
+    from mergeseek.encoders.merging import lsh, lsh_partners
 
     g = torch.Generator().manual_seed(6)
     metric = torch.randn(3, 577, 64, generator=g)
@@ -201,7 +201,7 @@ def test_torch_sort_path_equals_the_numpy_radix_path(monkeypatch):
 @pytest.mark.gpu
 def test_cuda_search_equals_cpu_tensor_code():
     """The GPU runs the tensor code: same partners as on CPU, batch > 1, with padding."""
-    from encoders.merging import lsh_partners
+    from mergeseek.encoders.merging import lsh_partners
 
     g = torch.Generator().manual_seed(8)
     metric = torch.randn(4, 1025, 64, generator=g, dtype=torch.float64)
@@ -218,7 +218,7 @@ def test_cuda_search_equals_cpu_tensor_code():
 def test_shortfall_is_made_up_by_fallback_edges_with_a_static_width():
     """Many bits: few bucket-mates. Every image still merges r (width N - r, no device read); the
     bucket edges are all kept and the fallback edges come from the fixed B subset."""
-    from encoders.merging.lsh import FALLBACK_B, fallback_partners
+    from mergeseek.encoders.merging.lsh import FALLBACK_B, fallback_partners
 
     g = torch.Generator().manual_seed(11)
     metric = torch.randn(3, 129, 32, generator=g, dtype=torch.float64)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from encoders.merging import lsh_native, lsh_partners, lsh_soft_matching, merge_wavg
+from mergeseek.encoders.merging import lsh_native, lsh_partners, lsh_soft_matching, merge_wavg
 
 native = pytest.mark.skipif(lsh_native.load() is None, reason=f"no fused kernel here: {lsh_native.reason()}")
 SHAPES = [
@@ -120,7 +120,7 @@ def test_kernel_is_built_into_the_cache_once(fresh_native):
 
 
 def test_planes_of_the_wrong_shape_are_refused_before_any_search():
-    from encoders.merging import simhash_planes
+    from mergeseek.encoders.merging import simhash_planes
 
     metric = torch.randn(1, 65, 16)
     for backend in ("auto", "torch"):

@@ -15,13 +15,13 @@ import pytest
 from test_indexing_support import build_encoder, index_contents, write_video
 from typer.testing import CliRunner
 
-from cli import app
-from errors import IndexMismatchError, InputError
-from indexing import IndexOptions, index_paths
-from indexing.merge import merge_indexes
-from indexing.store import EncodedSource, IndexStore
-from retrieval import Searcher
-from retrieval.sharded import ShardedSearcher
+from mergeseek.cli import app
+from mergeseek.errors import IndexMismatchError, InputError
+from mergeseek.indexing import IndexOptions, index_paths
+from mergeseek.indexing.merge import merge_indexes
+from mergeseek.indexing.store import EncodedSource, IndexStore
+from mergeseek.retrieval import Searcher
+from mergeseek.retrieval.sharded import ShardedSearcher
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def _rows(index_dir: Path):
 
 
 def _thumbs(index_dir: Path) -> dict:
-    from indexing.thumbs import ThumbReader
+    from mergeseek.indexing.thumbs import ThumbReader
 
     store = IndexStore.open_for_read(index_dir)
     meta = store.read_meta()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from encoders.merging import bipartite_soft_matching, lsh_soft_matching, merge_wavg
+from mergeseek.encoders.merging import bipartite_soft_matching, lsh_soft_matching, merge_wavg
 
 
 def naive_bipartite(metric: torch.Tensor, x: torch.Tensor, size: torch.Tensor, r: int, protected: int = 1):
@@ -162,7 +162,7 @@ def test_padding_is_never_matched_and_stays_invisible():
 
 
 def test_top_r_set_equals_first_r_of_a_stable_sort_with_ties_and_no_partner():
-    from encoders.merging import assign_top_r
+    from mergeseek.encoders.merging import assign_top_r
 
     g = torch.Generator().manual_seed(7)
     best = (torch.randn(3, 41, generator=g) * 2).round()  # many exact ties, also at the r-th score

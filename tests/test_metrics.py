@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from errors import InputError
-from eval.metrics import (
+from mergeseek.errors import InputError
+from mergeseek.eval.metrics import (
     cosine_agreement,
     first_relevant_rank,
     group_max,

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eval.datasets import load_dataset
-from eval.datasets.base import balanced_indices, interleaved_order
-from eval.reference import load_cifar10_npz
+from mergeseek.eval.datasets import load_dataset
+from mergeseek.eval.datasets.base import balanced_indices, interleaved_order
+from mergeseek.eval.reference import load_cifar10_npz
 
 
 def _pack(folder, labels):
@@ -50,7 +50,7 @@ def test_reference_and_eval_subsets_are_the_same_images(tmp_path):
 def test_python_m_train_reference_is_the_cli_command(tmp_path, capsys):
     import inspect
 
-    import eval.train_reference as tr
+    import mergeseek.eval.train_reference as tr
 
     assert "argparse" not in inspect.getsource(tr)  # no second option parser
     assert tr.main(["--export", str(tmp_path / "missing.pt"), "--to", str(tmp_path / "x")]) == 6
@@ -66,8 +66,8 @@ def test_bench_defaults_live_in_bench_config_and_the_cli_only_parses(monkeypatch
     from typer.testing import CliRunner
 
     import bench.throughput as bt
-    from cli import app
-    from errors import ConfigError
+    from mergeseek.cli import app
+    from mergeseek.errors import ConfigError
 
     seen = []
     fake = {"model": "m", "device": "cpu", "precision": "fp32", "batch_size": 8, "image_size": 224, "rows": []}
@@ -92,7 +92,7 @@ def test_bench_defaults_live_in_bench_config_and_the_cli_only_parses(monkeypatch
 
 
 def test_eval_defaults_live_in_eval_config():
-    from eval.config import EvalConfig
+    from mergeseek.eval.config import EvalConfig
 
     cfg = EvalConfig.from_options(data_root="/d")
     assert (cfg.models, cfg.datasets, cfg.merges, cfg.pretrained) == (("ViT-B-32",), ("cifar10",), ("r=8",), "openai")
@@ -104,10 +104,11 @@ def test_eval_defaults_live_in_eval_config():
 def test_eval_without_matplotlib_fails_before_the_work(monkeypatch, tmp_path):
     import importlib.util
 
-    import eval as eval_pkg
-    import eval.runner
-    from errors import MissingDependencyError
-    from eval.config import EvalConfig
+    import mergeseek.eval as eval_pkg
+    import mergeseek.eval.runner
+    from mergeseek import eval
+    from mergeseek.errors import MissingDependencyError
+    from mergeseek.eval.config import EvalConfig
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))

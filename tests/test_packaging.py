@@ -17,6 +17,10 @@ NOT_INSTALLED = ("bench", "tests")
 # one added later without a pyproject.toml entry fails here instead of in a user's site-packages.
 PACKAGES = tuple(sorted(p.parent.name for p in ROOT.glob("*/__init__.py") if p.parent.name not in NOT_INSTALLED))
 MODULES = tuple(sorted(p.name for p in ROOT.glob("*.py")))
+# Every folder below them that is a package (has an __init__.py) must be in the wheel too.
+SUBPACKAGES = tuple(sorted(
+    str(p.parent.relative_to(ROOT)) for pkg in PACKAGES for p in (ROOT / pkg).rglob("*/__init__.py")
+))
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +28,7 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
     # Build from a copy, so that the build/ and egg-info folders never land in the shared checkout.
     src = tmp_path_factory.mktemp("src")
     skip = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build", ".venv")
-    for name in ("pyproject.toml", "README.md", "LICENSE", *MODULES):
+    for name in ("pyproject.toml", "README.md", "LICENSE", "py.typed", *MODULES):
         shutil.copy2(ROOT / name, src / name)
     for name in (*PACKAGES, *NOT_INSTALLED):
         shutil.copytree(ROOT / name, src / name, ignore=skip)
@@ -49,22 +53,26 @@ def _metadata(zf: zipfile.ZipFile):
 
 
 def test_wheel_holds_the_library_and_not_bench_or_tests(wheel):
-    tops = {n.split("/")[0] for n in wheel.namelist()}
-    assert not set(NOT_INSTALLED) & tops, sorted(tops)
-    assert {"cli.py", "errors.py", *MODULES, *PACKAGES} <= tops, sorted(tops)
+    # One name in site-packages: the checkout's folders and modules all live under mergeseek/.
+    tops = {n.split("/")[0] for n in wheel.namelist() if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"mergeseek"}, sorted(tops)
+    inside = {n.split("/")[1] for n in wheel.namelist() if n.startswith("mergeseek/")}
+    assert not set(NOT_INSTALLED) & inside, sorted(inside)
+    assert {"__init__.py", "cli.py", "errors.py", *MODULES, *PACKAGES} <= inside, sorted(inside)
     names = set(wheel.namelist())
-    assert "encoders/merging/lsh_kernel.c" in names  # compiled on first use
-    for pkg in PACKAGES:
-        assert f"{pkg}/py.typed" in names, pkg
+    assert "mergeseek/encoders/merging/lsh_kernel.c" in names  # compiled on first use
+    assert "mergeseek/serve/static/index.html" in names
+    assert "mergeseek/py.typed" in names
+    for sub in (*PACKAGES, *SUBPACKAGES):
+        assert f"mergeseek/{sub}/__init__.py" in names, sub
 
 
 def test_console_script_runs_cli_main(wheel):
     entry = _dist_info(wheel, "entry_points.txt")
     lines = [ln.replace(" ", "") for ln in entry.splitlines()]
     assert "[console_scripts]" in lines
-    assert "mergeseek=cli:main" in lines  # main() sets up logging, `app` alone would not
-    import cli
-
+    assert "mergeseek=mergeseek.cli:main" in lines  # main() sets up logging, `app` alone would not
+    from mergeseek import cli
     assert callable(cli.main)
 
 
@@ -115,8 +123,8 @@ def test_constraints_pin_every_core_requirement():
 
 
 def test_without_faiss_one_line_names_the_pip_command(monkeypatch):
-    from errors import MissingDependencyError
-    from indexing import faiss_index
+    from mergeseek.errors import MissingDependencyError
+    from mergeseek.indexing import faiss_index
 
     monkeypatch.setitem(sys.modules, "faiss", None)  # as if neither faiss-cpu nor faiss-gpu-cu12 were installed
     with pytest.raises(MissingDependencyError) as info:

@@ -9,9 +9,9 @@ import shutil
 import pytest
 import torch
 
-from encoders import MergeConfig, apply_merging, merge_stats, remove_merging, token_counts
-from encoders.patch.common import run_blocks
-from errors import UnsupportedModelError
+from mergeseek.encoders import MergeConfig, apply_merging, merge_stats, remove_merging, token_counts
+from mergeseek.encoders.patch.common import run_blocks
+from mergeseek.errors import UnsupportedModelError
 
 
 def _open_clip_visual(name: str):
@@ -245,8 +245,8 @@ def test_distilled_model_is_refused_nothing_and_uses_both_heads():
 
 def test_a_new_method_is_one_function_and_one_registry_entry(b32, photo_batch):
     """Register a method: MergeConfig accepts it, the patch runs it with what its spec asks for."""
-    from encoders.merging import REGISTRY, MatcherSpec, bipartite_soft_matching, register
-    from errors import ConfigError
+    from mergeseek.encoders.merging import REGISTRY, MatcherSpec, bipartite_soft_matching, register
+    from mergeseek.errors import ConfigError
 
     seen = []
 

@@ -23,10 +23,10 @@ ray = pytest.importorskip("ray")
 
 from test_indexing_support import build_encoder, index_contents, write_video  # noqa: E402
 
-from errors import IndexMismatchError  # noqa: E402
-from indexing import IndexOptions, index_paths  # noqa: E402
-from indexing.distributed import RayOptions, _EncodeActor, index_paths_ray  # noqa: E402
-from indexing.store import IndexStore  # noqa: E402
+from mergeseek.errors import IndexMismatchError  # noqa: E402
+from mergeseek.indexing import IndexOptions, index_paths  # noqa: E402
+from mergeseek.indexing.distributed import RayOptions, _EncodeActor, index_paths_ray  # noqa: E402
+from mergeseek.indexing.store import IndexStore  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def _rows(index_dir: Path):
 
 
 def _thumbs(index_dir: Path) -> dict:
-    from indexing.thumbs import ThumbReader
+    from mergeseek.indexing.thumbs import ThumbReader
 
     store = IndexStore.open_for_read(index_dir)
     meta = store.read_meta()
@@ -163,8 +163,8 @@ KILL_SCRIPT = textwrap.dedent(
     import ray
     ray.init(address={address!r}, configure_logging=False)
     from test_indexing_support import build_encoder
-    from indexing import IndexOptions
-    from indexing.distributed import RayOptions, index_paths_ray
+    from mergeseek.indexing import IndexOptions
+    from mergeseek.indexing.distributed import RayOptions, index_paths_ray
 
     def die(keys):  # right after the first commit: the driver is SIGKILLed with work in flight
         os.kill(os.getpid(), signal.SIGKILL)
@@ -193,7 +193,7 @@ def always_dying_encoder(device: str):
 
 
 def test_workers_dying_past_their_retries_stop_the_run_with_one_line(tmp_path, cluster, media):
-    from indexing.distributed import RayRunError
+    from mergeseek.indexing.distributed import RayRunError
 
     out = tmp_path / "index"
     with pytest.raises(RayRunError) as info:
@@ -208,9 +208,9 @@ def test_workers_dying_past_their_retries_stop_the_run_with_one_line(tmp_path, c
 def test_cli_ray_options_reach_the_library(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import indexing.distributed as dist
-    from cli import app
-    from indexing import IndexReport
+    import mergeseek.indexing.distributed as dist
+    from mergeseek.cli import app
+    from mergeseek.indexing import IndexReport
 
     seen = {}
 
@@ -242,7 +242,7 @@ def test_an_actor_with_another_model_is_refused():
 
 
 def test_ray_options_are_checked():
-    from errors import ConfigError
+    from mergeseek.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--workers 0"):
         RayOptions(workers=0)

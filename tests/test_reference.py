@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from errors import ConfigError, InputError, WeightsUnavailableError
-from eval.reference import (
+from mergeseek.errors import ConfigError, InputError, WeightsUnavailableError
+from mergeseek.eval.reference import (
     CIFAR10_CLASSES, REFERENCE_DIR, PreprocessInfo, ReferenceConfig, build_model, evaluate_reference,
     get_config, load_cifar10_npz, load_reference, preprocess_uint8, reference_available,
 )
-from eval.train_reference import augment, export_reference, train_reference
+from mergeseek.eval.train_reference import augment, export_reference, train_reference
 
 REPO = Path(__file__).resolve().parents[1]
 # The real test set: under $MERGESEEK_DATA when set, else the checkout's neighbour folder.
@@ -176,7 +176,7 @@ def test_export_round_trips_offline(cifar_dir, tmp_path, one_thread):
 
 
 def test_missing_and_unknown_references_fail_clearly(tmp_path, monkeypatch):
-    monkeypatch.setattr("eval.reference.REFERENCE_DIR", tmp_path)
+    monkeypatch.setattr("mergeseek.eval.reference.REFERENCE_DIR", tmp_path)
     assert not reference_available("reference-tiny")
     with pytest.raises(WeightsUnavailableError, match="train_reference"):
         load_reference("reference-tiny")
@@ -187,7 +187,7 @@ def test_missing_and_unknown_references_fail_clearly(tmp_path, monkeypatch):
 
 
 def test_reference_model_accepts_token_merging(one_thread):
-    from encoders import MergeConfig, apply_merging, token_counts
+    from mergeseek.encoders import MergeConfig, apply_merging, token_counts
 
     cfg = tiny(img_size=48, patch_size=4, depth=3)  # 145 tokens like the real reference, tiny width
     model = build_model(cfg).eval()
@@ -200,8 +200,8 @@ def test_reference_model_accepts_token_merging(one_thread):
 def test_cli_train_reference_passes_its_options_through(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
-    import cli
-    from eval.train_reference import ExportResult
+    from mergeseek import cli
+    from mergeseek.eval.train_reference import ExportResult
 
     seen = {}
 
@@ -209,7 +209,7 @@ def test_cli_train_reference_passes_its_options_through(monkeypatch, tmp_path):
         seen.update(kwargs)
         return ExportResult(weights=tmp_path / "w.pt", manifest=tmp_path / "w.json", top1_subset=0.5)
 
-    monkeypatch.setattr("eval.train_reference.run", fake_run)
+    monkeypatch.setattr("mergeseek.eval.train_reference.run", fake_run)
     res = CliRunner().invoke(cli.app, ["train-reference", "--data", "d", "--out", "o", "--epochs", "7", "--set",
                                        "lr=5e-4", "--limit", "100", "--no-compile", "--time-budget", "60",
                                        "--export", "o/last.pt", "--to", "x"])

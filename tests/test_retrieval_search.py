@@ -18,10 +18,10 @@ from test_indexing_support import (  # noqa: F401  (fixtures)
     shots_dir,
 )
 
-from errors import IndexMismatchError, InputError
-from indexing import IndexOptions, index_paths
-from indexing.store import IndexStore
-from retrieval import (
+from mergeseek.errors import IndexMismatchError, InputError
+from mergeseek.indexing import IndexOptions, index_paths
+from mergeseek.indexing.store import IndexStore
+from mergeseek.retrieval import (
     Hit,
     Searcher,
     TemporalHit,

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from encoders.reuse import ReuseConfig, ReuseStream
-from errors import ConfigError
-from eval.datasets.video import static_clip
+from mergeseek.encoders.reuse import ReuseConfig, ReuseStream
+from mergeseek.errors import ConfigError
+from mergeseek.eval.datasets.video import static_clip
 
 MERGES = ["none", "r=8", "r=8,method=lsh"]
 
@@ -17,7 +17,7 @@ MERGES = ["none", "r=8", "r=8,method=lsh"]
 @pytest.fixture(scope="module")
 def encoders_by_merge(one_torch_thread):
     """Random-weight ViT-B-32 (50 tokens, seeded), once per merge config."""
-    from encoders import Encoder
+    from mergeseek.encoders import Encoder
 
     return {m: Encoder(model_name="ViT-B-32", pretrained=None, device="cpu", merge=m, batch_size=8) for m in MERGES}
 
@@ -37,7 +37,7 @@ def clip_frames(encoders_by_merge):
 def reference_vit(one_torch_thread):
     """The trained CIFAR-10 reference ViT (timm, 145 tokens) when its weights are in the repo, else
     the same architecture with random weights."""
-    from eval import reference as ref
+    from mergeseek.eval import reference as ref
 
     if ref.reference_available():
         model, info = ref.load_reference()
@@ -160,9 +160,9 @@ def test_the_cache_is_a_hash_of_patches_not_a_pixel_compare(encoders_by_merge, c
 # ---------------------------------------------------------------------------- timm (reference ViT)
 @pytest.mark.parametrize("merge", ["none", "r=8", "r=8,method=lsh"])
 def test_timm_reference_vit(reference_vit, merge):
-    from encoders import apply_merging, remove_merging
-    from eval.datasets.video import cifar_clips
-    from eval.reference import preprocess_uint8
+    from mergeseek.encoders import apply_merging, remove_merging
+    from mergeseek.eval.datasets.video import cifar_clips
+    from mergeseek.eval.reference import preprocess_uint8
     from skimage import data
     from PIL import Image
 
@@ -189,7 +189,7 @@ def test_timm_reference_vit(reference_vit, merge):
 def test_index_with_reuse_reports_the_reuse(tmp_path, encoders_by_merge):
     from test_indexing_support import write_video
 
-    from indexing import IndexOptions, index_paths
+    from mergeseek.indexing import IndexOptions, index_paths
 
     videos = tmp_path / "videos"
     videos.mkdir()
@@ -208,7 +208,7 @@ def test_index_with_reuse_reports_the_reuse(tmp_path, encoders_by_merge):
 def test_cli_rejects_a_bad_reuse_key(tmp_path):
     from typer.testing import CliRunner
 
-    from cli import app
+    from mergeseek.cli import app
 
     result = CliRunner().invoke(app, ["index", str(tmp_path), "--reuse", "refesh=4", "--pretrained", "none"])
     assert result.exit_code != 0
@@ -218,7 +218,7 @@ def test_cli_rejects_a_bad_reuse_key(tmp_path):
 # ---------------------------------------------------------------------------- device
 @pytest.mark.gpu
 def test_cuda_matches_cpu(encoders_by_merge, clip_frames):
-    from encoders import Encoder
+    from mergeseek.encoders import Encoder
 
     frames = torch.cat(clip_frames)
     cpu = encoders_by_merge["none"].stream("threshold=0.05").encode_image_tensor(frames, ["v"] * len(frames))
@@ -229,7 +229,7 @@ def test_cuda_matches_cpu(encoders_by_merge, clip_frames):
 
 # ---------------------------------------------------------------------------- cli.py eval: video sets
 def test_video_set_specs():
-    from eval.datasets.video import is_video_spec, load_video_set
+    from mergeseek.eval.datasets.video import is_video_spec, load_video_set
 
     assert is_video_spec("video,fps=2") and is_video_spec("cifar10-video:/x") and not is_video_spec("cifar10")
     vs = load_video_set("video,sets=synthetic,fps=2,seconds=1.5", "/nonexistent")
@@ -245,9 +245,9 @@ def test_video_set_specs():
 def test_eval_reports_reuse_against_per_frame_on_a_video_set(tmp_path, one_torch_thread):
     import json
 
-    from eval.config import EvalConfig
-    from eval.report import write_report
-    from eval.runner import run_eval
+    from mergeseek.eval.config import EvalConfig
+    from mergeseek.eval.report import write_report
+    from mergeseek.eval.runner import run_eval
 
     cfg = EvalConfig(models=("reference-cifar10",), pretrained=None, datasets=("video,sets=synthetic,seconds=0.6",),
                      merges=("r=8",), reuse=("threshold=0", "threshold=0.05,refresh=4"), batch_size=8, iters=1,

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from encoders import MergeConfig, apply_merging, remove_merging, token_counts
-from encoders.merging import MATCHERS, importance_merging, merge_wavg, weighted_pagerank, zerotprune_merging
-from encoders.merging.importance import keep_top
-from encoders.patch.common import run_blocks
-from errors import UnsupportedModelError, WeightsUnavailableError
+from mergeseek.encoders import MergeConfig, apply_merging, remove_merging, token_counts
+from mergeseek.encoders.merging import MATCHERS, importance_merging, merge_wavg, weighted_pagerank, zerotprune_merging
+from mergeseek.encoders.merging.importance import keep_top
+from mergeseek.encoders.patch.common import run_blocks
+from mergeseek.errors import UnsupportedModelError, WeightsUnavailableError
 
 METHODS = ("importance", "zerotprune")
 
@@ -294,7 +294,7 @@ def test_autocast_keeps_running(method, tiny):
 
 # ----------------------------------------------------------------------------- SLAB-style ViT
 def _slab(**kw):
-    from encoders.slab import RepBN, create_slab_vit
+    from mergeseek.encoders.slab import RepBN, create_slab_vit
 
     torch.manual_seed(0)
     model = create_slab_vit(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5, **kw).eval()
@@ -310,7 +310,7 @@ def _slab(**kw):
 def test_slab_fused_norms_equal_unfused():
     import copy
 
-    from encoders.slab import fuse_norms
+    from mergeseek.encoders.slab import fuse_norms
 
     model = _slab()
     x = torch.randn(2, 3, 32, 32)
@@ -342,7 +342,7 @@ def test_slab_linear_attention_matches_formula():
 def test_slab_progressive_norm_and_timm_registry():
     import timm
 
-    from encoders.slab import RepBN, set_progress
+    from mergeseek.encoders.slab import RepBN, set_progress
 
     norm = RepBN(8).train()
     x = torch.randn(4, 5, 8)

@@ -41,7 +41,7 @@ def build_served_index(root: Path) -> Path:
     """videos/a.mp4 (6 s) and videos/b.mp4 (4 s) at 2 fps, and stills/ (3 images, no video file), into root/ix."""
     from PIL import Image
 
-    from indexing import IndexOptions, Sampling, index_paths
+    from mergeseek.indexing import IndexOptions, Sampling, index_paths
 
     videos = root / "videos"
     videos.mkdir()
@@ -75,8 +75,8 @@ def snapshot(folder: Path) -> dict:
 def served(tmp_path_factory, one_torch_thread):
     from fastapi.testclient import TestClient
 
-    from serve.app import create_app
-    from serve.engine import CachedSearcher, Engine
+    from mergeseek.serve.app import create_app
+    from mergeseek.serve.engine import CachedSearcher, Engine
 
     root = tmp_path_factory.mktemp("serve")
     ix = build_served_index(root)
@@ -92,7 +92,7 @@ def client(served):
 
 
 def stored_vectors(ix: Path) -> tuple[np.ndarray, np.ndarray]:
-    from indexing.store import IndexStore
+    from mergeseek.indexing.store import IndexStore
 
     return IndexStore.open_for_read(ix).read_vectors()
 
@@ -180,7 +180,7 @@ def test_similar_equals_brute_force_cosine_search_without_the_frame_itself(clien
 def test_neighbours_are_the_adjacent_frames_of_the_same_video(client, served):
     import pyarrow.compute as pc
 
-    from indexing.store import IndexStore
+    from mergeseek.indexing.store import IndexStore
 
     meta = IndexStore.open_for_read(served["ix"]).read_meta()
     a = meta.filter(pc.equal(meta.column("video_id"), "a")).sort_by("frame_idx")
@@ -201,7 +201,7 @@ def test_neighbours_are_the_adjacent_frames_of_the_same_video(client, served):
 def test_thumbnails_are_small_jpegs_of_the_right_frames(client, served):
     from PIL import Image
 
-    from indexing.thumbs import make_jpeg
+    from mergeseek.indexing.thumbs import make_jpeg
 
     hits = client.get("/api/search", params={"q": "anything", "k": 100}).json()["hits"]
     assert len(hits) == len(stored_vectors(served["ix"])[0])
@@ -281,7 +281,7 @@ def read_csv(text: str) -> list:
 
 
 def test_export_of_a_search_is_the_submission_of_its_results(client, served, tmp_path):
-    from retrieval.format import write_submission_csv
+    from mergeseek.retrieval.format import write_submission_csv
 
     r = client.get("/api/export.csv", params={"q": "a test pattern", "k": 100, "query_id": "query-3"})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
@@ -313,7 +313,7 @@ def test_export_of_a_basket_keeps_its_order_and_caps_at_100_rows(client, served)
     # repeated frames are written once; more than 100 distinct rows are cut at 100
     r = client.post("/api/export.csv", json={"ids": [ids[0], ids[1], ids[0]]})
     assert read_csv(r.text) == [[by_id[i]["video_id"], str(by_id[i]["frame_idx"])] for i in ids[:2]]
-    from indexing.store import IndexStore
+    from mergeseek.indexing.store import IndexStore
 
     meta = IndexStore.open_for_read(served["ix"]).read_meta()
     frames = {}
@@ -357,7 +357,7 @@ def test_concurrent_requests_agree_with_sequential_ones_and_repeated_queries_hit
 def test_token_is_required_on_every_route_when_set(served):
     from fastapi.testclient import TestClient
 
-    from serve.app import create_app
+    from mergeseek.serve.app import create_app
 
     with TestClient(create_app(served["engine"], token="s3cret-token")) as c:
         for url in ("/", "/api/health", "/api/search?q=x", "/api/thumb/0", "/api/video/a"):
@@ -371,9 +371,11 @@ def test_token_is_required_on_every_route_when_set(served):
 def test_serve_refuses_a_public_host_without_a_token_before_loading_anything(served, monkeypatch):
     from typer.testing import CliRunner
 
-    import serve.engine
-    from cli import app
-    from serve import check_bind
+    import mergeseek.serve.engine
+
+    from mergeseek import serve
+    from mergeseek.cli import app
+    from mergeseek.serve import check_bind
 
     def boom(*a, **k):
         raise AssertionError("the model and index must not load")
@@ -385,7 +387,7 @@ def test_serve_refuses_a_public_host_without_a_token_before_loading_anything(ser
     assert len(lines) == 1 and "--token" in lines[0] and "0.0.0.0" in lines[0]
     for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
         check_bind(host, None)
-    from errors import ConfigError
+    from mergeseek.errors import ConfigError
 
     for host in ("0.0.0.0", "::", "192.168.1.20", "example.org"):
         with pytest.raises(ConfigError):
@@ -405,8 +407,8 @@ def test_the_server_never_wrote_to_the_index(client, served):
 def test_cli_thumbs_remakes_missing_and_stale_packs_identically(served, tmp_path):
     from typer.testing import CliRunner
 
-    from cli import app
-    from indexing.thumbs import THUMB_DIR, ThumbReader, pack_path, write_pack
+    from mergeseek.cli import app
+    from mergeseek.indexing.thumbs import THUMB_DIR, ThumbReader, pack_path, write_pack
 
     ix = tmp_path / "ix"
     shutil.copytree(served["ix"], ix)
@@ -425,7 +427,7 @@ def test_cli_thumbs_remakes_missing_and_stale_packs_identically(served, tmp_path
     (shard,) = [n[: -len(".thumbs")] for n in original]
     ids, _ = stored_vectors(ix)
     write_pack(ix, shard, ids, np.full(len(ids), 7, np.int64), [b"old"] * len(ids))
-    from indexing.store import IndexStore
+    from mergeseek.indexing.store import IndexStore
 
     meta = IndexStore.open_for_read(ix).read_meta()
     assert len(ThumbReader(ix, [shard], meta.column("id").to_numpy(), meta.column("hash").to_numpy())) == 0
@@ -441,8 +443,8 @@ def test_cli_thumbs_remakes_missing_and_stale_packs_identically(served, tmp_path
 
 
 def test_next_index_run_fills_missing_packs_without_encoding(served, tmp_path):
-    from indexing import IndexOptions, Sampling, index_paths
-    from indexing.thumbs import THUMB_DIR
+    from mergeseek.indexing import IndexOptions, Sampling, index_paths
+    from mergeseek.indexing.thumbs import THUMB_DIR
 
     ix = tmp_path / "ix"
     shutil.copytree(served["ix"], ix)
@@ -456,9 +458,11 @@ def test_next_index_run_fills_missing_packs_without_encoding(served, tmp_path):
 def test_serve_refuses_a_busy_port_and_missing_packages_in_one_line(served, monkeypatch):
     import socket
 
-    import serve.engine
-    from errors import ConfigError, MissingDependencyError
-    from serve import run_server
+    import mergeseek.serve.engine
+
+    from mergeseek import serve
+    from mergeseek.errors import ConfigError, MissingDependencyError
+    from mergeseek.serve import run_server
 
     monkeypatch.setattr(serve.engine.Engine, "open", lambda *a, **k: pytest.fail("must not load"))
     with socket.socket() as busy:
@@ -488,8 +492,8 @@ def test_keyframe_sources_play_the_release_video_recorded_in_videos_json(served,
 
     from fastapi.testclient import TestClient
 
-    from serve.app import create_app
-    from serve.engine import CachedSearcher, Engine
+    from mergeseek.serve.app import create_app
+    from mergeseek.serve.engine import CachedSearcher, Engine
 
     ix = tmp_path / "ix"
     shutil.copytree(served["ix"], ix)
@@ -508,7 +512,7 @@ def test_keyframe_sources_play_the_release_video_recorded_in_videos_json(served,
 
 
 def test_thumbs_cleanup_touches_only_its_own_files(served, tmp_path):
-    from indexing.thumbs import THUMB_DIR, make_thumbs
+    from mergeseek.indexing.thumbs import THUMB_DIR, make_thumbs
 
     ix = tmp_path / "ix"
     shutil.copytree(served["ix"], ix)

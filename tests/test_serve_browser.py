@@ -36,8 +36,8 @@ def free_port() -> int:
 def server(tmp_path_factory, one_torch_thread):
     import uvicorn
 
-    from serve.app import create_app
-    from serve.engine import CachedSearcher, Engine
+    from mergeseek.serve.app import create_app
+    from mergeseek.serve.engine import CachedSearcher, Engine
 
     root = tmp_path_factory.mktemp("browser")
     ix = build_served_index(root)
@@ -205,7 +205,7 @@ def test_image_query_by_upload_and_drop_more_like_this_and_then(server, browser_
 def test_the_page_passes_the_token_on(server, browser_page):
     import uvicorn
 
-    from serve.app import create_app
+    from mergeseek.serve.app import create_app
 
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(create_app(server["engine"], token="t0ken-42"), host="127.0.0.1", port=port,

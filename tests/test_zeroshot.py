@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from errors import ConfigError
-from eval import zeroshot
-from eval.datasets import load_dataset
+from mergeseek.errors import ConfigError
+from mergeseek.eval import zeroshot
+from mergeseek.eval.datasets import load_dataset
 
 
 # ---------------------------------------------------------------------------- the published lists
@@ -118,7 +118,7 @@ def test_a_template_must_hold_the_class_once(tmp_path, own_set, bad):
 
 
 def test_eval_config_refuses_an_unknown_template_choice():
-    from eval.config import EvalConfig
+    from mergeseek.eval.config import EvalConfig
 
     with pytest.raises(ConfigError, match="openai or simple"):
         EvalConfig(templates="fancy")
@@ -134,10 +134,10 @@ def test_report_protocol_names_the_prompt_source():
 
 
 def test_cli_eval_passes_templates_and_data_root_defaults(tmp_path, monkeypatch):
-    import eval as eval_pkg
+    import mergeseek.eval as eval_pkg
     from typer.testing import CliRunner
 
-    from cli import app
+    from mergeseek.cli import app
 
     seen = {}
 
@@ -157,7 +157,7 @@ def test_cli_eval_passes_templates_and_data_root_defaults(tmp_path, monkeypatch)
     assert cfg.templates == "simple" and cfg.data_root == str(tmp_path / "data")
     assert cfg.models == ("ViT-B-32",) and cfg.datasets == ("cifar10",) and cfg.merges == ("r=8",)
     # every default comes from EvalConfig, none from the CLI
-    from eval.config import EvalConfig
+    from mergeseek.eval.config import EvalConfig
 
     assert cfg == EvalConfig(templates="simple", data_root=str(tmp_path / "data"))
     res = CliRunner().invoke(app, ["eval", "--iters", "3", "--no-plots", "--pretrained", "none", "--out", str(tmp_path / "o")])
@@ -168,7 +168,7 @@ def test_cli_eval_passes_templates_and_data_root_defaults(tmp_path, monkeypatch)
 
 
 def test_default_data_root_follows_mergeseek_data_then_xdg(tmp_path, monkeypatch):
-    from eval.config import default_data_root, resolve_data_root
+    from mergeseek.eval.config import default_data_root, resolve_data_root
 
     monkeypatch.setenv("MERGESEEK_DATA", str(tmp_path / "d"))
     assert default_data_root() == tmp_path / "d"
@@ -197,8 +197,8 @@ def test_vit_b_32_openai_reproduces_the_published_imagenet_figure(tmp_path):
         open_clip.create_model_and_transforms("ViT-B-32", pretrained="openai")
     except Exception as exc:  # offline, no cached weights
         pytest.skip(f"ViT-B-32 openai weights cannot be loaded here: {str(exc).splitlines()[0][:120]}")
-    from eval import evaluate
-    from eval.config import EvalConfig
+    from mergeseek.eval import evaluate
+    from mergeseek.eval.config import EvalConfig
 
     ds = load_dataset(f"imagenet:{root}")
     assert len(ds) == 50_000, "the published figure is on all 50,000 validation images"

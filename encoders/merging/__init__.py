@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, Mapping
 
-from encoders.merging.bipartite import bipartite_partners, bipartite_soft_matching
-from encoders.merging.core import assign_top_r, merge_from_assignment, merge_wavg
-from encoders.merging.importance import assignment_from_keep, importance_merging
-from encoders.merging.lsh import fallback_partners, lsh_partners, lsh_soft_matching, simhash_planes
-from encoders.merging.registry import REGISTRY, MatcherSpec, MergeResult, get_spec, register
-from encoders.merging.zerotprune import weighted_pagerank, zerotprune_merging
+from mergeseek.encoders.merging.bipartite import bipartite_partners, bipartite_soft_matching
+from mergeseek.encoders.merging.core import assign_top_r, merge_from_assignment, merge_wavg
+from mergeseek.encoders.merging.importance import assignment_from_keep, importance_merging
+from mergeseek.encoders.merging.lsh import fallback_partners, lsh_partners, lsh_soft_matching, simhash_planes
+from mergeseek.encoders.merging.registry import REGISTRY, MatcherSpec, MergeResult, get_spec, register
+from mergeseek.encoders.merging.zerotprune import weighted_pagerank, zerotprune_merging
 
 
 class _MatcherView(Mapping):

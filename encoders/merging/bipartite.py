@@ -6,8 +6,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from encoders.merging.core import assign_top_r, identity_merge, protect, real_mask
-from encoders.merging.registry import MergeResult
+from mergeseek.encoders.merging.core import assign_top_r, identity_merge, protect, real_mask
+from mergeseek.encoders.merging.registry import MergeResult
 
 
 def protected_count(class_token: bool, protected: Optional[int]) -> int:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from encoders.merging.registry import MergeResult
+from mergeseek.encoders.merging.registry import MergeResult
 
 MergeFn = Callable[..., torch.Tensor]
 NEG_INF = float("-inf")

@@ -19,10 +19,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from encoders.merging.bipartite import protected_count
-from encoders.merging.core import NEG_INF, identity_merge, merge_from_slots, real_mask
-from encoders.merging.registry import MergeResult
-from errors import ConfigError, UnsupportedModelError
+from mergeseek.encoders.merging.bipartite import protected_count
+from mergeseek.encoders.merging.core import NEG_INF, identity_merge, merge_from_slots, real_mask
+from mergeseek.encoders.merging.registry import MergeResult
+from mergeseek.errors import ConfigError, UnsupportedModelError
 
 # Floor of the normalized importance used as an averaging weight: a token the class token ignores
 # (softmax underflow) still counts a little, so a kept token never gets weight 0.

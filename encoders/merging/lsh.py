@@ -40,10 +40,10 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from encoders.merging import lsh_native
-from encoders.merging.bipartite import protected_count
-from encoders.merging.core import NEG_INF, assign_top_r, identity_merge, real_mask
-from encoders.merging.registry import MergeResult
+from mergeseek.encoders.merging import lsh_native
+from mergeseek.encoders.merging.bipartite import protected_count
+from mergeseek.encoders.merging.core import NEG_INF, assign_top_r, identity_merge, real_mask
+from mergeseek.encoders.merging.registry import MergeResult
 
 
 # Metric dtypes the CPU kernel takes (half precision is scored in float32: more exact than the

@@ -73,7 +73,7 @@ def _compile(cc: str, out: Path) -> Optional[str]:
             cmd = [cc, *FLAGS, *extra, *_extra_flags(), str(SOURCE), "-o", tmp, "-lm"]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode == 0:
-                from runtime import commit_file
+                from mergeseek.runtime import commit_file
 
                 commit_file(tmp, out)  # fsync, rename, fsync the folder
                 return None

@@ -95,20 +95,20 @@ def _zerotprune_options(cfg: Any) -> Dict[str, Any]:
 
 
 register(MatcherSpec(
-    "bipartite", "encoders.merging.bipartite:bipartite_soft_matching",
+    "bipartite", "mergeseek.encoders.merging.bipartite:bipartite_soft_matching",
     doc="ToMe's bipartite soft matching (cosine of the keys, top-r edges)",
 ))
 register(MatcherSpec(
-    "lsh", "encoders.merging.lsh:lsh_soft_matching",
+    "lsh", "mergeseek.encoders.merging.lsh:lsh_soft_matching",
     config_keys=("lsh_bits", "lsh_tables", "lsh_window", "lsh_chunk", "seed"), options=_lsh_options,
     doc="hashed partner search (SimHash buckets, windowed scoring)",
 ))
 register(MatcherSpec(
-    "importance", "encoders.merging.importance:importance_merging", needs="cls_attn", bipartite_bounded=False,
+    "importance", "mergeseek.encoders.merging.importance:importance_merging", needs="cls_attn", bipartite_bounded=False,
     needs_prefix=True, doc="class-attention importance (arXiv 2306.04897)",
 ))
 register(MatcherSpec(
-    "zerotprune", "encoders.merging.zerotprune:zerotprune_merging", needs="attn", bipartite_bounded=False,
+    "zerotprune", "mergeseek.encoders.merging.zerotprune:zerotprune_merging", needs="attn", bipartite_bounded=False,
     config_keys=("iters", "prune"), options=_zerotprune_options, doc="PageRank importance (arXiv 2305.17328)",
 ))
 

@@ -26,11 +26,11 @@ from typing import Optional, Tuple
 
 import torch
 
-from encoders.merging.bipartite import protected_count
-from encoders.merging.core import NEG_INF, identity_merge, real_mask
-from encoders.merging.importance import assignment_from_keep
-from encoders.merging.registry import MergeResult
-from errors import ConfigError
+from mergeseek.encoders.merging.bipartite import protected_count
+from mergeseek.encoders.merging.core import NEG_INF, identity_merge, real_mask
+from mergeseek.encoders.merging.importance import assignment_from_keep
+from mergeseek.encoders.merging.registry import MergeResult
+from mergeseek.errors import ConfigError
 
 
 def weighted_pagerank(attn: torch.Tensor, iters: int = 5, real: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -11,10 +11,10 @@ from typing import List, Optional, Union
 
 import torch
 
-from encoders.config import MergeConfig
-from encoders.merging import REGISTRY, simhash_planes
-from encoders.patch.common import MergeStats, make_plan, restore_class, swap_class
-from errors import UnsupportedModelError
+from mergeseek.encoders.config import MergeConfig
+from mergeseek.encoders.merging import REGISTRY, simhash_planes
+from mergeseek.encoders.patch.common import MergeStats, make_plan, restore_class, swap_class
+from mergeseek.errors import UnsupportedModelError
 
 __all__ = ["apply_merging", "merge_stats", "remove_merging", "token_counts", "MergeStats"]
 
@@ -59,13 +59,13 @@ def apply_merging(model: torch.nn.Module, cfg: Union[MergeConfig, str, None]) ->
     root, blocks, family = _family(model)
     cfg.spec.fn  # import the matcher now, not inside a (possibly compiled) forward
     if family == "open_clip":
-        from encoders.patch import open_clip as fam
+        from mergeseek.encoders.patch import open_clip as fam
 
         fam.check_vision_transformer(root)
         mixins = [fam.block_mixin(b) for b in blocks]
         root_mixin, protected = fam.MergingVisionTransformer, 1
     else:
-        from encoders.patch import timm as fam
+        from mergeseek.encoders.patch import timm as fam
 
         fam.check_vit(root)
         mixins = [fam.MergingTimmBlock] * len(blocks)

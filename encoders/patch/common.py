@@ -15,9 +15,9 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from encoders.config import MergeConfig
-from encoders.merging import merge_wavg
-from encoders.merging.registry import MergeResult
+from mergeseek.encoders.config import MergeConfig
+from mergeseek.encoders.merging import merge_wavg
+from mergeseek.encoders.merging.registry import MergeResult
 
 Tensor = torch.Tensor
 

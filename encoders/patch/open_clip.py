@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from encoders.patch.common import (
+from mergeseek.encoders.patch.common import (
     Plan,
     TokenState,
     attention_bias,
@@ -19,7 +19,7 @@ from encoders.patch.common import (
     sdpa,
     sized_mean,
 )
-from errors import UnsupportedModelError
+from mergeseek.errors import UnsupportedModelError
 
 Tensor = torch.Tensor
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from encoders.patch.common import (
+from mergeseek.encoders.patch.common import (
     Plan,
     TokenState,
     attention_bias,
@@ -18,7 +18,7 @@ from encoders.patch.common import (
     sized_max,
     sized_mean,
 )
-from errors import UnsupportedModelError
+from mergeseek.errors import UnsupportedModelError
 
 Tensor = torch.Tensor
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Union
 
-from errors import ConfigError
-from eval.datasets.base import (
+from mergeseek.errors import ConfigError
+from mergeseek.eval.datasets.base import (
     DEFAULT_TEMPLATES,
     ENSEMBLE_TEMPLATES,
     ClassificationSet,
@@ -94,11 +94,11 @@ def load_dataset(spec: Union[str, DatasetSpec], data_root: Union[str, Path, None
     """Read one evaluation set; ``limit`` keeps a fixed subset (images for classification and
     caption sets, queries for keyframe sets). ``data_root`` None: ``$MERGESEEK_DATA`` or the
     user's cache folder (:func:`eval.config.default_data_root`)."""
-    from eval.datasets.captions import load_captions
-    from eval.datasets.classification import load_cifar10, load_cifar100, load_imagefolder, load_imagenet, load_pets
-    from eval.datasets.keyframes import load_keyframes
+    from mergeseek.eval.datasets.captions import load_captions
+    from mergeseek.eval.datasets.classification import load_cifar10, load_cifar100, load_imagefolder, load_imagenet, load_pets
+    from mergeseek.eval.datasets.keyframes import load_keyframes
 
-    from eval.config import resolve_data_root
+    from mergeseek.eval.config import resolve_data_root
 
     spec = DatasetSpec.parse(spec) if isinstance(spec, str) else spec
     path = spec.resolve_path(resolve_data_root(data_root))

@@ -14,8 +14,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from errors import ConfigError, InputError
-from indexing.formats import IMAGE_EXTS, list_images, natural_key  # noqa: F401  (one reader, shared with indexing/)
+from mergeseek.errors import ConfigError, InputError
+from mergeseek.indexing.formats import IMAGE_EXTS, list_images, natural_key  # noqa: F401  (one reader, shared with indexing/)
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class FileImages(ImageSource):
     def load(self, i: int):
         from PIL import Image
 
-        from indexing.formats import read_rgb
+        from mergeseek.indexing.formats import read_rgb
 
         path = self.paths[i]
         try:

@@ -16,8 +16,8 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from errors import InputError
-from eval.datasets.base import FileImages, Query, RetrievalSet, random_indices
+from mergeseek.errors import InputError
+from mergeseek.eval.datasets.base import FileImages, Query, RetrievalSet, random_indices
 
 log = logging.getLogger(__name__)
 

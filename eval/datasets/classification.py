@@ -20,9 +20,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from errors import ConfigError, InputError
-from eval.zeroshot import CIFAR10_CLASSNAMES, PETS_TEMPLATES, with_published_names
-from eval.datasets.base import (
+from mergeseek.errors import ConfigError, InputError
+from mergeseek.eval.zeroshot import CIFAR10_CLASSNAMES, PETS_TEMPLATES, with_published_names
+from mergeseek.eval.datasets.base import (
     ArrayImages,
     ClassificationSet,
     FileImages,

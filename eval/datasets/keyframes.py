@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from errors import InputError
-from eval.datasets.base import FileImages, Query, RetrievalSet, random_indices
-from indexing.formats import KEYFRAME_DIR, KEYFRAME_MAP_DIR, list_images, read_keyframe_map
+from mergeseek.errors import InputError
+from mergeseek.eval.datasets.base import FileImages, Query, RetrievalSet, random_indices
+from mergeseek.indexing.formats import KEYFRAME_DIR, KEYFRAME_MAP_DIR, list_images, read_keyframe_map
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def _read_gallery(root: Path) -> tuple[list[Path], list[str], list[int], list[fl
         maps = root / KEYFRAME_MAP_DIR
         return _read_aic(kf, sorted(p for p in kf.iterdir() if p.is_dir()),
                          lambda v: maps / f"{v}.csv" if maps.is_dir() else None)
-    from indexing.aic import find_release
+    from mergeseek.indexing.aic import find_release
 
     release = find_release(root)  # archives side by side: Keyframes_*/keyframes/, map-keyframes*/map-keyframes/
     if release.archive and release.keyframes:
@@ -198,7 +198,7 @@ def _with_aic(row: dict, line: int, path: Path) -> _Target:
     """
     from dataclasses import replace as _replace
 
-    from eval.aic_score import aic_query_from_row
+    from mergeseek.eval.aic_score import aic_query_from_row
 
     aic = aic_query_from_row(row, f"{path} query {line}")
     if aic is not None and aic.truth.task == "trake":

@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from errors import InputError
+from mergeseek.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ def is_video_spec(text: str) -> bool:
 def load_video_set(text: str, data_root, limit: Optional[int] = None, seed: int = 0) -> VideoSet:
     """``video[,fps=5][,sets=synthetic+sample][,seconds=6][,max_frames=30]`` or
     ``cifar10-video[:PATH][,fps=5][,frames=8]`` (``limit``: CIFAR images, default 100)."""
-    from errors import ConfigError
+    from mergeseek.errors import ConfigError
 
     head, *rest = [p.strip() for p in text.split(",")]
     name, _, path = head.partition(":")
@@ -209,7 +209,7 @@ def load_video_set(text: str, data_root, limit: Optional[int] = None, seed: int 
     if fps <= 0 or frames < 2 or seconds <= 0 or max_frames < 2:
         raise ConfigError(f"video set {text!r}: fps and seconds must be > 0, frames and max_frames >= 2")
     if name == "cifar10-video":
-        from eval.reference import CIFAR10_CLASSES, load_cifar10_npz
+        from mergeseek.eval.reference import CIFAR10_CLASSES, load_cifar10_npz
 
         folder = Path(path).expanduser() if path else Path(data_root).expanduser() / "cifar10"
         split = load_cifar10_npz(folder, "test", limit=limit or 100)
@@ -265,8 +265,8 @@ def evaluate_video_set(mut, cands: dict, merges: dict, vs: VideoSet, reuses: Seq
 
     import torch
 
-    from encoders.reuse import ReuseConfig, ReuseStream
-    from eval.results import CandidateResult, DatasetResult
+    from mergeseek.encoders.reuse import ReuseConfig, ReuseStream
+    from mergeseek.eval.results import CandidateResult, DatasetResult
 
     clock = time.process_time if cpu_time else time.perf_counter
     pixels = _frames_to_pixels(mut, vs)
