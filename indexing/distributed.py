@@ -40,13 +40,12 @@ from mergeseek.indexing.pipeline import (
     IndexReport,
     _Bars,
     _Batch,
-    _Done,
     _Failed,
-    _finish,
     _reuse_config,
+    commit_due,
     index_paths,
     read_source,
-    recipe_for,
+    take_finished,
 )
 from mergeseek.indexing.sources import BadInput, MediaSource
 from mergeseek.indexing.store import IDENTITY_KEYS, IndexStore
@@ -382,18 +381,10 @@ def _ray_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
         elif isinstance(last, _Failed):
             report.failed.append(BadInput(str(last.source.path), last.reason.split(": ", 1)[-1]))
         else:
-            report.failed.extend(last.skipped)
-            enc = _finish(last, parts, recipe_for(last.source, options), store.manifest.dim)
-            if enc is None:
-                report.failed.append(BadInput(str(last.source.path), "no readable frames"))
-            else:
-                report.duplicates_skipped += last.duplicates
-                report.indexed.append(enc.video_id)
-                buffer.append(enc)
+            take_finished(last, parts, options, store, report, buffer)
         if bars:
             bars.source_done()
-        buffered = sum(len(e.frame_idx) for e in buffer)
-        if buffer and (buffered >= options.shard_size or time.perf_counter() - last_commit >= options.commit_every_s):
+        if commit_due(buffer, options, last_commit):
             commit()
 
     try:

@@ -426,18 +426,10 @@ def _run_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
             else:
                 if stream is not None:
                     stream.end(item.source.key)
-                report.failed.extend(item.skipped)
-                enc = _finish(item, partial.pop(item.source.key, []), recipe_for(item.source, options), store.manifest.dim)
-                if enc is None:
-                    report.failed.append(BadInput(str(item.source.path), "no readable frames"))
-                else:
-                    report.duplicates_skipped += item.duplicates
-                    report.indexed.append(enc.video_id)
-                    buffer.append(enc)
+                take_finished(item, partial.pop(item.source.key, []), options, store, report, buffer)
                 if bars:
                     bars.source_done()
-                buffered = sum(len(e.frame_idx) for e in buffer)
-                if buffer and (buffered >= options.shard_size or time.perf_counter() - last_commit >= options.commit_every_s):
+                if commit_due(buffer, options, last_commit):
                     commit()
         if reader.error is not None:
             raise reader.error
@@ -452,6 +444,27 @@ def _run_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
     if stream is not None:
         report.reuse = {"config": str(stream.cfg), **stream.stats.summary()}
     return new_shards
+
+
+def take_finished(done: _Done, parts: list, options: IndexOptions, store: IndexStore, report: IndexReport,
+                  buffer: list) -> None:
+    """A source whose frames are all encoded: its bad frames reported, its rows buffered for the next commit."""
+    report.failed.extend(done.skipped)
+    enc = _finish(done, parts, recipe_for(done.source, options), store.manifest.dim)
+    if enc is None:
+        report.failed.append(BadInput(str(done.source.path), "no readable frames"))
+        return
+    report.duplicates_skipped += done.duplicates
+    report.indexed.append(enc.video_id)
+    buffer.append(enc)
+
+
+def commit_due(buffer: list, options: IndexOptions, last_commit: float) -> bool:
+    """A shard's worth of rows is buffered, or the last commit is older than ``commit_every_s``."""
+    if not buffer:
+        return False
+    rows = sum(len(e.frame_idx) for e in buffer)
+    return rows >= options.shard_size or time.perf_counter() - last_commit >= options.commit_every_s
 
 
 def _finish(done: _Done, parts: list, recipe: str, dim: int) -> Optional[EncodedSource]:

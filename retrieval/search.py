@@ -207,6 +207,20 @@ class Searcher:
             raise InputError("this Searcher was opened without an encoder; use Searcher.open(...) for text or image queries")
 
 
+def check_query(text: Optional[str], image: Optional[Union[str, Path]], then: Optional[str], k: int) -> None:
+    """Refuse a bad command-line query in one line, before any model or index is loaded."""
+    if image is None and (text is None or not text.strip()):
+        raise InputError("empty query; give a description such as \"a man riding a bike\", or --image query.jpg")
+    if image is not None and text:
+        raise InputError("give either a text query or --image, not both")
+    if then is not None and (image is not None or not then.strip()):
+        raise InputError("--then needs a text query and a non-empty second event, e.g. \"a man\" --then \"a car\"")
+    if image is not None:
+        load_query_image(image)  # fail before loading the model
+    if k < 1:
+        raise InputError(f"-k {k} is not valid; ask for at least 1 result")
+
+
 def run_search(index_dir: Union[str, Path], text: Optional[str] = None, image: Optional[Union[str, Path]] = None,
                then: Optional[str] = None, within_s: float = 30.0, k: int = 20, per_video: bool = False,
                model: str = FROM_INDEX, pretrained: str = FROM_INDEX, merge: str = FROM_INDEX, device: str = "auto",
@@ -218,16 +232,7 @@ def run_search(index_dir: Union[str, Path], text: Optional[str] = None, image: O
     approximate index types; exact ``Flat`` ignores them. ``object_name`` keeps only keyframes
     with that detected object (AI Challenge releases, ``indexing.aic.objects_in_frames``).
     """
-    if image is None and (text is None or not text.strip()):
-        raise InputError("empty query; give a description such as \"a man riding a bike\", or --image query.jpg")
-    if image is not None and text:
-        raise InputError("give either a text query or --image, not both")
-    if then is not None and (image is not None or not then.strip()):
-        raise InputError("--then needs a text query and a non-empty second event, e.g. \"a man\" --then \"a car\"")
-    if image is not None:
-        load_query_image(image)  # fail before loading the model
-    if k < 1:
-        raise InputError(f"-k {k} is not valid; ask for at least 1 result")
+    check_query(text, image, then, k)
     allow = None
     if object_name is not None:
         from mergeseek.indexing.aic import objects_in_frames

@@ -26,7 +26,7 @@ import numpy as np
 from mergeseek.errors import IndexMismatchError, InputError
 from mergeseek.indexing.faiss_index import build_index, for_search, load_index, make_index
 from mergeseek.indexing.store import IndexStore, check_identity
-from mergeseek.retrieval.search import FROM_INDEX, SEARCH_IDENTITY, Searcher, load_query_image
+from mergeseek.retrieval.search import FROM_INDEX, SEARCH_IDENTITY, Searcher, check_query
 
 log = logging.getLogger(__name__)
 
@@ -188,14 +188,7 @@ def run_sharded_search(index_dirs: Sequence[Union[str, Path]], text: Optional[st
                        merge: str = FROM_INDEX, device: str = "auto", precision: str = "fp32", batch_size: int = 32,
                        nprobe: int = 16, ef_search: int = 64, index_type: Optional[str] = None) -> list:
     """``retrieval.run_search`` over several index folders (``cli.py search --index A --shard B ...``)."""
-    if image is None and (text is None or not text.strip()):
-        raise InputError("empty query; give a description such as \"a man riding a bike\", or --image query.jpg")
-    if image is not None and text:
-        raise InputError("give either a text query or --image, not both")
-    if then is not None and (image is not None or not then.strip()):
-        raise InputError("--then needs a text query and a non-empty second event, e.g. \"a man\" --then \"a car\"")
-    if image is not None:
-        load_query_image(image)  # fail before loading the model
+    check_query(text, image, then, k)
     searcher = ShardedSearcher.open(index_dirs, model=model, pretrained=pretrained, merge=merge, device=device,
                                     precision=precision, batch_size=batch_size, nprobe=nprobe, ef_search=ef_search,
                                     index_type=index_type)
