@@ -1,4 +1,5 @@
-"""Small runtime helpers every package shares: durable atomic writes, writability checks, version records.
+"""Small runtime helpers every package shares: durable atomic writes, writability checks, version
+records, device resolution, autocast and the top-level splitting of ``key=value,...`` strings.
 
 Every file mergeseek writes goes through :func:`atomic_write` (or :func:`commit_file` for a file
 another program produced): the data go to a temporary name, the file is fsynced, renamed over
@@ -14,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from mergeseek.errors import WriteError
+from mergeseek.errors import ConfigError, WriteError
 
 TMP_SUFFIX = ".tmp"
 
@@ -182,6 +183,49 @@ def software_versions() -> dict:
         except metadata.PackageNotFoundError:
             continue
     return out
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when a CUDA device is present, else ``cpu``; ``cpu``/``cuda``/``cuda:N`` checked."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} was asked for but no CUDA device is present; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError(f"device={device!r} is not valid; choose one of: auto, cpu, cuda, cuda:N")
+    return device
+
+
+def autocast(device: str, precision: str):
+    """The autocast context of ``precision`` on ``device`` (fp32: none; on CPU fp16 and bf16 both mean bf16)."""
+    import contextlib
+
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dev = "cuda" if str(device).startswith("cuda") else "cpu"
+    dtype = torch.float16 if precision == "fp16" and dev == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=dev, dtype=dtype)
+
+
+def split_top_level(text: str) -> list[str]:
+    """Split ``text`` on the commas outside brackets: ``r=[16,8],method=lsh`` -> ``["r=[16,8]", "method=lsh"]``."""
+    items, depth, cur = [], 0, []
+    for ch in text:
+        if ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth -= 1
+        if ch == "," and depth == 0:
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    items.append("".join(cur))
+    return [i.strip() for i in items if i.strip()]
 
 
 def _unlink_quietly(path: Path) -> None:

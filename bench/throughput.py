@@ -152,6 +152,8 @@ def run_throughput(
     configs = ["none"] + [str(MergeConfig.parse(m)) for m in merges if str(MergeConfig.parse(m)) != "none"]
     models = merged_models(visual, configs)
     pixels = sample_pixels(batch_size, base.image_size, base.device)
+    from mergeseek.runtime import autocast as _autocast
+
     autocast = _autocast(base.device, precision)
     callables = dict(models)
     compile_s: dict[str, Optional[float]] = {k: None for k in models}
@@ -251,18 +253,6 @@ def run_suite(
             log.info("%s", format_report(rep))
             out.append(rep)
     return out
-
-
-def _autocast(device: str, precision: str):
-    import contextlib
-
-    import torch
-
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dev = "cuda" if device.startswith("cuda") else "cpu"
-    dtype = torch.float16 if precision == "fp16" and dev == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=dev, dtype=dtype)
 
 
 def _device_times(runs: dict, device: str, iters: int) -> dict[str, float]:

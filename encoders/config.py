@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 from mergeseek.encoders.merging.registry import REGISTRY, get_spec
 from mergeseek.errors import ConfigError
+from mergeseek.runtime import split_top_level
 
 METHODS = ("none", *REGISTRY)  # every registered method (encoders/merging/registry.py)
 SCHEDULES = ("constant", "decreasing")
@@ -98,7 +99,7 @@ class MergeConfig:
             return cls(method="none")
         kwargs: dict[str, Any] = {}
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        for item in _split_top_level(text):
+        for item in split_top_level(text):
             if "=" not in item:
                 raise ConfigError(
                     f"merge option {item!r} in {spec!r} is not key=value; valid keys: {', '.join(fields)}"
@@ -206,20 +207,7 @@ def _decreasing(r: int, num_layers: int) -> list[int]:
     return out
 
 
-def _split_top_level(text: str) -> list[str]:
-    items, depth, cur = [], 0, []
-    for ch in text:
-        if ch in "[(":
-            depth += 1
-        elif ch in "])":
-            depth -= 1
-        if ch == "," and depth == 0:
-            items.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    items.append("".join(cur))
-    return [i.strip() for i in items if i.strip()]
+
 
 
 def _int(key: str, value: str) -> int:

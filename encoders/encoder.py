@@ -16,6 +16,7 @@ import numpy as np
 
 from mergeseek.encoders.config import MergeConfig
 from mergeseek.errors import ConfigError, WeightsUnavailableError
+from mergeseek.runtime import autocast, resolve_device  # noqa: F401  (resolve_device: re-exported, eval.models uses it)
 
 log = logging.getLogger(__name__)
 
@@ -28,18 +29,6 @@ def normalize_pretrained(pretrained: Optional[str]) -> Optional[str]:
     if pretrained is None or str(pretrained).strip().lower() in ("", "none", "random"):
         return None
     return str(pretrained)
-
-
-def resolve_device(device: str = "auto") -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} was asked for but no CUDA device is present; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ConfigError(f"device={device!r} is not valid; choose one of: auto, cpu, cuda, cuda:N")
-    return device
 
 
 def load_open_clip(model_name: str, pretrained: Optional[str], device: str = "cpu", image_size: Optional[int] = None):
@@ -188,15 +177,7 @@ class Encoder:
         return torch.stack(tensors)
 
     def _autocast(self):
-        import contextlib
-
-        import torch
-
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dev = "cuda" if self.device.startswith("cuda") else "cpu"
-        dtype = torch.float16 if self.precision == "fp16" and dev == "cuda" else torch.bfloat16
-        return torch.autocast(device_type=dev, dtype=dtype)
+        return autocast(self.device, self.precision)
 
     def encode_image_tensor(self, pixels) -> "torch.Tensor":  # noqa: F821
         """One forward of the image tower on a preprocessed batch; returns normalised float32 [B, dim]."""

@@ -15,7 +15,6 @@ reference module and only wraps forward passes.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,13 +100,9 @@ class ModelUnderTest:
 
     # ------------------------------------------------------------------ forwards
     def autocast(self):
-        import torch
+        from mergeseek.runtime import autocast
 
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dev = "cuda" if self.device.startswith("cuda") else "cpu"
-        dtype = torch.float16 if self.precision == "fp16" and dev == "cuda" else torch.bfloat16
-        return torch.autocast(device_type=dev, dtype=dtype)
+        return autocast(self.device, self.precision)
 
     def forward(self, module: Any, pixels) -> tuple[Any, Optional[Any]]:
         """One batch through ``module`` (the base or a merged copy).

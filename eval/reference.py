@@ -30,6 +30,7 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 import numpy as np
 
 from mergeseek.errors import ConfigError, InputError, WeightsUnavailableError
+from mergeseek.runtime import split_top_level
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ class ReferenceConfig:
     @classmethod
     def parse(cls, text: str) -> "ReferenceConfig":
         """``"reference-cifar10,epochs=100,lr=5e-4"``: a registered name then key=value overrides."""
-        parts = _split_top_level(text)
+        parts = split_top_level(text)
         base_name = DEFAULT_REFERENCE
         if parts and "=" not in parts[0]:
             base_name = parts.pop(0)
@@ -139,7 +140,7 @@ class ReferenceConfig:
 
     def with_overrides(self, items) -> "ReferenceConfig":
         """Apply ``key=value`` strings (or one comma-separated string) on top of this config."""
-        items = _split_top_level(items if isinstance(items, str) else ",".join(items))
+        items = split_top_level(items if isinstance(items, str) else ",".join(items))
         types = {f.name: f.type for f in dataclasses.fields(self)}
         changes: Dict[str, Any] = {}
         for item in items:
@@ -159,19 +160,7 @@ class ReferenceConfig:
         return ",".join([self.name] + diffs)
 
 
-def _split_top_level(text: str) -> list:
-    """Split on commas that are not inside [...] (so ``mean=[0.5,0.5,0.5]`` stays one item)."""
-    out, depth, cur = [], 0, ""
-    for ch in text:
-        depth += (ch == "[") - (ch == "]")
-        if ch == "," and depth == 0:
-            out.append(cur.strip())
-            cur = ""
-        else:
-            cur += ch
-    if cur.strip():
-        out.append(cur.strip())
-    return [p for p in out if p]
+
 
 
 def _coerce(key: str, raw: str, current: Any) -> Any:

@@ -65,15 +65,12 @@ class ExportResult:
 
 # ------------------------------------------------------------------------------- helpers
 def resolve_device(device: str):
+    """``runtime.resolve_device`` as a ``torch.device``."""
     import torch
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} was asked for but no CUDA device is present; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ConfigError(f"device={device!r} is not valid; choose one of: auto, cpu, cuda, cuda:N")
-    return torch.device(device)
+    from mergeseek.runtime import resolve_device as resolve
+
+    return torch.device(resolve(device))
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
