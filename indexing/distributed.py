@@ -42,14 +42,12 @@ from mergeseek.indexing.pipeline import (
     _Batch,
     _Failed,
     _reuse_config,
-    commit_due,
+    Committer,
     index_paths,
     read_source,
-    take_finished,
 )
 from mergeseek.indexing.sources import BadInput, MediaSource
 from mergeseek.indexing.store import IDENTITY_KEYS, IndexStore
-from mergeseek.indexing.thumbs import ThumbCollector
 
 log = logging.getLogger(__name__)
 
@@ -350,42 +348,25 @@ class _Assembler:
 
 def _ray_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, report: IndexReport, on_commit,
                 ray_options: RayOptions, actor_encoder) -> list:
-    settings = {"sampling": str(options.sampling), "dedup": str(options.dedup)}
     assembler = _Assembler(todo)
-    thumbs = ThumbCollector()  # written beside each shard right after its commit, as in one process
+    writer = Committer(store, options, report, on_commit)  # the same writer as one process
     bars = _Bars(len(todo)) if options.progress else None
-    buffer: list = []
-    new_shards: list = []
-    last_commit = time.perf_counter()
-
-    def commit() -> None:
-        nonlocal buffer, last_commit
-        t0 = time.perf_counter()
-        ids = store.commit(buffer, settings)
-        new_shards.append(store.last_shard)
-        thumbs.write(store.root, new_shards[-1], buffer, ids)
-        report.times.write_s += time.perf_counter() - t0
-        keys = [e.key for e in buffer]
-        buffer, last_commit = [], time.perf_counter()
-        if on_commit is not None:
-            on_commit(keys)
 
     def take(src: MediaSource, last, parts: list) -> None:
         # The bookkeeping of pipeline._run_stages, applied in to-do order so the report matches too.
         for batch, _ in parts:
-            thumbs.add(src.key, batch.thumbs)
+            writer.thumbs.add(src.key, batch.thumbs)
         if last is None or isinstance(last, _Failed):
-            thumbs.drop(src.key)
+            writer.thumbs.drop(src.key)
         if last is None:
             report.failed.append(BadInput(str(src.path), "lost on the Ray cluster (its worker failed past the retries)"))
         elif isinstance(last, _Failed):
             report.failed.append(BadInput(str(last.source.path), last.reason.split(": ", 1)[-1]))
         else:
-            take_finished(last, parts, options, store, report, buffer)
+            writer.take(last, parts)
         if bars:
             bars.source_done()
-        if commit_due(buffer, options, last_commit):
-            commit()
+        writer.commit_if_due()
 
     try:
         for block in _dataset(todo, encoder, options, ray_options, actor_encoder).iter_batches(
@@ -405,8 +386,7 @@ def _ray_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
                 take(src, last, parts)
         for src, last, parts in assembler.abandon():
             take(src, last, parts)
-        if buffer:
-            commit()
+        writer.flush()
     except Exception as exc:
         cause = getattr(exc, "cause", None)
         if isinstance(exc, MergeseekError) and isinstance(cause, MergeseekError) and cause is not exc:
@@ -416,8 +396,7 @@ def _ray_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
         if _is_ray_error(exc):
             for src, last, parts in assembler.ready():  # finished and in order: keep them
                 take(src, last, parts)
-            if buffer:
-                commit()
+            writer.flush()
             kept = store.manifest.counts()
             raise RayRunError(
                 f"Ray run stopped ({_short(exc)}); kept {len(report.indexed)} source(s) of this run committed "
@@ -428,7 +407,7 @@ def _ray_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
     finally:
         if bars:
             bars.close()
-    return new_shards
+    return writer.new_shards
 
 
 def _is_ray_error(exc: BaseException) -> bool:

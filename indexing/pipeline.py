@@ -369,7 +369,6 @@ def index_paths(
 
 def _run_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, report: IndexReport,
                 on_commit) -> list:
-    settings = {"sampling": str(options.sampling), "dedup": str(options.dedup)}
     reader = Reader(todo, options.sampling, options.dedup, encoder.preprocess_images, encoder.batch_size, options.prefetch,
                     options.read_workers, decoder=options.decoder)
     bars = _Bars(len(todo)) if options.progress else None
@@ -377,22 +376,7 @@ def _run_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
     # at a time, sequentially), so a per-source cache in the stream encoder is valid.
     stream = encoder.stream(_reuse_config(options)) if _reuse_config(options) is not None else None
     partial: dict = {}  # source key -> list of (batch, vectors)
-    thumbs = ThumbCollector()  # written beside each shard right after its commit
-    buffer: list = []
-    new_shards: list = []
-    last_commit = time.perf_counter()
-
-    def commit() -> None:
-        nonlocal buffer, last_commit
-        t0 = time.perf_counter()
-        ids = store.commit(buffer, settings)
-        new_shards.append(f"part-{store.manifest.next_shard - 1:05d}")
-        thumbs.write(store.root, new_shards[-1], buffer, ids)
-        report.times.write_s += time.perf_counter() - t0
-        keys = [e.key for e in buffer]
-        buffer, last_commit = [], time.perf_counter()
-        if on_commit is not None:
-            on_commit(keys)
+    writer = Committer(store, options, report, on_commit)
 
     reader.start()
     try:
@@ -402,7 +386,7 @@ def _run_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
                 break
             if isinstance(item, _Batch):
                 report.frames_sampled += item.sampled
-                thumbs.add(item.source.key, item.thumbs)
+                writer.thumbs.add(item.source.key, item.thumbs)
                 if item.pixels is not None:
                     t0 = time.perf_counter()
                     if stream is not None:
@@ -419,22 +403,20 @@ def _run_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
                 partial.pop(item.source.key, None)
                 if stream is not None:
                     stream.end(item.source.key)
-                thumbs.drop(item.source.key)
+                writer.thumbs.drop(item.source.key)
                 report.failed.append(BadInput(str(item.source.path), item.reason.split(": ", 1)[-1]))
                 if bars:
                     bars.source_done()
             else:
                 if stream is not None:
                     stream.end(item.source.key)
-                take_finished(item, partial.pop(item.source.key, []), options, store, report, buffer)
+                writer.take(item, partial.pop(item.source.key, []))
                 if bars:
                     bars.source_done()
-                if commit_due(buffer, options, last_commit):
-                    commit()
+                writer.commit_if_due()
         if reader.error is not None:
             raise reader.error
-        if buffer:
-            commit()
+        writer.flush()
     finally:
         reader.stop_event.set()
         reader.join(timeout=5)
@@ -443,28 +425,55 @@ def _run_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
     report.times.read_s = reader.busy_s
     if stream is not None:
         report.reuse = {"config": str(stream.cfg), **stream.stats.summary()}
-    return new_shards
+    return writer.new_shards
 
 
-def take_finished(done: _Done, parts: list, options: IndexOptions, store: IndexStore, report: IndexReport,
-                  buffer: list) -> None:
-    """A source whose frames are all encoded: its bad frames reported, its rows buffered for the next commit."""
-    report.failed.extend(done.skipped)
-    enc = _finish(done, parts, recipe_for(done.source, options), store.manifest.dim)
-    if enc is None:
-        report.failed.append(BadInput(str(done.source.path), "no readable frames"))
-        return
-    report.duplicates_skipped += done.duplicates
-    report.indexed.append(enc.video_id)
-    buffer.append(enc)
+class Committer:
+    """The one writer of a run: buffers finished sources and commits them as one shard (thumbnails
+    beside it) when ``shard_size`` rows are buffered or ``commit_every_s`` has passed. The threaded
+    pipeline and the Ray driver both write through it, so a shard means the same in both."""
 
+    def __init__(self, store: IndexStore, options: IndexOptions, report: IndexReport,
+                 on_commit: Optional[Callable[[list], None]] = None):
+        self.store, self.options, self.report, self.on_commit = store, options, report, on_commit
+        self.settings = {"sampling": str(options.sampling), "dedup": str(options.dedup)}
+        self.thumbs = ThumbCollector()  # written beside each shard right after its commit
+        self.buffer: list = []
+        self.new_shards: list = []
+        self.last_commit = time.perf_counter()
 
-def commit_due(buffer: list, options: IndexOptions, last_commit: float) -> bool:
-    """A shard's worth of rows is buffered, or the last commit is older than ``commit_every_s``."""
-    if not buffer:
-        return False
-    rows = sum(len(e.frame_idx) for e in buffer)
-    return rows >= options.shard_size or time.perf_counter() - last_commit >= options.commit_every_s
+    def take(self, done: _Done, parts: list) -> None:
+        """A source whose frames are all encoded: its bad frames reported, its rows buffered."""
+        self.report.failed.extend(done.skipped)
+        enc = _finish(done, parts, recipe_for(done.source, self.options), self.store.manifest.dim)
+        if enc is None:
+            self.report.failed.append(BadInput(str(done.source.path), "no readable frames"))
+            return
+        self.report.duplicates_skipped += done.duplicates
+        self.report.indexed.append(enc.video_id)
+        self.buffer.append(enc)
+
+    def commit_if_due(self) -> None:
+        if not self.buffer:
+            return
+        rows = sum(len(e.frame_idx) for e in self.buffer)
+        if rows >= self.options.shard_size or time.perf_counter() - self.last_commit >= self.options.commit_every_s:
+            self.commit()
+
+    def flush(self) -> None:
+        if self.buffer:
+            self.commit()
+
+    def commit(self) -> None:
+        t0 = time.perf_counter()
+        ids = self.store.commit(self.buffer, self.settings)
+        self.new_shards.append(self.store.last_shard)
+        self.thumbs.write(self.store.root, self.new_shards[-1], self.buffer, ids)
+        self.report.times.write_s += time.perf_counter() - t0
+        keys = [e.key for e in self.buffer]
+        self.buffer, self.last_commit = [], time.perf_counter()
+        if self.on_commit is not None:
+            self.on_commit(keys)
 
 
 def _finish(done: _Done, parts: list, recipe: str, dim: int) -> Optional[EncodedSource]:
