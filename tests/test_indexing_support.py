@@ -125,3 +125,24 @@ def index_contents(index_dir: Path) -> tuple[list, np.ndarray]:
     rows = list(zip(*(meta.column(c).to_pylist() for c in ("id", "video_id", "frame_idx", "pts_time", "path"))))
     ids, vecs = store.read_vectors()
     return rows, vecs[np.argsort(ids)]
+
+
+def comparable_contents(index_dir: Path) -> tuple[list, np.ndarray]:
+    """``index_contents`` with NaN times (images have none) made comparable with ``==``."""
+    rows, vecs = index_contents(index_dir)
+    return [tuple("nan" if isinstance(v, float) and v != v else v for v in r) for r in rows], vecs
+
+
+def thumbnails_by_id(index_dir: Path) -> dict:
+    """id -> JPEG bytes of every live row's thumbnail (None where a pack lacks it)."""
+    from mergeseek.indexing.store import IndexStore
+    from mergeseek.indexing.thumbs import ThumbReader
+
+    store = IndexStore.open_for_read(index_dir)
+    meta = store.read_meta()
+    ids = meta.column("id").to_numpy()
+    reader = ThumbReader(index_dir, list(store.manifest.shards), ids, meta.column("hash").to_numpy())
+    try:
+        return {int(i): reader.get(i) for i in ids}
+    finally:
+        reader.close()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_indexing_support import build_encoder, index_contents, write_video
+from test_indexing_support import build_encoder, comparable_contents, index_contents, thumbnails_by_id, write_video
 from typer.testing import CliRunner
 
 from mergeseek.cli import app
@@ -50,22 +50,8 @@ def built(tmp_path_factory, media, one_torch_thread):
     return root
 
 
-def _rows(index_dir: Path):
-    rows, vecs = index_contents(index_dir)
-    return [tuple("nan" if isinstance(v, float) and v != v else v for v in r) for r in rows], vecs
 
 
-def _thumbs(index_dir: Path) -> dict:
-    from mergeseek.indexing.thumbs import ThumbReader
-
-    store = IndexStore.open_for_read(index_dir)
-    meta = store.read_meta()
-    ids = meta.column("id").to_numpy()
-    reader = ThumbReader(index_dir, list(store.manifest.shards), ids, meta.column("hash").to_numpy())
-    try:
-        return {int(i): reader.get(i) for i in ids}
-    finally:
-        reader.close()
 
 
 def _sources(index_dir: Path) -> dict:
@@ -76,15 +62,15 @@ def _sources(index_dir: Path) -> dict:
 def test_merging_two_halves_equals_indexing_the_whole(tmp_path, built):
     into = tmp_path / "merged"
     report = merge_indexes([built / "half1", built / "half2"], into)
-    rows, vecs = _rows(into)
-    ref_rows, ref_vecs = _rows(built / "whole")
+    rows, vecs = comparable_contents(into)
+    ref_rows, ref_vecs = comparable_contents(built / "whole")
     assert rows == ref_rows and [r[0] for r in rows] == list(range(len(rows)))  # same ids, 0..n-1
     np.testing.assert_allclose(vecs, ref_vecs, atol=1e-5)
     half_vecs = np.concatenate([index_contents(built / h)[1] for h in ("half1", "half2")])
     assert np.array_equal(vecs, half_vecs)  # copied bit for bit
     assert _sources(into) == _sources(built / "whole")
-    thumbs = _thumbs(into)
-    assert thumbs == _thumbs(built / "whole") and all(thumbs.values())
+    thumbs = thumbnails_by_id(into)
+    assert thumbs == thumbnails_by_id(built / "whole") and all(thumbs.values())
     store = IndexStore.open_for_read(into)
     assert store.faiss_is_current()
     assert report.sources_copied == 4 and report.vectors_copied == report.vectors_total == len(rows)
@@ -95,13 +81,13 @@ def test_merging_two_halves_equals_indexing_the_whole(tmp_path, built):
     # Merging again adds nothing.
     again = merge_indexes([built / "half1", built / "half2"], into)
     assert again.sources_copied == 0 and again.up_to_date == 4
-    assert _rows(into)[0] == rows
+    assert comparable_contents(into)[0] == rows
 
 
 def test_a_source_in_both_inputs_is_taken_once(tmp_path, built):
     into = tmp_path / "merged"
     report = merge_indexes([built / "half1", built / "whole"], into)
-    assert _rows(into)[0] == _rows(built / "whole")[0]  # a, b from half1 (the same rows), c and stills from whole
+    assert comparable_contents(into)[0] == comparable_contents(built / "whole")[0]  # a, b from half1 (the same rows), c and stills from whole
     assert sorted(_sources(into)) == sorted(_sources(built / "whole"))
     assert len(report.duplicates) == 2 and report.sources_copied == 4
     assert len(index_contents(into)[0]) == len(index_contents(built / "whole")[0])

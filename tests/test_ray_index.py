@@ -8,7 +8,6 @@ commit timing), ids may not.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import signal
 import subprocess
@@ -21,7 +20,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from test_indexing_support import build_encoder, index_contents, write_video  # noqa: E402
+from test_indexing_support import build_encoder, comparable_contents, index_contents, thumbnails_by_id, write_video  # noqa: E402
 
 from mergeseek.errors import IndexMismatchError  # noqa: E402
 from mergeseek.indexing import IndexOptions, index_paths  # noqa: E402
@@ -76,32 +75,17 @@ def _failed(report) -> list:
     return [(Path(b.path).name, b.reason) for b in report.failed]
 
 
-def _rows(index_dir: Path):
-    """``index_contents`` with NaN times (images have none) made comparable."""
-    rows, vecs = index_contents(index_dir)
-    return [tuple("nan" if isinstance(v, float) and v != v else v for v in r) for r in rows], vecs
 
 
-def _thumbs(index_dir: Path) -> dict:
-    from mergeseek.indexing.thumbs import ThumbReader
-
-    store = IndexStore.open_for_read(index_dir)
-    meta = store.read_meta()
-    ids = meta.column("id").to_numpy()
-    reader = ThumbReader(index_dir, list(store.manifest.shards), ids, meta.column("hash").to_numpy())
-    try:
-        return {int(i): reader.get(i) for i in ids}
-    finally:
-        reader.close()
 
 
 def _assert_same_index(index_dir: Path, reference_dir: Path) -> None:
-    rows, vecs = _rows(index_dir)
-    ref_rows, ref_vecs = _rows(reference_dir)
+    rows, vecs = comparable_contents(index_dir)
+    ref_rows, ref_vecs = comparable_contents(reference_dir)
     assert rows == ref_rows
     np.testing.assert_allclose(vecs, ref_vecs, atol=1e-5)
-    thumbs = _thumbs(index_dir)
-    assert thumbs == _thumbs(reference_dir) and all(thumbs.values())  # every frame has its thumbnail
+    thumbs = thumbnails_by_id(index_dir)
+    assert thumbs == thumbnails_by_id(reference_dir) and all(thumbs.values())  # every frame has its thumbnail
 
 
 def dying_encoder(flag: str, device: str):
