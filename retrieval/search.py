@@ -194,12 +194,7 @@ class Searcher:
         hits_a, hits_b = self.search_vectors(np.concatenate([qa, qb]), depth)
         pairs = pair_events(hits_a, hits_b, within_s)
         if per_video:
-            seen, kept = set(), []
-            for p in pairs:
-                if p.video_id not in seen:
-                    seen.add(p.video_id)
-                    kept.append(p)
-            pairs = kept
+            pairs = best_per_video(pairs)
         return pairs[:k]
 
     def _need_encoder(self) -> None:
@@ -252,8 +247,8 @@ def run_search(index_dir: Union[str, Path], text: Optional[str] = None, image: O
     return searcher.search_text(text, k=k, per_video=per_video, allow=allow)
 
 
-def best_per_video(hits: Sequence[Hit]) -> list[Hit]:
-    """Keep the first (best) hit of each video, in order."""
+def best_per_video(hits: Sequence) -> list:
+    """Keep the first (best) hit of each video, in order (hits, pairs or chains: anything with a video_id)."""
     seen, out = set(), []
     for h in hits:
         if h.video_id not in seen:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mergeseek.errors import InputError
-from mergeseek.retrieval.search import Hit
+from mergeseek.retrieval.search import Hit, best_per_video
 
 # Candidates per event inside one window (the best-scoring ones): bounds the work per first-event frame.
 MAX_PER_WINDOW = 256
@@ -129,10 +129,5 @@ def search_events(searcher, events: Sequence[str], within_s: float = 60.0, k: in
     per_event = searcher.search_vectors(qs, depth)
     chains = chain_events(per_event, within_s)
     if per_video:
-        seen, kept = set(), []
-        for c in chains:
-            if c.video_id not in seen:
-                seen.add(c.video_id)
-                kept.append(c)
-        chains = kept
+        chains = best_per_video(chains)
     return chains[:k]
