@@ -57,6 +57,11 @@ class ReuseConfig:
             at or above which a token is recomputed; 0 computes every frame in full.
         refresh: every ``refresh``-th frame of a shot is computed in full (1: every frame).
         cut: share of changed patches above which a frame starts a new shot (scene change).
+        attn: relative change of a token's attention output at or above which its out-projection
+            is recomputed; 0 (the default) recomputes it for every token of a frame whose
+            attention was recomputed. The attention output is how a changed patch reaches the
+            unchanged ones, and the out-projection is a twelfth of a block's linear work, so
+            recomputing it costs little and removes most of the error (docs/REUSE.md).
         bits: SimHash bits per patch (the angle resolution is pi / bits).
         seed: seed of the hash hyperplanes.
         max_videos: reference caches kept at once (least recently used are dropped).
@@ -65,6 +70,7 @@ class ReuseConfig:
     threshold: float = 0.05
     refresh: int = 16
     cut: float = 0.5
+    attn: float = 0.0
     bits: int = 64
     seed: int = 0
     max_videos: int = 16
@@ -76,6 +82,8 @@ class ReuseConfig:
             raise ConfigError(f"reuse refresh={self.refresh} is not valid; it must be >= 1")
         if not 0.0 < self.cut <= 1.0:
             raise ConfigError(f"reuse cut={self.cut} is not valid; give a share in (0, 1]")
+        if not (self.attn >= 0 and math.isfinite(self.attn)):
+            raise ConfigError(f"reuse attn={self.attn} is not valid; give a number >= 0 (0: always recompute)")
         if not 1 <= self.bits <= 1024:
             raise ConfigError(f"reuse bits={self.bits} is not valid; give 1..1024")
         if self.max_videos < 1:
@@ -100,7 +108,7 @@ class ReuseConfig:
                 raise ConfigError(f"reuse option {item!r} in {spec!r} is not key=value; valid keys: {', '.join(fields)}")
             if key not in fields:
                 raise ConfigError(f"unknown reuse option {key!r} in {spec!r}; valid keys: {', '.join(fields)}")
-            kind = float if key in ("threshold", "cut") else int
+            kind = float if key in ("threshold", "cut", "attn") else int
             try:
                 kwargs[key] = kind(value)
             except ValueError:
@@ -550,13 +558,12 @@ class ReuseStream:
         self.stats.add(block, 2, mlp_rows, mlp_done)
 
     # ------------------------------------------------------------------ gated forward (dependants)
-    def _gate(self, new, old, forced: bool):
-        """[F, N] bool: rows whose relative L2 change is >= threshold (+ prefix tokens of active frames)."""
-        import torch
-
+    def _gate(self, new, old, forced: bool, threshold: Optional[float] = None):
+        """[F, N] bool: rows whose relative L2 change is >= ``threshold`` (default: the config's)
+        (+ prefix tokens of active frames)."""
         num = (new - old).float().norm(dim=-1)
         den = old.float().norm(dim=-1).clamp_min(1e-6)
-        active = num / den >= self.cfg.threshold
+        active = num / den >= (self.cfg.threshold if threshold is None else threshold)
         return self._force_prefix(active) if forced else active
 
     def _force_prefix(self, active):
@@ -570,13 +577,40 @@ class ReuseStream:
     @staticmethod
     def _scatter(cached, active, compute, inp, owned: bool = False):
         """``cached`` expanded to the frames, with ``compute(inp[active])`` written at the active rows
-        (in place when ``owned``: a per-row stack nobody reads again)."""
-        out = cached.expand(active.shape[0], -1, -1)
-        rows = int(active.sum())
+        (in place when ``owned``: a per-row stack nobody reads again).
+
+        Rows are gathered and written back through one flat index (``index_select`` /
+        ``index_copy_``), cheaper on small matrices than boolean-mask indexing; a gate open for
+        every row computes the whole batch directly, without copying the cache first."""
+        f, n = active.shape
+        idx = active.reshape(-1).nonzero().squeeze(1)
+        rows = int(idx.numel())
+        if rows == f * n:
+            return compute(inp).to(cached.dtype), rows
+        out = cached.expand(f, -1, -1)
         if rows:
-            if not owned:
-                out = out.clone()
-            out[active] = compute(inp[active]).to(out.dtype)
+            out = out.contiguous() if owned else out.clone()
+            width = out.shape[-1]
+            vals = compute(inp.reshape(f * n, -1).index_select(0, idx)).to(out.dtype)
+            out.view(f * n, width).index_copy_(0, idx, vals)
+        return out, rows
+
+    @staticmethod
+    def _residual(y, cached, active, compute):
+        """``y + branch`` where the branch is ``cached`` except at the active rows, which get
+        ``compute(y[active])``: one broadcast add, then the active rows corrected in place by
+        ``index_add_`` (no copy of the cache)."""
+        f, n = active.shape
+        idx = active.reshape(-1).nonzero().squeeze(1)
+        rows = int(idx.numel())
+        if rows == f * n:
+            return y + compute(y).to(y.dtype), rows
+        out = y + cached
+        if rows:
+            width = out.shape[-1]
+            new = compute(y.reshape(f * n, -1).index_select(0, idx)).to(out.dtype)
+            old = cached.expand(f, -1, -1).reshape(f * n, width).index_select(0, idx)
+            out.view(f * n, width).index_add_(0, idx, new - old)
         return out, rows
 
     def _dependent(self, patches, changed, ref: _Reference):
@@ -599,20 +633,26 @@ class ReuseStream:
             qkv, qkv_done = self._scatter(c.qkv, act, lambda t: fam.qkv(b, fam.ln1(b, t)), x, ref.owned)
             a = c.a.expand(f, -1, -1)
             moved = act.any(dim=1)
-            if bool(moved.any()):
+            n_moved = int(moved.sum())
+            if n_moved == f:  # the usual case: every frame changed somewhere
+                bias = None if c.bias is None else c.bias.expand(f, -1, -1, -1)
+                a = self._attend(b, qkv, bias)[0].to(a.dtype)
+            elif n_moved:
                 a = a.clone()
                 bias = None if c.bias is None else c.bias.expand(f, -1, -1, -1)[moved]
                 a[moved] = self._attend(b, qkv[moved], bias)[0].to(a.dtype)
-            act2 = self._gate(a, c.a, True)
+            if self.cfg.attn > 0:
+                act2 = self._gate(a, c.a, True, self.cfg.attn)
+            else:  # every token of a frame whose attention was recomputed
+                act2 = moved[:, None].expand(f, n)
             p, proj_done = self._scatter(c.p, act2, lambda t: fam.proj(b, t), a, ref.owned)
             y = x + p
             if c.merge_map is not None:
                 y = torch.bmm(c.merge_map.expand(f, -1, -1), y)
             act3 = self._gate(y, c.y, True)
-            m, mlp_done = self._scatter(c.m, act3, lambda t: fam.mlp(b, t), y, ref.owned)
+            x, mlp_done = self._residual(y, c.m, act3, lambda t: fam.mlp(b, t))
             self._count(bi, f * n, f * n, f * y.shape[1], qkv_done, proj_done, mlp_done)
-            touched |= act.any(dim=1) | act2.any(dim=1) | act3.any(dim=1)
-            x = y + m
+            touched |= moved | act2.any(dim=1) | act3.any(dim=1)
         size = None if ref.size is None else ref.size.expand(f, -1, -1)
         out = ref.out.expand(f, -1) if ref.owned else ref.out.expand(f, -1).clone()
         if bool(touched.any()):  # a frame where no gate opened is the reference, exactly

@@ -54,14 +54,15 @@ def per_frame(enc, pixels):
 
 # ---------------------------------------------------------------------------- config
 def test_config_round_trips_and_bad_keys_list_the_valid_ones():
-    cfg = ReuseConfig.parse("threshold=0.1,refresh=8,cut=0.4")
-    assert (cfg.threshold, cfg.refresh, cfg.cut) == (0.1, 8, 0.4)
-    assert ReuseConfig.parse(str(cfg)) == cfg
+    cfg = ReuseConfig.parse("threshold=0.1,refresh=8,cut=0.4,attn=0.02")
+    assert (cfg.threshold, cfg.refresh, cfg.cut, cfg.attn) == (0.1, 8, 0.4, 0.02)
+    assert ReuseConfig.parse(str(cfg)) == cfg and ReuseConfig.parse("threshold=0.1").attn == 0.0
     assert str(ReuseConfig.parse("none")) == "none" and not ReuseConfig.parse(None).enabled
     assert not ReuseConfig.parse("threshold=0").enabled and not ReuseConfig.parse("refresh=1").enabled
-    with pytest.raises(ConfigError, match="valid keys: threshold, refresh, cut, bits, seed, max_videos"):
+    with pytest.raises(ConfigError, match="valid keys: threshold, refresh, cut, attn, bits, seed, max_videos"):
         ReuseConfig.parse("treshold=0.1")
     for bad, words in (("refresh=0", ">= 1"), ("threshold=-1", ">= 0"), ("cut=2", "(0, 1]"), ("refresh=x", "integer"),
+                       ("attn=-0.1", ">= 0"), ("attn=nan", ">= 0"),
                        ("threshold", "key=value")):
         with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace("]", r"\]")):
             ReuseConfig.parse(bad)
