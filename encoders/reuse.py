@@ -65,6 +65,9 @@ class ReuseConfig:
         bits: SimHash bits per patch (the angle resolution is pi / bits).
         seed: seed of the hash hyperplanes.
         max_videos: reference caches kept at once (least recently used are dropped).
+        audit: every ``audit``-th frame that reused work is also encoded per-frame (in batches of
+            the encoder's batch size), giving the error against per-frame encoding and the
+            measured frames/s gain of the run at ~1/audit of the per-frame cost; 0: no audit.
     """
 
     threshold: float = 0.05
@@ -74,6 +77,7 @@ class ReuseConfig:
     bits: int = 64
     seed: int = 0
     max_videos: int = 16
+    audit: int = 32
 
     def __post_init__(self) -> None:
         if not (self.threshold >= 0 and math.isfinite(self.threshold)):
@@ -88,6 +92,8 @@ class ReuseConfig:
             raise ConfigError(f"reuse bits={self.bits} is not valid; give 1..1024")
         if self.max_videos < 1:
             raise ConfigError(f"reuse max_videos={self.max_videos} is not valid; it must be >= 1")
+        if self.audit < 0:
+            raise ConfigError(f"reuse audit={self.audit} is not valid; give an integer >= 0 (0: no audit)")
 
     @property
     def enabled(self) -> bool:
@@ -143,6 +149,13 @@ class ReuseStats:
     rows: List[List[int]] = field(default_factory=list)  # per block [qkv, proj, mlp] rows seen
     computed: List[List[int]] = field(default_factory=list)  # per block [qkv, proj, mlp] rows computed
     weights: Tuple[float, float, float] = (3.0, 1.0, 8.0)
+    # audit (ReuseConfig.audit): frames also encoded per-frame, their cosines, and the seconds of
+    # the reuse path (all frames) and of the per-frame encoding of the audited frames
+    audited: int = 0
+    audit_cos_sum: float = 0.0
+    audit_cos_min: float = 1.0
+    audit_s: float = 0.0
+    stream_s: float = 0.0
 
     def add(self, block: int, gate: int, rows: int, computed: int) -> None:
         while len(self.rows) <= block:
@@ -156,6 +169,11 @@ class ReuseStats:
         self.references += other.references
         self.cuts += other.cuts
         self.refreshes += other.refreshes
+        self.audited += other.audited
+        self.audit_cos_sum += other.audit_cos_sum
+        self.audit_cos_min = min(self.audit_cos_min, other.audit_cos_min)
+        self.audit_s += other.audit_s
+        self.stream_s += other.stream_s
         for b, (rows, comp) in enumerate(zip(other.rows, other.computed)):
             for g in range(3):
                 self.add(b, g, rows[g], comp[g])
@@ -183,8 +201,29 @@ class ReuseStats:
         done = sum(w * c for comp in self.computed for w, c in zip(self.weights, comp))
         return 1.0 - done / total if total else 0.0
 
-    def summary(self) -> dict:
+    def audit_summary(self) -> Optional[dict]:
+        """Error and measured gain against per-frame encoding on the audited frames (None: none).
+
+        ``gain`` = (per-frame seconds per audited frame) / (reuse seconds per frame of the run):
+        frames/s of the reuse path over per-frame encoding of the same kind of frames, measured in
+        the same process. The audited frames reused work, so their error is the worst case; frames
+        computed in full are per-frame encoding already."""
+        if not self.audited:
+            return None
+        reuse_per_frame = self.stream_s / max(1, self.frames)
+        per_frame = self.audit_s / self.audited
         return {
+            "frames": self.audited,
+            "cos_min": round(self.audit_cos_min, 6),
+            "cos_mean": round(self.audit_cos_sum / self.audited, 6),
+            "per_frame_s": round(per_frame, 6),
+            "reuse_s": round(reuse_per_frame, 6),
+            "gain": round(per_frame / reuse_per_frame, 3) if reuse_per_frame > 0 else None,
+            "cost": round(self.audit_s / self.stream_s, 4) if self.stream_s > 0 else None,
+        }
+
+    def summary(self) -> dict:
+        out = {
             "frames": self.frames,
             "references": self.references,
             "cuts": self.cuts,
@@ -193,6 +232,10 @@ class ReuseStats:
             "gate_reuse": {k: round(v, 4) for k, v in self.gate_reuse().items()},
             "block_reuse": [round(v, 4) for v in self.block_reuse()],
         }
+        audit = self.audit_summary()
+        if audit is not None:
+            out["audit"] = audit
+        return out
 
 
 # ---------------------------------------------------------------------------- model families
@@ -393,6 +436,7 @@ class ReuseStream:
         self.merge = MergeConfig.parse(merge)
         self.fam = family_of(model)
         self.streams: "OrderedDict[Hashable, _Stream]" = OrderedDict()
+        self.last_reused: List[bool] = []  # per frame of the last encode(): did it reuse work
         self.stats = ReuseStats(weights=(3.0, 1.0, 2.0 * self.fam.hidden / self.fam.width))
         ref = next(self.fam.root.parameters())
         g = torch.Generator().manual_seed(self.cfg.seed)
@@ -426,6 +470,7 @@ class ReuseStream:
         flat = patches.flatten(1, -2) if patches.ndim == 4 else patches
         codes = (flat.float() @ self.planes.to(flat.device)) > 0  # [B, Np, bits]
         roles, kept = self._plan_frames(codes, video_ids)
+        self.last_reused = [kind == "dep" for kind, _ in roles]
         out = [None] * len(video_ids)
         refs = [i for i, (kind, _) in enumerate(roles) if kind == "ref"]
         new_refs = {}
@@ -697,6 +742,8 @@ class ReuseEncoder:
     def __init__(self, encoder, reuse: Union[ReuseConfig, str, None]):
         self.encoder = encoder
         self.stream = ReuseStream(encoder.model, reuse, encoder.merge)
+        self._since_audit = 0
+        self._pending: list = []  # (pixels [1,3,H,W], reuse output [1,D]) waiting for a full audit batch
 
     @property
     def cfg(self) -> ReuseConfig:
@@ -706,14 +753,63 @@ class ReuseEncoder:
     def stats(self) -> ReuseStats:
         return self.stream.stats
 
+    def _sync(self) -> None:
+        import torch
+
+        if str(self.encoder.device).startswith("cuda"):
+            torch.cuda.synchronize()
+
     def encode_image_tensor(self, pixels, video_ids: Sequence[Hashable]):
         """Normalised float32 [B, dim] for preprocessed frames of the given videos (in order)."""
+        import time
+
         import torch
 
         enc = self.encoder
+        t0 = time.perf_counter()
         with torch.inference_mode(), enc._autocast():
             feats = self.stream.encode(pixels.to(enc.device, non_blocking=True), video_ids)
-        return torch.nn.functional.normalize(feats.float(), dim=-1)
+        out = torch.nn.functional.normalize(feats.float(), dim=-1)
+        if self.cfg.audit:
+            self._sync()
+        self.stats.stream_s += time.perf_counter() - t0
+        if self.cfg.audit:
+            for i, reused in enumerate(self.stream.last_reused):
+                if reused:
+                    self._since_audit += 1
+                    if self._since_audit >= self.cfg.audit:
+                        self._since_audit = 0
+                        self._pending.append((pixels[i : i + 1], out[i : i + 1]))
+            if len(self._pending) >= enc.batch_size:
+                self.flush_audit()
+        return out
+
+    def flush_audit(self) -> None:
+        """Encode the frames waiting for the audit per-frame and record their error and time
+        (called when a batch is full and by ``finish``)."""
+        import time
+
+        import torch
+
+        if not self._pending:
+            return
+        pixels = torch.cat([p for p, _ in self._pending])
+        mine = torch.cat([o for _, o in self._pending]).to(self.encoder.device)
+        self._pending = []
+        t0 = time.perf_counter()
+        ref = self.encoder.encode_image_tensor(pixels)
+        self._sync()
+        st = self.stats
+        st.audit_s += time.perf_counter() - t0
+        cos = (ref * mine).sum(dim=-1).clamp(-1.0, 1.0).double().cpu()
+        st.audited += int(cos.numel())
+        st.audit_cos_sum += float(cos.sum())
+        st.audit_cos_min = min(st.audit_cos_min, float(cos.min()))
+
+    def finish(self) -> ReuseStats:
+        """Audit what is still waiting; returns the stats of the run."""
+        self.flush_audit()
+        return self.stats
 
     def end(self, video_id: Hashable) -> None:
         """The video is finished: drop its cache."""

@@ -12,6 +12,7 @@ stays bounded. A source is committed whole or not at all; a bad file is listed a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -77,6 +78,18 @@ class IndexOptions:
     memory_budget: Optional[int] = None
     reuse: Optional[str] = None
 
+    def __post_init__(self) -> None:
+        # The library takes the command line's spellings too: sampling="fps=2", reuse="threshold=0.05"
+        # (checked here, before any work, not deep inside the reader).
+        if not isinstance(self.sampling, Sampling):
+            object.__setattr__(self, "sampling", Sampling.parse(self.sampling))
+        if self.reuse is not None and not isinstance(self.reuse, str):
+            object.__setattr__(self, "reuse", str(self.reuse))
+        if self.reuse is not None:
+            from mergeseek.encoders.reuse import ReuseConfig
+
+            ReuseConfig.parse(self.reuse)
+
 
 @dataclass
 class StageTimes:
@@ -140,8 +153,16 @@ class IndexReport:
             r = self.reuse
             lines.append(f"reuse {r['config']}: {r['reuse_rate']:.0%} of the linear-layer work reused "
                          f"(ideal speed-up {1 / max(1e-9, 1 - r['reuse_rate']):.2f}x); {r['references']} of {r['frames']} "
-                         f"frames computed in full ({r['cuts']} scene cuts, {r['refreshes']} refreshes); "
-                         "error and measured gain vs per-frame: cli.py eval --dataset video --reuse, bench/reuse.py")
+                         f"frames computed in full ({r['cuts']} scene cuts, {r['refreshes']} refreshes)")
+            a = r.get("audit")
+            if a:
+                gain = f"{a['gain']:.2f}x the per-frame frames/s" if a.get("gain") else "gain not measured"
+                lines.append(f"reuse vs per-frame on {a['frames']} audited frame(s) (1 in {r['audit_every']} that reused work): "
+                             f"cosine min {a['cos_min']:.4f}, mean {a['cos_mean']:.4f}; {gain} "
+                             f"(audit cost {a['cost']:.0%} of the encode time; audit=0 turns it off)")
+            else:
+                lines.append("reuse vs per-frame: no frame audited (audit=0, or no frame reused work); "
+                             "error and gain: cli.py eval --dataset video --reuse, bench/reuse.py")
         lines += [f"skipped {b.path}: {b.reason}" for b in self.failed]
         return lines
 
@@ -288,6 +309,8 @@ def recipe_for(source: MediaSource, options: IndexOptions) -> str:
     sampling = str(options.sampling) if source.kind == "video" else "all"
     recipe = f"{sampling};dedup={options.dedup}"
     reuse = _reuse_config(options)
+    if reuse is not None:  # the audit only measures; it does not change a vector
+        reuse = dataclasses.replace(reuse, audit=type(reuse)().audit)
     return recipe + (f";reuse={reuse}" if reuse is not None else "")
 
 
@@ -424,7 +447,7 @@ def _run_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
             bars.close()
     report.times.read_s = reader.busy_s
     if stream is not None:
-        report.reuse = {"config": str(stream.cfg), **stream.stats.summary()}
+        report.reuse = {"config": str(stream.cfg), "audit_every": stream.cfg.audit, **stream.finish().summary()}
     return writer.new_shards
 
 

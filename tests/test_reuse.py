@@ -68,6 +68,17 @@ def test_config_round_trips_and_bad_keys_list_the_valid_ones():
             ReuseConfig.parse(bad)
 
 
+def test_index_options_take_the_command_line_spellings_and_check_them_first():
+    from mergeseek.indexing import IndexOptions
+    from mergeseek.indexing.sampling import Sampling
+
+    assert IndexOptions(sampling="fps=2").sampling == Sampling.parse("fps=2")
+    with pytest.raises(ConfigError, match="valid keys"):
+        IndexOptions(reuse="treshold=0.1")
+    with pytest.raises(ConfigError, match="sampling"):
+        IndexOptions(sampling="fps")
+
+
 # ---------------------------------------------------------------------------- exactness
 @pytest.mark.parametrize("merge", MERGES)
 def test_threshold_zero_equals_per_frame_encoding(encoders_by_merge, clip_frames, merge):
@@ -117,6 +128,48 @@ def test_refresh_bounds_how_many_frames_reuse_one_reference(encoders_by_merge, c
     stream = enc.stream("threshold=0.05,refresh=3")
     stream.encode_image_tensor(frames, ["v"] * 7)
     assert stream.stats.references == 3 and stream.stats.refreshes == 2  # frames 0, 3, 6
+
+
+@pytest.mark.parametrize("merge", ["none", "r=8"])
+def test_the_audit_measures_the_error_of_exactly_the_frames_that_reused_work(encoders_by_merge, clip_frames, merge):
+    enc = encoders_by_merge[merge]
+    frames = torch.cat(clip_frames)
+    stream = enc.stream("threshold=0.05,refresh=4,audit=1")  # every frame that reused work is audited
+    out = torch.cat([stream.encode_image_tensor(frames[s : s + 3], ["v"] * len(frames[s : s + 3]))
+                     for s in range(0, len(frames), 3)])
+    st = stream.finish()
+    reused = st.frames - st.references
+    assert reused > 0 and st.audited == reused
+    # Against an independent per-frame pass over all frames: the frames computed in full agree to
+    # float precision, so the audit's minimum is the minimum over all frames.
+    cos = (out * per_frame(enc, frames)).sum(-1).double()
+    assert st.audit_cos_min == pytest.approx(float(cos.min()), abs=1e-6)
+    assert st.audit_cos_sum / st.audited <= 1.0 + 1e-9
+    a = st.summary()["audit"]
+    assert a["frames"] == reused and a["gain"] > 0 and a["per_frame_s"] > 0 and a["reuse_s"] > 0
+    # audit=3 audits every third frame that reused work; audit=0 none (and no audit key).
+    every3 = enc.stream("threshold=0.05,refresh=4,audit=3")
+    every3.encode_image_tensor(frames, ["v"] * len(frames))
+    assert every3.finish().audited == reused // 3
+    off = enc.stream("threshold=0.05,refresh=4,audit=0")
+    off.encode_image_tensor(frames, ["v"] * len(frames))
+    assert off.finish().audited == 0 and "audit" not in off.stats.summary()
+
+
+def test_attn_gate_trades_out_projection_work_for_error(encoders_by_merge, clip_frames):
+    """attn=0 (default) recomputes every out-projection row of a moved frame; a positive attn
+    reuses some of them and is never more accurate on this clip."""
+    enc = encoders_by_merge["none"]
+    frames = clip_frames[0]
+    base = per_frame(enc, frames)
+    errs, proj = {}, {}
+    for spec in ("threshold=0.05", "threshold=0.05,attn=0.05"):
+        stream = enc.stream(spec + ",audit=0")
+        out = stream.encode_image_tensor(frames, ["v"] * len(frames))
+        errs[spec] = float((1 - (out * base).sum(-1)).max())
+        proj[spec] = stream.stats.gate_reuse()["proj"]
+    assert proj["threshold=0.05"] == 0.0 and proj["threshold=0.05,attn=0.05"] > 0.0
+    assert errs["threshold=0.05"] <= errs["threshold=0.05,attn=0.05"] + 1e-7
 
 
 @pytest.mark.parametrize("merge", ["none", "r=8"])
@@ -187,23 +240,55 @@ def test_timm_reference_vit(reference_vit, merge):
 
 
 # ---------------------------------------------------------------------------- the index pipeline
-def test_index_with_reuse_reports_the_reuse(tmp_path, encoders_by_merge):
-    from test_indexing_support import write_video
+def _write_frames(path, frames, fps=10.0):
+    import cv2
+
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    assert writer.isOpened()
+    for f in frames:
+        writer.write(np.ascontiguousarray(f[..., ::-1]))
+    writer.release()
+    return path
+
+
+def test_index_with_reuse_reports_the_reuse_and_its_audited_error(tmp_path, encoders_by_merge):
+    from skimage import data
 
     from mergeseek.indexing import IndexOptions, index_paths
+    from mergeseek.indexing.dedup import Dedup
+    from test_indexing_support import index_contents
 
     videos = tmp_path / "videos"
     videos.mkdir()
-    write_video(videos / "clip.mp4", [("red", 20), ("blue", 20)])
+    _write_frames(videos / "static.mp4", static_clip(data.coffee(), 12, fps=10.0, size=224, noise=1.0).frames)
     enc = encoders_by_merge["none"]
-    plain = index_paths([videos], tmp_path / "plain", enc, IndexOptions())
-    report = index_paths([videos], tmp_path / "ix", enc, IndexOptions(reuse="threshold=0.05,refresh=4"))
-    assert report.frames_encoded == plain.frames_encoded and report.reuse["frames"] == report.frames_encoded
-    assert report.reuse["references"] >= 2 and 0.0 <= report.reuse["reuse_rate"] < 1.0
-    assert any(line.startswith("reuse threshold=0.05") for line in report.summary_lines())
+    every = dict(sampling="all", dedup=Dedup(enabled=False))
+    plain = index_paths([videos], tmp_path / "plain", enc, IndexOptions(**every))
+    report = index_paths([videos], tmp_path / "ix", enc, IndexOptions(reuse="threshold=0.05,refresh=4", **every))
+    assert report.frames_encoded == plain.frames_encoded == 12 and report.reuse["frames"] == 12
+    assert report.reuse["references"] == 3 and 0.2 < report.reuse["reuse_rate"] < 1.0  # frames 0, 4, 8
+    lines = report.summary_lines()
+    assert any(line.startswith("reuse threshold=0.05,refresh=4:") for line in lines)
+    assert report.reuse["audit_every"] == 32 and "audit" not in report.reuse  # 9 reused frames < 32
+    assert any(line.startswith("reuse vs per-frame: no frame audited") for line in lines)
+    # The audit only measures: another audit setting is the same recipe (nothing re-indexed).
+    again = index_paths([videos], tmp_path / "ix", enc, IndexOptions(reuse="threshold=0.05,refresh=4,audit=1", **every))
+    assert not again.indexed and again.up_to_date == 1
+    # audit=1 audits every frame that reused work; its minimum cosine is the one between the two
+    # indexes' stored vectors (per-frame vs reuse), computed here independently.
+    fresh = index_paths([videos], tmp_path / "ix1", enc, IndexOptions(reuse="threshold=0.05,refresh=4,audit=1", **every))
+    a = fresh.reuse["audit"]
+    assert a["frames"] == 9
+    rows_p, vec_p = index_contents(tmp_path / "plain")
+    rows_r, vec_r = index_contents(tmp_path / "ix1")
+    assert [r[2] for r in rows_p] == [r[2] for r in rows_r]  # same frames (frame_idx), same order
+    cos = (vec_p * vec_r).sum(axis=1)
+    assert a["cos_min"] == pytest.approx(float(cos.min()), abs=1e-5) and a["cos_min"] > 0.99
+    assert any("9 audited frame(s)" in line and "cosine min" in line for line in fresh.summary_lines())
     # A different reuse setting is a different recipe: the source is indexed again.
-    again = index_paths([videos], tmp_path / "ix", enc, IndexOptions())
-    assert again.indexed and again.reuse == {}
+    plain_again = index_paths([videos], tmp_path / "ix", enc, IndexOptions(**every))
+    assert plain_again.indexed and plain_again.reuse == {}
 
 
 def test_cli_rejects_a_bad_reuse_key(tmp_path):
