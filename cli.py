@@ -211,7 +211,7 @@ def index_cmd(
 ReuseOpt = Annotated[
     Optional[str],
     typer.Option("--reuse", help="Reuse work across the frames of a shot: 'threshold=0.05,refresh=16' (keys: threshold, "
-                 "refresh, cut, attn, bits, seed, max_videos; 'none' = off). See docs/REUSE.md."),
+                 "refresh, cut, attn, bits, seed, max_videos, audit; 'none' = off). See docs/REUSE.md."),
 ]
 
 

@@ -654,7 +654,7 @@ class ReuseStream:
         if rows:
             width = out.shape[-1]
             new = compute(y.reshape(f * n, -1).index_select(0, idx)).to(out.dtype)
-            old = cached.expand(f, -1, -1).reshape(f * n, width).index_select(0, idx)
+            old = cached.expand(f, -1, -1).reshape(f * n, width).index_select(0, idx).to(out.dtype)
             out.view(f * n, width).index_add_(0, idx, new - old)
         return out, rows
 

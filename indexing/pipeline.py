@@ -125,8 +125,6 @@ class IndexReport:
         return self.frames_encoded / self.times.wall_s if self.times.wall_s > 0 else 0.0
 
     def to_dict(self) -> dict:
-        import dataclasses
-
         d = dataclasses.asdict(self)
         d["failed"] = [{"path": b.path, "reason": b.reason} for b in self.failed]
         d["frames_per_s"] = round(self.frames_per_s, 3)

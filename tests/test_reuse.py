@@ -59,7 +59,7 @@ def test_config_round_trips_and_bad_keys_list_the_valid_ones():
     assert ReuseConfig.parse(str(cfg)) == cfg and ReuseConfig.parse("threshold=0.1").attn == 0.0
     assert str(ReuseConfig.parse("none")) == "none" and not ReuseConfig.parse(None).enabled
     assert not ReuseConfig.parse("threshold=0").enabled and not ReuseConfig.parse("refresh=1").enabled
-    with pytest.raises(ConfigError, match="valid keys: threshold, refresh, cut, attn, bits, seed, max_videos"):
+    with pytest.raises(ConfigError, match="valid keys: threshold, refresh, cut, attn, bits, seed, max_videos, audit"):
         ReuseConfig.parse("treshold=0.1")
     for bad, words in (("refresh=0", ">= 1"), ("threshold=-1", ">= 0"), ("cut=2", "(0, 1]"), ("refresh=x", "integer"),
                        ("attn=-0.1", ">= 0"), ("attn=nan", ">= 0"),
@@ -299,6 +299,21 @@ def test_cli_rejects_a_bad_reuse_key(tmp_path):
     result = CliRunner().invoke(app, ["index", str(tmp_path), "--reuse", "refesh=4", "--pretrained", "none"])
     assert result.exit_code != 0
     assert "valid keys: threshold, refresh" in (result.stdout + result.stderr)
+
+
+@pytest.mark.parametrize("merge", ["none", "r=8"])
+def test_half_precision_autocast_runs_the_gated_path(clip_frames, merge, one_torch_thread):
+    """bf16 autocast on CPU mixes dtypes in the cached rows, the gathers and the residual
+    correction, as fp16 does on CUDA; the stream stays close to per-frame bf16 encoding."""
+    from mergeseek.encoders import Encoder
+
+    enc = Encoder(model_name="ViT-B-32", pretrained=None, device="cpu", merge=merge, batch_size=8, precision="bf16")
+    frames = torch.cat(clip_frames)
+    stream = enc.stream("threshold=0.05,refresh=16,audit=0")
+    out = stream.encode_image_tensor(frames, ["v"] * len(frames))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert stream.stats.reuse_rate > 0.1
+    assert (out * enc.encode_image_tensor(frames)).sum(-1).min().item() > 0.98
 
 
 # ---------------------------------------------------------------------------- device
