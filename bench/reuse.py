@@ -37,14 +37,6 @@ def _clips(sets: List[str], fps: float, size: int, max_frames: int, seconds: flo
     return [c for c in clips if not kinds or c.kind in kinds]
 
 
-def _topk_overlap(base: np.ndarray, other: np.ndarray, k: int = 10) -> float:
-    k = min(k, len(base))
-    q = base
-    a = np.argsort(-(q @ base.T), axis=1, kind="stable")[:, :k]
-    b = np.argsort(-(q @ other.T), axis=1, kind="stable")[:, :k]
-    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b)]))
-
-
 CLOCK = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
@@ -72,6 +64,7 @@ def bench_clip_model(model: str, fps_list: List[float], sets: List[str], reuse: 
 
     from mergeseek.encoders import Encoder
     from mergeseek.encoders.reuse import ReuseConfig
+    from mergeseek.eval.datasets.video import top_k_overlap
 
     enc = Encoder(model_name=model, pretrained=None, device="cpu", merge=merge, batch_size=batch_size)
     rows = []
@@ -86,12 +79,13 @@ def bench_clip_model(model: str, fps_list: List[float], sets: List[str], reuse: 
 
         stats = {}
 
+        ids = [c.name for c in clips for _ in range(len(c))]
+
         def reused():
+            # The same batches as per_frame (clips in order, a batch may span two clips: each frame
+            # carries its clip's id), so the two passes differ only in the reuse.
             stream = enc.stream(dataclasses.replace(ReuseConfig.parse(reuse), audit=0))  # timed: no audit
-            outs = []
-            for c, px in zip(clips, pixels):
-                for s in range(0, len(px), batch_size):
-                    outs.append(stream.encode_image_tensor(px[s : s + batch_size], [c.name] * len(px[s : s + batch_size])))
+            outs = [stream.encode_image_tensor(allpx[s : s + batch_size], ids[s : s + batch_size]) for s in range(0, n, batch_size)]
             stats["s"] = stream.stats
             return torch.cat(outs).numpy()
 
@@ -110,7 +104,7 @@ def bench_clip_model(model: str, fps_list: List[float], sets: List[str], reuse: 
             "kinds": ",".join(kinds or []) or "all",
             "per_frame_fps": round(n / t_pf, 2), "reuse_fps": round(n / t_ru, 2), "gain": round(t_pf / t_ru, 2),
             "cos_min": round(float(cos.min()), 4), "cos_mean": round(float(cos.mean()), 4),
-            "top10_overlap": round(_topk_overlap(e_pf, e_ru), 4),
+            "top10_overlap": round(top_k_overlap(e_pf, e_ru), 4),
             "cos_min_by_kind": {k: round(float(np.concatenate(by_kind[k]).min()), 4) for k in kinds},
             **{k: v for k, v in stats["s"].summary().items() if k in ("references", "cuts", "refreshes", "reuse_rate")},
         })

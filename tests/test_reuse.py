@@ -337,8 +337,16 @@ def test_video_set_specs():
     assert vs.name == "video@2fps" and len(vs.clips) == 5 and all(len(c) == 3 for c in vs.clips)
     kinds = {c.kind for c in vs.clips}
     assert kinds == {"pan", "zoom", "static", "cut"}
-    with pytest.raises(ConfigError, match="valid keys: fps, sets"):
+    with pytest.raises(ConfigError, match="valid keys: fps, sets, kinds"):
         load_video_set("video,speed=3", "/nonexistent")
+    static = load_video_set("video,sets=synthetic,kinds=static+cut,fps=2,seconds=1.5", "/nonexistent")
+    assert static.name == "video@2fps[static+cut]" and sorted(c.kind for c in static.clips) == ["cut", "static", "static"]
+    for mine, full in zip([c for c in static.clips if c.kind == "static"], [c for c in vs.clips if c.kind == "static"]):
+        assert mine.name == full.name and np.array_equal(np.stack(mine.frames), np.stack(full.frames))
+    with pytest.raises(ConfigError, match="kinds=walk"):
+        load_video_set("video,kinds=walk", "/nonexistent")
+    with pytest.raises(ConfigError, match="no clip of kinds sample"):
+        load_video_set("video,sets=synthetic,kinds=sample", "/nonexistent")
     with pytest.raises(ConfigError, match="synthetic, sample"):
         load_video_set("video,sets=youtube", "/nonexistent")
 

@@ -163,7 +163,8 @@ def cifar_clips(images: np.ndarray, labels: Sequence[int], frames: int = 8, fps:
 
 # ---------------------------------------------------------------------------- eval sets (cli.py eval --dataset video)
 VIDEO_SETS = ("video", "cifar10-video")
-VIDEO_KEYS = ("fps", "sets", "frames", "seconds", "max_frames", "name")
+VIDEO_KEYS = ("fps", "sets", "kinds", "frames", "seconds", "max_frames", "name")
+CLIP_KINDS = ("pan", "zoom", "static", "cut", "sample")
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,7 @@ def is_video_spec(text: str) -> bool:
 
 
 def load_video_set(text: str, data_root, limit: Optional[int] = None, seed: int = 0) -> VideoSet:
-    """``video[,fps=5][,sets=synthetic+sample][,seconds=6][,max_frames=30]`` or
+    """``video[,fps=5][,sets=synthetic+sample][,kinds=static+cut][,seconds=6][,max_frames=30]`` or
     ``cifar10-video[:PATH][,fps=5][,frames=8]`` (``limit``: CIFAR images, default 100)."""
     from mergeseek.errors import ConfigError
 
@@ -220,12 +221,22 @@ def load_video_set(text: str, data_root, limit: Optional[int] = None, seed: int 
     bad = [s for s in sets if s not in ("synthetic", "sample")]
     if bad:
         raise ConfigError(f"video set sets={'+'.join(sets)!r} is not valid; use synthetic, sample or synthetic+sample")
+    kinds = [k for k in opts.get("kinds", "").split("+") if k]
+    bad = [k for k in kinds if k not in CLIP_KINDS]
+    if bad:
+        raise ConfigError(f"video set kinds={'+'.join(kinds)!r} is not valid; use any of {', '.join(CLIP_KINDS)} joined by +")
     clips = []
     if "synthetic" in sets:
         clips += synthetic_clips(fps, seconds=seconds)
-    if "sample" in sets:
+    if "sample" in sets and (not kinds or "sample" in kinds):
         clips += sample_clips(fps, max_frames=max_frames)
-    return VideoSet(opts.get("name", f"video@{fps:g}fps"), f"{'+'.join(sets)} clips", fps, tuple(clips))
+    if kinds:
+        clips = [c for c in clips if c.kind in kinds]
+        if not clips:
+            raise ConfigError(f"video set {text!r} has no clip of kinds {'+'.join(kinds)} in sets {'+'.join(sets)}")
+    what = f"{'+'.join(sets)} clips" + (f" of kinds {'+'.join(kinds)}" if kinds else "")
+    default_name = f"video@{fps:g}fps" + (f"[{'+'.join(kinds)}]" if kinds else "")
+    return VideoSet(opts.get("name", default_name), what, fps, tuple(clips))
 
 
 def _frames_to_pixels(mut, vs: VideoSet):
@@ -244,7 +255,7 @@ def timing_pixels(mut, vs: VideoSet, batch_size: int):
     return torch.stack([mut.preprocess(Image.fromarray(frames[i % len(frames)])) for i in range(batch_size)]).to(mut.device)
 
 
-def _top_k_overlap(base: np.ndarray, other: np.ndarray, k: int) -> float:
+def top_k_overlap(base: np.ndarray, other: np.ndarray, k: int = 10) -> float:
     """Image-to-image search: each per-frame vector queries the per-frame and the reuse database."""
     k = min(k, len(base))
     a = np.argsort(-(base @ base.T), axis=1, kind="stable")[:, :k]
@@ -312,7 +323,7 @@ def evaluate_video_set(mut, cands: dict, merges: dict, vs: VideoSet, reuses: Seq
                        "reuse_rate": st["reuse_rate"], "references": st["references"], "cuts": st["cuts"],
                        "refreshes": st["refreshes"], "block_reuse": st["block_reuse"]}
             agree = {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
-                     f"top{topk}_overlap": _top_k_overlap(e_pf, e_ru, topk)}
+                     f"top{topk}_overlap": top_k_overlap(e_pf, e_ru, topk)}
             if labels is not None:
                 p_pf, p_ru = base.argmax(1).cpu().numpy(), out.argmax(1).cpu().numpy()
                 metrics["top1_per_frame"] = float(np.mean(p_pf == labels))
