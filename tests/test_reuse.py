@@ -343,7 +343,7 @@ def test_video_set_specs():
     assert static.name == "video@2fps[static+cut]" and sorted(c.kind for c in static.clips) == ["cut", "static", "static"]
     for mine, full in zip([c for c in static.clips if c.kind == "static"], [c for c in vs.clips if c.kind == "static"]):
         assert mine.name == full.name and np.array_equal(np.stack(mine.frames), np.stack(full.frames))
-    with pytest.raises(ConfigError, match="kinds=walk"):
+    with pytest.raises(ConfigError, match="kinds='walk' is not valid; use any of pan, zoom, static, cut, sample"):
         load_video_set("video,kinds=walk", "/nonexistent")
     with pytest.raises(ConfigError, match="no clip of kinds sample"):
         load_video_set("video,sets=synthetic,kinds=sample", "/nonexistent")
