@@ -122,6 +122,29 @@ def test_a_cut_resets_the_cache(encoders_by_merge, clip_frames):
     assert st.reuse_rate > 0.2
 
 
+@pytest.mark.parametrize("merge", MERGES)
+def test_frames_that_are_all_cuts_cost_a_plain_forward_and_count_every_row(encoders_by_merge, merge):
+    """A reference nobody reuses runs the model's own forward; outputs and row counts equal the
+    cached full forward (one frame per call: every frame is the last reference of its call)."""
+    from skimage import data
+
+    enc = encoders_by_merge[merge]
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    frames = enc.preprocess_images([p[..., :3] for p in photos])  # four unrelated frames: four cuts
+    batched = enc.stream("threshold=0.05,audit=0")
+    out = batched.encode_image_tensor(frames, ["v"] * 4)
+    single = enc.stream("threshold=0.05,audit=0")
+    out1 = torch.cat([single.encode_image_tensor(frames[i : i + 1], ["v"]) for i in range(4)])
+    assert batched.stats.cuts == single.stats.cuts == 3
+    assert (out - per_frame(enc, frames)).abs().max().item() <= 1e-5
+    assert (out1 - out).abs().max().item() <= 1e-5
+    assert batched.stats.rows == single.stats.rows and batched.stats.computed == batched.stats.rows
+    assert batched.stats.reuse_rate == 0.0
+    # The last reference keeps its caches: an identical next frame reuses everything.
+    again = batched.encode_image_tensor(frames[3:], ["v"])
+    assert torch.equal(again, out[3:]) and batched.stats.references == 4
+
+
 def test_refresh_bounds_how_many_frames_reuse_one_reference(encoders_by_merge, clip_frames):
     enc = encoders_by_merge["none"]
     frames = clip_frames[0][:1].repeat(7, 1, 1, 1)
