@@ -437,7 +437,6 @@ class ReuseStream:
         self.fam = family_of(model)
         self.streams: "OrderedDict[Hashable, _Stream]" = OrderedDict()
         self.last_reused: List[bool] = []  # per frame of the last encode(): did it reuse work
-        self._full_rows: List[Tuple[int, int]] = []  # per block (tokens in, tokens after merging) of a full frame
         self.stats = ReuseStats(weights=(3.0, 1.0, 2.0 * self.fam.hidden / self.fam.width))
         ref = next(self.fam.root.parameters())
         g = torch.Generator().manual_seed(self.cfg.seed)
@@ -469,7 +468,6 @@ class ReuseStream:
             raise ConfigError(f"got {pixels.shape[0]} frames but {len(video_ids)} video ids; pass one id per frame")
         patches = self.fam.patches(pixels)
         flat = patches.flatten(1, -2) if patches.ndim == 4 else patches
-        self._tokens = int(flat.shape[1]) + self.fam.protected
         codes = (flat.float() @ self.planes.to(flat.device)) > 0  # [B, Np, bits]
         roles, kept = self._plan_frames(codes, video_ids)
         self.last_reused = [kind == "dep" for kind, _ in roles]
@@ -490,10 +488,9 @@ class ReuseStream:
                 out[i] = outs[j : j + 1]
                 new_refs[i] = refs_made[j]
         if plain:
-            outs = self.fam.root(pixels[plain])
+            outs = self._plain(patches[plain])
             for j, i in enumerate(plain):
                 out[i] = outs[j : j + 1]
-            self._count_full(len(plain))
         # Dependants (whatever their reference: a frame of this batch or one kept from before) run
         # as one batch per token layout, each row against its own reference's cache.
         groups: "OrderedDict[Any, list]" = OrderedDict()
@@ -583,7 +580,6 @@ class ReuseStream:
         wanted = self.merge.wanted(len(fam.blocks))
         state = TokenState()
         caches: List[list] = [[] for _ in range(rr)]
-        rows: List[Tuple[int, int]] = []  # tokens in / after the merge, per block
         for bi, b in enumerate(fam.blocks):
             bias = attention_bias(state, plan.prop_attn, x.dtype) if plan is not None else None
             qkv = fam.qkv(b, fam.ln1(b, x))
@@ -606,25 +602,33 @@ class ReuseStream:
                                              None if bias is None else bias[s],
                                              None if merge_map is None else merge_map[s]))
             self._count(bi, rr * x.shape[1], rr * x.shape[1], rr * y.shape[1], rr * x.shape[1], rr * x.shape[1], rr * y.shape[1])
-            rows.append((int(x.shape[1]), int(y.shape[1])))
             x = y + m
-        self._full_rows = rows
         out = fam.pool(x, state.size)
         size = state.size
         refs = [_Reference(codes[j], caches[j], None if size is None else size[j : j + 1], out[j : j + 1]) for j in range(rr)]
         return out, refs
 
-    def _count_full(self, frames: int) -> None:
-        """Count ``frames`` frames computed in full by the model's own forward (every row of every
-        gate), with the per-block token counts of the full forward (``_full`` records them)."""
-        if not self._full_rows:  # no full forward ran yet (reuse off): the schedule's token counts
-            n, wanted = self._tokens, self.merge.wanted(len(self.fam.blocks))
-            for bi in range(len(self.fam.blocks)):
-                r = self.merge.layer_r(wanted[bi], n, self.fam.protected) if self._plan is not None else 0
-                self._full_rows.append((n, n - r))
-                n -= r
-        for bi, (n, m) in enumerate(self._full_rows):
-            self._count(bi, frames * n, frames * n, frames * m, frames * n, frames * n, frames * m)
+    def _plain(self, patches):
+        """The model's own blocks on the patch embeddings already computed for the hashes (no
+        caches kept): per-frame encoding without a second patch embedding. Every row counts as
+        computed."""
+        fam = self.fam
+        x = fam.tokens(patches)
+        f = x.shape[0]
+        if self._plan is None:
+            for bi, b in enumerate(fam.blocks):
+                n = int(x.shape[1])
+                x = b(x)
+                self._count(bi, f * n, f * n, f * n, f * n, f * n, f * n)
+            return fam.pool(x, None)
+        from mergeseek.encoders.patch.common import run_blocks
+
+        n = int(x.shape[1])
+        x, state, rec = run_blocks(fam.blocks, x, self.merge, self._plan)
+        for bi, m in enumerate(rec.tokens):
+            self._count(bi, f * n, f * n, f * m, f * n, f * n, f * m)
+            n = m
+        return fam.pool(x, state.size)
 
     def _count(self, block, qkv_rows, proj_rows, mlp_rows, qkv_done, proj_done, mlp_done) -> None:
         self.stats.add(block, 0, qkv_rows, qkv_done)
