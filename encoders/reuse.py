@@ -473,24 +473,15 @@ class ReuseStream:
         self.last_reused = [kind == "dep" for kind, _ in roles]
         out = [None] * len(video_ids)
         refs = [i for i, (kind, _) in enumerate(roles) if kind == "ref"]
-        # A reference needs its caches only when a frame of this batch reuses it or it is the last
-        # reference of its video here (the next call may reuse it). The others -- nearly every
-        # frame of a pan, a zoom or fast motion, where each frame is a cut -- run the model's own
-        # forward, which is per-frame encoding itself: reuse then costs only the hashing.
-        used = {key[1] for kind, key in roles if kind == "dep" and key[0] == "batch"}
-        last = {video_ids[i]: i for i in refs}
-        cached = [i for i in refs if self.cfg.enabled and (i in used or last[video_ids[i]] == i)]
-        plain = [i for i in refs if i not in set(cached)]
+        # Every reference of the batch runs one full forward, batched (its caches are views of
+        # that forward's tensors, free to keep). Measured: running the references that nobody
+        # reuses through the model's own blocks instead splits the batch and is slower.
         new_refs = {}
-        if cached:
-            outs, refs_made = self._full(patches[cached], codes[cached])
-            for j, i in enumerate(cached):
+        if refs:
+            outs, refs_made = self._full(patches[refs], codes[refs])
+            for j, i in enumerate(refs):
                 out[i] = outs[j : j + 1]
                 new_refs[i] = refs_made[j]
-        if plain:
-            outs = self._plain(patches[plain])
-            for j, i in enumerate(plain):
-                out[i] = outs[j : j + 1]
         # Dependants (whatever their reference: a frame of this batch or one kept from before) run
         # as one batch per token layout, each row against its own reference's cache.
         groups: "OrderedDict[Any, list]" = OrderedDict()
@@ -505,8 +496,8 @@ class ReuseStream:
             res = self._dependent(patches[idx], changed, ref)
             for j, i in enumerate(idx):
                 out[i] = res[j : j + 1]
-        # Keep the last reference of every video seen in this batch (the one with caches).
-        for i in cached:
+        # Keep the last reference of every video seen in this batch.
+        for i in refs:
             self.streams[video_ids[i]].ref = new_refs[i]
         while len(self.streams) > self.cfg.max_videos:
             self.streams.popitem(last=False)
@@ -607,28 +598,6 @@ class ReuseStream:
         size = state.size
         refs = [_Reference(codes[j], caches[j], None if size is None else size[j : j + 1], out[j : j + 1]) for j in range(rr)]
         return out, refs
-
-    def _plain(self, patches):
-        """The model's own blocks on the patch embeddings already computed for the hashes (no
-        caches kept): per-frame encoding without a second patch embedding. Every row counts as
-        computed."""
-        fam = self.fam
-        x = fam.tokens(patches)
-        f = x.shape[0]
-        if self._plan is None:
-            for bi, b in enumerate(fam.blocks):
-                n = int(x.shape[1])
-                x = b(x)
-                self._count(bi, f * n, f * n, f * n, f * n, f * n, f * n)
-            return fam.pool(x, None)
-        from mergeseek.encoders.patch.common import run_blocks
-
-        n = int(x.shape[1])
-        x, state, rec = run_blocks(fam.blocks, x, self.merge, self._plan)
-        for bi, m in enumerate(rec.tokens):
-            self._count(bi, f * n, f * n, f * m, f * n, f * n, f * m)
-            n = m
-        return fam.pool(x, state.size)
 
     def _count(self, block, qkv_rows, proj_rows, mlp_rows, qkv_done, proj_done, mlp_done) -> None:
         self.stats.add(block, 0, qkv_rows, qkv_done)

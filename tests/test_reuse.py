@@ -123,9 +123,9 @@ def test_a_cut_resets_the_cache(encoders_by_merge, clip_frames):
 
 
 @pytest.mark.parametrize("merge", MERGES)
-def test_frames_that_are_all_cuts_cost_a_plain_forward_and_count_every_row(encoders_by_merge, merge):
-    """A reference nobody reuses runs the model's own forward; outputs and row counts equal the
-    cached full forward (one frame per call: every frame is the last reference of its call)."""
+def test_frames_that_are_all_cuts_equal_per_frame_and_count_every_row(encoders_by_merge, merge):
+    """Four cuts in one batch or one frame per call: outputs equal per-frame encoding and every
+    row of every gate counts as computed."""
     from skimage import data
 
     enc = encoders_by_merge[merge]
