@@ -16,8 +16,9 @@ only what changed is recomputed:
   whose input moved (block 0: the hash; later blocks: relative L2 change of the block input
   against the reference's, ``||x - x_ref|| / ||x_ref|| >= threshold``), attention is recomputed
   for every query of a frame in which any token was recomputed (cheap: N^2 C against the N C^2 of
-  the linear layers), the out-projection for tokens whose attention output moved, the MLP for
-  tokens whose post-attention input moved. Unchanged tokens take the reference's outputs of those
+  the linear layers), the out-projection for every token of such a frame (``attn=0``, the default:
+  stale out-projection rows were the largest error; ``attn=T`` gates them by the relative change of
+  the attention output), the MLP for tokens whose post-attention input moved. Unchanged tokens take the reference's outputs of those
   linear layers; the residual stream always carries the frame's own input. Class / prefix tokens
   are recomputed at every gate where any token of the frame is, since the pooled output reads them.
 
