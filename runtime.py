@@ -1,5 +1,6 @@
-"""Small runtime helpers every package shares: durable atomic writes, writability checks, version
-records, device resolution, autocast and the top-level splitting of ``key=value,...`` strings.
+"""Small runtime helpers every package shares: durable atomic writes, writability checks, reading
+a user's text file, version records, device resolution, autocast and the top-level splitting of
+``key=value,...`` strings.
 
 Every file mergeseek writes goes through :func:`atomic_write` (or :func:`commit_file` for a file
 another program produced): the data go to a temporary name, the file is fsynced, renamed over
@@ -15,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from mergeseek.errors import ConfigError, WriteError
+from mergeseek.errors import ConfigError, InputError, WriteError
 
 TMP_SUFFIX = ".tmp"
 
@@ -152,6 +153,22 @@ def check_writable(path: Union[str, Path], folder: bool = False, what: str = "")
     os.close(fd)
     _unlink_quietly(Path(name))
     return path
+
+
+def read_text_file(path: Union[str, Path], what: str) -> str:
+    """The text of a file the user named (``what``: "query file", ...), UTF-8 with or without a
+    BOM; a missing path, a folder, an unreadable or a non-UTF-8 file is one ``InputError`` line."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise InputError(f"{what} {path} is not a file")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{what} {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise InputError(f"{what} {path} cannot be read: {e.strerror or e}") from None
 
 
 def parse_bytes(text: Optional[str]) -> Optional[int]:

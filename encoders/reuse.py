@@ -122,6 +122,11 @@ class ReuseConfig:
                 raise ConfigError(f"reuse {key}={value!r} is not valid; give {'a number' if kind is float else 'an integer'}") from None
         return cls(**kwargs)
 
+    @property
+    def recipe(self) -> str:
+        """The settings that change a vector (``audit`` only measures), for the index recipe."""
+        return str(dataclasses.replace(self, audit=type(self).audit))
+
     def __str__(self) -> str:
         if self == ReuseConfig(threshold=0.0):
             return "none"
@@ -631,8 +636,7 @@ class ReuseStream:
         ``index_copy_``), cheaper on small matrices than boolean-mask indexing; a gate open for
         every row computes the whole batch directly, without copying the cache first."""
         f, n = active.shape
-        idx = active.reshape(-1).nonzero().squeeze(1)
-        rows = int(idx.numel())
+        idx, rows = _flat_rows(active)
         if rows == f * n:
             return compute(inp).to(cached.dtype), rows
         out = cached.expand(f, -1, -1)
@@ -649,8 +653,7 @@ class ReuseStream:
         ``compute(y[active])``: one broadcast add, then the active rows corrected in place by
         ``index_add_`` (no copy of the cache)."""
         f, n = active.shape
-        idx = active.reshape(-1).nonzero().squeeze(1)
-        rows = int(idx.numel())
+        idx, rows = _flat_rows(active)
         if rows == f * n:
             return y + compute(y).to(y.dtype), rows
         out = y + cached
@@ -706,6 +709,12 @@ class ReuseStream:
         if bool(touched.any()):  # a frame where no gate opened is the reference, exactly
             out[touched] = fam.pool(x[touched], None if size is None else size[touched]).to(out.dtype)
         return out
+
+
+def _flat_rows(active):
+    """(flat indices of the active rows of an [F, N] mask, their count)."""
+    idx = active.reshape(-1).nonzero().squeeze(1)
+    return idx, int(idx.numel())
 
 
 def _layout(ref: _Reference) -> tuple:
@@ -782,7 +791,8 @@ class ReuseEncoder:
                     self._since_audit += 1
                     if self._since_audit >= self.cfg.audit:
                         self._since_audit = 0
-                        self._pending.append((pixels[i : i + 1], out[i : i + 1]))
+                        # copies: a view would keep this whole batch alive until the flush
+                        self._pending.append((pixels[i : i + 1].clone(), out[i : i + 1].clone()))
             if len(self._pending) >= enc.batch_size:
                 self.flush_audit()
         return out

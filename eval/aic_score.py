@@ -291,12 +291,10 @@ def aic_query_from_row(row: Mapping, where: str, texts: bool = True) -> AicQuery
 def read_truth(path) -> dict:
     """``{query_id: AicQuery}`` from a JSON-lines file or a JSON array of ground-truth rows."""
     import json
-    from pathlib import Path
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"ground-truth file {path} does not exist")
-    text = path.read_text(encoding="utf-8-sig")
+    from mergeseek.runtime import read_text_file
+
+    text = read_text_file(path, "ground-truth file")
     if text.lstrip().startswith("["):
         try:
             rows = list(enumerate(json.loads(text), start=1))

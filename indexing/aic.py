@@ -101,28 +101,26 @@ class ReleaseParts:
         return replace(self, _cache={}, **changes)
 
     # ------------------------------------------------------------------ per-video files
-    def _file(self, part: str, video_id: str, suffix: str) -> Path | None:
+    def _file(self, part: str, video_id: str, suffix: str, folder: bool = False) -> Path | None:
+        """The first ``<dir>/<video_id><suffix>`` of the right kind (file, or folder) over the
+        part's directories; one of the wrong kind does not hide a later one."""
         for d in getattr(self, part):
             p = d / f"{video_id}{suffix}"
-            if p.exists():
+            if (p.is_dir() if folder else p.is_file()):
                 return p
         return None
 
     def map_for(self, video_id: str) -> Path | None:
-        p = self._file("maps", video_id, ".csv")
-        return p if p is not None and p.is_file() else None
+        return self._file("maps", video_id, ".csv")
 
     def media_info_for(self, video_id: str) -> Path | None:
-        p = self._file("media_info", video_id, ".json")
-        return p if p is not None and p.is_file() else None
+        return self._file("media_info", video_id, ".json")
 
     def objects_for(self, video_id: str) -> Path | None:
-        p = self._file("objects", video_id, "")
-        return p if p is not None and p.is_dir() else None
+        return self._file("objects", video_id, "", folder=True)
 
     def features_for(self, video_id: str) -> Path | None:
-        p = self._file("features", video_id, ".npy")
-        return p if p is not None and p.is_file() else None
+        return self._file("features", video_id, ".npy")
 
     def video_for(self, video_id: str) -> Path | None:
         if "videos" not in self._cache:

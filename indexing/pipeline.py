@@ -12,14 +12,13 @@ stays bounded. A source is committed whole or not at all; a bad file is listed a
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -125,7 +124,7 @@ class IndexReport:
         return self.frames_encoded / self.times.wall_s if self.times.wall_s > 0 else 0.0
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = asdict(self)
         d["failed"] = [{"path": b.path, "reason": b.reason} for b in self.failed]
         d["frames_per_s"] = round(self.frames_per_s, 3)
         return d
@@ -307,9 +306,7 @@ def recipe_for(source: MediaSource, options: IndexOptions) -> str:
     sampling = str(options.sampling) if source.kind == "video" else "all"
     recipe = f"{sampling};dedup={options.dedup}"
     reuse = _reuse_config(options)
-    if reuse is not None:  # the audit only measures; it does not change a vector
-        reuse = dataclasses.replace(reuse, audit=type(reuse)().audit)
-    return recipe + (f";reuse={reuse}" if reuse is not None else "")
+    return recipe + (f";reuse={reuse.recipe}" if reuse is not None else "")
 
 
 def _reuse_config(options: IndexOptions):

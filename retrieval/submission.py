@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergeseek.errors import InputError
+from mergeseek.runtime import read_text_file
 
 MAX_ROWS = 100
 KIS, QA, TRAKE = "kis", "qa", "trake"
@@ -121,8 +122,7 @@ def query_file_name(query_id: str) -> str:
 
 def read_rows(path: str | Path) -> list[list[str]]:
     """A submission file's rows as strings (for scoring and checks)."""
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        return [r for r in csv.reader(fh) if r]
+    return [r for r in csv.reader(io.StringIO(read_text_file(path, "submission file"), newline="")) if r]
 
 
 # ---------------------------------------------------------------------------- batch submissions
@@ -164,10 +164,7 @@ def read_queries(path: str | Path) -> list[SubmitQuery]:
     """
     import json
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"query file {path} does not exist")
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text_file(path, "query file")
     body = text.lstrip()
     rows: list[tuple[int, dict]] = []
     if body.startswith("["):
@@ -227,10 +224,7 @@ def read_answers(path: str | Path) -> dict:
     """QA answers: a JSON object ``{query_id: answer}`` or ``id<TAB>answer`` lines."""
     import json
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"answers file {path} does not exist")
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text_file(path, "answers file")
     if text.lstrip().startswith("{"):
         try:
             data = json.loads(text)

@@ -418,3 +418,51 @@ def test_file_names_with_newlines_and_wide_characters_keep_the_table_and_csv(tmp
     out = tmp_path / "q1.csv"
     assert write_submission_csv(out, hits) == 3
     assert read_rows(out) == [["旅行_ビデオ", "12"], ["two\nlines", "3"], ["comma,quote\"", "40"]]
+
+
+# ---------------------------------------------------------------------------- user text files
+@pytest.mark.parametrize("reader, what", [
+    ("mergeseek.retrieval.submission:read_queries", "query file"),
+    ("mergeseek.retrieval.submission:read_answers", "answers file"),
+    ("mergeseek.retrieval.submission:read_rows", "submission file"),
+    ("mergeseek.eval.aic_score:read_truth", "ground-truth file"),
+])
+def test_every_user_text_file_reader_refuses_bad_paths_in_one_line(tmp_path, reader, what):
+    import importlib
+
+    mod, _, name = reader.partition(":")
+    read = getattr(importlib.import_module(mod), name)
+    with pytest.raises(InputError, match=f"^{what} .*missing.txt does not exist$"):
+        read(tmp_path / "missing.txt")
+    with pytest.raises(InputError, match=f"^{what} .* is not a file$"):
+        read(tmp_path)
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(InputError, match=f"^{what} .*latin1.txt is not UTF-8 text \\(byte 3\\); save it as UTF-8$"):
+        read(latin)
+
+
+def test_read_text_file_drops_the_bom_and_keeps_the_text():
+    from mergeseek.runtime import read_text_file
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "q.txt"
+        p.write_bytes("\ufeffkis\ta cat\n旅行\n".encode("utf-8"))
+        assert read_text_file(p, "query file") == "kis\ta cat\n旅行\n"
+
+
+def test_a_release_part_of_the_wrong_kind_does_not_hide_the_next_folder(tmp_path):
+    from mergeseek.indexing.aic import ReleaseParts
+
+    first, second = tmp_path / "maps-a", tmp_path / "maps-b"
+    (first / "L01_V001.csv").mkdir(parents=True)  # a folder with a map's name
+    second.mkdir()
+    (second / "L01_V001.csv").write_text("n,pts_time,fps,frame_idx\n1,0.0,25,0\n", encoding="utf-8")
+    (first / "L01_V001").mkdir()  # objects are folders: a file of that name must not count
+    (second / "L01_V001").write_text("not a folder", encoding="utf-8")
+    parts = ReleaseParts(maps=(first, second), objects=(second, first))
+    assert parts.map_for("L01_V001") == second / "L01_V001.csv"
+    assert parts.objects_for("L01_V001") == first / "L01_V001"
+    assert parts.map_for("L01_V002") is None and parts.features_for("L01_V001") is None
