@@ -11,21 +11,12 @@ import pytest
 from typer.testing import CliRunner
 
 from mergeseek.cli import app
-from mergeseek.indexing.store import EncodedSource, IndexStore
-
-DIM = 8
-IDENTITY = {"model": "ViT-B-32", "pretrained": "none", "merge": "none", "precision": "fp32", "dim": DIM}
+from mergeseek.indexing.store import IndexStore
+from test_indexing_support import DIM, IDENTITY, synthetic_source
 
 
-def _source(key: str, n: int, seed: int, fingerprint: str = "f1") -> EncodedSource:
-    rng = np.random.default_rng(seed)
-    v = rng.standard_normal((n, DIM)).astype(np.float32)
-    v /= np.linalg.norm(v, axis=1, keepdims=True)
-    return EncodedSource(
-        key=f"/data/{key}.mp4", video_id=key, kind="video", fingerprint=fingerprint, recipe="fps=1",
-        frame_idx=np.arange(n, dtype=np.int64) * 25 + seed, pts_time=np.arange(n, dtype=np.float64) + 0.5,
-        paths=[f"/data/{key}.mp4"] * n, hashes=np.arange(n, dtype=np.int64), vectors=v,
-    )
+def _source(key: str, n: int, seed: int, fingerprint: str = "f1"):
+    return synthetic_source(key, n, seed, fingerprint, frame_offset=seed, time_offset=0.5)
 
 
 @pytest.fixture

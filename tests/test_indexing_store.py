@@ -13,22 +13,14 @@ import pytest
 
 from mergeseek.errors import ConfigError, IndexMismatchError, InputError
 from mergeseek.indexing.faiss_index import build_index, for_search, make_index
-from mergeseek.indexing.store import EncodedSource, IndexStore
+from mergeseek.indexing.store import IndexStore
+from test_indexing_support import DIM, IDENTITY, synthetic_source
 
 ROOT = Path(__file__).resolve().parents[1]
-DIM = 8
-IDENTITY = {"model": "ViT-B-32", "pretrained": "none", "merge": "none", "precision": "fp32", "dim": DIM}
 
 
-def _enc(key: str, n: int, seed: int, fingerprint: str = "f1") -> EncodedSource:
-    rng = np.random.default_rng(seed)
-    v = rng.standard_normal((n, DIM)).astype(np.float32)
-    v /= np.linalg.norm(v, axis=1, keepdims=True)
-    return EncodedSource(
-        key=f"/data/{key}.mp4", video_id=key, kind="video", fingerprint=fingerprint, recipe="fps=1",
-        frame_idx=np.arange(n, dtype=np.int64) * 25, pts_time=np.arange(n, dtype=np.float64),
-        paths=[f"/data/{key}.mp4"] * n, hashes=np.arange(n, dtype=np.int64), vectors=v,
-    )
+def _enc(key: str, n: int, seed: int, fingerprint: str = "f1"):
+    return synthetic_source(key, n, seed, fingerprint)
 
 
 def test_commits_are_read_back_with_explicit_ids(tmp_path):

@@ -28,6 +28,26 @@ COLOURS = {
 }
 
 
+# A store's identity and synthetic sources for the store-level tests (no model involved).
+DIM = 8
+IDENTITY = {"model": "ViT-B-32", "pretrained": "none", "merge": "none", "precision": "fp32", "dim": DIM}
+
+
+def synthetic_source(key: str, n: int, seed: int, fingerprint: str = "f1", frame_offset: int = 0,
+                     time_offset: float = 0.0):
+    """An ``EncodedSource`` of ``n`` seeded unit vectors for ``/data/<key>.mp4`` (frames 25 apart)."""
+    from mergeseek.indexing.store import EncodedSource
+
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal((n, DIM)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    return EncodedSource(
+        key=f"/data/{key}.mp4", video_id=key, kind="video", fingerprint=fingerprint, recipe="fps=1",
+        frame_idx=np.arange(n, dtype=np.int64) * 25 + frame_offset, pts_time=np.arange(n, dtype=np.float64) + time_offset,
+        paths=[f"/data/{key}.mp4"] * n, hashes=np.arange(n, dtype=np.int64), vectors=v,
+    )
+
+
 @functools.lru_cache(maxsize=1)
 def build_encoder():
     """Random-weight ViT-B-32 (seeded: the same weights in every process)."""
