@@ -660,7 +660,9 @@ class ReuseStream:
         if rows:
             width = out.shape[-1]
             new = compute(y.reshape(f * n, -1).index_select(0, idx)).to(out.dtype)
-            old = cached.expand(f, -1, -1).reshape(f * n, width).index_select(0, idx).to(out.dtype)
+            # a [1, N, C] cache is read by row within the frame, not expanded (and copied) to [F*N, C]
+            rows_of = idx if cached.shape[0] == f else idx % n
+            old = cached.reshape(-1, width).index_select(0, rows_of).to(out.dtype)
             out.view(f * n, width).index_add_(0, idx, new - old)
         return out, rows
 
