@@ -67,6 +67,7 @@ def bench_clip_model(model: str, fps_list: List[float], sets: List[str], reuse: 
     from mergeseek.eval.datasets.video import top_k_overlap
 
     enc = Encoder(model_name=model, pretrained=None, device="cpu", merge=merge, batch_size=batch_size)
+    timed_cfg = dataclasses.replace(ReuseConfig.parse(reuse), audit=0)  # the timed passes run no audit
     rows = []
     for fps in fps_list:
         clips = _clips(sets, fps, enc.image_size, max_frames, seconds, kinds)
@@ -84,12 +85,12 @@ def bench_clip_model(model: str, fps_list: List[float], sets: List[str], reuse: 
         def reused():
             # The same batches as per_frame (clips in order, a batch may span two clips: each frame
             # carries its clip's id), so the two passes differ only in the reuse.
-            stream = enc.stream(dataclasses.replace(ReuseConfig.parse(reuse), audit=0))  # timed: no audit
+            stream = enc.stream(timed_cfg)
             outs = [stream.encode_image_tensor(allpx[s : s + batch_size], ids[s : s + batch_size]) for s in range(0, n, batch_size)]
             stats["s"] = stream.stats
             return torch.cat(outs).numpy()
 
-        enc.stream(reuse).encode_image_tensor(pixels[0][:batch_size], [clips[0].name] * len(pixels[0][:batch_size]))  # warm-up
+        enc.stream(timed_cfg).encode_image_tensor(pixels[0][:batch_size], [clips[0].name] * len(pixels[0][:batch_size]))  # warm-up
         t_pf, t_ru, e_pf, e_ru = _run_pair(per_frame, reused, rounds, clock)
         cos = (e_pf * e_ru).sum(axis=1)
         kinds = sorted({c.kind for c in clips})
@@ -211,8 +212,9 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
             rows += bench_clip_model(model, fps, a.sets.split(","), a.reuse, a.merge, a.batch_size, a.rounds,
                                      a.max_frames, a.seconds, a.clock, a.kinds.split(",") if a.kinds else None)
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"args": vars(a), "rows": rows, "threads": torch.get_num_threads()}, f, indent=1)
+        from mergeseek.runtime import atomic_write
+
+        atomic_write(a.out, json.dumps({"args": vars(a), "rows": rows, "threads": torch.get_num_threads()}, indent=1))
     return rows
 
 

@@ -1,0 +1,30 @@
+"""bench/reuse.py end to end on a tiny set: the rows it reports are the stream's own counts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def test_reuse_bench_reports_the_stream_counts_and_writes_its_rows(tmp_path, one_torch_thread):
+    import torch
+
+    from bench.reuse import main
+
+    out = tmp_path / "rows.json"
+    threads = torch.get_num_threads()
+    try:
+        rows = main(["--model", "ViT-B-32", "--fps", "2", "--seconds", "2", "--sets", "synthetic", "--kinds", "static",
+                     "--rounds", "1", "--batch-size", "3", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    (row,) = rows
+    # two static clips of 4 frames at 2 fps, one reference each (refresh 16, no cut), batches of 3
+    # spanning both clips
+    assert row["frames"] == 8 and row["references"] == 2 and row["cuts"] == 0 and row["kinds"] == "static"
+    assert row["gain"] > 0 and row["per_frame_fps"] > 0 and 0.0 < row["reuse_rate"] < 1.0
+    assert 0.99 < row["cos_min"] <= row["cos_mean"] <= 1.0 + 1e-6 and 0.0 <= row["top10_overlap"] <= 1.0
+    assert json.loads(out.read_text())["rows"] == rows
+    with pytest.raises(SystemExit):
+        main(["--threads", "2"])  # the CPU clock times one thread
