@@ -22,8 +22,10 @@ only what changed is recomputed:
   linear layers; the residual stream always carries the frame's own input. Class / prefix tokens
   are recomputed at every gate where any token of the frame is, since the pooled output reads them.
 
-The linear layers run only on the gathered changed rows (flattened across the frames of a batch)
-and are scattered into copies of the cached outputs, so the saving is real compute.
+The linear layers run only on the gathered changed rows (flattened across the frames of a batch),
+in the same matrix product as the rows of the batch's reference frames (a reference alone in a
+batch would otherwise pay for a one-frame product), and are written into copies of the cached
+outputs, so the saving is real compute.
 
 Token merging composes by *replaying the reference's merges*: the reference runs the configured
 matcher (``encoders.patch`` machinery) and records, per merging block, the linear map from the
@@ -411,7 +413,6 @@ class _Reference:
     blocks: List[_BlockCache]
     size: Any  # token sizes after the last block (None without merging)
     out: Any  # model output of the reference frame [1, D]
-    owned: bool = False  # the caches are a fresh per-row stack (may be written in place)
 
 
 @dataclass
@@ -477,37 +478,27 @@ class ReuseStream:
         codes = (flat.float() @ self.planes.to(flat.device)) > 0  # [B, Np, bits]
         roles, kept = self._plan_frames(codes, video_ids)
         self.last_reused = [kind == "dep" for kind, _ in roles]
-        out = [None] * len(video_ids)
         refs = [i for i, (kind, _) in enumerate(roles) if kind == "ref"]
-        # Every reference of the batch runs one full forward, batched (its caches are views of
-        # that forward's tensors, free to keep). Measured: running the references that nobody
-        # reuses through the model's own blocks instead splits the batch and is slower.
-        new_refs = {}
-        if refs:
-            outs, refs_made = self._full(patches[refs], codes[refs])
-            for j, i in enumerate(refs):
-                out[i] = outs[j : j + 1]
-                new_refs[i] = refs_made[j]
-        # Dependants (whatever their reference: a frame of this batch or one kept from before) run
-        # as one batch per token layout, each row against its own reference's cache.
-        groups: "OrderedDict[Any, list]" = OrderedDict()
-        for i, (kind, key) in enumerate(roles):
-            if kind == "dep":
-                ref = new_refs[key[1]] if key[0] == "batch" else kept[key[1]]
-                groups.setdefault(_layout(ref), []).append((i, ref))
-        for members in groups.values():
-            idx = [i for i, _ in members]
-            ref = _stack([r for _, r in members])
-            changed = self._changed(codes[idx], ref.codes)
-            res = self._dependent(patches[idx], changed, ref)
-            for j, i in enumerate(idx):
-                out[i] = res[j : j + 1]
+        slot = {i: j for j, i in enumerate(refs)}  # batch index of a reference -> its row among refs
+        deps = [i for i, (kind, _) in enumerate(roles) if kind == "dep"]
+        kept_refs = list({id(r): r for r in kept.values()}.values())
+        # One pass over the blocks for the references and every dependant: the references'
+        # linear layers and the dependants' recomputed rows share each matrix product. Dependant
+        # ``j`` reuses reference ``owner[j]``: a row among ``refs``, or after them one of
+        # ``kept_refs`` (all references of a stream share one token layout: it follows from the
+        # image size and the merge schedule alone).
+        kept_slot = {id(r): len(refs) + j for j, r in enumerate(kept_refs)}
+        owner = [slot[key[1]] if key[0] == "batch" else kept_slot[id(kept[key[1]])] for _, key in (roles[i] for i in deps)]
+        ref_codes = [codes[refs[o]] if o < len(refs) else kept_refs[o - len(refs)].codes for o in owner]
+        changed = self._changed(codes[deps], torch.stack(ref_codes)) if deps else None
+        outs, made = self._forward(patches[refs] if refs else None, codes[refs] if refs else None,
+                                   patches[deps] if deps else None, changed, owner, kept_refs)
         # Keep the last reference of every video seen in this batch.
-        for i in refs:
-            self.streams[video_ids[i]].ref = new_refs[i]
+        for i, ref in zip(refs, made):
+            self.streams[video_ids[i]].ref = ref
         while len(self.streams) > self.cfg.max_videos:
             self.streams.popitem(last=False)
-        return torch.cat(out)
+        return outs[torch.as_tensor(refs + deps, device=outs.device).argsort()]  # back to the given order
 
     # ------------------------------------------------------------------ planning
     def _plan_frames(self, codes, video_ids) -> tuple:
@@ -565,45 +556,173 @@ class ReuseStream:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype), scale=scale)
         return out.transpose(1, 2).reshape(f, n, -1), k, q, scale
 
-    def _full(self, patches, codes):
-        """Full forward of reference frames; returns (outputs [R, D], one _Reference per frame)."""
+    def _forward(self, ref_patches, ref_codes, dep_patches, changed, owner: List[int], kept: List[_Reference]):
+        """One pass over the blocks for R reference frames (computed in full, caches kept) and F
+        dependants, dependant ``j`` reusing reference ``owner[j]``: 0..R-1 one of the R, R.. the
+        reference ``kept[owner[j] - R]`` of an earlier call. ``changed``: [F, Np] patches whose hash
+        moved. The references' rows and the dependants' recomputed rows go through each linear
+        layer as one matrix product, so a reference alone in its batch does not pay for a
+        one-frame product. Returns (outputs [R + F, D], the R new references)."""
         import torch
 
         from mergeseek.encoders.patch.common import TokenState, attention_bias, attention_probs, merge_tokens
 
-        fam, plan = self.fam, self._plan
-        x = fam.tokens(patches)
-        rr = x.shape[0]
+        fam, plan, cfg = self.fam, self._plan, self.cfg
+        xr = fam.tokens(ref_patches) if ref_patches is not None else None
+        xd = fam.tokens(dep_patches) if dep_patches is not None else None
+        R = 0 if xr is None else int(xr.shape[0])
+        F = 0 if xd is None else int(xd.shape[0])
+        dev = (xr if xr is not None else xd).device
+        own_idx = torch.as_tensor(owner, dtype=torch.long, device=dev)
         wanted = self.merge.wanted(len(fam.blocks))
         state = TokenState()
-        caches: List[list] = [[] for _ in range(rr)]
+        caches: List[list] = [[] for _ in range(R)]
+        touched = torch.zeros(F, dtype=torch.bool, device=dev)
+
+        def sources(cur, get):
+            return ([cur] if R else []) + [get(k) for k in kept]
+
+        def pick(parts):
+            """Each dependant's row of its reference's tensor: ([F, ...] or None, freshly made)."""
+            if all(p is None for p in parts):
+                return None, False
+            if any(p is None for p in parts):
+                raise RuntimeError("reuse: the references of one pass have different token layouts")
+            src = parts[0] if len(parts) == 1 else torch.cat(parts)
+            if src.shape[0] == 1:
+                return src.expand(F, *src.shape[1:]), False
+            return src.index_select(0, own_idx), True
+
+        def own(cur, name, bi):
+            return pick(sources(cur, lambda k: getattr(k.blocks[bi], name)))
+
+        def own_rows(cur, name, bi, idx, n):
+            """Rows ``idx`` (flat over [F, n]) of each dependant's reference tensor, without
+            expanding it to every dependant."""
+            parts = sources(cur, lambda k: getattr(k.blocks[bi], name))
+            src = parts[0] if len(parts) == 1 else torch.cat(parts)
+            flat = src.reshape(-1, src.shape[-1])
+            if src.shape[0] == 1:
+                return flat.index_select(0, idx % n)
+            return flat.index_select(0, own_idx[idx // n] * n + idx % n)
+
+        def linear(fn, ref_in, dep_in, idx, rows):
+            """``fn`` on every row of ``ref_in`` [R, n, w] and rows ``idx`` of ``dep_in``, in one call."""
+            parts = [ref_in.reshape(-1, ref_in.shape[-1])] if R else []
+            if rows:
+                flat = dep_in.reshape(-1, dep_in.shape[-1])
+                parts.append(flat if rows == flat.shape[0] else flat.index_select(0, idx))
+            if not parts:
+                return None, None
+            res = fn(parts[0] if len(parts) == 1 else torch.cat(parts))
+            nr = R * int(ref_in.shape[1]) if R else 0
+            return (res[:nr].reshape(R, int(ref_in.shape[1]), -1) if R else None), res[nr:]
+
+        def written(cur, name, bi, idx, rows, vals, shape):
+            """The dependants' [F, n, w] values: their reference's, with rows ``idx`` = ``vals``."""
+            if rows == shape[0] * shape[1]:
+                return vals.reshape(*shape[:2], -1)
+            base, fresh = own(cur, name, bi)
+            if not rows:
+                return base
+            res = base if fresh else base.clone()
+            res.view(-1, res.shape[-1]).index_copy_(0, idx, vals.to(res.dtype))
+            return res
+
+        def gate_rows(active):
+            touched.__ior__(active.any(dim=1))
+            return _flat_rows(active)
+
         for bi, b in enumerate(fam.blocks):
-            bias = attention_bias(state, plan.prop_attn, x.dtype) if plan is not None else None
-            qkv = fam.qkv(b, fam.ln1(b, x))
-            a, k, q, scale = self._attend(b, qkv, bias)
-            p = fam.proj(b, a)
-            y = x + p
-            merge_map = None
-            r = self.merge.layer_r(wanted[bi], int(x.shape[1]), fam.protected) if plan is not None else 0
-            if r > 0:
-                n = y.shape[1]
-                probs = attention_probs(q, k, bias, scale, plan.needs)
-                eye = torch.eye(n, dtype=y.dtype, device=y.device).expand(rr, n, n)
-                merged, state2, _ = merge_tokens(torch.cat([y, eye], dim=-1), state, k.mean(dim=1), probs, r, plan)
-                if state2 is not state:  # the matcher found something to merge
-                    y, merge_map, state = merged[..., : y.shape[-1]], merged[..., y.shape[-1] :], state2
-            m = fam.mlp(b, y)
-            for j in range(rr):
-                s = slice(j, j + 1)
-                caches[j].append(_BlockCache(x[s], qkv[s], a[s], p[s], y[s], m[s],
-                                             None if bias is None else bias[s],
-                                             None if merge_map is None else merge_map[s]))
-            self._count(bi, rr * x.shape[1], rr * x.shape[1], rr * y.shape[1], rr * x.shape[1], rr * x.shape[1], rr * y.shape[1])
-            x = y + m
-        out = fam.pool(x, state.size)
-        size = state.size
-        refs = [_Reference(codes[j], caches[j], None if size is None else size[j : j + 1], out[j : j + 1]) for j in range(rr)]
-        return out, refs
+            bias_r = attention_bias(state, plan.prop_attn, xr.dtype) if (plan is not None and R) else None
+            n = int((xr if R else xd).shape[1])
+            idx = rows = idx2 = rows2 = idx3 = rows3 = None
+            # q/k/v: block 0 recomputes the patches whose hash moved, later blocks the moved inputs
+            if F:
+                if bi == 0:
+                    act = torch.zeros(F, n, dtype=torch.bool, device=dev)
+                    act[:, fam.protected :] = changed
+                    act = self._force_prefix(act)
+                else:
+                    act = self._gate(xd, own(xr, "x", bi)[0], True)
+                idx, rows = gate_rows(act)
+            qkv_r, vals = linear(lambda t: fam.qkv(b, fam.ln1(b, t)), xr, xd, idx, rows)
+            qkv_d = written(qkv_r, "qkv", bi, idx, rows, vals, (F, n)) if F else None
+            # attention: every query of a reference and of a dependant where anything was recomputed
+            a_r = k_r = q_r = scale = None
+            if R:
+                a_r, k_r, q_r, scale = self._attend(b, qkv_r, bias_r)
+            if F:
+                moved = act.any(dim=1)
+                n_moved = int(moved.sum())
+                bias_d = own(bias_r, "bias", bi)[0]
+                if n_moved == F:
+                    a_d = self._attend(b, qkv_d, bias_d)[0]
+                else:
+                    a_d, fresh = own(a_r, "a", bi)
+                    if n_moved:
+                        a_d = a_d if fresh else a_d.clone()
+                        a_d[moved] = self._attend(b, qkv_d[moved], None if bias_d is None else bias_d[moved])[0].to(a_d.dtype)
+                if cfg.attn > 0:
+                    act2 = self._gate(a_d, own(a_r, "a", bi)[0], True, cfg.attn)
+                else:  # every token of a frame whose attention was recomputed
+                    act2 = moved[:, None].expand(F, n)
+                idx2, rows2 = gate_rows(act2)
+            p_r, vals = linear(lambda t: fam.proj(b, t), a_r, a_d if F else None, idx2, rows2)
+            y_r = xr + p_r if R else None
+            y_d = xd + written(p_r, "p", bi, idx2, rows2, vals, (F, n)) if F else None
+            # merging: the references run the matcher; dependants replay their reference's merge
+            merge_map_r = None
+            if R and plan is not None:
+                r = self.merge.layer_r(wanted[bi], n, fam.protected)
+                if r > 0:
+                    probs = attention_probs(q_r, k_r, bias_r, scale, plan.needs)
+                    eye = torch.eye(n, dtype=y_r.dtype, device=dev).expand(R, n, n)
+                    merged, state2, _ = merge_tokens(torch.cat([y_r, eye], dim=-1), state, k_r.mean(dim=1), probs, r, plan)
+                    if state2 is not state:  # the matcher found something to merge
+                        width = y_r.shape[-1]
+                        y_r, merge_map_r, state = merged[..., :width], merged[..., width:], state2
+            if F:
+                mm = own(merge_map_r, "merge_map", bi)[0]
+                if mm is not None:
+                    y_d = torch.bmm(mm, y_d)
+                idx3, rows3 = gate_rows(self._gate(y_d, own(y_r, "y", bi)[0], True))
+            m_r, vals = linear(lambda t: fam.mlp(b, t), y_r, y_d, idx3, rows3)
+            if F:
+                m = int(y_d.shape[1])
+                if rows3 == F * m:
+                    x_next = y_d + vals.reshape(y_d.shape).to(y_d.dtype)
+                else:
+                    x_next = y_d + own(m_r, "m", bi)[0]  # broadcast add, no copy of the cache
+                    if rows3:
+                        old = own_rows(m_r, "m", bi, idx3, m)
+                        x_next.view(F * m, -1).index_add_(0, idx3, vals.to(x_next.dtype) - old.to(x_next.dtype))
+                self._count(bi, F * n, F * n, F * m, rows, rows2, rows3)
+                xd = x_next
+            if R:
+                for j in range(R):
+                    s = slice(j, j + 1)
+                    caches[j].append(_BlockCache(xr[s], qkv_r[s], a_r[s], p_r[s], y_r[s], m_r[s],
+                                                 None if bias_r is None else bias_r[s],
+                                                 None if merge_map_r is None else merge_map_r[s]))
+                nr, mr = R * n, R * int(y_r.shape[1])
+                self._count(bi, nr, nr, mr, nr, nr, mr)
+                xr = y_r + m_r
+        outs, made = [], []
+        if R:
+            out_r = fam.pool(xr, state.size)
+            size = state.size
+            made = [_Reference(ref_codes[j], caches[j], None if size is None else size[j : j + 1], out_r[j : j + 1])
+                    for j in range(R)]
+            outs.append(out_r)
+        if F:
+            size_d = pick(sources(state.size, lambda k: k.size))[0]
+            out_d, fresh = pick(sources(out_r if R else None, lambda k: k.out))
+            out_d = out_d if fresh else out_d.clone()
+            if bool(touched.any()):  # a frame where no gate opened is its reference, exactly
+                out_d[touched] = fam.pool(xd[touched], None if size_d is None else size_d[touched]).to(out_d.dtype)
+            outs.append(out_d)
+        return torch.cat(outs), made
 
     def _count(self, block, qkv_rows, proj_rows, mlp_rows, qkv_done, proj_done, mlp_done) -> None:
         self.stats.add(block, 0, qkv_rows, qkv_done)
@@ -627,121 +746,11 @@ class ReuseStream:
             active[:, :pre] |= any_rest
         return active
 
-    @staticmethod
-    def _scatter(cached, active, compute, inp, owned: bool = False):
-        """``cached`` expanded to the frames, with ``compute(inp[active])`` written at the active rows
-        (in place when ``owned``: a per-row stack nobody reads again).
-
-        Rows are gathered and written back through one flat index (``index_select`` /
-        ``index_copy_``), cheaper on small matrices than boolean-mask indexing; a gate open for
-        every row computes the whole batch directly, without copying the cache first."""
-        f, n = active.shape
-        idx, rows = _flat_rows(active)
-        if rows == f * n:
-            return compute(inp).to(cached.dtype), rows
-        out = cached.expand(f, -1, -1)
-        if rows:
-            out = out.contiguous() if owned else out.clone()
-            width = out.shape[-1]
-            vals = compute(inp.reshape(f * n, -1).index_select(0, idx)).to(out.dtype)
-            out.view(f * n, width).index_copy_(0, idx, vals)
-        return out, rows
-
-    @staticmethod
-    def _residual(y, cached, active, compute):
-        """``y + branch`` where the branch is ``cached`` except at the active rows, which get
-        ``compute(y[active])``: one broadcast add, then the active rows corrected in place by
-        ``index_add_`` (no copy of the cache)."""
-        f, n = active.shape
-        idx, rows = _flat_rows(active)
-        if rows == f * n:
-            return y + compute(y).to(y.dtype), rows
-        out = y + cached
-        if rows:
-            width = out.shape[-1]
-            new = compute(y.reshape(f * n, -1).index_select(0, idx)).to(out.dtype)
-            # a [1, N, C] cache is read by row within the frame, not expanded (and copied) to [F*N, C]
-            rows_of = idx if cached.shape[0] == f else idx % n
-            old = cached.reshape(-1, width).index_select(0, rows_of).to(out.dtype)
-            out.view(f * n, width).index_add_(0, idx, new - old)
-        return out, rows
-
-    def _dependent(self, patches, changed, ref: _Reference):
-        """Frames that reuse ``ref``: [F, D] outputs."""
-        import torch
-
-        fam = self.fam
-        f = patches.shape[0]
-        x = fam.tokens(patches)
-        pre = fam.protected
-        touched = torch.zeros(f, dtype=torch.bool, device=x.device)
-        for bi, (b, c) in enumerate(zip(fam.blocks, ref.blocks)):
-            n = x.shape[1]
-            if bi == 0:
-                act = torch.zeros(f, n, dtype=torch.bool, device=x.device)
-                act[:, pre:] = changed
-                act = self._force_prefix(act)
-            else:
-                act = self._gate(x, c.x, True)
-            qkv, qkv_done = self._scatter(c.qkv, act, lambda t: fam.qkv(b, fam.ln1(b, t)), x, ref.owned)
-            a = c.a.expand(f, -1, -1)
-            moved = act.any(dim=1)
-            n_moved = int(moved.sum())
-            if n_moved == f:  # the usual case: every frame changed somewhere
-                bias = None if c.bias is None else c.bias.expand(f, -1, -1, -1)
-                a = self._attend(b, qkv, bias)[0].to(a.dtype)
-            elif n_moved:
-                a = a.clone()
-                bias = None if c.bias is None else c.bias.expand(f, -1, -1, -1)[moved]
-                a[moved] = self._attend(b, qkv[moved], bias)[0].to(a.dtype)
-            if self.cfg.attn > 0:
-                act2 = self._gate(a, c.a, True, self.cfg.attn)
-            else:  # every token of a frame whose attention was recomputed
-                act2 = moved[:, None].expand(f, n)
-            p, proj_done = self._scatter(c.p, act2, lambda t: fam.proj(b, t), a, ref.owned)
-            y = x + p
-            if c.merge_map is not None:
-                y = torch.bmm(c.merge_map.expand(f, -1, -1), y)
-            act3 = self._gate(y, c.y, True)
-            x, mlp_done = self._residual(y, c.m, act3, lambda t: fam.mlp(b, t))
-            self._count(bi, f * n, f * n, f * y.shape[1], qkv_done, proj_done, mlp_done)
-            touched |= moved | act2.any(dim=1) | act3.any(dim=1)
-        size = None if ref.size is None else ref.size.expand(f, -1, -1)
-        out = ref.out.expand(f, -1) if ref.owned else ref.out.expand(f, -1).clone()
-        if bool(touched.any()):  # a frame where no gate opened is the reference, exactly
-            out[touched] = fam.pool(x[touched], None if size is None else size[touched]).to(out.dtype)
-        return out
-
 
 def _flat_rows(active):
     """(flat indices of the active rows of an [F, N] mask, their count)."""
     idx = active.reshape(-1).nonzero().squeeze(1)
     return idx, int(idx.numel())
-
-
-def _layout(ref: _Reference) -> tuple:
-    """References whose caches can be stacked into one batch: same tokens per block, same extras."""
-    return tuple((tuple(c.x.shape), tuple(c.y.shape), c.bias is None, c.merge_map is None) for c in ref.blocks)
-
-
-def _stack(refs: List[_Reference]) -> _Reference:
-    """One reference per row: [F, ...] caches (a single distinct reference stays [1, ...], expanded later)."""
-    import torch
-
-    distinct = list({id(r): r for r in refs}.values())
-    if len(distinct) == 1:
-        r = distinct[0]
-        return _Reference(r.codes[None], r.blocks, r.size, r.out)
-
-    def cat(get):
-        parts = [get(r) for r in refs]
-        return None if parts[0] is None else torch.cat(parts)
-
-    blocks = []
-    for bi in range(len(refs[0].blocks)):
-        fields = {f.name: cat(lambda r, n=f.name: getattr(r.blocks[bi], n)) for f in dataclasses.fields(_BlockCache)}
-        blocks.append(_BlockCache(**fields))
-    return _Reference(torch.stack([r.codes for r in refs]), blocks, cat(lambda r: r.size), cat(lambda r: r.out), owned=True)
 
 
 class ReuseEncoder:
