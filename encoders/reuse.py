@@ -630,7 +630,7 @@ class ReuseStream:
             return res
 
         def gate_rows(active):
-            touched.__ior__(active.any(dim=1))
+            touched.logical_or_(active.any(dim=1))
             return _flat_rows(active)
 
         for bi, b in enumerate(fam.blocks):
