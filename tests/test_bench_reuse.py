@@ -28,3 +28,17 @@ def test_reuse_bench_reports_the_stream_counts_and_writes_its_rows(tmp_path, one
     assert json.loads(out.read_text())["rows"] == rows
     with pytest.raises(SystemExit):
         main(["--threads", "2"])  # the CPU clock times one thread
+
+
+def test_reuse_ab_of_a_module_against_itself_gives_identical_outputs(one_torch_thread):
+    import torch
+
+    from bench.reuse_ab import main
+    from mergeseek.encoders import reuse
+
+    threads = torch.get_num_threads()
+    try:
+        row = main(["--old", reuse.__file__, "--rounds", "1", "--kind", "panzoom"])
+    finally:
+        torch.set_num_threads(threads)
+    assert row["max_abs_diff"] == 0.0 and row["gain_old"] > 0 and row["gain_new"] > 0
