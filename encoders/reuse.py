@@ -45,6 +45,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Hashable, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
+
 from mergeseek.errors import ConfigError, UnsupportedModelError
 
 _OFF = ("", "none", "off")
@@ -409,7 +411,7 @@ class _BlockCache:
 
 @dataclass
 class _Reference:
-    codes: Any  # [Np, bits] bool
+    codes: Any  # [Np, bits] bool NumPy array: planning runs on the host
     blocks: List[_BlockCache]
     size: Any  # token sizes after the last block (None without merging)
     out: Any  # model output of the reference frame [1, D]
@@ -475,7 +477,9 @@ class ReuseStream:
             raise ConfigError(f"got {pixels.shape[0]} frames but {len(video_ids)} video ids; pass one id per frame")
         patches = self.fam.patches(pixels)
         flat = patches.flatten(1, -2) if patches.ndim == 4 else patches
-        codes = (flat.float() @ self.planes.to(flat.device)) > 0  # [B, Np, bits]
+        # Planning runs on the host from the hash codes (B x Np x bits bools): the batch's one
+        # read of device data before the blocks.
+        codes = ((flat.float() @ self.planes.to(flat.device)) > 0).cpu().numpy()  # [B, Np, bits]
         roles, kept = self._plan_frames(codes, video_ids)
         self.last_reused = [kind == "dep" for kind, _ in roles]
         refs = [i for i, (kind, _) in enumerate(roles) if kind == "ref"]
@@ -490,7 +494,7 @@ class ReuseStream:
         kept_slot = {id(r): len(refs) + j for j, r in enumerate(kept_refs)}
         owner = [slot[key[1]] if key[0] == "batch" else kept_slot[id(kept[key[1]])] for _, key in (roles[i] for i in deps)]
         ref_codes = [codes[refs[o]] if o < len(refs) else kept_refs[o - len(refs)].codes for o in owner]
-        changed = self._changed(codes[deps], torch.stack(ref_codes)) if deps else None
+        changed = self._changed(codes[deps], np.stack(ref_codes)) if deps else None  # [F, Np] on the host
         outs, made = self._forward(patches[refs] if refs else None, codes[refs] if refs else None,
                                    patches[deps] if deps else None, changed, owner, kept_refs)
         # Keep the last reference of every video seen in this batch.
@@ -498,7 +502,7 @@ class ReuseStream:
             self.streams[video_ids[i]].ref = ref
         while len(self.streams) > self.cfg.max_videos:
             self.streams.popitem(last=False)
-        return outs[torch.as_tensor(refs + deps, device=outs.device).argsort()]  # back to the given order
+        return outs.index_select(0, _on(np.argsort(refs + deps), outs.device))  # back to the given order
 
     # ------------------------------------------------------------------ planning
     def _plan_frames(self, codes, video_ids) -> tuple:
@@ -522,7 +526,7 @@ class ReuseStream:
             if not new_ref and st.since + 1 >= cfg.refresh:
                 new_ref = True
                 self.stats.refreshes += 1
-            elif not new_ref and float(self._changed(codes[i : i + 1], ref_codes).float().mean()) > cfg.cut:
+            elif not new_ref and float(self._changed(codes[i : i + 1], ref_codes).mean()) > cfg.cut:
                 new_ref = True
                 self.stats.cuts += 1
             if new_ref:
@@ -541,9 +545,9 @@ class ReuseStream:
         return roles, kept
 
     def _changed(self, codes, ref_codes):
-        """[F, Np] bool: patches whose estimated angle to the reference is >= threshold."""
-        hamming = (codes != ref_codes).sum(dim=-1)
-        return hamming.float() * (math.pi / self.cfg.bits) >= self.cfg.threshold
+        """[F, Np] bool (NumPy): patches whose estimated angle to the reference is >= threshold."""
+        hamming = (codes != ref_codes).sum(axis=-1)
+        return hamming * (math.pi / self.cfg.bits) >= self.cfg.threshold
 
     # ------------------------------------------------------------------ full forward (references)
     def _attend(self, b, qkv, bias):
@@ -560,7 +564,8 @@ class ReuseStream:
         """One pass over the blocks for R reference frames (computed in full, caches kept) and F
         dependants, dependant ``j`` reusing reference ``owner[j]``: 0..R-1 one of the R, R.. the
         reference ``kept[owner[j] - R]`` of an earlier call. ``changed``: [F, Np] patches whose hash
-        moved. The references' rows and the dependants' recomputed rows go through each linear
+        moved (NumPy). Each gate reads the device once (its per-frame row counts); block 0's gate
+        is known on the host and reads nothing. The references' rows and the dependants' recomputed rows go through each linear
         layer as one matrix product, so a reference alone in its batch does not pay for a
         one-frame product. Returns (outputs [R + F, D], the R new references)."""
         import torch
@@ -573,11 +578,11 @@ class ReuseStream:
         R = 0 if xr is None else int(xr.shape[0])
         F = 0 if xd is None else int(xd.shape[0])
         dev = (xr if xr is not None else xd).device
-        own_idx = torch.as_tensor(owner, dtype=torch.long, device=dev)
+        own_idx = _on(owner, dev)
         wanted = self.merge.wanted(len(fam.blocks))
         state = TokenState()
         caches: List[list] = [[] for _ in range(R)]
-        touched = torch.zeros(F, dtype=torch.bool, device=dev)
+        touched = [False] * F  # frames where some gate opened (the others equal their reference)
 
         def sources(cur, get):
             return ([cur] if R else []) + [get(k) for k in kept]
@@ -630,8 +635,16 @@ class ReuseStream:
             return res
 
         def gate_rows(active):
-            touched.logical_or_(active.any(dim=1))
-            return _flat_rows(active)
+            """(flat indices of the active rows of an [F, n] mask, their count, rows per frame)."""
+            if isinstance(active, np.ndarray):  # known on the host: no read of the device
+                counts = active.sum(axis=1).tolist()
+                idx = _on(np.flatnonzero(active), dev)
+            else:
+                counts = active.sum(dim=1).tolist()  # the gate's one read of the device
+                idx = torch.nonzero_static(active.reshape(-1), size=sum(counts)).squeeze(1)
+            for j, c in enumerate(counts):
+                touched[j] = touched[j] or c > 0
+            return idx, int(sum(counts)), counts
 
         for bi, b in enumerate(fam.blocks):
             bias_r = attention_bias(state, plan.prop_attn, xr.dtype) if (plan is not None and R) else None
@@ -640,12 +653,13 @@ class ReuseStream:
             # q/k/v: block 0 recomputes the patches whose hash moved, later blocks the moved inputs
             if F:
                 if bi == 0:
-                    act = torch.zeros(F, n, dtype=torch.bool, device=dev)
+                    act = np.zeros((F, n), dtype=bool)
                     act[:, fam.protected :] = changed
-                    act = self._force_prefix(act)
+                    if fam.protected:
+                        act[:, : fam.protected] = act[:, fam.protected :].any(axis=1, keepdims=True)
                 else:
                     act = self._gate(xd, own(xr, "x", bi)[0], True)
-                idx, rows = gate_rows(act)
+                idx, rows, counts = gate_rows(act)
             qkv_r, vals = linear(lambda t: fam.qkv(b, fam.ln1(b, t)), xr, xd, idx, rows)
             qkv_d = written(qkv_r, "qkv", bi, idx, rows, vals, (F, n)) if F else None
             # attention: every query of a reference and of a dependant where anything was recomputed
@@ -653,21 +667,21 @@ class ReuseStream:
             if R:
                 a_r, k_r, q_r, scale = self._attend(b, qkv_r, bias_r)
             if F:
-                moved = act.any(dim=1)
-                n_moved = int(moved.sum())
+                moved = [j for j, c in enumerate(counts) if c]
                 bias_d = own(bias_r, "bias", bi)[0]
-                if n_moved == F:
+                if len(moved) == F:
                     a_d = self._attend(b, qkv_d, bias_d)[0]
                 else:
                     a_d, fresh = own(a_r, "a", bi)
-                    if n_moved:
+                    if moved:
+                        mv = _on(moved, dev)
                         a_d = a_d if fresh else a_d.clone()
-                        a_d[moved] = self._attend(b, qkv_d[moved], None if bias_d is None else bias_d[moved])[0].to(a_d.dtype)
+                        sub = self._attend(b, qkv_d.index_select(0, mv), None if bias_d is None else bias_d.index_select(0, mv))[0]
+                        a_d.index_copy_(0, mv, sub.to(a_d.dtype))
                 if cfg.attn > 0:
-                    act2 = self._gate(a_d, own(a_r, "a", bi)[0], True, cfg.attn)
-                else:  # every token of a frame whose attention was recomputed
-                    act2 = moved[:, None].expand(F, n)
-                idx2, rows2 = gate_rows(act2)
+                    idx2, rows2, _ = gate_rows(self._gate(a_d, own(a_r, "a", bi)[0], True, cfg.attn))
+                else:  # every token of a frame whose attention was recomputed: known on the host
+                    idx2, rows2 = _on((np.asarray(moved, dtype=np.int64)[:, None] * n + np.arange(n)).reshape(-1), dev), len(moved) * n
             p_r, vals = linear(lambda t: fam.proj(b, t), a_r, a_d if F else None, idx2, rows2)
             y_r = xr + p_r if R else None
             y_d = xd + written(p_r, "p", bi, idx2, rows2, vals, (F, n)) if F else None
@@ -686,7 +700,7 @@ class ReuseStream:
                 mm = own(merge_map_r, "merge_map", bi)[0]
                 if mm is not None:
                     y_d = torch.bmm(mm, y_d)
-                idx3, rows3 = gate_rows(self._gate(y_d, own(y_r, "y", bi)[0], True))
+                idx3, rows3, _ = gate_rows(self._gate(y_d, own(y_r, "y", bi)[0], True))
             m_r, vals = linear(lambda t: fam.mlp(b, t), y_r, y_d, idx3, rows3)
             if F:
                 m = int(y_d.shape[1])
@@ -719,8 +733,11 @@ class ReuseStream:
             size_d = pick(sources(state.size, lambda k: k.size))[0]
             out_d, fresh = pick(sources(out_r if R else None, lambda k: k.out))
             out_d = out_d if fresh else out_d.clone()
-            if bool(touched.any()):  # a frame where no gate opened is its reference, exactly
-                out_d[touched] = fam.pool(xd[touched], None if size_d is None else size_d[touched]).to(out_d.dtype)
+            hit = [j for j, t in enumerate(touched) if t]
+            if hit:  # a frame where no gate opened is its reference, exactly
+                hi = _on(hit, dev)
+                pooled = fam.pool(xd.index_select(0, hi), None if size_d is None else size_d.index_select(0, hi))
+                out_d.index_copy_(0, hi, pooled.to(out_d.dtype))
             outs.append(out_d)
         return torch.cat(outs), made
 
@@ -747,10 +764,11 @@ class ReuseStream:
         return active
 
 
-def _flat_rows(active):
-    """(flat indices of the active rows of an [F, N] mask, their count)."""
-    idx = active.reshape(-1).nonzero().squeeze(1)
-    return idx, int(idx.numel())
+def _on(values, device):
+    """Host integers as a long tensor on ``device``, copied without waiting for the device."""
+    import torch
+
+    return torch.as_tensor(np.asarray(values, dtype=np.int64)).to(device, non_blocking=True)
 
 
 class ReuseEncoder:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+from collections import Counter
 
 import pytest
 import torch
@@ -25,7 +26,8 @@ COMPILE_SPECS = ["r=8", "r=16", "r=8,method=lsh", "r=8,method=importance"]
 HAS_CC = shutil.which("cc") is not None or shutil.which("gcc") is not None
 
 # aten ops that read a device value back to the host (or whose output shape depends on data)
-SYNC_ATEN = ("_local_scalar_dense", "nonzero", "item", "masked_select", "_unique", "unique_consecutive", "equal")
+BOOL_INDEX = "index(bool mask)"
+SYNC_ATEN = ("_local_scalar_dense", "nonzero", "item", "masked_select", "_unique", "unique_consecutive", "equal", BOOL_INDEX)
 # Python-level tensor reads that sync a GPU (on CPU they are cheap, which is why they must be
 # caught here and not by a GPU timeline)
 SYNC_PY = {"tolist", "item", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu"}
@@ -34,20 +36,25 @@ SYNC_PY = {"tolist", "item", "numpy", "__bool__", "__int__", "__float__", "__ind
 class AtenRecorder(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
-        self.ops: set = set()
+        self.ops: Counter = Counter()  # aten op name -> calls
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.add(str(func.overloadpacket.__name__))
+        name = str(func.overloadpacket.__name__)
+        self.ops[name] += 1
+        # a boolean mask as an index is a nonzero inside the kernel, where no mode sees it
+        if name in ("index", "index_put", "index_put_") and len(args) > 1:
+            if any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in (args[1] or ())):
+                self.ops[BOOL_INDEX] += 1
         return func(*args, **(kwargs or {}))
 
 
 class PyRecorder(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
-        self.calls: set = set()
+        self.calls: Counter = Counter()  # torch function / method name -> calls
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.calls.add(getattr(func, "__name__", str(func)))
+        self.calls[getattr(func, "__name__", str(func))] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -55,7 +62,7 @@ def _syncs(fn):
     aten, py = AtenRecorder(), PyRecorder()
     with py, aten:
         fn()
-    return sorted(o for o in aten.ops if o.lstrip("_") in {s.lstrip("_") for s in SYNC_ATEN}), sorted(py.calls & SYNC_PY)
+    return sorted(o for o in aten.ops if o.lstrip("_") in {s.lstrip("_") for s in SYNC_ATEN}), sorted(c for c in py.calls if c in SYNC_PY)
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +85,9 @@ def device_like_lsh(monkeypatch):
 def test_the_recorders_do_see_host_reads():
     t = torch.arange(4.0)
     assert _syncs(lambda: (t.tolist(), t.sum().item(), t.nonzero())) == (["_local_scalar_dense", "nonzero"], ["item", "nonzero", "tolist"])
+    assert _syncs(lambda: t[t > 1]) == ([BOOL_INDEX], [])  # the nonzero inside the kernel
+    assert _syncs(lambda: t.index_put_((t > 1,), torch.tensor(0.0))) == ([BOOL_INDEX], [])
+    assert _syncs(lambda: t[torch.tensor([0, 2])]) == ([], [])  # an integer index reads nothing
 
 
 @pytest.mark.parametrize("spec", COMPILE_SPECS + ["r=8,method=zerotprune"])

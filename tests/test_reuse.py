@@ -228,10 +228,33 @@ def test_the_cache_is_a_hash_of_patches_not_a_pixel_compare(encoders_by_merge, c
     with torch.inference_mode():
         stream.encode(torch.cat([frame, moved]), ["v", "v"])
         patches = stream.fam.patches(torch.cat([frame, moved]))
-        codes = (patches @ stream.planes) > 0
+        codes = ((patches @ stream.planes) > 0).numpy()
     assert codes.shape == (2, 49, 32)
     changed = stream._changed(codes[1:], codes[0])[0]
-    assert changed.nonzero().flatten().tolist() == [1 * 7 + 2]
+    assert np.flatnonzero(changed).tolist() == [1 * 7 + 2]
+
+
+@pytest.mark.parametrize("merge", MERGES)
+def test_a_batch_reads_the_device_a_fixed_number_of_times(encoders_by_merge, clip_frames, merge):
+    """The CPU-visible proxy of the CUDA path: a batch reads device values back once for planning
+    (the hash codes) and once per gate (the rows it recomputes: 2 per block, block 0's q/k/v gate
+    is known on the host), whatever the number of frames, videos and references in it, and runs
+    no op that waits for the device (nonzero, .item(), boolean-mask indexing)."""
+    from test_compile import AtenRecorder, PyRecorder, SYNC_ATEN, SYNC_PY
+
+    enc = encoders_by_merge[merge]
+    scene, other = clip_frames
+    blocks = len(enc.model.visual.transformer.resblocks)
+    # only dependants of a kept reference; then dependants, a new video's reference and its own
+    for batch, ids, refs in ((scene[2:4], ["a", "a"], 1), (torch.cat([scene[2:], other]), ["a"] * 4 + ["b"] * 4, 2)):
+        stream = enc.stream("threshold=0.05,refresh=16,audit=0")
+        stream.encode_image_tensor(scene[:2], ["a", "a"])  # a kept reference for the measured batch
+        aten, py = AtenRecorder(), PyRecorder()
+        with torch.inference_mode(), py, aten:
+            stream.encode_image_tensor(batch, ids)
+        assert sum(stream.stream.last_reused) == len(ids) - (refs - 1) and stream.stats.references == refs
+        assert [o for o in aten.ops if o in SYNC_ATEN] == []
+        assert {c: k for c, k in py.calls.items() if c in SYNC_PY} == {"cpu": 1, "numpy": 1, "tolist": 2 * blocks - 1}
 
 
 # ---------------------------------------------------------------------------- timm (reference ViT)
