@@ -179,7 +179,7 @@ def index_cmd(
         shard_size=shard_size,
         progress=progress and not json_out,
         release_parts=_release_parts(maps, media_info, videos, objects),
-        reuse=_reuse_option(reuse, ray_address),
+        reuse=_reuse_option(reuse),
         decoder=decoder,
     )
     if ray_address is None and workers != 1:
@@ -215,13 +215,10 @@ ReuseOpt = Annotated[
 ]
 
 
-def _reuse_option(reuse: Optional[str], ray_address: Optional[str] = None) -> Optional[str]:
+def _reuse_option(reuse: Optional[str]) -> Optional[str]:
     from mergeseek.encoders.reuse import ReuseConfig
-    from mergeseek.errors import ConfigError
 
     cfg = ReuseConfig.parse(reuse)
-    if cfg.enabled and ray_address is not None:
-        raise ConfigError("--reuse runs in the local pipeline only (frames of a video must reach one encoder in order); drop --ray or --reuse")
     return str(cfg) if cfg.enabled else None
 
 

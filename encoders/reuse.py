@@ -853,6 +853,15 @@ class ReuseEncoder:
         self.flush_audit()
         return self.stats
 
+    def take_stats(self) -> ReuseStats:
+        """The stats since the last call (what is waiting for the audit is audited first), and a
+        fresh count from here on; the caches and the audit's frame counter carry on. A worker that
+        encodes many sources sends each source's share this way (``ReuseStats.merge`` adds them)."""
+        self.flush_audit()
+        done = self.stream.stats
+        self.stream.stats = ReuseStats(weights=done.weights)
+        return done
+
     def end(self, video_id: Hashable) -> None:
         """The video is finished: drop its cache."""
         self.stream.reset(video_id)

@@ -12,6 +12,10 @@ refresh are the same code as in a single process::
 * Each encoder actor builds its own ``encoders.Encoder`` from the driver encoder's constructor
   arguments (``EncoderSpec``) and runs ``encode_image_tensor`` on one chunk at a time, so a chunk
   is encoded exactly as the single process encodes it.
+* With ``--reuse`` (encoders/reuse.py) the frames of a source must reach one encoder in order, so
+  the decode and encode stages become one: each actor reads a whole source itself (the same
+  ``read_source``) and encodes its batches in order through its reuse stream; each source's reuse
+  counters travel with its last chunk and the driver adds them up for the report.
 * Only the driver writes the index. Chunks arrive in any order; the driver reassembles each source
   and commits finished sources **in the order ``discover`` listed them** (later ones wait in
   memory, ~4 bytes x dim per frame). The store hands out ids sequentially at commit, so the ids,
@@ -25,6 +29,7 @@ refresh are the same code as in a single process::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import pickle
@@ -127,6 +132,7 @@ class _Chunk:
     vectors: Any = None
     read_s: float = 0.0
     encode_s: float = 0.0
+    reuse: Any = None  # --reuse: the source's ReuseStats, on its last chunk
 
 
 class _Preprocess:
@@ -183,6 +189,37 @@ class _EncodeActor:
                 item.pixels = None  # the driver needs the vectors, not the pixels
             out.append(pickle.dumps(chunk, protocol=5))
         return pa.table({"payload": pa.array(out, pa.binary())})
+
+
+class _ReadEncodeActor(_EncodeActor):
+    """map_batches actor for ``--reuse``: reads each source it is given (``read_source``) and
+    encodes its batches in order through one reuse stream, whose cache of a source is dropped at
+    the source's end. Yields each chunk as it is encoded (a long video is never held whole)."""
+
+    def __init__(self, factory: Callable, identity: dict, device: str, threads: int, reuse: str, read: dict):
+        super().__init__(factory, identity, device, threads)
+        self.stream = self.encoder.stream(reuse)
+        self.read = read  # read_source's sampling, dedup, preprocess, batch_size, decoder
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        for row in batch.to_pylist():
+            src: MediaSource = pickle.loads(row["source"])
+            t0 = time.perf_counter()
+            for n, item in enumerate(read_source(src, **self.read)):
+                chunk = _Chunk(row["order"], n, item, read_s=time.perf_counter() - t0)
+                if isinstance(item, _Batch) and item.pixels is not None:
+                    t1 = time.perf_counter()
+                    keys = [src.key] * int(item.pixels.shape[0])
+                    chunk.vectors = self.stream.encode_image_tensor(item.pixels, keys).cpu().numpy()
+                    chunk.encode_s = time.perf_counter() - t1
+                    item.pixels = None
+                elif not isinstance(item, _Batch):  # _Done or _Failed: the source is over
+                    self.stream.end(src.key)
+                    chunk.reuse = self.stream.take_stats()
+                yield pa.table({"payload": pa.array([pickle.dumps(chunk, protocol=5)], pa.binary())})
+                t0 = time.perf_counter()
 
 
 # ---------------------------------------------------------------------------- connecting
@@ -250,9 +287,6 @@ def index_paths_ray(
         RayRunError: Ray could not be reached, or workers died past their retries (what was
             committed is kept; run again to resume).
     """
-    if _reuse_config(options) is not None:
-        raise ConfigError("--reuse needs every frame of a video to pass through one encoder in order; it cannot be "
-                          "combined with --ray yet: drop --reuse, or index without --ray")
     started = connect(ray_options.address, ray_options.num_cpus)
     try:
         def stages(store, todo, enc, opts, report, commit_hook):
@@ -273,7 +307,9 @@ def _dataset(todo: Sequence[MediaSource], encoder, options: IndexOptions, ray_op
     ctx.enable_progress_bars = bool(options.progress)
     ctx.verbose_stats_logs = False
     rows = [{"order": i, "source": pickle.dumps(s, protocol=5)} for i, s in enumerate(todo)]
-    cpus, gpus, threads, device = _resources(ray_options)
+    reuse = _reuse_config(options)
+    # --reuse: the actors decode too (no decode tasks to leave CPUs for)
+    cpus, gpus, threads, device = _resources(dataclasses.replace(ray_options, decode_cpus=0.0) if reuse else ray_options)
     log.info("ray: %d encoder actor(s) with %g CPU / %g GPU each on %s", ray_options.workers, cpus, gpus, device)
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))  # one decode task per source
     with warnings.catch_warnings():
@@ -286,6 +322,17 @@ def _stages_on(ds, encoder, options, ray_options: RayOptions, actor_encoder, res
     import ray
 
     cpus, gpus, threads, device = resources
+    actor_kwargs = {"factory": actor_encoder or EncoderSpec.from_encoder(encoder), "identity": encoder.describe(),
+                    "device": device, "threads": threads}
+    common = {"batch_size": 1, "batch_format": "pyarrow", "compute": ray.data.ActorPoolStrategy(size=ray_options.workers),
+              "num_cpus": cpus, "num_gpus": gpus, "max_restarts": ray_options.max_retries,
+              "max_task_retries": ray_options.max_retries}
+    reuse = _reuse_config(options)
+    if reuse is not None:  # one stage: each actor reads its sources and encodes them in order
+        read = {"sampling": options.sampling, "dedup": options.dedup, "preprocess": _Preprocess(encoder.preprocess),
+                "batch_size": encoder.batch_size, "decoder": getattr(options, "decoder", "decord")}
+        return ds.map_batches(_ReadEncodeActor, fn_constructor_kwargs={**actor_kwargs, "reuse": str(reuse), "read": read},
+                              **common)
     ds = ds.flat_map(
         _decode_rows,
         fn_kwargs={"sampling": options.sampling, "dedup": options.dedup,
@@ -294,18 +341,7 @@ def _stages_on(ds, encoder, options, ray_options: RayOptions, actor_encoder, res
         num_cpus=ray_options.decode_cpus,
         max_retries=ray_options.max_retries,
     )
-    return ds.map_batches(
-        _EncodeActor,
-        fn_constructor_kwargs={"factory": actor_encoder or EncoderSpec.from_encoder(encoder),
-                               "identity": encoder.describe(), "device": device, "threads": threads},
-        batch_size=1,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=ray_options.workers),
-        num_cpus=cpus,
-        num_gpus=gpus,
-        max_restarts=ray_options.max_retries,
-        max_task_retries=ray_options.max_retries,
-    )
+    return ds.map_batches(_EncodeActor, fn_constructor_kwargs=actor_kwargs, **common)
 
 
 class _Assembler:
@@ -351,6 +387,7 @@ def _ray_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
     assembler = _Assembler(todo)
     writer = Committer(store, options, report, on_commit)  # the same writer as one process
     bars = _Bars(len(todo)) if options.progress else None
+    reuse_stats = None  # --reuse: the sources' ReuseStats added up, in arrival order
 
     def take(src: MediaSource, last, parts: list) -> None:
         # The bookkeeping of pipeline._run_stages, applied in to-do order so the report matches too.
@@ -381,6 +418,10 @@ def _ray_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
                     report.frames_encoded += 0 if c.vectors is None else len(c.vectors)
                     if bars:
                         bars.frames(c.item.sampled)
+                if c.reuse is not None and reuse_stats is None:
+                    reuse_stats = c.reuse
+                elif c.reuse is not None:
+                    reuse_stats.merge(c.reuse)
                 assembler.add(c)
             for src, last, parts in assembler.ready():
                 take(src, last, parts)
@@ -407,6 +448,12 @@ def _ray_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
     finally:
         if bars:
             bars.close()
+    reuse = _reuse_config(options)
+    if reuse is not None:
+        from mergeseek.encoders.reuse import ReuseStats
+
+        stats = reuse_stats if reuse_stats is not None else ReuseStats()
+        report.reuse = {"config": str(reuse), "audit_every": reuse.audit, **stats.summary()}
     return writer.new_shards
 
 

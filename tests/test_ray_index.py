@@ -24,6 +24,7 @@ from test_indexing_support import build_encoder, comparable_contents, index_cont
 
 from mergeseek.errors import IndexMismatchError  # noqa: E402
 from mergeseek.indexing import IndexOptions, index_paths  # noqa: E402
+from mergeseek.indexing.dedup import Dedup  # noqa: E402
 from mergeseek.indexing.distributed import RayOptions, _EncodeActor, index_paths_ray  # noqa: E402
 from mergeseek.indexing.store import IndexStore  # noqa: E402
 
@@ -129,6 +130,59 @@ def test_ray_index_equals_the_single_process_index(tmp_path, cluster, reference,
         assert len(store.manifest.shards) == 4  # one commit per source, in discover order
 
 
+def dying_stream_encoder(flag: str, device: str):
+    """The test encoder whose reuse stream ends its process at its second batch (after one chunk of
+    the source went out), once per flag file."""
+    enc = build_encoder()
+    make = enc.stream
+    calls = []
+
+    def stream(reuse):
+        s = make(reuse)
+        encode = s.encode_image_tensor
+
+        def encode_or_die(pixels, video_ids):
+            calls.append(video_ids[0])
+            if len(calls) < 2 or calls[0] != calls[1]:
+                return encode(pixels, video_ids)
+            try:
+                fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return encode(pixels, video_ids)
+            os.close(fd)
+            os._exit(1)
+
+        s.encode_image_tensor = encode_or_die
+        return s
+
+    enc.stream = stream
+    return enc
+
+
+@pytest.mark.parametrize("dies", [False, True], ids=["2-workers", "one-dies-mid-source"])
+def test_ray_with_reuse_equals_the_single_process_reuse_run(tmp_path, cluster, media, dies):
+    """--reuse under Ray: each actor reads its sources and encodes them in order through its reuse
+    stream, so the index and the reuse counters equal the single process's; an actor that dies in
+    the middle of a source has that source read and encoded again from its start."""
+    opts = IndexOptions(sampling="fps=5", dedup=Dedup(enabled=False), reuse="threshold=0.05,refresh=4,audit=3")
+    encoder = build_encoder()
+    encoder.batch_size = 4  # three batches per video, so an actor can die between two of them
+    local = index_paths([media], tmp_path / "local", encoder, opts)
+    flag = tmp_path / "died-once"
+    report = index_paths_ray([media], tmp_path / "ray", encoder, opts, RayOptions(workers=2),
+                             actor_encoder=functools.partial(dying_stream_encoder, str(flag)) if dies else None)
+    assert flag.exists() == dies
+    _assert_same_index(tmp_path / "ray", tmp_path / "local")
+    assert report.indexed == local.indexed and sorted(_failed(report)) == sorted(_failed(local))
+    mine, theirs = report.reuse, local.reuse
+    assert mine["config"] == theirs["config"] == "threshold=0.05,refresh=4,audit=3"
+    for key in ("frames", "references", "cuts", "refreshes", "reuse_rate", "gate_reuse", "block_reuse"):
+        assert mine[key] == theirs[key], key
+    assert mine["frames"] == report.frames_encoded and 0 < mine["references"] < mine["frames"] and mine["reuse_rate"] > 0
+    # the audit counts reused frames per actor, so which frames it picks may differ; it ran and was close
+    assert mine["audit"]["frames"] >= 1 and mine["audit"]["cos_min"] > 0.99
+
+
 def test_up_to_date_sources_are_skipped_under_ray(tmp_path, cluster, reference, media):
     import shutil
 
@@ -210,6 +264,8 @@ def test_cli_ray_options_reach_the_library(tmp_path, monkeypatch):
     assert str(seen["options"].sampling) == "every=5" and seen["paths"] == [Path("v")]
     result = CliRunner().invoke(app, ["index", "v", "--index", str(tmp_path), "--ray", "local", "--device", "cpu", "--json"])
     assert result.exit_code == 0 and seen["ray"].gpus_per_worker == 0
+    result = CliRunner().invoke(app, ["index", "v", "--index", str(tmp_path), "--ray", "local", "--reuse", "threshold=0.1", "--json"])
+    assert result.exit_code == 0 and seen["options"].reuse == "threshold=0.1,refresh=16"  # --reuse runs under Ray too
     result = CliRunner().invoke(app, ["index", "v", "--index", str(tmp_path), "--workers", "2"])
     assert result.exit_code == 2 and "--workers 2 only applies with --ray" in result.stderr
 
