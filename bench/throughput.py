@@ -141,6 +141,7 @@ def run_throughput(
     import torch
 
     from mergeseek.encoders import Encoder, MergeConfig, merge_stats, token_counts
+    from mergeseek.encoders.patch import vit_shape
     from mergeseek.eval.candidates import merged_models
     from mergeseek.eval.timing import flop_ratio, time_alternating
 
@@ -182,8 +183,7 @@ def run_throughput(
     device_ms = _device_times(runs, base.device, iters)
     profiled = {k: _profile(run, base.device) for k, run in runs.items()} if profile else {}
     base_tokens = token_counts(models["none"])
-    width = int(visual.transformer.width)
-    mlp_ratio = visual.transformer.resblocks[0].mlp.c_fc.out_features / width
+    width, mlp_ratio = vit_shape(visual)
     rows = []
     for name, model in models.items():
         tokens = token_counts(model)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import numpy as np
 
 from mergeseek.encoders.config import MergeConfig
-from mergeseek.errors import ConfigError, WeightsUnavailableError
+from mergeseek.errors import ConfigError, MissingDependencyError, WeightsUnavailableError
 from mergeseek.runtime import autocast, resolve_device  # noqa: F401  (resolve_device: re-exported, eval.models uses it)
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,46 @@ def load_open_clip(model_name: str, pretrained: Optional[str], device: str = "cp
     from mergeseek.encoders.cpu_attention import use_batch_first_attention
 
     use_batch_first_attention(model)
-    tokenizer = open_clip.get_tokenizer(model_name)
-    return model, preprocess, tokenizer
+    return model, preprocess, LazyTokenizer(model_name)
+
+
+class LazyTokenizer:
+    """open_clip's tokenizer of ``model_name``, loaded at the first text.
+
+    Image work (indexing, image queries) never needs it, and some models' tokenizers need the
+    ``transformers`` package and files from the Hugging Face hub (SigLIP, MobileCLIP-2...): a
+    machine without them can still index, and text search then fails with one line saying why.
+    """
+
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        self._tok = None
+
+    def load(self):
+        if self._tok is None:
+            import open_clip
+
+            try:
+                self._tok = open_clip.get_tokenizer(self.model_name)
+            except ImportError as exc:
+                pkg = exc.name or "transformers"
+                raise MissingDependencyError(
+                    f"the text tokenizer of {self.model_name} needs the Python package {pkg!r}, which is not installed: "
+                    f"pip install {pkg} (indexing and image queries work without it; text queries do not)") from None
+            except OSError as exc:  # transformers could not fetch the tokenizer files (offline, no cache)
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                raise WeightsUnavailableError(
+                    f"the text tokenizer of {self.model_name} cannot be loaded ({first}); it comes from the Hugging "
+                    "Face hub: load it once online, or point HF_HOME at a cache that has it") from None
+        return self._tok
+
+    def __call__(self, texts, *args, **kwargs):
+        return self.load()(texts, *args, **kwargs)
+
+    def __getattr__(self, name):
+        if name.startswith("_") or name == "model_name":  # not loaded yet / being unpickled
+            raise AttributeError(name)
+        return getattr(self.load(), name)
 
 
 @dataclass
@@ -143,7 +181,18 @@ class Encoder:
     # ------------------------------------------------------------------ properties
     @property
     def dim(self) -> int:
-        return int(self.model.visual.output_dim)
+        """Width of the image embedding (towers without ``output_dim``, e.g. open_clip's timm
+        towers such as ConvNeXt, are measured once with a blank image)."""
+        out = getattr(self.model.visual, "output_dim", None)
+        if out is not None:
+            return int(out)
+        if getattr(self, "_dim", None) is None:
+            import torch
+
+            with torch.inference_mode():
+                blank = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
+                self._dim = int(self.model.encode_image(blank).shape[-1])
+        return self._dim
 
     @property
     def image_size(self) -> int:

@@ -322,13 +322,18 @@ class _OpenClip(_Family):
 
 
 class _Timm(_Family):
-    def __init__(self, root):
+    def __init__(self, root, after=None):
         super().__init__(root)
         from timm.layers import Attention
         from timm.models.vision_transformer import Block
 
-        if getattr(root, "attn_pool", None) is not None or root.global_pool not in ("token", "avg"):
-            raise UnsupportedModelError(f"reuse supports timm global_pool token or avg, not {root.global_pool!r}")
+        from mergeseek.encoders.patch.timm import check_attn_pool
+
+        self.after = after  # open_clip TimmModel's head (projection) after the trunk, or None
+        if getattr(root, "attn_pool", None) is not None:
+            check_attn_pool(root.attn_pool)  # SigLIP's MAP head (sizes as a log bias on its keys)
+        elif root.global_pool not in ("token", "avg"):
+            raise UnsupportedModelError(f"reuse supports timm global_pool token, avg or map, not {root.global_pool!r}")
         self.blocks = list(root.blocks)
         for i, b in enumerate(self.blocks):
             cls = getattr(b, "_merge_orig_class", type(b))
@@ -363,14 +368,21 @@ class _Timm(_Family):
     def pool(self, x, size):
         from mergeseek.encoders.patch.common import sized_mean
 
+        from mergeseek.encoders.patch.common import TokenState, attention_bias
+
         r = self.root
         x = r.norm(x)
-        if r.global_pool == "token":
+        start = 0 if getattr(r, "pool_include_prefix", False) else r.num_prefix_tokens
+        if getattr(r, "attn_pool", None) is not None:
+            size = None if size is None else size[:, start:]
+            bias = None if size is None else attention_bias(TokenState(size, True), True, x.dtype)
+            x = r.attn_pool(x[:, start:], attn_mask=bias)
+        elif r.global_pool == "token":
             x = x[:, 0]
         else:
-            start = 0 if getattr(r, "pool_include_prefix", False) else r.num_prefix_tokens
             x = sized_mean(x[:, start:], None if size is None else size[:, start:])
-        return r.head(r.head_drop(r.fc_norm(x)))
+        out = r.head(r.head_drop(r.fc_norm(x)))
+        return out if self.after is None else self.after(out)
 
 
 def family_of(model) -> _Family:
@@ -389,9 +401,13 @@ def family_of(model) -> _Family:
 
         if issubclass(base, TimmViT):
             return _Timm(visual)
+        trunk = getattr(visual, "trunk", None)  # open_clip's TimmModel (SigLIP): trunk, then head
+        if trunk is not None and issubclass(getattr(trunk, "_merge_orig_class", type(trunk)), TimmViT):
+            return _Timm(trunk, after=visual.head)
     except ImportError:  # pragma: no cover
         pass
-    raise UnsupportedModelError(f"reuse supports open_clip and timm VisionTransformers; got {type(visual).__name__}")
+    raise UnsupportedModelError(f"reuse supports open_clip and timm VisionTransformers; got {type(visual).__name__} "
+                                "(encode this model without --reuse)")
 
 
 # ---------------------------------------------------------------------------- caches
@@ -573,8 +589,10 @@ class ReuseStream:
         from mergeseek.encoders.patch.common import TokenState, attention_bias, attention_probs, merge_tokens
 
         fam, plan, cfg = self.fam, self._plan, self.cfg
-        xr = fam.tokens(ref_patches) if ref_patches is not None else None
-        xd = fam.tokens(dep_patches) if dep_patches is not None else None
+        # contiguous: a ViT without a class token (SigLIP) keeps the patch embedding's transposed
+        # strides through the position add, and the gathers below view rows flat
+        xr = fam.tokens(ref_patches).contiguous() if ref_patches is not None else None
+        xd = fam.tokens(dep_patches).contiguous() if dep_patches is not None else None
         R = 0 if xr is None else int(xr.shape[0])
         F = 0 if xd is None else int(xd.shape[0])
         dev = (xr if xr is not None else xd).device

@@ -68,15 +68,15 @@ class ModelUnderTest:
 
     @property
     def width(self) -> int:
-        return int(self.base.transformer.width if self.family == "open_clip" else self.base.embed_dim)
+        from mergeseek.encoders.patch import vit_shape
+
+        return vit_shape(self.base)[0]
 
     @property
     def mlp_ratio(self) -> float:
-        if self.family == "open_clip":
-            fc = self.base.transformer.resblocks[0].mlp.c_fc
-        else:
-            fc = self.base.blocks[0].mlp.fc1
-        return fc.out_features / float(self.width)
+        from mergeseek.encoders.patch import vit_shape
+
+        return vit_shape(self.base)[1]
 
     def base_token_counts(self) -> list[int]:
         from mergeseek.encoders import token_counts

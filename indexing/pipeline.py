@@ -354,6 +354,10 @@ def index_paths(
         encoder = encoder()
         t_start = time.perf_counter()  # the run's wall time leaves out loading the model
     identity = encoder.describe()
+    if _reuse_config(options) is not None:
+        from mergeseek.encoders.reuse import family_of
+
+        family_of(encoder.model)  # a model --reuse cannot run (a ResNet, an attention pooler) fails before the index opens
     report = IndexReport(str(index_dir), sources_found=len(sources), failed=list(bad),
                          unmapped=[s.video_id for s in unmapped])
     with IndexStore.open_for_write(Path(index_dir), identity, options.index_type, options.force,

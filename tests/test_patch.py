@@ -154,8 +154,16 @@ def test_clip_model_and_state_dict_untouched():
 def test_unsupported_models_get_a_clear_error():
     with pytest.raises(UnsupportedModelError, match="supports open_clip VisionTransformer"):
         apply_merging(torch.nn.Linear(2, 2), "r=2")
+    # attention-pool (MAP) heads merge (tests/test_siglip.py), with a class token too: r=0 is exact
     tnt = _timm("vit_tiny_patch16_224", img_size=32, depth=1, global_pool="map")
-    with pytest.raises(UnsupportedModelError, match="attention-pool"):
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        stock = tnt(x)
+        apply_merging(tnt, "r=0")
+        assert torch.equal(tnt(x), stock)
+    remove_merging(tnt)
+    tnt.attn_pool.pos_embed = torch.nn.Parameter(torch.zeros(4, 192))  # keys tied to positions
+    with pytest.raises(UnsupportedModelError, match="own position embedding"):
         apply_merging(tnt, "r=2")
 
 

@@ -16,7 +16,7 @@ from mergeseek.encoders.merging import REGISTRY, simhash_planes
 from mergeseek.encoders.patch.common import MergeStats, make_plan, restore_class, swap_class
 from mergeseek.errors import UnsupportedModelError
 
-__all__ = ["apply_merging", "merge_stats", "remove_merging", "token_counts", "MergeStats"]
+__all__ = ["apply_merging", "merge_stats", "remove_merging", "token_counts", "vit_shape", "MergeStats"]
 
 
 class _MergingModel:
@@ -36,15 +36,17 @@ def _family(model: torch.nn.Module):
         from timm.models.vision_transformer import VisionTransformer as TimmViT
     except ImportError:  # pragma: no cover
         TimmViT = ()
-    visual = getattr(model, "visual", model)
+    visual = _root(model)
     base = getattr(visual, "_merge_orig_class", type(visual))
     if OpenClipViT and issubclass(base, OpenClipViT):
         return visual, list(visual.transformer.resblocks), "open_clip"
     if TimmViT and issubclass(base, TimmViT):
         return visual, list(visual.blocks), "timm"
+    inner = getattr(visual, "trunk", None)
     raise UnsupportedModelError(
-        f"token merging supports open_clip VisionTransformer (or a CLIP model using one) and timm VisionTransformer; "
-        f"got {type(visual).__name__}"
+        f"token merging supports open_clip VisionTransformer (or a CLIP model using one) and timm VisionTransformer "
+        f"(also as the trunk of open_clip's TimmModel, e.g. SigLIP); got {type(visual).__name__}"
+        + (f" around {type(inner).__name__}" if inner is not None else "")
     )
 
 
@@ -123,7 +125,21 @@ def remove_merging(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _root(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "visual", model)
+    """The module that runs the blocks: ``model.visual`` of a CLIP model, or the timm ViT trunk of
+    open_clip's ``TimmModel`` tower (SigLIP, SigLIP2: ``visual = TimmModel(trunk, head)``)."""
+    visual = getattr(model, "visual", model)
+    trunk = getattr(visual, "trunk", None)
+    if trunk is not None and _is_timm_vit(trunk):
+        return trunk
+    return visual
+
+
+def _is_timm_vit(module) -> bool:
+    try:
+        from timm.models.vision_transformer import VisionTransformer as TimmViT
+    except ImportError:  # pragma: no cover
+        return False
+    return issubclass(getattr(module, "_merge_orig_class", type(module)), TimmViT)
 
 
 def last_stats(model: torch.nn.Module) -> Optional[MergeStats]:
@@ -149,6 +165,15 @@ def token_counts(model: torch.nn.Module) -> List[int]:
     else:
         n = int(root.patch_embed.num_patches) + int(root.num_prefix_tokens)
     return [n] * len(blocks)
+
+
+def vit_shape(model: torch.nn.Module) -> tuple:
+    """(width, MLP hidden / width) of the ViT that merging patches in ``model`` (a CLIP model, its
+    tower, a timm ViT, or open_clip's TimmModel around one): the inputs of the FLOP model."""
+    root, blocks, family = _family(model)
+    if family == "open_clip":
+        return int(root.transformer.width), blocks[0].mlp.c_fc.out_features / float(root.transformer.width)
+    return int(root.embed_dim), blocks[0].mlp.fc1.out_features / float(root.embed_dim)
 
 
 def merge_stats(model: torch.nn.Module) -> dict:

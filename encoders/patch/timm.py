@@ -1,5 +1,6 @@
-"""Token merging for timm's ``VisionTransformer`` (ViT, DeiT, MAE-style ``global_pool='avg'``):
-its standard ``Block`` and ``Attention`` (qk-norm, gate, LayerScale, drop-path kept)."""
+"""Token merging for timm's ``VisionTransformer`` (ViT, DeiT, MAE-style ``global_pool='avg'``,
+SigLIP's attention-pool ``global_pool='map'``, also inside open_clip's ``TimmModel``): its standard
+``Block`` and ``Attention`` (qk-norm, gate, LayerScale, drop-path kept)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,17 @@ class MergingTimmViT:
     def _merged_head(self, x: Tensor, size: Optional[Tensor], pre_logits: bool = False) -> Tensor:
         pool = self.global_pool
         base = self._merge_orig_class
+        if getattr(self, "attn_pool", None) is not None:
+            # MAP head (SigLIP): the latent query attends over the tokens; a merged token of size s
+            # gets the attention of its s originals (log-size bias on its key, proportional attention)
+            if not getattr(self, "pool_include_prefix", False):
+                x = x[:, self.num_prefix_tokens :]
+                size = None if size is None else size[:, self.num_prefix_tokens :]
+            bias = None if size is None else attention_bias(TokenState(size, True), True, x.dtype)  # [B,1,1,N]
+            x = self.attn_pool(x, attn_mask=bias)
+            x = self.fc_norm(x)
+            x = self.head_drop(x)
+            return x if pre_logits else self.head(x)
         if pool == "token" or base.forward_head is not _stock_forward_head():
             # Prefix-token heads (class token; DeiT's class + distillation tokens) do not depend on
             # sizes, and prefix tokens stay in place: the model's own head is exact.
@@ -113,12 +125,27 @@ def _no_masks(attn_mask, is_causal) -> None:
         raise UnsupportedModelError("token merging cannot honour a caller attention mask; call the model without one")
 
 
+def check_attn_pool(pool) -> None:
+    """An attention-pool head the merged forward can give token sizes to (timm's
+    ``AttentionPoolLatent``, whose ``forward`` takes ``attn_mask``), or none."""
+    if pool is None:
+        return
+    import inspect
+
+    from timm.layers import AttentionPoolLatent
+
+    if type(pool) is not AttentionPoolLatent or "attn_mask" not in inspect.signature(pool.forward).parameters:
+        raise UnsupportedModelError(f"timm attention-pool head {type(pool).__name__} is not supported with token merging "
+                                    "(supported: timm.layers.AttentionPoolLatent taking attn_mask, timm >= 1.0.10)")
+    if getattr(pool, "pos_embed", None) is not None:  # per-position keys: a merged token has no one position
+        raise UnsupportedModelError("timm attention-pool heads with their own position embedding are not supported with token merging")
+
+
 def check_vit(model: torch.nn.Module) -> None:
     from timm.layers import Attention
     from timm.models.vision_transformer import Block
 
-    if getattr(model, "attn_pool", None) is not None:
-        raise UnsupportedModelError("timm ViTs with an attention-pool (MAP) head are not supported; use global_pool token or avg")
+    check_attn_pool(getattr(model, "attn_pool", None))
     for i, blk in enumerate(model.blocks):
         cls = getattr(blk, "_merge_orig_class", type(blk))
         attn_cls = type(getattr(blk, "attn", None))
