@@ -6,7 +6,8 @@
 #
 # Writes under $OUT (default ./gpu_out):
 #   env.txt                  GPU, driver, torch / open_clip versions
-#   gpu_tests.txt            the GPU-marked tests (FlashAttention fp16 with merging, CUDA LSH)
+#   gpu_tests.txt            the GPU-marked tests (FlashAttention fp16 with merging, CUDA LSH, CUDA reuse)
+#   reuse.json, reuse.log    bench/reuse.py on CUDA (frames/s with and without reuse, static clips)
 #   eager.jsonl, compiled.jsonl   one bench report per line (python -m bench.throughput's JSON):
 #                            images/s, speed-up vs the model as shipped, FLOP ratio, wall p50,
 #                            CUDA-event device ms, kernels per forward, attention kernel, compile s
@@ -61,10 +62,16 @@ PYEOF
 }
 
 echo "== GPU tests"
-timeout 90 "$PY" -m pytest -q -m gpu tests/test_compile.py tests/test_lsh.py tests/test_lsh_native.py -p no:cacheprovider \
-  > "$OUT/gpu_tests.txt" 2>&1
+timeout 120 "$PY" -m pytest -q -m gpu tests/test_compile.py tests/test_lsh.py tests/test_lsh_native.py tests/test_reuse.py \
+  -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1
 tail -n 3 "$OUT/gpu_tests.txt"
 
+# Reuse across frames (issue #17) on CUDA: static clips at 5 fps, fp16, batch 64, wall clock.
+echo "== reuse ($(( $(date +%s) - start ))s elapsed)"
+timeout 60 "$PY" -m bench.reuse --device cuda --clock wall --threads 4 --precision fp16 --model ViT-B-16 --model ViT-B-32 \
+  --fps 5 --rounds 5 --seconds 12 --sets synthetic --kinds static --batch-size 64 --out "$OUT/reuse.json" \
+  > "$OUT/reuse.log" 2>&1 || echo "   reuse stage ended with code $? (see $OUT/reuse.log)"
+tail -n 4 "$OUT/reuse.log"
 # Eager: the three models, fp16 and bf16, batch 8 / 64 / 256 (ViT-B-16 first: the issue's target).
 stage eager_b16 70 ViT-B-16 8,64,256 fp16,bf16 0 20
 stage eager_b32 45 ViT-B-32 8,64,256 fp16,bf16 0 20

@@ -59,14 +59,14 @@ def _run_pair(per_frame, reuse, rounds: int, clock: str = "cpu"):
 
 def bench_clip_model(model: str, fps_list: List[float], sets: List[str], reuse: str, merge: str, batch_size: int,
                      rounds: int, max_frames: int, seconds: float, clock: str = "cpu",
-                     kinds: Optional[List[str]] = None) -> List[dict]:
+                     kinds: Optional[List[str]] = None, device: str = "cpu", precision: str = "fp32") -> List[dict]:
     import torch
 
     from mergeseek.encoders import Encoder
     from mergeseek.encoders.reuse import ReuseConfig
     from mergeseek.eval.datasets.video import top_k_overlap
 
-    enc = Encoder(model_name=model, pretrained=None, device="cpu", merge=merge, batch_size=batch_size)
+    enc = Encoder(model_name=model, pretrained=None, device=device, merge=merge, batch_size=batch_size, precision=precision)
     timed_cfg = dataclasses.replace(ReuseConfig.parse(reuse), audit=0)  # the timed passes run no audit
     rows = []
     for fps in fps_list:
@@ -76,7 +76,7 @@ def bench_clip_model(model: str, fps_list: List[float], sets: List[str], reuse: 
         allpx = torch.cat(pixels)
 
         def per_frame():
-            return torch.cat([enc.encode_image_tensor(allpx[s : s + batch_size]) for s in range(0, n, batch_size)]).numpy()
+            return torch.cat([enc.encode_image_tensor(allpx[s : s + batch_size]) for s in range(0, n, batch_size)]).cpu().numpy()
 
         stats = {}
 
@@ -88,7 +88,7 @@ def bench_clip_model(model: str, fps_list: List[float], sets: List[str], reuse: 
             stream = enc.stream(timed_cfg)
             outs = [stream.encode_image_tensor(allpx[s : s + batch_size], ids[s : s + batch_size]) for s in range(0, n, batch_size)]
             stats["s"] = stream.stats
-            return torch.cat(outs).numpy()
+            return torch.cat(outs).cpu().numpy()
 
         enc.stream(timed_cfg).encode_image_tensor(pixels[0][:batch_size], [clips[0].name] * len(pixels[0][:batch_size]))  # warm-up
         t_pf, t_ru, e_pf, e_ru = _run_pair(per_frame, reused, rounds, clock)
@@ -101,7 +101,7 @@ def bench_clip_model(model: str, fps_list: List[float], sets: List[str], reuse: 
             by_kind.setdefault(c.kind, []).append(cc)
             start += len(c)
         rows.append({
-            "model": model, "merge": merge, "reuse": reuse, "fps": fps, "frames": n, "sets": ",".join(sets),
+            "model": model, "merge": merge, "reuse": reuse, "device": enc.device, "precision": precision, "fps": fps, "frames": n, "sets": ",".join(sets),
             "kinds": ",".join(kinds or []) or "all",
             "per_frame_fps": round(n / t_pf, 2), "reuse_fps": round(n / t_ru, 2), "gain": round(t_pf / t_ru, 2),
             "cos_min": round(float(cos.min()), 4), "cos_mean": round(float(cos.mean()), 4),
@@ -195,12 +195,17 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     p.add_argument("--cifar-frames", type=int, default=8)
     p.add_argument("--threads", type=int, default=1, help="torch threads (the cpu clock needs 1)")
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="cpu: process CPU time (shared machines)")
+    p.add_argument("--device", default="cpu", help="CLIP models: cpu, cuda or auto (CUDA: use --clock wall; each pass "
+                   "ends with its vectors on the host, so the wall clock includes the device's work)")
+    p.add_argument("--precision", default="fp32", help="CLIP models: fp32, fp16 or bf16 (autocast)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     a = p.parse_args(argv)
     import torch
 
     if a.clock == "cpu" and a.threads != 1:
         p.error("--clock cpu times one thread; pass --threads 1 or --clock wall")
+    if a.clock == "cpu" and a.device != "cpu":
+        p.error(f"--clock cpu measures this process's CPU time, not the work of --device {a.device}; pass --clock wall")
     torch.set_num_threads(a.threads)
     rows = []
     for model in a.model or ["ViT-B-32"]:
@@ -210,7 +215,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
                                     a.clock)
         else:
             rows += bench_clip_model(model, fps, a.sets.split(","), a.reuse, a.merge, a.batch_size, a.rounds,
-                                     a.max_frames, a.seconds, a.clock, a.kinds.split(",") if a.kinds else None)
+                                     a.max_frames, a.seconds, a.clock, a.kinds.split(",") if a.kinds else None,
+                                     a.device, a.precision)
     if a.out:
         from mergeseek.runtime import atomic_write
 
