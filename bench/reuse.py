@@ -59,7 +59,8 @@ def _run_pair(per_frame, reuse, rounds: int, clock: str = "cpu"):
 
 def bench_clip_model(model: str, fps_list: List[float], sets: List[str], reuse: str, merge: str, batch_size: int,
                      rounds: int, max_frames: int, seconds: float, clock: str = "cpu",
-                     kinds: Optional[List[str]] = None, device: str = "cpu", precision: str = "fp32") -> List[dict]:
+                     kinds: Optional[List[str]] = None, device: str = "cpu", precision: str = "fp32",
+                     profile: bool = False) -> List[dict]:
     import torch
 
     from mergeseek.encoders import Encoder
@@ -92,6 +93,7 @@ def bench_clip_model(model: str, fps_list: List[float], sets: List[str], reuse: 
 
         enc.stream(timed_cfg).encode_image_tensor(pixels[0][:batch_size], [clips[0].name] * len(pixels[0][:batch_size]))  # warm-up
         t_pf, t_ru, e_pf, e_ru = _run_pair(per_frame, reused, rounds, clock)
+        shares = _profile_shares(per_frame, reused) if profile else None
         cos = (e_pf * e_ru).sum(axis=1)
         kinds = sorted({c.kind for c in clips})
         by_kind = {}
@@ -109,8 +111,41 @@ def bench_clip_model(model: str, fps_list: List[float], sets: List[str], reuse: 
             "cos_min_by_kind": {k: round(float(np.concatenate(by_kind[k]).min()), 4) for k in kinds},
             **{k: v for k, v in stats["s"].summary().items() if k in ("references", "cuts", "refreshes", "reuse_rate")},
         })
+        if shares is not None:
+            rows[-1]["profile"] = shares
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+# aten ops by what they are for (torch.profiler self time); the rest is bookkeeping
+_OP_GROUPS = {
+    "linear": ("aten::addmm", "aten::mm", "aten::linear"),
+    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_efficient_attention",
+                  "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_cudnn_attention",
+                  "aten::bmm", "aten::_softmax", "aten::_native_multi_head_attention",
+                  "aten::_transform_bias_rescale_qkv"),
+    "patch_embed": ("aten::mkldnn_convolution", "aten::convolution", "aten::_convolution", "aten::cudnn_convolution"),
+    "gathers_copies": ("aten::index_select", "aten::index_copy_", "aten::index_add_", "aten::copy_", "aten::cat",
+                       "aten::clone", "aten::index"),
+    "norms_gelu": ("aten::native_layer_norm", "aten::gelu", "aten::linalg_vector_norm"),
+}
+
+
+def _profile_shares(*passes) -> List[dict]:
+    """Share of each pass's profiled self time per op group (one untimed run of each, after the
+    timed rounds): where the time of the per-frame and the reuse pass goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = []
+    for run in passes:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events) or 1.0
+        shares = {g: sum(e.self_cpu_time_total for e in events if e.key in keys) / total for g, keys in _OP_GROUPS.items()}
+        shares["other"] = 1.0 - sum(shares.values())
+        out.append({k: round(v, 3) for k, v in shares.items()} | {"total_s": round(total / 1e6, 3)})
+    return out
 
 
 def bench_reference(fps_list: List[float], reuse: str, merge: str, data_root: Optional[str], n_images: int,
@@ -198,6 +233,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     p.add_argument("--device", default="cpu", help="CLIP models: cpu, cuda or auto (CUDA: use --clock wall; each pass "
                    "ends with its vectors on the host, so the wall clock includes the device's work)")
     p.add_argument("--precision", default="fp32", help="CLIP models: fp32, fp16 or bf16 (autocast)")
+    p.add_argument("--profile", action="store_true",
+                   help="CLIP models: also profile one per-frame and one reuse pass (share of time per op group)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     a = p.parse_args(argv)
     import torch
@@ -216,7 +253,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         else:
             rows += bench_clip_model(model, fps, a.sets.split(","), a.reuse, a.merge, a.batch_size, a.rounds,
                                      a.max_frames, a.seconds, a.clock, a.kinds.split(",") if a.kinds else None,
-                                     a.device, a.precision)
+                                     a.device, a.precision, a.profile)
     if a.out:
         from mergeseek.runtime import atomic_write
 

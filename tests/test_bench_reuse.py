@@ -16,7 +16,7 @@ def test_reuse_bench_reports_the_stream_counts_and_writes_its_rows(tmp_path, one
     threads = torch.get_num_threads()
     try:
         rows = main(["--model", "ViT-B-32", "--fps", "2", "--seconds", "2", "--sets", "synthetic", "--kinds", "static",
-                     "--rounds", "1", "--batch-size", "3", "--out", str(out)])
+                     "--rounds", "1", "--batch-size", "3", "--profile", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     (row,) = rows
@@ -26,8 +26,14 @@ def test_reuse_bench_reports_the_stream_counts_and_writes_its_rows(tmp_path, one
     assert row["gain"] > 0 and row["per_frame_fps"] > 0 and 0.0 < row["reuse_rate"] < 1.0
     assert 0.99 < row["cos_min"] <= row["cos_mean"] <= 1.0 + 1e-6 and 0.0 <= row["top10_overlap"] <= 1.0
     assert json.loads(out.read_text())["rows"] == rows
+    per_frame, reuse = row["profile"]  # shares of each pass's time per op group
+    for shares in (per_frame, reuse):
+        assert shares["linear"] > 0.3 and abs(sum(v for k, v in shares.items() if k != "total_s") - 1.0) < 0.01
+    assert reuse["total_s"] < per_frame["total_s"]  # 8 frames, two computed in full
     with pytest.raises(SystemExit):
         main(["--threads", "2"])  # the CPU clock times one thread
+    with pytest.raises(SystemExit):
+        main(["--device", "cuda"])  # nor does it time a GPU
 
 
 def test_reuse_ab_of_a_module_against_itself_gives_identical_outputs(one_torch_thread):
