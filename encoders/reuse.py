@@ -366,9 +366,7 @@ class _Timm(_Family):
         return b.drop_path2(b.ls2(b.mlp(b.norm2(y))))
 
     def pool(self, x, size):
-        from mergeseek.encoders.patch.common import sized_mean
-
-        from mergeseek.encoders.patch.common import TokenState, attention_bias
+        from mergeseek.encoders.patch.common import TokenState, attention_bias, sized_mean
 
         r = self.root
         x = r.norm(x)
@@ -580,10 +578,11 @@ class ReuseStream:
         """One pass over the blocks for R reference frames (computed in full, caches kept) and F
         dependants, dependant ``j`` reusing reference ``owner[j]``: 0..R-1 one of the R, R.. the
         reference ``kept[owner[j] - R]`` of an earlier call. ``changed``: [F, Np] patches whose hash
-        moved (NumPy). Each gate reads the device once (its per-frame row counts); block 0's gate
-        is known on the host and reads nothing. The references' rows and the dependants' recomputed rows go through each linear
-        layer as one matrix product, so a reference alone in its batch does not pay for a
-        one-frame product. Returns (outputs [R + F, D], the R new references)."""
+        moved (NumPy). The references' rows and the dependants' recomputed rows go through each
+        linear layer as one matrix product, so a reference alone in its batch does not pay for a
+        one-frame product. Each gate reads the device once (its per-frame row counts); block 0's
+        gate is known on the host and reads nothing. Returns (outputs [R + F, D], the R new
+        references)."""
         import torch
 
         from mergeseek.encoders.patch.common import TokenState, attention_bias, attention_probs, merge_tokens

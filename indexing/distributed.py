@@ -206,6 +206,9 @@ class _ReadEncodeActor(_EncodeActor):
 
         for row in batch.to_pylist():
             src: MediaSource = pickle.loads(row["source"])
+            # A source retried on this actor (a failed attempt) starts clean: no cache, no counts.
+            self.stream.end(src.key)
+            self.stream.take_stats()
             t0 = time.perf_counter()
             for n, item in enumerate(read_source(src, **self.read)):
                 chunk = _Chunk(row["order"], n, item, read_s=time.perf_counter() - t0)

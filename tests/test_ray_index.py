@@ -183,6 +183,43 @@ def test_ray_with_reuse_equals_the_single_process_reuse_run(tmp_path, cluster, m
     assert mine["audit"]["frames"] >= 1 and mine["audit"]["cos_min"] > 0.99
 
 
+def test_a_source_read_twice_by_one_reuse_actor_gives_the_same_chunks(media, one_torch_thread):
+    """A retried source on the same actor (its first attempt failed part-way) must not reuse the
+    cache or the counts of that attempt."""
+    import pickle
+
+    import pyarrow as pa
+
+    from mergeseek.indexing.distributed import _Preprocess, _ReadEncodeActor
+    from mergeseek.indexing.sources import discover
+
+    enc = build_encoder()
+    sources, _ = discover([media / "a_rg.mp4"])
+    read = {"sampling": IndexOptions(sampling="fps=5").sampling, "dedup": Dedup(enabled=False),
+            "preprocess": _Preprocess(enc.preprocess), "batch_size": 4, "decoder": "decord"}
+    row = pa.table({"order": [0], "source": [pickle.dumps(sources[0])]})
+
+    def actor():
+        return _ReadEncodeActor(lambda device: enc, enc.describe(), "cpu", 1, "threshold=0.05,refresh=8,audit=0", read)
+
+    def chunks(a):
+        return [pickle.loads(t.column("payload")[0].as_py()) for t in a(row)]
+
+    first = chunks(actor())
+    retried = actor()
+    attempt = retried(row)
+    next(attempt)  # an attempt that stopped after its first batch (its task failed and was retried)
+    attempt.close()
+    second = chunks(retried)
+    assert len(first) == len(second) >= 3  # batches, then the end of the source
+    for a, b in zip(first, second):
+        assert (a.vectors is None) == (b.vectors is None)
+        if a.vectors is not None:
+            np.testing.assert_array_equal(a.vectors, b.vectors)
+    assert first[-1].reuse.frames == second[-1].reuse.frames == sum(len(c.vectors) for c in first[:-1])
+    assert first[-1].reuse.references == second[-1].reuse.references < first[-1].reuse.frames
+
+
 def test_up_to_date_sources_are_skipped_under_ray(tmp_path, cluster, reference, media):
     import shutil
 
