@@ -134,12 +134,12 @@ class ModelUnderTest:
 
         if self.clip is None:
             raise ConfigError(f"model {self.name} is a classifier and has no text tower; text queries need a CLIP model")
-        out = [np.zeros((0, int(self.base.output_dim)), np.float32)]
-        for s in range(0, len(texts), batch_size):
-            tokens = self.tokenizer(texts[s : s + batch_size]).to(self.device)
+        out = []
+        for s in range(0, max(1, len(texts)), batch_size):  # no text: one empty batch, for the width
+            tokens = self.tokenizer(texts[s : s + batch_size] or [""]).to(self.device)
             with torch.inference_mode(), self.autocast():
                 feats = self.clip.encode_text(tokens)
-            out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy())
+            out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()[: len(texts)])
         return np.concatenate(out)
 
 

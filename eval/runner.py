@@ -63,6 +63,8 @@ def evaluate_model(mut: ModelUnderTest, merges, sets: list[EvalSet], cfg: EvalCo
     from mergeseek.encoders import merge_stats, token_counts
     from mergeseek.eval.candidates import merged_models
 
+    if mut.kind == "clip" and sets and hasattr(mut.tokenizer, "load"):
+        mut.tokenizer.load()  # every non-video set reads text: a missing tokenizer fails before the images are encoded
     cands = merged_models(mut.base, merges)
     log.info("%s: %d candidates (%s)", mut.name, len(cands), ", ".join(cands))
     results = []

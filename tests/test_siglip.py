@@ -125,3 +125,16 @@ def test_a_non_vit_timm_tower_has_a_dim_and_a_clear_refusal():
     assert enc.dim == 512 and enc.encode_image_tensor(torch.zeros(1, 3, 224, 224)).shape == (1, 512)
     with pytest.raises(UnsupportedModelError, match="got TimmModel around ConvNeXt"):
         apply_merging(enc.model, "r=8")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is not None, reason="transformers is installed here")
+def test_eval_stops_on_the_missing_tokenizer_before_encoding_any_image(siglip, monkeypatch):
+    from mergeseek.encoders.encoder import LazyTokenizer
+    from mergeseek.eval import runner
+    from mergeseek.eval.models import ModelUnderTest
+
+    mut = ModelUnderTest(name=MODEL, kind="clip", pretrained=None, meaningful=False, base=siglip.visual,
+                         preprocess=None, clip=siglip, tokenizer=LazyTokenizer(MODEL))
+    monkeypatch.setattr("mergeseek.eval.candidates.merged_models", lambda *a, **k: pytest.fail("images came first"))
+    with pytest.raises(MissingDependencyError, match="pip install transformers"):
+        runner.evaluate_model(mut, [], [object()], cfg=None)
