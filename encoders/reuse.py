@@ -254,6 +254,7 @@ class _Family:
 
     def __init__(self, root):
         self.root = root
+        self.prop_attn = True  # proportional attention in a pooler over merged tokens (the merge config's)
 
     # implemented per family: patches, tokens, blocks, ln1, qkv, attend, proj, ln2, mlp, pool, heads
 
@@ -265,10 +266,8 @@ class _OpenClip(_Family):
         super().__init__(root)
         from open_clip.transformer import ResidualAttentionBlock
 
-        if getattr(root, "attn_pool", None) is not None:
-            raise UnsupportedModelError("reuse does not support open_clip towers with an attention pooler; use a plain ViT")
-        if root.pool_type not in ("tok", "avg"):
-            raise UnsupportedModelError(f"reuse supports pool_type tok and avg, not {root.pool_type!r}")
+        if getattr(root, "attn_pool", None) is None and root.pool_type not in ("tok", "avg"):
+            raise UnsupportedModelError(f"reuse supports pool_type tok and avg or an attention pooler, not {root.pool_type!r}")
         self.blocks = list(root.transformer.resblocks)
         for i, b in enumerate(self.blocks):
             cls = getattr(b, "_merge_orig_class", type(b))
@@ -308,16 +307,10 @@ class _OpenClip(_Family):
         return b.ls_2(b.mlp(b.ln_2(y)))
 
     def pool(self, x, size):
-        from mergeseek.encoders.patch.common import sized_mean
+        from mergeseek.encoders.patch.open_clip import pool_tokens
 
         r = self.root
-
-        def gpool(t):
-            if r.pool_type == "avg":
-                return sized_mean(t[:, 1:], None if size is None else size[:, 1:])
-            return t[:, 0]
-
-        pooled = r.ln_post(gpool(x)) if r.final_ln_after_pool else gpool(r.ln_post(x))
+        pooled = pool_tokens(r, x, size, self.prop_attn)[0]
         return pooled @ r.proj if r.proj is not None else pooled
 
 
@@ -458,6 +451,7 @@ class ReuseStream:
         self.cfg = ReuseConfig.parse(cfg)
         self.merge = MergeConfig.parse(merge)
         self.fam = family_of(model)
+        self.fam.prop_attn = self.merge.prop_attn
         self.streams: "OrderedDict[Hashable, _Stream]" = OrderedDict()
         self.last_reused: List[bool] = []  # per frame of the last encode(): did it reuse work
         self.stats = ReuseStats(weights=(3.0, 1.0, 2.0 * self.fam.hidden / self.fam.width))

@@ -257,6 +257,29 @@ def test_a_batch_reads_the_device_a_fixed_number_of_times(encoders_by_merge, cli
         assert {c: k for c, k in py.calls.items() if c in SYNC_PY} == {"cpu": 1, "numpy": 1, "tolist": 2 * blocks - 1}
 
 
+def test_an_attention_pooler_tower_reuses_too(clip_frames, one_torch_thread):
+    """CoCa's image tower pools with attention poolers (one for the tokens, one contrastive): the
+    stream pools through the same size-aware poolers as the merged forward, with and without r=8."""
+    from mergeseek.encoders import Encoder, apply_merging, remove_merging
+
+    enc = Encoder(model_name="coca_ViT-B-32", pretrained=None, device="cpu", merge="none", batch_size=8)
+    assert enc.model.visual.attn_pool is not None
+    frames = clip_frames[0]
+    try:
+        for merge in ("none", "r=8"):
+            apply_merging(enc.model, merge)
+            with torch.inference_mode():
+                per = torch.nn.functional.normalize(enc.model.encode_image(frames).float(), dim=-1)
+                exact = ReuseStream(enc.model, "threshold=0", merge).encode(frames, ["v"] * len(frames))
+                stream = ReuseStream(enc.model, "threshold=0.05,audit=0", merge)
+                out = stream.encode(frames, ["v"] * len(frames))
+            exact, out = (torch.nn.functional.normalize(t.float(), dim=-1) for t in (exact, out))
+            assert (exact - per).abs().max().item() <= 1e-5, merge
+            assert stream.stats.reuse_rate > 0.3 and (out * per).sum(-1).min().item() > 0.99, merge
+    finally:
+        remove_merging(enc.model)
+
+
 # ---------------------------------------------------------------------------- timm (reference ViT)
 @pytest.mark.parametrize("merge", ["none", "r=8", "r=8,method=lsh"])
 def test_timm_reference_vit(reference_vit, merge):

@@ -106,37 +106,43 @@ def _attn_pool(pooler, x: Tensor, size: Optional[Tensor], prop_attn: bool) -> Te
     return pooler.attn(queries, keys, keys, need_weights=False, attn_mask=mask)[0]
 
 
+def _global_pool(visual, x: Tensor, size: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    if visual.pool_type == "avg":
+        return sized_mean(x[:, 1:], None if size is None else size[:, 1:]), x[:, 1:]
+    if visual.pool_type == "tok":
+        return x[:, 0], x[:, 1:]
+    return x, x
+
+
+def pool_tokens(visual, x: Tensor, size: Optional[Tensor], prop_attn: bool) -> Tuple[Tensor, Tensor]:
+    """(pooled, tokens) of open_clip's ``VisionTransformer`` after its blocks, for tokens of the
+    given sizes (None: unmerged), before ``proj``: the class token, a size-weighted average, or
+    the attention pooler(s) with a log-size bias on their keys. The merged forward and the reuse
+    stream (encoders/reuse.py) both pool through it."""
+    if visual.attn_pool is not None:
+        if visual.attn_pool_contrastive is not None:
+            x = visual.ln_post(x)
+            tokens = _attn_pool(visual.attn_pool, x, size, prop_attn)
+            if visual.attn_pool_type == "parallel":
+                pooled = _attn_pool(visual.attn_pool_contrastive, x, size, prop_attn)
+            else:
+                pooled = _attn_pool(visual.attn_pool_contrastive, tokens, None, prop_attn)
+            return pooled, tokens
+        x = visual.ln_post(_attn_pool(visual.attn_pool, x, size, prop_attn))
+        return _global_pool(visual, x, None)
+    if visual.final_ln_after_pool:
+        pooled, tokens = _global_pool(visual, x, size)
+        return visual.ln_post(pooled), tokens
+    return _global_pool(visual, visual.ln_post(x), size)
+
+
 class MergingVisionTransformer:
     """Mixin for open_clip's ``VisionTransformer``: merged blocks and size-aware pooling."""
-
-    def _merged_global_pool(self, x: Tensor, size: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        if self.pool_type == "avg":
-            return sized_mean(x[:, 1:], None if size is None else size[:, 1:]), x[:, 1:]
-        if self.pool_type == "tok":
-            return x[:, 0], x[:, 1:]
-        return x, x
-
-    def _merged_pool(self, x: Tensor, size: Optional[Tensor], prop_attn: bool) -> Tuple[Tensor, Tensor]:
-        if self.attn_pool is not None:
-            if self.attn_pool_contrastive is not None:
-                x = self.ln_post(x)
-                tokens = _attn_pool(self.attn_pool, x, size, prop_attn)
-                if self.attn_pool_type == "parallel":
-                    pooled = _attn_pool(self.attn_pool_contrastive, x, size, prop_attn)
-                else:
-                    pooled = _attn_pool(self.attn_pool_contrastive, tokens, None, prop_attn)
-                return pooled, tokens
-            x = self.ln_post(_attn_pool(self.attn_pool, x, size, prop_attn))
-            return self._merged_global_pool(x, None)
-        if self.final_ln_after_pool:
-            pooled, tokens = self._merged_global_pool(x, size)
-            return self.ln_post(pooled), tokens
-        return self._merged_global_pool(self.ln_post(x), size)
 
     def forward(self, x: Tensor):
         x = self._embeds(x)
         x, state, stats = run_blocks(self.transformer.resblocks, x, self._merge_cfg, self._merge_plan())
-        pooled, tokens = self._merged_pool(x, state.size, self._merge_cfg.prop_attn)
+        pooled, tokens = pool_tokens(self, x, state.size, self._merge_cfg.prop_attn)
         if self.proj is not None:
             pooled = pooled @ self.proj
         self._merge_last = stats
