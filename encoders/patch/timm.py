@@ -136,7 +136,8 @@ def check_attn_pool(pool) -> None:
 
     if type(pool) is not AttentionPoolLatent or "attn_mask" not in inspect.signature(pool.forward).parameters:
         raise UnsupportedModelError(f"timm attention-pool head {type(pool).__name__} is not supported with token merging "
-                                    "(supported: timm.layers.AttentionPoolLatent taking attn_mask, timm >= 1.0.10)")
+                                    "(supported: timm.layers.AttentionPoolLatent whose forward takes attn_mask; upgrade timm if "
+                                    "yours does not)")
     if getattr(pool, "pos_embed", None) is not None:  # per-position keys: a merged token has no one position
         raise UnsupportedModelError("timm attention-pool heads with their own position embedding are not supported with token merging")
 
