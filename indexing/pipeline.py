@@ -151,6 +151,11 @@ class IndexReport:
             lines.append(f"reuse {r['config']}: {r['reuse_rate']:.0%} of the linear-layer work reused "
                          f"(ideal speed-up {1 / max(1e-9, 1 - r['reuse_rate']):.2f}x); {r['references']} of {r['frames']} "
                          f"frames computed in full ({r['cuts']} scene cuts, {r['refreshes']} refreshes)")
+            if r.get("block_reuse"):
+                g = r.get("gate_reuse", {})
+                lines.append("reuse per block, first to last: " + " ".join(f"{v:.0%}" for v in r["block_reuse"])
+                             + (f" (per gate: q/k/v {g['qkv']:.0%}, out-projection {g['proj']:.0%}, MLP {g['mlp']:.0%})"
+                                if g else ""))
             a = r.get("audit")
             if a:
                 gain = f"{a['gain']:.2f}x the per-frame frames/s" if a.get("gain") else "gain not measured"

@@ -341,6 +341,10 @@ def test_index_with_reuse_reports_the_reuse_and_its_audited_error(tmp_path, enco
     assert report.reuse["references"] == 3 and 0.2 < report.reuse["reuse_rate"] < 1.0  # frames 0, 4, 8
     lines = report.summary_lines()
     assert any(line.startswith("reuse threshold=0.05,refresh=4:") for line in lines)
+    (per_block,) = [line for line in lines if line.startswith("reuse per block")]
+    shown = per_block.split(": ", 1)[1].split(" (")[0].split()
+    assert shown == [f"{v:.0%}" for v in report.reuse["block_reuse"]] and len(shown) == 12  # one per block of ViT-B-32
+    assert f"MLP {report.reuse['gate_reuse']['mlp']:.0%}" in per_block
     assert report.reuse["audit_every"] == 32 and "audit" not in report.reuse  # 9 reused frames < 32
     assert any(line.startswith("reuse vs per-frame: no frame audited") for line in lines)
     # The audit only measures: another audit setting is the same recipe (nothing re-indexed).
