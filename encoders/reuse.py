@@ -325,8 +325,8 @@ class _Timm(_Family):
         self.after = after  # open_clip TimmModel's head (projection) after the trunk, or None
         if getattr(root, "attn_pool", None) is not None:
             check_attn_pool(root.attn_pool)  # SigLIP's MAP head (sizes as a log bias on its keys)
-        elif root.global_pool not in ("token", "avg"):
-            raise UnsupportedModelError(f"reuse supports timm global_pool token, avg or map, not {root.global_pool!r}")
+        elif root.global_pool not in ("token", "avg", "max", "avgmax"):
+            raise UnsupportedModelError(f"reuse supports timm global_pool token, avg, max, avgmax or map, not {root.global_pool!r}")
         self.blocks = list(root.blocks)
         for i, b in enumerate(self.blocks):
             cls = getattr(b, "_merge_orig_class", type(b))
@@ -359,20 +359,9 @@ class _Timm(_Family):
         return b.drop_path2(b.ls2(b.mlp(b.norm2(y))))
 
     def pool(self, x, size):
-        from mergeseek.encoders.patch.common import TokenState, attention_bias, sized_mean
+        from mergeseek.encoders.patch.timm import pool_head
 
-        r = self.root
-        x = r.norm(x)
-        start = 0 if getattr(r, "pool_include_prefix", False) else r.num_prefix_tokens
-        if getattr(r, "attn_pool", None) is not None:
-            size = None if size is None else size[:, start:]
-            bias = None if size is None else attention_bias(TokenState(size, True), True, x.dtype)
-            x = r.attn_pool(x[:, start:], attn_mask=bias)
-        elif r.global_pool == "token":
-            x = x[:, 0]
-        else:
-            x = sized_mean(x[:, start:], None if size is None else size[:, start:])
-        out = r.head(r.head_drop(r.fc_norm(x)))
+        out = pool_head(self.root, self.root.norm(x), size)
         return out if self.after is None else self.after(out)
 
 

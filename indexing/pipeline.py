@@ -401,7 +401,8 @@ def _run_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
     bars = _Bars(len(todo)) if options.progress else None
     # --reuse: frames of one source reach the encoder in order (the reader decodes sources one
     # at a time, sequentially), so a per-source cache in the stream encoder is valid.
-    stream = encoder.stream(_reuse_config(options)) if _reuse_config(options) is not None else None
+    reuse = _reuse_config(options)
+    stream = encoder.stream(reuse) if reuse is not None else None
     partial: dict = {}  # source key -> list of (batch, vectors)
     writer = Committer(store, options, report, on_commit)
 

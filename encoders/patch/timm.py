@@ -71,38 +71,7 @@ class MergingTimmViT:
         return self.norm(x), state.size
 
     def _merged_head(self, x: Tensor, size: Optional[Tensor], pre_logits: bool = False) -> Tensor:
-        pool = self.global_pool
-        base = self._merge_orig_class
-        if getattr(self, "attn_pool", None) is not None:
-            # MAP head (SigLIP): the latent query attends over the tokens; a merged token of size s
-            # gets the attention of its s originals (log-size bias on its key, proportional attention)
-            if not getattr(self, "pool_include_prefix", False):
-                x = x[:, self.num_prefix_tokens :]
-                size = None if size is None else size[:, self.num_prefix_tokens :]
-            bias = None if size is None else attention_bias(TokenState(size, True), True, x.dtype)  # [B,1,1,N]
-            x = self.attn_pool(x, attn_mask=bias)
-            x = self.fc_norm(x)
-            x = self.head_drop(x)
-            return x if pre_logits else self.head(x)
-        if pool == "token" or base.forward_head is not _stock_forward_head():
-            # Prefix-token heads (class token; DeiT's class + distillation tokens) do not depend on
-            # sizes, and prefix tokens stay in place: the model's own head is exact.
-            return base.forward_head(self, x, pre_logits=pre_logits)
-        if pool:
-            if not getattr(self, "pool_include_prefix", False):
-                x = x[:, self.num_prefix_tokens :]
-                size = None if size is None else size[:, self.num_prefix_tokens :]
-            if pool == "avg":
-                x = sized_mean(x, size)
-            elif pool == "max":
-                x = sized_max(x, size)
-            elif pool == "avgmax":
-                x = 0.5 * (sized_max(x, size) + sized_mean(x, size))
-            else:
-                raise UnsupportedModelError(f"timm global_pool={pool!r} is not supported with token merging")
-        x = self.fc_norm(x)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
+        return pool_head(self, x, size, pre_logits)
 
     def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         _no_masks(attn_mask, is_causal)
@@ -112,6 +81,39 @@ class MergingTimmViT:
         _no_masks(attn_mask, is_causal)
         x, size = self._merged_features(x)
         return self._merged_head(x, size)
+
+
+def pool_head(vit, x: Tensor, size: Optional[Tensor], pre_logits: bool = False) -> Tensor:
+    """timm ``VisionTransformer.forward_head`` for (normed) tokens of the given sizes (None:
+    unmerged): the attention-pool (MAP) head with a log-size bias on its keys, size-weighted
+    avg / max pooling, or the model's own head where sizes do not matter (prefix tokens). The
+    merged forward and the reuse stream (encoders/reuse.py) both end here."""
+    pool = vit.global_pool
+    base = getattr(vit, "_merge_orig_class", type(vit))
+    map_head = getattr(vit, "attn_pool", None) is not None
+    if not map_head and (pool == "token" or base.forward_head is not _stock_forward_head()):
+        # Prefix-token heads (class token; DeiT's class + distillation tokens) do not depend on
+        # sizes, and prefix tokens stay in place: the model's own head is exact.
+        return base.forward_head(vit, x, pre_logits=pre_logits)
+    if (map_head or pool) and not getattr(vit, "pool_include_prefix", False):
+        x = x[:, vit.num_prefix_tokens :]
+        size = None if size is None else size[:, vit.num_prefix_tokens :]
+    if map_head:
+        # MAP head (SigLIP): the latent query attends over the tokens; a merged token of size s
+        # gets the attention of its s originals (log-size bias on its key, proportional attention)
+        bias = None if size is None else attention_bias(TokenState(size, True), True, x.dtype)  # [B,1,1,N]
+        x = vit.attn_pool(x, attn_mask=bias)
+    elif pool == "avg":
+        x = sized_mean(x, size)
+    elif pool == "max":
+        x = sized_max(x, size)
+    elif pool == "avgmax":
+        x = 0.5 * (sized_max(x, size) + sized_mean(x, size))
+    elif pool:
+        raise UnsupportedModelError(f"timm global_pool={pool!r} is not supported with token merging")
+    x = vit.fc_norm(x)
+    x = vit.head_drop(x)
+    return x if pre_logits else vit.head(x)
 
 
 def _stock_forward_head():
