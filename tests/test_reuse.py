@@ -280,6 +280,25 @@ def test_an_attention_pooler_tower_reuses_too(clip_frames, one_torch_thread):
         remove_merging(enc.model)
 
 
+@pytest.mark.parametrize("name,kwargs", [("deit_tiny_distilled_patch16_224", {}),
+                                         ("vit_tiny_patch16_224", {"global_pool": "max"})])
+def test_timm_heads_are_the_merged_forwards_heads(name, kwargs, one_torch_thread):
+    """The stream ends in the same head as the merged forward: DeiT's class + distillation head,
+    size-aware max pooling; threshold=0 equals the model's own forward exactly."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, img_size=64, **kwargs).eval()
+    x = torch.randn(4, 3, 64, 64)
+    near = x[:1].repeat(4, 1, 1, 1) + torch.cat([torch.zeros(1, 3, 64, 64), 0.01 * torch.randn(3, 3, 64, 64)])
+    with torch.inference_mode():
+        assert torch.equal(ReuseStream(model, "threshold=0", "none").encode(x, ["v"] * 4), model(x))
+        stream = ReuseStream(model, "threshold=0.05", "none")
+        out = stream.encode(near, ["w"] * 4)
+        assert stream.stats.reuse_rate > 0.5
+        assert torch.nn.functional.cosine_similarity(out, model(near)).min().item() > 0.999
+
+
 # ---------------------------------------------------------------------------- timm (reference ViT)
 @pytest.mark.parametrize("merge", ["none", "r=8", "r=8,method=lsh"])
 def test_timm_reference_vit(reference_vit, merge):
