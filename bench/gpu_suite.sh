@@ -1,86 +1,124 @@
 #!/usr/bin/env bash
-# The GPU table of issue #12 in one run (about 7 minutes on one H100/H200; every stage has its
-# own time limit, so the whole script stays under 8 minutes and what finished is kept).
+# The GPU table of issue #25 in one run: every stage has its own time limit and the whole script a
+# deadline (TOTAL seconds, default 420), so it ends in time and keeps what finished.
 #
-#   OUT=/tmp/gpu_out bash bench/gpu_suite.sh          # from the repository root, with .venv or $PYTHON
+#   OUT=/tmp/gpu_out bash bench/gpu_suite.sh                  # from the repository root
+#   STAGES="eager_b16 index" OUT=/tmp/gpu_out bash bench/gpu_suite.sh   # only some stages
 #
-# Writes under $OUT (default ./gpu_out):
-#   env.txt                  GPU, driver, torch / open_clip versions
-#   gpu_tests.txt            the GPU-marked tests (FlashAttention fp16 with merging, CUDA LSH, CUDA reuse)
-#   reuse.json, reuse.log    bench/reuse.py on CUDA (frames/s with and without reuse, static clips)
-#   eager.jsonl, compiled.jsonl   one bench report per line (python -m bench.throughput's JSON):
-#                            images/s, speed-up vs the model as shipped, FLOP ratio, wall p50,
-#                            CUDA-event device ms, kernels per forward, attention kernel, compile s
-#   tables.md                the same reports as markdown tables, in the order they ran
-#   *.log                    stderr of each stage
+# Python: $PYTHON, else .venv/bin/python, else python3. A machine without the project installed
+# works too: wheels in .whl/ (open_clip_torch, ftfy, wcwidth, faiss, decord2) are installed into
+# /tmp/site, and the checkout is made importable as the package `mergeseek`.
+#
+# Stages (in this order; names for STAGES):
+#   tests        the GPU-marked tests (FlashAttention with merging, CUDA LSH, CUDA reuse)
+#   eager_b16    ViT-B-16 eager fp16, batch 1/64/256: none, r=8, r=16, lsh r=8, lsh r=16
+#   eager_l14    ViT-L-14 eager fp16 batch 64: none, r=8, lsh r=8
+#   index        an AI Challenge keyframe folder (10,000 1280x720 JPEGs): decode paths, then
+#                `cli.py index` end to end with ViT-B-16 r=8 fp16
+#   search       FAISS (GPU build when installed) and exact GPU search at 1M and 10M vectors
+#   reuse        bench/reuse.py on CUDA, static clips, fp16
+#   compiled_b16 ViT-B-16 compiled (CUDA graphs) fp16 batch 256: none, r=8, r=16, lsh r=16
+#   compiled_b1  ViT-B-16 compiled fp16 batch 1 (latency): none, r=16
+#   compiled_l14 ViT-L-14 compiled fp16 batch 64: none, r=8
+#   eager_bf16   ViT-B-16 eager bf16 batch 256, the five configs of eager_b16
+#
+# Writes under $OUT: env.txt, gpu_tests.txt, eager.jsonl / compiled.jsonl (bench.throughput JSON,
+# one report a line), tables.md, reuse.json, keyframes.json, index.json, search.json, one .log a stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_out}"
 mkdir -p "$OUT"
+TOTAL="${TOTAL:-420}"
+STAGES="${STAGES:-tests eager_b16 eager_l14 index search reuse compiled_b16 compiled_b1 compiled_l14 eager_bf16}"
 PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
-  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-MERGES=("none" "r=8" "r=16" "r=8,method=lsh")
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 start=$(date +%s)
+elapsed() { echo $(( $(date +%s) - start )); }
+want() { [[ " $STAGES " == *" $1 "* ]]; }
+# limit <stage seconds>: the stage's limit, cut to what the deadline leaves; 0 when under 20 s is left
+limit() { local left=$(( TOTAL - $(elapsed) )); local l=$1; [ $left -lt $l ] && l=$left; [ $l -lt 20 ] && l=0; echo $l; }
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    > "$OUT/setup.log" 2>&1 || echo "wheel install failed (see $OUT/setup.log)"
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if ! "$PY" -c "import mergeseek.encoders" 2>/dev/null; then
+  mkdir -p /tmp/msroot && ln -sfn "$PWD" /tmp/msroot/mergeseek
+  export PYTHONPATH="/tmp/msroot${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 {
   date -u
+  echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (+ uncommitted changes)')"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || echo "nvidia-smi unavailable"
-  "$PY" -c "import torch, open_clip; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'open_clip', open_clip.__version__); print('device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA')"
+  "$PY" -c "import torch, open_clip, timm; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'open_clip', open_clip.__version__, 'timm', timm.__version__); print('device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA')"
+  "$PY" -c "import faiss; print('faiss', faiss.__version__, 'gpus', faiss.get_num_gpus() if hasattr(faiss, 'get_num_gpus') else 0)" 2>&1 | tail -1
+  nproc
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-# stage <name> <seconds> <model> <batch sizes> <precisions> <compile 0|1> <iters>
-stage() {
-  local name=$1 limit=$2 model=$3 batches=$4 precisions=$5 compiled=$6 iters=$7
-  echo "== $name: $model batch [$batches] [$precisions] compile=$compiled (limit ${limit}s, $(( $(date +%s) - start ))s elapsed)"
-  timeout --signal=INT "$limit" "$PY" - "$OUT" "$model" "$batches" "$precisions" "$compiled" "$iters" "${MERGES[@]}" \
+# bench <name> <seconds> <model> <batch sizes> <precisions> <compile 0|1> <iters> <merges, ';'-separated>
+bench() {
+  local name=$1 lim; lim=$(limit "$2"); local model=$3 batches=$4 precisions=$5 compiled=$6 iters=$7 merges=$8
+  want "$name" || return 0
+  if [ "$lim" -eq 0 ]; then echo "== $name skipped: the deadline is near ($(elapsed)s elapsed)"; return 0; fi
+  echo "== $name: $model batch [$batches] [$precisions] compile=$compiled (limit ${lim}s, $(elapsed)s elapsed)"
+  timeout --signal=INT "$lim" "$PY" - "$OUT" "$model" "$batches" "$precisions" "$compiled" "$iters" "$merges" \
     >>"$OUT/$name.log" 2>&1 <<'PYEOF'
 import json, logging, sys
-out, model, batches, precisions, compiled, iters, *merges = sys.argv[1:]
+out, model, batches, precisions, compiled, iters, merges = sys.argv[1:]
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
 from bench.throughput import format_report, run_throughput
 from mergeseek.encoders import Encoder
 
 base = Encoder(model, None, "cuda", "fp32", "none", 8)
 kind = "compiled" if compiled == "1" else "eager"
-for precision in precisions.split(","):
-    for bs in (int(b) for b in batches.split(",")):
-        rep = run_throughput(model, None, [m for m in merges if m != "none"], bs, int(iters), 3, None, "cuda",
-                             precision, compile=compiled == "1", base=base)
-        with open(f"{out}/{kind}.jsonl", "a") as f:  # appended per report: a stage cut short keeps its rows
-            f.write(json.dumps(rep) + "\n")
-        with open(f"{out}/tables.md", "a") as f:
-            f.write(format_report(rep) + "\n\n")
-        print(format_report(rep), flush=True)
+pairs = [(p, int(b)) for p in precisions.split(",") for b in batches.split(",")]
+for precision, bs in pairs:
+    rep = run_throughput(model, None, [m for m in merges.split(";") if m != "none"], bs, int(iters), 3, None, "cuda",
+                         precision, compile=compiled == "1", base=base)
+    with open(f"{out}/{kind}.jsonl", "a") as f:  # appended per report: a stage cut short keeps its rows
+        f.write(json.dumps(rep) + "\n")
+    with open(f"{out}/tables.md", "a") as f:
+        f.write(format_report(rep) + "\n\n")
+    print(format_report(rep), flush=True)
 PYEOF
   local rc=$?
-  [ $rc -ne 0 ] && echo "   stage $name ended with code $rc (124/130: time limit; see $OUT/$name.log)"
-  tail -n 8 "$OUT/$name.log"
+  [ $rc -ne 0 ] && echo "   $name ended with code $rc (124/130: time limit; see $OUT/$name.log)"
+  tail -n 9 "$OUT/$name.log"
 }
 
-echo "== GPU tests"
-timeout 120 "$PY" -m pytest -q -m gpu tests/test_compile.py tests/test_lsh.py tests/test_lsh_native.py tests/test_reuse.py \
-  -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1
-tail -n 3 "$OUT/gpu_tests.txt"
+# run <name> <seconds> <command...>: any other stage, with its limit
+run() {
+  local name=$1 lim; lim=$(limit "$2"); shift 2
+  want "$name" || return 0
+  if [ "$lim" -eq 0 ]; then echo "== $name skipped: the deadline is near ($(elapsed)s elapsed)"; return 0; fi
+  echo "== $name (limit ${lim}s, $(elapsed)s elapsed)"
+  timeout --signal=INT "$lim" bash -c "$*" >>"$OUT/$name.log" 2>&1
+  local rc=$?
+  [ $rc -ne 0 ] && echo "   $name ended with code $rc (124/130: time limit; see $OUT/$name.log)"
+  tail -n 12 "$OUT/$name.log"
+}
 
-# Reuse across frames (issue #17) on CUDA: static clips at 5 fps, fp16, batch 64, wall clock.
-echo "== reuse ($(( $(date +%s) - start ))s elapsed)"
-timeout 60 "$PY" -m bench.reuse --device cuda --clock wall --threads 4 --precision fp16 --model ViT-B-16 --model ViT-B-32 \
-  --fps 5 --rounds 5 --seconds 12 --sets synthetic --kinds static --batch-size 64 --out "$OUT/reuse.json" \
-  > "$OUT/reuse.log" 2>&1 || echo "   reuse stage ended with code $? (see $OUT/reuse.log)"
-tail -n 4 "$OUT/reuse.log"
-# Eager: the three models, fp16 and bf16, batch 8 / 64 / 256 (ViT-B-16 first: the issue's target).
-stage eager_b16 70 ViT-B-16 8,64,256 fp16,bf16 0 20
-stage eager_b32 45 ViT-B-32 8,64,256 fp16,bf16 0 20
-stage eager_l14 90 ViT-L-14 8,64,256 fp16,bf16 0 10
-# Compiled (CUDA graphs): one compile per candidate and batch size; ViT-B-16 fp16 at 64 and 256
-# first, then bf16 and ViT-L-14 as long as time is left.
-stage compiled_b16_fp16 150 ViT-B-16 64,256 fp16 1 20
-left=$(( 450 - ($(date +%s) - start) ))
-[ $left -gt 60 ] && stage compiled_b16_bf16 "$left" ViT-B-16 256 bf16 1 20
-left=$(( 465 - ($(date +%s) - start) ))
-[ $left -gt 60 ] && stage compiled_l14 "$left" ViT-L-14 64 fp16 1 10
-echo "== done in $(( $(date +%s) - start ))s; results under $OUT"
+run tests 60 "'$PY' -m pytest -q -m gpu -p no:cacheprovider tests/test_compile.py tests/test_lsh.py tests/test_reuse.py"
+B16="none;r=8;r=16;r=8,method=lsh;r=16,method=lsh"
+bench eager_b16 70 ViT-B-16 1,64,256 fp16 0 20 "$B16"
+bench eager_l14 40 ViT-L-14 64 fp16 0 10 "none;r=8;r=8,method=lsh"
+KF=/tmp/mergeseek_kf
+run index 90 "'$PY' -m bench.keyframes make $KF --videos 20 --per-video 500 && \
+  '$PY' -m bench.keyframes decode $KF --limit 3000 --device cuda | tee '$OUT/keyframes.json' && \
+  rm -rf /tmp/mergeseek_kf_index && t0=$(date +%s) && '$PY' cli.py index $KF/keyframes \
+  --index /tmp/mergeseek_kf_index --model ViT-B-16 --pretrained none --merge r=8 --device cuda --precision fp16 \
+  --batch-size 256 --no-progress --json > '$OUT/index.json'; echo wall $(( $(date +%s) - t0 )) s; tail -c 1500 '$OUT/index.json'"
+run search 60 "'$PY' -m bench.search_scale --n 1000000 --n 10000000 --device cuda --queries 100 --out '$OUT/search.json'"
+run reuse 45 "'$PY' -m bench.reuse --device cuda --clock wall --threads 4 --precision fp16 --model ViT-B-16 --model ViT-B-32 \
+  --fps 5 --rounds 3 --seconds 12 --sets synthetic --kinds static --batch-size 64 --out '$OUT/reuse.json'"
+bench compiled_b16 130 ViT-B-16 256 fp16 1 20 "none;r=8;r=16;r=16,method=lsh"
+bench compiled_b1 50 ViT-B-16 1 fp16 1 50 "none;r=16"
+bench compiled_l14 80 ViT-L-14 64 fp16 1 10 "none;r=8"
+bench eager_bf16 30 ViT-B-16 256 bf16 0 20 "$B16"
+echo "== done in $(elapsed)s; results under $OUT"
