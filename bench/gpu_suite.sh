@@ -111,9 +111,9 @@ bench eager_l14 40 ViT-L-14 64 fp16 0 10 "none;r=8;r=8,method=lsh"
 KF=/tmp/mergeseek_kf
 run index 90 "'$PY' -m bench.keyframes make $KF --videos 20 --per-video 500 && \
   '$PY' -m bench.keyframes decode $KF --limit 3000 --device cuda | tee '$OUT/keyframes.json' && \
-  rm -rf /tmp/mergeseek_kf_index && t0=$(date +%s) && '$PY' cli.py index $KF/keyframes \
+  rm -rf /tmp/mergeseek_kf_index && t0=\$(date +%s) && '$PY' cli.py index $KF/keyframes \
   --index /tmp/mergeseek_kf_index --model ViT-B-16 --pretrained none --merge r=8 --device cuda --precision fp16 \
-  --batch-size 256 --no-progress --json > '$OUT/index.json'; echo wall $(( $(date +%s) - t0 )) s; tail -c 1500 '$OUT/index.json'"
+  --batch-size 256 --no-progress --json > '$OUT/index.json'; echo wall \$(( \$(date +%s) - t0 )) s; tail -c 1500 '$OUT/index.json'"
 run search 60 "'$PY' -m bench.search_scale --n 1000000 --n 10000000 --device cuda --queries 100 --out '$OUT/search.json'"
 run reuse 45 "'$PY' -m bench.reuse --device cuda --clock wall --threads 4 --precision fp16 --model ViT-B-16 --model ViT-B-32 \
   --fps 5 --rounds 3 --seconds 12 --sets synthetic --kinds static --batch-size 64 --out '$OUT/reuse.json'"
