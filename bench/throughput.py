@@ -11,6 +11,7 @@ FLOP ratio (the ideal speed-up). The unmerged baseline is the model as shipped (
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 from dataclasses import dataclass
@@ -224,6 +225,8 @@ def run_throughput(
         "kernels_counted": "GPU kernels" if base.device.startswith("cuda") else "aten ops",
         "lsh_backend": _lsh_backend(base.device, compile),
         "torch": torch.__version__,
+        "load_max": timings["none"].load_max,  # highest 1-minute load average during the timed rounds
+        "cores": timings["none"].cores,
         "rows": [r.__dict__ | {"tokens": list(r.tokens)} for r in rows],
     }
 
@@ -299,7 +302,7 @@ def _profile(run, device: str) -> tuple:
 
     cuda = device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with torch.inference_mode(), profile(activities=activities) as prof:
+    with _quiet_native_stderr(not cuda), torch.inference_mode(), profile(activities=activities) as prof:
         run()
         if cuda:
             torch.cuda.synchronize()
@@ -315,6 +318,33 @@ def _profile(run, device: str) -> tuple:
             if key in low:
                 backends.add(backend + (" (cpu)" if not cuda and "cpu" in low else ""))
     return kernels, ", ".join(sorted(backends))
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr(quiet: bool = True):
+    """Standard error closed at the file-descriptor level: on a machine without a GPU the
+    profiler's native layer prints lines (kineto's ``USDT: ... profiler_start``, failed
+    ``gpuGetDeviceCount`` probes) that say nothing about the run. Python's own warnings are
+    flushed first and reach the terminal as before."""
+    import os
+    import sys
+
+    if not quiet:
+        yield
+        return
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no usable descriptor 2: nothing to hide
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _lsh_backend(device: str, compiled: bool = False) -> str:

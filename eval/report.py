@@ -101,6 +101,11 @@ def model_tables(m: ModelResult) -> list[str]:
         )
     lines += ["", f"Timed by {clock}. Peak memory: `{mem_kind}` (see eval/timing.py). "
               "Speed-up = img/s ÷ unmerged img/s.", ""]
+    from mergeseek.eval.timing import load_warning
+
+    warning = first and load_warning(first.load_max, first.cores, first.clock)
+    if warning:
+        lines += [f"> **Warning** — {warning}.", ""]
     for ds in m.datasets:
         lines += reuse_table(m, ds) if ds.kind == "video" else dataset_table(m, ds)
     return lines

@@ -71,6 +71,8 @@ class TimingResult:
     mem_kind: str
     times_ms: tuple[float, ...] = ()
     clock: str = "wall"
+    load_max: Optional[float] = None  # highest 1-minute load average seen during the timed rounds
+    cores: Optional[int] = None  # CPU cores of the machine, to read load_max against
 
     def speedup_over(self, base: "TimingResult") -> float:
         """Throughput ratio self / base (>1 means faster than ``base``)."""
@@ -90,7 +92,27 @@ class TimingResult:
             "mem_kind": self.mem_kind,
             "times_ms": list(self.times_ms),
             "clock": self.clock,
+            "load_max": self.load_max,
+            "cores": self.cores,
         }
+
+
+def _load_average() -> Optional[float]:
+    """The 1-minute load average (None where the platform has none)."""
+    import os
+
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def load_warning(load_max: Optional[float], cores: Optional[int], clock: str) -> Optional[str]:
+    """One line when the machine was busier than its cores during a wall-clock run, else None."""
+    if clock != "wall" or load_max is None or not cores or load_max <= cores:
+        return None
+    return (f"load average reached {load_max:.1f} on {cores} cores during the timed run: other jobs competed for the "
+            "CPU, so wall-clock speeds are unreliable; rerun with --cpu-time (CPU time of one thread)")
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -269,6 +291,9 @@ def time_alternating(
     peaks: dict[str, float] = {n: 0.0 for n in names}
     acts: dict[str, float] = {n: 0.0 for n in names}
 
+    import os
+
+    loads = [_load_average()]
     with torch.inference_mode():
         for _ in range(warmup):
             for name in names:
@@ -287,9 +312,15 @@ def time_alternating(
                 candidates[name]()
                 sync()
                 times[name].append((now() - t0) * 1000.0)
+            loads.append(_load_average())
         for name in names:
             peaks[name], acts[name] = _measure_memory(candidates[name], probe, sync)
 
+    seen = [v for v in loads if v is not None]
+    load_max, cores = (max(seen) if seen else None), os.cpu_count()
+    warning = load_warning(load_max, cores, clock)
+    if warning:
+        log.warning("%s", warning)
     out = {}
     for name in names:
         ts = times[name]
@@ -307,6 +338,8 @@ def time_alternating(
             mem_kind=probe.kind,
             times_ms=tuple(ts),
             clock=clock,
+            load_max=load_max,
+            cores=cores,
         )
         log.info("%s: %.1f img/s, p50 %.1f ms, p95 %.1f ms", name, out[name].images_per_s, med, out[name].p95_ms)
     return out

@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from mergeseek.encoders.merging.core import assign_top_r, identity_merge, protect, real_mask
+from mergeseek.encoders.merging.core import assign_top_r, identity_merge, protect, real_mask, top_r_merge
 from mergeseek.encoders.merging.registry import MergeResult
 
 
@@ -40,6 +40,12 @@ def bipartite_soft_matching(
     r = min(r, (n - keep_first) // 2)
     if r <= 0:
         return identity_merge(n)
+    if keep_first <= 1 and (size is None or padded is False):
+        # No padding and at most a class token (the patched models' case): the class token is
+        # left out of A instead of masked, and the merge runs in few ops (core.top_r_merge).
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        best, partner = (metric[:, 2 * keep_first :: 2] @ metric[:, 1::2].transpose(-1, -2)).max(dim=-1, keepdim=True)
+        return top_r_merge(best, partner, r, n, keep_first)
     best, partner, real = bipartite_partners(metric, class_token, size=size, protected=protected, padded=padded)
     return assign_top_r(best, partner, r, n, real, exact_r=real is None, protected=keep_first)
 

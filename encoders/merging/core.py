@@ -80,6 +80,9 @@ def assign_top_r(
             width is N - r without a device sync.
         protected: leading prefix tokens, kept first and in place (see the module doc).
     """
+    if exact_r and real is None and protected <= 1:
+        # A class token (protected = 1) is A token 0 and has no partner: left out of the ranking.
+        return top_r_merge(best[:, protected:], partner[:, protected:], r, num_tokens, protected)
     # The r best edges as a set, ties at the r-th score going to the earlier A tokens: exactly the
     # first r of a stable descending sort (the naive loop's rule), without sorting all N/2 scores.
     r = min(r, best.shape[1])
@@ -92,6 +95,65 @@ def assign_top_r(
     return merge_from_assignment(
         merged_a, partner, num_tokens, real, width=num_tokens - r if exact_r else None, protected=protected
     )
+
+
+def top_r_merge(best: torch.Tensor, partner: torch.Tensor, r: int, num_tokens: int, first_a: int = 0) -> MergeResult:
+    """Merge the r best edges, for inputs without padding whose every image has r edges and at
+    most one prefix token (the class token): the common case inside a patched model, in few ops.
+
+    Args:
+        best: [B, K] or [B, K, 1] score of each mergeable A token's best partner (finite), K = NA - first_a.
+        partner: the same shape, index into B of that partner.
+        r: tokens to remove (at most K).
+        num_tokens: N.
+        first_a: 1 when A token 0 is a class token (kept first, never merged), else 0.
+
+    The edges are the first r of a stable descending sort of ``best`` (ties go to the earlier A
+    token, as in :func:`assign_top_r`); the layout is the same, ``[class, unmerged A in position
+    order, all B]``. ``wavg`` merges the tokens and their sizes in one pass: the size rides along
+    as an extra channel through two gathers and one scatter-add (ToMe's own merge, plus sizes).
+    ``merge`` / ``unmerge`` build the general slot closures on first use. Indices are kept as
+    [B, k, 1] throughout, so each gather needs only an ``expand``.
+    """
+    if best.dim() == 2:
+        best, partner = best.unsqueeze(-1), partner.unsqueeze(-1)
+    order = best.argsort(dim=1, descending=True, stable=True)
+    src = order[:, :r]
+    unm = order[:, r:].sort(dim=1).values
+    dst = partner.gather(1, src)
+    width = num_tokens - r
+
+    def wavg(x: torch.Tensor, size: Optional[torch.Tensor]) -> "tuple[torch.Tensor, torch.Tensor]":
+        # [x * size, size] in one tensor: one gather/scatter pass merges both
+        xs = torch.nn.functional.pad(x, (0, 1), value=1.0) if size is None else torch.cat([x * size, size], dim=-1)
+        c1 = xs.shape[-1]
+        xa, xb = xs[:, 2 * first_a :: 2], xs[:, 1::2]
+        unm_x = xa.gather(1, unm.expand(-1, -1, c1))
+        src_x = xa.gather(1, src.expand(-1, -1, c1))
+        xb = xb.scatter_add(1, dst.expand(-1, -1, c1), src_x)
+        out = torch.cat([xs[:, :1], unm_x, xb] if first_a else [unm_x, xb], dim=1)
+        size = out[..., -1:]
+        return out[..., :-1] / size, size
+
+    slots: list = []
+
+    def general() -> MergeResult:
+        if not slots:
+            batch, k = best.shape[:2]
+            merged_a = torch.zeros(batch, k + first_a, dtype=torch.bool, device=best.device)
+            merged_a.scatter_(1, src[..., 0] + first_a, True)
+            full = torch.nn.functional.pad(partner[..., 0], (first_a, 0)) if first_a else partner[..., 0]
+            slots.append(merge_from_assignment(merged_a, full, num_tokens, None, width=width, protected=first_a))
+        return slots[0]
+
+    def merge(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
+        return general().merge(x, mode=mode)
+
+    def unmerge(x: torch.Tensor) -> torch.Tensor:
+        return general().unmerge(x)
+
+    num_merged = torch.full((best.shape[0],), r, dtype=torch.long, device=best.device)
+    return MergeResult(merge, unmerge, width, num_merged, wavg=wavg)
 
 
 def merge_from_assignment(
@@ -203,6 +265,8 @@ def merge_wavg(
         weight: [B, N, 1] averaging weights (None: the sizes, as in ToMe).
     """
     if isinstance(merge, MergeResult):
+        if merge.wavg is not None and weight is None and merge.weight is None:
+            return merge.wavg(x, size)
         weight = merge.weight if weight is None else weight
         merge = merge.merge
     if size is None:

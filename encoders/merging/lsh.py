@@ -117,8 +117,11 @@ def _native_partners(
     real: Optional[torch.Tensor],
     window: int,
     chunk: int,
-) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """The fused C kernel's (best, partner), or None when it is unavailable or failed.
+    fallback: bool = False,
+) -> Optional[Tuple[torch.Tensor, ...]]:
+    """The fused C kernel's (best, partner), or None when it is unavailable or failed; with
+    ``fallback`` (no padding), (best, partner, missing) with the fallback edges already in place
+    and ``missing`` [B] the eligible A tokens of each image that had no bucket-mate.
 
     The kernel takes the metric as it is and its projections onto ``planes``; it normalises
     (scores and ordering positions) itself, so no normalised copy of the metric is made here.
@@ -127,9 +130,10 @@ def _native_partners(
     if lib is None:
         return None
     batch, n, dim = metric.shape
-    metric = metric.float().contiguous()
+    if metric.dtype != torch.float32 or not metric.is_contiguous():
+        metric = metric.float().contiguous()
     with _full_precision(metric.device):
-        proj = metric @ planes.float()  # [B, N, T * (bits + 1)]
+        proj = metric @ (planes if planes.dtype == torch.float32 else planes.float())  # [B, N, T * (bits + 1)]
     eligible = _eligible(batch, n, keep_first)
     if real is not None:
         eligible = eligible & real.to(torch.uint8)
@@ -140,7 +144,19 @@ def _native_partners(
         metric.data_ptr(), proj.data_ptr(), eligible.data_ptr(), batch, n, dim, tables, bits, window, chunk,
         best.data_ptr(), partner.data_ptr(), torch.get_num_threads(),
     )
-    return (best, partner) if status == 0 else None
+    if status != 0:
+        return None
+    if fallback:  # fallback edges of the tokens without a bucket-mate, in the same library (see fallback_partners)
+        cols = _fallback_cols(n, keep_first, "cpu")
+        missing = torch.empty(batch, dtype=torch.int64)
+        status = lib.mergeseek_lsh_fallback(
+            metric.data_ptr(), eligible.data_ptr(), batch, n, dim, cols.data_ptr(), len(cols), FALLBACK_OFFSET,
+            best.data_ptr(), partner.data_ptr(), missing.data_ptr(),
+        )
+        if status != 0:
+            return None
+        return best, partner, missing
+    return best, partner
 
 
 @torch.no_grad()
@@ -158,7 +174,8 @@ def lsh_partners(
     seed: int = 0,
     planes: Optional[torch.Tensor] = None,
     backend: str = "auto",
-) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    native_fallback: bool = False,
+) -> Tuple[torch.Tensor, ...]:
     """Each A token's best B bucket-mate: ``(best [B, NA], partner [B, NA], real)``.
 
     ``best`` is the cosine to the partner (-inf: no bucket-mate, never merged), ``partner`` an
@@ -168,6 +185,9 @@ def lsh_partners(
     ``backend``: ``auto`` runs the fused C kernel (``lsh_native``) for float32, bfloat16 and
     float16 CPU inputs (scored in float32) with at most 11 bits when it can be built, else the
     tensor code; ``torch`` / ``native`` force one.
+    ``native_fallback``: where the C kernel runs on an input without padding, it also gives the
+    tokens without a bucket-mate their fallback edges (``fallback_partners``) and a fourth value
+    is returned, [B] how many eligible A tokens had none; elsewhere three values as usual.
     """
     batch, n, dim = metric.shape
     keep_first = protected_count(class_token, protected)
@@ -182,13 +202,14 @@ def lsh_partners(
         raise ValueError(
             f"planes must be [{dim}, {tables * (bits + 1)}] (metric dim, tables * (bits + 1)), got {list(planes.shape)}"
         )
-    real = real_mask(size)
+    real = None if padded is False else real_mask(size)
     if real is not None and not (padded if padded is not None else not bool(real.all())):
         real = None  # no padding: nothing to mask
     if backend != "torch" and dev.type == "cpu" and metric.dtype in _KERNEL_DTYPES and small and not _compiling():
-        found = _native_partners(metric, planes, tables, bits, keep_first, real, window, half)
+        found = _native_partners(metric, planes, tables, bits, keep_first, real, window, half,
+                                 fallback=native_fallback and real is None)
         if found is not None:
-            return found[0], found[1], real
+            return (found[0], found[1], real, found[2]) if len(found) == 3 else (found[0], found[1], real)
         if backend == "native":
             raise RuntimeError(f"the fused LSH kernel is unavailable: {lsh_native.reason() or 'it failed'}")
     metric = metric / metric.norm(dim=-1, keepdim=True)
@@ -265,7 +286,9 @@ def lsh_partners(
     # are written and read back at once instead of streaming through memory.
     slabs = max(1, round(groups * (length + chunks * window) / SLAB_ROWS))
     step = -(-groups // slabs)
-    if step >= groups or _compiling():  # (a compiled graph fuses the gathers: no slabs needed)
+    # Slabs are for CPU caches; on a GPU each slab is ~10 more kernel launches, and a compiled
+    # graph fuses the gathers: one pass there.
+    if step >= groups or _compiling() or dev.type != "cpu":
         val, partner = score(slice(None))
     else:
         val = metric.new_empty(groups, chunks, half)
@@ -284,6 +307,15 @@ def lsh_partners(
     return best, best_b, real
 
 
+@functools.lru_cache(maxsize=64)
+def _fallback_cols(n: int, keep_first: int, device: str, count: int = FALLBACK_B) -> torch.Tensor:
+    """The ``count`` eligible B tokens (indices into B) spread evenly where fallback edges end."""
+    num_b = n // 2
+    first = keep_first // 2  # protected B tokens come first
+    count = max(1, min(count, num_b - first))
+    return torch.linspace(first, num_b - 1, count).round().long().to(device)
+
+
 def fallback_partners(
     metric: torch.Tensor, keep_first: int, count: int = FALLBACK_B
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -293,11 +325,7 @@ def fallback_partners(
     image always has r edges and the output width never depends on the data.
     """
     n = metric.shape[1]
-    num_b = n // 2
-    first = keep_first // 2  # protected B tokens come first
-    free_b = num_b - first
-    count = max(1, min(count, free_b))
-    cols = torch.linspace(first, num_b - 1, count, device=metric.device).round().long()
+    cols = (_fallback_cols.__wrapped__ if _compiling() else _fallback_cols)(n, keep_first, str(metric.device), count)
     unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     with _full_precision(metric.device):
         scores = unit[:, 0::2].float() @ unit[:, 1::2].index_select(1, cols).float().transpose(1, 2)
@@ -336,7 +364,14 @@ def lsh_soft_matching(
     r = min(r, (n - keep_first) // 2)
     if r <= 0:
         return identity_merge(n)
-    best, partner, real = lsh_partners(metric, class_token, protected=protected, **options)
+    found = lsh_partners(metric, class_token, protected=protected, native_fallback=fallback, **options)
+    if len(found) == 4:  # the C kernel placed the fallback edges: no padding, r edges per image
+        best, partner, _, missing_count = found
+        result = assign_top_r(best, partner, r, n, None, exact_r=True, protected=keep_first)
+        free = (n + 1) // 2 - (keep_first + 1) // 2  # eligible A tokens
+        result.fallback = missing_count.sub_(free - r).clamp_(min=0)  # fallback edges are ranked last
+        return result
+    best, partner, real = found
     missing = None
     if fallback and real is None:
         fb_best, fb_partner = fallback_partners(metric, keep_first)

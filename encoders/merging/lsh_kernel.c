@@ -328,3 +328,42 @@ int mergeseek_lsh_search(const float *metric, const float *proj, const uint8_t *
     free(t_part);
     return failed;
 }
+
+/* The fallback edges of lsh.lsh_soft_matching, in place: every eligible A token that found no
+ * same-code candidate (best = -inf) takes its most similar B token among the `count` B tokens
+ * `cols` (indices into B; ties: the first, as torch.max), scored as cosine - offset, below every
+ * bucket edge. missing[b]: how many eligible A tokens of image b had no bucket-mate. */
+int mergeseek_lsh_fallback(const float *metric, const uint8_t *elig, int B, int N, int C, const int64_t *cols,
+                           int count, float offset, float *best, int64_t *part, int64_t *missing) {
+    const int NA = (N + 1) / 2;
+    if (count < 1) return 2;
+    float *inv = malloc(sizeof(float) * (size_t)N);
+    if (!inv) return 1;
+    for (int b = 0; b < B; b++) {
+        const float *m = metric + (size_t)b * N * C;
+        int64_t miss = 0;
+        int norms = 0;
+        for (int a = 0; a < NA; a++) {
+            const size_t i = (size_t)b * NA + a;
+            if (!elig[(size_t)b * N + 2 * a] || best[i] != -INFINITY) continue;
+            if (!norms) { inverse_norms(m, N, C, inv); norms = 1; }
+            miss++;
+            const float *x = m + (size_t)(2 * a) * C;
+            float s_best = -INFINITY;
+            int64_t p_best = cols[0];
+            for (int c = 0; c < count; c++) {
+                const int row = 2 * (int)cols[c] + 1;
+                const float *y = m + (size_t)row * C;
+                float dot = 0.0f;
+                for (int k = 0; k < C; k++) dot += x[k] * y[k];
+                const float s = (dot * inv[2 * a]) * inv[row];
+                if (s > s_best) { s_best = s; p_best = cols[c]; }
+            }
+            best[i] = s_best - offset;
+            part[i] = p_best;
+        }
+        missing[b] = miss;
+    }
+    free(inv);
+    return 0;
+}

@@ -128,6 +128,10 @@ def load() -> Optional[ctypes.CDLL]:
                     fn.restype = ctypes.c_int
                     fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 7 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
                     lib.mergeseek_lsh_simd_bits.restype = ctypes.c_int
+                    fb = lib.mergeseek_lsh_fallback
+                    fb.restype = ctypes.c_int
+                    fb.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_float]
+                                   + [ctypes.c_void_p] * 3)
             except OSError as exc:  # unwritable cache, unloadable library
                 lib, why = None, str(exc)
         if why:

@@ -128,6 +128,9 @@ class MergeResult:
         fallback: [B] merged edges that did not come from the method's own search (lsh: tokens
             without a bucket-mate that took their best partner in a fixed B subset).
         identity: nothing merged (too few tokens, or r = 0).
+        wavg: ``wavg(x, size) -> (x, size)``, the size-weighted average of ``merge_wavg`` in one
+            fused pass (gathers and one scatter; see ``core.top_r_merge``), when the matcher has
+            one; ``merge_wavg`` uses it, and ``merge``/``unmerge`` give the same layout.
 
     Unpacks as ``merge, unmerge = result`` for callers of the earlier tuple API, and calling it
     calls ``merge``.
@@ -142,6 +145,7 @@ class MergeResult:
     importance: Optional[Any] = None
     fallback: Optional[Any] = None
     identity: bool = False
+    wavg: Optional[Callable] = None
 
     def __iter__(self):
         return iter((self.merge, self.unmerge))

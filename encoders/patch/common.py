@@ -105,12 +105,13 @@ def attention_bias(state: TokenState, prop_attn: bool, dtype: torch.dtype) -> Op
     if size is None:
         return None
     if prop_attn:
-        bias = size[..., 0].log()
+        bias = size.log()  # [B, N, 1], contiguous
     elif state.padded:
-        bias = torch.zeros_like(size[..., 0]).masked_fill(size[..., 0] <= 0, float("-inf"))
+        bias = torch.zeros_like(size).masked_fill_(size <= 0, float("-inf"))
     else:
         return None
-    return bias[:, None, None, :].to(dtype)
+    bias = bias.view(size.shape[0], 1, 1, size.shape[1])
+    return bias if bias.dtype == dtype else bias.to(dtype)
 
 
 def channel_sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float, dropout_p: float = 0.0) -> Tensor:
@@ -131,11 +132,15 @@ def channel_sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale:
     if bias is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     b, h, n, d = k.shape
-    padded = -(-(d + 1) // 8) * 8
-    key_bias = (bias[:, 0, 0, :].float() / scale).to(k.dtype)[:, None, :, None].expand(b, h, n, 1)
-    q2 = F.pad(torch.cat([q, torch.ones_like(q[..., :1])], dim=-1), (0, padded - d - 1))
-    k2 = F.pad(torch.cat([k, key_bias], dim=-1), (0, padded - d - 1))
-    v2 = F.pad(v, (0, padded - d))
+    extra = -(-(d + 1) // 8) * 8 - d
+    # Every extra query channel is 1 and every extra key channel 0 except the first, which holds
+    # bias / scale: the dot product gains exactly bias_j / scale (1 * 0 adds nothing).
+    key_bias = (bias.float() / scale).to(k.dtype).view(b, 1, n, 1)
+    if extra > 1:
+        key_bias = F.pad(key_bias, (0, extra - 1))
+    q2 = F.pad(q, (0, extra), value=1.0)
+    k2 = torch.cat([k, key_bias.expand(b, h, n, extra)], dim=-1)
+    v2 = F.pad(v, (0, extra))
     out = F.scaled_dot_product_attention(q2, k2, v2, dropout_p=dropout_p, scale=scale)
     return out[..., :d]
 
@@ -211,9 +216,21 @@ def sdpa(
         mode = "channel" if (q.device.type != "cpu" or torch.compiler.is_compiling()) else "mask"
     if mode == "channel":
         return channel_sdpa(q, k, v, bias, q.shape[-1] ** -0.5 if scale is None else scale, dropout_p)
-    if bias is not None:
+    if bias is not None and bias.dtype != q.dtype:
         bias = bias.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+
+
+def layer_norm(module: torch.nn.Module, x: Tensor) -> Tensor:
+    """``module(x)`` in one dispatched op for torch's ``LayerNorm`` and open_clip's (which casts
+    back to the input dtype: only when that is another dtype); other norms are called as they are."""
+    cls = type(module)
+    if cls is torch.nn.LayerNorm:
+        return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+    if cls.__name__ == "LayerNorm" and cls.__module__.startswith("open_clip"):  # casts back to the input dtype
+        out = F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+    return module(x)
 
 
 _SUBCLASSES: dict = {}

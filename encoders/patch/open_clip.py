@@ -14,6 +14,7 @@ from mergeseek.encoders.patch.common import (
     TokenState,
     attention_bias,
     attention_probs,
+    layer_norm,
     merge_tokens,
     run_blocks,
     sdpa,
@@ -29,23 +30,25 @@ def _heads(t: Tensor, batch: int, n: int, heads: int) -> Tensor:
 
 
 def mha_attention(
-    attn: torch.nn.MultiheadAttention, x: Tensor, bias: Optional[Tensor], needs: str, mode: str = "auto"
+    attn: torch.nn.MultiheadAttention, x: Tensor, bias: Optional[Tensor], needs: str, mode: str = "auto",
+    metric: bool = True,
 ):
     """``nn.MultiheadAttention`` self-attention through the fused kernel with an additive bias
     (``mode``: how the bias reaches the kernel, see ``common.sdpa``).
 
-    Returns (output, metric = head-averaged keys, attention probabilities if ``needs`` them).
+    Returns (output, metric = head-averaged keys (None when ``metric`` is False), attention
+    probabilities if ``needs`` them).
     """
     batch, n, c = x.shape
-    q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    q, k, v = (_heads(t, batch, n, attn.num_heads) for t in (q, k, v))
+    heads = attn.num_heads
+    q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(batch, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
     out = sdpa(q, k, v, bias, attn.dropout if attn.training else 0.0, mode=mode)
-    out = attn.out_proj(out.transpose(1, 2).reshape(batch, n, c))
+    out = F.linear(out.transpose(1, 2).reshape(batch, n, c), attn.out_proj.weight, attn.out_proj.bias)
     probs = attention_probs(q, k, bias, q.shape[-1] ** -0.5, needs)
-    return out, k.mean(dim=1), probs
+    return out, k.mean(dim=1) if metric else None, probs
 
 
-def custom_attention(attn, x: Tensor, bias: Optional[Tensor], needs: str, mode: str = "auto"):
+def custom_attention(attn, x: Tensor, bias: Optional[Tensor], needs: str, mode: str = "auto", metric: bool = True):
     """open_clip's own ``Attention`` (qk-norm, scaled-cosine, head scale, inner norm)."""
     batch, n, c = x.shape
     q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
@@ -66,7 +69,7 @@ def custom_attention(attn, x: Tensor, bias: Optional[Tensor], needs: str, mode: 
         out = out * attn.head_scale
     out = attn.ln_inner(out.transpose(1, 2).reshape(batch, n, c))
     out = attn.out_drop(attn.out_proj(out))
-    return out, k.mean(dim=1), probs
+    return out, k.mean(dim=1) if metric else None, probs
 
 
 class MergingResidualBlock:
@@ -74,10 +77,11 @@ class MergingResidualBlock:
 
     def merged_forward(self, x: Tensor, state: TokenState, r: int, plan: Plan):
         bias = attention_bias(state, plan.prop_attn, x.dtype)
-        h, metric, probs = mha_attention(self.attn, self.ln_1(x), bias, plan.needs if r > 0 else "keys", plan.attn_mode)
-        x = x + self.ls_1(h)
+        h, metric, probs = mha_attention(self.attn, layer_norm(self.ln_1, x), bias, plan.needs if r > 0 else "keys",
+                                         plan.attn_mode, metric=r > 0)
+        x = x + _layer_scale(self.ls_1, h)
         x, state, merged = merge_tokens(x, state, metric, probs, r, plan)
-        x = x + self.ls_2(self.mlp(self.ln_2(x)))
+        x = x + _layer_scale(self.ls_2, self.mlp(layer_norm(self.ln_2, x)))
         return x, state, merged
 
 
@@ -86,11 +90,17 @@ class MergingCustomBlock:
 
     def merged_forward(self, x: Tensor, state: TokenState, r: int, plan: Plan):
         bias = attention_bias(state, plan.prop_attn, x.dtype)
-        h, metric, probs = custom_attention(self.attn, self.ln_1(x), bias, plan.needs if r > 0 else "keys", plan.attn_mode)
+        h, metric, probs = custom_attention(self.attn, self.ln_1(x), bias, plan.needs if r > 0 else "keys", plan.attn_mode,
+                                            metric=r > 0)
         x = x + self.ls_1(self.ln_attn(h))
         x, state, merged = merge_tokens(x, state, metric, probs, r, plan)
         x = x + self.ls_2(self.mlp(self.ln_2(x)))
         return x, state, merged
+
+
+def _layer_scale(ls: torch.nn.Module, x: Tensor) -> Tensor:
+    """``ls(x)``, skipping the call (not an op, but a module call per block) for ``Identity``."""
+    return x if type(ls) is torch.nn.Identity else ls(x)
 
 
 def _attn_pool(pooler, x: Tensor, size: Optional[Tensor], prop_attn: bool) -> Tensor:

@@ -13,6 +13,7 @@ from mergeseek.encoders.patch.common import (
     TokenState,
     attention_bias,
     attention_probs,
+    layer_norm,
     merge_tokens,
     run_blocks,
     sdpa,
@@ -24,7 +25,7 @@ from mergeseek.errors import UnsupportedModelError
 Tensor = torch.Tensor
 
 
-def timm_attention(attn, x: Tensor, bias: Optional[Tensor], needs: str, mode: str = "auto"):
+def timm_attention(attn, x: Tensor, bias: Optional[Tensor], needs: str, mode: str = "auto", metric: bool = True):
     """timm ``Attention`` through the fused kernel (or its plain path when fused is off)."""
     batch, n, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
@@ -43,7 +44,7 @@ def timm_attention(attn, x: Tensor, bias: Optional[Tensor], needs: str, mode: st
     if gate is not None:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
-    return out, k.mean(dim=1), attention_probs(q, k, bias, attn.scale, needs)
+    return out, k.mean(dim=1) if metric else None, attention_probs(q, k, bias, attn.scale, needs)
 
 
 class MergingTimmBlock:
@@ -51,10 +52,11 @@ class MergingTimmBlock:
 
     def merged_forward(self, x: Tensor, state: TokenState, r: int, plan: Plan):
         bias = attention_bias(state, plan.prop_attn, x.dtype)
-        h, metric, probs = timm_attention(self.attn, self.norm1(x), bias, plan.needs if r > 0 else "keys", plan.attn_mode)
+        h, metric, probs = timm_attention(self.attn, layer_norm(self.norm1, x), bias, plan.needs if r > 0 else "keys",
+                                          plan.attn_mode, metric=r > 0)
         x = x + self.drop_path1(self.ls1(h))
         x, state, merged = merge_tokens(x, state, metric, probs, r, plan)
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        x = x + self.drop_path2(self.ls2(self.mlp(layer_norm(self.norm2, x))))
         return x, state, merged
 
 
