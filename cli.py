@@ -75,6 +75,12 @@ MergeOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+CudaGraphOpt = Annotated[
+    Optional[bool],
+    typer.Option("--cuda-graph/--no-cuda-graph", help="On CUDA, replay the eager image tower as a CUDA graph (no "
+                 "compiler: captured at the first batch in about three forwards; batches padded to --batch-size). "
+                 "Ignored on CPU and with --compile (default: off)."),
+]
 CompileOpt = Annotated[
     Optional[bool],
     typer.Option("--compile/--no-compile", help="torch.compile the image tower (merged or not; CUDA graphs on CUDA), "
@@ -158,6 +164,7 @@ def index_cmd(
     objects: ObjectsOpt = None,
     reuse: ReuseOpt = None,
     compile_: CompileOpt = None,
+    cuda_graph: CudaGraphOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Index videos, AI Challenge keyframe folders or image folders (incremental and resumable).
@@ -193,7 +200,8 @@ def index_cmd(
         report = index_paths_ray(
             paths, index_dir,
             lambda: Encoder(model_name=model, pretrained=pretrained, device="cpu", precision=precision, merge=merge,
-                            batch_size=batch_size, compile=bool(compile_)),  # compiles lazily: only in the actors
+                            batch_size=batch_size, compile=bool(compile_),  # compiles lazily: only in the actors
+                            cuda_graph=bool(cuda_graph) and not compile_),
             options, RayOptions(address=ray_address, workers=workers, gpus_per_worker=0 if device == "cpu" else None),
         )
     else:
@@ -201,7 +209,8 @@ def index_cmd(
             paths,
             index_dir,
             lambda: Encoder(model_name=model, pretrained=pretrained, device=device, precision=precision, merge=merge,
-                            batch_size=batch_size, **({"compile": True} if compile_ else {})),
+                            batch_size=batch_size, **({"compile": True} if compile_ else {}),
+                            **({"cuda_graph": True} if cuda_graph and not compile_ else {})),
             options,
         )
     typer.echo(json.dumps(report.to_dict(), indent=1) if json_out else "\n".join(report.summary_lines()))
@@ -671,6 +680,7 @@ def bench(
     device: Annotated[Optional[str], typer.Option("--device", help="auto (the default: CUDA when present), cpu, cuda or cuda:N.")] = None,
     precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 (the default), fp16 or bf16 (autocast).")] = None,
     compile_: CompileOpt = None,
+    cuda_graph: CudaGraphOpt = None,
     cpu_time: Annotated[
         Optional[bool], typer.Option("--cpu-time", help="Time by the CPU time of one torch thread instead of wall-clock "
                                      "(CPU only; robust when other jobs share the machine).")
@@ -693,7 +703,7 @@ def bench(
                                      "the package): git clone it, then python cli.py bench ...") from None
     cfg = BenchConfig.from_options(model=model, pretrained=pretrained, merges=merge, batch_size=batch_size, iters=iters,
                                    warmup=warmup, image_size=image_size, device=device, precision=precision,
-                                   compile=compile_, cpu_time=cpu_time)
+                                   compile=compile_, cuda_graph=cuda_graph, cpu_time=cpu_time)
     if out is not None:
         check_writable(out, what="--out")  # before the timing runs
     report = run_bench(cfg, progress=not json_out)

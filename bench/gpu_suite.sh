@@ -10,26 +10,28 @@
 # /tmp/site, and the checkout is made importable as the package `mergeseek`.
 #
 # Stages (in this order; names for STAGES):
-#   tests        the GPU-marked tests (FlashAttention with merging, CUDA LSH, CUDA reuse)
-#   eager_b16    ViT-B-16 eager fp16, batch 1/64/256: none, r=8, r=16, lsh r=8, lsh r=16
-#   eager_l14    ViT-L-14 eager fp16 batch 64: none, r=8, lsh r=8
+#   tests        the GPU-marked tests (FlashAttention with merging, CUDA LSH, CUDA reuse, CUDA-graph replay)
+#   eager_b16    ViT-B-16 eager fp16, batch 64/256: none, r=8, r=16, lsh r=8, lsh r=16
+#   graph_b16    ViT-B-16 eager forward replayed as a CUDA graph (--cuda-graph), fp16 batch 1/64/256
 #   index        an AI Challenge keyframe folder (10,000 1280x720 JPEGs): decode paths, then
-#                `cli.py index` end to end with ViT-B-16 r=8 fp16
-#   search       FAISS (GPU build when installed) and exact GPU search at 1M and 10M vectors
+#                `cli.py index --cuda-graph` end to end with ViT-B-16 r=8 fp16
+#   compiled_b16 ViT-B-16 compiled (CUDA graphs) fp16 batch 256: none, r=8, r=16
+#   eager_mask   eager_b16's bipartite rows with log(size) as attn_mask (MERGESEEK_PROP_ATTN=mask)
+#   graph_l14    ViT-L-14 CUDA graph fp16 batch 64: none, r=8, lsh r=8
+#   search       FAISS (GPU build when installed; else CPU, 1M only) and exact GPU search at 1M and 10M
 #   reuse        bench/reuse.py on CUDA, static clips, fp16
-#   compiled_b16 ViT-B-16 compiled (CUDA graphs) fp16 batch 256: none, r=8, r=16, lsh r=16
 #   compiled_b1  ViT-B-16 compiled fp16 batch 1 (latency): none, r=16
 #   compiled_l14 ViT-L-14 compiled fp16 batch 64: none, r=8
 #   eager_bf16   ViT-B-16 eager bf16 batch 256, the five configs of eager_b16
 #
-# Writes under $OUT: env.txt, gpu_tests.txt, eager.jsonl / compiled.jsonl (bench.throughput JSON,
+# Writes under $OUT: env.txt, tests.log, eager.jsonl / graph.jsonl / compiled.jsonl (bench.throughput JSON,
 # one report a line), tables.md, reuse.json, keyframes.json, index.json, search.json, one .log a stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_out}"
 mkdir -p "$OUT"
 TOTAL="${TOTAL:-420}"
-STAGES="${STAGES:-tests eager_b16 eager_l14 index search reuse compiled_b16 compiled_b1 compiled_l14 eager_bf16}"
+STAGES="${STAGES:-tests eager_b16 graph_b16 index compiled_b16 eager_mask graph_l14 search reuse compiled_b1 compiled_l14 eager_bf16}"
 PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
@@ -69,18 +71,19 @@ bench() {
   echo "== $name: $model batch [$batches] [$precisions] compile=$compiled (limit ${lim}s, $(elapsed)s elapsed)"
   timeout --signal=INT "$lim" "$PY" - "$OUT" "$model" "$batches" "$precisions" "$compiled" "$iters" "$merges" \
     >>"$OUT/$name.log" 2>&1 <<'PYEOF'
-import json, logging, sys
+import json, logging, os, sys
 out, model, batches, precisions, compiled, iters, merges = sys.argv[1:]
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
 from bench.throughput import format_report, run_throughput
 from mergeseek.encoders import Encoder
 
 base = Encoder(model, None, "cuda", "fp32", "none", 8)
-kind = "compiled" if compiled == "1" else "eager"
+kind = "compiled" if compiled == "1" else "graph" if os.environ.get("GRAPH") == "1" else "eager"
 pairs = [(p, int(b)) for p in precisions.split(",") for b in batches.split(",")]
 for precision, bs in pairs:
     rep = run_throughput(model, None, [m for m in merges.split(";") if m != "none"], bs, int(iters), 3, None, "cuda",
-                         precision, compile=compiled == "1", base=base)
+                         precision, compile=compiled == "1", base=base, cuda_graph=os.environ.get("GRAPH") == "1")
+    rep["attn_mode"] = os.environ.get("MERGESEEK_PROP_ATTN", "auto")
     with open(f"{out}/{kind}.jsonl", "a") as f:  # appended per report: a stage cut short keeps its rows
         f.write(json.dumps(rep) + "\n")
     with open(f"{out}/tables.md", "a") as f:
@@ -104,20 +107,22 @@ run() {
   tail -n 12 "$OUT/$name.log"
 }
 
-run tests 60 "'$PY' -m pytest -q -m gpu -p no:cacheprovider tests/test_compile.py tests/test_lsh.py tests/test_reuse.py"
+run tests 45 "'$PY' -m pytest -q -m gpu -p no:cacheprovider tests/test_compile.py tests/test_lsh.py tests/test_reuse.py"
 B16="none;r=8;r=16;r=8,method=lsh;r=16,method=lsh"
-bench eager_b16 70 ViT-B-16 1,64,256 fp16 0 20 "$B16"
-bench eager_l14 40 ViT-L-14 64 fp16 0 10 "none;r=8;r=8,method=lsh"
+bench eager_b16 55 ViT-B-16 64,256 fp16 0 15 "$B16"
+GRAPH=1 bench graph_b16 50 ViT-B-16 1,64,256 fp16 0 20 "none;r=8;r=16;r=16,method=lsh"
 KF=/tmp/mergeseek_kf
-run index 90 "'$PY' -m bench.keyframes make $KF --videos 20 --per-video 500 && \
-  '$PY' -m bench.keyframes decode $KF --limit 3000 --device cuda | tee '$OUT/keyframes.json' && \
+run index 80 "'$PY' -m bench.keyframes make $KF --videos 20 --per-video 500 && \
+  '$PY' -m bench.keyframes decode $KF --limit 2000 --device cuda | tee '$OUT/keyframes.json' && \
   rm -rf /tmp/mergeseek_kf_index && t0=\$(date +%s) && '$PY' cli.py index $KF/keyframes \
   --index /tmp/mergeseek_kf_index --model ViT-B-16 --pretrained none --merge r=8 --device cuda --precision fp16 \
-  --batch-size 256 --no-progress --json > '$OUT/index.json'; echo wall \$(( \$(date +%s) - t0 )) s; tail -c 1500 '$OUT/index.json'"
-run search 60 "'$PY' -m bench.search_scale --n 1000000 --n 10000000 --device cuda --queries 100 --out '$OUT/search.json'"
+  --batch-size 256 --cuda-graph --no-progress --json > '$OUT/index.json'; echo wall \$(( \$(date +%s) - t0 )) s; tail -c 1500 '$OUT/index.json'"
+bench compiled_b16 100 ViT-B-16 256 fp16 1 20 "none;r=8;r=16"
+MERGESEEK_PROP_ATTN=mask bench eager_mask 30 ViT-B-16 64,256 fp16 0 15 "none;r=8;r=16"
+GRAPH=1 bench graph_l14 35 ViT-L-14 64 fp16 0 10 "none;r=8;r=8,method=lsh"
+run search 45 "'$PY' -m bench.search_scale --n 1000000 --n 10000000 --host-limit-gb 4 --device cuda --queries 100 --out '$OUT/search.json'"
 run reuse 45 "'$PY' -m bench.reuse --device cuda --clock wall --threads 4 --precision fp16 --model ViT-B-16 --model ViT-B-32 \
   --fps 5 --rounds 3 --seconds 12 --sets synthetic --kinds static --batch-size 64 --out '$OUT/reuse.json'"
-bench compiled_b16 130 ViT-B-16 256 fp16 1 20 "none;r=8;r=16;r=16,method=lsh"
 bench compiled_b1 50 ViT-B-16 1 fp16 1 50 "none;r=16"
 bench compiled_l14 80 ViT-L-14 64 fp16 1 10 "none;r=8"
 bench eager_bf16 30 ViT-B-16 256 bf16 0 20 "$B16"

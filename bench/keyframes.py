@@ -21,10 +21,17 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 
-def _photos():
-    from skimage import data
+_PHOTOS: list = []
 
-    return [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.hubble_deep_field(), data.immunohistochemistry()]
+
+def _photos():
+    """The source photos, loaded once per process."""
+    if not _PHOTOS:
+        from skimage import data
+
+        _PHOTOS.extend([data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.hubble_deep_field(),
+                        data.immunohistochemistry()])
+    return _PHOTOS
 
 
 def _make_one(args) -> None:

@@ -50,6 +50,8 @@ class BenchConfig:
         device / precision: ``auto|cpu|cuda[:N]`` and ``fp32|fp16|bf16``.
         compile: torch.compile every candidate, the unmerged one too (CUDA graphs on CUDA); the
             compile time is reported per row and kept out of every other figure.
+        cuda_graph: replay every candidate's eager forward as a CUDA graph (no compiler; CUDA only,
+            ``encoders.compile.GraphedTower``); the capture time is reported as ``compile_s``.
         cpu_time: time by the CPU time of the calling thread (one torch thread; CPU only), robust
             when other jobs share the machine.
     """
@@ -64,6 +66,7 @@ class BenchConfig:
     device: str = "auto"
     precision: str = "fp32"
     compile: bool = False
+    cuda_graph: bool = False
     cpu_time: bool = False
 
     def __post_init__(self) -> None:
@@ -92,7 +95,7 @@ def run_bench(cfg: BenchConfig, progress: bool = False) -> dict[str, Any]:
     """:func:`run_throughput` for one :class:`BenchConfig`."""
     return run_throughput(cfg.model, cfg.pretrained, cfg.merges, cfg.batch_size, cfg.iters, cfg.warmup,
                           cfg.image_size, cfg.device, cfg.precision, progress=progress, compile=cfg.compile,
-                          clock="cpu" if cfg.cpu_time else "wall")
+                          clock="cpu" if cfg.cpu_time else "wall", cuda_graph=cfg.cuda_graph)
 
 
 def sample_pixels(batch_size: int, image_size: int, device: str):
@@ -128,6 +131,7 @@ def run_throughput(
     profile: bool = True,
     base: Any = None,
     clock: str = "wall",
+    cuda_graph: bool = False,
 ) -> dict[str, Any]:
     """Time the unmerged model and each merge config alternately; returns a JSON-able report.
 
@@ -138,6 +142,8 @@ def run_throughput(
             per candidate under ``torch.profiler``).
         base: an ``Encoder`` to reuse (same model, device and precision; saves the load).
         clock: ``wall`` or ``cpu`` (CPU time of this thread; one torch thread is set).
+        cuda_graph: replay each candidate's eager forward as a CUDA graph (CUDA only; ignored with
+            ``compile``); the capture (first call) is ``compile_s``.
     """
     import torch
 
@@ -164,6 +170,11 @@ def run_throughput(
 
         torch._dynamo.reset()
         callables = {k: CompiledTower(m, batch_size, base.device) for k, m in models.items()}
+    graphed = cuda_graph and not compile and base.device.startswith("cuda")
+    if graphed:
+        from mergeseek.encoders.compile import GraphedTower
+
+        callables = {k: GraphedTower(m, batch_size, base.device) for k, m in models.items()}
 
     def runner(fn):
         def run():
@@ -175,7 +186,7 @@ def run_throughput(
     with torch.inference_mode():
         for k, fn in callables.items():  # one forward each, for token counts (and the compile)
             runner(fn)()
-            if compile:
+            if compile or graphed:
                 compile_s[k] = fn.compile_s
     if compile:
         log.warning("compile times (s): %s", ", ".join(f"{k}: {v:.1f}" for k, v in compile_s.items()))
@@ -221,7 +232,8 @@ def run_throughput(
         "precision": precision,
         "clock": clock,
         "compiled": bool(compile),
-        "compile_mode": (("reduce-overhead" if base.device.startswith("cuda") else "default") if compile else "eager"),
+        "compile_mode": (("reduce-overhead" if base.device.startswith("cuda") else "default") if compile
+                         else "eager + CUDA graph" if graphed else "eager"),
         "kernels_counted": "GPU kernels" if base.device.startswith("cuda") else "aten ops",
         "lsh_backend": _lsh_backend(base.device, compile),
         "torch": torch.__version__,

@@ -1,4 +1,4 @@
-"""torch.compile of an image tower with fixed batch shapes.
+"""torch.compile of an image tower with fixed batch shapes, and CUDA-graph replay of the eager tower.
 
 Merged and unmerged towers are compiled the same way, so a comparison stays fair. Every method's
 merged forward has static shapes and no host read (``tests/test_compile.py``), so the tower
@@ -75,3 +75,81 @@ class CompiledTower:
             return out
         # CUDA-graph outputs live in a pool the next replay overwrites: hand out a copy.
         return tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
+
+
+class GraphedTower:
+    """The eager tower (merged or not) replayed as a CUDA graph: no compiler, no compile time.
+
+    The merged forward has static shapes and no host read (``tests/test_compile.py``), so one
+    eager forward can be captured as it is and replayed: the ~40-50 small ops of each merging block
+    then cost one graph launch instead of one dispatch each, which is what makes the eager merged
+    forward slow on a GPU. Capture takes about three forwards (two warm-ups on a side stream, one
+    captured); autocast runs with its weight-cast cache off inside the graph (cached casts made
+    during capture would be freed when autocast exits). Batches are padded to ``batch_size`` as in
+    :class:`CompiledTower`; off CUDA the module is called as it is.
+
+    Args:
+        module: the image tower.
+        batch_size: the batch every call is padded to (larger batches are split).
+        device: where it runs.
+        warmup: eager calls on a side stream before the capture.
+    """
+
+    def __init__(self, module: Any, batch_size: int, device: str = "cuda", warmup: int = 2) -> None:
+        self.module = module
+        self.batch_size = int(batch_size)
+        self.device = str(device)
+        self.warmup = int(warmup)
+        self.compile_s: Optional[float] = None  # wall time of the first call (warm-up + capture)
+        self._graph = None
+        self._static_in = None
+        self._static_out = None
+        self._key = None  # (dtype, autocast dtype) the graph was captured for
+
+    def __call__(self, pixels: Any) -> Any:
+        import torch
+
+        if not pixels.is_cuda:
+            return self.module(pixels)
+        n = int(pixels.shape[0])
+        if n > self.batch_size:
+            return torch.cat([self(pixels[i : i + self.batch_size]) for i in range(0, n, self.batch_size)])
+        key = (pixels.dtype, torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None,
+               tuple(pixels.shape[1:]))
+        if self._graph is None or key != self._key:
+            t0 = time.perf_counter()
+            self._capture(pixels, key)
+            torch.cuda.synchronize(pixels.device)
+            if self.compile_s is None:
+                self.compile_s = time.perf_counter() - t0
+                log.info("captured the image tower as a CUDA graph (batch %d) in %.2f s", self.batch_size, self.compile_s)
+        self._static_in[:n].copy_(pixels)
+        if n < self.batch_size:  # pad with copies of the last image (its rows are dropped)
+            self._static_in[n:].copy_(pixels[-1:].expand(self.batch_size - n, *pixels.shape[1:]))
+        self._graph.replay()
+        out = self._static_out
+        # the next replay overwrites the graph's output: hand out a copy
+        return tuple(o[:n].clone() for o in out) if isinstance(out, tuple) else out[:n].clone()
+
+    def _capture(self, pixels: Any, key: tuple) -> None:
+        import contextlib
+
+        import torch
+
+        self._graph = self._static_in = self._static_out = None
+        static_in = torch.empty((self.batch_size, *pixels.shape[1:]), dtype=pixels.dtype, device=pixels.device)
+        static_in.copy_(pixels[-1:].expand_as(static_in))
+        static_in[: pixels.shape[0]].copy_(pixels)
+        amp = key[1]
+        autocast = (torch.autocast("cuda", dtype=amp, cache_enabled=False) if amp is not None
+                    else contextlib.nullcontext())
+        side = torch.cuda.Stream(device=pixels.device)
+        side.wait_stream(torch.cuda.current_stream(pixels.device))
+        with torch.cuda.stream(side), autocast:
+            for _ in range(self.warmup):  # allocator, kernel selection, lazily built constants
+                self.module(static_in)
+        torch.cuda.current_stream(pixels.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), autocast:
+            static_out = self.module(static_in)
+        self._graph, self._static_in, self._static_out, self._key = graph, static_in, static_out, key

@@ -19,6 +19,7 @@ from mergeseek.errors import ConfigError, MissingDependencyError, WeightsUnavail
 from mergeseek.runtime import autocast, resolve_device  # noqa: F401  (resolve_device: re-exported, eval.models uses it)
 
 log = logging.getLogger(__name__)
+_WARNED: dict = {}  # one-time warnings of this process
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 ImageLike = Any  # PIL.Image.Image, HxWx3 uint8 numpy array, or an already preprocessed CHW tensor
@@ -137,6 +138,9 @@ class Encoder:
         image_size: input side override (None: the model's own).
         compile: ``torch.compile`` the image tower (merged or not; CUDA graphs on CUDA), with
             every batch padded to ``batch_size`` so nothing recompiles (``encoders.compile``).
+        cuda_graph: on CUDA, replay the eager image tower as a CUDA graph (no compiler; captured
+            at the first batch, batches padded to ``batch_size``; ``encoders.compile.GraphedTower``).
+            Ignored off CUDA; not combined with ``compile`` (which already replays graphs).
     """
 
     model_name: str = "ViT-B-32"
@@ -147,6 +151,7 @@ class Encoder:
     batch_size: int = 32
     image_size_override: Optional[int] = None
     compile: bool = False
+    cuda_graph: bool = False
     model: Any = field(default=None, repr=False)
     preprocess: Optional[Callable] = field(default=None, repr=False)
     tokenizer: Optional[Callable] = field(default=None, repr=False)
@@ -172,6 +177,10 @@ class Encoder:
             from mergeseek.encoders.compile import CompiledTower
 
             self._tower = CompiledTower(self.model.visual, self.batch_size, self.device)
+        elif self.cuda_graph and str(self.device).startswith("cuda"):
+            from mergeseek.encoders.compile import GraphedTower
+
+            self._tower = GraphedTower(self.model.visual, self.batch_size, self.device)
 
     @property
     def compile_s(self) -> Optional[float]:
@@ -243,6 +252,10 @@ class Encoder:
         encoders/reuse.py and docs/REUSE.md."""
         from mergeseek.encoders.reuse import ReuseEncoder
 
+        if str(self.device).startswith("cuda") and not _WARNED.get("reuse-cuda"):
+            _WARNED["reuse-cuda"] = True
+            log.warning("reuse across frames runs slower than per-frame encoding on a GPU (0.41x on an H200, static "
+                        "clips, ViT-B-16 fp16; docs/BENCHMARKS.md): it pays on CPUs; leave --reuse off on CUDA")
         return ReuseEncoder(self, reuse)
 
     def encode_images(self, images: Sequence[ImageLike], progress: bool = False) -> np.ndarray:

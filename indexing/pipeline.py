@@ -258,7 +258,7 @@ def read_source(src: MediaSource, sampling: Sampling, dedup: Dedup, preprocess: 
     threaded ``Reader`` and the Ray decode tasks (``indexing.distributed``) both run this.
     """
     run = pool.map if pool is not None else map
-    reader = SourceReader(src, sampling, batch_size, decoder)
+    reader = SourceReader(src, sampling, batch_size, decoder, map_fn=run)
     filt = DuplicateFilter(dedup)
     try:
         for frames in reader.batches():

@@ -19,7 +19,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -324,11 +324,15 @@ class SourceReader:
         decoder: video backend (``indexing.decoders.BACKENDS``).
     """
 
-    def __init__(self, source: MediaSource, sampling: Sampling, batch_size: int = 32, decoder: str = DEFAULT_BACKEND):
+    def __init__(self, source: MediaSource, sampling: Sampling, batch_size: int = 32, decoder: str = DEFAULT_BACKEND,
+                 map_fn: Optional[Callable] = None):
         self.source = source
         self.sampling = sampling
         self.batch_size = batch_size
         self.decoder = decoder
+        # images of a folder decode batch by batch through this map (a thread pool's: PIL releases
+        # the GIL while it decodes); results and skips stay in file order either way
+        self.map_fn = map_fn or map
         self.skipped: list[BadInput] = []
 
     def batches(self) -> Iterator[list[Frame]]:
@@ -383,6 +387,21 @@ class SourceReader:
         if kmap is not None:
             self.skipped.extend(BadInput(p.split(": ", 1)[0], p.split(": ", 1)[-1]) for p in kmap.problems)
         batch: list[Frame] = []
+        pending: list = []  # (file, frame_idx, pts) decoded together, one batch's worth at a time
+
+        def decode() -> Iterator[list[Frame]]:
+            nonlocal batch
+            for (f, frame_idx, pts), (img, reason) in zip(pending, self.map_fn(_load_image, [p[0] for p in pending])):
+                if img is None:
+                    log.warning("skip %s: %s", f, reason)
+                    self.skipped.append(BadInput(str(f), reason))
+                    continue
+                batch.append(Frame(self.source.video_id, frame_idx, pts, img, str(f)))
+                if len(batch) == self.batch_size:
+                    yield batch
+                    batch = []
+            pending.clear()
+
         for pos, f in enumerate(files):
             n = int(f.stem) if f.stem.isdigit() else None
             if kmap is not None:
@@ -396,28 +415,25 @@ class SourceReader:
             else:
                 # Without a map the keyframe number (or the position) is the best frame id we have.
                 frame_idx, pts = (n if n is not None and self.source.kind == "keyframes" else pos), math.nan
-            img = self._load_image(f)
-            if img is None:
-                continue
-            batch.append(Frame(self.source.video_id, frame_idx, pts, img, str(f)))
-            if len(batch) == self.batch_size:
-                yield batch
-                batch = []
+            pending.append((f, frame_idx, pts))
+            if len(pending) == self.batch_size - len(batch):
+                yield from decode()
+        if pending:
+            yield from decode()
         if batch:
             yield batch
 
-    def _load_image(self, f: Path) -> Optional[np.ndarray]:
-        try:
-            if f.stat().st_size == 0:
-                raise ValueError("empty file (0 bytes)")
-            return read_rgb(f)
-        except PermissionError:
-            reason = "permission denied; make the file readable (chmod a+r) or run as its owner"
-        except Exception as exc:  # PIL raises many types for bad images
-            reason = f"unreadable image ({_short(exc)})"
-        log.warning("skip %s: %s", f, reason)
-        self.skipped.append(BadInput(str(f), reason))
-        return None
+
+def _load_image(f: Path) -> tuple[Optional[np.ndarray], str]:
+    """(HxWx3 uint8 RGB, "") or (None, the reason it cannot be read) for one image file."""
+    try:
+        if f.stat().st_size == 0:
+            raise ValueError("empty file (0 bytes)")
+        return read_rgb(f), ""
+    except PermissionError:
+        return None, "permission denied; make the file readable (chmod a+r) or run as its owner"
+    except Exception as exc:  # PIL raises many types for bad images
+        return None, f"unreadable image ({_short(exc)})"
 
 
 def _short(exc: BaseException) -> str:

@@ -284,6 +284,54 @@ def test_cli_compile_flags_reach_the_library(monkeypatch, tmp_path):
     assert got["bench"].compile is False and got["bench"].cpu_time is False  # off unless asked for
     runner.invoke(cli.app, ["bench", "--cpu-time"])
     assert got["bench"].cpu_time is True
+    assert got["bench"].cuda_graph is False
+    runner.invoke(cli.app, ["bench", "--cuda-graph"])
+    assert got["bench"].cuda_graph is True
+    runner.invoke(cli.app, ["index", str(tmp_path / "imgs"), "--index", str(tmp_path / "ix"), "--cuda-graph"])
+    assert got["encoder"]["cuda_graph"] is True and "compile" not in got["encoder"]
+    runner.invoke(cli.app, ["index", str(tmp_path / "imgs"), "--index", str(tmp_path / "ix"), "--cuda-graph", "--compile"])
+    assert got["encoder"]["compile"] is True and "cuda_graph" not in got["encoder"]  # compile already replays graphs
+
+
+def test_cuda_graph_is_a_pass_through_off_cuda(one_torch_thread):
+    from mergeseek.encoders import Encoder
+    from mergeseek.encoders.compile import GraphedTower
+
+    model = _tiny_clip()
+    apply_merging(model.visual, "r=4")
+    pixels = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    tower = GraphedTower(model.visual, 4, "cpu")
+    with torch.inference_mode():
+        torch.testing.assert_close(tower(pixels), model.visual(pixels), rtol=0, atol=0)
+    assert tower.compile_s is None  # nothing captured
+    enc = Encoder("ViT-B-32", None, "cpu", merge="r=4", batch_size=4, model=_tiny_clip(), cuda_graph=True)
+    assert enc._tower is None  # CPU: the plain eager forward
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", ["none", "r=8", "r=16,method=lsh"])
+def test_cuda_graph_replay_equals_the_eager_forward(spec):
+    """The eager merged forward captured once and replayed: the same embeddings as eager (fp16
+    autocast), for a full batch, a short (padded) one and fresh inputs after the capture."""
+    import open_clip
+
+    from mergeseek.encoders.compile import GraphedTower
+
+    torch.manual_seed(0)
+    visual = open_clip.create_model("ViT-B-16", pretrained=None).visual.eval().cuda()
+    if spec != "none":
+        apply_merging(visual, spec)
+    tower = GraphedTower(visual, 8, "cuda")
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+        for n in (8, 5, 8):
+            x = torch.randn(n, 3, 224, 224, device="cuda", generator=gen)
+            want = visual(x).float()
+            got = tower(x).float()
+            assert got.shape == want.shape
+            cos = torch.nn.functional.cosine_similarity(got, want)
+            assert cos.min() > 0.999, (n, cos.min().item())
+    assert tower.compile_s is not None and tower._graph is not None
 
 
 @pytest.mark.skipif(not HAS_CC, reason="torch.compile (inductor) needs a C compiler on CPU")

@@ -229,3 +229,34 @@ def test_indexing_and_eval_share_one_reader_per_format(tmp_path):
     (src,) = discover([d])[0]
     names = [Path(f.path).name for f in _frames(src, "all")]
     assert names == [p.name for p in eval_base.list_images(d)] == ["1.tif", "2.png", "10.jpg", "b9.webp", "b10.jpg"]
+
+
+def test_image_folder_decodes_in_parallel_with_the_serial_frames_and_skips(tmp_path, photos):
+    """Keyframes decode batch by batch on a thread pool: the same frames, pixels, batches and
+    skipped files (in file order) as one thread, bad files mixed in."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    folder = tmp_path / "keyframes" / "L01_V001"
+    folder.mkdir(parents=True)
+    bad = {3: b"", 6: b"not a jpeg at all", 7: b"\xff\xd8\xff\xe0 truncated"}
+    for n in range(1, 12):
+        path = folder / f"{n:03d}.jpg"
+        if n in bad:
+            path.write_bytes(bad[n])
+        else:
+            Image.fromarray(photos[n % len(photos)][: 64 + n, :80]).save(path, quality=90)
+    src = MediaSource("keyframes", folder, "L01_V001", "x")
+    serial = SourceReader(src, Sampling(), 3)
+    want = list(serial.batches())
+    with ThreadPoolExecutor(4) as pool:
+        threaded = SourceReader(src, Sampling(), 3, map_fn=pool.map)
+        got = list(threaded.batches())
+    assert [len(b) for b in got] == [len(b) for b in want] == [3, 3, 2]  # full batches of good frames
+    assert [f.frame_idx for b in got for f in b] == [1, 2, 4, 5, 8, 9, 10, 11]
+    for bg, bw in zip(got, want):
+        for fg, fw in zip(bg, bw):
+            assert fg.path == fw.path and np.array_equal(fg.image, fw.image)
+    assert [s.path for s in threaded.skipped] == [s.path for s in serial.skipped] == [str(folder / f"{n:03d}.jpg") for n in (3, 6, 7)]
+    assert "empty file" in threaded.skipped[0].reason and all("unreadable" in s.reason for s in threaded.skipped[1:])
