@@ -533,16 +533,24 @@ def serve_cmd(
     merge: MergeOpt = "from-index",
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "fp32",
+    allowed_host: Annotated[
+        Optional[List[str]],
+        typer.Option("--allowed-host", help="Another host name clients use to reach the server (repeat for several); "
+                     "requests naming any other host get 400, so a web page under a foreign name that resolves to "
+                     "this machine (DNS rebinding) cannot read it. Always allowed: localhost, 127.0.0.1, ::1 and --host."),
+    ] = None,
 ) -> None:
     """Serve a search web page and JSON API over an index (read-only) until Ctrl-C."""
     from mergeseek.serve import run_server
 
     def ready(url: str, health: dict) -> None:
+        # The URL carries the token: print it whole only to a terminal, never into a log file.
+        shown = url if (token is None or sys.stderr.isatty()) else url.split("?", 1)[0] + " (add ?token=... : the token is not printed to a log)"
         typer.echo(f"serving {index_dir} ({health['vectors']} frames of {health['videos']} video(s), "
-                   f"{health['thumbnails']} thumbnails, {health['model']}/{health['pretrained']}) at {url}", err=True)
+                   f"{health['thumbnails']} thumbnails, {health['model']}/{health['pretrained']}) at {shown}", err=True)
 
     run_server(index_dir, host=host, port=port, token=token, model=model, pretrained=pretrained, merge=merge,
-               device=device, precision=precision, on_ready=ready)
+               device=device, precision=precision, on_ready=ready, extra_hosts=allowed_host or ())
 
 
 @app.command("thumbs")

@@ -244,6 +244,33 @@ def _video_files(folder: Path, depth: int = 2) -> Iterable[Path]:
                 yield here / name
 
 
+def _playable(video: Path, root: Path) -> tuple[str, str] | None:
+    """(path, size-mtime signature) of a release video the web app may play, or None (one warning).
+
+    Release videos are recorded, not decoded, so nothing else looks at them: a link whose target
+    leaves the release (a downloaded archive can hold ``L01_V001.mp4 -> /etc/passwd``), a broken
+    link or anything but a regular file is not recorded. The web app serves the file only while
+    it still has the signature recorded here (``serve.engine.Catalog.video``).
+    """
+    import stat
+
+    try:
+        real = Path(os.path.realpath(video))
+        st = os.stat(real)
+    except OSError as exc:
+        log.warning("release video %s cannot be read (%s); it is not recorded for playback", video, exc.strerror or exc)
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        log.warning("release video %s is not a regular file; it is not recorded for playback", video)
+        return None
+    if os.path.islink(video) or real != Path(os.path.abspath(video)):
+        if not _is_within(real, Path(os.path.realpath(root))):
+            log.warning("release video %s is a link to %s, outside the release %s; it is not recorded for playback",
+                        video, real, root)
+            return None
+    return str(video), f"{st.st_size}-{st.st_mtime_ns}"
+
+
 def _is_within(p: Path, parent: Path) -> bool:
     try:
         p.relative_to(parent)
@@ -280,8 +307,9 @@ def video_metadata(parts: ReleaseParts, video_ids: Sequence[str]) -> dict:
             entry.update(read_media_info(mi))
             entry["media_info_path"] = str(mi)
         video = parts.video_for(base)
-        if video is not None:
-            entry["video_path"] = str(video)
+        checked = _playable(video, parts.root) if video is not None else None
+        if checked is not None:
+            entry["video_path"], entry["video_sig"] = checked
         mp = parts.map_for(base)
         if mp is not None:
             entry["map_path"] = str(mp)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 from mergeseek.errors import ConfigError
 
-__all__ = ["check_bind", "is_loopback", "run_server"]
+__all__ = ["allowed_hosts", "check_bind", "is_loopback", "run_server"]
 
 
 def is_loopback(host: str) -> bool:
@@ -66,11 +66,29 @@ def _check_port_free(host: str, port: int) -> None:
             raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pass another --port or --host") from None
 
 
+def allowed_hosts(host: str, extra: Sequence[str] = ()) -> list:
+    """The names a ``Host`` header may carry for a server bound to ``host`` (DNS-rebinding guard)."""
+    names = ["localhost", "127.0.0.1", "::1", host.strip().strip("[]").lower()]
+    for name in extra:
+        name = name.strip().strip("[]").lower()
+        if not name or "/" in name or " " in name:
+            raise ConfigError(f"--allowed-host {name!r} is not a host name; give a name such as search.lan or an address")
+        names.append(name)
+    return names
+
+
 def run_server(index_dir: Union[str, Path], host: str = "127.0.0.1", port: int = 8000, token: Optional[str] = None,
                model: str = "from-index", pretrained: str = "from-index", merge: str = "from-index",
-               device: str = "auto", precision: str = "fp32", on_ready: Optional[Callable[[str, dict], None]] = None) -> None:
-    """Load the model and the index once, then serve until Ctrl-C."""
+               device: str = "auto", precision: str = "fp32", on_ready: Optional[Callable[[str, dict], None]] = None,
+               extra_hosts: Sequence[str] = ()) -> None:
+    """Load the model and the index once, then serve until Ctrl-C.
+
+    Requests whose ``Host`` header is not ``localhost``, ``127.0.0.1``, ``::1``, ``host`` or one of
+    ``extra_hosts`` (``--allowed-host``) get 400 (``serve.app.create_app``). ``on_ready`` gets the
+    URL with the token in it: show it only to a person (a terminal), never write it to a log.
+    """
     check_bind(host, token)
+    hosts = allowed_hosts(host, extra_hosts)
     if not 0 < int(port) < 65536:
         raise ConfigError(f"--port {port} is not valid; give 1..65535 (0 is not allowed)")
     _check_port_free(host, int(port))  # before minutes of loading, not after
@@ -81,7 +99,7 @@ def run_server(index_dir: Union[str, Path], host: str = "127.0.0.1", port: int =
     from mergeseek.serve.engine import Engine
 
     engine = Engine.open(index_dir, model=model, pretrained=pretrained, merge=merge, device=device, precision=precision)
-    app = create_app(engine, token=token)
+    app = create_app(engine, token=token, allowed_hosts=hosts)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
     if on_ready is not None:

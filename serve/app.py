@@ -1,16 +1,18 @@
 """The HTTP layer: a FastAPI app over one ``Engine`` (JSON API + the single page at ``/``).
 
 Status codes: 404 for an id, video id or route the index does not have (never a file outside
-it), 422 for a bad parameter (one ``detail`` line), 400 for an upload that is not an image, 413
-for one over ``MAX_UPLOAD`` bytes, 401 for a missing or wrong token when one is set.
+it), 422 for a bad parameter (one ``detail`` line), 400 for an upload that is not an image or a
+``Host`` header that is not one of the allowed names, 413 for one over ``MAX_UPLOAD`` bytes or
+``MAX_PIXELS`` pixels, 401 for a missing or wrong token when one is set.
 """
 
 import io
 import re
 import secrets
+import threading
 import time
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Optional, Sequence, Union
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,7 +26,11 @@ from mergeseek.serve.engine import MAX_K, Engine, NotFound, submission_csv
 
 MAX_UPLOAD = 20 * 1024 * 1024
 MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the file
-MAX_PIXELS = 64_000_000
+MAX_PIXELS = 64_000_000  # JPEG uploads: decoded at a reduced scale (DCT scaling), never at full size
+MAX_DECODED_PIXELS = 24_000_000  # other formats decode whole: above this they are refused (413) from the header
+QUERY_SIDE = 1024  # an upload is scaled to at most this side before it is kept (the encoder needs 224)
+DECODE_SLOTS = 2  # uploads decoded at the same time; more wait their turn
+_decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
 MAX_NEIGHBOURS = 50
 MAX_BASKET = 1000
 PAGE = Path(__file__).with_name("static") / "index.html"
@@ -56,19 +62,49 @@ def _file_name(query_id: Optional[str]) -> str:
 
 
 def _open_image(data: bytes):
+    """The upload as an RGB image of at most ``QUERY_SIDE`` pixels a side.
+
+    Memory stays bounded whatever the file claims: sizes come from the header before any pixel is
+    decoded; a JPEG decodes straight at a reduced scale (PIL's draft mode), anything else is
+    refused above ``MAX_DECODED_PIXELS``; at most ``DECODE_SLOTS`` uploads decode at once, and
+    the heap is handed back to the OS after a large decode.
+    """
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise UploadRefused(413, f"image of {im.width}x{im.height} pixels is too large; send at most {MAX_PIXELS} pixels")
+            w, h, fmt = im.width, im.height, im.format
+            if w * h > MAX_PIXELS or (fmt != "JPEG" and w * h > MAX_DECODED_PIXELS):
+                limit = MAX_PIXELS if fmt == "JPEG" else MAX_DECODED_PIXELS
+                raise UploadRefused(413, f"image of {w}x{h} pixels is too large; send at most {limit} pixels"
+                                    + ("" if fmt == "JPEG" else " (or a JPEG)"))
             im.verify()
-        with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")
+        with _decode_slots:
+            with Image.open(io.BytesIO(data)) as im:
+                if im.format == "JPEG":
+                    im.draft("RGB", (QUERY_SIDE, QUERY_SIDE))  # decode at 1/2, 1/4 or 1/8 scale
+                im.thumbnail((QUERY_SIDE, QUERY_SIDE))
+                out = im.convert("RGB")
+            if w * h > 4_000_000:
+                _trim_heap()
+            return out
     except UploadRefused:
         raise
     except Exception:  # PIL raises many types for bad data
         raise UploadRefused(400, "the upload is not an image that can be read; send a JPEG, PNG or WebP file") from None
+
+
+def _trim_heap() -> None:
+    """Return freed heap pages to the OS (glibc); a no-op elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        name = ctypes.util.find_library("c")
+        if name:
+            ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 async def _read_limited(request, limit: int) -> bytes:
@@ -91,14 +127,62 @@ class Basket(BaseModel):
     answer: Optional[str] = Field(None, max_length=500)  # a QA answer: rows become video_id,frame_idx,answer
 
 
-def create_app(engine: Engine, token: Optional[str] = None):
-    """The ASGI app. ``token``: required on every request (``Authorization: Bearer`` or ``?token=``)."""
+def host_name(header: str) -> str:
+    """The host of a ``Host`` header, lower-case, without port or IPv6 brackets ('' if malformed)."""
+    h = header.strip().lower()
+    if h.startswith("["):
+        end = h.find("]")
+        return h[1:end] if end > 0 and (end == len(h) - 1 or h[end + 1] == ":") else ""
+    if h.count(":") == 1:
+        h, _, port = h.partition(":")
+        if not port.isdigit():
+            return ""
+    elif h.count(":") > 1:
+        return ""  # an IPv6 address must be bracketed in a Host header
+    return h.rstrip(".")
+
+
+def _host_allowed(name: str, allowed: frozenset, any_ip: bool) -> bool:
+    if name in allowed:
+        return True
+    if any_ip:  # a wildcard bind: any address literal (DNS rebinding needs a name)
+        import ipaddress
+
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return False
+    return False
+
+
+def create_app(engine: Engine, token: Optional[str] = None, allowed_hosts: Optional[Sequence[str]] = None):
+    """The ASGI app.
+
+    Args:
+        token: required on every request (``Authorization: Bearer`` or ``?token=``).
+        allowed_hosts: host names the ``Host`` header may carry (others get 400, before any other
+            check: a page under a foreign name that resolves to this machine, DNS rebinding,
+            cannot read the API); ``0.0.0.0`` / ``::`` in it also accepts any address literal.
+            None: no check (a caller mounting the app behind its own proxy). ``run_server``
+            always passes the bound host, ``localhost``, ``127.0.0.1``, ``::1`` and ``--allowed-host``.
+    """
     app = FastAPI(title="mergeseek", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     page = PAGE.read_text(encoding="utf-8")
+    allowed = None if allowed_hosts is None else frozenset(host_name(h if ":" not in h or h.startswith("[") else f"[{h}]")
+                                                           for h in allowed_hosts)
+    any_ip = allowed is not None and bool({"0.0.0.0", "::"} & allowed)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
+        if allowed is not None:
+            name = host_name(request.headers.get("host", ""))
+            if not name or not _host_allowed(name, allowed, any_ip):
+                shown = request.headers.get("host", "")[:80]
+                return JSONResponse({"detail": f"Host {shown!r} is not served here (a page under another name must "
+                                     "not read this server); open it by the address it listens on, or start it "
+                                     "with --allowed-host NAME"}, status_code=400)
         if token is not None:
             auth = request.headers.get("authorization", "")
             given = auth[7:] if auth[:7].lower() == "bearer " else request.query_params.get("token", "")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import stat
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -81,6 +83,7 @@ class CachedSearcher(Searcher):
 class VideoFile:
     path: Path
     media_type: str
+    sig: Optional[str] = None  # "size-mtime_ns" recorded at index time; the file is served only while it matches
 
 
 class Catalog:
@@ -122,14 +125,15 @@ class Catalog:
         for key, e in m.sources.items():
             self.kinds[e.video_id] = e.kind
             if e.kind == "video":
-                self.videos[e.video_id] = _video_file(Path(key))
+                self.videos[e.video_id] = _video_file(Path(key), e.fingerprint)
         # Keyframe folders of an AI Challenge release: the release's own video, when indexing recorded
         # it in videos.json (indexing.aic), plays at the keyframe's time.
         for vid, entry in _release_videos(self.root).items():
             if vid in self.kinds and vid not in self.videos and isinstance(entry, dict) and entry.get("video_path"):
                 p = Path(str(entry["video_path"]))
                 if p.suffix.lower() in VIDEO_TYPES:
-                    self.videos[vid] = _video_file(p)
+                    sig = entry.get("video_sig")
+                    self.videos[vid] = _video_file(p, sig if isinstance(sig, str) else None)
         # Stored vectors by id (memory-mapped shards), for "more like this".
         self._emb, shard_ids, shard_no, shard_row = [], [], [], []
         for s, shard in enumerate(sorted(m.shards)):
@@ -179,9 +183,22 @@ class Catalog:
         if v is None:
             what = "is not a video file (keyframes or images)" if video_id in self.kinds else "is not in this index"
             raise NotFound(f"video {video_id!r} {what}")
-        if not v.path.is_file():
-            raise NotFound(f"video {video_id!r} was indexed from {v.path.name}, which is no longer there")
-        return v
+        # Serve only the file that was indexed: a regular file (links followed, as when indexing)
+        # whose size and modification time are still those recorded, so a video replaced by a link
+        # to another file (/etc/passwd, a private key) after indexing is never streamed.
+        try:
+            real = Path(os.path.realpath(v.path))
+            st = os.stat(real)
+        except (OSError, ValueError):
+            raise NotFound(f"video {video_id!r} was indexed from {v.path.name}, which is no longer there") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise NotFound(f"video {video_id!r} was indexed from {v.path.name}, which is no longer a regular file")
+        if v.sig is None:
+            raise NotFound(f"video {video_id!r} has no recorded file signature (indexed by an older version); run "
+                           f"`cli.py index` on its release again to play it")
+        if f"{st.st_size}-{st.st_mtime_ns}" != v.sig:
+            raise NotFound(f"video {video_id!r} ({v.path.name}) changed since it was indexed; index it again to play it")
+        return VideoFile(real, v.media_type, v.sig)
 
     def thumb(self, id_: int) -> bytes:
         self.row(id_)
@@ -191,8 +208,8 @@ class Catalog:
         return data
 
 
-def _video_file(p: Path) -> VideoFile:
-    return VideoFile(p, VIDEO_TYPES.get(p.suffix.lower(), "application/octet-stream"))
+def _video_file(p: Path, sig: Optional[str]) -> VideoFile:
+    return VideoFile(p, VIDEO_TYPES.get(p.suffix.lower(), "application/octet-stream"), sig)
 
 
 def _release_videos(root: Path) -> dict:

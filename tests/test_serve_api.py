@@ -499,7 +499,9 @@ def test_keyframe_sources_play_the_release_video_recorded_in_videos_json(served,
     shutil.copytree(served["ix"], ix)
     video = served["root"] / "videos" / "a.mp4"
     # what indexing.aic writes for a release's keyframe folder whose video is in the release
-    (ix / "videos.json").write_text(json.dumps({"stills": {"video_path": str(video), "title": "t"},
+    st = video.stat()
+    (ix / "videos.json").write_text(json.dumps({"stills": {"video_path": str(video), "title": "t",
+                                                           "video_sig": f"{st.st_size}-{st.st_mtime_ns}"},
                                                 "nope": {"video_path": "/etc/passwd"}}))
     engine = Engine(CachedSearcher(ix, build_encoder(), ngpu=0))
     with TestClient(create_app(engine)) as c:
@@ -523,3 +525,230 @@ def test_thumbs_cleanup_touches_only_its_own_files(served, tmp_path):
     report = make_thumbs(ix)
     assert report.removed == 1 and not (ix / THUMB_DIR / "part-00098.thumbs.tmp").exists()
     assert all(p.read_bytes() == b"someone else's" for p in others)
+
+
+# ---------------------------------------------------------------------------- file identity (issue #23)
+def _one_video_index(root: Path):
+    from mergeseek.indexing import IndexOptions, Sampling, index_paths
+
+    videos = root / "videos"
+    videos.mkdir()
+    make_video(videos / "clip.mp4", 2)
+    index_paths([videos], root / "ix", build_encoder(), IndexOptions(sampling=Sampling.parse("fps=1")))
+    return root / "ix", videos / "clip.mp4"
+
+
+def test_a_video_swapped_for_a_link_or_rewritten_after_indexing_is_never_served(tmp_path, one_torch_thread):
+    import os
+
+    from fastapi.testclient import TestClient
+
+    from mergeseek.serve.app import create_app
+    from mergeseek.serve.engine import CachedSearcher, Engine
+
+    ix, clip = _one_video_index(tmp_path)
+    original, st = clip.read_bytes(), clip.stat()
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"TOP-SECRET " * (len(original) // 11 + 1))
+    engine = Engine(CachedSearcher(ix, build_encoder(), ngpu=0))
+    with TestClient(create_app(engine)) as c:
+        assert c.get("/api/video/clip").content == original
+        clip.unlink()
+        clip.symlink_to(secret)  # the attack: the indexed path now points at another file
+        r = c.get("/api/video/clip")
+        assert r.status_code == 404 and b"TOP-SECRET" not in r.content and "changed since it was indexed" in r.json()["detail"]
+        clip.unlink()
+        clip.symlink_to("/etc/passwd")
+        assert c.get("/api/video/clip").status_code == 404
+        clip.unlink()
+        clip.symlink_to(tmp_path / "gone.mp4")  # broken link
+        assert c.get("/api/video/clip").status_code == 404
+        clip.unlink()
+        clip.mkdir()  # a folder in its place
+        assert c.get("/api/video/clip").status_code == 404
+        clip.rmdir()
+        clip.write_bytes(bytes(reversed(original)))  # rewritten in place, same size
+        os.utime(clip, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+        assert c.get("/api/video/clip").status_code == 404
+        # the very file that was indexed, moved and linked back (same size and time): still served
+        moved = tmp_path / "moved.mp4"
+        moved.write_bytes(original)
+        os.utime(moved, ns=(st.st_atime_ns, st.st_mtime_ns))
+        clip.unlink()
+        clip.symlink_to(moved)
+        assert c.get("/api/video/clip").content == original
+
+
+def test_release_videos_are_recorded_only_as_regular_files_inside_the_release(tmp_path):
+    import os
+
+    from mergeseek.indexing.aic import _playable
+
+    release = tmp_path / "release"
+    (release / "Videos_L01" / "video").mkdir(parents=True)
+    real = release / "Videos_L01" / "video" / "L01_V001.mp4"
+    real.write_bytes(b"\x00" * 1000)
+    outside = tmp_path / "private.key"
+    outside.write_text("secret")
+    inside_link = release / "Videos_L01" / "video" / "L01_V002.mp4"
+    inside_link.symlink_to(real)
+    escaping = release / "Videos_L01" / "video" / "L01_V003.mp4"
+    escaping.symlink_to(outside)
+    etc = release / "Videos_L01" / "video" / "L01_V004.mp4"
+    etc.symlink_to("/etc/passwd")
+    broken = release / "Videos_L01" / "video" / "L01_V005.mp4"
+    broken.symlink_to(release / "missing.mp4")
+    folder = release / "Videos_L01" / "video" / "L01_V006.mp4"
+    folder.mkdir()
+    st = real.stat()
+    assert _playable(real, release) == (str(real), f"{st.st_size}-{st.st_mtime_ns}")
+    assert _playable(inside_link, release) == (str(inside_link), f"{st.st_size}-{st.st_mtime_ns}")
+    for bad in (escaping, etc, broken, folder):
+        assert _playable(bad, release) is None, bad
+    assert os.path.islink(escaping)  # the test really built links
+
+
+def test_a_release_video_without_a_recorded_signature_is_not_served(served, tmp_path):
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from mergeseek.serve.app import create_app
+    from mergeseek.serve.engine import CachedSearcher, Engine
+
+    ix = tmp_path / "ix"
+    shutil.copytree(served["ix"], ix)
+    video = served["root"] / "videos" / "a.mp4"
+    (ix / "videos.json").write_text(json.dumps({"stills": {"video_path": str(video)}}))  # an older index's entry
+    engine = Engine(CachedSearcher(ix, build_encoder(), ngpu=0))
+    with TestClient(create_app(engine)) as c:
+        r = c.get("/api/video/stills")
+        assert r.status_code == 404 and "signature" in r.json()["detail"]
+
+
+# ---------------------------------------------------------------------------- DNS rebinding (issue #23)
+@pytest.mark.parametrize("bound,host,status", [
+    ("127.0.0.1", "127.0.0.1:8000", 200), ("127.0.0.1", "localhost:8000", 200), ("127.0.0.1", "LOCALHOST", 200),
+    ("127.0.0.1", "[::1]:8000", 200), ("127.0.0.1", "localhost.:8000", 200),
+    ("127.0.0.1", "evil.example", 400), ("127.0.0.1", "evil.example:8000", 400), ("127.0.0.1", "127.0.0.1.evil.example", 400),
+    ("127.0.0.1", "", 400), ("127.0.0.1", "a:b:c", 400), ("127.0.0.1", "localhost:80x", 400), ("127.0.0.1", "[::1", 400),
+    ("127.0.0.1", "192.168.1.5:8000", 400),
+    ("0.0.0.0", "192.168.1.5:8000", 200), ("0.0.0.0", "[fe80::1]:8000", 200), ("0.0.0.0", "evil.example:8000", 400),
+    ("::", "10.0.0.7", 200), ("search.lan", "search.lan:8000", 200), ("search.lan", "other.lan", 400),
+])
+def test_only_the_bound_host_names_are_answered(served, bound, host, status):
+    from fastapi.testclient import TestClient
+
+    from mergeseek.serve import allowed_hosts
+    from mergeseek.serve.app import create_app
+
+    with TestClient(create_app(served["engine"], allowed_hosts=allowed_hosts(bound))) as c:
+        for path in ("/api/health", "/", "/api/search?q=x", "/api/video/a"):
+            r = c.get(path, headers={"Host": host})
+            assert r.status_code == status, (path, host, r.status_code)
+            if status == 400:
+                assert "is not served here" in r.json()["detail"] and "--allowed-host" in r.json()["detail"]
+
+
+def test_allowed_host_option_adds_names_and_refuses_junk(served):
+    from fastapi.testclient import TestClient
+
+    from mergeseek.errors import ConfigError
+    from mergeseek.serve import allowed_hosts
+    from mergeseek.serve.app import create_app
+
+    hosts = allowed_hosts("127.0.0.1", ["Search.LAN", "[fd00::2]"])
+    with TestClient(create_app(served["engine"], allowed_hosts=hosts)) as c:
+        assert c.get("/api/health", headers={"Host": "search.lan:8000"}).status_code == 200
+        assert c.get("/api/health", headers={"Host": "[fd00::2]:8000"}).status_code == 200
+        assert c.get("/api/health", headers={"Host": "evil.lan"}).status_code == 400
+    for junk in ("", "http://x/", "a b"):
+        with pytest.raises(ConfigError, match="--allowed-host"):
+            allowed_hosts("127.0.0.1", [junk])
+
+
+def test_the_startup_line_never_writes_the_token_to_a_log(monkeypatch, tmp_path):
+    """stderr is not a terminal (a log file, a pipe): the URL is printed without its token."""
+    from typer.testing import CliRunner
+
+    import mergeseek.serve as serve_pkg
+    from mergeseek import cli
+
+    def fake_run_server(index_dir, on_ready=None, **kwargs):
+        on_ready("http://127.0.0.1:8000/?token=s3cr3t-value", {"vectors": 1, "videos": 1, "thumbnails": 1,
+                                                                 "model": "m", "pretrained": "p"})
+
+    monkeypatch.setattr(serve_pkg, "run_server", fake_run_server)
+    result = CliRunner().invoke(cli.app, ["serve", "--index", str(tmp_path), "--token", "s3cr3t-value"])
+    out = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert "s3cr3t-value" not in out and "http://127.0.0.1:8000/" in out
+
+
+# ---------------------------------------------------------------------------- upload memory (issue #23)
+def _png(width: int, height: int) -> bytes:
+    """A real PNG of the given size that compresses to little (a few flat bands)."""
+    from PIL import Image
+
+    im = Image.new("RGB", (width, height), (30, 90, 200))
+    im.paste((220, 40, 40), (0, 0, width, height // 3))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=False, compress_level=9)
+    return buf.getvalue()
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def test_a_tiny_file_claiming_64_megapixels_is_refused_from_its_header(client):
+    data = _png(8000, 8000)  # 64 MP, a few hundred KB
+    assert len(data) < 2 * 2**20
+    if not _reset_peak():
+        pytest.skip("this kernel does not let a process reset its peak RSS (/proc/self/clear_refs)")
+    before = _peak_rss_mb()
+    r = client.post("/api/search/image", content=data, headers={"content-type": "image/png"})
+    assert r.status_code == 413 and "8000x8000" in r.json()["detail"]
+    assert _peak_rss_mb() - before < 60  # decoding it would have taken 192 MB
+
+
+def test_concurrent_large_uploads_keep_memory_bounded_and_still_search(client, served):
+    """Eight uploads of a 20-megapixel PNG at once (60 MB each when decoded) and a 48-megapixel
+    JPEG: answered, with peak memory far under what eight whole decodes take."""
+    from PIL import Image
+
+    png = _png(5000, 4000)
+    buf = io.BytesIO()
+    Image.new("RGB", (8000, 6000), (10, 120, 60)).save(buf, format="JPEG", quality=70)
+    jpeg = buf.getvalue()
+    if not _reset_peak():
+        pytest.skip("this kernel does not let a process reset its peak RSS (/proc/self/clear_refs)")
+    before = _peak_rss_mb()
+
+    def post(data, ctype):
+        return client.post("/api/search/image", params={"k": 2}, content=data, headers={"content-type": ctype})
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: post(png, "image/png") if i < 8 else post(jpeg, "image/jpeg"), range(9)))
+    assert [a.status_code for a in answers] == [200] * 9
+    assert all(len(a.json()["hits"]) == 2 for a in answers)
+    grew = _peak_rss_mb() - before
+    assert grew < 500, f"peak memory grew {grew:.0f} MB for 9 concurrent large uploads"
+
+
+def test_an_upload_is_scaled_before_it_is_kept():
+    from mergeseek.serve.app import QUERY_SIDE, _open_image
+
+    im = _open_image(_png(3000, 1200))
+    assert max(im.size) == QUERY_SIDE and im.size == (QUERY_SIDE, round(1200 * QUERY_SIDE / 3000)) and im.mode == "RGB"
+    small = _open_image(_png(300, 200))
+    assert small.size == (300, 200)

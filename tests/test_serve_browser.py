@@ -231,3 +231,42 @@ def test_the_page_passes_the_token_on(server, browser_page):
         page.close()
         srv.should_exit = True
         thread.join(timeout=10)
+
+
+def test_a_page_under_a_foreign_host_name_cannot_read_the_api(server):
+    """DNS rebinding: Chromium resolves rebind.test to 127.0.0.1 (as an attacker's DNS would after
+    the page loaded); the server, started as ``cli.py serve`` starts it, answers that name with 400,
+    so neither the page nor a script on that origin reads the index. The bound address still works."""
+    import uvicorn
+
+    from mergeseek.serve import allowed_hosts
+    from mergeseek.serve.app import create_app
+
+    port = free_port()
+    app = create_app(server["engine"], allowed_hosts=allowed_hosts("127.0.0.1"))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        with sync_api.sync_playwright() as pw, tempfile.TemporaryDirectory(prefix="mergeseek-chromium-") as profile:
+            ctx = pw.chromium.launch_persistent_context(
+                profile, executable_path=CHROMIUM, headless=True,
+                args=LAUNCH_ARGS + ["--host-resolver-rules=MAP rebind.test 127.0.0.1"])
+            page = ctx.new_page()
+            page.set_default_timeout(30_000)
+            resp = page.goto(f"http://rebind.test:{port}/")
+            assert resp.status == 400 and "is not served here" in page.content()
+            got = page.evaluate("""async () => { const r = await fetch('/api/search?q=x');
+                                   return [r.status, await r.text()]; }""")
+            assert got[0] == 400 and '"hits"' not in got[1]
+            resp = page.goto(f"http://127.0.0.1:{port}/")
+            assert resp.status == 200
+            assert page.evaluate("async () => (await fetch('/api/health')).status") == 200
+            ctx.close()
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
