@@ -77,15 +77,107 @@ def test_an_existing_export_needs_overwrite_and_is_replaced_whole(reindexed, tmp
     ix, _ = reindexed
     out = tmp_path / "out"
     assert run("export", "--index", ix, "--out", out)[0] == 0
-    (out / "img_emb" / "stale.npy").write_bytes(b"old")
     code, _, err = run("export", "--index", ix, "--out", out)
     assert code == 3 and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    before = (out / "img_emb" / "img_emb_0.npy").stat().st_ino
     code, out_text, err = run("export", "--index", ix, "--out", out, "--overwrite")
     assert code == 0, err
     assert "exported 7 vectors" in out_text
-    assert not (out / "img_emb" / "stale.npy").exists()  # a new folder, not files written into the old one
+    assert (out / "img_emb" / "img_emb_0.npy").stat().st_ino != before  # a new folder, not files written into the old one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ix", "out"]  # no temporary folders left behind
     assert read_clip_retrieval(out)[0].shape == (7, DIM)
+
+
+def test_overwrite_never_deletes_what_the_user_put_in_the_export_folder(reindexed, tmp_path):
+    ix, _ = reindexed
+    out = tmp_path / "out"
+    assert run("export", "--index", ix, "--out", out)[0] == 0
+    emb_before = read_clip_retrieval(out)[0]
+    for extra in (out / "notes.txt", out / "img_emb" / "stale.npy", out / "plots" / "recall.png"):
+        extra.parent.mkdir(exist_ok=True)
+        extra.write_text("mine")
+        code, _, err = run("export", "--index", ix, "--out", out, "--overwrite")
+        assert code == 3 and len(err.strip().splitlines()) == 1 and str(extra.relative_to(out)) in err
+        assert extra.read_text() == "mine" and np.array_equal(read_clip_retrieval(out)[0], emb_before)
+        extra.unlink()
+    (out / "plots").rmdir()
+    assert run("export", "--index", ix, "--out", out, "--overwrite")[0] == 0
+
+
+def test_a_run_killed_between_the_two_renames_is_repaired_by_the_next(reindexed, tmp_path, monkeypatch):
+    """Without the one-step exchange, a kill after moving the old export aside left no export: the
+    next run puts it back (then replaces it), and removes temporary folders of killed runs."""
+    import os
+
+    import mergeseek.indexing.export as export
+
+    ix, _ = reindexed
+    out = tmp_path / "out"
+    assert run("export", "--index", ix, "--out", out)[0] == 0
+    emb = read_clip_retrieval(out)[0]
+    os.replace(out, tmp_path / ".out.old-4242")  # the state a kill between the renames leaves
+    (tmp_path / ".out.tmp-4243" / "img_emb").mkdir(parents=True)
+    code, _, err = run("export", "--index", ix, "--out", out)  # no --overwrite: the restored export stops it
+    assert code == 3 and "--overwrite" in err
+    assert np.array_equal(read_clip_retrieval(out)[0], emb)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ix", "out"]
+    monkeypatch.setattr(export, "_exchange", lambda a, b: False)  # the two-rename path works too
+    assert run("export", "--index", ix, "--out", out, "--overwrite")[0] == 0
+    assert np.array_equal(read_clip_retrieval(out)[0], emb) and sorted(p.name for p in tmp_path.iterdir()) == ["ix", "out"]
+
+
+def test_the_switch_is_one_atomic_exchange(reindexed, tmp_path, monkeypatch):
+    import os
+
+    import mergeseek.indexing.export as export
+
+    ix, _ = reindexed
+    out = tmp_path / "out"
+    assert run("export", "--index", ix, "--out", out)[0] == 0
+    calls = []
+    real_exchange = export._exchange
+    monkeypatch.setattr(export, "_exchange", lambda a, b: calls.append((a, b)) or real_exchange(a, b))
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(AssertionError("a rename while an export exists")))
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the one-step exchange is Linux's renameat2")
+    code, _, err = run("export", "--index", ix, "--out", out, "--overwrite")
+    assert code == 0, err
+    assert len(calls) == 1 and calls[0][1] == out
+
+
+def test_clip_retrieval_back_end_columns_are_there(reindexed, tmp_path):
+    ix, _ = reindexed
+    assert run("export", "--index", ix, "--out", tmp_path / "out")[0] == 0
+    _, meta = read_clip_retrieval(tmp_path / "out")
+    assert meta.column("image_path").to_pylist() == meta.column("path").to_pylist()
+    assert all(c == "" for c in meta.column("url").to_pylist())
+    caps = meta.column("caption").to_pylist()
+    assert caps[0].startswith(f"{meta.column('video_id')[0]} frame {meta.column('frame_idx')[0]}")
+    assert json.loads((tmp_path / "out" / ".mergeseek-export").read_text())["format"] == "clip-retrieval"
+
+
+def test_a_full_disk_is_exit_code_8_in_one_line_and_the_old_export_stays(reindexed, tmp_path, monkeypatch):
+    import errno
+
+    ix, _ = reindexed
+    out = tmp_path / "out"
+    assert run("export", "--index", ix, "--out", out)[0] == 0
+    emb = read_clip_retrieval(out)[0]
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full)
+    code, _, err = run("export", "--index", ix, "--out", out, "--overwrite")
+    assert code == 8 and len(err.strip().splitlines()) == 1 and "No space left" in err
+    monkeypatch.undo()
+    assert np.array_equal(read_clip_retrieval(out)[0], emb)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ix", "out"]
+    (tmp_path / "exists.txt").write_text("a file")
+    code, _, err = run("export", "--index", ix, "--out", tmp_path / "exists.txt" / "sub")
+    assert code == 8 and len(err.strip().splitlines()) == 1
 
 
 def test_a_folder_that_is_not_an_export_is_left_alone(reindexed, tmp_path):
