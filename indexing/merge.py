@@ -51,6 +51,9 @@ class MergeReport:
     vectors_total: int = 0
     index_type: str = ""
     wall_s: float = 0.0
+    thumbs_backfilled: int = 0  # thumbnails of an earlier, killed merge copied now
+    thumbs_missing: list = field(default_factory=list)  # sources left without thumbnails (and why)
+    renamed: dict = field(default_factory=dict)  # source key -> the video id it got instead of its input's
 
     def to_dict(self) -> dict:
         import dataclasses
@@ -64,6 +67,11 @@ class MergeReport:
             f"in {self.into} ({self.index_type}); {self.wall_s:.1f}s",
         ]
         lines += [f"duplicate {k}: the same source is in several inputs; the first copy was kept" for k in self.duplicates]
+        lines += [f"video id {v!r} given to {k} (another source of the merge has its id)" for k, v in self.renamed.items()]
+        if self.thumbs_backfilled:
+            lines.append(f"{self.thumbs_backfilled} thumbnail(s) an interrupted merge had not written were copied now")
+        lines += [f"no thumbnails for {m}; run `cli.py thumbs --index {self.into}` where its media can be read"
+                  for m in self.thumbs_missing]
         return lines
 
 
@@ -104,8 +112,12 @@ def merge_indexes(inputs: Sequence[Union[str, Path]], into: Union[str, Path], in
         todo = [(s, k) for s, k in plan if not out.is_current(k, s.manifest.sources[k].fingerprint, s.manifest.sources[k].recipe)]
         report.up_to_date = len(plan) - len(todo)
         replaced = any(key in out.manifest.sources for _, key in todo)
-        new_shards = _copy(out, todo, settings, commit_rows, report)
+        video_ids = _video_ids(plan, out)
+        new_shards = _copy(out, todo, settings, commit_rows, report, video_ids)
         _refresh_faiss(out, new_shards, faiss_was_current and not replaced, IndexOptions(ngpu=ngpu))
+        # Thumbnails of shards committed by a run killed before their pack was written (a resumed
+        # merge) come from the inputs too; what no input has is decoded from the sources, if found.
+        report.thumbs_backfilled, report.thumbs_missing = _backfill_thumbs(out, {k: st for st, k in plan})
         report.vectors_total = out.manifest.counts()["vectors"]
         report.index_type = out.manifest.index_type
     report.wall_s = time.perf_counter() - t0
@@ -171,7 +183,25 @@ def _settings(stores: Sequence[IndexStore]) -> dict:
     return out
 
 
-def _copy(out: IndexStore, todo: list, settings: dict, commit_rows: int, report: MergeReport) -> list:
+def _natural_id(video_id: str) -> str:
+    """The stem ``assign_ids`` started from: ``x/a/clip`` and ``clip#2`` both come from ``clip``."""
+    return video_id.rsplit("/", 1)[-1].split("#", 1)[0] or video_id
+
+
+def _video_ids(plan: list, out: IndexStore) -> dict:
+    """Video id of every planned source by the rule of one ``index`` run (``sources.assign_ids``):
+    two different sources never share an id (``m1/clip.mp4`` and ``m2/clip.mp4`` become
+    ``m1/clip`` and ``m2/clip``), and a source the target already holds keeps its id."""
+    from mergeseek.indexing.sources import MediaSource, assign_ids
+
+    existing = {k: e.video_id for k, e in out.manifest.sources.items()}
+    sources = [MediaSource(st.manifest.sources[k].kind, Path(k), _natural_id(st.manifest.sources[k].video_id),
+                           st.manifest.sources[k].fingerprint) for st, k in plan]
+    return {src.key: new.video_id for src, new in zip(sources, assign_ids(sources, existing))}
+
+
+def _copy(out: IndexStore, todo: list, settings: dict, commit_rows: int, report: MergeReport,
+          video_ids: Optional[dict] = None) -> list:
     """Commit the planned sources in order, ``commit_rows`` rows per shard, thumbnails beside each shard."""
     thumbs = ThumbCollector()
     new_shards: list = []
@@ -194,6 +224,10 @@ def _copy(out: IndexStore, todo: list, settings: dict, commit_rows: int, report:
                     current.close()
                 current = _Input(store)
             enc, jpegs = current.source(key)
+            vid = (video_ids or {}).get(str(Path(key)), enc.video_id)
+            if vid != enc.video_id:
+                report.renamed[key] = vid
+                enc.video_id = vid
             if all(j is not None for j in jpegs):
                 thumbs.add(key, jpegs)  # else `cli.py thumbs --index INTO` makes them from the videos
             buffer.append(enc)
@@ -205,6 +239,52 @@ def _copy(out: IndexStore, todo: list, settings: dict, commit_rows: int, report:
         if current is not None:
             current.close()
     return new_shards
+
+
+def _backfill_thumbs(out: IndexStore, holder: dict) -> tuple[int, list]:
+    """Write the pack of every target shard that has none (or a stale one) from the inputs'
+    thumbnails (``holder``: source key -> the input it was copied from), then decode what no input
+    had (``thumbs.ensure_thumbs``). Returns (thumbnails copied, sources left without)."""
+    from mergeseek.indexing.thumbs import _pack_is_current, _shard_rows, ensure_thumbs, pack_path, write_pack
+
+    m = out.manifest
+    owner = {k: e.shard for k, e in m.sources.items()}
+    inputs: dict = {}
+    copied = 0
+    try:
+        for shard in sorted(m.shards):
+            rows = _shard_rows(out, shard)
+            if _pack_is_current(pack_path(out.root, shard), rows):
+                continue
+            by_source: dict = {}
+            for i, key in enumerate(rows["source"]):
+                if owner.get(key) == shard:
+                    by_source.setdefault(key, []).append(i)
+            ids, hashes, jpegs = [], [], []
+            complete = True
+            for key, idx in by_source.items():
+                store = holder.get(key)
+                if store is None:
+                    complete = False
+                    break
+                if store.root not in inputs:
+                    inputs[store.root] = _Input(store)
+                got = inputs[store.root].thumbnails(key)
+                order = sorted(idx, key=lambda i: int(rows["id"][i]))  # copied in id order: row j <-> input row j
+                if len(got) != len(order) or any(j is None for j in got):
+                    complete = False
+                    break
+                ids += [int(rows["id"][i]) for i in order]
+                hashes += [int(rows["hash"][i]) for i in order]
+                jpegs += got
+            if complete and ids:  # else the whole shard is decoded again below
+                write_pack(out.root, shard, np.asarray(ids, np.int64), np.asarray(hashes, np.int64), jpegs)
+                copied += len(jpegs)
+    finally:
+        for inp in inputs.values():
+            inp.close()
+    rest = ensure_thumbs(out)  # shards no input could fill: decode their frames again where the media is
+    return copied, list(rest.missing)
 
 
 class _Input:
@@ -224,6 +304,11 @@ class _Input:
 
     def close(self) -> None:
         self.thumbs.close()
+
+    def thumbnails(self, key: str) -> list:
+        """``key``'s thumbnails in id (= frame) order; None where the input has none."""
+        pos = np.asarray(self.positions.get(key, []), dtype=np.int64)
+        return [self.thumbs.get(int(i)) for i in self.ids[pos]]
 
     def source(self, key: str) -> tuple[EncodedSource, list]:
         """``key``'s rows (id order = frame order) as an ``EncodedSource``, and their thumbnails (None: missing)."""

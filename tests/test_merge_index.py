@@ -205,3 +205,63 @@ def test_cli_search_with_shards_equals_the_merged_index(tmp_path, built, media):
     sharded = search("--index", str(built / "half1"), "--shard", str(built / "half2"))
     assert sharded == search("--index", str(merged))
     assert sharded[0][:2] == ("b", 10)  # the query frame itself comes first
+
+
+def test_a_merge_killed_before_its_thumbnails_resumes_them_from_the_inputs(tmp_path, media, one_torch_thread, monkeypatch):
+    """Killed right after a commit, before that shard's thumbnails: the rerun ("run the same
+    command again") copies them from the inputs, even with the source media gone."""
+    import shutil
+
+    import mergeseek.indexing.merge as merge
+    from mergeseek.indexing.thumbs import ThumbCollector
+
+    local = tmp_path / "media"
+    shutil.copytree(media, local)
+    enc = build_encoder()
+    index_paths([local / "a.mp4", local / "b.mp4"], tmp_path / "h1", enc, IndexOptions())
+    index_paths([local / "c.mp4", local / "stills"], tmp_path / "h2", enc, IndexOptions())
+    index_paths([local], tmp_path / "whole", enc, IndexOptions())
+    want = thumbnails_by_id(tmp_path / "whole")
+
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt  # the kill, between the commit and its thumbnail pack
+
+    monkeypatch.setattr(ThumbCollector, "write", killed)
+    with pytest.raises(KeyboardInterrupt):
+        merge.merge_indexes([tmp_path / "h1", tmp_path / "h2"], tmp_path / "m", commit_rows=1)
+    monkeypatch.undo()
+    assert comparable_contents(tmp_path / "m")[0]  # the first source was committed
+    shutil.rmtree(local)  # the videos live elsewhere now: nothing can be decoded again
+    report = merge.merge_indexes([tmp_path / "h1", tmp_path / "h2"], tmp_path / "m", commit_rows=1)
+    assert report.thumbs_backfilled > 0 and not report.thumbs_missing
+    got = thumbnails_by_id(tmp_path / "m")
+    assert got == want and all(got.values())
+    assert comparable_contents(tmp_path / "m")[0] == comparable_contents(tmp_path / "whole")[0]
+
+
+def test_two_videos_with_one_name_keep_apart_as_in_one_index_run(tmp_path, one_torch_thread):
+    enc = build_encoder()
+    for name, colours in (("m1", [("red", 6)]), ("m2", [("blue", 6)])):
+        (tmp_path / name).mkdir()
+        write_video(tmp_path / name / "clip.mp4", colours)
+    index_paths([tmp_path / "m1"], tmp_path / "i1", enc, IndexOptions())
+    index_paths([tmp_path / "m2"], tmp_path / "i2", enc, IndexOptions())
+    index_paths([tmp_path / "m1", tmp_path / "m2"], tmp_path / "one_run", enc, IndexOptions())
+    report = merge_indexes([tmp_path / "i1", tmp_path / "i2"], tmp_path / "merged")
+    merged, one_run = _sources(tmp_path / "merged"), _sources(tmp_path / "one_run")
+    assert {k: v[0] for k, v in merged.items()} == {k: v[0] for k, v in one_run.items()}
+    assert sorted(v[0] for v in merged.values()) == ["m1/clip", "m2/clip"]
+    assert comparable_contents(tmp_path / "merged")[0] == comparable_contents(tmp_path / "one_run")[0]
+    assert set(report.renamed.values()) == {"m1/clip", "m2/clip"}
+    # a third clip.mp4 merged later gets what `index m3/ --index merged` gives it (the plain name is
+    # free), and the two already there keep theirs
+    import shutil
+
+    (tmp_path / "m3").mkdir()
+    write_video(tmp_path / "m3" / "clip.mp4", [("green", 6)])
+    index_paths([tmp_path / "m3"], tmp_path / "i3", enc, IndexOptions())
+    shutil.copytree(tmp_path / "merged", tmp_path / "incremental")
+    merge_indexes([tmp_path / "i3"], tmp_path / "merged")
+    index_paths([tmp_path / "m3"], tmp_path / "incremental", enc, IndexOptions())
+    assert _sources(tmp_path / "merged") == _sources(tmp_path / "incremental")
+    assert sorted(v[0] for v in _sources(tmp_path / "merged").values()) == ["clip", "m1/clip", "m2/clip"]
