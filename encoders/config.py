@@ -77,6 +77,10 @@ class MergeConfig:
             raise ConfigError(f"merge lsh_chunk={self.lsh_chunk} is not valid; it must be >= 0 (0: lsh_window)")
         if self.lsh_bits > 30:
             raise ConfigError(f"merge lsh_bits={self.lsh_bits} is not valid; it must be <= 30")
+        if self.lsh_tables > 64:  # each table is a sort and a scoring pass over every token
+            raise ConfigError(f"merge lsh_tables={self.lsh_tables} is not valid; it must be <= 64")
+        if self.seed < 0:
+            raise ConfigError(f"merge seed={self.seed} is not valid; it must be >= 0")
         if self.keep is not None and not (0.0 < self.keep <= 1.0):
             raise ConfigError(f"merge keep={self.keep} is not valid; give a fraction in (0, 1]")
         if self.prune and (not self.enabled or "prune" not in self.spec.config_keys):
@@ -102,11 +106,11 @@ class MergeConfig:
         for item in split_top_level(text):
             if "=" not in item:
                 raise ConfigError(
-                    f"merge option {item!r} in {spec!r} is not key=value; valid keys: {', '.join(fields)}"
+                    f"merge option {item[:60]!r} in {spec[:80]!r} is not key=value; valid keys: {', '.join(fields)}"
                 )
             key, value = (s.strip() for s in item.split("=", 1))
             if key not in fields:
-                raise ConfigError(f"unknown merge option {key!r} in {spec!r}; valid keys: {', '.join(fields)}")
+                raise ConfigError(f"unknown merge option {key[:40]!r} in {spec[:80]!r}; valid keys: {', '.join(fields)}")
             kwargs[key] = _convert(key, value)
         return cls(**kwargs)
 
@@ -210,16 +214,33 @@ def _decreasing(r: int, num_layers: int) -> list[int]:
 
 
 
+INT_LIMIT = 1_000_000  # no merge option needs more (r, tables, window, chunk, iters); seed: below 2**63
+MAX_LIST = 1024  # entries of an r=[...] / layers=[...] list (one per block)
+
+
 def _int(key: str, value: str) -> int:
+    text = value.strip()
+    limit = 2**63 - 1 if key == "seed" else INT_LIMIT
+    if len(text) > 20:  # refused before it is converted: no option takes a number that long
+        raise ConfigError(f"merge {key}={text[:24]}... is not valid; give an integer up to {limit}")
     try:
-        return int(value)
+        out = int(text)
     except ValueError:
-        raise ConfigError(f"merge {key}={value!r} is not valid; give an integer") from None
+        raise ConfigError(f"merge {key}={value[:40]!r} is not valid; give an integer") from None
+    if out > limit:
+        raise ConfigError(f"merge {key}={out} is not valid; it must be <= {limit}")
+    return out
 
 
 def _int_list(key: str, value: str) -> Tuple[int, ...]:
-    inner = value.strip()[1:-1]
-    return tuple(_int(key, v.strip()) for v in inner.split(",") if v.strip())
+    text = value.strip()
+    close = {"[": "]", "(": ")"}[text[0]]
+    if not text.endswith(close):
+        raise ConfigError(f"merge {key}={text[:40]!r} is missing its closing {close!r}; e.g. {key}=[16,16,8,8]")
+    items = text[1:-1].split(",")
+    if len(items) > MAX_LIST:
+        raise ConfigError(f"merge {key} has {len(items)} entries; at most {MAX_LIST} (one per block)")
+    return tuple(_int(key, v.strip()) for v in items if v.strip())
 
 
 def _convert(key: str, value: str) -> Any:

@@ -99,6 +99,11 @@ class ReuseConfig:
             raise ConfigError(f"reuse max_videos={self.max_videos} is not valid; it must be >= 1")
         if self.audit < 0:
             raise ConfigError(f"reuse audit={self.audit} is not valid; give an integer >= 0 (0: no audit)")
+        for key in ("refresh", "max_videos", "audit"):
+            if getattr(self, key) > 1_000_000:
+                raise ConfigError(f"reuse {key}={getattr(self, key)} is not valid; it must be <= 1000000")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"reuse seed={self.seed} is not valid; give 0..{2**63 - 1}")
 
     @property
     def enabled(self) -> bool:
@@ -116,14 +121,16 @@ class ReuseConfig:
         for item in [s.strip() for s in spec.split(",") if s.strip()]:
             key, sep, value = (s.strip() for s in item.partition("="))
             if not sep:
-                raise ConfigError(f"reuse option {item!r} in {spec!r} is not key=value; valid keys: {', '.join(fields)}")
+                raise ConfigError(f"reuse option {item[:60]!r} in {spec[:80]!r} is not key=value; valid keys: {', '.join(fields)}")
             if key not in fields:
-                raise ConfigError(f"unknown reuse option {key!r} in {spec!r}; valid keys: {', '.join(fields)}")
+                raise ConfigError(f"unknown reuse option {key[:40]!r} in {spec[:80]!r}; valid keys: {', '.join(fields)}")
             kind = float if key in ("threshold", "cut", "attn") else int
+            if len(value) > 24:  # no option takes a number that long: refused before converting it
+                raise ConfigError(f"reuse {key}={value[:24]}... is not valid; give a number up to 1000000")
             try:
                 kwargs[key] = kind(value)
             except ValueError:
-                raise ConfigError(f"reuse {key}={value!r} is not valid; give {'a number' if kind is float else 'an integer'}") from None
+                raise ConfigError(f"reuse {key}={value[:40]!r} is not valid; give {'a number' if kind is float else 'an integer'}") from None
         return cls(**kwargs)
 
     @property

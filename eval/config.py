@@ -179,13 +179,19 @@ def expand_merges(merges: Sequence[str], sweep: Optional[str] = None) -> list[Me
     return out
 
 
+MAX_SWEEP = 256  # configs one --sweep may expand to (each is a model timed and evaluated)
+
+
 def parse_sweep(spec: str) -> list[tuple[str, list[str]]]:
     """``r=0:16:4,method=bipartite|lsh`` -> [("r", ["0","4","8","12","16"]), ("method", ["bipartite","lsh"])]."""
+    fields = [f.name for f in dataclasses.fields(MergeConfig)]
     grid = []
     for item in [s.strip() for s in spec.split(",") if s.strip()]:
         key, sep, value = item.partition("=")
         if not sep or not value:
             raise ConfigError(f"sweep item {item!r} is not key=values; e.g. --sweep r=0:16:4 or r=4|8|16,method=bipartite|lsh")
+        if key.strip() not in fields:  # before any value is looked at, however large
+            raise ConfigError(f"unknown sweep key {key.strip()[:40]!r}; valid keys: {', '.join(fields)}")
         if key.strip() == "method" and "none" in value.split("|"):
             raise ConfigError("sweep method=none is always included as the baseline; leave it out of the sweep")
         if ":" in value:
@@ -197,12 +203,22 @@ def parse_sweep(spec: str) -> list[tuple[str, list[str]]]:
             if len(nums) not in (2, 3) or (len(nums) == 3 and nums[2] <= 0) or nums[1] < nums[0]:
                 raise ConfigError(f"sweep range {value!r} for {key} is not start:stop[:step] with stop >= start, step > 0")
             step = nums[2] if len(nums) == 3 else 1
+            count = (nums[1] - nums[0]) // step + 1  # counted, not built: a huge range is refused here
+            if count > MAX_SWEEP:
+                raise ConfigError(f"sweep range {value[:60]!r} for {key} has {count} values; at most {MAX_SWEEP} "
+                                  "configs are evaluated, widen the step")
             values = [str(v) for v in range(nums[0], nums[1] + 1, step)]
         else:
             values = [v.strip() for v in value.split("|") if v.strip()]
         grid.append((key.strip(), values))
     if not grid:
         raise ConfigError(f"sweep {spec!r} is empty; e.g. --sweep r=0:16:4")
+    total = 1
+    for _, values in grid:
+        total *= max(1, len(values))
+    if total > MAX_SWEEP:
+        raise ConfigError(f"sweep {spec[:80]!r} makes {total} configs; at most {MAX_SWEEP} are evaluated in one run, "
+                          "split it or widen the steps")
     return grid
 
 

@@ -65,3 +65,59 @@ def test_schedules():
         MergeConfig.parse("r=[1,2]").schedule_for(12, 197)
     with pytest.raises(ConfigError, match="names blocks \\[12\\]"):
         MergeConfig.parse("r=2,layers=[12]").schedule_for(12, 197)
+
+
+# ---------------------------------------------------------------------------- huge values (issue #23)
+@pytest.mark.parametrize("spec,needle", [
+    ("r=99999999999999999999999", "up to 1000000"),
+    ("r=1000001", "<= 1000000"),
+    ("r=8,method=lsh,lsh_tables=65", "lsh_tables=65"),
+    ("r=8,method=lsh,lsh_window=" + "9" * 5000, "lsh_window="),
+    ("r=8,seed=-1", "seed=-1"),
+    ("r=8,seed=" + "9" * 30, "seed="),
+    ("r=[1,2,3", "closing ']'"),
+    ("r=(1,2", "closing ')'"),
+    ("r=[" + ",".join(["1"] * 2000) + "]", "at most 1024"),
+    ("bogus=" + "9" * 10000, "unknown merge option 'bogus'"),
+])
+def test_huge_or_malformed_merge_values_are_one_config_error(spec, needle):
+    from mergeseek.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        MergeConfig.parse(spec)
+    assert needle in str(err.value) and len(str(err.value).splitlines()) == 1 and len(str(err.value)) < 400
+
+
+def test_the_largest_accepted_values_still_parse():
+    assert MergeConfig.parse("r=1000000").r == 1_000_000
+    assert MergeConfig.parse(f"r=8,seed={2**63 - 1}").seed == 2**63 - 1
+    assert MergeConfig.parse("r=8,method=lsh,lsh_tables=64").lsh_tables == 64
+    assert MergeConfig.parse("r=(1,2)").r == (1, 2)
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("r=0:99999999999", "100000000000 values"),
+    ("r=0:200,lsh_bits=1:30", "6030 configs"),
+    ("r=" + "|".join(str(i) for i in range(300)), "300 configs"),
+    ("nope=0:99999999999999999999", "unknown sweep key 'nope'"),
+])
+def test_huge_sweeps_are_refused_before_they_are_built(spec, needle):
+    from mergeseek.errors import ConfigError
+    from mergeseek.eval.config import parse_sweep
+
+    with pytest.raises(ConfigError, match=needle.replace("'", ".")):
+        parse_sweep(spec)
+    assert len(parse_sweep("r=0:255")[0][1]) == 256  # the limit itself is allowed
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("refresh=99999999999999999999999", "refresh="), ("max_videos=1000001", "<= 1000000"),
+    ("audit=999999999999", "<= 1000000"), ("seed=-5", "seed=-5"), ("refresh=" + "9" * 5000, "refresh="),
+    ("nope=" + "9" * 5000, "unknown reuse option 'nope'"),
+])
+def test_huge_or_malformed_reuse_values_are_one_config_error(spec, needle):
+    from mergeseek.encoders.reuse import ReuseConfig
+
+    with pytest.raises(ConfigError) as err:
+        ReuseConfig.parse(spec)
+    assert needle in str(err.value) and len(str(err.value).splitlines()) == 1 and len(str(err.value)) < 400
