@@ -508,10 +508,8 @@ def import_features(paths: Sequence[Path], index_dir: Path, model: str = "ViT-B-
         where = ", ".join(str(p) for p in paths)
         raise InputError(f"no clip-features .npy files found under {where}; expected "
                          "clip-features-32*/clip-features-32/<video_id>.npy, or pass --features DIR")
-    first = np.load(videos[0][2], mmap_mode="r")
-    if first.ndim != 2:
-        raise InputError(f"{videos[0][2]} has shape {first.shape}; expected [keyframes, dim]")
-    identity = {"model": model, "pretrained": pretrained, "merge": "none", "precision": "fp32", "dim": int(first.shape[1])}
+    dim = _model_dim(model) or _first_good_dim(videos)
+    identity = {"model": model, "pretrained": pretrained, "merge": "none", "precision": "fp32", "dim": dim}
     recipe = "clip-features;dedup=off"
     with IndexStore.open_for_write(Path(index_dir), identity, index_type, force) as store:
         faiss_was_current = store.faiss_is_current()
@@ -556,6 +554,63 @@ def import_features(paths: Sequence[Path], index_dir: Path, model: str = "ViT-B-
     return report
 
 
+MAX_FEATURE_ROWS = 1_000_000  # keyframes of one video: a header claiming more is refused before loading
+
+
+def _model_dim(model: str) -> int | None:
+    """The embedding width of an open_clip model from its config (no weights loaded); None if unknown."""
+    try:
+        import open_clip
+
+        cfg = open_clip.get_model_config(model)
+    except Exception:  # open_clip missing or an odd name: the files decide
+        return None
+    dim = (cfg or {}).get("embed_dim")
+    return int(dim) if isinstance(dim, int) and dim > 0 else None
+
+
+def _first_good_dim(videos: list) -> int:
+    """The width of the first feature file whose header is valid (a model open_clip does not know)."""
+    problems = []
+    for _, _, npy in videos:
+        try:
+            return int(_npy_header(npy, None)[0][1])
+        except InputError as exc:
+            problems.append(str(exc))
+    raise InputError(f"no feature file could be read ({'; '.join(problems[:3])})")
+
+
+def _npy_header(npy: Path, dim: int | None) -> tuple[tuple, np.dtype, int]:
+    """(shape, dtype, data offset) from a .npy header, checked before any row is read: a 2-D float
+    array of ``dim`` columns whose rows fit the file and are at most ``MAX_FEATURE_ROWS``."""
+    try:
+        with open(npy, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh, max_header_size=10000)
+            elif version in ((2, 0), (3, 0)):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh, max_header_size=10000)
+            else:
+                raise ValueError(f"unsupported .npy version {version}")
+            offset = fh.tell()
+        size = os.path.getsize(npy)
+    except (OSError, ValueError, SyntaxError) as exc:
+        reason = (exc.strerror if isinstance(exc, OSError) else str(exc).splitlines()[0]) or type(exc).__name__
+        raise InputError(f"{npy}: not a readable .npy file ({reason[:120]})") from None
+    if dtype.hasobject or dtype.kind != "f":
+        raise InputError(f"{npy}: holds {dtype} values (pickled objects are never loaded); expected float features")
+    if len(shape) != 2 or (dim is not None and shape[1] != dim) or shape[1] < 1:
+        want = f"[keyframes, {dim}]" if dim is not None else "[keyframes, dim]"
+        raise InputError(f"{npy}: shape {tuple(shape)}, expected {want} (the model's embedding width)")
+    if shape[0] > MAX_FEATURE_ROWS:
+        raise InputError(f"{npy}: claims {shape[0]} rows; one video has at most {MAX_FEATURE_ROWS} keyframes")
+    need = offset + int(shape[0]) * int(shape[1]) * dtype.itemsize
+    if size != need:
+        raise InputError(f"{npy}: {size} bytes but its header needs {need} ({'truncated' if size < need else 'extra bytes'}); "
+                         "re-download it")
+    return tuple(shape), dtype, offset
+
+
 def _feature_videos(paths: Sequence[Path], overrides: dict | None) -> list[tuple[str, ReleaseParts, Path]]:
     out, seen = [], set()
     for raw in paths:
@@ -590,10 +645,11 @@ def _feature_source(vid: str, parts: ReleaseParts, npy: Path, key: str, fingerpr
     from mergeseek.indexing.sources import _images_in
     from mergeseek.indexing.store import EncodedSource
 
+    _npy_header(npy, dim)  # shape, type and size checked before a row is read
     try:
-        arr = np.load(npy)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{npy}: not a readable .npy file ({exc})") from None
+        arr = np.load(npy, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise InputError(f"{npy}: not a readable .npy file ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from None
     if arr.ndim != 2 or arr.shape[1] != dim:
         raise InputError(f"{npy}: shape {arr.shape}, but the index has dim {dim}; all feature files must be [n, {dim}]")
     vecs = arr.astype(np.float32)

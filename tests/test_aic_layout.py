@@ -14,6 +14,7 @@ from test_aic_support import FRAMES, MEDIA, UNMAPPED, make_release, pts
 from test_indexing_support import build_encoder
 from typer.testing import CliRunner
 
+from mergeseek.errors import InputError
 from mergeseek.indexing import Dedup, IndexOptions, index_paths
 from mergeseek.indexing.aic import (
     find_release,
@@ -205,3 +206,66 @@ def test_search_keeps_only_keyframes_with_the_object(indexed, monkeypatch):
     assert [(h["video_id"], h["frame_idx"]) for h in json.loads(res.stdout)] == [("L21_V001", 290)]
     res = CliRunner().invoke(app, ["search", "a cat", "--index", str(ix), "--object", "Cat"])
     assert res.exit_code == 3 and "no keyframe" in res.stderr and "'Cat'" in res.stderr
+
+
+def _bad_npys(folder: Path) -> dict:
+    """Every kind of broken feature file, written for real."""
+    out = {}
+    p = folder / "garbage.npy"
+    p.write_bytes(b"not numpy at all")
+    out["garbage"] = (p, "not a readable .npy")
+    p = folder / "truncated.npy"
+    np.save(p, np.ones((3, 512), np.float16))
+    p.write_bytes(p.read_bytes()[:-100])
+    out["truncated"] = (p, "truncated")
+    p = folder / "pickled.npy"
+    np.save(p, np.array([{"a": 1}, "os.system"], dtype=object), allow_pickle=True)
+    out["pickled"] = (p, "pickled objects are never loaded")
+    p = folder / "wrong_dim.npy"
+    np.save(p, np.ones((3, 768), np.float32))
+    out["wrong_dim"] = (p, "expected [keyframes, 512]")
+    p = folder / "one_d.npy"
+    np.save(p, np.ones(512, np.float32))
+    out["one_d"] = (p, "expected [keyframes, 512]")
+    p = folder / "huge_header.npy"  # a few bytes that claim 50 million rows
+    header = {"descr": "<f4", "fortran_order": False, "shape": (50_000_000, 512)}
+    with open(p, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, header)
+        fh.write(b"\0" * 64)
+    out["huge_header"] = (p, "50000000 rows")
+    p = folder / "empty.npy"
+    p.write_bytes(b"")
+    out["empty"] = (p, "not a readable .npy")
+    return out
+
+
+def test_every_broken_feature_file_is_one_line_and_never_loaded(release, tmp_path, monkeypatch):
+    """Each broken file in first, middle and last position: skipped with one reason, the good
+    files imported, the index's dim the model's (512 for ViT-B-32) whatever the first file says,
+    and no header that claims millions of rows gets its data read."""
+    from mergeseek.indexing import aic
+
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    bad = _bad_npys(bad_dir)
+    loads = []
+    real_load = np.load
+    monkeypatch.setattr(np, "load", lambda f, *a, **k: loads.append(Path(f).name) or real_load(f, *a, **k))
+    for name, (path, reason) in bad.items():
+        with pytest.raises(InputError) as err:
+            aic._npy_header(path, 512)
+        assert reason in str(err.value) and len(str(err.value).splitlines()) == 1, (name, str(err.value))
+    assert loads == []  # all refused from the header
+    good = release / "clip-features-32-aic25-b1" / "clip-features-32"
+    names = sorted(p.stem for p in good.glob("*.npy"))
+    for position, stem in (("first", "A00_V000"), ("middle", names[0] + "_x"), ("last", "Z99_V999")):
+        for kind, (path, reason) in bad.items():
+            feats = tmp_path / f"{position}_{kind}"
+            shutil.copytree(good, feats)
+            shutil.copy(path, feats / f"{stem}.npy")
+            ix = tmp_path / f"ix_{position}_{kind}"
+            rep = import_features([feats], ix, model="ViT-B-32", pretrained="none")
+            assert [Path(b.path).name for b in rep.failed] == [f"{stem}.npy"], (position, kind, rep.failed)
+            assert reason in rep.failed[0].reason and len(rep.failed[0].reason.splitlines()) == 1
+            assert sorted(rep.indexed) == names
+            assert IndexStore.open_for_read(ix).manifest.dim == 512
