@@ -482,8 +482,10 @@ def score_cmd(
     if json_out:
         typer.echo(json.dumps(result, indent=1))
         return
+    unreadable = result.get("unreadable", {})
     for qid, v in result["queries"].items():
-        typer.echo(f"{qid}: {v:.3f}" + (" (no file)" if qid in result["missing"] else ""))
+        note = " (no file)" if qid in result["missing"] else f" ({unreadable[qid]})" if qid in unreadable else ""
+        typer.echo(f"{qid}: {v:.3f}{note}")
     per_task = ", ".join(f"{k} {result[k]:.3f}" for k in ("AIC_kis", "AIC_qa", "AIC_trake") if k in result)
     typer.echo(f"score {result['AIC']:.3f} over {result['n_queries']} queries ({per_task})")
 

@@ -15,6 +15,8 @@ at rank 21 0.4, at rank 100 0.2, none 0.
 
 from __future__ import annotations
 
+import math
+
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
@@ -82,8 +84,8 @@ def row_score(row: Sequence, truth: Truth, tolerance: int = 0) -> float:
             frames = [int(float(x)) for x in row[1 : 1 + len(truth.spans)]]
         else:
             frames = [int(float(row[1]))] if len(row) > 1 else []
-    except (TypeError, ValueError):
-        return 0.0  # a malformed row scores nothing, like at the organisers'
+    except (TypeError, ValueError, OverflowError):
+        return 0.0  # a malformed row (text, nan, 1e400) scores nothing, like at the organisers'
     if truth.task == "trake":
         hit = sum(1 for f, s in zip(frames, truth.spans) if s.contains(video, f, tolerance))
         return hit / len(truth.spans)
@@ -232,17 +234,38 @@ def _span_of(d: Mapping, video_id: str, where: str) -> Span | None:
 
     try:
         if given("span"):
+            if not isinstance(d["span"], (list, tuple)) or len(d["span"]) != 2:
+                raise TypeError("span is not [start, end]")
             lo, hi = d["span"]
-            return Span(video_id, int(float(lo)), int(float(hi)))
-        if given("frame_start") and given("frame_end"):
-            return Span(video_id, int(float(d["frame_start"])), int(float(d["frame_end"])))
-        if given("frame_idx"):
-            f = int(float(d["frame_idx"]))
-            return Span(video_id, f, f)
-    except (TypeError, ValueError):
-        raise InputError(f"{where}: frame numbers must be integers (span [start, end], frame_start/frame_end "
-                         f"or frame_idx); got {dict(d)}") from None
-    return None
+            lo, hi = _frame(lo), _frame(hi)
+        elif given("frame_start") and given("frame_end"):
+            lo, hi = _frame(d["frame_start"]), _frame(d["frame_end"])
+        elif given("frame_idx"):
+            lo = hi = _frame(d["frame_idx"])
+        else:
+            return None
+    except (TypeError, ValueError, OverflowError):
+        shown = {k: d[k] for k in ("span", "frame_start", "frame_end", "frame_idx") if k in d}
+        raise InputError(f"{where}: frame numbers must be whole numbers 0..{MAX_FRAME} (span [start, end], "
+                         f"frame_start/frame_end or frame_idx); got {str(shown)[:120]}") from None
+    if hi < lo:
+        raise InputError(f"{where}: the frame range ends ({hi}) before it starts ({lo})")
+    return Span(video_id, lo, hi)
+
+
+MAX_FRAME = 10**9  # frames of any real video are far fewer
+
+
+def _frame(value) -> int:
+    """A frame number from JSON (int, float or numeric string); ValueError when not 0..MAX_FRAME."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError("not a number")
+    if isinstance(value, str) and len(value) > 24:
+        raise ValueError("too long")
+    f = float(value)
+    if not math.isfinite(f) or f < 0 or f > MAX_FRAME or f != int(f):
+        raise ValueError("out of range")
+    return int(f)
 
 
 def aic_query_from_row(row: Mapping, where: str, texts: bool = True) -> AicQuery | None:
@@ -258,19 +281,27 @@ def aic_query_from_row(row: Mapping, where: str, texts: bool = True) -> AicQuery
         task = _task(row.get("task") or row.get("type") or ("trake" if row.get("events") else "kis"))
     except InputError as exc:
         raise InputError(f"{where}: {exc}") from None
-    vid = str(row.get("video_id") or "")
+    raw_vid = row.get("video_id")
+    if raw_vid is not None and not isinstance(raw_vid, str):
+        raise InputError(f"{where}: video_id must be a string, not {type(raw_vid).__name__}")
+    vid = (raw_vid or "").strip()
     try:
         within = float(row.get("within") or 60.0)
-        tolerance = int(float(row.get("tolerance") or 0))
-    except (TypeError, ValueError):
-        raise InputError(f"{where}: within (seconds) and tolerance (frames) must be numbers") from None
+        tolerance = _frame(row.get("tolerance") or 0)
+        if not (math.isfinite(within) and 0 < within <= 86400.0 * 365):
+            raise ValueError("within out of range")
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"{where}: within (seconds, > 0) and tolerance (frames, >= 0) must be numbers") from None
     if task == "trake":
         events = row.get("events")
         if not isinstance(events, list) or not events or not all(isinstance(e, Mapping) for e in events):
             raise InputError(f'{where}: a trake query needs "events": a list of {{"text", "frame_start", "frame_end"}}')
         spans = []
         for e in events:
-            s = _span_of(e, str(e.get("video_id") or vid), where)
+            ev_vid = e.get("video_id")
+            if ev_vid is not None and not isinstance(ev_vid, str):
+                raise InputError(f"{where}: an event's video_id must be a string, not {type(ev_vid).__name__}")
+            s = _span_of(e, (ev_vid or "").strip() or vid, where)
             if s is None or not s.video_id:
                 raise InputError(f"{where}: every trake event needs a video_id and a frame range")
             spans.append(s)
@@ -313,9 +344,14 @@ def read_truth(path) -> dict:
         where = f"{path}:{n}"
         if not isinstance(r, Mapping):
             raise InputError(f"{where}: not a JSON object")
-        qid = str(r.get("query_id") or r.get("id") or "").strip()
+        raw_qid = r.get("query_id") if r.get("query_id") is not None else r.get("id")
+        if raw_qid is not None and (isinstance(raw_qid, bool) or not isinstance(raw_qid, (str, int))):
+            raise InputError(f"{where}: query_id must be a string or a number, not {type(raw_qid).__name__}")
+        qid = str(raw_qid if raw_qid is not None else "").strip()
         if not qid:
             raise InputError(f"{where}: no query_id (or id)")
+        if len(qid) > 200:
+            raise InputError(f"{where}: query_id of {len(qid)} characters; at most 200")
         a = aic_query_from_row(r, where, texts=False)
         if a is None:
             raise InputError(f"{where}: no frame range (span, frame_start + frame_end, or frame_idx)")
@@ -337,15 +373,33 @@ def score_submission_dir(sub_dir, truth_path, tolerance: int | None = None) -> d
     sub_dir = Path(sub_dir)
     if not sub_dir.is_dir():
         raise InputError(f"submission folder {sub_dir} does not exist")
-    scores, missing = {}, []
+    from mergeseek.retrieval.submission import MAX_ROWS, query_file_name
+
+    scores, missing, unreadable = {}, [], {}
     for qid, a in truth.items():
-        f = sub_dir / f"{qid}.csv"
+        scores[qid] = 0.0
+        try:
+            f = sub_dir / query_file_name(qid)  # a query id like ../../x never leaves the folder
+        except InputError as exc:
+            unreadable[qid] = str(exc)
+            continue
         if not f.is_file():
             missing.append(qid)
-            scores[qid] = 0.0
             continue
-        with open(f, newline="", encoding="utf-8-sig") as fh:
-            rows = [r for r in csv.reader(fh) if r]
+        try:
+            with open(f, newline="", encoding="utf-8-sig") as fh:
+                rows = []
+                for r in csv.reader(fh):  # only the first rows count: a huge file is not read whole
+                    if r:
+                        rows.append(r)
+                    if len(rows) > MAX_ROWS:
+                        break
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            # one bad file scores 0 and is listed; the rest of the folder is still scored
+            reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else (
+                getattr(exc, "strerror", None) or str(exc).splitlines()[0][:120])
+            unreadable[qid] = f"{f.name}: {reason}"
+            continue
         scores[qid] = query_score(rows, a.truth, a.tolerance if tolerance is None else tolerance)
     out = {("AIC" + k[5:]): v for k, v in score_by_task(scores, {q: a.truth.task for q, a in truth.items()}).items()}
-    return {**out, "queries": scores, "missing": missing, "n_queries": len(truth)}
+    return {**out, "queries": scores, "missing": missing, "unreadable": unreadable, "n_queries": len(truth)}

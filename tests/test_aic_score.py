@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from mergeseek.errors import InputError
@@ -185,3 +187,69 @@ def test_a_submission_folder_is_scored_against_a_truth_file(tmp_path):
     truth.write_text('{"query_id": "x", "task": "qa", "video_id": "V", "frame_idx": 1}\n')
     res = CliRunner().invoke(app, ["score", str(sub), "--truth", str(truth)])
     assert res.exit_code == 3 and "needs its 'answer'" in res.stderr
+
+
+# ---------------------------------------------------------------------------- bad inputs (issue #23)
+def test_bad_submission_files_score_zero_one_line_each_and_never_abort_the_folder(tmp_path):
+    from mergeseek.eval.aic_score import score_submission_dir
+
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    truth = tmp_path / "truth.jsonl"
+    truth.write_text("\n".join(json.dumps(r) for r in [
+        {"query_id": "good", "task": "kis", "video_id": "L01_V001", "span": [90, 110]},
+        {"query_id": "latin1", "task": "kis", "video_id": "L01_V001", "span": [90, 110]},
+        {"query_id": "numbers", "task": "kis", "video_id": "L01_V001", "span": [90, 110]},
+        {"query_id": "huge_field", "task": "kis", "video_id": "L01_V001", "span": [90, 110]},
+        {"query_id": "many_rows", "task": "kis", "video_id": "L01_V001", "span": [90, 110]},
+        {"query_id": "../escape", "task": "kis", "video_id": "L01_V001", "span": [90, 110]},
+        {"query_id": "folder", "task": "kis", "video_id": "L01_V001", "span": [90, 110]},
+    ]))
+    (sub / "good.csv").write_text("L01_V001,100\n")
+    (sub / "latin1.csv").write_bytes("L01_V001,100,ré\n".encode("latin-1") + b"\xff\xfe\n")
+    (sub / "numbers.csv").write_text("L01_V001,nan\nL01_V001,1e400\nL01_V001,-inf\nL01_V001," + "9" * 400 + "\nL01_V001,100\n")
+    (sub / "huge_field.csv").write_text("L01_V001," + "1" * 200_000 + "\n")
+    (sub / "many_rows.csv").write_text("L01_V002,1\n" * 100 + "L01_V001,100\n" * 1000)  # the hit is row 101
+    (tmp_path / "escape.csv").write_text("L01_V001,100\n")  # what ../escape would reach
+    (sub / "folder.csv").mkdir()
+    got = score_submission_dir(sub, truth)
+    q = got["queries"]
+    assert q["good"] == 1.0
+    assert q["latin1"] == 0.0 and "not UTF-8" in got["unreadable"]["latin1"]
+    # nan, inf, -inf and a 400-digit frame score 0; the hit is row 5: inside top 5, 20, 50, 100 -> 4/5
+    assert q["numbers"] == pytest.approx(0.8)
+    assert q["huge_field"] == 0.0 and "huge_field" in got["unreadable"]
+    assert q["many_rows"] == 0.0  # only the first 100 rows count
+    assert q["../escape"] == 0.0 and "cannot be a file name" in got["unreadable"]["../escape"]
+    assert q["folder"] == 0.0 and "folder" in got["missing"]
+    assert all(len(v.splitlines()) == 1 for v in got["unreadable"].values())
+
+
+@pytest.mark.parametrize("row,needle", [
+    ({"query_id": "x", "task": "kis", "video_id": "v", "span": [1e400, 5]}, "whole numbers"),
+    ({"query_id": "x", "task": "kis", "video_id": "v", "span": "12"}, "whole numbers"),
+    ({"query_id": "x", "task": "kis", "video_id": "v", "span": [1, 2, 3]}, "whole numbers"),
+    ({"query_id": "x", "task": "kis", "video_id": "v", "span": [5, 1]}, "ends (1) before it starts (5)"),
+    ({"query_id": "x", "task": "kis", "video_id": "v", "frame_start": "abc", "frame_end": 3}, "whole numbers"),
+    ({"query_id": "x", "task": "kis", "video_id": "v", "frame_idx": -1}, "whole numbers"),
+    ({"query_id": "x", "task": "kis", "video_id": "v", "frame_idx": 2.5}, "whole numbers"),
+    ({"query_id": "x", "task": "kis", "video_id": "v", "frame_idx": True}, "whole numbers"),
+    ({"query_id": "x", "task": "kis", "video_id": "v", "span": [1, 2], "tolerance": 1e400}, "tolerance"),
+    ({"query_id": "x", "task": "kis", "video_id": "v", "span": [1, 2], "within": -3}, "within"),
+    ({"query_id": ["a"], "task": "kis", "video_id": "v", "span": [1, 2]}, "not list"),
+    ({"query_id": "x" * 500, "task": "kis", "video_id": "v", "span": [1, 2]}, "at most 200"),
+    ({"query_id": "x", "task": "kis", "video_id": {"a": 1}, "span": [1, 2]}, "not dict"),
+    ({"query_id": "x", "task": "trake", "video_id": "v", "events": {"a": 1}}, "a list of"),
+    ({"query_id": "x", "task": "trake", "video_id": "v", "events": [{"span": [1, 2], "video_id": 5}]}, "not int"),
+    ({"query_id": "x", "task": 5, "video_id": "v", "span": [1, 2]}, "not known"),
+])
+def test_bad_ground_truth_rows_are_one_line_naming_the_row(tmp_path, row, needle):
+    from mergeseek.errors import InputError
+    from mergeseek.eval.aic_score import read_truth
+
+    path = tmp_path / "truth.jsonl"
+    path.write_text(json.dumps({"query_id": "ok", "task": "kis", "video_id": "v", "span": [1, 2]}) + "\n" + json.dumps(row))
+    with pytest.raises(InputError) as err:
+        read_truth(path)
+    msg = str(err.value)
+    assert needle in msg and f"{path}:2" in msg and len(msg.splitlines()) == 1 and len(msg) < 400
