@@ -14,7 +14,9 @@ file holds up to 100 distinct candidates; rows are written through a temp file a
 from __future__ import annotations
 
 import csv
+import errno
 import io
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -201,23 +203,40 @@ def read_queries(path: str | Path) -> list[SubmitQuery]:
     return out
 
 
+MAX_QUERY_TEXT = 4000  # characters of a query (CLIP reads 77 tokens; anything this long is a mistake)
+
+
+def _scalar(value, what: str, where: str) -> str:
+    """A JSON string or number as text; objects, lists and booleans are refused (one line)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise InputError(f"{where}: {what} must be a string, not {type(value).__name__}")
+    text = str(value).strip()
+    if len(text) > MAX_QUERY_TEXT:
+        raise InputError(f"{where}: {what} of {len(text)} characters; at most {MAX_QUERY_TEXT}")
+    return text
+
+
 def _query(r: dict, where: str) -> SubmitQuery:
-    qid = str(r.get("query_id", r.get("id", ""))).strip()
+    qid = _scalar(r.get("query_id", r.get("id")), "query_id", where)
     if not qid:
         raise InputError(f"{where}: no query id (query_id or id)")
-    query_file_name(qid)
     try:
-        task = parse_task(r.get("task", r.get("type", "")))
+        query_file_name(qid)
+        task = parse_task(_scalar(r.get("task", r.get("type")), "task", where))
     except InputError as exc:
-        raise InputError(f"{where}: {exc}") from None
-    text = str(r.get("query", r.get("text", "")) or "").strip()
+        raise InputError(f"{where}: {exc}" if not str(exc).startswith(where) else str(exc)) from None
+    text = _scalar(r.get("query", r.get("text")), "query", where)
     events = r.get("events")
     if events is None:
         events = [e.strip() for e in text.split(" | ")] if task == TRAKE else [text]
-    events = tuple(str(e).strip() for e in events if str(e).strip())
+    elif not isinstance(events, list):  # a string would be read letter by letter, an object by its keys
+        raise InputError(f"{where}: events must be a list of texts, not {type(events).__name__}")
+    events = tuple(e for e in (_scalar(e, "an event", where) for e in events) if e)
     if not events:
         raise InputError(f"{where}: query {qid} has no text")
-    return SubmitQuery(qid, task, text or " | ".join(events), events, str(r.get("answer", "") or ""))
+    return SubmitQuery(qid, task, text or " | ".join(events), events, _scalar(r.get("answer"), "answer", where))
 
 
 def read_answers(path: str | Path) -> dict:
@@ -230,7 +249,9 @@ def read_answers(path: str | Path) -> dict:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise InputError(f"{path} is not valid JSON ({exc.msg}); give {{\"query_id\": \"answer\"}}") from None
-        return {str(k): str(v) for k, v in data.items()}
+        if not isinstance(data, dict):
+            raise InputError(f"{path} is not a JSON object; give {{\"query_id\": \"answer\"}}")
+        return {str(k): _scalar(v, f"the answer of {str(k)[:40]!r}", str(path)) for k, v in data.items()}
     out = {}
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.startswith("#"):
@@ -265,7 +286,16 @@ def run_submit(queries: str | Path, index_dir: str | Path, out_dir: str | Path,
     if not within_s > 0:
         raise InputError(f"--within {within_s} is not valid; give a window in seconds > 0")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "permission denied")
+    except OSError as exc:
+        from mergeseek.runtime import write_error
+
+        if isinstance(exc, FileExistsError) or (out.exists() and not out.is_dir()):
+            raise InputError(f"--out {out} is a file, not a folder; choose a folder for the {{query_id}}.csv files") from None
+        raise write_error(out, exc) from None
     if searcher is None:
         searcher = Searcher.open(index_dir, **open_kwargs)
     report = SubmitReport(str(out))

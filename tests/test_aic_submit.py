@@ -247,3 +247,59 @@ def test_kis_searches_deeper_until_it_has_100_usable_rows(tmp_path):
     rows = _frame_rows(engine, None, "kis", "", False, report)
     assert rows == [("V", 7)] + [("W", i) for i in range(99)]
     assert engine.asked == [200, 800] and report.unmapped == {"U"}
+
+
+# ---------------------------------------------------------------------------- bad inputs (issue #23)
+@pytest.mark.parametrize("row,needle", [
+    ({"query_id": "a", "task": "trake", "events": "abc"}, "events must be a list of texts, not str"),
+    ({"query_id": "a", "task": "trake", "events": {"x": 1}}, "not dict"),
+    ({"query_id": "a", "task": "trake", "events": ["ok", {"x": 1}]}, "an event must be a string"),
+    ({"query_id": ["a"], "task": "kis", "query": "x"}, "query_id must be a string, not list"),
+    ({"query_id": True, "task": "kis", "query": "x"}, "query_id must be a string, not bool"),
+    ({"query_id": "a", "task": "kis", "query": "x" * 5000}, "at most 4000"),
+    ({"query_id": "a", "task": {"k": 1}, "query": "x"}, "task must be a string"),
+    ({"query_id": "a", "task": "qa", "query": "x", "answer": [1]}, "answer must be a string"),
+    ({"query_id": "../a", "task": "kis", "query": "x"}, "cannot be a file name"),
+    ({"query_id": "/etc/passwd", "task": "kis", "query": "x"}, "cannot be a file name"),
+])
+def test_bad_query_rows_are_one_line_naming_the_row(tmp_path, row, needle):
+    import json
+
+    from mergeseek.retrieval.submission import read_queries
+
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"query_id": "ok", "task": "kis", "query": "a dog"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(InputError) as err:
+        read_queries(path)
+    msg = str(err.value)
+    assert needle in msg and f"{path}:2" in msg and len(msg.splitlines()) == 1 and len(msg) < 400
+
+
+def test_bad_query_and_answer_files_are_one_line(tmp_path):
+    from mergeseek.retrieval.submission import read_answers, read_queries
+
+    q = tmp_path / "q.txt"
+    q.write_bytes(b"q1\tkis\ta caf\xe9 in latin-1\n")
+    with pytest.raises(InputError, match="not UTF-8"):
+        read_queries(q)
+    a = tmp_path / "a.json"
+    for text, needle in (('{"q1": {"a": 1}}', "must be a string, not dict"), ('{"q1": ' + '"x' * 1, "not valid JSON")):
+        a.write_text(text)
+        with pytest.raises(InputError, match=needle):
+            read_answers(a)
+
+
+def test_an_out_that_is_a_file_or_cannot_be_made_is_one_line_before_the_index_opens(tmp_path):
+    from mergeseek.errors import WriteError
+    from mergeseek.retrieval.submission import run_submit
+
+    q = tmp_path / "q.txt"
+    q.write_text("q1\tkis\ta dog\n")
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        run_submit(q, tmp_path / "no_index", afile)
+    assert afile.read_text() == "mine"
+    with pytest.raises(WriteError) as err:
+        run_submit(q, tmp_path / "no_index", afile / "sub")  # a folder under a file cannot exist
+    assert err.value.exit_code == 8 and len(str(err.value).splitlines()) == 1
