@@ -190,3 +190,75 @@ def read_rgb(path: Path) -> np.ndarray:
 
     with Image.open(path) as im:
         return to_rgb8(im)
+
+
+# ---------------------------------------------------------------------------- cut-short MP4 / MOV files
+ISO_BMFF_EXTS = (".mp4", ".mov", ".m4v")
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """An ISO BMFF (MP4 / MOV) file shorter than its own boxes say."""
+
+    size: int  # bytes on disk
+    needed: int  # bytes the top-level boxes declare
+    duration_s: Optional[float]  # the movie's duration from its mvhd box (None when unread)
+
+
+def mp4_truncation(path: Path) -> Optional[Truncation]:
+    """Whether an MP4 / MOV file was cut short: its top-level boxes (``ftyp``, ``moov``, ``mdat``,
+    ...) run past the end of the file. A faststart file (``moov`` first) cut short still opens and
+    decodes up to the cut, so the decoder alone cannot tell; the box sizes can. None for a whole
+    file, another format, or one whose boxes cannot be read (the decoder judges those)."""
+    import struct
+
+    path = Path(path)
+    if path.suffix.lower() not in ISO_BMFF_EXTS:
+        return None
+    try:
+        size = path.stat().st_size
+        duration = None
+        offset = 0
+        with open(path, "rb") as fh:
+            for _ in range(10_000):  # top-level boxes are few; a loop this long is not an MP4
+                if offset + 8 > size:
+                    break
+                fh.seek(offset)
+                head = fh.read(16)
+                box_size, kind = struct.unpack(">I4s", head[:8])
+                if box_size == 1 and len(head) == 16:
+                    box_size = struct.unpack(">Q", head[8:16])[0]
+                elif box_size == 0:  # runs to the end of the file
+                    break
+                if box_size < 8:
+                    return None  # not a box: leave it to the decoder
+                if kind == b"moov" and duration is None:
+                    duration = _mvhd_duration(fh, offset, min(box_size, size - offset))
+                offset += box_size
+            else:
+                return None
+    except (OSError, struct.error):
+        return None
+    return Truncation(size, offset, duration) if offset > size else None
+
+
+def _mvhd_duration(fh, moov_at: int, moov_size: int) -> Optional[float]:
+    """Seconds from the ``mvhd`` box inside ``moov`` (None when absent or odd)."""
+    import struct
+
+    pos, end = moov_at + 8, moov_at + moov_size
+    while pos + 8 <= end:
+        fh.seek(pos)
+        size, kind = struct.unpack(">I4s", fh.read(8))
+        if size < 8:
+            return None
+        if kind == b"mvhd":
+            version = fh.read(1)[0]
+            fh.read(3)
+            if version == 1:
+                _, _, scale, duration = struct.unpack(">QQIQ", fh.read(28))
+            else:
+                _, _, scale, duration = struct.unpack(">IIII", fh.read(16))
+            return duration / scale if scale else None
+        pos += size
+    return None

@@ -32,6 +32,7 @@ from mergeseek.indexing.formats import (
     VIDEO_EXTS,
     is_image,
     is_video,
+    mp4_truncation,
     natural_key,
     read_keyframe_map,
     read_rgb,
@@ -375,6 +376,15 @@ class SourceReader:
                 raise InputError(f"{path}: {what}; the file is truncated or damaged, re-copy or re-encode it")
             reason = (f"partly indexed: {what}; {done} indexed (the file is truncated or damaged; re-copy it "
                       "and index again to add the rest)")
+            log.warning("%s: %s", path, reason)
+            self.skipped.append(BadInput(str(path), reason))
+            return
+        cut = mp4_truncation(path)  # a faststart MP4 cut short decodes up to the cut without an error
+        if cut is not None:
+            last = float(vr.timestamps[indices[-1]]) if len(indices) else 0.0
+            said = f"; its header says {cut.duration_s:.1f} s, frames end at {last:.1f} s" if cut.duration_s else ""
+            reason = (f"partly indexed: the file is cut short ({cut.size} of the {cut.needed} bytes its boxes declare"
+                      f"{said}); {done} frames indexed (re-copy it and index again to add the rest)")
             log.warning("%s: %s", path, reason)
             self.skipped.append(BadInput(str(path), reason))
 

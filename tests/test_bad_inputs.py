@@ -466,3 +466,56 @@ def test_a_release_part_of_the_wrong_kind_does_not_hide_the_next_folder(tmp_path
     assert parts.map_for("L01_V001") == second / "L01_V001.csv"
     assert parts.objects_for("L01_V001") == first / "L01_V001"
     assert parts.map_for("L01_V002") is None and parts.features_for("L01_V001") is None
+
+
+# ---------------------------------------------------------------------------- faststart MP4 cut short (issue #23)
+def _pattern_mp4(path: Path, faststart: bool = True) -> Path:
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=160x120:rate=10", "-t", "6", "-c:v", "libx264", "-preset", "ultrafast",
+            "-pix_fmt", "yuv420p", *(["-movflags", "+faststart"] if faststart else []), str(path))
+    return path
+
+
+@needs_ffmpeg
+def test_a_faststart_mp4_cut_short_that_decodes_cleanly_is_still_reported_partly_indexed(tmp_path):
+    """Cut at 60%: the decoder sees fewer frames and no error; the box sizes tell it was cut."""
+    from mergeseek.indexing.formats import mp4_truncation
+
+    full = _pattern_mp4(tmp_path / "full.mp4")
+    raw = full.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(raw[: int(len(raw) * 0.6)])
+    assert mp4_truncation(full) is None
+    t = mp4_truncation(cut)
+    assert t is not None and t.size == len(raw) * 6 // 10 and t.needed == len(raw) and t.duration_s == pytest.approx(6.0)
+    frames, skipped = _frames(_video(cut), "fps=2")
+    (note,) = skipped
+    assert note.reason.startswith("partly indexed: the file is cut short") and "6.0 s" in note.reason
+    assert f"{len(frames)} frames" in note.reason and 0 < len(frames) < 12  # 12 at 2 fps over the whole 6 s
+    whole, none = _frames(_video(full), "fps=2")
+    assert none == [] and len(whole) == 12
+    assert [f.frame_idx for f in frames] == [f.frame_idx for f in whole[: len(frames)]]
+
+
+def test_mp4_box_walk_on_odd_files(tmp_path):
+    import struct
+
+    from mergeseek.indexing.formats import mp4_truncation
+
+    def box(kind: bytes, payload: bytes = b"", size: int = None) -> bytes:
+        return struct.pack(">I4s", size if size is not None else 8 + len(payload), kind) + payload
+
+    cases = {
+        "whole.mp4": (box(b"ftyp", b"isom") + box(b"mdat", b"x" * 100), None),
+        "cut.mp4": ((box(b"ftyp", b"isom") + box(b"mdat", b"x" * 100))[:60], 120),
+        "to_end.mp4": (box(b"ftyp", b"isom") + box(b"mdat", b"x" * 50, size=0), None),  # size 0: to the end
+        "large.mov": (box(b"ftyp", b"qt  ") + struct.pack(">I4sQ", 1, b"mdat", 16 + 1000) + b"x" * 10, 12 + 16 + 1000),
+        "garbage.mp4": (b"\x00\x00\x00\x02junk" * 3, None),  # a size under 8 is no box: the decoder decides
+        "empty.mp4": (b"", None),
+        "clip.mkv": ((box(b"ftyp", b"isom") + box(b"mdat", b"x" * 100))[:60], None),  # not ISO BMFF
+    }
+    for name, (data, needed) in cases.items():
+        p = tmp_path / name
+        p.write_bytes(data)
+        got = mp4_truncation(p)
+        assert (got.needed if got else None) == needed, name
+    assert mp4_truncation(tmp_path / "missing.mp4") is None
