@@ -35,7 +35,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -244,8 +244,39 @@ class IndexStore:
                 raise DamagedIndexError(f"{root} has index shards but no {MANIFEST}; {repair_hint(root)} to rebuild it")
             raise InputError(f"{root} has no {MANIFEST}; it is not a mergeseek index (build one with `cli.py index`)")
         store = cls(root, manifest, writable=False)
-        store.check_shards()
+        store._retrying(store.check_shards)
         return store
+
+    def _retrying(self, read: Callable):
+        """``read()``, again with the committed manifest when a writer replaced it meanwhile.
+
+        A reader holds the manifest it opened; a writer that commits, compacts or repairs at the
+        same moment may remove a shard that manifest names. That is a commit in progress, not
+        damage: when the manifest on disk has changed, the read is retried on it (a few times);
+        only a failure under an unchanged manifest is reported as damage (or one that still fails
+        after ``RACE_WAIT_S`` seconds of a writer changing the manifest under every try).
+        """
+        deadline = time.monotonic() + RACE_WAIT_S
+        attempt = 0
+        while True:
+            try:
+                return read()
+            except DamagedIndexError:
+                # retried for as long as the manifest keeps changing (a busy writer), within the deadline
+                if self.writable or time.monotonic() > deadline or not self._adopt_newer_manifest():
+                    raise
+                attempt += 1
+                time.sleep(min(0.05, 0.005 * attempt))
+
+    def _adopt_newer_manifest(self) -> bool:
+        try:
+            fresh = read_manifest(self.root)
+        except DamagedIndexError:
+            return False
+        if fresh is None or fresh == self.manifest:
+            return False
+        self.manifest = fresh
+        return True
 
     @classmethod
     def open_for_write(
@@ -602,7 +633,11 @@ class IndexStore:
         return v
 
     def read_meta(self):
-        """Live metadata rows of all shards as one pyarrow Table (ordered by shard, then row)."""
+        """Live metadata rows of all shards as one pyarrow Table (ordered by shard, then row); a
+        read-only store retries on a manifest a writer committed meanwhile (``_retrying``)."""
+        return self._retrying(self._read_meta_once)
+
+    def _read_meta_once(self):
         import pyarrow as pa
 
         parts = []
@@ -616,7 +651,13 @@ class IndexStore:
         return pa.concat_tables(parts)
 
     def read_vectors(self, shards: Optional[Sequence[str]] = None) -> tuple[np.ndarray, np.ndarray]:
-        """(ids int64 [n], vectors float32 [n, dim]) of the live rows of ``shards`` (default: all)."""
+        """(ids int64 [n], vectors float32 [n, dim]) of the live rows of ``shards`` (default: all;
+        retried on a newer manifest like ``read_meta`` when no shards are named)."""
+        if shards is None:
+            return self._retrying(lambda: self._read_vectors_once(None))
+        return self._read_vectors_once(shards)
+
+    def _read_vectors_once(self, shards: Optional[Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
         ids, vecs = [], []
         for shard in sorted(self.manifest.shards if shards is None else shards):
             t = self._read_table(shard, columns=["id", "source"])
@@ -651,6 +692,9 @@ class IndexStore:
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return (text[-1] if text else type(exc).__name__)[:160]
+
+
+RACE_WAIT_S = 30.0  # how long a reader keeps retrying on manifests a busy writer keeps replacing
 
 
 def _damaged(root: Path, path: Path, reason: str) -> DamagedIndexError:

@@ -633,3 +633,56 @@ def test_a_force_run_saves_its_faiss_beside_the_old_one_until_the_switch(tmp_pat
     assert store.faiss_is_current() and store.manifest.model == "ViT-B-16"
     index = load_index(tmp_path / "index.faiss")
     assert index.ntotal == 8 and index.search(store.read_vectors()[1][[4]], 1)[1][0, 0] == 4
+
+
+def test_a_reader_racing_a_compaction_reads_the_new_manifest_not_damage(tmp_path):
+    """A reader opened before a compaction removed its shards: the read is a commit in progress
+    (the manifest changed), retried on the new manifest; the same missing shard under an unchanged
+    manifest is still damage."""
+    before = build(tmp_path)
+    reader = IndexStore.open_for_read(tmp_path)
+    old_shards = set(reader.manifest.shards)
+    compact_index(tmp_path)  # writes new shards, switches the manifest, removes part-00000
+    assert not (tmp_path / "emb" / "part-00000.npy").exists() and "part-00000" in old_shards
+    meta = reader.read_meta()
+    ids, vecs = reader.read_vectors()
+    assert meta.num_rows == len(ids) == 8 and same(before, index_contents(tmp_path))
+    assert set(reader.manifest.shards) != old_shards  # it adopted the committed manifest
+    stale = IndexStore.open_for_read(tmp_path)
+    victim = sorted(stale.manifest.shards)[0]
+    (tmp_path / "emb" / f"{victim}.npy").unlink()  # real damage: the manifest on disk still names it
+    with pytest.raises(DamagedIndexError, match="missing"):
+        stale.read_vectors()
+
+
+def test_readers_in_a_loop_beside_a_writer_never_see_damage(tmp_path):
+    """Readers opening and reading while another process commits and compacts in a loop."""
+    import threading
+
+    build(tmp_path)
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
+        from pathlib import Path
+        import numpy as np
+        from test_indexing_store import IDENTITY, _enc
+        from mergeseek.indexing.repair import compact_index
+        from mergeseek.indexing.store import IndexStore
+        root = Path({str(tmp_path)!r})
+        for i in range(8):
+            with IndexStore.open_for_write(root, IDENTITY) as s:
+                s.commit([_enc("/v/a.mp4", 3, seed=100 + i, fingerprint=f"f{{i}}")])
+            compact_index(root)
+    """)
+    writer = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    errors, reads = [], 0
+    while writer.poll() is None:
+        try:
+            store = IndexStore.open_for_read(tmp_path)
+            store.read_vectors()
+            store.read_meta()
+            reads += 1
+        except DamagedIndexError as exc:
+            errors.append(str(exc))
+    assert writer.returncode == 0, writer.stderr.read()[-2000:]
+    assert reads > 0 and errors == [], errors[:3]
