@@ -54,6 +54,7 @@ class MergeReport:
     thumbs_backfilled: int = 0  # thumbnails of an earlier, killed merge copied now
     thumbs_missing: list = field(default_factory=list)  # sources left without thumbnails (and why)
     renamed: dict = field(default_factory=dict)  # source key -> the video id it got instead of its input's
+    sidecars: dict = field(default_factory=dict)  # release metadata carried over: videos.json entries, object rows
 
     def to_dict(self) -> dict:
         import dataclasses
@@ -118,6 +119,7 @@ def merge_indexes(inputs: Sequence[Union[str, Path]], into: Union[str, Path], in
         # Thumbnails of shards committed by a run killed before their pack was written (a resumed
         # merge) come from the inputs too; what no input has is decoded from the sources, if found.
         report.thumbs_backfilled, report.thumbs_missing = _backfill_thumbs(out, {k: st for st, k in plan})
+        report.sidecars = _merge_sidecars(out.root, plan, video_ids)
         report.vectors_total = out.manifest.counts()["vectors"]
         report.index_type = out.manifest.index_type
     report.wall_s = time.perf_counter() - t0
@@ -239,6 +241,51 @@ def _copy(out: IndexStore, todo: list, settings: dict, commit_rows: int, report:
         if current is not None:
             current.close()
     return new_shards
+
+
+def _merge_sidecars(root: Path, plan: list, video_ids: dict) -> dict:
+    """Carry the inputs' release metadata (``videos.json`` entries, ``objects.parquet`` rows) of the
+    planned sources into the target under their target video ids. Runs on every merge, so a merge
+    resumed after a kill writes what the interrupted run had not; an input's entry replaces the
+    target's for the same video (the same source, copied again)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from mergeseek.indexing.aic import OBJECTS_FILE, VIDEOS_FILE, _merge_objects, load_video_meta
+    from mergeseek.runtime import atomic_write
+
+    by_input: dict = {}
+    for st, key in plan:
+        by_input.setdefault(st.root, (st, []))[1].append(key)
+    meta = load_video_meta(root)
+    rows: list = []
+    touched: set = set()
+    entries = 0
+    for st, keys in by_input.values():
+        src_meta = load_video_meta(st.root)
+        objects = None
+        if (st.root / OBJECTS_FILE).is_file():
+            try:
+                objects = pq.read_table(st.root / OBJECTS_FILE).to_pylist()
+            except Exception as exc:  # a damaged side file loses its rows, never the merge
+                log.warning("%s: %s is unreadable (%s); its object rows are not merged", st.root, OBJECTS_FILE, exc)
+        for key in keys:
+            old_id = st.manifest.sources[key].video_id
+            new_id = video_ids.get(str(Path(key)), old_id)
+            if old_id in src_meta:
+                meta[new_id] = src_meta[old_id]
+                entries += 1
+            if objects is not None:
+                mine = [r for r in objects if r.get("video_id") == old_id]
+                if mine:
+                    touched.add(new_id)
+                    rows += [(new_id, r["n"], r["frame_idx"], r["entity"], r["score"], r["ymin"], r["xmin"], r["ymax"],
+                              r["xmax"]) for r in mine]
+    if entries:
+        atomic_write(root / VIDEOS_FILE, json.dumps(dict(sorted(meta.items())), indent=1, ensure_ascii=False))
+    n_obj = _merge_objects(root, rows, touched) if touched else 0
+    return {"videos_with_metadata": entries, "objects": len(rows), "objects_total": n_obj}
 
 
 def _backfill_thumbs(out: IndexStore, holder: dict) -> tuple[int, list]:

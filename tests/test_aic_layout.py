@@ -269,3 +269,32 @@ def test_every_broken_feature_file_is_one_line_and_never_loaded(release, tmp_pat
             assert reason in rep.failed[0].reason and len(rep.failed[0].reason.splitlines()) == 1
             assert sorted(rep.indexed) == names
             assert IndexStore.open_for_read(ix).manifest.dim == 512
+
+
+def test_merging_release_indexes_keeps_their_videos_json_and_objects(release, indexed, tmp_path, one_torch_thread):
+    """Two indexes of parts of a release, merged: the merged videos.json and objects.parquet are
+    the whole release's; a merge resumed after its side files were lost writes them again."""
+    import pyarrow.parquet as pq
+
+    from mergeseek.indexing.aic import OBJECTS_FILE, VIDEOS_FILE
+    from mergeseek.indexing.merge import merge_indexes
+
+    whole, _ = indexed
+    enc = build_encoder()
+    opts = IndexOptions(dedup=Dedup(enabled=False))
+    index_paths([release / "Keyframes_L21"], tmp_path / "p1", enc, opts)
+    index_paths([release / "Keyframes_L22"], tmp_path / "p2", enc, opts)
+
+    def objects(ix):
+        t = pq.read_table(ix / OBJECTS_FILE)
+        return sorted(map(tuple, zip(*[t.column(c).to_pylist() for c in t.column_names])))
+
+    assert load_video_meta(tmp_path / "p1") and load_video_meta(tmp_path / "p1") != load_video_meta(whole)
+    report = merge_indexes([tmp_path / "p1", tmp_path / "p2"], tmp_path / "m")
+    assert load_video_meta(tmp_path / "m") == load_video_meta(whole)
+    assert objects(tmp_path / "m") == objects(whole) and report.sidecars["videos_with_metadata"] > 0
+    (tmp_path / "m" / VIDEOS_FILE).unlink()
+    (tmp_path / "m" / OBJECTS_FILE).unlink()
+    again = merge_indexes([tmp_path / "p1", tmp_path / "p2"], tmp_path / "m")
+    assert again.sources_copied == 0
+    assert load_video_meta(tmp_path / "m") == load_video_meta(whole) and objects(tmp_path / "m") == objects(whole)
