@@ -258,8 +258,10 @@ def test_every_broken_feature_file_is_one_line_and_never_loaded(release, tmp_pat
     assert loads == []  # all refused from the header
     good = release / "clip-features-32-aic25-b1" / "clip-features-32"
     names = sorted(p.stem for p in good.glob("*.npy"))
-    for position, stem in (("first", "A00_V000"), ("middle", names[0] + "_x"), ("last", "Z99_V999")):
-        for kind, (path, reason) in bad.items():
+    for position, stem, kinds in (("first", "A00_V000", list(bad)), ("middle", names[0] + "_x", ["pickled", "huge_header"]),
+                                  ("last", "Z99_V999", ["truncated", "wrong_dim"])):
+        for kind in kinds:
+            path, reason = bad[kind]
             feats = tmp_path / f"{position}_{kind}"
             shutil.copytree(good, feats)
             shutil.copy(path, feats / f"{stem}.npy")
