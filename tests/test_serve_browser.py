@@ -56,8 +56,16 @@ def server(tmp_path_factory, one_torch_thread):
 
 
 @pytest.fixture(scope="module")
-def browser_page(server):
-    with sync_api.sync_playwright() as pw, tempfile.TemporaryDirectory(prefix="mergeseek-chromium-") as profile:
+def playwright():
+    """One Playwright driver for the module (a second one inside it would fail: one event loop)."""
+    with sync_api.sync_playwright() as pw:
+        yield pw
+
+
+@pytest.fixture(scope="module")
+def browser_page(server, playwright):
+    pw = playwright
+    with tempfile.TemporaryDirectory(prefix="mergeseek-chromium-") as profile:
         ctx = pw.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS,
                                                     accept_downloads=True, viewport={"width": 1400, "height": 900})
         page = ctx.new_page()
@@ -233,7 +241,7 @@ def test_the_page_passes_the_token_on(server, browser_page):
         thread.join(timeout=10)
 
 
-def test_a_page_under_a_foreign_host_name_cannot_read_the_api(server):
+def test_a_page_under_a_foreign_host_name_cannot_read_the_api(server, playwright):
     """DNS rebinding: Chromium resolves rebind.test to 127.0.0.1 (as an attacker's DNS would after
     the page loaded); the server, started as ``cli.py serve`` starts it, answers that name with 400,
     so neither the page nor a script on that origin reads the index. The bound address still works."""
@@ -252,8 +260,8 @@ def test_a_page_under_a_foreign_host_name_cannot_read_the_api(server):
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
     try:
-        with sync_api.sync_playwright() as pw, tempfile.TemporaryDirectory(prefix="mergeseek-chromium-") as profile:
-            ctx = pw.chromium.launch_persistent_context(
+        with tempfile.TemporaryDirectory(prefix="mergeseek-chromium-") as profile:
+            ctx = playwright.chromium.launch_persistent_context(
                 profile, executable_path=CHROMIUM, headless=True,
                 args=LAUNCH_ARGS + ["--host-resolver-rules=MAP rebind.test 127.0.0.1"])
             page = ctx.new_page()
