@@ -34,10 +34,13 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
         shutil.copytree(ROOT / name, src / name, ignore=skip)
     out = tmp_path_factory.mktemp("wheel")
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v", "-w", str(out), str(src)],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # no "Package would be ignored" warnings of ours: every data folder is declared (issue #24)
+    noise = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "is absent from the `packages`" in ln]
+    assert noise == [], noise
     (path,) = out.glob("mergeseek-*.whl")
     with zipfile.ZipFile(path) as zf:
         yield zf
@@ -62,6 +65,7 @@ def test_wheel_holds_the_library_and_not_bench_or_tests(wheel):
     names = set(wheel.namelist())
     assert "mergeseek/encoders/merging/lsh_kernel.c" in names  # compiled on first use
     assert "mergeseek/serve/static/index.html" in names
+    assert "mergeseek/eval/reference/reference-cifar10.pt" in names and "mergeseek/eval/reference.py" in names
     assert "mergeseek/py.typed" in names
     for sub in (*PACKAGES, *SUBPACKAGES):
         assert f"mergeseek/{sub}/__init__.py" in names, sub

@@ -117,6 +117,7 @@ def top_r_merge(best: torch.Tensor, partner: torch.Tensor, r: int, num_tokens: i
     """
     if best.dim() == 2:
         best, partner = best.unsqueeze(-1), partner.unsqueeze(-1)
+    r = min(r, best.shape[1])  # never more edges than mergeable A tokens (the matchers clamp already)
     order = best.argsort(dim=1, descending=True, stable=True)
     src = order[:, :r]
     unm = order[:, r:].sort(dim=1).values
