@@ -61,7 +61,18 @@ class PartialWriteError(WriteError):
     exit_code = 9
 
 
+class NotFoundError(InputError):
+    """An id, video id or route the index does not hold (the web app's 404; exit code 3 as bad input)."""
+
+
 class DamagedIndexError(InputError):
     """A file of an index is damaged or missing; the message names it and the repair command."""
 
     exit_code = 10
+
+
+class RayRunError(MergeseekError):
+    """A Ray run stopped (cluster unreachable, workers died past their retries); what was committed
+    is kept and the same command resumes."""
+
+    exit_code = 11

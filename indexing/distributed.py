@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-from mergeseek.errors import ConfigError, IndexMismatchError, MergeseekError
+from mergeseek.errors import ConfigError, IndexMismatchError, MergeseekError, RayRunError  # noqa: F401 (re-exported)
 from mergeseek.indexing.pipeline import (
     IndexOptions,
     IndexReport,
@@ -57,12 +57,6 @@ from mergeseek.indexing.store import IDENTITY_KEYS, IndexStore
 log = logging.getLogger(__name__)
 
 RAY_INSTALL = "pip install 'mergeseek[ray]'  (or: pip install 'ray[data]>=2.40')"
-
-
-class RayRunError(MergeseekError):
-    """The Ray run stopped (cluster unreachable, workers died past their retries)."""
-
-    exit_code = 7
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from mergeseek.errors import InputError, MergeseekError
+from mergeseek.errors import InputError, NotFoundError
 from mergeseek.retrieval.search import FROM_INDEX, Hit, Searcher, TemporalHit
 
 log = logging.getLogger(__name__)
@@ -32,10 +32,7 @@ VIDEO_TYPES = {".mp4": "video/mp4", ".webm": "video/webm", ".mkv": "video/x-matr
                ".avi": "video/x-msvideo"}
 
 
-class NotFound(MergeseekError):
-    """An id or video id the index does not hold (HTTP 404)."""
-
-    exit_code = 3
+NotFound = NotFoundError  # the web app's name for it (HTTP 404)
 
 
 class CachedSearcher(Searcher):

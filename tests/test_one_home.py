@@ -115,3 +115,32 @@ def test_eval_without_matplotlib_fails_before_the_work(monkeypatch, tmp_path):
     monkeypatch.setattr(eval.runner, "run_eval", lambda *a, **k: pytest.fail("evaluated although plots cannot be drawn"))
     with pytest.raises(MissingDependencyError, match=r"pip install '\.\[eval\]'.*--no-plots"):
         eval_pkg.evaluate(EvalConfig(data_root=str(tmp_path)), tmp_path / "out")
+
+
+def test_every_error_class_lives_in_errors_py_with_its_own_exit_code():
+    """One door for errors (issue #24): no class derives from MergeseekError outside errors.py, and
+    no two error classes share an exit code (7 once meant both a missing package and a stopped Ray run)."""
+    import ast
+    import inspect
+    from pathlib import Path
+
+    import mergeseek.errors as errors
+
+    root = Path(errors.__file__).resolve().parent
+    outside = []
+    for path in root.rglob("*.py"):
+        if path.name == "errors.py" and path.parent == root or {"tests", "bench", ".venv", "build"} & set(path.parts):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef):
+                bases = {b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in node.bases}
+                if bases & {n for n, c in vars(errors).items() if inspect.isclass(c) and issubclass(c, errors.MergeseekError)}:
+                    outside.append(f"{path.relative_to(root)}:{node.name}")
+    assert outside == []
+    classes = [c for c in vars(errors).values() if inspect.isclass(c) and issubclass(c, errors.MergeseekError)]
+    own = [c for c in classes if "exit_code" in vars(c)]  # a subclass without its own code shares its parent's meaning
+    codes = [c.exit_code for c in own]
+    assert len(codes) == len(set(codes)), sorted((c.exit_code, c.__name__) for c in own)
+    from mergeseek.indexing.distributed import RayRunError
+
+    assert RayRunError is errors.RayRunError and RayRunError.exit_code == 11
