@@ -189,6 +189,19 @@ def parse_bytes(text: Optional[str]) -> Optional[int]:
     return int(value * scale)
 
 
+def release_freed_memory() -> None:
+    """Collect garbage and return freed heap pages to the OS (glibc's malloc_trim; a no-op elsewhere)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def software_versions() -> dict:
     """Versions of the packages that decide what an index or a report holds (recorded in manifests)."""
     from importlib import metadata

@@ -97,13 +97,7 @@ def _faiss_rows(data, q, k: int, exact_ids) -> dict:
         t0 = time.perf_counter()
         index = for_search(build_index(vecs, ids, factory, memory_budget=64 << 30))
         build_s = time.perf_counter() - t0
-        times, found = [], []
-        for i in range(len(qs)):
-            t0 = time.perf_counter()
-            _, I = index.search(qs[i:i + 1], k)
-            times.append((time.perf_counter() - t0) * 1e3)
-            found.append(I[0])
-        found = np.stack(found)
+        times, found = _one_at_a_time(index, qs, k)
         entry = {"build_s": round(build_s, 1), **_pcts(times[3:])}
         if name == "ivf":  # the recall a search knob buys: HNSW efSearch / IVF nprobe, 4x and 16x the default
             entry["sweep"] = _sweep(index, qs, k, flat_found)
@@ -119,6 +113,19 @@ def _faiss_rows(data, q, k: int, exact_ids) -> dict:
         out[name] = entry
         del index
     return out
+
+
+def _one_at_a_time(index, qs, k: int):
+    """(ms per query, found ids [n, k]) searching ``qs`` one query at a time."""
+    import numpy as np
+
+    times, found = [], []
+    for i in range(len(qs)):
+        t0 = time.perf_counter()
+        _, ids = index.search(qs[i:i + 1], k)
+        times.append((time.perf_counter() - t0) * 1e3)
+        found.append(ids[0])
+    return times, np.stack(found)
 
 
 def _sweep(index, qs, k: int, truth) -> list:
@@ -139,12 +146,7 @@ def _sweep(index, qs, k: int, truth) -> list:
                 return rows
             knob, value = "nprobe", min(16 * factor, ivf.nlist)
             ivf.nprobe = value
-        times, found = [], []
-        for i in range(len(qs)):
-            t0 = time.perf_counter()
-            _, I = index.search(qs[i:i + 1], k)
-            times.append((time.perf_counter() - t0) * 1e3)
-            found.append(I[0])
+        times, found = _one_at_a_time(index, qs, k)
         recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, truth)]))
         rows.append({knob: value, "recall_at_10": recall, **_pcts(times[3:])})
     return rows

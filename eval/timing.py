@@ -209,22 +209,12 @@ def _make_probe(device: str) -> _MemProbe:
     return _RssProbe()
 
 
-def _release_freed_memory() -> None:
-    """Return freed heap pages to the OS (glibc only; a no-op elsewhere)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _measure_memory(call: Callable[[], object], probe: _MemProbe, sync: Callable[[], None]) -> tuple[float, float]:
     """(peak MB, peak minus memory in use before) over one call of ``call``."""
     if isinstance(probe, _RssProbe):
-        _release_freed_memory()
+        from mergeseek.runtime import release_freed_memory
+
+        release_freed_memory()
     sync()
     before = probe.reset()
     call()

@@ -86,25 +86,15 @@ def _open_image(data: bytes):
                 im.thumbnail((QUERY_SIDE, QUERY_SIDE))
                 out = im.convert("RGB")
             if w * h > 4_000_000:
-                _trim_heap()
+                from mergeseek.runtime import release_freed_memory
+
+                release_freed_memory()
             return out
     except UploadRefused:
         raise
     except Exception:  # PIL raises many types for bad data
         raise UploadRefused(400, "the upload is not an image that can be read; send a JPEG, PNG or WebP file") from None
 
-
-def _trim_heap() -> None:
-    """Return freed heap pages to the OS (glibc); a no-op elsewhere."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        name = ctypes.util.find_library("c")
-        if name:
-            ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 async def _read_limited(request, limit: int) -> bytes:

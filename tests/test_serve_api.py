@@ -697,17 +697,15 @@ def _png(width: int, height: int) -> bytes:
 
 
 def _peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    from mergeseek.eval.timing import _read_status_kb
+
+    return _read_status_kb("VmHWM") / 1024
 
 
 def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    from mergeseek.eval.timing import _reset_hwm
+
+    return _reset_hwm()
 
 
 def test_a_tiny_file_claiming_64_megapixels_is_refused_from_its_header(client):

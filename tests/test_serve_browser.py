@@ -34,8 +34,6 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, one_torch_thread):
-    import uvicorn
-
     from mergeseek.serve.app import create_app
     from mergeseek.serve.engine import CachedSearcher, Engine
 
@@ -43,16 +41,24 @@ def server(tmp_path_factory, one_torch_thread):
     ix = build_served_index(root)
     engine = Engine(CachedSearcher(ix, build_encoder(), ngpu=0))
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    srv, thread = start_uvicorn(create_app(engine), port)
+    yield {"base": f"http://127.0.0.1:{port}", "engine": engine, "root": root}
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def start_uvicorn(app, port: int):
+    """uvicorn serving ``app`` on 127.0.0.1:``port`` in a thread, once it has started."""
+    import uvicorn
+
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not srv.started:
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
-    yield {"base": f"http://127.0.0.1:{port}", "engine": engine, "root": root}
-    srv.should_exit = True
-    thread.join(timeout=10)
+    return srv, thread
 
 
 @pytest.fixture(scope="module")
@@ -245,20 +251,11 @@ def test_a_page_under_a_foreign_host_name_cannot_read_the_api(server, playwright
     """DNS rebinding: Chromium resolves rebind.test to 127.0.0.1 (as an attacker's DNS would after
     the page loaded); the server, started as ``cli.py serve`` starts it, answers that name with 400,
     so neither the page nor a script on that origin reads the index. The bound address still works."""
-    import uvicorn
-
     from mergeseek.serve import allowed_hosts
     from mergeseek.serve.app import create_app
 
     port = free_port()
-    app = create_app(server["engine"], allowed_hosts=allowed_hosts("127.0.0.1"))
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
+    srv, thread = start_uvicorn(create_app(server["engine"], allowed_hosts=allowed_hosts("127.0.0.1")), port)
     try:
         with tempfile.TemporaryDirectory(prefix="mergeseek-chromium-") as profile:
             ctx = playwright.chromium.launch_persistent_context(
