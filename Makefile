@@ -28,8 +28,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) cli.py demo
 
+# Two processes, each taking whole test files (module fixtures are built once): ~10 minutes on a
+# 2-core machine instead of ~16 in one process.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) demo_index .pytest_cache
