@@ -252,23 +252,19 @@ def _playable(video: Path, root: Path) -> tuple[str, str] | None:
     link or anything but a regular file is not recorded. The web app serves the file only while
     it still has the signature recorded here (``serve.engine.Catalog.video``).
     """
-    import stat
+    from mergeseek.indexing.sources import regular_file_sig
 
     try:
-        real = Path(os.path.realpath(video))
-        st = os.stat(real)
-    except OSError as exc:
-        log.warning("release video %s cannot be read (%s); it is not recorded for playback", video, exc.strerror or exc)
+        real, sig = regular_file_sig(video)
+    except (OSError, ValueError) as exc:
+        why = (exc.strerror or str(exc)) if isinstance(exc, OSError) else "not a regular file"
+        log.warning("release video %s cannot be played (%s); it is not recorded for playback", video, why)
         return None
-    if not stat.S_ISREG(st.st_mode):
-        log.warning("release video %s is not a regular file; it is not recorded for playback", video)
+    if real != Path(os.path.abspath(video)) and not _is_within(real, Path(os.path.realpath(root))):
+        log.warning("release video %s is a link to %s, outside the release %s; it is not recorded for playback",
+                    video, real, root)
         return None
-    if os.path.islink(video) or real != Path(os.path.abspath(video)):
-        if not _is_within(real, Path(os.path.realpath(root))):
-            log.warning("release video %s is a link to %s, outside the release %s; it is not recorded for playback",
-                        video, real, root)
-            return None
-    return str(video), f"{st.st_size}-{st.st_mtime_ns}"
+    return str(video), sig
 
 
 def _is_within(p: Path, parent: Path) -> bool:

@@ -289,49 +289,27 @@ def _merge_sidecars(root: Path, plan: list, video_ids: dict) -> dict:
 
 
 def _backfill_thumbs(out: IndexStore, holder: dict) -> tuple[int, list]:
-    """Write the pack of every target shard that has none (or a stale one) from the inputs'
-    thumbnails (``holder``: source key -> the input it was copied from), then decode what no input
-    had (``thumbs.ensure_thumbs``). Returns (thumbnails copied, sources left without)."""
-    from mergeseek.indexing.thumbs import _pack_is_current, _shard_rows, ensure_thumbs, pack_path, write_pack
+    """Write the pack of every target shard that has none (or a stale one): from the inputs'
+    thumbnails (``holder``: source key -> the input it was copied from), else decoded again
+    (``thumbs.ensure_thumbs``). Returns (thumbnails copied from inputs, sources left without)."""
+    from mergeseek.indexing.thumbs import ensure_thumbs
 
-    m = out.manifest
-    owner = {k: e.shard for k, e in m.sources.items()}
     inputs: dict = {}
-    copied = 0
+
+    def known(key: str) -> Optional[list]:
+        store = holder.get(key)
+        if store is None:
+            return None
+        if store.root not in inputs:
+            inputs[store.root] = _Input(store)
+        return inputs[store.root].thumbnails(key)  # id order = frame order, as copied
+
     try:
-        for shard in sorted(m.shards):
-            rows = _shard_rows(out, shard)
-            if _pack_is_current(pack_path(out.root, shard), rows):
-                continue
-            by_source: dict = {}
-            for i, key in enumerate(rows["source"]):
-                if owner.get(key) == shard:
-                    by_source.setdefault(key, []).append(i)
-            ids, hashes, jpegs = [], [], []
-            complete = True
-            for key, idx in by_source.items():
-                store = holder.get(key)
-                if store is None:
-                    complete = False
-                    break
-                if store.root not in inputs:
-                    inputs[store.root] = _Input(store)
-                got = inputs[store.root].thumbnails(key)
-                order = sorted(idx, key=lambda i: int(rows["id"][i]))  # copied in id order: row j <-> input row j
-                if len(got) != len(order) or any(j is None for j in got):
-                    complete = False
-                    break
-                ids += [int(rows["id"][i]) for i in order]
-                hashes += [int(rows["hash"][i]) for i in order]
-                jpegs += got
-            if complete and ids:  # else the whole shard is decoded again below
-                write_pack(out.root, shard, np.asarray(ids, np.int64), np.asarray(hashes, np.int64), jpegs)
-                copied += len(jpegs)
+        report = ensure_thumbs(out, known=known)
     finally:
         for inp in inputs.values():
             inp.close()
-    rest = ensure_thumbs(out)  # shards no input could fill: decode their frames again where the media is
-    return copied, list(rest.missing)
+    return report.copied, list(report.missing)
 
 
 class _Input:

@@ -91,6 +91,19 @@ def _file_sig(p: Path) -> str:
     return f"{st.st_size}-{st.st_mtime_ns}"
 
 
+def regular_file_sig(p: Path) -> tuple[Path, str]:
+    """(real path, size-mtime signature as in a video's fingerprint) of the regular file ``p``
+    leads to, links followed; ``OSError`` when it cannot be read, ``ValueError`` when it is not a
+    regular file. The web app serves a video only while this still equals what was indexed."""
+    import stat
+
+    real = Path(os.path.realpath(p))
+    st = os.stat(real)
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{p} is not a regular file")
+    return real, f"{st.st_size}-{st.st_mtime_ns}"
+
+
 def _files_fingerprint(files: Sequence[Path]) -> str:
     h = hashlib.sha1()
     for f in files:

@@ -25,7 +25,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -254,6 +254,7 @@ class ThumbReport:
     shards: int = 0
     made: list = field(default_factory=list)  # shard names written now
     thumbnails: int = 0  # made now
+    copied: int = 0  # of those, taken ready-made from ``known`` instead of decoded
     missing: list = field(default_factory=list)  # "path: reason" for frames that could not be decoded
     removed: int = 0  # packs of shards the index no longer has
 
@@ -308,11 +309,13 @@ def _decode_source(kind: str, key: str, frame_idx: np.ndarray, paths: list) -> l
     return out
 
 
-def ensure_thumbs(store, force: bool = False) -> ThumbReport:
+def ensure_thumbs(store, force: bool = False, known: Optional[Callable[[str], Optional[list]]] = None) -> ThumbReport:
     """Make the pack of every shard that has none (or a stale one) by decoding its frames again.
 
     ``store`` is an ``IndexStore`` opened for writing (its lock keeps other writers out). Frames
     whose source is gone or unreadable are listed in the report and left without a thumbnail.
+    ``known(key)``: a source's thumbnails in frame order when they exist elsewhere (another
+    index, for ``merge-index``), used instead of decoding when there is one for every row.
     """
     from mergeseek.indexing.store import read_manifest
 
@@ -343,8 +346,13 @@ def ensure_thumbs(store, force: bool = False) -> ThumbReport:
         ids, hashes, jpegs = [], [], []
         for key, idx in by_source.items():
             order = sorted(idx, key=lambda i: rows["frame_idx"][i])
+            ready = known(key) if known is not None else None
             try:
-                got = _decode_source(kinds[key], key, rows["frame_idx"][order], [rows["path"][i] for i in order])
+                if ready is not None and len(ready) == len(order) and all(j is not None for j in ready):
+                    got = ready
+                    report.copied += len(got)
+                else:
+                    got = _decode_source(kinds[key], key, rows["frame_idx"][order], [rows["path"][i] for i in order])
             except Exception as exc:  # a moved, deleted or broken source: the rest still get thumbnails
                 reason = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
                 report.missing.append(f"{key}: {reason}")

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import stat
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -183,17 +181,18 @@ class Catalog:
         # Serve only the file that was indexed: a regular file (links followed, as when indexing)
         # whose size and modification time are still those recorded, so a video replaced by a link
         # to another file (/etc/passwd, a private key) after indexing is never streamed.
+        from mergeseek.indexing.sources import regular_file_sig
+
         try:
-            real = Path(os.path.realpath(v.path))
-            st = os.stat(real)
-        except (OSError, ValueError):
+            real, sig = regular_file_sig(v.path)
+        except OSError:
             raise NotFound(f"video {video_id!r} was indexed from {v.path.name}, which is no longer there") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise NotFound(f"video {video_id!r} was indexed from {v.path.name}, which is no longer a regular file")
+        except ValueError:
+            raise NotFound(f"video {video_id!r} was indexed from {v.path.name}, which is no longer a regular file") from None
         if v.sig is None:
             raise NotFound(f"video {video_id!r} has no recorded file signature (indexed by an older version); run "
                            f"`cli.py index` on its release again to play it")
-        if f"{st.st_size}-{st.st_mtime_ns}" != v.sig:
+        if sig != v.sig:
             raise NotFound(f"video {video_id!r} ({v.path.name}) changed since it was indexed; index it again to play it")
         return VideoFile(real, v.media_type, v.sig)
 
