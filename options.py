@@ -27,18 +27,20 @@ class Options:
 
 
 def parse_options(text: str, what: str, keys: Iterable[str], *, head: Optional[str] = None,
-                  need_value: bool = False) -> Options:
+                  need_value: bool = False, brackets: bool = True) -> Options:
     """Split ``text`` (``a=1,b=[2,3]``) into key/value pairs, each key one of ``keys``.
 
     ``what`` names the option in messages (``merge``, ``reuse``, ``dataset``...). ``head``:
     ``"always"`` when the first item is a name rather than an option (``imagenet:/data,limit=5``),
     ``"optional"`` when a first item without ``=`` is a name. A key given twice, an item without
     ``=``, an unknown key and (``need_value``) an empty value raise ``ConfigError`` naming the item
-    and the valid keys. Keys and values are stripped; keys are compared as written.
+    and the valid keys. Keys and values are stripped; keys are compared as written. ``brackets``:
+    commas inside ``[...]``/``(...)`` belong to the value (``r=[16,8]``); off where values are
+    paths, which may hold a lone bracket.
     """
     keys = list(keys)
     valid = f"valid keys: {', '.join(keys)}"
-    items = split_top_level(text or "")
+    items = split_top_level(text or "") if brackets else [i.strip() for i in (text or "").split(",") if i.strip()]
     name = None
     if head == "always" and items:
         name = items.pop(0)

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 from mergeseek.encoders.config import MergeConfig
 from mergeseek.errors import ConfigError
+from mergeseek.options import parse_options
 
 BASELINE = "none"
 
@@ -186,13 +187,8 @@ def parse_sweep(spec: str) -> list[tuple[str, list[str]]]:
     """``r=0:16:4,method=bipartite|lsh`` -> [("r", ["0","4","8","12","16"]), ("method", ["bipartite","lsh"])]."""
     fields = [f.name for f in dataclasses.fields(MergeConfig)]
     grid = []
-    for item in [s.strip() for s in spec.split(",") if s.strip()]:
-        key, sep, value = item.partition("=")
-        if not sep or not value:
-            raise ConfigError(f"sweep item {item!r} is not key=values; e.g. --sweep r=0:16:4 or r=4|8|16,method=bipartite|lsh")
-        if key.strip() not in fields:  # before any value is looked at, however large
-            raise ConfigError(f"unknown sweep key {key.strip()[:40]!r}; valid keys: {', '.join(fields)}")
-        if key.strip() == "method" and "none" in value.split("|"):
+    for key, value in parse_options(spec, "sweep", fields, need_value=True, brackets=False).pairs:
+        if key == "method" and "none" in value.split("|"):
             raise ConfigError("sweep method=none is always included as the baseline; leave it out of the sweep")
         if ":" in value:
             parts = value.split(":")
@@ -210,7 +206,7 @@ def parse_sweep(spec: str) -> list[tuple[str, list[str]]]:
             values = [str(v) for v in range(nums[0], nums[1] + 1, step)]
         else:
             values = [v.strip() for v in value.split("|") if v.strip()]
-        grid.append((key.strip(), values))
+        grid.append((key, values))
     if not grid:
         raise ConfigError(f"sweep {spec!r} is empty; e.g. --sweep r=0:16:4")
     total = 1

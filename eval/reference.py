@@ -30,7 +30,7 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 import numpy as np
 
 from mergeseek.errors import ConfigError, InputError, WeightsUnavailableError
-from mergeseek.runtime import split_top_level
+from mergeseek.options import parse_options
 
 log = logging.getLogger(__name__)
 
@@ -131,25 +131,18 @@ class ReferenceConfig:
     @classmethod
     def parse(cls, text: str) -> "ReferenceConfig":
         """``"reference-cifar10,epochs=100,lr=5e-4"``: a registered name then key=value overrides."""
-        parts = split_top_level(text)
-        base_name = DEFAULT_REFERENCE
-        if parts and "=" not in parts[0]:
-            base_name = parts.pop(0)
-        base = get_config(base_name)
-        return base.with_overrides(parts)
+        keys = sorted(f.name for f in dataclasses.fields(cls))
+        parsed = parse_options(text, "reference config", keys, head="optional")
+        return get_config(parsed.head or DEFAULT_REFERENCE)._replaced(parsed.pairs)
 
     def with_overrides(self, items) -> "ReferenceConfig":
         """Apply ``key=value`` strings (or one comma-separated string) on top of this config."""
-        items = split_top_level(items if isinstance(items, str) else ",".join(items))
-        types = {f.name: f.type for f in dataclasses.fields(self)}
-        changes: Dict[str, Any] = {}
-        for item in items:
-            key, sep, raw = item.partition("=")
-            key = key.strip()
-            if not sep or key not in types:
-                raise ConfigError(f"reference config override {item!r} is not key=value with a known key; "
-                                  f"valid keys: {', '.join(sorted(types))}")
-            changes[key] = _coerce(key, raw.strip(), getattr(self, key))
+        text = items if isinstance(items, str) else ",".join(items)
+        keys = sorted(f.name for f in dataclasses.fields(self))
+        return self._replaced(parse_options(text, "reference config", keys).pairs)
+
+    def _replaced(self, pairs) -> "ReferenceConfig":
+        changes: Dict[str, Any] = {key: _coerce(key, raw, getattr(self, key)) for key, raw in pairs}
         return dataclasses.replace(self, **changes)
 
     def __str__(self) -> str:

@@ -99,7 +99,7 @@ def test_the_largest_accepted_values_still_parse():
     ("r=0:99999999999", "100000000000 values"),
     ("r=0:200,lsh_bits=1:30", "6030 configs"),
     ("r=" + "|".join(str(i) for i in range(300)), "300 configs"),
-    ("nope=0:99999999999999999999", "unknown sweep key 'nope'"),
+    ("nope=0:99999999999999999999", "unknown sweep option 'nope'"),
 ])
 def test_huge_sweeps_are_refused_before_they_are_built(spec, needle):
     from mergeseek.errors import ConfigError

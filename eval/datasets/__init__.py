@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from mergeseek.errors import ConfigError
+from mergeseek.options import parse_options
 from mergeseek.eval.datasets.base import (
     DEFAULT_TEMPLATES,
     ENSEMBLE_TEMPLATES,
@@ -57,17 +58,12 @@ class DatasetSpec:
 
     @classmethod
     def parse(cls, text: str) -> "DatasetSpec":
-        head, *rest = [p.strip() for p in text.split(",")]
-        name, _, path = head.partition(":")
+        parsed = parse_options(text, "dataset", OPTION_KEYS, head="always", brackets=False)
+        name, _, path = (parsed.head or "").partition(":")
         name = name.strip().lower()
         if name not in DATASETS:
             raise ConfigError(f"dataset {name!r} is not known; choose one of: {', '.join(DATASETS)}")
-        opts = []
-        for item in rest:
-            key, sep, value = item.partition("=")
-            if not sep or key.strip() not in OPTION_KEYS:
-                raise ConfigError(f"dataset option {item!r} in {text!r} is not key=value; valid keys: {', '.join(OPTION_KEYS)}")
-            opts.append((key.strip(), value.strip()))
+        opts = list(parsed.pairs)
         if path == "" and DATASETS[name][1] is None:
             raise ConfigError(f"dataset {name} needs a path: --dataset {name}:/path/to/folder")
         return cls(name, path or None, tuple(opts))

@@ -192,15 +192,12 @@ def load_video_set(text: str, data_root, limit: Optional[int] = None, seed: int 
     ``cifar10-video[:PATH][,fps=5][,frames=8]`` (``limit``: CIFAR images, default 100)."""
     from mergeseek.errors import ConfigError
 
-    head, *rest = [p.strip() for p in text.split(",")]
-    name, _, path = head.partition(":")
+    from mergeseek.options import parse_options
+
+    parsed = parse_options(text, "video set", VIDEO_KEYS, head="always", brackets=False)
+    name, _, path = (parsed.head or "").partition(":")
     name = name.strip().lower()
-    opts = {}
-    for item in rest:
-        key, sep, value = (s.strip() for s in item.partition("="))
-        if not sep or key not in VIDEO_KEYS:
-            raise ConfigError(f"video set option {item!r} in {text!r} is not key=value; valid keys: {', '.join(VIDEO_KEYS)}")
-        opts[key] = value
+    opts = parsed.as_dict()
     try:
         fps = float(opts.get("fps", 5))
         frames, seconds = int(opts.get("frames", 8)), float(opts.get("seconds", 6))
