@@ -11,22 +11,36 @@ or one range per event (TRAKE). A row's score (the "R-score"):
 A query's score is the mean over k in ``KS`` = (1, 5, 20, 50, 100) of the best row score within
 the top k; rows past 100 are ignored. A hit at rank 1 scores 1.0, at rank 2 0.8, at rank 6 0.6,
 at rank 21 0.4, at rank 100 0.2, none 0.
+
+The submission format itself (the row limit, the tasks and their aliases, distinct rows, reading
+a submission file) lives in ``retrieval.submission``; this module only scores.
 """
 
 from __future__ import annotations
 
 import math
-
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from mergeseek.errors import InputError
+from mergeseek.retrieval.records import read_records
+from mergeseek.retrieval.submission import (
+    KIS,
+    MAX_ROWS,
+    QA,
+    TASKS,
+    TRAKE,
+    dedup_rows,
+    parse_task,
+    query_file_name,
+    read_rows,
+    submission_rows,
+)
 
-KS = (1, 5, 20, 50, 100)
-MAX_ROWS = 100
-TASKS = ("kis", "qa", "trake")
+KS = (1, 5, 20, 50, MAX_ROWS)  # the official cut-offs; the last one is the whole file
 
 
 @dataclass(frozen=True)
@@ -58,9 +72,9 @@ class Truth:
             raise InputError(f"task {self.task!r} is not one of {', '.join(TASKS)}")
         if not self.spans:
             raise InputError("ground truth needs at least one frame range")
-        if self.task != "trake" and len(self.spans) != 1:
+        if self.task != TRAKE and len(self.spans) != 1:
             raise InputError(f"a {self.task} query has one frame range, got {len(self.spans)}")
-        if self.task == "qa" and self.answer is None:
+        if self.task == QA and self.answer is None:
             raise InputError("a qa query's ground truth needs its answer")
 
 
@@ -80,18 +94,18 @@ def row_score(row: Sequence, truth: Truth, tolerance: int = 0) -> float:
         return 0.0
     video = str(row[0])
     try:
-        if truth.task == "trake":
+        if truth.task == TRAKE:
             frames = [int(float(x)) for x in row[1 : 1 + len(truth.spans)]]
         else:
             frames = [int(float(row[1]))] if len(row) > 1 else []
     except (TypeError, ValueError, OverflowError):
         return 0.0  # a malformed row (text, nan, 1e400) scores nothing, like at the organisers'
-    if truth.task == "trake":
+    if truth.task == TRAKE:
         hit = sum(1 for f, s in zip(frames, truth.spans) if s.contains(video, f, tolerance))
         return hit / len(truth.spans)
     if not frames or not truth.spans[0].contains(video, frames[0], tolerance):
         return 0.0
-    if truth.task == "qa":
+    if truth.task == QA:
         given = row[2] if len(row) > 2 else ""
         return 1.0 if normalize_answer(given) == normalize_answer(truth.answer) and normalize_answer(given) else 0.0
     return 1.0
@@ -151,22 +165,15 @@ class AicQuery:
     tolerance: int = 0
 
     def __post_init__(self) -> None:
-        if self.truth.task == "trake" and self.events and len(self.events) != len(self.truth.spans):
+        if self.truth.task == TRAKE and self.events and len(self.events) != len(self.truth.spans):
             raise InputError(f"a trake query has {len(self.events)} event texts but {len(self.truth.spans)} ranges")
 
 
 def gallery_rows(order: Sequence[int], video_ids: Sequence[str], frame_idx: Sequence[int], answer: str = "",
                  qa: bool = False) -> list[tuple]:
-    """Submission rows of a ranked gallery: distinct (video_id, frame_idx[, answer]), at most 100."""
-    rows, seen = [], set()
-    for i in order:
-        row = (video_ids[i], int(frame_idx[i])) + ((answer,) if qa else ())
-        if row not in seen:
-            seen.add(row)
-            rows.append(row)
-            if len(rows) == MAX_ROWS:
-                break
-    return rows
+    """Submission rows of a ranked gallery: (video_id, frame_idx[, answer]) by ``dedup_rows``."""
+    extra = (answer,) if qa else ()
+    return dedup_rows((video_ids[i], int(frame_idx[i])) + extra for i in order)
 
 
 def set_scores(queries: Sequence, query_scores, event_scores: Mapping[str, object], video_ids: Sequence[str],
@@ -195,39 +202,24 @@ def set_scores(queries: Sequence, query_scores, event_scores: Mapping[str, objec
         if a is None:
             continue
         t = a.truth
-        if t.task == "trake":
+        if t.task == TRAKE:
             ev = np.asarray(event_scores[q.qid])
             per_event = []
             for row in ev:
                 top = np.argsort(-row, kind="stable")[: min(depth, n)]
                 per_event.append([Hit(float(row[i]), video_ids[i], int(frame_idx[i]), float(pts_time[i]), "", int(i))
                                   for i in top])
-            chains = chain_events(per_event, a.within_s)
-            rows, seen = [], set()
-            for c in chains:
-                r = (c.video_id, *c.frames)
-                if r not in seen:
-                    seen.add(r)
-                    rows.append(r)
-                    if len(rows) == MAX_ROWS:
-                        break
+            rows = submission_rows(chain_events(per_event, a.within_s), TRAKE)
             scores[q.qid] = query_score(rows, t, a.tolerance)
         else:
             order = np.argsort(-np.asarray(query_scores[qi]), kind="stable")
-            rows = gallery_rows(order, video_ids, frame_idx, t.answer or "", qa=t.task == "qa")
+            rows = gallery_rows(order, video_ids, frame_idx, t.answer or "", qa=t.task == QA)
             scores[q.qid] = query_score(rows, t)
         tasks[q.qid] = t.task
     return {("AIC" + k[5:]): v for k, v in score_by_task(scores, tasks).items()}
 
 
 # ---------------------------------------------------------------------------- ground-truth files
-def _task(text) -> str:
-    t = {"kis": "kis", "qa": "qa", "vqa": "qa", "trake": "trake"}.get(str(text).strip().lower())
-    if t is None:
-        raise InputError(f"task {text!r} is not known; use one of kis, qa (or vqa), trake")
-    return t
-
-
 def _span_of(d: Mapping, video_id: str, where: str) -> Span | None:
     def given(k: str) -> bool:
         return d.get(k) not in (None, "")
@@ -278,7 +270,7 @@ def aic_query_from_row(row: Mapping, where: str, texts: bool = True) -> AicQuery
     ``texts=False`` accepts TRAKE events without texts (scoring only).
     """
     try:
-        task = _task(row.get("task") or row.get("type") or ("trake" if row.get("events") else "kis"))
+        task = parse_task(row.get("task") or row.get("type") or (TRAKE if row.get("events") else KIS))
     except InputError as exc:
         raise InputError(f"{where}: {exc}") from None
     raw_vid = row.get("video_id")
@@ -292,7 +284,7 @@ def aic_query_from_row(row: Mapping, where: str, texts: bool = True) -> AicQuery
             raise ValueError("within out of range")
     except (TypeError, ValueError, OverflowError):
         raise InputError(f"{where}: within (seconds, > 0) and tolerance (frames, >= 0) must be numbers") from None
-    if task == "trake":
+    if task == TRAKE:
         events = row.get("events")
         if not isinstance(events, list) or not events or not all(isinstance(e, Mapping) for e in events):
             raise InputError(f'{where}: a trake query needs "events": a list of {{"text", "frame_start", "frame_end"}}')
@@ -308,40 +300,22 @@ def aic_query_from_row(row: Mapping, where: str, texts: bool = True) -> AicQuery
         names = tuple(str(e.get("text") or e.get("query") or "").strip() for e in events)
         if texts and not all(names):
             raise InputError(f"{where}: every trake event needs a 'text'")
-        return AicQuery(Truth("trake", tuple(spans)), names if texts else (), within, tolerance)
+        return AicQuery(Truth(TRAKE, tuple(spans)), names if texts else (), within, tolerance)
     if not vid:
         raise InputError(f"{where}: no video_id")
     span = _span_of(row, vid, where)
     if span is None:
         return None
-    if task == "qa" and row.get("answer") in (None, ""):
+    if task == QA and row.get("answer") in (None, ""):
         raise InputError(f"{where}: a qa query needs its 'answer' for the official score")
-    return AicQuery(Truth(task, (span,), str(row["answer"]) if task == "qa" else None), (), within, tolerance)
+    return AicQuery(Truth(task, (span,), str(row["answer"]) if task == QA else None), (), within, tolerance)
 
 
 def read_truth(path) -> dict:
     """``{query_id: AicQuery}`` from a JSON-lines file or a JSON array of ground-truth rows."""
-    import json
-
-    from mergeseek.runtime import read_text_file
-
-    text = read_text_file(path, "ground-truth file")
-    if text.lstrip().startswith("["):
-        try:
-            rows = list(enumerate(json.loads(text), start=1))
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    else:
-        rows = []
-        for n, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append((n, json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{path}:{n} is not valid JSON ({exc.msg}); one object per line") from None
     out = {}
-    for n, r in rows:
-        where = f"{path}:{n}"
+    for rec in read_records(path, "ground-truth file"):
+        r, where = rec.value, rec.where
         if not isinstance(r, Mapping):
             raise InputError(f"{where}: not a JSON object")
         raw_qid = r.get("query_id") if r.get("query_id") is not None else r.get("id")
@@ -366,39 +340,21 @@ def score_submission_dir(sub_dir, truth_path, tolerance: int | None = None) -> d
 
     Returns: ``{"queries": {qid: score}, "missing": [...], "AIC": ..., "AIC_kis": ..., ...}``.
     """
-    import csv
-    from pathlib import Path
-
     truth = read_truth(truth_path)
     sub_dir = Path(sub_dir)
     if not sub_dir.is_dir():
         raise InputError(f"submission folder {sub_dir} does not exist")
-    from mergeseek.retrieval.submission import MAX_ROWS, query_file_name
-
     scores, missing, unreadable = {}, [], {}
     for qid, a in truth.items():
         scores[qid] = 0.0
         try:
             f = sub_dir / query_file_name(qid)  # a query id like ../../x never leaves the folder
+            if not f.is_file():
+                missing.append(qid)
+                continue
+            rows = read_rows(f, limit=MAX_ROWS)  # only the first rows count: a huge file is not read whole
         except InputError as exc:
-            unreadable[qid] = str(exc)
-            continue
-        if not f.is_file():
-            missing.append(qid)
-            continue
-        try:
-            with open(f, newline="", encoding="utf-8-sig") as fh:
-                rows = []
-                for r in csv.reader(fh):  # only the first rows count: a huge file is not read whole
-                    if r:
-                        rows.append(r)
-                    if len(rows) > MAX_ROWS:
-                        break
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
-            # one bad file scores 0 and is listed; the rest of the folder is still scored
-            reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else (
-                getattr(exc, "strerror", None) or str(exc).splitlines()[0][:120])
-            unreadable[qid] = f"{f.name}: {reason}"
+            unreadable[qid] = str(exc)  # one bad file scores 0 and is listed; the rest of the folder is still scored
             continue
         scores[qid] = query_score(rows, a.truth, a.tolerance if tolerance is None else tolerance)
     out = {("AIC" + k[5:]): v for k, v in score_by_task(scores, {q: a.truth.task for q, a in truth.items()}).items()}

@@ -1,4 +1,6 @@
-"""The HCMC AI Challenge submission files: the one writer every command (and the web app) uses.
+"""The HCMC AI Challenge submission format, in one home: the row limit (``MAX_ROWS``), the tasks
+and their aliases (``parse_task``), the row rule (``dedup_rows``), the writer every command and
+the web app use, and the reader the scorer uses (``read_rows``; ``eval.aic_score`` only scores).
 
 One CSV per query, named ``{query_id}.csv``, no header, at most ``MAX_ROWS`` ranked lines:
 
@@ -8,7 +10,7 @@ One CSV per query, named ``{query_id}.csv``, no header, at most ``MAX_ROWS`` ran
 
 ``frame_idx`` is the real frame number of the video (the keyframe map's ``frame_idx``, which the
 index stores), never the keyframe number. A row that repeats an earlier one is dropped, so the
-file holds up to 100 distinct candidates; rows are written through a temp file and a rename.
+file holds up to ``MAX_ROWS`` distinct candidates; rows are written through a temp file and a rename.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergeseek.errors import InputError
-from mergeseek.runtime import read_text_file
+from mergeseek.retrieval.records import csv_rows, read_records
 
 MAX_ROWS = 100
 KIS, QA, TRAKE = "kis", "qa", "trake"
@@ -59,28 +61,22 @@ def _frames(result) -> list[int]:
 
 
 def submission_rows(results: Iterable, task: str | None = None, answer: str = "", limit: int = MAX_ROWS) -> list[tuple]:
-    """Distinct rows in rank order, at most ``limit``.
+    """Distinct rows of ``results`` in rank order, at most ``limit`` (``dedup_rows``).
 
     Args:
         task: ``kis``, ``qa`` or ``trake``; None picks it from the results (frames per result:
             one -> KIS, more -> TRAKE).
         answer: the QA answer written on every row.
     """
-    out, seen = [], set()
-    for r in results:
-        t = task if task is not None else (KIS if len(_frames(r)) == 1 else TRAKE)
-        row = result_row(r, t, answer)
-        if row in seen:
-            continue
-        seen.add(row)
-        out.append(row)
-        if len(out) >= limit:
-            break
-    return out
+    def task_of(r) -> str:
+        return task if task is not None else (KIS if len(_frames(r)) == 1 else TRAKE)
+
+    return dedup_rows((result_row(r, task_of(r), answer) for r in results), limit)
 
 
 def dedup_rows(rows: Iterable[Sequence], limit: int = MAX_ROWS) -> list[tuple]:
-    """First occurrence of each row, in order, at most ``limit``."""
+    """The submission rule for rows: the first occurrence of each row, in order, at most ``limit``
+    (rows past the limit are never read: ``rows`` may be a lazy generator)."""
     out, seen = [], set()
     for r in rows:
         r = tuple(r)
@@ -122,9 +118,10 @@ def query_file_name(query_id: str) -> str:
     return f"{qid}.csv"
 
 
-def read_rows(path: str | Path) -> list[list[str]]:
-    """A submission file's rows as strings (for scoring and checks)."""
-    return [r for r in csv.reader(io.StringIO(read_text_file(path, "submission file"), newline="")) if r]
+def read_rows(path: str | Path, limit: int | None = None) -> list[list[str]]:
+    """A submission file's non-empty rows as strings (for scoring and checks); at most ``limit``
+    rows are read, so a huge file is not read whole. A bad file is one ``InputError`` line."""
+    return csv_rows(path, "submission file", limit)
 
 
 # ---------------------------------------------------------------------------- batch submissions
@@ -164,43 +161,25 @@ def read_queries(path: str | Path) -> list[SubmitQuery]:
     lines and lines starting with ``#`` are skipped. JSON keys: ``query_id`` (or ``id``),
     ``task`` (or ``type``), ``query`` (or ``text``), optional ``events`` and ``answer``.
     """
-    import json
-
-    text = read_text_file(path, "query file")
-    body = text.lstrip()
-    rows: list[tuple[int, dict]] = []
-    if body.startswith("["):
-        try:
-            data = json.loads(body)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        rows = [(i + 1, r) for i, r in enumerate(data)]
-    else:
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            if line.lstrip().startswith("{"):
-                try:
-                    rows.append((n, json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{path}:{n} is not valid JSON ({exc.msg}); one object per line") from None
-                continue
-            cells = line.split("\t")
-            if len(cells) < 3:
-                raise InputError(f"{path}:{n}: expected id<TAB>type<TAB>text, got {line[:80]!r}")
-            rows.append((n, {"query_id": cells[0], "task": cells[1], "query": "\t".join(cells[2:])}))
     out, seen = [], set()
-    for n, r in rows:
-        if not isinstance(r, dict):
-            raise InputError(f"{path} entry {n} is not an object with query_id, task and query")
-        q = _query(r, f"{path}:{n}")
+    for rec in read_records(path, "query file", text_line=_query_line):
+        if not isinstance(rec.value, dict):
+            raise InputError(f"{rec.where}: not an object with query_id, task and query")
+        q = _query(rec.value, rec.where)
         if q.qid in seen:
-            raise InputError(f"{path}:{n}: query id {q.qid!r} appears twice; ids name the output files")
+            raise InputError(f"{rec.where}: query id {q.qid!r} appears twice; ids name the output files")
         seen.add(q.qid)
         out.append(q)
     if not out:
         raise InputError(f"query file {path} holds no queries")
     return out
+
+
+def _query_line(line: str, where: str) -> dict:
+    cells = line.split("\t")
+    if len(cells) < 3:
+        raise InputError(f"{where}: expected id<TAB>type<TAB>text, got {line[:80]!r}")
+    return {"query_id": cells[0], "task": cells[1], "query": "\t".join(cells[2:])}
 
 
 MAX_QUERY_TEXT = 4000  # characters of a query (CLIP reads 77 tokens; anything this long is a mistake)
@@ -241,26 +220,23 @@ def _query(r: dict, where: str) -> SubmitQuery:
 
 def read_answers(path: str | Path) -> dict:
     """QA answers: a JSON object ``{query_id: answer}`` or ``id<TAB>answer`` lines."""
-    import json
-
-    text = read_text_file(path, "answers file")
-    if text.lstrip().startswith("{"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path} is not valid JSON ({exc.msg}); give {{\"query_id\": \"answer\"}}") from None
-        if not isinstance(data, dict):
-            raise InputError(f"{path} is not a JSON object; give {{\"query_id\": \"answer\"}}")
-        return {str(k): _scalar(v, f"the answer of {str(k)[:40]!r}", str(path)) for k, v in data.items()}
+    hint = 'give {"query_id": "answer"}'
     out = {}
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        qid, sep, ans = line.partition("\t")
-        if not sep:
-            raise InputError(f"{path}:{n}: expected id<TAB>answer, got {line[:80]!r}")
-        out[qid.strip()] = ans.strip()
+    for rec in read_records(path, "answers file", text_line=_answer_line, single_object=True, hint=hint):
+        if isinstance(rec.value, tuple):
+            out[rec.value[0]] = rec.value[1]
+        elif isinstance(rec.value, dict):
+            out.update({str(k): _scalar(v, f"the answer of {str(k)[:40]!r}", rec.where) for k, v in rec.value.items()})
+        else:
+            raise InputError(f"{rec.where} is not a JSON object; {hint}")
     return out
+
+
+def _answer_line(line: str, where: str) -> tuple[str, str]:
+    qid, sep, ans = line.partition("\t")
+    if not sep:
+        raise InputError(f"{where}: expected id<TAB>answer, got {line[:80]!r}")
+    return qid.strip(), ans.strip()
 
 
 def run_submit(queries: str | Path, index_dir: str | Path, out_dir: str | Path,
