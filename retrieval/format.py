@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 from mergeseek.retrieval.search import Hit, TemporalHit
 from mergeseek.retrieval.submission import MAX_ROWS as SUBMISSION_MAX_ROWS  # the HCMC AI Challenge's row limit
@@ -69,27 +69,49 @@ def hits_table(results: Sequence[Result]) -> str:
     return _table(["score", "video_id", "frame_idx", "timestamp", "path"], rows, [True, False, True, True, False])
 
 
-def _hit_dict(h: Hit) -> dict:
+# The release metadata a hit carries when the index has it (AI Challenge media-info, indexing.aic).
+RELEASE_KEYS = ("title", "watch_url", "video_path", "publish_date")
+Links = Callable[[Hit], tuple[Optional[str], Optional[str]]]
+
+
+def hit_dict(h: Hit, links: Optional[Links] = None) -> dict:
+    """The one JSON shape of a hit: ``cli.py search --json`` and every hit of the web app's API.
+
+    ``id, score, video_id, frame_idx, pts_time, timestamp, path, thumb_url, video_url`` and,
+    when the index knows them, the release's ``title, watch_url, video_path, publish_date``.
+    ``pts_time`` / ``timestamp`` are None without a timestamp; ``thumb_url`` / ``video_url`` are
+    None outside the web app (``links``: the hit's thumbnail and video URLs, each None when the
+    server has none).
+    """
+    thumb_url, video_url = links(h) if links is not None else (None, None)
+    timed = math.isfinite(h.pts_time)
     return {
+        "id": h.id,
         "score": round(h.score, 6),
         "video_id": h.video_id,
         "frame_idx": h.frame_idx,
-        "pts_time": h.pts_time if math.isfinite(h.pts_time) else None,
-        "timestamp": format_timestamp(h.pts_time) if math.isfinite(h.pts_time) else None,
+        "pts_time": h.pts_time if timed else None,
+        "timestamp": format_timestamp(h.pts_time) if timed else None,
         "path": h.path,
-        "id": h.id,
-        **({k: h.video[k] for k in ("title", "watch_url", "video_path", "publish_date") if k in h.video} if h.video else {}),
+        "thumb_url": thumb_url,
+        "video_url": video_url,
+        **({k: h.video[k] for k in RELEASE_KEYS if k in h.video} if h.video else {}),
     }
 
 
+def result_dict(r: Result, links: Optional[Links] = None) -> dict:
+    """``hit_dict`` of a hit; a temporal pair is its first frame's hit with the pair's ``score``,
+    ``first_score``, and ``first`` and ``then`` (the two frames' hits)."""
+    if not isinstance(r, TemporalHit):
+        return hit_dict(r, links)
+    first = hit_dict(r.first, links)
+    return {**first, "score": round(r.score, 6), "first_score": first["score"], "first": first,
+            "then": hit_dict(r.then, links)}
+
+
 def hits_json(results: Sequence[Result]) -> str:
-    out = []
-    for r in results:
-        if isinstance(r, TemporalHit):
-            out.append({"score": round(r.score, 6), "video_id": r.video_id, "first": _hit_dict(r.first), "then": _hit_dict(r.then)})
-        else:
-            out.append(_hit_dict(r))
-    return json.dumps(out, indent=1)
+    """``cli.py search --json``: a list of ``result_dict``."""
+    return json.dumps([result_dict(r) for r in results], indent=1)
 
 
 def write_submission_csv(path: Union[str, Path], results: Sequence[Result]) -> int:

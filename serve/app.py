@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from mergeseek.errors import ConfigError, InputError, MergeseekError
+from mergeseek.retrieval.submission import MAX_ROWS
 from mergeseek.serve.engine import MAX_K, Engine, NotFound, submission_csv
 
 MAX_UPLOAD = 20 * 1024 * 1024
@@ -159,7 +160,17 @@ def create_app(engine: Engine, token: Optional[str] = None, allowed_hosts: Optio
     """
     app = FastAPI(title="mergeseek", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
-    page = PAGE.read_text(encoding="utf-8")
+    _add_guard(app, token, allowed_hosts)
+    _add_error_handlers(app)
+    _add_page_routes(app, engine)
+    _add_search_routes(app, engine)
+    _add_frame_routes(app, engine)
+    _add_export_routes(app, engine)
+    return app
+
+
+def _add_guard(app: FastAPI, token: Optional[str], allowed_hosts: Optional[Sequence[str]]) -> None:
+    """Every request: the ``Host`` check first, then the token; every answer: the safety headers."""
     allowed = None if allowed_hosts is None else frozenset(host_name(h if ":" not in h or h.startswith("[") else f"[{h}]")
                                                            for h in allowed_hosts)
     any_ip = allowed is not None and bool({"0.0.0.0", "::"} & allowed)
@@ -184,6 +195,8 @@ def create_app(engine: Engine, token: Optional[str] = None, allowed_hosts: Optio
         response.headers["Referrer-Policy"] = "no-referrer"
         return response
 
+
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(NotFound)
     async def not_found(request, exc: NotFound):
         return JSONResponse({"detail": str(exc)}, status_code=404)
@@ -206,11 +219,10 @@ def create_app(engine: Engine, token: Optional[str] = None, allowed_hosts: Optio
             parts.append(f"{loc or 'request'}: {e.get('msg', 'invalid')}")
         return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
 
-    def hits_response(results: list, started: float, pairs: bool = False, **extra) -> dict:
-        return {"kind": "pairs" if pairs else "frames", **extra, "took_ms": round((time.perf_counter() - started) * 1e3, 2),
-                "hits": [engine.result_dict(r) for r in results]}
 
-    # ------------------------------------------------------------------ page and health
+def _add_page_routes(app: FastAPI, engine: Engine) -> None:
+    page = PAGE.read_text(encoding="utf-8").replace("%MAX_ROWS%", str(MAX_ROWS))
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index_page():
         return HTMLResponse(page, headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache"})
@@ -219,8 +231,13 @@ def create_app(engine: Engine, token: Optional[str] = None, allowed_hosts: Optio
     def health():
         return engine.health()
 
-    # ------------------------------------------------------------------ searches
+
+def _add_search_routes(app: FastAPI, engine: Engine) -> None:
     K = Query(20, ge=1, le=MAX_K, description="number of results")
+
+    def hits_response(results: list, started: float, pairs: bool = False, **extra) -> dict:
+        return {"kind": "pairs" if pairs else "frames", **extra, "took_ms": round((time.perf_counter() - started) * 1e3, 2),
+                "hits": [engine.result_dict(r) for r in results]}
 
     @app.get("/api/search")
     def search(q: str = Query(..., min_length=1, max_length=2000), k: int = K,
@@ -234,32 +251,7 @@ def create_app(engine: Engine, token: Optional[str] = None, allowed_hosts: Optio
     @app.post("/api/search/image")
     async def search_image(request: Request, k: int = K, per_video: bool = False):
         t0 = time.perf_counter()
-        body = await _read_limited(request, MAX_UPLOAD + MULTIPART_SLACK)
-        ctype = request.headers.get("content-type", "").lower()
-        if ctype.startswith("multipart/form-data"):
-            sent = False
-
-            async def replay():
-                nonlocal sent
-                if sent:
-                    return {"type": "http.disconnect"}
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-
-            form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
-            upload = form.get("file") or form.get("image")
-            if not isinstance(upload, UploadFile):
-                raise UploadRefused(400, "no image in the upload; send it as the multipart field 'file'")
-            data = await upload.read()
-            await form.close()
-        elif ctype.startswith("image/") or ctype.startswith("application/octet-stream"):
-            data = body
-        else:
-            raise UploadRefused(400, "send the image as multipart/form-data (field 'file') or as an image/* body")
-        if len(data) > MAX_UPLOAD:
-            raise UploadRefused(413, f"upload is over the {MAX_UPLOAD // 2**20} MB limit")
-        if not data:
-            raise UploadRefused(400, "the upload is empty; send a JPEG, PNG or WebP file")
+        data = await _upload_bytes(request)
         image = await run_in_threadpool(_open_image, data)  # decoding a large image must not stall other requests
         results = await run_in_threadpool(engine.search_image, image, k, per_video)
         return hits_response(results, t0, query="image")
@@ -270,7 +262,41 @@ def create_app(engine: Engine, token: Optional[str] = None, allowed_hosts: Optio
         results = engine.similar(_frame_id(frame), k=k, per_video=per_video)
         return hits_response(results, t0, query=f"similar:{frame}")
 
-    # ------------------------------------------------------------------ frames and files (by recorded ids only)
+
+async def _upload_bytes(request: Request) -> bytes:
+    """The uploaded image's bytes: a multipart field ``file`` (or ``image``) or a raw image body."""
+    body = await _read_limited(request, MAX_UPLOAD + MULTIPART_SLACK)
+    ctype = request.headers.get("content-type", "").lower()
+    if ctype.startswith("multipart/form-data"):
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
+        upload = form.get("file") or form.get("image")
+        if not isinstance(upload, UploadFile):
+            raise UploadRefused(400, "no image in the upload; send it as the multipart field 'file'")
+        data = await upload.read()
+        await form.close()
+    elif ctype.startswith("image/") or ctype.startswith("application/octet-stream"):
+        data = body
+    else:
+        raise UploadRefused(400, "send the image as multipart/form-data (field 'file') or as an image/* body")
+    if len(data) > MAX_UPLOAD:
+        raise UploadRefused(413, f"upload is over the {MAX_UPLOAD // 2**20} MB limit")
+    if not data:
+        raise UploadRefused(400, "the upload is empty; send a JPEG, PNG or WebP file")
+    return data
+
+
+def _add_frame_routes(app: FastAPI, engine: Engine) -> None:
+    """Frames and files, reached by the ids and video ids the index recorded only."""
+
     @app.get("/api/thumb/{frame}")
     def thumb(frame: str):
         data = engine.catalog.thumb(_frame_id(frame))
@@ -287,7 +313,10 @@ def create_app(engine: Engine, token: Optional[str] = None, allowed_hosts: Optio
         v = engine.catalog.video(video_id)  # a dict lookup: a request never names a path
         return FileResponse(v.path, media_type=v.media_type, headers={"Cache-Control": "private, max-age=3600"})
 
-    # ------------------------------------------------------------------ submission
+
+def _add_export_routes(app: FastAPI, engine: Engine) -> None:
+    """Submission files (``retrieval.submission``'s format) of a search or of the basket."""
+
     def csv_response(results: list, query_id: Optional[str], answer: Optional[str] = None) -> Response:
         name = _file_name(query_id)
         text, n = submission_csv(results, answer)
@@ -295,7 +324,8 @@ def create_app(engine: Engine, token: Optional[str] = None, allowed_hosts: Optio
             "Content-Disposition": f'attachment; filename="{name}"', "X-Rows": str(n)})
 
     @app.get("/api/export.csv")
-    def export_search(q: str = Query(..., min_length=1, max_length=2000), k: int = Query(100, ge=1, le=100),
+    def export_search(q: str = Query(..., min_length=1, max_length=2000),
+                      k: int = Query(MAX_ROWS, ge=1, le=MAX_ROWS),
                       then: Optional[str] = Query(None, max_length=2000), within: float = Query(30.0, gt=0, le=86400),
                       per_video: bool = False, query_id: Optional[str] = Query(None, max_length=100),
                       answer: Optional[str] = Query(None, max_length=500)):
@@ -306,5 +336,3 @@ def create_app(engine: Engine, token: Optional[str] = None, allowed_hosts: Optio
     def export_basket(basket: Basket):
         _file_name(basket.query_id)
         return csv_response(engine.rows_for(basket.ids), basket.query_id, basket.answer)
-
-    return app

@@ -9,7 +9,6 @@ path taken from a request.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from urllib.parse import quote
 import numpy as np
 
 from mergeseek.errors import InputError, NotFoundError
+from mergeseek.retrieval.format import hit_dict, result_dict
 from mergeseek.retrieval.search import FROM_INDEX, Hit, Searcher, TemporalHit
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ class Catalog:
         self.frame_idx = meta.column("frame_idx").to_numpy()
         self.pts_time = meta.column("pts_time").to_numpy()
         self.paths = meta.column("path")
+        self.video_meta = searcher.video_meta  # release metadata, so a hit by id carries what a searched one does
         hashes = meta.column("hash").to_numpy()
         # Frames of one video in frame order, for the neighbour strip.
         self._by_video = np.lexsort((self.frame_idx, self.video_code))
@@ -123,7 +124,7 @@ class Catalog:
                 self.videos[e.video_id] = _video_file(Path(key), e.fingerprint)
         # Keyframe folders of an AI Challenge release: the release's own video, when indexing recorded
         # it in videos.json (indexing.aic), plays at the keyframe's time.
-        for vid, entry in _release_videos(self.root).items():
+        for vid, entry in self.video_meta.items():
             if vid in self.kinds and vid not in self.videos and isinstance(entry, dict) and entry.get("video_path"):
                 p = Path(str(entry["video_path"]))
                 if p.suffix.lower() in VIDEO_TYPES:
@@ -155,8 +156,9 @@ class Catalog:
         return int(self._row_at[i])
 
     def hit(self, row: int, score: float = 0.0) -> Hit:
-        return Hit(float(score), self.video_names[self.video_code[row]], int(self.frame_idx[row]),
-                   float(self.pts_time[row]), self.paths[row].as_py(), int(self.ids[row]))
+        vid = self.video_names[self.video_code[row]]
+        return Hit(float(score), vid, int(self.frame_idx[row]), float(self.pts_time[row]), self.paths[row].as_py(),
+                   int(self.ids[row]), self.video_meta.get(vid))
 
     def vector(self, id_: int) -> np.ndarray:
         self.row(id_)  # live rows only
@@ -208,20 +210,6 @@ def _video_file(p: Path, sig: Optional[str]) -> VideoFile:
     return VideoFile(p, VIDEO_TYPES.get(p.suffix.lower(), "application/octet-stream"), sig)
 
 
-def _release_videos(root: Path) -> dict:
-    try:
-        from mergeseek.indexing.aic import load_video_meta
-    except ImportError:  # an older checkout without release metadata
-        return {}
-    return load_video_meta(root)
-
-
-def _timestamp(t: float) -> Optional[str]:
-    from mergeseek.retrieval.format import format_timestamp
-
-    return format_timestamp(t) if math.isfinite(t) else None
-
-
 class Engine:
     """Searches and lookups for the web app; every method is safe to call from many threads."""
 
@@ -236,25 +224,17 @@ class Engine:
         return cls(CachedSearcher.open(index_dir, model=model, pretrained=pretrained, merge=merge, device=device,
                                        precision=precision, ngpu=ngpu))
 
-    # ------------------------------------------------------------------ shapes
+    # ------------------------------------------------------------------ shapes (retrieval.format's, plus URLs)
+    def links(self, h: Hit) -> tuple[Optional[str], Optional[str]]:
+        """The hit's thumbnail and video URLs on this server (None where there is none)."""
+        return (f"/api/thumb/{h.id}" if h.id in self.catalog.thumbs else None,
+                f"/api/video/{quote(h.video_id, safe='')}" if h.video_id in self.catalog.videos else None)
+
     def hit_dict(self, h: Hit) -> dict:
-        return {
-            "id": h.id,
-            "score": round(h.score, 6),
-            "video_id": h.video_id,
-            "frame_idx": h.frame_idx,
-            "pts_time": h.pts_time if math.isfinite(h.pts_time) else None,
-            "timestamp": _timestamp(h.pts_time),
-            "thumb_url": f"/api/thumb/{h.id}" if h.id in self.catalog.thumbs else None,
-            "video_url": f"/api/video/{quote(h.video_id, safe='')}" if h.video_id in self.catalog.videos else None,
-        }
+        return hit_dict(h, self.links)
 
     def result_dict(self, r: Union[Hit, TemporalHit]) -> dict:
-        if isinstance(r, TemporalHit):
-            d = self.hit_dict(r.first)
-            d.update(score=round(r.score, 6), first_score=round(r.first.score, 6), then=self.hit_dict(r.then))
-            return d
-        return self.hit_dict(r)
+        return result_dict(r, self.links)
 
     def health(self) -> dict:
         m = self.manifest
