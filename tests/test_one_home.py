@@ -257,7 +257,7 @@ def test_every_reader_of_user_files_takes_a_bom_and_blank_lines_and_names_a_bad_
     import json
 
     from mergeseek.errors import InputError
-    from mergeseek.eval.aic_score import read_truth, score_submission_dir
+    from mergeseek.eval.aic_score import read_truth
     from mergeseek.retrieval.submission import read_answers, read_queries, read_rows
 
     truth = [{"query_id": "q1", "task": "kis", "video_id": "V", "span": [10, 20]},
