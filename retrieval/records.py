@@ -8,8 +8,9 @@ JSON ...``). Each record keeps that ``path:line``, so a check of its fields can 
 Which form a file is in is read from the file, not from its name: a file whose first
 non-blank character is ``[`` is one JSON array (one record per element); any other file is
 read line by line, where ``#`` lines are comments and a line is one JSON value unless the
-caller reads its own plain-text lines (``text_line``, e.g. tab-separated). A name ending in
-``.csv`` is a CSV table with a header row (one dict per row).
+caller reads its own plain-text lines (``text_line``, e.g. tab-separated). Where the caller
+takes tables (``csv_tables``), a name ending in ``.csv`` is a CSV table with a header row (one
+dict per row).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class Record:
 
 
 def read_records(path: Union[str, Path], what: str, *, text_line: Optional[Callable[[str, str], Any]] = None,
-                 single_object: bool = False, hint: str = "one JSON object per line") -> list[Record]:
+                 single_object: bool = False, csv_tables: bool = False,
+                 hint: str = "one JSON object per line") -> list[Record]:
     """The records of ``path`` in file order (``what`` names it in errors: "query file", ...).
 
     Args:
@@ -51,11 +53,13 @@ def read_records(path: Union[str, Path], what: str, *, text_line: Optional[Calla
             ``path:line``); None: every line is JSON.
         single_object: a file that starts with ``{`` is one JSON object, which may span lines
             (one record), not JSON lines.
+        csv_tables: a name ending in ``.csv`` is a CSV table with a header row (off: such a file
+            is read by lines like any other, e.g. tab-separated lines saved as .csv).
         hint: what to write instead, added to a "not valid JSON" message.
     """
     text = read_text_file(path, what)
     name = str(path)
-    if str(path).lower().endswith(".csv"):
+    if csv_tables and name.lower().endswith(".csv"):
         return _csv_records(text, name)
     body = text.lstrip()
     if body.startswith("["):
