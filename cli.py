@@ -224,11 +224,12 @@ ReuseOpt = Annotated[
 ]
 
 
-def _reuse_option(reuse: Optional[str]) -> Optional[str]:
+def _reuse_option(reuse: Optional[str]):
+    """The enabled ``ReuseConfig`` of ``--reuse`` (parsed once, here), or None."""
     from mergeseek.encoders.reuse import ReuseConfig
 
     cfg = ReuseConfig.parse(reuse)
-    return str(cfg) if cfg.enabled else None
+    return cfg if cfg.enabled else None
 
 
 @app.command("search")

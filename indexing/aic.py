@@ -493,9 +493,9 @@ def import_features(paths: Sequence[Path], index_dir: Path, model: str = "ViT-B-
     """
     import time
 
-    from mergeseek.indexing.pipeline import IndexOptions, IndexReport, _refresh_faiss
+    from mergeseek.indexing.pipeline import IndexReport
     from mergeseek.indexing.sources import BadInput
-    from mergeseek.indexing.store import IndexStore
+    from mergeseek.indexing.writer import IndexWriter
 
     t0 = time.perf_counter()
     videos = _feature_videos(paths, overrides)
@@ -507,40 +507,25 @@ def import_features(paths: Sequence[Path], index_dir: Path, model: str = "ViT-B-
     dim = _model_dim(model) or _first_good_dim(videos)
     identity = {"model": model, "pretrained": pretrained, "merge": "none", "precision": "fp32", "dim": dim}
     recipe = "clip-features;dedup=off"
-    with IndexStore.open_for_write(Path(index_dir), identity, index_type, force) as store:
-        faiss_was_current = store.faiss_is_current()
-        todo, new_shards, replaced = [], [], False
-
-        def commit() -> None:
-            t1 = time.perf_counter()
-            store.commit(todo, {"sampling": "all", "dedup": "off"})
-            new_shards.append(f"part-{store.manifest.next_shard - 1:05d}")
-            report.times.write_s += time.perf_counter() - t1
-            report.indexed += [e.video_id for e in todo]
-            report.frames_sampled = report.frames_encoded = report.frames_encoded + sum(len(e.frame_idx) for e in todo)
-            todo.clear()
-
+    with IndexWriter(Path(index_dir), identity, index_type=index_type, force=force, ngpu=ngpu,
+                     settings={"sampling": "all", "dedup": "off"}, shard_rows=COMMIT_ROWS) as writer:
         for vid, parts, npy in videos:
             key, fingerprint = _feature_key(parts, vid, npy)
-            if store.is_current(key, fingerprint, recipe):
+            if writer.is_current(key, fingerprint, recipe):
                 report.up_to_date += 1
                 continue
             try:
-                todo.append(_feature_source(vid, parts, npy, key, fingerprint, recipe, identity["dim"], report))
+                writer.add(_feature_source(vid, parts, npy, key, fingerprint, recipe, identity["dim"], report))
             except InputError as exc:
                 log.warning("skip %s", exc)
                 report.failed.append(BadInput(str(npy), str(exc)))
                 continue
-            replaced = replaced or key in store.manifest.sources
-            if sum(len(e.frame_idx) for e in todo) >= COMMIT_ROWS:  # bounds memory on a whole release
-                commit()
-        if todo:
-            commit()
-        store.finish()  # --force: the new generation replaces the old one only now
-        t1 = time.perf_counter()
-        _refresh_faiss(store, new_shards, faiss_was_current and not replaced, IndexOptions(index_type=index_type, ngpu=ngpu))
-        report.times.faiss_s = time.perf_counter() - t1
-        report.vectors_total = store.manifest.counts()["vectors"]
+            writer.commit_if_due()  # COMMIT_ROWS rows per shard bounds memory on a whole release
+        writer.finish()
+        report.indexed = list(writer.stats.video_ids)
+        report.frames_sampled = report.frames_encoded = writer.stats.rows
+        report.times.write_s, report.times.faiss_s = writer.stats.write_s, writer.stats.faiss_s
+        report.vectors_total = writer.manifest.counts()["vectors"]
         by_video = {vid: parts for vid, parts, _ in videos if vid in set(report.indexed)}
         report.metadata = write_sidecars(Path(index_dir), by_video) if by_video else {}
     report.times.wall_s = time.perf_counter() - t0

@@ -47,12 +47,13 @@ from mergeseek.indexing.pipeline import (
     _Batch,
     _Failed,
     _reuse_config,
-    Committer,
     index_paths,
     read_source,
+    take_source,
 )
 from mergeseek.indexing.sources import BadInput, MediaSource
-from mergeseek.indexing.store import IDENTITY_KEYS, IndexStore
+from mergeseek.indexing.store import IDENTITY_KEYS
+from mergeseek.indexing.writer import IndexWriter
 
 log = logging.getLogger(__name__)
 
@@ -286,8 +287,8 @@ def index_paths_ray(
     """
     started = connect(ray_options.address, ray_options.num_cpus)
     try:
-        def stages(store, todo, enc, opts, report, commit_hook):
-            return _ray_stages(store, todo, enc, opts, report, commit_hook, ray_options, actor_encoder)
+        def stages(writer, todo, enc, opts, report):
+            return _ray_stages(writer, todo, enc, opts, report, ray_options, actor_encoder)
 
         return index_paths(paths, index_dir, encoder, options, on_commit=on_commit, stages=stages)
     finally:
@@ -379,10 +380,9 @@ class _Assembler:
             self.next += 1
 
 
-def _ray_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, report: IndexReport, on_commit,
-                ray_options: RayOptions, actor_encoder) -> list:
-    assembler = _Assembler(todo)
-    writer = Committer(store, options, report, on_commit)  # the same writer as one process
+def _ray_stages(writer: IndexWriter, todo: list, encoder, options: IndexOptions, report: IndexReport,
+                ray_options: RayOptions, actor_encoder) -> None:
+    assembler = _Assembler(todo)  # sources reach the writer (the same one as in one process) in to-do order
     bars = _Bars(len(todo)) if options.progress else None
     reuse_stats = None  # --reuse: the sources' ReuseStats added up, in arrival order
 
@@ -391,13 +391,13 @@ def _ray_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
         for batch, _ in parts:
             writer.thumbs.add(src.key, batch.thumbs)
         if last is None or isinstance(last, _Failed):
-            writer.thumbs.drop(src.key)
+            writer.drop(src.key)
         if last is None:
             report.failed.append(BadInput(str(src.path), "lost on the Ray cluster (its worker failed past the retries)"))
         elif isinstance(last, _Failed):
             report.failed.append(BadInput(str(last.source.path), last.reason.split(": ", 1)[-1]))
         else:
-            writer.take(last, parts)
+            take_source(writer, report, options, last, parts)
         if bars:
             bars.source_done()
         writer.commit_if_due()
@@ -435,10 +435,10 @@ def _ray_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
             for src, last, parts in assembler.ready():  # finished and in order: keep them
                 take(src, last, parts)
             writer.flush()
-            kept = store.manifest.counts()
+            kept = writer.manifest.counts()
             raise RayRunError(
                 f"Ray run stopped ({_short(exc)}); kept {len(report.indexed)} source(s) of this run committed "
-                f"({kept['videos']} sources, {kept['vectors']} vectors in {store.root}); run the same command "
+                f"({kept['videos']} sources, {kept['vectors']} vectors in {writer.root}); run the same command "
                 "again to resume"
             ) from None
         raise
@@ -451,7 +451,6 @@ def _ray_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
 
         stats = reuse_stats if reuse_stats is not None else ReuseStats()
         report.reuse = {"config": str(reuse), "audit_every": reuse.audit, **stats.summary()}
-    return writer.new_shards
 
 
 def _is_ray_error(exc: BaseException) -> bool:

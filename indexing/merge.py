@@ -33,7 +33,7 @@ import numpy as np
 
 from mergeseek.errors import IndexMismatchError, InputError
 from mergeseek.indexing.store import IDENTITY_KEYS, EncodedSource, IndexStore, read_manifest
-from mergeseek.indexing.thumbs import ThumbCollector, ThumbReader
+from mergeseek.indexing.thumbs import ThumbReader
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def merge_indexes(inputs: Sequence[Union[str, Path]], into: Union[str, Path], in
         IndexMismatchError: inputs (or the target) built with another model / weights / merge config /
             precision / dim, or one source with different contents in two inputs.
     """
-    from mergeseek.indexing.pipeline import IndexOptions, _refresh_faiss
+    from mergeseek.indexing.writer import IndexWriter
 
     t0 = time.perf_counter()
     into = Path(into)
@@ -107,21 +107,20 @@ def merge_indexes(inputs: Sequence[Union[str, Path]], into: Union[str, Path], in
         _check_same(first, _Named(into, target))
     plan, duplicates = _plan(stores)
     report = MergeReport(str(into), [str(r) for r in roots], duplicates=duplicates)
-    settings = _settings(stores)
-    with IndexStore.open_for_write(into, first.manifest.identity, index_type or (None if target else first.manifest.index_type)) as out:
-        faiss_was_current = out.faiss_is_current()
-        todo = [(s, k) for s, k in plan if not out.is_current(k, s.manifest.sources[k].fingerprint, s.manifest.sources[k].recipe)]
+    with IndexWriter(into, first.manifest.identity, index_type=index_type or (None if target else first.manifest.index_type),
+                     ngpu=ngpu, settings=_settings(stores), shard_rows=commit_rows) as writer:
+        todo = [(s, k) for s, k in plan if not writer.is_current(k, s.manifest.sources[k].fingerprint, s.manifest.sources[k].recipe)]
         report.up_to_date = len(plan) - len(todo)
-        replaced = any(key in out.manifest.sources for _, key in todo)
-        video_ids = _video_ids(plan, out)
-        new_shards = _copy(out, todo, settings, commit_rows, report, video_ids)
-        _refresh_faiss(out, new_shards, faiss_was_current and not replaced, IndexOptions(ngpu=ngpu))
+        video_ids = _video_ids(plan, writer.store)
+        _copy(writer, todo, report, video_ids)
+        writer.finish()
+        report.sources_copied, report.vectors_copied = writer.stats.sources, writer.stats.rows
         # Thumbnails of shards committed by a run killed before their pack was written (a resumed
         # merge) come from the inputs too; what no input has is decoded from the sources, if found.
-        report.thumbs_backfilled, report.thumbs_missing = _backfill_thumbs(out, {k: st for st, k in plan})
-        report.sidecars = _merge_sidecars(out.root, plan, video_ids)
-        report.vectors_total = out.manifest.counts()["vectors"]
-        report.index_type = out.manifest.index_type
+        report.thumbs_backfilled, report.thumbs_missing = _backfill_thumbs(writer.store, {k: st for st, k in plan})
+        report.sidecars = _merge_sidecars(writer.root, plan, video_ids)
+        report.vectors_total = writer.manifest.counts()["vectors"]
+        report.index_type = writer.manifest.index_type
     report.wall_s = time.perf_counter() - t0
     return report
 
@@ -202,23 +201,9 @@ def _video_ids(plan: list, out: IndexStore) -> dict:
     return {src.key: new.video_id for src, new in zip(sources, assign_ids(sources, existing))}
 
 
-def _copy(out: IndexStore, todo: list, settings: dict, commit_rows: int, report: MergeReport,
-          video_ids: Optional[dict] = None) -> list:
-    """Commit the planned sources in order, ``commit_rows`` rows per shard, thumbnails beside each shard."""
-    thumbs = ThumbCollector()
-    new_shards: list = []
-    buffer: list = []
+def _copy(writer, todo: list, report: MergeReport, video_ids: Optional[dict] = None) -> None:
+    """Hand the planned sources to the writer in order, each with its thumbnails when the input has them all."""
     current: Optional[_Input] = None
-
-    def commit() -> None:
-        nonlocal buffer
-        ids = out.commit(buffer, settings)
-        new_shards.append(out.last_shard)
-        thumbs.write(out.root, new_shards[-1], buffer, ids)
-        report.sources_copied += len(buffer)
-        report.vectors_copied += int(len(ids))
-        buffer = []
-
     try:
         for store, key in todo:
             if current is None or current.store is not store:
@@ -230,17 +215,13 @@ def _copy(out: IndexStore, todo: list, settings: dict, commit_rows: int, report:
             if vid != enc.video_id:
                 report.renamed[key] = vid
                 enc.video_id = vid
-            if all(j is not None for j in jpegs):
-                thumbs.add(key, jpegs)  # else `cli.py thumbs --index INTO` makes them from the videos
-            buffer.append(enc)
-            if sum(len(e.frame_idx) for e in buffer) >= commit_rows:
-                commit()
-        if buffer:
-            commit()
+            # without a complete set, `cli.py thumbs --index INTO` makes them from the videos
+            writer.add(enc, jpegs if all(j is not None for j in jpegs) else None)
+            writer.commit_if_due()
+        writer.flush()
     finally:
         if current is not None:
             current.close()
-    return new_shards
 
 
 def _merge_sidecars(root: Path, plan: list, video_ids: dict) -> dict:
@@ -324,8 +305,6 @@ class _Input:
             positions.setdefault(k, []).append(pos)
         self.positions = positions
         self.thumbs = ThumbReader(store.root, list(store.manifest.shards), self.ids, self.meta.column("hash").to_numpy())
-        self._shard: Optional[str] = None
-        self._vecs: tuple = ()
 
     def close(self) -> None:
         self.thumbs.close()
@@ -343,22 +322,19 @@ class _Input:
             raise InputError(f"{store.root}: source {key} has {len(pos)} rows but its manifest says {e.count}; "
                              f"run `cli.py repair --index {store.root}` first")
         rows = self.meta.take(pos)
-        if self._shard != e.shard:
-            sids, svecs = store.read_vectors(shards=[e.shard])
-            self._shard, self._vecs = e.shard, (sids, svecs, np.argsort(sids, kind="stable"))
-        sids, svecs, order = self._vecs
         row_ids = self.ids[pos]
-        at = order[np.clip(np.searchsorted(sids, row_ids, sorter=order), 0, max(len(sids) - 1, 0))]
-        if len(sids) == 0 or not np.array_equal(sids[at], row_ids):
+        try:
+            vectors = store.vectors_by_id(row_ids, e.shard)
+        except InputError:
             raise InputError(f"{store.root}: vectors of source {key} are missing from shard {e.shard}; "
-                             f"run `cli.py repair --index {store.root}` first")
+                             f"run `cli.py repair --index {store.root}` first") from None
         enc = EncodedSource(
             key=key, video_id=e.video_id, kind=e.kind, fingerprint=e.fingerprint, recipe=e.recipe,
             frame_idx=rows.column("frame_idx").to_numpy().astype(np.int64),
             pts_time=rows.column("pts_time").to_numpy().astype(np.float64),
             paths=rows.column("path").to_pylist(),
             hashes=rows.column("hash").to_numpy().astype(np.int64),
-            vectors=np.ascontiguousarray(svecs[at], dtype=np.float32),
+            vectors=vectors,
             duplicates=e.duplicates,
         )
         return enc, [self.thumbs.get(int(i)) for i in row_ids]

@@ -24,15 +24,15 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from mergeseek.errors import ConfigError, DamagedIndexError, InputError
+from mergeseek.errors import InputError
 from mergeseek.indexing import aic
 from mergeseek.indexing.dedup import Dedup, DuplicateFilter, phash
-from mergeseek.indexing.faiss_index import add_to_index, build_index, load_index, save_index
 from mergeseek.indexing.sampling import Sampling
 from mergeseek.indexing.decoders import require_backend
 from mergeseek.indexing.sources import BadInput, MediaSource, SourceReader, assign_ids, discover
-from mergeseek.indexing.store import EncodedSource, IndexStore, preflight
-from mergeseek.indexing.thumbs import ThumbCollector, ensure_thumbs, make_jpeg
+from mergeseek.indexing.store import EncodedSource, preflight
+from mergeseek.indexing.thumbs import ensure_thumbs, make_jpeg
+from mergeseek.indexing.writer import IndexWriter
 
 log = logging.getLogger(__name__)
 
@@ -75,19 +75,19 @@ class IndexOptions:
     release_parts: Optional[dict] = None
     decoder: str = "decord"  # video backend, see indexing.decoders.BACKENDS
     memory_budget: Optional[int] = None
-    reuse: Optional[str] = None
+    reuse: Any = None  # a ReuseConfig, or its spelling; stored as the enabled ReuseConfig or None
+
 
     def __post_init__(self) -> None:
         # The library takes the command line's spellings too: sampling="fps=2", reuse="threshold=0.05"
         # (checked here, before any work, not deep inside the reader).
         if not isinstance(self.sampling, Sampling):
             object.__setattr__(self, "sampling", Sampling.parse(self.sampling))
-        if self.reuse is not None and not isinstance(self.reuse, str):
-            object.__setattr__(self, "reuse", str(self.reuse))
-        if self.reuse is not None:
+        if self.reuse is not None:  # parsed once, here: everything downstream reads the ReuseConfig
             from mergeseek.encoders.reuse import ReuseConfig
 
-            ReuseConfig.parse(self.reuse)
+            cfg = ReuseConfig.parse(self.reuse if isinstance(self.reuse, (str, ReuseConfig)) else str(self.reuse))
+            object.__setattr__(self, "reuse", cfg if cfg.enabled else None)
 
 
 @dataclass
@@ -315,13 +315,8 @@ def recipe_for(source: MediaSource, options: IndexOptions) -> str:
 
 
 def _reuse_config(options: IndexOptions):
-    """The enabled ``ReuseConfig`` of ``options``, or None."""
-    if options.reuse is None:
-        return None
-    from mergeseek.encoders.reuse import ReuseConfig
-
-    cfg = ReuseConfig.parse(options.reuse)
-    return cfg if cfg.enabled else None
+    """The enabled ``ReuseConfig`` of ``options``, or None (``IndexOptions`` parsed it)."""
+    return options.reuse
 
 
 def index_paths(
@@ -338,8 +333,8 @@ def index_paths(
         encoder: an ``encoders.Encoder``, or a zero-argument callable returning one (called only
             after the inputs were found, so a missing folder fails before the model loads).
         on_commit: called with the committed source keys after every commit (progress hooks, tests).
-        stages: ``(store, todo, encoder, options, report, on_commit) -> new shard names``, the part that
-            encodes and commits the sources still to do (default: the threaded reader/encoder of this
+        stages: ``(writer, todo, encoder, options, report)``, the part that encodes the sources still
+            to do and hands them to the ``IndexWriter`` (default: the threaded reader/encoder of this
             process; ``indexing.distributed.index_paths_ray`` passes its Ray version).
 
     Raises:
@@ -365,23 +360,21 @@ def index_paths(
         family_of(encoder.model)  # a model --reuse cannot run (a ResNet, an attention pooler) fails before the index opens
     report = IndexReport(str(index_dir), sources_found=len(sources), failed=list(bad),
                          unmapped=[s.video_id for s in unmapped])
-    with IndexStore.open_for_write(Path(index_dir), identity, options.index_type, options.force,
-                                   options.memory_budget) as store:
-        faiss_was_current = store.faiss_is_current()
+    with IndexWriter(Path(index_dir), identity, index_type=options.index_type, force=options.force,
+                     memory_budget=options.memory_budget, ngpu=options.ngpu,
+                     settings={"sampling": str(options.sampling), "dedup": str(options.dedup)},
+                     shard_rows=options.shard_size, commit_every_s=options.commit_every_s, on_commit=on_commit) as writer:
         # A stem another source of the index already has gets a distinct id (logged); known sources keep theirs.
-        sources = assign_ids(sources, {key: e.video_id for key, e in store.manifest.sources.items()})
-        todo = [s for s in sources if not store.is_current(s.key, s.fingerprint, recipe_for(s, options))]
+        sources = assign_ids(sources, {key: e.video_id for key, e in writer.manifest.sources.items()})
+        todo = [s for s in sources if not writer.is_current(s.key, s.fingerprint, recipe_for(s, options))]
         report.up_to_date = len(sources) - len(todo)
-        replaced = any(s.key in store.manifest.sources for s in todo)
         if todo:
             log.info("%d source(s) to index, %d up to date", len(todo), report.up_to_date)
-        new_shards = (stages or _run_stages)(store, todo, encoder, options, report, on_commit) if todo else []
-        store.finish()  # --force: the new generation replaces the old one only now, and only when it holds a source
-        t0 = time.perf_counter()
-        _refresh_faiss(store, new_shards, faiss_was_current and not replaced, options)
-        report.times.faiss_s = time.perf_counter() - t0
-        report.vectors_total = store.manifest.counts()["vectors"]
-        ensure_thumbs(store)  # packs a killed run or an older version did not write (decodes those frames again)
+            (stages or _run_stages)(writer, todo, encoder, options, report)
+        writer.finish()
+        report.times.write_s, report.times.faiss_s = writer.stats.write_s, writer.stats.faiss_s
+        report.vectors_total = writer.manifest.counts()["vectors"]
+        ensure_thumbs(writer.store)  # packs a killed run or an older version did not write (decodes those frames again)
         have = set(aic.load_video_meta(Path(index_dir)))
         report.metadata = aic.write_release_metadata(
             Path(index_dir), sources, options.release_parts, {s.video_id for s in sources if s.video_id not in have}
@@ -394,8 +387,7 @@ def index_paths(
     return report
 
 
-def _run_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, report: IndexReport,
-                on_commit) -> list:
+def _run_stages(writer: IndexWriter, todo: list, encoder, options: IndexOptions, report: IndexReport) -> None:
     reader = Reader(todo, options.sampling, options.dedup, encoder.preprocess_images, encoder.batch_size, options.prefetch,
                     options.read_workers, decoder=options.decoder)
     bars = _Bars(len(todo)) if options.progress else None
@@ -404,7 +396,6 @@ def _run_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
     reuse = _reuse_config(options)
     stream = encoder.stream(reuse) if reuse is not None else None
     partial: dict = {}  # source key -> list of (batch, vectors)
-    writer = Committer(store, options, report, on_commit)
 
     reader.start()
     try:
@@ -431,14 +422,14 @@ def _run_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
                 partial.pop(item.source.key, None)
                 if stream is not None:
                     stream.end(item.source.key)
-                writer.thumbs.drop(item.source.key)
+                writer.drop(item.source.key)
                 report.failed.append(BadInput(str(item.source.path), item.reason.split(": ", 1)[-1]))
                 if bars:
                     bars.source_done()
             else:
                 if stream is not None:
                     stream.end(item.source.key)
-                writer.take(item, partial.pop(item.source.key, []))
+                take_source(writer, report, options, item, partial.pop(item.source.key, []))
                 if bars:
                     bars.source_done()
                 writer.commit_if_due()
@@ -453,55 +444,20 @@ def _run_stages(store: IndexStore, todo: list, encoder, options: IndexOptions, r
     report.times.read_s = reader.busy_s
     if stream is not None:
         report.reuse = {"config": str(stream.cfg), "audit_every": stream.cfg.audit, **stream.finish().summary()}
-    return writer.new_shards
 
 
-class Committer:
-    """The one writer of a run: buffers finished sources and commits them as one shard (thumbnails
-    beside it) when ``shard_size`` rows are buffered or ``commit_every_s`` has passed. The threaded
-    pipeline and the Ray driver both write through it, so a shard means the same in both."""
-
-    def __init__(self, store: IndexStore, options: IndexOptions, report: IndexReport,
-                 on_commit: Optional[Callable[[list], None]] = None):
-        self.store, self.options, self.report, self.on_commit = store, options, report, on_commit
-        self.settings = {"sampling": str(options.sampling), "dedup": str(options.dedup)}
-        self.thumbs = ThumbCollector()  # written beside each shard right after its commit
-        self.buffer: list = []
-        self.new_shards: list = []
-        self.last_commit = time.perf_counter()
-
-    def take(self, done: _Done, parts: list) -> None:
-        """A source whose frames are all encoded: its bad frames reported, its rows buffered."""
-        self.report.failed.extend(done.skipped)
-        enc = _finish(done, parts, recipe_for(done.source, self.options), self.store.manifest.dim)
-        if enc is None:
-            self.report.failed.append(BadInput(str(done.source.path), "no readable frames"))
-            return
-        self.report.duplicates_skipped += done.duplicates
-        self.report.indexed.append(enc.video_id)
-        self.buffer.append(enc)
-
-    def commit_if_due(self) -> None:
-        if not self.buffer:
-            return
-        rows = sum(len(e.frame_idx) for e in self.buffer)
-        if rows >= self.options.shard_size or time.perf_counter() - self.last_commit >= self.options.commit_every_s:
-            self.commit()
-
-    def flush(self) -> None:
-        if self.buffer:
-            self.commit()
-
-    def commit(self) -> None:
-        t0 = time.perf_counter()
-        ids = self.store.commit(self.buffer, self.settings)
-        self.new_shards.append(self.store.last_shard)
-        self.thumbs.write(self.store.root, self.new_shards[-1], self.buffer, ids)
-        self.report.times.write_s += time.perf_counter() - t0
-        keys = [e.key for e in self.buffer]
-        self.buffer, self.last_commit = [], time.perf_counter()
-        if self.on_commit is not None:
-            self.on_commit(keys)
+def take_source(writer: IndexWriter, report: IndexReport, options: IndexOptions, done: _Done, parts: list) -> None:
+    """A source whose frames are all encoded: its bad frames reported, its rows handed to the writer
+    (the threaded pipeline and the Ray driver both call this, so a source counts the same in both)."""
+    report.failed.extend(done.skipped)
+    enc = _finish(done, parts, recipe_for(done.source, options), writer.manifest.dim)
+    if enc is None:
+        writer.drop(done.source.key)
+        report.failed.append(BadInput(str(done.source.path), "no readable frames"))
+        return
+    report.duplicates_skipped += done.duplicates
+    report.indexed.append(enc.video_id)
+    writer.add(enc)
 
 
 def _finish(done: _Done, parts: list, recipe: str, dim: int) -> Optional[EncodedSource]:
@@ -522,60 +478,6 @@ def _finish(done: _Done, parts: list, recipe: str, dim: int) -> Optional[Encoded
         vectors=np.concatenate([v for _, v in parts]).astype(np.float32).reshape(-1, dim),
         duplicates=done.duplicates,
     )
-
-
-def _refresh_faiss(store: IndexStore, new_shards: list, can_append: bool, options: IndexOptions) -> None:
-    """Make index.faiss match the committed shards: append the new ones when possible, else rebuild."""
-    m = store.manifest
-    if store.faiss_is_current() and not new_shards:
-        return
-    index = None
-    if can_append and store.faiss_path.is_file() and not _auto_type_changes(store, new_shards):
-        try:
-            index = load_index(store.faiss_path)
-        except DamagedIndexError as exc:  # derived data: rebuilt from the shards below
-            log.warning("%s; rebuilding it", str(exc).split(";")[0])
-    if index is not None:
-        ids, vecs = store.read_vectors(shards=new_shards)
-        add_to_index(index, vecs, ids)
-    else:
-        ids, vecs = store.read_vectors()
-        if len(ids) == 0:
-            return
-        try:
-            index = build_index(vecs, ids, m.index_type, ngpu=options.ngpu, memory_budget=m.memory_budget)
-        except ConfigError as exc:  # e.g. an IVF with more lists than vectors: keep the type it had
-            _keep_previous_type(store, ids, vecs, options, exc)
-    if index.ntotal != m.counts()["vectors"]:
-        log.warning("index.faiss has %d vectors but the shards hold %d; rebuilding", index.ntotal, m.counts()["vectors"])
-        ids, vecs = store.read_vectors()
-        index = build_index(vecs, ids, m.index_type, ngpu=options.ngpu, memory_budget=m.memory_budget)
-    save_index(index, store.faiss_path)
-    store.write_manifest(faiss_current=True)
-
-
-def _keep_previous_type(store: IndexStore, ids: np.ndarray, vecs: np.ndarray, options: IndexOptions,
-                        exc: ConfigError) -> None:
-    """A new --index-type that cannot be built here is not stored: index.faiss keeps the previous type."""
-    m = store.manifest
-    asked, m.index_type = m.index_type, store.previous_index_type
-    save_index(build_index(vecs, ids, m.index_type, ngpu=options.ngpu, memory_budget=m.memory_budget), store.faiss_path)
-    store.write_manifest(faiss_current=True)
-    raise ConfigError(f"{exc}. The vectors are committed and index.faiss was built as {m.index_type}, the index "
-                      f"type it keeps; run `cli.py index` again with another --index-type than {asked!r} "
-                      "to switch (no re-encoding)") from None
-
-
-def _auto_type_changes(store: IndexStore, new_shards: list) -> bool:
-    """With --index-type auto, True when the new vectors move the index to another FAISS type (rebuild)."""
-    from mergeseek.indexing.faiss_index import AUTO, choose_index_type
-
-    m = store.manifest
-    if m.index_type.lower() != AUTO:
-        return False
-    total = m.counts()["vectors"]
-    added = sum(e.count for e in m.sources.values() if e.shard in set(new_shards))
-    return choose_index_type(total, m.dim, m.memory_budget) != choose_index_type(total - added, m.dim, m.memory_budget)
 
 
 class _Bars:

@@ -18,9 +18,11 @@ from typing import Union
 import numpy as np
 
 from mergeseek.errors import DamagedIndexError, InputError
-from mergeseek.indexing.store import (
-    DAMAGED_DIR, FAISS_FILE, MANIFEST, IndexStore, _described_shards, read_manifest, rebuild_manifest, shard_problem,
+from mergeseek.indexing.layout import (
+    DAMAGED_DIR, FAISS_FILE, MANIFEST, _described_shards, read_manifest, rebuild_manifest, shard_files_on_disk,
+    shard_problem,
 )
+from mergeseek.indexing.store import IndexStore
 from mergeseek.runtime import fsync_dir, write_error
 
 log = logging.getLogger(__name__)
@@ -87,8 +89,7 @@ def repair_index(root: Union[str, Path], ngpu: int = 0) -> RepairReport:
     if not root.is_dir():
         raise InputError(f"index folder {root} does not exist; nothing to repair")
     report = RepairReport(str(root))
-    store = IndexStore(root, None, writable=True)  # type: ignore[arg-type]
-    store._lock()
+    store = IndexStore.open_for_repair(root)
     try:
         try:
             m = read_manifest(root)
@@ -103,9 +104,8 @@ def repair_index(root: Union[str, Path], ngpu: int = 0) -> RepairReport:
             m = rebuild_manifest(root)
             if report.manifest == "ok":
                 report.manifest = "rebuilt from the shards (it was missing)"
-        store.manifest = m
-        store._recover()
-        for shard in sorted(m.shards):
+        store.recover(m)
+        for shard in store.shard_names():
             problem = shard_problem(root, shard, m.shards[shard], m.dim, deep=True)
             if problem is None:
                 continue
@@ -118,10 +118,8 @@ def repair_index(root: Union[str, Path], ngpu: int = 0) -> RepairReport:
             report.damaged.append({"shard": shard, "file": str(path), "reason": reason, "moved_to": ", ".join(moved),
                                    "sources": sorted(dropped), "video_ids": sorted(e.video_id for e in dropped.values())})
         listed = {p.relative_to(root).as_posix() for s in m.shards for p in store.shard_paths(s)}
-        for sub, ext in (("emb", ".npy"), ("meta", ".parquet")):
-            for p in sorted((root / sub).glob(f"part-*{ext}")) if (root / sub).is_dir() else ():
-                if p.relative_to(root).as_posix() not in listed:
-                    report.unlisted.append(p.relative_to(root).as_posix())
+        report.unlisted = [p.relative_to(root).as_posix() for p in shard_files_on_disk(root)
+                           if p.relative_to(root).as_posix() not in listed]
         m.faiss_generation = -1
         store.write_manifest()
         ids, vecs = store.read_vectors()
@@ -175,30 +173,11 @@ def compact_index(root: Union[str, Path]) -> dict:
     with IndexStore.open_for_write(root, m0.identity) as store:
         m = store.manifest
         was_current = store.faiss_is_current()
-        old = []
-        for shard in sorted(m.shards):
-            owners = {k: e for k, e in m.sources.items() if e.shard == shard}
-            if sum(e.count for e in owners.values()) == m.shards[shard]:
-                continue
-            old.append(shard)
-            if owners:
-                t = store._read_table(shard)
-                v = store._load_vectors(shard, t.num_rows)
-                mask = store._live_mask(shard, np.asarray(t.column("source").to_pylist(), dtype=object))
-                import pyarrow as pa
-
-                kept = t.filter(pa.array(mask)).replace_schema_metadata(None)
-                new = store._write_shard(kept, np.asarray(v[mask], dtype=np.float32), owners)
-                for k, e in owners.items():
-                    m.sources[k] = dataclasses.replace(e, shard=new)
-                m.shards[new] = kept.num_rows
-            del m.shards[shard]
-        if old:
-            store._journal(*(p for s in old for p in store.shard_paths(s)))
-            store.write_manifest(faiss_current=was_current)
-            for s in old:
-                for p in store.shard_paths(s):
-                    p.unlink(missing_ok=True)
+        old = [shard for shard in store.shard_names()
+               if sum(e.count for e in m.sources.values() if e.shard == shard) != m.shards[shard]]
+        for shard in old:
+            store.rewrite_shard(shard)  # its live rows, if any, into a new shard
+        store.retire_shards(old, faiss_current=was_current)
         after = m.counts()
     return {"index_dir": str(root), "shards_rewritten": len(old), "before": before, "after": after,
             "faiss": FAISS_FILE + (" unchanged" if was_current else " stale (rebuilt by the next index run)")}

@@ -29,190 +29,30 @@ import copy
 import dataclasses
 import json
 import logging
-import os
-import re
 import time
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from mergeseek.errors import DamagedIndexError, IndexMismatchError, InputError, PartialWriteError, WriteError
+from mergeseek.indexing.journal import Journal
+from mergeseek.indexing.layout import (  # noqa: F401 (the format's names are re-exported for callers of the store)
+    EMB_DIR, FAISS_FILE, FAISS_MAGIC, FAISS_NEXT, FORMAT, FORMAT_VERSION, IDENTITY_KEYS, LOCK_FILE,
+    MANIFEST, META_DIR, SHARD_META_KEY, STAGING, TMP_TAG, EncodedSource, Manifest, SourceEntry, _check_identity, _damaged,
+    _described_shards, _empty_meta, _now, _short, check_identity, check_index_folder, read_manifest, rebuild_manifest,
+    repair_hint, shard_files, shard_problem,
+)
 from mergeseek.runtime import (  # noqa: F401 (atomic_write and software_versions are re-exported)
-    atomic_write, check_writable, fsync_dir, software_versions, tmp_path_for, write_error,
+    atomic_write, check_writable, software_versions, tmp_path_for, write_error,
 )
 
 log = logging.getLogger(__name__)
 
-FORMAT = "mergeseek-index"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-STAGING = "manifest.next.json"
-FAISS_FILE = "index.faiss"
-FAISS_NEXT = "index.next.faiss"  # a --force generation's index.faiss until the switch
-FAISS_MAGIC = b"IxM2"  # FAISS's fourcc of IndexIDMap2, the first bytes of every index.faiss we write
-LOCK_FILE = ".lock"
-JOURNAL = ".journal"
-DAMAGED_DIR = "damaged"
-TMP_TAG = ".tmp"
-SHARD_META_KEY = b"mergeseek"
-_SHARD_NAME = re.compile(r"^part-\d{5,}$")
-# What makes two indexes' vectors comparable; anything else (sampling, dedup) is per source.
-IDENTITY_KEYS = ("model", "pretrained", "merge", "precision", "dim")
 
+RACE_WAIT_S = 30.0  # how long a reader keeps retrying on manifests a busy writer keeps replacing
 
-def repair_hint(root: Path) -> str:
-    return f"run `cli.py repair --index {root}`"
-
-
-@dataclass
-class SourceEntry:
-    """A committed source: where its rows live and what produced them."""
-
-    video_id: str
-    kind: str
-    fingerprint: str
-    recipe: str
-    shard: str
-    count: int
-    duplicates: int = 0
-
-
-_ENTRY_TYPES = {"video_id": str, "kind": str, "fingerprint": str, "recipe": str, "shard": str, "count": int,
-                "duplicates": int}
-
-
-@dataclass
-class Manifest:
-    model: str
-    pretrained: str
-    merge: str
-    precision: str
-    dim: int
-    index_type: str = "Flat"
-    metric: str = "inner_product"
-    sampling: str = ""
-    dedup: str = ""
-    next_id: int = 0
-    next_shard: int = 0
-    generation: int = 0
-    faiss_generation: int = -1
-    faiss_size: int = -1  # bytes of index.faiss when it was saved (-1: unknown)
-    memory_budget: int = 0  # bytes for --index-type auto (0: the default budget)
-    shards: dict = field(default_factory=dict)  # shard name -> rows written (live and dead)
-    sources: dict = field(default_factory=dict)  # source key -> SourceEntry
-    versions: dict = field(default_factory=dict)
-    created: str = ""
-    updated: str = ""
-
-    @property
-    def identity(self) -> dict:
-        return {k: getattr(self, k) for k in IDENTITY_KEYS}
-
-    def counts(self) -> dict:
-        live = sum(e.count for e in self.sources.values())
-        return {
-            "vectors": live,
-            "videos": len(self.sources),
-            "shards": len(self.shards),
-            "dead_rows": sum(self.shards.values()) - live,
-            "duplicates_skipped": sum(e.duplicates for e in self.sources.values()),
-        }
-
-    def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["sources"] = {k: dataclasses.asdict(v) for k, v in self.sources.items()}
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "counts": self.counts(), **d}
-
-    @classmethod
-    def from_json(cls, d) -> "Manifest":
-        """Parse a manifest; ``_Malformed`` for a wrong shape, ``InputError`` for another format."""
-        if not isinstance(d, dict):
-            raise _Malformed(f"it holds a JSON {type(d).__name__}, not an object")
-        if "format" not in d:
-            raise _Malformed("it has no 'format' field")
-        if d.get("format") != FORMAT or d.get("format_version") != FORMAT_VERSION:
-            raise InputError(
-                f"manifest format {d.get('format')!r} v{d.get('format_version')} is not {FORMAT} v{FORMAT_VERSION}; "
-                "it was written by another program or version: index into a new folder"
-            )
-        _check_fields(d)
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        kw["sources"] = {k: SourceEntry(**{f: v[f] for f in _ENTRY_TYPES if f in v}) for k, v in d["sources"].items()}
-        return cls(**kw)
-
-
-class _Malformed(ValueError):
-    """A manifest of the wrong shape (the caller adds the path and the repair command)."""
-
-
-def _check_fields(d: dict) -> None:
-    for name, typ in (("model", str), ("pretrained", str), ("merge", str), ("precision", str), ("dim", int),
-                      ("shards", dict), ("sources", dict)):
-        if name not in d:
-            raise _Malformed(f"field {name!r} is missing")
-        if not isinstance(d[name], typ) or isinstance(d[name], bool):
-            raise _Malformed(f"field {name!r} is a {type(d[name]).__name__}, not a {typ.__name__}")
-    for name, typ in (("index_type", str), ("next_id", int), ("next_shard", int), ("generation", int),
-                      ("faiss_generation", int), ("faiss_size", int), ("memory_budget", int)):
-        if name in d and not isinstance(d[name], typ):
-            raise _Malformed(f"field {name!r} is a {type(d[name]).__name__}, not a {typ.__name__}")
-    if d["dim"] <= 0:
-        raise _Malformed(f"dim {d['dim']} is not positive")
-    for k, v in d["shards"].items():
-        if not isinstance(v, int) or not _SHARD_NAME.match(k):
-            raise _Malformed(f"shard entry {k!r}: {v!r} is not a shard name with a row count")
-    for k, v in d["sources"].items():
-        if not isinstance(v, dict):
-            raise _Malformed(f"source {k!r} is a {type(v).__name__}, not an object")
-        for f, typ in _ENTRY_TYPES.items():
-            if f != "duplicates" and f not in v:
-                raise _Malformed(f"source {k!r} has no {f!r}")
-            if f in v and not isinstance(v[f], typ):
-                raise _Malformed(f"source {k!r}: {f!r} is a {type(v[f]).__name__}, not a {typ.__name__}")
-        if v["shard"] not in d["shards"]:
-            raise _Malformed(f"source {k!r} points at shard {v['shard']!r}, which the manifest does not list")
-
-
-@dataclass
-class EncodedSource:
-    """A source's vectors and per-frame metadata, ready to commit (rows in frame order)."""
-
-    key: str
-    video_id: str
-    kind: str
-    fingerprint: str
-    recipe: str
-    frame_idx: np.ndarray  # int64 [n]
-    pts_time: np.ndarray  # float64 [n], NaN when unknown
-    paths: list
-    hashes: np.ndarray  # int64 [n]
-    vectors: np.ndarray  # float32 [n, dim]
-    duplicates: int = 0
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def read_manifest(root: Path, name: str = MANIFEST) -> Optional[Manifest]:
-    """The committed manifest of ``root`` (None when there is none); ``DamagedIndexError`` when unreadable."""
-    root = Path(root)
-    path = root / name
-    if not path.is_file():
-        return None
-    try:
-        return Manifest.from_json(json.loads(path.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError, _Malformed, TypeError, ValueError) as exc:
-        raise DamagedIndexError(
-            f"index file {path} is damaged ({str(exc)[:160]}); {repair_hint(root)} to rebuild it from the shards "
-            "(the damaged file is moved to damaged/, nothing else is changed)"
-        ) from None
-    except OSError as exc:
-        raise DamagedIndexError(f"index file {path} cannot be read ({exc.strerror}); {repair_hint(root)}") from None
 
 
 class IndexStore:
@@ -230,7 +70,7 @@ class IndexStore:
         self._lock_fh = None
         self._staged = False  # a force run's generation, not yet switched in
         self.previous_index_type = "Flat"  # the type before this writer changed it (kept when a new one cannot train)
-        self._journaled: set = set()
+        self._journal = Journal(self.root)
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -306,7 +146,7 @@ class IndexStore:
             if check_index_folder(root) == "orphaned":
                 store._adopt(rebuild_manifest(root))
             old = read_manifest(root)
-            store._recover()
+            store._journal.recover()
             if old is not None:
                 store.manifest = old
                 store.check_shards()
@@ -331,10 +171,10 @@ class IndexStore:
                     **{k: identity[k] for k in IDENTITY_KEYS}, index_type=index_type or "Flat", created=_now(),
                     memory_budget=int(memory_budget or 0),
                 )
-            for sub in ("emb", "meta"):
+            for sub in (EMB_DIR, META_DIR):
                 (root / sub).mkdir(exist_ok=True)
             # FAISS files other code may save through store.faiss_path during this session
-            store._journal(*(root / n for n in (FAISS_NEXT, FAISS_NEXT + TMP_TAG, FAISS_FILE + TMP_TAG)))
+            store._journal.record(*(root / n for n in (FAISS_NEXT, FAISS_NEXT + TMP_TAG, FAISS_FILE + TMP_TAG)))
         except BaseException:
             store.close()
             raise
@@ -345,7 +185,7 @@ class IndexStore:
         if self._lock_fh is None:
             return
         try:
-            self._recover()
+            self._journal.recover()
         except Exception as exc:  # cleanup is best effort: the next writer repeats it
             log.warning("could not clean up %s (%s); the next run does", self.root, exc)
         finally:
@@ -389,25 +229,6 @@ class IndexStore:
         self._lock_fh = fh
 
     # ------------------------------------------------------------------ journal and recovery
-    def _journal(self, *paths: Path) -> None:
-        """Record names before they are created (or deleted), so a killed run's leftovers are known."""
-        names = [p.relative_to(self.root).as_posix() for p in paths]
-        names = [n for n in names if n not in self._journaled]
-        if not names:
-            return
-        path = self.root / JOURNAL
-        new = not path.exists()
-        try:
-            with open(path, "a") as fh:
-                fh.write("".join(n + "\n" for n in names))
-                fh.flush()
-                os.fsync(fh.fileno())
-            if new:
-                fsync_dir(self.root)
-        except OSError as exc:
-            raise write_error(path, exc) from None
-        self._journaled.update(names)
-
     def journal(self, *paths: Path) -> None:
         """Record files (inside the index folder) this writer is about to create, before creating them.
 
@@ -416,37 +237,7 @@ class IndexStore:
         kill, when the next one opens. So record only temporary names (``x.tmp`` before
         ``atomic_write(x, ..., tmp=x.tmp)``), never a file that must stay.
         """
-        self._journal(*(Path(p) for p in paths))
-
-    def _recover(self) -> None:
-        """Remove journaled files that the committed manifest does not list (left by a killed run)."""
-        path = self.root / JOURNAL
-        if not path.is_file():
-            return
-        names = {n.strip() for n in path.read_text(errors="replace").splitlines() if n.strip()}
-        try:
-            on_disk = read_manifest(self.root)
-        except DamagedIndexError:
-            on_disk = None
-        keep = {MANIFEST, FAISS_FILE}
-        if on_disk is not None:
-            keep |= {p.relative_to(self.root).as_posix() for s in on_disk.shards for p in self.shard_paths(s)}
-        removed = 0
-        for name in sorted(names - keep):
-            if ".." in Path(name).parts or Path(name).is_absolute():
-                continue
-            if on_disk is None and not name.endswith(TMP_TAG):
-                continue  # no manifest to compare with: keep every shard for `repair`
-            p = self.root / name
-            if p.is_file():
-                p.unlink()
-                removed += 1
-        if removed:
-            log.warning("removed %d file(s) an interrupted run of mergeseek left in %s", removed, self.root)
-        pending = [n for n in names - keep if on_disk is None and (self.root / n).is_file()]
-        if on_disk is not None or not pending:
-            path.unlink(missing_ok=True)
-            self._journaled.clear()
+        self._journal.record(*(Path(p) for p in paths))
 
     def _adopt(self, manifest: Manifest) -> None:
         log.warning("%s had no %s; rebuilt it from the %d shard(s) it holds", self.root, MANIFEST, len(manifest.shards))
@@ -459,7 +250,7 @@ class IndexStore:
         return e is not None and e.fingerprint == fingerprint and e.recipe == recipe
 
     def shard_paths(self, shard: str) -> tuple[Path, Path]:
-        return self.root / "emb" / f"{shard}.npy", self.root / "meta" / f"{shard}.parquet"
+        return shard_files(self.root, shard)
 
     def check_shards(self, shards: Optional[Sequence[str]] = None) -> None:
         """Cheap check of every shard (parquet footer, .npy header and size); ``DamagedIndexError`` names the first bad one."""
@@ -509,7 +300,7 @@ class IndexStore:
             empty = [s for s in replaced if not any(e.shard == s for e in m.sources.values())]
             for s in empty:
                 del m.shards[s]
-            self._journal(*(p for s in empty for p in self.shard_paths(s)))
+            self._journal.record(*(p for s in empty for p in self.shard_paths(s)))
             self.write_manifest(settings)
         except BaseException:
             self.manifest = backup  # the shard just written is journaled: removed on close / next open
@@ -543,7 +334,7 @@ class IndexStore:
         )
         table = table.replace_schema_metadata({SHARD_META_KEY: json.dumps(described).encode()})
         emb_path, meta_path = self.shard_paths(shard)
-        self._journal(tmp_path_for(emb_path), emb_path, tmp_path_for(meta_path), meta_path)
+        self._journal.record(tmp_path_for(emb_path), emb_path, tmp_path_for(meta_path), meta_path)
 
         def write_npy(tmp: Path) -> None:
             with open(tmp, "wb") as fh:
@@ -566,7 +357,7 @@ class IndexStore:
         m.versions = software_versions()
         text = json.dumps(m.to_json(), indent=1, sort_keys=False)
         path = self.root / (STAGING if self._staged else MANIFEST)
-        self._journal(tmp_path_for(path), *((path,) if self._staged else ()))
+        self._journal.record(tmp_path_for(path), *((path,) if self._staged else ()))
         atomic_write(path, text)
 
     def finish(self) -> bool:
@@ -578,7 +369,7 @@ class IndexStore:
             return False
         old = read_manifest(self.root)
         dead = [s for s in (old.shards if old else ()) if s not in self.manifest.shards]
-        self._journal(*(p for s in dead for p in self.shard_paths(s)))
+        self._journal.record(*(p for s in dead for p in self.shard_paths(s)))
         staged_faiss = self.faiss_is_current()  # this writer saved index.next.faiss for the new generation
         self._staged = False
         self.write_manifest()  # the switch; index.faiss is the old generation's, so not current yet
@@ -600,6 +391,82 @@ class IndexStore:
     def staged(self) -> bool:
         """True while a ``force`` run's generation is not yet the index (readers still see the old one)."""
         return self._staged
+
+    # ------------------------------------------------------------------ shards, for repair, compact, thumbnails and merge
+    @classmethod
+    def open_for_repair(cls, root: Path) -> "IndexStore":
+        """The writer's lock on ``root`` without reading its manifest: repair decides what it is and
+        hands it to :meth:`recover`. Close it (``with``) like any writer."""
+        store = cls(Path(root), None, writable=True)  # type: ignore[arg-type]
+        store._lock()
+        return store
+
+    def recover(self, manifest: Manifest) -> None:
+        """Adopt ``manifest`` and remove what a killed run left (journaled files it does not list)."""
+        self.manifest = manifest
+        self._journal.recover()
+
+    def shard_names(self) -> list[str]:
+        """The committed shards, oldest first."""
+        return sorted(self.manifest.shards)
+
+    def read_shard(self, shard: str, columns: Optional[list] = None, live: bool = True):
+        """The metadata rows of ``shard`` as a pyarrow Table: only its live rows (``live``) or all of
+        them, in row order; ``DamagedIndexError`` when the file is missing or damaged."""
+        import pyarrow as pa
+
+        want = None if columns is None else list(dict.fromkeys(list(columns) + (["source"] if live else [])))
+        t = self._read_table(shard, want).replace_schema_metadata(None)
+        if live:
+            mask = self._live_mask(shard, np.asarray(t.column("source").to_pylist(), dtype=object))
+            t = t if mask.all() else t.filter(pa.array(mask))
+        return t if columns is None else t.select(list(columns))
+
+    def rewrite_shard(self, shard: str) -> Optional[str]:
+        """Write the live rows of ``shard`` (ids, metadata, vectors unchanged) as a new shard and point its
+        sources there; None when it has none. The manifest is written by :meth:`retire_shards`."""
+        m = self.manifest
+        owners = {k: e for k, e in m.sources.items() if e.shard == shard}
+        if not owners:
+            return None
+        import pyarrow as pa
+
+        t = self._read_table(shard)
+        v = self._load_vectors(shard, t.num_rows)
+        mask = self._live_mask(shard, np.asarray(t.column("source").to_pylist(), dtype=object))
+        kept = t.filter(pa.array(mask)).replace_schema_metadata(None)
+        new = self._write_shard(kept, np.asarray(v[mask], dtype=np.float32), owners)
+        for k, e in owners.items():
+            m.sources[k] = dataclasses.replace(e, shard=new)
+        m.shards[new] = kept.num_rows
+        return new
+
+    def retire_shards(self, shards: Sequence[str], faiss_current: bool = False) -> None:
+        """Forget ``shards`` (their rows must be dead or rewritten): the manifest without them is
+        committed first, then their files are removed (journaled, so a kill in between is cleaned up)."""
+        if not shards:
+            return
+        for s in shards:
+            self.manifest.shards.pop(s, None)
+        self._journal.record(*(p for s in shards for p in self.shard_paths(s)))
+        self.write_manifest(faiss_current=faiss_current)
+        for s in shards:
+            for p in self.shard_paths(s):
+                p.unlink(missing_ok=True)
+
+    def vectors_by_id(self, ids: np.ndarray, shard: str) -> np.ndarray:
+        """float32 [len(ids), dim]: the vectors of the live rows ``ids`` of ``shard``, in that order
+        (the shard's vectors are kept for the next call on the same shard); ``InputError`` when one is
+        not a live row there."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if getattr(self, "_by_id", (None,))[0] != shard:
+            sids, svecs = self.read_vectors(shards=[shard])
+            self._by_id = (shard, sids, svecs, np.argsort(sids, kind="stable"))
+        _, sids, svecs, order = self._by_id
+        at = order[np.clip(np.searchsorted(sids, ids, sorter=order), 0, max(len(sids) - 1, 0))]
+        if len(ids) and (len(sids) == 0 or not np.array_equal(sids[at], ids)):
+            raise InputError(f"{self.root}: some rows are missing from shard {shard}; {repair_hint(self.root)} first")
+        return np.ascontiguousarray(svecs[at], dtype=np.float32)
 
     # ------------------------------------------------------------------ reading
     def _live_mask(self, shard: str, sources: np.ndarray) -> np.ndarray:
@@ -688,125 +555,6 @@ class IndexStore:
             return False
 
 
-# ---------------------------------------------------------------------------- checks
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[-1] if text else type(exc).__name__)[:160]
-
-
-RACE_WAIT_S = 30.0  # how long a reader keeps retrying on manifests a busy writer keeps replacing
-
-
-def _damaged(root: Path, path: Path, reason: str) -> DamagedIndexError:
-    return DamagedIndexError(
-        f"index file {path} is damaged ({reason}); {repair_hint(root)}: it moves the shard to damaged/ and "
-        "drops its sources from the manifest, so the next `cli.py index` run encodes them again"
-    )
-
-
-def _npy_header(path: Path) -> tuple[tuple, np.dtype, int]:
-    """(shape, dtype, data offset) of a .npy file from its header alone."""
-    with open(path, "rb") as fh:
-        version = np.lib.format.read_magic(fh)
-        reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-        if reader is None:
-            raise ValueError(f"unsupported .npy version {version}")
-        shape, _, dtype = reader(fh)
-        return shape, dtype, fh.tell()
-
-
-def shard_problem(root: Path, shard: str, rows: int, dim: int, deep: bool = False) -> Optional[tuple[Path, str]]:
-    """(file, reason) when a shard is missing or damaged, else None.
-
-    The cheap check reads the parquet footer and the .npy header and compares sizes (a truncated
-    file fails it); ``deep`` reads both files whole and checks the vectors' CRC32.
-    """
-    import pyarrow.parquet as pq
-
-    root = Path(root)
-    emb, meta = root / "emb" / f"{shard}.npy", root / "meta" / f"{shard}.parquet"
-    for p in (meta, emb):
-        if not p.is_file():
-            return p, "missing"
-    try:
-        md = pq.read_metadata(meta)
-        if md.num_rows != rows:
-            return meta, f"{md.num_rows} rows, the manifest says {rows}"
-        if deep:
-            table = pq.read_table(meta)
-            if table.column_names[:1] != ["id"] or "source" not in table.column_names:
-                return meta, f"columns {table.column_names} are not an index shard's"
-    except Exception as exc:  # ArrowInvalid, OSError, ...
-        return meta, _short(exc)
-    try:
-        shape, dtype, offset = _npy_header(emb)
-        if shape != (rows, dim) or dtype != np.float32:
-            return emb, f"shape {shape} {dtype}, expected ({rows}, {dim}) float32"
-        size = emb.stat().st_size
-        if size != offset + rows * dim * 4:
-            return emb, f"{size} bytes, a ({rows}, {dim}) float32 array needs {offset + rows * dim * 4}"
-        if deep:
-            described = shard_description(meta)
-            crc = (described or {}).get("emb_crc32")
-            if crc is not None and zlib.crc32(np.ascontiguousarray(np.load(emb)).tobytes()) != crc:
-                return emb, "its vectors do not match the checksum recorded at commit"
-    except (ValueError, OSError, EOFError) as exc:
-        return emb, _short(exc)
-    return None
-
-
-def shard_description(meta_path: Path) -> Optional[dict]:
-    """What a shard says about itself (its parquet schema metadata), or None when it says nothing."""
-    import pyarrow.parquet as pq
-
-    try:
-        raw = (pq.read_schema(meta_path).metadata or {}).get(SHARD_META_KEY)
-        d = json.loads(raw) if raw else None
-    except Exception:
-        return None
-    return d if isinstance(d, dict) and d.get("format") == FORMAT else None
-
-
-def _described_shards(root: Path) -> list:
-    d = Path(root) / "meta"
-    if not d.is_dir():
-        return []
-    return [p for p in sorted(d.glob("part-*.parquet")) if _SHARD_NAME.match(p.stem) and shard_description(p)]
-
-
-def check_index_folder(root: Path) -> str:
-    """'new', 'index' or 'orphaned' (shards without a manifest); refuse a folder that holds other files.
-
-    Called before the model loads, so a wrong ``--index`` costs nothing.
-    """
-    root = Path(root)
-    if not root.exists():
-        return "new"
-    if not root.is_dir():
-        raise InputError(f"--index {root} is a file, not a folder; give a new or existing index folder")
-    if (root / MANIFEST).exists():
-        return "index"
-    if _described_shards(root):
-        return "orphaned"
-    journaled = set()
-    if (root / JOURNAL).is_file():
-        journaled = {n.strip() for n in (root / JOURNAL).read_text(errors="replace").splitlines() if n.strip()}
-    others = []
-    for p in root.iterdir():
-        if p.name in (LOCK_FILE, JOURNAL):
-            continue
-        if p.name in ("emb", "meta") and p.is_dir():
-            others += [q for q in p.iterdir() if f"{p.name}/{q.name}" not in journaled]
-        elif p.name not in journaled:
-            others.append(p)
-    if not others:
-        return "new"
-    example = ", ".join(sorted(str(p.relative_to(root)) for p in others)[:3])
-    raise InputError(
-        f"{root} is not empty ({example}{', ...' if len(others) > 3 else ''}) and is not a mergeseek index "
-        f"(no {MANIFEST}, no index shards); nothing was changed: give --index a new or empty folder"
-    )
-
 
 def preflight(root: Path, index_type: Optional[str] = None) -> str:
     """What an indexing run checks before the model loads: the folder (new, empty or an index), that
@@ -822,78 +570,7 @@ def preflight(root: Path, index_type: Optional[str] = None) -> str:
     return state
 
 
-def rebuild_manifest(root: Path) -> Manifest:
-    """A manifest made from what the shards say about themselves (for a lost or damaged manifest).
-
-    The identity (model, weights, merge, precision, dim) of the newest shard wins; shards of
-    another identity are left out (and left in place). A source in several shards belongs to the
-    newest; older rows are dead, as after a re-index.
-    """
-    import pyarrow.parquet as pq
-
-    root = Path(root)
-    described = []
-    for p in _described_shards(root):
-        d = shard_description(p)
-        described.append((int(p.stem.split("-")[1]), p.stem, d))
-    if not described:
-        raise DamagedIndexError(f"{root} holds no shard that describes itself; the index cannot be rebuilt: index again")
-    described.sort()
-    newest = described[-1][2]
-    identity = {k: newest[k] for k in IDENTITY_KEYS}
-    m = Manifest(**identity, index_type=newest.get("index_type", "Flat"), sampling=newest.get("sampling", ""),
-                 dedup=newest.get("dedup", ""), created=_now())
-    for number, shard, d in described:
-        if any(d.get(k) != identity[k] for k in IDENTITY_KEYS):
-            log.warning("shard %s was made by another model/merge; left out of the rebuilt manifest", shard)
-            continue
-        if shard_problem(root, shard, int(d.get("rows", -1)), m.dim) is not None:
-            log.warning("shard %s is damaged; left out of the rebuilt manifest", shard)
-            continue
-        ids = pq.read_table(root / "meta" / f"{shard}.parquet", columns=["id"]).column("id").to_numpy()
-        m.shards[shard] = int(d["rows"])
-        for key, e in d.get("sources", {}).items():
-            m.sources[key] = SourceEntry(**{f: e[f] for f in _ENTRY_TYPES if f in e and f != "shard"}, shard=shard)
-        m.next_id = max(m.next_id, int(ids.max()) + 1 if len(ids) else 0)
-        m.next_shard = max(m.next_shard, number + 1)
-    return m
-
-
-def _empty_meta():
-    import pyarrow as pa
-
-    return pa.table(
-        {
-            "id": pa.array([], pa.int64()),
-            "video_id": pa.array([], pa.string()),
-            "frame_idx": pa.array([], pa.int64()),
-            "pts_time": pa.array([], pa.float64()),
-            "path": pa.array([], pa.string()),
-            "hash": pa.array([], pa.int64()),
-            "source": pa.array([], pa.string()),
-        }
-    )
-
-
-def _check_identity(root: Path, m: Manifest, identity: dict, action: str, keys: Sequence[str] = IDENTITY_KEYS) -> None:
-    diffs = [k for k in keys if str(identity.get(k)) != str(getattr(m, k))]
-    if not diffs:
-        return
-    have = ", ".join(f"{k}={getattr(m, k)}" for k in diffs)
-    want = ", ".join(f"{k}={identity.get(k)}" for k in diffs)
-    flags = " ".join(f"--{k} {getattr(m, k)}" for k in diffs if k != "dim")
-    raise IndexMismatchError(
-        f"cannot {action} {root}: it was built with {have} (model {m.model}) but you asked for {want}; "
-        f"pass {flags or '--model ' + m.model} to match it, or rebuild it with --force"
-    )
-
-
-def check_identity(root: Path, m: Manifest, identity: dict, keys: Sequence[str], action: str) -> None:
-    """Raise ``IndexMismatchError`` when ``identity`` differs from the manifest on ``keys``."""
-    _check_identity(root, m, identity, action, keys)
-
-
 __all__ = [
     "EncodedSource", "IndexStore", "Manifest", "SourceEntry", "atomic_write", "check_identity", "check_index_folder",
-    "read_manifest", "rebuild_manifest", "shard_problem", "software_versions",
+    "preflight", "read_manifest", "rebuild_manifest", "shard_files", "shard_problem", "software_versions",
 ]

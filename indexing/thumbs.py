@@ -270,9 +270,7 @@ class ThumbReport:
 
 
 def _shard_rows(store, shard: str):
-    import pyarrow.parquet as pq
-
-    t = pq.read_table(store.shard_paths(shard)[1], columns=["id", "video_id", "frame_idx", "path", "hash", "source"])
+    t = store.read_shard(shard, columns=["id", "video_id", "frame_idx", "path", "hash", "source"], live=False)
     return {c: t.column(c).to_numpy() if c in ("id", "frame_idx", "hash") else t.column(c).to_pylist()
             for c in t.column_names}
 

@@ -302,7 +302,7 @@ def test_cli_ray_options_reach_the_library(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["index", "v", "--index", str(tmp_path), "--ray", "local", "--device", "cpu", "--json"])
     assert result.exit_code == 0 and seen["ray"].gpus_per_worker == 0
     result = CliRunner().invoke(app, ["index", "v", "--index", str(tmp_path), "--ray", "local", "--reuse", "threshold=0.1", "--json"])
-    assert result.exit_code == 0 and seen["options"].reuse == "threshold=0.1,refresh=16"  # --reuse runs under Ray too
+    assert result.exit_code == 0 and str(seen["options"].reuse) == "threshold=0.1,refresh=16"  # --reuse runs under Ray too
     result = CliRunner().invoke(app, ["index", "v", "--index", str(tmp_path), "--workers", "2"])
     assert result.exit_code == 2 and "--workers 2 only applies with --ray" in result.stderr
 
