@@ -333,7 +333,7 @@ def import_features_cmd(
     """Build an index from the organisers' clip-features .npy files, without encoding a frame."""
     import json
 
-    from mergeseek.indexing.aic import import_features
+    from mergeseek.indexing.features import import_features
 
     report = import_features(paths, index_dir, model=model, pretrained=pretrained, force=force, index_type=index_type,
                              overrides=_release_parts(maps, media_info, videos, objects, features))

@@ -241,6 +241,25 @@ def autocast(device: str, precision: str):
     return torch.autocast(device_type=dev, dtype=dtype)
 
 
+def file_sig(p: Path) -> str:
+    """``size-mtime_ns`` of ``p`` (links followed): the identity a source's fingerprint is made of."""
+    st = p.stat()
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
+def regular_file_sig(p: Path) -> tuple[Path, str]:
+    """(real path, size-mtime signature as in a video's fingerprint) of the regular file ``p``
+    leads to, links followed; ``OSError`` when it cannot be read, ``ValueError`` when it is not a
+    regular file. The web app serves a video only while this still equals what was indexed."""
+    import stat
+
+    real = Path(os.path.realpath(p))
+    st = os.stat(real)
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{p} is not a regular file")
+    return real, f"{st.st_size}-{st.st_mtime_ns}"
+
+
 def split_top_level(text: str) -> list[str]:
     """Split ``text`` on the commas outside brackets: ``r=[16,8],method=lsh`` -> ``["r=[16,8]", "method=lsh"]``."""
     items, depth, cur = [], 0, []

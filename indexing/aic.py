@@ -51,7 +51,6 @@ VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 VIDEOS_FILE = "videos.json"
 OBJECTS_FILE = "objects.parquet"
 OBJECT_MIN_SCORE = 0.5
-COMMIT_ROWS = 65536  # import-features commits a shard every this many rows
 MEDIA_KEYS = ("title", "description", "keywords", "publish_date", "watch_url", "author", "channel_id",
               "channel_url", "length", "thumbnail_url")
 _UP_LEVELS = 4  # how far above a given path the release root may be
@@ -176,24 +175,6 @@ def _names_a_part(name: str) -> bool:
     return any(low.startswith(prefixes) for prefixes, _ in PARTS.values())
 
 
-def release_sources(parts: ReleaseParts, under: Path) -> list:
-    """One ``keyframes`` ``MediaSource`` per keyframe folder inside ``under``, its map matched by id.
-
-    A folder without a map is still a source (``map_csv`` None); the caller warns about it.
-    """
-    from mergeseek.indexing.sources import MediaSource, _files_fingerprint, _images_in
-
-    out = []
-    for vdir in parts.keyframe_dirs(under):
-        images = _images_in(vdir)
-        if not images:
-            continue
-        csv_path = parts.map_for(vdir.name)
-        files = images + ([csv_path] if csv_path is not None else [])
-        out.append(MediaSource("keyframes", vdir, vdir.name, _files_fingerprint(files), csv_path))
-    return out
-
-
 def _parts_at(root: Path) -> ReleaseParts:
     """Parts found directly under ``root`` (archive folders side by side)."""
     try:
@@ -252,7 +233,7 @@ def _playable(video: Path, root: Path) -> tuple[str, str] | None:
     link or anything but a regular file is not recorded. The web app serves the file only while
     it still has the signature recorded here (``serve.engine.Catalog.video``).
     """
-    from mergeseek.indexing.sources import regular_file_sig
+    from mergeseek.runtime import regular_file_sig
 
     try:
         real, sig = regular_file_sig(video)
@@ -433,22 +414,6 @@ def load_video_meta(index_dir: Path) -> dict:
     return d if isinstance(d, dict) else {}
 
 
-def sources_for_path(root: Path, overrides: dict | None = None) -> list | None:
-    """The keyframe sources of ``root`` when it is (in) a release; None to walk it as plain folders.
-
-    Plain ``keyframes/`` + ``map-keyframes/`` side by side (the older layout) is left to the
-    generic walk unless part folders were given (``overrides``).
-    """
-    parts = find_release(root, overrides)
-    if not parts.keyframes or not (parts.archive or any(v is not None for v in (overrides or {}).values())):
-        return None
-    found = release_sources(parts, root)
-    if found and parts.videos:
-        log.info("release %s: the videos in %s are kept for playback, not indexed (the keyframes are); "
-                 "pass a videos folder on its own to index its frames", parts.root, ", ".join(p.name for p in parts.videos))
-    return found or None
-
-
 def write_release_metadata(index_dir: Path, sources: Sequence, overrides: dict | None = None,
                            video_ids: set | None = None) -> dict:
     """``write_sidecars`` for the keyframe ``sources`` that belong to a release (or have overrides).
@@ -476,190 +441,3 @@ def unmapped_warning(video_id: str, path: Path) -> str:
     return (f"NO KEYFRAME MAP for {video_id} ({path}): frame_idx will only be the keyframe number and the time is "
             f"unknown, so submissions from it are wrong; put map-keyframes/{video_id}.csv beside the keyframes "
             f"archive or pass --maps DIR")
-
-
-# ---------------------------------------------------------------------------- import-features
-def import_features(paths: Sequence[Path], index_dir: Path, model: str = "ViT-B-32", pretrained: str = "openai",
-                    overrides: dict | None = None, force: bool = False, index_type: str | None = None,
-                    ngpu: int = -1):
-    """Build (or extend) an index from the organisers' ``clip-features-32/<video_id>.npy`` files.
-
-    Nothing is encoded: row i of a file is keyframe n = i + 1, whose frame_idx and pts_time come
-    from the video's map and whose path is its keyframe image (when the keyframes are there). The
-    vectors are the file's, L2-normalised, as float32. The index records ``model``/``pretrained``
-    so that text queries use the matching text tower.
-
-    Returns: an ``indexing.pipeline.IndexReport``.
-    """
-    import time
-
-    from mergeseek.indexing.pipeline import IndexReport
-    from mergeseek.indexing.sources import BadInput
-    from mergeseek.indexing.writer import IndexWriter
-
-    t0 = time.perf_counter()
-    videos = _feature_videos(paths, overrides)
-    report = IndexReport(str(index_dir), sources_found=len(videos))
-    if not videos:
-        where = ", ".join(str(p) for p in paths)
-        raise InputError(f"no clip-features .npy files found under {where}; expected "
-                         "clip-features-32*/clip-features-32/<video_id>.npy, or pass --features DIR")
-    dim = _model_dim(model) or _first_good_dim(videos)
-    identity = {"model": model, "pretrained": pretrained, "merge": "none", "precision": "fp32", "dim": dim}
-    recipe = "clip-features;dedup=off"
-    with IndexWriter(Path(index_dir), identity, index_type=index_type, force=force, ngpu=ngpu,
-                     settings={"sampling": "all", "dedup": "off"}, shard_rows=COMMIT_ROWS) as writer:
-        for vid, parts, npy in videos:
-            key, fingerprint = _feature_key(parts, vid, npy)
-            if writer.is_current(key, fingerprint, recipe):
-                report.up_to_date += 1
-                continue
-            try:
-                writer.add(_feature_source(vid, parts, npy, key, fingerprint, recipe, identity["dim"], report))
-            except InputError as exc:
-                log.warning("skip %s", exc)
-                report.failed.append(BadInput(str(npy), str(exc)))
-                continue
-            writer.commit_if_due()  # COMMIT_ROWS rows per shard bounds memory on a whole release
-        writer.finish()
-        report.indexed = list(writer.stats.video_ids)
-        report.frames_sampled = report.frames_encoded = writer.stats.rows
-        report.times.write_s, report.times.faiss_s = writer.stats.write_s, writer.stats.faiss_s
-        report.vectors_total = writer.manifest.counts()["vectors"]
-        by_video = {vid: parts for vid, parts, _ in videos if vid in set(report.indexed)}
-        report.metadata = write_sidecars(Path(index_dir), by_video) if by_video else {}
-    report.times.wall_s = time.perf_counter() - t0
-    if not report.indexed and not report.up_to_date:
-        raise InputError(f"nothing could be imported: {len(report.failed)} feature file(s) failed "
-                         f"({'; '.join(b.reason for b in report.failed[:3])})")
-    return report
-
-
-MAX_FEATURE_ROWS = 1_000_000  # keyframes of one video: a header claiming more is refused before loading
-
-
-def _model_dim(model: str) -> int | None:
-    """The embedding width of an open_clip model from its config (no weights loaded); None if unknown."""
-    try:
-        import open_clip
-
-        cfg = open_clip.get_model_config(model)
-    except Exception:  # open_clip missing or an odd name: the files decide
-        return None
-    dim = (cfg or {}).get("embed_dim")
-    return int(dim) if isinstance(dim, int) and dim > 0 else None
-
-
-def _first_good_dim(videos: list) -> int:
-    """The width of the first feature file whose header is valid (a model open_clip does not know)."""
-    problems = []
-    for _, _, npy in videos:
-        try:
-            return int(_npy_header(npy, None)[0][1])
-        except InputError as exc:
-            problems.append(str(exc))
-    raise InputError(f"no feature file could be read ({'; '.join(problems[:3])})")
-
-
-def _npy_header(npy: Path, dim: int | None) -> tuple[tuple, np.dtype, int]:
-    """(shape, dtype, data offset) from a .npy header, checked before any row is read: a 2-D float
-    array of ``dim`` columns whose rows fit the file and are at most ``MAX_FEATURE_ROWS``."""
-    try:
-        with open(npy, "rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh, max_header_size=10000)
-            elif version in ((2, 0), (3, 0)):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh, max_header_size=10000)
-            else:
-                raise ValueError(f"unsupported .npy version {version}")
-            offset = fh.tell()
-        size = os.path.getsize(npy)
-    except (OSError, ValueError, SyntaxError) as exc:
-        reason = (exc.strerror if isinstance(exc, OSError) else str(exc).splitlines()[0]) or type(exc).__name__
-        raise InputError(f"{npy}: not a readable .npy file ({reason[:120]})") from None
-    if dtype.hasobject or dtype.kind != "f":
-        raise InputError(f"{npy}: holds {dtype} values (pickled objects are never loaded); expected float features")
-    if len(shape) != 2 or (dim is not None and shape[1] != dim) or shape[1] < 1:
-        want = f"[keyframes, {dim}]" if dim is not None else "[keyframes, dim]"
-        raise InputError(f"{npy}: shape {tuple(shape)}, expected {want} (the model's embedding width)")
-    if shape[0] > MAX_FEATURE_ROWS:
-        raise InputError(f"{npy}: claims {shape[0]} rows; one video has at most {MAX_FEATURE_ROWS} keyframes")
-    need = offset + int(shape[0]) * int(shape[1]) * dtype.itemsize
-    if size != need:
-        raise InputError(f"{npy}: {size} bytes but its header needs {need} ({'truncated' if size < need else 'extra bytes'}); "
-                         "re-download it")
-    return tuple(shape), dtype, offset
-
-
-def _feature_videos(paths: Sequence[Path], overrides: dict | None) -> list[tuple[str, ReleaseParts, Path]]:
-    out, seen = [], set()
-    for raw in paths:
-        root = Path(raw).expanduser().resolve()
-        if not root.exists():
-            raise InputError(f"{raw} does not exist; pass the root of the extracted release")
-        parts = find_release(root, overrides)
-        feature_dirs = parts.features or ((root,) if root.is_dir() and any(root.glob("*.npy")) else ())
-        if not parts.features and feature_dirs:
-            parts = replace(parts, features=feature_dirs, _cache={})
-        for d in feature_dirs:
-            for npy in sorted(d.glob("*.npy")):
-                if npy.stem not in seen:
-                    seen.add(npy.stem)
-                    out.append((npy.stem, parts, npy))
-    return out
-
-
-def _feature_key(parts: ReleaseParts, vid: str, npy: Path) -> tuple[str, str]:
-    """The store key is the keyframe folder when there is one (so `index` of it replaces these rows)."""
-    from mergeseek.indexing.sources import _file_sig
-
-    kf = parts.keyframe_dir_for(vid)
-    mp = parts.map_for(vid)
-    fp = "|".join([_file_sig(npy)] + ([_file_sig(mp)] if mp is not None else []))
-    return (str(kf) if kf is not None else str(npy)), fp
-
-
-def _feature_source(vid: str, parts: ReleaseParts, npy: Path, key: str, fingerprint: str, recipe: str, dim: int,
-                    report):
-    from mergeseek.indexing.formats import read_keyframe_map
-    from mergeseek.indexing.sources import _images_in
-    from mergeseek.indexing.store import EncodedSource
-
-    _npy_header(npy, dim)  # shape, type and size checked before a row is read
-    try:
-        arr = np.load(npy, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise InputError(f"{npy}: not a readable .npy file ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from None
-    if arr.ndim != 2 or arr.shape[1] != dim:
-        raise InputError(f"{npy}: shape {arr.shape}, but the index has dim {dim}; all feature files must be [n, {dim}]")
-    vecs = arr.astype(np.float32)
-    norms = np.linalg.norm(vecs, axis=1, keepdims=True)
-    if not np.all(np.isfinite(vecs)) or np.any(norms == 0):
-        raise InputError(f"{npy}: has rows that are zero or not finite; re-download the features")
-    vecs /= norms
-    n_rows = len(vecs)
-    mp = parts.map_for(vid)
-    kmap = read_keyframe_map(mp) if mp is not None else None
-    if kmap is None:
-        log.warning("%s", unmapped_warning(vid, npy))
-        report.unmapped.append(vid)
-    elif len(kmap) != n_rows:
-        raise InputError(f"{npy} has {n_rows} rows but {mp} has {len(kmap)} keyframes; they must match (row i = n i+1)")
-    kf = parts.keyframe_dir_for(vid)
-    images = {int(p.stem): p for p in _images_in(kf) if p.stem.isdigit()} if kf is not None else {}
-    frame_idx, pts, paths = [], [], []
-    for i in range(n_rows):
-        n = i + 1
-        if kmap is not None:
-            if n not in kmap:
-                raise InputError(f"{mp} has no row n={n} but {npy} has {n_rows} rows; the map is incomplete")
-            frame_idx.append(kmap[n].frame_idx)
-            pts.append(kmap[n].pts_time)
-        else:
-            frame_idx.append(n)
-            pts.append(math.nan)
-        paths.append(str(images[n]) if n in images else "")
-    return EncodedSource(key=key, video_id=vid, kind="keyframes", fingerprint=fingerprint, recipe=recipe,
-                         frame_idx=np.asarray(frame_idx, np.int64), pts_time=np.asarray(pts, np.float64),
-                         paths=paths, hashes=np.zeros(n_rows, np.int64), vectors=vecs)

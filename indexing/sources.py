@@ -24,6 +24,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from mergeseek.errors import InputError
+from mergeseek.indexing.aic import ReleaseParts, find_release
+from mergeseek.runtime import file_sig
 from mergeseek.indexing.decoders import DEFAULT_BACKEND, open_video
 from mergeseek.indexing.formats import (
     IMAGE_EXTS,
@@ -77,6 +79,30 @@ class MediaSource:
     def key(self) -> str:
         return str(self.path)
 
+    # One constructor per kind: a source's key (its path) and fingerprint are made only here.
+    @classmethod
+    def video(cls, path: Path) -> "MediaSource":
+        """A video file (fingerprint: its size and mtime)."""
+        return cls("video", path, path.stem, file_sig(path))
+
+    @classmethod
+    def images(cls, path: Path, files: Sequence[Path]) -> "MediaSource":
+        """A folder of images, or one image file (``files`` = [path]); fingerprint: every file's name, size, mtime."""
+        return cls("images", path, path.stem if path.is_file() else path.name, _files_fingerprint(files))
+
+    @classmethod
+    def keyframes(cls, folder: Path, images: Sequence[Path], map_csv: Optional[Path] = None) -> "MediaSource":
+        """One video's keyframe folder (AI Challenge layout), with its ``map-keyframes`` CSV when there is one."""
+        return cls("keyframes", folder, folder.name, _files_fingerprint(list(images) + ([map_csv] if map_csv else [])),
+                   map_csv)
+
+    @classmethod
+    def features(cls, npy: Path, video_id: str, keyframe_dir: Optional[Path], map_csv: Optional[Path]) -> "MediaSource":
+        """A video's released CLIP features (``import-features``). Its key is the keyframe folder when there
+        is one, so that indexing the keyframes later replaces these rows; fingerprint: the .npy and the map."""
+        fingerprint = "|".join([file_sig(npy)] + ([file_sig(map_csv)] if map_csv is not None else []))
+        return cls("keyframes", keyframe_dir if keyframe_dir is not None else npy, video_id, fingerprint, map_csv)
+
 
 @dataclass(frozen=True)
 class BadInput:
@@ -86,28 +112,10 @@ class BadInput:
     reason: str
 
 
-def _file_sig(p: Path) -> str:
-    st = p.stat()
-    return f"{st.st_size}-{st.st_mtime_ns}"
-
-
-def regular_file_sig(p: Path) -> tuple[Path, str]:
-    """(real path, size-mtime signature as in a video's fingerprint) of the regular file ``p``
-    leads to, links followed; ``OSError`` when it cannot be read, ``ValueError`` when it is not a
-    regular file. The web app serves a video only while this still equals what was indexed."""
-    import stat
-
-    real = Path(os.path.realpath(p))
-    st = os.stat(real)
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{p} is not a regular file")
-    return real, f"{st.st_size}-{st.st_mtime_ns}"
-
-
 def _files_fingerprint(files: Sequence[Path]) -> str:
     h = hashlib.sha1()
     for f in files:
-        h.update(f"{f.name}:{_file_sig(f)}\n".encode())
+        h.update(f"{f.name}:{file_sig(f)}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -184,8 +192,6 @@ def discover(paths: Sequence[Path], release_parts: Optional[dict] = None) -> tup
     keyframe folders with their maps; ``release_parts`` (``{"maps": DIR, ...}``) points at parts
     that live elsewhere. Ids are unique within the result (``assign_ids``).
     """
-    from mergeseek.indexing import aic
-
     sources: list[MediaSource] = []
     bad: list[BadInput] = []
     for raw in paths:
@@ -203,13 +209,13 @@ def discover(paths: Sequence[Path], release_parts: Optional[dict] = None) -> tup
             continue
         if root.is_file():
             if is_video(root):
-                sources.append(MediaSource("video", root, root.stem, _file_sig(root)))
+                sources.append(MediaSource.video(root))
             elif is_image(root):
-                sources.append(MediaSource("images", root, root.stem, _files_fingerprint([root])))
+                sources.append(MediaSource.images(root, [root]))
             else:
                 bad.append(BadInput(str(root), f"not a video ({', '.join(VIDEO_EXTS)}) or image file"))
             continue
-        found = aic.sources_for_path(root, release_parts)
+        found = release_sources_for_path(root, release_parts)
         if found is None:
             found = _walk(root, bad)
         if not found:
@@ -219,6 +225,35 @@ def discover(paths: Sequence[Path], release_parts: Optional[dict] = None) -> tup
         what = "; ".join(f"{b.path}: {b.reason}" for b in bad) or "no paths given"
         raise InputError(f"nothing to index ({what}); pass a folder of videos, a keyframes folder or an image folder")
     return assign_ids(_dedupe_sources(sources)), bad
+
+
+def release_sources_for_path(root: Path, overrides: dict | None = None) -> list | None:
+    """The keyframe sources of ``root`` when it is (in) a release; None to walk it as plain folders.
+
+    Plain ``keyframes/`` + ``map-keyframes/`` side by side (the older layout) is left to the
+    generic walk unless part folders were given (``overrides``).
+    """
+    parts = find_release(root, overrides)
+    if not parts.keyframes or not (parts.archive or any(v is not None for v in (overrides or {}).values())):
+        return None
+    found = release_sources(parts, root)
+    if found and parts.videos:
+        log.info("release %s: the videos in %s are kept for playback, not indexed (the keyframes are); "
+                 "pass a videos folder on its own to index its frames", parts.root, ", ".join(p.name for p in parts.videos))
+    return found or None
+
+
+def release_sources(parts: ReleaseParts, under: Path) -> list:
+    """One ``keyframes`` ``MediaSource`` per keyframe folder inside ``under``, its map matched by id.
+
+    A folder without a map is still a source (``map_csv`` None); the caller warns about it.
+    """
+    out = []
+    for vdir in parts.keyframe_dirs(under):
+        images = _images_in(vdir)
+        if images:
+            out.append(MediaSource.keyframes(vdir, images, parts.map_for(vdir.name)))
+    return out
 
 
 def _walk(root: Path, bad: list) -> list[MediaSource]:
@@ -241,10 +276,10 @@ def _walk(root: Path, bad: list) -> list[MediaSource]:
             continue
         files, dirs = _scan(here, bad)
         files = _signed(files, bad)
-        out.extend(MediaSource("video", p, p.stem, _file_sig(p)) for p in files if is_video(p))
+        out.extend(MediaSource.video(p) for p in files if is_video(p))
         images = [p for p in files if is_image(p)]
         if images:
-            out.append(MediaSource("images", here, here.name, _files_fingerprint(images)))
+            out.append(MediaSource.images(here, images))
         stack.extend(reversed(dirs))  # depth first, in natural order
     return out
 
@@ -262,8 +297,7 @@ def _keyframe_sources(kf_dir: Path, bad: list) -> list[MediaSource]:
         has_map = csv_path is not None and csv_path.is_file()
         if map_dir is not None and not has_map:
             log.warning("%s has no map %s: frame numbers are the keyframe numbers, times unknown", vdir, csv_path)
-        files = images + ([csv_path] if has_map else [])
-        out.append(MediaSource("keyframes", vdir, vdir.name, _files_fingerprint(files), csv_path if has_map else None))
+        out.append(MediaSource.keyframes(vdir, images, csv_path if has_map else None))
     return out
 
 

@@ -183,7 +183,7 @@ class Catalog:
         # Serve only the file that was indexed: a regular file (links followed, as when indexing)
         # whose size and modification time are still those recorded, so a video replaced by a link
         # to another file (/etc/passwd, a private key) after indexing is never streamed.
-        from mergeseek.indexing.sources import regular_file_sig
+        from mergeseek.runtime import regular_file_sig
 
         try:
             real, sig = regular_file_sig(v.path)

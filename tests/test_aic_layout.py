@@ -16,12 +16,8 @@ from typer.testing import CliRunner
 
 from mergeseek.errors import InputError
 from mergeseek.indexing import Dedup, IndexOptions, index_paths
-from mergeseek.indexing.aic import (
-    find_release,
-    import_features,
-    load_video_meta,
-    objects_in_frames,
-)
+from mergeseek.indexing.aic import find_release, load_video_meta, objects_in_frames
+from mergeseek.indexing.features import import_features
 from mergeseek.indexing.sources import discover
 from mergeseek.indexing.store import IndexStore
 
@@ -243,7 +239,7 @@ def test_every_broken_feature_file_is_one_line_and_never_loaded(release, tmp_pat
     """Each broken file in first, middle and last position: skipped with one reason, the good
     files imported, the index's dim the model's (512 for ViT-B-32) whatever the first file says,
     and no header that claims millions of rows gets its data read."""
-    from mergeseek.indexing import aic
+    from mergeseek.indexing import features
 
     bad_dir = tmp_path / "bad"
     bad_dir.mkdir()
@@ -253,7 +249,7 @@ def test_every_broken_feature_file_is_one_line_and_never_loaded(release, tmp_pat
     monkeypatch.setattr(np, "load", lambda f, *a, **k: loads.append(Path(f).name) or real_load(f, *a, **k))
     for name, (path, reason) in bad.items():
         with pytest.raises(InputError) as err:
-            aic._npy_header(path, 512)
+            features._npy_header(path, 512)
         assert reason in str(err.value) and len(str(err.value).splitlines()) == 1, (name, str(err.value))
     assert loads == []  # all refused from the header
     good = release / "clip-features-32-aic25-b1" / "clip-features-32"

@@ -103,7 +103,7 @@ def test_n_event_chains_agree_with_brute_force():
 def test_submit_writes_the_three_formats_byte_exact(tmp_path, monkeypatch, one_torch_thread):
     """A real index of the release (random weights); queries are the index's own vectors, so the
     ranking is known: each query's top row is the keyframe whose vector it is."""
-    from mergeseek.indexing.aic import import_features
+    from mergeseek.indexing.features import import_features
     from mergeseek.retrieval.search import Searcher
 
     rel = make_release(tmp_path / "release")
@@ -204,7 +204,7 @@ def test_import_features_then_submit_through_the_cli(tmp_path, monkeypatch, one_
 
 
 def test_frames_without_a_map_are_left_out_of_submissions(tmp_path, monkeypatch):
-    from mergeseek.indexing.aic import import_features
+    from mergeseek.indexing.features import import_features
     from mergeseek.retrieval.search import Searcher
 
     rel = make_release(tmp_path / "release")
