@@ -106,6 +106,13 @@ def handle_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def _print(report, json_out: bool) -> None:
+    """Print a report (``reports.Report``: ``to_dict`` / ``summary_lines``) as JSON or as lines (the one place)."""
+    from mergeseek.reports import render
+
+    typer.echo(render(report, json_out))
+
+
 # ---------------------------------------------------------------- index / search / demo (indexing/, retrieval/)
 IndexDirOpt = Annotated[Path, typer.Option("--index", help="Index folder (manifest.json, index.faiss, meta/, emb/).")]
 
@@ -172,7 +179,6 @@ def index_cmd(
     An extracted AI Challenge release (Keyframes_*/keyframes/, map-keyframes*/, media-info*/, ...)
     is indexed from its root: keyframes with their real frame numbers, metadata beside the index.
     """
-    import json
 
     from mergeseek.encoders import Encoder
     from mergeseek.indexing import Dedup, IndexOptions, Sampling, index_paths
@@ -213,7 +219,7 @@ def index_cmd(
                             **({"cuda_graph": True} if cuda_graph and not compile_ else {})),
             options,
         )
-    typer.echo(json.dumps(report.to_dict(), indent=1) if json_out else "\n".join(report.summary_lines()))
+    _print(report, json_out)
 
 
 # ---------------------------------------------------------------- reuse across frames (encoders/reuse.py)
@@ -331,13 +337,12 @@ def import_features_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Build an index from the organisers' clip-features .npy files, without encoding a frame."""
-    import json
 
     from mergeseek.indexing.features import import_features
 
     report = import_features(paths, index_dir, model=model, pretrained=pretrained, force=force, index_type=index_type,
                              overrides=_release_parts(maps, media_info, videos, objects, features))
-    typer.echo(json.dumps(report.to_dict(), indent=1) if json_out else "\n".join(report.summary_lines()))
+    _print(report, json_out)
 
 
 @app.command("submit")
@@ -365,13 +370,12 @@ def submit_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Write one AI Challenge submission CSV per query (KIS, QA, TRAKE; <= 100 distinct rows each)."""
-    import json
 
     from mergeseek.retrieval.submission import run_submit
 
     report = run_submit(queries, index_dir, out, answers=answers, within_s=within, allow_unmapped=allow_unmapped,
                         model=model, pretrained=pretrained, device=device, precision=precision)
-    typer.echo(json.dumps(report.to_dict(), indent=1) if json_out else "\n".join(report.summary_lines()))
+    _print(report, json_out)
 
 
 # ---------------------------------------------------------------- index maintenance (indexing/repair.py)
@@ -389,12 +393,11 @@ def merge_index_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Combine indexes of the same model into one: sources copied in the order given, ids renumbered (docs/SCALE.md)."""
-    import json
 
     from mergeseek.indexing.merge import merge_indexes
 
     report = merge_indexes(inputs, into, index_type=index_type)
-    typer.echo(json.dumps(report.to_dict(), indent=1) if json_out else "\n".join(report.summary_lines()))
+    _print(report, json_out)
 
 
 @app.command("repair")
@@ -409,12 +412,11 @@ def repair_cmd(
     A damaged shard is moved to damaged/ (never deleted) and its sources are dropped from the
     manifest, so the next `cli.py index` run over the same inputs encodes them again.
     """
-    import json
 
     from mergeseek.indexing.repair import repair_index
 
     report = repair_index(index_dir)
-    typer.echo(json.dumps(report.to_dict(), indent=1) if json_out else "\n".join(report.summary_lines()))
+    _print(report, json_out)
 
 
 @app.command("compact")
@@ -425,17 +427,10 @@ def compact_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Drop the dead rows of re-indexed sources from the shards, in place and atomically (ids unchanged)."""
-    import json
 
     from mergeseek.indexing.repair import compact_index
 
-    r = compact_index(index_dir)
-    if json_out:
-        typer.echo(json.dumps(r, indent=1))
-    else:
-        typer.echo(f"compact {r['index_dir']}: {r['shards_rewritten']} shard(s) rewritten; dead rows "
-                   f"{r['before']['dead_rows']} -> {r['after']['dead_rows']}; {r['after']['vectors']} vectors in "
-                   f"{r['after']['shards']} shard(s); {r['faiss']}")
+    _print(compact_index(index_dir), json_out)
 
 
 # ---------------------------------------------------------------- export (indexing/export.py)
@@ -453,12 +448,11 @@ def export_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Export the live rows (vectors + video_id, frame_idx, pts_time, path) for embedding readers."""
-    import json
 
     from mergeseek.indexing.export import export_index
 
     report = export_index(index_dir, out, fmt=fmt, overwrite=overwrite)
-    typer.echo(json.dumps(report.to_dict(), indent=1) if json_out else report.summary())
+    _print(report, json_out)
 
 
 @app.command("score")
@@ -475,20 +469,10 @@ def score_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Score a submission folder by the HCMC AI Challenge rule (mean of the best hit within top 1/5/20/50/100)."""
-    import json
 
     from mergeseek.eval.aic_score import score_submission_dir
 
-    result = score_submission_dir(submission, truth, tolerance)
-    if json_out:
-        typer.echo(json.dumps(result, indent=1))
-        return
-    unreadable = result.get("unreadable", {})
-    for qid, v in result["queries"].items():
-        note = " (no file)" if qid in result["missing"] else f" ({unreadable[qid]})" if qid in unreadable else ""
-        typer.echo(f"{qid}: {v:.3f}{note}")
-    per_task = ", ".join(f"{k} {result[k]:.3f}" for k in ("AIC_kis", "AIC_qa", "AIC_trake") if k in result)
-    typer.echo(f"score {result['AIC']:.3f} over {result['n_queries']} queries ({per_task})")
+    _print(score_submission_dir(submission, truth, tolerance), json_out)
 
 
 @app.command("demo")
@@ -510,7 +494,7 @@ def demo_cmd(
 
     result = run_demo(str(index_dir), model=model, pretrained=pretrained, device=device, precision=precision,
                       batch_size=batch_size, query=query, k=k)
-    typer.echo("\n".join(result.report.summary_lines()))
+    _print(result.report, json_out=False)
     typer.echo(f"\nquery: {result.query!r}\n{hits_table(result.hits)}")
     if result.warning:
         typer.secho(result.warning, fg=typer.colors.YELLOW, err=True)
@@ -565,12 +549,11 @@ def thumbs_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Make the JPEG thumbnails `serve` shows, for an index built before they existed (decodes the frames again)."""
-    import json
 
     from mergeseek.indexing.thumbs import make_thumbs
 
     report = make_thumbs(index_dir, force=force)
-    typer.echo(json.dumps(report.to_dict(), indent=1) if json_out else report.summary())
+    _print(report, json_out)
 
 
 @app.command("eval")
@@ -659,11 +642,7 @@ def eval_cmd(
     from mergeseek.runtime import check_writable
 
     check_writable(out, folder=True, what="--out")  # before hours of evaluation
-    outcome = evaluate(cfg, out, progress=progress)
-    if json_out:
-        typer.echo((out / "report.json").read_text())
-    else:
-        typer.echo(outcome.summary())
+    _print(evaluate(cfg, out, progress=progress), json_out)
 
 
 @app.command()

@@ -26,15 +26,18 @@ class EvalOutcome:
     report: "EvalReport"
     paths: tuple[Path, ...]
 
-    def summary(self) -> str:
+    def summary_lines(self) -> list[str]:
         """The comparison tables as printed by ``cli.py eval``."""
         from mergeseek.eval.report import model_tables
 
         lines = [f"note: {n}" for n in self.report.notes]
         for m in self.report.models:
             lines += [""] + model_tables(m)
-        lines += ["wrote: " + ", ".join(str(p) for p in self.paths)]
-        return "\n".join(lines)
+        return lines + ["wrote: " + ", ".join(str(p) for p in self.paths)]
+
+    def to_dict(self) -> dict:
+        """What ``report.json`` holds."""
+        return self.report.to_dict()
 
 
 def evaluate(cfg: "EvalConfig", out_dir: Union[str, Path] = "eval_out", progress: bool = False) -> EvalOutcome:

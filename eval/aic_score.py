@@ -335,7 +335,23 @@ def read_truth(path) -> dict:
     return out
 
 
-def score_submission_dir(sub_dir, truth_path, tolerance: int | None = None) -> dict:
+class ScoreReport(dict):
+    """What :func:`score_submission_dir` returns: the score dict, with the report protocol's two views."""
+
+    def to_dict(self) -> dict:
+        return dict(self)
+
+    def summary_lines(self) -> list[str]:
+        unreadable = self.get("unreadable", {})
+        lines = []
+        for qid, v in self["queries"].items():
+            note = " (no file)" if qid in self["missing"] else f" ({unreadable[qid]})" if qid in unreadable else ""
+            lines.append(f"{qid}: {v:.3f}{note}")
+        per_task = ", ".join(f"{k} {self[k]:.3f}" for k in ("AIC_kis", "AIC_qa", "AIC_trake") if k in self)
+        return lines + [f"score {self['AIC']:.3f} over {self['n_queries']} queries ({per_task})"]
+
+
+def score_submission_dir(sub_dir, truth_path, tolerance: int | None = None) -> ScoreReport:
     """Score ``{query_id}.csv`` files against a ground-truth file; a missing file scores 0 and is listed.
 
     Returns: ``{"queries": {qid: score}, "missing": [...], "AIC": ..., "AIC_kis": ..., ...}``.
@@ -358,4 +374,4 @@ def score_submission_dir(sub_dir, truth_path, tolerance: int | None = None) -> d
             continue
         scores[qid] = query_score(rows, a.truth, a.tolerance if tolerance is None else tolerance)
     out = {("AIC" + k[5:]): v for k, v in score_by_task(scores, {q: a.truth.task for q, a in truth.items()}).items()}
-    return {**out, "queries": scores, "missing": missing, "unreadable": unreadable, "n_queries": len(truth)}
+    return ScoreReport({**out, "queries": scores, "missing": missing, "unreadable": unreadable, "n_queries": len(truth)})

@@ -168,10 +168,12 @@ def expand_merges(merges: Sequence[str], sweep: Optional[str] = None) -> list[Me
         grid = parse_sweep(sweep)
         templates = [c for c in cfgs if c.enabled] or [MergeConfig.parse("method=bipartite")]
         keys = [k for k, _ in grid]
+        fields = [f.name for f in dataclasses.fields(MergeConfig)]
         for tpl in templates:
             for values in itertools.product(*[v for _, v in grid]):
-                override = ",".join(f"{k}={v}" for k, v in zip(keys, values))
-                cfgs.append(MergeConfig.parse(f"{tpl},{override}"))
+                pairs = dict(parse_options(str(tpl), "merge", fields).pairs)  # the template's options, then the swept ones
+                pairs.update(zip(keys, values))
+                cfgs.append(MergeConfig.parse(",".join(f"{k}={v}" for k, v in pairs.items())))
     out, seen = [], set()
     for c in cfgs:
         if str(c) not in seen:

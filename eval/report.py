@@ -5,7 +5,6 @@ The markdown tables are also what ``cli.py eval`` prints, so the terminal and th
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -14,6 +13,7 @@ from typing import Optional
 
 from mergeseek.eval.config import BASELINE
 from mergeseek.eval.results import DatasetResult, EvalReport, ModelResult
+from mergeseek.reports import to_json
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def write_report(report: EvalReport, out_dir: Path, plots: bool = True) -> list[
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [
-        _atomic_write(out_dir / "report.json", json.dumps(report.to_dict(), indent=2, default=_json_default) + "\n"),
+        _atomic_write(out_dir / "report.json", to_json(report.to_dict(), indent=2) + "\n"),
     ]
     png = []
     if plots:
@@ -37,14 +37,6 @@ def write_report(report: EvalReport, out_dir: Path, plots: bool = True) -> list[
         png = plot_report(report, out_dir)
     written.append(_atomic_write(out_dir / "report.md", render_markdown(report, [p.name for p in png])))
     return written + png
-
-
-def _json_default(o):
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    raise TypeError(f"cannot serialise {type(o).__name__}")
 
 
 def _atomic_write(path: Path, text: str) -> Path:

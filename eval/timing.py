@@ -233,6 +233,48 @@ def _synchronizer(device: str) -> Callable[[], None]:
 
 
 # ---------------------------------------------------------------------------- protocol
+def alternate(candidates: Mapping[str, Callable[[], object]], iters: int, warmup: int = 0, clock: str = "wall",
+              sync: Callable[[], None] = lambda: None, progress: bool = False) -> tuple[dict[str, list[float]], Optional[float]]:
+    """The alternating protocol every speed figure uses: ``warmup`` untimed rounds, then ``iters``
+    rounds that each run every candidate once, the order rotated by one each round (so no candidate
+    always runs first, or right after the same neighbour). Returns (name -> milliseconds per call,
+    the highest 1-minute load average seen, warned about when the machine was busy).
+
+    ``clock``: ``wall`` (``time.perf_counter``) or ``cpu`` (``time.thread_time``, this thread's CPU
+    time). ``sync`` brackets every call (a CUDA synchronize).
+    """
+    import os
+
+    now = time.perf_counter if clock == "wall" else time.thread_time
+    names = list(candidates)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    loads = [_load_average()]
+    for _ in range(warmup):
+        for name in names:
+            candidates[name]()
+    sync()
+    rounds = range(iters)
+    if progress:
+        from tqdm.auto import tqdm
+
+        rounds = tqdm(rounds, desc="timing", unit="round")
+    for it in rounds:
+        k = it % len(names)
+        for name in names[k:] + names[:k]:
+            sync()
+            t0 = now()
+            candidates[name]()
+            sync()
+            times[name].append((now() - t0) * 1000.0)
+        loads.append(_load_average())
+    seen = [v for v in loads if v is not None]
+    load_max = max(seen) if seen else None
+    warning = load_warning(load_max, os.cpu_count(), clock)
+    if warning:
+        log.warning("%s", warning)
+    return times, load_max
+
+
 def time_alternating(
     candidates: Mapping[str, Callable[[], object]],
     batch_size: int,
@@ -271,46 +313,20 @@ def time_alternating(
         raise ConfigError(f"timing clock={clock!r} is not valid; choose wall or cpu")
     if clock == "cpu" and device.startswith("cuda"):
         raise ConfigError("timing clock=cpu measures CPU work and cannot time a CUDA device; use clock=wall")
+    import os
+
     import torch
 
-    now = time.perf_counter if clock == "wall" else time.thread_time
     names = list(candidates)
     sync = _synchronizer(device)
     probe = _make_probe(device)
-    times: dict[str, list[float]] = {n: [] for n in names}
     peaks: dict[str, float] = {n: 0.0 for n in names}
     acts: dict[str, float] = {n: 0.0 for n in names}
-
-    import os
-
-    loads = [_load_average()]
     with torch.inference_mode():
-        for _ in range(warmup):
-            for name in names:
-                candidates[name]()
-        sync()
-        rounds = range(iters)
-        if progress:
-            from tqdm.auto import tqdm
-
-            rounds = tqdm(rounds, desc="timing", unit="round")
-        for it in rounds:
-            k = it % len(names)
-            for name in names[k:] + names[:k]:
-                sync()
-                t0 = now()
-                candidates[name]()
-                sync()
-                times[name].append((now() - t0) * 1000.0)
-            loads.append(_load_average())
+        times, load_max = alternate(candidates, iters, warmup, clock, sync, progress)
         for name in names:
             peaks[name], acts[name] = _measure_memory(candidates[name], probe, sync)
-
-    seen = [v for v in loads if v is not None]
-    load_max, cores = (max(seen) if seen else None), os.cpu_count()
-    warning = load_warning(load_max, cores, clock)
-    if warning:
-        log.warning("%s", warning)
+    cores = os.cpu_count()
     out = {}
     for name in names:
         ts = times[name]

@@ -56,9 +56,9 @@ class ExportReport:
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
-    def summary(self) -> str:
-        return (f"exported {self.rows} vectors (dim {self.dim}) to {self.out} as {self.format}; "
-                f"{self.dead_rows_skipped} dead row(s) of re-indexed sources left out")
+    def summary_lines(self) -> list[str]:
+        return [f"exported {self.rows} vectors (dim {self.dim}) to {self.out} as {self.format}; "
+                f"{self.dead_rows_skipped} dead row(s) of re-indexed sources left out"]
 
 
 def export_index(index_dir: Union[str, Path], out: Union[str, Path], fmt: str = "clip-retrieval",
@@ -138,7 +138,7 @@ def export_index(index_dir: Union[str, Path], out: Union[str, Path], fmt: str = 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     report = ExportReport(str(out), fmt, len(table), int(dim), int(total - len(table)))
-    log.info(report.summary())
+    log.info("%s", report.summary_lines()[0])
     return report
 
 

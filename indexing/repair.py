@@ -155,7 +155,20 @@ def _check_faiss(store: IndexStore, ids: np.ndarray, load_index) -> str:
     return "ok" if np.array_equal(have, np.sort(ids)) else "stale (other ids)"
 
 
-def compact_index(root: Union[str, Path]) -> dict:
+class CompactReport(dict):
+    """What :func:`compact_index` did: counts before and after (a dict, with the report protocol's views)."""
+
+    def to_dict(self) -> dict:
+        return dict(self)
+
+    def summary_lines(self) -> list[str]:
+        before, after = self["before"], self["after"]
+        return [f"compact {self['index_dir']}: {self['shards_rewritten']} shard(s) rewritten; dead rows "
+                f"{before['dead_rows']} -> {after['dead_rows']}; {after['vectors']} vectors in "
+                f"{after['shards']} shard(s); {self['faiss']}"]
+
+
+def compact_index(root: Union[str, Path]) -> CompactReport:
     """Rewrite the shards that hold dead rows with their live rows only (ids unchanged).
 
     New shards are written first, then ``manifest.json`` switches to them, then the old shards
@@ -179,8 +192,8 @@ def compact_index(root: Union[str, Path]) -> dict:
             store.rewrite_shard(shard)  # its live rows, if any, into a new shard
         store.retire_shards(old, faiss_current=was_current)
         after = m.counts()
-    return {"index_dir": str(root), "shards_rewritten": len(old), "before": before, "after": after,
-            "faiss": FAISS_FILE + (" unchanged" if was_current else " stale (rebuilt by the next index run)")}
+    return CompactReport(index_dir=str(root), shards_rewritten=len(old), before=before, after=after,
+                         faiss=FAISS_FILE + (" unchanged" if was_current else " stale (rebuilt by the next index run)"))
 
 
-__all__ = ["RepairReport", "compact_index", "repair_index"]
+__all__ = ["CompactReport", "RepairReport", "compact_index", "repair_index"]

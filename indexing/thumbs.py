@@ -263,10 +263,10 @@ class ThumbReport:
 
         return dataclasses.asdict(self)
 
-    def summary(self) -> str:
+    def summary_lines(self) -> list[str]:
         line = (f"thumbnails in {self.index_dir}: {len(self.made)} of {self.shards} shard pack(s) made now "
                 f"({self.thumbnails} thumbnails), {self.removed} stale pack(s) removed")
-        return "\n".join([line] + [f"not made: {m}" for m in self.missing])
+        return [line] + [f"not made: {m}" for m in self.missing]
 
 
 def _shard_rows(store, shard: str):

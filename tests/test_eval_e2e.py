@@ -158,7 +158,7 @@ def test_end_to_end_report_agrees_with_recomputation(tmp_path, tiny_sets, clip_b
     assert {p.name for p in pngs} == {"speed_ViT-B-32.png", "tradeoff_ViT-B-32_keyframes.png",
                                       "tradeoff_ViT-B-32_imagefolder.png"}
     assert all(_is_png(p) for p in pngs)
-    assert "| `none` |" in out.summary()
+    assert "| `none` |" in "\n".join(out.summary_lines())
 
 
 def test_reference_classifier_scored_with_its_own_head(tmp_path, monkeypatch):
@@ -208,8 +208,11 @@ def test_cli_eval_passes_options(monkeypatch, tmp_path):
     seen = {}
 
     class Outcome:
-        def summary(self):
-            return "TABLE"
+        def summary_lines(self):
+            return ["TABLE"]
+
+        def to_dict(self):
+            return {"table": "TABLE"}
 
     def fake(cfg, out_dir, progress=False):
         seen.update(cfg=cfg, out=out_dir)
