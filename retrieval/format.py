@@ -74,18 +74,22 @@ RELEASE_KEYS = ("title", "watch_url", "video_path", "publish_date")
 Links = Callable[[Hit], tuple[Optional[str], Optional[str]]]
 
 
-def hit_dict(h: Hit, links: Optional[Links] = None) -> dict:
+SERVER_PATH_KEYS = ("path", "video_path")  # where the files are on the machine that indexed them
+
+
+def hit_dict(h: Hit, links: Optional[Links] = None, server_paths: bool = True) -> dict:
     """The one JSON shape of a hit: ``cli.py search --json`` and every hit of the web app's API.
 
     ``id, score, video_id, frame_idx, pts_time, timestamp, path, thumb_url, video_url`` and,
     when the index knows them, the release's ``title, watch_url, video_path, publish_date``.
     ``pts_time`` / ``timestamp`` are None without a timestamp; ``thumb_url`` / ``video_url`` are
     None outside the web app (``links``: the hit's thumbnail and video URLs, each None when the
-    server has none).
+    server has none). ``server_paths`` False (the web app) gives ``path`` and ``video_path`` as
+    None: the same shape, without the server's file layout.
     """
     thumb_url, video_url = links(h) if links is not None else (None, None)
     timed = math.isfinite(h.pts_time)
-    return {
+    out = {
         "id": h.id,
         "score": round(h.score, 6),
         "video_id": h.video_id,
@@ -97,16 +101,19 @@ def hit_dict(h: Hit, links: Optional[Links] = None) -> dict:
         "video_url": video_url,
         **({k: h.video[k] for k in RELEASE_KEYS if k in h.video} if h.video else {}),
     }
+    if not server_paths:
+        out.update({k: None for k in SERVER_PATH_KEYS if k in out})
+    return out
 
 
-def result_dict(r: Result, links: Optional[Links] = None) -> dict:
+def result_dict(r: Result, links: Optional[Links] = None, server_paths: bool = True) -> dict:
     """``hit_dict`` of a hit; a temporal pair is its first frame's hit with the pair's ``score``,
     ``first_score``, and ``first`` and ``then`` (the two frames' hits)."""
     if not isinstance(r, TemporalHit):
-        return hit_dict(r, links)
-    first = hit_dict(r.first, links)
+        return hit_dict(r, links, server_paths)
+    first = hit_dict(r.first, links, server_paths)
     return {**first, "score": round(r.score, 6), "first_score": first["score"], "first": first,
-            "then": hit_dict(r.then, links)}
+            "then": hit_dict(r.then, links, server_paths)}
 
 
 def hits_json(results: Sequence[Result]) -> str:

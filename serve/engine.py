@@ -231,10 +231,10 @@ class Engine:
                 f"/api/video/{quote(h.video_id, safe='')}" if h.video_id in self.catalog.videos else None)
 
     def hit_dict(self, h: Hit) -> dict:
-        return hit_dict(h, self.links)
+        return hit_dict(h, self.links, server_paths=False)  # the browser gets URLs, never server paths
 
     def result_dict(self, r: Union[Hit, TemporalHit]) -> dict:
-        return result_dict(r, self.links)
+        return result_dict(r, self.links, server_paths=False)
 
     def health(self) -> dict:
         m = self.manifest

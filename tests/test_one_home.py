@@ -320,7 +320,8 @@ def test_a_json_array_names_the_line_of_a_bad_entry(tmp_path):
 # ---------------------------------------------------------------------------- one JSON shape for a hit (issue #24)
 def test_the_cli_and_the_web_app_give_one_json_shape_for_a_hit(monkeypatch):
     """``cli.py search --json`` and ``GET /api/search`` on the same hits: the same dicts, but for the
-    two URLs only the web app can give (null in the CLI)."""
+    two URLs only the web app can give (null in the CLI) and the server's file paths only the CLI
+    gives (null in the web app)."""
     import json
     import math
     from types import SimpleNamespace
@@ -346,7 +347,7 @@ def test_the_cli_and_the_web_app_give_one_json_shape_for_a_hit(monkeypatch):
                                       search_temporal=lambda q, then, within_s, k, per_video: pairs)
     client = TestClient(create_app(engine))
 
-    def cli(*args):
+    def cli_json(*args):
         monkeypatch.setattr(retrieval, "run_search", lambda *a, **k: pairs if "--then" in args else frames)
         res = CliRunner().invoke(cli_app, ["search", "x", "--json", *args])
         assert res.exit_code == 0, res.output
@@ -356,10 +357,18 @@ def test_the_cli_and_the_web_app_give_one_json_shape_for_a_hit(monkeypatch):
         return {k: (None if k in ("thumb_url", "video_url") else no_urls(v) if isinstance(v, dict) else v)
                 for k, v in d.items()}
 
+    def cli(*args):
+        res = cli_json(*args)
+        blank = lambda d: {k: (None if k in ("path", "video_path") else blank(v) if isinstance(v, dict) else v)
+                           for k, v in d.items()}
+        assert any(h["path"] for h in res)  # the CLI says where the files are
+        return [blank(h) for h in res]
+
     web = client.get("/api/search", params={"q": "x"}).json()["hits"]
     assert [no_urls(h) for h in web] == cli()
     assert web[0]["thumb_url"] == "/api/thumb/7" and web[0]["video_url"] == "/api/video/L01_V001"
-    assert web[0]["title"] == "Thời sự" and web[0]["path"] == a.path and web[0]["score"] == 0.912346
+    assert web[0]["title"] == "Thời sự" and web[0]["score"] == 0.912346
+    assert web[0]["path"] is None and web[0]["video_path"] is None  # the server's file layout stays on the server
     assert web[1]["video_url"] is None and web[1]["pts_time"] is None and web[1]["timestamp"] is None
     strip = client.get("/api/neighbors/7").json()
     assert [no_urls(strip["hit"]), no_urls(strip["before"][0])] == cli()
