@@ -5,6 +5,7 @@ train-reference options are defined once (cli.py, typer)."""
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -229,10 +230,7 @@ def test_user_record_files_are_parsed_only_by_the_one_reader():
         "indexing/": "the index's own files and an AI Challenge release's fixed files (maps, media-info)",
         "eval/reference.py": "the reference model's own run folder",
         "eval/zeroshot.py": "a templates file (a list of strings, not records)",
-        # to move to records.read_records with eval/datasets (BOM, file:line errors); owned elsewhere for now
-        "eval/datasets/captions.py": "caption JSON lines / COCO JSON",
-        "eval/datasets/keyframes.py": "a keyframe set's queries (CSV or JSON lines)",
-        "eval/datasets/classification.py": "a dataset's label tables",
+        "eval/datasets/classification.py": "a dataset's own label tables (Pets, ImageNet), fixed formats",
     }
     readers = {("json", "loads"), ("json", "load"), ("csv", "reader"), ("csv", "DictReader")}
     found = []
@@ -376,3 +374,31 @@ def test_the_cli_and_the_web_app_give_one_json_shape_for_a_hit(monkeypatch):
     assert [no_urls(h) for h in web] == cli("--then", "y")
     assert web[0]["then"]["thumb_url"] == "/api/thumb/9" and web[0]["first"]["id"] == web[0]["id"] == 7
     assert (web[0]["score"], web[0]["first_score"], web[0]["then"]["frame_idx"]) == (1.31, 0.912346, 400)
+
+
+@pytest.mark.parametrize("form", ["jsonl", "csv", "array"])
+def test_eval_keyframe_queries_and_captions_read_through_the_one_reader(tmp_path, form):
+    """The eval sets' query and caption files take what every user file takes: a BOM, blank and #
+    lines, a JSON array; a bad line is named by file:line."""
+    from mergeseek.errors import InputError
+    from mergeseek.eval.datasets.captions import _read_jsonl
+    from mergeseek.eval.datasets.keyframes import _read_queries
+
+    rows = [{"query": "a bike", "video_id": "V1", "frame_idx": 5}, {"text": "a dog", "video_id": "V2", "frames": [1, 2]}]
+    path = tmp_path / f"q.{'csv' if form == 'csv' else 'jsonl'}"
+    if form == "csv":
+        body = "query,video_id,frame_idx\n\na bike,V1,5\na dog,V2,7\n"
+    elif form == "array":
+        body = json.dumps(rows, indent=1)
+    else:
+        body = "# queries\n\n" + "\n".join(json.dumps(r) for r in rows) + "\n\n"
+    path.write_text(_BOM + body, encoding="utf-8")
+    got = _read_queries(path)
+    assert [(t.text, t.video_id) for t in got] == [("a bike", "V1"), ("a dog", "V2")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(_BOM + json.dumps(rows[0]) + "\n\n{oops\n", encoding="utf-8")
+    with pytest.raises(InputError, match=rf"{bad}:3 "):
+        _read_queries(bad)
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text(_BOM + "\n" + json.dumps({"file": "a.jpg", "captions": ["x", "y"]}) + "\n", encoding="utf-8")
+    assert [(p.name, c) for p, c, _, _ in _read_jsonl(caps, tmp_path)] == [("a.jpg", ["x", "y"])]

@@ -11,7 +11,6 @@ Formats:
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Optional
@@ -70,15 +69,12 @@ def load_captions(
 
 
 def _read_jsonl(path: Path, root: Path) -> list[tuple[Path, list[str], Optional[str], str]]:
+    from mergeseek.retrieval.records import read_records
+
     items = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{n} is not valid JSON ({exc.msg}); one object per line") from None
-        if "file" not in obj or not obj.get("captions"):
+    for rec in read_records(path, "captions file"):
+        obj, n = rec.value, rec.line
+        if not isinstance(obj, dict) or "file" not in obj or not obj.get("captions"):
             raise InputError(f"{path}:{n} needs 'file' and a non-empty 'captions' list")
         caps = obj["captions"] if isinstance(obj["captions"], list) else [obj["captions"]]
         items.append((root / obj["file"], [str(c) for c in caps], obj.get("split"), str(obj.get("image_id", n))))
@@ -86,8 +82,11 @@ def _read_jsonl(path: Path, root: Path) -> list[tuple[Path, list[str], Optional[
 
 
 def _read_coco_json(path: Path, root: Path) -> list[tuple[Path, list[str], Optional[str], str]]:
-    data = json.loads(path.read_text())
-    if "images" not in data or "annotations" not in data:
+    from mergeseek.retrieval.records import read_records
+
+    records = read_records(path, "COCO captions file", single_object=True)
+    data = records[0].value if len(records) == 1 else None
+    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise InputError(f"{path} is not a COCO captions file (needs 'images' and 'annotations')")
     split = path.stem.replace("captions_", "")  # captions_val2017 -> val2017
     folders = [root / split, root / "images" / split, root.parent / split, root.parent / "images" / split, root]

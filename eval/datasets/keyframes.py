@@ -21,8 +21,6 @@ video has no keyframes is dropped with a note.
 from __future__ import annotations
 
 import bisect
-import csv
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -169,22 +167,15 @@ def _stem_int(p: Path) -> int:
 
 # ---------------------------------------------------------------------------- queries
 def _read_queries(path: Path) -> list[_Target]:
-    if not path.is_file():
-        raise InputError(f"queries file {path} does not exist")
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="") as fh:
-            rows = list(csv.DictReader(fh))
-    else:
-        rows = []
-        for n, line in enumerate(path.read_text().splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{path}:{n} is not valid JSON ({exc.msg}); one object per line") from None
-    if not rows:
+    from mergeseek.retrieval.records import read_records
+
+    records = read_records(path, "queries file", csv_tables=True)
+    for r in records:
+        if not isinstance(r.value, dict):
+            raise InputError(f"{r.path}:{r.line} is a JSON {type(r.value).__name__}, not an object with text and a target")
+    if not records:
         raise InputError(f"queries file {path} is empty")
-    return [_with_aic(r, i, path) for i, r in enumerate(rows, start=1)]
+    return [_with_aic(r.value, i, path) for i, r in enumerate(records, start=1)]
 
 
 def _with_aic(row: dict, line: int, path: Path) -> _Target:
