@@ -402,3 +402,137 @@ def test_eval_keyframe_queries_and_captions_read_through_the_one_reader(tmp_path
     caps = tmp_path / "caps.jsonl"
     caps.write_text(_BOM + "\n" + json.dumps({"file": "a.jpg", "captions": ["x", "y"]}) + "\n", encoding="utf-8")
     assert [(p.name, c) for p, c, _, _ in _read_jsonl(caps, tmp_path)] == [("a.jpg", ["x", "y"])]
+
+
+# ---------------------------------------------------------------------------- one ingest writer, one index format (issue #24)
+def _strings(tree):
+    """The string constants of ``tree``, docstrings left out."""
+    import ast
+
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    for node in ast.walk(tree):
+        if id(node) in docs:
+            continue
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            yield node
+        elif isinstance(node, ast.JoinedStr):
+            yield from (v for v in node.values if isinstance(v, ast.Constant) and isinstance(v.value, str))
+
+
+def test_only_the_index_format_module_names_shard_files():
+    """Shard paths are made by indexing/layout.shard_files (and named by the store that writes them):
+    no other module of indexing/, retrieval/ or serve/ spells ``emb``/``meta`` or a shard file's name
+    (thumbnail packs share the shard's name, not its files)."""
+    owners = {"indexing/layout.py", "indexing/store.py"}
+    found = []
+    for rel, tree in _library_files():
+        if rel in owners or not rel.startswith(("indexing/", "retrieval/", "serve/")):
+            continue
+        for node in _strings(tree):
+            if node.value in ("emb", "meta", "emb/", "meta/") or "part-" in node.value and (
+                    ".npy" in node.value or ".parquet" in node.value):
+                found.append(f"{rel}:{node.lineno} {node.value!r}")
+    assert found == []
+
+
+def test_index_writes_go_through_the_writer_and_the_store_s_public_api():
+    """The store's private members stay in store.py; FAISS is refreshed only by indexing/writer.py; a
+    store is committed to only by the writer (index, Ray, import-features, merge-index all use it)."""
+    import ast
+
+    private = {"_read_table", "_load_vectors", "_live_mask", "_write_shard", "_journal", "_lock", "_recover",
+               "_adopt", "_staged", "_retrying", "_by_id"}
+    found = []
+    for rel, tree in _library_files():
+        for node in ast.walk(tree):
+            if rel != "indexing/store.py" and isinstance(node, ast.Attribute) and node.attr in private \
+                    and not (isinstance(node.value, ast.Name) and node.value.id == "self"):
+                found.append(f"{rel}:{node.lineno} .{node.attr}")
+            if rel != "indexing/writer.py" and isinstance(node, ast.Name) and node.id in ("refresh_faiss", "_refresh_faiss"):
+                found.append(f"{rel}:{node.lineno} {node.id}")
+            if rel not in ("indexing/writer.py", "indexing/store.py") and isinstance(node, ast.Call) \
+                    and isinstance(node.func, ast.Attribute) and node.func.attr == "commit" \
+                    and isinstance(node.func.value, (ast.Name, ast.Attribute)):
+                found.append(f"{rel}:{node.lineno} .commit(...)")
+    assert found == []
+
+
+def test_the_release_layout_does_not_import_the_sources_or_the_pipeline():
+    """indexing/aic.py (the release layout) sits below indexing/sources.py and the pipeline: no circle."""
+    import ast
+
+    trees = dict(_library_files())
+    for rel, banned in (("indexing/aic.py", ("mergeseek.indexing.sources", "mergeseek.indexing.pipeline",
+                                             "mergeseek.indexing.features", "mergeseek.indexing.writer")),
+                        ("indexing/layout.py", ("mergeseek.indexing.store", "mergeseek.indexing.writer"))):
+        mods = {n.module for n in ast.walk(trees[rel]) if isinstance(n, ast.ImportFrom)}
+        mods |= {a.name for n in ast.walk(trees[rel]) if isinstance(n, ast.Import) for a in n.names}
+        assert not mods & set(banned), (rel, mods & set(banned))
+
+
+def test_one_key_value_parser():
+    """Only options.py splits ``key=value`` items (sampling's single ``mode=value`` aside)."""
+    import ast
+
+    found = []
+    for rel, tree in _library_files():
+        if rel in ("options.py", "indexing/sampling.py"):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and node.func.attr in ("partition", "split", "rpartition") and node.args \
+                    and isinstance(node.args[0], ast.Constant) and node.args[0].value == "=":
+                found.append(f"{rel}:{node.lineno} .{node.func.attr}('=')")
+    assert found == []
+
+
+def test_every_exit_code_is_in_the_docs_table():
+    import inspect
+    import re
+    from pathlib import Path
+
+    import mergeseek.errors as errors
+
+    table = (Path(errors.__file__).resolve().parent / "docs" / "INDEXING.md").read_text(encoding="utf-8")
+    documented = {int(m) for m in re.findall(r"^\| (\d+) \|", table, flags=re.M)}
+    codes = {c.exit_code for c in vars(errors).values() if inspect.isclass(c) and issubclass(c, errors.MergeseekError)}
+    assert codes <= documented, sorted(codes - documented)
+
+
+def test_reports_are_printed_in_one_place():
+    """Every report the CLI prints goes through cli._print (reports.render): no command formats one itself."""
+    import ast
+    from pathlib import Path
+
+    import mergeseek.errors as errors
+
+    tree = ast.parse((Path(errors.__file__).resolve().parent / "cli.py").read_text(encoding="utf-8"))
+    found = []
+    for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name != "_print"):
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Attribute) and node.attr in ("summary_lines", "to_dict", "summary"):
+                found.append(f"cli.py:{node.lineno} {fn.name} .{node.attr}")
+    assert found == []
+
+
+def test_the_report_protocol_holds_for_every_report_a_command_prints(tmp_path):
+    from mergeseek.eval.aic_score import ScoreReport
+    from mergeseek.indexing.export import ExportReport
+    from mergeseek.indexing.merge import MergeReport
+    from mergeseek.indexing.pipeline import IndexReport
+    from mergeseek.indexing.repair import CompactReport, RepairReport
+    from mergeseek.indexing.thumbs import ThumbReport
+    from mergeseek.reports import Report, render
+    from mergeseek.retrieval.submission import SubmitReport
+
+    counts = {"vectors": 1, "dead_rows": 0, "shards": 1}
+    reports = [IndexReport(str(tmp_path)), MergeReport(str(tmp_path)), RepairReport(str(tmp_path)), ThumbReport(str(tmp_path)),
+               ExportReport(str(tmp_path), "clip-retrieval", 1, 2, 0), SubmitReport(str(tmp_path)),
+               CompactReport(index_dir=str(tmp_path), shards_rewritten=0, before=counts, after=counts, faiss="ok"),
+               ScoreReport(AIC=0.5, queries={"q": 0.5}, missing=[], unreadable={}, n_queries=1)]
+    for r in reports:
+        assert isinstance(r, Report), type(r).__name__
+        assert json.loads(render(r, json_out=True)) == json.loads(json.dumps(r.to_dict(), default=str))
+        assert render(r).splitlines() == r.summary_lines() and r.summary_lines()
