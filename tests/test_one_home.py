@@ -536,3 +536,25 @@ def test_the_report_protocol_holds_for_every_report_a_command_prints(tmp_path):
         assert isinstance(r, Report), type(r).__name__
         assert json.loads(render(r, json_out=True)) == json.loads(json.dumps(r.to_dict(), default=str))
         assert render(r).splitlines() == r.summary_lines() and r.summary_lines()
+
+
+def test_no_library_module_over_600_lines_or_function_over_80_without_a_reason():
+    """Issue #24's size rule over the whole library (tests and benchmarks aside): a longer module or
+    function needs a ``Long by design:`` line in its module docstring saying why."""
+    import ast
+    from pathlib import Path
+
+    import mergeseek.errors as errors
+
+    root = Path(errors.__file__).resolve().parent
+    found = []
+    for rel, tree in _library_files():
+        if "Long by design:" in (ast.get_docstring(tree) or ""):
+            continue
+        lines = (root / rel).read_text(encoding="utf-8").count("\n")
+        if lines > 600:
+            found.append(f"{rel}: {lines} lines")
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
+                found.append(f"{rel}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert found == []
