@@ -260,6 +260,17 @@ def regular_file_sig(p: Path) -> tuple[Path, str]:
     return real, f"{st.st_size}-{st.st_mtime_ns}"
 
 
+def first_by(items, key: Callable) -> list:
+    """The first item of each ``key(item)``, in order (later ones with a key already seen are dropped)."""
+    seen, out = set(), []
+    for item in items:
+        k = key(item)
+        if k not in seen:
+            seen.add(k)
+            out.append(item)
+    return out
+
+
 def split_top_level(text: str) -> list[str]:
     """Split ``text`` on the commas outside brackets: ``r=[16,8],method=lsh`` -> ``["r=[16,8]", "method=lsh"]``."""
     items, depth, cur = [], 0, []

@@ -25,7 +25,7 @@ import numpy as np
 
 from mergeseek.errors import InputError
 from mergeseek.indexing.aic import ReleaseParts, find_release
-from mergeseek.runtime import file_sig
+from mergeseek.runtime import file_sig, first_by
 from mergeseek.indexing.decoders import DEFAULT_BACKEND, open_video
 from mergeseek.indexing.formats import (
     IMAGE_EXTS,
@@ -302,12 +302,7 @@ def _keyframe_sources(kf_dir: Path, bad: list) -> list[MediaSource]:
 
 
 def _dedupe_sources(sources: list[MediaSource]) -> list[MediaSource]:
-    seen, out = set(), []
-    for s in sources:
-        if s.key not in seen:
-            seen.add(s.key)
-            out.append(s)
-    return out
+    return first_by(sources, lambda s: s.key)
 
 
 def assign_ids(sources: list[MediaSource], existing: Optional[dict] = None) -> list[MediaSource]:

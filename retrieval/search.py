@@ -249,12 +249,9 @@ def run_search(index_dir: Union[str, Path], text: Optional[str] = None, image: O
 
 def best_per_video(hits: Sequence) -> list:
     """Keep the first (best) hit of each video, in order (hits, pairs or chains: anything with a video_id)."""
-    seen, out = set(), []
-    for h in hits:
-        if h.video_id not in seen:
-            seen.add(h.video_id)
-            out.append(h)
-    return out
+    from mergeseek.runtime import first_by
+
+    return first_by(hits, lambda h: h.video_id)
 
 
 def pair_events(hits_a: Sequence[Hit], hits_b: Sequence[Hit], within_s: float) -> list[TemporalHit]:
