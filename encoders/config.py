@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 from mergeseek.encoders.merging.registry import REGISTRY, get_spec
 from mergeseek.errors import ConfigError
-from mergeseek.runtime import split_top_level
+from mergeseek.options import parse_options
 
 METHODS = ("none", *REGISTRY)  # every registered method (encoders/merging/registry.py)
 SCHEDULES = ("constant", "decreasing")
@@ -101,18 +101,8 @@ class MergeConfig:
         text = spec.strip()
         if text.lower() in ("", "none", "off", "method=none"):
             return cls(method="none")
-        kwargs: dict[str, Any] = {}
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        for item in split_top_level(text):
-            if "=" not in item:
-                raise ConfigError(
-                    f"merge option {item[:60]!r} in {spec[:80]!r} is not key=value; valid keys: {', '.join(fields)}"
-                )
-            key, value = (s.strip() for s in item.split("=", 1))
-            if key not in fields:
-                raise ConfigError(f"unknown merge option {key[:40]!r} in {spec[:80]!r}; valid keys: {', '.join(fields)}")
-            kwargs[key] = _convert(key, value)
-        return cls(**kwargs)
+        keys = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{key: _convert(key, value) for key, value in parse_options(text, "merge", keys).pairs})
 
     def __str__(self) -> str:
         if self.method == "none":
@@ -136,6 +126,11 @@ class MergeConfig:
     def matcher_options(self) -> dict[str, Any]:
         """The keyword options this config gives its method's matcher (from its ``MatcherSpec``)."""
         return self.spec.options(self) if self.enabled else {}
+
+    def matcher_state(self, dim: int, device: Any = None) -> dict[str, Any]:
+        """The tensors this config's method keeps per model (its ``MatcherSpec.state``; ``dim``:
+        the metric's width), passed to the matcher with its options; empty for most methods."""
+        return self.spec.state(self, dim, device) if self.enabled and self.spec.state else {}
 
     @property
     def spec(self):

@@ -18,6 +18,7 @@ invisible: a padded image computes exactly what it computes alone.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import torch
@@ -43,6 +44,60 @@ def identity_merge(num_tokens: int = 0) -> MergeResult:
 def real_mask(size: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """[B, N] bool of non-padding tokens, or None when no size is tracked yet."""
     return None if size is None else size[..., 0] > 0
+
+
+def protected_count(class_token: bool, protected: Optional[int]) -> int:
+    """Leading tokens never merged: ``protected``, else 1 with a class token and 0 without."""
+    return int(class_token) if protected is None else protected
+
+
+def padding_mask(size: Optional[torch.Tensor], padded: Optional[bool]) -> Optional[torch.Tensor]:
+    """[B, N] non-padding mask when ``size`` holds padding, else None (``padded`` None: look, which
+    costs a device sync)."""
+    if padded is False:
+        return None
+    real = real_mask(size)
+    if real is None or padded:
+        return real
+    return None if bool(real.all()) else real
+
+
+def matcher(fn: Callable) -> Callable:
+    """Give ``fn(metric, r, keep_first, *, size, padded, attn, **options)`` the calling convention
+    every matcher shares (``registry.MatcherSpec``): ``(metric [B, N, C], r, class_token=True, *,
+    size=None, protected=None, padded=None, attn=None, **options) -> MergeResult``.
+
+    ``keep_first`` is :func:`protected_count`; ``size`` [B, N, 1] token sizes (size-0 rows are
+    padding), ``padded`` whether they hold padding (None: look), ``attn`` what the method's spec
+    ``needs`` from attention, ``options`` the spec's options and state.
+    """
+
+    @functools.wraps(fn)
+    def call(metric: torch.Tensor, r: int, class_token: bool = True, *, size: Optional[torch.Tensor] = None,
+             protected: Optional[int] = None, padded: Optional[bool] = None, attn: Optional[torch.Tensor] = None,
+             **options: Any) -> MergeResult:
+        return fn(metric, r, protected_count(class_token, protected), size=size, padded=padded, attn=attn, **options)
+
+    del call.__wrapped__  # the signature callers see is the convention, not ``fn``'s
+    return call
+
+
+def partner_search(fn: Callable) -> Callable:
+    """Give ``fn(metric, keep_first, real, **options) -> (best, partner, ...)`` the calling convention
+    of the partner searches: ``(metric [B, N, C], class_token=True, *, size=None, protected=None,
+    padded=None, **options) -> (best [B, NA], partner [B, NA], real, ...)``.
+
+    ``best`` is each A token's score to its partner (-inf: none), ``partner`` an index into B,
+    ``real`` the [B, N] non-padding mask when ``size`` holds padding, else None (:func:`padding_mask`).
+    """
+
+    @functools.wraps(fn)
+    def call(metric: torch.Tensor, class_token: bool = True, *, size: Optional[torch.Tensor] = None,
+             protected: Optional[int] = None, padded: Optional[bool] = None, **options: Any):
+        return fn(metric, protected_count(class_token, protected), padding_mask(size, padded), **options)
+
+    del call.__wrapped__
+    return call
 
 
 def protect(scores: torch.Tensor, protected: int, real: Optional[torch.Tensor]) -> torch.Tensor:

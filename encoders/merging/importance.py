@@ -19,8 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from mergeseek.encoders.merging.bipartite import protected_count
-from mergeseek.encoders.merging.core import NEG_INF, identity_merge, merge_from_slots, real_mask
+from mergeseek.encoders.merging.core import NEG_INF, identity_merge, matcher, merge_from_slots, padding_mask
 from mergeseek.encoders.merging.registry import MergeResult
 from mergeseek.errors import ConfigError, UnsupportedModelError
 
@@ -131,35 +130,23 @@ def importance_weight(importance: torch.Tensor, size: Optional[torch.Tensor], dt
 
 
 @torch.no_grad()
-def importance_merging(
-    metric: torch.Tensor,
-    r: int,
-    class_token: bool = True,
-    *,
-    size: Optional[torch.Tensor] = None,
-    protected: Optional[int] = None,
-    padded: Optional[bool] = None,
-    attn: Optional[torch.Tensor] = None,
-    **_: object,
-) -> MergeResult:
+@matcher
+def importance_merging(metric: torch.Tensor, r: int, keep_first: int, *, size: Optional[torch.Tensor],
+                       padded: Optional[bool], attn: Optional[torch.Tensor], **_: object) -> MergeResult:
     """Keep the N - r tokens the class token attends to most; merge each other token into its
     most similar kept token, weighted by importance.
 
-    Args:
-        metric: [B, N, C] similarity features (head-averaged keys).
-        r: tokens to remove (clamped so that one unprotected token stays).
-        class_token: position 0 is a class token (never merged, never a destination).
-        size: [B, N, 1] token sizes; size-0 rows are padding, never kept and never merged.
-        protected: leading prefix tokens never merged (overrides class_token); the class token
-            must be the first of them.
-        padded: whether ``size`` holds padding (None: look, which costs a device sync).
-        attn: class-token attention probabilities [B, H, 1, N] (or the full [B, H, N, N]).
+    Called as every matcher (``core.matcher``): ``metric`` [B, N, C] similarity features
+    (head-averaged keys); ``r`` tokens to remove (clamped so that one unprotected token stays);
+    ``class_token`` / ``protected`` the leading tokens never merged and never a destination (the
+    class token must be the first); ``size`` [B, N, 1] token sizes, size-0 rows are padding, never
+    kept and never merged; ``attn`` the class-token attention probabilities [B, H, 1, N] (or the
+    full [B, H, N, N]).
 
     Returns:
         ``MergeResult`` whose ``weight`` holds the importance weights for ``merge_wavg``.
     """
-    batch, n, _ = metric.shape
-    keep_first = protected_count(class_token, protected)
+    n = metric.shape[1]
     r = min(r, n - keep_first - 1)
     if r <= 0:
         return identity_merge(n)
@@ -171,14 +158,11 @@ def importance_merging(
     if attn is None:
         raise ConfigError("method=importance needs the class-token attention (its MatcherSpec needs='cls_attn'); "
                           "run it through encoders.apply_merging, which provides it")
-    real = real_mask(size)
-    if padded is None:
-        padded = real is not None and not bool(real.all())
-    real = real if padded else None
+    real = padding_mask(size, padded)
     importance = class_attention(attn)
     keep = keep_top(importance, r, keep_first, real)
     _, partner = most_similar_kept(metric, keep, keep_first, real)
-    result = assignment_from_keep(keep, partner, real, width=None if padded else n - r)
+    result = assignment_from_keep(keep, partner, real, width=None if real is not None else n - r)
     result.weight = importance_weight(importance, size, metric.dtype)
     result.importance = importance
     return result

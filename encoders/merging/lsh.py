@@ -41,8 +41,7 @@ import numpy as np
 import torch
 
 from mergeseek.encoders.merging import lsh_native
-from mergeseek.encoders.merging.bipartite import protected_count
-from mergeseek.encoders.merging.core import NEG_INF, assign_top_r, identity_merge, real_mask
+from mergeseek.encoders.merging.core import NEG_INF, assign_top_r, identity_merge, matcher, partner_search
 from mergeseek.encoders.merging.registry import MergeResult
 
 
@@ -160,13 +159,12 @@ def _native_partners(
 
 
 @torch.no_grad()
+@partner_search
 def lsh_partners(
     metric: torch.Tensor,
-    class_token: bool = True,
+    keep_first: int,
+    real: Optional[torch.Tensor],
     *,
-    size: Optional[torch.Tensor] = None,
-    protected: Optional[int] = None,
-    padded: Optional[bool] = None,
     lsh_bits: int = 4,
     lsh_tables: int = 4,
     lsh_window: int = 16,
@@ -176,7 +174,9 @@ def lsh_partners(
     backend: str = "auto",
     native_fallback: bool = False,
 ) -> Tuple[torch.Tensor, ...]:
-    """Each A token's best B bucket-mate: ``(best [B, NA], partner [B, NA], real)``.
+    """Each A token's best B bucket-mate: ``(best [B, NA], partner [B, NA], real)``, called as
+    every partner search (``core.partner_search``: ``metric``, ``class_token`` / ``protected``,
+    ``size``, ``padded``).
 
     ``best`` is the cosine to the partner (-inf: no bucket-mate, never merged), ``partner`` an
     index into B, ``real`` the [B, N] non-padding mask when ``size`` holds padding (else None).
@@ -190,48 +190,80 @@ def lsh_partners(
     is returned, [B] how many eligible A tokens had none; elsewhere three values as usual.
     """
     batch, n, dim = metric.shape
-    keep_first = protected_count(class_token, protected)
     bits, tables, dev = lsh_bits, lsh_tables, metric.device
-    num_a, num_b = (n + 1) // 2, n // 2
-    window = max(1, min(lsh_window, num_b))
+    window = max(1, min(lsh_window, n // 2))
     half = max(1, min(lsh_chunk or window, window))  # A tokens per chunk
-    small = bits <= 11  # 16-bit keys (the kernel's and the radix sort's); wider ones: int64
     if planes is None:
         planes = _cached_planes(dim, bits, tables, seed, str(dev))
     elif tuple(planes.shape) != (dim, tables * (bits + 1)):
         raise ValueError(
             f"planes must be [{dim}, {tables * (bits + 1)}] (metric dim, tables * (bits + 1)), got {list(planes.shape)}"
         )
-    real = None if padded is False else real_mask(size)
-    if real is not None and not (padded if padded is not None else not bool(real.all())):
-        real = None  # no padding: nothing to mask
-    if backend != "torch" and dev.type == "cpu" and metric.dtype in _KERNEL_DTYPES and small and not _compiling():
+    # 16-bit keys (the kernel's and the radix sort's) up to 11 bits; wider ones: int64
+    if backend != "torch" and dev.type == "cpu" and metric.dtype in _KERNEL_DTYPES and bits <= 11 and not _compiling():
         found = _native_partners(metric, planes, tables, bits, keep_first, real, window, half,
                                  fallback=native_fallback and real is None)
         if found is not None:
             return (found[0], found[1], real, found[2]) if len(found) == 3 else (found[0], found[1], real)
         if backend == "native":
             raise RuntimeError(f"the fused LSH kernel is unavailable: {lsh_native.reason() or 'it failed'}")
+    best, partner = _tensor_partners(metric, planes, bits, tables, keep_first, real, window, half)
+    return best, partner, real
+
+
+def _tensor_partners(metric: torch.Tensor, planes: torch.Tensor, bits: int, tables: int, keep_first: int,
+                     real: Optional[torch.Tensor], window: int, half: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The search as tensor code (traced by torch.compile): sort keys per table, score each chunk of
+    sorted A tokens against its window of sorted B tokens, best over tables. Returns (best, partner)."""
+    batch, n, dim = metric.shape
+    num_a, num_b = (n + 1) // 2, n // 2
+    small = bits <= 11
     metric = metric / metric.norm(dim=-1, keepdim=True)
-    # Keys are built in float32/64 whatever the metric's precision (bf16 cannot hold a 15-bit key).
-    with _full_precision(dev):
-        proj = (metric.float() @ planes.float()).view(batch, n, tables, bits + 1)
     # A and B sorted orders are both padded to `length` (whole A chunks, at least one B window).
     length = max(-(-num_a // half) * half, window)
-    chunks = length // half
     # Keys: int16 (bits + 2 code bits, 13 - bits position bits; radix-sorted on CPU) up to 11 bits,
     # else int64 built exactly in float64 (bits + 2 <= 32 code bits, 20 position bits < 2**53).
     pos_bits = 13 - bits if small else 20
-    key_dtype = torch.float32 if small else torch.float64
     constants = _constants.__wrapped__ if _compiling() else _constants  # traced: no lru_cache
-    weights, sentinel, steps, offsets = constants(batch, n, bits, pos_bits, window, str(dev), key_dtype)
-    with _full_precision(dev):
-        code = (proj > 0).to(key_dtype) @ weights  # [B, N, T]
+    weights, sentinel, steps, offsets = constants(batch, n, bits, pos_bits, window, str(metric.device),
+                                                  torch.float32 if small else torch.float64)
+    key = _sort_keys(metric, planes, bits, tables, keep_first, real, length, pos_bits, weights, sentinel)
+    perm = _argsort_rows(key).to(metric.device)  # [B, T, 2 (A, B), length]: sorted position -> A / B index
+    sorted_key = key.gather(3, perm)
+    sorted_code = sorted_key >> pos_bits
+    perm_a = perm[:, :, 0]
+    cand = _windows(sorted_key, real, keep_first, num_b, window, half, steps)
+    cand_b = perm[:, :, 1].gather(2, cand)  # -> B index
+    cand_code = sorted_code[:, :, 1].gather(2, cand)
+    val, partner = _score_windows(metric, perm_a, cand_b, sorted_code[:, :, 0], cand_code, window, half, offsets)
+    val = val.reshape(batch, tables, length)
+    partner = partner.reshape(batch, tables, length)
 
-    # Integer sort keys, code << pos_bits | position along the ordering direction. Tokens that
-    # may not merge get code 2**bits (A) or 2**bits + 1 (B), which match nothing; sort padding
-    # gets the largest key, whose code matches no real token either. The ordering projection of
-    # a unit vector onto a Gaussian direction is N(0, 1): [-4, 4] is cut into equal levels.
+    # Back to A token order (perm_a is a permutation of 0..length-1), then the best over tables.
+    tok_val = val.new_empty(batch, tables, length).scatter_(2, perm_a, val)
+    tok_partner = partner.new_empty(batch, tables, length).scatter_(2, perm_a, partner)
+    best, table = tok_val[..., :num_a].max(dim=1)  # [B, NA]
+    best_b = tok_partner[..., :num_a].gather(1, table[:, None])[:, 0].clamp_(max=num_b - 1)
+    return best, best_b
+
+
+def _sort_keys(metric: torch.Tensor, planes: torch.Tensor, bits: int, tables: int, keep_first: int,
+               real: Optional[torch.Tensor], length: int, pos_bits: int, weights: torch.Tensor,
+               sentinel: torch.Tensor) -> torch.Tensor:
+    """[B, T, 2 (A, B), length] integer sort keys ``code << pos_bits | position along the ordering
+    direction`` of the unit ``metric``'s A and B tokens in every table.
+
+    Tokens that may not merge get code 2**bits (A) or 2**bits + 1 (B), which match nothing; sort
+    padding gets the largest key, whose code matches no real token either. The ordering projection
+    of a unit vector onto a Gaussian direction is N(0, 1): [-4, 4] is cut into equal levels.
+    """
+    batch, n, _ = metric.shape
+    small = bits <= 11
+    key_dtype = weights.dtype
+    # Keys are built in float32/64 whatever the metric's precision (bf16 cannot hold a 15-bit key).
+    with _full_precision(metric.device):
+        proj = (metric.float() @ planes.float()).view(batch, n, tables, bits + 1)
+        code = (proj > 0).to(key_dtype) @ weights  # [B, N, T]
     key = proj[..., bits].to(key_dtype).clamp(-ORDER_RANGE, ORDER_RANGE).add_(ORDER_RANGE)
     key = key.mul_(((1 << pos_bits) - 1) / (2 * ORDER_RANGE)).round_().add_(code, alpha=1 << pos_bits)
     if keep_first:
@@ -240,13 +272,14 @@ def lsh_partners(
         key = torch.where(real[..., None], key, sentinel[:, None])
     big = (1 << 15) - 1 if small else (1 << 52)  # above every real or ineligible key
     key = torch.nn.functional.pad(key.transpose(1, 2), (0, 2 * length - n), value=big)
-    key = key.to(torch.int16 if small else torch.int64).view(batch, tables, length, 2).transpose(2, 3)
-    perm = _argsort_rows(key).to(dev)  # [B, T, 2 (A, B), length]: sorted position -> A / B index
-    sorted_key = key.gather(3, perm)
-    sorted_code = sorted_key >> pos_bits
-    perm_a, perm_b = perm[:, :, 0], perm[:, :, 1]
+    return key.to(torch.int16 if small else torch.int64).view(batch, tables, length, 2).transpose(2, 3)
 
-    # Each A chunk is scored against the `window` B tokens centred on its middle key.
+
+def _windows(sorted_key: torch.Tensor, real: Optional[torch.Tensor], keep_first: int, num_b: int, window: int,
+             half: int, steps: torch.Tensor) -> torch.Tensor:
+    """[B, T, chunks * window] sorted B positions each A chunk is scored against: the ``window``
+    B tokens centred on the chunk's middle key."""
+    batch, tables = sorted_key.shape[:2]
     mid = sorted_key[:, :, 0, half // 2 :: half].contiguous()  # [B, T, chunks]
     # Windows stay inside the eligible B tokens (they sort first), so an image's windows do not
     # depend on how much padding its batch adds: a batch computes what each image does alone.
@@ -256,10 +289,17 @@ def lsh_partners(
         start = torch.minimum(start, (count_b - window).clamp(min=0)[:, None, None]).clamp_(min=0)
     else:
         start = start.clamp_(0, max(0, num_b - keep_first // 2 - window))
-    cand = (start[..., None] + steps).reshape(batch, tables, chunks * window)  # sorted B positions
-    cand_b = perm_b.gather(2, cand)  # -> B index
-    cand_code = sorted_code[:, :, 1].gather(2, cand)
+    return (start[..., None] + steps).reshape(batch, tables, -1)
 
+
+def _score_windows(metric: torch.Tensor, perm_a: torch.Tensor, cand_b: torch.Tensor, sorted_code_a: torch.Tensor,
+                   cand_code: torch.Tensor, window: int, half: int,
+                   offsets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Best same-code candidate of every sorted A token in every table: (score, B index), each
+    [B * T, chunks, half]."""
+    batch, n, dim = metric.shape
+    tables, length = perm_a.shape[1:]
+    chunks = length // half
     # Rows of the flat metric: A token a is row 2a, B token j row 2j + 1. Sort padding reads
     # some real row: its code matches no real token, so its scores are masked (B) or land in
     # dropped columns (A).
@@ -269,7 +309,7 @@ def lsh_partners(
     # reshape, not view: under torch.compile the sort's output may be laid out differently.
     row_a = (perm_a * 2).clamp_(max=n - 1).add_(offsets).reshape(groups, length)
     row_b = (cand_b * 2 + 1).clamp_(max=n - 1).add_(offsets).reshape(groups, chunks * window)
-    code_a = sorted_code[:, :, 0].reshape(groups, chunks, half, 1)
+    code_a = sorted_code_a.reshape(groups, chunks, half, 1)
     code_b = cand_code.reshape(groups, chunks, 1, window)
     cand_b = cand_b.reshape(groups, chunks, window)
 
@@ -288,23 +328,14 @@ def lsh_partners(
     step = -(-groups // slabs)
     # Slabs are for CPU caches; on a GPU each slab is ~10 more kernel launches, and a compiled
     # graph fuses the gathers: one pass there.
-    if step >= groups or _compiling() or dev.type != "cpu":
-        val, partner = score(slice(None))
-    else:
-        val = metric.new_empty(groups, chunks, half)
-        partner = cand_b.new_empty(groups, chunks, half)
-        for g in range(0, groups, step):
-            sl = slice(g, g + step)
-            val[sl], partner[sl] = score(sl)
-    val = val.reshape(batch, tables, length)
-    partner = partner.reshape(batch, tables, length)
-
-    # Back to A token order (perm_a is a permutation of 0..length-1), then the best over tables.
-    tok_val = val.new_empty(batch, tables, length).scatter_(2, perm_a, val)
-    tok_partner = partner.new_empty(batch, tables, length).scatter_(2, perm_a, partner)
-    best, table = tok_val[..., :num_a].max(dim=1)  # [B, NA]
-    best_b = tok_partner[..., :num_a].gather(1, table[:, None])[:, 0].clamp_(max=num_b - 1)
-    return best, best_b, real
+    if step >= groups or _compiling() or metric.device.type != "cpu":
+        return score(slice(None))
+    val = metric.new_empty(groups, chunks, half)
+    partner = cand_b.new_empty(groups, chunks, half)
+    for g in range(0, groups, step):
+        sl = slice(g, g + step)
+        val[sl], partner[sl] = score(sl)
+    return val, partner
 
 
 @functools.lru_cache(maxsize=64)
@@ -334,37 +365,30 @@ def fallback_partners(
 
 
 @torch.no_grad()
-def lsh_soft_matching(
-    metric: torch.Tensor,
-    r: int,
-    class_token: bool = True,
-    *,
-    protected: Optional[int] = None,
-    attn: Optional[torch.Tensor] = None,
-    fallback: bool = True,
-    **options: object,
-) -> MergeResult:
+@matcher
+def lsh_soft_matching(metric: torch.Tensor, r: int, keep_first: int, *, size: Optional[torch.Tensor] = None,
+                      padded: Optional[bool] = None, attn: Optional[torch.Tensor] = None, fallback: bool = True,
+                      **options: object) -> MergeResult:
     """Merge r tokens, each A token into its best B bucket-mate (see module doc).
 
+    Called as every matcher (``core.matcher``): ``metric`` [B, N, C] similarity features, ``r``
+    tokens to remove (clamped to half of the unprotected tokens), ``class_token`` / ``protected``
+    the leading tokens never merged, ``size`` / ``padded`` as for ``lsh_partners``; ``attn`` is
+    unused (hashing needs none).
+
     Args:
-        metric: [B, N, C] similarity features.
-        r: tokens to remove (clamped to half of the unprotected tokens).
-        class_token: position 0 is never merged.
-        protected: leading prefix tokens never merged (overrides class_token).
-        attn: unused; the patches hand it to every matcher and hashing needs none.
         fallback: A tokens without a bucket-mate get a fallback edge (module doc), so every image
             merges exactly r tokens and the width is static; False: such images merge fewer and
             the batch is padded to the widest image (a device read).
-        options: ``size``, ``padded`` and the hashing options of ``lsh_partners``
+        options: the hashing options of ``lsh_partners``
             (``lsh_bits``, ``lsh_tables``, ``lsh_window``, ``lsh_chunk``, ``seed``, ``planes``,
             ``backend``; see ``MergeConfig``).
     """
     n = metric.shape[1]
-    keep_first = protected_count(class_token, protected)
     r = min(r, (n - keep_first) // 2)
     if r <= 0:
         return identity_merge(n)
-    found = lsh_partners(metric, class_token, protected=protected, native_fallback=fallback, **options)
+    found = lsh_partners(metric, protected=keep_first, size=size, padded=padded, native_fallback=fallback, **options)
     if len(found) == 4:  # the C kernel placed the fallback edges: no padding, r edges per image
         best, partner, _, missing_count = found
         result = assign_top_r(best, partner, r, n, None, exact_r=True, protected=keep_first)

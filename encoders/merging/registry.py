@@ -2,7 +2,8 @@
 
 Everything the rest of mergeseek knows about a method lives in its :class:`MatcherSpec`:
 ``MergeConfig`` validates names and options against it, the patches ask it what to compute from
-attention and which options to pass, the schedule asks whether r is bounded by half the tokens.
+attention, which options to pass and which tensors to keep per model (lsh: its hyperplanes), the
+schedule asks whether r is bounded by half the tokens.
 A new method is one matcher function (signature ``(metric, r, class_token=True, *, size,
 protected, padded, attn, **options) -> MergeResult``) and one :func:`register` call here.
 
@@ -35,6 +36,9 @@ class MatcherSpec:
         options: ``MergeConfig -> dict`` of keyword options for the matcher.
         needs_prefix: the method scores by the class token and refuses models without one.
         doc: one line for help texts.
+        state: ``(MergeConfig, metric dim, device) -> dict`` of tensors made once per model and
+            passed to the matcher as options with the same names (kept as buffers of the patched
+            module, so they follow it across devices); None: the method keeps nothing.
     """
 
     name: str
@@ -45,6 +49,7 @@ class MatcherSpec:
     options: Callable[[Any], Dict[str, Any]] = field(default=lambda cfg: {})
     needs_prefix: bool = False
     doc: str = ""
+    state: Optional[Callable[[Any, int, Any], Dict[str, Any]]] = None
 
     def __post_init__(self) -> None:
         if self.needs not in NEEDS:
@@ -90,6 +95,13 @@ def _lsh_options(cfg: Any) -> Dict[str, Any]:
     return cfg.lsh_options()
 
 
+def _lsh_state(cfg: Any, dim: int, device: Any) -> Dict[str, Any]:
+    """The SimHash hyperplanes of ``lsh`` (seeded: made once per model, not per forward)."""
+    from mergeseek.encoders.merging.lsh import simhash_planes
+
+    return {"planes": simhash_planes(dim, cfg.lsh_bits, cfg.lsh_tables, cfg.seed, device=device)}
+
+
 def _zerotprune_options(cfg: Any) -> Dict[str, Any]:
     return dict(iters=cfg.iters, prune=cfg.prune)
 
@@ -100,7 +112,7 @@ register(MatcherSpec(
 ))
 register(MatcherSpec(
     "lsh", "mergeseek.encoders.merging.lsh:lsh_soft_matching",
-    config_keys=("lsh_bits", "lsh_tables", "lsh_window", "lsh_chunk", "seed"), options=_lsh_options,
+    config_keys=("lsh_bits", "lsh_tables", "lsh_window", "lsh_chunk", "seed"), options=_lsh_options, state=_lsh_state,
     doc="hashed partner search (SimHash buckets, windowed scoring)",
 ))
 register(MatcherSpec(

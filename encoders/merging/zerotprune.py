@@ -26,8 +26,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from mergeseek.encoders.merging.bipartite import protected_count
-from mergeseek.encoders.merging.core import NEG_INF, identity_merge, real_mask
+from mergeseek.encoders.merging.core import NEG_INF, identity_merge, matcher, padding_mask
 from mergeseek.encoders.merging.importance import assignment_from_keep
 from mergeseek.encoders.merging.registry import MergeResult
 from mergeseek.errors import ConfigError
@@ -86,29 +85,19 @@ def importance_partition(
 
 
 @torch.no_grad()
-def zerotprune_merging(
-    metric: torch.Tensor,
-    r: int,
-    class_token: bool = True,
-    *,
-    size: Optional[torch.Tensor] = None,
-    protected: Optional[int] = None,
-    padded: Optional[bool] = None,
-    attn: Optional[torch.Tensor] = None,
-    iters: int = 5,
-    prune: bool = False,
-    **_: object,
-) -> MergeResult:
+@matcher
+def zerotprune_merging(metric: torch.Tensor, r: int, keep_first: int, *, size: Optional[torch.Tensor],
+                       padded: Optional[bool], attn: Optional[torch.Tensor], iters: int = 5, prune: bool = False,
+                       **_: object) -> MergeResult:
     """Remove r tokens: PageRank importance picks the candidates, similarity picks the r removed.
 
+    Called as every matcher (``core.matcher``): ``metric`` [B, N, C] similarity features
+    (head-averaged keys); ``r`` tokens to remove (clamped so that one unprotected token stays);
+    ``class_token`` / ``protected`` the leading tokens never removed and never a destination;
+    ``size`` [B, N, 1] token sizes, size-0 rows are padding, never removed or chosen; ``attn`` the
+    attention probabilities [B, H, N, N] of this layer.
+
     Args:
-        metric: [B, N, C] similarity features (head-averaged keys).
-        r: tokens to remove (clamped so that one unprotected token stays).
-        class_token: position 0 is a class token (never removed, never a destination).
-        size: [B, N, 1] token sizes; size-0 rows are padding, never removed or chosen.
-        protected: leading prefix tokens never merged (overrides class_token).
-        padded: whether ``size`` holds padding (None: look, which costs a device sync).
-        attn: attention probabilities [B, H, N, N] of this layer.
         iters: Weighted-PageRank power iterations.
         prune: drop the removed tokens instead of merging them into their partners.
 
@@ -116,7 +105,6 @@ def zerotprune_merging(
         ``MergeResult`` whose ``importance`` holds the [B, N] PageRank scores.
     """
     batch, n, _ = metric.shape
-    keep_first = protected_count(class_token, protected)
     r = min(r, n - keep_first - 1)
     if r <= 0:
         return identity_merge(n)
@@ -125,10 +113,7 @@ def zerotprune_merging(
                           "run it through encoders.apply_merging, which provides it")
     if iters < 1:
         raise ConfigError(f"merge iters={iters} is not valid; it must be >= 1")
-    real = real_mask(size)
-    if padded is None:
-        padded = real is not None and not bool(real.all())
-    real = real if padded else None
+    real = padding_mask(size, padded)
     importance = weighted_pagerank(attn, iters, real)
     source, target = importance_partition(importance, r, keep_first, real)
 
@@ -143,6 +128,6 @@ def zerotprune_merging(
     removed.scatter_(1, order, best.gather(1, order) > NEG_INF)
     keep = ~removed if real is None else (~removed & real)
     dest = torch.full_like(partner, -1) if prune else partner
-    result = assignment_from_keep(keep, dest, real, width=None if padded else n - r, drops=prune)
+    result = assignment_from_keep(keep, dest, real, width=None if real is not None else n - r, drops=prune)
     result.importance = importance
     return result

@@ -1,5 +1,5 @@
-"""What every model family's patch shares: the per-forward merge plan, the block loop, the
-attention bias from token sizes, size-aware pooling and the merge step after attention.
+"""What every model family's patch shares: the per-forward merge plan, the block step and loop,
+the attention bias from token sizes, size-aware pooling and the merge step after attention.
 
 Merge state lives in local variables of one forward: nothing global and no module attribute is
 changed while a forward runs. The only write is the record of the finished forward
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -72,12 +72,14 @@ class TokenState:
     padded: bool = False
 
 
-def make_plan(cfg: MergeConfig, protected: int, planes: Optional[Tensor], attn_mode: Optional[str] = None) -> Plan:
-    """The plan of one forward: the method's matcher, what it needs and its options."""
+def make_plan(cfg: MergeConfig, protected: int, state: Optional[Dict[str, Tensor]] = None,
+              attn_mode: Optional[str] = None) -> Plan:
+    """The plan of one forward: the method's matcher, what it needs, its options and the tensors
+    it keeps per model (``state``, from ``MatcherSpec.state``)."""
     spec = cfg.spec
     options = cfg.matcher_options()
-    if planes is not None and "planes" not in options and cfg.method == "lsh":
-        options = dict(options, planes=planes)
+    if state:
+        options = dict(options, **state)
     return Plan(spec.fn, spec.needs, cfg.prop_attn, protected, options, attn_mode or default_attn_mode())
 
 
@@ -172,6 +174,23 @@ def merge_tokens(
         return x, state, result
     x, size = merge_wavg(result, x, state.size)
     return x, TokenState(size, result.padded), result
+
+
+class MergingBlock:
+    """Mixin base of every family's block: attention, merge, then MLP (ToMe's order).
+
+    A family's mixin gives ``_merge_attend(x, bias, needs, mode, metric) -> (attention branch,
+    metric or None, probabilities or None)`` and ``_merge_mlp(x) -> MLP branch``, both with the
+    block's LayerScale applied; the residual adds and the merge between them live here.
+    """
+
+    def merged_forward(self, x: Tensor, state: TokenState, r: int, plan: Plan):
+        bias = attention_bias(state, plan.prop_attn, x.dtype)
+        h, metric, probs = self._merge_attend(x, bias, plan.needs if r > 0 else "keys", plan.attn_mode, r > 0)
+        x = x + h
+        x, state, merged = merge_tokens(x, state, metric, probs, r, plan)
+        x = x + self._merge_mlp(x)
+        return x, state, merged
 
 
 def run_blocks(blocks: Sequence[torch.nn.Module], x: Tensor, cfg: MergeConfig, plan: Plan) -> Tuple[Tensor, TokenState, MergeStats]:

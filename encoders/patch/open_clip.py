@@ -1,6 +1,7 @@
 """Token merging for open_clip's ``VisionTransformer`` (its default ``ResidualAttentionBlock``
 with ``nn.MultiheadAttention`` and its ``CustomResidualAttentionBlock``; LayerScale kept;
-class-token, average and attention pooling weighted by token size)."""
+class-token, average and attention pooling weighted by token size). Which blocks get which mixin
+is the family adapter's answer (``encoders.family.OpenClipFamily``)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from mergeseek.encoders.patch.common import (
-    Plan,
-    TokenState,
-    attention_bias,
-    attention_probs,
-    layer_norm,
-    merge_tokens,
-    run_blocks,
-    sdpa,
-    sized_mean,
-)
-from mergeseek.errors import UnsupportedModelError
+from mergeseek.encoders.patch.common import (MergingBlock, TokenState, attention_bias, attention_probs, layer_norm,
+                                             run_blocks, sdpa, sized_mean)
 
 Tensor = torch.Tensor
 
@@ -72,30 +63,26 @@ def custom_attention(attn, x: Tensor, bias: Optional[Tensor], needs: str, mode: 
     return out, k.mean(dim=1) if metric else None, probs
 
 
-class MergingResidualBlock:
-    """Mixin for ``ResidualAttentionBlock``: attention, merge, then MLP (ToMe's order)."""
+class MergingResidualBlock(MergingBlock):
+    """Mixin for ``ResidualAttentionBlock`` (``nn.MultiheadAttention``)."""
 
-    def merged_forward(self, x: Tensor, state: TokenState, r: int, plan: Plan):
-        bias = attention_bias(state, plan.prop_attn, x.dtype)
-        h, metric, probs = mha_attention(self.attn, layer_norm(self.ln_1, x), bias, plan.needs if r > 0 else "keys",
-                                         plan.attn_mode, metric=r > 0)
-        x = x + _layer_scale(self.ls_1, h)
-        x, state, merged = merge_tokens(x, state, metric, probs, r, plan)
-        x = x + _layer_scale(self.ls_2, self.mlp(layer_norm(self.ln_2, x)))
-        return x, state, merged
+    def _merge_attend(self, x: Tensor, bias: Optional[Tensor], needs: str, mode: str, metric: bool):
+        h, metric, probs = mha_attention(self.attn, layer_norm(self.ln_1, x), bias, needs, mode, metric=metric)
+        return _layer_scale(self.ls_1, h), metric, probs
+
+    def _merge_mlp(self, x: Tensor) -> Tensor:
+        return _layer_scale(self.ls_2, self.mlp(layer_norm(self.ln_2, x)))
 
 
-class MergingCustomBlock:
+class MergingCustomBlock(MergingBlock):
     """Mixin for ``CustomResidualAttentionBlock``."""
 
-    def merged_forward(self, x: Tensor, state: TokenState, r: int, plan: Plan):
-        bias = attention_bias(state, plan.prop_attn, x.dtype)
-        h, metric, probs = custom_attention(self.attn, self.ln_1(x), bias, plan.needs if r > 0 else "keys", plan.attn_mode,
-                                            metric=r > 0)
-        x = x + self.ls_1(self.ln_attn(h))
-        x, state, merged = merge_tokens(x, state, metric, probs, r, plan)
-        x = x + self.ls_2(self.mlp(self.ln_2(x)))
-        return x, state, merged
+    def _merge_attend(self, x: Tensor, bias: Optional[Tensor], needs: str, mode: str, metric: bool):
+        h, metric, probs = custom_attention(self.attn, self.ln_1(x), bias, needs, mode, metric=metric)
+        return self.ls_1(self.ln_attn(h)), metric, probs
+
+    def _merge_mlp(self, x: Tensor) -> Tensor:
+        return self.ls_2(self.mlp(self.ln_2(x)))
 
 
 def _layer_scale(ls: torch.nn.Module, x: Tensor) -> Tensor:
@@ -157,24 +144,3 @@ class MergingVisionTransformer:
             pooled = pooled @ self.proj
         self._merge_last = stats
         return (pooled, tokens) if self.output_tokens else pooled
-
-
-def block_mixin(block: torch.nn.Module) -> type:
-    from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
-
-    cls = getattr(block, "_merge_orig_class", type(block))
-    if cls is ResidualAttentionBlock:
-        if hasattr(block, "ln_1_kv"):
-            raise UnsupportedModelError("open_clip cross-attention blocks cannot merge tokens; merge only the image tower")
-        return MergingResidualBlock
-    if cls is CustomResidualAttentionBlock:
-        return MergingCustomBlock
-    raise UnsupportedModelError(
-        f"open_clip block {cls.__name__} is not supported for token merging; "
-        "supported: ResidualAttentionBlock, CustomResidualAttentionBlock"
-    )
-
-
-def check_vision_transformer(visual: torch.nn.Module) -> None:
-    if not getattr(visual.transformer, "batch_first", True):
-        raise UnsupportedModelError("this open_clip VisionTransformer runs sequence-first; upgrade open_clip_torch to >= 2.24")

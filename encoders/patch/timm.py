@@ -1,6 +1,7 @@
 """Token merging for timm's ``VisionTransformer`` (ViT, DeiT, MAE-style ``global_pool='avg'``,
 SigLIP's attention-pool ``global_pool='map'``, also inside open_clip's ``TimmModel``): its standard
-``Block`` and ``Attention`` (qk-norm, gate, LayerScale, drop-path kept)."""
+``Block`` and ``Attention`` (qk-norm, gate, LayerScale, drop-path kept). Which models qualify is
+the family adapter's answer (``encoders.family.TimmFamily``)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,9 @@ from typing import Optional
 
 import torch
 
-from mergeseek.encoders.patch.common import (
-    Plan,
-    TokenState,
-    attention_bias,
-    attention_probs,
-    layer_norm,
-    merge_tokens,
-    run_blocks,
-    sdpa,
-    sized_max,
-    sized_mean,
-)
+from mergeseek.encoders.family import own_timm_head
+from mergeseek.encoders.patch.common import (MergingBlock, TokenState, attention_bias, attention_probs, layer_norm,
+                                             run_blocks, sdpa, sized_max, sized_mean)
 from mergeseek.errors import UnsupportedModelError
 
 Tensor = torch.Tensor
@@ -47,17 +39,15 @@ def timm_attention(attn, x: Tensor, bias: Optional[Tensor], needs: str, mode: st
     return out, k.mean(dim=1) if metric else None, attention_probs(q, k, bias, attn.scale, needs)
 
 
-class MergingTimmBlock:
-    """Mixin for timm ``Block``: attention, merge, then MLP."""
+class MergingTimmBlock(MergingBlock):
+    """Mixin for timm ``Block``."""
 
-    def merged_forward(self, x: Tensor, state: TokenState, r: int, plan: Plan):
-        bias = attention_bias(state, plan.prop_attn, x.dtype)
-        h, metric, probs = timm_attention(self.attn, layer_norm(self.norm1, x), bias, plan.needs if r > 0 else "keys",
-                                          plan.attn_mode, metric=r > 0)
-        x = x + self.drop_path1(self.ls1(h))
-        x, state, merged = merge_tokens(x, state, metric, probs, r, plan)
-        x = x + self.drop_path2(self.ls2(self.mlp(layer_norm(self.norm2, x))))
-        return x, state, merged
+    def _merge_attend(self, x: Tensor, bias: Optional[Tensor], needs: str, mode: str, metric: bool):
+        h, metric, probs = timm_attention(self.attn, layer_norm(self.norm1, x), bias, needs, mode, metric=metric)
+        return self.drop_path1(self.ls1(h)), metric, probs
+
+    def _merge_mlp(self, x: Tensor) -> Tensor:
+        return self.drop_path2(self.ls2(self.mlp(layer_norm(self.norm2, x))))
 
 
 class MergingTimmViT:
@@ -93,7 +83,7 @@ def pool_head(vit, x: Tensor, size: Optional[Tensor], pre_logits: bool = False) 
     pool = vit.global_pool
     base = getattr(vit, "_merge_orig_class", type(vit))
     map_head = getattr(vit, "attn_pool", None) is not None
-    if not map_head and (pool == "token" or base.forward_head is not _stock_forward_head()):
+    if not map_head and (pool == "token" or own_timm_head(base)):
         # Prefix-token heads (class token; DeiT's class + distillation tokens) do not depend on
         # sizes, and prefix tokens stay in place: the model's own head is exact.
         return base.forward_head(vit, x, pre_logits=pre_logits)
@@ -118,44 +108,6 @@ def pool_head(vit, x: Tensor, size: Optional[Tensor], pre_logits: bool = False) 
     return x if pre_logits else vit.head(x)
 
 
-def _stock_forward_head():
-    from timm.models.vision_transformer import VisionTransformer
-
-    return VisionTransformer.forward_head
-
-
 def _no_masks(attn_mask, is_causal) -> None:
     if attn_mask is not None or is_causal:
         raise UnsupportedModelError("token merging cannot honour a caller attention mask; call the model without one")
-
-
-def check_attn_pool(pool) -> None:
-    """An attention-pool head the merged forward can give token sizes to (timm's
-    ``AttentionPoolLatent``, whose ``forward`` takes ``attn_mask``), or none."""
-    if pool is None:
-        return
-    import inspect
-
-    from timm.layers import AttentionPoolLatent
-
-    if type(pool) is not AttentionPoolLatent or "attn_mask" not in inspect.signature(pool.forward).parameters:
-        raise UnsupportedModelError(f"timm attention-pool head {type(pool).__name__} is not supported with token merging "
-                                    "(supported: timm.layers.AttentionPoolLatent whose forward takes attn_mask; upgrade timm if "
-                                    "yours does not)")
-    if getattr(pool, "pos_embed", None) is not None:  # per-position keys: a merged token has no one position
-        raise UnsupportedModelError("timm attention-pool heads with their own position embedding are not supported with token merging")
-
-
-def check_vit(model: torch.nn.Module) -> None:
-    from timm.layers import Attention
-    from timm.models.vision_transformer import Block
-
-    check_attn_pool(getattr(model, "attn_pool", None))
-    for i, blk in enumerate(model.blocks):
-        cls = getattr(blk, "_merge_orig_class", type(blk))
-        attn_cls = type(getattr(blk, "attn", None))
-        if cls is not Block or attn_cls is not Attention:
-            raise UnsupportedModelError(
-                f"timm block {i} is {cls.__name__} with {attn_cls.__name__}; token merging supports the plain "
-                "vision_transformer.Block with timm.layers.Attention (ViT, DeiT, MAE-style)"
-            )
