@@ -172,6 +172,13 @@ def index_cmd(
     videos: VideosOpt = None,
     objects: ObjectsOpt = None,
     reuse: ReuseOpt = None,
+    ocr: Annotated[
+        Optional[str],
+        typer.Option("--ocr", help="Read on-screen text of the kept frames and make it searchable (search --ocr): "
+                     "tesseract (Vietnamese + English) or tesseract:LANGS, e.g. tesseract:vie. Needs "
+                     "apt-get install tesseract-ocr tesseract-ocr-vie tesseract-ocr-eng. See docs/TEXT.md."),
+    ] = None,
+    ocr_workers: Annotated[int, typer.Option("--ocr-workers", min=1, help="OCR processes beside the encoder.")] = 1,
     compile_: CompileOpt = None,
     cuda_graph: CudaGraphOpt = None,
     json_out: JsonOpt = False,
@@ -196,6 +203,8 @@ def index_cmd(
         release_parts=_release_parts(maps, media_info, videos, objects),
         reuse=_reuse_option(reuse),
         decoder=decoder,
+        ocr=ocr,
+        ocr_workers=ocr_workers,
     )
     if ray_address is None and workers != 1:
         from mergeseek.errors import ConfigError
@@ -251,6 +260,11 @@ def search_cmd(
     then: Annotated[Optional[str], typer.Option("--then", help="Temporal query: a second event after the first.")] = None,
     within: Annotated[float, typer.Option("--within", help="Seconds within which --then must follow.")] = 30.0,
     per_video: Annotated[bool, typer.Option("--per-video", help="Keep only the best hit of each video.")] = False,
+    ocr: Annotated[
+        Optional[str],
+        typer.Option("--ocr", help="Words shown on screen (an index built with --ocr), e.g. \"HÀ NỘI\" (accents and case "
+                     "optional). Alone: a text search, no model loaded; with a query: both fused by reciprocal rank."),
+    ] = None,
     object_name: Annotated[
         Optional[str], typer.Option("--object", help="AI Challenge: only keyframes with this detected object (objects.parquet), e.g. Dog.")
     ] = None,
@@ -283,10 +297,10 @@ def search_cmd(
 
     if csv_out is not None:
         check_writable(csv_out, what="--csv")  # before the model loads
-    if (shards or shard_index_type) and object_name:
+    if (shards or shard_index_type) and (object_name or ocr):
         from mergeseek.errors import ConfigError
 
-        raise ConfigError("--object works on one index; drop --shard or --object")
+        raise ConfigError(f"{'--object' if object_name else '--ocr'} works on one index; drop --shard")
     if shards or shard_index_type:
         from mergeseek.retrieval.sharded import run_sharded_search
 
@@ -299,7 +313,7 @@ def search_cmd(
         results = run_search(
             index_dir, text=query, image=image, then=then, within_s=within, k=k, per_video=per_video, model=model,
             pretrained=pretrained, merge=merge, device=device, precision=precision, batch_size=batch_size,
-            nprobe=nprobe, ef_search=ef_search, object_name=object_name,
+            nprobe=nprobe, ef_search=ef_search, object_name=object_name, ocr=ocr,
         )
     typer.echo(hits_json(results) if json_out else hits_table(results))  # printed even when the CSV fails below
     if csv_out is not None:

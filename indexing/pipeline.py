@@ -32,6 +32,9 @@ from mergeseek.indexing.decoders import require_backend
 from mergeseek.indexing.sources import BadInput, MediaSource, SourceReader, assign_ids, discover
 from mergeseek.indexing.store import EncodedSource, preflight
 from mergeseek.indexing.thumbs import ensure_thumbs, make_jpeg
+from mergeseek.indexing.ocr import OcrStage
+from mergeseek.indexing.ocr import get_engine as get_ocr_engine
+from mergeseek.indexing.text import TextChannel, drop_foreign_text, ensure_text, remove_stale_text, sync_text_index
 from mergeseek.indexing.writer import IndexWriter
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,10 @@ class IndexOptions:
         memory_budget: bytes the FAISS index may use, for ``index_type="auto"`` (None: 8 GiB).
         reuse: reuse work across the frames of a shot (``threshold=0.05,refresh=16``, see
             ``encoders.reuse``); None or ``none`` encodes every frame on its own.
+        ocr: read on-screen text of the kept frames with this engine (``tesseract``,
+            ``tesseract:vie+eng``; see ``indexing.ocr``), stored beside the shards and searchable
+            (``indexing.text``); None: no text channel.
+        ocr_workers: OCR processes running beside the encoder.
     """
 
     sampling: Sampling = field(default_factory=Sampling)
@@ -76,6 +83,8 @@ class IndexOptions:
     decoder: str = "decord"  # video backend, see indexing.decoders.BACKENDS
     memory_budget: Optional[int] = None
     reuse: Any = None  # a ReuseConfig, or its spelling; stored as the enabled ReuseConfig or None
+    ocr: Optional[str] = None
+    ocr_workers: int = 1
 
 
     def __post_init__(self) -> None:
@@ -118,6 +127,7 @@ class IndexReport:
     unmapped: list = field(default_factory=list)  # keyframe video ids without a map-keyframes CSV
     metadata: dict = field(default_factory=dict)  # release metadata written beside the index (indexing.aic)
     reuse: dict = field(default_factory=dict)  # --reuse: config and ReuseStats.summary() (encoders.reuse)
+    text: dict = field(default_factory=dict)  # --ocr: engine, frames read, busy seconds (indexing.text)
 
     @property
     def frames_per_s(self) -> float:
@@ -165,6 +175,9 @@ class IndexReport:
             else:
                 lines.append("reuse vs per-frame: no frame audited (audit=0, or no frame reused work); "
                              "error and gain: cli.py eval --dataset video --reuse, bench/reuse.py")
+        for channel, t in self.text.items():
+            lines.append(f"{channel} ({t['engine']}): text of {t['frames']} frame(s) read, {t['with_text']} with text "
+                         f"({t['read_again']} read again for shards that had none); busy {t['busy_s']:.1f}s")
         lines += [f"skipped {b.path}: {b.reason}" for b in self.failed]
         return lines
 
@@ -180,6 +193,7 @@ class _Batch:
     pixels: Any  # preprocessed tensor [B,3,H,W] or None when every frame was a duplicate
     sampled: int
     thumbs: list = field(default_factory=list)  # JPEG thumbnail of each kept frame (indexing.thumbs)
+    texts: Any = None  # --ocr: a Future of each kept frame's ocr.FrameText (indexing.text)
 
 
 @dataclass
@@ -203,9 +217,11 @@ class Reader(threading.Thread):
     """Background stage: sources in, preprocessed batches out (bounded queue)."""
 
     def __init__(self, sources: Sequence[MediaSource], sampling: Sampling, dedup: Dedup, preprocess: Callable,
-                 batch_size: int, prefetch: int, workers: int = 0, decoder: str = "decord"):
+                 batch_size: int, prefetch: int, workers: int = 0, decoder: str = "decord",
+                 ocr: Optional[Callable] = None):
         super().__init__(name="mergeseek-reader", daemon=True)
         self.sources, self.sampling, self.dedup, self.decoder = list(sources), sampling, dedup, decoder
+        self.ocr = ocr
         self.preprocess, self.batch_size = preprocess, batch_size
         # Hashing and preprocessing (PIL resize, which releases the GIL) run on a small pool; decoding
         # stays sequential per video so frames, duplicates and ids come out in a fixed order.
@@ -243,7 +259,7 @@ class Reader(threading.Thread):
     def _read_source(self, src: MediaSource, pool: ThreadPoolExecutor) -> None:
         t0 = time.perf_counter()
         for item in read_source(src, self.sampling, self.dedup, self.preprocess, self.batch_size, pool, self.workers,
-                                self.decoder):
+                                self.decoder, self.ocr):
             self.busy_s += time.perf_counter() - t0
             self._put(item)
             t0 = time.perf_counter()
@@ -251,8 +267,10 @@ class Reader(threading.Thread):
 
 
 def read_source(src: MediaSource, sampling: Sampling, dedup: Dedup, preprocess: Callable, batch_size: int,
-                pool: Optional[ThreadPoolExecutor] = None, workers: int = 1, decoder: str = "decord"):
+                pool: Optional[ThreadPoolExecutor] = None, workers: int = 1, decoder: str = "decord",
+                ocr: Optional[Callable] = None):
     """One source's items: a ``_Batch`` per decoded batch, then ``_Done`` (or ``_Failed`` for a bad file).
+    ``ocr(images)``: starts reading the kept frames' text and returns a Future (``--ocr``).
 
     Decoding, sampling, near-duplicate skipping and preprocessing of one source, in order; the
     threaded ``Reader`` and the Ray decode tasks (``indexing.distributed``) both run this.
@@ -268,8 +286,9 @@ def read_source(src: MediaSource, sampling: Sampling, dedup: Dedup, preprocess: 
                     kept.append(f)
                     hashes.append(h.signed)
             pixels = _preprocess([f.image for f in kept], preprocess, run, workers) if kept else None
+            texts = ocr([f.image for f in kept]) if ocr is not None and kept else None
             yield _Batch(src, [f.frame_idx for f in kept], [f.pts_time for f in kept], [f.path for f in kept],
-                         hashes, pixels, len(frames), thumbs=list(run(make_jpeg, [f.image for f in kept])))
+                         hashes, pixels, len(frames), thumbs=list(run(make_jpeg, [f.image for f in kept])), texts=texts)
     except InputError as exc:
         log.warning("skip %s", exc)
         yield _Failed(src, str(exc))
@@ -349,6 +368,7 @@ def index_paths(
     for s in unmapped:
         log.warning("%s", aic.unmapped_warning(s.video_id, s.path))
     require_backend(options.decoder)  # a wrong or missing --decoder fails before the model loads
+    ocr_engine = get_ocr_engine(options.ocr)  # a missing OCR engine fails before the model loads too
     preflight(Path(index_dir), options.index_type)  # a wrong --index or --index-type fails before the model loads
     if not hasattr(encoder, "describe"):
         encoder = encoder()
@@ -368,6 +388,8 @@ def index_paths(
         sources = assign_ids(sources, {key: e.video_id for key, e in writer.manifest.sources.items()})
         todo = [s for s in sources if not writer.is_current(s.key, s.fingerprint, recipe_for(s, options))]
         report.up_to_date = len(sources) - len(todo)
+        if ocr_engine is not None:
+            writer.add_text_channel(TextChannel("ocr", ocr_engine))
         if todo:
             log.info("%d source(s) to index, %d up to date", len(todo), report.up_to_date)
             (stages or _run_stages)(writer, todo, encoder, options, report)
@@ -375,6 +397,7 @@ def index_paths(
         report.times.write_s, report.times.faiss_s = writer.stats.write_s, writer.stats.faiss_s
         report.vectors_total = writer.manifest.counts()["vectors"]
         ensure_thumbs(writer.store)  # packs a killed run or an older version did not write (decodes those frames again)
+        _finish_text(writer, report)
         have = set(aic.load_video_meta(Path(index_dir)))
         report.metadata = aic.write_release_metadata(
             Path(index_dir), sources, options.release_parts, {s.video_id for s in sources if s.video_id not in have}
@@ -387,9 +410,49 @@ def index_paths(
     return report
 
 
+def _finish_text(writer: IndexWriter, report: IndexReport) -> None:
+    """Text channels at the end of a run: read what a killed run (or an index built without them) lacks,
+    drop the files of shards the index no longer has, and bring text.sqlite in line (indexing.text)."""
+    from mergeseek.indexing.store import read_manifest
+
+    store = writer.store
+    drop_foreign_text(store)
+    for name, channel in writer.text.items():
+        again, failed = ensure_text(store, channel.engine, name)
+        failed = channel.failed + failed
+        report.failed += [BadInput(key, f"{name}: {reason}") for key, reason in failed]
+        report.text[name] = {"engine": str(channel.engine), "frames": channel.frames + again, "read_again": again,
+                             "with_text": _frames_with_text(store, name), "busy_s": round(channel.busy_s, 3),
+                             "failed_frames": len(failed)}
+    active = read_manifest(store.root)
+    remove_stale_text(store.root, set(store.manifest.shards) | set(active.shards if active is not None else ()))
+    sync_text_index(store.root, store.shard_names())
+
+
+def _frames_with_text(store, channel: str) -> int:
+    from mergeseek.indexing.text import read_text
+
+    total = 0
+    for shard in store.shard_names():
+        t = read_text(store.root, shard, channel)
+        total += sum(1 for x in (t.column("text").to_pylist() if t is not None else ()) if x)
+    return total
+
+
 def _run_stages(writer: IndexWriter, todo: list, encoder, options: IndexOptions, report: IndexReport) -> None:
+    text = writer.text.get("ocr")
+    ocr = OcrStage(text.engine, options.ocr_workers) if text is not None else None
+    try:
+        _read_and_encode(writer, todo, encoder, options, report, ocr)
+    finally:
+        if ocr is not None:
+            text.busy_s = ocr.busy_s
+            ocr.close()
+
+
+def _read_and_encode(writer: IndexWriter, todo: list, encoder, options: IndexOptions, report: IndexReport, ocr) -> None:
     reader = Reader(todo, options.sampling, options.dedup, encoder.preprocess_images, encoder.batch_size, options.prefetch,
-                    options.read_workers, decoder=options.decoder)
+                    options.read_workers, decoder=options.decoder, ocr=ocr.submit if ocr is not None else None)
     bars = _Bars(len(todo)) if options.progress else None
     # --reuse: frames of one source reach the encoder in order (the reader decodes sources one
     # at a time, sequentially), so a per-source cache in the stream encoder is valid.
@@ -406,6 +469,8 @@ def _run_stages(writer: IndexWriter, todo: list, encoder, options: IndexOptions,
             if isinstance(item, _Batch):
                 report.frames_sampled += item.sampled
                 writer.thumbs.add(item.source.key, item.thumbs)
+                if item.texts is not None:
+                    writer.text["ocr"].add(item.source.key, item.texts)
                 if item.pixels is not None:
                     t0 = time.perf_counter()
                     if stream is not None:

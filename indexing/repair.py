@@ -23,6 +23,7 @@ from mergeseek.indexing.layout import (
     shard_problem,
 )
 from mergeseek.indexing.store import IndexStore
+from mergeseek.indexing.text import carry_text, drop_foreign_text, remove_stale_text, sync_text_index
 from mergeseek.runtime import fsync_dir, write_error
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class RepairReport:
     faiss: str = "ok"  # ok | rebuilt | empty
     vectors: int = 0
     sources: int = 0
+    text: dict = field(default_factory=dict)  # text.sqlite brought in line with the text files (indexing.text)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -132,6 +134,10 @@ def repair_index(root: Union[str, Path], ngpu: int = 0) -> RepairReport:
             store.write_manifest(faiss_current=True)
         elif report.faiss != "ok":
             report.faiss = "empty (no vectors left)"
+        # text.sqlite is derived like index.faiss: rebuilt from the per-shard text files that still belong
+        remove_stale_text(root, set(m.shards))
+        drop_foreign_text(store)
+        report.text = sync_text_index(root, store.shard_names())
     finally:
         store.close()
     return report
@@ -189,8 +195,13 @@ def compact_index(root: Union[str, Path]) -> CompactReport:
         old = [shard for shard in store.shard_names()
                if sum(e.count for e in m.sources.values() if e.shard == shard) != m.shards[shard]]
         for shard in old:
-            store.rewrite_shard(shard)  # its live rows, if any, into a new shard
+            new = store.rewrite_shard(shard)  # its live rows, if any, into a new shard
+            if new is not None:  # with their on-screen text (indexing.text), if they have any
+                carry_text(root, shard, new, store.read_shard(new, columns=["id"], live=False).column("id").to_numpy())
         store.retire_shards(old, faiss_current=was_current)
+        remove_stale_text(root, set(m.shards))
+        drop_foreign_text(store)
+        sync_text_index(root, store.shard_names())
         after = m.counts()
     return CompactReport(index_dir=str(root), shards_rewritten=len(old), before=before, after=after,
                          faiss=FAISS_FILE + (" unchanged" if was_current else " stale (rebuilt by the next index run)"))

@@ -25,7 +25,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -288,23 +288,30 @@ def _pack_is_current(path: Path, rows: dict) -> bool:
 
 def _decode_source(kind: str, key: str, frame_idx: np.ndarray, paths: list) -> list:
     """JPEG thumbnails of the given frames of one source (images: one file per row)."""
+    return [j for chunk in iter_decoded(kind, key, frame_idx, paths, make_jpeg) for j in chunk]
+
+
+def iter_decoded(kind: str, key: str, frame_idx: np.ndarray, paths: list, make: Callable) -> Iterator[list]:
+    """``make(frame)`` of the given frames of one source again, ``DECODE_CHUNK`` frames at a time
+    (a video: decoded at those frame numbers; keyframe and image folders: one file per row).
+    ``make`` gets an RGB array or a PIL image."""
     if kind != "video":
         from PIL import Image
 
-        out = []
-        for p in paths:
-            with Image.open(p) as im:
-                out.append(make_jpeg(im))
-        return out
+        for s in range(0, len(paths), DECODE_CHUNK):
+            out = []
+            for p in paths[s : s + DECODE_CHUNK]:
+                with Image.open(p) as im:
+                    out.append(make(im))
+            yield out
+        return
     import decord
 
     decord.logging.set_level(decord.logging.QUIET)
     vr = decord.VideoReader(key, ctx=decord.cpu(0))
-    out = []
     for s in range(0, len(frame_idx), DECODE_CHUNK):
         chunk = [int(i) for i in frame_idx[s : s + DECODE_CHUNK]]
-        out.extend(make_jpeg(f) for f in vr.get_batch(chunk).asnumpy())
-    return out
+        yield [make(f) for f in vr.get_batch(chunk).asnumpy()]
 
 
 def ensure_thumbs(store, force: bool = False, known: Optional[Callable[[str], Optional[list]]] = None) -> ThumbReport:

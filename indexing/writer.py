@@ -72,6 +72,7 @@ class IndexWriter:
         self.replaced = False  # a committed source replaced rows of the index: index.faiss is rebuilt, not appended to
         self.thumbs = ThumbCollector()
         self.channels: list[SideChannel] = [self.thumbs]
+        self.text: dict = {}  # channel name -> indexing.text.TextChannel (--ocr)
         self.buffer: list[EncodedSource] = []
         self.new_shards: list[str] = []
         self.stats = WriteStats()
@@ -90,6 +91,11 @@ class IndexWriter:
     @property
     def manifest(self):
         return self.store.manifest
+
+    def add_text_channel(self, channel) -> None:
+        """Store ``channel``'s per-frame text (an ``indexing.text.TextChannel``) beside every shard."""
+        self.text[channel.channel] = channel
+        self.channels.append(channel)
 
     def is_current(self, key: str, fingerprint: str, recipe: str) -> bool:
         """The index holds ``key`` made from the same file (``fingerprint``) the same way (``recipe``)."""

@@ -50,6 +50,13 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+def _channels_cell(channels: dict) -> str:
+    parts = []
+    for name, c in channels.items():
+        parts.append(f"{name}#{c['rank']}" + (f" {c['text'][:60]}" if c.get("text") else ""))
+    return "; ".join(parts)
+
+
 def hits_table(results: Sequence[Result]) -> str:
     if not results:
         return "no results"
@@ -62,6 +69,10 @@ def hits_table(results: Sequence[Result]) -> str:
         header = ["score", "video_id", "frame_idx", "timestamp", "then_frame", "then_time", "path"]
         return _table(header, rows, [True, False, True, True, True, True, False])
     rows = [[f"{h.score:.4f}", h.video_id, str(h.frame_idx), format_timestamp(h.pts_time), h.path] for h in results]
+    if any(h.channels for h in results):  # a hybrid query: which channels matched, and the matched text
+        rows = [r + [_channels_cell(h.channels or {})] for r, h in zip(rows, results)]
+        return _table(["score", "video_id", "frame_idx", "timestamp", "path", "matched"], rows,
+                      [True, False, True, True, False, False])
     if any(h.video and h.video.get("title") for h in results):  # AI Challenge media-info
         rows = [r + [str((h.video or {}).get("title", ""))[:60]] for r, h in zip(rows, results)]
         return _table(["score", "video_id", "frame_idx", "timestamp", "path", "title"], rows,
@@ -100,6 +111,7 @@ def hit_dict(h: Hit, links: Optional[Links] = None, server_paths: bool = True) -
         "thumb_url": thumb_url,
         "video_url": video_url,
         **({k: h.video[k] for k in RELEASE_KEYS if k in h.video} if h.video else {}),
+        **({"channels": h.channels} if h.channels else {}),
     }
     if not server_paths:
         out.update({k: None for k in SERVER_PATH_KEYS if k in out})

@@ -42,6 +42,9 @@ class Hit:
     path: str
     id: int = -1
     video: Optional[dict] = field(default=None, compare=False, repr=False)
+    # Hybrid queries (retrieval.hybrid): per channel that matched, its rank (1 = best), score and,
+    # for a text channel, the frame's text with the matched words in [brackets].
+    channels: Optional[dict] = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -202,9 +205,15 @@ class Searcher:
             raise InputError("this Searcher was opened without an encoder; use Searcher.open(...) for text or image queries")
 
 
-def check_query(text: Optional[str], image: Optional[Union[str, Path]], then: Optional[str], k: int) -> None:
+def check_query(text: Optional[str], image: Optional[Union[str, Path]], then: Optional[str], k: int,
+                ocr: Optional[str] = None) -> None:
     """Refuse a bad command-line query in one line, before any model or index is loaded."""
-    if image is None and (text is None or not text.strip()):
+    if ocr is not None:
+        if not ocr.strip():
+            raise InputError("empty --ocr query; give the words to find on screen, e.g. --ocr \"Hà Nội\"")
+        if image is not None or then is not None:
+            raise InputError("--ocr goes with a text query or alone, not with --image or --then")
+    elif image is None and (text is None or not text.strip()):
         raise InputError("empty query; give a description such as \"a man riding a bike\", or --image query.jpg")
     if image is not None and text:
         raise InputError("give either a text query or --image, not both")
@@ -220,14 +229,26 @@ def run_search(index_dir: Union[str, Path], text: Optional[str] = None, image: O
                then: Optional[str] = None, within_s: float = 30.0, k: int = 20, per_video: bool = False,
                model: str = FROM_INDEX, pretrained: str = FROM_INDEX, merge: str = FROM_INDEX, device: str = "auto",
                precision: str = "fp32", batch_size: int = 32, nprobe: int = 16, ef_search: int = 64,
-               object_name: Optional[str] = None) -> list:
+               object_name: Optional[str] = None, ocr: Optional[str] = None) -> list:
     """One query from the command line: checks the query first (no model load for a bad one).
 
     ``nprobe`` (IVF lists visited) and ``ef_search`` (HNSW depth) trade speed for recall on
     approximate index types; exact ``Flat`` ignores them. ``object_name`` keeps only keyframes
     with that detected object (AI Challenge releases, ``indexing.aic.objects_in_frames``).
+    ``ocr``: words on screen (``index --ocr``), fused with ``text`` when both are given
+    (``retrieval.hybrid``); alone, no model is loaded.
     """
-    check_query(text, image, then, k)
+    check_query(text, image, then, k, ocr)
+    if ocr is not None:
+        from mergeseek.retrieval.hybrid import search_hybrid
+
+        if object_name is not None:
+            raise InputError("--object filters image-channel queries; drop --ocr or --object")
+        visual = bool(text and text.strip())
+        searcher = (Searcher.open(index_dir, model=model, pretrained=pretrained, merge=merge, device=device,
+                                  precision=precision, batch_size=batch_size, nprobe=nprobe, ef_search=ef_search)
+                    if visual else Searcher(index_dir, nprobe=nprobe, ef_search=ef_search))
+        return search_hybrid(searcher, text if visual else None, ocr, k=k, per_video=per_video)
     allow = None
     if object_name is not None:
         from mergeseek.indexing.aic import objects_in_frames

@@ -1,0 +1,390 @@
+"""Text channels of an index (on-screen text today, speech next): per-frame text stored beside
+each shard, and an embedded full-text index over it.
+
+::
+
+    index_dir/
+      text/<shard>.<channel>.parquet   id, text, conf, words (JSON: text, conf, box), error; one row
+                                       per row of the shard, written right after the shard's commit
+      text.sqlite                      SQLite FTS5 over the folded text of the live shards (derived:
+                                       rebuilt from text/ whenever it does not match, never the truth)
+
+The per-shard files follow the shard's life: written atomically after its commit (a kill between
+the two leaves a shard without text, which the next ``index --ocr`` run reads again), rewritten by
+``compact`` with the live rows, removed with the shard. ``text.sqlite`` is brought in line with
+them at the end of every run (:func:`sync_text_index`), so a killed run loses nothing committed.
+
+Matching is on folded text (:func:`fold`): lower case, Vietnamese (and other) diacritics removed,
+``đ``/``Đ`` -> ``d``, so ``ha noi`` finds ``Hà Nội``. A user's query is never FTS5 syntax: every
+word is quoted (:func:`fts_query`), so quotes, ``*``, ``AND``, parentheses or SQL-looking text
+are plain words.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sqlite3
+import threading
+import unicodedata
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from mergeseek.runtime import atomic_write
+
+log = logging.getLogger(__name__)
+
+TEXT_DIR = "text"
+TEXT_DB = "text.sqlite"
+CHANNELS = ("ocr",)  # speech ("asr") joins here
+_WORD = re.compile(r"\w+", re.UNICODE)
+_FILE = re.compile(r"^(?P<shard>.+)\.(?P<channel>[a-z]+)\.parquet(?P<tmp>\.tmp)?$")
+
+
+# ---------------------------------------------------------------------------- folding and queries
+def _fold_char(c: str) -> str:
+    if c in "đĐ":
+        return "d"
+    base = "".join(ch for ch in unicodedata.normalize("NFD", c) if not unicodedata.combining(ch)).lower()
+    return base[:1] if base else c  # one character in, one out: positions in the folded text are the original's
+
+
+def fold(text: str) -> str:
+    """``text`` for matching: lower case without diacritics, ``đ`` -> ``d``; same length as the NFC text."""
+    return "".join(_fold_char(c) for c in unicodedata.normalize("NFC", text or ""))
+
+
+def words(text: str) -> list[str]:
+    """The folded words of ``text`` (what a query matches)."""
+    return _WORD.findall(fold(text))
+
+
+def fts_query(text: str, any_word: bool = False) -> Optional[str]:
+    """An FTS5 query for the words of ``text``: each a quoted string (never syntax), all of them
+    required (or ``any_word``: any). None when ``text`` has no word."""
+    ws = words(text)
+    if not ws:
+        return None
+    return (" OR " if any_word else " ").join('"' + w.replace('"', '""') + '"' for w in ws)
+
+
+def highlight(text: str, query: str, mark: tuple[str, str] = ("[", "]")) -> str:
+    """``text`` with the words that match a word of ``query`` (folded) wrapped in ``mark``."""
+    want = set(words(query))
+    folded = fold(text)
+    text = unicodedata.normalize("NFC", text or "")
+    out, last = [], 0
+    for m in _WORD.finditer(folded):
+        if m.group() in want:
+            out += [text[last : m.start()], mark[0], text[m.start() : m.end()], mark[1]]
+            last = m.end()
+    return "".join(out + [text[last:]])
+
+
+# ---------------------------------------------------------------------------- per-shard files
+def text_path(root: Path, shard: str, channel: str) -> Path:
+    return Path(root) / TEXT_DIR / f"{shard}.{channel}.parquet"
+
+
+def write_text(root: Path, shard: str, channel: str, ids: np.ndarray, frames: Sequence) -> Path:
+    """Write one shard's text of ``channel`` (``frames[i]``: an ``ocr.FrameText`` of row ``ids[i]``)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if len(ids) != len(frames):
+        raise ValueError(f"{len(ids)} ids and {len(frames)} texts do not line up")
+    table = pa.table({
+        "id": np.asarray(ids, np.int64),
+        "text": pa.array([f.text for f in frames], pa.string()),
+        "conf": np.asarray([f.conf for f in frames], np.float32),
+        "words": pa.array([json.dumps([[w.text, round(w.conf, 1), list(w.box)] for w in f.words], ensure_ascii=False)
+                           for f in frames], pa.string()),
+        "error": pa.array([f.error for f in frames], pa.string()),
+    })
+    path = text_path(root, shard, channel)
+    path.parent.mkdir(exist_ok=True)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    return path
+
+
+def read_text(root: Path, shard: str, channel: str):
+    """The text table of ``shard`` (None when it has none, or it cannot be read: it is made again)."""
+    import pyarrow.parquet as pq
+
+    path = text_path(root, shard, channel)
+    if not path.is_file():
+        return None
+    try:
+        return pq.read_table(path)
+    except Exception as exc:  # a damaged side file is derived data: read again by the next --ocr run
+        log.warning("%s is unreadable (%s); the next `index --%s` run reads the text again", path, exc, channel)
+        return None
+
+
+def remove_stale_text(root: Path, keep: set) -> int:
+    """Remove text files of shards not in ``keep`` and temporary files of killed runs; returns how many."""
+    tdir = Path(root) / TEXT_DIR
+    removed = 0
+    for p in sorted(tdir.iterdir()) if tdir.is_dir() else ():
+        m = _FILE.match(p.name)
+        if m and (m.group("tmp") or m.group("shard") not in keep):
+            p.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+class TextChannel:
+    """The writer's side channel for one text channel: per source, the frames' text in row order
+    (``ocr.FrameText``, or futures of lists of them while OCR runs beside encoding), written as the
+    shard's text file right after the shard's commit. Frames OCR failed on are kept in ``failed``."""
+
+    def __init__(self, channel: str = "ocr", engine=None):
+        self.channel, self.engine = channel, engine
+        self._by_key: dict[str, list] = {}
+        self._lock = threading.Lock()
+        self.failed: list[tuple[str, str]] = []  # (source key, reason)
+        self.frames = 0
+        self.busy_s = 0.0  # seconds the engine was busy (set by the run)
+
+    def add(self, key: str, texts: Union[Future, Sequence]) -> None:
+        with self._lock:
+            self._by_key.setdefault(key, []).append(texts)
+
+    def drop(self, key: str) -> None:
+        with self._lock:
+            parts = self._by_key.pop(key, [])
+        for p in parts:
+            if isinstance(p, Future):
+                p.cancel()
+
+    def write(self, root: Path, shard: str, items: Sequence, ids: np.ndarray) -> bool:
+        """Write ``shard``'s text from ``items`` (committed ``EncodedSource`` in order); False if incomplete."""
+        frames: list = []
+        for it in items:
+            with self._lock:
+                parts = self._by_key.pop(it.key, None)
+            if not len(it.frame_idx):
+                continue
+            try:
+                got = [t for p in (parts or []) for t in (p.result() if isinstance(p, Future) else p)]
+            except Exception as exc:  # a cancelled or failed read: this shard's text is read again next run
+                log.warning("text of %s could not be read (%s); the next --%s run reads it again", shard, exc, self.channel)
+                return False
+            if len(got) != len(it.frame_idx):
+                log.info("text of %s is incomplete; the next --%s run reads it again", shard, self.channel)
+                return False
+            for i, t in zip(it.frame_idx, got):
+                if t.error:
+                    self.failed.append((it.key, f"frame {int(i)}: {t.error}"))
+            frames += got
+        if len(frames) != len(ids):
+            return False
+        write_text(root, shard, self.channel, ids, frames)
+        self.frames += len(frames)
+        return True
+
+
+# ---------------------------------------------------------------------------- the full-text index
+@dataclass(frozen=True)
+class TextMatch:
+    id: int
+    score: float  # higher is better (minus FTS5's bm25)
+    text: str  # the frame's text as read
+
+
+class TextIndex:
+    """``text.sqlite``: SQLite FTS5 over the folded text of every live shard's text files."""
+
+    def __init__(self, root: Union[str, Path], readonly: bool = False, memory: bool = False):
+        self.root = Path(root)
+        self.path = self.root / TEXT_DB
+        uri = "file::memory:" if memory else f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
+        self.db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        if memory or not readonly:
+            self.db.executescript(
+                "CREATE VIRTUAL TABLE IF NOT EXISTS frames USING fts5(folded, channel UNINDEXED, id UNINDEXED, "
+                "text UNINDEXED, tokenize='unicode61');"
+                "CREATE TABLE IF NOT EXISTS loaded (shard TEXT, channel TEXT, size INTEGER, mtime_ns INTEGER, "
+                "PRIMARY KEY (shard, channel));")
+
+    def close(self) -> None:
+        self.db.close()
+
+    def loaded(self) -> dict:
+        try:
+            return {(s, c): (size, mt) for s, c, size, mt in self.db.execute("SELECT shard, channel, size, mtime_ns FROM loaded")}
+        except sqlite3.OperationalError:  # an empty or foreign file: nothing is loaded
+            return {}
+
+    def sync(self, shards: Sequence[str]) -> dict:
+        """Load the text files of ``shards`` not loaded yet (or changed) and unload the others, in one
+        transaction. Returns counts (frames added, shards added / removed)."""
+        want = _text_files(self.root, shards)
+        have = self.loaded()
+        rebuild = any(want.get(k) != v for k, v in have.items())  # a file changed or went with its shard
+        added = 0
+        with self.db:  # one transaction: a kill leaves the previous state, which the next sync completes
+            if rebuild:
+                self.db.execute("DELETE FROM frames")
+                self.db.execute("DELETE FROM loaded")
+                have = {}
+            new = [key for key in want if key not in have]
+            for shard, channel in new:
+                t = read_text(self.root, shard, channel)
+                if t is None:
+                    continue
+                rows = [(fold(x), channel, int(i), x)
+                        for i, x in zip(t.column("id").to_pylist(), t.column("text").to_pylist()) if x]
+                self.db.executemany("INSERT INTO frames (folded, channel, id, text) VALUES (?, ?, ?, ?)", rows)
+                self.db.execute("INSERT OR REPLACE INTO loaded VALUES (?, ?, ?, ?)", (shard, channel, *want[(shard, channel)]))
+                added += len(rows)
+        return {"frames_added": added, "shards_loaded": len(new), "rebuilt": rebuild}
+
+    def search(self, query: str, channel: str = "ocr", k: int = 20) -> list[TextMatch]:
+        """The best ``k`` frames whose ``channel`` text holds every word of ``query`` (then any of them,
+        to fill ``k``), best first; an empty list when ``query`` has no word."""
+        out: list[TextMatch] = []
+        seen: set = set()
+        for any_word in (False, True):
+            q = fts_query(query, any_word)
+            if q is None or len(out) >= k:
+                break
+            try:
+                rows = self.db.execute(
+                    "SELECT id, bm25(frames), text FROM frames WHERE frames MATCH ? AND channel = ? "
+                    "ORDER BY bm25(frames), id LIMIT ?", (q, channel, k)).fetchall()
+            except sqlite3.OperationalError as exc:  # no such table: an index without text
+                log.debug("text search: %s", exc)
+                return []
+            for i, bm25, text in rows:
+                if int(i) not in seen and len(out) < k:
+                    seen.add(int(i))
+                    out.append(TextMatch(int(i), -float(bm25), text))
+        return out
+
+
+def _text_files(root: Path, shards: Sequence[str]) -> dict:
+    """(shard, channel) -> (size, mtime_ns) of the text files of ``shards``."""
+    want = {}
+    for shard in shards:
+        for channel in CHANNELS:
+            p = text_path(root, shard, channel)
+            if p.is_file():
+                st = p.stat()
+                want[(shard, channel)] = (st.st_size, st.st_mtime_ns)
+    return want
+
+
+def open_text_index(root: Path, shards: Sequence[str]) -> Optional[TextIndex]:
+    """The text index of an index folder for searching (read-only), or None when it has no text. When
+    ``text.sqlite`` does not match the text files (a run killed before it was updated), one is built
+    in memory from the files instead, as search does with a stale index.faiss."""
+    want = _text_files(root, shards)
+    if not want:
+        return None
+    if (Path(root) / TEXT_DB).is_file():
+        ix = TextIndex(root, readonly=True)
+        if ix.loaded() == want:
+            return ix
+        ix.close()
+    log.warning("%s does not match the text files in %s (interrupted run?); built it in memory. Run "
+                "`cli.py index --ocr ...` on the same folder to save it", TEXT_DB, root)
+    ix = TextIndex(root, memory=True)
+    ix.sync(shards)
+    return ix
+
+
+def sync_text_index(root: Path, shards: Sequence[str]) -> dict:
+    """Bring ``text.sqlite`` in line with the text files of ``shards`` (the index's live shards)."""
+    if not (Path(root) / TEXT_DIR).is_dir() and not (Path(root) / TEXT_DB).exists():
+        return {}
+    ix = TextIndex(root)
+    try:
+        return ix.sync(shards)
+    finally:
+        ix.close()
+
+
+def ensure_text(store, engine, channel: str = "ocr") -> tuple[int, list]:
+    """Read the ``channel`` text of the live rows of every shard that has no text file (a run killed
+    between a commit and its text, or an index built before ``--ocr``): the frames are decoded again
+    from their sources. Returns (frames read, [(source key, reason)] for frames that could not be).
+
+    ``store`` is an ``IndexStore`` opened for writing (its lock keeps other writers out).
+    """
+    from mergeseek.indexing.ocr import FrameText
+    from mergeseek.indexing.thumbs import iter_decoded
+
+    kinds = {k: e.kind for k, e in store.manifest.sources.items()}
+    read, failed = 0, []
+    for shard in store.shard_names():
+        if text_path(store.root, shard, channel).is_file():
+            continue
+        rows = store.read_shard(shard, columns=["id", "frame_idx", "path", "source"])
+        ids, texts = [], []
+        keys = rows.column("source").to_pylist()
+        order = sorted(range(len(keys)), key=lambda i: (keys[i], rows.column("frame_idx")[i].as_py()))
+        by_source: dict[str, list[int]] = {}
+        for i in order:
+            by_source.setdefault(keys[i], []).append(i)
+        for key, idx in by_source.items():
+            frame_idx = np.asarray([rows.column("frame_idx")[i].as_py() for i in idx], np.int64)
+            paths = [rows.column("path")[i].as_py() for i in idx]
+            got: list = []
+            try:
+                for chunk in iter_decoded(kinds.get(key, "video"), key, frame_idx, paths, lambda im: im):
+                    got += engine.read(chunk)
+            except Exception as exc:  # a moved or broken source: its rows get no text, the rest do
+                reason = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
+                failed.append((key, f"cannot be decoded again for OCR ({reason})"))
+                got += [FrameText(error=reason)] * (len(idx) - len(got))
+            failed += [(key, f"frame {int(f)}: {t.error}") for f, t in zip(frame_idx, got) if t.error]
+            ids += [rows.column("id")[i].as_py() for i in idx]
+            texts += got
+        write_text(store.root, shard, channel, np.asarray(ids, np.int64), texts)
+        read += len(texts)
+    return read, failed
+
+
+def carry_text(root: Path, old: str, new: str, ids: np.ndarray) -> int:
+    """Copy the text rows of ``ids`` from shard ``old``'s files to shard ``new``'s (``compact``)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    copied = 0
+    for channel in CHANNELS:
+        t = read_text(root, old, channel)
+        if t is None:
+            continue
+        kept = t.filter(pc.is_in(t.column("id"), value_set=pa.array(np.asarray(ids, np.int64))))
+        path = text_path(root, new, channel)
+        atomic_write(path, lambda tmp: pq.write_table(kept, tmp))
+        copied += kept.num_rows
+    return copied
+
+
+def drop_foreign_text(store) -> int:
+    """Remove text files that do not belong to the shard of their name: every id in a text file must be
+    a row of that shard (ids are never given twice, so a file left by a killed run under a name a later
+    shard took is found). Returns how many were removed."""
+    removed = 0
+    for shard in store.shard_names():
+        rows = None
+        for channel in CHANNELS:
+            t = read_text(store.root, shard, channel)
+            if t is None:
+                continue
+            if rows is None:
+                rows = set(store.read_shard(shard, columns=["id"], live=False).column("id").to_pylist())
+            if not set(t.column("id").to_pylist()) <= rows:
+                log.warning("%s holds rows of another shard (left by an interrupted run); removed, read again by the "
+                            "next --%s run", text_path(store.root, shard, channel), channel)
+                text_path(store.root, shard, channel).unlink(missing_ok=True)
+                removed += 1
+    return removed
