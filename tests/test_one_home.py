@@ -558,3 +558,117 @@ def test_no_library_module_over_600_lines_or_function_over_80_without_a_reason()
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
                 found.append(f"{rel}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
     assert found == []
+
+
+# ---------------------------------------------------------------------------- encoders (issue #24, item 2)
+_VIT_CLASS_NAMES = ("VisionTransformer", "ResidualAttentionBlock", "CustomResidualAttentionBlock", "Block", "Attention",
+                    "AttentionPoolLatent", "TimmModel")
+
+
+def _encoders_files():
+    """(path inside encoders/, AST) of every module of the encoders package."""
+    return [(rel[len("encoders/"):], tree) for rel, tree in _library_files() if rel.startswith("encoders/")]
+
+
+def _family_checks(rel, tree) -> list:
+    """Places that tell open_clip from timm or check their model classes: imports of their ViT, block
+    or attention classes, isinstance/issubclass against them, comparisons with their class names."""
+    import ast
+
+    found, theirs = [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("open_clip", "timm"):
+            theirs |= {a.asname or a.name for a in node.names}
+            names = [a.name for a in node.names if a.name in _VIT_CLASS_NAMES]
+            if names and (rel, names) != ("slab.py", ["VisionTransformer"]):  # slab.py builds one, inspects none
+                found.append(f"{rel}:{node.lineno} imports {names}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("isinstance", "issubclass") and len(node.args) == 2:
+            cls = ast.unparse(node.args[1])
+            if cls.startswith(("open_clip.", "timm.")) or {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)} & theirs:
+                found.append(f"{rel}:{node.lineno} {ast.unparse(node)}")
+        if isinstance(node, ast.Compare) and {c.value for c in ast.walk(node) if isinstance(c, ast.Constant)} & set(_VIT_CLASS_NAMES):
+            found.append(f"{rel}:{node.lineno} {ast.unparse(node)}")
+    return found
+
+
+def test_only_the_family_adapter_tells_vit_families_apart():
+    """encoders/family.py is the one adapter per model family that merging, its removal and reuse ask;
+    no other encoders module imports or tests open_clip/timm ViT, block or attention classes (patch/
+    and reuse.py each did: the rule fails on the adapter's own code and on planted detections)."""
+    import ast
+
+    from mergeseek.encoders import family, patch, reuse
+
+    files = dict(_encoders_files())
+    assert {"family.py", "patch/__init__.py", "reuse/stream.py", "slab.py"} <= set(files)
+    found = [f for rel, tree in files.items() if rel != "family.py" for f in _family_checks(rel, tree)]
+    assert found == []
+    assert len(_family_checks("elsewhere.py", files["family.py"])) >= 6  # the adapter's own checks would be caught
+    planted = ("from timm.models.vision_transformer import VisionTransformer as V\nissubclass(type(m), V)\n"
+               "import open_clip\nisinstance(m, open_clip.transformer.ResidualAttentionBlock)\n"
+               "type(b).__name__ == 'Block'\n")
+    assert len(_family_checks("patch/x.py", ast.parse(planted))) == 4
+    assert patch.vit_family is family.vit_family and reuse.stream.vit_family is family.vit_family
+
+
+def _lsh_branches(rel, tree) -> list:
+    """lsh-specific code: a comparison with "lsh", its hyperplanes made or named, its options read
+    (the user-facing MergeConfig, encoders/config.py, declares them and may read them)."""
+    import ast
+
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare) and "lsh" in {c.value for c in ast.walk(node) if isinstance(c, ast.Constant)}:
+            found.append(f"{rel}:{node.lineno} {ast.unparse(node)}")
+        name = getattr(node, "id", None) or getattr(node, "attr", None) or (node.name if isinstance(node, ast.alias) else "")
+        if name == "simhash_planes" or (str(name).startswith("lsh_") and rel != "config.py"):
+            found.append(f"{rel}:{getattr(node, 'lineno', '?')} names {name}")
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and "_merge_planes" in node.value:
+            found.append(f"{rel}:{node.lineno} names the planes buffer")
+    return found
+
+
+def test_lsh_state_lives_in_the_method_registry():
+    """The lsh hyperplanes are the registry's MatcherSpec.state, made once per model and handed to the
+    matcher like its options: no encoders module outside merging/ branches on lsh (patch/__init__.py,
+    patch/common.py and reuse.py each did) and every matcher is called the same way."""
+    import ast
+    import inspect
+
+    from mergeseek.encoders.config import MergeConfig
+    from mergeseek.encoders.merging import REGISTRY, get_spec
+
+    found = [f for rel, tree in _encoders_files() if not rel.startswith("merging/") for f in _lsh_branches(rel, tree)]
+    assert found == []
+    planted = "if cfg.method == 'lsh':\n    planes = simhash_planes(d, cfg.lsh_bits, 4)\nroot._buffers.pop('_merge_planes')\n"
+    assert len(_lsh_branches("patch/x.py", ast.parse(planted))) == 4
+    assert [n for n, s in REGISTRY.items() if s.state is not None] == ["lsh"] and get_spec("lsh").state.__module__.endswith("registry")
+    assert MergeConfig.parse("r=8,method=lsh,lsh_bits=3,lsh_tables=2").matcher_state(16)["planes"].shape == (16, 8)
+    assert MergeConfig.parse("r=8").matcher_state(16) == {} and MergeConfig.parse("none").matcher_state(16) == {}
+    convention = ["metric", "r", "class_token", "size", "protected", "padded", "attn", "options"]
+    assert {n: list(inspect.signature(s.fn).parameters) for n, s in REGISTRY.items()} == {n: convention for n in REGISTRY}
+
+
+def _oversized(rel, tree) -> list:
+    import ast
+
+    out = [f"{rel}: {tree.body[-1].end_lineno} lines"] if tree.body and tree.body[-1].end_lineno > 600 else []
+    return out + [f"{rel}:{f.lineno} {f.name}: {f.end_lineno - f.lineno + 1} lines" for f in ast.walk(tree)
+                  if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) and f.end_lineno - f.lineno + 1 > 80]
+
+
+def test_encoders_stay_small_with_no_long_by_design_exemption():
+    """In encoders/ no module runs past 600 lines and no function past 80, and none claims the
+    library rule's ``Long by design:`` exemption (reuse.py was 874 lines around a 183-line
+    ``_forward``; lsh_partners was 145 lines)."""
+    import ast
+
+    files = _encoders_files()
+    assert len(files) >= 20
+    assert [f for rel, tree in files for f in _oversized(rel, tree)] == []
+    assert [rel for rel, tree in files if "Long by design:" in (ast.get_docstring(tree) or "")] == []
+    assert _oversized("x.py", ast.parse("def f():\n" + "    x = 1\n" * 80)) == ["x.py:1 f: 81 lines"]
+    assert _oversized("x.py", ast.parse("def f():\n" + "    x = 1\n" * 79)) == []  # 80 lines: allowed
+    assert _oversized("x.py", ast.parse("x = 1\n" * 601)) == ["x.py: 601 lines"]
+    assert _oversized("x.py", ast.parse("x = 1\n" * 600)) == []

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from mergeseek.encoders.family import own_timm_head
+from mergeseek.encoders.family import base_class, own_timm_head
 from mergeseek.encoders.patch.common import (MergingBlock, TokenState, attention_bias, attention_probs, layer_norm,
                                              run_blocks, sdpa, sized_max, sized_mean)
 from mergeseek.errors import UnsupportedModelError
@@ -81,7 +81,7 @@ def pool_head(vit, x: Tensor, size: Optional[Tensor], pre_logits: bool = False) 
     avg / max pooling, or the model's own head where sizes do not matter (prefix tokens). The
     merged forward and the reuse stream (encoders/reuse.py) both end here."""
     pool = vit.global_pool
-    base = getattr(vit, "_merge_orig_class", type(vit))
+    base = base_class(vit)
     map_head = getattr(vit, "attn_pool", None) is not None
     if not map_head and (pool == "token" or own_timm_head(base)):
         # Prefix-token heads (class token; DeiT's class + distillation tokens) do not depend on
