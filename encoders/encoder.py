@@ -249,7 +249,7 @@ class Encoder:
     def stream(self, reuse) -> "ReuseEncoder":  # noqa: F821
         """This encoder's image tower over a stream of video frames that reuses work across the
         frames of a shot (``reuse``: a ``ReuseConfig`` or ``threshold=0.05,refresh=16``); see
-        encoders/reuse.py and docs/REUSE.md."""
+        encoders/reuse/ and docs/REUSE.md."""
         from mergeseek.encoders.reuse import ReuseEncoder
 
         if str(self.device).startswith("cuda") and not _WARNED.get("reuse-cuda"):

@@ -1,4 +1,4 @@
-"""Reuse across frames (encoders/reuse.py): exactness where nothing is reused, full reuse of
+"""Reuse across frames (encoders/reuse/): exactness where nothing is reused, full reuse of
 identical frames, cuts and refresh, per-video caches, merging on top, the index pipeline."""
 
 from __future__ import annotations

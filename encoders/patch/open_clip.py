@@ -115,7 +115,7 @@ def pool_tokens(visual, x: Tensor, size: Optional[Tensor], prop_attn: bool) -> T
     """(pooled, tokens) of open_clip's ``VisionTransformer`` after its blocks, for tokens of the
     given sizes (None: unmerged), before ``proj``: the class token, a size-weighted average, or
     the attention pooler(s) with a log-size bias on their keys. The merged forward and the reuse
-    stream (encoders/reuse.py) both pool through it."""
+    stream (encoders/reuse/) both pool through it."""
     if visual.attn_pool is not None:
         if visual.attn_pool_contrastive is not None:
             x = visual.ln_post(x)

@@ -79,7 +79,7 @@ def pool_head(vit, x: Tensor, size: Optional[Tensor], pre_logits: bool = False) 
     """timm ``VisionTransformer.forward_head`` for (normed) tokens of the given sizes (None:
     unmerged): the attention-pool (MAP) head with a log-size bias on its keys, size-weighted
     avg / max pooling, or the model's own head where sizes do not matter (prefix tokens). The
-    merged forward and the reuse stream (encoders/reuse.py) both end here."""
+    merged forward and the reuse stream (encoders/reuse/) both end here."""
     pool = vit.global_pool
     base = base_class(vit)
     map_head = getattr(vit, "attn_pool", None) is not None
