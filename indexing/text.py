@@ -336,19 +336,26 @@ def ensure_text(store, engine, channel: str = "ocr") -> tuple[int, list]:
             frame_idx = np.asarray([rows.column("frame_idx")[i].as_py() for i in idx], np.int64)
             paths = [rows.column("path")[i].as_py() for i in idx]
             got: list = []
+            decoded = len(idx)
             try:
-                for chunk in iter_decoded(kinds.get(key, "video"), key, frame_idx, paths, lambda im: im):
+                for chunk in iter_decoded(kinds.get(key, "video"), key, frame_idx, paths, _rgb):
                     got += engine.read(chunk)
             except Exception as exc:  # a moved or broken source: its rows get no text, the rest do
                 reason = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
                 failed.append((key, f"cannot be decoded again for OCR ({reason})"))
+                decoded = len(got)
                 got += [FrameText(error=reason)] * (len(idx) - len(got))
-            failed += [(key, f"frame {int(f)}: {t.error}") for f, t in zip(frame_idx, got) if t.error]
+            failed += [(key, f"frame {int(f)}: {t.error}") for f, t in zip(frame_idx[:decoded], got) if t.error]
             ids += [rows.column("id")[i].as_py() for i in idx]
             texts += got
         write_text(store.root, shard, channel, np.asarray(ids, np.int64), texts)
         read += len(texts)
     return read, failed
+
+
+def _rgb(frame):
+    """A decoded frame as an RGB array (a PIL image is closed after decoding: copied out now)."""
+    return np.asarray(frame.convert("RGB")) if hasattr(frame, "convert") else np.asarray(frame)
 
 
 def carry_text(root: Path, old: str, new: str, ids: np.ndarray) -> int:
