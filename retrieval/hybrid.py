@@ -26,6 +26,19 @@ from mergeseek.retrieval.search import Hit, Searcher, best_per_video
 RRF_K = 60
 
 
+def split_channels(q: str) -> tuple[Optional[str], Optional[str]]:
+    """A search box's text as (visual query, OCR query): ``a crowd ocr: HÀ NỘI`` -> ("a crowd", "HÀ NỘI");
+    ``ocr:ha noi`` -> (None, "ha noi"); text without the prefix -> (text, None). The prefix is
+    matched case-insensitively where a word starts."""
+    import re
+
+    m = re.search(r"(?i)(?:^|\s)ocr:", q or "")
+    if m is None:
+        return (q, None)
+    visual, ocr = q[: m.start()].strip(), q[m.end():].strip()
+    return (visual or None, ocr)
+
+
 def fuse(rankings: dict, k_rrf: int = RRF_K) -> list[tuple[int, float, dict]]:
     """Reciprocal-rank fusion of ``{channel: [ids, best first]}`` -> ``[(id, score, {channel: rank})]``,
     best first (ties: the better best rank, then the smaller id)."""
@@ -99,4 +112,4 @@ def search_hybrid(searcher: Searcher, text: Optional[str] = None, ocr: Optional[
     return out[:k]
 
 
-__all__ = ["RRF_K", "fuse", "search_hybrid", "text_hits"]
+__all__ = ["RRF_K", "fuse", "search_hybrid", "split_channels", "text_hits"]

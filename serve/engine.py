@@ -248,6 +248,13 @@ class Engine:
     def search(self, q: str, k: int = 20, then: Optional[str] = None, within: float = 30.0,
                per_video: bool = False) -> list:
         _check_k(k)
+        from mergeseek.retrieval.hybrid import search_hybrid, split_channels
+
+        visual, ocr = split_channels(q)  # "a crowd ocr: HÀ NỘI": on-screen text too (an index built with --ocr)
+        if ocr is not None:
+            if then is not None and then.strip():
+                raise InputError("ocr: goes with a description or alone, not with a then… event")
+            return search_hybrid(self.searcher, visual, ocr, k=k, per_video=per_video)
         if then is not None and then.strip():
             return self.searcher.search_temporal(q, then, within_s=within, k=k, per_video=per_video)
         return self.searcher.search_text(q, k=k, per_video=per_video)

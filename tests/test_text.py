@@ -184,6 +184,30 @@ def test_index_ocr_finds_each_caption_and_a_kill_before_the_text_is_resumed(tmp_
     rows = s._text_ix.db.execute("SELECT id, count(*) FROM frames GROUP BY id HAVING count(*) > 1").fetchall()
     assert rows == []  # no frame twice in the text index
 
+    # The web app takes the same channel as an "ocr:" prefix in its search box, fused with a description.
+    from fastapi.testclient import TestClient
+
+    from mergeseek.serve.app import create_app
+    from mergeseek.serve.engine import CachedSearcher, Engine
+
+    client = TestClient(create_app(Engine(CachedSearcher(root, encoder))))
+    web = client.get("/api/search", params={"q": "ocr: gia vang"}).json()["hits"]
+    want = search_hybrid(s, ocr="gia vang", k=20)
+    assert [h["id"] for h in web] == [h.id for h in want] and "[Giá] [vàng]" in web[0]["channels"]["ocr"]["text"]
+    fused = client.get("/api/search", params={"q": "a photo OCR: gia vang"}).json()["hits"]
+    assert set(fused[0]["channels"]) == {"image", "ocr"} and fused[0]["id"] == want[0].id
+    refused = client.get("/api/search", params={"q": "ocr: x", "then": "y"})
+    assert refused.status_code == 422 and "not with a then" in refused.text
+
+
+def test_a_search_box_splits_into_channels():
+    from mergeseek.retrieval.hybrid import split_channels
+
+    assert split_channels("a crowd ocr: HÀ NỘI") == ("a crowd", "HÀ NỘI")
+    assert split_channels("OCR:ha noi") == (None, "ha noi")
+    assert split_channels("a man riding a bike") == ("a man riding a bike", None)
+    assert split_channels("protocr: x") == ("protocr: x", None)  # only where a word starts
+
 
 @needs_tesseract
 def test_compact_carries_the_text_and_a_reindexed_frame_is_found_once(tmp_path, encoder):
