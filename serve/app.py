@@ -35,7 +35,7 @@ _decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
 MAX_NEIGHBOURS = 50
 MAX_BASKET = 1000
 PAGE = Path(__file__).with_name("static") / "index.html"
-_ID = re.compile(r"^[0-9]{1,18}$")
+_ID = re.compile(r"^[0-9]{1,18}\Z")  # \Z: "$" would also match before a final newline
 # The page loads nothing from the network: only this server, inline code and local blobs.
 CSP = ("default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
        "img-src 'self' blob: data:; media-src 'self'; connect-src 'self'; form-action 'none'; base-uri 'none'; "
