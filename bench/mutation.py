@@ -139,6 +139,10 @@ MUTANTS: tuple[Mutant, ...] = (
       "allow_unmapped: bool = False, **open_kwargs", "allow_unmapped: bool = True, **open_kwargs"),
     M("submission", "search-deeper-never-ends", "retrieval/submission.py",
       "or depth >= searcher.size:", "or depth > searcher.size:"),
+    M("submission", "record-files-bom-kept", "runtime.py",
+      'return path.read_text(encoding="utf-8-sig")', 'return path.read_text(encoding="utf-8")'),
+    M("submission", "search-depth-100", "retrieval/submission.py",
+      "depth = min(searcher.size, 2 * MAX_ROWS)", "depth = min(searcher.size, MAX_ROWS)"),
     # ------------------------------------------------------------------ the index store (indexing/)
     M("store", "journal-dotdot-followed", "indexing/journal.py",
       'if ".." in Path(name).parts or Path(name).is_absolute():', "if Path(name).is_absolute():"),
@@ -150,6 +154,7 @@ MUTANTS: tuple[Mutant, ...] = (
       "keep = {MANIFEST, FAISS_FILE}", "keep = {MANIFEST}"),
     M("store", "journal-kept-after-recovery", "indexing/journal.py",
       "if on_disk is not None or not pending:", "if on_disk is not None and not pending:"),
+    M("store", "journal-unlinks-folders", "indexing/journal.py", "            if p.is_file():\n", "            if p.exists():\n"),
     M("store", "rebuild-oldest-identity-wins", "indexing/layout.py",
       "newest = described[-1][2]", "newest = described[0][2]"),
     M("store", "rebuild-keeps-partial-identity", "indexing/layout.py",

@@ -73,6 +73,18 @@ def test_only_allowed_host_names_and_on_a_wildcard_address_literals_are_answered
         assert c.get("/api/health", headers={"Host": host}).status_code == status
 
 
+def test_the_host_check_comes_before_the_token():
+    from fastapi.testclient import TestClient
+
+    from mergeseek.serve import allowed_hosts
+    from mergeseek.serve.app import create_app
+
+    app = create_app(SimpleNamespace(health=lambda: {"status": "ok"}), token=TOKEN, allowed_hosts=allowed_hosts("127.0.0.1"))
+    with TestClient(app) as c:
+        assert c.get("/api/health", headers={"Host": "evil.example"}).status_code == 400  # not 401: no token is asked
+        assert c.get("/api/health", headers={"Host": "localhost"}).status_code == 401
+
+
 # ---------------------------------------------------------------------------- uploads
 def _png_header(width: int, height: int) -> bytes:
     """A PNG that is only its header: its size can be read, its pixels cannot."""

@@ -62,6 +62,24 @@ def test_without_a_manifest_recovery_removes_temp_files_and_keeps_shards_for_rep
     assert (root / ".journal").exists()  # the shards it names are still to be judged by repair
 
 
+def test_without_a_manifest_the_journal_goes_once_nothing_it_names_is_left(tmp_path):
+    root = tmp_path / "ix"
+    (root / "emb").mkdir(parents=True)
+    (root / "emb" / "part-00000.npy.tmp").write_bytes(b"x")
+    (root / ".journal").write_text("emb/part-00000.npy.tmp\nemb/part-00001.npy\n")  # the second was never made
+    Journal(root).recover()
+    assert not (root / "emb" / "part-00000.npy.tmp").exists() and not (root / ".journal").exists()
+
+
+def test_recovery_deletes_files_never_folders(tmp_path):
+    root = tmp_path / "ix"
+    _index(root, 3)
+    (root / "thumbs").mkdir()
+    (root / ".journal").write_text("thumbs\nemb\n")
+    Journal(root).recover()
+    assert (root / "thumbs").is_dir() and (root / "emb" / "part-00000.npy").exists()
+
+
 # ---------------------------------------------------------------------------- folders
 def test_a_folder_holding_only_the_lock_and_journaled_leftovers_is_new(tmp_path):
     (tmp_path / "emb").mkdir()
