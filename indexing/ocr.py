@@ -64,12 +64,18 @@ class TesseractEngine:
         psm: page segmentation mode (11: sparse text, found anywhere in the frame).
         min_conf: words read with a lower confidence (0-100) are dropped.
         max_side: frames are downscaled to this longest side first (speed; captions stay legible).
+        passes: 2 reads each frame twice in the same Tesseract process, as it is and as inverted
+            grey (light captions on translucent boxes or outlined over a picture), keeping the
+            words of the second pass that do not overlap the first's; 1 reads it once (half the cost).
     """
 
     name = "tesseract"
 
-    def __init__(self, langs: str = "vie+eng", psm: int = 11, min_conf: float = 60.0, max_side: int = 1280):
-        self.langs, self.psm, self.min_conf, self.max_side = langs, psm, min_conf, max_side
+    def __init__(self, langs: str = "vie+eng", psm: int = 11, min_conf: float = 60.0, max_side: int = 1280,
+                 passes: int = 2):
+        if passes not in (1, 2):
+            raise ConfigError(f"--ocr passes={passes} is not valid; give 1 (the frame) or 2 (also its inverted grey)")
+        self.langs, self.psm, self.min_conf, self.max_side, self.passes = langs, psm, min_conf, max_side, passes
         self.binary = shutil.which("tesseract")
         if self.binary is None:
             raise MissingDependencyError(f"--ocr tesseract needs the tesseract command: {TESSERACT_INSTALL}")
@@ -81,7 +87,7 @@ class TesseractEngine:
                                          f"apt-get install {' '.join('tesseract-ocr-' + m for m in missing)}")
 
     def __str__(self) -> str:
-        return f"tesseract:{self.langs}"
+        return f"tesseract:{self.langs}" + (",passes=1" if self.passes == 1 else "")
 
     def _run(self, args: list[str], timeout: float = 60.0) -> str:
         env = {**os.environ, "OMP_THREAD_LIMIT": "1"}  # one core per Tesseract: the encoder has the others
@@ -117,11 +123,17 @@ class TesseractEngine:
         return im, scale
 
     def _read_batch(self, images: Sequence, prescale: Sequence[float]) -> list[FrameText]:
+        from PIL import ImageOps
+
         with tempfile.TemporaryDirectory(prefix="mergeseek-ocr-") as tmp:
             scales, names = [], []
-            for i, (image, pre) in enumerate(zip(images, prescale)):
+            pages = []
+            for image, pre in zip(images, prescale):
                 im, scale = self.shrink(image)
-                scale *= pre
+                pages.append((im, scale * pre))
+            if self.passes == 2:  # light text over a busy picture reads better as dark text on light
+                pages += [(ImageOps.invert(ImageOps.grayscale(im)), s) for im, s in pages[: len(images)]]
+            for i, (im, scale) in enumerate(pages):
                 name = os.path.join(tmp, f"{i:06d}.png")
                 im.save(name)
                 scales.append(scale)
@@ -129,8 +141,31 @@ class TesseractEngine:
             listing = Path(tmp) / "frames.txt"
             listing.write_text("\n".join(names) + "\n")
             tsv = self._run([str(listing), "stdout", "-l", self.langs, "--psm", str(self.psm), "tsv"],
-                            timeout=30.0 + 10.0 * len(images))
-        return parse_tsv(tsv, len(images), scales, self.min_conf)
+                            timeout=30.0 + 10.0 * len(pages))
+        read = parse_tsv(tsv, len(pages), scales, self.min_conf)
+        if self.passes == 1:
+            return read
+        return [merge_passes(a, b) for a, b in zip(read[: len(images)], read[len(images):])]
+
+
+def _overlap(a: tuple, b: tuple) -> float:
+    """Intersection over the smaller box's area of two (left, top, width, height) boxes."""
+    w = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    h = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    if w <= 0 or h <= 0:
+        return 0.0
+    return w * h / max(1, min(a[2] * a[3], b[2] * b[3]))
+
+
+def merge_passes(first: FrameText, second: FrameText) -> FrameText:
+    """The words of ``first`` and those of ``second`` that overlap none of them (less than half of
+    the smaller box), in reading order (lines top to bottom, then left to right)."""
+    extra = [w for w in second.words if all(_overlap(w.box, v.box) < 0.5 for v in first.words)]
+    words = list(first.words) + extra
+    if not extra:
+        return first
+    line = max(1, int(np.median([w.box[3] for w in words])))
+    return FrameText(tuple(sorted(words, key=lambda w: ((w.box[1] + w.box[3] // 2) // line, w.box[0]))), first.error)
 
 
 def parse_tsv(tsv: str, frames: int, scales: Sequence[float], min_conf: float) -> list[FrameText]:
@@ -194,14 +229,24 @@ ENGINES = {"tesseract": TesseractEngine}
 
 
 def get_engine(spec: Optional[str]) -> Optional[TesseractEngine]:
-    """``--ocr`` value -> an engine: ``tesseract`` (the default) or ``tesseract:LANGS`` (``vie+eng``);
-    None or ``none`` -> None. A missing engine raises ``MissingDependencyError`` naming what to install."""
+    """``--ocr`` value -> an engine: ``tesseract`` (the default), ``tesseract:LANGS`` (``vie+eng``)
+    and options (``tesseract:vie,passes=1,min_conf=50``); None or ``none`` -> None. A missing engine
+    raises ``MissingDependencyError`` naming what to install."""
+    from mergeseek.options import parse_options
+
     if spec is None or spec.strip().lower() in ("", "none", "off"):
         return None
-    name, _, arg = spec.strip().partition(":")
+    parsed = parse_options(spec.strip(), "ocr", ("passes", "min_conf", "max_side"), head="always", brackets=False)
+    name, _, langs = (parsed.head or "").partition(":")
     if name.lower() not in ENGINES:
         raise ConfigError(f"--ocr {spec!r}: unknown engine; choose one of {', '.join(ENGINES)} (e.g. tesseract:vie+eng)")
-    return ENGINES[name.lower()](langs=arg) if arg else ENGINES[name.lower()]()
+    kwargs: dict = {"langs": langs} if langs else {}
+    for key, value in parsed.pairs:
+        try:
+            kwargs[key] = int(value) if key != "min_conf" else float(value)
+        except ValueError:
+            raise ConfigError(f"--ocr {key}={value[:20]!r} is not a number") from None
+    return ENGINES[name.lower()](**kwargs)
 
 
 def _short(exc: BaseException) -> str:

@@ -99,6 +99,30 @@ def test_tesseract_tsv_keeps_confident_words_of_each_page_in_original_pixels():
     assert got[0].conf == pytest.approx(96.5)
 
 
+def test_a_second_pass_adds_only_words_the_first_did_not_read():
+    from mergeseek.indexing.ocr import merge_passes
+
+    first = FrameText((Word("Hà", 90, (10, 100, 30, 20)), Word("Nội", 90, (50, 100, 40, 20))))
+    second = FrameText((Word("Ha", 80, (12, 101, 28, 19)),  # the same word again: dropped
+                        Word("Huế", 85, (100, 100, 40, 20)),  # new, on the same line: after the others
+                        Word("TIN", 95, (5, 10, 30, 20))))  # new, a line above: first
+    assert merge_passes(first, second).text == "TIN Hà Nội Huế"
+    assert merge_passes(first, FrameText()) is first
+
+
+def test_engine_specs_take_languages_and_options(monkeypatch):
+    from mergeseek.errors import ConfigError
+    from mergeseek.indexing import ocr
+
+    monkeypatch.setattr(ocr.TesseractEngine, "__init__", lambda self, **kw: setattr(self, "kw", kw))
+    assert ocr.get_engine("tesseract").kw == {}
+    assert ocr.get_engine("tesseract:vie,passes=1,min_conf=50").kw == {"langs": "vie", "passes": 1, "min_conf": 50.0}
+    with pytest.raises(ConfigError, match="unknown ocr option 'psm'"):
+        ocr.get_engine("tesseract,psm=3")
+    with pytest.raises(ConfigError, match="not a number"):
+        ocr.get_engine("tesseract,passes=two")
+
+
 def test_a_missing_engine_names_what_to_install(monkeypatch):
     from mergeseek.indexing import ocr
 
