@@ -106,7 +106,7 @@ def export_index(index_dir: Union[str, Path], out: Union[str, Path], fmt: str = 
             raise IndexMismatchError(f"index {index_dir}: metadata and vectors disagree ({len(meta_ids)} vs {len(ids)} "
                                      "live rows); run `cli.py repair --index DIR` first")
         vectors = vectors[[pos[int(i)] for i in meta_ids]]
-    table = pa.table({**{c: meta.column(c) for c in COLUMNS}, **_clip_back_columns(meta)})
+    table = pa.table({**{c: meta.column(c) for c in COLUMNS}, **_clip_back_columns(meta), **_text_columns(store, meta_ids)})
 
     from mergeseek.runtime import write_error
 
@@ -140,6 +140,18 @@ def export_index(index_dir: Union[str, Path], out: Union[str, Path], fmt: str = 
     report = ExportReport(str(out), fmt, len(table), int(dim), int(total - len(table)))
     log.info("%s", report.summary_lines()[0])
     return report
+
+
+def _text_columns(store, ids: np.ndarray) -> dict:
+    """``ocr_text``: each row's on-screen text (``index --ocr``; null where it was not read), when the index has any."""
+    import pyarrow as pa
+
+    from mergeseek.indexing.text import stored_text
+
+    text = stored_text(store.root, list(store.manifest.shards))
+    if not text:
+        return {}
+    return {"ocr_text": pa.array([text[int(i)].text if int(i) in text else None for i in ids], pa.string())}
 
 
 def _clip_back_columns(meta) -> dict:

@@ -109,6 +109,10 @@ def merge_indexes(inputs: Sequence[Union[str, Path]], into: Union[str, Path], in
     report = MergeReport(str(into), [str(r) for r in roots], duplicates=duplicates)
     with IndexWriter(into, first.manifest.identity, index_type=index_type or (None if target else first.manifest.index_type),
                      ngpu=ngpu, settings=_settings(stores), shard_rows=commit_rows) as writer:
+        from mergeseek.indexing.text import TEXT_DIR, TextChannel
+
+        if any((s.root / TEXT_DIR).is_dir() for s in stores):
+            writer.add_text_channel(TextChannel("ocr"))  # carried from the inputs, never read again here
         todo = [(s, k) for s, k in plan if not writer.is_current(k, s.manifest.sources[k].fingerprint, s.manifest.sources[k].recipe)]
         report.up_to_date = len(plan) - len(todo)
         video_ids = _video_ids(plan, writer.store)
@@ -119,6 +123,11 @@ def merge_indexes(inputs: Sequence[Union[str, Path]], into: Union[str, Path], in
         # merge) come from the inputs too; what no input has is decoded from the sources, if found.
         report.thumbs_backfilled, report.thumbs_missing = _backfill_thumbs(writer.store, {k: st for st, k in plan})
         report.sidecars = _merge_sidecars(writer.root, plan, video_ids)
+        from mergeseek.indexing.text import drop_foreign_text, remove_stale_text, sync_text_index
+
+        drop_foreign_text(writer.store)
+        remove_stale_text(writer.root, set(writer.manifest.shards))
+        sync_text_index(writer.root, writer.store.shard_names())
         report.vectors_total = writer.manifest.counts()["vectors"]
         report.index_type = writer.manifest.index_type
     report.wall_s = time.perf_counter() - t0
@@ -217,6 +226,9 @@ def _copy(writer, todo: list, report: MergeReport, video_ids: Optional[dict] = N
                 enc.video_id = vid
             # without a complete set, `cli.py thumbs --index INTO` makes them from the videos
             writer.add(enc, jpegs if all(j is not None for j in jpegs) else None)
+            texts = current.texts(key)  # the on-screen text, when the input read it (else `index --ocr` reads it)
+            if texts is not None and "ocr" in writer.text:
+                writer.text["ocr"].add(key, texts)
             writer.commit_if_due()
         writer.flush()
     finally:
@@ -305,6 +317,15 @@ class _Input:
             positions.setdefault(k, []).append(pos)
         self.positions = positions
         self.thumbs = ThumbReader(store.root, list(store.manifest.shards), self.ids, self.meta.column("hash").to_numpy())
+        from mergeseek.indexing.text import stored_text
+
+        self.text = stored_text(store.root, list(store.manifest.shards))  # id -> on-screen text (index --ocr)
+
+    def texts(self, key: str) -> Optional[list]:
+        """``key``'s on-screen text in id order, or None when the input has not read all of it."""
+        ids = self.ids[np.asarray(self.positions.get(key, []), dtype=np.int64)]
+        got = [self.text.get(int(i)) for i in ids]
+        return got if got and all(t is not None for t in got) else None
 
     def close(self) -> None:
         self.thumbs.close()

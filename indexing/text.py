@@ -48,7 +48,7 @@ _FILE = re.compile(r"^(?P<shard>.+)\.(?P<channel>[a-z]+)\.parquet(?P<tmp>\.tmp)?
 
 # ---------------------------------------------------------------------------- folding and queries
 def _fold_char(c: str) -> str:
-    if c in "đĐ":
+    if c in "đĐðÐ":  # Vietnamese d-bar, and the look-alike eth OCR often reads for it
         return "d"
     base = "".join(ch for ch in unicodedata.normalize("NFD", c) if not unicodedata.combining(ch)).lower()
     return base[:1] if base else c  # one character in, one out: positions in the folded text are the original's
@@ -395,3 +395,21 @@ def drop_foreign_text(store) -> int:
                 text_path(store.root, shard, channel).unlink(missing_ok=True)
                 removed += 1
     return removed
+
+
+def stored_text(root: Path, shards: Sequence[str], channel: str = "ocr") -> dict:
+    """id -> ``ocr.FrameText`` of every row the text files of ``shards`` hold (``merge-index``, ``export``)."""
+    from mergeseek.indexing.ocr import FrameText, Word
+
+    out: dict = {}
+    for shard in shards:
+        t = read_text(root, shard, channel)
+        if t is None:
+            continue
+        for i, ws, err in zip(t.column("id").to_pylist(), t.column("words").to_pylist(), t.column("error").to_pylist()):
+            try:
+                words = tuple(Word(str(w), float(c), tuple(int(v) for v in box)) for w, c, box in json.loads(ws or "[]"))
+            except (ValueError, TypeError):  # a hand-edited or damaged cell: that frame has no words
+                words = ()
+            out[int(i)] = FrameText(words, err or "")
+    return out

@@ -19,7 +19,7 @@ needs_tesseract = pytest.mark.skipif(shutil.which("tesseract") is None, reason="
 
 
 @pytest.mark.parametrize("a,b", [("ha noi", "Hà Nội"), ("HA NOI", "hà nội"), ("đà nẵng", "da nang"), ("ĐÀ NẴNG", "Da Nang"),
-                                 ("thủ tướng", "THU TUONG"), ("Huế", "hue"), ("Nguyễn Ánh", "nguyen anh")])
+                                 ("thủ tướng", "THU TUONG"), ("Huế", "hue"), ("Nguyễn Ánh", "nguyen anh"), ("ÐÀ NẴNG", "da nang")])
 def test_folding_matches_with_and_without_accents_and_case(a, b):
     assert fold(a) == fold(b)
     assert words(a) == words(b)
@@ -251,6 +251,20 @@ def test_compact_carries_the_text_and_a_reindexed_frame_is_found_once(tmp_path, 
     live = sorted(Searcher(root)._ids.tolist())
     assert _text_ids(root) == live
     assert [h.path.endswith("f01.png") for h in text_hits(Searcher(root), "da nang")] == [True]
+
+    # merge-index and export carry the text, read nothing again
+    import pyarrow.parquet as pq
+
+    from mergeseek.indexing.export import META_FILE, export_index
+    from mergeseek.indexing.merge import merge_indexes
+
+    merge_indexes([root], tmp_path / "merged")
+    assert len(_text_ids(tmp_path / "merged")) == len(live)
+    assert [h.path.endswith("f01.png") for h in text_hits(Searcher(tmp_path / "merged"), "da nang")] == [True]
+    export_index(root, tmp_path / "out")
+    table = pq.read_table(tmp_path / "out" / META_FILE)
+    by_path = dict(zip([Path(p).name for p in table.column("path").to_pylist()], table.column("ocr_text").to_pylist()))
+    assert "vang" in fold(by_path["f00.png"]) and "nang" in fold(by_path["f01.png"])
 
 
 def test_ocr_alone_needs_an_index_with_text(tmp_path, encoder):
