@@ -141,9 +141,12 @@ def test_cli_eval_passes_templates_and_data_root_defaults(tmp_path, monkeypatch)
 
     seen = {}
 
-    class Outcome:
-        def summary(self):
-            return "ok"
+    class Outcome:  # the report protocol (reports.Report) the CLI prints
+        def summary_lines(self):
+            return ["ok"]
+
+        def to_dict(self):
+            return {}
 
     def fake_evaluate(cfg, out, progress=True):
         seen["cfg"] = cfg
