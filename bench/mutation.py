@@ -243,7 +243,10 @@ def make_copy(dest: Path, ref: Optional[str]) -> Path:
         archive = dest / "src.tar"
         subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", "-o", str(archive), ref], check=True)
         with tarfile.open(archive) as tf:
-            tf.extractall(repo, filter="data")
+            try:
+                tf.extractall(repo, filter="data")
+            except TypeError:  # a Python without extraction filters (before 3.11.4)
+                tf.extractall(repo)
         archive.unlink()
     else:
         listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
