@@ -257,8 +257,17 @@ def search_cmd(
     index_dir: IndexDirOpt = Path("index"),
     k: Annotated[int, typer.Option("-k", "--k", min=1, help="Number of results.")] = 20,
     image: Annotated[Optional[Path], typer.Option("--image", help="Query by this image instead of text.")] = None,
-    then: Annotated[Optional[str], typer.Option("--then", help="Temporal query: a second event after the first.")] = None,
-    within: Annotated[float, typer.Option("--within", help="Seconds within which --then must follow.")] = 30.0,
+    then: Annotated[Optional[List[str]], typer.Option("--then", help="Event query: a next event after the one before "
+                    "(repeat for N events; per video the best chain in order, retrieval/events.py).")] = None,
+    within: Annotated[Optional[List[float]], typer.Option("--within", help="Seconds within which each --then follows "
+                      "the event before: once for every gap, or once per gap (default 30).")] = None,
+    like: Annotated[Optional[List[int]], typer.Option("--like", help="Relevance feedback: a frame id (search --json) that "
+                    "is relevant (repeatable; Rocchio, retrieval/feedback.py).")] = None,
+    unlike: Annotated[Optional[List[int]], typer.Option("--unlike", help="A frame id that is not relevant (repeatable; "
+                      "left out of the results).")] = None,
+    video: Annotated[Optional[str], typer.Option("--video", help="Only frames of this video id (exact search).")] = None,
+    fuse: Annotated[Optional[List[Path]], typer.Option("--fuse", help="Another index of the same media built with "
+                    "another model (repeatable): rankings fused by reciprocal rank (retrieval/fusion.py).")] = None,
     per_video: Annotated[bool, typer.Option("--per-video", help="Keep only the best hit of each video.")] = False,
     ocr: Annotated[
         Optional[str],
@@ -291,16 +300,19 @@ def search_cmd(
                      "trained once on a sample across the shards (default: each folder's own index.faiss)."),
     ] = None,
 ) -> None:
-    """Search an index by text, by image (--image) or for one event followed by another (--then)."""
+    """Search an index by text, by image (--image), for events in order (--then ...), with feedback (--like/--unlike),
+    inside one video (--video) or over several models' indexes (--fuse)."""
     from mergeseek.retrieval import hits_json, hits_table, run_search, write_submission_csv
     from mergeseek.runtime import check_writable
 
     if csv_out is not None:
         check_writable(csv_out, what="--csv")  # before the model loads
-    if (shards or shard_index_type) and (object_name or ocr):
+    if (shards or shard_index_type) and (object_name or ocr or like or unlike or fuse):
         from mergeseek.errors import ConfigError
 
-        raise ConfigError(f"{'--object' if object_name else '--ocr'} works on one index; drop --shard")
+        given = "--object" if object_name else "--ocr" if ocr else "--fuse" if fuse else "--like/--unlike"
+        raise ConfigError(f"{given} works on one index; drop --shard")
+    within = within or [30.0]
     if shards or shard_index_type:
         from mergeseek.retrieval.sharded import run_sharded_search
 
@@ -313,7 +325,8 @@ def search_cmd(
         results = run_search(
             index_dir, text=query, image=image, then=then, within_s=within, k=k, per_video=per_video, model=model,
             pretrained=pretrained, merge=merge, device=device, precision=precision, batch_size=batch_size,
-            nprobe=nprobe, ef_search=ef_search, object_name=object_name, ocr=ocr,
+            nprobe=nprobe, ef_search=ef_search, object_name=object_name, ocr=ocr, like=like or (), unlike=unlike or (),
+            video=video, fuse=fuse or (),
         )
     typer.echo(hits_json(results) if json_out else hits_table(results))  # printed even when the CSV fails below
     if csv_out is not None:
@@ -374,7 +387,7 @@ def submit_cmd(
     answers: Annotated[
         Optional[Path], typer.Option("--answers", help="QA answers: 'id<TAB>answer' lines or a JSON object {id: answer}.")
     ] = None,
-    within: Annotated[float, typer.Option("--within", help="TRAKE: seconds from the first event within which all events fall.")] = 60.0,
+    within: Annotated[float, typer.Option("--within", help="TRAKE: seconds within which each event follows the one before.")] = 60.0,
     allow_unmapped: Annotated[
         bool, typer.Option("--allow-unmapped", help="Also submit keyframes indexed without their map (frame_idx is then "
                            "only the keyframe number; left out by default).")
@@ -750,6 +763,8 @@ def train_reference_cmd(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="tqdm bars per epoch.")] = True,
     export: Annotated[Optional[Path], typer.Option("--export", help="Export this checkpoint (fp16 + manifest) instead of training.")] = None,
     to: Annotated[Path, typer.Option("--to", help="Export folder.")] = Path("eval/reference"),
+    init: Annotated[Optional[str], typer.Option("--init", help="Start a new run from another reference's weights "
+                                                "(name or .pt; position embeddings resampled to the new input size).")] = None,
 ) -> None:
     """Train the CIFAR-10 reference ViT (resumable), or --export a checkpoint to eval/reference/."""
     import logging
@@ -762,7 +777,7 @@ def train_reference_cmd(
         data=str(data) if data else None, out=str(out), config=config, overrides=overrides, epochs=epochs, batch_size=batch_size,
         device=device, limit=limit, eval_limit=eval_limit, resume=str(resume) if resume else None, fresh=fresh,
         compile=compile, time_budget=time_budget, stop_after=stop_after, eval_every=eval_every, progress=progress,
-        export=str(export) if export else None, to=str(to), command="cli.py train-reference " + shlex.join(
+        export=str(export) if export else None, to=str(to), init=init, command="cli.py train-reference " + shlex.join(
             sys.argv[sys.argv.index("train-reference") + 1:] if "train-reference" in sys.argv else sys.argv[1:]),
     )
     typer.echo(describe(result))

@@ -155,7 +155,7 @@ class AicQuery:
     Args:
         truth: task, raw frame ranges (not snapped to keyframes) and answer.
         events: TRAKE event texts, one per span (empty for KIS / QA, and when only scoring files).
-        within_s: TRAKE window: every event within this many seconds of the first.
+        within_s: TRAKE window: every event within this many seconds of the one before (``retrieval.events``).
         tolerance: TRAKE: frames by which each event's range is widened.
     """
 
@@ -193,7 +193,7 @@ def set_scores(queries: Sequence, query_scores, event_scores: Mapping[str, objec
     import numpy as np
 
     from mergeseek.retrieval.search import Hit
-    from mergeseek.retrieval.trake import chain_events
+    from mergeseek.retrieval.events import chain_events
 
     scores, tasks = {}, {}
     n = len(video_ids)

@@ -7,10 +7,11 @@ import math
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
+from mergeseek.retrieval.events import EventChain
 from mergeseek.retrieval.search import Hit, TemporalHit
 from mergeseek.retrieval.submission import MAX_ROWS as SUBMISSION_MAX_ROWS  # the HCMC AI Challenge's row limit
 
-Result = Union[Hit, TemporalHit]
+Result = Union[Hit, TemporalHit, EventChain]
 
 
 def format_timestamp(seconds: float) -> str:
@@ -60,6 +61,10 @@ def _channels_cell(channels: dict) -> str:
 def hits_table(results: Sequence[Result]) -> str:
     if not results:
         return "no results"
+    if isinstance(results[0], EventChain):
+        rows = [[f"{c.score:.4f}", c.video_id, " > ".join(str(h.frame_idx) for h in c.hits),
+                 " > ".join(format_timestamp(h.pts_time) for h in c.hits), c.hits[0].path] for c in results]
+        return _table(["score", "video_id", "frames", "timestamps", "path"], rows, [True, False, False, False, False])
     if isinstance(results[0], TemporalHit):
         rows = [
             [f"{p.score:.4f}", p.video_id, str(p.first.frame_idx), format_timestamp(p.first.pts_time),
@@ -120,7 +125,12 @@ def hit_dict(h: Hit, links: Optional[Links] = None, server_paths: bool = True) -
 
 def result_dict(r: Result, links: Optional[Links] = None, server_paths: bool = True) -> dict:
     """``hit_dict`` of a hit; a temporal pair is its first frame's hit with the pair's ``score``,
-    ``first_score``, and ``first`` and ``then`` (the two frames' hits)."""
+    ``first_score``, and ``first`` and ``then`` (the two frames' hits); a chain of three or more
+    events (``retrieval.events``) is the same with ``chain``, every frame's hit in event order."""
+    if isinstance(r, EventChain):
+        chain = [hit_dict(h, links, server_paths) for h in r.hits]
+        return {**chain[0], "score": round(r.score, 6), "first_score": chain[0]["score"], "first": chain[0],
+                "then": chain[1] if len(chain) > 1 else None, "chain": chain}
     if not isinstance(r, TemporalHit):
         return hit_dict(r, links, server_paths)
     first = hit_dict(r.first, links, server_paths)
@@ -134,7 +144,7 @@ def hits_json(results: Sequence[Result]) -> str:
 
 
 def write_submission_csv(path: Union[str, Path], results: Sequence[Result]) -> int:
-    """AI Challenge format: no header, ``video_id,frame_idx`` (temporal: ``video_id,frame_a,frame_b``).
+    """AI Challenge format: no header, ``video_id,frame_idx`` (events: ``video_id,frame_1,...,frame_N``).
 
     At most ``SUBMISSION_MAX_ROWS`` distinct rows; returns the number written. Written through a
     temp name by ``retrieval.submission`` (the one submission writer).

@@ -39,9 +39,10 @@ def split_channels(q: str) -> tuple[Optional[str], Optional[str]]:
     return (visual or None, ocr)
 
 
-def fuse(rankings: dict, k_rrf: int = RRF_K) -> list[tuple[int, float, dict]]:
+def fuse(rankings: dict, k_rrf: int = RRF_K, weights: Optional[dict] = None) -> list[tuple[int, float, dict]]:
     """Reciprocal-rank fusion of ``{channel: [ids, best first]}`` -> ``[(id, score, {channel: rank})]``,
-    best first (ties: the better best rank, then the smaller id)."""
+    best first (ties: the better best rank, then the smaller id). ``weights``: ``{channel: w}``
+    multiplies a channel's ``1 / (k_rrf + rank)`` (default 1 each; fused models, ``retrieval.fusion``)."""
     score: dict[int, float] = {}
     ranks: dict[int, dict] = {}
     for channel, ids in rankings.items():
@@ -49,7 +50,8 @@ def fuse(rankings: dict, k_rrf: int = RRF_K) -> list[tuple[int, float, dict]]:
             if channel in ranks.setdefault(int(i), {}):
                 continue  # a channel counts a frame once, at its best rank
             ranks[int(i)][channel] = rank
-            score[int(i)] = score.get(int(i), 0.0) + 1.0 / (k_rrf + rank)
+            w = 1.0 if weights is None else weights.get(channel, 1.0)
+            score[int(i)] = score.get(int(i), 0.0) + w / (k_rrf + rank)
     return sorted(((i, s, ranks[i]) for i, s in score.items()), key=lambda t: (-t[1], min(t[2].values()), t[0]))
 
 

@@ -8,7 +8,6 @@ model, weights or dimension differ from the ones the index was built with.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -188,37 +187,44 @@ class Searcher:
         return self.search_vector(self.image_vector(image), k, per_video, allow)
 
     def search_temporal(self, first: str, then: str, within_s: float = 30.0, k: int = 20, per_video: bool = False,
-                        depth: int = 1000) -> list[TemporalHit]:
-        """Frames of ``first`` followed in the same video by ``then`` within ``within_s`` seconds."""
-        if not within_s > 0:
-            raise InputError(f"--within {within_s} is not valid; give a window in seconds > 0")
-        qa, qb = self.text_vector(first), self.text_vector(then)
-        depth = min(self.size, max(int(depth), 20 * k))
-        hits_a, hits_b = self.search_vectors(np.concatenate([qa, qb]), depth)
-        pairs = pair_events(hits_a, hits_b, within_s)
-        if per_video:
-            pairs = best_per_video(pairs)
-        return pairs[:k]
+                        depth: int = 1000, video: Optional[str] = None) -> list[TemporalHit]:
+        """Frames of ``first`` followed in the same video by ``then`` within ``within_s`` seconds
+        (``retrieval.events`` with two events; ``video``: inside that video only)."""
+        from mergeseek.retrieval.events import search_events
+
+        chains = search_events(self, [first, then], within_s, k=k, depth=depth, per_video=per_video, video=video)
+        return [TemporalHit(c.score, *c.hits) for c in chains]
 
     def _need_encoder(self) -> None:
         if self.encoder is None:
             raise InputError("this Searcher was opened without an encoder; use Searcher.open(...) for text or image queries")
 
 
-def check_query(text: Optional[str], image: Optional[Union[str, Path]], then: Optional[str], k: int,
-                ocr: Optional[str] = None) -> None:
-    """Refuse a bad command-line query in one line, before any model or index is loaded."""
+def check_query(text: Optional[str], image: Optional[Union[str, Path]], then, k: int, ocr: Optional[str] = None,
+                like: Sequence[int] = (), unlike: Sequence[int] = (), video: Optional[str] = None,
+                fuse: Sequence = ()) -> None:
+    """Refuse a bad command-line query in one line, before any model or index is loaded.
+
+    ``then``: None, one next event or a list of them (``retrieval.events``)."""
+    from mergeseek.retrieval.query import check_session
+
+    thens = [] if then is None else [then] if isinstance(then, str) else list(then)
+    marks = bool(like or unlike)
     if ocr is not None:
         if not ocr.strip():
             raise InputError("empty --ocr query; give the words to find on screen, e.g. --ocr \"Hà Nội\"")
-        if image is not None or then is not None:
-            raise InputError("--ocr goes with a text query or alone, not with --image or --then")
-    elif image is None and (text is None or not text.strip()):
+        if image is not None or thens or marks or video is not None:
+            raise InputError("--ocr goes with a text query or alone, not with --image or --then (nor --like/--unlike, --video)")
+    elif image is None and (text is None or not text.strip()) and not like:
         raise InputError("empty query; give a description such as \"a man riding a bike\", or --image query.jpg")
     if image is not None and text:
         raise InputError("give either a text query or --image, not both")
-    if then is not None and (image is not None or not then.strip()):
-        raise InputError("--then needs a text query and a non-empty second event, e.g. \"a man\" --then \"a car\"")
+    if fuse and (image is not None or thens or marks or video is not None or ocr is not None):
+        raise InputError("--fuse takes a text query alone (no --image, --then, --like, --video or --ocr)")
+    for t in thens:
+        if image is not None or not isinstance(t, str) or not t.strip():
+            raise InputError("--then needs a text query and a non-empty next event, e.g. \"a man\" --then \"a car\"")
+    check_session(text, image, thens, like, unlike, video)
     if image is not None:
         load_query_image(image)  # fail before loading the model
     if k < 1:
@@ -226,28 +232,37 @@ def check_query(text: Optional[str], image: Optional[Union[str, Path]], then: Op
 
 
 def run_search(index_dir: Union[str, Path], text: Optional[str] = None, image: Optional[Union[str, Path]] = None,
-               then: Optional[str] = None, within_s: float = 30.0, k: int = 20, per_video: bool = False,
+               then=None, within_s=30.0, k: int = 20, per_video: bool = False,
                model: str = FROM_INDEX, pretrained: str = FROM_INDEX, merge: str = FROM_INDEX, device: str = "auto",
                precision: str = "fp32", batch_size: int = 32, nprobe: int = 16, ef_search: int = 64,
-               object_name: Optional[str] = None, ocr: Optional[str] = None) -> list:
+               object_name: Optional[str] = None, ocr: Optional[str] = None, like: Sequence[int] = (),
+               unlike: Sequence[int] = (), video: Optional[str] = None, fuse: Sequence = ()) -> list:
     """One query from the command line: checks the query first (no model load for a bad one).
 
     ``nprobe`` (IVF lists visited) and ``ef_search`` (HNSW depth) trade speed for recall on
     approximate index types; exact ``Flat`` ignores them. ``object_name`` keeps only keyframes
     with that detected object (AI Challenge releases, ``indexing.aic.objects_in_frames``).
     ``ocr``: words on screen (``index --ocr``), fused with ``text`` when both are given
-    (``retrieval.hybrid``); alone, no model is loaded.
+    (``retrieval.hybrid``); alone, no model is loaded. ``then`` (one or several next events,
+    ``within_s`` one window or one per gap), ``like`` / ``unlike`` and ``video``: ``retrieval.query``.
+    ``fuse``: more index folders of the same media, other models (``retrieval.fusion``).
     """
-    check_query(text, image, then, k, ocr)
+    check_query(text, image, then, k, ocr, like, unlike, video, fuse)
+    opened = dict(model=model, pretrained=pretrained, merge=merge, device=device, precision=precision,
+                  batch_size=batch_size, nprobe=nprobe, ef_search=ef_search)
+    if fuse:
+        from mergeseek.retrieval.fusion import open_fused, search_fused
+
+        if object_name is not None:
+            raise InputError("--object works on one index; drop --fuse or --object")
+        return search_fused(open_fused([index_dir, *fuse], **opened), text, k=k, per_video=per_video)
     if ocr is not None:
         from mergeseek.retrieval.hybrid import search_hybrid
 
         if object_name is not None:
             raise InputError("--object filters image-channel queries; drop --ocr or --object")
         visual = bool(text and text.strip())
-        searcher = (Searcher.open(index_dir, model=model, pretrained=pretrained, merge=merge, device=device,
-                                  precision=precision, batch_size=batch_size, nprobe=nprobe, ef_search=ef_search)
-                    if visual else Searcher(index_dir, nprobe=nprobe, ef_search=ef_search))
+        searcher = (Searcher.open(index_dir, **opened) if visual else Searcher(index_dir, nprobe=nprobe, ef_search=ef_search))
         return search_hybrid(searcher, text if visual else None, ocr, k=k, per_video=per_video)
     allow = None
     if object_name is not None:
@@ -259,13 +274,11 @@ def run_search(index_dir: Union[str, Path], text: Optional[str] = None, image: O
         if not allow:
             raise InputError(f"no keyframe of {index_dir} has a detection of {object_name!r} (score >= 0.5); "
                              "check the name in objects.parquet (e.g. Person, Car, Dog)")
-    searcher = Searcher.open(index_dir, model=model, pretrained=pretrained, merge=merge, device=device,
-                             precision=precision, batch_size=batch_size, nprobe=nprobe, ef_search=ef_search)
-    if then is not None:
-        return searcher.search_temporal(text, then, within_s=within_s, k=k, per_video=per_video)
-    if image is not None:
-        return searcher.search_image(image, k=k, per_video=per_video, allow=allow)
-    return searcher.search_text(text, k=k, per_video=per_video, allow=allow)
+    from mergeseek.retrieval.query import run_query
+
+    thens = [] if then is None else [then] if isinstance(then, str) else list(then)
+    return run_query(Searcher.open(index_dir, **opened), text, image, thens, within_s, k=k, per_video=per_video,
+                     like=like, unlike=unlike, video=video, allow=allow)
 
 
 def best_per_video(hits: Sequence) -> list:
@@ -278,22 +291,12 @@ def best_per_video(hits: Sequence) -> list:
 def pair_events(hits_a: Sequence[Hit], hits_b: Sequence[Hit], within_s: float) -> list[TemporalHit]:
     """For each frame of event A, the best frame of B in (t_A, t_A + within_s] of the same video.
 
-    Ranked by score_A + score_B. Frames without a timestamp cannot take part.
+    Ranked by score_A + score_B (ties: A's order). Frames without a timestamp cannot take part.
+    The two-event case of ``retrieval.events.chain_events``.
     """
-    by_video: dict = {}
-    for h in hits_b:
-        if math.isfinite(h.pts_time):
-            by_video.setdefault(h.video_id, []).append(h)
-    out = []
-    for a in hits_a:
-        if not math.isfinite(a.pts_time):
-            continue
-        cands = [b for b in by_video.get(a.video_id, ()) if a.pts_time < b.pts_time <= a.pts_time + within_s]
-        if cands:
-            b = max(cands, key=lambda h: h.score)
-            out.append(TemporalHit(a.score + b.score, a, b))
-    out.sort(key=lambda p: -p.score)
-    return out
+    from mergeseek.retrieval.events import chain_events
+
+    return [TemporalHit(c.score, *c.hits) for c in chain_events([hits_a, hits_b], within_s)]
 
 
 def load_query_image(image: Union[str, Path, np.ndarray, Any]) -> Any:

@@ -192,8 +192,7 @@ def run_sharded_search(index_dirs: Sequence[Union[str, Path]], text: Optional[st
     searcher = ShardedSearcher.open(index_dirs, model=model, pretrained=pretrained, merge=merge, device=device,
                                     precision=precision, batch_size=batch_size, nprobe=nprobe, ef_search=ef_search,
                                     index_type=index_type)
-    if then is not None:
-        return searcher.search_temporal(text, then, within_s=within_s, k=k, per_video=per_video)
-    if image is not None:
-        return searcher.search_image(image, k=k, per_video=per_video)
-    return searcher.search_text(text, k=k, per_video=per_video)
+    from mergeseek.retrieval.query import run_query
+
+    thens = [] if then is None else [then] if isinstance(then, str) else list(then)
+    return run_query(searcher, text, image, thens, within_s, k=k, per_video=per_video)

@@ -43,7 +43,7 @@ def parse_task(text: str) -> str:
 
 
 def result_row(result, task: str = KIS, answer: str = "") -> tuple:
-    """One submission row from a search result (``Hit``, ``TemporalHit`` or ``trake.EventChain``)."""
+    """One submission row from a search result (``Hit``, ``TemporalHit`` or ``events.EventChain``)."""
     frames = _frames(result)
     if task == QA:
         return (result.video_id, frames[0], answer)
@@ -53,7 +53,7 @@ def result_row(result, task: str = KIS, answer: str = "") -> tuple:
 
 
 def _frames(result) -> list[int]:
-    if hasattr(result, "hits"):  # trake.EventChain
+    if hasattr(result, "hits"):  # events.EventChain
         return [int(h.frame_idx) for h in result.hits]
     if hasattr(result, "then"):  # search.TemporalHit
         return [int(result.first.frame_idx), int(result.then.frame_idx)]
@@ -247,7 +247,7 @@ def run_submit(queries: str | Path, index_dir: str | Path, out_dir: str | Path,
     Args:
         answers: QA answers file (``read_answers``); a query's own ``answer`` is used otherwise,
             else the answer is left empty for you to fill in.
-        within_s: TRAKE window: every event within this many seconds of the first.
+        within_s: TRAKE window: every event within this many seconds of the one before (``retrieval.events``).
         searcher: an open ``retrieval.Searcher`` (default: ``Searcher.open(index_dir, **open_kwargs)``).
         allow_unmapped: also submit frames without a time (keyframes indexed without their map,
             whose frame_idx is only the keyframe number); by default they are left out, with a warning.
@@ -255,7 +255,7 @@ def run_submit(queries: str | Path, index_dir: str | Path, out_dir: str | Path,
     import logging
 
     from mergeseek.retrieval.search import Searcher
-    from mergeseek.retrieval.trake import search_events
+    from mergeseek.retrieval.events import search_events
 
     qs = read_queries(queries)
     given = read_answers(answers) if answers else {}
@@ -279,7 +279,7 @@ def run_submit(queries: str | Path, index_dir: str | Path, out_dir: str | Path,
         answer = given.get(q.qid, q.answer) if q.task == QA else ""
         if q.task == TRAKE:
             # chains start at distinct frames, so few repeat: the 100 rows plus a margin (search depth is 20x this)
-            rows = submission_rows(search_events(searcher, q.events, within_s=within_s, k=MAX_ROWS + 20), TRAKE)
+            rows = submission_rows(search_events(searcher, q.events, within_s, k=MAX_ROWS + 20), TRAKE)
         else:
             rows = _frame_rows(searcher, searcher.text_vector(q.events[0]), q.task, answer, allow_unmapped, report)
         path = out / query_file_name(q.qid)

@@ -20,7 +20,7 @@ from mergeseek.retrieval.submission import (
     submission_rows,
     write_rows,
 )
-from mergeseek.retrieval.trake import EventChain, chain_events
+from mergeseek.retrieval.events import EventChain, chain_events
 
 
 def _hit(vid, frame, t, score):
@@ -87,7 +87,8 @@ def test_n_event_chains_agree_with_brute_force():
         best = None
         for b in events[1]:
             for c in events[2]:
-                if a.video_id == b.video_id == c.video_id and a.pts_time < b.pts_time < c.pts_time <= a.pts_time + within:
+                if a.video_id == b.video_id == c.video_id and a.pts_time < b.pts_time <= a.pts_time + within \
+                        and b.pts_time < c.pts_time <= b.pts_time + within:  # each gap in its window (issue #29)
                     s = a.score + b.score + c.score
                     if best is None or s > best[0]:
                         best = (s, (a.frame_idx, b.frame_idx, c.frame_idx))

@@ -1,0 +1,104 @@
+"""Stored vectors by id, and search inside one video (``search --video ID``).
+
+``StoredVectors`` memory-maps each shard's vectors (through the store's public ``shard_paths`` /
+``read_shard``) and finds a live frame's vector by its id: relevance feedback
+(``retrieval.feedback``), "more like this" in the web app and the in-video search read it.
+
+Inside one video the search is exact whatever the index type: the video's stored vectors times
+the query (a few thousand frames per video), so it never misses a frame an approximate index would
+skip, and costs O(frames of the video), not O(index).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from mergeseek.errors import InputError
+
+
+class StoredVectors:
+    """The vectors of an index's live rows, by id (read-only, memory-mapped).
+
+    Args:
+        store: an ``indexing.store.IndexStore``.
+        live_ids: the ids a lookup may return (the searcher's live rows); others are unknown.
+    """
+
+    def __init__(self, store, live_ids: np.ndarray):
+        self.root = store.root
+        self._emb, ids, shard_no, rows = [], [], [], []
+        for s, shard in enumerate(store.shard_names()):
+            emb_path, _ = store.shard_paths(shard)
+            self._emb.append(np.load(emb_path, mmap_mode="r"))
+            shard_ids = store.read_shard(shard, columns=["id"], live=False).column("id").to_numpy()
+            ids.append(shard_ids)
+            shard_no.append(np.full(len(shard_ids), s, np.int32))
+            rows.append(np.arange(len(shard_ids), dtype=np.int64))
+        all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        live = np.isin(all_ids, np.asarray(live_ids, np.int64))
+        o = np.argsort(all_ids[live], kind="stable")
+        self._ids = all_ids[live][o]
+        self._shard = np.concatenate(shard_no)[live][o] if ids else np.zeros(0, np.int32)
+        self._row = np.concatenate(rows)[live][o] if ids else np.zeros(0, np.int64)
+
+    def __contains__(self, id_) -> bool:
+        i = int(np.searchsorted(self._ids, int(id_)))
+        return i < len(self._ids) and self._ids[i] == int(id_)
+
+    def get(self, ids: Sequence[int], what: str = "frame id") -> np.ndarray:
+        """float32 [len(ids), dim]; one ``InputError`` naming the ids this index does not hold."""
+        ids = [int(i) for i in ids]
+        missing = [i for i in ids if i not in self]
+        if missing:
+            raise InputError(f"no frame with {what} {', '.join(map(str, missing[:10]))} in index {self.root}; "
+                             "use the ids of this index's results (search --json gives them)")
+        out = []
+        for i in ids:
+            j = int(np.searchsorted(self._ids, i))
+            out.append(np.asarray(self._emb[self._shard[j]][self._row[j]], np.float32))
+        return np.stack(out) if out else np.zeros((0, 0), np.float32)
+
+
+def stored_vectors(searcher) -> StoredVectors:
+    """The searcher's ``StoredVectors`` (built once, kept on it)."""
+    if getattr(searcher, "_stored", None) is None:
+        if hasattr(searcher, "stores") and len(searcher.stores) > 1:
+            raise InputError("frame ids of several --shard folders cannot be looked up; search one index for this")
+        searcher._stored = StoredVectors(searcher.store, searcher._ids)
+    return searcher._stored
+
+
+def video_rows(searcher, video_id: str) -> np.ndarray:
+    """Row numbers (into the searcher's metadata) of ``video_id``'s frames; one line for an unknown video."""
+    if getattr(searcher, "_rows_by_video", None) is None:
+        names, inverse = np.unique(np.asarray(searcher._video, dtype=object), return_inverse=True)
+        order = np.argsort(inverse, kind="stable")
+        bounds = np.searchsorted(inverse[order], np.arange(len(names) + 1))
+        searcher._rows_by_video = {str(v): order[bounds[i]:bounds[i + 1]] for i, v in enumerate(names)}
+    rows = searcher._rows_by_video.get(str(video_id))
+    if rows is None:
+        known = sorted(searcher._rows_by_video)
+        raise InputError(f"no video {video_id!r} in index {searcher.store.root}; it holds {len(known)} video(s), e.g. "
+                         f"{', '.join(known[:5])}")
+    return rows
+
+
+def search_in_video(searcher, vector: np.ndarray, video_id: str, k: Optional[int] = 20,
+                    exclude: Sequence[int] = ()) -> list:
+    """The frames of ``video_id`` nearest to ``vector`` (float32 [1, dim]), exactly, best first;
+    ``k`` None: all of them. ``exclude``: ids left out."""
+    rows = video_rows(searcher, video_id)
+    ids = np.asarray(searcher._ids)[rows]
+    if len(exclude):
+        ids = ids[~np.isin(ids, np.asarray(list(exclude), np.int64))]
+    if len(ids) == 0:
+        return []
+    vecs = stored_vectors(searcher).get(ids)
+    scores = vecs @ np.asarray(vector, np.float32).reshape(-1)
+    order = np.argsort(-scores, kind="stable")[: len(ids) if k is None else int(k)]
+    return searcher._hits(scores[order].astype(np.float32), ids[order])
+
+
+__all__ = ["StoredVectors", "search_in_video", "stored_vectors", "video_rows"]
