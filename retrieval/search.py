@@ -248,6 +248,11 @@ def run_search(index_dir: Union[str, Path], text: Optional[str] = None, image: O
     ``fuse``: more index folders of the same media, other models (``retrieval.fusion``).
     """
     check_query(text, image, then, k, ocr, like, unlike, video, fuse)
+    thens = [] if then is None else [then] if isinstance(then, str) else list(then)
+    if thens:
+        from mergeseek.retrieval.events import gap_windows
+
+        gap_windows(within_s, len(thens) + 1)  # a bad window fails before the model loads
     opened = dict(model=model, pretrained=pretrained, merge=merge, device=device, precision=precision,
                   batch_size=batch_size, nprobe=nprobe, ef_search=ef_search)
     if fuse:
@@ -276,7 +281,6 @@ def run_search(index_dir: Union[str, Path], text: Optional[str] = None, image: O
                              "check the name in objects.parquet (e.g. Person, Car, Dog)")
     from mergeseek.retrieval.query import run_query
 
-    thens = [] if then is None else [then] if isinstance(then, str) else list(then)
     return run_query(Searcher.open(index_dir, **opened), text, image, thens, within_s, k=k, per_video=per_video,
                      like=like, unlike=unlike, video=video, allow=allow)
 
