@@ -3,7 +3,8 @@
 Status codes: 404 for an id, video id or route the index does not have (never a file outside
 it), 422 for a bad parameter (one ``detail`` line), 400 for an upload that is not an image or a
 ``Host`` header that is not one of the allowed names, 413 for one over ``MAX_UPLOAD`` bytes or
-``MAX_PIXELS`` pixels, 401 for a missing or wrong token when one is set.
+``MAX_PIXELS`` pixels, 401 for a missing or wrong token when one is set, 409 for a basket made on
+another index (never exported against this one).
 """
 
 import io
@@ -40,6 +41,14 @@ _ID = re.compile(r"^[0-9]{1,18}\Z")  # \Z: "$" would also match before a final n
 CSP = ("default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
        "img-src 'self' blob: data:; media-src 'self'; connect-src 'self'; form-action 'none'; base-uri 'none'; "
        "frame-ancestors 'none'")
+
+
+class StaleBasket(Exception):
+    """A basket made on another index (HTTP 409): never exported against this one."""
+
+
+def _refs(items) -> list:
+    return [[(f.video_id, f.frame_idx) for f in item] for item in items]
 
 
 class UploadRefused(Exception):
@@ -110,12 +119,35 @@ async def _read_limited(request, limit: int) -> bytes:
     return bytes(body)
 
 
-class Basket(BaseModel):
-    """``POST /api/export.csv`` body: chosen frame ids in order (a pair [first, then] for a temporal hit)."""
+class FrameRef(BaseModel):
+    """A frame by what it is, not by an id: valid in any index that holds it."""
 
-    ids: List[Union[StrictInt, List[StrictInt]]] = Field(..., min_length=1, max_length=MAX_BASKET)
+    video_id: str = Field(..., min_length=1, max_length=500)
+    frame_idx: StrictInt = Field(..., ge=0)
+
+
+class Basket(BaseModel):
+    """``POST /api/export.csv`` body: the chosen frames in order, as ``items`` (each a list of frames,
+    one per event: ``[{video_id, frame_idx}]``) with the ``index`` uid they were chosen on (``/api/health``),
+    or as ``ids`` of this index (a pair [first, then] for a temporal hit)."""
+
+    ids: Optional[List[Union[StrictInt, List[StrictInt]]]] = Field(None, min_length=1, max_length=MAX_BASKET)
+    items: Optional[List[List[FrameRef]]] = Field(None, min_length=1, max_length=MAX_BASKET)
+    index: Optional[str] = Field(None, max_length=64)
     query_id: Optional[str] = Field(None, max_length=100)
     answer: Optional[str] = Field(None, max_length=500)  # a QA answer: rows become video_id,frame_idx,answer
+
+
+class SearchBody(BaseModel):
+    """``POST /api/search``: events in order (one or more texts), feedback marks, one video."""
+
+    events: List[str] = Field(default_factory=list, max_length=16)
+    within: Union[float, List[float]] = 30.0
+    k: int = Field(20, ge=1, le=1000)
+    per_video: bool = False
+    like: List[StrictInt] = Field(default_factory=list, max_length=200)
+    unlike: List[StrictInt] = Field(default_factory=list, max_length=200)
+    video: Optional[str] = Field(None, min_length=1, max_length=500)
 
 
 def host_name(header: str) -> str:
@@ -207,6 +239,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         status = 422 if isinstance(exc, (InputError, ConfigError)) else 500
         return JSONResponse({"detail": str(exc)}, status_code=status)
 
+    @app.exception_handler(StaleBasket)
+    async def stale(request, exc: StaleBasket):
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
     @app.exception_handler(UploadRefused)
     async def refused(request, exc: UploadRefused):
         return JSONResponse({"detail": exc.detail}, status_code=exc.status)
@@ -235,9 +271,9 @@ def _add_page_routes(app: FastAPI, engine: Engine) -> None:
 def _add_search_routes(app: FastAPI, engine: Engine) -> None:
     K = Query(20, ge=1, le=MAX_K, description="number of results")
 
-    def hits_response(results: list, started: float, pairs: bool = False, **extra) -> dict:
-        return {"kind": "pairs" if pairs else "frames", **extra, "took_ms": round((time.perf_counter() - started) * 1e3, 2),
-                "hits": [engine.result_dict(r) for r in results]}
+    def hits_response(results: list, started: float, pairs: bool = False, kind: Optional[str] = None, **extra) -> dict:
+        return {"kind": kind or ("pairs" if pairs else "frames"), **extra,
+                "took_ms": round((time.perf_counter() - started) * 1e3, 2), "hits": [engine.result_dict(r) for r in results]}
 
     @app.get("/api/search")
     def search(q: str = Query(..., min_length=1, max_length=2000), k: int = K,
@@ -247,6 +283,17 @@ def _add_search_routes(app: FastAPI, engine: Engine) -> None:
         results = engine.search(q, k=k, then=then, within=within, per_video=per_video)
         pairs = then is not None and bool(then.strip())
         return hits_response(results, t0, pairs=pairs, query=q, then=then if pairs else None)
+
+    @app.post("/api/search")
+    def search_session(body: SearchBody):
+        t0 = time.perf_counter()
+        if any(len(e) > 2000 for e in body.events):
+            raise InputError("an event text is over 2000 characters")
+        results = engine.query(body.events, within=body.within, k=body.k, per_video=body.per_video, like=body.like,
+                               unlike=body.unlike, video=body.video)
+        kind = "chains" if len(body.events) > 2 else "pairs" if len(body.events) == 2 else "frames"
+        return hits_response(results, t0, kind=kind, events=body.events, like=body.like, unlike=body.unlike,
+                             video=body.video)
 
     @app.post("/api/search/image")
     async def search_image(request: Request, k: int = K, per_video: bool = False):
@@ -335,4 +382,30 @@ def _add_export_routes(app: FastAPI, engine: Engine) -> None:
     @app.post("/api/export.csv")
     def export_basket(basket: Basket):
         _file_name(basket.query_id)
+        if (basket.ids is None) == (basket.items is None):
+            raise InputError("give the basket as items ([{video_id, frame_idx}] per row, with its index) or as ids")
+        if basket.items is not None:
+            _same_index(basket.index)
+            return csv_response(engine.rows_for_items(_refs(basket.items)), basket.query_id, basket.answer)
         return csv_response(engine.rows_for(basket.ids), basket.query_id, basket.answer)
+
+    @app.post("/api/basket/verify")
+    def verify_basket(basket: Basket):
+        """Each item as this index holds it (thumbnail, time) or null, and whether the basket is stale."""
+        mine = engine.identity()
+        stale = basket.index is not None and basket.index != mine["uid"]
+        rows = []
+        for item in _refs(basket.items or []):
+            found = [engine.catalog.find(v, f) for v, f in item]
+            rows.append({"frames": [None if r is None else engine.hit_dict(engine.catalog.hit(r)) for r in found],
+                         "ok": all(r is not None for r in found) and not stale})
+        return {"index": mine, "basket_index": basket.index, "stale": stale, "rows": rows}
+
+    def _same_index(uid: Optional[str]) -> None:
+        mine = engine.identity()
+        if uid is None:
+            raise InputError("a basket of items must say which index it was made on (index: the uid of /api/health)")
+        if uid != mine["uid"]:
+            raise StaleBasket(f"this basket was made on another index (uid {uid[:16]}); this server serves "
+                              f"{mine['name']} (uid {mine['uid']}, {mine['model']}): it is not exported here. "
+                              "Serve that index again, or check the rows in the basket view and start a new basket")

@@ -89,8 +89,6 @@ class Catalog:
     """
 
     def __init__(self, searcher: Searcher):
-        import pyarrow.parquet as pq
-
         from mergeseek.indexing.thumbs import ThumbReader
 
         store = searcher.store
@@ -115,6 +113,7 @@ class Catalog:
         codes_sorted = self.video_code[self._by_video]
         self._video_start = np.searchsorted(codes_sorted, np.arange(len(self.video_names)), "left")
         self._video_end = np.searchsorted(codes_sorted, np.arange(len(self.video_names)), "right")
+        self._video_codes = {v: i for i, v in enumerate(self.video_names)}
         # Videos the browser may fetch: only video sources, by the id the index gave them.
         self.videos: dict[str, VideoFile] = {}
         self.kinds: dict[str, str] = {}
@@ -130,19 +129,7 @@ class Catalog:
                 if p.suffix.lower() in VIDEO_TYPES:
                     sig = entry.get("video_sig")
                     self.videos[vid] = _video_file(p, sig if isinstance(sig, str) else None)
-        # Stored vectors by id (memory-mapped shards), for "more like this".
-        self._emb, shard_ids, shard_no, shard_row = [], [], [], []
-        for s, shard in enumerate(sorted(m.shards)):
-            emb_path, meta_path = store.shard_paths(shard)
-            self._emb.append(np.load(emb_path, mmap_mode="r"))
-            ids = pq.read_table(meta_path, columns=["id"]).column("id").to_numpy()
-            shard_ids.append(ids)
-            shard_no.append(np.full(len(ids), s, np.int32))
-            shard_row.append(np.arange(len(ids), dtype=np.int64))
-        all_ids = np.concatenate(shard_ids) if shard_ids else np.zeros(0, np.int64)
-        o = np.argsort(all_ids, kind="stable")
-        self._vec_ids = all_ids[o]
-        self._vec_loc = (np.concatenate(shard_no)[o], np.concatenate(shard_row)[o]) if shard_ids else (None, None)
+        self._searcher = searcher  # its stored vectors (retrieval.scope), read at the first "more like this"
         self.thumbs = ThumbReader(self.root, list(m.shards), self.ids, hashes)
 
     def __len__(self) -> int:
@@ -161,10 +148,20 @@ class Catalog:
                    int(self.ids[row]), self.video_meta.get(vid))
 
     def vector(self, id_: int) -> np.ndarray:
+        from mergeseek.retrieval.scope import stored_vectors
+
         self.row(id_)  # live rows only
-        i = int(np.searchsorted(self._vec_ids, id_))
-        shard, r = self._vec_loc[0][i], self._vec_loc[1][i]
-        return np.asarray(self._emb[shard][r], np.float32)[None]
+        return stored_vectors(self._searcher).get([id_])
+
+    def find(self, video_id: str, frame_idx: int) -> Optional[int]:
+        """Row of the frame ``frame_idx`` of ``video_id`` (None when the index does not hold it)."""
+        code = self._video_codes.get(video_id)
+        if code is None:
+            return None
+        lo, hi = int(self._video_start[code]), int(self._video_end[code])
+        frames = self.frame_idx[self._by_video[lo:hi]]
+        i = int(np.searchsorted(frames, frame_idx))
+        return int(self._by_video[lo + i]) if i < len(frames) and frames[i] == frame_idx else None
 
     def neighbours(self, id_: int, n: int) -> tuple[list[Hit], Hit, list[Hit]]:
         row = self.row(id_)
@@ -236,10 +233,21 @@ class Engine:
     def result_dict(self, r: Union[Hit, TemporalHit]) -> dict:
         return result_dict(r, self.links, server_paths=False)
 
+    def identity(self) -> dict:
+        """What a basket is keyed by: ``uid`` names this index (its folder, creation time and model: a
+        rebuilt or other index gets another), ``generation`` its committed version (``manifest.json``)."""
+        import hashlib
+        import os
+
+        m = self.manifest
+        seed = "\n".join([os.path.realpath(self.catalog.root), m.created, m.model, m.pretrained, str(m.dim)])
+        return {"uid": hashlib.sha256(seed.encode("utf-8")).hexdigest()[:16], "generation": m.generation,
+                "created": m.created, "name": Path(self.catalog.root).name, "model": m.model}
+
     def health(self) -> dict:
         m = self.manifest
         s = self.searcher
-        return {"status": "ok", "vectors": len(self.catalog), "videos": len(self.catalog.video_names),
+        return {"status": "ok", "index": self.identity(), "vectors": len(self.catalog), "videos": len(self.catalog.video_names),
                 "thumbnails": len(self.catalog.thumbs), "model": m.model, "pretrained": m.pretrained, "merge": m.merge,
                 "dim": m.dim, "index_type": m.index_type,
                 "text_cache": {"hits": getattr(s, "cache_hits", 0), "misses": getattr(s, "cache_misses", 0)}}
@@ -258,6 +266,43 @@ class Engine:
         if then is not None and then.strip():
             return self.searcher.search_temporal(q, then, within_s=within, k=k, per_video=per_video)
         return self.searcher.search_text(q, k=k, per_video=per_video)
+
+    def query(self, events: Sequence[str] = (), within: Any = 30.0, k: int = 20, per_video: bool = False,
+              like: Sequence[int] = (), unlike: Sequence[int] = (), video: Optional[str] = None) -> list:
+        """``POST /api/search``: events in order (one: a plain query; ``ocr:`` works there), feedback
+        marks, one video (``retrieval.query.run_query``). Marked ids the index lacks: ``InputError``."""
+        _check_k(k)
+        from mergeseek.retrieval.query import run_query
+
+        events = list(events)
+        text = events[0] if events else None
+        from mergeseek.retrieval.hybrid import split_channels
+
+        if any(split_channels(e)[1] is not None for e in events) and (len(events) > 1 or like or unlike or video):
+            raise InputError("ocr: goes with a plain description or alone, not with events, marks or one video")
+        if len(events) == 1 and not (like or unlike) and video is None:
+            return self.search(text, k=k, per_video=per_video)  # the GET search (ocr: prefix, caches)
+        return run_query(self.searcher, text, None, events[1:], within, k=k, per_video=per_video, like=like,
+                         unlike=unlike, video=video)
+
+    def rows_for_items(self, items: Sequence[Sequence[tuple]]) -> list:
+        """Basket items (each a list of ``(video_id, frame_idx)``, one per event) as results, in order;
+        one ``InputError`` naming an item this index does not hold."""
+        from mergeseek.retrieval.events import EventChain
+
+        out = []
+        for n, item in enumerate(items, start=1):
+            hits = []
+            for video_id, frame_idx in item:
+                row = self.catalog.find(video_id, frame_idx)
+                if row is None:
+                    raise InputError(f"basket item {n}: frame {frame_idx} of video {video_id!r} is not in this index")
+                hits.append(self.catalog.hit(row))
+            if len({h.video_id for h in hits}) > 1:
+                raise InputError(f"basket item {n} spans several videos; a chain is in one video")
+            out.append(hits[0] if len(hits) == 1 else TemporalHit(0.0, *hits) if len(hits) == 2
+                       else EventChain(0.0, tuple(hits)))
+        return out
 
     def search_image(self, image: Any, k: int = 20, per_video: bool = False) -> list[Hit]:
         _check_k(k)
