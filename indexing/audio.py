@@ -1,0 +1,83 @@
+"""One audio reader: ``read_audio(path) -> float32 mono samples`` of an audio file or a video's sound.
+
+Speech recognition (``indexing.asr``) and any later audio model read sound through this function
+only. It decodes the whole first audio stream of ``path`` once, downmixed to mono and resampled
+to ``sample_rate`` (16 kHz by default, what speech models expect), as float32 in [-1, 1]. Times
+in the returned array count from the stream's first sample, taken as time 0 of the video (the
+frames' ``pts_time``).
+
+* wav, flac, mp3, ogg, m4a... and the audio track of any video FFmpeg reads;
+* a video without an audio track gives an empty array (not an error: a silent clip has no speech);
+* a missing, empty (0 bytes) or unreadable file raises ``InputError`` naming the file.
+
+The decoder is the video decoder's library (``indexing.decoders``): decord2 (``AudioReader``) by
+default, torchcodec (``AudioDecoder``) as the other choice. Memory: the whole track is held at
+once (an hour at 16 kHz is 230 MB of float32).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+
+from mergeseek.errors import InputError
+from mergeseek.indexing.decoders import DEFAULT_BACKEND, require_backend
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+# What each backend says when a readable file has no audio stream (a silent video).
+_NO_AUDIO = ("can't find audio stream", "best audio stream is unknown", "no audio stream")
+
+
+def read_audio(path: Union[str, Path], sample_rate: int = SAMPLE_RATE, backend: str = DEFAULT_BACKEND) -> np.ndarray:
+    """The first audio stream of ``path`` as float32 mono samples at ``sample_rate`` (empty when the
+    file has no audio stream).
+
+    Raises:
+        InputError: ``path`` is missing, empty or not a media file the decoder can read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such audio or video file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: the file is empty (0 bytes); nothing to listen to")
+    if int(sample_rate) <= 0:
+        raise InputError(f"{path}: sample rate {sample_rate} is not valid; give a positive rate such as 16000")
+    require_backend(backend)
+    try:
+        samples = _decode_decord(path, int(sample_rate)) if backend == "decord" else _decode_torchcodec(path, int(sample_rate))
+    except Exception as exc:  # the decoders raise their own types (DECORDError, RuntimeError, ValueError)
+        text = str(exc).strip()
+        if any(s in text.lower() for s in _NO_AUDIO):
+            log.debug("%s has no audio stream", path)
+            return np.zeros(0, np.float32)
+        reason = re.sub(r"^\[[\d:]+\]\s*\S+:\d+:\s*", "", text.splitlines()[-1])[:200] if text else type(exc).__name__
+        raise InputError(f"{path}: not an audio or video file that can be read ({reason})") from None
+    samples = np.asarray(samples, np.float32).reshape(-1)
+    return np.clip(np.nan_to_num(samples), -1.0, 1.0)
+
+
+def _decode_decord(path: Path, sample_rate: int) -> np.ndarray:
+    import decord
+
+    return decord.AudioReader(str(path), sample_rate=sample_rate, mono=True)[:].asnumpy()
+
+
+def _decode_torchcodec(path: Path, sample_rate: int) -> np.ndarray:
+    from torchcodec.decoders import AudioDecoder
+
+    samples = AudioDecoder(str(path), sample_rate=sample_rate, num_channels=1).get_all_samples()
+    return samples.data.numpy()
+
+
+def pcm16(samples: np.ndarray) -> bytes:
+    """``samples`` (float in [-1, 1]) as 16-bit little-endian PCM bytes (what speech engines read)."""
+    return (np.clip(np.asarray(samples, np.float32), -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+
+
+__all__ = ["SAMPLE_RATE", "pcm16", "read_audio"]
