@@ -27,9 +27,10 @@ from mergeseek.retrieval.hybrid import RRF_K, fuse
 from mergeseek.retrieval.search import Hit, best_per_video
 
 
-def index_label(searcher, i: int) -> str:
-    """A short name for an index in a hit's ``channels``: its folder name (``#i`` when names repeat)."""
-    return f"{Path(searcher.store.root).name or 'index'}#{i}"
+def index_labels(searchers: Sequence) -> list[str]:
+    """A short name per index for a hit's ``channels``: its folder name (``name@i`` when names repeat)."""
+    names = [Path(s.store.root).name or "index" for s in searchers]
+    return [f"{n}@{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
 def check_same_media(stores: Sequence) -> None:
@@ -56,8 +57,8 @@ def search_fused(searchers: Sequence, text: str, k: int = 20, per_video: bool = 
     depth = depth or max(5 * k, 100)
     keys: dict = {}  # (video_id, frame_idx) -> a small int for fuse()
     rankings, hit_of, info = {}, {}, {}
-    for n, s in enumerate(searchers):
-        name = index_label(s, n)
+    labels = index_labels(searchers)
+    for n, (s, name) in enumerate(zip(searchers, labels)):
         hits = s.search_text(text, k=min(depth, s.size))
         rankings[name] = []
         for rank, h in enumerate(hits, start=1):
@@ -66,7 +67,7 @@ def search_fused(searchers: Sequence, text: str, k: int = 20, per_video: bool = 
             if key not in hit_of:
                 hit_of[key] = h if n == 0 else replace(h, id=-1)  # ids are only the first index's
             info.setdefault(key, {})[name] = {"rank": rank, "score": round(h.score, 6)}
-    w = None if weights is None else {index_label(s, n): float(x) for n, (s, x) in enumerate(zip(searchers, weights))}
+    w = None if weights is None else {name: float(x) for name, x in zip(labels, weights)}
     out = [replace(hit_of[key], score=round(score, 6), channels=info[key]) for key, score, _ in fuse(rankings, k_rrf, w)]
     if per_video:
         out = best_per_video(out)
@@ -83,4 +84,4 @@ def open_fused(index_dirs: Sequence[Union[str, Path]], **open_kwargs) -> list:
     return [Searcher.open(d, **kw) for d in index_dirs]
 
 
-__all__ = ["check_same_media", "index_label", "open_fused", "search_fused"]
+__all__ = ["check_same_media", "index_labels", "open_fused", "search_fused"]
