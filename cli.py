@@ -179,6 +179,13 @@ def index_cmd(
                      "apt-get install tesseract-ocr tesseract-ocr-vie tesseract-ocr-eng. See docs/TEXT.md."),
     ] = None,
     ocr_workers: Annotated[int, typer.Option("--ocr-workers", min=1, help="OCR processes beside the encoder.")] = 1,
+    asr: Annotated[
+        Optional[str],
+        typer.Option("--asr", help="Transcribe the speech of videos and make it searchable (search --asr): pocketsphinx "
+                     "(offline, English; pip install pocketsphinx) or whisper:PATH[,lang=vi] (faster-whisper with a "
+                     "local model folder). Each kept frame takes the speech around it. See docs/TEXT.md."),
+    ] = None,
+    asr_workers: Annotated[int, typer.Option("--asr-workers", min=1, help="Speech processes beside the encoder.")] = 1,
     compile_: CompileOpt = None,
     cuda_graph: CudaGraphOpt = None,
     json_out: JsonOpt = False,
@@ -205,6 +212,8 @@ def index_cmd(
         decoder=decoder,
         ocr=ocr,
         ocr_workers=ocr_workers,
+        asr=asr,
+        asr_workers=asr_workers,
     )
     if ray_address is None and workers != 1:
         from mergeseek.errors import ConfigError
@@ -274,6 +283,11 @@ def search_cmd(
         typer.Option("--ocr", help="Words shown on screen (an index built with --ocr), e.g. \"HÀ NỘI\" (accents and case "
                      "optional). Alone: a text search, no model loaded; with a query: both fused by reciprocal rank."),
     ] = None,
+    asr: Annotated[
+        Optional[str],
+        typer.Option("--asr", help="Words spoken (an index built with --asr), e.g. \"prime minister\". Alone: a text search, "
+                     "no model loaded; with a query or --ocr: fused by reciprocal rank."),
+    ] = None,
     object_name: Annotated[
         Optional[str], typer.Option("--object", help="AI Challenge: only keyframes with this detected object (objects.parquet), e.g. Dog.")
     ] = None,
@@ -307,10 +321,10 @@ def search_cmd(
 
     if csv_out is not None:
         check_writable(csv_out, what="--csv")  # before the model loads
-    if (shards or shard_index_type) and (object_name or ocr or like or unlike or fuse):
+    if (shards or shard_index_type) and (object_name or ocr or asr or like or unlike or fuse):
         from mergeseek.errors import ConfigError
 
-        given = "--object" if object_name else "--ocr" if ocr else "--fuse" if fuse else "--like/--unlike"
+        given = "--object" if object_name else "--ocr" if ocr else "--asr" if asr else "--fuse" if fuse else "--like/--unlike"
         raise ConfigError(f"{given} works on one index; drop --shard")
     within = within or [30.0]
     if shards or shard_index_type:
@@ -326,7 +340,7 @@ def search_cmd(
             index_dir, text=query, image=image, then=then, within_s=within, k=k, per_video=per_video, model=model,
             pretrained=pretrained, merge=merge, device=device, precision=precision, batch_size=batch_size,
             nprobe=nprobe, ef_search=ef_search, object_name=object_name, ocr=ocr, like=like or (), unlike=unlike or (),
-            video=video, fuse=fuse or (),
+            video=video, fuse=fuse or (), asr=asr,
         )
     typer.echo(hits_json(results) if json_out else hits_table(results))  # printed even when the CSV fails below
     if csv_out is not None:

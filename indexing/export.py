@@ -143,15 +143,18 @@ def export_index(index_dir: Union[str, Path], out: Union[str, Path], fmt: str = 
 
 
 def _text_columns(store, ids: np.ndarray) -> dict:
-    """``ocr_text``: each row's on-screen text (``index --ocr``; null where it was not read), when the index has any."""
+    """``ocr_text`` / ``asr_text``: each row's on-screen text (``index --ocr``) and speech (``index --asr``;
+    null where it was not read), each when the index has any."""
     import pyarrow as pa
 
-    from mergeseek.indexing.text import stored_text
+    from mergeseek.indexing.text import CHANNELS, stored_text
 
-    text = stored_text(store.root, list(store.manifest.shards))
-    if not text:
-        return {}
-    return {"ocr_text": pa.array([text[int(i)].text if int(i) in text else None for i in ids], pa.string())}
+    out = {}
+    for channel in CHANNELS:
+        text = stored_text(store.root, list(store.manifest.shards), channel)
+        if text:
+            out[f"{channel}_text"] = pa.array([text[int(i)].text if int(i) in text else None for i in ids], pa.string())
+    return out
 
 
 def _clip_back_columns(meta) -> dict:

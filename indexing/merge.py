@@ -109,10 +109,11 @@ def merge_indexes(inputs: Sequence[Union[str, Path]], into: Union[str, Path], in
     report = MergeReport(str(into), [str(r) for r in roots], duplicates=duplicates)
     with IndexWriter(into, first.manifest.identity, index_type=index_type or (None if target else first.manifest.index_type),
                      ngpu=ngpu, settings=_settings(stores), shard_rows=commit_rows) as writer:
-        from mergeseek.indexing.text import TEXT_DIR, TextChannel
+        from mergeseek.indexing.text import CHANNELS, TEXT_DIR, TextChannel
 
         if any((s.root / TEXT_DIR).is_dir() for s in stores):
-            writer.add_text_channel(TextChannel("ocr"))  # carried from the inputs, never read again here
+            for channel in CHANNELS:  # on-screen text and speech, carried from the inputs, never read again here
+                writer.add_text_channel(TextChannel(channel))
         todo = [(s, k) for s, k in plan if not writer.is_current(k, s.manifest.sources[k].fingerprint, s.manifest.sources[k].recipe)]
         report.up_to_date = len(plan) - len(todo)
         video_ids = _video_ids(plan, writer.store)
@@ -226,9 +227,10 @@ def _copy(writer, todo: list, report: MergeReport, video_ids: Optional[dict] = N
                 enc.video_id = vid
             # without a complete set, `cli.py thumbs --index INTO` makes them from the videos
             writer.add(enc, jpegs if all(j is not None for j in jpegs) else None)
-            texts = current.texts(key)  # the on-screen text, when the input read it (else `index --ocr` reads it)
-            if texts is not None and "ocr" in writer.text:
-                writer.text["ocr"].add(key, texts)
+            for channel, side in writer.text.items():  # text the input read (else `index --ocr/--asr` reads it)
+                texts = current.texts(key, channel)
+                if texts is not None:
+                    side.add(key, texts)
             writer.commit_if_due()
         writer.flush()
     finally:
@@ -317,14 +319,15 @@ class _Input:
             positions.setdefault(k, []).append(pos)
         self.positions = positions
         self.thumbs = ThumbReader(store.root, list(store.manifest.shards), self.ids, self.meta.column("hash").to_numpy())
-        from mergeseek.indexing.text import stored_text
+        from mergeseek.indexing.text import CHANNELS, stored_text
 
-        self.text = stored_text(store.root, list(store.manifest.shards))  # id -> on-screen text (index --ocr)
+        # channel -> id -> text (index --ocr, --asr)
+        self.text = {c: stored_text(store.root, list(store.manifest.shards), c) for c in CHANNELS}
 
-    def texts(self, key: str) -> Optional[list]:
-        """``key``'s on-screen text in id order, or None when the input has not read all of it."""
+    def texts(self, key: str, channel: str = "ocr") -> Optional[list]:
+        """``key``'s ``channel`` text in id order, or None when the input has not read all of it."""
         ids = self.ids[np.asarray(self.positions.get(key, []), dtype=np.int64)]
-        got = [self.text.get(int(i)) for i in ids]
+        got = [self.text.get(channel, {}).get(int(i)) for i in ids]
         return got if got and all(t is not None for t in got) else None
 
     def close(self) -> None:

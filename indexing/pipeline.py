@@ -32,6 +32,8 @@ from mergeseek.indexing.decoders import require_backend
 from mergeseek.indexing.sources import BadInput, MediaSource, SourceReader, assign_ids, discover
 from mergeseek.indexing.store import EncodedSource, preflight
 from mergeseek.indexing.thumbs import ensure_thumbs, make_jpeg
+from mergeseek.indexing.asr import AsrStage
+from mergeseek.indexing.asr import get_engine as get_asr_engine
 from mergeseek.indexing.ocr import OcrStage
 from mergeseek.indexing.ocr import get_engine as get_ocr_engine
 from mergeseek.indexing.text import TextChannel, drop_foreign_text, ensure_text, remove_stale_text, sync_text_index
@@ -67,6 +69,9 @@ class IndexOptions:
             ``tesseract:vie+eng``; see ``indexing.ocr``), stored beside the shards and searchable
             (``indexing.text``); None: no text channel.
         ocr_workers: OCR processes running beside the encoder.
+        asr: transcribe the speech of videos with this engine (``pocketsphinx``, ``whisper:PATH``; see
+            ``indexing.asr``); each kept frame takes the segments around it (the ``asr`` text channel).
+        asr_workers: speech processes running beside the encoder.
     """
 
     sampling: Sampling = field(default_factory=Sampling)
@@ -85,6 +90,8 @@ class IndexOptions:
     reuse: Any = None  # a ReuseConfig, or its spelling; stored as the enabled ReuseConfig or None
     ocr: Optional[str] = None
     ocr_workers: int = 1
+    asr: Optional[str] = None
+    asr_workers: int = 1
 
 
     def __post_init__(self) -> None:
@@ -369,6 +376,7 @@ def index_paths(
         log.warning("%s", aic.unmapped_warning(s.video_id, s.path))
     require_backend(options.decoder)  # a wrong or missing --decoder fails before the model loads
     ocr_engine = get_ocr_engine(options.ocr)  # a missing OCR engine fails before the model loads too
+    asr_engine = get_asr_engine(options.asr)  # so does a missing speech engine
     preflight(Path(index_dir), options.index_type)  # a wrong --index or --index-type fails before the model loads
     if not hasattr(encoder, "describe"):
         encoder = encoder()
@@ -390,6 +398,8 @@ def index_paths(
         report.up_to_date = len(sources) - len(todo)
         if ocr_engine is not None:
             writer.add_text_channel(TextChannel("ocr", ocr_engine))
+        if asr_engine is not None:
+            writer.add_text_channel(TextChannel("asr", asr_engine))
         if todo:
             log.info("%d source(s) to index, %d up to date", len(todo), report.up_to_date)
             (stages or _run_stages)(writer, todo, encoder, options, report)
@@ -440,17 +450,23 @@ def _frames_with_text(store, channel: str) -> int:
 
 
 def _run_stages(writer: IndexWriter, todo: list, encoder, options: IndexOptions, report: IndexReport) -> None:
-    text = writer.text.get("ocr")
+    text, speech = writer.text.get("ocr"), writer.text.get("asr")
     ocr = OcrStage(text.engine, options.ocr_workers) if text is not None else None
+    asr = AsrStage(speech.engine, options.asr_workers, options.decoder) if speech is not None else None
+    for src in todo if asr is not None else ():
+        if src.kind == "video":  # every video's sound is queued now: speech runs ahead, beside the encoder
+            asr.submit(src.key, str(src.path))
     try:
-        _read_and_encode(writer, todo, encoder, options, report, ocr)
+        _read_and_encode(writer, todo, encoder, options, report, ocr, asr)
     finally:
-        if ocr is not None:
-            text.busy_s = ocr.busy_s
-            ocr.close()
+        for stage, channel in ((ocr, text), (asr, speech)):
+            if stage is not None:
+                channel.busy_s = stage.busy_s
+                stage.close()
 
 
-def _read_and_encode(writer: IndexWriter, todo: list, encoder, options: IndexOptions, report: IndexReport, ocr) -> None:
+def _read_and_encode(writer: IndexWriter, todo: list, encoder, options: IndexOptions, report: IndexReport, ocr,
+                     asr=None) -> None:
     reader = Reader(todo, options.sampling, options.dedup, encoder.preprocess_images, encoder.batch_size, options.prefetch,
                     options.read_workers, decoder=options.decoder, ocr=ocr.submit if ocr is not None else None)
     bars = _Bars(len(todo)) if options.progress else None
@@ -485,6 +501,8 @@ def _read_and_encode(writer: IndexWriter, todo: list, encoder, options: IndexOpt
                     bars.frames(item.sampled)
             elif isinstance(item, _Failed):
                 partial.pop(item.source.key, None)
+                if asr is not None:
+                    asr.cancel(item.source.key)
                 if stream is not None:
                     stream.end(item.source.key)
                 writer.drop(item.source.key)
@@ -494,6 +512,9 @@ def _read_and_encode(writer: IndexWriter, todo: list, encoder, options: IndexOpt
             else:
                 if stream is not None:
                     stream.end(item.source.key)
+                if asr is not None:  # the source's kept frames take their speech when its transcript is done
+                    times = [t for b, _ in partial.get(item.source.key, []) for t in b.pts_time]
+                    writer.text["asr"].add(item.source.key, asr.frames(item.source.key, times))
                 take_source(writer, report, options, item, partial.pop(item.source.key, []))
                 if bars:
                     bars.source_done()

@@ -1,11 +1,13 @@
-"""Text channels of an index (on-screen text today, speech next): per-frame text stored beside
-each shard, and an embedded full-text index over it.
+"""Text channels of an index, on-screen text (``ocr``, ``indexing.ocr``) and speech (``asr``,
+``indexing.asr``): per-frame text stored beside each shard, and an embedded full-text index over it.
 
 ::
 
     index_dir/
       text/<shard>.<channel>.parquet   id, text, conf, words (JSON: text, conf, box), error; one row
                                        per row of the shard, written right after the shard's commit
+                                       (asr: each "word" is a speech segment overlapping the frame,
+                                       its box [start_ms, 0, duration_ms, 0] its span in time)
       text.sqlite                      SQLite FTS5 over the folded text of the live shards (derived:
                                        rebuilt from text/ whenever it does not match, never the truth)
 
@@ -41,7 +43,7 @@ log = logging.getLogger(__name__)
 
 TEXT_DIR = "text"
 TEXT_DB = "text.sqlite"
-CHANNELS = ("ocr",)  # speech ("asr") joins here
+CHANNELS = ("ocr", "asr")  # on-screen text, speech
 _WORD = re.compile(r"\w+", re.UNICODE)
 _FILE = re.compile(r"^(?P<shard>.+)\.(?P<channel>[a-z]+)\.parquet(?P<tmp>\.tmp)?$")
 
@@ -312,8 +314,9 @@ def sync_text_index(root: Path, shards: Sequence[str]) -> dict:
 
 def ensure_text(store, engine, channel: str = "ocr") -> tuple[int, list]:
     """Read the ``channel`` text of the live rows of every shard that has no text file (a run killed
-    between a commit and its text, or an index built before ``--ocr``): the frames are decoded again
-    from their sources. Returns (frames read, [(source key, reason)] for frames that could not be).
+    between a commit and its text, or an index built before ``--ocr``/``--asr``): the frames are
+    decoded again from their sources (speech: the source's sound is transcribed, ``engine.source_texts``).
+    Returns (frames read, [(source key, reason)] for frames that could not be).
 
     ``store`` is an ``IndexStore`` opened for writing (its lock keeps other writers out).
     """
@@ -325,7 +328,7 @@ def ensure_text(store, engine, channel: str = "ocr") -> tuple[int, list]:
     for shard in store.shard_names():
         if text_path(store.root, shard, channel).is_file():
             continue
-        rows = store.read_shard(shard, columns=["id", "frame_idx", "path", "source"])
+        rows = store.read_shard(shard, columns=["id", "frame_idx", "pts_time", "path", "source"])
         ids, texts = [], []
         keys = rows.column("source").to_pylist()
         order = sorted(range(len(keys)), key=lambda i: (keys[i], rows.column("frame_idx")[i].as_py()))
@@ -338,11 +341,14 @@ def ensure_text(store, engine, channel: str = "ocr") -> tuple[int, list]:
             got: list = []
             decoded = len(idx)
             try:
-                for chunk in iter_decoded(kinds.get(key, "video"), key, frame_idx, paths, _rgb):
+                if hasattr(engine, "source_texts"):  # speech: the whole source's sound, mapped to these frames
+                    got = engine.source_texts(kinds.get(key, "video"), key, [rows.column("pts_time")[i].as_py() for i in idx])
+                for chunk in () if hasattr(engine, "source_texts") else iter_decoded(kinds.get(key, "video"), key,
+                                                                                    frame_idx, paths, _rgb):
                     got += engine.read(chunk)
             except Exception as exc:  # a moved or broken source: its rows get no text, the rest do
                 reason = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
-                failed.append((key, f"cannot be decoded again for OCR ({reason})"))
+                failed.append((key, f"cannot be decoded again for {channel} ({reason})"))
                 decoded = len(got)
                 got += [FrameText(error=reason)] * (len(idx) - len(got))
             failed += [(key, f"frame {int(f)}: {t.error}") for f, t in zip(frame_idx[:decoded], got) if t.error]

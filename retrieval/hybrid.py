@@ -1,5 +1,5 @@
 """Queries over several channels: what is seen (the image vectors), what is written on screen (OCR
-text) and, next, what is said (speech). ``cli.py search "a crowd" --ocr "HÀ NỘI"``.
+text) and what is said (speech). ``cli.py search "a crowd" --ocr "HÀ NỘI" --asr "prime minister"``.
 
 Each channel ranks frames on its own: the image channel by the FAISS inner product of the text
 query, a text channel by SQLite FTS5's BM25 over folded words (``indexing.text``: every word of the
@@ -26,17 +26,27 @@ from mergeseek.retrieval.search import Hit, Searcher, best_per_video
 RRF_K = 60
 
 
-def split_channels(q: str) -> tuple[Optional[str], Optional[str]]:
-    """A search box's text as (visual query, OCR query): ``a crowd ocr: HÀ NỘI`` -> ("a crowd", "HÀ NỘI");
-    ``ocr:ha noi`` -> (None, "ha noi"); text without the prefix -> (text, None). The prefix is
-    matched case-insensitively where a word starts."""
+TEXT_PREFIXES = ("ocr", "asr")  # search-box prefixes of the text channels (indexing.text.CHANNELS)
+
+
+def split_channels(q: str) -> tuple[Optional[str], dict]:
+    """A search box's text as (visual query, {text channel: words}): ``a crowd ocr: HÀ NỘI asr: prime
+    minister`` -> ("a crowd", {"ocr": "HÀ NỘI", "asr": "prime minister"}); ``ocr:ha noi`` -> (None,
+    {"ocr": "ha noi"}); text without a prefix -> (text, {}). Each prefix runs to the next one; a
+    prefix is matched case-insensitively where a word starts; one given twice has its words joined."""
     import re
 
-    m = re.search(r"(?i)(?:^|\s)ocr:", q or "")
-    if m is None:
-        return (q, None)
-    visual, ocr = q[: m.start()].strip(), q[m.end():].strip()
-    return (visual or None, ocr)
+    q = q or ""
+    found = list(re.finditer(r"(?i)(?:^|\s)(" + "|".join(TEXT_PREFIXES) + r"):", q))
+    if not found:
+        return (q, {})
+    said: dict = {}
+    for m, nxt in zip(found, found[1:] + [None]):
+        words = q[m.end(): nxt.start() if nxt is not None else len(q)].strip()
+        name = m.group(1).lower()
+        said[name] = f"{said[name]} {words}".strip() if name in said else words
+    visual = q[: found[0].start()].strip()
+    return (visual or None, said)
 
 
 def fuse(rankings: dict, k_rrf: int = RRF_K, weights: Optional[dict] = None) -> list[tuple[int, float, dict]]:
@@ -55,15 +65,20 @@ def fuse(rankings: dict, k_rrf: int = RRF_K, weights: Optional[dict] = None) -> 
     return sorted(((i, s, ranks[i]) for i, s in score.items()), key=lambda t: (-t[1], min(t[2].values()), t[0]))
 
 
-def _text_index(searcher: Searcher):
+_NONE = {"ocr": ("on-screen text", "--ocr tesseract"), "asr": ("speech", "--asr pocketsphinx")}
+
+
+def _text_index(searcher: Searcher, channel: str = "ocr"):
     if not hasattr(searcher, "_text_ix"):
         from mergeseek.indexing.text import open_text_index
 
         searcher._text_ix = open_text_index(searcher.store.root, searcher.store.shard_names())
-    if searcher._text_ix is None:
-        raise InputError(f"index {searcher.store.root} has no on-screen text; index it with --ocr tesseract "
+    ix = searcher._text_ix
+    if ix is None or channel not in {c for _, c in ix.loaded()}:
+        what, how = _NONE.get(channel, (channel, f"--{channel}"))
+        raise InputError(f"index {searcher.store.root} has no {what}; index it with {how} "
                          "(the frames already indexed are read, nothing is encoded again)")
-    return searcher._text_ix
+    return ix
 
 
 def _live(searcher: Searcher, ids: np.ndarray) -> np.ndarray:
@@ -78,7 +93,7 @@ def text_hits(searcher: Searcher, query: str, channel: str = "ocr", depth: int =
 
     if not query or not query.strip():
         raise InputError(f"empty --{channel} query; give the words to find, e.g. --{channel} \"Hà Nội\"")
-    matches = _text_index(searcher).search(query, channel, depth)
+    matches = _text_index(searcher, channel).search(query, channel, depth)
     ids = np.asarray([m.id for m in matches], np.int64)
     keep = _live(searcher, ids)
     matches = [m for m, ok in zip(matches, keep) if ok]
@@ -88,19 +103,22 @@ def text_hits(searcher: Searcher, query: str, channel: str = "ocr", depth: int =
 
 
 def search_hybrid(searcher: Searcher, text: Optional[str] = None, ocr: Optional[str] = None, k: int = 20,
-                  per_video: bool = False, depth: Optional[int] = None, k_rrf: int = RRF_K) -> list[Hit]:
-    """The best ``k`` frames by reciprocal-rank fusion of the image channel (``text``) and the OCR
-    channel (``ocr``); one channel alone is that channel's ranking. ``score`` is the fused score."""
-    if not (text and text.strip()) and not (ocr and ocr.strip()):
-        raise InputError("empty query; give a description, --ocr WORDS, or both")
+                  per_video: bool = False, depth: Optional[int] = None, k_rrf: int = RRF_K,
+                  asr: Optional[str] = None) -> list[Hit]:
+    """The best ``k`` frames by reciprocal-rank fusion of the image channel (``text``), the OCR
+    channel (``ocr``) and the speech channel (``asr``); one channel alone is that channel's ranking.
+    ``score`` is the fused score."""
+    if not any(q and q.strip() for q in (text, ocr, asr)):
+        raise InputError("empty query; give a description, --ocr WORDS, --asr WORDS, or several")
     depth = depth or max(5 * k, 100)
     by_channel: dict[str, list[Hit]] = {}
     if text and text.strip():
         image = searcher.search_text(text, k=min(depth, searcher.size))
         by_channel["image"] = [replace(h, channels={"image": {"rank": r, "score": round(h.score, 6)}})
                                for r, h in enumerate(image, start=1)]
-    if ocr and ocr.strip():
-        by_channel["ocr"] = text_hits(searcher, ocr, "ocr", depth)
+    for channel, words in (("ocr", ocr), ("asr", asr)):
+        if words and words.strip():
+            by_channel[channel] = text_hits(searcher, words, channel, depth)
     hit_of: dict[int, Hit] = {}
     info: dict[int, dict] = {}
     for hits in by_channel.values():
@@ -114,4 +132,4 @@ def search_hybrid(searcher: Searcher, text: Optional[str] = None, ocr: Optional[
     return out[:k]
 
 
-__all__ = ["RRF_K", "fuse", "search_hybrid", "split_channels", "text_hits"]
+__all__ = ["RRF_K", "TEXT_PREFIXES", "fuse", "search_hybrid", "split_channels", "text_hits"]

@@ -202,7 +202,7 @@ class Searcher:
 
 def check_query(text: Optional[str], image: Optional[Union[str, Path]], then, k: int, ocr: Optional[str] = None,
                 like: Sequence[int] = (), unlike: Sequence[int] = (), video: Optional[str] = None,
-                fuse: Sequence = ()) -> None:
+                fuse: Sequence = (), asr: Optional[str] = None) -> None:
     """Refuse a bad command-line query in one line, before any model or index is loaded.
 
     ``then``: None, one next event or a list of them (``retrieval.events``)."""
@@ -210,17 +210,19 @@ def check_query(text: Optional[str], image: Optional[Union[str, Path]], then, k:
 
     thens = [] if then is None else [then] if isinstance(then, str) else list(then)
     marks = bool(like or unlike)
-    if ocr is not None:
-        if not ocr.strip():
-            raise InputError("empty --ocr query; give the words to find on screen, e.g. --ocr \"Hà Nội\"")
+    said = {name: words for name, words in (("--ocr", ocr), ("--asr", asr)) if words is not None}  # text channels
+    for name, words in said.items():
+        if not words.strip():
+            where = "on screen, e.g. --ocr \"Hà Nội\"" if name == "--ocr" else "spoken, e.g. --asr \"prime minister\""
+            raise InputError(f"empty {name} query; give the words to find {where}")
         if image is not None or thens or marks or video is not None:
-            raise InputError("--ocr goes with a text query or alone, not with --image or --then (nor --like/--unlike, --video)")
-    elif image is None and (text is None or not text.strip()) and not like:
+            raise InputError(f"{name} goes with a text query or alone, not with --image or --then (nor --like/--unlike, --video)")
+    if not said and image is None and (text is None or not text.strip()) and not like:
         raise InputError("empty query; give a description such as \"a man riding a bike\", or --image query.jpg")
     if image is not None and text:
         raise InputError("give either a text query or --image, not both")
-    if fuse and (image is not None or thens or marks or video is not None or ocr is not None):
-        raise InputError("--fuse takes a text query alone (no --image, --then, --like, --video or --ocr)")
+    if fuse and (image is not None or thens or marks or video is not None or said):
+        raise InputError("--fuse takes a text query alone (no --image, --then, --like, --video, --ocr or --asr)")
     for t in thens:
         if image is not None or not isinstance(t, str) or not t.strip():
             raise InputError("--then needs a text query and a non-empty next event, e.g. \"a man\" --then \"a car\"")
@@ -236,18 +238,19 @@ def run_search(index_dir: Union[str, Path], text: Optional[str] = None, image: O
                model: str = FROM_INDEX, pretrained: str = FROM_INDEX, merge: str = FROM_INDEX, device: str = "auto",
                precision: str = "fp32", batch_size: int = 32, nprobe: int = 16, ef_search: int = 64,
                object_name: Optional[str] = None, ocr: Optional[str] = None, like: Sequence[int] = (),
-               unlike: Sequence[int] = (), video: Optional[str] = None, fuse: Sequence = ()) -> list:
+               unlike: Sequence[int] = (), video: Optional[str] = None, fuse: Sequence = (), asr: Optional[str] = None) -> list:
     """One query from the command line: checks the query first (no model load for a bad one).
 
     ``nprobe`` (IVF lists visited) and ``ef_search`` (HNSW depth) trade speed for recall on
     approximate index types; exact ``Flat`` ignores them. ``object_name`` keeps only keyframes
     with that detected object (AI Challenge releases, ``indexing.aic.objects_in_frames``).
     ``ocr``: words on screen (``index --ocr``), fused with ``text`` when both are given
-    (``retrieval.hybrid``); alone, no model is loaded. ``then`` (one or several next events,
+    (``retrieval.hybrid``); alone, no model is loaded; ``asr``: words spoken (``index --asr``), the
+    same way. ``then`` (one or several next events,
     ``within_s`` one window or one per gap), ``like`` / ``unlike`` and ``video``: ``retrieval.query``.
     ``fuse``: more index folders of the same media, other models (``retrieval.fusion``).
     """
-    check_query(text, image, then, k, ocr, like, unlike, video, fuse)
+    check_query(text, image, then, k, ocr, like, unlike, video, fuse, asr)
     thens = [] if then is None else [then] if isinstance(then, str) else list(then)
     if thens:
         from mergeseek.retrieval.events import gap_windows
@@ -261,14 +264,14 @@ def run_search(index_dir: Union[str, Path], text: Optional[str] = None, image: O
         if object_name is not None:
             raise InputError("--object works on one index; drop --fuse or --object")
         return search_fused(open_fused([index_dir, *fuse], **opened), text, k=k, per_video=per_video)
-    if ocr is not None:
+    if ocr is not None or asr is not None:
         from mergeseek.retrieval.hybrid import search_hybrid
 
         if object_name is not None:
-            raise InputError("--object filters image-channel queries; drop --ocr or --object")
+            raise InputError(f"--object filters image-channel queries; drop {'--ocr' if ocr is not None else '--asr'} or --object")
         visual = bool(text and text.strip())
         searcher = (Searcher.open(index_dir, **opened) if visual else Searcher(index_dir, nprobe=nprobe, ef_search=ef_search))
-        return search_hybrid(searcher, text if visual else None, ocr, k=k, per_video=per_video)
+        return search_hybrid(searcher, text if visual else None, ocr, k=k, per_video=per_video, asr=asr)
     allow = None
     if object_name is not None:
         from mergeseek.indexing.aic import objects_in_frames

@@ -247,7 +247,7 @@ class Engine:
     def health(self) -> dict:
         m = self.manifest
         s = self.searcher
-        return {"status": "ok", "index": self.identity(), "vectors": len(self.catalog), "videos": len(self.catalog.video_names),
+        return {"status": "ok", "index": self.identity(), "objects": self.object_names()[:500], "vectors": len(self.catalog), "videos": len(self.catalog.video_names),
                 "thumbnails": len(self.catalog.thumbs), "model": m.model, "pretrained": m.pretrained, "merge": m.merge,
                 "dim": m.dim, "index_type": m.index_type,
                 "text_cache": {"hits": getattr(s, "cache_hits", 0), "misses": getattr(s, "cache_misses", 0)}}
@@ -258,17 +258,31 @@ class Engine:
         _check_k(k)
         from mergeseek.retrieval.hybrid import search_hybrid, split_channels
 
-        visual, ocr = split_channels(q)  # "a crowd ocr: HÀ NỘI": on-screen text too (an index built with --ocr)
-        if ocr is not None:
+        visual, said = split_channels(q)  # "a crowd ocr: HÀ NỘI asr: thủ tướng": text channels too (--ocr, --asr)
+        if said:
             if then is not None and then.strip():
-                raise InputError("ocr: goes with a description or alone, not with a then… event")
-            return search_hybrid(self.searcher, visual, ocr, k=k, per_video=per_video)
+                raise InputError("ocr: and asr: go with a description or alone, not with a then… event")
+            return search_hybrid(self.searcher, visual, said.get("ocr"), k=k, per_video=per_video, asr=said.get("asr"))
         if then is not None and then.strip():
             return self.searcher.search_temporal(q, then, within_s=within, k=k, per_video=per_video)
         return self.searcher.search_text(q, k=k, per_video=per_video)
 
+    def object_names(self) -> list[str]:
+        """Detected object classes of an AI Challenge release (``objects.parquet``), for the page's filter."""
+        if not hasattr(self, "_objects"):
+            from mergeseek.indexing.aic import OBJECTS_FILE
+
+            path = Path(self.catalog.root) / OBJECTS_FILE
+            self._objects = []
+            if path.is_file():
+                import pyarrow.parquet as pq
+
+                self._objects = sorted(set(pq.read_table(path, columns=["entity"]).column("entity").to_pylist()))
+        return self._objects
+
     def query(self, events: Sequence[str] = (), within: Any = 30.0, k: int = 20, per_video: bool = False,
-              like: Sequence[int] = (), unlike: Sequence[int] = (), video: Optional[str] = None) -> list:
+              like: Sequence[int] = (), unlike: Sequence[int] = (), video: Optional[str] = None,
+              object_name: Optional[str] = None) -> list:
         """``POST /api/search``: events in order (one: a plain query; ``ocr:`` works there), feedback
         marks, one video (``retrieval.query.run_query``). Marked ids the index lacks: ``InputError``."""
         _check_k(k)
@@ -278,12 +292,17 @@ class Engine:
         text = events[0] if events else None
         from mergeseek.retrieval.hybrid import split_channels
 
-        if any(split_channels(e)[1] is not None for e in events) and (len(events) > 1 or like or unlike or video):
-            raise InputError("ocr: goes with a plain description or alone, not with events, marks or one video")
-        if len(events) == 1 and not (like or unlike) and video is None:
+        if any(split_channels(e)[1] for e in events) and (len(events) > 1 or like or unlike or video):
+            raise InputError("ocr: and asr: go with a plain description or alone, not with events, marks or one video")
+        allow = None
+        if object_name is not None and object_name.strip():
+            from mergeseek.indexing.aic import objects_in_frames
+
+            allow = objects_in_frames(Path(self.catalog.root), object_name)
+        elif len(events) == 1 and not (like or unlike) and video is None:
             return self.search(text, k=k, per_video=per_video)  # the GET search (ocr: prefix, caches)
         return run_query(self.searcher, text, None, events[1:], within, k=k, per_video=per_video, like=like,
-                         unlike=unlike, video=video)
+                         unlike=unlike, video=video, allow=allow)
 
     def rows_for_items(self, items: Sequence[Sequence[tuple]]) -> list:
         """Basket items (each a list of ``(video_id, frame_idx)``, one per event) as results, in order;

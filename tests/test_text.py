@@ -228,10 +228,10 @@ def test_index_ocr_finds_each_caption_and_a_kill_before_the_text_is_resumed(tmp_
 def test_a_search_box_splits_into_channels():
     from mergeseek.retrieval.hybrid import split_channels
 
-    assert split_channels("a crowd ocr: HÀ NỘI") == ("a crowd", "HÀ NỘI")
-    assert split_channels("OCR:ha noi") == (None, "ha noi")
-    assert split_channels("a man riding a bike") == ("a man riding a bike", None)
-    assert split_channels("protocr: x") == ("protocr: x", None)  # only where a word starts
+    assert split_channels("a crowd ocr: HÀ NỘI") == ("a crowd", {"ocr": "HÀ NỘI"})
+    assert split_channels("OCR:ha noi") == (None, {"ocr": "ha noi"})
+    assert split_channels("a man riding a bike") == ("a man riding a bike", {})
+    assert split_channels("protocr: x") == ("protocr: x", {})  # only where a word starts
 
 
 @needs_tesseract

@@ -1,0 +1,347 @@
+"""Speech of indexed videos (ASR): ``cli.py index --asr [ENGINE]``.
+
+An engine turns a video's sound (``indexing.audio.read_audio``: decoded once per video, 16 kHz
+mono) into timed segments (start, end, text, confidence). Engines:
+
+* ``pocketsphinx`` (the default): CMU PocketSphinx, offline, English; its PyPI wheel ships the
+  acoustic model, dictionary and language model (``pip install pocketsphinx``, in the ``asr``
+  extra). Speech is cut at pauses by its voice-activity detector, each stretch decoded, and long
+  stretches split at word boundaries into segments of at most ``max_segment_s`` seconds.
+* ``whisper:PATH``: faster-whisper with the CTranslate2 weights in the folder ``PATH`` (any
+  language, Vietnamese included: ``whisper:PATH,lang=vi``); nothing is ever downloaded.
+
+A missing engine raises ``MissingDependencyError`` naming the package to install, before any work.
+
+**Segments to frames.** The kept frames of a video at times t_1 < ... < t_n split the time line
+at the midpoints between neighbours: frame i owns ``[(t_{i-1} + t_i) / 2, (t_i + t_{i+1}) / 2)``
+(the first from minus infinity, the last to plus infinity), i.e. ``[t - half gap, t + half gap]``
+with the gap on each side. A frame takes every segment that overlaps its window (a segment
+``[s, e)`` overlaps ``[a, b)`` when ``s < b`` and ``e > a``; a zero-length one counts as 1 ms), so
+every segment reaches at least one frame and speech between two kept frames goes to the nearer
+one(s). A frame's text is its segments' texts in time order; it is stored as the ``asr`` channel
+of ``indexing.text`` (each segment a "word" whose box is ``[start_ms, 0, duration_ms, 0]``, its
+span on the time axis). Frames without a time (a keyframe folder without its map) get no speech;
+keyframe and image folders have no sound.
+
+**Beside encoding.** PocketSphinx holds the Python lock while it decodes, so ``AsrStage`` runs
+engines in worker processes (``--asr-workers``, at nice +5 like the reader): the pipeline hands it
+every video to do when the run starts, and each video's frames take their text when the video is
+committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from mergeseek.errors import ConfigError, InputError, MissingDependencyError
+from mergeseek.indexing.audio import SAMPLE_RATE, pcm16, read_audio
+from mergeseek.indexing.ocr import FrameText, Word
+
+log = logging.getLogger(__name__)
+
+POCKETSPHINX_INSTALL = "pip install pocketsphinx (or pip install 'mergeseek[asr]')"
+WHISPER_INSTALL = "pip install faster-whisper"
+_FILLER = re.compile(r"^(<.*>|\[.*\]|\+\+.*\+\+)$")  # <s>, </s>, <sil>, [NOISE], ++UH++: not words
+_VARIANT = re.compile(r"\(\d+\)$")  # the dictionary's pronunciation number: read(2) -> read
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A stretch of recognized speech: seconds from the start of the sound, its words, confidence 0..100."""
+
+    start_s: float
+    end_s: float
+    text: str
+    conf: float = 0.0
+
+
+def group_words(words: Sequence[tuple[float, float, str, float]], max_segment_s: float) -> list[Segment]:
+    """Consecutive ``(start, end, word, conf 0..1)`` as segments of at most ``max_segment_s`` seconds
+    (a single longer word is a segment of its own); conf is the words' mean, in 0..100."""
+    out: list[Segment] = []
+    group: list = []
+    for w in words:
+        if group and w[1] - group[0][0] > max_segment_s:
+            out.append(_segment(group))
+            group = []
+        group.append(w)
+    if group:
+        out.append(_segment(group))
+    return out
+
+
+def _segment(group: list) -> Segment:
+    return Segment(float(group[0][0]), float(group[-1][1]), " ".join(w[2] for w in group),
+                   round(100.0 * float(np.mean([w[3] for w in group])), 1))
+
+
+class _Engine:
+    def source_texts(self, kind: str, path: str, times: Sequence[float], backend: str = "decord") -> list[FrameText]:
+        """The speech of the frames at ``times`` of one source, in this process (``indexing.text.ensure_text``)."""
+        if kind != "video":
+            return [FrameText() for _ in times]
+        return segments_to_frames(self.transcribe(read_audio(path, backend=backend)), times)
+
+
+class PocketSphinxEngine(_Engine):
+    """CMU PocketSphinx with the English model its wheel ships.
+
+    Args:
+        max_segment_s: a stretch of speech longer than this is split at word boundaries.
+    """
+
+    name = "pocketsphinx"
+
+    def __init__(self, max_segment_s: float = 5.0):
+        if not max_segment_s > 0:
+            raise ConfigError(f"--asr max_segment_s={max_segment_s} is not valid; give a positive number of seconds")
+        try:
+            import pocketsphinx  # noqa: F401
+        except ImportError:
+            raise MissingDependencyError(f"--asr pocketsphinx needs the pocketsphinx package: {POCKETSPHINX_INSTALL}") from None
+        self.max_segment_s = float(max_segment_s)
+        self._decoder = None
+
+    def __str__(self) -> str:
+        return "pocketsphinx" + (f",max_segment_s={self.max_segment_s:g}" if self.max_segment_s != 5.0 else "")
+
+    def transcribe(self, samples: np.ndarray) -> list[Segment]:
+        """The speech in ``samples`` (16 kHz mono float32) as segments in time order."""
+        import io
+
+        from pocketsphinx import Decoder, Segmenter
+
+        if len(samples) == 0:
+            return []
+        if self._decoder is None:
+            self._decoder = Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")
+        d, words = self._decoder, []
+        frate = float(d.config["frate"])
+        for stretch in Segmenter(sample_rate=SAMPLE_RATE).segment(io.BytesIO(pcm16(samples))):
+            d.start_utt()
+            d.process_raw(stretch.pcm, full_utt=True)
+            d.end_utt()
+            if d.hyp() is None:
+                continue
+            for w in d.seg():
+                if _FILLER.match(w.word):
+                    continue
+                words.append((stretch.start_time + w.start_frame / frate, stretch.start_time + (w.end_frame + 1) / frate,
+                              _VARIANT.sub("", w.word), min(1.0, max(0.0, float(w.prob)))))
+        return group_words(words, self.max_segment_s)
+
+
+class WhisperEngine(_Engine):
+    """faster-whisper (CTranslate2) with local weights; nothing is downloaded.
+
+    Args:
+        path: the folder of a CTranslate2 Whisper model (``model.bin``, ``config.json``, tokenizer).
+        lang: the spoken language (``vi``, ``en``), or empty to let the model detect it.
+        device: ``cpu`` or ``cuda``.
+        threads: CPU threads of one engine.
+    """
+
+    name = "whisper"
+
+    def __init__(self, path: str = "", lang: str = "", device: str = "cpu", threads: int = 1):
+        try:
+            import faster_whisper  # noqa: F401
+        except ImportError:
+            raise MissingDependencyError(f"--asr whisper needs the faster-whisper package: {WHISPER_INSTALL} "
+                                         "(and the model folder on disk: --asr whisper:PATH)") from None
+        if not path or not Path(path).is_dir():
+            raise InputError(f"--asr whisper:{path}: give the folder of a CTranslate2 Whisper model "
+                             "(nothing is downloaded), e.g. --asr whisper:/models/faster-whisper-small")
+        self.path, self.lang, self.device, self.threads = str(path), lang, device, int(threads)
+        self._model = None
+
+    def __str__(self) -> str:
+        extra = "".join(f",{k}={v}" for k, v in (("lang", self.lang), ("device", self.device if self.device != "cpu" else ""),
+                                                 ("threads", self.threads if self.threads != 1 else "")) if v)
+        return f"whisper:{self.path}{extra}"
+
+    def transcribe(self, samples: np.ndarray) -> list[Segment]:
+        if len(samples) == 0:
+            return []
+        if self._model is None:
+            from faster_whisper import WhisperModel
+
+            self._model = WhisperModel(self.path, device=self.device, compute_type="int8" if self.device == "cpu" else "default",
+                                       cpu_threads=self.threads, local_files_only=True)
+        segments, _ = self._model.transcribe(np.asarray(samples, np.float32), language=self.lang or None)
+        return [Segment(float(s.start), float(s.end), s.text.strip(), round(100.0 * float(np.exp(s.avg_logprob)), 1))
+                for s in segments if s.text.strip()]
+
+
+ENGINES = {"pocketsphinx": PocketSphinxEngine, "whisper": WhisperEngine}
+_KEYS = {"pocketsphinx": ("max_segment_s",), "whisper": ("lang", "device", "threads")}
+
+
+def get_engine(spec: Optional[str]):
+    """``--asr`` value -> an engine: ``pocketsphinx`` (the default), ``pocketsphinx,max_segment_s=8``,
+    ``whisper:PATH[,lang=vi,device=cuda,threads=4]``; None or ``none`` -> None. A missing engine
+    raises ``MissingDependencyError`` naming the package to install."""
+    from mergeseek.options import parse_options
+
+    if spec is None or spec.strip().lower() in ("", "none", "off"):
+        return None
+    head = spec.strip().split(",", 1)[0]
+    name, _, arg = head.partition(":")
+    name = name.strip().lower()
+    if name not in ENGINES:
+        raise ConfigError(f"--asr {spec!r}: unknown engine; choose one of {', '.join(ENGINES)} "
+                          "(pocketsphinx, or whisper:PATH with a local faster-whisper model)")
+    parsed = parse_options(spec.strip(), "asr", _KEYS[name], head="always", brackets=False)
+    kwargs: dict = {"path": arg} if name == "whisper" else {}
+    if name == "pocketsphinx" and arg:
+        raise ConfigError(f"--asr {spec!r}: pocketsphinx takes no ':' argument (its English model is built in)")
+    for key, value in parsed.pairs:
+        try:
+            kwargs[key] = float(value) if key == "max_segment_s" else int(value) if key == "threads" else value
+        except ValueError:
+            raise ConfigError(f"--asr {key}={value[:20]!r} is not a number") from None
+    return ENGINES[name](**kwargs)
+
+
+# ---------------------------------------------------------------------------- segments -> frames
+def frame_windows(times: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) of each frame's window for ``times`` sorted ascending: the midpoints to its
+    neighbours, minus/plus infinity at the ends."""
+    t = np.asarray(times, np.float64)
+    mid = (t[1:] + t[:-1]) / 2.0
+    return np.concatenate([[-np.inf], mid]), np.concatenate([mid, [np.inf]])
+
+
+def segments_to_frames(segments: Sequence[Segment], times: Sequence[float]) -> list[FrameText]:
+    """Each frame's speech: the segments overlapping its window (see the module docstring), as a
+    ``FrameText`` whose words are the segments. ``times``: the frames' pts_time in any order (NaN:
+    no time, no speech)."""
+    t = np.asarray(times, np.float64)
+    out = [FrameText() for _ in range(len(t))]
+    valid = np.flatnonzero(~np.isnan(t))
+    if not len(valid) or not len(segments):
+        return out
+    order = valid[np.argsort(t[valid], kind="stable")]
+    lo, hi = frame_windows(t[order])
+    took: list[list[Segment]] = [[] for _ in range(len(order))]
+    for seg in sorted(segments, key=lambda s: (s.start_s, s.end_s)):
+        end = max(seg.end_s, seg.start_s + 1e-3)
+        first = int(np.searchsorted(hi, seg.start_s, side="right"))  # the first window ending after the start
+        last = int(np.searchsorted(lo, end, side="left"))  # windows starting before the end
+        for j in range(first, last):
+            took[j].append(seg)
+    for j, segs in zip(order, took):
+        if segs:
+            out[int(j)] = FrameText(tuple(Word(s.text, s.conf, (round(1000 * s.start_s), 0,
+                                                                 max(0, round(1000 * (s.end_s - s.start_s))), 0))
+                                          for s in segs))
+    return out
+
+
+# ---------------------------------------------------------------------------- beside encoding
+_WORKER: dict = {}
+
+
+def _worker_init(backend: str = "decord") -> None:
+    try:
+        os.nice(5)  # the encoder comes first; speech fills the gaps (see pipeline._lower_priority)
+    except OSError:
+        pass
+    if backend == "decord":
+        # This process never loads torch or torchcodec, so decord needs none of the import order
+        # indexing.decoders keeps for processes that do (a worker saves torch's seconds and memory).
+        try:
+            import decord  # noqa: F401
+        except ImportError:  # read_audio names the package to install
+            pass
+
+
+def transcribe_file(spec: str, path: str, backend: str = "decord") -> tuple[list[Segment], float, float]:
+    """(segments, CPU seconds, seconds of sound) of ``path`` with the engine ``spec`` (made once per process)."""
+    from mergeseek.indexing.decoders import require_backend
+
+    engine = _WORKER.get(spec)
+    if engine is None:  # made and its libraries loaded once per process, outside the timed part
+        engine = _WORKER[spec] = get_engine(spec)
+        require_backend(backend)
+    t0 = time.process_time()
+    samples = read_audio(path, backend=backend)
+    return engine.transcribe(samples), time.process_time() - t0, len(samples) / SAMPLE_RATE
+
+
+class AsrStage:
+    """Speech beside encoding: ``workers`` processes transcribe videos in the order they were
+    submitted; ``frames`` turns a video's transcript into its kept frames' text once both are known."""
+
+    def __init__(self, engine, workers: int = 1, backend: str = "decord"):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.spec, self.backend = str(engine), backend
+        self.workers = max(1, int(workers))
+        # spawn: a fresh interpreter (no copy of the encoder, no fork of a process holding threads)
+        self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_worker_init, initargs=(backend,))
+        self.jobs: dict[str, Future] = {}
+        self._all: list[Future] = []
+        self.busy_s = self.audio_s = 0.0
+        self._lock = threading.Lock()
+
+    def submit(self, key: str, path: str) -> None:
+        """Start transcribing the video ``path`` (source ``key``)."""
+        self.jobs[key] = self.pool.submit(transcribe_file, self.spec, str(path), self.backend)
+        self._all.append(self.jobs[key])
+
+    def cancel(self, key: str) -> None:
+        job = self.jobs.pop(key, None)
+        if job is not None:
+            job.cancel()
+
+    def frames(self, key: str, times: Sequence[float]) -> Future:
+        """A Future of the ``FrameText`` of frames at ``times`` of source ``key`` (empty ones for a
+        source that was not submitted: no sound). A source whose sound cannot be read gets frames
+        whose ``error`` says why (reported; the rest of the run goes on)."""
+        out: Future = Future()
+        job = self.jobs.pop(key, None)
+        if job is None:
+            out.set_result([FrameText() for _ in times])
+            return out
+
+        def done(f: Future) -> None:
+            if f.cancelled():
+                out.cancel()
+                return
+            exc = f.exception()
+            if isinstance(exc, InputError):  # unreadable sound: reported on each frame, the vectors are kept
+                out.set_result([FrameText(error=f"speech not read ({str(exc)[:160]})") for _ in times])
+                return
+            if exc is not None:
+                out.set_exception(exc)
+                return
+            segments, cpu_s, audio_s = f.result()
+            with self._lock:
+                self.busy_s += cpu_s
+                self.audio_s += audio_s
+            out.set_result(segments_to_frames(segments, times))
+
+        job.add_done_callback(done)
+        return out
+
+    def close(self) -> None:
+        """Stop the workers: at once when every job is done (their CPU time is then counted as this
+        process's children), else without waiting for a transcript nobody will read."""
+        self.pool.shutdown(wait=all(f.done() for f in self._all), cancel_futures=True)
+
+
+__all__ = ["ENGINES", "AsrStage", "PocketSphinxEngine", "Segment", "WhisperEngine", "frame_windows", "get_engine",
+           "group_words", "segments_to_frames", "transcribe_file"]
