@@ -84,6 +84,21 @@ def test_fps_takes_the_nearest_frame_for_every_t_before_the_end():
     assert fps_indices(89, 29.97, 1.0).tolist() == [0, 30, 60]  # t = 1 s is frame 29.97: nearest 30
 
 
+@pytest.mark.parametrize("n,rate,fps", [(4995, "29.97", "0.3"), (4995, "29.97", "3"), (4995, "29.97", "1.5"),
+                                        (250, "25", "1"), (1001, "30000/1001", "1")])
+def test_fps_counts_the_times_strictly_before_the_end_in_exact_arithmetic(n, rate, fps):
+    """t = k/fps for every t < n/rate, counted with exact fractions: 4995 frames at 29.97 fps last
+    exactly 166 2/3 s, so 0.3 fps gives exactly 50 times, although n / rate * fps is 50.00000000000001
+    in floating point (the rule's float rounding must not add a 51st frame)."""
+    from fractions import Fraction
+
+    end, step = Fraction(n) / Fraction(rate), 1 / Fraction(fps)
+    times = [k * step for k in range(int(end / step) + 2) if k * step < end]
+    naive = sorted({min(max(round(t * Fraction(rate)), 0), n - 1) for t in times})
+    got = Sampling.parse(f"fps={float(Fraction(fps))!r}").indices(n, float(Fraction(rate)))
+    assert len(got) == len(times) and got.tolist() == naive
+
+
 def test_by_time_a_tie_goes_to_the_earlier_frame():
     ts = [0.0, 0.25, 0.75, 1.0, 1.25, 1.75]  # t = 0.5 and 1.5 lie exactly between two frames
     assert fps_indices_by_time(np.array(ts), 2.0).tolist() == [0, 1, 3, 4] == naive_by_time(ts, 2.0)
