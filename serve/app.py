@@ -148,6 +148,7 @@ class SearchBody(BaseModel):
     like: List[StrictInt] = Field(default_factory=list, max_length=200)
     unlike: List[StrictInt] = Field(default_factory=list, max_length=200)
     video: Optional[str] = Field(None, min_length=1, max_length=500)
+    object: Optional[str] = Field(None, max_length=200)  # AI Challenge: only keyframes with this detected object
 
 
 def host_name(header: str) -> str:
@@ -290,10 +291,10 @@ def _add_search_routes(app: FastAPI, engine: Engine) -> None:
         if any(len(e) > 2000 for e in body.events):
             raise InputError("an event text is over 2000 characters")
         results = engine.query(body.events, within=body.within, k=body.k, per_video=body.per_video, like=body.like,
-                               unlike=body.unlike, video=body.video)
+                               unlike=body.unlike, video=body.video, object_name=body.object)
         kind = "chains" if len(body.events) > 2 else "pairs" if len(body.events) == 2 else "frames"
         return hits_response(results, t0, kind=kind, events=body.events, like=body.like, unlike=body.unlike,
-                             video=body.video)
+                             video=body.video, object=body.object)
 
     @app.post("/api/search/image")
     async def search_image(request: Request, k: int = K, per_video: bool = False):

@@ -179,3 +179,24 @@ def test_cli_refuses_meaningless_combinations_in_one_line(args, words, tmp_path,
     monkeypatch.setattr(encoders, "Encoder", lambda **kw: (_ for _ in ()).throw(AssertionError("no model load")))
     res = CliRunner().invoke(app, ["search", *args, "--index", str(tmp_path / "none")])
     assert res.exit_code != 0 and words in res.stderr, res.stderr
+
+
+def test_api_object_filter_lists_the_release_s_objects_and_filters(indexes):
+    """The page's object filter: /api/health lists objects.parquet's classes; POST /api/search keeps
+    only keyframes with a detection of the chosen one (the CLI's --object rule)."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from mergeseek.indexing.aic import objects_in_frames
+    from mergeseek.serve.app import create_app
+    from mergeseek.serve.engine import CachedSearcher, Engine
+
+    rows = stored(indexes["a"])
+    searcher = CachedSearcher(indexes["a"], ngpu=0)
+    searcher.text_vector = lambda text: rows[sorted(rows)[0]][2][None]
+    client = TestClient(create_app(Engine(searcher)))
+    assert client.get("/api/health").json()["objects"] == ["Dog", "Person"]  # Car scored 0.2: not kept
+    hits = client.post("/api/search", json={"events": ["x"], "object": "dog", "k": 50}).json()["hits"]
+    assert {(h["video_id"], h["frame_idx"]) for h in hits} == objects_in_frames(indexes["a"], "Dog") != set()
+    bad = client.post("/api/search", json={"events": ["x", "y"], "object": "Dog"})
+    assert bad.status_code == 422 and "--object" in bad.json()["detail"]
