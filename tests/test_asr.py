@@ -188,7 +188,7 @@ def test_a_search_box_takes_both_prefixes():
     assert split_channels("laser: beam") == ("laser: beam", {})  # only where a word starts
 
 
-def test_asking_for_speech_without_its_engine_stops_before_any_work(tmp_path, monkeypatch):
+def test_asking_for_speech_without_its_engine_stops_before_any_work(tmp_path, monkeypatch, encoder):
     """--asr given and its engine missing: one line, nothing indexed; not asked: indexing goes on."""
     from mergeseek.indexing import IndexOptions, index_paths
 
@@ -205,6 +205,19 @@ def test_asking_for_speech_without_its_engine_stops_before_any_work(tmp_path, mo
     with pytest.raises(MissingDependencyError, match="pocketsphinx"):
         index_paths([folder], tmp_path / "ix", no_model, IndexOptions(asr="pocketsphinx"))
     assert not (tmp_path / "ix").exists()
+    report = index_paths([folder], tmp_path / "ix", encoder, IndexOptions())  # not asked for: it goes on
+    assert report.vectors_total == 1 and report.text == {}
+
+
+def test_the_speech_channel_is_searched_apart_from_on_screen_text(tmp_path):
+    from mergeseek.indexing.ocr import FrameText, Word
+    from mergeseek.indexing.text import TextIndex, write_text
+
+    write_text(tmp_path, "part-00000", "ocr", np.asarray([1, 2]), [FrameText((Word("rain", 90.0, (0, 0, 1, 1)),)), FrameText()])
+    write_text(tmp_path, "part-00000", "asr", np.asarray([1, 2]), [FrameText(), FrameText((Word("heavy rain", 60.0, (1500, 0, 900, 0)),))])
+    ix = TextIndex(tmp_path)
+    assert ix.sync(["part-00000"])["frames_added"] == 2
+    assert [m.id for m in ix.search("rain", "asr")] == [2] and [m.id for m in ix.search("rain", "ocr")] == [1]
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -293,3 +306,18 @@ def test_index_asr_then_search_asr_finds_the_spoken_phrase_and_a_kill_resumes(tm
         assert 0.5 <= hits[0]["pts_time"] <= 5.0
     res = CliRunner().invoke(app, ["search", "--index", str(root), "--asr", "  "])
     assert res.exit_code == 3 and "empty --asr query" in res.output
+
+    # The web app takes the channel as an "asr:" prefix, alone or fused with a description.
+    from fastapi.testclient import TestClient
+
+    from mergeseek.retrieval.hybrid import search_hybrid
+    from mergeseek.retrieval.search import Searcher
+    from mergeseek.serve.app import create_app
+    from mergeseek.serve.engine import CachedSearcher, Engine
+
+    client = TestClient(create_app(Engine(CachedSearcher(root, encoder))))
+    web = client.get("/api/search", params={"q": "asr: final match"}).json()["hits"]
+    want = search_hybrid(Searcher(root), asr="final match", k=20)
+    assert [h["id"] for h in web] == [h.id for h in want] and "[" in web[0]["channels"]["asr"]["text"]
+    fused = client.get("/api/search", params={"q": "a test pattern ASR: final match"}).json()["hits"]
+    assert set(fused[0]["channels"]) == {"image", "asr"} and fused[0]["id"] in {h.id for h in want}
