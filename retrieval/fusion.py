@@ -9,8 +9,9 @@ rankings are fused by reciprocal rank on the frame's ``(video_id, frame_idx)``, 
 
 with weight 1 for every index (``weights`` in ``search_fused`` changes that; the CLI uses 1s). A
 frame two models agree on outranks one that only one model put first, whatever the scale of each
-model's similarities. A hit is the first index's frame when that index ranked it (its id is then
-that index's id; otherwise -1), with ``channels`` saying each index's rank and score.
+model's similarities. A hit is the first index's frame (its id, path and metadata) when that index
+holds it, ranked or not (otherwise another index's, with id -1), with ``channels`` saying each
+index's rank and score.
 
 Same media: every index must hold the same set of video ids (frames may be sampled differently;
 only frames at the same ``frame_idx`` fuse); anything else is one ``InputError`` line.
@@ -65,13 +66,30 @@ def search_fused(searchers: Sequence, text: str, k: int = 20, per_video: bool = 
             key = keys.setdefault((h.video_id, h.frame_idx), len(keys))
             rankings[name].append(key)
             if key not in hit_of:
-                hit_of[key] = h if n == 0 else replace(h, id=-1)  # ids are only the first index's
+                hit_of[key] = h if n == 0 else _in_first(searchers[0], h)  # ids are only the first index's
             info.setdefault(key, {})[name] = {"rank": rank, "score": round(h.score, 6)}
     w = None if weights is None else {name: float(x) for name, x in zip(labels, weights)}
     out = [replace(hit_of[key], score=round(score, 6), channels=info[key]) for key, score, _ in fuse(rankings, k_rrf, w)]
     if per_video:
         out = best_per_video(out)
     return out[:k]
+
+
+def _in_first(first, h: Hit) -> Hit:
+    """``h`` (a frame another index ranked) as the first index's frame when it has one, else with id -1."""
+    import numpy as np
+
+    from mergeseek.retrieval.scope import video_rows
+
+    try:
+        rows = video_rows(first, h.video_id)
+    except InputError:
+        return replace(h, id=-1)
+    at = rows[np.asarray(first._frame)[rows] == h.frame_idx]
+    if len(at) == 0:
+        return replace(h, id=-1)
+    own = first._hits(np.asarray([h.score], np.float32), np.asarray(first._ids)[at[:1]])[0]
+    return own
 
 
 def open_fused(index_dirs: Sequence[Union[str, Path]], **open_kwargs) -> list:

@@ -139,6 +139,9 @@ def test_rrf_of_two_models_equals_a_hand_computation(indexes):
     assert all(len(h.channels) == 2 for h in got)  # both indexes ranked every frame (same frames)
     by_key = {(r[0], r[1]): i for i, r in ra.items()}
     assert [h.id for h in got] == [by_key[(h.video_id, h.frame_idx)] for h in got]  # ids of the first index
+    shallow = search_fused([sa, sb], "a red car", k=4, depth=2)  # frames only the second index ranked
+    assert any(len(h.channels) == 1 and "ix_b" in h.channels for h in shallow)
+    assert [h.id for h in shallow] == [by_key[(h.video_id, h.frame_idx)] for h in shallow]
 
 
 def test_fusing_indexes_of_other_media_is_one_line(indexes):
