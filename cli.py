@@ -77,6 +77,12 @@ MergeOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+TranslateOpt = Annotated[
+    Optional[str],
+    typer.Option("--translate", help="Translate each description before the text tower reads it (e.g. Vietnamese -> "
+                 "English): a command that reads the query on stdin and prints the translation, or "
+                 "py:module:function. --ocr/--asr words are not translated. See docs/AIC.md."),
+]
 CudaGraphOpt = Annotated[
     Optional[bool],
     typer.Option("--cuda-graph/--no-cuda-graph", help="On CUDA, replay the eager image tower as a CUDA graph (no "
@@ -295,6 +301,7 @@ def search_cmd(
         Optional[Path], typer.Option("--csv", help="Also write the AI Challenge submission CSV (no header, <= 100 rows).")
     ] = None,
     json_out: JsonOpt = False,
+    translate: TranslateOpt = None,
     model: ModelOpt = "from-index",
     pretrained: PretrainedOpt = "from-index",
     merge: MergeOpt = "from-index",
@@ -321,10 +328,11 @@ def search_cmd(
 
     if csv_out is not None:
         check_writable(csv_out, what="--csv")  # before the model loads
-    if (shards or shard_index_type) and (object_name or ocr or asr or like or unlike or fuse):
+    if (shards or shard_index_type) and (object_name or ocr or asr or like or unlike or fuse or translate):
         from mergeseek.errors import ConfigError
 
-        given = "--object" if object_name else "--ocr" if ocr else "--asr" if asr else "--fuse" if fuse else "--like/--unlike"
+        given = ("--object" if object_name else "--ocr" if ocr else "--asr" if asr else "--fuse" if fuse
+                 else "--translate" if translate else "--like/--unlike")
         raise ConfigError(f"{given} works on one index; drop --shard")
     within = within or [30.0]
     if shards or shard_index_type:
@@ -340,7 +348,7 @@ def search_cmd(
             index_dir, text=query, image=image, then=then, within_s=within, k=k, per_video=per_video, model=model,
             pretrained=pretrained, merge=merge, device=device, precision=precision, batch_size=batch_size,
             nprobe=nprobe, ef_search=ef_search, object_name=object_name, ocr=ocr, like=like or (), unlike=unlike or (),
-            video=video, fuse=fuse or (), asr=asr,
+            video=video, fuse=fuse or (), asr=asr, translate=translate,
         )
     typer.echo(hits_json(results) if json_out else hits_table(results))  # printed even when the CSV fails below
     if csv_out is not None:
@@ -411,13 +419,14 @@ def submit_cmd(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "fp32",
     json_out: JsonOpt = False,
+    translate: TranslateOpt = None,
 ) -> None:
     """Write one AI Challenge submission CSV per query (KIS, QA, TRAKE; <= 100 distinct rows each)."""
 
     from mergeseek.retrieval.submission import run_submit
 
     report = run_submit(queries, index_dir, out, answers=answers, within_s=within, allow_unmapped=allow_unmapped,
-                        model=model, pretrained=pretrained, device=device, precision=precision)
+                        model=model, pretrained=pretrained, device=device, precision=precision, translate=translate)
     _print(report, json_out)
 
 
@@ -569,6 +578,7 @@ def serve_cmd(
                      "requests naming any other host get 400, so a web page under a foreign name that resolves to "
                      "this machine (DNS rebinding) cannot read it. Always allowed: localhost, 127.0.0.1, ::1 and --host."),
     ] = None,
+    translate: TranslateOpt = None,
 ) -> None:
     """Serve a search web page and JSON API over an index (read-only) until Ctrl-C."""
     from mergeseek.serve import run_server
@@ -580,7 +590,7 @@ def serve_cmd(
                    f"{health['thumbnails']} thumbnails, {health['model']}/{health['pretrained']}) at {shown}", err=True)
 
     run_server(index_dir, host=host, port=port, token=token, model=model, pretrained=pretrained, merge=merge,
-               device=device, precision=precision, on_ready=ready, extra_hosts=allowed_host or ())
+               device=device, precision=precision, on_ready=ready, extra_hosts=allowed_host or (), translate=translate)
 
 
 @app.command("thumbs")

@@ -68,7 +68,19 @@ def load_open_clip(model_name: str, pretrained: Optional[str], device: str = "cp
             model, _, preprocess = open_clip.create_model_and_transforms(
                 model_name, pretrained=pretrained, device=device, force_image_size=image_size
             )
-    except RuntimeError as exc:
+    except (RuntimeError, OSError) as exc:
+        hf = _hf_text_tower(model_name)
+        if hf and "pip install transformers" in str(exc):
+            raise MissingDependencyError(
+                f"{model_name} has a Hugging Face text tower ({hf}): pip install transformers (its config and "
+                f"tokenizer files must also be in the Hugging Face cache; see docs/AIC.md)") from None
+        if hf and isinstance(exc, OSError):  # transformers could not fetch the tower's config (offline, no cache)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise WeightsUnavailableError(
+                f"the text tower of {model_name} needs the Hugging Face files of {hf} ({first}); load them once "
+                "online, or point HF_HOME at a cache that has them (see docs/AIC.md)") from None
+        if isinstance(exc, OSError):
+            raise
         if pretrained is not None and ("download" in str(exc).lower() or "hub" in str(exc).lower()):
             raise WeightsUnavailableError(
                 f"weights {model_name}/{pretrained} cannot be downloaded here (offline?); download the checkpoint "
@@ -83,6 +95,15 @@ def load_open_clip(model_name: str, pretrained: Optional[str], device: str = "cp
 
     use_batch_first_attention(model)
     return model, preprocess, LazyTokenizer(model_name)
+
+
+def _hf_text_tower(model_name: str) -> str:
+    """The Hugging Face model behind ``model_name``'s text tower (multilingual CLIPs such as
+    ``xlm-roberta-base-ViT-B-32``, ``nllb-clip-base``), or "" for open_clip's own tower."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(model_name) or {}
+    return str((cfg.get("text_cfg") or {}).get("hf_model_name") or "")
 
 
 class LazyTokenizer:

@@ -67,10 +67,15 @@ class Searcher:
         encoder: an ``encoders.Encoder`` for text/image queries (None: vector queries only).
         ngpu: GPUs for FAISS search (-1: all that exist).
         nprobe: IVF lists visited per query; ef_search: HNSW search depth.
+        translate: applied to each description before the text tower reads it (a
+            ``retrieval.translate`` spec such as ``"py:mymod:vi_to_en"``, or a callable).
     """
 
     def __init__(self, index_dir: Union[str, Path], encoder: Any = None, ngpu: int = -1, nprobe: int = 16,
-                 ef_search: int = 64):
+                 ef_search: int = 64, translate: Any = None):
+        from mergeseek.retrieval.translate import get_translator
+
+        self.translate = get_translator(translate) if isinstance(translate, str) else translate
         self.store = IndexStore.open_for_read(Path(index_dir))
         self.manifest = self.store.manifest
         self.encoder = encoder
@@ -97,7 +102,10 @@ class Searcher:
              **kwargs) -> "Searcher":
         """Build the encoder the index needs ("from-index" takes the manifest's value) and open it."""
         from mergeseek.encoders import Encoder
+        from mergeseek.retrieval.translate import get_translator
 
+        if isinstance(kwargs.get("translate"), str):  # a bad translator fails before the model loads
+            kwargs["translate"] = get_translator(kwargs["translate"])
         m = IndexStore.open_for_read(Path(index_dir)).manifest
         asked = {"model": model, "pretrained": pretrained}
         wanted = {k: (getattr(m, k) if v in (None, "", FROM_INDEX) else v) for k, v in asked.items()}
@@ -173,6 +181,8 @@ class Searcher:
         if text is None or not text.strip():
             raise InputError("empty query; give a description such as \"a man riding a bike\", or --image query.jpg")
         self._need_encoder()
+        if self.translate is not None:
+            text = self.translate(text)
         return self.encoder.encode_texts([text.strip()])
 
     def image_vector(self, image: Union[str, Path, np.ndarray, Any]) -> np.ndarray:
@@ -238,7 +248,8 @@ def run_search(index_dir: Union[str, Path], text: Optional[str] = None, image: O
                model: str = FROM_INDEX, pretrained: str = FROM_INDEX, merge: str = FROM_INDEX, device: str = "auto",
                precision: str = "fp32", batch_size: int = 32, nprobe: int = 16, ef_search: int = 64,
                object_name: Optional[str] = None, ocr: Optional[str] = None, like: Sequence[int] = (),
-               unlike: Sequence[int] = (), video: Optional[str] = None, fuse: Sequence = (), asr: Optional[str] = None) -> list:
+               unlike: Sequence[int] = (), video: Optional[str] = None, fuse: Sequence = (), asr: Optional[str] = None,
+               translate: Optional[str] = None) -> list:
     """One query from the command line: checks the query first (no model load for a bad one).
 
     ``nprobe`` (IVF lists visited) and ``ef_search`` (HNSW depth) trade speed for recall on
@@ -249,15 +260,19 @@ def run_search(index_dir: Union[str, Path], text: Optional[str] = None, image: O
     same way. ``then`` (one or several next events,
     ``within_s`` one window or one per gap), ``like`` / ``unlike`` and ``video``: ``retrieval.query``.
     ``fuse``: more index folders of the same media, other models (``retrieval.fusion``).
+    ``translate``: a ``retrieval.translate`` spec applied to the descriptions (not to ``ocr``/``asr``).
     """
+    from mergeseek.retrieval.translate import get_translator
+
     check_query(text, image, then, k, ocr, like, unlike, video, fuse, asr)
+    translator = get_translator(translate)  # a missing command fails before the model loads
     thens = [] if then is None else [then] if isinstance(then, str) else list(then)
     if thens:
         from mergeseek.retrieval.events import gap_windows
 
         gap_windows(within_s, len(thens) + 1)  # a bad window fails before the model loads
     opened = dict(model=model, pretrained=pretrained, merge=merge, device=device, precision=precision,
-                  batch_size=batch_size, nprobe=nprobe, ef_search=ef_search)
+                  batch_size=batch_size, nprobe=nprobe, ef_search=ef_search, translate=translator)
     if fuse:
         from mergeseek.retrieval.fusion import open_fused, search_fused
 

@@ -80,14 +80,18 @@ def allowed_hosts(host: str, extra: Sequence[str] = ()) -> list:
 def run_server(index_dir: Union[str, Path], host: str = "127.0.0.1", port: int = 8000, token: Optional[str] = None,
                model: str = "from-index", pretrained: str = "from-index", merge: str = "from-index",
                device: str = "auto", precision: str = "fp32", on_ready: Optional[Callable[[str, dict], None]] = None,
-               extra_hosts: Sequence[str] = ()) -> None:
-    """Load the model and the index once, then serve until Ctrl-C.
+               extra_hosts: Sequence[str] = (), translate: Optional[str] = None) -> None:
+    """Load the model and the index once, then serve until Ctrl-C (``translate``: a
+    ``retrieval.translate`` spec applied to each description, ``--translate``).
 
     Requests whose ``Host`` header is not ``localhost``, ``127.0.0.1``, ``::1``, ``host`` or one of
     ``extra_hosts`` (``--allowed-host``) get 400 (``serve.app.create_app``). ``on_ready`` gets the
     URL with the token in it: show it only to a person (a terminal), never write it to a log.
     """
+    from mergeseek.retrieval.translate import get_translator
+
     check_bind(host, token)
+    translator = get_translator(translate)  # a missing command fails before minutes of loading
     hosts = allowed_hosts(host, extra_hosts)
     if not 0 < int(port) < 65536:
         raise ConfigError(f"--port {port} is not valid; give 1..65535 (0 is not allowed)")
@@ -98,7 +102,8 @@ def run_server(index_dir: Union[str, Path], host: str = "127.0.0.1", port: int =
     from mergeseek.serve.app import create_app
     from mergeseek.serve.engine import Engine
 
-    engine = Engine.open(index_dir, model=model, pretrained=pretrained, merge=merge, device=device, precision=precision)
+    engine = Engine.open(index_dir, model=model, pretrained=pretrained, merge=merge, device=device, precision=precision,
+                         translate=translator)
     app = create_app(engine, token=token, allowed_hosts=hosts)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")

@@ -217,9 +217,10 @@ class Engine:
 
     @classmethod
     def open(cls, index_dir: Union[str, Path], model: str = FROM_INDEX, pretrained: str = FROM_INDEX,
-             merge: str = FROM_INDEX, device: str = "auto", precision: str = "fp32", ngpu: int = -1) -> "Engine":
+             merge: str = FROM_INDEX, device: str = "auto", precision: str = "fp32", ngpu: int = -1,
+             translate=None) -> "Engine":
         return cls(CachedSearcher.open(index_dir, model=model, pretrained=pretrained, merge=merge, device=device,
-                                       precision=precision, ngpu=ngpu))
+                                       precision=precision, ngpu=ngpu, translate=translate))
 
     # ------------------------------------------------------------------ shapes (retrieval.format's, plus URLs)
     def links(self, h: Hit) -> tuple[Optional[str], Optional[str]]:

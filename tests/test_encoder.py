@@ -80,3 +80,16 @@ def test_random_weights_are_the_same_in_every_load(random_b32, photos):
     again = Encoder("ViT-B-32", pretrained=None, device="cpu", merge="none")
     assert torch.equal(torch.rand(1), expected)  # loading did not consume the global RNG stream
     np.testing.assert_allclose(again.encode_images(photos[:1]), random_b32.encode_images(photos[:1]), atol=1e-6)
+
+
+@pytest.mark.parametrize("name,tower", [("xlm-roberta-base-ViT-B-32", "xlm-roberta-base"),
+                                        ("nllb-clip-base", "facebook/nllb-200-distilled-600M")])
+def test_multilingual_models_name_what_their_hugging_face_text_tower_needs(name, tower):
+    """Multilingual CLIPs (Vietnamese queries without --translate) build their text tower from
+    Hugging Face files: without transformers, or offline without those files in the cache, one
+    line says which (never a traceback from deep inside transformers)."""
+    from mergeseek.errors import MissingDependencyError, WeightsUnavailableError
+
+    with pytest.raises((MissingDependencyError, WeightsUnavailableError)) as info:
+        Encoder(model_name=name, pretrained=None, device="cpu")
+    assert tower in str(info.value) and "\n" not in str(info.value)

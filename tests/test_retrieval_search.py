@@ -178,3 +178,76 @@ def test_formats_table_json_and_submission_csv(tmp_path):
     assert (tmp_path / "t.csv").read_text() == "L01_V000,0,75\n"
     assert json.loads(hits_json([pair]))[0]["then"]["frame_idx"] == 75
     assert "then_frame" in hits_table([pair])
+
+
+# ---------------------------------------------------------------------------- --translate (retrieval/translate.py)
+DICTIONARY = {"một người đạp xe": "a man riding a bike", "con chó": "a dog"}
+
+
+def vi_to_en(text: str) -> str:  # the py: entry point the tests name (tests/ is on sys.path under pytest)
+    return DICTIONARY[text]
+
+
+def _script(tmp_path: Path, body: str) -> str:
+    script = tmp_path / f"tr{len(list(tmp_path.glob('tr*.py')))}.py"
+    script.write_text("import sys\n" + body, encoding="utf-8")
+    import shlex
+    import sys as _sys
+
+    return f"{shlex.quote(_sys.executable)} {shlex.quote(str(script))}"
+
+
+def test_translate_turns_the_description_into_the_towers_language(searcher, sample_index, encoder, tmp_path):  # noqa: F811
+    from mergeseek.retrieval.translate import get_translator
+
+    cmd = _script(tmp_path, "d = {'một người đạp xe': 'a man riding a bike'}\n"
+                            "sys.stdout.write(d[sys.stdin.read().strip()])\n")
+    want = encoder.encode_texts(["a man riding a bike"])
+    for spec in (cmd, "cmd:" + cmd, "py:test_retrieval_search:vi_to_en"):
+        translated = Searcher(sample_index[0], encoder, translate=spec)
+        assert np.array_equal(translated.text_vector("một người đạp xe"), want)
+        assert [h.id for h in translated.search_text("  một người đạp xe ", k=5)] == \
+            [h.id for h in searcher.search_text("a man riding a bike", k=5)]
+    assert not np.array_equal(searcher.text_vector("một người đạp xe"), want)  # untranslated: another vector
+    calls = []
+    tr = get_translator("py:test_retrieval_search:vi_to_en")
+    tr._fn = lambda t: calls.append(t) or DICTIONARY[t]
+    assert tr("con chó") == tr("con chó ") == "a dog" and calls == ["con chó"]  # cached per process
+
+
+def test_a_broken_translator_is_one_line_and_never_searches_untranslated(sample_index, encoder, tmp_path):  # noqa: F811
+    from mergeseek.errors import ConfigError
+    from mergeseek.retrieval.translate import get_translator
+
+    for spec, words in (("no-such-translator-cmd --to en", "not found"), ("py:no_such_module_xyz:f", "cannot import"),
+                        ("py:test_retrieval_search:NOPE", "has no NOPE"), ("py:test_retrieval_search", "py:package.module:function"),
+                        ("cmd:'unterminated", "not a valid command line"), ("py:test_retrieval_search:DICTIONARY", "not a function")):
+        with pytest.raises(ConfigError, match=words):
+            get_translator(spec)
+    with pytest.raises(ConfigError, match="not found"):  # before the index or a model is opened
+        run_search(tmp_path / "no_index", text="con chó", translate="no-such-translator-cmd")
+    cases = ((_script(tmp_path, "sys.stderr.write('model not installed\\n'); sys.exit(3)\n"), "exited with 3: model not installed"),
+             (_script(tmp_path, "pass\n"), "returned nothing"),
+             ("py:test_retrieval_search:vi_to_en", "KeyError"))
+    for spec, words in cases:
+        s = Searcher(sample_index[0], encoder, translate=spec)
+        with pytest.raises(InputError, match=words):
+            s.search_text("không có trong từ điển")
+    slow = get_translator(_script(tmp_path, "import time; time.sleep(5)\n"), timeout_s=0.5)
+    with pytest.raises(InputError, match="did not answer within 0.5 s"):
+        slow("con chó")
+
+
+def test_cli_search_translates_the_description_but_not_the_ocr_words(sample_index, tmp_path):  # noqa: F811
+    from typer.testing import CliRunner
+
+    from mergeseek.cli import app
+
+    cmd = _script(tmp_path, "d = {'con chó': 'a dog'}\nsys.stdout.write(d[sys.stdin.read().strip()])\n")
+    index = str(sample_index[0])
+    a = CliRunner().invoke(app, ["search", "con chó", "--index", index, "--translate", cmd, "--json", "-k", "5"])
+    b = CliRunner().invoke(app, ["search", "a dog", "--index", index, "--json", "-k", "5"])
+    assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
+    assert [h["id"] for h in json.loads(a.stdout)] == [h["id"] for h in json.loads(b.stdout)]
+    bad = CliRunner().invoke(app, ["search", "con chó", "--index", index, "--translate", "no-such-translator-cmd"])
+    assert bad.exit_code != 0 and "not found" in bad.output and "Traceback" not in bad.output
