@@ -203,3 +203,31 @@ def test_api_object_filter_lists_the_release_s_objects_and_filters(indexes):
     assert {(h["video_id"], h["frame_idx"]) for h in hits} == objects_in_frames(indexes["a"], "Dog") != set()
     bad = client.post("/api/search", json={"events": ["x", "y"], "object": "Dog"})
     assert bad.status_code == 422 and "--object" in bad.json()["detail"]
+
+
+def test_one_home_for_rrf_and_for_event_chains():
+    """Reciprocal-rank fusion is retrieval.hybrid.fuse (channels and fused models alike) and the event
+    chain search is retrieval.events.chain_events (search --then, the API, TRAKE, the AIC scorer)."""
+    import ast
+    from pathlib import Path
+
+    import mergeseek.errors as errors
+
+    root = Path(errors.__file__).resolve().parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if {"tests", "bench", ".venv", "build"} & set(path.relative_to(root).parts):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and node.name in ("fuse", "chain_events", "pair_events", "rocchio"):
+                found.append(f"{rel}:{node.name}")
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "RRF_K" for t in node.targets):
+                found.append(f"{rel}:RRF_K")
+    assert sorted(found) == ["retrieval/events.py:chain_events", "retrieval/feedback.py:rocchio",
+                             "retrieval/hybrid.py:RRF_K", "retrieval/hybrid.py:fuse", "retrieval/search.py:pair_events"]
+    fusion = (root / "retrieval" / "fusion.py").read_text(encoding="utf-8")
+    assert "from mergeseek.retrieval.hybrid import RRF_K, fuse" in fusion
+    pair = (root / "retrieval" / "search.py").read_text(encoding="utf-8")
+    assert "from mergeseek.retrieval.events import chain_events" in pair
