@@ -579,6 +579,8 @@ def serve_cmd(
                      "this machine (DNS rebinding) cannot read it. Always allowed: localhost, 127.0.0.1, ::1 and --host."),
     ] = None,
     translate: TranslateOpt = None,
+    fuse: Annotated[Optional[List[Path]], typer.Option("--fuse", help="Another index of the same media built with "
+                    "another model (repeatable): text searches fuse every index's ranking by reciprocal rank.")] = None,
 ) -> None:
     """Serve a search web page and JSON API over an index (read-only) until Ctrl-C."""
     from mergeseek.serve import run_server
@@ -590,7 +592,8 @@ def serve_cmd(
                    f"{health['thumbnails']} thumbnails, {health['model']}/{health['pretrained']}) at {shown}", err=True)
 
     run_server(index_dir, host=host, port=port, token=token, model=model, pretrained=pretrained, merge=merge,
-               device=device, precision=precision, on_ready=ready, extra_hosts=allowed_host or (), translate=translate)
+               device=device, precision=precision, on_ready=ready, extra_hosts=allowed_host or (), translate=translate,
+               fuse=fuse or ())
 
 
 @app.command("thumbs")

@@ -210,17 +210,30 @@ def _video_file(p: Path, sig: Optional[str]) -> VideoFile:
 class Engine:
     """Searches and lookups for the web app; every method is safe to call from many threads."""
 
-    def __init__(self, searcher: CachedSearcher):
+    def __init__(self, searcher: CachedSearcher, fused: Sequence = ()):
         self.searcher = searcher
         self.catalog = Catalog(searcher)
         self.manifest = searcher.manifest
+        self.fused = list(fused)  # searchers of other models' indexes of the same media (serve --fuse)
+        if self.fused:
+            from mergeseek.retrieval.fusion import check_same_media
+
+            check_same_media([searcher.store, *(s.store for s in self.fused)])
 
     @classmethod
     def open(cls, index_dir: Union[str, Path], model: str = FROM_INDEX, pretrained: str = FROM_INDEX,
              merge: str = FROM_INDEX, device: str = "auto", precision: str = "fp32", ngpu: int = -1,
-             translate=None) -> "Engine":
+             translate=None, fuse: Sequence = ()) -> "Engine":
+        """``fuse``: more index folders of the same media built with other models; plain text searches
+        then fuse every index's ranking by reciprocal rank (``retrieval.fusion``), hits stay this index's."""
+        if fuse:
+            from mergeseek.indexing.store import IndexStore
+            from mergeseek.retrieval.fusion import check_same_media
+
+            check_same_media([IndexStore.open_for_read(Path(d)) for d in [index_dir, *fuse]])  # before the models load
+        others = [CachedSearcher.open(d, device=device, precision=precision, ngpu=ngpu, translate=translate) for d in fuse]
         return cls(CachedSearcher.open(index_dir, model=model, pretrained=pretrained, merge=merge, device=device,
-                                       precision=precision, ngpu=ngpu, translate=translate))
+                                       precision=precision, ngpu=ngpu, translate=translate), others)
 
     # ------------------------------------------------------------------ shapes (retrieval.format's, plus URLs)
     def links(self, h: Hit) -> tuple[Optional[str], Optional[str]]:
@@ -251,6 +264,7 @@ class Engine:
         return {"status": "ok", "index": self.identity(), "objects": self.object_names()[:500], "vectors": len(self.catalog), "videos": len(self.catalog.video_names),
                 "thumbnails": len(self.catalog.thumbs), "model": m.model, "pretrained": m.pretrained, "merge": m.merge,
                 "dim": m.dim, "index_type": m.index_type,
+                "fused": [{"name": Path(f.store.root).name, "model": f.manifest.model} for f in getattr(self, "fused", [])],
                 "text_cache": {"hits": getattr(s, "cache_hits", 0), "misses": getattr(s, "cache_misses", 0)}}
 
     # ------------------------------------------------------------------ queries
@@ -266,6 +280,10 @@ class Engine:
             return search_hybrid(self.searcher, visual, said.get("ocr"), k=k, per_video=per_video, asr=said.get("asr"))
         if then is not None and then.strip():
             return self.searcher.search_temporal(q, then, within_s=within, k=k, per_video=per_video)
+        if self.fused:
+            from mergeseek.retrieval.fusion import search_fused
+
+            return search_fused([self.searcher, *self.fused], q, k=k, per_video=per_video)
         return self.searcher.search_text(q, k=k, per_video=per_video)
 
     def object_names(self) -> list[str]:

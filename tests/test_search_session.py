@@ -166,6 +166,12 @@ def test_cli_passes_events_feedback_video_and_fuse_to_the_search(monkeypatch, tm
                                    "--fuse", str(tmp_path / "b"), "--index", str(tmp_path)])
     assert res.exit_code == 0, res.output
     assert (got["like"], got["unlike"], got["video"], got["fuse"]) == ([3, 4], [7], "L01_V002", [tmp_path / "b"])
+    import mergeseek.serve as serve
+
+    monkeypatch.setattr(serve, "run_server", lambda *a, **k: got.update(served=k))
+    res = CliRunner().invoke(app, ["serve", "--index", str(tmp_path), "--fuse", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    assert got["served"]["fuse"] == [tmp_path / "b"]
 
 
 @pytest.mark.parametrize("args,words", [
@@ -231,3 +237,28 @@ def test_one_home_for_rrf_and_for_event_chains():
     assert "from mergeseek.retrieval.hybrid import RRF_K, fuse" in fusion
     pair = (root / "retrieval" / "search.py").read_text(encoding="utf-8")
     assert "from mergeseek.retrieval.events import chain_events" in pair
+
+
+def test_the_web_app_over_two_models_indexes_fuses_text_searches(indexes):
+    """serve --fuse: the plain text search of the API is the RRF of both indexes (hits of the first
+    index, with thumbnails and ids the page can use); an index of other media is refused."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from mergeseek.retrieval.fusion import search_fused
+    from mergeseek.serve.app import create_app
+    from mergeseek.serve.engine import CachedSearcher, Engine
+
+    ra, rb = stored(indexes["a"]), stored(indexes["b"])
+    sa, sb = CachedSearcher(indexes["a"], ngpu=0), CachedSearcher(indexes["b"], ngpu=0)
+    sa.text_vector = lambda text: ra[sorted(ra)[2]][2][None]
+    sb.text_vector = lambda text: rb[sorted(rb)[6]][2][None]
+    client = TestClient(create_app(Engine(sa, fused=[sb])))
+    assert client.get("/api/health").json()["fused"] == [{"name": "ix_b", "model": "ViT-B-16"}]
+    web = client.get("/api/search", params={"q": "a red car", "k": 6}).json()["hits"]
+    want = search_fused([open_searcher(indexes["a"], ra[sorted(ra)[2]][2]), open_searcher(indexes["b"], rb[sorted(rb)[6]][2])],
+                        "a red car", k=6)
+    assert [(h["id"], h["score"]) for h in web] == [(h.id, h.score) for h in want]
+    assert all(set(h["channels"]) == {"ix_a", "ix_b"} for h in web)
+    with pytest.raises(InputError, match="indexes other media"):
+        Engine(sa, fused=[CachedSearcher(indexes["c"], ngpu=0)])
