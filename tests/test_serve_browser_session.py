@@ -173,3 +173,68 @@ def test_a_basket_from_another_index_on_the_same_port_is_stale_and_never_exporte
             ctx.close()
             srv.should_exit = True
             thread.join(timeout=10)
+
+
+def test_group_in_video_history_strip_and_stop_at_the_next_frame(server, browser_page):
+    page, seen = browser_page
+    engine = server["engine"]
+    page.goto(server["base"] + "/?q=a%20test%20pattern")
+    page.wait_for_function("() => document.querySelectorAll('#grid .card').length > 5")
+    # group by video: one header per video, each video's cards together, in first-appearance order
+    page.check("#group")
+    heads = page.eval_on_selector_all("#grid .vhead", "hs => hs.map(h => h.dataset.video)")
+    videos = page.eval_on_selector_all("#grid .card", "cs => cs.map(c => c.dataset.video)")
+    want = [h.video_id for h in engine.search("a test pattern", k=50)]
+    assert heads == list(dict.fromkeys(want)) and videos == sorted(want, key=heads.index)
+    page.uncheck("#group")
+    # search in this video: every card of that video, a chip, the URL says so
+    page.locator("#grid .card[data-video='a']").first.locator(".invideo").click()
+    page.wait_for_function("() => document.querySelector('#status').textContent.includes('in video a')")
+    assert set(page.eval_on_selector_all("#grid .card", "cs => cs.map(c => c.dataset.video)")) == {"a"}
+    assert page.is_visible("#videoChip") and "video=a" in page.url
+    # the query history lists both searches, newest first; a click runs one again
+    items = page.eval_on_selector_all("#history li", "ls => ls.map(l => l.textContent)")
+    assert items[0].endswith("in video a") and items[1] == '"a test pattern"'
+    page.locator("#history li a").nth(1).click()
+    page.wait_for_function("() => !document.querySelector('#status').textContent.includes('in video')"
+                           " && document.querySelector('#status').textContent.includes('result(s)')")
+    # a frame in the middle of video a: the strip is centred on it; playing pauses at the next indexed frame
+    frames_a = sorted((h for h in engine.search("a test pattern", k=50) if h.video_id == "a"), key=lambda h: h.pts_time)
+    mid = frames_a[len(frames_a) // 2]
+    page.locator(f"#grid .card[data-id='{mid.id}'] .pics").click()
+    page.wait_for_function("() => document.querySelector('#strip img.cur') !== null")
+    page.wait_for_timeout(200)
+    off = page.evaluate("""() => { const s = document.querySelector('#strip'), c = s.querySelector('img.cur');
+        const sr = s.getBoundingClientRect(), cr = c.getBoundingClientRect();
+        return [(cr.left + cr.right) / 2 - (sr.left + sr.right) / 2, cr.width, s.scrollWidth > s.clientWidth]; }""")
+    assert off[2] and abs(off[0]) <= off[1] / 2 + 4, off  # scrollable, and the current frame in the middle
+    nxt = next(h for h in frames_a if h.pts_time > mid.pts_time)
+    assert float(page.get_attribute("#video", "data-stop-at")) == pytest.approx(nxt.pts_time)
+    page.wait_for_function("() => { const v = document.querySelector('#video'); return v.dataset.seeked === '1' && "
+                           "v.paused && v.currentTime >= parseFloat(v.dataset.stopAt) - 0.05; }", timeout=20_000)
+    assert page.evaluate("() => document.querySelector('#video').currentTime") < nxt.pts_time + 0.5
+    assert not seen["errors"], seen["errors"]
+
+
+def test_one_basket_per_query_id(server, browser_page):
+    page, seen = browser_page
+    engine = server["engine"]
+    page.goto(server["base"] + "/?q=a%20clock")
+    page.wait_for_function("() => document.querySelectorAll('#grid .card').length > 3")
+    page.evaluate("() => localStorage.clear()")
+    page.reload()
+    page.wait_for_function("() => document.querySelectorAll('#grid .card').length > 3")
+    hits = engine.search("a clock", k=50)
+    page.fill("#queryId", "q1")
+    page.locator("#queryId").blur()
+    page.locator(f"#grid .card[data-id='{hits[0].id}'] .add").click()
+    page.fill("#queryId", "q2")
+    page.locator("#queryId").blur()
+    assert page.locator("#basket li").count() == 0  # a new query id: its own basket
+    for h in hits[1:3]:
+        page.locator(f"#grid .card[data-id='{h.id}'] .add").click()
+    assert page.locator("#basket li").count() == 2
+    page.select_option("#bselect", "q1")
+    assert page.input_value("#queryId") == "q1"
+    assert [int(x) for x in page.eval_on_selector_all("#basket li", "ls => ls.map(l => l.dataset.key)")] == [hits[0].id]
+    assert not seen["errors"], seen["errors"]
