@@ -17,6 +17,7 @@ from mergeseek.options import parse_options
 
 METHODS = ("none", *REGISTRY)  # every registered method (encoders/merging/registry.py)
 SCHEDULES = ("constant", "decreasing")
+MERGES = ("mean", "mlerp")  # how merged tokens are averaged (merge=)
 _BOOL_TRUE = ("1", "true", "on", "yes")
 _BOOL_FALSE = ("0", "false", "off", "no")
 
@@ -44,6 +45,9 @@ class MergeConfig:
         iters: PageRank iterations (``zerotprune``).
         prune: drop the selected tokens instead of merging them (``zerotprune``).
         layers: block indices where the method acts (empty = every block).
+        merge: how a merged token is formed: ``mean`` (ToMe's size-weighted average) or ``mlerp``
+            (ToFu's norm-preserving merge: the average's direction, rescaled to the size-weighted
+            mean of its members' norms; any method).
     """
 
     method: str = "bipartite"
@@ -59,12 +63,15 @@ class MergeConfig:
     iters: int = 5
     prune: bool = False
     layers: Tuple[int, ...] = ()
+    merge: str = "mean"
 
     def __post_init__(self) -> None:
         if self.method != "none" and self.method not in REGISTRY:
             raise ConfigError(f"merge method={self.method!r} is not valid; choose one of: none, {', '.join(REGISTRY)}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"merge schedule={self.schedule!r} is not valid; choose one of: {', '.join(SCHEDULES)}")
+        if self.merge not in MERGES:
+            raise ConfigError(f"merge merge={self.merge!r} is not valid; choose one of: {', '.join(MERGES)}")
         rs = self.r if isinstance(self.r, tuple) else (self.r,)
         if any((not isinstance(v, int)) or v < 0 for v in rs):
             raise ConfigError(f"merge r={self.r!r} is not valid; give a non-negative integer or a list of them")
@@ -239,7 +246,7 @@ def _int_list(key: str, value: str) -> Tuple[int, ...]:
 
 
 def _convert(key: str, value: str) -> Any:
-    if key in ("method", "schedule"):
+    if key in ("method", "schedule", "merge"):
         return value.lower()
     if key == "r":
         return _int_list(key, value) if value.startswith(("[", "(")) else _int(key, value)

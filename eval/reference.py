@@ -178,6 +178,13 @@ def _fmt(value: Any) -> str:
 CONFIGS: Dict[str, ReferenceConfig] = {
     # The committed reference: ~4M parameters, 145 tokens, trained on a GPU.
     "reference-cifar10": ReferenceConfig(),
+    # The same ViT at 56 px (14 x 14 patches + class = 197 tokens, ViT-B/16's count), fine-tuned on CPU
+    # from reference-cifar10's weights (--init; position embeddings resampled): the second model of
+    # issue #26. A short recipe: few images, small batches, low learning rate, light mixing.
+    "reference-cifar10-56": ReferenceConfig(
+        name="reference-cifar10-56", img_size=56, epochs=1, batch_size=64, lr=1e-4, min_lr=1e-6, warmup_epochs=0,
+        mix_prob=0.3, jitter=0.1,
+    ),
     # A seconds-on-CPU model for tests and smoke runs (17 tokens); never a quality reference.
     "reference-tiny": ReferenceConfig(
         name="reference-tiny", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
@@ -375,6 +382,24 @@ def _resolve_weights(name_or_path: Union[str, Path]) -> Path:
                                       f"file or a registered name ({', '.join(CONFIGS)})")
     raise ConfigError(f"reference model {str(name_or_path)!r} is unknown; choose one of: {', '.join(CONFIGS)} "
                       f"or pass a checkpoint path")
+
+
+def init_from(model, name_or_path: Union[str, Path]) -> Dict[str, Any]:
+    """Load another reference's weights into ``model`` (same width, depth and heads; the position
+    embeddings are resampled to ``model``'s patch grid, as timm does for a new input size).
+    Returns a record of the source (path, sha256, its config name) for the training manifest."""
+    from timm.layers import resample_abs_pos_embed
+
+    path = _resolve_weights(name_or_path)
+    src, _ = load_reference(path)
+    state = src.state_dict()
+    grid = model.patch_embed.grid_size
+    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(grid), num_prefix_tokens=model.num_prefix_tokens)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise WeightsUnavailableError(f"--init {path} does not fit this architecture (missing {missing[:5]}, "
+                                      f"unexpected {unexpected[:5]}); give a reference of the same width and depth")
+    return {"path": str(path), "sha256": file_sha256(path), "name": src.pretrained_cfg.get("architecture")}
 
 
 def reference_available(name_or_path: Union[str, Path] = DEFAULT_REFERENCE) -> bool:

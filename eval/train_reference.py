@@ -201,6 +201,7 @@ def build_manifest(meta: Dict[str, Any]) -> Dict[str, Any]:
         "versions": meta["versions"],
         "config": meta["config"],
         "history": meta["history"],
+        **({"init": meta["init"]} if meta.get("init") else {}),
     }
 
 
@@ -234,7 +235,7 @@ def train_reference(data: Path, out: Path, config: ReferenceConfig, *, epochs: O
                     device: str = "auto", limit: Optional[int] = None, eval_limit: Optional[int] = None,
                     resume: Optional[Path] = None, fresh: bool = False, compile: Optional[bool] = None,
                     time_budget_s: Optional[float] = None, stop_after: Optional[int] = None, eval_every: int = 1,
-                    progress: bool = True, command: str = "") -> TrainResult:
+                    progress: bool = True, command: str = "", init: Optional[str] = None) -> TrainResult:
     """Train (or continue training) the reference model; checkpoint and manifest every epoch.
 
     Args:
@@ -248,6 +249,8 @@ def train_reference(data: Path, out: Path, config: ReferenceConfig, *, epochs: O
         eval_every: score the test set every N epochs (the last epoch always).
         time_budget_s / stop_after: end this invocation early (after a whole epoch) so a later
             run resumes -- for machines with a per-command time limit.
+        init: start a new run from another reference's weights (``eval.reference.init_from``);
+            ignored when a checkpoint is resumed.
     """
     out = Path(out)
     dev = resolve_device(device)
@@ -255,7 +258,7 @@ def train_reference(data: Path, out: Path, config: ReferenceConfig, *, epochs: O
     cfg = _planned_config(config, epochs, blob, out / CHECKPOINT_NAME)
     data_hash = _data_hash(data, blob, out)
     out.mkdir(parents=True, exist_ok=True)
-    run = _start_run(cfg, dev, blob, data, data_hash, limit, eval_limit, compile)
+    run = _start_run(cfg, dev, blob, data, data_hash, limit, eval_limit, compile, init)
     ckpt_path, manifest_path = out / CHECKPOINT_NAME, out / "manifest.json"
     meta, start_epoch = run.meta, run.meta["epoch"]
     log.info("%s: %d params, %d tokens, %d images, %d steps/epoch, epochs %d..%d on %s", cfg.name, meta["params"],
@@ -341,7 +344,7 @@ class _Run:
 
 
 def _start_run(cfg: ReferenceConfig, dev, blob, data: Path, data_hash: Dict[str, str], limit: Optional[int],
-               eval_limit: Optional[int], compile: Optional[bool]) -> _Run:
+               eval_limit: Optional[int], compile: Optional[bool], init: Optional[str] = None) -> _Run:
     """Decode the data once onto the device; build (or restore) model, optimizer and run record."""
     import torch
 
@@ -354,7 +357,13 @@ def _start_run(cfg: ReferenceConfig, dev, blob, data: Path, data_hash: Dict[str,
     train_y = torch.from_numpy(train.labels).to(dev)
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg).to(dev)
+    model = build_model(cfg)
+    init_record = None
+    if init and blob is None:
+        from mergeseek.eval.reference import init_from
+
+        init_record = init_from(model, init)
+    model = model.to(dev)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     if blob is not None:
         model.load_state_dict(blob["model"])
@@ -365,6 +374,8 @@ def _start_run(cfg: ReferenceConfig, dev, blob, data: Path, data_hash: Dict[str,
         meta = {"config": cfg.to_dict(), "epoch": 0, "history": [], "commands": [], "train_wall_s": 0.0,
                 "data": {"path": str(data), "sha256": data_hash}, "train_images": len(train.labels),
                 "params": sum(p.numel() for p in model.parameters())}
+        if init_record:
+            meta["init"] = init_record
     if meta["train_images"] != len(train.labels):
         raise ConfigError(f"checkpoint trained on {meta['train_images']} images but --limit gives "
                           f"{len(train.labels)}; pass the same --limit, --fresh or another --out")
@@ -514,7 +525,7 @@ def run(*, data: Optional[str] = None, out: str = "runs/ref", config: str = "ref
         eval_limit: Optional[int] = None, resume: Optional[str] = None, fresh: bool = False,
         compile: Optional[bool] = None, time_budget: Optional[float] = None, stop_after: Optional[int] = None,
         eval_every: int = 1, progress: bool = True,
-        export: Optional[str] = None, to: str = "eval/reference", command: str = ""):
+        export: Optional[str] = None, to: str = "eval/reference", command: str = "", init: Optional[str] = None):
     """The one function behind ``cli.py train-reference`` (and ``python -m mergeseek.eval.train_reference``).
 
     ``data`` defaults to ``cifar10`` under the data root (``$MERGESEEK_DATA`` or the user's cache,
@@ -533,7 +544,7 @@ def run(*, data: Optional[str] = None, out: str = "runs/ref", config: str = "ref
                            eval_limit=eval_limit, resume=Path(resume) if resume else None, fresh=fresh,
                            compile=compile, time_budget_s=time_budget, stop_after=stop_after,
                            eval_every=eval_every, progress=progress,
-                           command=command)
+                           command=command, init=init)
 
 
 def describe(result) -> str:

@@ -90,7 +90,10 @@ def test_the_recorders_do_see_host_reads():
     assert _syncs(lambda: t[torch.tensor([0, 2])]) == ([], [])  # an integer index reads nothing
 
 
-@pytest.mark.parametrize("spec", COMPILE_SPECS + ["r=8,method=zerotprune"])
+ENERGY_SPECS = ["r=8,method=energy", "r=16,method=energy_lsh", "r=8,method=energy,merge=mlerp"]
+
+
+@pytest.mark.parametrize("spec", COMPILE_SPECS + ["r=8,method=zerotprune"] + ENERGY_SPECS)
 def test_merged_vit_b16_traces_into_one_graph_without_attention_masks(b16, spec, one_torch_thread):
     apply_merging(b16, spec)
     torch._dynamo.reset()
@@ -106,7 +109,7 @@ def test_merged_vit_b16_traces_into_one_graph_without_attention_masks(b16, spec,
     assert all(node.kwargs.get("attn_mask") is None and len(node.args) <= 3 for node in sdpa_calls)
 
 
-@pytest.mark.parametrize("spec", COMPILE_SPECS + ["r=8,method=zerotprune", "r=8,method=lsh,lsh_bits=8"])
+@pytest.mark.parametrize("spec", COMPILE_SPECS + ["r=8,method=zerotprune", "r=8,method=lsh,lsh_bits=8"] + ENERGY_SPECS)
 def test_merged_forward_reads_nothing_back_from_the_device(b16, spec, device_like_lsh, one_torch_thread):
     apply_merging(b16, spec)
     x = torch.randn(2, 3, 224, 224)
@@ -186,7 +189,8 @@ def test_mask_free_model_equals_masked_model_and_passes_no_mask(spec, monkeypatc
     torch.testing.assert_close(outs["channel"], outs["mask"], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("spec", ["r=4,method=lsh", "r=4,method=importance", "r=4,method=zerotprune"])
+@pytest.mark.parametrize("spec", ["r=4,method=lsh", "r=4,method=importance", "r=4,method=zerotprune",
+                                  "r=4,method=energy,merge=mlerp", "r=4,method=energy_lsh"])
 def test_compiled_graph_equals_eager(spec):
     """Dynamo + AOT tracing (the graph inductor would compile), whole graph, against eager."""
     model = _timm_tiny(depth=2)

@@ -309,7 +309,8 @@ def merge_from_slots(
 
 
 def merge_wavg(
-    merge: Any, x: torch.Tensor, size: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None
+    merge: Any, x: torch.Tensor, size: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
+    mlerp: bool = False,
 ) -> "tuple[torch.Tensor, torch.Tensor]":
     """Weighted average of merged tokens; returns (x, size) with sizes summed.
 
@@ -319,7 +320,15 @@ def merge_wavg(
         x: [B, N, C] tokens.
         size: [B, N, 1] tokens represented by each row (None: all ones).
         weight: [B, N, 1] averaging weights (None: the sizes, as in ToMe).
+        mlerp: norm-preserving merge (ToFu's MLERP): each merged token keeps the average's
+            direction and takes the same weighted average of its members' norms (averaging
+            dissimilar tokens otherwise shrinks them). The norms ride along as one more channel
+            of the same average; a token merged with nothing comes out unchanged.
     """
+    if mlerp:
+        aug, size = merge_wavg(merge, torch.cat([x, x.norm(dim=-1, keepdim=True)], dim=-1), size, weight)
+        mean, norm = aug[..., :-1], aug[..., -1:]
+        return mean * (norm / mean.norm(dim=-1, keepdim=True).clamp_min(1e-12)), size
     if isinstance(merge, MergeResult):
         if merge.wavg is not None and weight is None and merge.weight is None:
             return merge.wavg(x, size)

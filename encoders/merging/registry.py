@@ -116,6 +116,15 @@ register(MatcherSpec(
     doc="hashed partner search (SimHash buckets, windowed scoring)",
 ))
 register(MatcherSpec(
+    "energy", "mergeseek.encoders.merging.energy:energy_merging",
+    doc="energy-guided merging (PiToMe, arXiv 2405.16148): isolated tokens kept out of the merge",
+))
+register(MatcherSpec(
+    "energy_lsh", "mergeseek.encoders.merging.energy:energy_lsh_merging",
+    config_keys=("lsh_bits", "lsh_tables", "lsh_window", "lsh_chunk", "seed"), options=_lsh_options, state=_lsh_state,
+    doc="energy-guided merging, hashed: bucket-density energy, partners among bucket-mates",
+))
+register(MatcherSpec(
     "importance", "mergeseek.encoders.merging.importance:importance_merging", needs="cls_attn", bipartite_bounded=False,
     needs_prefix=True, doc="class-attention importance (arXiv 2306.04897)",
 ))

@@ -62,6 +62,7 @@ class Plan:
     protected: int
     options: dict
     attn_mode: str = "auto"  # how log(size) reaches the fused attention: "auto", "channel" or "mask"
+    mlerp: bool = False  # norm-preserving merge (MergeConfig.merge)
 
 
 @dataclass
@@ -80,7 +81,8 @@ def make_plan(cfg: MergeConfig, protected: int, state: Optional[Dict[str, Tensor
     options = cfg.matcher_options()
     if state:
         options = dict(options, **state)
-    return Plan(spec.fn, spec.needs, cfg.prop_attn, protected, options, attn_mode or default_attn_mode())
+    return Plan(spec.fn, spec.needs, cfg.prop_attn, protected, options, attn_mode or default_attn_mode(),
+                cfg.merge == "mlerp")
 
 
 ATTN_MODES = ("auto", "channel", "mask")
@@ -172,7 +174,7 @@ def merge_tokens(
     )
     if result.identity:  # nothing to merge (too few tokens)
         return x, state, result
-    x, size = merge_wavg(result, x, state.size)
+    x, size = merge_wavg(result, x, state.size, mlerp=plan.mlerp)
     return x, TokenState(size, result.padded), result
 
 
