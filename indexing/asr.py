@@ -124,7 +124,10 @@ class PocketSphinxEngine(_Engine):
         if len(samples) == 0:
             return []
         if self._decoder is None:
-            self._decoder = Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")
+            # dither: half a bit of (seeded, repeatable) noise, so stretches of digital silence do not
+            # throw the energy features and their running normalization off. On bench/speech_channels.py:
+            # WER 0.74 -> 0.69 on its first 15 sentences, 0.814 -> 0.810 on all 30 (within noise)
+            self._decoder = Decoder(samprate=SAMPLE_RATE, loglevel="FATAL", dither=True)
         d, words = self._decoder, []
         frate = float(d.config["frate"])
         for stretch in Segmenter(sample_rate=SAMPLE_RATE).segment(io.BytesIO(pcm16(samples))):

@@ -254,8 +254,9 @@ def run_submit(queries: str | Path, index_dir: str | Path, out_dir: str | Path,
     """
     import logging
 
-    from mergeseek.retrieval.search import Searcher
     from mergeseek.retrieval.events import search_events
+    from mergeseek.retrieval.hybrid import split_channels
+    from mergeseek.retrieval.search import Searcher
 
     qs = read_queries(queries)
     given = read_answers(answers) if answers else {}
@@ -280,6 +281,8 @@ def run_submit(queries: str | Path, index_dir: str | Path, out_dir: str | Path,
         if q.task == TRAKE:
             # chains start at distinct frames, so few repeat: the 100 rows plus a margin (search depth is 20x this)
             rows = submission_rows(search_events(searcher, q.events, within_s, k=MAX_ROWS + 20), TRAKE)
+        elif split_channels(q.events[0])[1]:  # "a crowd ocr: HÀ NỘI asr: thủ tướng": text channels fused in
+            rows = _channel_rows(searcher, q.events[0], q.task, answer, allow_unmapped, report)
         else:
             rows = _frame_rows(searcher, searcher.text_vector(q.events[0]), q.task, answer, allow_unmapped, report)
         path = out / query_file_name(q.qid)
@@ -304,6 +307,18 @@ def _frame_rows(searcher, vector, task: str, answer: str, allow_unmapped: bool, 
         if len(rows) >= MAX_ROWS or depth >= searcher.size:
             return rows
         depth = min(searcher.size, depth * 4)
+
+
+def _channel_rows(searcher, text: str, task: str, answer: str, allow_unmapped: bool, report: SubmitReport) -> list[tuple]:
+    """KIS / QA rows of a query with ``ocr:`` / ``asr:`` parts (``retrieval.hybrid``): the fused ranking
+    of its description and text channels (a text channel alone gives only the frames that hold its words)."""
+    from mergeseek.retrieval.hybrid import search_hybrid, split_channels
+
+    visual, said = split_channels(text)
+    hits = search_hybrid(searcher, visual, said.get("ocr"), k=min(searcher.size, 4 * MAX_ROWS), asr=said.get("asr"))
+    if not allow_unmapped:
+        hits = _timed(hits, report)
+    return submission_rows(hits, task, answer)
 
 
 def _timed(hits: list, report: SubmitReport) -> list:

@@ -178,6 +178,34 @@ def test_engine_specs_take_options_and_round_trip(monkeypatch, tmp_path):
     assert str(w) == f"whisper:{tmp_path},lang=vi,threads=2" and str(asr.get_engine(str(w))) == str(w)
 
 
+def test_whisper_segments_come_through_with_their_confidence(monkeypatch, tmp_path):
+    """faster-whisper is not installed here: a stand-in module checks what the engine asks of it
+    (local files only, the language, 16 kHz float samples) and what it makes of the segments."""
+    from types import SimpleNamespace
+
+    from mergeseek.indexing import asr
+
+    asked = {}
+
+    class WhisperModel:
+        def __init__(self, path, **kw):
+            asked.update(path=path, **kw)
+
+        def transcribe(self, audio, language=None):
+            asked.update(language=language, dtype=audio.dtype, n=len(audio))
+            return iter([SimpleNamespace(start=0.5, end=2.0, text=" Thủ tướng phát biểu ", avg_logprob=-0.2),
+                         SimpleNamespace(start=2.0, end=2.5, text="  ", avg_logprob=-3.0)]), None
+
+    fake = type(sys)("faster_whisper")
+    fake.WhisperModel = WhisperModel
+    monkeypatch.setitem(sys.modules, "faster_whisper", fake)
+    engine = asr.get_engine(f"whisper:{tmp_path},lang=vi")
+    got = engine.transcribe(np.zeros(16000, np.float32))
+    assert got == [Segment(0.5, 2.0, "Thủ tướng phát biểu", round(100 * math.exp(-0.2), 1))]  # blank text dropped
+    assert asked["local_files_only"] is True and asked["language"] == "vi" and asked["path"] == str(tmp_path)
+    assert asked["dtype"] == np.float32 and asked["n"] == 16000 and engine.transcribe(np.zeros(0, np.float32)) == []
+
+
 def test_a_search_box_takes_both_prefixes():
     from mergeseek.retrieval.hybrid import split_channels
 
@@ -262,6 +290,11 @@ def test_index_asr_then_search_asr_finds_the_spoken_phrase_and_a_kill_resumes(tm
     from mergeseek.indexing import IndexOptions, index_paths
     from mergeseek.indexing import text as text_mod
     from mergeseek.indexing.store import IndexStore
+    from mergeseek.retrieval.hybrid import search_hybrid
+    from mergeseek.retrieval.search import Searcher
+
+    def hits_frame(root_: Path) -> int:
+        return search_hybrid(Searcher(root_), asr="final match last night", k=1)[0].frame_idx
 
     videos = tmp_path / "videos"
     for name, sentence in SAID.items():
@@ -307,11 +340,17 @@ def test_index_asr_then_search_asr_finds_the_spoken_phrase_and_a_kill_resumes(tm
     res = CliRunner().invoke(app, ["search", "--index", str(root), "--asr", "  "])
     assert res.exit_code == 3 and "empty --asr query" in res.output
 
+    # submit takes the same prefix in a KIS query: the spoken phrase's frames come first.
+    from mergeseek.retrieval.submission import run_submit
+
+    (tmp_path / "queries.tsv").write_text("q1\tkis\tasr: final match last night\n", encoding="utf-8")
+    done = run_submit(tmp_path / "queries.tsv", root, tmp_path / "sub", searcher=Searcher(root))
+    first = Path(done.files[0][3]).read_text(encoding="utf-8").splitlines()[0].split(",")
+    assert first[0] == "football" and first[1] == str(hits_frame(root))
+
     # The web app takes the channel as an "asr:" prefix, alone or fused with a description.
     from fastapi.testclient import TestClient
 
-    from mergeseek.retrieval.hybrid import search_hybrid
-    from mergeseek.retrieval.search import Searcher
     from mergeseek.serve.app import create_app
     from mergeseek.serve.engine import CachedSearcher, Engine
 
