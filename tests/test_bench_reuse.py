@@ -36,6 +36,7 @@ def test_reuse_bench_reports_the_stream_counts_and_writes_its_rows(tmp_path, one
         main(["--device", "cuda"])  # nor does it time a GPU
 
 
+@pytest.mark.slow  # the reuse A/B bench end to end
 def test_reuse_ab_of_a_module_against_itself_gives_identical_outputs(one_torch_thread):
     import torch
 

@@ -93,6 +93,7 @@ def test_every_other_call_runs_the_stock_forward_bit_for_bit():
             assert (a[1] is None) == (b[1] is None)
 
 
+@pytest.mark.slow  # several open_clip models built and run
 def test_open_clip_models_are_switched_and_float32_embeddings_unchanged(photos):
     import open_clip
     from PIL import Image

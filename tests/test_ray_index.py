@@ -107,7 +107,8 @@ def dying_encoder(flag: str, device: str):
     return enc
 
 
-@pytest.mark.parametrize("workers,shard_size,dies", [(1, 4096, False), (2, 1, True)], ids=["1-worker", "2-workers-one-dies"])
+@pytest.mark.parametrize("workers,shard_size,dies", [(1, 4096, False), pytest.param(2, 1, True, marks=pytest.mark.slow)],
+                         ids=["1-worker", "2-workers-one-dies"])
 def test_ray_index_equals_the_single_process_index(tmp_path, cluster, reference, media, workers, shard_size, dies):
     ref_dir, ref = reference
     out, flag = tmp_path / "index", tmp_path / "died-once"
@@ -159,6 +160,7 @@ def dying_stream_encoder(flag: str, device: str):
     return enc
 
 
+@pytest.mark.slow  # Ray actors with reuse, one dies mid-video: ~1 min of CPU
 def test_ray_with_reuse_equals_the_single_process_reuse_run(tmp_path, cluster, media):
     """--reuse under Ray: each actor reads its sources and encodes them in order through its reuse
     stream, so the index and the reuse counters equal the single process's, even though one of the
@@ -250,6 +252,7 @@ KILL_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a Ray driver killed and rerun
 def test_a_sigkilled_driver_resumes_to_the_same_index(tmp_path, cluster, reference, media):
     ref_dir, ref = reference
     out = tmp_path / "index"

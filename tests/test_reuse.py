@@ -445,6 +445,7 @@ def test_video_set_specs():
         load_video_set("video,sets=youtube", "/nonexistent")
 
 
+@pytest.mark.slow  # cli.py eval end to end over a video set
 def test_eval_reports_reuse_against_per_frame_on_a_video_set(tmp_path, one_torch_thread):
     import json
 

@@ -357,6 +357,7 @@ def test_slab_progressive_norm_and_timm_registry():
         apply_merging(model, "r=2")
 
 
+@pytest.mark.slow  # the baselines bench over several models
 def test_baselines_bench_matches_token_budgets():
     from bench.baselines import BaselineConfig, run_baselines
 

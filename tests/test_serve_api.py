@@ -719,6 +719,7 @@ def test_a_tiny_file_claiming_64_megapixels_is_refused_from_its_header(client):
     assert _peak_rss_mb() - before < 60  # decoding it would have taken 192 MB
 
 
+@pytest.mark.slow  # 8 concurrent 20 MP uploads
 def test_concurrent_large_uploads_keep_memory_bounded_and_still_search(client, served):
     """Eight uploads of a 20-megapixel PNG at once (60 MB each when decoded) and a 48-megapixel
     JPEG: answered, with peak memory far under what eight whole decodes take."""
