@@ -280,7 +280,7 @@ class Engine:
             return search_hybrid(self.searcher, visual, said.get("ocr"), k=k, per_video=per_video, asr=said.get("asr"))
         if then is not None and then.strip():
             return self.searcher.search_temporal(q, then, within_s=within, k=k, per_video=per_video)
-        if self.fused:
+        if getattr(self, "fused", None):  # (an Engine made without __init__, as tests do, has none)
             from mergeseek.retrieval.fusion import search_fused
 
             return search_fused([self.searcher, *self.fused], q, k=k, per_video=per_video)

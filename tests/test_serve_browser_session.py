@@ -86,6 +86,10 @@ def test_three_events_show_their_chain_and_rows_come_off(server, browser_page):
     assert first.locator(".pics.chain img").count() == 3
     assert first.locator(".time").inner_text().count("→") == 2
     assert page.url.count("then=") == 2 and "within=1&within=1.5" in page.url
+    with page.expect_download() as dl:  # the chains shown, one row each: video_id,frame1,frame2,frame3
+        page.click("#exportResults")
+    rows = dl.value.path().read_text().splitlines()
+    assert rows == [",".join([c.video_id, *(str(h.frame_idx) for h in c.hits)]) for c in chains][:100]
     page.click("#events .evrow .rmEvent")
     assert page.locator("#events .evrow").count() == 0
     page.press("#q", "Enter")
