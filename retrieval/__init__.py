@@ -1,4 +1,5 @@
-"""Query an index: text, image and temporal ("A then B within W s") queries; tables, JSON, CSV.
+"""Query an index: text, image and event ("A then B then C", each within W s) queries, relevance
+feedback, one video, fused models; tables, JSON, CSV.
 
 Public API::
 
@@ -7,14 +8,17 @@ Public API::
     hits = searcher.search_text("a man riding a bike", k=20)
 """
 
+from mergeseek.retrieval.events import EventChain, chain_events
 from mergeseek.retrieval.format import format_timestamp, hits_json, hits_table, write_submission_csv
 from mergeseek.retrieval.search import Hit, Searcher, TemporalHit, best_per_video, pair_events, run_search
 
 __all__ = [
+    "EventChain",
     "Hit",
     "Searcher",
     "TemporalHit",
     "best_per_video",
+    "chain_events",
     "format_timestamp",
     "hits_json",
     "hits_table",
