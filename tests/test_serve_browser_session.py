@@ -242,3 +242,21 @@ def test_one_basket_per_query_id(server, browser_page):
     assert page.input_value("#queryId") == "q1"
     assert [int(x) for x in page.eval_on_selector_all("#basket li", "ls => ls.map(l => l.dataset.key)")] == [hits[0].id]
     assert not seen["errors"], seen["errors"]
+
+
+def test_a_basket_of_the_old_page_is_never_used(server, browser_page):
+    """Before issue #29 the basket was frame ids alone ('mergeseek-basket'): it is reported once, kept
+    aside, and never shown as this index's rows or exported."""
+    page, seen = browser_page
+    page.goto(server["base"] + "/")
+    page.evaluate("""() => { localStorage.clear(); localStorage.setItem('mergeseek-basket',
+        JSON.stringify([{key: 11, label: 'bikes @ 00:00:03.000'}])); }""")
+    page.reload()
+    page.wait_for_function("() => document.querySelector('#bstale').classList.contains('on')")
+    assert "older basket of 1 frame id(s)" in page.inner_text("#bstale") and "bikes @ 00:00:03.000" in page.inner_text("#bstale")
+    assert page.locator("#basket li").count() == 0
+    assert page.evaluate("() => localStorage.getItem('mergeseek-basket')") is None
+    page.reload()
+    page.wait_for_function("() => document.querySelector('#status').textContent.includes('frames of')")
+    assert not page.evaluate("() => document.querySelector('#bstale').classList.contains('on')")  # said once
+    assert not seen["errors"], seen["errors"]
