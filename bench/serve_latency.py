@@ -1,6 +1,7 @@
 """Latency of `cli.py serve` through its HTTP API on large random indexes, and thumbnails served per second.
 
     python -m bench.serve_latency --sizes 100000,1000000 --out bench_serve.json
+    python -m bench.serve_latency --sizes 1000000 --index-type auto      # the type cli.py index would choose (HNSW32 at 1M)
 
 For each size, a real index folder is written with the store's own commit path (random unit
 vectors, 1000 frames per fake video, a thumbnail pack for the first 10k frames made from a real
@@ -9,7 +10,9 @@ costs the same as with trained weights) and an HTTP client measures:
 
 * text search, every query new (text encode + FAISS + JSON), p50/p95 over ``--queries``;
 * the same query repeated (the text vector comes from the server's LRU cache);
-* ``GET /api/thumb/{id}``: thumbnails per second, one client and ``--clients`` concurrent ones.
+* ``GET /api/thumb/{id}``: thumbnails per second, one client and ``--clients`` concurrent ones;
+* recall@10 of the index (as the server sets it up: nprobe 16, efSearch 64) against exact search,
+  on 200 random unit queries (``--index-type`` other than Flat).
 
 Indexes are kept under ``--workdir`` and reused when their counts match.
 """
@@ -50,19 +53,23 @@ def _sample_thumb() -> bytes:
     return make_jpeg(frame)
 
 
-def build_random_index(root: Path, n: int, seed: int = 0) -> Path:
-    """``n`` random unit vectors in a real index folder (shards, manifest, index.faiss, one thumbnail pack)."""
-    from mergeseek.indexing.faiss_index import make_index, save_index
+def build_random_index(root: Path, n: int, seed: int = 0, index_type: str = "Flat") -> Path:
+    """``n`` random unit vectors in a real index folder (shards, manifest, index.faiss of ``index_type``,
+    ``auto`` as ``cli.py index --index-type auto`` resolves it; one thumbnail pack)."""
+    from mergeseek.indexing.faiss_index import AUTO, build_index, choose_index_type, make_index, save_index
     from mergeseek.indexing.store import EncodedSource, IndexStore, read_manifest
     from mergeseek.indexing.thumbs import write_pack
 
     m = read_manifest(root) if (root / "manifest.json").is_file() else None
-    if m is not None and m.counts()["vectors"] == n and m.faiss_generation == m.generation:
+    if index_type.strip().lower() == AUTO:
+        index_type = choose_index_type(n, IDENTITY["dim"])
+    if m is not None and m.counts()["vectors"] == n and m.faiss_generation == m.generation and m.index_type == index_type:
         return root
     rng = np.random.default_rng(seed)
-    index = make_index(IDENTITY["dim"], "Flat")
+    index = make_index(IDENTITY["dim"], "Flat") if index_type == "Flat" else None
+    parts = []
     thumb = _sample_thumb()
-    with IndexStore.open_for_write(root, IDENTITY, "Flat", force=True) as store:
+    with IndexStore.open_for_write(root, IDENTITY, index_type, force=True) as store:
         start = 0
         # shard edges fall on video edges (a source lives in one shard)
         assert n % FRAMES_PER_VIDEO == 0 and n >= THUMB_ROWS, f"size {n}: give a multiple of {FRAMES_PER_VIDEO} >= {THUMB_ROWS}"
@@ -82,16 +89,41 @@ def build_random_index(root: Path, n: int, seed: int = 0) -> Path:
                     frame_idx=frames, pts_time=frames / 25.0, paths=[key] * len(frames),
                     hashes=rng.integers(-2**62, 2**62, len(frames)), vectors=vecs[lo - start : hi - start]))
             ids = store.commit(items, {"sampling": "bench", "dedup": "none"})
-            index.add_with_ids(vecs, ids)
+            if index is not None:
+                index.add_with_ids(vecs, ids)
+            else:
+                parts.append((ids, vecs))
             if start == 0:
                 shard = sorted(store.manifest.shards)[-1]
                 hashes = np.concatenate([it.hashes for it in items])
                 write_pack(root, shard, ids, hashes, [thumb] * len(ids))
             start += size
             print(f"  {start}/{n} vectors written", file=sys.stderr)
+        if index is None:  # trained types are built on all the vectors at once, as cli.py index does
+            t = time.perf_counter()
+            index = build_index(np.concatenate([v for _, v in parts]), np.concatenate([i for i, _ in parts]), index_type,
+                                ngpu=0)
+            print(f"  built {index_type} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
         save_index(index, store.faiss_path)
         store.write_manifest(faiss_current=True)
     return root
+
+
+def recall_at_10(index_dir: Path, queries: int = 200, seed: int = 1, nprobe: int = 16, ef_search: int = 64) -> float:
+    """Recall@10 of the folder's index.faiss (as the server sets it up) against exact search, on random unit queries."""
+    from mergeseek.indexing.faiss_index import for_search, load_index
+    from mergeseek.indexing.store import IndexStore
+
+    store = IndexStore.open_for_read(index_dir)
+    ids, vecs = store.read_vectors()
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((queries, vecs.shape[1]), dtype=np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    sims = q @ vecs.T
+    top = np.argpartition(-sims, 10, axis=1)[:, :10]
+    exact = ids[top]  # the 10 best of each row, in any order (recall ignores the order)
+    _, got = for_search(load_index(store.faiss_path), ngpu=0, nprobe=nprobe, ef_search=ef_search).search(q, 10)
+    return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, got)]))
 
 
 def free_port() -> int:
@@ -166,6 +198,13 @@ def measure(index_dir: Path, queries: int, thumbs: int, clients: int, threads: i
     }
 
 
+def recorded_type(ix: Path) -> str:
+    """The index type the folder's manifest records (``auto`` resolved)."""
+    from mergeseek.indexing.store import IndexStore
+
+    return IndexStore.open_for_read(ix).manifest.index_type
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="100000,1000000", help="index sizes, comma-separated")
@@ -175,15 +214,19 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="OMP/MKL threads of the server")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/mergeseek-serve-bench"))
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
+    ap.add_argument("--index-type", default="Flat", help="FAISS type of the index (Flat, HNSW32, IVF4096,Flat, auto)")
     args = ap.parse_args(argv)
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "server_threads": args.threads}, "model": "ViT-B-32 (random weights), CPU", "index": "Flat",
+                          "server_threads": args.threads}, "model": "ViT-B-32 (random weights), CPU", "index": args.index_type,
               "k": 20, "runs": []}
     for n in (int(s) for s in args.sizes.split(",")):
         t = time.perf_counter()
-        ix = build_random_index(args.workdir / f"ix-{n}", n)
+        name = args.index_type.replace(",", "_")
+        ix = build_random_index(args.workdir / f"ix-{n}-{name}", n, index_type=args.index_type)
         print(f"index of {n} vectors ready in {time.perf_counter() - t:.0f} s", file=sys.stderr)
         run = measure(ix, args.queries, args.thumbs, args.clients, args.threads)
+        run["index_type"] = recorded_type(ix)
+        run["recall_at_10"] = round(recall_at_10(ix), 3)
         print(json.dumps(run), file=sys.stderr)
         report["runs"].append(run)
     text = json.dumps(report, indent=1)
