@@ -260,6 +260,7 @@ def _worker_init(backend: str = "decord") -> None:
         os.nice(5)  # the encoder comes first; speech fills the gaps (see pipeline._lower_priority)
     except OSError:
         pass
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="mergeseek-asr-watch").start()
     if backend == "decord":
         # This process never loads torch or torchcodec, so decord needs none of the import order
         # indexing.decoders keeps for processes that do (a worker saves torch's seconds and memory).
@@ -267,6 +268,14 @@ def _worker_init(backend: str = "decord") -> None:
             import decord  # noqa: F401
         except ImportError:  # read_audio names the package to install
             pass
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose run was killed (kill -9: no shutdown message) would wait for work forever: it
+    leaves once its parent is gone (re-parented), at the latest when its current video is done."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def transcribe_file(spec: str, path: str, backend: str = "decord") -> tuple[list[Segment], float, float]:

@@ -360,3 +360,60 @@ def test_index_asr_then_search_asr_finds_the_spoken_phrase_and_a_kill_resumes(tm
     assert [h["id"] for h in web] == [h.id for h in want] and "[" in web[0]["channels"]["asr"]["text"]
     fused = client.get("/api/search", params={"q": "a test pattern ASR: final match"}).json()["hits"]
     assert set(fused[0]["channels"]) == {"image", "asr"} and fused[0]["id"] in {h.id for h in want}
+
+
+_KILLED_RUN = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from test_indexing_support import build_encoder
+from mergeseek.indexing import IndexOptions, index_paths
+
+def workers():
+    me, out = str(os.getpid()), []
+    for d in Path("/proc").iterdir():
+        try:
+            status = (d / "status").read_text()
+        except OSError:
+            continue
+        if d.name.isdigit() and f"PPid:\\t{{me}}\\n" in status and b"spawn_main" in (d / "cmdline").read_bytes():
+            out.append(d.name)
+    return out
+
+def die(keys):
+    print("WORKERS", " ".join(workers()), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+index_paths([{videos!r}], {root!r}, build_encoder(), IndexOptions(sampling="fps=1", asr="pocketsphinx", shard_size=1),
+            on_commit=die)
+"""
+
+
+@needs_speech
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc (Linux)")
+def test_kill_9_after_a_commit_leaves_no_worker_and_the_resumed_run_agrees(tmp_path, encoder):
+    _pocketsphinx()
+    import time
+
+    from mergeseek.indexing import IndexOptions, index_paths
+    from mergeseek.indexing.store import IndexStore
+
+    videos = tmp_path / "videos"
+    for name, sentence in SAID.items():
+        _speaking_video(videos, name, sentence)
+    root = tmp_path / "ix"
+    script = _KILLED_RUN.format(tests=str(Path(__file__).parent), videos=str(videos), root=str(root))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == -9, done.stderr[-2000:]
+    pids = [int(p) for line in done.stdout.splitlines() if line.startswith("WORKERS") for p in line.split()[1:]]
+    assert pids, done.stdout  # the speech worker was running when the run died...
+    deadline = time.time() + 30
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+        time.sleep(0.5)
+    assert not any(Path(f"/proc/{p}").exists() for p in pids)  # ...and left with it
+    assert len(IndexStore.open_for_read(root).manifest.sources) == 1  # one video committed, one not
+    report = index_paths([videos], root, encoder, IndexOptions(sampling="fps=1", asr="pocketsphinx"))
+    assert len(report.indexed) == 1
+    ids = sorted(IndexStore.open_for_read(root).read_vectors()[0].tolist())
+    assert _text_ids(root) == ids  # every row once, its speech read by one of the two runs
