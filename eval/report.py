@@ -21,6 +21,9 @@ _CLS_METRICS = ("top1", "top5")
 _RET_METRICS = ("R@1", "R@5", "R@10", "R@100", "MRR")
 _VIDEO_METRICS = ("video_R@1", "video_R@5", "video_R@10", "video_MRR")
 _AIC_METRICS = ("AIC", "AIC_kis", "AIC_qa", "AIC_trake")  # the HCMC AI Challenge score (eval/aic_score.py)
+RANDOM_COLUMNS_NOTE = ("Random weights: the accuracy / recall columns are left out of the tables (with random "
+                       "weights they are meaningless, chance level at best; report.json keeps them); speed, FLOPs "
+                       "and agreement with the unmerged model are real")
 
 
 def write_report(report: EvalReport, out_dir: Path, plots: bool = True) -> list[Path]:
@@ -77,7 +80,7 @@ def model_tables(m: ModelResult) -> list[str]:
     head = f"## {m.name} ({d.get('kind')}, pretrained {d.get('pretrained')}, {d.get('tokens')} tokens × {d.get('layers')} blocks)"
     lines = [head, ""]
     if not m.meaningful:
-        lines += ["*Random weights: the accuracy / recall columns are meaningless; speed and agreement are real.*", ""]
+        lines += [f"*{RANDOM_COLUMNS_NOTE}*", ""]
     first = next(iter(m.timing.values()), None)
     mem_kind = first.mem_kind if first else ""
     clock = "single-thread CPU time" if first is not None and first.clock == "cpu" else "wall-clock"
@@ -144,22 +147,30 @@ def dataset_table(m: ModelResult, ds: DatasetResult) -> list[str]:
         lines.append("")
     if not ds.results:
         return lines
-    cols = metric_columns(ds)
+    scored = m.meaningful
+    cols = metric_columns(ds) if scored else []
+    primary = ds.primary if scored else ""
     agree_cols = [k for k in ds.results[0].agreement if k not in ("cos_p5", "cos_min")]
-    header = ["config", "img/s", "speed-up"] + cols + ([f"Δ{ds.primary}"] if ds.primary else []) + agree_cols
+    header = (["config", "img/s", "speed-up", "GFLOPs", "FLOP ratio"] + cols + ([f"Δ{primary}"] if primary else [])
+              + agree_cols)
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
     base = ds.result(BASELINE)
     for r in ds.results:
         t = m.timing.get(r.config)
-        row = [f"`{r.config}`", f"{t.images_per_s:.1f}" if t else "–", f"{m.speedup(r.config):.2f}×" if t else "–"]
+        row = [f"`{r.config}`", f"{t.images_per_s:.1f}" if t else "–", f"{m.speedup(r.config):.2f}×" if t else "–",
+               f"{m.gflops(r.config):.2f}", f"{m.flop_ratio.get(r.config, float('nan')):.2f}×"]
         row += [_pct(r.metrics.get(c)) for c in cols]
-        if ds.primary:
+        if primary:
             delta = r.metrics.get(ds.primary, math.nan) - (base.metrics.get(ds.primary, math.nan) if base else math.nan)
             row.append(f"{delta * 100:+.1f}")
         row += [f"{r.agreement[c]:.3f}" for c in agree_cols]
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "Metrics in %; Δ in points vs `none`; cos_mean = mean cosine to the unmerged embedding; "
+    lines += ["", "Metrics in %; Δ in points vs `none`; GFLOPs = ideal block GFLOPs per image from the token "
+              "counts (FLOP ratio = unmerged ÷ merged); cos_mean = mean cosine to the unmerged embedding; "
               "overlap = shared fraction of the top-k results (or classes) with the unmerged model.", ""]
+    if not scored and metric_columns(ds):
+        lines += [f"Accuracy columns left out: {m.name} has random weights (its top-1 / recall are chance level "
+                  "and say nothing about merging; they stay in report.json).", ""]
     return lines
 
 

@@ -88,11 +88,23 @@ class ModelResult:
     def speedup(self, config: str) -> float:
         return self.timing[config].speedup_over(self.timing["none"])
 
+    def gflops(self, config: str) -> float:
+        """Ideal block GFLOPs per image of ``config`` (2 x the MACs of ``eval.timing.encoder_macs``
+        from its token counts; the patch embedding, norms and head left out), NaN when unknown."""
+        from mergeseek.eval.timing import encoder_macs
+
+        counts, width = self.tokens.get(config), self.model.get("width")
+        if not counts or not width:
+            return float("nan")
+        n0 = int(self.model.get("tokens") or counts[0])
+        return 2.0 * encoder_macs(counts, int(width), float(self.model.get("mlp_ratio") or 4.0), n0) / 1e9
+
     def to_dict(self) -> dict:
         return {
             "model": dict(self.model),
             "timing": {k: (v.to_dict() if isinstance(v, TimingResult) else v) for k, v in self.timing.items()},
             "speedup": {k: self.speedup(k) for k in self.timing},
+            "gflops": {k: self.gflops(k) for k in self.tokens},
             "tokens": {k: list(v) for k, v in self.tokens.items()},
             "flop_ratio": dict(self.flop_ratio),
             "merge_stats": dict(self.merge_stats),
@@ -122,6 +134,22 @@ class EvalReport:
             "environment": dict(self.environment),
             "models": [m.to_dict() for m in self.models],
         }
+
+
+def models_from_json(data: dict) -> list[ModelResult]:
+    """The ``ModelResult``s of a saved ``report.json`` (``EvalReport.to_dict``), to redraw its plots
+    and tables without running the evaluation again."""
+    out = []
+    for m in data["models"]:
+        timing = {k: TimingResult(**{**v, "times_ms": tuple(v.get("times_ms", ()))}) for k, v in m["timing"].items()}
+        datasets = tuple(
+            DatasetResult(**{**{k: v for k, v in d.items() if k not in ("notes", "results")},
+                             "notes": tuple(d.get("notes", ())),
+                             "results": tuple(CandidateResult(**r) for r in d.get("results", ()))})
+            for d in m.get("datasets", ()))
+        out.append(ModelResult(model=m["model"], timing=timing, tokens=m["tokens"], flop_ratio=m["flop_ratio"],
+                               merge_stats=m.get("merge_stats", {}), datasets=datasets))
+    return out
 
 
 def environment(device: str = "cpu") -> dict:
