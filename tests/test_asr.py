@@ -361,6 +361,19 @@ def test_index_asr_then_search_asr_finds_the_spoken_phrase_and_a_kill_resumes(tm
     fused = client.get("/api/search", params={"q": "a test pattern ASR: final match"}).json()["hits"]
     assert set(fused[0]["channels"]) == {"image", "asr"} and fused[0]["id"] in {h.id for h in want}
 
+    # merge-index and export carry the speech, transcribe nothing again
+    import pyarrow.parquet as pq
+
+    from mergeseek.indexing.export import META_FILE, export_index
+    from mergeseek.indexing.merge import merge_indexes
+
+    merge_indexes([root], tmp_path / "merged")
+    assert len(_text_ids(tmp_path / "merged")) == len(committed) and hits_frame(tmp_path / "merged") == hits_frame(root)
+    export_index(root, tmp_path / "out")
+    table = pq.read_table(tmp_path / "out" / META_FILE)
+    said = [t for v, t in zip(table.column("video_id").to_pylist(), table.column("asr_text").to_pylist()) if v == "football"]
+    assert any("match" in t for t in said) and not any(table.column("ocr_text").to_pylist() if "ocr_text" in table.column_names else [])
+
 
 _KILLED_RUN = """
 import os, signal, sys
