@@ -306,7 +306,7 @@ class AsrStage:
                                         initializer=_worker_init, initargs=(backend,))
         self.jobs: dict[str, Future] = {}
         self._all: list[Future] = []
-        self.busy_s = self.audio_s = 0.0
+        self.busy_s = self.audio_s = 0.0  # the workers' CPU seconds transcribing, and the seconds of sound
         self._lock = threading.Lock()
 
     def submit(self, key: str, path: str) -> None:
