@@ -26,7 +26,7 @@ from mergeseek.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-REFERENCE_NAMES = ("reference-cifar10", "reference-tiny")
+REFERENCE_NAMES = ("reference-cifar10", "reference-tiny", "reference-speech")
 
 
 @dataclass
@@ -205,7 +205,10 @@ def _load_reference(name: str, device: str, precision: str) -> ModelUnderTest:
     """The CIFAR-10 reference ViT with its trained weights; a registered name whose weights are
     absent falls back to random weights (reported as not meaningful)."""
     from mergeseek.eval import reference as ref
+    from mergeseek.eval.speech_reference import is_speech_config
 
+    if is_speech_config(name):
+        return _load_speech(name, device, precision)
     if name in REFERENCE_NAMES and not ref.reference_available(name):
         log.warning("reference weights for %s are not present: using random weights", name)
         model = ref.build_model(ref.get_config(name)).to(device).eval()
@@ -217,6 +220,24 @@ def _load_reference(name: str, device: str, precision: str) -> ModelUnderTest:
         name=name, kind="classifier", pretrained=name if meaningful else None, meaningful=meaningful, base=model,
         preprocess=_ReferencePreprocess(info), device=device, precision=precision,
         label_space="cifar10" if int(model.num_classes) == 10 else "", num_classes=int(model.num_classes),
+    )
+
+
+def _load_speech(name: str, device: str, precision: str) -> ModelUnderTest:
+    """The speech reference (``eval.speech_reference``): spectrograms in, its own 20-way head."""
+    from mergeseek.eval import speech_reference as sr
+
+    if sr.speech_reference_available(name):
+        model, cfg = sr.load_speech_reference(name, device)
+        meaningful = True
+    else:
+        log.warning("reference weights for %s are not present: using random weights", name)
+        cfg = sr.get_speech_config(name)
+        model, meaningful = sr.build_speech_model(cfg).to(device).eval(), False
+    return ModelUnderTest(
+        name=name, kind="classifier", pretrained=name if meaningful else None, meaningful=meaningful, base=model,
+        preprocess=sr.SpectrogramPreprocess.from_config(cfg), device=device, precision=precision,
+        label_space="speech-words", num_classes=int(model.num_classes),
     )
 
 

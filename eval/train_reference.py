@@ -529,8 +529,14 @@ def run(*, data: Optional[str] = None, out: str = "runs/ref", config: str = "ref
     """The one function behind ``cli.py train-reference`` (and ``python -m mergeseek.eval.train_reference``).
 
     ``data`` defaults to ``cifar10`` under the data root (``$MERGESEEK_DATA`` or the user's cache,
-    see :func:`eval.config.default_data_root`).
+    see :func:`eval.config.default_data_root`). A speech config (``reference-speech``) trains the
+    audio reference instead (:func:`eval.speech_reference.run_speech`).
     """
+    from mergeseek.eval.speech_reference import is_speech_config, run_speech
+
+    if is_speech_config(config):
+        return run_speech(data=data, out=out, config=config, overrides=overrides, epochs=epochs, export=export, to=to,
+                          time_budget=time_budget, eval_limit=eval_limit, fresh=fresh, command=command)
     if data is None:
         from mergeseek.eval.config import default_data_root
 

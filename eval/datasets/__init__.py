@@ -9,6 +9,7 @@ Spec syntax (``--dataset``, repeatable): ``NAME[:PATH][,key=value...]``::
     coco,split=val2017               # <data-root>/coco_captions
     keyframes:/data/aic,queries=/data/aic/queries.jsonl
     imagefolder:/data/my_classes,templates=ensemble
+    speech-words                     # espeak-ng spoken words as log-mel (generated, cached)
 
 Keys: ``split``, ``queries``, ``class_map``, ``templates`` (``single`` or ``ensemble``),
 ``name`` (name in reports).
@@ -44,6 +45,7 @@ DATASETS = {
     "coco": ("retrieval", "coco_captions"),
     "captions": ("retrieval", None),
     "keyframes": ("retrieval", None),
+    "speech-words": ("classification", "speech_words"),
 }
 OPTION_KEYS = ("split", "queries", "class_map", "templates", "name")
 
@@ -110,6 +112,10 @@ def load_dataset(spec: Union[str, DatasetSpec], data_root: Union[str, Path, None
         ds = load_imagenet(path, Path(cm) if cm else None)
     elif spec.name == "imagefolder":
         ds = load_imagefolder(path)
+    elif spec.name == "speech-words":
+        from mergeseek.eval.datasets.speech import load_speech_words
+
+        ds = load_speech_words(path, split or "test")
     elif spec.name in ("coco", "captions"):
         ds = load_captions(path, split, limit, seed, name=spec.name)
     else:  # keyframes

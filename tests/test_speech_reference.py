@@ -1,0 +1,163 @@
+"""Audio: the espeak-ng ``speech-words`` generator and the AST-style speech reference under merging.
+
+A tiny generated set (3 words, one voice per split, 16 mel x 32 frames) keeps these fast; the
+matchers are checked against the naive loops of test_merging / test_lsh / test_seed_methods on
+tokens and attention computed from real spectrograms."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from mergeseek.encoders import apply_merging, remove_merging, token_counts
+from mergeseek.encoders.merging import (MATCHERS, bipartite_soft_matching, importance_merging, lsh_partners,
+                                        merge_wavg, simhash_planes, zerotprune_merging)
+from mergeseek.errors import ConfigError, MissingDependencyError
+from mergeseek.eval.datasets.speech import SpeechWordsSpec, generate_split, load_split, log_mel, mel_filterbank
+from mergeseek.eval.speech_reference import build_speech_model, get_speech_config
+
+from test_lsh import naive_lsh_partners
+from test_merging import naive_bipartite
+from test_seed_methods import naive_importance, naive_zerotprune
+
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
+                                  reason="espeak-ng is not installed (Debian package espeak-ng)")
+
+TINY = SpeechWordsSpec(words=("yes", "no", "stop"), train_voices=("en-us",), train_variants=("m1", "f2"),
+                       test_voices=("en-gb-x-rp",), test_variants=("m5",), renders=(1, 1), copies=(1, 1),
+                       n_mels=16, frames=32, clip_s=0.5)
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (Debian package espeak-ng)")
+    root = tmp_path_factory.mktemp("speech")
+    load_split(root, "train", TINY)
+    return root
+
+
+@pytest.fixture(scope="module")
+def spectrograms(tiny_root):
+    """The 6 tiny training clips scaled as the model takes them: float32 [6, 1, 16, 32]."""
+    cfg = get_speech_config("reference-speech-tiny")
+    feats = load_split(tiny_root, "train", TINY).features.astype(np.float32)
+    return (torch.from_numpy(feats)[:, None] - cfg.mean) / cfg.std
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    return build_speech_model(get_speech_config("reference-speech-tiny")).eval()
+
+
+# ----------------------------------------------------------------------------- the data set
+@needs_espeak
+def test_same_seed_gives_the_same_bytes_and_another_seed_does_not(tiny_root, tmp_path):
+    again = load_split(tmp_path / "a", "train", TINY)
+    assert (tmp_path / "a" / TINY.key() / "train.npz").read_bytes() == (tiny_root / TINY.key() / "train.npz").read_bytes()
+    other = generate_split(SpeechWordsSpec(**{**TINY.__dict__, "seed": 1}), "train")
+    assert again.features.shape == other.features.shape == (6, 16, 32)
+    assert not np.array_equal(again.features, other.features)  # the seed reaches speed, pitch and noise
+    assert again.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert set(again.voices) == {"en-us+m1", "en-us+f2"}
+
+
+@needs_espeak
+def test_test_split_hears_only_unseen_voices(tiny_root):
+    test = load_split(tiny_root, "test", TINY)
+    assert set(test.voices) == {"en-gb-x-rp+m5"}
+    with pytest.raises(ConfigError, match="must not share"):
+        SpeechWordsSpec(train_voices=("en-us",), test_voices=("en-us",))
+
+
+def test_missing_espeak_is_refused_in_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no espeak-ng on it
+    with pytest.raises(MissingDependencyError) as info:
+        generate_split(TINY, "train")
+    text = str(info.value)
+    assert "\n" not in text and "espeak-ng" in text and "apt-get install espeak-ng" in text
+
+
+def test_log_mel_puts_a_tone_in_the_band_around_its_frequency():
+    spec = SpeechWordsSpec()
+    t = np.arange(int(spec.clip_s * spec.sample_rate)) / spec.sample_rate
+    fb = mel_filterbank(spec.n_fft, spec.n_mels, spec.sample_rate)
+    bin_hz = spec.sample_rate / spec.n_fft
+    for hz in (300.0, 1000.0, 4000.0):
+        tone = 0.5 * np.sin(2 * np.pi * hz * t).astype(np.float32)
+        band = int(log_mel(tone[None], spec)[0].mean(axis=1).argmax())
+        assert fb[band, int(round(hz / bin_hz))] > 0.5  # the loudest band's triangle covers the tone
+    assert log_mel(np.zeros((1, len(t)), np.float32), spec).max() == pytest.approx(np.log(1e-6))
+
+
+# ----------------------------------------------------------------------------- merging on spectrograms
+def test_speech_model_has_the_ast_token_grid():
+    cfg = get_speech_config("reference-speech")
+    model = build_speech_model(cfg)
+    assert cfg.num_tokens == 129 and model.patch_embed.grid_size == (8, 16)
+    assert model(torch.zeros(1, 1, 64, 128)).shape == (1, 20)
+
+
+@needs_espeak
+def test_r0_equals_unmerged(tiny_model, spectrograms):
+    with torch.inference_mode():
+        ref = tiny_model(spectrograms)
+        apply_merging(tiny_model, "r=0")
+        out = tiny_model(spectrograms)
+    assert type(tiny_model).__name__.startswith("Merging")
+    assert (out - ref).abs().max().item() <= 1e-5
+
+
+@needs_espeak
+@pytest.mark.parametrize("method", list(MATCHERS))
+def test_batch_of_four_equals_four_batches_of_one(tiny_model, spectrograms, method):
+    x = spectrograms[:4]
+    apply_merging(tiny_model, f"r=6,method={method}")
+    with torch.inference_mode():
+        together = tiny_model(x)
+        alone = torch.cat([tiny_model(x[i:i + 1]) for i in range(4)])
+    counts = token_counts(tiny_model)
+    remove_merging(tiny_model)
+    assert (together - alone).abs().max().item() <= 1e-4
+    assert counts == [27, 21]  # the merge really ran: 33 tokens (4 x 8 patches + class) less 6 per block
+
+
+def _first_block_inputs(model, x):
+    """Tokens entering block 0, its head-averaged keys (the merge metric) and attention probabilities."""
+    with torch.inference_mode():
+        tokens = model.norm_pre(model._pos_embed(model.patch_embed(x))).double()
+        blk = model.blocks[0]
+        h = blk.norm1(tokens.float())
+        b, n, _ = h.shape
+        q, k, _ = blk.attn.qkv(h).reshape(b, n, 3, blk.attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = ((q @ k.transpose(-2, -1)) * blk.attn.scale).softmax(-1)
+    return tokens, k.mean(1).double(), attn.double()
+
+
+@needs_espeak
+def test_matchers_agree_with_naive_loops_on_spectrogram_tokens(tiny_model, spectrograms):
+    x, metric, attn = _first_block_inputs(tiny_model, spectrograms[:3])
+    size = torch.ones(*x.shape[:2], 1, dtype=torch.float64)
+    n, r = x.shape[1], 8
+    planes = simhash_planes(metric.shape[-1], 2, 2, seed=3)
+    best, partner, _ = lsh_partners(metric, size=size, lsh_bits=2, lsh_tables=2, lsh_window=8, planes=planes)
+    outs = {"bipartite": merge_wavg(bipartite_soft_matching(metric, r, size=size)[0], x, size),
+            "importance": merge_wavg(importance_merging(metric, r, size=size, attn=attn[:, :, :1]), x, size),
+            "zerotprune": merge_wavg(zerotprune_merging(metric, r, size=size, attn=attn, iters=3)[0], x, size)}
+    found = 0
+    for b in range(3):
+        for name, want in (("bipartite", naive_bipartite(metric[b], x[b], size[b], r)[:2]),
+                           ("importance", naive_importance(metric[b], x[b], size[b], attn[b, :, 0].mean(0), r)),
+                           ("zerotprune", naive_zerotprune(metric[b], x[b], size[b], attn[b], r, 3))):
+            torch.testing.assert_close(outs[name][0][b], want[0], msg=name)
+            torch.testing.assert_close(outs[name][1][b], want[1], msg=name)
+        for p, (score, q) in naive_lsh_partners(metric[b], planes, 2, 2, 8).items():
+            if q is not None:
+                found += 1
+                assert float(best[b, p // 2]) == pytest.approx(score, abs=1e-9)
+                assert int(partner[b, p // 2]) * 2 + 1 == q
+    assert found > n  # most A tokens of the 3 clips found a hashed partner: not vacuous
