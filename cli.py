@@ -770,7 +770,7 @@ def train_reference_cmd(
     out: Annotated[Path, typer.Option("--out", help="Run folder (last.pt, manifest.json); resumed when present.")] = Path(
         "runs/ref"
     ),
-    config: Annotated[str, typer.Option("--config", help="reference-cifar10 (the committed one) or reference-tiny.")] = (
+    config: Annotated[str, typer.Option("--config", help="reference-cifar10 (the committed one), reference-tiny, or reference-speech (audio; --data is its speech_words folder).")] = (
         "reference-cifar10"
     ),
     overrides: Annotated[str, typer.Option("--set", help="Config overrides, e.g. 'lr=5e-4,depth=6,mix_prob=0.5'.")] = "",

@@ -346,7 +346,7 @@ def _epoch(model, opt, cfg: SpeechConfig, epoch: int, x_all, y_all) -> Dict[str,
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        loss_sum += float(loss)
+        loss_sum += loss.item()
     return {"epoch": epoch + 1, "loss": round(loss_sum / steps, 5), "lr": lr}
 
 

@@ -161,3 +161,23 @@ def test_matchers_agree_with_naive_loops_on_spectrogram_tokens(tiny_model, spect
                 assert float(best[b, p // 2]) == pytest.approx(score, abs=1e-9)
                 assert int(partner[b, p // 2]) * 2 + 1 == q
     assert found > n  # most A tokens of the 3 clips found a hashed partner: not vacuous
+
+
+# ----------------------------------------------------------------------------- training and export
+@needs_espeak
+def test_train_resume_export_and_load_round_trip(tiny_root, tmp_path, spectrograms):
+    from mergeseek.eval.speech_reference import export_speech, load_speech_reference, train_speech
+
+    cfg = get_speech_config("reference-speech-tiny")
+    first = train_speech(tiny_root, tmp_path / "run", cfg, spec=TINY, time_budget_s=0.0)  # stops after epoch 1
+    assert (first.epochs_done, first.complete) == (1, False)
+    done = train_speech(tiny_root, tmp_path / "run", cfg, spec=TINY)  # resumes: epoch 2 of 2
+    assert (done.epochs_done, done.complete) == (2, True) and [h["epoch"] for h in done.history] == [1, 2]
+    exported = export_speech(done.checkpoint, tmp_path / "ref")
+    model, loaded_cfg = load_speech_reference(exported.weights)
+    trained, _ = load_speech_reference(done.checkpoint)
+    assert loaded_cfg == cfg
+    with torch.inference_mode():  # fp16 export of fp32 weights: close, not equal
+        torch.testing.assert_close(model(spectrograms), trained(spectrograms), atol=2e-2, rtol=0)
+    with pytest.raises(ConfigError, match="another config"):
+        train_speech(tiny_root, tmp_path / "run", cfg.__class__(**{**cfg.to_dict(), "lr": 5e-4}), spec=TINY)
