@@ -18,6 +18,7 @@ from mergeseek.options import parse_options
 METHODS = ("none", *REGISTRY)  # every registered method (encoders/merging/registry.py)
 SCHEDULES = ("constant", "decreasing")
 MERGES = ("mean", "mlerp")  # how merged tokens are averaged (merge=)
+METRICS = ("keys", "heads")  # what similarity is measured on (metric=)
 _BOOL_TRUE = ("1", "true", "on", "yes")
 _BOOL_FALSE = ("0", "false", "off", "no")
 
@@ -48,6 +49,9 @@ class MergeConfig:
         merge: how a merged token is formed: ``mean`` (ToMe's size-weighted average) or ``mlerp``
             (ToFu's norm-preserving merge: the average's direction, rescaled to the size-weighted
             mean of its members' norms; any method).
+        metric: what the methods measure similarity on: ``keys`` (ToMe's head-averaged keys) or
+            ``heads`` (each head's keys unit-normalised and concatenated: the cosine of two tokens
+            is the mean over heads of their per-head cosines); any method.
     """
 
     method: str = "bipartite"
@@ -64,6 +68,7 @@ class MergeConfig:
     prune: bool = False
     layers: Tuple[int, ...] = ()
     merge: str = "mean"
+    metric: str = "keys"
 
     def __post_init__(self) -> None:
         if self.method != "none" and self.method not in REGISTRY:
@@ -72,6 +77,8 @@ class MergeConfig:
             raise ConfigError(f"merge schedule={self.schedule!r} is not valid; choose one of: {', '.join(SCHEDULES)}")
         if self.merge not in MERGES:
             raise ConfigError(f"merge merge={self.merge!r} is not valid; choose one of: {', '.join(MERGES)}")
+        if self.metric not in METRICS:
+            raise ConfigError(f"merge metric={self.metric!r} is not valid; choose one of: {', '.join(METRICS)}")
         rs = self.r if isinstance(self.r, tuple) else (self.r,)
         if any((not isinstance(v, int)) or v < 0 for v in rs):
             raise ConfigError(f"merge r={self.r!r} is not valid; give a non-negative integer or a list of them")
@@ -246,7 +253,7 @@ def _int_list(key: str, value: str) -> Tuple[int, ...]:
 
 
 def _convert(key: str, value: str) -> Any:
-    if key in ("method", "schedule", "merge"):
+    if key in ("method", "schedule", "merge", "metric"):
         return value.lower()
     if key == "r":
         return _int_list(key, value) if value.startswith(("[", "(")) else _int(key, value)

@@ -26,7 +26,7 @@ from mergeseek.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-REFERENCE_NAMES = ("reference-cifar10", "reference-tiny", "reference-speech")
+REFERENCE_NAMES = ("reference-cifar10", "reference-cifar10-56", "reference-tiny", "reference-speech")
 
 
 @dataclass

@@ -90,7 +90,8 @@ def test_the_recorders_do_see_host_reads():
     assert _syncs(lambda: t[torch.tensor([0, 2])]) == ([], [])  # an integer index reads nothing
 
 
-ENERGY_SPECS = ["r=8,method=energy", "r=16,method=energy_lsh", "r=8,method=energy,merge=mlerp"]
+ENERGY_SPECS = ["r=8,method=energy", "r=16,method=energy_lsh", "r=8,method=energy,merge=mlerp",
+                "r=16,metric=heads,merge=mlerp", "r=8,method=lsh,metric=heads"]
 
 
 @pytest.mark.parametrize("spec", COMPILE_SPECS + ["r=8,method=zerotprune"] + ENERGY_SPECS)

@@ -1,5 +1,5 @@
-"""Energy-guided merging (``method=energy`` / ``energy_lsh``) and the norm-preserving merge
-(``merge=mlerp``) against naive per-image loops written from the rule, plus r=0, batch and the
+"""Energy-guided merging (``method=energy`` / ``energy_lsh``), the norm-preserving merge
+(``merge=mlerp``) and the per-head metric (``metric=heads``) against naive per-image loops written from the rule, plus r=0, batch and the
 patched model. The compile / host-read / op-budget checks live with the other methods'
 (test_compile.py, test_op_diet.py)."""
 
@@ -153,7 +153,23 @@ def tiny():
     return build_model(get_config("reference-tiny")).eval()
 
 
-@pytest.mark.parametrize("spec", ["method=energy,r=0", "method=energy_lsh,r=0", "method=energy,r=0,merge=mlerp"])
+def test_heads_metric_cosine_is_the_mean_of_the_per_head_cosines():
+    from mergeseek.encoders.patch.common import key_metric
+
+    k = torch.randn(2, 3, 7, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    m = key_metric(k, "heads")
+    assert m.shape == (2, 7, 12)
+    torch.testing.assert_close(key_metric(k, "keys"), k.mean(dim=1))
+    assert key_metric(k, None) is None
+    for b in range(2):
+        for i in range(7):
+            for j in range(7):
+                want = sum(float(_unit(k[b, h, i]) @ _unit(k[b, h, j])) for h in range(3)) / 3
+                assert float(_unit(m[b, i]) @ _unit(m[b, j])) == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.parametrize("spec", ["method=energy,r=0", "method=energy_lsh,r=0", "method=energy,r=0,merge=mlerp",
+                                  "r=0,metric=heads"])
 def test_r_zero_is_the_unpatched_model(tiny, spec):
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -163,7 +179,7 @@ def test_r_zero_is_the_unpatched_model(tiny, spec):
 
 
 @pytest.mark.parametrize("spec", ["method=energy,r=3", "method=energy_lsh,r=3", "method=energy,r=3,merge=mlerp",
-                                  "r=3,merge=mlerp"])
+                                  "r=3,merge=mlerp", "r=3,metric=heads", "method=lsh,r=3,metric=heads"])
 def test_a_batch_of_four_equals_four_single_images(tiny, spec):
     model = apply_merging(copy.deepcopy(tiny), spec)
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))

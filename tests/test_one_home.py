@@ -230,6 +230,7 @@ def test_user_record_files_are_parsed_only_by_the_one_reader():
         "indexing/": "the index's own files and an AI Challenge release's fixed files (maps, media-info)",
         "eval/reference.py": "the reference model's own run folder",
         "eval/zeroshot.py": "a templates file (a list of strings, not records)",
+        "eval/plots.py": "the evaluator's own report.json, drawn again (replot)",
         "eval/datasets/classification.py": "a dataset's own label tables (Pets, ImageNet), fixed formats",
     }
     readers = {("json", "loads"), ("json", "load"), ("csv", "reader"), ("csv", "DictReader")}

@@ -53,7 +53,7 @@ def apply_merging(model: torch.nn.Module, cfg: Union[MergeConfig, str, None]) ->
     root._merge_protected = fam.protected
     root._merge_last = None
     _drop_state(root)
-    state = cfg.matcher_state(fam.head_dim, next(root.parameters()).device) if cfg.spec.state else {}
+    state = cfg.matcher_state(_metric_dim(fam, cfg), next(root.parameters()).device) if cfg.spec.state else {}
     for name, tensor in state.items():
         root.register_buffer("_merge_" + name, tensor, persistent=False)
     root._merge_state = tuple(state)
@@ -66,7 +66,12 @@ def method_state(fam, cfg: MergeConfig) -> Dict[str, torch.Tensor]:
     root = fam.root
     if getattr(root, "_merge_cfg", None) == cfg:
         return {k: getattr(root, "_merge_" + k) for k in root._merge_state}
-    return cfg.matcher_state(fam.head_dim, next(root.parameters()).device) if cfg.spec.state else {}
+    return cfg.matcher_state(_metric_dim(fam, cfg), next(root.parameters()).device) if cfg.spec.state else {}
+
+
+def _metric_dim(fam, cfg: MergeConfig) -> int:
+    """Width of the matchers' metric: a head's (``metric=keys``) or all heads' (``metric=heads``)."""
+    return fam.vit_shape()[0] if cfg.metric == "heads" else fam.head_dim
 
 
 def _drop_state(root: torch.nn.Module) -> None:

@@ -63,6 +63,7 @@ class Plan:
     options: dict
     attn_mode: str = "auto"  # how log(size) reaches the fused attention: "auto", "channel" or "mask"
     mlerp: bool = False  # norm-preserving merge (MergeConfig.merge)
+    metric: str = "keys"  # what similarity is measured on (MergeConfig.metric, key_metric)
 
 
 @dataclass
@@ -82,7 +83,7 @@ def make_plan(cfg: MergeConfig, protected: int, state: Optional[Dict[str, Tensor
     if state:
         options = dict(options, **state)
     return Plan(spec.fn, spec.needs, cfg.prop_attn, protected, options, attn_mode or default_attn_mode(),
-                cfg.merge == "mlerp")
+                cfg.merge == "mlerp", cfg.metric)
 
 
 ATTN_MODES = ("auto", "channel", "mask")
@@ -100,6 +101,20 @@ def default_attn_mode() -> str:
         return "auto"
     mode = os.environ.get("MERGESEEK_PROP_ATTN", "auto").strip().lower()
     return mode if mode in ATTN_MODES else "auto"
+
+
+def key_metric(k: Tensor, kind) -> Optional[Tensor]:
+    """The matchers' metric from an attention's keys [B, H, N, D]: ``keys`` (or True) the
+    head-averaged keys [B, N, D] (ToMe's); ``heads`` every head's keys unit-normalised and
+    concatenated [B, N, H * D], whose cosine is the mean of the per-head cosines; None for a
+    false ``kind`` (the block does not merge)."""
+    if not kind:
+        return None
+    if kind is True or kind == "keys":
+        return k.mean(dim=1)
+    b, h, n, d = k.shape
+    unit = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return unit.transpose(1, 2).reshape(b, n, h * d)
 
 
 def attention_bias(state: TokenState, prop_attn: bool, dtype: torch.dtype) -> Optional[Tensor]:
@@ -188,7 +203,8 @@ class MergingBlock:
 
     def merged_forward(self, x: Tensor, state: TokenState, r: int, plan: Plan):
         bias = attention_bias(state, plan.prop_attn, x.dtype)
-        h, metric, probs = self._merge_attend(x, bias, plan.needs if r > 0 else "keys", plan.attn_mode, r > 0)
+        h, metric, probs = self._merge_attend(x, bias, plan.needs if r > 0 else "keys", plan.attn_mode,
+                                              plan.metric if r > 0 else None)
         x = x + h
         x, state, merged = merge_tokens(x, state, metric, probs, r, plan)
         x = x + self._merge_mlp(x)

@@ -10,8 +10,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from mergeseek.encoders.patch.common import (MergingBlock, TokenState, attention_bias, attention_probs, layer_norm,
-                                             run_blocks, sdpa, sized_mean)
+from mergeseek.encoders.patch.common import (MergingBlock, TokenState, attention_bias, attention_probs, key_metric,
+                                             layer_norm, run_blocks, sdpa, sized_mean)
 
 Tensor = torch.Tensor
 
@@ -27,7 +27,7 @@ def mha_attention(
     """``nn.MultiheadAttention`` self-attention through the fused kernel with an additive bias
     (``mode``: how the bias reaches the kernel, see ``common.sdpa``).
 
-    Returns (output, metric = head-averaged keys (None when ``metric`` is False), attention
+    Returns (output, metric = ``key_metric(keys, metric)`` (None when ``metric`` is false), attention
     probabilities if ``needs`` them).
     """
     batch, n, c = x.shape
@@ -36,7 +36,7 @@ def mha_attention(
     out = sdpa(q, k, v, bias, attn.dropout if attn.training else 0.0, mode=mode)
     out = F.linear(out.transpose(1, 2).reshape(batch, n, c), attn.out_proj.weight, attn.out_proj.bias)
     probs = attention_probs(q, k, bias, q.shape[-1] ** -0.5, needs)
-    return out, k.mean(dim=1) if metric else None, probs
+    return out, key_metric(k, metric), probs
 
 
 def custom_attention(attn, x: Tensor, bias: Optional[Tensor], needs: str, mode: str = "auto", metric: bool = True):
@@ -60,7 +60,7 @@ def custom_attention(attn, x: Tensor, bias: Optional[Tensor], needs: str, mode: 
         out = out * attn.head_scale
     out = attn.ln_inner(out.transpose(1, 2).reshape(batch, n, c))
     out = attn.out_drop(attn.out_proj(out))
-    return out, k.mean(dim=1) if metric else None, probs
+    return out, key_metric(k, metric), probs
 
 
 class MergingResidualBlock(MergingBlock):

@@ -10,8 +10,8 @@ from typing import Optional
 import torch
 
 from mergeseek.encoders.family import base_class, own_timm_head
-from mergeseek.encoders.patch.common import (MergingBlock, TokenState, attention_bias, attention_probs, layer_norm,
-                                             run_blocks, sdpa, sized_max, sized_mean)
+from mergeseek.encoders.patch.common import (MergingBlock, TokenState, attention_bias, attention_probs, key_metric,
+                                             layer_norm, run_blocks, sdpa, sized_max, sized_mean)
 from mergeseek.errors import UnsupportedModelError
 
 Tensor = torch.Tensor
@@ -36,7 +36,7 @@ def timm_attention(attn, x: Tensor, bias: Optional[Tensor], needs: str, mode: st
     if gate is not None:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
-    return out, k.mean(dim=1) if metric else None, attention_probs(q, k, bias, attn.scale, needs)
+    return out, key_metric(k, metric), attention_probs(q, k, bias, attn.scale, needs)
 
 
 class MergingTimmBlock(MergingBlock):
