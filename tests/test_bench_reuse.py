@@ -49,3 +49,22 @@ def test_reuse_ab_of_a_module_against_itself_gives_identical_outputs(one_torch_t
     finally:
         torch.set_num_threads(threads)
     assert row["max_abs_diff"] == 0.0 and row["gain_old"] > 0 and row["gain_new"] > 0
+
+
+def test_neighbour_overlap_is_the_share_of_each_frames_k_nearest_frames_kept():
+    """Against a hand count: 4 frames on a line; the other encoding swaps which of frame 0's
+    neighbours is nearest-but-one (k=2 keeps {1, 2} -> {1, 3}: half of frame 0's list)."""
+    import numpy as np
+
+    from bench.reuse import neighbour_overlap
+
+    def unit(angles):
+        a = np.radians(np.asarray(angles, dtype=float))
+        return np.stack([np.cos(a), np.sin(a)], axis=1)
+
+    base = unit([0, 10, 20, 30])  # neighbours: 0 -> 1, 2; 1 -> 0, 2; 2 -> 1, 3; 3 -> 2, 1
+    assert neighbour_overlap(base, base, k=2) == 1.0
+    other = unit([0, 10, 40, 25])  # 0 -> 1, 3; 1 -> 0, 3; 2 -> 3, 1; 3 -> 2, 1
+    # frame 0: {1,2} vs {1,3} 1/2; frame 1: {0,2} vs {0,3} 1/2; frame 2: {1,3} vs {3,1} 1; frame 3: {2,1} vs {2,1} 1
+    assert neighbour_overlap(base, other, k=2) == (0.5 + 0.5 + 1 + 1) / 4
+    assert neighbour_overlap(base, other, k=10) == 1.0  # k is cut to the 3 other frames
