@@ -233,3 +233,33 @@ def test_committed_reference_reproduces_its_recorded_accuracy():
     test = load_cifar10_npz(SHARED_CIFAR, "test", limit=1000)
     top1 = evaluate_reference(model, test.images, test.labels, batch_size=250, preprocess=info)
     assert abs(top1 - recorded) <= 0.005, f"offline top-1 {top1:.4f} vs recorded {recorded:.4f}"
+
+
+def test_init_from_another_reference_resamples_the_position_embeddings(tmp_path, one_thread):
+    """train-reference --init: every weight copied, the position grid resampled to the new input
+    size (the class token's embedding kept), the source recorded."""
+    from mergeseek.eval.reference import EXPORT_FORMAT, build_model, get_config, init_from
+
+    src_cfg = get_config("reference-tiny")
+    torch.manual_seed(0)
+    src = build_model(src_cfg)
+    path = tmp_path / "src.pt"
+    torch.save({"format": EXPORT_FORMAT, "config": src_cfg.to_dict(), "state_dict": src.state_dict()}, path)
+    dst = build_model(src_cfg.with_overrides("img_size=48,name=reference-tiny"))  # 6 x 6 patches instead of 4 x 4
+    record = init_from(dst, path)
+    assert record["path"] == str(path) and len(record["sha256"]) == 64
+    for name, value in src.state_dict().items():
+        if name != "pos_embed":
+            torch.testing.assert_close(dst.state_dict()[name], value)
+    assert dst.pos_embed.shape == (1, 37, 32)
+    torch.testing.assert_close(dst.pos_embed[:, :1], src.pos_embed[:, :1])  # the class token's, untouched
+    grid = dst.pos_embed[0, 1:].reshape(6, 6, 32)
+    # a constant grid stays constant under resampling: a check independent of the interpolation
+    const = build_model(src_cfg)
+    with torch.no_grad():
+        const.load_state_dict(src.state_dict())
+        const.pos_embed[:, 1:] = 0.25
+    torch.save({"format": EXPORT_FORMAT, "config": src_cfg.to_dict(), "state_dict": const.state_dict()}, path)
+    init_from(dst, path)
+    torch.testing.assert_close(dst.pos_embed[0, 1:], torch.full((36, 32), 0.25))
+    assert grid.shape == (6, 6, 32)
