@@ -38,7 +38,7 @@ def test_fields_parsed():
     "spec,needle",
     [
         ("r=8,foo=1", "unknown merge option 'foo'.*valid keys: method, r, schedule"),
-        ("method=tome", "method='tome' is not valid; choose one of: none, bipartite, lsh, importance, zerotprune"),
+        ("method=tome", "method='tome' is not valid; choose one of: none, bipartite, lsh, energy, energy_lsh, importance, zerotprune"),
         ("r=eight", "r='eight' is not valid"),
         ("r=-2", "non-negative"),
         ("schedule=fast", "schedule='fast' is not valid; choose one of: constant, decreasing"),
@@ -121,3 +121,13 @@ def test_huge_or_malformed_reuse_values_are_one_config_error(spec, needle):
     with pytest.raises(ConfigError) as err:
         ReuseConfig.parse(spec)
     assert needle in str(err.value) and len(str(err.value).splitlines()) == 1 and len(str(err.value)) < 400
+
+
+def test_merge_and_metric_options_round_trip_and_name_their_choices():
+    cfg = MergeConfig.parse("r=8,method=energy,merge=mlerp,metric=heads")
+    assert (cfg.merge, cfg.metric) == ("mlerp", "heads") and MergeConfig.parse(str(cfg)) == cfg
+    assert str(MergeConfig.parse("r=8")) == "method=bipartite,r=8"  # defaults stay out of the string
+    with pytest.raises(ConfigError, match="merge merge='avg' is not valid; choose one of: mean, mlerp"):
+        MergeConfig.parse("r=8,merge=avg")
+    with pytest.raises(ConfigError, match="merge metric='x' is not valid; choose one of: keys, heads"):
+        MergeConfig.parse("r=8,metric=x")
