@@ -97,7 +97,7 @@ def _uninterrupted(tmp_path_factory, encoder, shots_dir):  # noqa: F811
         index_paths([shots_dir], d, encoder, IndexOptions())
         return d
 
-    return built_index("shots-uninterrupted", make)
+    return built_index(f"shots-uninterrupted:{shots_dir}", make)
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_contents(tmp_path, tmp_path_factory, encoder, shots_dir):  # noqa: F811

@@ -118,7 +118,9 @@ _BUILT: dict = {}
 
 
 def built_index(key: str, make):
-    """Build an index once per test process (several modules read the same one)."""
+    """Build an index once per test process (several modules read the same one). A module that
+    imports a session fixture registers its own copy of it (pytest keys fixtures by module), so two
+    modules in one process can see two ``shots_dir`` folders: put the source folder in ``key``."""
     if key not in _BUILT:
         _BUILT[key] = make()
     return _BUILT[key]

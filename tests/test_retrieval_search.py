@@ -120,7 +120,7 @@ def shots_searcher(tmp_path_factory, encoder, shots_dir):  # noqa: F811
         index_paths([shots_dir], d, encoder, IndexOptions())
         return d
 
-    return Searcher(built_index("shots-uninterrupted", make), encoder)
+    return Searcher(built_index(f"shots-uninterrupted:{shots_dir}", make), encoder)
 
 
 def _as_text_queries(searcher: Searcher, frames: dict) -> None:
