@@ -304,7 +304,8 @@ def train_speech(data: Path, out: Path, cfg: SpeechConfig, *, time_budget_s: Opt
     top1 = meta.get("top1_test")
     return TrainResult(checkpoint=out / "last.pt", manifest=out / "manifest.json", start_epoch=0,
                        epochs_done=meta["epoch"], epochs_planned=cfg.epochs, complete=meta["epoch"] >= cfg.epochs,
-                       top1_test=top1, top1_subset=top1, history=list(meta["history"]))
+                       top1_test=top1, top1_subset=top1, history=list(meta["history"]),
+                       subset="the whole test split")
 
 
 def _start(cfg: SpeechConfig, ckpt: Path, fresh: bool, data: Path, spec, n_train: int, n_test: int):
@@ -409,7 +410,8 @@ def export_speech(checkpoint: Path, to: Path):
     manifest.update({"weights_file": weights.name, "weights_sha256": file_sha256(weights), "weights_dtype": "float16",
                      "exported_from": str(checkpoint)})
     atomic_write_json(manifest, to / f"{cfg.name}.json")
-    return ExportResult(weights=weights, manifest=to / f"{cfg.name}.json", top1_subset=meta.get("top1_test"))
+    return ExportResult(weights=weights, manifest=to / f"{cfg.name}.json", top1_subset=meta.get("top1_test"),
+                        subset="the whole test split")
 
 
 def run_speech(*, data: Optional[str], out: str, config: str, overrides: str = "", epochs: Optional[int] = None,

@@ -54,6 +54,7 @@ class TrainResult:
     top1_test: Optional[float]
     top1_subset: Optional[float]
     history: List[Dict[str, Any]] = field(default_factory=list)
+    subset: str = "the fixed 1000"  # what top1_subset was scored on
 
 
 @dataclass
@@ -61,6 +62,7 @@ class ExportResult:
     weights: Path
     manifest: Path
     top1_subset: Optional[float]
+    subset: str = "the fixed 1000"  # what top1_subset was scored on
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -555,11 +557,11 @@ def run(*, data: Optional[str] = None, out: str = "runs/ref", config: str = "ref
 
 def describe(result) -> str:
     if isinstance(result, ExportResult):
-        check = "not re-scored" if result.top1_subset is None else f"top-1 {result.top1_subset:.4f} on the fixed 1000"
+        check = "not re-scored" if result.top1_subset is None else f"top-1 {result.top1_subset:.4f} on {result.subset}"
         return f"exported {result.weights} + {result.manifest} ({check})"
     state = "complete" if result.complete else "stopped, rerun to resume"
     top = "" if result.top1_test is None else (f"; top-1 {result.top1_test:.4f} test, "
-                                               f"{result.top1_subset:.4f} on the fixed 1000")
+                                               f"{result.top1_subset:.4f} on {result.subset}")
     return f"epoch {result.epochs_done}/{result.epochs_planned} ({state}){top}; {result.checkpoint}, {result.manifest}"
 
 

@@ -178,6 +178,9 @@ def test_train_resume_export_and_load_round_trip(tiny_root, tmp_path, spectrogra
     done = train_speech(tiny_root, tmp_path / "run", cfg, spec=TINY)  # resumes: epoch 2 of 2
     assert (done.epochs_done, done.complete) == (2, True) and [h["epoch"] for h in done.history] == [1, 2]
     exported = export_speech(done.checkpoint, tmp_path / "ref")
+    from mergeseek.eval.train_reference import describe
+
+    assert describe(exported).endswith("on the whole test split)") and "1000" not in describe(exported)
     model, loaded_cfg = load_speech_reference(exported.weights)
     trained, _ = load_speech_reference(done.checkpoint)
     assert loaded_cfg == cfg
