@@ -389,23 +389,14 @@ def _manifest(meta: Dict[str, Any]) -> Dict[str, Any]:
 
 def export_speech(checkpoint: Path, to: Path):
     """``<to>/<name>.pt`` (fp16 weights) and ``<to>/<name>.json`` (manifest) from a training checkpoint."""
-    import torch
-
     from mergeseek.eval.reference import file_sha256
-    from mergeseek.eval.train_reference import ExportResult, atomic_torch_save, atomic_write_json
+    from mergeseek.eval.train_reference import ExportResult, atomic_write_json, export_fp16, read_training_checkpoint
 
-    if not Path(checkpoint).is_file():
-        raise WeightsUnavailableError(f"checkpoint {checkpoint} does not exist; train first (cli.py train-reference "
-                                      f"--config reference-speech --out runs/speech)")
-    blob = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if blob.get("format") != TRAIN_FORMAT:
-        raise WeightsUnavailableError(f"{checkpoint} is not a speech training checkpoint (format={blob.get('format')!r})")
+    blob = read_training_checkpoint(checkpoint, TRAIN_FORMAT,
+                                    "cli.py train-reference --config reference-speech --out runs/speech")
     meta = blob["meta"]
     cfg = SpeechConfig.from_dict(meta["config"])
-    to.mkdir(parents=True, exist_ok=True)
-    weights = to / f"{cfg.name}.pt"
-    state = {k: v.half() if v.is_floating_point() else v for k, v in blob["model"].items()}
-    atomic_torch_save({"format": EXPORT_FORMAT, "config": cfg.to_dict(), "state_dict": state}, weights)
+    weights = export_fp16(blob["model"], to, cfg, EXPORT_FORMAT)
     manifest = _manifest(meta)
     manifest.update({"weights_file": weights.name, "weights_sha256": file_sha256(weights), "weights_dtype": "float16",
                      "exported_from": str(checkpoint)})

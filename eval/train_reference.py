@@ -477,6 +477,28 @@ def _progress(it, enabled: bool, desc: str):
 
 
 # ------------------------------------------------------------------------------- export
+def read_training_checkpoint(checkpoint: Path, fmt: str, train_hint: str) -> dict:
+    """A training checkpoint of format ``fmt`` (``train_hint``: the command that makes one), or one line."""
+    import torch
+
+    if not Path(checkpoint).is_file():
+        raise WeightsUnavailableError(f"checkpoint {checkpoint} does not exist; train first ({train_hint})")
+    blob = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if blob.get("format") != fmt:
+        raise WeightsUnavailableError(f"{checkpoint} is not a training checkpoint of this model "
+                                      f"(format={blob.get('format')!r}, expected {fmt!r})")
+    return blob
+
+
+def export_fp16(model_state: dict, to: Path, cfg, fmt: str) -> Path:
+    """``<to>/<cfg.name>.pt``: a trained model's weights in float16, with ``cfg`` and ``fmt``."""
+    Path(to).mkdir(parents=True, exist_ok=True)
+    weights = Path(to) / f"{cfg.name}.pt"
+    state = {k: v.half() if v.is_floating_point() else v for k, v in model_state.items()}
+    atomic_torch_save({"format": fmt, "config": cfg.to_dict(), "state_dict": state}, weights)
+    return weights
+
+
 def export_reference(checkpoint: Path, to: Path, data: Optional[Path] = None) -> ExportResult:
     """Write ``<to>/<name>.pt`` (fp16 weights) and ``<to>/<name>.json`` (manifest) from a checkpoint.
 
@@ -484,24 +506,13 @@ def export_reference(checkpoint: Path, to: Path, data: Optional[Path] = None) ->
     :func:`eval.reference.load_reference` does and scored on the fixed subset on CPU in fp32;
     that number (``export_check``) is what offline checks compare against.
     """
-    import torch
-
     checkpoint, to = Path(checkpoint), Path(to)
-    if not checkpoint.is_file():
-        raise WeightsUnavailableError(f"checkpoint {checkpoint} does not exist; train first (mergeseek "
-                                      f"train-reference --data ... --out runs/ref)")
-    blob = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if blob.get("format") != TRAIN_FORMAT:
-        raise WeightsUnavailableError(f"{checkpoint} is not a training checkpoint (format={blob.get('format')!r})")
+    blob = read_training_checkpoint(checkpoint, TRAIN_FORMAT, "mergeseek train-reference --data ... --out runs/ref")
     meta = blob["meta"]
     cfg = ReferenceConfig.from_dict(meta["config"])
     if meta["epoch"] < cfg.epochs:
         log.warning("exporting an unfinished run: epoch %d of %d", meta["epoch"], cfg.epochs)
-    to.mkdir(parents=True, exist_ok=True)
-    weights = to / f"{cfg.name}.pt"
-    state = {k: v.half() if v.is_floating_point() else v for k, v in blob["model"].items()}
-    atomic_torch_save({"format": EXPORT_FORMAT, "config": cfg.to_dict(), "state_dict": state}, weights)
-
+    weights = export_fp16(blob["model"], to, cfg, EXPORT_FORMAT)
     manifest = build_manifest(meta)
     manifest.update({"weights_file": weights.name, "weights_sha256": file_sha256(weights),
                      "weights_dtype": "float16", "exported_from": str(checkpoint)})
