@@ -52,6 +52,9 @@ class MergeConfig:
         metric: what the methods measure similarity on: ``keys`` (ToMe's head-averaged keys) or
             ``heads`` (each head's keys unit-normalised and concatenated: the cosine of two tokens
             is the mean over heads of their per-head cosines); any method.
+        unmerge: give back the full token grid (every input position carries the value of the
+            merged token it lives in) at the output and at every requested intermediate block,
+            for dense heads (detection); any method (``encoders/merging/unmerge.py``).
     """
 
     method: str = "bipartite"
@@ -69,6 +72,7 @@ class MergeConfig:
     layers: Tuple[int, ...] = ()
     merge: str = "mean"
     metric: str = "keys"
+    unmerge: bool = False
 
     def __post_init__(self) -> None:
         if self.method != "none" and self.method not in REGISTRY:
@@ -259,7 +263,7 @@ def _convert(key: str, value: str) -> Any:
         return _int_list(key, value) if value.startswith(("[", "(")) else _int(key, value)
     if key == "layers":
         return _int_list(key, value) if value.startswith(("[", "(")) else (_int(key, value),)
-    if key in ("prop_attn", "prune"):
+    if key in ("prop_attn", "prune", "unmerge"):
         low = value.lower()
         if low in _BOOL_TRUE:
             return True
