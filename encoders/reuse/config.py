@@ -35,6 +35,12 @@ class ReuseConfig:
         audit: every ``audit``-th frame that reused work is also encoded per-frame (in batches of
             the encoder's batch size), giving the error against per-frame encoding and the
             measured frames/s gain of the run at ~1/audit of the per-frame cost; 0: no audit.
+        roll: 1: rolling caches (Eventful's token buffers): a frame that reuses work leaves, for
+            each token of each gate, the values of the frame that last recomputed it, so the next
+            frame is compared with those instead of with the shot's reference, which it drifts
+            away from; 0 (the default): every frame of a shot is compared with its reference.
+            Rolling runs the frames of one video one after the other (one pass over the blocks
+            per frame that reuses work), so on CUDA it reads the device once per gate per frame.
     """
 
     threshold: float = 0.05
@@ -45,6 +51,7 @@ class ReuseConfig:
     seed: int = 0
     max_videos: int = 16
     audit: int = 32
+    roll: int = 0
 
     def __post_init__(self) -> None:
         if not (self.threshold >= 0 and math.isfinite(self.threshold)):
@@ -64,6 +71,8 @@ class ReuseConfig:
         for key in ("refresh", "max_videos", "audit"):
             if getattr(self, key) > 1_000_000:
                 raise ConfigError(f"reuse {key}={getattr(self, key)} is not valid; it must be <= 1000000")
+        if self.roll not in (0, 1):
+            raise ConfigError(f"reuse roll={self.roll} is not valid; give 0 (compare with the shot's reference) or 1 (rolling)")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"reuse seed={self.seed} is not valid; give 0..{2**63 - 1}")
 

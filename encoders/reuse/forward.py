@@ -71,27 +71,39 @@ class BlockPass:
         self.state = TokenState()
         self.caches: List[list] = [[] for _ in range(self.R)]
         self.touched = [False] * self.F  # frames where some gate opened (the others equal their reference)
+        # rolling caches: per dependant, the caches it leaves for its video's next frame
+        self.rolled: Optional[List[list]] = [[] for _ in range(self.F)] if self.cfg.roll else None
 
-    def run(self, ref_codes, changed):
-        """Every block, then the pooled outputs: (outputs [R + F, D], the R new references).
-        ``changed``: [F, Np] patches whose hash moved (NumPy)."""
+    def run(self, codes, changed):
+        """Every block, then the pooled outputs: (outputs [R + F, D], per frame the caches it
+        leaves: a ``Reference`` for each reference, and with rolling caches for each dependant,
+        else None). ``codes``: per frame (references, then dependants) the hash codes its caches
+        stand for; ``changed``: [F, Np] patches whose hash moved (NumPy)."""
         wanted = self.merge.wanted(len(self.fam.blocks))
         for bi, b in enumerate(self.fam.blocks):
             self.block(bi, b, wanted[bi], changed)
-        return self.outputs(ref_codes)
+        return self.outputs(codes)
 
     # ------------------------------------------------------------------ one block, gate by gate
     def block(self, bi: int, b, want: Optional[int], changed) -> None:
         R, F, xr = self.R, self.F, self.xr
         bias_r = attention_bias(self.state, self.plan.prop_attn, xr.dtype) if (self.plan is not None and R) else None
         n = int((xr if R else self.xd).shape[1])
-        qkv_r, qkv_d, rows, counts = self.qkv_gate(bi, b, n, changed)
+        qkv_r, qkv_d, rows, counts, x_buf = self.qkv_gate(bi, b, n, changed)
         a_r, a_d, q_r, k_r, scale, moved = self.attention(bi, b, qkv_r, qkv_d, bias_r, counts)
-        p_r, y_r, y_d, rows2 = self.proj_gate(bi, b, n, a_r, a_d, moved)
+        p_r, p_d, y_r, y_d, rows2 = self.proj_gate(bi, b, n, a_r, a_d, moved)
         y_r, y_d, merge_map_r = self.merge_step(bi, n, want, y_r, y_d, q_r, k_r, bias_r, scale)
-        m_r, x_next, rows3 = self.mlp_gate(bi, b, y_r, y_d)
+        m_r, x_next, rows3, y_buf, m_buf = self.mlp_gate(bi, b, y_r, y_d)
         if F:
             self.count(bi, F * n, F * n, F * int(y_d.shape[1]), rows, rows2, rows3)
+            if self.rolled is not None:
+                bias_d = self.own(bias_r, "bias", bi)[0]
+                map_d = self.own(merge_map_r, "merge_map", bi)[0]
+                for j in range(F):
+                    s = slice(j, j + 1)
+                    self.rolled[j].append(BlockCache(x_buf[s], qkv_d[s], a_d[s], p_d[s], y_buf[s], m_buf[s],
+                                                     None if bias_d is None else bias_d[s],
+                                                     None if map_d is None else map_d[s]))
             self.xd = x_next
         if R:
             for j in range(R):
@@ -119,7 +131,8 @@ class BlockPass:
             idx, rows, counts = self.gate_rows(act)
         qkv_r, vals = self.linear(lambda t: fam.qkv(b, fam.ln1(b, t)), self.xr, self.xd, idx, rows)
         qkv_d = self.written(qkv_r, "qkv", bi, idx, rows, vals, (F, n)) if F else None
-        return qkv_r, qkv_d, rows, counts
+        x_buf = self.rolled_rows(self.xr, "x", bi, idx, rows, self.xd) if F and self.rolled is not None else None
+        return qkv_r, qkv_d, rows, counts, x_buf
 
     def attention(self, bi: int, b, qkv_r, qkv_d, bias_r, counts):
         """Every query of a reference and of a dependant where any q/k/v row was recomputed.
@@ -143,7 +156,7 @@ class BlockPass:
 
     def proj_gate(self, bi: int, b, n: int, a_r, a_d, moved):
         """Out-projection: every token of a frame whose attention was recomputed (``attn=0``), else
-        the tokens whose attention output moved by ``attn``. Returns (p_r, y_r, y_d, rows)."""
+        the tokens whose attention output moved by ``attn``. Returns (p_r, p_d, y_r, y_d, rows)."""
         idx = rows = None
         if self.F:
             if self.cfg.attn > 0:
@@ -153,8 +166,9 @@ class BlockPass:
                 rows = len(moved) * n
         p_r, vals = self.linear(lambda t: self.fam.proj(b, t), a_r, a_d, idx, rows)
         y_r = self.xr + p_r if self.R else None
-        y_d = self.xd + self.written(p_r, "p", bi, idx, rows, vals, (self.F, n)) if self.F else None
-        return p_r, y_r, y_d, rows
+        p_d = self.written(p_r, "p", bi, idx, rows, vals, (self.F, n)) if self.F else None
+        y_d = self.xd + p_d if self.F else None
+        return p_r, p_d, y_r, y_d, rows
 
     def merge_step(self, bi: int, n: int, want: Optional[int], y_r, y_d, q_r, k_r, bias_r, scale):
         """The references run the matcher, recording the merge as a map from the block's tokens to
@@ -177,9 +191,9 @@ class BlockPass:
 
     def mlp_gate(self, bi: int, b, y_r, y_d):
         """MLP: the tokens whose post-attention input moved. Returns (m_r, the dependants' block
-        outputs, rows recomputed)."""
+        outputs, rows recomputed, and with rolling caches the dependants' y and MLP caches)."""
         F = self.F
-        idx = rows = x_next = None
+        idx = rows = x_next = y_buf = m_buf = None
         if F:
             idx, rows, _ = self.gate_rows(self.gate(y_d, self.own(y_r, "y", bi)[0]))
         m_r, vals = self.linear(lambda t: self.fam.mlp(b, t), y_r, y_d, idx, rows)
@@ -192,16 +206,19 @@ class BlockPass:
                 if rows:
                     old = self.own_rows(m_r, "m", bi, idx, m)
                     x_next.view(F * m, -1).index_add_(0, idx, vals.to(x_next.dtype) - old.to(x_next.dtype))
-        return m_r, x_next, rows
+            if self.rolled is not None:
+                y_buf = self.rolled_rows(y_r, "y", bi, idx, rows, y_d)
+                m_buf = self.written(m_r, "m", bi, idx, rows, vals, (F, m))
+        return m_r, x_next, rows, y_buf, m_buf
 
-    def outputs(self, ref_codes):
-        """Pooled outputs of the references and the dependants, and the new references."""
+    def outputs(self, codes):
+        """Pooled outputs of the references and the dependants, and the caches each leaves."""
         fam, R, F, prop_attn = self.fam, self.R, self.F, self.merge.prop_attn
         outs, made, out_r = [], [], None
         if R:
             out_r = fam.pool(self.xr, self.state.size, prop_attn)
             size = self.state.size
-            made = [Reference(ref_codes[j], self.caches[j], None if size is None else size[j : j + 1], out_r[j : j + 1])
+            made = [Reference(codes[j], self.caches[j], None if size is None else size[j : j + 1], out_r[j : j + 1])
                     for j in range(R)]
             outs.append(out_r)
         if F:
@@ -214,6 +231,11 @@ class BlockPass:
                 pooled = fam.pool(self.xd.index_select(0, hi), None if size_d is None else size_d.index_select(0, hi), prop_attn)
                 out_d.index_copy_(0, hi, pooled.to(out_d.dtype))
             outs.append(out_d)
+            if self.rolled is None:
+                made += [None] * F
+            else:
+                made += [Reference(codes[R + j], self.rolled[j], None if size_d is None else size_d[j : j + 1],
+                                   out_d[j : j + 1]) for j in range(F)]
         return torch.cat(outs), made
 
     # ------------------------------------------------------------------ the references' tensors
@@ -268,6 +290,13 @@ class BlockPass:
         res = base if fresh else base.clone()
         res.view(-1, res.shape[-1]).index_copy_(0, idx, vals.to(res.dtype))
         return res
+
+    def rolled_rows(self, cur, name: str, bi: int, idx, rows: int, new):
+        """The dependants' rolling cache of the gate input ``name``: their reference's values, with
+        the rows ``idx`` that were recomputed taken from ``new`` [F, n, w]."""
+        flat = new.reshape(-1, new.shape[-1])
+        picked = flat if rows == flat.shape[0] else (flat.index_select(0, idx) if rows else None)
+        return self.written(cur, name, bi, idx, rows, picked, tuple(new.shape[:2]))
 
     # ------------------------------------------------------------------ gates
     def gate(self, new, old, threshold: Optional[float] = None):

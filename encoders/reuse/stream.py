@@ -31,6 +31,16 @@ def family_of(model) -> Family:
 
 
 @dataclass
+class _Plan:
+    """One frame's role: a reference (``changed`` None) or a dependant with its changed patches
+    [Np] (host bools); ``codes``: the hash codes its caches stand for once it is encoded."""
+
+    changed: Optional[np.ndarray]
+    codes: np.ndarray
+    rolling: bool
+
+
+@dataclass
 class _Stream:
     ref: Optional[Reference] = None
     since: int = 0  # frames since the reference
@@ -80,69 +90,113 @@ class ReuseStream:
         # Planning runs on the host from the hash codes (B x Np x bits bools): the batch's one
         # read of device data before the blocks.
         codes = ((flat.float() @ self.planes.to(flat.device)) > 0).cpu().numpy()  # [B, Np, bits]
-        roles, kept = self._plan_frames(codes, video_ids)
-        self.last_reused = [kind == "dep" for kind, _ in roles]
-        refs = [i for i, (kind, _) in enumerate(roles) if kind == "ref"]
-        slot = {i: j for j, i in enumerate(refs)}  # batch index of a reference -> its row among refs
-        deps = [i for i, (kind, _) in enumerate(roles) if kind == "dep"]
-        kept_refs = list({id(r): r for r in kept.values()}.values())
-        # One pass over the blocks for the references and every dependant: the references'
-        # linear layers and the dependants' recomputed rows share each matrix product. Dependant
-        # ``j`` reuses reference ``owner[j]``: a row among ``refs``, or after them one of
-        # ``kept_refs`` (all references of a stream share one token layout: it follows from the
-        # image size and the merge schedule alone).
-        kept_slot = {id(r): len(refs) + j for j, r in enumerate(kept_refs)}
-        owner = [slot[key[1]] if key[0] == "batch" else kept_slot[id(kept[key[1]])] for _, key in (roles[i] for i in deps)]
-        ref_codes = [codes[refs[o]] if o < len(refs) else kept_refs[o - len(refs)].codes for o in owner]
-        changed = self._changed(codes[deps], np.stack(ref_codes)) if deps else None  # [F, Np] on the host
-        block_pass = BlockPass(self, patches[refs] if refs else None, patches[deps] if deps else None, owner, kept_refs)
-        outs, made = block_pass.run(codes[refs] if refs else None, changed)
-        # Keep the last reference of every video seen in this batch.
-        for i, ref in zip(refs, made):
-            self.streams[video_ids[i]].ref = ref
+        plans = self._plan_frames(codes, video_ids)
+        self.last_reused = [p.changed is not None for p in plans]
+        order, outs = [], []
+        for wave in self._waves(plans, video_ids):
+            out, done = self._run(wave, patches, plans, video_ids)
+            outs.append(out)
+            order += done
         while len(self.streams) > self.cfg.max_videos:
             self.streams.popitem(last=False)
-        return outs.index_select(0, on_device(np.argsort(refs + deps), outs.device))  # back to the given order
+        outs = outs[0] if len(outs) == 1 else torch.cat(outs)
+        if order == sorted(order):
+            return outs
+        return outs.index_select(0, on_device(np.argsort(order), outs.device))  # back to the given order
+
+    def _run(self, wave: List[int], patches, plans, video_ids):
+        """One pass over the blocks for the frames ``wave`` (batch indices, in order): (their outputs,
+        the batch indices in that order: references, then dependants); keeps each video's newest
+        caches."""
+        refs = [i for i in wave if plans[i].changed is None]
+        deps = [i for i in wave if plans[i].changed is not None]
+        latest: dict = {}  # video id -> batch index of its latest reference so far in this wave
+        slot = {i: j for j, i in enumerate(refs)}  # batch index of a reference -> its row among refs
+        kept: dict = {}  # id of a reference of an earlier pass -> (its row after refs, the reference)
+        owner = []
+        for i in wave:
+            vid = video_ids[i]
+            if plans[i].changed is None:
+                latest[vid] = i
+            elif vid in latest:
+                owner.append(slot[latest[vid]])
+            else:
+                # all references of a stream share one token layout: it follows from the image
+                # size and the merge schedule alone, so one pass can mix them
+                ref = self.streams[vid].ref
+                owner.append(kept.setdefault(id(ref), (len(refs) + len(kept), ref))[0])
+        kept_refs = [ref for _, ref in kept.values()]
+        changed = np.stack([plans[i].changed for i in deps]) if deps else None  # [F, Np] on the host
+        block_pass = BlockPass(self, patches[refs] if refs else None, patches[deps] if deps else None, owner, kept_refs)
+        outs, made = block_pass.run([plans[i].codes for i in refs + deps], changed)
+        # Each video's newest frame that left caches (references; with rolling caches, dependants
+        # too) is what its next frame reuses.
+        newest: dict = {}
+        for i, ref in sorted(zip(refs + deps, made), key=lambda t: t[0]):
+            if ref is not None:
+                newest[video_ids[i]] = ref
+        for vid, ref in newest.items():
+            self.streams[vid].ref = ref
+        return outs, refs + deps
+
+    @staticmethod
+    def _waves(plans, video_ids) -> List[List[int]]:
+        """The batch as one wave, or with rolling caches (a dependant needs the caches its video's
+        previous frame left) as consecutive waves holding at most one dependant per video."""
+        if not any(p.rolling for p in plans):
+            return [list(range(len(plans)))]
+        waves: List[List[int]] = [[]]
+        seen: set = set()  # videos with a dependant in the current wave
+        for i, p in enumerate(plans):
+            vid = video_ids[i]
+            if p.changed is not None and vid in seen:
+                waves.append([])
+                seen = set()
+            if p.changed is not None:
+                seen.add(vid)
+            waves[-1].append(i)
+        return waves
 
     # ------------------------------------------------------------------ planning
-    def _plan_frames(self, codes, video_ids) -> tuple:
-        """Per frame ("ref", None) or ("dep", key of its reference), and the references kept from
-        earlier calls that this batch uses; updates the stream counters.
+    def _plan_frames(self, codes, video_ids) -> List["_Plan"]:
+        """Per frame: a reference, or a dependant with the patches it changed; updates the stream
+        counters.
 
-        Decided from hashes alone, in frame order, so it does not depend on batch boundaries.
+        Decided from hashes alone, in frame order, so it does not depend on batch boundaries. A
+        dependant is compared with the codes its reference left, or with rolling caches with the
+        codes its video's previous frame left: the patches it recomputes take its own codes.
         """
         cfg = self.cfg
-        roles: list = []
-        kept: dict = {}  # video id -> reference from an earlier call
-        pending: dict = {}  # video id -> (batch index of its latest reference, its codes)
+        plans: List[_Plan] = []
+        state: dict = {}  # video id -> the codes its latest frame of this batch left
         for i, vid in enumerate(video_ids):
             st = self.streams.get(vid)
             if st is None:
                 st = self.streams[vid] = _Stream()
             self.streams.move_to_end(vid)
             self.stats.frames += 1
-            ref_codes = pending[vid][1] if vid in pending else (st.ref.codes if st.ref is not None else None)
+            ref_codes = state[vid] if vid in state else (st.ref.codes if st.ref is not None else None)
             new_ref = ref_codes is None or not cfg.enabled
+            changed = None
             if not new_ref and st.since + 1 >= cfg.refresh:
                 new_ref = True
                 self.stats.refreshes += 1
-            elif not new_ref and float(self._changed(codes[i : i + 1], ref_codes).mean()) > cfg.cut:
-                new_ref = True
-                self.stats.cuts += 1
+            elif not new_ref:
+                changed = self._changed(codes[i : i + 1], ref_codes)[0]
+                if float(changed.mean()) > cfg.cut:
+                    new_ref, changed = True, None
+                    self.stats.cuts += 1
             if new_ref:
-                pending[vid] = (i, codes[i])
+                state[vid] = codes[i]
                 st.since = 0
-                roles.append(("ref", None))
                 self.stats.references += 1
+                plans.append(_Plan(None, codes[i], False))
             else:
                 st.since += 1
-                if vid in pending:
-                    key = ("batch", pending[vid][0])
-                else:
-                    key = ("kept", vid)
-                    kept[vid] = st.ref
-                roles.append(("dep", key))
-        return roles, kept
+                if cfg.roll:
+                    state[vid] = np.where(changed[:, None], codes[i], ref_codes)
+                plans.append(_Plan(changed, state.get(vid, ref_codes), bool(cfg.roll)))
+        return plans
 
     def _changed(self, codes, ref_codes):
         """[F, Np] bool (NumPy): patches whose estimated angle to the reference is >= threshold."""
