@@ -545,8 +545,12 @@ def run(*, data: Optional[str] = None, out: str = "runs/ref", config: str = "ref
     see :func:`eval.config.default_data_root`). A speech config (``reference-speech``) trains the
     audio reference instead (:func:`eval.speech_reference.run_speech`).
     """
+    from mergeseek.eval.detector_reference import is_detector_config, run_detector
     from mergeseek.eval.speech_reference import is_speech_config, run_speech
 
+    if is_detector_config(config):
+        return run_detector(data=data, out=out, config=config, overrides=overrides, epochs=epochs, export=export,
+                            to=to, time_budget=time_budget, fresh=fresh, command=command)
     if is_speech_config(config):
         return run_speech(data=data, out=out, config=config, overrides=overrides, epochs=epochs, export=export, to=to,
                           time_budget=time_budget, eval_limit=eval_limit, fresh=fresh, command=command)
