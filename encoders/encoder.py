@@ -290,12 +290,14 @@ class Encoder:
         """Encode texts in batches; returns float32 [n, dim], L2-normalised."""
         import torch
 
+        from mergeseek.encoders.text import encode_text
+
         out = [np.zeros((0, self.dim), np.float32)]
         _warn_if_truncated(self.tokenizer, texts)
         for chunk in _batches(list(texts), self.batch_size, progress, "encode texts"):
             tokens = self.tokenizer(list(chunk)).to(self.device)
             with torch.inference_mode(), self._autocast():
-                feats = self.model.encode_text(tokens)
+                feats = encode_text(self.model, tokens)  # on the batch's real length where exact (encoders/text.py)
             out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy())
         return np.concatenate(out)
 
