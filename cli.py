@@ -705,7 +705,8 @@ def eval_cmd(
 @handle_errors
 def bench(
     *,
-    model: Annotated[Optional[str], typer.Option("--model", help="open_clip model name (default ViT-B-16).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="open_clip model name (default ViT-B-16), or hf-ast: transformers' "
+                                                                  "ASTForAudioClassification at its default size (1214 tokens), random weights.")] = None,
     pretrained: Annotated[
         Optional[str],
         typer.Option("--pretrained", help="Weights to time (timing does not depend on them): a tag, a path, or 'none' "

@@ -154,12 +154,16 @@ def run_throughput(
 
     if clock == "cpu":
         torch.set_num_threads(1)
+    if base is None and model_name == "hf-ast":  # transformers' AST, random weights (bench/hf_ast.py)
+        from bench.hf_ast import ast_bench
+
+        base = ast_bench(device, image_size)
     if base is None:
         base = Encoder(model_name, pretrained, device, precision, "none", batch_size, image_size_override=image_size)
     visual = base.model.visual
     configs = ["none"] + [str(MergeConfig.parse(m)) for m in merges if str(MergeConfig.parse(m)) != "none"]
     models = merged_models(visual, configs)
-    pixels = sample_pixels(batch_size, base.image_size, base.device)
+    pixels = base.sample(batch_size) if hasattr(base, "sample") else sample_pixels(batch_size, base.image_size, base.device)
     from mergeseek.runtime import autocast as _autocast
 
     autocast = _autocast(base.device, precision)
@@ -372,7 +376,7 @@ def _lsh_backend(device: str, compiled: bool = False) -> str:
 
 def format_report(report: dict[str, Any]) -> str:
     head = (
-        f"{report['model']} @ {report['image_size']}px ({report['tokens_in']} tokens), batch {report['batch_size']}, "
+        f"{report['model']} @ {report['image_size']}{'px' if isinstance(report['image_size'], int) else ''} ({report['tokens_in']} tokens), batch {report['batch_size']}, "
         f"{report['iters']} alternating rounds on {report['device']} ({report['device_name']}, {report['threads']} threads), "
         f"{report['precision']}, {report.get('compile_mode', 'eager')}, weights: {report['pretrained']}"
     )

@@ -1,5 +1,5 @@
-"""One adapter per ViT family: open_clip's ``VisionTransformer`` and timm's (also as the trunk of
-open_clip's ``TimmModel``, e.g. SigLIP).
+"""One adapter per ViT family: open_clip's ``VisionTransformer``, timm's (also as the trunk of
+open_clip's ``TimmModel``, e.g. SigLIP) and transformers' Audio Spectrogram Transformer.
 
 This is the only module that tells the families apart and checks their block classes. Token
 merging (``encoders.patch``: where the blocks are, which mixins to install), its removal, the
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from typing import List, Optional, Tuple
 
 import torch
@@ -42,6 +43,13 @@ def _timm_vit() -> Optional[type]:
     return VisionTransformer
 
 
+def _hf_ast() -> Optional[type]:
+    """transformers' ``ASTModel`` once transformers has loaded it (no model of it exists before, so
+    nothing is imported here: asking costs nothing when transformers is absent or unused)."""
+    module = sys.modules.get("transformers.models.audio_spectrogram_transformer.modeling_audio_spectrogram_transformer")
+    return getattr(module, "ASTModel", None)
+
+
 def _is(module: Optional[torch.nn.Module], cls: Optional[type]) -> bool:
     return module is not None and cls is not None and issubclass(base_class(module), cls)
 
@@ -50,6 +58,9 @@ def root_of(model: torch.nn.Module) -> torch.nn.Module:
     """The module that runs the blocks: ``model.visual`` of a CLIP model, or the timm ViT trunk of
     open_clip's ``TimmModel`` tower (SigLIP, SigLIP2: ``visual = TimmModel(trunk, head)``)."""
     visual = getattr(model, "visual", model)
+    ast = getattr(visual, "audio_spectrogram_transformer", None)  # ASTForAudioClassification's ASTModel
+    if _is(ast, _hf_ast()):
+        return ast
     trunk = getattr(visual, "trunk", None)
     return trunk if _is(trunk, _timm_vit()) else visual
 
@@ -63,10 +74,13 @@ def vit_family(model: torch.nn.Module, use: str = "token merging", hint: str = "
         return OpenClipFamily(root)
     if _is(root, _timm_vit()):
         return TimmFamily(root, after=None if root is visual else visual.head)
+    if _is(root, _hf_ast()):
+        return HfAstFamily(root)
     inner = getattr(visual, "trunk", None)
     raise UnsupportedModelError(
-        f"{use} supports open_clip VisionTransformer (or a CLIP model using one) and timm VisionTransformer "
-        f"(also as the trunk of open_clip's TimmModel, e.g. SigLIP); got {type(visual).__name__}"
+        f"{use} supports open_clip VisionTransformer (or a CLIP model using one), timm VisionTransformer "
+        f"(also as the trunk of open_clip's TimmModel, e.g. SigLIP) and transformers' ASTModel / "
+        f"ASTForAudioClassification; got {type(visual).__name__}"
         + (f" around {type(inner).__name__}" if inner is not None else "") + hint
     )
 
@@ -304,6 +318,54 @@ class TimmFamily(Family):
 
         out = pool_head(self.root, self.root.norm(x), size)
         return out if self.after is None else self.after(out)
+
+
+class HfAstFamily(Family):
+    """transformers' ``ASTModel`` (``layers``; class and distillation tokens first, never merged,
+    pooled as their mean by the model itself). Merging only: reuse across frames is refused."""
+
+    def __init__(self, root: torch.nn.Module) -> None:
+        layers = getattr(root, "layers", None)
+        if layers is None:  # transformers 4.x: encoder.layer with query/key/value
+            raise UnsupportedModelError("token merging supports the AST of transformers >= 5 (ASTModel.layers with q_proj/"
+                                        "k_proj/v_proj); upgrade it: pip install -U 'transformers>=5'")
+        super().__init__(root, list(layers), 2)
+
+    @functools.cached_property
+    def heads(self) -> int:
+        return int(self.root.config.num_attention_heads)
+
+    @functools.cached_property
+    def width(self) -> int:
+        return int(self.root.config.hidden_size)
+
+    @functools.cached_property
+    def head_dim(self) -> int:
+        return int(self.blocks[0].attention.head_dim)
+
+    @functools.cached_property
+    def hidden(self) -> int:
+        return int(self.blocks[0].mlp.fc1.out_features)
+
+    def merge_mixins(self) -> Tuple[List[type], type]:
+        from transformers.models.audio_spectrogram_transformer import modeling_audio_spectrogram_transformer as hf
+
+        from mergeseek.encoders.patch import hf_ast as patch
+
+        for i, blk in enumerate(self.blocks):
+            cls, attn = base_class(blk), getattr(blk, "attention", None)
+            if cls is not hf.ASTLayer or type(attn) is not hf.ASTAttention or not hasattr(attn, "q_proj"):
+                raise UnsupportedModelError(f"AST layer {i} is {cls.__name__} with {type(attn).__name__}; token merging "
+                                            "supports transformers' ASTLayer with ASTAttention (q_proj, k_proj, v_proj)")
+        return [patch.MergingASTLayer] * len(self.blocks), patch.MergingASTModel
+
+    def tokens_in(self) -> int:
+        freq, time = self.root.embeddings.get_shape(self.root.config)
+        return int(freq * time) + self.protected
+
+    def check_reuse(self) -> None:
+        raise UnsupportedModelError("reuse across frames supports open_clip and timm ViTs, not transformers' AST; "
+                                    "merge its tokens (apply_merging) instead")
 
 
 def own_timm_head(cls: type) -> bool:
