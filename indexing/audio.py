@@ -8,7 +8,8 @@ frames' ``pts_time``).
 
 * wav, flac, mp3, ogg, m4a... and the audio track of any video FFmpeg reads;
 * a video without an audio track gives an empty array (not an error: a silent clip has no speech);
-* a missing, empty (0 bytes) or unreadable file raises ``InputError`` naming the file.
+* a missing, empty (0 bytes) or unreadable file, or a text file (which FFmpeg would open as an
+  "ansi" video without sound), raises ``InputError`` naming the file.
 
 The decoder is the video decoder's library (``indexing.decoders``): decord2 (``AudioReader``) by
 default, torchcodec (``AudioDecoder``) as the other choice. Memory: the whole track is held at
@@ -54,12 +55,28 @@ def read_audio(path: Union[str, Path], sample_rate: int = SAMPLE_RATE, backend: 
     except Exception as exc:  # the decoders raise their own types (DECORDError, RuntimeError, ValueError)
         text = str(exc).strip()
         if any(s in text.lower() for s in _NO_AUDIO):
+            if _holds_text(path):  # FFmpeg opens a text file as an "ansi" art video with no sound
+                raise InputError(f"{path}: not an audio or video file that can be read (it holds text)") from None
             log.debug("%s has no audio stream", path)
             return np.zeros(0, np.float32)
         reason = re.sub(r"^\[[\d:]+\]\s*\S+:\d+:\s*", "", text.splitlines()[-1])[:200] if text else type(exc).__name__
         raise InputError(f"{path}: not an audio or video file that can be read ({reason})") from None
     samples = np.asarray(samples, np.float32).reshape(-1)
     return np.clip(np.nan_to_num(samples), -1.0, 1.0)
+
+
+def _holds_text(path: Path) -> bool:
+    """The file starts as text (UTF-8, no control bytes but tab and line ends): no audio or video
+    container does (they open with binary magic: RIFF, fLaC, ID3 / frame sync, OggS, ftyp, EBML)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    try:
+        chars = head.decode("utf-8")
+    except UnicodeDecodeError as exc:  # a multi-byte character cut at the end of the 4096 bytes is still text
+        if exc.start < len(head) - 3:
+            return False
+        chars = head[: exc.start].decode("utf-8")
+    return all(c >= " " or c in "\t\n\r" for c in chars)
 
 
 def _decode_decord(path: Path, sample_rate: int) -> np.ndarray:

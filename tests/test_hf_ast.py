@@ -152,19 +152,21 @@ def test_reuse_is_refused_and_unknown_layers_are_named():
 
 # ----------------------------------------------------------------------------- matchers on AST tokens
 def _first_layer_inputs(model, x):
-    """Tokens entering layer 0 (float64) and its head-averaged keys (the merge metric)."""
+    """Tokens entering layer 0 (float64), its head-averaged keys (the merge metric) and its
+    attention probabilities [B, H, N, N]."""
     ast = model.audio_spectrogram_transformer
     with torch.inference_mode():
         tokens = ast.embeddings(x)
-        layer = ast.layers[0]
-        h = layer.layernorm_before(tokens)
+        attn = ast.layers[0].attention
+        h = ast.layers[0].layernorm_before(tokens)
         b, n, _ = h.shape
-        k = layer.attention.k_proj(h).view(b, n, -1, layer.attention.head_dim).transpose(1, 2)
-    return tokens.double(), k.mean(1).double()
+        q, k = (proj(h).view(b, n, -1, attn.head_dim).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj))
+        probs = ((q @ k.transpose(2, 3)) * attn.scaling).softmax(-1)
+    return tokens.double(), k.mean(1).double(), probs.double()
 
 
 def test_matchers_agree_with_naive_loops_on_ast_tokens(spectrograms):
-    x, metric = _first_layer_inputs(small_ast(), spectrograms[:3])
+    x, metric, _ = _first_layer_inputs(small_ast(), spectrograms[:3])
     size = torch.ones(*x.shape[:2], 1, dtype=torch.float64)
     n, r = x.shape[1], 12
     got_b = merge_wavg(bipartite_soft_matching(metric, r, size=size, protected=2)[0], x, size)
@@ -188,6 +190,34 @@ def test_matchers_agree_with_naive_loops_on_ast_tokens(spectrograms):
             assert float(best[b, p // 2]) == pytest.approx(score, abs=1e-9)
             assert int(partner[b, p // 2]) * 2 + 1 == q
     assert found > n  # most A tokens of the 3 clips found a hashed partner: not vacuous
+
+
+def test_attention_and_hashed_energy_matchers_agree_with_naive_loops_on_ast_tokens(spectrograms):
+    """importance / zerotprune (written for one class token: called with protected=1 here) and the
+    hashed energy rule (both AST prefix tokens protected) on the first layer's tokens and attention."""
+    from mergeseek.encoders.merging import importance_merging, zerotprune_merging
+    from mergeseek.encoders.merging.energy import energy_lsh_merging
+
+    from test_energy import naive_buckets
+    from test_seed_methods import naive_importance, naive_zerotprune
+
+    x, metric, probs = _first_layer_inputs(small_ast(), spectrograms[:3])
+    size = torch.ones(*x.shape[:2], 1, dtype=torch.float64)
+    r, bits, tables = 12, 2, 2
+    planes = simhash_planes(metric.shape[-1], bits, tables, seed=4)
+    outs = {"importance": merge_wavg(importance_merging(metric, r, protected=1, size=size, attn=probs[:, :, :1]), x, size),
+            "zerotprune": merge_wavg(zerotprune_merging(metric, r, protected=1, size=size, attn=probs, iters=3)[0], x, size),
+            "energy_lsh": merge_wavg(energy_lsh_merging(metric.float(), r, protected=2, planes=planes, lsh_bits=bits,
+                                                        lsh_tables=tables, padded=False), x, size)}
+    for b in range(3):
+        energy, codes = naive_buckets(metric[b].float(), planes, bits, tables)
+        mates = lambda a, c: any(codes[a][t] == codes[c][t] for t in range(tables))  # noqa: E731
+        wants = {"importance": (naive_importance(metric[b], x[b], size[b], probs[b, :, 0].mean(0), r), 1e-7),
+                 "zerotprune": (naive_zerotprune(metric[b], x[b], size[b], probs[b], r, 3), 1e-7),
+                 "energy_lsh": (naive_merge(metric[b], x[b], size[b], r, energy, 2, mates), 1e-6)}
+        for name, (want, tol) in wants.items():
+            torch.testing.assert_close(outs[name][0][b], want[0], rtol=0, atol=tol, msg=name)
+            torch.testing.assert_close(outs[name][1][b], want[1], rtol=0, atol=0, msg=name)
 
 
 def test_bench_runs_hf_ast_with_cpu_time(monkeypatch):

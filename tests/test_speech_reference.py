@@ -167,6 +167,32 @@ def test_matchers_agree_with_naive_loops_on_spectrogram_tokens(tiny_model, spect
     assert found > n  # most A tokens of the 3 clips found a hashed partner: not vacuous
 
 
+@needs_espeak
+def test_energy_methods_agree_with_naive_loops_on_spectrogram_tokens(tiny_model, spectrograms):
+    """PiToMe's energy rule, exact and hashed, on the tokens of a real spectrogram (no class token)."""
+    from mergeseek.encoders.merging.energy import energy_lsh_merging, energy_merging
+
+    from test_energy import naive_buckets, naive_energy, naive_merge
+
+    x, metric, _ = _first_block_inputs(tiny_model, spectrograms[:3])
+    size = torch.ones(*x.shape[:2], 1, dtype=torch.float64)
+    n, r, bits, tables = x.shape[1], 6, 2, 2
+    exact = merge_wavg(energy_merging(metric, r, protected=0, size=size, padded=False, margin=0.3, alpha=1.0), x, size)
+    planes = simhash_planes(metric.shape[-1], bits, tables, seed=2)
+    hashed = merge_wavg(energy_lsh_merging(metric.float(), r, protected=0, planes=planes, lsh_bits=bits,
+                                           lsh_tables=tables, padded=False), x, size)
+    assert exact[0].shape == hashed[0].shape == (3, n - r, x.shape[2])
+    for b in range(3):
+        want = naive_merge(metric[b], x[b], size[b], r, naive_energy(metric[b], 0.3, 1.0), protected=0)
+        torch.testing.assert_close(exact[0][b], want[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(exact[1][b], want[1], rtol=0, atol=0)
+        energy, codes = naive_buckets(metric[b].float(), planes, bits, tables)
+        mates = lambda a, c: any(codes[a][t] == codes[c][t] for t in range(tables))  # noqa: E731
+        want = naive_merge(metric[b], x[b], size[b], r, energy, 0, mates)
+        torch.testing.assert_close(hashed[0][b], want[0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(hashed[1][b], want[1], rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- training and export
 @needs_espeak
 def test_train_resume_export_and_load_round_trip(tiny_root, tmp_path, spectrograms):
