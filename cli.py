@@ -192,6 +192,17 @@ def index_cmd(
                      "local model folder). Each kept frame takes the speech around it. See docs/TEXT.md."),
     ] = None,
     asr_workers: Annotated[int, typer.Option("--asr-workers", min=1, help="Speech processes beside the encoder.")] = 1,
+    detect: Annotated[
+        Optional[str],
+        typer.Option("--detect", help="Detect objects in the kept frames for search --object and the web app's object "
+                     "filter: reference (the detector trained here; reference,merge=r=8), torchvision:MODEL:WEIGHTS_PATH "
+                     "(e.g. fasterrcnn_mobilenet_v3_large_fpn, COCO names) or your own module:factory / file.py:factory. "
+                     "See docs/INDEXING.md."),
+    ] = None,
+    detect_min_score: Annotated[Optional[float], typer.Option(
+        "--detect-min-score", min=0.0, max=1.0, help="Objects found with a lower score are not stored (default: 0.5, "
+        "the score search --object filters at).")] = None,
+    detect_workers: Annotated[int, typer.Option("--detect-workers", min=1, help="Detector threads beside the encoder.")] = 1,
     compile_: CompileOpt = None,
     cuda_graph: CudaGraphOpt = None,
     json_out: JsonOpt = False,
@@ -220,6 +231,9 @@ def index_cmd(
         ocr_workers=ocr_workers,
         asr=asr,
         asr_workers=asr_workers,
+        detect=detect,
+        **({"detect_min_score": detect_min_score} if detect_min_score is not None else {}),
+        detect_workers=detect_workers,
     )
     if ray_address is None and workers != 1:
         from mergeseek.errors import ConfigError

@@ -380,23 +380,33 @@ def objects_in_frames(index_dir: Path, entity: str, min_score: float = OBJECT_MI
     return {(r["video_id"], r["frame_idx"]) for r in t if r["entity"].casefold() == want and r["score"] >= min_score}
 
 
-def _merge_objects(index_dir: Path, rows: list, touched: set) -> int:
+OBJECT_COLUMNS = ("video_id", "n", "frame_idx", "entity", "score", "ymin", "xmin", "ymax", "xmax", "detector")
+
+
+def _merge_objects(index_dir: Path, rows: list, touched: set, replace_detector: bool = False) -> int:
+    """Write ``objects.parquet`` with ``rows`` added: the release's rows (9 values, ``detector`` "") of
+    ``touched`` videos replace theirs; detector rows (``indexing.detect``, the spec last) are kept,
+    unless ``replace_detector`` (then ``rows`` are all of them). Returns the rows in the file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from mergeseek.runtime import atomic_write
 
-    cols = ("video_id", "n", "frame_idx", "entity", "score", "ymin", "xmin", "ymax", "xmax")
-    new = pa.table({c: list(v) for c, v in zip(cols, zip(*rows))} if rows else {c: [] for c in cols},
-                   schema=pa.schema([("video_id", pa.string()), ("n", pa.int64()), ("frame_idx", pa.int64()),
-                                     ("entity", pa.string()),
-                                     ("score", pa.float64()), ("ymin", pa.float64()), ("xmin", pa.float64()),
-                                     ("ymax", pa.float64()), ("xmax", pa.float64())]))
+    rows = [tuple(r) + ("",) * (len(OBJECT_COLUMNS) - len(r)) for r in rows]
+    schema = pa.schema([("video_id", pa.string()), ("n", pa.int64()), ("frame_idx", pa.int64()), ("entity", pa.string()),
+                        ("score", pa.float64()), ("ymin", pa.float64()), ("xmin", pa.float64()),
+                        ("ymax", pa.float64()), ("xmax", pa.float64()), ("detector", pa.string())])
+    new = pa.table({c: list(v) for c, v in zip(OBJECT_COLUMNS, zip(*rows))} if rows else {c: [] for c in OBJECT_COLUMNS},
+                   schema=schema)
     path = index_dir / OBJECTS_FILE
     if path.is_file():
         old = pq.read_table(path)
-        keep = np.asarray([v not in touched for v in old.column("video_id").to_pylist()], dtype=bool)
-        new = pa.concat_tables([old.filter(pa.array(keep)), new.cast(old.schema)])
+        if "detector" not in old.column_names:  # written before detector rows existed: all the release's
+            old = old.append_column("detector", pa.array([""] * old.num_rows, pa.string()))
+        det = old.column("detector").to_pylist()
+        keep = np.asarray([(not replace_detector) if d else v not in touched
+                           for v, d in zip(old.column("video_id").to_pylist(), det)], dtype=bool)
+        new = pa.concat_tables([old.select(list(OBJECT_COLUMNS)).cast(schema).filter(pa.array(keep)), new])
     atomic_write(path, lambda tmp: pq.write_table(new, tmp))
     return new.num_rows
 

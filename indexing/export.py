@@ -34,6 +34,7 @@ from typing import Union
 import numpy as np
 
 from mergeseek.errors import ConfigError, IndexMismatchError, InputError
+from mergeseek.indexing.detect import export_columns
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,8 @@ def export_index(index_dir: Union[str, Path], out: Union[str, Path], fmt: str = 
             raise IndexMismatchError(f"index {index_dir}: metadata and vectors disagree ({len(meta_ids)} vs {len(ids)} "
                                      "live rows); run `cli.py repair --index DIR` first")
         vectors = vectors[[pos[int(i)] for i in meta_ids]]
-    table = pa.table({**{c: meta.column(c) for c in COLUMNS}, **_clip_back_columns(meta), **_text_columns(store, meta_ids)})
+    table = pa.table({**{c: meta.column(c) for c in COLUMNS}, **_clip_back_columns(meta), **_text_columns(store, meta_ids),
+                      **export_columns(store.root, meta)})
 
     from mergeseek.runtime import write_error
 

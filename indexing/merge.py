@@ -32,6 +32,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from mergeseek.errors import IndexMismatchError, InputError
+from mergeseek.indexing import detect
 from mergeseek.indexing.store import IDENTITY_KEYS, EncodedSource, IndexStore, read_manifest
 from mergeseek.indexing.thumbs import ThumbReader
 
@@ -114,6 +115,8 @@ def merge_indexes(inputs: Sequence[Union[str, Path]], into: Union[str, Path], in
         if any((s.root / TEXT_DIR).is_dir() for s in stores):
             for channel in CHANNELS:  # on-screen text and speech, carried from the inputs, never read again here
                 writer.add_text_channel(TextChannel(channel))
+        if (objects := detect.merge_channel(stores)) is not None:  # detected objects too (indexing.detect)
+            writer.add_text_channel(objects)
         todo = [(s, k) for s, k in plan if not writer.is_current(k, s.manifest.sources[k].fingerprint, s.manifest.sources[k].recipe)]
         report.up_to_date = len(plan) - len(todo)
         video_ids = _video_ids(plan, writer.store)
@@ -129,6 +132,8 @@ def merge_indexes(inputs: Sequence[Union[str, Path]], into: Union[str, Path], in
         drop_foreign_text(writer.store)
         remove_stale_text(writer.root, set(writer.manifest.shards))
         sync_text_index(writer.root, writer.store.shard_names())
+        detect.drop_foreign_objects(writer.store)
+        detect.sync_objects(writer.store)  # the detector's rows of objects.parquet: from the carried files
         report.vectors_total = writer.manifest.counts()["vectors"]
         report.index_type = writer.manifest.index_type
     report.wall_s = time.perf_counter() - t0
@@ -272,7 +277,7 @@ def _merge_sidecars(root: Path, plan: list, video_ids: dict) -> dict:
                 meta[new_id] = src_meta[old_id]
                 entries += 1
             if objects is not None:
-                mine = [r for r in objects if r.get("video_id") == old_id]
+                mine = [r for r in objects if r.get("video_id") == old_id and not r.get("detector")]  # (release rows)
                 if mine:
                     touched.add(new_id)
                     rows += [(new_id, r["n"], r["frame_idx"], r["entity"], r["score"], r["ymin"], r["xmin"], r["ymax"],
@@ -323,6 +328,7 @@ class _Input:
 
         # channel -> id -> text (index --ocr, --asr)
         self.text = {c: stored_text(store.root, list(store.manifest.shards), c) for c in CHANNELS}
+        self.text[detect.CHANNEL] = detect.stored_objects(store)  # index --detect
 
     def texts(self, key: str, channel: str = "ocr") -> Optional[list]:
         """``key``'s ``channel`` text in id order, or None when the input has not read all of it."""

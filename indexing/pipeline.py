@@ -34,6 +34,7 @@ from mergeseek.indexing.store import EncodedSource, preflight
 from mergeseek.indexing.thumbs import ensure_thumbs, make_jpeg
 from mergeseek.indexing.asr import AsrStage
 from mergeseek.indexing.asr import get_engine as get_asr_engine
+from mergeseek.indexing.detect import attach_channel, channel_of, finish_objects, get_detector, report_lines
 from mergeseek.indexing.ocr import OcrStage
 from mergeseek.indexing.ocr import get_engine as get_ocr_engine
 from mergeseek.indexing.text import TextChannel, drop_foreign_text, ensure_text, remove_stale_text, sync_text_index
@@ -72,6 +73,7 @@ class IndexOptions:
         asr: transcribe the speech of videos with this engine (``pocketsphinx``, ``whisper:PATH``; see
             ``indexing.asr``); each kept frame takes the segments around it (the ``asr`` text channel).
         asr_workers: speech processes running beside the encoder.
+        detect, detect_min_score, detect_workers: ``--detect`` (``indexing.detect``: objects for ``search --object``).
     """
 
     sampling: Sampling = field(default_factory=Sampling)
@@ -92,7 +94,9 @@ class IndexOptions:
     ocr_workers: int = 1
     asr: Optional[str] = None
     asr_workers: int = 1
-
+    detect: Optional[str] = None
+    detect_min_score: float = aic.OBJECT_MIN_SCORE
+    detect_workers: int = 1
 
     def __post_init__(self) -> None:
         # The library takes the command line's spellings too: sampling="fps=2", reuse="threshold=0.05"
@@ -135,6 +139,7 @@ class IndexReport:
     metadata: dict = field(default_factory=dict)  # release metadata written beside the index (indexing.aic)
     reuse: dict = field(default_factory=dict)  # --reuse: config and ReuseStats.summary() (encoders.reuse)
     text: dict = field(default_factory=dict)  # --ocr: engine, frames read, busy seconds (indexing.text)
+    objects: dict = field(default_factory=dict)  # --detect: detector, frames, rows (indexing.detect)
 
     @property
     def frames_per_s(self) -> float:
@@ -185,7 +190,7 @@ class IndexReport:
         for channel, t in self.text.items():
             lines.append(f"{channel} ({t['engine']}): text of {t['frames']} frame(s) read, {t['with_text']} with text "
                          f"({t['read_again']} read again for shards that had none); busy {t['busy_s']:.1f}s")
-        lines += [f"skipped {b.path}: {b.reason}" for b in self.failed]
+        lines += report_lines(self.objects) + [f"skipped {b.path}: {b.reason}" for b in self.failed]
         return lines
 
 
@@ -201,6 +206,7 @@ class _Batch:
     sampled: int
     thumbs: list = field(default_factory=list)  # JPEG thumbnail of each kept frame (indexing.thumbs)
     texts: Any = None  # --ocr: a Future of each kept frame's ocr.FrameText (indexing.text)
+    objects: Any = None  # --detect: a Future of each kept frame's detect.FrameObjects
 
 
 @dataclass
@@ -225,10 +231,10 @@ class Reader(threading.Thread):
 
     def __init__(self, sources: Sequence[MediaSource], sampling: Sampling, dedup: Dedup, preprocess: Callable,
                  batch_size: int, prefetch: int, workers: int = 0, decoder: str = "decord",
-                 ocr: Optional[Callable] = None):
+                 ocr: Optional[Callable] = None, detect: Optional[Callable] = None):
         super().__init__(name="mergeseek-reader", daemon=True)
         self.sources, self.sampling, self.dedup, self.decoder = list(sources), sampling, dedup, decoder
-        self.ocr = ocr
+        self.ocr, self.detect = ocr, detect
         self.preprocess, self.batch_size = preprocess, batch_size
         # Hashing and preprocessing (PIL resize, which releases the GIL) run on a small pool; decoding
         # stays sequential per video so frames, duplicates and ids come out in a fixed order.
@@ -266,7 +272,7 @@ class Reader(threading.Thread):
     def _read_source(self, src: MediaSource, pool: ThreadPoolExecutor) -> None:
         t0 = time.perf_counter()
         for item in read_source(src, self.sampling, self.dedup, self.preprocess, self.batch_size, pool, self.workers,
-                                self.decoder, self.ocr):
+                                self.decoder, self.ocr, self.detect):
             self.busy_s += time.perf_counter() - t0
             self._put(item)
             t0 = time.perf_counter()
@@ -275,9 +281,9 @@ class Reader(threading.Thread):
 
 def read_source(src: MediaSource, sampling: Sampling, dedup: Dedup, preprocess: Callable, batch_size: int,
                 pool: Optional[ThreadPoolExecutor] = None, workers: int = 1, decoder: str = "decord",
-                ocr: Optional[Callable] = None):
+                ocr: Optional[Callable] = None, detect: Optional[Callable] = None):
     """One source's items: a ``_Batch`` per decoded batch, then ``_Done`` (or ``_Failed`` for a bad file).
-    ``ocr(images)``: starts reading the kept frames' text and returns a Future (``--ocr``).
+    ``ocr(images)`` / ``detect(images)``: start reading the kept frames' text / objects; a Future each.
 
     Decoding, sampling, near-duplicate skipping and preprocessing of one source, in order; the
     threaded ``Reader`` and the Ray decode tasks (``indexing.distributed``) both run this.
@@ -294,8 +300,9 @@ def read_source(src: MediaSource, sampling: Sampling, dedup: Dedup, preprocess: 
                     hashes.append(h.signed)
             pixels = _preprocess([f.image for f in kept], preprocess, run, workers) if kept else None
             texts = ocr([f.image for f in kept]) if ocr is not None and kept else None
-            yield _Batch(src, [f.frame_idx for f in kept], [f.pts_time for f in kept], [f.path for f in kept],
-                         hashes, pixels, len(frames), thumbs=list(run(make_jpeg, [f.image for f in kept])), texts=texts)
+            objects = detect([f.image for f in kept]) if detect is not None and kept else None
+            yield _Batch(src, [f.frame_idx for f in kept], [f.pts_time for f in kept], [f.path for f in kept], hashes,
+                         pixels, len(frames), list(run(make_jpeg, [f.image for f in kept])), texts, objects)
     except InputError as exc:
         log.warning("skip %s", exc)
         yield _Failed(src, str(exc))
@@ -377,6 +384,7 @@ def index_paths(
     require_backend(options.decoder)  # a wrong or missing --decoder fails before the model loads
     ocr_engine = get_ocr_engine(options.ocr)  # a missing OCR engine fails before the model loads too
     asr_engine = get_asr_engine(options.asr)  # so does a missing speech engine
+    detector = get_detector(options.detect, options.detect_min_score)  # and a missing detector or weights file
     preflight(Path(index_dir), options.index_type)  # a wrong --index or --index-type fails before the model loads
     if not hasattr(encoder, "describe"):
         encoder = encoder()
@@ -400,6 +408,7 @@ def index_paths(
             writer.add_text_channel(TextChannel("ocr", ocr_engine))
         if asr_engine is not None:
             writer.add_text_channel(TextChannel("asr", asr_engine))
+        attach_channel(writer, detector)
         if todo:
             log.info("%d source(s) to index, %d up to date", len(todo), report.up_to_date)
             (stages or _run_stages)(writer, todo, encoder, options, report)
@@ -412,6 +421,7 @@ def index_paths(
         report.metadata = aic.write_release_metadata(
             Path(index_dir), sources, options.release_parts, {s.video_id for s in sources if s.video_id not in have}
             | set(report.indexed))
+        report.objects = finish_objects(writer, detector, report.failed)
     report.times.wall_s = time.perf_counter() - t_start
     if not report.indexed and not report.up_to_date:
         reasons = "; ".join(f"{Path(b.path).name}: {b.reason}" for b in report.failed[:5])
@@ -450,25 +460,26 @@ def _frames_with_text(store, channel: str) -> int:
 
 
 def _run_stages(writer: IndexWriter, todo: list, encoder, options: IndexOptions, report: IndexReport) -> None:
-    text, speech = writer.text.get("ocr"), writer.text.get("asr")
+    text, speech, objects = writer.text.get("ocr"), writer.text.get("asr"), channel_of(writer)
     ocr = OcrStage(text.engine, options.ocr_workers) if text is not None else None
+    det = OcrStage(objects.engine, options.detect_workers) if objects is not None else None
     asr = AsrStage(speech.engine, options.asr_workers, options.decoder) if speech is not None else None
     for src in todo if asr is not None else ():
         if src.kind == "video":  # every video's sound is queued now: speech runs ahead, beside the encoder
             asr.submit(src.key, str(src.path))
     try:
-        _read_and_encode(writer, todo, encoder, options, report, ocr, asr)
+        _read_and_encode(writer, todo, encoder, options, report, ocr, asr, det)
     finally:
-        for stage, channel in ((ocr, text), (asr, speech)):
+        for stage, channel in ((ocr, text), (asr, speech), (det, objects)):
             if stage is not None:
                 channel.busy_s = stage.busy_s
                 stage.close()
 
 
 def _read_and_encode(writer: IndexWriter, todo: list, encoder, options: IndexOptions, report: IndexReport, ocr,
-                     asr=None) -> None:
+                     asr=None, det=None) -> None:
     reader = Reader(todo, options.sampling, options.dedup, encoder.preprocess_images, encoder.batch_size, options.prefetch,
-                    options.read_workers, decoder=options.decoder, ocr=ocr.submit if ocr is not None else None)
+                    options.read_workers, decoder=options.decoder, ocr=getattr(ocr, "submit", None), detect=getattr(det, "submit", None))
     bars = _Bars(len(todo)) if options.progress else None
     # --reuse: frames of one source reach the encoder in order (the reader decodes sources one
     # at a time, sequentially), so a per-source cache in the stream encoder is valid.
@@ -487,6 +498,8 @@ def _read_and_encode(writer: IndexWriter, todo: list, encoder, options: IndexOpt
                 writer.thumbs.add(item.source.key, item.thumbs)
                 if item.texts is not None:
                     writer.text["ocr"].add(item.source.key, item.texts)
+                if item.objects is not None:
+                    channel_of(writer).add(item.source.key, item.objects)
                 if item.pixels is not None:
                     t0 = time.perf_counter()
                     if stream is not None:

@@ -22,6 +22,7 @@ from mergeseek.indexing.layout import (
     DAMAGED_DIR, FAISS_FILE, MANIFEST, _described_shards, read_manifest, rebuild_manifest, shard_files_on_disk,
     shard_problem,
 )
+from mergeseek.indexing.detect import carry_objects, drop_foreign_objects, sync_objects
 from mergeseek.indexing.store import IndexStore
 from mergeseek.indexing.text import carry_text, drop_foreign_text, remove_stale_text, sync_text_index
 from mergeseek.runtime import fsync_dir, write_error
@@ -138,6 +139,8 @@ def repair_index(root: Union[str, Path], ngpu: int = 0) -> RepairReport:
         remove_stale_text(root, set(m.shards))
         drop_foreign_text(store)
         report.text = sync_text_index(root, store.shard_names())
+        drop_foreign_objects(store)
+        sync_objects(store)  # the detector's rows of objects.parquet: those of the files still there
     finally:
         store.close()
     return report
@@ -196,8 +199,10 @@ def compact_index(root: Union[str, Path]) -> CompactReport:
                if sum(e.count for e in m.sources.values() if e.shard == shard) != m.shards[shard]]
         for shard in old:
             new = store.rewrite_shard(shard)  # its live rows, if any, into a new shard
-            if new is not None:  # with their on-screen text (indexing.text), if they have any
-                carry_text(root, shard, new, store.read_shard(new, columns=["id"], live=False).column("id").to_numpy())
+            if new is not None:  # with their on-screen text (indexing.text) and objects (indexing.detect), if any
+                ids = store.read_shard(new, columns=["id"], live=False).column("id").to_numpy()
+                carry_text(root, shard, new, ids)
+                carry_objects(root, shard, new, ids)
         store.retire_shards(old, faiss_current=was_current)
         remove_stale_text(root, set(m.shards))
         drop_foreign_text(store)

@@ -186,9 +186,13 @@ class TextChannel:
             frames += got
         if len(frames) != len(ids):
             return False
-        write_text(root, shard, self.channel, ids, frames)
+        self.store(root, shard, ids, frames)
         self.frames += len(frames)
         return True
+
+    def store(self, root: Path, shard: str, ids: np.ndarray, frames: Sequence) -> None:
+        """Write the shard's file (a channel of other records, ``indexing.detect``, writes its own form)."""
+        write_text(root, shard, self.channel, ids, frames)
 
 
 # ---------------------------------------------------------------------------- the full-text index
