@@ -231,8 +231,6 @@ def check_query(text: Optional[str], image: Optional[Union[str, Path]], then, k:
         raise InputError("empty query; give a description such as \"a man riding a bike\", or --image query.jpg")
     if image is not None and text:
         raise InputError("give either a text query or --image, not both")
-    if fuse and (image is not None or thens or marks or video is not None or said):
-        raise InputError("--fuse takes a text query alone (no --image, --then, --like, --video, --ocr or --asr)")
     for t in thens:
         if image is not None or not isinstance(t, str) or not t.strip():
             raise InputError("--then needs a text query and a non-empty next event, e.g. \"a man\" --then \"a car\"")
@@ -274,11 +272,16 @@ def run_search(index_dir: Union[str, Path], text: Optional[str] = None, image: O
     opened = dict(model=model, pretrained=pretrained, merge=merge, device=device, precision=precision,
                   batch_size=batch_size, nprobe=nprobe, ef_search=ef_search, translate=translator)
     if fuse:
-        from mergeseek.retrieval.fusion import open_fused, search_fused
+        from mergeseek.retrieval.fusion import fused_query, open_fused
 
+        allow = None
         if object_name is not None:
-            raise InputError("--object works on one index; drop --fuse or --object")
-        return search_fused(open_fused([index_dir, *fuse], **opened), text, k=k, per_video=per_video)
+            from mergeseek.indexing.aic import objects_in_frames
+
+            allow = objects_in_frames(Path(index_dir), object_name)
+        return fused_query(open_fused([index_dir, *fuse], **opened), text, image, thens, within_s, k=k,
+                           per_video=per_video, like=like or (), unlike=unlike or (), video=video, allow=allow, ocr=ocr,
+                           asr=asr)
     if ocr is not None or asr is not None:
         from mergeseek.retrieval.hybrid import search_hybrid
 

@@ -274,17 +274,24 @@ class Engine:
         from mergeseek.retrieval.hybrid import search_hybrid, split_channels
 
         visual, said = split_channels(q)  # "a crowd ocr: HÀ NỘI asr: thủ tướng": text channels too (--ocr, --asr)
+        if getattr(self, "fused", None):  # (an Engine made without __init__, as tests do, has none)
+            if said and then is not None and then.strip():
+                raise InputError("ocr: and asr: go with a description or alone, not with a then… event")
+            return self._fused(text=visual, thens=[then] if then is not None and then.strip() else [], within=within,
+                               k=k, per_video=per_video, ocr=said.get("ocr"), asr=said.get("asr"))
         if said:
             if then is not None and then.strip():
                 raise InputError("ocr: and asr: go with a description or alone, not with a then… event")
             return search_hybrid(self.searcher, visual, said.get("ocr"), k=k, per_video=per_video, asr=said.get("asr"))
         if then is not None and then.strip():
             return self.searcher.search_temporal(q, then, within_s=within, k=k, per_video=per_video)
-        if getattr(self, "fused", None):  # (an Engine made without __init__, as tests do, has none)
-            from mergeseek.retrieval.fusion import search_fused
-
-            return search_fused([self.searcher, *self.fused], q, k=k, per_video=per_video)
         return self.searcher.search_text(q, k=k, per_video=per_video)
+
+    def _fused(self, **query) -> list:
+        """``serve --fuse``: the query over this index and the fused ones (``retrieval.fusion.fused_query``)."""
+        from mergeseek.retrieval.fusion import fused_query
+
+        return fused_query([self.searcher, *self.fused], **query)
 
     def object_names(self) -> list[str]:
         """Detected object classes of an AI Challenge release (``objects.parquet``), for the page's filter."""
@@ -318,7 +325,10 @@ class Engine:
             from mergeseek.indexing.aic import objects_in_frames
 
             allow = objects_in_frames(Path(self.catalog.root), object_name)
-        elif len(events) == 1 and not (like or unlike) and video is None:
+        if getattr(self, "fused", None) and (allow is not None or len(events) != 1 or like or unlike or video is not None):
+            return self._fused(text=text, thens=events[1:], within=within, k=k, per_video=per_video, like=like,
+                               unlike=unlike, video=video, allow=allow)
+        if allow is None and len(events) == 1 and not (like or unlike) and video is None:
             return self.search(text, k=k, per_video=per_video)  # the GET search (ocr: prefix, caches)
         return run_query(self.searcher, text, None, events[1:], within, k=k, per_video=per_video, like=like,
                          unlike=unlike, video=video, allow=allow)
@@ -344,11 +354,17 @@ class Engine:
 
     def search_image(self, image: Any, k: int = 20, per_video: bool = False) -> list[Hit]:
         _check_k(k)
+        if getattr(self, "fused", None):
+            return self._fused(image=image, k=k, per_video=per_video)
         return self.searcher.search_image(image, k=k, per_video=per_video)
 
     def similar(self, id_: int, k: int = 20, per_video: bool = False) -> list[Hit]:
         """Frames nearest to frame ``id_`` (the frame itself left out)."""
         _check_k(k)
+        if getattr(self, "fused", None):  # "more like this" = the frame liked alone, in every index
+            self.catalog.row(id_)  # 404 for an id this index lacks
+            hits = self._fused(like=[id_], k=min(k + 1, self.searcher.size), per_video=per_video)
+            return [h for h in hits if h.id != id_][:k]
         vec = self.catalog.vector(id_)
         hits = self.searcher.search_vector(vec, k=min(k + 1, self.searcher.size), per_video=per_video)
         return [h for h in hits if h.id != id_][:k]

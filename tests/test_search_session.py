@@ -177,7 +177,7 @@ def test_cli_passes_events_feedback_video_and_fuse_to_the_search(monkeypatch, tm
 @pytest.mark.parametrize("args,words", [
     (["a", "--then", "b", "--like", "3"], "drop --then or the marks"),
     (["--unlike", "3"], "empty query"),
-    (["a", "--fuse", "x", "--then", "b"], "--fuse takes a text query alone"),
+    (["a", "--fuse", "x", "--ocr", "w", "--then", "b"], "--ocr goes with a text query or alone"),
     (["a", "--then", "b", "--then", "c", "--within", "1", "--within", "2", "--within", "3"], "3 --within values for 3"),
     (["a", "--then", " "], "non-empty next event"),
 ])
