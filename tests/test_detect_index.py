@@ -310,6 +310,7 @@ index_paths({folders!r}, {root!r}, build_encoder(), IndexOptions(dedup=Dedup(ena
 """
 
 
+@pytest.mark.slow  # a second process builds the encoder again (~25 s on this machine)
 def test_kill_9_during_a_detect_run_then_resume_gives_every_row_its_objects_once(tmp_path, encoder):
     from mergeseek.indexing.store import IndexStore
 
