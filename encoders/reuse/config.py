@@ -35,12 +35,14 @@ class ReuseConfig:
         audit: every ``audit``-th frame that reused work is also encoded per-frame (in batches of
             the encoder's batch size), giving the error against per-frame encoding and the
             measured frames/s gain of the run at ~1/audit of the per-frame cost; 0: no audit.
-        roll: 1: rolling caches (Eventful's token buffers): a frame that reuses work leaves, for
-            each token of each gate, the values of the frame that last recomputed it, so the next
-            frame is compared with those instead of with the shot's reference, which it drifts
-            away from; 0 (the default): every frame of a shot is compared with its reference.
-            Rolling runs the frames of one video one after the other (one pass over the blocks
-            per frame that reuses work), so on CUDA it reads the device once per gate per frame.
+        roll: ``k`` >= 1: rolling caches (Eventful's token buffers, updated every ``k`` frames): a
+            frame that reuses work leaves, for each token of each gate, the values of the frame
+            that last recomputed it, and the frames that follow are compared with those instead of
+            with the shot's reference, which they drift away from. A pass over the blocks holds at
+            most ``k`` frames of a video that reuse work, all compared with what the previous pass
+            left (``k=1``: each frame with the one before it, as Eventful; a larger ``k`` batches
+            the gated rows of ``k`` frames into one matrix product). 0 (the default): every frame
+            of a shot is compared with its reference, one pass per batch.
     """
 
     threshold: float = 0.05
@@ -68,11 +70,12 @@ class ReuseConfig:
             raise ConfigError(f"reuse max_videos={self.max_videos} is not valid; it must be >= 1")
         if self.audit < 0:
             raise ConfigError(f"reuse audit={self.audit} is not valid; give an integer >= 0 (0: no audit)")
-        for key in ("refresh", "max_videos", "audit"):
+        for key in ("refresh", "max_videos", "audit", "roll"):
             if getattr(self, key) > 1_000_000:
                 raise ConfigError(f"reuse {key}={getattr(self, key)} is not valid; it must be <= 1000000")
-        if self.roll not in (0, 1):
-            raise ConfigError(f"reuse roll={self.roll} is not valid; give 0 (compare with the shot's reference) or 1 (rolling)")
+        if self.roll < 0:
+            raise ConfigError(f"reuse roll={self.roll} is not valid; give 0 (compare with the shot's reference) or k >= 1 "
+                              "(rolling caches, k frames of a video per pass)")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"reuse seed={self.seed} is not valid; give 0..{2**63 - 1}")
 

@@ -33,17 +33,20 @@ def family_of(model) -> Family:
 @dataclass
 class _Plan:
     """One frame's role: a reference (``changed`` None) or a dependant with its changed patches
-    [Np] (host bools); ``codes``: the hash codes its caches stand for once it is encoded."""
+    [Np] (host bools); ``codes``: the hash codes its caches stand for once it is encoded (rolling
+    caches; a reference's own codes)."""
 
     changed: Optional[np.ndarray]
     codes: np.ndarray
-    rolling: bool
+    wave: int  # the pass over the blocks it runs in (rolling caches: several per batch)
+    starts: bool = False  # rolling caches: the first dependant of a group (compared with the newest caches)
 
 
 @dataclass
 class _Stream:
-    ref: Optional[Reference] = None
+    ref: Optional[Reference] = None  # what the video's dependants are compared with (rolling: the group's base)
     since: int = 0  # frames since the reference
+    newest: Optional[Reference] = None  # rolling caches: those its newest frame left
 
 
 class ReuseStream:
@@ -93,7 +96,7 @@ class ReuseStream:
         plans = self._plan_frames(codes, video_ids)
         self.last_reused = [p.changed is not None for p in plans]
         order, outs = [], []
-        for wave in self._waves(plans, video_ids):
+        for wave in self._waves(plans):
             out, done = self._run(wave, patches, plans, video_ids)
             outs.append(out)
             order += done
@@ -116,6 +119,8 @@ class ReuseStream:
         owner = []
         for i in wave:
             vid = video_ids[i]
+            if plans[i].starts:  # a new group of dependants: compared with what the last one left
+                self.streams[vid].ref = self.streams[vid].newest
             if plans[i].changed is None:
                 latest[vid] = i
             elif vid in latest:
@@ -129,73 +134,80 @@ class ReuseStream:
         changed = np.stack([plans[i].changed for i in deps]) if deps else None  # [F, Np] on the host
         block_pass = BlockPass(self, patches[refs] if refs else None, patches[deps] if deps else None, owner, kept_refs)
         outs, made = block_pass.run([plans[i].codes for i in refs + deps], changed)
-        # Each video's newest frame that left caches (references; with rolling caches, dependants
-        # too) is what its next frame reuses.
-        newest: dict = {}
+        # A video's newest reference is what its next dependants are compared with; with rolling
+        # caches its newest frame's caches are kept too (the next group's base).
         for i, ref in sorted(zip(refs + deps, made), key=lambda t: t[0]):
+            st = self.streams[video_ids[i]]
+            if plans[i].changed is None:
+                st.ref = ref
             if ref is not None:
-                newest[video_ids[i]] = ref
-        for vid, ref in newest.items():
-            self.streams[vid].ref = ref
+                st.newest = ref
         return outs, refs + deps
 
     @staticmethod
-    def _waves(plans, video_ids) -> List[List[int]]:
-        """The batch as one wave, or with rolling caches (a dependant needs the caches its video's
-        previous frame left) as consecutive waves holding at most one dependant per video."""
-        if not any(p.rolling for p in plans):
-            return [list(range(len(plans)))]
-        waves: List[List[int]] = [[]]
-        seen: set = set()  # videos with a dependant in the current wave
+    def _waves(plans) -> List[List[int]]:
+        """The batch's frames grouped by the pass they run in (one pass without rolling caches)."""
+        waves: List[List[int]] = []
         for i, p in enumerate(plans):
-            vid = video_ids[i]
-            if p.changed is not None and vid in seen:
+            if p.wave == len(waves):
                 waves.append([])
-                seen = set()
-            if p.changed is not None:
-                seen.add(vid)
-            waves[-1].append(i)
+            waves[p.wave].append(i)
         return waves
 
     # ------------------------------------------------------------------ planning
     def _plan_frames(self, codes, video_ids) -> List["_Plan"]:
-        """Per frame: a reference, or a dependant with the patches it changed; updates the stream
-        counters.
+        """Per frame: a reference, or a dependant with the patches it changed, and the pass (wave)
+        it runs in; updates the stream counters.
 
         Decided from hashes alone, in frame order, so it does not depend on batch boundaries. A
-        dependant is compared with the codes its reference left, or with rolling caches with the
-        codes its video's previous frame left: the patches it recomputes take its own codes.
+        dependant is compared with the codes of its reference. With rolling caches (``roll=k``)
+        the dependants after a reference form groups of ``k``: a group's dependants are compared
+        with what the previous group's last frame left (the first group: the reference), and the
+        patches a dependant recomputes take its codes. A group starts a new pass over the blocks
+        when its base is made in the current one.
         """
-        cfg = self.cfg
+        cfg, k = self.cfg, self.cfg.roll
         plans: List[_Plan] = []
-        state: dict = {}  # video id -> the codes its latest frame of this batch left
+        state: dict = {}  # video id -> [codes its dependants are compared with, codes its newest frame left]
+        in_wave: set = set()  # videos with a frame in the current pass
+        wave = 0
         for i, vid in enumerate(video_ids):
             st = self.streams.get(vid)
             if st is None:
                 st = self.streams[vid] = _Stream()
             self.streams.move_to_end(vid)
             self.stats.frames += 1
-            ref_codes = state[vid] if vid in state else (st.ref.codes if st.ref is not None else None)
-            new_ref = ref_codes is None or not cfg.enabled
+            if vid not in state:
+                state[vid] = [st.ref.codes, (st.newest or st.ref).codes] if st.ref is not None else [None, None]
+            base, newest = state[vid]
+            starts = bool(k) and st.since > 0 and st.since % k == 0  # if it is a dependant
+            cmp = newest if starts else base
+            new_ref = cmp is None or not cfg.enabled
             changed = None
             if not new_ref and st.since + 1 >= cfg.refresh:
                 new_ref = True
                 self.stats.refreshes += 1
             elif not new_ref:
-                changed = self._changed(codes[i : i + 1], ref_codes)[0]
+                changed = self._changed(codes[i : i + 1], cmp)[0]
                 if float(changed.mean()) > cfg.cut:
                     new_ref, changed = True, None
                     self.stats.cuts += 1
             if new_ref:
-                state[vid] = codes[i]
+                starts = False
+                state[vid] = [codes[i], codes[i]]
                 st.since = 0
                 self.stats.references += 1
-                plans.append(_Plan(None, codes[i], False))
             else:
                 st.since += 1
-                if cfg.roll:
-                    state[vid] = np.where(changed[:, None], codes[i], ref_codes)
-                plans.append(_Plan(changed, state.get(vid, ref_codes), bool(cfg.roll)))
+                if starts:
+                    state[vid][0] = cmp
+                if k:
+                    state[vid][1] = np.where(changed[:, None], codes[i], cmp)
+            if starts and vid in in_wave:  # its base is the newest frame of this pass: the next pass
+                wave += 1
+                in_wave = set()
+            in_wave.add(vid)
+            plans.append(_Plan(changed, state[vid][1] if k else state[vid][0], wave, starts))
         return plans
 
     def _changed(self, codes, ref_codes):
