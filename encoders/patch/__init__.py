@@ -1,10 +1,11 @@
 """Install token merging into live models by swapping the classes of their module instances.
 
-``apply_merging(model, cfg)`` accepts an open_clip CLIP model, its ``.visual`` or a timm
-``VisionTransformer``; weights and the model zoo stay untouched, and ``remove_merging`` restores
-the original classes. Which blocks and mixins a model has is its family adapter's answer
-(``encoders.family``); what a method keeps per model (lsh: its hyperplanes) is its registry
-entry's (``MatcherSpec.state``), kept as buffers of the patched module.
+``apply_merging(model, cfg)`` accepts an open_clip CLIP model, its ``.visual``, a timm
+``VisionTransformer`` or transformers' ``ASTModel`` / ``ASTForAudioClassification``; weights and
+the model zoo stay untouched, and ``remove_merging`` restores the original classes. Which blocks
+and mixins a model has is its family adapter's answer (``encoders.family``); what a method keeps
+per model (lsh: its hyperplanes) is its registry entry's (``MatcherSpec.state``), kept as buffers
+of the patched module.
 """
 
 from __future__ import annotations
