@@ -466,7 +466,8 @@ def sync_objects(store, detector: str = "") -> dict:
             n = int(stem) if kinds.get(m["source"]) == "keyframes" and stem.isdigit() else -1
             rows.append((m["video_id"], n, m["frame_idx"], r["entity"], r["score"], r["ymin"], r["xmin"], r["ymax"],
                          r["xmax"], spec))
-    had = path.is_file() and "detector" in pq.read_schema(path).names
+    had = path.is_file() and "detector" in pq.read_schema(path).names and any(
+        pq.read_table(path, columns=["detector"]).column("detector").to_pylist())  # detector rows to replace
     if not rows and not had:
         return {"objects": 0}
     return {"objects": len(rows), "objects_total": _merge_objects(root, rows, set(), replace_detector=True)}
