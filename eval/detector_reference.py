@@ -200,19 +200,20 @@ def _torch_module():
                 self.out.bias[: cfg.num_classes].fill_(-2.19)
                 self.out.bias[cfg.num_classes:].zero_()
 
-        def grid_features(self, x):
-            """[B, C, g, g]: the backbone's last-block tokens at every patch position."""
-            tokens = self.backbone.forward_features(x)
+        def head(self, tokens):
+            """The backbone's output tokens [B, 1 + g * g, C] -> (heatmap logits, box channels)."""
             g = self.cfg.grid
             patches = tokens[:, self.backbone.num_prefix_tokens:]
             if patches.shape[1] != g * g:
                 raise ConfigError(f"the detector's backbone returned {patches.shape[1]} patch tokens, the head needs "
                                   f"{g * g}: merge it with unmerge=true (e.g. --merge r=8,unmerge=true)")
-            return patches.transpose(1, 2).reshape(x.shape[0], -1, g, g)
-
-        def forward(self, x):
-            y = self.out(torch.nn.functional.gelu(self.conv(self.grid_features(x))))
+            grid = patches.transpose(1, 2).reshape(tokens.shape[0], -1, g, g)
+            y = self.out(torch.nn.functional.gelu(self.conv(grid)))
             return y[:, : self.cfg.num_classes], y[:, self.cfg.num_classes:]
+
+        def forward(self, x, backbone=None):
+            """``backbone``: another (merged) copy of the backbone over the same weights (the evaluator's)."""
+            return self.head((backbone or self.backbone).forward_features(x))
 
     return CenterNetViT
 
@@ -390,7 +391,6 @@ def detect_set(model, cfg: DetectorConfig, ds, batch_size: int = 50, limit: Opti
     import torch
 
     n = len(ds) if limit is None else min(limit, len(ds))
-    scale = ds.images.shape[1] / cfg.img_size
     out: List[list] = []
     was_training = model.training
     model.eval()
@@ -398,12 +398,18 @@ def detect_set(model, cfg: DetectorConfig, ds, batch_size: int = 50, limit: Opti
         with torch.inference_mode():
             for s in range(0, n, batch_size):
                 heat, box = model(pictures_to_tensor(ds.images[s:min(n, s + batch_size)], cfg))
-                scores, cls, boxes = decode(heat, box, cfg)
-                for sc, c, b in zip(scores.numpy(), cls.numpy(), boxes.numpy() * scale):
-                    out.append([(int(ci), float(si), tuple(float(v) for v in bi)) for si, ci, bi in zip(sc, c, b)])
+                out += decoded_lists(heat, box, cfg, ds.images.shape[1])
     finally:
         model.train(was_training)
     return out
+
+
+def decoded_lists(heat, box, cfg: DetectorConfig, picture_side: int) -> List[list]:
+    """Head outputs -> per picture ``[(class, score, box in picture pixels), ...]`` (all kept peaks)."""
+    scores, cls, boxes = decode(heat, box, cfg)
+    scale = picture_side / cfg.img_size
+    return [[(int(ci), float(si), tuple(float(v) for v in bi)) for si, ci, bi in zip(sc, c, b)]
+            for sc, c, b in zip(scores.numpy(), cls.numpy(), boxes.numpy() * scale)]
 
 
 def score_detections(detections, ds, num_classes: int) -> Dict[str, Any]:
@@ -424,249 +430,3 @@ def score_detections(detections, ds, num_classes: int) -> Dict[str, Any]:
 
 def evaluate_detector(model, cfg: DetectorConfig, ds, limit: Optional[int] = None) -> Dict[str, Any]:
     return score_detections(detect_set(model, cfg, ds, limit=limit), ds.limited(limit), cfg.num_classes)
-
-
-# ------------------------------------------------------------------------------ training
-def make_targets(boxes_list, labels_list, cfg: DetectorConfig, picture_size: int):
-    """CenterNet targets on the g x g grid: heatmap [B, C, g, g] (a Gaussian peak of 1 at each
-    object's centre cell, sigma = sqrt(w * h) / 6 cells, at least 0.5), box targets [B, 4, g, g]
-    ((dx, dy) centre offset in the cell, (log w, log h) in cells) and their mask [B, g, g]."""
-    import torch
-
-    g = cfg.grid
-    stride = picture_size / g
-    b = len(boxes_list)
-    heat = torch.zeros(b, cfg.num_classes, g, g)
-    reg = torch.zeros(b, 4, g, g)
-    mask = torch.zeros(b, g, g)
-    ys, xs = torch.meshgrid(torch.arange(g, dtype=torch.float32), torch.arange(g, dtype=torch.float32), indexing="ij")
-    for i, (boxes, labels) in enumerate(zip(boxes_list, labels_list)):
-        for (x0, y0, x1, y1), c in zip(np.asarray(boxes, dtype=np.float64), labels):
-            cx, cy = (x0 + x1) / 2 / stride, (y0 + y1) / 2 / stride
-            w, h = (x1 - x0) / stride, (y1 - y0) / stride
-            ix, iy = min(int(cx), g - 1), min(int(cy), g - 1)
-            sigma = max(0.5, float(np.sqrt(w * h)) / 6)
-            peak = torch.exp(-((xs - ix) ** 2 + (ys - iy) ** 2) / (2 * sigma ** 2))
-            heat[i, int(c)] = torch.maximum(heat[i, int(c)], peak)
-            reg[i, :, iy, ix] = torch.tensor([cx - ix, cy - iy, np.log(w), np.log(h)], dtype=torch.float32)
-            mask[i, iy, ix] = 1.0
-    return heat, reg, mask
-
-
-def detection_loss(heat_logits, box, heat_t, reg_t, mask, cfg: DetectorConfig):
-    """CenterNet's focal loss on the heatmaps (alpha 2, beta 4) + weighted L1 on offsets and log
-    sizes at object centres, each divided by the number of objects; returns (total, parts)."""
-    import torch
-    import torch.nn.functional as F
-
-    p = heat_logits.float().sigmoid().clamp(1e-4, 1 - 1e-4)
-    pos = heat_t.eq(1.0).float()
-    num = pos.sum().clamp_min(1.0)
-    pos_loss = (torch.log(p) * (1 - p) ** 2 * pos).sum()
-    neg_loss = (torch.log(1 - p) * p ** 2 * (1 - heat_t) ** 4 * (1 - pos)).sum()
-    focal = -(pos_loss + neg_loss) / num
-    m = mask[:, None]
-    l1 = F.l1_loss(box.float() * m, reg_t * m, reduction="none")
-    offset = l1[:, :2].sum() / num
-    size = l1[:, 2:].sum() / num
-    total = focal + cfg.offset_weight * offset + cfg.size_weight * size
-    return total, {"focal": float(focal.detach()), "offset": float(offset.detach()), "size": float(size.detach())}
-
-
-def init_backbone(model, name: str) -> Dict[str, Any]:
-    """Copy a classification reference's ViT weights (all but its head) into the detector's backbone."""
-    from mergeseek.eval.reference import file_sha256, load_reference
-    from mergeseek.eval.reference import _resolve_weights as reference_path
-
-    ref, _ = load_reference(name, device="cpu")
-    state = {k: v for k, v in ref.state_dict().items() if not k.startswith("head.")}
-    missing, unexpected = model.backbone.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if not k.startswith("head")]:
-        raise ConfigError(f"init={name}: its ViT does not fit the detector's backbone (missing {missing}, "
-                          f"unexpected {unexpected}); use a reference of the same width, depth and grid")
-    path = reference_path(name)
-    return {"from": name, "weights_sha256": file_sha256(path)}
-
-
-def train_detector(data: Path, out: Path, cfg: DetectorConfig, *, time_budget_s: Optional[float] = None,
-                   fresh: bool = False, command: str = "", sources=None, spec=None, test=None):
-    """Train (or resume from ``out/last.pt``) the detector; ``data`` is the folder holding
-    ``cifar10/``, ``coco_captions/`` and ``imagenet_sample/`` (the ``synth-detection`` sources)."""
-    import torch
-
-    from mergeseek.eval.datasets.detection import DetectionSpec, cache_folder, load_sources, load_synth_detection, \
-        picture
-    from mergeseek.eval.train_reference import TrainResult, atomic_torch_save, atomic_write_json, lr_at, param_groups
-
-    spec = spec or DetectionSpec(size=cfg.picture_size)
-    if spec.size != cfg.picture_size:
-        raise ConfigError(f"synth-detection size={spec.size} does not match the detector's picture_size="
-                          f"{cfg.picture_size}")
-    t0 = time.perf_counter()
-    sources = sources or load_sources(data, spec)
-    test = test if test is not None else load_synth_detection(cache_folder(None, data), data, "test", spec, sources)
-    log.info("sources and test split ready in %.1fs (%d test pictures)", time.perf_counter() - t0, len(test))
-    out = Path(out)
-    model, opt, meta = _start(cfg, out / TRAIN_CHECKPOINT, fresh, data, spec, sources)
-    out.mkdir(parents=True, exist_ok=True)
-    meta["commands"].append(command)
-    total = cfg.epochs * cfg.steps_per_epoch
-    warm = cfg.warmup_epochs * cfg.steps_per_epoch
-    log.info("%s: %d params, %d tokens, %d pictures/step, epochs %d..%d on cpu (%d threads)", cfg.name,
-             meta["params"], cfg.num_tokens, cfg.batch_size, meta["epoch"] + 1, cfg.epochs, torch.get_num_threads())
-    start = time.perf_counter()
-    while meta["epoch"] < cfg.epochs:
-        ep_start = time.perf_counter()
-        epoch = meta["epoch"]
-        torch.manual_seed(cfg.seed * 100_003 + epoch)
-        model.train()
-        sums: Dict[str, float] = {"loss": 0.0, "focal": 0.0, "offset": 0.0, "size": 0.0}
-        recent = 0.0
-        lr = cfg.lr
-        for i in range(cfg.steps_per_epoch):
-            step = epoch * cfg.steps_per_epoch + i
-            lr = lr_at(step, total, warm, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            pics = [picture(spec, sources, "train", step * cfg.batch_size + j) for j in range(cfg.batch_size)]
-            x = pictures_to_tensor([p[0] for p in pics], cfg)
-            heat_t, reg_t, mask = make_targets([p[1] for p in pics], [p[2] for p in pics], cfg, spec.size)
-            heat, box = model(x)
-            loss, parts = detection_loss(heat, box, heat_t, reg_t, mask, cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sums["loss"] += float(loss.detach())
-            for k, v in parts.items():
-                sums[k] += v
-            recent += float(loss.detach())
-            if (i + 1) % 20 == 0:
-                log.info("epoch %d step %d/%d loss %.4f (last 20 steps) %.1f pictures/s", epoch + 1, i + 1,
-                         cfg.steps_per_epoch, recent / 20,
-                         (i + 1) * cfg.batch_size / (time.perf_counter() - ep_start))
-                recent = 0.0
-        train_s = time.perf_counter() - ep_start
-        scores = evaluate_detector(model, cfg, test, limit=cfg.eval_pictures)
-        record = {"epoch": epoch + 1, "lr": lr, "train_s": round(train_s, 1),
-                  **{k: round(v / cfg.steps_per_epoch, 5) for k, v in sums.items()},
-                  "map50_test": round(scores["map50"], 4), "map_test": round(scores["map"], 4),
-                  "eval_pictures": scores["pictures"]}
-        meta["history"].append(record)
-        meta["epoch"], meta["train_wall_s"] = epoch + 1, meta["train_wall_s"] + train_s
-        meta["map50_test"], meta["map_test"], meta["eval_pictures"] = scores["map50"], scores["map"], scores["pictures"]
-        atomic_torch_save({"format": TRAIN_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                           "meta": meta}, out / TRAIN_CHECKPOINT)
-        atomic_write_json(_manifest(meta), out / "manifest.json")
-        log.info("epoch %d/%d loss %.4f mAP@0.5 %.4f mAP %.4f (%d test pictures) %.1fs", epoch + 1, cfg.epochs,
-                 record["loss"], scores["map50"], scores["map"], scores["pictures"], train_s)
-        if time_budget_s is not None and meta["epoch"] < cfg.epochs and (
-                time.perf_counter() - start + train_s > time_budget_s):
-            log.info("stopping after epoch %d: another epoch would pass the %.0fs budget; rerun to resume",
-                     meta["epoch"], time_budget_s)
-            break
-    return TrainResult(checkpoint=out / TRAIN_CHECKPOINT, manifest=out / "manifest.json", start_epoch=0,
-                       epochs_done=meta["epoch"], epochs_planned=cfg.epochs, complete=meta["epoch"] >= cfg.epochs,
-                       top1_test=meta.get("map50_test"), top1_subset=meta.get("map50_test"),
-                       history=list(meta["history"]), subset=f"mAP@0.5 on {meta.get('eval_pictures')} test pictures")
-
-
-TRAIN_CHECKPOINT = "last.pt"
-
-
-def _start(cfg: DetectorConfig, ckpt: Path, fresh: bool, data: Path, spec, sources):
-    """Model, optimizer and run record: new (backbone from ``cfg.init``), or restored from ``ckpt``."""
-    import torch
-
-    from mergeseek.eval.train_reference import param_groups
-
-    torch.manual_seed(cfg.seed)
-    model = build_detector(cfg)
-    freeze(model, cfg)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    if ckpt.is_file() and not fresh:
-        blob = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if blob.get("format") != TRAIN_FORMAT:
-            raise ConfigError(f"{ckpt} is not a detector training checkpoint; pass --fresh or another --out")
-        theirs = {k: v for k, v in blob["meta"]["config"].items() if k != "epochs"}
-        if theirs != {k: v for k, v in cfg.to_dict().items() if k != "epochs"}:
-            raise ConfigError(f"{ckpt} was trained with another config; pass --fresh or another --out")
-        model.load_state_dict(blob["model"])
-        opt.load_state_dict(blob["optimizer"])
-        meta = blob["meta"]
-        meta["config"] = cfg.to_dict()
-        return model, opt, meta
-    init = init_backbone(model, cfg.init) if cfg.init else None
-    freeze(model, cfg)
-    meta = {"config": cfg.to_dict(), "epoch": 0, "history": [], "commands": [], "train_wall_s": 0.0,
-            "data": {"path": str(data), "spec": dataclasses.asdict(spec), "key": spec.key(sources)},
-            "params": sum(p.numel() for p in model.parameters()), "init": init}
-    return model, opt, meta
-
-
-def freeze(model, cfg: DetectorConfig) -> None:
-    """Stop gradients into the embeddings and the first ``cfg.freeze_blocks`` blocks."""
-    bb = model.backbone
-    frozen = [bb.patch_embed, *bb.blocks[: cfg.freeze_blocks]]
-    for module in frozen:
-        module.requires_grad_(False)
-    if cfg.freeze_blocks > 0:
-        for name in ("pos_embed", "cls_token"):
-            if getattr(bb, name, None) is not None:
-                getattr(bb, name).requires_grad_(False)
-
-
-def _manifest(meta: Dict[str, Any]) -> Dict[str, Any]:
-    import platform
-
-    import timm
-    import torch
-
-    return {"format": "mergeseek-detector-reference-manifest/1", "name": meta["config"]["name"],
-            "commands": meta["commands"], "data": meta["data"], "init": meta.get("init"), "epochs": meta["epoch"],
-            "epochs_planned": meta["config"]["epochs"], "complete": meta["epoch"] >= meta["config"]["epochs"],
-            "map50_test": meta.get("map50_test"), "map_test": meta.get("map_test"),
-            "eval_pictures": meta.get("eval_pictures"),
-            "metric": "COCO-style mAP (101-point), fp32 forward, first eval_pictures of the synth-detection test split",
-            "num_tokens": DetectorConfig.from_dict(meta["config"]).num_tokens, "params": meta["params"],
-            "train_wall_s": round(meta["train_wall_s"], 1),
-            "device": f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)",
-            "versions": {"torch": str(torch.__version__), "timm": str(timm.__version__),
-                         "python": platform.python_version()},
-            "config": meta["config"], "history": meta["history"]}
-
-
-def export_detector(checkpoint: Path, to: Path):
-    """``<to>/<name>.pt`` (fp16 weights) and ``<to>/<name>.json`` (manifest) from a training checkpoint."""
-    from mergeseek.eval.reference import file_sha256
-    from mergeseek.eval.train_reference import ExportResult, atomic_write_json, export_fp16, read_training_checkpoint
-
-    blob = read_training_checkpoint(checkpoint, TRAIN_FORMAT,
-                                    "cli.py train-reference --config reference-detector --out runs/detector")
-    meta = blob["meta"]
-    cfg = DetectorConfig.from_dict(meta["config"])
-    weights = export_fp16(blob["model"], to, cfg, EXPORT_FORMAT)
-    manifest = _manifest(meta)
-    manifest.update({"weights_file": weights.name, "weights_sha256": file_sha256(weights), "weights_dtype": "float16",
-                     "exported_from": str(checkpoint)})
-    atomic_write_json(manifest, Path(to) / f"{cfg.name}.json")
-    return ExportResult(weights=weights, manifest=Path(to) / f"{cfg.name}.json", top1_subset=meta.get("map50_test"),
-                        subset=f"mAP@0.5 on {meta.get('eval_pictures')} test pictures")
-
-
-def run_detector(*, data: Optional[str], out: str, config: str, overrides: str = "", epochs: Optional[int] = None,
-                 export: Optional[str] = None, to: str = "eval/reference", time_budget: Optional[float] = None,
-                 fresh: bool = False, command: str = ""):
-    """``cli.py train-reference --config reference-detector ...``: ``data`` is the folder holding the
-    ``synth-detection`` sources (default: the data root); ``export`` writes fp16 weights to ``to``."""
-    if export:
-        return export_detector(Path(export), Path(to))
-    if data is None:
-        from mergeseek.eval.config import default_data_root
-
-        data = str(default_data_root())
-    cfg = DetectorConfig.parse(",".join(t for t in (config, overrides) if t))
-    if epochs is not None:
-        cfg = dataclasses.replace(cfg, epochs=epochs)
-    return train_detector(Path(data), Path(out), cfg, time_budget_s=time_budget, fresh=fresh, command=command)

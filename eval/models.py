@@ -26,7 +26,8 @@ from mergeseek.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-REFERENCE_NAMES = ("reference-cifar10", "reference-cifar10-56", "reference-tiny", "reference-speech")
+REFERENCE_NAMES = ("reference-cifar10", "reference-cifar10-56", "reference-tiny", "reference-speech", "reference-detector",
+                   "reference-detector-tiny")
 
 
 @dataclass
@@ -209,6 +210,10 @@ def _load_reference(name: str, device: str, precision: str) -> ModelUnderTest:
 
     if is_speech_config(name):
         return _load_speech(name, device, precision)
+    if name.startswith("reference-detector"):  # the detector (eval/detection_eval.py): its backbone is merged
+        from mergeseek.eval.detection_eval import load_detector_under_test
+
+        return load_detector_under_test(name, device, precision)
     if name in REFERENCE_NAMES and not ref.reference_available(name):
         log.warning("reference weights for %s are not present: using random weights", name)
         model = ref.build_model(ref.get_config(name)).to(device).eval()

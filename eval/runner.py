@@ -65,6 +65,8 @@ def evaluate_model(mut: ModelUnderTest, merges, sets: list[EvalSet], cfg: EvalCo
 
     if mut.kind == "clip" and sets and hasattr(mut.tokenizer, "load"):
         mut.tokenizer.load()  # every non-video set reads text: a missing tokenizer fails before the images are encoded
+    if hasattr(mut, "adapt_merges"):  # a detector's backbone runs every config with unmerge=true
+        merges = mut.adapt_merges(merges)
     cands = merged_models(mut.base, merges)
     log.info("%s: %d candidates (%s)", mut.name, len(cands), ", ".join(cands))
     results = []
@@ -167,6 +169,10 @@ def load_with_templates(spec: DatasetSpec, cfg: EvalConfig) -> EvalSet:
 
 def evaluate_dataset(mut: ModelUnderTest, cands: dict[str, Any], ds: EvalSet, batch_size: int, topk: int = 10,
                      progress: bool = False) -> DatasetResult:
+    if ds.kind == "detection":  # boxes, not embeddings (eval/detection_eval.py)
+        from mergeseek.eval.detection_eval import evaluate_detection
+
+        return evaluate_detection(mut, cands, ds, batch_size, progress)
     embs, logits = embed_all(mut, cands, ds, batch_size, progress)
     if isinstance(ds, ClassificationSet):
         return _classification(mut, ds, embs, logits)

@@ -545,7 +545,8 @@ def run(*, data: Optional[str] = None, out: str = "runs/ref", config: str = "ref
     see :func:`eval.config.default_data_root`). A speech config (``reference-speech``) trains the
     audio reference instead (:func:`eval.speech_reference.run_speech`).
     """
-    from mergeseek.eval.detector_reference import is_detector_config, run_detector
+    from mergeseek.eval.detector_reference import is_detector_config
+    from mergeseek.eval.detector_train import run_detector
     from mergeseek.eval.speech_reference import is_speech_config, run_speech
 
     if is_detector_config(config):

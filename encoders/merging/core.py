@@ -208,8 +208,22 @@ def top_r_merge(best: torch.Tensor, partner: torch.Tensor, r: int, num_tokens: i
     def unmerge(x: torch.Tensor) -> torch.Tensor:
         return general().unmerge(x)
 
+    def slot() -> torch.Tensor:
+        # [class, unmerged A in position order, all B]: A token unm[j] -> first_a + j, B token j ->
+        # first_a + K - r + j, a merged A token src[j] -> its destination's slot
+        batch, k = best.shape[:2]
+        b0 = first_a + k - r
+        dev = best.device
+        slot_a = torch.empty(batch, k, dtype=torch.long, device=dev)
+        slot_a.scatter_(1, unm[..., 0], torch.arange(first_a, b0, device=dev).expand(batch, k - r))
+        slot_a.scatter_(1, src[..., 0], dst[..., 0] + b0)
+        out = torch.empty(batch, num_tokens, dtype=torch.long, device=dev)
+        out[:, 0::2] = torch.nn.functional.pad(slot_a, (first_a, 0)) if first_a else slot_a
+        out[:, 1::2] = torch.arange(b0, b0 + num_tokens // 2, device=dev).expand(batch, num_tokens // 2)
+        return out
+
     num_merged = torch.full((best.shape[0],), r, dtype=torch.long, device=best.device)
-    return MergeResult(merge, unmerge, width, num_merged, wavg=wavg)
+    return MergeResult(merge, unmerge, width, num_merged, wavg=wavg, slot=slot)
 
 
 def merge_from_assignment(
@@ -305,7 +319,7 @@ def merge_from_slots(
         out = x.gather(1, slot.clamp(max=width - 1).unsqueeze(-1).expand(b, num_tokens, c))
         return out if live is None else out * live[..., None].to(out.dtype)
 
-    return MergeResult(merge, unmerge, width, num_merged, padded)
+    return MergeResult(merge, unmerge, width, num_merged, padded, slot=lambda: slot)
 
 
 def merge_wavg(

@@ -113,8 +113,14 @@ def pair_merge(src: torch.Tensor, dst: torch.Tensor, num_tokens: int) -> MergeRe
     def unmerge(x: torch.Tensor) -> torch.Tensor:
         return general().unmerge(x)
 
+    def slot() -> torch.Tensor:
+        # kept tokens take their rank among the kept; a source takes its destination's slot
+        ranks = torch.arange(width, device=src.device).expand(batch, width)
+        out = torch.zeros(batch, num_tokens, dtype=torch.long, device=src.device).scatter_(1, kept[..., 0], ranks)
+        return out.scatter_(1, src, out.gather(1, dst))
+
     num_merged = torch.full((batch,), r, dtype=torch.long, device=src.device)
-    return MergeResult(merge, unmerge, width, num_merged, wavg=wavg)
+    return MergeResult(merge, unmerge, width, num_merged, wavg=wavg, slot=slot)
 
 
 def _prepare(metric: torch.Tensor, r: int, keep_first: int, size: Optional[torch.Tensor],

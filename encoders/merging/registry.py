@@ -152,6 +152,9 @@ class MergeResult:
         wavg: ``wavg(x, size) -> (x, size)``, the size-weighted average of ``merge_wavg`` in one
             fused pass (gathers and one scatter; see ``core.top_r_merge``), when the matcher has
             one; ``merge_wavg`` uses it, and ``merge``/``unmerge`` give the same layout.
+        slot: ``slot() -> [B, N] long``, the output slot each input token went to (``width``: a
+            token dropped, not merged), when the matcher says so cheaply; ``unmerge`` is a gather
+            by it. None: ``encoders.merging.unmerge.token_slots`` reads it off ``unmerge``.
 
     Unpacks as ``merge, unmerge = result`` for callers of the earlier tuple API, and calling it
     calls ``merge``.
@@ -167,6 +170,7 @@ class MergeResult:
     fallback: Optional[Any] = None
     identity: bool = False
     wavg: Optional[Callable] = None
+    slot: Optional[Callable] = None
 
     def __iter__(self):
         return iter((self.merge, self.unmerge))

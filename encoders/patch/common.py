@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from mergeseek.encoders.config import MergeConfig
 from mergeseek.encoders.merging import merge_wavg
 from mergeseek.encoders.merging.registry import MergeResult
+from mergeseek.encoders.merging.unmerge import advance, start_index, unmerge_tokens
 
 Tensor = torch.Tensor
 
@@ -68,10 +69,12 @@ class Plan:
 
 @dataclass
 class TokenState:
-    """The token stream between blocks: sizes (None before the first merge) and padding flag."""
+    """The token stream between blocks: sizes (None before the first merge), padding flag, and
+    with ``unmerge`` the current slot of every original position (``encoders/merging/unmerge.py``)."""
 
     size: Optional[Tensor] = None
     padded: bool = False
+    index: Optional[Tensor] = None
 
 
 def make_plan(cfg: MergeConfig, protected: int, state: Optional[Dict[str, Tensor]] = None,
@@ -190,7 +193,8 @@ def merge_tokens(
     if result.identity:  # nothing to merge (too few tokens)
         return x, state, result
     x, size = merge_wavg(result, x, state.size, mlerp=plan.mlerp)
-    return x, TokenState(size, result.padded), result
+    index = None if state.index is None else advance(state.index, result)
+    return x, TokenState(size, result.padded, index), result
 
 
 class MergingBlock:
@@ -211,12 +215,16 @@ class MergingBlock:
         return x, state, merged
 
 
-def run_blocks(blocks: Sequence[torch.nn.Module], x: Tensor, cfg: MergeConfig, plan: Plan) -> Tuple[Tensor, TokenState, MergeStats]:
-    """Run the (patched) blocks with the per-layer schedule; returns tokens, sizes and the record."""
+def run_blocks(blocks: Sequence[torch.nn.Module], x: Tensor, cfg: MergeConfig, plan: Plan,
+               on_block: Optional[Callable[[int, Tensor, TokenState], None]] = None) -> Tuple[Tensor, TokenState, MergeStats]:
+    """Run the (patched) blocks with the per-layer schedule; returns tokens, sizes and the record.
+
+    With ``cfg.unmerge`` the state tracks each original position's slot (``state.index``);
+    ``on_block(i, x, state)`` is called after block i (intermediate features)."""
     wanted = cfg.wanted(len(blocks))
-    state = TokenState()
+    state = TokenState(index=start_index(x) if cfg.unmerge else None)
     stats = MergeStats()
-    for block, want in zip(blocks, wanted):
+    for i, (block, want) in enumerate(zip(blocks, wanted)):
         # Clamped against the tokens actually present: after a shortfall (lsh) later blocks may
         # take more, as the budget allows.
         r = cfg.layer_r(want, int(x.shape[1]), plan.protected)
@@ -226,7 +234,18 @@ def run_blocks(blocks: Sequence[torch.nn.Module], x: Tensor, cfg: MergeConfig, p
         stats.merged.append(result.num_merged if isinstance(result, MergeResult) else result)
         fallback = result.fallback if isinstance(result, MergeResult) else None
         stats.fallback.append(0 if fallback is None else fallback)
+        if on_block is not None:
+            on_block(i, x, state)
     return x, state, stats
+
+
+def unmerged_output(x: Tensor, state: TokenState) -> Tuple[Tensor, Optional[Tensor]]:
+    """(tokens, sizes) the model ends with: with ``unmerge`` the full grid (every original position
+    its merged token's value) and sizes None (each position is one patch again; the plain mean
+    over the grid equals the size-weighted mean over merged tokens), else as they are."""
+    if state.index is None:
+        return x, state.size
+    return unmerge_tokens(x, state.index), None
 
 
 def sized_mean(x: Tensor, size: Optional[Tensor]) -> Tensor:

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from mergeseek.encoders.patch.common import (MergingBlock, TokenState, attention_bias, attention_probs, key_metric,
-                                             layer_norm, run_blocks, sdpa, sized_mean)
+                                             layer_norm, run_blocks, sdpa, sized_mean,
+                                             unmerged_output)
 
 Tensor = torch.Tensor
 
@@ -139,7 +140,8 @@ class MergingVisionTransformer:
     def forward(self, x: Tensor):
         x = self._embeds(x)
         x, state, stats = run_blocks(self.transformer.resblocks, x, self._merge_cfg, self._merge_plan())
-        pooled, tokens = pool_tokens(self, x, state.size, self._merge_cfg.prop_attn)
+        x, size = unmerged_output(x, state)  # unmerge=true: the full grid again
+        pooled, tokens = pool_tokens(self, x, size, self._merge_cfg.prop_attn)
         if self.proj is not None:
             pooled = pooled @ self.proj
         self._merge_last = stats

@@ -11,7 +11,7 @@ import torch
 
 from mergeseek.encoders.family import base_class, own_timm_head
 from mergeseek.encoders.patch.common import (MergingBlock, TokenState, attention_bias, attention_probs, key_metric,
-                                             layer_norm, run_blocks, sdpa, sized_max, sized_mean)
+                                             layer_norm, run_blocks, sdpa, sized_max, sized_mean, unmerged_output)
 from mergeseek.errors import UnsupportedModelError
 
 Tensor = torch.Tensor
@@ -60,7 +60,8 @@ class MergingTimmViT:
         x = self.norm_pre(x)
         x, state, stats = run_blocks(self.blocks, x, self._merge_cfg, self._merge_plan())
         self._merge_last = stats
-        return self.norm(x), state.size
+        x, size = unmerged_output(x, state)
+        return self.norm(x), size
 
     def _merged_head(self, x: Tensor, size: Optional[Tensor], pre_logits: bool = False) -> Tensor:
         return pool_head(self, x, size, pre_logits)
@@ -73,6 +74,18 @@ class MergingTimmViT:
         _no_masks(attn_mask, is_causal)
         x, size = self._merged_features(x)
         return self._merged_head(x, size)
+
+    def forward_intermediates(self, x: Tensor, indices=None, return_prefix_tokens: bool = False, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
+                              output_dict: bool = False, attn_mask: Optional[Tensor] = None, is_causal: bool = False):
+        """timm's ``forward_intermediates`` with merging: with ``unmerge=true`` every requested
+        block's output is the full grid (each position its merged token), as the unmerged model
+        returns it; without unmerge the grids do not exist and the call is refused."""
+        from mergeseek.encoders.patch.timm_intermediates import merged_intermediates
+
+        _no_masks(attn_mask, is_causal)
+        return merged_intermediates(self, x, indices, return_prefix_tokens, norm, stop_early, output_fmt,
+                                    intermediates_only, output_dict)
 
 
 def pool_head(vit, x: Tensor, size: Optional[Tensor], pre_logits: bool = False) -> Tensor:

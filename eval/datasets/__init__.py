@@ -10,6 +10,7 @@ Spec syntax (``--dataset``, repeatable): ``NAME[:PATH][,key=value...]``::
     keyframes:/data/aic,queries=/data/aic/queries.jsonl
     imagefolder:/data/my_classes,templates=ensemble
     speech-words                     # espeak-ng spoken words as log-mel (generated, cached)
+    synth-detection                  # CIFAR-10 objects pasted onto photos, with boxes (generated, cached)
 
 Keys: ``split``, ``queries``, ``class_map``, ``templates`` (``single`` or ``ensemble``),
 ``name`` (name in reports).
@@ -46,6 +47,7 @@ DATASETS = {
     "captions": ("retrieval", None),
     "keyframes": ("retrieval", None),
     "speech-words": ("classification", "speech_words"),
+    "synth-detection": ("detection", "synth_detection"),
 }
 OPTION_KEYS = ("split", "queries", "class_map", "templates", "name")
 
@@ -116,6 +118,10 @@ def load_dataset(spec: Union[str, DatasetSpec], data_root: Union[str, Path, None
         from mergeseek.eval.datasets.speech import load_speech_words
 
         ds = load_speech_words(path, split or "test")
+    elif spec.name == "synth-detection":  # sources under the data root, cache at PATH (eval/datasets/detection.py)
+        from mergeseek.eval.datasets.detection import load_detection_spec
+
+        ds = load_detection_spec(spec.path, resolve_data_root(data_root), split, limit)
     elif spec.name in ("coco", "captions"):
         ds = load_captions(path, split, limit, seed, name=spec.name)
     else:  # keyframes

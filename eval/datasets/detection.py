@@ -22,8 +22,9 @@ CIFAR-10's test images and the test pool. The pools split the photos of ``coco_c
 ``imagenet_sample`` (sorted by file name; every 5th photo, positions 4, 9, 14, ..., is a test
 background): no test background and no test object was ever seen in training.
 
-The test split (``test_pictures`` pictures) is cached as
-``<cache>/<key>/test.npz`` where ``key`` hashes the spec and the names and sizes of the source
+The test split (``test_pictures`` pictures) is cached as ``<cache>/<key>/test.npz`` (``<cache>``:
+``$MERGESEEK_DATA/synth_detection``, else ``~/.cache/mergeseek/data/synth_detection``, or the PATH
+of ``--dataset synth-detection:PATH``) where ``key`` hashes the spec and the names and sizes of the source
 files; a second call reads the cache. Same spec and sources, same bytes. Training draws its
 pictures on the fly (:func:`picture`, picture index = step * batch + i), so it never repeats one.
 """
@@ -34,7 +35,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -86,8 +86,10 @@ class DetectionSpec:
         if not 0 < self.aspect[0] <= self.aspect[1] or self.test_pictures < 1:
             raise ConfigError(f"synth-detection aspect={self.aspect} / test_pictures={self.test_pictures} are not valid")
 
-    def key(self, sources: "DetectionSources") -> str:
-        text = json.dumps({"format": FORMAT, "spec": dataclasses.asdict(self), "sources": sources.fingerprint},
+    def key(self, sources: Union["DetectionSources", str]) -> str:
+        """Cache key: this spec and the sources' fingerprint (``DetectionSources`` or the string)."""
+        fingerprint = sources if isinstance(sources, str) else sources.fingerprint
+        text = json.dumps({"format": FORMAT, "spec": dataclasses.asdict(self), "sources": fingerprint},
                           sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -107,11 +109,41 @@ class DetectionSources(NamedTuple):
     fingerprint: str
 
 
-class DetectionSet(NamedTuple):
-    """Pictures with their boxes: ``images`` uint8 [N, S, S, 3]; picture i's boxes are
-    ``boxes[offsets[i]:offsets[i+1]]`` (float32 (x0, y0, x1, y1) pixels) with ``labels`` (int64)."""
+class Pictures:
+    """uint8 pictures [N, S, S, 3] as an image source: ``load(i)`` gives a PIL image (what the
+    evaluator's timing batch reads), slicing and ``shape`` the array."""
 
-    images: np.ndarray
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, i):
+        return self.array[i]
+
+    @property
+    def shape(self):
+        return self.array.shape
+
+    def load(self, i: int):
+        from PIL import Image
+
+        return Image.fromarray(self.array[int(i)])
+
+    def label(self, i: int) -> str:
+        return f"picture {i}"
+
+    def subset(self, idx) -> "Pictures":
+        return Pictures(self.array[np.asarray(idx, dtype=np.int64)])
+
+
+@dataclass(frozen=True)
+class DetectionSet:
+    """Pictures with their boxes: ``images`` uint8 [N, S, S, 3] (:class:`Pictures`); picture i's boxes
+    are ``boxes[offsets[i]:offsets[i+1]]`` (float32 (x0, y0, x1, y1) pixels) with ``labels`` (int64)."""
+
+    images: Pictures
     boxes: np.ndarray
     labels: np.ndarray
     offsets: np.ndarray
@@ -121,6 +153,13 @@ class DetectionSet(NamedTuple):
 
     kind = "detection"
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.images, Pictures):
+            object.__setattr__(self, "images", Pictures(np.asarray(self.images)))
+        if len(self.offsets) != len(self.images) + 1 or int(self.offsets[-1]) != len(self.labels):
+            raise InputError(f"{self.name}: {len(self.images)} pictures, {len(self.offsets)} offsets and "
+                             f"{len(self.labels)} labels do not fit together ({self.source})")
+
     def __len__(self) -> int:
         return len(self.images)
 
@@ -129,15 +168,15 @@ class DetectionSet(NamedTuple):
         lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
         return self.boxes[lo:hi], self.labels[lo:hi]
 
-    def limited(self, limit: Optional[int]) -> "DetectionSet":
+    def limited(self, limit: Optional[int], seed: int = 0) -> "DetectionSet":
         """The first ``limit`` pictures (a fixed subset; the pictures are already in random order)."""
         if limit is None or limit >= len(self):
             return self
         if limit < 1:
             raise ConfigError(f"limit={limit} is not valid; give a positive number of pictures")
         end = int(self.offsets[limit])
-        return self._replace(images=self.images[:limit], boxes=self.boxes[:end], labels=self.labels[:end],
-                             offsets=self.offsets[: limit + 1])
+        return dataclasses.replace(self, images=Pictures(self.images.array[:limit]), boxes=self.boxes[:end],
+                                   labels=self.labels[:end], offsets=self.offsets[: limit + 1])
 
 
 # ---------------------------------------------------------------------------- composing
@@ -199,7 +238,7 @@ def generate(spec: DetectionSpec, sources: DetectionSources, split: str, count: 
         boxes.append(b)
         labels.append(lab)
         offsets.append(offsets[-1] + len(lab))
-    return DetectionSet(images, np.concatenate(boxes).astype(np.float32).reshape(-1, 4),
+    return DetectionSet(Pictures(images), np.concatenate(boxes).astype(np.float32).reshape(-1, 4),
                         np.concatenate(labels).astype(np.int64), np.asarray(offsets, dtype=np.int64),
                         sources.classes, name)
 
@@ -245,11 +284,17 @@ def load_sources(root: Union[str, Path], spec: DetectionSpec = DetectionSpec(), 
     for split in SPLITS:
         cifar = load_cifar10_npz(root / "cifar10", split, objects_limit)
         objects[split], labels[split] = cifar.images, cifar.labels
-    fingerprint = hashlib.sha256(json.dumps(
+    fingerprint = source_fingerprint(root, paths, objects_limit)
+    return DetectionSources(backgrounds, objects, labels, tuple(CIFAR10_CLASSES), fingerprint)
+
+
+def source_fingerprint(root: Path, paths: Optional[List[Path]] = None, objects_limit: Optional[int] = None) -> str:
+    """What identifies the sources under ``root`` in the cache key (file names and sizes; nothing decoded)."""
+    paths = background_paths(root) if paths is None else paths
+    return hashlib.sha256(json.dumps(
         [[str(p.relative_to(root)), p.stat().st_size] for p in paths]
         + [[f"cifar10/{s}_jpeg.npz", (root / "cifar10" / f"{s}_jpeg.npz").stat().st_size] for s in SPLITS]
         + [objects_limit]).encode()).hexdigest()[:16]
-    return DetectionSources(backgrounds, objects, labels, tuple(CIFAR10_CLASSES), fingerprint)
 
 
 def sources_from_arrays(train_backgrounds: Sequence[np.ndarray], test_backgrounds: Sequence[np.ndarray],
@@ -271,7 +316,7 @@ def save_set(ds: DetectionSet, path: Path, spec: DetectionSpec) -> None:
 
     def write(tmp):
         with open(tmp, "wb") as f:
-            np.savez(f, images=ds.images, boxes=ds.boxes, labels=ds.labels, offsets=ds.offsets,
+            np.savez(f, images=ds.images.array, boxes=ds.boxes, labels=ds.labels, offsets=ds.offsets,
                      classes=np.asarray(ds.classes), spec=np.asarray(json.dumps(dataclasses.asdict(spec))),
                      format=np.asarray(FORMAT))
 
@@ -282,18 +327,16 @@ def read_set(path: Path, name: str = "synth-detection") -> DetectionSet:
     with np.load(path, allow_pickle=False) as d:
         if "format" not in d.files or str(d["format"]) != FORMAT:
             raise InputError(f"{path} is not a synth-detection file (format {FORMAT}); delete it to regenerate")
-        return DetectionSet(d["images"], d["boxes"], d["labels"], d["offsets"], tuple(str(c) for c in d["classes"]),
-                            name, str(path))
+        return DetectionSet(Pictures(d["images"]), d["boxes"], d["labels"], d["offsets"],
+                            tuple(str(c) for c in d["classes"]), name, str(path))
 
 
-def cache_folder(path: Optional[Union[str, Path]], data_root: Union[str, Path]) -> Path:
-    """Where the cache lives: ``path`` when given, else ``<data_root>/synth_detection`` when the data
-    root is writable, else the user's data cache (``eval.config.default_data_root``)."""
+def cache_folder(path: Optional[Union[str, Path]], data_root: Union[str, Path, None] = None) -> Path:
+    """Where the cache lives: ``path`` when given, else ``synth_detection`` under the user's data
+    cache (``$MERGESEEK_DATA`` or ``~/.cache/mergeseek/data``, ``eval.config.default_data_root``),
+    never inside the (possibly shared, read-only) folder the sources are read from."""
     if path:
         return Path(path).expanduser()
-    root = Path(data_root).expanduser()
-    if os.access(root, os.W_OK) or not root.exists():
-        return root / "synth_detection"
     from mergeseek.eval.config import default_data_root
 
     return default_data_root() / "synth_detection"
@@ -306,10 +349,14 @@ def load_synth_detection(cache: Path, sources_root: Union[str, Path], split: str
     if split != "test":
         raise ConfigError(f"synth-detection split={split!r}: only the test split is stored (training draws "
                           f"its pictures on the fly: eval.datasets.detection.picture)")
-    sources = sources or load_sources(sources_root, spec)
-    path = Path(cache) / spec.key(sources) / f"{split}.npz"
+    root = Path(sources_root).expanduser()
+    if sources is None and not (root / "cifar10").is_dir():
+        raise InputError(f"synth-detection is made from {root}/cifar10 and the photos of {root}/coco_captions and "
+                         f"{root}/imagenet_sample; pass --data-root with those folders")
+    path = Path(cache) / spec.key(sources or source_fingerprint(root)) / f"{split}.npz"
     if path.is_file():
         return read_set(path)
+    sources = sources or load_sources(root, spec)
     log.info("generating synth-detection %s (%d pictures) into %s", split, spec.test_pictures, path)
     ds = generate(spec, sources, split, spec.test_pictures)
     save_set(ds, path, spec)
@@ -323,3 +370,9 @@ def size_bucket(boxes: np.ndarray) -> np.ndarray:
     for i, (_, lo, hi) in enumerate(SIZE_BUCKETS):
         out[(side >= lo) & (side < hi)] = i
     return out
+
+
+def load_detection_spec(path: Optional[str], data_root: Union[str, Path], split: Optional[str] = None,
+                        limit: Optional[int] = None) -> DetectionSet:
+    """``--dataset synth-detection[:CACHE]``: the cached test split (sources under ``data_root``)."""
+    return load_synth_detection(cache_folder(path, data_root), data_root, split or "test").limited(limit)
