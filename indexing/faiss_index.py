@@ -127,6 +127,21 @@ def add_to_index(index, vectors: np.ndarray, ids: np.ndarray) -> None:
         )
 
 
+def held_ids(index) -> np.ndarray:
+    """The ids an ``IndexIDMap2`` holds (int64, in the order they were added)."""
+    return _faiss().vector_to_array(index.id_map).astype(np.int64, copy=False)
+
+
+def quantizer_bytes(index) -> bytes:
+    """The trained part of an IVF index (its coarse centroids), for checking that an add did not retrain it; b"" otherwise."""
+    faiss = _faiss()
+    inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
+    ivf = faiss.try_extract_index_ivf(inner) if hasattr(faiss, "try_extract_index_ivf") else None
+    if ivf is None:
+        return b""
+    return faiss.serialize_index(ivf.quantizer).tobytes()
+
+
 def _train(index, vectors: np.ndarray, factory: str, seed: int) -> None:
     faiss = _faiss()
     inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index

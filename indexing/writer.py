@@ -68,7 +68,6 @@ class IndexWriter:
         self.store = IndexStore.open_for_write(Path(root), identity, index_type, force, memory_budget)
         self.ngpu, self.settings = ngpu, dict(settings or {})
         self.shard_rows, self.commit_every_s, self.on_commit = shard_rows, commit_every_s, on_commit
-        self.faiss_was_current = self.store.faiss_is_current()
         self.replaced = False  # a committed source replaced rows of the index: index.faiss is rebuilt, not appended to
         self.thumbs = ThumbCollector()
         self.channels: list[SideChannel] = [self.thumbs]
@@ -151,25 +150,32 @@ class IndexWriter:
         self.flush()
         self.store.finish()  # --force: the new generation replaces the old one only now, and only when it holds a source
         t0 = time.perf_counter()
-        refresh_faiss(self.store, self.new_shards, self.faiss_was_current and not self.replaced, self.ngpu)
+        refresh_faiss(self.store, self.new_shards, not self.replaced, self.ngpu)
         self.stats.faiss_s += time.perf_counter() - t0
 
 
 def refresh_faiss(store: IndexStore, new_shards: list, can_append: bool, ngpu: int = -1) -> None:
-    """Make index.faiss match the committed shards: append the new ones when possible, else rebuild."""
+    """Make index.faiss match the committed shards: append the shards it lacks when it can, else rebuild.
+
+    Appending adds the missing shards' vectors to the saved index (IVF: to its trained lists, never
+    training again; HNSW: into its graph) and writes nothing else: the shards are never rewritten.
+    Which shards are missing is read from the ids the saved index holds, so the shards committed by a
+    run killed before this step are appended by the next run too. It rebuilds instead when the index
+    holds a row that is no longer live (a re-indexed source), covers part of a shard, was invalidated
+    by a new --index-type (``faiss_generation`` -1), or ``auto`` moves to another type."""
     m = store.manifest
     if store.faiss_is_current() and not new_shards:
         return
-    index = None
-    if can_append and store.faiss_path.is_file() and not _auto_type_changes(store, new_shards):
-        try:
-            index = load_index(store.faiss_path)
-        except DamagedIndexError as exc:  # derived data: rebuilt from the shards below
-            log.warning("%s; rebuilding it", str(exc).split(";")[0])
+    index = _appendable(store, can_append)
     if index is not None:
-        ids, vecs = store.read_vectors(shards=new_shards)
-        add_to_index(index, vecs, ids)
-    else:
+        index, todo = index
+        ids, vecs = store.read_vectors(shards=todo) if todo else (np.zeros(0, np.int64), None)
+        if todo and _auto_type_changes(store, len(ids)):
+            index = None
+        elif todo:
+            log.info("appending %d vectors of %d shard(s) to %s (no training)", len(ids), len(todo), store.faiss_path.name)
+            add_to_index(index, vecs, ids)
+    if index is None:
         ids, vecs = store.read_vectors()
         if len(ids) == 0:
             return
@@ -185,6 +191,35 @@ def refresh_faiss(store: IndexStore, new_shards: list, can_append: bool, ngpu: i
     store.write_manifest(faiss_current=True)
 
 
+def _appendable(store: IndexStore, can_append: bool):
+    """(the saved index, the shards it lacks) when appending those shards makes it current, else None."""
+    m = store.manifest
+    if not can_append or not store.faiss_path.is_file() or m.faiss_generation < 0:
+        return None
+    try:
+        index = load_index(store.faiss_path)
+    except DamagedIndexError as exc:  # derived data: rebuilt from the shards
+        log.warning("%s; rebuilding it", str(exc).split(";")[0])
+        return None
+    from mergeseek.indexing.faiss_index import held_ids
+
+    held = held_ids(index)
+    held_set = set(held.tolist())
+    if len(held_set) != len(held):
+        return None
+    todo, covered = [], 0
+    for shard in store.shard_names():
+        live = store.read_shard(shard, columns=["id"]).column("id").to_numpy()
+        inside = int(np.isin(live, held, assume_unique=True).sum()) if len(live) else 0
+        if inside == len(live):
+            covered += inside
+        elif inside == 0:
+            todo.append(shard)
+        else:
+            return None  # part of a shard: not a state appending produces
+    return (index, todo) if covered == len(held) else None  # == : every row it holds is live
+
+
 def _keep_previous_type(store: IndexStore, ids: np.ndarray, vecs: np.ndarray, ngpu: int, exc: ConfigError) -> None:
     """A new --index-type that cannot be built here is not stored: index.faiss keeps the previous type."""
     m = store.manifest
@@ -196,15 +231,14 @@ def _keep_previous_type(store: IndexStore, ids: np.ndarray, vecs: np.ndarray, ng
                       "to switch (no re-encoding)") from None
 
 
-def _auto_type_changes(store: IndexStore, new_shards: list) -> bool:
-    """With --index-type auto, True when the new vectors move the index to another FAISS type (rebuild)."""
+def _auto_type_changes(store: IndexStore, added: int) -> bool:
+    """With --index-type auto, True when ``added`` more vectors move the index to another FAISS type (rebuild)."""
     from mergeseek.indexing.faiss_index import AUTO, choose_index_type
 
     m = store.manifest
     if m.index_type.lower() != AUTO:
         return False
     total = m.counts()["vectors"]
-    added = sum(e.count for e in m.sources.values() if e.shard in set(new_shards))
     return choose_index_type(total, m.dim, m.memory_budget) != choose_index_type(total - added, m.dim, m.memory_budget)
 
 
