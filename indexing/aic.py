@@ -374,7 +374,8 @@ def objects_in_frames(index_dir: Path, entity: str, min_score: float = OBJECT_MI
     path = Path(index_dir) / OBJECTS_FILE
     if not path.is_file():
         raise InputError(f"{index_dir} has no {OBJECTS_FILE}; index an AI Challenge release with its objects*/ folder "
-                         "(or pass --objects DIR) to filter by detected objects")
+                         "(or pass --objects DIR), or run `cli.py index ... --detect SPEC` on it (docs/INDEXING.md), "
+                         "to filter by detected objects")
     t = pq.read_table(path, columns=["video_id", "frame_idx", "entity", "score"]).to_pylist()
     want = entity.strip().casefold()
     return {(r["video_id"], r["frame_idx"]) for r in t if r["entity"].casefold() == want and r["score"] >= min_score}

@@ -189,6 +189,20 @@ def test_plugin_objects_are_the_ground_truth_and_search_object_keeps_exactly_the
     assert {(h["video_id"], h["frame_idx"]) for h in hits} == {(v, f) for v, f, e, *_ in expected(root, truth) if e == "dog"}
 
 
+def test_an_index_built_without_detect_gets_its_objects_later_without_encoding_again(tmp_path, frames, encoder):
+    from mergeseek.indexing.aic import objects_in_frames
+    from mergeseek.errors import InputError
+
+    folder, truth = frames
+    root = tmp_path / "ix"
+    _index([folder], root, encoder, detect=None)
+    with pytest.raises(InputError, match="--detect SPEC"):
+        objects_in_frames(root, "cat")
+    report = _index([folder], root, encoder)
+    assert report.frames_encoded == 0 and report.objects["detected_again"] == len(truth)
+    assert stored(root) == expected(root, truth)
+
+
 def test_the_module_form_and_the_file_form_give_the_same_detector(frames):
     from PIL import Image
 
