@@ -422,6 +422,41 @@ def test_release_objects_and_detector_objects_side_by_side_and_what_force_keeps(
     assert rows() == (organisers, ours)
 
 
+def test_reference_spec_with_a_weights_file_and_a_merge_stores_what_that_detector_finds(tmp_path, frames, encoder,
+                                                                                       one_torch_thread):
+    """``--detect reference,weights=PATH[,merge=...]`` end to end with a small randomly initialised
+    detector in the reference's export format (the trained weights are not needed to test the plumbing):
+    the stored rows are that detector's own output on the frames, with and without a merge."""
+    import torch
+    from PIL import Image
+
+    ref = pytest.importorskip("mergeseek.eval.detector_reference")
+    cfg = ref.DetectorConfig(depth=2, embed_dim=48, num_heads=3, head_dim=16, init="", freeze_blocks=0, max_detections=5)
+    torch.manual_seed(0)
+    path = tmp_path / "tiny-detector.pt"
+    torch.save({"format": ref.EXPORT_FORMAT, "config": cfg.to_dict(), "state_dict": ref.build_detector(cfg).state_dict()},
+               path)
+    folder, truth = frames
+    from mergeseek.indexing.store import IndexStore
+
+    for merge in ("none", "(r=8,method=lsh)"):
+        spec = f"reference,weights={path},merge={merge}"
+        root = tmp_path / f"ix-{merge}"
+        report = _index([folder], root, encoder, detect=spec, detect_min_score=0.0)
+        assert report.objects["failed_frames"] == 0
+        det = ref.load_reference_detector(path, merge=None if merge == "none" else merge.strip("()"))
+        want = []
+        for m in IndexStore.open_for_read(root).read_meta().to_pylist():
+            im = Image.open(m["path"])
+            w, h = im.size
+            for label, score, (x0, y0, x1, y1) in det.detect([im], 0.0)[0]:
+                want.append((m["video_id"], m["frame_idx"], label, score, y0 / h, x0 / w, y1 / h, x1 / w, spec))
+        got = stored(root)
+        assert len(got) == len(want) == 5 * len(truth)
+        for g, w_ in zip(got, sorted(want)):
+            assert g[:3] == w_[:3] and g[8] == spec and np.allclose(g[3:8], w_[3:8], atol=1e-5)
+
+
 @pytest.mark.skipif(not (ROOT / "eval" / "reference" / "reference-detector.pt").is_file(),
                     reason="eval/reference/reference-detector.pt is not there yet (issue #31's reference detector)")
 def test_the_reference_detector_runs_end_to_end(tmp_path, frames, encoder):
