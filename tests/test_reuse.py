@@ -179,6 +179,29 @@ def test_the_audit_measures_the_error_of_exactly_the_frames_that_reused_work(enc
     assert off.finish().audited == 0 and "audit" not in off.stats.summary()
 
 
+def test_the_audit_is_reported_per_video_with_each_videos_own_cosines(encoders_by_merge, clip_frames):
+    enc = encoders_by_merge["none"]
+    scene, other = clip_frames
+    frames = torch.cat([scene[:4], other[:4]])
+    ids = ["a"] * 4 + ["b"] * 4
+    stream = enc.stream("threshold=0.05,refresh=4,cut=1,audit=1")
+    out = stream.encode_image_tensor(frames, ids)
+    st = stream.finish()
+    cos = (out * per_frame(enc, frames)).sum(-1).double().tolist()
+    reused = stream.stream.last_reused
+    videos = st.summary()["audit"]["videos"]
+    assert sorted(videos) == ["a", "b"]
+    for vid in "ab":
+        mine = [c for c, v, r in zip(cos, ids, reused) if v == vid and r]
+        assert videos[vid]["frames"] == len(mine) == 3
+        assert videos[vid]["cos_min"] == pytest.approx(min(mine), abs=1e-6)
+        assert videos[vid]["cos_mean"] == pytest.approx(sum(mine) / len(mine), abs=1e-6)
+    merged = type(st)()
+    merged.merge(st)
+    merged.merge(st)
+    assert merged.audit_videos["a"][0] == 6 and merged.audit_videos["a"][2] == st.audit_videos["a"][2]
+
+
 def test_attn_gate_trades_out_projection_work_for_error(encoders_by_merge, clip_frames):
     """attn=0 (default) recomputes every out-projection row of a moved frame; a positive attn
     reuses some of them and is never more accurate on this clip."""

@@ -23,7 +23,7 @@ class ReuseEncoder:
         self.encoder = encoder
         self.stream = ReuseStream(encoder.model, reuse, encoder.merge)
         self._since_audit = 0
-        self._pending: list = []  # (pixels [1,3,H,W], reuse output [1,D]) waiting for a full audit batch
+        self._pending: list = []  # (pixels [1,3,H,W], reuse output [1,D], video id) waiting for a full audit batch
 
     @property
     def cfg(self) -> ReuseConfig:
@@ -60,7 +60,7 @@ class ReuseEncoder:
                     if self._since_audit >= self.cfg.audit:
                         self._since_audit = 0
                         # copies: a view would keep this whole batch alive until the flush
-                        self._pending.append((pixels[i : i + 1].clone(), out[i : i + 1].clone()))
+                        self._pending.append((pixels[i : i + 1].clone(), out[i : i + 1].clone(), str(video_ids[i])))
             if len(self._pending) >= enc.batch_size:
                 self.flush_audit()
         return out
@@ -74,8 +74,9 @@ class ReuseEncoder:
 
         if not self._pending:
             return
-        pixels = torch.cat([p for p, _ in self._pending])
-        mine = torch.cat([o for _, o in self._pending]).to(self.encoder.device)
+        pixels = torch.cat([p for p, _, _ in self._pending])
+        mine = torch.cat([o for _, o, _ in self._pending]).to(self.encoder.device)
+        videos = [v for _, _, v in self._pending]
         self._pending = []
         t0 = time.perf_counter()
         ref = self.encoder.encode_image_tensor(pixels)
@@ -86,6 +87,8 @@ class ReuseEncoder:
         st.audited += int(cos.numel())
         st.audit_cos_sum += float(cos.sum())
         st.audit_cos_min = min(st.audit_cos_min, float(cos.min()))
+        for vid, c in zip(videos, cos.tolist()):
+            st.audit_video(vid, 1, c, c)
 
     def finish(self) -> ReuseStats:
         """Audit what is still waiting; returns the stats of the run."""

@@ -4,7 +4,7 @@ error and measured gain against per-frame encoding."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 
 @dataclass
@@ -30,6 +30,8 @@ class ReuseStats:
     audit_cos_min: float = 1.0
     audit_s: float = 0.0
     stream_s: float = 0.0
+    # the audit per video: str(video id) -> [frames audited, sum of their cosines, the smallest]
+    audit_videos: Dict[str, list] = field(default_factory=dict)
 
     def add(self, block: int, gate: int, rows: int, computed: int) -> None:
         while len(self.rows) <= block:
@@ -37,6 +39,13 @@ class ReuseStats:
             self.computed.append([0, 0, 0])
         self.rows[block][gate] += rows
         self.computed[block][gate] += computed
+
+    def audit_video(self, video: str, frames: int, cos_sum: float, cos_min: float) -> None:
+        """Add audited frames of one video to its row of the per-video audit."""
+        row = self.audit_videos.setdefault(video, [0, 0.0, 1.0])
+        row[0] += frames
+        row[1] += cos_sum
+        row[2] = min(row[2], cos_min)
 
     def merge(self, other: "ReuseStats") -> None:
         self.frames += other.frames
@@ -48,6 +57,8 @@ class ReuseStats:
         self.audit_cos_min = min(self.audit_cos_min, other.audit_cos_min)
         self.audit_s += other.audit_s
         self.stream_s += other.stream_s
+        for vid, (n, total, low) in other.audit_videos.items():
+            self.audit_video(vid, n, total, low)
         for b, (rows, comp) in enumerate(zip(other.rows, other.computed)):
             for g in range(3):
                 self.add(b, g, rows[g], comp[g])
@@ -94,6 +105,8 @@ class ReuseStats:
             "reuse_s": round(reuse_per_frame, 6),
             "gain": round(per_frame / reuse_per_frame, 3) if reuse_per_frame > 0 else None,
             "cost": round(self.audit_s / self.stream_s, 4) if self.stream_s > 0 else None,
+            "videos": {vid: {"frames": n, "cos_min": round(low, 6), "cos_mean": round(total / n, 6)}
+                       for vid, (n, total, low) in self.audit_videos.items()},
         }
 
     def summary(self) -> dict:
