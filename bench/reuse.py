@@ -149,21 +149,23 @@ def neighbour_overlap(base: np.ndarray, other: np.ndarray, k: int = 10) -> float
     return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b)]))
 
 
-def bench_sample_clips(model: str, names: List[str], reuses: List[str], merge: str, base_merge: str, batch_size: int,
+def bench_sample_clips(model: str, names: List[str], reuses: List[str], merges, base_merge: str, batch_size: int,
                        rounds: int, max_frames: int, clock: str = "cpu") -> List[dict]:
-    """Per clip: per-frame (``base_merge``) and each reuse config (``merge``) alternating."""
+    """Per clip: per-frame (``base_merge``) and each reuse config under each merge config
+    (``merges``: one or a list) alternating, the order reversed every other round."""
     import torch
 
     from mergeseek.encoders import Encoder
     from mergeseek.encoders.reuse import ReuseConfig
     from mergeseek.eval.datasets.video import top_k_overlap
 
-    enc = Encoder(model_name=model, pretrained=None, device="cpu", merge=merge, batch_size=batch_size)
-    base = enc if base_merge == merge else Encoder(model_name=model, pretrained=None, device="cpu", merge=base_merge,
-                                                   batch_size=batch_size)
+    merges = [merges] if isinstance(merges, str) else list(merges)
+    encs = {m: Encoder(model_name=model, pretrained=None, device="cpu", merge=m, batch_size=batch_size) for m in merges}
+    base = encs.get(base_merge) or Encoder(model_name=model, pretrained=None, device="cpu", merge=base_merge,
+                                           batch_size=batch_size)
     now, rows = CLOCK[clock], []
-    for clip in every_frame_clips(names, enc.image_size, max_frames):
-        px = enc.preprocess_images(list(clip.frames))
+    for clip in every_frame_clips(names, base.image_size, max_frames):
+        px = base.preprocess_images(list(clip.frames))
         n = len(px)
         batches = [px[s : s + batch_size] for s in range(0, n, batch_size)]
         stats: dict = {}
@@ -171,13 +173,14 @@ def bench_sample_clips(model: str, names: List[str], reuses: List[str], merge: s
         def per_frame():
             return torch.cat([base.encode_image_tensor(b) for b in batches]).numpy()
 
-        def reused(spec):
-            stream = enc.stream(dataclasses.replace(ReuseConfig.parse(spec), audit=0))
+        def reused(merge, spec):
+            stream = encs[merge].stream(dataclasses.replace(ReuseConfig.parse(spec), audit=0))
             out = torch.cat([stream.encode_image_tensor(b, [clip.name] * len(b)) for b in batches]).numpy()
-            stats[spec] = stream.stats
+            stats[merge, spec] = stream.stats
             return out
 
-        passes = [("per-frame", per_frame)] + [(spec, lambda spec=spec: reused(spec)) for spec in reuses]
+        configs = [(m, spec) for m in merges for spec in reuses]
+        passes = [("per-frame", per_frame)] + [(c, lambda c=c: reused(*c)) for c in configs]
         times: dict = {name: [] for name, _ in passes}
         outs: dict = {}
         base.encode_image_tensor(batches[0])  # warm-up
@@ -187,10 +190,10 @@ def bench_sample_clips(model: str, names: List[str], reuses: List[str], merge: s
                 outs[name] = run()
                 times[name].append(now() - t0)
         t_pf, e_pf = statistics.median(times["per-frame"]), outs["per-frame"]
-        for spec in reuses:
-            t_ru, e_ru = statistics.median(times[spec]), outs[spec]
+        for merge, spec in configs:
+            t_ru, e_ru = statistics.median(times[merge, spec]), outs[merge, spec]
             cos = (e_pf * e_ru).sum(axis=1)
-            summ = stats[spec].summary()
+            summ = stats[merge, spec].summary()
             rows.append({
                 "model": model, "clip": clip.name, "frames": n, "merge": merge, "base_merge": base_merge, "reuse": spec,
                 "clock": clock, "per_frame_fps": round(n / t_pf, 2), "reuse_fps": round(n / t_ru, 2),
@@ -309,7 +312,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     p.add_argument("--reuse", action="append", help="reuse config (repeatable with --sets clips; default "
                    "threshold=0.05,refresh=16)")
     p.add_argument("--base-merge", default=None, help="--sets clips: merge of the per-frame pass (default: --merge)")
-    p.add_argument("--merge", default="none", help="merge config applied to both passes")
+    p.add_argument("--merge", action="append", help="merge config applied to both passes (default none; --sets clips: "
+                   "repeatable, each with every --reuse config, against one per-frame pass of --base-merge)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--rounds", type=int, default=2, help="alternating timed rounds (median)")
     p.add_argument("--max-frames", type=int, default=None, help="frames per sample video (default 30; --sets clips: all)")
@@ -335,10 +339,14 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         p.error(f"--clock cpu measures this process's CPU time, not the work of --device {a.device}; pass --clock wall")
     torch.set_num_threads(a.threads)
     reuses = a.reuse or ["threshold=0.05,refresh=16"]
+    merges = a.merge or ["none"]
+    if a.sets != "clips" and len(merges) > 1:
+        p.error("--merge is repeatable with --sets clips only")
+    a.merge = merges[0] if a.sets != "clips" else merges
     if a.sets == "clips":
         rows = []
         for model in a.model or ["ViT-B-16"]:
-            rows += bench_sample_clips(model, a.clips.split(","), reuses, a.merge, a.base_merge or a.merge, a.batch_size,
+            rows += bench_sample_clips(model, a.clips.split(","), reuses, merges, a.base_merge or merges[0], a.batch_size,
                                        a.rounds, a.max_frames or 100_000, a.clock)
         if a.out:
             from mergeseek.runtime import atomic_write
@@ -349,10 +357,10 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     for model in a.model or ["ViT-B-32"]:
         fps = a.fps or [1.0, 2.0, 5.0]
         if model == "reference-cifar10":
-            rows += bench_reference(fps, reuses[0], a.merge, a.data_root, a.cifar_images, a.cifar_frames, 64, a.rounds,
+            rows += bench_reference(fps, reuses[0], merges[0], a.data_root, a.cifar_images, a.cifar_frames, 64, a.rounds,
                                     a.clock)
         else:
-            rows += bench_clip_model(model, fps, a.sets.split(","), reuses[0], a.merge, a.batch_size, a.rounds,
+            rows += bench_clip_model(model, fps, a.sets.split(","), reuses[0], merges[0], a.batch_size, a.rounds,
                                      a.max_frames or 30, a.seconds, a.clock, a.kinds.split(",") if a.kinds else None,
                                      a.device, a.precision, a.profile)
     if a.out:

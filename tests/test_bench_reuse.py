@@ -68,3 +68,32 @@ def test_neighbour_overlap_is_the_share_of_each_frames_k_nearest_frames_kept():
     # frame 0: {1,2} vs {1,3} 1/2; frame 1: {0,2} vs {0,3} 1/2; frame 2: {1,3} vs {3,1} 1; frame 3: {2,1} vs {2,1} 1
     assert neighbour_overlap(base, other, k=2) == (0.5 + 0.5 + 1 + 1) / 4
     assert neighbour_overlap(base, other, k=10) == 1.0  # k is cut to the 3 other frames
+
+
+def test_clips_mode_times_every_merge_and_reuse_config_against_one_per_frame_pass(monkeypatch, one_torch_thread):
+    """--sets clips with two --merge and two --reuse configs: one row per clip, merge and reuse
+    config, all against the same unmerged per-frame pass (its frames/s is shared); the reuse
+    counts are each stream's own (threshold=0 computes every frame in full)."""
+    import torch
+    from skimage import data
+
+    import bench.reuse as br
+    from mergeseek.eval.datasets.video import static_clip
+
+    clip = static_clip(data.coffee(), 5, fps=5.0, size=224, noise=1.0, name="still")
+    monkeypatch.setattr(br, "every_frame_clips", lambda names, size, max_frames: [clip])
+    threads = torch.get_num_threads()
+    try:
+        rows = br.main(["--model", "ViT-B-32", "--sets", "clips", "--rounds", "1", "--batch-size", "4",
+                        "--merge", "none", "--merge", "r=8", "--base-merge", "none",
+                        "--reuse", "threshold=0", "--reuse", "threshold=0.05,refresh=16,roll=2"])
+    finally:
+        torch.set_num_threads(threads)
+    assert [(r["merge"], r["reuse"]) for r in rows] == [("none", "threshold=0"), ("none", "threshold=0.05,refresh=16,roll=2"),
+                                                         ("r=8", "threshold=0"), ("r=8", "threshold=0.05,refresh=16,roll=2")]
+    assert len({r["per_frame_fps"] for r in rows}) == 1 and all(r["base_merge"] == "none" for r in rows)
+    exact = rows[0]
+    assert exact["references"] == 5 and exact["reuse_rate"] == 0.0 and exact["cos_min"] >= 0.9999
+    assert rows[1]["references"] == 1 and rows[1]["reuse_rate"] > 0
+    with pytest.raises(SystemExit):
+        br.main(["--merge", "none", "--merge", "r=8"])  # several merges only with --sets clips
