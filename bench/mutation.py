@@ -58,7 +58,7 @@ AREAS = {
         Area("serve", ("tests/test_serve_api.py",), ("tests/test_rules_serve.py",)),
         Area("time", ("tests/test_decoders.py", "tests/test_indexing_sources.py", "tests/test_retrieval_search.py"),
              ("tests/test_rules_time.py",)),
-        Area("reuse", ("tests/test_reuse.py",), ("tests/test_rules_reuse.py",)),
+        Area("reuse", ("tests/test_reuse.py",), ("tests/test_rules_reuse.py", "tests/test_reuse_roll.py")),
     )
 }
 
@@ -270,6 +270,21 @@ MUTANTS: tuple[Mutant, ...] = (
       "if not 0.0 < self.cut <= 1.0:", "if not 0.0 <= self.cut <= 1.0:"),
     M("reuse", "refresh-zero-accepted", "encoders/reuse/config.py",
       "if self.refresh < 1:", "if self.refresh < 0:"),
+    # rolling caches (roll=k, issue #27)
+    M("reuse", "roll-groups-never-advance", "encoders/reuse/stream.py",
+      "starts = bool(k) and st.since > 0 and st.since % k == 0", "starts = False"),
+    M("reuse", "roll-groups-one-late", "encoders/reuse/stream.py",
+      "starts = bool(k) and st.since > 0 and st.since % k == 0", "starts = bool(k) and st.since > 0 and st.since % (k + 1) == 0"),
+    M("reuse", "roll-codes-not-rolled", "encoders/reuse/stream.py",
+      "state[vid][1] = np.where(changed[:, None], codes[i], cmp)", "state[vid][1] = cmp"),
+    M("reuse", "roll-group-in-its-base-pass", "encoders/reuse/stream.py",
+      "if starts and vid in in_wave:", "if starts and vid in in_wave and False:"),
+    M("reuse", "roll-input-cache-takes-every-row", "encoders/reuse/forward.py",
+      'x_buf = self.rolled_rows(self.xr, "x", bi, idx, rows, self.xd)', "x_buf = self.xd"),
+    M("reuse", "roll-mlp-input-cache-stale", "encoders/reuse/forward.py",
+      'y_buf = self.rolled_rows(y_r, "y", bi, idx, rows, y_d)', 'y_buf = self.own(y_r, "y", bi)[0]'),
+    M("reuse", "roll-negative-accepted", "encoders/reuse/config.py",
+      "if self.roll < 0:", "if self.roll < -1:"),
 )
 
 
