@@ -29,7 +29,8 @@ class MergeConfig:
 
     Args:
         method: ``none`` (no patch), ``bipartite`` (ToMe), ``lsh`` (hashed partner search),
-            ``energy`` / ``energy_lsh`` (PiToMe's energy rule, exact or hashed), ``importance`` (class-attention guided, arXiv 2306.04897) or ``zerotprune``
+            ``energy`` / ``energy_lsh`` (PiToMe's energy rule, exact or hashed), ``pairs`` /
+            ``pairs_lsh`` (one-to-one greedy pairs, exact or hashed), ``importance`` (class-attention guided, arXiv 2306.04897) or ``zerotprune``
             (PageRank importance, arXiv 2305.17328).
         r: tokens removed per layer (int) or an explicit per-layer list.
         schedule: ``constant`` (r every layer) or ``decreasing`` (same total, front-loaded).

@@ -92,6 +92,8 @@ def test_the_recorders_do_see_host_reads():
 
 ENERGY_SPECS = ["r=8,method=energy", "r=16,method=energy_lsh", "r=8,method=energy,merge=mlerp",
                 "r=16,metric=heads,merge=mlerp", "r=8,method=lsh,metric=heads"]
+# issue #26's one-to-one greedy merging (method=pairs / pairs_lsh): the greedy loop is r static steps
+PAIRS_SPECS = ["r=8,method=pairs", "r=16,method=pairs_lsh", "r=16,method=pairs,merge=mlerp"]
 
 
 # dynamo traces ViT-B-16 in 15-60 s per config: two run in `make test`, the rest are marked slow (CI runs them).
@@ -99,7 +101,7 @@ TRACED_FAST = ("r=16", "r=8,method=energy")
 
 
 @pytest.mark.parametrize("spec", [s if s in TRACED_FAST else pytest.param(s, marks=pytest.mark.slow)
-                                  for s in COMPILE_SPECS + ["r=8,method=zerotprune"] + ENERGY_SPECS])
+                                  for s in COMPILE_SPECS + ["r=8,method=zerotprune"] + ENERGY_SPECS + PAIRS_SPECS])
 def test_merged_vit_b16_traces_into_one_graph_without_attention_masks(b16, spec, one_torch_thread):
     apply_merging(b16, spec)
     torch._dynamo.reset()
@@ -115,7 +117,8 @@ def test_merged_vit_b16_traces_into_one_graph_without_attention_masks(b16, spec,
     assert all(node.kwargs.get("attn_mask") is None and len(node.args) <= 3 for node in sdpa_calls)
 
 
-@pytest.mark.parametrize("spec", COMPILE_SPECS + ["r=8,method=zerotprune", "r=8,method=lsh,lsh_bits=8"] + ENERGY_SPECS)
+@pytest.mark.parametrize("spec", COMPILE_SPECS + ["r=8,method=zerotprune", "r=8,method=lsh,lsh_bits=8"] + ENERGY_SPECS
+                         + PAIRS_SPECS)
 def test_merged_forward_reads_nothing_back_from_the_device(b16, spec, device_like_lsh, one_torch_thread):
     apply_merging(b16, spec)
     x = torch.randn(2, 3, 224, 224)
@@ -196,7 +199,8 @@ def test_mask_free_model_equals_masked_model_and_passes_no_mask(spec, monkeypatc
 
 
 @pytest.mark.parametrize("spec", ["r=4,method=lsh", "r=4,method=importance", "r=4,method=zerotprune",
-                                  "r=4,method=energy,merge=mlerp", "r=4,method=energy_lsh"])
+                                  "r=4,method=energy,merge=mlerp", "r=4,method=energy_lsh", "r=4,method=pairs",
+                                  "r=4,method=pairs_lsh"])
 def test_compiled_graph_equals_eager(spec):
     """Dynamo + AOT tracing (the graph inductor would compile), whole graph, against eager."""
     model = _timm_tiny(depth=2)

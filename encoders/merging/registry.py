@@ -125,6 +125,15 @@ register(MatcherSpec(
     doc="energy-guided merging, hashed: bucket-density energy, partners among bucket-mates",
 ))
 register(MatcherSpec(
+    "pairs", "mergeseek.encoders.merging.pairs:pairs_merging",
+    doc="one-to-one greedy merging: r disjoint pairs of the most similar tokens (issue #26)",
+))
+register(MatcherSpec(
+    "pairs_lsh", "mergeseek.encoders.merging.pairs:pairs_lsh_merging",
+    config_keys=("lsh_bits", "lsh_tables", "lsh_window", "seed"), options=_lsh_options, state=_lsh_state,
+    doc="one-to-one greedy merging, hashed: candidate pairs from SimHash-sorted windows",
+))
+register(MatcherSpec(
     "importance", "mergeseek.encoders.merging.importance:importance_merging", needs="cls_attn", bipartite_bounded=False,
     needs_prefix=True, doc="class-attention importance (arXiv 2306.04897)",
 ))

@@ -1,0 +1,182 @@
+"""One-to-one greedy merging (``method=pairs``, ``method=pairs_lsh``): every merge joins exactly two
+tokens, chosen greedily by similarity over all tokens (issue #26).
+
+ToMe splits the tokens by position into A and B and merges the r A tokens with the most similar
+B partner; several A tokens may go into one B token in the same block. At large r (the last
+blocks of a -50% FLOP schedule, where r is half the tokens) that builds a few very large tokens
+out of whatever A tokens are left, while other B tokens merge nothing. Here merges are pairs:
+
+1. every unprotected token lists its ``PAIR_CANDIDATES`` most similar unprotected tokens
+   (cosine of the metric, ToMe's head-averaged keys): the candidate edges;
+2. r times, the best candidate edge whose two tokens are both still unused is taken, and both
+   tokens are marked used (a greedy maximum-weight matching, truncated at r edges);
+3. each pair becomes one token, the size-weighted average, sizes summed (as ToMe), in the slot of
+   its earlier token; every other token keeps a slot, in position order (the class token first).
+
+When no candidate edge is left (possible when r is close to half the tokens), that step pairs
+the two earliest unused unprotected tokens instead, so every call removes exactly r tokens and
+the output width is ``N - r`` without a device read; how many steps did so is reported as
+``MergeResult.fallback``.
+
+``pairs_lsh`` is the hashed variant: no N x N matrix. Per SimHash table the tokens are sorted by
+(bucket code, position along one more random direction), as in :mod:`encoders.merging.lsh`, and
+each token is scored against the ``lsh_window // 2`` tokens that follow it in that order; edges
+between different buckets are kept but ranked below every same-bucket edge (cosine - 4). The
+greedy step and the merge are the same.
+
+No size- or energy-based protection: on the CIFAR-10 references PiToMe's energy rule lost 2-3
+points to ToMe (docs/BENCHMARKS.md, issue #26) and protecting the most isolated tokens gained
+nothing; what the pairs constraint gains is measured there.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from mergeseek.encoders.merging.core import NEG_INF, identity_merge, matcher, padding_mask
+from mergeseek.encoders.merging.energy import pair_merge
+from mergeseek.encoders.merging.registry import MergeResult
+from mergeseek.errors import InputError
+
+PAIR_CANDIDATES = 16  # candidate partners per token (its most similar tokens) for method=pairs
+BUCKET_OFFSET = 4.0  # pairs_lsh: an edge across buckets scores cosine - 4 < -3, below every same-bucket edge
+
+
+def _prepare(metric: torch.Tensor, r: int, keep_first: int, size: Optional[torch.Tensor],
+             padded: Optional[bool], method: str) -> Tuple[int, torch.Tensor]:
+    """(r clamped to half of the unprotected tokens, the unit metric); refuses padded inputs."""
+    n = metric.shape[1]
+    if padding_mask(size, padded) is not None:
+        raise InputError(f"method={method} merges inputs without padding (size-0 rows) only; a patched model never "
+                         "makes padding. Merge each image alone, or use method=bipartite for padded batches")
+    unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return min(r, (n - keep_first) // 2), unit
+
+
+def greedy_pairs(score: torch.Tensor, first: torch.Tensor, second: torch.Tensor, r: int, num_tokens: int,
+                 keep_first: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy one-to-one matching over candidate edges, truncated at r pairs.
+
+    Args:
+        score: [B, E] edge scores (-inf: not an edge); ties go to the earlier edge.
+        first, second: [B, E] long, the edge's two token positions (never protected, never equal).
+        r: pairs to take (at most half of the unprotected tokens).
+        num_tokens: N.
+        keep_first: leading tokens that are never paired.
+
+    Returns ``(src, dst, fallback)``: [B, r] the later and the earlier token of each pair, and [B]
+    the steps that found no edge and paired the two earliest unused unprotected tokens instead.
+    """
+    batch = score.shape[0]
+    dev = score.device
+    used = torch.zeros(batch, num_tokens, dtype=torch.bool, device=dev)
+    used[:, :keep_first] = True
+    # the fallback's order: earliest first (a larger value wins topk)
+    early = torch.arange(num_tokens, 0, -1, device=dev, dtype=score.dtype).expand(batch, num_tokens)
+    rows = torch.arange(batch, device=dev)
+    pairs, fallback = [], torch.zeros(batch, dtype=torch.long, device=dev)
+    for _ in range(r):
+        taken = used.gather(1, first) | used.gather(1, second)
+        live = score.masked_fill(taken, NEG_INF)
+        edge = live.argmax(dim=1)  # the first maximum
+        best = live.gather(1, edge[:, None])[:, 0]
+        i, j = first.gather(1, edge[:, None])[:, 0], second.gather(1, edge[:, None])[:, 0]
+        spare = early.masked_fill(used, 0.0).topk(2, dim=1).indices  # the two earliest unused tokens
+        none = best == NEG_INF
+        i, j = torch.where(none, spare[:, 0], i), torch.where(none, spare[:, 1], j)
+        fallback += none.long()
+        pair = torch.stack([i, j], dim=1)
+        used = used.index_put((rows[:, None].expand(batch, 2), pair), torch.ones((), dtype=torch.bool, device=dev))
+        pairs.append(pair)
+    pair = torch.stack(pairs, dim=1)  # [B, r, 2]
+    return pair.amax(dim=2), pair.amin(dim=2), fallback
+
+
+def _candidate_edges(unit: torch.Tensor, keep_first: int, k: int) -> Tuple[torch.Tensor, ...]:
+    """Every unprotected token's k most similar unprotected tokens: (score, first, second) [B, N * k]."""
+    batch, n, _ = unit.shape
+    sim = unit @ unit.transpose(-1, -2)
+    sim.diagonal(dim1=-2, dim2=-1).fill_(NEG_INF)
+    sim[:, :keep_first] = NEG_INF
+    sim[:, :, :keep_first] = NEG_INF
+    score, nbr = sim.topk(min(k, n - 1), dim=-1)
+    first = torch.arange(n, device=unit.device)[:, None].expand(n, nbr.shape[-1])
+    return score.reshape(batch, -1), first.reshape(1, -1).expand(batch, -1), nbr.reshape(batch, -1)
+
+
+@torch.no_grad()
+@matcher
+def pairs_merging(metric: torch.Tensor, r: int, keep_first: int, *, size: Optional[torch.Tensor] = None,
+                  padded: Optional[bool] = None, **_: object) -> MergeResult:
+    """Merge r disjoint pairs of similar tokens, chosen greedily (module doc).
+
+    Called as every matcher (``core.matcher``): ``metric`` [B, N, C] similarity features
+    (head-averaged keys), ``r`` tokens to remove (clamped to half of the unprotected tokens),
+    ``class_token`` / ``protected`` the leading tokens never merged; ``size`` token sizes (inputs
+    with padding are refused).
+    """
+    n = metric.shape[1]
+    r, unit = _prepare(metric, r, keep_first, size, padded, "pairs")
+    if r <= 0:
+        return identity_merge(n)
+    score, first, second = _candidate_edges(unit, keep_first, PAIR_CANDIDATES)
+    src, dst, fallback = greedy_pairs(score, first, second, r, n, keep_first)
+    out = pair_merge(src, dst, n)
+    out.fallback = fallback
+    return out
+
+
+def _window_edges(unit: torch.Tensor, planes: torch.Tensor, bits: int, tables: int, window: int,
+                  keep_first: int) -> Tuple[torch.Tensor, ...]:
+    """Per SimHash table, each token against the ``window // 2`` tokens after it in (bucket, order)
+    sort order: (score, first, second) [B, E]; cross-bucket edges score cosine - BUCKET_OFFSET."""
+    batch, n, dim = unit.shape
+    free = n - keep_first
+    u = unit[:, keep_first:]
+    proj = (u.float() @ planes.float()).view(batch, free, tables, bits + 1)
+    weights = 2 ** torch.arange(bits, device=unit.device)
+    code = ((proj[..., :bits] > 0).long() * weights).sum(dim=-1)  # [B, F, T]
+    # order inside a bucket: the extra direction, as a rank in [0, 1) added to the code
+    order = proj[..., bits].argsort(dim=1).argsort(dim=1).to(torch.float64) / free
+    perm = (code.to(torch.float64) + order).argsort(dim=1)  # [B, F, T]
+    span = max(1, min(window // 2, free - 1))
+    scores, firsts, seconds = [], [], []
+    for t in range(tables):
+        p = perm[..., t]
+        su = u.gather(1, p[..., None].expand(-1, -1, dim))
+        sc = code[..., t].gather(1, p)
+        for d in range(1, span + 1):
+            cos = (su[:, :-d] * su[:, d:]).sum(dim=-1)
+            same = sc[:, :-d] == sc[:, d:]
+            scores.append(torch.where(same, cos, cos - BUCKET_OFFSET))
+            firsts.append(p[:, :-d])
+            seconds.append(p[:, d:])
+    return (torch.cat(scores, dim=1).to(unit.dtype), torch.cat(firsts, dim=1) + keep_first,
+            torch.cat(seconds, dim=1) + keep_first)
+
+
+@torch.no_grad()
+@matcher
+def pairs_lsh_merging(metric: torch.Tensor, r: int, keep_first: int, *, size: Optional[torch.Tensor] = None,
+                      padded: Optional[bool] = None, planes: Optional[torch.Tensor] = None, lsh_bits: int = 4,
+                      lsh_tables: int = 4, lsh_window: int = 16, seed: int = 0, **_: object) -> MergeResult:
+    """The hashed pairs rule (module doc): candidate edges from SimHash-sorted windows.
+
+    Called as every matcher; ``planes`` and the ``lsh_*`` options as for ``method=lsh``
+    (``lsh_chunk`` is not used).
+    """
+    from mergeseek.encoders.merging.lsh import _cached_planes
+
+    n, dim = metric.shape[1], metric.shape[2]
+    r, unit = _prepare(metric, r, keep_first, size, padded, "pairs_lsh")
+    if r <= 0:
+        return identity_merge(n)
+    if planes is None:
+        planes = _cached_planes(dim, lsh_bits, lsh_tables, seed, str(metric.device))
+    score, first, second = _window_edges(unit, planes, lsh_bits, lsh_tables, lsh_window, keep_first)
+    src, dst, fallback = greedy_pairs(score, first, second, r, n, keep_first)
+    out = pair_merge(src, dst, n)
+    out.fallback = fallback
+    return out

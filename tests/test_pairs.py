@@ -1,0 +1,186 @@
+"""One-to-one greedy merging (``method=pairs`` / ``pairs_lsh``, issue #26) against naive per-image
+loops written from the rule in encoders/merging/pairs.py, plus r=0, the fallback, padding, batch
+independence and static widths in a patched model. Compile / host-read / op-budget checks live
+with the other methods' (test_compile.py, test_op_diet.py)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from mergeseek.encoders import apply_merging, token_counts
+from mergeseek.encoders.merging import merge_wavg, pairs, simhash_planes
+from mergeseek.encoders.merging.pairs import pairs_lsh_merging, pairs_merging
+from mergeseek.errors import InputError
+
+
+def _cos(u, v):
+    return float(u @ v) / float(u.norm() * v.norm())
+
+
+def naive_greedy(edges, n, r, protected):
+    """``edges``: (score, i, j) in list order; r times the best edge with both ends unused (first
+    in list order on ties); none left: the two earliest unused unprotected tokens."""
+    used = set(range(protected))
+    pairs_out, fallback = [], 0
+    for _ in range(r):
+        best, pick = -math.inf, None
+        for s, i, j in edges:
+            if i in used or j in used:
+                continue
+            if s > best:
+                best, pick = s, (i, j)
+        if pick is None:
+            pick = tuple(sorted(set(range(n)) - used)[:2])
+            fallback += 1
+        used.update(pick)
+        pairs_out.append(pick)
+    return pairs_out, fallback
+
+
+def naive_exact_edges(metric, protected, k):
+    n = metric.shape[0]
+    edges = []
+    for i in range(protected, n):
+        others = sorted(((_cos(metric[i], metric[j]), j) for j in range(protected, n) if j != i), key=lambda t: -t[0])
+        edges += [(s, i, j) for s, j in others[:k]]
+    return edges
+
+
+def naive_window_edges(metric, planes, bits, tables, window, protected):
+    n = metric.shape[0]
+    free = list(range(protected, n))
+    unit = metric / metric.norm(dim=-1, keepdim=True)
+    proj = unit.float() @ planes.float()
+    edges = []
+    for t in range(tables):
+        col = t * (bits + 1)
+        code = {i: sum(1 << b for b in range(bits) if proj[i, col + b] > 0) for i in free}
+        by_dir = sorted(free, key=lambda i: float(proj[i, col + bits]))
+        rank = {i: q for q, i in enumerate(by_dir)}
+        order = sorted(free, key=lambda i: (code[i], rank[i]))
+        span = max(1, min(window // 2, len(free) - 1))
+        for d in range(1, span + 1):
+            for s in range(len(order) - d):
+                i, j = order[s], order[s + d]
+                c = float(unit[i] @ unit[j])
+                edges.append((c if code[i] == code[j] else c - 4.0, i, j))
+    return edges
+
+
+def naive_merge(x, size, pairs_list):
+    """Each pair: the size-weighted average in its earlier token's slot; the rest in position order."""
+    n = x.shape[0]
+    gone = {max(p) for p in pairs_list}
+    into = {max(p): min(p) for p in pairs_list}
+    rows, sizes = [], []
+    for i in range(n):
+        if i in gone:
+            continue
+        members = [i] + [a for a, b in into.items() if b == i]
+        s = sum(size[m] for m in members)
+        rows.append(sum(x[m] * size[m] for m in members) / s)
+        sizes.append(s)
+    return torch.stack(rows), torch.stack(sizes)
+
+
+def _check(result, metric, x, size, r, naive_edges, protected, atol):
+    got_x, got_s = merge_wavg(result, x, size)
+    batch, n = metric.shape[:2]
+    assert got_x.shape == (batch, n - r, x.shape[-1]) and result.width == n - r
+    for b in range(batch):
+        chosen, fallback = naive_greedy(naive_edges(metric[b]), n, r, protected)
+        assert int(result.fallback[b]) == fallback
+        want_x, want_s = naive_merge(x[b], size[b], chosen)
+        torch.testing.assert_close(got_x[b], want_x, rtol=0, atol=atol)
+        torch.testing.assert_close(got_s[b], want_s, rtol=0, atol=0)
+    # the general slot closures give the fused layout
+    torch.testing.assert_close(merge_wavg(result.merge, x, size)[0], got_x, rtol=0, atol=atol)
+    return got_x
+
+
+@pytest.mark.parametrize("n,r,protected,seed", [(17, 4, 1, 0), (50, 12, 1, 1), (31, 15, 1, 2), (24, 5, 0, 3),
+                                                (40, 7, 3, 4), (40, 19, 0, 5)])
+def test_pairs_agree_with_a_naive_loop(n, r, protected, seed):
+    g = torch.Generator().manual_seed(seed)
+    metric = torch.randn(3, n, 8, generator=g, dtype=torch.float64)
+    x = torch.randn(3, n, 5, generator=g, dtype=torch.float64)
+    size = torch.randint(1, 4, (3, n, 1), generator=g).double()
+    result = pairs_merging(metric, r, protected=protected, size=size, padded=False)
+    k = pairs.PAIR_CANDIDATES
+    _check(result, metric, x, size, r, lambda m: naive_exact_edges(m, protected, k), protected, 1e-12)
+
+
+def test_the_fallback_pairs_the_earliest_unused_tokens_when_no_candidate_is_left(monkeypatch):
+    """One candidate per token and r = half the tokens: the candidates run out and the fallback
+    (counted per image) pairs the two earliest unused tokens; still exactly r merges."""
+    monkeypatch.setattr(pairs, "PAIR_CANDIDATES", 1)
+    g = torch.Generator().manual_seed(7)
+    n, r = 33, 16
+    metric = torch.randn(4, n, 6, generator=g, dtype=torch.float64)
+    x = torch.randn(4, n, 3, generator=g, dtype=torch.float64)
+    size = torch.ones(4, n, 1, dtype=torch.float64)
+    result = pairs_merging(metric, r, size=size, padded=False)
+    _check(result, metric, x, size, r, lambda m: naive_exact_edges(m, 1, 1), 1, 1e-12)
+    assert int(result.fallback.sum()) > 0
+
+
+@pytest.mark.parametrize("n,r,window,seed", [(33, 8, 16, 0), (64, 16, 8, 1), (21, 10, 4, 2), (9, 4, 40, 3)])
+def test_hashed_pairs_agree_with_a_naive_window_loop(n, r, window, seed):
+    bits, tables = 3, 2
+    g = torch.Generator().manual_seed(seed)
+    metric = torch.randn(2, n, 8, generator=g, dtype=torch.float64)
+    x = torch.randn(2, n, 5, generator=g, dtype=torch.float64)
+    size = torch.randint(1, 4, (2, n, 1), generator=g).double()
+    planes = simhash_planes(8, bits, tables, seed=seed, dtype=torch.float64)
+    result = pairs_lsh_merging(metric, r, planes=planes, lsh_bits=bits, lsh_tables=tables, lsh_window=window,
+                               size=size, padded=False)
+    _check(result, metric, x, size, r,
+           lambda m: naive_window_edges(m, planes, bits, tables, window, 1), 1, 1e-12)
+
+
+def test_r_zero_too_large_and_padding():
+    metric = torch.randn(2, 9, 4)
+    assert pairs_merging(metric, 0).identity and pairs_lsh_merging(metric, 0).identity
+    assert pairs_merging(metric, 50).width == 9 - 4  # clamped to half of the unprotected tokens
+    assert pairs_lsh_merging(metric, 50).width == 9 - 4
+    size = torch.ones(2, 9, 1)
+    size[1, -2:] = 0
+    for fn in (pairs_merging, pairs_lsh_merging):
+        with pytest.raises(InputError, match="padding"):
+            fn(metric, 2, size=size)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from mergeseek.eval.reference import build_model, get_config
+
+    torch.manual_seed(0)
+    return build_model(get_config("reference-tiny")).eval()
+
+
+@pytest.mark.parametrize("spec", ["method=pairs,r=0", "method=pairs_lsh,r=0", "method=pairs,r=0,merge=mlerp"])
+def test_r_zero_is_the_unpatched_model(tiny, spec):
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = tiny(x)
+        got = apply_merging(copy.deepcopy(tiny), spec)(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("spec", ["method=pairs,r=3", "method=pairs_lsh,r=3", "method=pairs,r=3,merge=mlerp",
+                                  "method=pairs,r=8"])
+def test_a_batch_of_four_equals_four_single_images(tiny, spec):
+    model = apply_merging(copy.deepcopy(tiny), spec)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        batch = model(x)
+        single = torch.cat([model(x[i : i + 1]) for i in range(4)])
+        base = tiny(x)
+    torch.testing.assert_close(batch, single, rtol=1e-5, atol=1e-5)
+    assert (batch - base).abs().max() > 1e-4  # it did merge
+    want = {"3": [14, 11], "8": [9, 5]}[spec.split("r=")[1].split(",")[0]]  # 17 tokens; r at most half of the free ones
+    assert token_counts(model) == want  # static widths
