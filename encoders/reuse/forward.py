@@ -199,16 +199,17 @@ class BlockPass:
         m_r, vals = self.linear(lambda t: self.fam.mlp(b, t), y_r, y_d, idx, rows)
         if F:
             m = int(y_d.shape[1])
-            if rows == F * m:
+            if self.rolled is not None:  # the caches are made anyway: the block output is one add
+                y_buf = self.rolled_rows(y_r, "y", bi, idx, rows, y_d)
+                m_buf = self.written(m_r, "m", bi, idx, rows, vals, (F, m))
+                x_next = y_d + m_buf.to(y_d.dtype)
+            elif rows == F * m:
                 x_next = y_d + vals.reshape(y_d.shape).to(y_d.dtype)
             else:
                 x_next = y_d + self.own(m_r, "m", bi)[0]  # broadcast add, no copy of the cache
                 if rows:
                     old = self.own_rows(m_r, "m", bi, idx, m)
                     x_next.view(F * m, -1).index_add_(0, idx, vals.to(x_next.dtype) - old.to(x_next.dtype))
-            if self.rolled is not None:
-                y_buf = self.rolled_rows(y_r, "y", bi, idx, rows, y_d)
-                m_buf = self.written(m_r, "m", bi, idx, rows, vals, (F, m))
         return m_r, x_next, rows, y_buf, m_buf
 
     def outputs(self, codes):
