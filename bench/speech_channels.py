@@ -19,6 +19,9 @@ Reported:
   hit of the right video lies within the sentence's speech +- 1 s (the frame window at 1 frame
   per 2 s), for (a) the whole sentence and (b) a 3-word phrase of it (words 2-4). The chance level
   (10 random frames of the index hitting one of the sentence's frames) is given beside it.
+* The false-match control: 3-word phrases of sentences never spoken (``UNSPOKEN``); the share whose
+  best hit matches at least 2/3 of the phrase (``indexing.text.match_score``). Words of the
+  engine's other hypotheses (``also``, PocketSphinx's n-best) raise recall and this share together.
 * The real-time factor: engine CPU seconds / seconds of sound (this process, one thread).
 * The cost ``--asr`` adds to ``index_paths``: wall (``time.perf_counter``) and CPU time of this
   process and its children (``getrusage``; the speech workers are child processes, counted once
@@ -74,6 +77,14 @@ SENTENCES = [
     "the city planted ten thousand trees along the canal",
     "a cargo ship ran aground near the harbor",
     "the team doctor said the captain will miss the game",
+]
+# Sentences never spoken: their 3-word phrases (words 2-4) must find nothing confidently. The share
+# whose best hit matches at least 2/3 of the phrase (``match_score``) is the false-match control.
+UNSPOKEN = [
+    "the mayor opened a new library downtown", "heavy snow closed the mountain pass", "the army held a parade in the capital",
+    "a famous painter sold his last picture", "engineers tested a new electric bus", "the river flooded several rice fields",
+    "a local chef won a cooking award", "the company hired more workers this spring", "volunteers cleaned the beach on sunday",
+    "the train arrived late because of fog",
 ]
 VOICES = [("en-us+f3", 150), ("en-us+klatt", 160), ("en-us+f2", 160), ("en-us", 175), ("en-us+m3", 140)]
 FPS, GAP_S, EVERY = 10, 1.5, 20
@@ -144,8 +155,10 @@ def transcribe_all(folder: Path, plan: list, engine_spec: str) -> dict:
         cpu += time.process_time() - t0
         sound += len(samples) / SAMPLE_RATE
         for p in (p for p in plan if p["video_id"] == vid):
-            hyp = " ".join(s.text for s in segments if p["start"] - 0.75 <= (s.start_s + s.end_s) / 2 <= p["end"] + 0.75)
+            mine = [s for s in segments if p["start"] - 0.75 <= (s.start_s + s.end_s) / 2 <= p["end"] + 0.75]
+            hyp = " ".join(s.text for s in mine)
             p["heard"] = hyp
+            p["also_heard"] = " ".join(s.also for s in mine if s.also)
             ref = _words(p["text"])
             v = by_voice.setdefault(f"{p['voice']} {p['speed']} wpm", [0, 0])
             v[0] += _edit_distance(ref, _words(hyp))
@@ -188,13 +201,26 @@ def recall(root: Path, plan: list) -> dict:
             hits = search_hybrid(s, asr=query, k=10)
             ok = any(near(h) for h in hits)
             p[f"found_{kind}"] = ok
+            p[f"rank_{kind}"] = next((r for r, h in enumerate(hits, 1) if near(h)), None)
             found[kind] += ok
         step = EVERY / FPS  # kept frames at 0, 2, 4... s
         good = sum(1 for k in range(int(p["end"] // step) + 2) if p["start"] - 1.0 < k * step < p["end"] + 1.0)
         chance.append(min(1.0, 1 - np.prod([(n_frames - good - i) / (n_frames - i) for i in range(10)])))
+    from mergeseek.indexing.text import open_text_index
+
+    ix = open_text_index(root, s.store.shard_names())
+    false = []
+    for text in UNSPOKEN:
+        phrase = " ".join(text.split()[1:4])
+        top = ix.search(phrase, "asr", 1)
+        false.append({"phrase": phrase, "best": top[0].text if top else "", "score": top[0].score if top else 0.0})
+    mrr = {kind: round(float(np.mean([1.0 / p[f"rank_{kind}"] if p[f"rank_{kind}"] else 0.0 for p in plan])), 3)
+           for kind in ("sentence", "phrase3")}
     return {"recall_top10_sentence": round(found["sentence"] / len(plan), 3),
-            "recall_top10_phrase3": round(found["phrase3"] / len(plan), 3),
-            "chance_top10": round(float(np.mean(chance)), 3), "frames_in_index": n_frames}
+            "recall_top10_phrase3": round(found["phrase3"] / len(plan), 3), "mrr_top10": mrr,
+            "chance_top10": round(float(np.mean(chance)), 3), "frames_in_index": n_frames,
+            "unspoken_phrase_confident_match": round(float(np.mean([f["score"] >= 2 / 3 for f in false])), 3),
+            "unspoken": false}
 
 
 def main(argv=None) -> dict:

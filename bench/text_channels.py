@@ -1,14 +1,15 @@
 """On-screen text (``index --ocr``) on rendered news captions: OCR accuracy, caption-query recall and
 what OCR adds to an indexing run.
 
-    python bench/text_channels.py [--captions 12] [--sizes 16,20,24,32,40] [--out bench_text.json]
+    python bench/text_channels.py [--engines rapidocr,tesseract] [--captions 12] [--sizes 16,20,24,32,40]
+                                  [--rounds 2] [--out bench_text.json]
 
 A "news" video is made from the sample clips (bigbuckbunny, bikes; 1280x720, 10 fps): every 2 s a
 new caption (Vietnamese or English, from ``CAPTIONS``) is drawn in, at one of ``--sizes`` pixel
 heights, on one of three backgrounds (a solid box, a translucent box, bare text with an outline),
 then the frame is blurred slightly and the video is written as MPEG-4. It is indexed at one frame
-per caption (``--every 20``, 1 keyframe per 2 s), with and without ``--ocr``, twice each in
-alternation (random-weight ViT-B-32 on the CPU: the encoder's weights do not change its cost).
+per caption (``--every 20``, 1 keyframe per 2 s), without ``--ocr`` and with each ``--engines`` one, in
+turn (``--rounds``; random-weight ViT-B-32 on the CPU: the weights do not change its cost).
 
 Reported, per caption size: the OCR character error rate (edit distance of the folded words read
 inside the caption band to the folded caption, over the caption's length), and the share of
@@ -110,13 +111,13 @@ def _cpu() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def _index(video: Path, root: Path, encoder, ocr: bool) -> tuple[float, float, dict]:
+def _index(video: Path, root: Path, encoder, ocr) -> tuple[float, float, dict]:
     from mergeseek.indexing import Dedup, IndexOptions, Sampling, index_paths
 
     shutil.rmtree(root, ignore_errors=True)
     t0, c0 = time.perf_counter(), _cpu()
     report = index_paths([video], root, encoder, IndexOptions(sampling=Sampling("every", 20), dedup=Dedup(enabled=False),
-                                                             ocr="tesseract" if ocr else None))
+                                                             ocr=ocr or None))
     return time.perf_counter() - t0, _cpu() - c0, report.text.get("ocr", {})
 
 
@@ -137,6 +138,7 @@ def measure(plan: list, root: Path) -> dict:
         for i, ws in zip(t.column("id").to_pylist(), t.column("words").to_pylist()):
             texts[frame_of[i]] = json.loads(ws)
     rows: dict = {}
+    per_caption = []
     for cap in plan:
         words = texts.get(cap["first_frame"], [])
         lo, hi = cap["band"]
@@ -145,14 +147,21 @@ def measure(plan: list, root: Path) -> dict:
         cer = _edit_distance(fold(read), want) / len(want)
         full = [frame_of[h.id] for h in search_hybrid(s, ocr=want, k=10)]
         part = [frame_of[h.id] for h in search_hybrid(s, ocr=" ".join(want.split()[:3]), k=10)]
+        per_caption.append({"text": cap["text"], "size": cap["size"], "style": cap["style"], "read": read,
+                            "cer": round(cer, 3), "found_full": cap["first_frame"] in full,
+                            "found_3words": cap["first_frame"] in part})
         r = rows.setdefault(cap["size"], {"captions": 0, "cer": [], "top10_full": 0, "top10_3words": 0})
         r["captions"] += 1
         r["cer"].append(cer)
         r["top10_full"] += cap["first_frame"] in full
         r["top10_3words"] += cap["first_frame"] in part
-    return {size: {"captions": r["captions"], "cer_mean": round(float(np.mean(r["cer"])), 4),
-                   "recall_top10_full": round(r["top10_full"] / r["captions"], 3),
-                   "recall_top10_3words": round(r["top10_3words"] / r["captions"], 3)} for size, r in sorted(rows.items())}
+    sizes = {size: {"captions": r["captions"], "cer_mean": round(float(np.mean(r["cer"])), 4),
+                    "recall_top10_full": round(r["top10_full"] / r["captions"], 3),
+                    "recall_top10_3words": round(r["top10_3words"] / r["captions"], 3)} for size, r in sorted(rows.items())}
+    big = [c for c in per_caption if c["size"] >= 24]
+    at_least_24 = {"captions": len(big), "recall_top10_full": round(np.mean([c["found_full"] for c in big]), 3) if big else None,
+                   "recall_top10_3words": round(np.mean([c["found_3words"] for c in big]), 3) if big else None}
+    return {"sizes": sizes, "at_least_24px": at_least_24, "per_caption": per_caption}
 
 
 def main(argv=None) -> dict:
@@ -161,6 +170,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--sizes", default="16,20,24,32,40", help="Caption heights in pixels.")
     ap.add_argument("--rounds", type=int, default=2, help="Indexing runs with and without --ocr, alternated.")
     ap.add_argument("--out", type=Path, default=None, help="Write the JSON report here.")
+    ap.add_argument("--engines", default="rapidocr,tesseract",
+                    help="--ocr engines to measure, comma-separated (each against the same runs without OCR).")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -169,30 +180,36 @@ def main(argv=None) -> dict:
     from mergeseek.encoders import Encoder
 
     sizes = [int(s) for s in args.sizes.split(",")]
+    engines = [e for e in args.engines.split(",") if e]
     with tempfile.TemporaryDirectory(prefix="mergeseek-text-bench-") as tmp:
         tmp = Path(tmp)
         video = tmp / "news.mp4"
         plan = make_video(video, CAPTIONS[: args.captions], sizes)
         encoder = Encoder(model_name="ViT-B-32", pretrained=None, device="cpu", batch_size=16)
-        runs = {"plain": [], "ocr": []}
-        ocr_stats = {}
-        for r in range(args.rounds):
-            for kind in (("plain", "ocr") if r % 2 == 0 else ("ocr", "plain")):
-                wall, cpu, stats = _index(video, tmp / kind, encoder, kind == "ocr")
+        kinds = ["plain"] + engines
+        runs: dict = {k: [] for k in kinds}
+        ocr_stats: dict = {}
+        for r in range(args.rounds):  # the configurations alternate, in a rotating order
+            for kind in kinds[r % len(kinds):] + kinds[: r % len(kinds)]:
+                wall, cpu, stats = _index(video, tmp / kind, encoder, None if kind == "plain" else kind)
                 runs[kind].append((wall, cpu))
-                ocr_stats = stats or ocr_stats
-        per_size = measure(plan, tmp / "ocr")
+                ocr_stats[kind] = stats or ocr_stats.get(kind, {})
+        measured = {e: measure(plan, tmp / e) for e in engines}
     med = {k: (float(np.median([w for w, _ in v])), float(np.median([c for _, c in v]))) for k, v in runs.items()}
     frames = len(plan)
     report = {
-        "frames": frames, "sizes": per_size, "threads": 1,
-        "ocr_frames_per_s_busy": round(frames / ocr_stats["busy_s"], 3) if ocr_stats.get("busy_s") else None,
+        "frames": frames, "threads": 1, "rounds": args.rounds,
         "index_wall_s": {k: round(v[0], 2) for k, v in med.items()},
         "index_cpu_s": {k: round(v[1], 2) for k, v in med.items()},
-        "cost_ratio_wall": round(med["ocr"][0] / med["plain"][0], 2),
-        "cost_ratio_cpu": round(med["ocr"][1] / med["plain"][1], 2),
-        "clock": "wall: time.perf_counter; cpu: getrusage self + children (Tesseract runs as child processes)",
-        "load_avg": os.getloadavg()[0],
+        "runs": {k: [[round(w, 2), round(c, 2)] for w, c in v] for k, v in runs.items()},
+        "engines": {e: {"sizes": measured[e]["sizes"], "at_least_24px": measured[e]["at_least_24px"],
+                        "ocr_frames_per_s_busy": round(frames / ocr_stats[e]["busy_s"], 3) if ocr_stats[e].get("busy_s") else None,
+                        "cost_ratio_wall": round(med[e][0] / med["plain"][0], 2),
+                        "cost_ratio_cpu": round(med[e][1] / med["plain"][1], 2),
+                        "per_caption": measured[e]["per_caption"]} for e in engines},
+        "clock": "wall: time.perf_counter; cpu: getrusage self + children (Tesseract runs as child processes); "
+                 "OCR frames/s: the OCR threads' busy time, wall clock",
+        "load_avg": os.getloadavg(),
     }
     print(json.dumps(report, indent=1))
     if args.out:

@@ -31,13 +31,14 @@ committed.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -63,6 +64,7 @@ class Segment:
     end_s: float
     text: str
     conf: float = 0.0
+    also: str = ""  # words of other hypotheses heard in this stretch (searched, not shown)
 
 
 def group_words(words: Sequence[tuple[float, float, str, float]], max_segment_s: float) -> list[Segment]:
@@ -85,6 +87,40 @@ def _segment(group: list) -> Segment:
                    round(100.0 * float(np.mean([w[3] for w in group])), 1))
 
 
+def place_alternates(best: Sequence[tuple[float, float, str, float]], others: Sequence[Sequence[str]]) -> list[tuple[float, str]]:
+    """The words of other hypotheses ``others`` of one stretch that its best one (``best``: timed
+    ``(start, end, word, conf)``) does not hold, each with a time: a hypothesis is aligned to the
+    best word sequence (``difflib``), and a word it has instead of (or between) best words takes
+    the middle of their span. Each (time, word) once, in time order."""
+    import difflib
+
+    if not best:
+        return []
+    ref = [w[2] for w in best]
+    have, out = set(ref), {}
+    for hyp in others:
+        for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=ref, b=list(hyp), autojunk=False).get_opcodes():
+            if tag == "equal":
+                continue
+            lo = best[min(i1, len(best) - 1)][0] if i1 < len(best) else best[-1][1]
+            hi = best[i2 - 1][1] if i2 > i1 else lo
+            for word in hyp[j1:j2]:
+                if word not in have:
+                    out.setdefault(word, round((lo + hi) / 2.0, 3))
+    return sorted(((t, w) for w, t in out.items()), key=lambda tw: (tw[0], tw[1]))
+
+
+def attach_alternates(segments: list[Segment], alternates: Sequence[tuple[float, str]]) -> list[Segment]:
+    """``segments`` with each alternate word added to ``also`` of the segment nearest its time."""
+    if not segments or not alternates:
+        return segments
+    extra: list[list[str]] = [[] for _ in segments]
+    for t, word in alternates:
+        j = min(range(len(segments)), key=lambda n: max(segments[n].start_s - t, t - segments[n].end_s, 0.0))
+        extra[j].append(word)
+    return [replace(seg, also=" ".join(x)) if x else seg for seg, x in zip(segments, extra)]
+
+
 class _Engine:
     def source_texts(self, kind: str, path: str, times: Sequence[float], backend: str = "decord") -> list[FrameText]:
         """The speech of the frames at ``times`` of one source, in this process (``indexing.text.ensure_text``)."""
@@ -98,13 +134,20 @@ class PocketSphinxEngine(_Engine):
 
     Args:
         max_segment_s: a stretch of speech longer than this is split at word boundaries.
+        nbest: the recogniser's best ``nbest`` hypotheses of each stretch are read; the words of the
+            others that the best one lacks are kept as the segment's ``also`` words (searched, not
+            shown: a word heard wrongly in the best hypothesis is often right in another). 1: the
+            best hypothesis only.
     """
 
     name = "pocketsphinx"
 
-    def __init__(self, max_segment_s: float = 5.0):
+    def __init__(self, max_segment_s: float = 5.0, nbest: int = 100):
         if not max_segment_s > 0:
             raise ConfigError(f"--asr max_segment_s={max_segment_s} is not valid; give a positive number of seconds")
+        if not 1 <= int(nbest) <= 1000:
+            raise ConfigError(f"--asr nbest={nbest} is not valid; give 1 (the best hypothesis only) to 1000")
+        self.nbest = int(nbest)
         try:
             import pocketsphinx  # noqa: F401
         except ImportError:
@@ -113,7 +156,8 @@ class PocketSphinxEngine(_Engine):
         self._decoder = None
 
     def __str__(self) -> str:
-        return "pocketsphinx" + (f",max_segment_s={self.max_segment_s:g}" if self.max_segment_s != 5.0 else "")
+        return ("pocketsphinx" + (f",max_segment_s={self.max_segment_s:g}" if self.max_segment_s != 5.0 else "")
+                + (f",nbest={self.nbest}" if self.nbest != 100 else ""))
 
     def transcribe(self, samples: np.ndarray) -> list[Segment]:
         """The speech in ``samples`` (16 kHz mono float32) as segments in time order."""
@@ -128,7 +172,7 @@ class PocketSphinxEngine(_Engine):
             # throw the energy features and their running normalization off. On bench/speech_channels.py:
             # WER 0.74 -> 0.69 on its first 15 sentences, 0.814 -> 0.810 on all 30 (within noise)
             self._decoder = Decoder(samprate=SAMPLE_RATE, loglevel="FATAL", dither=True)
-        d, words = self._decoder, []
+        d, words, alternates = self._decoder, [], []
         frate = float(d.config["frate"])
         for stretch in Segmenter(sample_rate=SAMPLE_RATE).segment(io.BytesIO(pcm16(samples))):
             d.start_utt()
@@ -136,12 +180,18 @@ class PocketSphinxEngine(_Engine):
             d.end_utt()
             if d.hyp() is None:
                 continue
+            best = []
             for w in d.seg():
                 if _FILLER.match(w.word):
                     continue
-                words.append((stretch.start_time + w.start_frame / frate, stretch.start_time + (w.end_frame + 1) / frate,
-                              _VARIANT.sub("", w.word), min(1.0, max(0.0, float(w.prob)))))
-        return group_words(words, self.max_segment_s)
+                best.append((stretch.start_time + w.start_frame / frate, stretch.start_time + (w.end_frame + 1) / frate,
+                             _VARIANT.sub("", w.word), min(1.0, max(0.0, float(w.prob)))))
+            words += best
+            if self.nbest > 1:
+                others = [[_VARIANT.sub("", x) for x in h.hypstr.split() if not _FILLER.match(x)]
+                          for h in itertools.islice(d.nbest(), self.nbest)]
+                alternates += place_alternates(best, others)
+        return attach_alternates(group_words(words, self.max_segment_s), alternates)
 
 
 class WhisperEngine(_Engine):
@@ -187,7 +237,7 @@ class WhisperEngine(_Engine):
 
 
 ENGINES = {"pocketsphinx": PocketSphinxEngine, "whisper": WhisperEngine}
-_KEYS = {"pocketsphinx": ("max_segment_s",), "whisper": ("lang", "device", "threads")}
+_KEYS = {"pocketsphinx": ("max_segment_s", "nbest"), "whisper": ("lang", "device", "threads")}
 
 
 def get_engine(spec: Optional[str]):
@@ -210,7 +260,7 @@ def get_engine(spec: Optional[str]):
         raise ConfigError(f"--asr {spec!r}: pocketsphinx takes no ':' argument (its English model is built in)")
     for key, value in parsed.pairs:
         try:
-            kwargs[key] = float(value) if key == "max_segment_s" else int(value) if key == "threads" else value
+            kwargs[key] = float(value) if key == "max_segment_s" else int(value) if key in ("threads", "nbest") else value
         except ValueError:
             raise ConfigError(f"--asr {key}={value[:20]!r} is not a number") from None
     return ENGINES[name](**kwargs)
@@ -247,7 +297,7 @@ def segments_to_frames(segments: Sequence[Segment], times: Sequence[float]) -> l
         if segs:
             out[int(j)] = FrameText(tuple(Word(s.text, s.conf, (round(1000 * s.start_s), 0,
                                                                  max(0, round(1000 * (s.end_s - s.start_s))), 0))
-                                          for s in segs))
+                                          for s in segs), also=" ".join(s.also for s in segs if s.also))
     return out
 
 
@@ -355,5 +405,5 @@ class AsrStage:
         self.pool.shutdown(wait=all(f.done() for f in self._all), cancel_futures=True)
 
 
-__all__ = ["ENGINES", "AsrStage", "PocketSphinxEngine", "Segment", "WhisperEngine", "frame_windows", "get_engine",
-           "group_words", "segments_to_frames", "transcribe_file"]
+__all__ = ["ENGINES", "AsrStage", "PocketSphinxEngine", "Segment", "WhisperEngine", "attach_alternates", "frame_windows",
+           "get_engine", "group_words", "place_alternates", "segments_to_frames", "transcribe_file"]

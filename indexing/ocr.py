@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -31,6 +32,7 @@ from mergeseek.errors import ConfigError, MissingDependencyError
 log = logging.getLogger(__name__)
 
 TESSERACT_INSTALL = "apt-get install tesseract-ocr tesseract-ocr-vie tesseract-ocr-eng"
+RAPIDOCR_INSTALL = "pip install 'mergeseek[ocr]' (rapidocr_onnxruntime and onnxruntime; its wheel ships the models)"
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class FrameText:
 
     words: tuple[Word, ...] = ()
     error: str = ""  # why OCR failed on this frame ("" when it did not)
+    also: str = ""  # other readings, searched but not shown (speech: words of the recogniser's n-best hypotheses)
 
     @property
     def text(self) -> str:
@@ -188,6 +191,119 @@ def parse_tsv(tsv: str, frames: int, scales: Sequence[float], min_conf: float) -
     return [FrameText(tuple(w)) for w in words]
 
 
+class RapidOcrEngine:
+    """RapidOCR (PaddleOCR's PP-OCRv4 detector and recogniser as ONNX models, shipped in the
+    ``rapidocr_onnxruntime`` wheel): a text detector finds the text lines, and only those crops are
+    read. Detection runs on the frame shrunk to ``det_side`` pixels on its long side (the detector's
+    cost grows with the pixels; a line of 20 px on a 720p frame is still found at 640); each line
+    is recognised from the frame at up to ``max_side``. The recogniser's alphabet has no Vietnamese
+    diacritics ("Hà Nội" reads "Ha Noi"): matching is on folded words (``indexing.text.fold``), so
+    that costs no recall. A line is split into words, each given its share of the line's box.
+
+    Args:
+        det_side: long side of the frame for the detector.
+        max_side: long side of the frame the lines are cut from.
+        min_conf: lines read with a lower confidence (0-100) are dropped.
+        threads: ONNX Runtime threads per engine (one per OCR worker by default).
+    """
+
+    name = "rapidocr"
+
+    def __init__(self, det_side: int = 640, max_side: int = 1280, min_conf: float = 50.0, threads: int = 1):
+        if det_side < 64 or max_side < 64 or threads < 1:
+            raise ConfigError(f"--ocr rapidocr: det_side={det_side}, max_side={max_side}, threads={threads} are not "
+                              "valid; give det_side and max_side of at least 64 pixels and threads >= 1")
+        try:
+            import rapidocr_onnxruntime  # noqa: F401
+        except ImportError:
+            raise MissingDependencyError(f"--ocr rapidocr needs the rapidocr_onnxruntime package: {RAPIDOCR_INSTALL}") from None
+        self.det_side, self.max_side, self.min_conf, self.threads = int(det_side), int(max_side), float(min_conf), int(threads)
+        self._local = threading.local()  # one set of ONNX sessions per OCR thread (RapidOCR keeps state per call)
+
+    def __str__(self) -> str:
+        extra = "".join(f",{k}={v:g}" for k, v, d in (("det_side", self.det_side, 640), ("max_side", self.max_side, 1280),
+                                                        ("min_conf", self.min_conf, 50.0)) if v != d)
+        return "rapidocr" + extra
+
+    def _model(self):
+        model = getattr(self._local, "model", None)
+        if model is None:
+            from rapidocr_onnxruntime import RapidOCR
+
+            model = self._local.model = RapidOCR(intra_op_num_threads=self.threads, inter_op_num_threads=1)
+            model.text_det.limit_type = "max"  # never enlarge the detector's input (it is shrunk here first)
+        return model
+
+    def shrink(self, image) -> tuple:
+        """(``image`` as an RGB uint8 array no larger than ``max_side``, the scale applied)."""
+        import cv2
+
+        arr = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
+        if arr.ndim == 2:
+            arr = np.repeat(arr[:, :, None], 3, axis=2)
+        arr = np.ascontiguousarray(arr[:, :, :3], dtype=np.uint8)
+        scale = min(1.0, self.max_side / max(arr.shape[:2]))
+        if scale < 1.0:
+            arr = cv2.resize(arr, (max(1, round(arr.shape[1] * scale)), max(1, round(arr.shape[0] * scale))),
+                             interpolation=cv2.INTER_AREA)
+        return arr, scale
+
+    def read(self, images: Sequence, prescale: Optional[Sequence[float]] = None) -> list[FrameText]:
+        """The text of each frame (HxWx3 uint8 RGB array or PIL image); a frame that fails gets its
+        error, the others are read. ``prescale`` as for ``TesseractEngine.read``."""
+        prescale = list(prescale) if prescale is not None else [1.0] * len(images)
+        out = []
+        for image, pre in zip(images, prescale):
+            try:
+                out.append(self._read_one(image, pre))
+            except Exception as exc:  # a damaged frame, an ONNX error: reported, the run goes on
+                out.append(FrameText(error=f"OCR failed ({_short(exc)})"))
+        return out
+
+    def _read_one(self, image, pre: float) -> FrameText:
+        import cv2
+
+        rgb, scale = self.shrink(image)
+        bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+        model = self._model()
+        s = min(1.0, self.det_side / max(bgr.shape[:2]))
+        small = bgr if s >= 1.0 else cv2.resize(bgr, (max(1, round(bgr.shape[1] * s)), max(1, round(bgr.shape[0] * s))),
+                                                interpolation=cv2.INTER_AREA)
+        boxes, _ = model.text_det(small)
+        if boxes is None or not len(boxes):
+            return FrameText()
+        quads = np.asarray(boxes, np.float32) / s
+        read, _ = model.text_rec(model.get_crop_img_list(bgr, quads))
+        to_frame = 1.0 / ((scale * pre) or 1.0)
+        lines = []
+        for quad, (text, conf) in zip(quads, read):
+            if 100.0 * float(conf) < self.min_conf or not text.strip():
+                continue
+            (x0, y0), (x1, y1) = quad.min(0) * to_frame, quad.max(0) * to_frame
+            lines.append((float(x0), float(y0), float(x1), float(y1), text.strip(), 100.0 * float(conf)))
+        return FrameText(tuple(w for line in _reading_order(lines) for w in _line_words(*line)))
+
+
+def _reading_order(lines: list) -> list:
+    """Lines ``(x0, y0, x1, y1, ...)`` top to bottom (a row is one median line height), then left to right."""
+    if not lines:
+        return lines
+    row = max(1.0, float(np.median([y1 - y0 for _, y0, _, y1, *_ in lines])))
+    return sorted(lines, key=lambda t: (int((t[1] + t[3]) / 2 // row), t[0]))
+
+
+def _line_words(x0: float, y0: float, x1: float, y1: float, text: str, conf: float) -> list[Word]:
+    """A recognised line as its words (those with a letter or digit), each given the share of the
+    line's width its characters take."""
+    out, n = [], max(1, len(text))
+    for m in re.finditer(r"\S+", text):
+        if not any(ch.isalnum() for ch in m.group()):
+            continue
+        left, right = x0 + (x1 - x0) * m.start() / n, x0 + (x1 - x0) * m.end() / n
+        out.append(Word(m.group(), round(conf, 1), (round(left), round(y0), max(1, round(right - left)), max(1, round(y1 - y0)))))
+    return out
+
+
 class OcrStage:
     """OCR beside encoding: frames are shrunk on arrival and read by ``workers`` threads (each
     running one engine process at a time); at most ``2 * workers`` batches wait, so a slow engine
@@ -225,28 +341,32 @@ class OcrStage:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-ENGINES = {"tesseract": TesseractEngine}
+ENGINES = {"tesseract": TesseractEngine, "rapidocr": RapidOcrEngine}
+_KEYS = {"tesseract": ("passes", "min_conf", "max_side"), "rapidocr": ("det_side", "max_side", "min_conf", "threads")}
 
 
-def get_engine(spec: Optional[str]) -> Optional[TesseractEngine]:
+def get_engine(spec: Optional[str]):
     """``--ocr`` value -> an engine: ``tesseract`` (the default), ``tesseract:LANGS`` (``vie+eng``)
-    and options (``tesseract:vie,passes=1,min_conf=50``); None or ``none`` -> None. A missing engine
-    raises ``MissingDependencyError`` naming what to install."""
+    and options (``tesseract:vie,passes=1,min_conf=50``), ``rapidocr`` (``rapidocr,det_side=960``);
+    None or ``none`` -> None. A missing engine raises ``MissingDependencyError`` naming what to install."""
     from mergeseek.options import parse_options
 
     if spec is None or spec.strip().lower() in ("", "none", "off"):
         return None
-    parsed = parse_options(spec.strip(), "ocr", ("passes", "min_conf", "max_side"), head="always", brackets=False)
-    name, _, langs = (parsed.head or "").partition(":")
-    if name.lower() not in ENGINES:
+    name = spec.strip().split(",", 1)[0].partition(":")[0].strip().lower()
+    if name not in ENGINES:
         raise ConfigError(f"--ocr {spec!r}: unknown engine; choose one of {', '.join(ENGINES)} (e.g. tesseract:vie+eng)")
+    parsed = parse_options(spec.strip(), "ocr", _KEYS[name], head="always", brackets=False)
+    langs = (parsed.head or "").partition(":")[2]
+    if langs and name != "tesseract":
+        raise ConfigError(f"--ocr {spec!r}: {name} takes no ':' argument (its models read Latin text and digits)")
     kwargs: dict = {"langs": langs} if langs else {}
     for key, value in parsed.pairs:
         try:
-            kwargs[key] = int(value) if key != "min_conf" else float(value)
+            kwargs[key] = float(value) if key == "min_conf" else int(value)
         except ValueError:
             raise ConfigError(f"--ocr {key}={value[:20]!r} is not a number") from None
-    return ENGINES[name.lower()](**kwargs)
+    return ENGINES[name](**kwargs)
 
 
 def _short(exc: BaseException) -> str:
@@ -254,4 +374,4 @@ def _short(exc: BaseException) -> str:
     return (text[-1] if text else type(exc).__name__)[:160]
 
 
-__all__ = ["ENGINES", "FrameText", "OcrStage", "TesseractEngine", "Word", "get_engine", "parse_tsv"]
+__all__ = ["ENGINES", "FrameText", "OcrStage", "RapidOcrEngine", "TesseractEngine", "Word", "get_engine", "parse_tsv"]

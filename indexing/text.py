@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 TEXT_DIR = "text"
 TEXT_DB = "text.sqlite"
 CHANNELS = ("ocr", "asr")  # on-screen text, speech
+SCHEMA = 2  # text.sqlite's layout (PRAGMA user_version); a file of another one is made again
 _WORD = re.compile(r"\w+", re.UNICODE)
 _FILE = re.compile(r"^(?P<shard>.+)\.(?P<channel>[a-z]+)\.parquet(?P<tmp>\.tmp)?$")
 
@@ -75,14 +76,83 @@ def fts_query(text: str, any_word: bool = False) -> Optional[str]:
     return (" OR " if any_word else " ").join('"' + w.replace('"', '""') + '"' for w in ws)
 
 
+def squash(text: str) -> str:
+    """The folded words of ``text`` run together (``Thủ tướng`` -> ``thutuong``): what the trigram
+    table holds, so a word OCR ran into the next one (``thamHa``) is still found inside it."""
+    return "".join(words(text))
+
+
+def trigrams(word: str) -> set:
+    return {word[i : i + 3] for i in range(len(word) - 2)}
+
+
+_SOUNDS = [(re.compile(a), b) for a, b in (
+    (r"^(kn|gn|pn|wr|ps)", lambda m: m.group()[1]), (r"^x", "s"), (r"^wh", "w"), (r"tion", "xn"), (r"mb$", "m"),
+    (r"ph", "f"), (r"gh", ""), (r"ck", "k"), (r"sch", "sk"), (r"t?ch|sh", "x"), (r"th", "0"), (r"c(?=[eiy])", "s"),
+    (r"dg(?=[eiy])", "j"), (r"g(?=[eiy])", "j"), (r"[cqg]", "k"), (r"x", "ks"), (r"z", "s"), (r"v", "f"), (r"d", "t"),
+    (r"b", "p"), (r"(?<!^)h|h(?![aeiouy])", ""), (r"[wy](?![aeiou])", ""), (r"(?<!^)[aeiouy]", ""), (r"^[aeiouy]", "a"),
+    (r"(.)\1+", r"\1"))]
+
+
+def sound_key(word: str) -> str:
+    """A phonetic key of a folded word, a simplified Metaphone of our own: letters that sound alike
+    map to one (``ph`` -> ``f``, soft ``c`` -> ``s``, ``th`` -> ``0``; voiced and voiceless pairs
+    merged: ``d``/``t``, ``b``/``p``, ``g``/``k``, ``v``/``f``, ``z``/``s``), vowels after the first
+    letter dropped, doubles collapsed. Speech recognisers swap words that sound alike ("whether" /
+    "weather"); the ``asr`` channel matches on these keys as a fallback. "" for words of fewer than
+    4 letters (their keys match too much) and for words that are not letters only."""
+    if len(word) < 4 or not word.isalpha() or not word.isascii():
+        return ""
+    for pattern, repl in _SOUNDS:
+        word = pattern.sub(repl, word)
+    return word if len(word) >= 2 else ""
+
+
+def _word_match(q: str, tokens: set, grams: set, keys: set) -> float:
+    """How well a folded query word ``q`` is matched by a frame's folded ``tokens`` (with the
+    ``grams`` of its squashed text and the sound ``keys`` of its words), 0..1: 1 as a word; else
+    the share of ``q``'s trigrams found in the squashed text when that is at least 0.6 (a word read
+    with an error, or run into its neighbour); a word of 1-2 letters only as the start or the end of
+    a longer word (0.5); the same sound key (0.7)."""
+    if q in tokens:
+        return 1.0
+    score = 0.0
+    if len(q) >= 3:
+        g = trigrams(q)
+        share = len(g & grams) / len(g)
+        score = share if share >= 0.6 else 0.0
+    elif any(len(t) > len(q) and (t.startswith(q) or t.endswith(q)) for t in tokens):
+        score = 0.5
+    key = sound_key(q)
+    if key and key in keys:
+        score = max(score, 0.7)
+    return score
+
+
+def match_score(query: str, text: str, sounds: bool = False) -> float:
+    """How much of ``query`` the ``text`` holds, 0..1: each folded query word's ``_word_match``,
+    weighted by its length (a long word says more than "the" or "3"). 1 when every word is there.
+    ``sounds``: words with the same ``sound_key`` match too (speech; OCR misreads letters by their
+    look, not their sound, and the keys are made for English)."""
+    qs = words(query)
+    if not qs:
+        return 0.0
+    tokens = words(text)
+    keys = {sound_key(t) for t in tokens} - {""} if sounds else set()
+    tset, grams = set(tokens), trigrams("".join(tokens))
+    return sum(len(q) * _word_match(q, tset, grams, keys) for q in qs) / sum(len(q) for q in qs)
+
+
 def highlight(text: str, query: str, mark: tuple[str, str] = ("[", "]")) -> str:
-    """``text`` with the words that match a word of ``query`` (folded) wrapped in ``mark``."""
+    """``text`` with the words that match a word of ``query`` (folded) wrapped in ``mark``: the same
+    word, or one holding a query word of 3 letters or more (OCR ran two words together)."""
     want = set(words(query))
+    long = [w for w in want if len(w) >= 3]
     folded = fold(text)
     text = unicodedata.normalize("NFC", text or "")
     out, last = [], 0
     for m in _WORD.finditer(folded):
-        if m.group() in want:
+        if m.group() in want or any(w in m.group() for w in long):
             out += [text[last : m.start()], mark[0], text[m.start() : m.end()], mark[1]]
             last = m.end()
     return "".join(out + [text[last:]])
@@ -107,6 +177,7 @@ def write_text(root: Path, shard: str, channel: str, ids: np.ndarray, frames: Se
         "words": pa.array([json.dumps([[w.text, round(w.conf, 1), list(w.box)] for w in f.words], ensure_ascii=False)
                            for f in frames], pa.string()),
         "error": pa.array([f.error for f in frames], pa.string()),
+        "also": pa.array([f.also for f in frames], pa.string()),
     })
     path = text_path(root, shard, channel)
     path.parent.mkdir(exist_ok=True)
@@ -211,10 +282,16 @@ class TextIndex:
         self.path = self.root / TEXT_DB
         uri = "file::memory:" if memory else f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
         self.db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        if (memory or not readonly) and self.db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA:
+            # a file of an older layout (derived data): made again from the text files by sync()
+            self.db.executescript("DROP TABLE IF EXISTS frames; DROP TABLE IF EXISTS grams; DROP TABLE IF EXISTS loaded;"
+                                  f"PRAGMA user_version = {SCHEMA};")
         if memory or not readonly:
             self.db.executescript(
-                "CREATE VIRTUAL TABLE IF NOT EXISTS frames USING fts5(folded, channel UNINDEXED, id UNINDEXED, "
+                "CREATE VIRTUAL TABLE IF NOT EXISTS frames USING fts5(folded, keys, channel UNINDEXED, id UNINDEXED, "
                 "text UNINDEXED, tokenize='unicode61');"
+                "CREATE VIRTUAL TABLE IF NOT EXISTS grams USING fts5(squashed, channel UNINDEXED, id UNINDEXED, "
+                "tokenize='trigram');"
                 "CREATE TABLE IF NOT EXISTS loaded (shard TEXT, channel TEXT, size INTEGER, mtime_ns INTEGER, "
                 "PRIMARY KEY (shard, channel));")
 
@@ -223,6 +300,8 @@ class TextIndex:
 
     def loaded(self) -> dict:
         try:
+            if self.db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA:
+                return {}  # an older layout: read as empty, so search builds one in memory
             return {(s, c): (size, mt) for s, c, size, mt in self.db.execute("SELECT shard, channel, size, mtime_ns FROM loaded")}
         except sqlite3.OperationalError:  # an empty or foreign file: nothing is loaded
             return {}
@@ -236,41 +315,60 @@ class TextIndex:
         added = 0
         with self.db:  # one transaction: a kill leaves the previous state, which the next sync completes
             if rebuild:
-                self.db.execute("DELETE FROM frames")
-                self.db.execute("DELETE FROM loaded")
+                for table in ("frames", "grams", "loaded"):
+                    self.db.execute(f"DELETE FROM {table}")
                 have = {}
             new = [key for key in want if key not in have]
             for shard, channel in new:
                 t = read_text(self.root, shard, channel)
                 if t is None:
                     continue
-                rows = [(fold(x), channel, int(i), x)
-                        for i, x in zip(t.column("id").to_pylist(), t.column("text").to_pylist()) if x]
-                self.db.executemany("INSERT INTO frames (folded, channel, id, text) VALUES (?, ?, ?, ?)", rows)
+                c = CHANNELS.index(channel)  # rowid: the frame's id and its channel, the same in both tables
+                also = t.column("also").to_pylist() if "also" in t.column_names else [""] * t.num_rows
+                rows = [(len(CHANNELS) * int(i) + c, fold(f"{x} {a or ''}".strip()),
+                         " ".join(sorted({sound_key(w) for w in words(f"{x} {a or ''}")} - {""})), channel, int(i), x)
+                        for i, x, a in zip(t.column("id").to_pylist(), t.column("text").to_pylist(), also) if x]
+                self.db.executemany("INSERT INTO frames (rowid, folded, keys, channel, id, text) VALUES (?, ?, ?, ?, ?, ?)", rows)
+                self.db.executemany("INSERT INTO grams (rowid, squashed, channel, id) VALUES (?, ?, ?, ?)",
+                                    [(r[0], squash(r[1]), channel, r[4]) for r in rows])
                 self.db.execute("INSERT OR REPLACE INTO loaded VALUES (?, ?, ?, ?)", (shard, channel, *want[(shard, channel)]))
                 added += len(rows)
         return {"frames_added": added, "shards_loaded": len(new), "rebuilt": rebuild}
 
     def search(self, query: str, channel: str = "ocr", k: int = 20) -> list[TextMatch]:
-        """The best ``k`` frames whose ``channel`` text holds every word of ``query`` (then any of them,
-        to fill ``k``), best first; an empty list when ``query`` has no word."""
-        out: list[TextMatch] = []
-        seen: set = set()
-        for any_word in (False, True):
-            q = fts_query(query, any_word)
-            if q is None or len(out) >= k:
-                break
-            try:
-                rows = self.db.execute(
-                    "SELECT id, bm25(frames), text FROM frames WHERE frames MATCH ? AND channel = ? "
-                    "ORDER BY bm25(frames), id LIMIT ?", (q, channel, k)).fetchall()
-            except sqlite3.OperationalError as exc:  # no such table: an index without text
-                log.debug("text search: %s", exc)
-                return []
-            for i, bm25, text in rows:
-                if int(i) not in seen and len(out) < k:
-                    seen.add(int(i))
-                    out.append(TextMatch(int(i), -float(bm25), text))
+        """The best ``k`` frames for ``query`` in ``channel``, best first; an empty list when ``query``
+        has no word. First the frames holding every word (by BM25); then, to fill ``k``, the frames
+        matching part of it, by ``match_score`` (words, words read with an error or run together;
+        for speech also words that sound alike), then BM25 of that match. ``score``: ``match_score`` (1 for the first)."""
+        qs = words(query)
+        if not qs:
+            return []
+        try:
+            rows = self.db.execute(
+                "SELECT id, text FROM frames WHERE frames MATCH ? AND channel = ? ORDER BY bm25(frames), id LIMIT ?",
+                ("{folded} : (" + fts_query(query) + ")", channel, k)).fetchall()
+        except sqlite3.OperationalError as exc:  # no such table: an index without text
+            log.debug("text search: %s", exc)
+            return []
+        out = [TextMatch(int(i), 1.0, text) for i, text in rows]
+        if len(out) >= k:
+            return out
+        seen = {m.id for m in out}
+        found: dict = {}  # rowid -> its best rank among the candidates
+        depth = max(4 * k, 200)
+        grams = " OR ".join('"' + g.replace('"', '""') + '"' for g in sorted({g for q in qs for g in trigrams(q)}))
+        keys = " OR ".join('"' + key + '"' for key in sorted({sound_key(q) for q in qs} - {""}))
+        for table, q in (("frames", "{folded} : (" + fts_query(query, any_word=True) + ")"), ("grams", grams),
+                         ("frames", keys and channel == "asr" and "{keys} : (" + keys + ")")):
+            if q:
+                sql = f"SELECT rowid FROM {table} WHERE {table} MATCH ? AND channel = ? ORDER BY bm25({table}), rowid LIMIT ?"
+                for rank, (r,) in enumerate(self.db.execute(sql, (q, channel, depth)).fetchall()):
+                    found[r] = min(rank, found.get(r, rank))
+        rows = self.db.execute(f"SELECT rowid, id, text, folded FROM frames WHERE rowid IN ({','.join('?' * len(found))})",
+                               list(found)).fetchall() if found else []
+        scored = sorted(((match_score(query, folded, sounds=channel == "asr"), -found[r], -int(i), text) for r, i, text, folded in rows
+                         if int(i) not in seen), reverse=True)
+        out += [TextMatch(-ni, round(sc, 6), text) for sc, _, ni, text in scored if sc > 0][: k - len(out)]
         return out
 
 
@@ -416,10 +514,11 @@ def stored_text(root: Path, shards: Sequence[str], channel: str = "ocr") -> dict
         t = read_text(root, shard, channel)
         if t is None:
             continue
-        for i, ws, err in zip(t.column("id").to_pylist(), t.column("words").to_pylist(), t.column("error").to_pylist()):
+        also = t.column("also").to_pylist() if "also" in t.column_names else [""] * t.num_rows
+        for i, ws, err, alt in zip(t.column("id").to_pylist(), t.column("words").to_pylist(), t.column("error").to_pylist(), also):
             try:
                 words = tuple(Word(str(w), float(c), tuple(int(v) for v in box)) for w, c, box in json.loads(ws or "[]"))
             except (ValueError, TypeError):  # a hand-edited or damaged cell: that frame has no words
                 words = ()
-            out[int(i)] = FrameText(words, err or "")
+            out[int(i)] = FrameText(words, err or "", alt or "")
     return out
