@@ -135,6 +135,7 @@ def get_detector(spec: Optional[str], min_score: float = OBJECT_MIN_SCORE) -> Op
     spec = spec.strip()
     parsed = parse_options(spec, "detect", ("merge", "weights", "device", *TORCHVISION_KEYS), head="always", brackets=True)
     head, opts = (parsed.head or ""), {k: v.strip("()[]") for k, v in parsed.pairs}
+    _check_device(spec, opts.get("device", "cpu"))
     if head == "reference":
         detector = _reference(opts)
     elif head.startswith("torchvision:"):
@@ -147,6 +148,16 @@ def get_detector(spec: Optional[str], min_score: float = OBJECT_MIN_SCORE) -> Op
         raise ConfigError(f"--detect {spec!r}: unknown detector; give reference, torchvision:MODEL:WEIGHTS_PATH, "
                           "package.module:factory or path/to/file.py:factory")
     return DetectEngine(detector, spec, min_score)
+
+
+def _check_device(spec: str, device: str) -> None:
+    if device == "cpu":
+        return
+    import torch
+
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        raise ConfigError(f"--detect {spec!r}: device={device} is not available here; give device=cpu"
+                          + (" (this machine has no CUDA device)" if device.startswith("cuda") else " or device=cuda"))
 
 
 def _reference(opts: dict) -> Detector:

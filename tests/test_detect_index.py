@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from test_indexing_support import build_encoder
 
 from mergeseek.indexing import Dedup, IndexOptions, index_paths
@@ -189,6 +190,27 @@ def test_plugin_objects_are_the_ground_truth_and_search_object_keeps_exactly_the
     assert {(h["video_id"], h["frame_idx"]) for h in hits} == {(v, f) for v, f, e, *_ in expected(root, truth) if e == "dog"}
 
 
+def test_cli_index_detect_reports_the_objects_in_its_json(tmp_path, frames, encoder, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from mergeseek import encoders
+    from mergeseek.cli import app
+
+    folder, truth = frames
+    monkeypatch.setattr(encoders, "Encoder", lambda **kw: encoder)
+    root = tmp_path / "ix"
+    res = CliRunner().invoke(app, ["index", str(folder), "--index", str(root), "--no-dedup", "--detect", PLUGIN,
+                                   "--detect-min-score", "0.2", "--detect-workers", "2", "--json"])
+    assert res.exit_code == 0, res.stderr
+    objects = json.loads(res.stdout)["objects"]
+    assert objects["detector"] == PLUGIN and objects["frames"] == len(truth)
+    low = {n: [o for o in SquareDetector().detect([Image.open(folder / n)], 0.2)[0]] for n in truth}
+    assert objects["rows"] == sum(map(len, low.values())) > sum(map(len, truth.values()))  # the 0.3 squares too
+    assert stored(root) == expected(root, low)
+
+
 def test_an_index_built_without_detect_gets_its_objects_later_without_encoding_again(tmp_path, frames, encoder):
     from mergeseek.indexing.aic import objects_in_frames
     from mergeseek.errors import InputError
@@ -289,6 +311,7 @@ def test_torchvision_model_with_random_weights_stores_what_the_model_finds(tmp_p
     ("{here}:SquareDetector,device=cuda", 2, "takes no options"),
     ("reference,weights={tmp}/none.pt", 6, "not present"),
     ("reference,colour=red", 2, "unknown detect option"),
+    ("reference,device=tpu", 2, "device=tpu is not available here"),
 ])
 def test_a_bad_spec_is_one_line_before_any_work(tmp_path, spec, code, words, frames):
     from typer.testing import CliRunner
