@@ -308,7 +308,7 @@ def test_torchvision_model_with_random_weights_stores_what_the_model_finds(tmp_p
     ("{here}:NoSuchThing", 2, "no callable 'NoSuchThing'"),
     ("{here}:COLOURS", 2, "no callable"),
     ("{here}:make_frames", 2, "make_frames() failed (TypeError"),
-    ("{here}:SquareDetector,device=cuda", 2, "takes no options"),
+    ("{here}:SquareDetector,weights=x.pt", 2, "takes no options"),
     ("reference,weights={tmp}/none.pt", 6, "not present"),
     ("reference,colour=red", 2, "unknown detect option"),
     ("reference,device=tpu", 2, "device=tpu is not available here"),
