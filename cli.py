@@ -594,7 +594,9 @@ def serve_cmd(
     ] = None,
     translate: TranslateOpt = None,
     fuse: Annotated[Optional[List[Path]], typer.Option("--fuse", help="Another index of the same media built with "
-                    "another model (repeatable): text searches fuse every index's ranking by reciprocal rank.")] = None,
+                    "another model (repeatable): searches fuse every index's ranking by reciprocal rank.")] = None,
+    nprobe: Annotated[int, typer.Option("--nprobe", min=1, help="IVF index types: lists visited per query (more: better recall, slower).")] = 16,
+    ef_search: Annotated[int, typer.Option("--ef-search", min=1, help="HNSW index types: search depth (more: better recall, slower).")] = 64,
 ) -> None:
     """Serve a search web page and JSON API over an index (read-only) until Ctrl-C."""
     from mergeseek.serve import run_server
@@ -607,7 +609,7 @@ def serve_cmd(
 
     run_server(index_dir, host=host, port=port, token=token, model=model, pretrained=pretrained, merge=merge,
                device=device, precision=precision, on_ready=ready, extra_hosts=allowed_host or (), translate=translate,
-               fuse=fuse or ())
+               fuse=fuse or (), nprobe=nprobe, ef_search=ef_search)
 
 
 @app.command("thumbs")

@@ -164,45 +164,54 @@ def recall_queries(vecs: np.ndarray, kind: str, n: int, rng) -> np.ndarray:
     return _unit(base + np.sqrt(1 / cos ** 2 - 1) * g)
 
 
-def exact_top10(vecs: np.ndarray, ids: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """The ids of each query's 10 best rows (any order), by chunks of 100k rows (memory)."""
+def exact_top10(parts, q: np.ndarray) -> np.ndarray:
+    """The ids of each query's 10 best rows (any order); ``parts``: (ids, vectors) pieces, read one at a time."""
     best_s = np.full((len(q), 0), -np.inf, np.float32)
     best_i = np.zeros((len(q), 0), np.int64)
-    for s in range(0, len(vecs), 100_000):
-        sims = q @ vecs[s:s + 100_000].T
-        best_s = np.concatenate([best_s, sims], 1)
-        best_i = np.concatenate([best_i, np.broadcast_to(ids[s:s + 100_000], sims.shape)], 1)
-        keep = np.argpartition(-best_s, 10, axis=1)[:, :10]
-        best_s, best_i = np.take_along_axis(best_s, keep, 1), np.take_along_axis(best_i, keep, 1)
+    for ids, vecs in parts:
+        for s in range(0, len(vecs), 100_000):
+            sims = q @ np.asarray(vecs[s:s + 100_000]).T
+            best_s = np.concatenate([best_s, sims], 1)
+            best_i = np.concatenate([best_i, np.broadcast_to(ids[s:s + 100_000], sims.shape)], 1)
+            keep = np.argpartition(-best_s, 10, axis=1)[:, :10]
+            best_s, best_i = np.take_along_axis(best_s, keep, 1), np.take_along_axis(best_i, keep, 1)
     return best_i
 
 
 def recall_at_10(index_dir: Path, queries: int = 200, seed: int = 1, nprobe=(16,), ef_search=(64,),
                  kinds=QUERY_KINDS) -> dict:
     """Recall@10 of the folder's index.faiss against exact search, per query kind and search setting
-    (``ef_search`` for HNSW, ``nprobe`` for IVF, as the server sets them), and the single-thread
-    search time per query (ms, process CPU time)."""
+    (``ef_search`` for HNSW, ``nprobe`` for IVF), and the single-thread CPU time of one FAISS search
+    (ms). The shards are read memory-mapped, one at a time (the index itself is in memory)."""
     import faiss
 
     from mergeseek.indexing.faiss_index import for_search, load_index
     from mergeseek.indexing.store import IndexStore
 
     store = IndexStore.open_for_read(index_dir)
-    ids, vecs = store.read_vectors()
+
+    def parts():  # every shard here is whole and live (the bench writes them so)
+        for shard in store.shard_names():
+            ids = store.read_shard(shard, columns=["id"]).column("id").to_numpy()
+            yield ids, np.load(store.shard_paths(shard)[0], mmap_mode="r")
+
+    import itertools
+
+    first = max((v for _, v in itertools.islice(parts(), 2)), key=len)  # frames the near/text queries start from
     rng = np.random.default_rng(seed)
     index = load_index(store.faiss_path)
     faiss.omp_set_num_threads(1)
     out = {}
     for kind in kinds:
-        q = recall_queries(vecs, kind, queries, rng)
-        exact = exact_top10(vecs, ids, q)
+        q = recall_queries(np.asarray(first), kind, queries, rng)
+        exact = exact_top10(parts(), q)
         for ef, probe in [(e, p) for e in ef_search for p in nprobe]:
             searcher = for_search(index, ngpu=0, nprobe=probe, ef_search=ef)
             t = time.process_time()
             got = np.concatenate([searcher.search(q[i:i + 1], 10)[1] for i in range(len(q))])
             cpu_ms = (time.process_time() - t) / len(q) * 1e3
             out[f"{kind} ef{ef} nprobe{probe}"] = {"recall": round(float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, got)])), 3),
-                                     "cpu_ms": round(cpu_ms, 2)}
+                                                   "cpu_ms": round(cpu_ms, 2)}
     return out
 
 
@@ -288,14 +297,14 @@ def pct(xs: list, q: float) -> float:
     return float(np.percentile(np.asarray(xs) * 1e3, q))
 
 
-def measure(index_dir: Path, queries: int, thumbs: int, clients: int, threads: int) -> dict:
+def measure(index_dir: Path, queries: int, thumbs: int, clients: int, threads: int, knobs: tuple = ()) -> dict:
     import httpx
 
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", "--index", str(index_dir), "--port", str(port),
-                             "--device", "cpu"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             "--device", "cpu", *knobs], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(base_url=base, timeout=120) as c:
@@ -369,11 +378,12 @@ def main(argv=None) -> None:
     ap.add_argument("--index-type", default="Flat", help="FAISS type of the index (Flat, HNSW32, IVF4096,Flat, auto)")
     ap.add_argument("--data", choices=["random", "shots"], default="random",
                     help="vectors: uniform on the sphere, or shaped like frames of real footage (shot_vectors)")
-    ap.add_argument("--ef-search", default="64", help="HNSW search depths to report recall for, comma-separated "
-                    "(the server runs with 64)")
-    ap.add_argument("--nprobe", default="16", help="IVF lists visited to report recall for, comma-separated "
-                    "(the server runs with 16)")
+    ap.add_argument("--ef-search", default="64", help="HNSW search depths to report recall for, comma-separated")
+    ap.add_argument("--nprobe", default="16", help="IVF lists visited to report recall for, comma-separated")
+    ap.add_argument("--serve-nprobe", type=int, default=16, help="the server's --nprobe")
+    ap.add_argument("--serve-ef-search", type=int, default=64, help="the server's --ef-search")
     ap.add_argument("--recall-queries", type=int, default=200, help="queries per kind for recall@10")
+    ap.add_argument("--skip-recall", action="store_true", help="leave out recall@10 (it reads every vector)")
     ap.add_argument("--build-only", action="store_true", help="write the index folders and stop")
     ap.add_argument("--add", type=int, default=0, help="instead of serving: add this many frames (a multiple of "
                     f"{FRAMES_PER_VIDEO}) as a second `cli.py index` run would, and report what was rewritten and the time")
@@ -394,12 +404,15 @@ def main(argv=None) -> None:
             report["runs"].append(run)
             continue
         efs = [int(e) for e in args.ef_search.split(",")]
-        run = measure(ix, args.queries, args.thumbs, args.clients, args.threads)
+        knobs = ("--nprobe", str(args.serve_nprobe), "--ef-search", str(args.serve_ef_search))
+        run = measure(ix, args.queries, args.thumbs, args.clients, args.threads, knobs)
+        run["server_search_settings"] = {"nprobe": args.serve_nprobe, "ef_search": args.serve_ef_search}
         run["text_encode_cpu_ms"] = text_encode_cpu()
         run["index_type"] = recorded_type(ix)
         run["data"] = args.data
-        run["recall_at_10"] = recall_at_10(ix, args.recall_queries, ef_search=efs,
-                                           nprobe=[int(x) for x in args.nprobe.split(",")])
+        if not args.skip_recall:
+            run["recall_at_10"] = recall_at_10(ix, args.recall_queries, ef_search=efs,
+                                               nprobe=[int(x) for x in args.nprobe.split(",")])
         print(json.dumps(run), file=sys.stderr)
         report["runs"].append(run)
     text = json.dumps(report, indent=1)

@@ -80,7 +80,8 @@ def allowed_hosts(host: str, extra: Sequence[str] = ()) -> list:
 def run_server(index_dir: Union[str, Path], host: str = "127.0.0.1", port: int = 8000, token: Optional[str] = None,
                model: str = "from-index", pretrained: str = "from-index", merge: str = "from-index",
                device: str = "auto", precision: str = "fp32", on_ready: Optional[Callable[[str, dict], None]] = None,
-               extra_hosts: Sequence[str] = (), translate: Optional[str] = None, fuse: Sequence = ()) -> None:
+               extra_hosts: Sequence[str] = (), translate: Optional[str] = None, fuse: Sequence = (), nprobe: int = 16,
+               ef_search: int = 64) -> None:
     """Load the model and the index once, then serve until Ctrl-C (``translate``: a
     ``retrieval.translate`` spec applied to each description, ``--translate``).
 
@@ -88,6 +89,8 @@ def run_server(index_dir: Union[str, Path], host: str = "127.0.0.1", port: int =
     ``extra_hosts`` (``--allowed-host``) get 400 (``serve.app.create_app``). ``on_ready`` gets the
     URL with the token in it: show it only to a person (a terminal), never write it to a log.
     ``fuse``: index folders of the same media built with other models (``serve.engine.Engine.open``).
+    ``nprobe`` / ``ef_search``: IVF lists visited and HNSW search depth (recall against speed; exact
+    ``Flat`` ignores both).
     """
     from mergeseek.retrieval.translate import get_translator
 
@@ -104,7 +107,7 @@ def run_server(index_dir: Union[str, Path], host: str = "127.0.0.1", port: int =
     from mergeseek.serve.engine import Engine
 
     engine = Engine.open(index_dir, model=model, pretrained=pretrained, merge=merge, device=device, precision=precision,
-                         translate=translator, fuse=fuse)
+                         translate=translator, fuse=fuse, nprobe=nprobe, ef_search=ef_search)
     app = create_app(engine, token=token, allowed_hosts=hosts)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")

@@ -223,7 +223,7 @@ class Engine:
     @classmethod
     def open(cls, index_dir: Union[str, Path], model: str = FROM_INDEX, pretrained: str = FROM_INDEX,
              merge: str = FROM_INDEX, device: str = "auto", precision: str = "fp32", ngpu: int = -1,
-             translate=None, fuse: Sequence = ()) -> "Engine":
+             translate=None, fuse: Sequence = (), nprobe: int = 16, ef_search: int = 64) -> "Engine":
         """``fuse``: more index folders of the same media built with other models; plain text searches
         then fuse every index's ranking by reciprocal rank (``retrieval.fusion``), hits stay this index's."""
         if fuse:
@@ -231,9 +231,11 @@ class Engine:
             from mergeseek.retrieval.fusion import check_same_media
 
             check_same_media([IndexStore.open_for_read(Path(d)) for d in [index_dir, *fuse]])  # before the models load
-        others = [CachedSearcher.open(d, device=device, precision=precision, ngpu=ngpu, translate=translate) for d in fuse]
+        knobs = {"nprobe": nprobe, "ef_search": ef_search}
+        others = [CachedSearcher.open(d, device=device, precision=precision, ngpu=ngpu, translate=translate, **knobs)
+                  for d in fuse]
         return cls(CachedSearcher.open(index_dir, model=model, pretrained=pretrained, merge=merge, device=device,
-                                       precision=precision, ngpu=ngpu, translate=translate), others)
+                                       precision=precision, ngpu=ngpu, translate=translate, **knobs), others)
 
     # ------------------------------------------------------------------ shapes (retrieval.format's, plus URLs)
     def links(self, h: Hit) -> tuple[Optional[str], Optional[str]]:

@@ -178,3 +178,26 @@ def test_the_web_app_fuses_every_kind(indexes, rows):  # noqa: F811
     assert ids(img["hits"]) == [h.id for h in fused_query(ref, image="q", k=4)]
     assert client.post("/api/search", json={"events": ["x"], "like": [987654]}).status_code == 422
     assert client.get("/api/similar/987654").status_code == 404
+
+
+def test_serve_passes_its_search_settings_to_every_index(monkeypatch, tmp_path):
+    """cli.py serve --nprobe / --ef-search reach the searcher of the index and of each fused one."""
+    from typer.testing import CliRunner
+
+    import mergeseek.serve as serve
+    from mergeseek.cli import app
+    from mergeseek.serve.engine import CachedSearcher, Engine
+
+    got = {}
+    monkeypatch.setattr(serve, "run_server", lambda *a, **k: got.update(k))
+    res = CliRunner().invoke(app, ["serve", "--index", str(tmp_path), "--nprobe", "96", "--ef-search", "200"])
+    assert res.exit_code == 0, res.output
+    assert (got["nprobe"], got["ef_search"]) == (96, 200)
+    opened = []
+    monkeypatch.setattr(CachedSearcher, "open", classmethod(lambda cls, d, **k: opened.append((d, k)) or d))
+    monkeypatch.setattr(Engine, "__init__", lambda self, searcher, fused=(): None)
+    monkeypatch.setattr("mergeseek.retrieval.fusion.check_same_media", lambda stores: None)
+    monkeypatch.setattr("mergeseek.indexing.store.IndexStore.open_for_read", classmethod(lambda cls, d: d))
+    Engine.open(tmp_path / "a", fuse=[tmp_path / "b"], nprobe=96, ef_search=200)
+    assert sorted(str(d) for d, _ in opened) == [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert all((k["nprobe"], k["ef_search"]) == (96, 200) for _, k in opened)
