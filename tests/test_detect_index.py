@@ -211,6 +211,26 @@ def test_cli_index_detect_reports_the_objects_in_its_json(tmp_path, frames, enco
     assert stored(root) == expected(root, low)
 
 
+def test_video_frames_take_their_real_frame_number(tmp_path, encoder):
+    """Videos: the rows name the sampled frame's number (what search and submissions use), n is -1."""
+    from test_indexing_support import write_video
+
+    from mergeseek.indexing.aic import objects_in_frames
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "rg.mp4", [("red", 10), ("green", 10)])  # solid red (220, 30, 30) reads as "cat"
+    write_video(videos / "bk.mp4", [("blue", 10), ("black", 10)])  # solid blue (30, 40, 220) as "dog"
+    root = tmp_path / "ix"
+    _index([videos], root, encoder, sampling="fps=1")
+    assert objects_in_frames(root, "cat") == {("rg", 0)} and objects_in_frames(root, "dog") == {("bk", 0)}
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(root / "objects.parquet").to_pylist()
+    assert len(rows) == 2 and {r["n"] for r in rows} == {-1}
+    assert all(np.allclose([r["ymin"], r["xmin"], r["ymax"], r["xmax"]], [0, 0, 1, 1]) for r in rows)  # the whole frame
+
+
 def test_an_index_built_without_detect_gets_its_objects_later_without_encoding_again(tmp_path, frames, encoder):
     from mergeseek.indexing.aic import objects_in_frames
     from mergeseek.errors import InputError
