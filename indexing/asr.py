@@ -121,12 +121,31 @@ def attach_alternates(segments: list[Segment], alternates: Sequence[tuple[float,
     return [replace(seg, also=" ".join(x)) if x else seg for seg, x in zip(segments, extra)]
 
 
+def sound_path(kind: str, path, video_id: str, release_parts: Optional[dict] = None) -> Optional[str]:
+    """The file whose sound a source's frames take: a video, itself; a keyframe folder of an AI
+    Challenge release, the release's video of the same id (its ``Videos_*`` part, or ``--videos
+    DIR``: ``release_parts``), whose time line the keyframe map's ``pts_time`` is on; None for an
+    image folder or a keyframe folder whose video is not there (no speech, not an error)."""
+    if kind == "video":
+        return str(path)
+    if kind != "keyframes":
+        return None
+    from mergeseek.indexing.aic import find_release
+
+    video = find_release(Path(path), release_parts).video_for(str(video_id).rsplit("/", 1)[-1])
+    return str(video) if video is not None else None
+
+
 class _Engine:
-    def source_texts(self, kind: str, path: str, times: Sequence[float], backend: str = "decord") -> list[FrameText]:
+    release_parts: Optional[dict] = None  # where a keyframe release's videos are (set by the indexing run)
+
+    def source_texts(self, kind: str, path: str, times: Sequence[float], backend: str = "decord",
+                     video_id: str = "") -> list[FrameText]:
         """The speech of the frames at ``times`` of one source, in this process (``indexing.text.ensure_text``)."""
-        if kind != "video":
+        sound = sound_path(kind, path, video_id or Path(path).name, self.release_parts)
+        if sound is None:
             return [FrameText() for _ in times]
-        return segments_to_frames(self.transcribe(read_audio(path, backend=backend)), times)
+        return segments_to_frames(self.transcribe(read_audio(sound, backend=backend)), times)
 
 
 class PocketSphinxEngine(_Engine):
@@ -240,10 +259,11 @@ ENGINES = {"pocketsphinx": PocketSphinxEngine, "whisper": WhisperEngine}
 _KEYS = {"pocketsphinx": ("max_segment_s", "nbest"), "whisper": ("lang", "device", "threads")}
 
 
-def get_engine(spec: Optional[str]):
+def get_engine(spec: Optional[str], release_parts: Optional[dict] = None):
     """``--asr`` value -> an engine: ``pocketsphinx`` (the default), ``pocketsphinx,max_segment_s=8``,
     ``whisper:PATH[,lang=vi,device=cuda,threads=4]``; None or ``none`` -> None. A missing engine
-    raises ``MissingDependencyError`` naming the package to install."""
+    raises ``MissingDependencyError`` naming the package to install. ``release_parts``: where a
+    keyframe release's videos are (``--videos DIR``; ``sound_path``)."""
     from mergeseek.options import parse_options
 
     if spec is None or spec.strip().lower() in ("", "none", "off"):
@@ -263,7 +283,9 @@ def get_engine(spec: Optional[str]):
             kwargs[key] = float(value) if key == "max_segment_s" else int(value) if key in ("threads", "nbest") else value
         except ValueError:
             raise ConfigError(f"--asr {key}={value[:20]!r} is not a number") from None
-    return ENGINES[name](**kwargs)
+    engine = ENGINES[name](**kwargs)
+    engine.release_parts = release_parts
+    return engine
 
 
 # ---------------------------------------------------------------------------- segments -> frames
@@ -406,4 +428,4 @@ class AsrStage:
 
 
 __all__ = ["ENGINES", "AsrStage", "PocketSphinxEngine", "Segment", "WhisperEngine", "attach_alternates", "frame_windows",
-           "get_engine", "group_words", "place_alternates", "segments_to_frames", "transcribe_file"]
+           "get_engine", "group_words", "place_alternates", "segments_to_frames", "sound_path", "transcribe_file"]

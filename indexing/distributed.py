@@ -285,6 +285,9 @@ def index_paths_ray(
         RayRunError: Ray could not be reached, or workers died past their retries (what was
             committed is kept; run again to resume).
     """
+    if options.ocr or options.asr:  # the text channels' stages are not Ray stages: indexing.text.ensure_text reads them
+        log.warning("--ocr/--asr with --ray: on-screen text and speech are read on this machine after the vectors are "
+                    "committed (the frames decoded again), not by the Ray workers")
     started = connect(ray_options.address, ray_options.num_cpus)
     try:
         def stages(writer, todo, enc, opts, report):

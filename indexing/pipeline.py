@@ -32,7 +32,7 @@ from mergeseek.indexing.decoders import require_backend
 from mergeseek.indexing.sources import BadInput, MediaSource, SourceReader, assign_ids, discover
 from mergeseek.indexing.store import EncodedSource, preflight
 from mergeseek.indexing.thumbs import ensure_thumbs, make_jpeg
-from mergeseek.indexing.asr import AsrStage
+from mergeseek.indexing.asr import AsrStage, sound_path
 from mergeseek.indexing.asr import get_engine as get_asr_engine
 from mergeseek.indexing.detect import attach_channel, channel_of, finish_objects, get_detector, report_lines
 from mergeseek.indexing.ocr import OcrStage
@@ -383,7 +383,7 @@ def index_paths(
         log.warning("%s", aic.unmapped_warning(s.video_id, s.path))
     require_backend(options.decoder)  # a wrong or missing --decoder fails before the model loads
     ocr_engine = get_ocr_engine(options.ocr)  # a missing OCR engine fails before the model loads too
-    asr_engine = get_asr_engine(options.asr)  # so does a missing speech engine
+    asr_engine = get_asr_engine(options.asr, options.release_parts)  # so does a missing speech engine
     detector = get_detector(options.detect, options.detect_min_score)  # and a missing detector or weights file
     preflight(Path(index_dir), options.index_type)  # a wrong --index or --index-type fails before the model loads
     if not hasattr(encoder, "describe"):
@@ -464,9 +464,9 @@ def _run_stages(writer: IndexWriter, todo: list, encoder, options: IndexOptions,
     ocr = OcrStage(text.engine, options.ocr_workers) if text is not None else None
     det = OcrStage(objects.engine, options.detect_workers) if objects is not None else None
     asr = AsrStage(speech.engine, options.asr_workers, options.decoder) if speech is not None else None
-    for src in todo if asr is not None else ():
-        if src.kind == "video":  # every video's sound is queued now: speech runs ahead, beside the encoder
-            asr.submit(src.key, str(src.path))
+    for src in todo if asr is not None else ():  # every sound is queued now: speech runs ahead, beside the encoder
+        if (sound := sound_path(src.kind, src.path, src.video_id, options.release_parts)) is not None:
+            asr.submit(src.key, sound)
     try:
         _read_and_encode(writer, todo, encoder, options, report, ocr, asr, det)
     finally:

@@ -426,6 +426,7 @@ def ensure_text(store, engine, channel: str = "ocr") -> tuple[int, list]:
     from mergeseek.indexing.thumbs import iter_decoded
 
     kinds = {k: e.kind for k, e in store.manifest.sources.items()}
+    vids = {k: e.video_id for k, e in store.manifest.sources.items()}
     read, failed = 0, []
     for shard in store.shard_names():
         if text_path(store.root, shard, channel).is_file():
@@ -444,7 +445,8 @@ def ensure_text(store, engine, channel: str = "ocr") -> tuple[int, list]:
             decoded = len(idx)
             try:
                 if hasattr(engine, "source_texts"):  # speech: the whole source's sound, mapped to these frames
-                    got = engine.source_texts(kinds.get(key, "video"), key, [rows.column("pts_time")[i].as_py() for i in idx])
+                    got = engine.source_texts(kinds.get(key, "video"), key, [rows.column("pts_time")[i].as_py() for i in idx],
+                                              video_id=vids.get(key, ""))
                 for chunk in () if hasattr(engine, "source_texts") else iter_decoded(kinds.get(key, "video"), key,
                                                                                     frame_idx, paths, _rgb):
                     got += engine.read(chunk)

@@ -161,12 +161,23 @@ def search_events(searcher, events: Sequence[str], within: Within = 30.0, k: int
     """Text events -> ranked chains over ``searcher`` (a ``retrieval.Searcher`` with an encoder).
 
     Each event contributes its best ``max(depth, 20 k)`` frames (all frames of ``video`` when given,
-    ``retrieval.scope``). ``within``: ``gap_windows``.
+    ``retrieval.scope``). ``within``: ``gap_windows``. When an event has ``ocr:`` / ``asr:`` parts
+    (``retrieval.hybrid.split_channels``), every event is ranked by ``search_hybrid`` (its fused
+    channels; an event without them by the image channel alone), so chain scores add up the fused
+    scores, one scale for all events.
     """
     events = event_texts(events[0] if events else None, list(events[1:]))
     gap_windows(within, len(events))  # a bad window fails before any encoding
-    qs = np.concatenate([searcher.text_vector(e) for e in events])
     depth = min(searcher.size, max(int(depth), 20 * k))
+    from mergeseek.retrieval.hybrid import search_hybrid, split_channels
+
+    parts = [split_channels(e) for e in events]
+    if any(said for _, said in parts):  # "a crowd ocr: HÀ NỘI": every event ranked by its fused channels (one scale)
+        per_event = [[h for h in search_hybrid(searcher, visual, said.get("ocr"), k=depth, asr=said.get("asr"))
+                      if video is None or h.video_id == video] for visual, said in parts]
+        chains = chain_events(per_event, within)
+        return (best_per_video(chains) if per_video else chains)[:k]
+    qs = np.concatenate([searcher.text_vector(e) for e in events])
     if video is not None:
         from mergeseek.retrieval.scope import search_in_video
 

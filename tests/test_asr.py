@@ -430,3 +430,48 @@ def test_kill_9_after_a_commit_leaves_no_worker_and_the_resumed_run_agrees(tmp_p
     assert len(report.indexed) == 1
     ids = sorted(IndexStore.open_for_read(root).read_vectors()[0].tolist())
     assert _text_ids(root) == ids  # every row once, its speech read by one of the two runs
+
+
+@needs_speech
+@pytest.mark.slow
+def test_a_keyframe_release_takes_its_speech_from_the_release_s_videos(tmp_path, encoder):
+    """AI Challenge keyframe folders have no sound: their frames take the speech of the release's
+    video of the same id (a Videos_* folder, or --videos DIR), on the map's time line."""
+    _pocketsphinx()
+    from PIL import Image
+
+    from mergeseek.indexing import Dedup, IndexOptions, index_paths
+    from mergeseek.indexing.asr import sound_path
+    from mergeseek.retrieval.hybrid import search_hybrid
+    from mergeseek.retrieval.search import Searcher
+
+    release, elsewhere = tmp_path / "release", tmp_path / "elsewhere"
+    times = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    for vid in ("L01_V001", "L01_V002"):
+        kf = release / "keyframes" / vid
+        kf.mkdir(parents=True)
+        lines = ["n,pts_time,fps,frame_idx"]
+        for n, t in enumerate(times, start=1):
+            Image.fromarray(np.full((24, 32, 3), 40 * n, np.uint8)).save(kf / f"{n:03d}.jpg")
+            lines.append(f"{n},{t},25.0,{int(t * 25)}")
+        (release / "map-keyframes").mkdir(exist_ok=True)
+        (release / "map-keyframes" / f"{vid}.csv").write_text("\n".join(lines) + "\n")
+    _speaking_video(release / "videos", "L01_V001", SAID["football"])  # V001's video in the release
+    _speaking_video(elsewhere, "L01_V002", SAID["rain"])  # V002's only through --videos
+    assert sound_path("keyframes", release / "keyframes" / "L01_V001", "L01_V001") == str(release / "videos" / "L01_V001.mp4")
+    assert sound_path("keyframes", release / "keyframes" / "L01_V002", "L01_V002") is None
+    assert sound_path("images", release, "x") is None
+
+    root = tmp_path / "ix"
+    report = index_paths([release], root, encoder, IndexOptions(asr="pocketsphinx", dedup=Dedup(enabled=False)))
+    assert not [b for b in report.failed if "asr" in b.reason]
+    s = Searcher(root)
+    hits = search_hybrid(s, asr="football team", k=3)
+    assert hits and hits[0].video_id.endswith("L01_V001") and 0.5 <= hits[0].pts_time <= 4.5, hits
+    assert not [h for h in search_hybrid(s, asr="flooding city", k=10) if h.video_id.endswith("L01_V002")]
+
+    again = index_paths([release], tmp_path / "ix2", encoder,
+                        IndexOptions(asr="pocketsphinx", dedup=Dedup(enabled=False), release_parts={"videos": str(elsewhere)}))
+    assert again.text["asr"]["with_text"] > 0
+    got = search_hybrid(Searcher(tmp_path / "ix2"), asr="flooding city center", k=3)
+    assert got and got[0].video_id.endswith("L01_V002")

@@ -244,3 +244,48 @@ def test_rapidocr_reads_captions_as_folded_words_with_boxes_in_frame_pixels():
     assert got[3] == FrameText()  # nothing written: no words, no error
     bad = engine.read([np.zeros((0, 0, 3), np.uint8), frames[1]])
     assert bad[0].error.startswith("OCR failed") and not bad[1].error  # a broken frame is reported, the rest read
+
+
+# ---------------------------------------------------------------------------- TRAKE events with channels
+def test_trake_events_take_ocr_and_asr_parts_and_chain_in_time(tmp_path):
+    """Each event's ``ocr:`` / ``asr:`` words rank its frames (fused with its description, one
+    scale for all events); the chain keeps time order and its window; ``submit`` writes them."""
+    from test_indexing_support import build_encoder, write_video
+
+    from mergeseek.indexing import Dedup, IndexOptions, Sampling, index_paths
+    from mergeseek.indexing.store import IndexStore
+    from mergeseek.indexing.text import sync_text_index
+    from mergeseek.retrieval.events import search_events
+    from mergeseek.retrieval.search import Searcher
+    from mergeseek.retrieval.submission import run_submit
+
+    (tmp_path / "v").mkdir()
+    write_video(tmp_path / "v" / "news.mp4", [("red", 30), ("blue", 30), ("green", 30)], fps=10.0)
+    root = tmp_path / "ix"
+    encoder = build_encoder()
+    index_paths([tmp_path / "v"], root, encoder, IndexOptions(sampling=Sampling("every", 10), dedup=Dedup(enabled=False)))
+    store = IndexStore.open_for_read(root)
+    meta = store.read_meta()
+    t_of = dict(zip(meta.column("id").to_pylist(), meta.column("pts_time").to_pylist()))
+    said = {0.0: ("Bão số 3", "storm warning"), 2.0: ("Đà Nẵng", ""), 4.0: ("", "the fishermen returned"),
+            8.0: ("Bão số 3", "")}  # a second storm caption after the speech: a chain must go forward in time
+    for shard in store.shard_names():
+        ids = store.read_shard(shard, columns=["id"]).column("id").to_pylist()
+        for c, channel in enumerate(("ocr", "asr")):
+            write_text(root, shard, channel, np.asarray(ids, np.int64),
+                       _frames({i: said.get(round(t_of[i], 1), ("", ""))[c] for i in ids}))
+    sync_text_index(root, store.shard_names())
+    s = Searcher(root, encoder=encoder)
+    by_t = {round(t, 1): i for i, t in t_of.items()}
+    chains = search_events(s, ["ocr: bao so 3", "a blue frame asr: fishermen returned"], within=5.0, k=5)
+    assert [h.id for h in chains[0].hits] == [by_t[0.0], by_t[4.0]]  # not the caption at 8 s: after the speech
+    assert all(c.hits[0].pts_time < c.hits[1].pts_time <= c.hits[0].pts_time + 5.0 for c in chains)
+    alone = search_events(s, ["ocr: da nang", "asr: fishermen"], within=1.0, k=5)
+    assert alone == [] or all(c.hits[1].pts_time - c.hits[0].pts_time <= 1.0 for c in alone)  # 2 s apart: outside 1 s
+
+    q = tmp_path / "q.tsv"
+    q.write_text("t1\ttrake\tocr: bao so 3 | asr: fishermen returned\n", encoding="utf-8")
+    report = run_submit(q, root, tmp_path / "sub", searcher=s, within_s=5.0)
+    first = Path(report.files[0][3]).read_text().splitlines()[0].split(",")
+    frame_of = dict(zip(meta.column("id").to_pylist(), meta.column("frame_idx").to_pylist()))
+    assert first[1:] == [str(frame_of[by_t[0.0]]), str(frame_of[by_t[4.0]])]
