@@ -289,3 +289,68 @@ def test_trake_events_take_ocr_and_asr_parts_and_chain_in_time(tmp_path):
     first = Path(report.files[0][3]).read_text().splitlines()[0].split(",")
     frame_of = dict(zip(meta.column("id").to_pylist(), meta.column("frame_idx").to_pylist()))
     assert first[1:] == [str(frame_of[by_t[0.0]]), str(frame_of[by_t[4.0]])]
+
+
+# ---------------------------------------------------------------------------- kill -9 during --ocr
+_KILLED_OCR_RUN = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from test_indexing_support import build_encoder
+from mergeseek.indexing import IndexOptions, index_paths
+from mergeseek.indexing import text as text_mod
+
+real, calls = text_mod.write_text, []
+
+def write_then_die(*a, **k):  # the 2nd shard is committed, then the process is killed before its text
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*a, **k)
+
+text_mod.write_text = write_then_die
+index_paths([{images!r}], {root!r}, build_encoder(), IndexOptions(ocr={engine!r}, shard_size=1))
+"""
+
+
+def _ocr_engine_here() -> str:
+    import importlib.util
+    import shutil
+
+    if importlib.util.find_spec("rapidocr_onnxruntime") is not None:
+        return "rapidocr"
+    if shutil.which("tesseract") is not None:
+        return "tesseract,passes=1"
+    pytest.skip("no OCR engine installed (pip install 'mergeseek[ocr]', or apt-get install tesseract-ocr)")
+
+
+@pytest.mark.slow
+def test_kill_9_during_ocr_then_resume_gives_text_rows_equal_to_vector_rows(tmp_path):
+    import subprocess
+
+    import pyarrow.parquet as pq
+    from test_indexing_support import build_encoder
+    from test_text import CAPTIONS, _render
+
+    from mergeseek.indexing import IndexOptions, index_paths
+    from mergeseek.indexing.store import IndexStore
+    from mergeseek.retrieval.hybrid import search_hybrid
+    from mergeseek.retrieval.search import Searcher
+
+    engine = _ocr_engine_here()
+    images, root = tmp_path / "news", tmp_path / "ix"
+    for i, cap in enumerate(CAPTIONS):  # one folder (one source, one commit of shard_size=1) per caption
+        _render(images / f"c{i}", [cap])
+    script = _KILLED_OCR_RUN.format(tests=str(Path(__file__).parent), images=str(images), root=str(root), engine=engine)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == -9, done.stderr[-2000:]
+    committed = sorted(IndexStore.open_for_read(root).read_vectors()[0].tolist())
+    assert len(committed) == 2  # two sources committed, the second without its text
+    index_paths([images], root, build_encoder(), IndexOptions(ocr=engine, shard_size=1))  # resume
+    ids = sorted(IndexStore.open_for_read(root).read_vectors()[0].tolist())
+    text_ids = sorted(i for p in (root / "text").glob("*.ocr.parquet") for i in pq.read_table(p).column("id").to_pylist())
+    assert text_ids == ids and len(ids) == len(CAPTIONS)  # every row once: same frames, no duplicates
+    s = Searcher(root)
+    for i, cap in enumerate(CAPTIONS):
+        assert search_hybrid(s, ocr=fold(cap), k=1)[0].path.endswith(f"c{i}/f00.png"), cap
+    rows = [r for (r,) in s._text_ix.db.execute("SELECT id FROM frames WHERE channel = 'ocr' ORDER BY id")]
+    assert rows == ids  # the text index holds each frame once (every caption has text)
