@@ -22,7 +22,10 @@ BUDGET = {"r=8": 600, "r=16": 600, "r=8,method=lsh": 650, "r=16,method=lsh": 650
           # issue #26 (measured 853 / 1021 / 661): the energy's N x N similarity and ranking, the
           # hashed density and search on the ranked candidates, and one norm channel per merge
           "r=16,method=energy": 880, "r=16,method=energy_lsh": 1050, "r=8,merge=mlerp": 680,
-          "r=16,metric=heads,merge=mlerp": 740}
+          "r=16,metric=heads,merge=mlerp": 740,
+          # issue #26's one-to-one pairs (measured 3673 / 5053): r greedy steps per block, ~13 small ops each
+          # (a masked argmax over the candidate edges and two writes), and the hashed windows per table
+          "r=16,method=pairs": 3800, "r=16,method=pairs_lsh": 5200}
 
 
 @pytest.fixture(scope="module")

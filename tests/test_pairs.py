@@ -63,8 +63,10 @@ def naive_window_edges(metric, planes, bits, tables, window, protected):
         rank = {i: q for q, i in enumerate(by_dir)}
         order = sorted(free, key=lambda i: (code[i], rank[i]))
         span = max(1, min(window // 2, len(free) - 1))
-        for d in range(1, span + 1):
-            for s in range(len(order) - d):
+        for s in range(len(order)):
+            for d in range(1, span + 1):
+                if s + d >= len(order):
+                    continue
                 i, j = order[s], order[s + d]
                 c = float(unit[i] @ unit[j])
                 edges.append((c if code[i] == code[j] else c - 4.0, i, j))

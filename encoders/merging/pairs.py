@@ -68,29 +68,31 @@ def greedy_pairs(score: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
 
     Returns ``(src, dst, fallback)``: [B, r] the later and the earlier token of each pair, and [B]
     the steps that found no edge and paired the two earliest unused unprotected tokens instead.
+    Edges only ever die, so such steps are the last ones: they are filled after the loop, from the
+    unused tokens in position order.
     """
-    batch = score.shape[0]
+    batch, n = score.shape[0], num_tokens
     dev = score.device
-    used = torch.zeros(batch, num_tokens, dtype=torch.bool, device=dev)
+    used = torch.zeros(batch, n + 1, dtype=torch.bool, device=dev)  # column n: where a failed step writes
     used[:, :keep_first] = True
-    # the fallback's order: earliest first (a larger value wins topk)
-    early = torch.arange(num_tokens, 0, -1, device=dev, dtype=score.dtype).expand(batch, num_tokens)
-    rows = torch.arange(batch, device=dev)
-    pairs, fallback = [], torch.zeros(batch, dtype=torch.long, device=dev)
+    ends = torch.stack([first, second], dim=2)  # [B, E, 2]
+    picked = []
     for _ in range(r):
-        taken = used.gather(1, first) | used.gather(1, second)
+        taken = used.gather(1, ends.view(batch, -1)).view_as(ends).any(dim=2)
         live = score.masked_fill(taken, NEG_INF)
-        edge = live.argmax(dim=1)  # the first maximum
-        best = live.gather(1, edge[:, None])[:, 0]
-        i, j = first.gather(1, edge[:, None])[:, 0], second.gather(1, edge[:, None])[:, 0]
-        spare = early.masked_fill(used, 0.0).topk(2, dim=1).indices  # the two earliest unused tokens
-        none = best == NEG_INF
-        i, j = torch.where(none, spare[:, 0], i), torch.where(none, spare[:, 1], j)
-        fallback += none.long()
-        pair = torch.stack([i, j], dim=1)
-        used = used.index_put((rows[:, None].expand(batch, 2), pair), torch.ones((), dtype=torch.bool, device=dev))
-        pairs.append(pair)
-    pair = torch.stack(pairs, dim=1)  # [B, r, 2]
+        edge = live.argmax(dim=1, keepdim=True)  # the first maximum
+        pair = ends.gather(1, edge[..., None].expand(batch, 1, 2))[:, 0]  # [B, 2]
+        pair = pair.masked_fill(live.gather(1, edge) == NEG_INF, n)
+        used.scatter_(1, pair, True)
+        picked.append(pair)
+    pair = torch.stack(picked, dim=1)  # [B, r, 2]; failed steps hold (n, n)
+    failed = pair[..., 0] == n
+    fallback = failed.sum(dim=1)
+    # unused unprotected tokens in position order: their first 2r, paired (0, 1), (2, 3), ... in turn
+    position = torch.arange(n, device=dev).expand(batch, n)
+    spare = (position + used[:, :n] * n).sort(dim=1).values[:, : 2 * r].view(batch, r, 2)
+    slot = (failed.cumsum(dim=1) - 1).clamp(min=0)  # the k-th failed step takes the k-th spare pair
+    pair = torch.where(failed[..., None], spare.gather(1, slot[..., None].expand(batch, r, 2)), pair)
     return pair.amax(dim=2), pair.amin(dim=2), fallback
 
 
@@ -131,28 +133,32 @@ def pairs_merging(metric: torch.Tensor, r: int, keep_first: int, *, size: Option
 def _window_edges(unit: torch.Tensor, planes: torch.Tensor, bits: int, tables: int, window: int,
                   keep_first: int) -> Tuple[torch.Tensor, ...]:
     """Per SimHash table, each token against the ``window // 2`` tokens after it in (bucket, order)
-    sort order: (score, first, second) [B, E]; cross-bucket edges score cosine - BUCKET_OFFSET."""
+    sort order: (score, first, second) [B, E], in the order (table, sorted place, offset); pairs
+    that run past the end score -inf, cross-bucket edges cosine - BUCKET_OFFSET."""
     batch, n, dim = unit.shape
     free = n - keep_first
     u = unit[:, keep_first:]
     proj = (u.float() @ planes.float()).view(batch, free, tables, bits + 1)
     weights = 2 ** torch.arange(bits, device=unit.device)
     code = ((proj[..., :bits] > 0).long() * weights).sum(dim=-1)  # [B, F, T]
-    # order inside a bucket: the extra direction, as a rank in [0, 1) added to the code
+    # order inside a bucket: the rank along the extra direction, as a fraction added to the code
     order = proj[..., bits].argsort(dim=1).argsort(dim=1).to(torch.float64) / free
     perm = (code.to(torch.float64) + order).argsort(dim=1)  # [B, F, T]
     span = max(1, min(window // 2, free - 1))
+    later = torch.arange(free, device=unit.device)[:, None] + torch.arange(1, span + 1, device=unit.device)
+    past = later >= free  # [F, span]
+    later = later.clamp(max=free - 1).view(-1)
     scores, firsts, seconds = [], [], []
     for t in range(tables):
-        p = perm[..., t]
+        p = perm[..., t]  # [B, F] token at each sorted place
         su = u.gather(1, p[..., None].expand(-1, -1, dim))
         sc = code[..., t].gather(1, p)
-        for d in range(1, span + 1):
-            cos = (su[:, :-d] * su[:, d:]).sum(dim=-1)
-            same = sc[:, :-d] == sc[:, d:]
-            scores.append(torch.where(same, cos, cos - BUCKET_OFFSET))
-            firsts.append(p[:, :-d])
-            seconds.append(p[:, d:])
+        q = p[:, later].view(batch, free, span)  # the token `offset` places later
+        cos = (su[:, :, None, :] * su[:, later].view(batch, free, span, dim)).sum(dim=-1)
+        cos = torch.where(sc[:, :, None] == sc[:, later].view(batch, free, span), cos, cos - BUCKET_OFFSET)
+        scores.append(cos.masked_fill(past, NEG_INF).view(batch, -1))
+        firsts.append(p[:, :, None].expand(batch, free, span).reshape(batch, -1))
+        seconds.append(q.reshape(batch, -1))
     return (torch.cat(scores, dim=1).to(unit.dtype), torch.cat(firsts, dim=1) + keep_first,
             torch.cat(seconds, dim=1) + keep_first)
 
