@@ -199,7 +199,10 @@ def recall_at_10(index_dir: Path, queries: int = 200, seed: int = 1, nprobe=(16,
 
     first = max((v for _, v in itertools.islice(parts(), 2)), key=len)  # frames the near/text queries start from
     rng = np.random.default_rng(seed)
-    index = load_index(store.faiss_path)
+    try:  # memory-mapped where the type allows it (IVF lists): page cache, not the process's own memory
+        index = faiss.read_index(str(store.faiss_path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError:
+        index = load_index(store.faiss_path)
     faiss.omp_set_num_threads(1)
     out = {}
     for kind in kinds:
