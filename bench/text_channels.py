@@ -1,7 +1,7 @@
 """On-screen text (``index --ocr``) on rendered news captions: OCR accuracy, caption-query recall and
 what OCR adds to an indexing run.
 
-    python bench/text_channels.py [--engines rapidocr,tesseract] [--captions 12] [--sizes 16,20,24,32,40]
+    python bench/text_channels.py [--engines "rapidocr;tesseract"] [--captions 12] [--sizes 16,20,24,32,40]
                                   [--rounds 2] [--out bench_text.json]
 
 A "news" video is made from the sample clips (bigbuckbunny, bikes; 1280x720, 10 fps): every 2 s a
@@ -170,8 +170,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--sizes", default="16,20,24,32,40", help="Caption heights in pixels.")
     ap.add_argument("--rounds", type=int, default=2, help="Indexing runs with and without --ocr, alternated.")
     ap.add_argument("--out", type=Path, default=None, help="Write the JSON report here.")
-    ap.add_argument("--engines", default="rapidocr,tesseract",
-                    help="--ocr engines to measure, comma-separated (each against the same runs without OCR).")
+    ap.add_argument("--engines", default="rapidocr;tesseract",
+                    help="--ocr engines to measure, separated by ';' (each against the same runs without OCR), "
+                         "e.g. 'rapidocr;rapidocr,det_side=544;tesseract,passes=1'.")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -180,7 +181,7 @@ def main(argv=None) -> dict:
     from mergeseek.encoders import Encoder
 
     sizes = [int(s) for s in args.sizes.split(",")]
-    engines = [e for e in args.engines.split(",") if e]
+    engines = [e.strip() for e in args.engines.split(";") if e.strip()]
     with tempfile.TemporaryDirectory(prefix="mergeseek-text-bench-") as tmp:
         tmp = Path(tmp)
         video = tmp / "news.mp4"
