@@ -181,8 +181,9 @@ def index_cmd(
     ocr: Annotated[
         Optional[str],
         typer.Option("--ocr", help="Read on-screen text of the kept frames and make it searchable (search --ocr): "
-                     "tesseract (Vietnamese + English) or tesseract:LANGS, e.g. tesseract:vie. Needs "
-                     "apt-get install tesseract-ocr tesseract-ocr-vie tesseract-ocr-eng. See docs/TEXT.md."),
+                     "rapidocr (a text detector first; pip install 'mergeseek[ocr]'), or tesseract (Vietnamese + "
+                     "English) / tesseract:LANGS, e.g. tesseract:vie (apt-get install tesseract-ocr tesseract-ocr-vie "
+                     "tesseract-ocr-eng). See docs/TEXT.md."),
     ] = None,
     ocr_workers: Annotated[int, typer.Option("--ocr-workers", min=1, help="OCR processes beside the encoder.")] = 1,
     asr: Annotated[
