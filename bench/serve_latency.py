@@ -290,6 +290,29 @@ def measure_add(index_dir: Path, n_add: int, seed: int = 7) -> dict:
             "load_average_1min": round(os.getloadavg()[0], 1)}
 
 
+def server_cpu(index_dir: Path, nprobes, queries: int = 30) -> dict:
+    """Single-thread CPU ms of the server's whole search path for a new text query, without HTTP:
+    ``serve.engine.Engine.search`` (tokenize, text tower, FAISS, hits), every query new, the
+    ``nprobes`` settings alternated query by query in one process; the median per setting."""
+    import faiss
+    import torch
+
+    from mergeseek.indexing.faiss_index import for_search
+    from mergeseek.serve.engine import Engine
+
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    engine = Engine.open(index_dir, device="cpu")
+    took: dict = {p: [] for p in nprobes}
+    for i in range(queries):
+        for p in nprobes:
+            for_search(engine.searcher.index, ngpu=0, nprobe=p)
+            t = time.process_time()
+            engine.search(f"a person number {i} with setting {p} walking across a street", k=20)
+            took[p].append(time.process_time() - t)
+    return {f"nprobe{p}": round(float(np.median(v)) * 1e3, 1) for p, v in took.items()}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
