@@ -462,11 +462,12 @@ def sync_objects(store, detector: str = "") -> dict:
 
     root = Path(store.root)
     path = root / OBJECTS_FILE
-    rows, kinds = [], {k: e.kind for k, e in store.manifest.sources.items()}
+    rows, kinds, detected = [], {k: e.kind for k, e in store.manifest.sources.items()}, False
     for shard in store.shard_names():
         t = read_objects_file(root, shard)
         if t is None:
             continue
+        detected = True
         meta = {r["id"]: r for r in store.read_shard(shard, columns=["id", "video_id", "frame_idx", "path", "source"]).to_pylist()}
         spec = (t.schema.metadata or {}).get(b"detector", detector.encode()).decode()
         for r in t.to_pylist():
@@ -479,8 +480,8 @@ def sync_objects(store, detector: str = "") -> dict:
                          r["xmax"], spec))
     had = path.is_file() and "detector" in pq.read_schema(path).names and any(
         pq.read_table(path, columns=["detector"]).column("detector").to_pylist())  # detector rows to replace
-    if not rows and not had:
-        return {"objects": 0}
+    if not rows and not had and (path.is_file() or not detected):
+        return {"objects": 0}  # (a detector that found nothing still leaves an objects.parquet: search says so)
     return {"objects": len(rows), "objects_total": _merge_objects(root, rows, set(), replace_detector=True)}
 
 

@@ -231,6 +231,19 @@ def test_video_frames_take_their_real_frame_number(tmp_path, encoder):
     assert all(np.allclose([r["ymin"], r["xmin"], r["ymax"], r["xmax"]], [0, 0, 1, 1]) for r in rows)  # the whole frame
 
 
+def test_a_detector_that_finds_nothing_leaves_an_empty_objects_file_and_search_says_so(tmp_path, frames, encoder):
+    from mergeseek.errors import InputError
+    from mergeseek.indexing.aic import objects_in_frames
+    from mergeseek.retrieval.search import run_search
+
+    folder, truth = frames
+    root = tmp_path / "ix"
+    report = _index([folder], root, encoder, detect_min_score=1.0)  # every square scores below 1
+    assert report.objects["rows"] == 0 and stored(root) == [] and objects_in_frames(root, "cat") == set()
+    with pytest.raises(InputError, match="no keyframe .* has a detection of 'cat'"):
+        run_search(root, "a cat", object_name="cat")
+
+
 def test_an_index_built_without_detect_gets_its_objects_later_without_encoding_again(tmp_path, frames, encoder):
     from mergeseek.indexing.aic import objects_in_frames
     from mergeseek.errors import InputError
