@@ -61,6 +61,12 @@ def load_keyframes(
     if qpath is None:
         raise InputError(f"no queries file for {root}; put queries.jsonl there or pass queries=PATH")
     targets = _read_queries(qpath)
+    from mergeseek.retrieval.hybrid import split_channels
+
+    said = [t.qid for t in targets if split_channels(t.text or "")[1]]
+    if said:  # eval measures the image encoder; "ocr: HÀ NỘI" would be encoded as a description
+        raise InputError(f"{qpath}: query {said[0]} has ocr:/asr: parts ({len(said)} such); eval measures the image "
+                         "channel only: give descriptions alone, or use `cli.py submit` + `cli.py score` for the fused channels")
     keep = random_indices(len(targets), limit, seed)
     targets = [targets[i] for i in keep]
 
