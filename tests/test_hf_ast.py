@@ -3,8 +3,8 @@ small ``ASTConfig``: no download) on real log-mel spectrograms of word-like soun
 
 r=0 is the unpatched model bit for bit (eager and sdpa attention); every method keeps the class and
 distillation tokens first; a batch of four equals four batches of one; bipartite and lsh give static
-widths; the matchers agree with the naive loops of test_merging / test_lsh / test_energy on the
-tokens of the first layer.
+widths; every matcher agrees with the naive loops of test_merging / test_lsh / test_energy /
+test_seed_methods / test_pairs on the tokens of the first layer.
 """
 
 from __future__ import annotations
@@ -218,6 +218,27 @@ def test_attention_and_hashed_energy_matchers_agree_with_naive_loops_on_ast_toke
         for name, (want, tol) in wants.items():
             torch.testing.assert_close(outs[name][0][b], want[0], rtol=0, atol=tol, msg=name)
             torch.testing.assert_close(outs[name][1][b], want[1], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("protected", [2, 0])
+def test_pair_matchers_agree_with_naive_loops_on_ast_tokens(spectrograms, protected):
+    """One-to-one greedy pairs, exact and hashed, on the first layer's tokens (AST's two prefix
+    tokens protected, and none, as on the speech reference)."""
+    from mergeseek.encoders.merging import pairs
+    from mergeseek.encoders.merging.pairs import pairs_lsh_merging, pairs_merging
+
+    from test_pairs import _check, naive_exact_edges, naive_window_edges
+
+    x, metric, _ = _first_layer_inputs(small_ast(), spectrograms[:3])
+    size = torch.ones(*x.shape[:2], 1, dtype=torch.float64)
+    r, bits, tables, window = 12, 3, 2, 8
+    _check(pairs_merging(metric, r, protected=protected, size=size, padded=False), metric, x, size, r,
+           lambda m: naive_exact_edges(m, protected, pairs.PAIR_CANDIDATES), protected, 1e-12)
+    planes = simhash_planes(metric.shape[-1], bits, tables, seed=1, dtype=torch.float64)
+    hashed = pairs_lsh_merging(metric, r, protected=protected, planes=planes, lsh_bits=bits, lsh_tables=tables,
+                               lsh_window=window, size=size, padded=False)
+    _check(hashed, metric, x, size, r, lambda m: naive_window_edges(m, planes, bits, tables, window, protected),
+           protected, 1e-12)
 
 
 def test_bench_runs_hf_ast_with_cpu_time(monkeypatch):
