@@ -193,6 +193,25 @@ def test_energy_methods_agree_with_naive_loops_on_spectrogram_tokens(tiny_model,
         torch.testing.assert_close(hashed[1][b], want[1], rtol=0, atol=0)
 
 
+@needs_espeak
+def test_pair_methods_agree_with_naive_loops_on_spectrogram_tokens(tiny_model, spectrograms):
+    """One-to-one greedy pairs, exact and hashed, on the tokens of a real spectrogram (no class token)."""
+    from mergeseek.encoders.merging import pairs
+    from mergeseek.encoders.merging.pairs import pairs_lsh_merging, pairs_merging
+
+    from test_pairs import _check, naive_exact_edges, naive_window_edges
+
+    x, metric, _ = _first_block_inputs(tiny_model, spectrograms[:3])
+    size = torch.ones(*x.shape[:2], 1, dtype=torch.float64)
+    r, bits, tables, window = 6, 2, 2, 8
+    _check(pairs_merging(metric, r, protected=0, size=size, padded=False), metric, x, size, r,
+           lambda m: naive_exact_edges(m, 0, pairs.PAIR_CANDIDATES), 0, 1e-12)
+    planes = simhash_planes(metric.shape[-1], bits, tables, seed=2, dtype=torch.float64)
+    hashed = pairs_lsh_merging(metric, r, protected=0, planes=planes, lsh_bits=bits, lsh_tables=tables,
+                               lsh_window=window, size=size, padded=False)
+    _check(hashed, metric, x, size, r, lambda m: naive_window_edges(m, planes, bits, tables, window, 0), 0, 1e-12)
+
+
 # ----------------------------------------------------------------------------- training and export
 @needs_espeak
 def test_train_resume_export_and_load_round_trip(tiny_root, tmp_path, spectrograms):
