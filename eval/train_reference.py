@@ -578,6 +578,8 @@ def describe(result) -> str:
     state = "complete" if result.complete else "stopped, rerun to resume"
     top = "" if result.top1_test is None else (f"; top-1 {result.top1_test:.4f} test, "
                                                f"{result.top1_subset:.4f} on {result.subset}")
+    if result.subset.startswith("mAP"):  # the detector (eval/detector_train.py) scores by mAP, not top-1
+        top = f"; {result.subset}: {result.top1_test:.4f}"
     return f"epoch {result.epochs_done}/{result.epochs_planned} ({state}){top}; {result.checkpoint}, {result.manifest}"
 
 
