@@ -186,3 +186,35 @@ def test_a_batch_of_four_equals_four_single_images(tiny, spec):
     assert (batch - base).abs().max() > 1e-4  # it did merge
     want = {"3": [14, 11], "8": [9, 5]}[spec.split("r=")[1].split(",")[0]]  # 17 tokens; r at most half of the free ones
     assert token_counts(model) == want  # static widths
+
+
+@pytest.mark.slow
+def test_sweep_with_pairs_on_the_trained_reference(tmp_path, one_torch_thread):
+    """300 real test images, ``--sweep r=16,method=bipartite|pairs|pairs_lsh``: equal token counts
+    (equal FLOPs), each config's top-1 equal to the reference's own evaluation of the same merged
+    model, and the trade-off chart drawn."""
+    import json
+
+    from mergeseek.encoders import remove_merging
+    from mergeseek.eval import EvalConfig, evaluate
+    from mergeseek.eval.reference import evaluate_reference, load_cifar10_npz, load_reference, reference_available
+    from tests.test_sweep_charts import DATA_ROOT
+
+    if not reference_available() or not (DATA_ROOT / "cifar10" / "test_jpeg.npz").is_file():
+        pytest.skip(f"needs eval/reference/reference-cifar10.pt and CIFAR-10 under {DATA_ROOT}")
+    cfg = EvalConfig(models=("reference-cifar10",), pretrained=None, datasets=("cifar10",), data_root=str(DATA_ROOT),
+                     merges=(), sweep="r=16,method=bipartite|pairs|pairs_lsh", limit=300, batch_size=150, warmup=0,
+                     iters=1, cpu_time=True)
+    out = evaluate(cfg, tmp_path / "out")
+    (model,) = json.loads((tmp_path / "out" / "report.json").read_text())["models"]
+    names = ["none", "method=bipartite,r=16", "method=pairs,r=16", "method=pairs_lsh,r=16"]
+    assert model["tokens"]["method=pairs,r=16"] == model["tokens"]["method=bipartite,r=16"]
+    assert model["tokens"]["method=pairs_lsh,r=16"] == model["tokens"]["method=bipartite,r=16"]
+    results = {r["config"]: r for r in model["datasets"][0]["results"]}
+    net, _ = load_reference()
+    split = load_cifar10_npz(DATA_ROOT / "cifar10", "test", 300)
+    for name in names:
+        apply_merging(net, name)
+        assert results[name]["metrics"]["top1"] == pytest.approx(evaluate_reference(net, split.images, split.labels))
+        remove_merging(net)
+    assert "tradeoff_reference-cifar10_cifar10.png" in {p.name for p in out.paths}
