@@ -202,7 +202,7 @@ def index_cmd(
     ] = None,
     detect_min_score: Annotated[Optional[float], typer.Option(
         "--detect-min-score", min=0.0, max=1.0, help="Objects found with a lower score are not stored (default: 0.5, "
-        "the score search --object filters at).")] = None,
+        "as a release's objects); search --object keeps every stored one.")] = None,
     detect_workers: Annotated[int, typer.Option("--detect-workers", min=1, help="Detector threads beside the encoder.")] = 1,
     compile_: CompileOpt = None,
     cuda_graph: CudaGraphOpt = None,

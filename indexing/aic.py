@@ -367,8 +367,12 @@ def _frames_of(parts: ReleaseParts, video_id: str) -> dict:
         return {}
 
 
-def objects_in_frames(index_dir: Path, entity: str, min_score: float = OBJECT_MIN_SCORE) -> set:
-    """(video_id, frame_idx) of the keyframes with a detection of ``entity`` (case-insensitive), for filtering hits."""
+def objects_in_frames(index_dir: Path, entity: str, min_score: float | None = None) -> set:
+    """(video_id, frame_idx) of the keyframes with a detection of ``entity`` (case-insensitive), for filtering hits.
+
+    Every stored row already passed the score it was stored with (``OBJECT_MIN_SCORE`` for a release's
+    files, ``--detect-min-score`` for a detector's), so by default every row counts; ``min_score``
+    filters further."""
     import pyarrow.parquet as pq
 
     path = Path(index_dir) / OBJECTS_FILE
@@ -378,7 +382,18 @@ def objects_in_frames(index_dir: Path, entity: str, min_score: float = OBJECT_MI
                          "to filter by detected objects")
     t = pq.read_table(path, columns=["video_id", "frame_idx", "entity", "score"]).to_pylist()
     want = entity.strip().casefold()
-    return {(r["video_id"], r["frame_idx"]) for r in t if r["entity"].casefold() == want and r["score"] >= min_score}
+    return {(r["video_id"], r["frame_idx"]) for r in t
+            if r["entity"].casefold() == want and (min_score is None or r["score"] >= min_score)}
+
+
+def object_names(index_dir: Path) -> list[str]:
+    """The distinct object names of ``index_dir``'s objects.parquet (sorted; empty without the file)."""
+    import pyarrow.parquet as pq
+
+    path = Path(index_dir) / OBJECTS_FILE
+    if not path.is_file():
+        return []
+    return sorted(set(pq.read_table(path, columns=["entity"]).column("entity").to_pylist()))
 
 
 OBJECT_COLUMNS = ("video_id", "n", "frame_idx", "entity", "score", "ymin", "xmin", "ymax", "xmax", "detector")

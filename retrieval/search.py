@@ -298,8 +298,12 @@ def run_search(index_dir: Union[str, Path], text: Optional[str] = None, image: O
             raise InputError("--object filters text and image queries; drop --then or --object")
         allow = objects_in_frames(Path(index_dir), object_name)
         if not allow:
-            raise InputError(f"no keyframe of {index_dir} has a detection of {object_name!r} (score >= 0.5); "
-                             "check the name in objects.parquet (e.g. Person, Car, Dog)")
+            from mergeseek.indexing.aic import object_names
+
+            names = object_names(Path(index_dir))
+            raise InputError(f"no keyframe of {index_dir} has a detection of {object_name!r}; "
+                             + (f"its objects are: {', '.join(names[:30])}{' ...' if len(names) > 30 else ''}"
+                                if names else "its objects.parquet holds no detections"))
     from mergeseek.retrieval.query import run_query
 
     return run_query(Searcher.open(index_dir, **opened), text, image, thens, within_s, k=k, per_video=per_video,

@@ -298,14 +298,9 @@ class Engine:
     def object_names(self) -> list[str]:
         """Detected object classes of an AI Challenge release (``objects.parquet``), for the page's filter."""
         if not hasattr(self, "_objects"):
-            from mergeseek.indexing.aic import OBJECTS_FILE
+            from mergeseek.indexing.aic import object_names
 
-            path = Path(self.catalog.root) / OBJECTS_FILE
-            self._objects = []
-            if path.is_file():
-                import pyarrow.parquet as pq
-
-                self._objects = sorted(set(pq.read_table(path, columns=["entity"]).column("entity").to_pylist()))
+            self._objects = object_names(Path(self.catalog.root))
         return self._objects
 
     def query(self, events: Sequence[str] = (), within: Any = 30.0, k: int = 20, per_video: bool = False,

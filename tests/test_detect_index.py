@@ -555,3 +555,25 @@ def test_the_reference_detector_runs_end_to_end(tmp_path, frames, encoder):
 
     t = pq.read_table(root / "objects.parquet").to_pylist() if (root / "objects.parquet").is_file() else []
     assert all(r["entity"] in labels and r["detector"] == "reference" and 0 <= r["xmin"] <= r["xmax"] <= 1 for r in t)
+
+
+def test_search_object_keeps_every_row_stored_at_a_lower_min_score_and_names_what_is_there(tmp_path, frames,
+                                                                                           encoder):
+    """``--detect-min-score 0.2`` stores the small squares (score 0.3) too: the filter keeps their frames
+    (it does not filter again at the release's 0.5), and an absent name lists the stored ones."""
+    from mergeseek.errors import InputError
+    from mergeseek.indexing.aic import object_names, objects_in_frames
+    from mergeseek.retrieval.search import run_search
+
+    folder, truth = frames
+    root = tmp_path / "ix"
+    _index([folder], root, encoder, detect_min_score=0.2)
+    rows = stored(root)
+    assert any(r[3] == 0.3 for r in rows) and all(r[3] >= 0.2 for r in rows)
+    for label in COLOURS:
+        assert objects_in_frames(root, label) == {(v, f) for v, f, e, *_ in rows if e == label}
+        assert objects_in_frames(root, label, min_score=0.5) == {(v, f) for v, f, e, s, *_ in rows
+                                                                 if e == label and s >= 0.5}
+    assert object_names(root) == sorted({r[2] for r in rows})
+    with pytest.raises(InputError, match="its objects are: cat, dog"):
+        run_search(root, "a zebra", object_name="zebra")
