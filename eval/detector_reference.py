@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -340,25 +338,10 @@ def detector_weights_path(weights: Union[str, Path, None] = None) -> Path:
 
 def read_detector_weights(weights: Union[str, Path, None] = None):
     """-> (randomly built model with the weights loaded, DetectorConfig), from exported or training weights."""
-    import torch
+    from mergeseek.eval.checkpoints import load_trained_model
 
-    path = detector_weights_path(weights)
-    if not path.is_file():
-        raise WeightsUnavailableError(
-            f"detector weights {path} are not present; train them with `cli.py train-reference --config "
-            f"reference-detector --out runs/detector` and export with `cli.py train-reference --config "
-            f"reference-detector --export runs/detector/last.pt`")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    fmt = blob.get("format") if isinstance(blob, dict) else None
-    if fmt == EXPORT_FORMAT:
-        cfg, state = DetectorConfig.from_dict(blob["config"]), blob["state_dict"]
-    elif fmt == TRAIN_FORMAT:
-        cfg, state = DetectorConfig.from_dict(blob["meta"]["config"]), blob["model"]
-    else:
-        raise WeightsUnavailableError(f"{path} is not a detector checkpoint (format={fmt!r})")
-    model = build_detector(cfg)
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-    return model.eval(), cfg
+    return load_trained_model(detector_weights_path(weights), DetectorConfig, build_detector,
+                              (EXPORT_FORMAT, TRAIN_FORMAT), "detector", ("reference-detector", "runs/detector"))
 
 
 def load_reference_detector(weights: Union[str, Path, None] = None, merge: Optional[str] = None,

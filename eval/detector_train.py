@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -129,7 +128,7 @@ def train_detector(data: Path, out: Path, cfg: DetectorConfig, *, time_budget_s:
         meta["map50_test"], meta["map_test"], meta["eval_pictures"] = scores["map50"], scores["map"], scores["pictures"]
         atomic_torch_save({"format": TRAIN_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
                            "meta": meta}, out / TRAIN_CHECKPOINT)
-        atomic_write_json(_manifest(meta), out / "manifest.json")
+        atomic_write_json(_describe_run(meta)[0], out / "manifest.json")
         log.info("epoch %d/%d loss %.4f mAP@0.5 %.4f mAP %.4f (%d test pictures) %.1fs", epoch + 1, cfg.epochs,
                  record["loss"], scores["map50"], scores["map"], scores["pictures"], train_s)
         if time_budget_s is not None and meta["epoch"] < cfg.epochs and (
@@ -196,17 +195,9 @@ def _start(cfg: DetectorConfig, ckpt: Path, fresh: bool, data: Path, spec, sourc
     freeze(model, cfg)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     if ckpt.is_file() and not fresh:
-        blob = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if blob.get("format") != TRAIN_FORMAT:
-            raise ConfigError(f"{ckpt} is not a detector training checkpoint; pass --fresh or another --out")
-        theirs = {k: v for k, v in blob["meta"]["config"].items() if k != "epochs"}
-        if theirs != {k: v for k, v in cfg.to_dict().items() if k != "epochs"}:
-            raise ConfigError(f"{ckpt} was trained with another config; pass --fresh or another --out")
-        model.load_state_dict(blob["model"])
-        opt.load_state_dict(blob["optimizer"])
-        meta = blob["meta"]
-        meta["config"] = cfg.to_dict()
-        return model, opt, meta
+        from mergeseek.eval.checkpoints import resume_training
+
+        return model, opt, resume_training(ckpt, TRAIN_FORMAT, cfg, model, opt, "detector")
     init = init_backbone(model, cfg.init) if cfg.init else None
     freeze(model, cfg)
     meta = {"config": cfg.to_dict(), "epoch": 0, "history": [], "commands": [], "train_wall_s": 0.0,
@@ -227,42 +218,24 @@ def freeze(model, cfg: DetectorConfig) -> None:
                 getattr(bb, name).requires_grad_(False)
 
 
-def _manifest(meta: Dict[str, Any]) -> Dict[str, Any]:
-    import platform
+def _describe_run(meta: Dict[str, Any]) -> tuple[Dict[str, Any], str]:
+    """The exported manifest of a detector run and what its score was measured on."""
+    from mergeseek.eval.checkpoints import run_manifest
 
-    import timm
-    import torch
-
-    return {"format": "mergeseek-detector-reference-manifest/1", "name": meta["config"]["name"],
-            "commands": meta["commands"], "data": meta["data"], "init": meta.get("init"), "epochs": meta["epoch"],
-            "epochs_planned": meta["config"]["epochs"], "complete": meta["epoch"] >= meta["config"]["epochs"],
-            "map50_test": meta.get("map50_test"), "map_test": meta.get("map_test"),
-            "eval_pictures": meta.get("eval_pictures"),
-            "metric": "COCO-style mAP (101-point), fp32 forward, first eval_pictures of the synth-detection test split",
-            "num_tokens": DetectorConfig.from_dict(meta["config"]).num_tokens, "params": meta["params"],
-            "train_wall_s": round(meta["train_wall_s"], 1),
-            "device": f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)",
-            "versions": {"torch": str(torch.__version__), "timm": str(timm.__version__),
-                         "python": platform.python_version()},
-            "config": meta["config"], "history": meta["history"]}
+    manifest = {"format": "mergeseek-detector-reference-manifest/1",
+                **run_manifest(meta, DetectorConfig.from_dict(meta["config"]).num_tokens), "init": meta.get("init"),
+                "map50_test": meta.get("map50_test"), "map_test": meta.get("map_test"),
+                "eval_pictures": meta.get("eval_pictures"),
+                "metric": "COCO-style mAP (101-point), fp32 forward, first eval_pictures of the synth-detection test split"}
+    return manifest, f"mAP@0.5 on {meta.get('eval_pictures')} test pictures"
 
 
 def export_detector(checkpoint: Path, to: Path):
     """``<to>/<name>.pt`` (fp16 weights) and ``<to>/<name>.json`` (manifest) from a training checkpoint."""
-    from mergeseek.eval.reference import file_sha256
-    from mergeseek.eval.train_reference import ExportResult, atomic_write_json, export_fp16, read_training_checkpoint
+    from mergeseek.eval.checkpoints import export_trained
 
-    blob = read_training_checkpoint(checkpoint, TRAIN_FORMAT,
-                                    "cli.py train-reference --config reference-detector --out runs/detector")
-    meta = blob["meta"]
-    cfg = DetectorConfig.from_dict(meta["config"])
-    weights = export_fp16(blob["model"], to, cfg, EXPORT_FORMAT)
-    manifest = _manifest(meta)
-    manifest.update({"weights_file": weights.name, "weights_sha256": file_sha256(weights), "weights_dtype": "float16",
-                     "exported_from": str(checkpoint)})
-    atomic_write_json(manifest, Path(to) / f"{cfg.name}.json")
-    return ExportResult(weights=weights, manifest=Path(to) / f"{cfg.name}.json", top1_subset=meta.get("map50_test"),
-                        subset=f"mAP@0.5 on {meta.get('eval_pictures')} test pictures")
+    return export_trained(checkpoint, to, DetectorConfig, (EXPORT_FORMAT, TRAIN_FORMAT),
+                          ("reference-detector", "runs/detector"), _describe_run, "map50_test")
 
 
 def run_detector(*, data: Optional[str], out: str, config: str, overrides: str = "", epochs: Optional[int] = None,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,24 +221,12 @@ def speech_reference_available(name: str = "reference-speech") -> bool:
 
 def load_speech_reference(name_or_path: Union[str, Path] = "reference-speech", device: str = "cpu"):
     """-> (timm VisionTransformer in eval mode, SpeechConfig), from exported or training weights."""
-    import torch
+    from mergeseek.eval.checkpoints import load_trained_model
 
-    path = speech_weights_path(name_or_path)
-    if not path.is_file():
-        raise WeightsUnavailableError(f"speech reference weights {path} are not present; train them with `cli.py "
-                                      f"train-reference --config reference-speech --out runs/speech` and export with "
-                                      f"`cli.py train-reference --config reference-speech --export runs/speech/last.pt`")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    fmt = blob.get("format") if isinstance(blob, dict) else None
-    if fmt == EXPORT_FORMAT:
-        cfg, state = SpeechConfig.from_dict(blob["config"]), blob["state_dict"]
-    elif fmt == TRAIN_FORMAT:
-        cfg, state = SpeechConfig.from_dict(blob["meta"]["config"]), blob["model"]
-    else:
-        raise WeightsUnavailableError(f"{path} is not a speech reference checkpoint (format={fmt!r})")
-    model = build_speech_model(cfg)
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-    return model.to(device).eval(), cfg
+    model, cfg = load_trained_model(speech_weights_path(name_or_path), SpeechConfig, build_speech_model,
+                                    (EXPORT_FORMAT, TRAIN_FORMAT), "speech reference",
+                                    ("reference-speech", "runs/speech"))
+    return model.to(device), cfg
 
 
 # ------------------------------------------------------------------------------ training
@@ -293,7 +280,7 @@ def train_speech(data: Path, out: Path, cfg: SpeechConfig, *, time_budget_s: Opt
         meta["top1_test"], meta["test_clips"] = top1, len(test_y)
         atomic_torch_save({"format": TRAIN_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
                            "meta": meta}, out / "last.pt")
-        atomic_write_json(_manifest(meta), out / "manifest.json")
+        atomic_write_json(_describe_run(meta)[0], out / "manifest.json")
         log.info("epoch %d/%d loss %.4f top1 %.4f (%d clips) %.1fs", meta["epoch"], cfg.epochs, record["loss"], top1,
                  len(test_y), train_s)
         if time_budget_s is not None and meta["epoch"] < cfg.epochs and (
@@ -318,15 +305,9 @@ def _start(cfg: SpeechConfig, ckpt: Path, fresh: bool, data: Path, spec, n_train
     model = build_speech_model(cfg)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     if ckpt.is_file() and not fresh:
-        blob = torch.load(ckpt, map_location="cpu", weights_only=True)
-        theirs = {k: v for k, v in blob["meta"]["config"].items() if k != "epochs"}
-        if theirs != {k: v for k, v in cfg.to_dict().items() if k != "epochs"}:
-            raise ConfigError(f"{ckpt} was trained with another config; pass --fresh or another --out")
-        model.load_state_dict(blob["model"])
-        opt.load_state_dict(blob["optimizer"])
-        meta = blob["meta"]
-        meta["config"] = cfg.to_dict()
-        return model, opt, meta
+        from mergeseek.eval.checkpoints import resume_training
+
+        return model, opt, resume_training(ckpt, TRAIN_FORMAT, cfg, model, opt, "speech reference")
     meta = {"config": cfg.to_dict(), "epoch": 0, "history": [], "commands": [], "train_wall_s": 0.0,
             "data": {"path": str(data), "key": spec.key(), "train_clips": n_train, "test_clips": n_test,
                      "spec": dataclasses.asdict(spec)},
@@ -368,41 +349,23 @@ def _epoch(model, opt, cfg: SpeechConfig, epoch: int, x_all, y_all) -> Dict[str,
     return {"epoch": epoch + 1, "loss": round(loss_sum / steps, 5), "lr": lr}
 
 
-def _manifest(meta: Dict[str, Any]) -> Dict[str, Any]:
-    import platform
+def _describe_run(meta: Dict[str, Any]) -> tuple[Dict[str, Any], str]:
+    """The exported manifest of a speech run and what its score was measured on."""
+    from mergeseek.eval.checkpoints import run_manifest
 
-    import timm
-    import torch
-
-    return {"format": "mergeseek-speech-reference-manifest/1", "name": meta["config"]["name"],
-            "commands": meta["commands"], "data": meta["data"], "epochs": meta["epoch"],
-            "epochs_planned": meta["config"]["epochs"], "complete": meta["epoch"] >= meta["config"]["epochs"],
-            "top1_test": meta.get("top1_test"), "test_clips": meta.get("test_clips"),
-            "top1_precision": "fraction in [0, 1], fp32 forward, whole test split",
-            "num_tokens": SpeechConfig.from_dict(meta["config"]).num_tokens, "params": meta["params"],
-            "train_wall_s": round(meta["train_wall_s"], 1),
-            "device": f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)",
-            "versions": {"torch": str(torch.__version__), "timm": str(timm.__version__),
-                         "python": platform.python_version()},
-            "config": meta["config"], "history": meta["history"]}
+    manifest = {"format": "mergeseek-speech-reference-manifest/1",
+                **run_manifest(meta, SpeechConfig.from_dict(meta["config"]).num_tokens),
+                "top1_test": meta.get("top1_test"), "test_clips": meta.get("test_clips"),
+                "top1_precision": "fraction in [0, 1], fp32 forward, whole test split"}
+    return manifest, "the whole test split"
 
 
 def export_speech(checkpoint: Path, to: Path):
     """``<to>/<name>.pt`` (fp16 weights) and ``<to>/<name>.json`` (manifest) from a training checkpoint."""
-    from mergeseek.eval.reference import file_sha256
-    from mergeseek.eval.train_reference import ExportResult, atomic_write_json, export_fp16, read_training_checkpoint
+    from mergeseek.eval.checkpoints import export_trained
 
-    blob = read_training_checkpoint(checkpoint, TRAIN_FORMAT,
-                                    "cli.py train-reference --config reference-speech --out runs/speech")
-    meta = blob["meta"]
-    cfg = SpeechConfig.from_dict(meta["config"])
-    weights = export_fp16(blob["model"], to, cfg, EXPORT_FORMAT)
-    manifest = _manifest(meta)
-    manifest.update({"weights_file": weights.name, "weights_sha256": file_sha256(weights), "weights_dtype": "float16",
-                     "exported_from": str(checkpoint)})
-    atomic_write_json(manifest, to / f"{cfg.name}.json")
-    return ExportResult(weights=weights, manifest=to / f"{cfg.name}.json", top1_subset=meta.get("top1_test"),
-                        subset="the whole test split")
+    return export_trained(checkpoint, to, SpeechConfig, (EXPORT_FORMAT, TRAIN_FORMAT),
+                          ("reference-speech", "runs/speech"), _describe_run, "top1_test")
 
 
 def run_speech(*, data: Optional[str], out: str, config: str, overrides: str = "", epochs: Optional[int] = None,

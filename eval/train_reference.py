@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from mergeseek.errors import ConfigError, WeightsUnavailableError
+from mergeseek.eval.checkpoints import export_fp16, read_training_checkpoint
 from mergeseek.eval.reference import (
     EXPORT_FORMAT, TRAIN_FORMAT, PreprocessInfo, ReferenceConfig, build_model, cifar10_npz_path, evaluate_reference,
     file_sha256, load_cifar10_npz, load_reference, normalize_resize,
@@ -477,28 +478,6 @@ def _progress(it, enabled: bool, desc: str):
 
 
 # ------------------------------------------------------------------------------- export
-def read_training_checkpoint(checkpoint: Path, fmt: str, train_hint: str) -> dict:
-    """A training checkpoint of format ``fmt`` (``train_hint``: the command that makes one), or one line."""
-    import torch
-
-    if not Path(checkpoint).is_file():
-        raise WeightsUnavailableError(f"checkpoint {checkpoint} does not exist; train first ({train_hint})")
-    blob = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if blob.get("format") != fmt:
-        raise WeightsUnavailableError(f"{checkpoint} is not a training checkpoint of this model "
-                                      f"(format={blob.get('format')!r}, expected {fmt!r})")
-    return blob
-
-
-def export_fp16(model_state: dict, to: Path, cfg, fmt: str) -> Path:
-    """``<to>/<cfg.name>.pt``: a trained model's weights in float16, with ``cfg`` and ``fmt``."""
-    Path(to).mkdir(parents=True, exist_ok=True)
-    weights = Path(to) / f"{cfg.name}.pt"
-    state = {k: v.half() if v.is_floating_point() else v for k, v in model_state.items()}
-    atomic_torch_save({"format": fmt, "config": cfg.to_dict(), "state_dict": state}, weights)
-    return weights
-
-
 def export_reference(checkpoint: Path, to: Path, data: Optional[Path] = None) -> ExportResult:
     """Write ``<to>/<name>.pt`` (fp16 weights) and ``<to>/<name>.json`` (manifest) from a checkpoint.
 
