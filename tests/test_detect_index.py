@@ -382,8 +382,8 @@ index_paths({folders!r}, {root!r}, build_encoder(), IndexOptions(dedup=Dedup(ena
 
 @pytest.mark.slow  # starting Ray takes a while
 def test_under_ray_the_driver_detects_at_the_end_and_the_objects_are_the_single_process_ones(tmp_path, encoder):
-    ray = pytest.importorskip("ray")
-    from test_indexing_support import write_video
+    pytest.importorskip("ray")
+    from test_indexing_support import local_ray, write_video
 
     from mergeseek.indexing.distributed import RayOptions, index_paths_ray
 
@@ -392,18 +392,9 @@ def test_under_ray_the_driver_detects_at_the_end_and_the_objects_are_the_single_
     write_video(videos / "rg.mp4", [("red", 10), ("green", 10)])
     write_video(videos / "bk.mp4", [("blue", 10), ("black", 10)])
     _index([videos], tmp_path / "one", encoder, sampling="fps=1")
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(Path(__file__).parent)] + ([old] if old else []))
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, configure_logging=False)
-    try:
+    with local_ray():
         report = index_paths_ray([videos], tmp_path / "ray", encoder,
                                  IndexOptions(sampling="fps=1", dedup=Dedup(enabled=False), detect=PLUGIN), RayOptions(workers=1))
-    finally:
-        ray.shutdown()
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
     assert report.objects["detected_again"] == report.objects["frames"] == 4  # all of them, after the encoding
     assert stored(tmp_path / "ray") == stored(tmp_path / "one") != []
 

@@ -7,6 +7,7 @@ rate and length with one solid colour per shot.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from pathlib import Path
@@ -168,3 +169,23 @@ def thumbnails_by_id(index_dir: Path) -> dict:
         return {int(i): reader.get(i) for i in ids}
     finally:
         reader.close()
+
+
+@contextlib.contextmanager
+def local_ray():
+    """A local Ray (2 CPUs, 256 MB object store) whose workers can import the package and the tests;
+    yields its address; shut down and PYTHONPATH restored on exit."""
+    import ray
+
+    root = Path(__file__).resolve().parents[1]
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "tests")] + ([old] if old else []))
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, configure_logging=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
