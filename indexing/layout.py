@@ -29,6 +29,7 @@ MANIFEST = "manifest.json"
 STAGING = "manifest.next.json"
 FAISS_FILE = "index.faiss"
 FAISS_NEXT = "index.next.faiss"  # a --force generation's index.faiss until the switch
+DELTA_FILE = "index.delta.faiss"  # vectors appended since index.faiss was saved (exact IDMap2,Flat; indexing.writer)
 FAISS_MAGIC = b"IxM2"  # FAISS's fourcc of IndexIDMap2, the first bytes of every index.faiss we write
 LOCK_FILE = ".lock"
 JOURNAL = ".journal"
@@ -95,6 +96,7 @@ class Manifest:
     generation: int = 0
     faiss_generation: int = -1
     faiss_size: int = -1  # bytes of index.faiss when it was saved (-1: unknown)
+    delta_size: int = -1  # bytes of index.delta.faiss, part of the FAISS state of faiss_generation (-1: none)
     memory_budget: int = 0  # bytes for --index-type auto (0: the default budget)
     shards: dict = field(default_factory=dict)  # shard name -> rows written (live and dead)
     sources: dict = field(default_factory=dict)  # source key -> SourceEntry
@@ -152,7 +154,7 @@ def _check_fields(d: dict) -> None:
         if not isinstance(d[name], typ) or isinstance(d[name], bool):
             raise _Malformed(f"field {name!r} is a {type(d[name]).__name__}, not a {typ.__name__}")
     for name, typ in (("index_type", str), ("next_id", int), ("next_shard", int), ("generation", int),
-                      ("faiss_generation", int), ("faiss_size", int), ("memory_budget", int)):
+                      ("faiss_generation", int), ("faiss_size", int), ("delta_size", int), ("memory_budget", int)):
         if name in d and not isinstance(d[name], typ):
             raise _Malformed(f"field {name!r} is a {type(d[name]).__name__}, not a {typ.__name__}")
     if d["dim"] <= 0:
