@@ -2,7 +2,8 @@
 
 No audio data set can be downloaded here, so the audio reference (``reference-speech``) learns
 from sound this machine makes. How one clip is made (all randomness from
-``numpy.random.default_rng([seed, split, clip])``, so the set is a pure function of its spec):
+``numpy.random.default_rng([seed, split, clip])``, ``test-xK`` below per render, so the set is a pure
+function of its spec):
 
 1. espeak-ng says one of :data:`WORDS` (Speech Commands' 20 core words) with one base voice
    (accent) and one variant (``-v en-us+f3``), at a random speed (``-s``, words per minute)
@@ -19,7 +20,14 @@ The two splits never share a base voice or a variant: training uses :data:`TRAIN
 (word, voice, variant) is rendered ``renders`` times (speed and pitch drawn anew) and each render
 augmented ``copies`` times.
 
-The set is cached as ``<data-root>/speech_words/<key>/{train,test}.npz`` where ``key`` hashes the
+A larger held-out split, ``test-xK`` (``--dataset speech-words,split=test-x20``), hears the same
+unseen voices and variants as ``test`` with ``K`` times its renders per (word, voice, variant),
+each with its own speed, pitch and augmentation: independent draws (none is a clip of ``test``),
+seeded per (word, voice, variant, render) so every clip of ``test-x10`` is also one of
+``test-x20``. It exists to measure small accuracy differences (a 1-point goal needs
+more than ``test``'s 480 clips); ``test`` stays the default and unchanged.
+
+The set is cached as ``<data-root>/speech_words/<key>/<split>.npz`` where ``key`` hashes the
 spec and the espeak-ng version; a second call reads the cache. Same spec, same bytes.
 """
 
@@ -29,6 +37,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 import shutil
 import subprocess
 import tempfile
@@ -50,7 +59,8 @@ TRAIN_VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029")
 TEST_VOICES = ("en-us-nyc", "en-gb-x-gbclan", "en-gb-x-gbcwmd")
 TRAIN_VARIANTS = ("m1", "m2", "m3", "m4", "m7", "f1", "f2", "f3")
 TEST_VARIANTS = ("m5", "m6", "f4", "f5")
-SPLITS = ("train", "test")
+SPLITS = ("train", "test")  # the spec's (train, test) pairs are indexed by this order
+LARGE_TEST = re.compile(r"test-x([1-9][0-9]{0,2})")  # test-xK: K times the test split's renders, K in 1..999
 LABEL_SPACE = "speech-words"
 FORMAT = "mergeseek-speech-words/1"
 
@@ -105,13 +115,42 @@ class SpeechWordsSpec:
         """(label, voice, variant, render) of every render of ``split``, in a fixed order."""
         voices, variants = (self.train_voices, self.train_variants) if split == "train" else (
             self.test_voices, self.test_variants)
-        n = self.renders[SPLITS.index(split)]
+        k = large_test_multiple(check_split(split))
+        n = self.renders[1] * k if k else self.renders[SPLITS.index(split)]
         return [(c, v, var, k) for c in range(len(self.words)) for v in voices for var in variants for k in range(n)]
+
+    def copies_of(self, split: str) -> int:
+        """Augmented copies per render in ``split`` (``test-xK`` takes the test split's)."""
+        return self.copies[1] if large_test_multiple(split) else self.copies[SPLITS.index(check_split(split))]
+
+    def render_rng(self, split: str, index: int, combo: tuple) -> np.random.Generator:
+        """The generator of one render: ``[seed, split, index]`` for train and test (their bytes
+        predate ``test-xK``), ``[seed, 2, word, voice, variant, render]`` for ``test-xK`` so that a
+        render's draws do not depend on ``K`` (every clip of ``test-x10`` is also one of ``test-x20``)."""
+        if large_test_multiple(split):
+            label, voice, variant, k = combo
+            return np.random.default_rng([self.seed, 2, label, self.test_voices.index(voice),
+                                          self.test_variants.index(variant), k])
+        return np.random.default_rng([self.seed, SPLITS.index(split), index])
 
     def key(self) -> str:
         blob = json.dumps({"spec": dataclasses.asdict(self), "espeak": espeak_version(), "format": FORMAT},
                           sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def large_test_multiple(split: str) -> int:
+    """``K`` of a ``test-xK`` split name; 0 for any other name."""
+    m = LARGE_TEST.fullmatch(str(split))
+    return int(m.group(1)) if m else 0
+
+
+def check_split(split: str) -> str:
+    """``split`` when it names a split of the set; else one line listing the valid names."""
+    if split not in SPLITS and not large_test_multiple(split):
+        raise ConfigError(f"speech-words split={split!r} is not valid; choose train, test or test-xK "
+                          f"(K = 1..999 times the test split's renders, e.g. test-x20)")
+    return split
 
 
 class SpeechSplit(NamedTuple):
@@ -226,13 +265,12 @@ def log_mel(clips: np.ndarray, spec: SpeechWordsSpec) -> np.ndarray:
 # ------------------------------------------------------------------------------ generation
 def generate_split(spec: SpeechWordsSpec, split: str) -> SpeechSplit:
     """Render, augment and featurise every clip of ``split`` (deterministic in ``spec``)."""
-    if split not in SPLITS:
-        raise ConfigError(f"speech-words split={split!r} is not valid; choose train or test")
-    copies = spec.copies[SPLITS.index(split)]
+    copies = spec.copies_of(check_split(split))
     feats, labels, names = [], [], []
     with tempfile.TemporaryDirectory(prefix="speech-words-") as tmp:
-        for i, (label, voice, variant, k) in enumerate(spec.combos(split)):
-            rng = np.random.default_rng([spec.seed, SPLITS.index(split), i])
+        for i, combo in enumerate(spec.combos(split)):
+            label, voice, variant, _ = combo
+            rng = spec.render_rng(split, i, combo)
             speed, pitch = int(rng.integers(spec.speed[0], spec.speed[1] + 1)), int(rng.integers(*spec.pitch))
             word = speak(spec.words[label], voice, variant, speed, pitch, spec.sample_rate, Path(tmp))
             clips = np.stack([augment(word, spec, rng) for _ in range(copies)])
@@ -250,9 +288,7 @@ def load_split(root: Union[str, Path], split: str = "test", spec: SpeechWordsSpe
     """``split`` from the cache under ``root`` (the ``speech_words`` folder), generated on first use."""
     from mergeseek.runtime import atomic_write
 
-    if split not in SPLITS:
-        raise ConfigError(f"speech-words split={split!r} is not valid; choose train or test")
-    path = split_path(root, spec, split)
+    path = split_path(root, spec, check_split(split))
     if not path.is_file():
         log.warning("generating speech-words %s split into %s (espeak-ng, once)", split, path)
         data = generate_split(spec, split)
