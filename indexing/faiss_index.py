@@ -3,13 +3,18 @@
 Vectors are L2-normalised, so inner product is cosine similarity. Every index is wrapped in
 ``IndexIDMap2`` so FAISS returns our explicit int64 ids (also a parquet column), never row
 positions. A GPU build of FAISS is used when one is present (``ngpu``: -1 = all that exist).
+
+The append-only layout (issue #29): vectors added after ``index.faiss`` was saved go to a small
+exact *delta* (``IDMap2,Flat``, same metric); a search asks both and merges the two top-k lists
+(:func:`merge_top_k`); the delta is folded into the main index once it holds more than
+:func:`delta_limit` vectors (``indexing.writer``).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -23,6 +28,11 @@ DEFAULT_MEMORY_BUDGET = 8 << 30  # bytes the index may take in RAM under --index
 # Training sample: FAISS wants ~39..256 points per IVF centroid; 64 keeps k-means quick at 1M+.
 TRAIN_POINTS_PER_LIST = 64
 ADD_CHUNK = 65536
+# The delta is folded into index.faiss (one rewrite) when it holds more than this share of the main
+# index's vectors, or more than DELTA_MAX_ROWS (an exact search of 100k x 512 floats is ~5 ms a query).
+DELTA_FRACTION = 0.10
+DELTA_MAX_ROWS = 100_000
+DELTA_FACTORY = "Flat"
 
 
 def _faiss():
@@ -132,6 +142,70 @@ def held_ids(index) -> np.ndarray:
     return _faiss().vector_to_array(index.id_map).astype(np.int64, copy=False)
 
 
+def file_ids(path: Path) -> Optional[np.ndarray]:
+    """The ids a saved ``IndexIDMap2`` holds, read from the file's header and tail without loading the
+    index (FAISS writes ``IxM2``, d int32, ntotal int64, ..., the sub-index, then the id map as a
+    uint64 length and ntotal int64); None when the file does not have that shape."""
+    from mergeseek.indexing.layout import FAISS_MAGIC
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+            size = fh.seek(0, 2)
+            if len(head) < 16 or head[:4] != FAISS_MAGIC:
+                return None
+            n = int(np.frombuffer(head[8:16], "<i8")[0])
+            if n < 0 or 16 + 8 * (n + 1) > size:
+                return None
+            fh.seek(size - 8 * (n + 1))
+            tail = fh.read(8 * (n + 1))
+    except OSError:
+        return None
+    if len(tail) != 8 * (n + 1) or int(np.frombuffer(tail[:8], "<u8")[0]) != n:
+        return None
+    return np.frombuffer(tail[8:], "<i8").astype(np.int64)
+
+
+def delta_limit(main_rows: int) -> int:
+    """The most vectors the delta may hold beside a main index of ``main_rows``; one more and it is folded."""
+    return min(DELTA_MAX_ROWS, int(DELTA_FRACTION * int(main_rows)))
+
+
+def make_delta(dim: int):
+    """An empty delta: exact ``IDMap2,Flat`` with inner product, the metric of every main index."""
+    return make_index(dim, DELTA_FACTORY)
+
+
+def delta_contents(delta) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, float32 vectors) of a delta, in the order they were added (Flat stores the floats as given)."""
+    n = int(delta.ntotal)
+    vecs = delta.index.reconstruct_n(0, n) if n else np.zeros((0, delta.d), np.float32)
+    return held_ids(delta).copy(), np.ascontiguousarray(vecs, dtype=np.float32)
+
+
+def merge_top_k(scores: Sequence[np.ndarray], ids: Sequence[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` of several [m, k_i] result lists of the same queries, merged exactly by score
+    (higher first; equal scores: smaller id first; FAISS's ``-1`` padding last, kept as ``-1``)."""
+    s = np.concatenate([np.asarray(x, np.float32) for x in scores], axis=1)
+    i = np.concatenate([np.asarray(x, np.int64) for x in ids], axis=1)
+    empty = i < 0
+    order = np.lexsort((i, -np.where(empty, 0, s), empty), axis=1)[:, :k]
+    s, i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+    if s.shape[1] < k:  # fewer candidates than k in all lists together
+        pad = k - s.shape[1]
+        s = np.pad(s, ((0, 0), (0, pad)), constant_values=-np.inf)
+        i = np.pad(i, ((0, 0), (0, pad)), constant_values=-1)
+    return s, i
+
+
+def search_with_delta(main, delta, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``main.search`` when there is no delta; else both searched and merged (:func:`merge_top_k`)."""
+    if delta is None or delta.ntotal == 0:
+        return main.search(queries, k)
+    parts = [idx.search(queries, min(k, max(1, int(idx.ntotal)))) for idx in (main, delta) if idx.ntotal]
+    return merge_top_k([p[0] for p in parts], [p[1] for p in parts], k)
+
+
 def quantizer_bytes(index) -> bytes:
     """The trained part of an IVF index (its coarse centroids), for checking that an add did not retrain it; b"" otherwise."""
     faiss = _faiss()
@@ -224,6 +298,67 @@ def load_index(path: Path):
     except RuntimeError as exc:
         raise DamagedIndexError(f"index file {path} is damaged ({_short(exc)}); it is derived from the shards: "
                                 f"run `cli.py repair --index {Path(path).parent}` to rebuild it") from None
+
+
+def live_ids_by_shard(store) -> dict:
+    """shard -> the ids of its live rows (int64), for every committed shard of ``store``."""
+    return {s: store.read_shard(s, columns=["id"]).column("id").to_numpy() for s in store.shard_names()}
+
+
+def read_rows(store, ids: np.ndarray, by_shard: Optional[dict] = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of the live rows among ``ids``, reading only the shards that hold them
+    (``by_shard``: :func:`live_ids_by_shard`, when the caller has it); shard then row order."""
+    by_shard = live_ids_by_shard(store) if by_shard is None else by_shard
+    want = np.asarray(ids, np.int64)
+    shards = [s for s, sids in by_shard.items() if len(sids) and np.isin(sids, want).any()]
+    if not shards:
+        return np.zeros(0, np.int64), np.zeros((0, store.manifest.dim), np.float32)
+    got, vecs = store.read_vectors(shards=shards)
+    keep = np.isin(got, want)
+    return got[keep], vecs[keep]
+
+
+def open_saved(store, live_ids: np.ndarray):
+    """The saved FAISS state of ``store`` (an ``IndexStore``) over exactly ``live_ids``, as (main index,
+    delta or None), for a reader.
+
+    When the manifest says it is current, both files are loaded. Otherwise (a run killed between its
+    commit and its FAISS step, a damaged delta) index.faiss is still used when every id it holds is
+    live and its generation is known, and the rows it lacks are read from the shards into an exact
+    delta in memory (one warning). (None, None) when index.faiss itself cannot be used."""
+    from mergeseek.errors import DamagedIndexError
+
+    m, live = store.manifest, np.asarray(live_ids, np.int64)
+    main = delta = None
+    if store.faiss_path.is_file() and m.faiss_generation >= 0:
+        try:
+            main = load_index(store.faiss_path)
+        except DamagedIndexError as exc:
+            log.warning("%s", str(exc).split(";")[0])
+            return None, None
+    if main is None or not hasattr(main, "id_map"):
+        return None, None
+    current, note = store.faiss_is_current(), ""
+    if current and store.has_delta():
+        try:
+            delta = load_index(store.delta_path)
+        except DamagedIndexError as exc:
+            current, note = False, str(exc).split(";")[0] + "; "
+    if current and main.ntotal + (delta.ntotal if delta is not None else 0) == len(live):
+        return main, delta
+    held = held_ids(main)
+    if len(np.unique(held)) != len(held) or not np.isin(held, live).all():
+        return None, None  # it holds rows that are gone (re-indexed, repaired): not usable
+    missing = live[~np.isin(live, held)]
+    delta = None
+    if len(missing):
+        log.warning("%s%s lacks %d of the %d rows (an interrupted run?); they are searched exactly from the "
+                    "shards. Run `cli.py index` on the same folder (or `cli.py repair --index %s`) to save them",
+                    note, store.faiss_path.name, len(missing), len(live), store.root)
+        ids, vecs = read_rows(store, missing)
+        delta = make_delta(m.dim)
+        add_to_index(delta, vecs, ids)
+    return main, delta
 
 
 def index_factory_of(index) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 
 from mergeseek.errors import DamagedIndexError, InputError
 from mergeseek.indexing.layout import (
-    DAMAGED_DIR, FAISS_FILE, MANIFEST, _described_shards, read_manifest, rebuild_manifest, shard_files_on_disk,
+    DAMAGED_DIR, DELTA_FILE, FAISS_FILE, MANIFEST, _described_shards, read_manifest, rebuild_manifest, shard_files_on_disk,
     shard_problem,
 )
 from mergeseek.indexing.detect import carry_objects, drop_foreign_objects, sync_objects
@@ -84,9 +84,12 @@ def repair_index(root: Union[str, Path], ngpu: int = 0) -> RepairReport:
     * A damaged or missing shard (checked whole: parquet read, ``.npy`` shape, size and checksum):
       its files are moved to ``damaged/`` and its sources dropped from the manifest, so the next
       ``cli.py index`` run over the same inputs encodes them again. Other shards are not touched.
-    * ``index.faiss`` unreadable or not matching the live rows: rebuilt from the shards.
+    * ``index.faiss`` unreadable or holding rows that are gone: rebuilt from the shards; lacking
+      live rows (those of ``index.delta.faiss``, or of a run killed before its FAISS step): they are
+      added to it without training and the delta is removed (``folded``).
     """
-    from mergeseek.indexing.faiss_index import build_index, load_index, save_index
+    from mergeseek.indexing.faiss_index import build_index, load_index
+    from mergeseek.indexing.writer import fold_into_main, save_main
 
     root = Path(root)
     if not root.is_dir():
@@ -123,15 +126,20 @@ def repair_index(root: Union[str, Path], ngpu: int = 0) -> RepairReport:
         listed = {p.relative_to(root).as_posix() for s in m.shards for p in store.shard_paths(s)}
         report.unlisted = [p.relative_to(root).as_posix() for p in shard_files_on_disk(root)
                            if p.relative_to(root).as_posix() not in listed]
+        type_known = m.faiss_generation >= 0  # -1: a new --index-type waits for its build
         m.faiss_generation = -1
         store.write_manifest()
         ids, vecs = store.read_vectors()
         report.vectors, report.sources = len(ids), len(m.sources)
-        report.faiss = _check_faiss(store, ids, load_index)
-        if report.faiss != "ok" and len(ids):
-            save_index(build_index(vecs, ids, m.index_type, ngpu=ngpu, memory_budget=m.memory_budget), store.faiss_path)
+        report.faiss, index = _check_faiss(store, ids, load_index)
+        if report.faiss.startswith("lacks") and type_known and len(ids):
+            added = fold_into_main(store, ids, index)
+            report.faiss = f"folded ({added} vector(s) of the delta or of an interrupted run added, no training)"
+        elif report.faiss != "ok" and len(ids):
+            save_main(store, build_index(vecs, ids, m.index_type, ngpu=ngpu, memory_budget=m.memory_budget))
             report.faiss = "rebuilt"
-        if len(ids):
+        elif len(ids):
+            store.drop_delta()  # index.faiss holds every row: a delta beside it is redundant
             store.write_manifest(faiss_current=True)
         elif report.faiss != "ok":
             report.faiss = "empty (no vectors left)"
@@ -146,22 +154,27 @@ def repair_index(root: Union[str, Path], ngpu: int = 0) -> RepairReport:
     return report
 
 
-def _check_faiss(store: IndexStore, ids: np.ndarray, load_index) -> str:
+def _check_faiss(store: IndexStore, ids: np.ndarray, load_index) -> tuple[str, object]:
+    """(what index.faiss is against the live ``ids``, the loaded index or None): ok, lacks N rows
+    (all it holds are live), or missing / damaged / stale."""
     import faiss
 
     if not store.faiss_path.is_file():
-        return "missing"
+        return "missing", None
     try:
         index = load_index(store.faiss_path)
     except DamagedIndexError:
-        return "damaged"
-    if index.ntotal != len(ids):
-        return f"stale ({index.ntotal} vectors, the shards hold {len(ids)})"
+        return "damaged", None
     try:
         have = np.sort(faiss.vector_to_array(index.id_map))
     except AttributeError:  # not an IDMap: not written by mergeseek
-        return "not an id-mapped index"
-    return "ok" if np.array_equal(have, np.sort(ids)) else "stale (other ids)"
+        return "not an id-mapped index", None
+    want = np.sort(ids)
+    if np.array_equal(have, want):
+        return "ok", index
+    if len(np.unique(have)) == len(have) and np.isin(have, want).all():
+        return f"lacks {len(want) - len(have)} rows", index
+    return f"stale ({index.ntotal} vectors, the shards hold {len(ids)})", None
 
 
 class CompactReport(dict):
@@ -182,8 +195,11 @@ def compact_index(root: Union[str, Path]) -> CompactReport:
 
     New shards are written first, then ``manifest.json`` switches to them, then the old shards
     are removed; a kill at any point leaves the old or the new index, both readable.
-    index.faiss keeps matching (same ids, same vectors). Returns counts before and after.
+    index.faiss keeps matching (same ids, same vectors); a delta beside it (``index.delta.faiss``)
+    is folded into it (no training). Returns counts before and after.
     """
+    from mergeseek.indexing.writer import fold_into_main
+
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"index folder {root} does not exist")
@@ -204,12 +220,24 @@ def compact_index(root: Union[str, Path]) -> CompactReport:
                 carry_text(root, shard, new, ids)
                 carry_objects(root, shard, new, ids)
         store.retire_shards(old, faiss_current=was_current)
+        folded = None
+        if was_current and store.has_delta():
+            folded = fold_into_main(store, _live_ids(store))
         remove_stale_text(root, set(m.shards))
         drop_foreign_text(store)
         sync_text_index(root, store.shard_names())
         after = m.counts()
-    return CompactReport(index_dir=str(root), shards_rewritten=len(old), before=before, after=after,
-                         faiss=FAISS_FILE + (" unchanged" if was_current else " stale (rebuilt by the next index run)"))
+    faiss = FAISS_FILE + (" unchanged" if was_current else " stale (rebuilt by the next index run)")
+    if folded is not None:
+        faiss = f"{DELTA_FILE} ({folded} vectors) folded into {FAISS_FILE} (no training)"
+    return CompactReport(index_dir=str(root), shards_rewritten=len(old), before=before, after=after, faiss=faiss)
+
+
+def _live_ids(store: IndexStore) -> np.ndarray:
+    from mergeseek.indexing.faiss_index import live_ids_by_shard
+
+    by_shard = live_ids_by_shard(store)
+    return np.concatenate(list(by_shard.values())) if by_shard else np.zeros(0, np.int64)
 
 
 __all__ = ["CompactReport", "RepairReport", "compact_index", "repair_index"]

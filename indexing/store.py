@@ -6,6 +6,8 @@
       manifest.json          model, merge, dim, metric, sampling, counts, versions, and the
                              registry of committed sources (the commit point of every write)
       index.faiss            FAISS IndexIDMap2, derived from the shards (rebuilt when stale or damaged)
+      index.delta.faiss      the vectors added since index.faiss was saved (exact IDMap2,Flat), searched
+                             with it; folded into it past a bound (``indexing.writer``), never needed
       meta/part-00000.parquet  one row per vector: id, video_id, frame_idx, pts_time, path, hash, source;
                              its schema metadata describes the shard (model, dim, sources, checksum)
       emb/part-00000.npy       float32 [rows, dim], same row order as the parquet part
@@ -39,13 +41,13 @@ import numpy as np
 from mergeseek.errors import DamagedIndexError, IndexMismatchError, InputError, PartialWriteError, WriteError
 from mergeseek.indexing.journal import Journal
 from mergeseek.indexing.layout import (  # noqa: F401 (the format's names are re-exported for callers of the store)
-    EMB_DIR, FAISS_FILE, FAISS_MAGIC, FAISS_NEXT, FORMAT, FORMAT_VERSION, IDENTITY_KEYS, LOCK_FILE,
+    DELTA_FILE, EMB_DIR, FAISS_FILE, FAISS_MAGIC, FAISS_NEXT, FORMAT, FORMAT_VERSION, IDENTITY_KEYS, LOCK_FILE,
     MANIFEST, META_DIR, SHARD_META_KEY, STAGING, TMP_TAG, EncodedSource, Manifest, SourceEntry, _check_identity, _damaged,
     _described_shards, _empty_meta, _now, _short, check_identity, check_index_folder, read_manifest, rebuild_manifest,
     repair_hint, shard_files, shard_problem,
 )
 from mergeseek.runtime import (  # noqa: F401 (atomic_write and software_versions are re-exported)
-    atomic_write, check_writable, software_versions, tmp_path_for, write_error,
+    atomic_write, check_writable, fsync_dir, software_versions, tmp_path_for, write_error,
 )
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,10 @@ log = logging.getLogger(__name__)
 
 RACE_WAIT_S = 30.0  # how long a reader keeps retrying on manifests a busy writer keeps replacing
 
+
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read(4)
 
 
 class IndexStore:
@@ -174,7 +180,8 @@ class IndexStore:
             for sub in (EMB_DIR, META_DIR):
                 (root / sub).mkdir(exist_ok=True)
             # FAISS files other code may save through store.faiss_path during this session
-            store._journal.record(*(root / n for n in (FAISS_NEXT, FAISS_NEXT + TMP_TAG, FAISS_FILE + TMP_TAG)))
+            store._journal.record(*(root / n for n in (FAISS_NEXT, FAISS_NEXT + TMP_TAG, FAISS_FILE + TMP_TAG,
+                                                       DELTA_FILE + TMP_TAG)))
         except BaseException:
             store.close()
             raise
@@ -350,9 +357,10 @@ class IndexStore:
             for k, v in settings.items():
                 setattr(m, k, v)
         m.generation += 1
-        if faiss_current:
+        if faiss_current:  # index.faiss and the delta on disk now (if any) are this generation's FAISS state
             m.faiss_generation = m.generation
             m.faiss_size = self.faiss_path.stat().st_size if self.faiss_path.is_file() else -1
+            m.delta_size = self.delta_path.stat().st_size if self.delta_path.is_file() and not self._staged else -1
         m.updated = _now()
         m.versions = software_versions()
         text = json.dumps(m.to_json(), indent=1, sort_keys=False)
@@ -371,6 +379,7 @@ class IndexStore:
         dead = [s for s in (old.shards if old else ()) if s not in self.manifest.shards]
         self._journal.record(*(p for s in dead for p in self.shard_paths(s)))
         staged_faiss = self.faiss_is_current()  # this writer saved index.next.faiss for the new generation
+        self.drop_delta()  # the old generation's: its ids mean other rows in the new one
         self._staged = False
         self.write_manifest()  # the switch; index.faiss is the old generation's, so not current yet
         self.committed_sources = len(self.manifest.sources)
@@ -541,19 +550,33 @@ class IndexStore:
         """index.faiss (``index.next.faiss`` while a force run's generation is staged: the old one stays valid)."""
         return self.root / (FAISS_NEXT if self._staged else FAISS_FILE)
 
+    @property
+    def delta_path(self) -> Path:
+        """index.delta.faiss: the vectors appended since index.faiss was saved (see ``indexing.writer``)."""
+        return self.root / DELTA_FILE
+
     def faiss_is_current(self) -> bool:
-        """index.faiss was saved for this manifest and still looks like it (size, IndexIDMap2 magic)."""
+        """index.faiss (and the delta the manifest lists, if any) were saved for this manifest and still
+        look like it (size, IndexIDMap2 magic)."""
         m = self.manifest
         if not self.faiss_path.is_file() or m.faiss_generation != m.generation:
             return False
-        if m.faiss_size >= 0 and self.faiss_path.stat().st_size != m.faiss_size:
-            return False  # truncated or replaced: rebuilt from the shards
-        try:
-            with open(self.faiss_path, "rb") as fh:
-                return fh.read(4) == FAISS_MAGIC
+        saved = [(self.faiss_path, m.faiss_size)] + ([(self.delta_path, m.delta_size)] if self.has_delta() else [])
+        try:  # a size other than the one saved: truncated or replaced, rebuilt from the shards
+            return all((size < 0 or p.stat().st_size == size) and _head(p) == FAISS_MAGIC for p, size in saved)
         except OSError:
             return False
 
+    def has_delta(self) -> bool:
+        """The manifest lists a delta as part of the FAISS state (while a force generation is staged: never)."""
+        return self.manifest.delta_size >= 0 and not self._staged
+
+    def drop_delta(self) -> None:
+        """Remove index.delta.faiss (before a manifest that no longer lists it is written; a run killed in
+        between leaves a state readers and the next writer complete from the shards)."""
+        if self.delta_path.is_file():
+            self.delta_path.unlink()
+            fsync_dir(self.root)
 
 
 def preflight(root: Path, index_type: Optional[str] = None) -> str:

@@ -5,8 +5,19 @@ It opens the index (``IndexStore.open_for_write``: lock, identity check, recover
 sources are already current, buffers finished sources and commits them as one shard when
 ``shard_rows`` rows are buffered or ``commit_every_s`` has passed, writes each side channel's file
 for a shard right after its commit (thumbnails today; a channel is anything with ``write`` and
-``drop``), and at the end switches a ``force`` generation in and brings ``index.faiss`` up to date
-(appending the new shards when it can, else rebuilding). What it did is in :attr:`stats`.
+``drop``), and at the end switches a ``force`` generation in and brings the FAISS index up to date
+(appending the new rows to the delta when it can, else rebuilding). What it did is in :attr:`stats`.
+
+The FAISS state of an index folder is ``index.faiss`` (the main index, of the manifest's type) plus
+``index.delta.faiss`` (an exact ``IDMap2,Flat`` of the rows added since the main one was saved).
+An add writes only the delta (its old rows and the new ones; the main file is not opened for
+writing, not even read: the ids it holds come from its tail, ``faiss_index.file_ids``), then the
+manifest that lists both files' sizes. When the delta holds more than ``faiss_index.delta_limit``
+(10% of the main index, at most 100k vectors), it is folded into the main index instead: one
+rewrite of index.faiss, no training (IVF: into the trained lists; HNSW: into the graph), and the
+delta file goes. A rebuild (new type, a re-indexed source, ``auto`` moving to another type)
+writes index.faiss alone. Every step is recoverable from the shards: a delta that is missing,
+damaged or stale is made again from the live rows the main index lacks.
 """
 
 from __future__ import annotations
@@ -21,7 +32,10 @@ from typing import Callable, Optional, Protocol, Sequence
 import numpy as np
 
 from mergeseek.errors import ConfigError, DamagedIndexError
-from mergeseek.indexing.faiss_index import add_to_index, build_index, load_index, save_index
+from mergeseek.indexing.faiss_index import (
+    add_to_index, build_index, delta_contents, delta_limit, file_ids, held_ids, live_ids_by_shard, load_index, make_delta,
+    read_rows, save_index,
+)
 from mergeseek.indexing.store import EncodedSource, IndexStore
 from mergeseek.indexing.thumbs import ThumbCollector
 
@@ -155,91 +169,182 @@ class IndexWriter:
 
 
 def refresh_faiss(store: IndexStore, new_shards: list, can_append: bool, ngpu: int = -1) -> None:
-    """Make index.faiss match the committed shards: append the shards it lacks when it can, else rebuild.
+    """Make the FAISS state match the committed shards: append the rows it lacks to the delta when it
+    can (folding the delta into index.faiss past ``delta_limit``), else rebuild index.faiss.
 
-    Appending adds the missing shards' vectors to the saved index (IVF: to its trained lists, never
-    training again; HNSW: into its graph) and writes nothing else: the shards are never rewritten.
-    Which shards are missing is read from the ids the saved index holds, so the shards committed by a
-    run killed before this step are appended by the next run too. It rebuilds instead when the index
-    holds a row that is no longer live (a re-indexed source), covers part of a shard, was invalidated
-    by a new --index-type (``faiss_generation`` -1), or ``auto`` moves to another type."""
+    Appending never trains and never writes index.faiss. Which rows are missing is read from the ids
+    the saved files hold, so the rows committed by a run killed before this step are appended by the
+    next run too. It rebuilds instead when index.faiss holds a row that is no longer live (a
+    re-indexed source), was invalidated by a new --index-type (``faiss_generation`` -1), cannot be
+    read, or ``auto`` moves to another type."""
     m = store.manifest
     if store.faiss_is_current() and not new_shards:
         return
-    index = _appendable(store, can_append)
-    if index is not None:
-        index, todo = index
-        ids, vecs = store.read_vectors(shards=todo) if todo else (np.zeros(0, np.int64), None)
-        if todo and _auto_type_changes(store, len(ids)):
-            index = None
-        elif todo:
-            log.info("appending %d vectors of %d shard(s) to %s (no training)", len(ids), len(todo), store.faiss_path.name)
-            add_to_index(index, vecs, ids)
-    if index is None:
-        ids, vecs = store.read_vectors()
-        if len(ids) == 0:
-            return
-        try:
-            index = build_index(vecs, ids, m.index_type, ngpu=ngpu, memory_budget=m.memory_budget)
-        except ConfigError as exc:  # e.g. an IVF with more lists than vectors: keep the type it had
-            _keep_previous_type(store, ids, vecs, ngpu, exc)
-    if index.ntotal != m.counts()["vectors"]:
-        log.warning("index.faiss has %d vectors but the shards hold %d; rebuilding", index.ntotal, m.counts()["vectors"])
-        ids, vecs = store.read_vectors()
+    saved = _appendable(store, can_append)
+    if saved is not None and len(saved.missing) and _auto_type_changes(store, saved.main_rows):
+        saved = None
+    if saved is not None and _append(store, saved):
+        return
+    ids, vecs = store.read_vectors()
+    if len(ids) == 0:
+        return
+    try:
         index = build_index(vecs, ids, m.index_type, ngpu=ngpu, memory_budget=m.memory_budget)
+    except ConfigError as exc:  # e.g. an IVF with more lists than vectors: keep the type it had
+        _keep_previous_type(store, ids, vecs, ngpu, exc)
+    save_main(store, index)
+
+
+@dataclass
+class _Saved:
+    """What an append starts from: the main index's row count, the delta to extend (loaded, or new
+    when there was none or it was unusable), and the live ids neither holds."""
+
+    main_rows: int
+    delta: object
+    from_file: bool
+    missing: np.ndarray
+    by_shard: dict
+
+
+def _appendable(store: IndexStore, can_append: bool) -> Optional[_Saved]:
+    """The state to append to, or None when index.faiss must be rebuilt (see :func:`refresh_faiss`)."""
+    m = store.manifest
+    if not can_append or store.staged or not store.faiss_path.is_file() or m.faiss_generation < 0:
+        return None
+    held = _main_ids(store)
+    if held is None:
+        return None
+    by_shard = live_ids_by_shard(store)
+    live = np.concatenate(list(by_shard.values())) if by_shard else np.zeros(0, np.int64)
+    if len(np.unique(held)) != len(held) or not np.isin(held, live).all():
+        return None  # it holds a row that is no longer live
+    rest = live[~np.isin(live, held)]
+    delta, from_file = _saved_delta(store, rest)
+    return _Saved(len(held), delta, from_file, rest[~np.isin(rest, held_ids(delta))], by_shard)
+
+
+def _main_ids(store: IndexStore) -> Optional[np.ndarray]:
+    """The ids index.faiss holds: from its tail when its size is the one the manifest recorded (no
+    load), else from loading it (it was replaced by a run killed before its manifest); None: unusable."""
+    path = store.faiss_path
+    if path.stat().st_size == store.manifest.faiss_size:
+        ids = file_ids(path)
+        if ids is not None:
+            return ids
+        log.warning("index file %s is damaged (not an IndexIDMap2); rebuilding it", path)
+        return None
+    try:
+        return held_ids(load_index(path))
+    except DamagedIndexError as exc:  # derived data: rebuilt from the shards
+        log.warning("%s; rebuilding it", str(exc).split(";")[0])
+        return None
+
+
+def _saved_delta(store: IndexStore, rest: np.ndarray) -> tuple[object, bool]:
+    """(the delta file's index, True) when it holds only live rows index.faiss lacks, each once;
+    else (an empty delta, False): a damaged one with one warning, a stale one quietly."""
+    path, dim = store.delta_path, store.manifest.dim
+    if not path.is_file():
+        return make_delta(dim), False
+    try:
+        delta = load_index(path)
+    except DamagedIndexError as exc:
+        log.warning("%s; rebuilding it from the shards", str(exc).split(";")[0])
+        return make_delta(dim), False
+    ids = held_ids(delta) if hasattr(delta, "id_map") and delta.d == dim else None
+    if ids is None or len(np.unique(ids)) != len(ids) or not np.isin(ids, rest).all():
+        log.info("%s is stale (rows index.faiss holds, or gone); made again from the shards", path.name)
+        return make_delta(dim), False
+    return delta, True
+
+
+def _append(store: IndexStore, saved: _Saved) -> bool:
+    """Add the missing rows to the delta and save it (index.faiss untouched), or fold past the bound;
+    False when index.faiss turns out unreadable while folding (the caller rebuilds it)."""
+    delta = saved.delta
+    if len(saved.missing):
+        ids, vecs = read_rows(store, saved.missing, saved.by_shard)
+        add_to_index(delta, vecs, ids)
+    if delta.ntotal > delta_limit(saved.main_rows):
+        log.info("the delta holds %d vectors, over %d for %d in index.faiss: folding it in (no training)",
+                 delta.ntotal, delta_limit(saved.main_rows), saved.main_rows)
+        try:
+            index = load_index(store.faiss_path)
+        except DamagedIndexError as exc:
+            log.warning("%s; rebuilding it", str(exc).split(";")[0])
+            return False
+        ids, vecs = delta_contents(delta)
+        add_to_index(index, vecs, ids)
+        save_main(store, index)
+        return True
+    if delta.ntotal == 0:
+        store.drop_delta()
+    elif len(saved.missing) or not saved.from_file:
+        log.info("appending %d vectors to %s (%d in it; index.faiss untouched, no training)", len(saved.missing),
+                 store.delta_path.name, delta.ntotal)
+        save_index(delta, store.delta_path)
+    store.write_manifest(faiss_current=True)
+    return True
+
+
+def save_main(store: IndexStore, index) -> None:
+    """Save ``index`` as index.faiss holding every live row: the delta goes first (a run killed after
+    that leaves index.faiss's rows plus the shards, enough to make the delta again), then the file,
+    then the manifest that lists it alone."""
+    if not store.staged:
+        store.drop_delta()
     save_index(index, store.faiss_path)
     store.write_manifest(faiss_current=True)
 
 
-def _appendable(store: IndexStore, can_append: bool):
-    """(the saved index, the shards it lacks) when appending those shards makes it current, else None."""
-    m = store.manifest
-    if not can_append or not store.faiss_path.is_file() or m.faiss_generation < 0:
+def fold_into_main(store: IndexStore, live_ids: np.ndarray, index=None) -> Optional[int]:
+    """Make index.faiss hold every live row without training (``compact``, ``repair``): the rows it
+    lacks (the delta's, an interrupted run's) are read from the shards and added, then it is saved
+    and the delta removed. Returns how many were added, or None when index.faiss is missing,
+    damaged or holds rows that are gone (the caller rebuilds it). ``index``: already loaded."""
+    if index is None:
+        if not store.faiss_path.is_file():
+            return None
+        try:
+            index = load_index(store.faiss_path)
+        except DamagedIndexError:
+            return None
+    if not hasattr(index, "id_map"):
         return None
-    try:
-        index = load_index(store.faiss_path)
-    except DamagedIndexError as exc:  # derived data: rebuilt from the shards
-        log.warning("%s; rebuilding it", str(exc).split(";")[0])
-        return None
-    from mergeseek.indexing.faiss_index import held_ids
-
+    live = np.asarray(live_ids, np.int64)
     held = held_ids(index)
-    held_set = set(held.tolist())
-    if len(held_set) != len(held):
+    if len(np.unique(held)) != len(held) or not np.isin(held, live).all():
         return None
-    todo, covered = [], 0
-    for shard in store.shard_names():
-        live = store.read_shard(shard, columns=["id"]).column("id").to_numpy()
-        inside = int(np.isin(live, held, assume_unique=True).sum()) if len(live) else 0
-        if inside == len(live):
-            covered += inside
-        elif inside == 0:
-            todo.append(shard)
-        else:
-            return None  # part of a shard: not a state appending produces
-    return (index, todo) if covered == len(held) else None  # == : every row it holds is live
+    missing = live[~np.isin(live, held)]
+    if len(missing) or store.delta_path.is_file():
+        if len(missing):
+            ids, vecs = read_rows(store, missing)
+            add_to_index(index, vecs, ids)
+        save_main(store, index)
+    return int(len(missing))
 
 
 def _keep_previous_type(store: IndexStore, ids: np.ndarray, vecs: np.ndarray, ngpu: int, exc: ConfigError) -> None:
     """A new --index-type that cannot be built here is not stored: index.faiss keeps the previous type."""
     m = store.manifest
     asked, m.index_type = m.index_type, store.previous_index_type
-    save_index(build_index(vecs, ids, m.index_type, ngpu=ngpu, memory_budget=m.memory_budget), store.faiss_path)
-    store.write_manifest(faiss_current=True)
+    save_main(store, build_index(vecs, ids, m.index_type, ngpu=ngpu, memory_budget=m.memory_budget))
     raise ConfigError(f"{exc}. The vectors are committed and index.faiss was built as {m.index_type}, the index "
                       f"type it keeps; run `cli.py index` again with another --index-type than {asked!r} "
                       "to switch (no re-encoding)") from None
 
 
-def _auto_type_changes(store: IndexStore, added: int) -> bool:
-    """With --index-type auto, True when ``added`` more vectors move the index to another FAISS type (rebuild)."""
+def _auto_type_changes(store: IndexStore, main_rows: int) -> bool:
+    """With --index-type auto, True when the live rows call for another FAISS type than the one chosen
+    for index.faiss's ``main_rows`` (rebuild)."""
     from mergeseek.indexing.faiss_index import AUTO, choose_index_type
 
     m = store.manifest
     if m.index_type.lower() != AUTO:
         return False
     total = m.counts()["vectors"]
-    return choose_index_type(total, m.dim, m.memory_budget) != choose_index_type(total - added, m.dim, m.memory_budget)
+    return choose_index_type(total, m.dim, m.memory_budget) != choose_index_type(main_rows, m.dim, m.memory_budget)
 
 
-__all__ = ["IndexWriter", "SideChannel", "WriteStats", "refresh_faiss"]
+__all__ = ["IndexWriter", "SideChannel", "WriteStats", "fold_into_main", "refresh_faiss", "save_main"]

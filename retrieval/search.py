@@ -1,8 +1,10 @@
 """Query -> hits over an index directory: text, image and temporal ("A then B within W s") queries.
 
-``Searcher`` loads the manifest, the FAISS index (rebuilt in memory from the shards when a run was
-interrupted before index.faiss was refreshed) and the metadata, and refuses an encoder whose
-model, weights or dimension differ from the ones the index was built with.
+``Searcher`` loads the manifest, the FAISS index and its delta (the vectors added since index.faiss
+was saved: searched too, the two top-k lists merged exactly by score; rows a run interrupted before
+its FAISS step left out are read from the shards, and the whole index is rebuilt in memory only when
+index.faiss itself is unusable) and the metadata, and refuses an encoder whose model, weights or
+dimension differ from the ones the index was built with.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from mergeseek.errors import DamagedIndexError, IndexMismatchError, InputError
-from mergeseek.indexing.faiss_index import build_index, for_search, load_index
+from mergeseek.errors import IndexMismatchError, InputError
+from mergeseek.indexing.faiss_index import build_index, for_search, open_saved, search_with_delta
 from mergeseek.indexing.store import IndexStore, check_identity
 
 log = logging.getLogger(__name__)
@@ -94,7 +96,9 @@ class Searcher:
         from mergeseek.indexing.aic import load_video_meta
 
         self.video_meta = load_video_meta(self.store.root)
-        self.index = for_search(self._load_faiss(ngpu), ngpu=ngpu, nprobe=nprobe, ef_search=ef_search)
+        main, delta = self._load_faiss(ngpu)
+        self.index = for_search(main, ngpu=ngpu, nprobe=nprobe, ef_search=ef_search)  # nprobe/efSearch: set on this one
+        self.delta = for_search(delta, ngpu=ngpu) if delta is not None else None  # exact: no knobs
 
     @classmethod
     def open(cls, index_dir: Union[str, Path], model: str = FROM_INDEX, pretrained: str = FROM_INDEX,
@@ -117,21 +121,17 @@ class Searcher:
         return cls(index_dir, encoder, **kwargs)
 
     def _load_faiss(self, ngpu: int):
-        if self.store.faiss_is_current():
-            try:
-                index = load_index(self.store.faiss_path)
-            except DamagedIndexError as exc:  # derived from the shards: rebuilt below, the file is left alone
-                log.warning("%s", str(exc).split(";")[0])
-                index = None
-            if index is not None and index.ntotal == len(self._ids):
-                return index
+        """(main index, delta or None) over the live rows (``faiss_index.open_saved``), else rebuilt in memory."""
+        main, delta = open_saved(self.store, self._ids)
+        if main is not None:
+            return main, delta
         log.warning(
             "index.faiss in %s is missing, damaged or older than its shards (interrupted run?); rebuilt it in memory. "
             "Run `cli.py repair --index %s` (or `cli.py index` on the same folder) to save it", self.store.root,
             self.store.root,
         )
         ids, vecs = self.store.read_vectors()
-        return build_index(vecs, ids, self.manifest.index_type, ngpu=ngpu, memory_budget=self.manifest.memory_budget)
+        return build_index(vecs, ids, self.manifest.index_type, ngpu=ngpu, memory_budget=self.manifest.memory_budget), None
 
     @property
     def size(self) -> int:
@@ -147,7 +147,7 @@ class Searcher:
                 f"({self.manifest.model}); encode queries with {self.manifest.model}"
             )
         k = max(1, min(int(k), self.size))
-        scores, ids = self.index.search(q, k)
+        scores, ids = search_with_delta(self.index, self.delta, q, k)
         return [self._hits(s, i) for s, i in zip(scores, ids)]
 
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:

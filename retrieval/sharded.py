@@ -8,7 +8,9 @@ holding its own vectors, so every shard uses the same quantizer and the scores a
 
 Ids: each folder numbers its rows from 0, so a shard's ids are offset by the sum of the previous
 shards' ``max id + 1`` (folders in the order given). ``Hit.id`` is that global id;
-``ShardedSearcher.locate(id)`` gives back (folder, id in that folder).
+``ShardedSearcher.locate(id)`` gives back (folder, id in that folder). A folder's delta (the vectors
+added since its index.faiss was saved, ``indexing.writer``) is one more FAISS shard beside its main
+index, with the same id offset, so its rows are merged by score with all the others.
 
 Memory per million 512-d vectors with mergeseek's id map (``docs/SCALE.md`` has the derivation and
 the measurement): Flat 2.08 GB, SQ8 0.54 GB, IVF4096,PQ64 0.11 GB, HNSW32 2.35 GB; the metadata
@@ -24,7 +26,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from mergeseek.errors import IndexMismatchError, InputError
-from mergeseek.indexing.faiss_index import build_index, for_search, load_index, make_index
+from mergeseek.indexing.faiss_index import build_index, for_search, make_index, open_saved
 from mergeseek.indexing.store import IndexStore, check_identity
 from mergeseek.retrieval.search import FROM_INDEX, SEARCH_IDENTITY, Searcher, check_query
 
@@ -91,14 +93,15 @@ class ShardedSearcher(Searcher):
             pass
         trained = self._train(index_type, train_sample, seed) if index_type else None
         self.parts = []  # IndexShards does not own its shards: keep them alive here
+        self.delta = None  # each folder's delta is a shard of self.index
         self.index = faiss.IndexShards(int(self.manifest.dim), True, False)  # threaded, ids as given
         for s, meta, off in zip(self.stores, metas, self.offsets):
             if meta.num_rows == 0:
                 continue
-            part = self._shard_index(s, meta.num_rows, off, trained, ngpu)
-            part = for_search(part, ngpu=ngpu, nprobe=nprobe, ef_search=ef_search)
-            self.parts.append(part)
-            self.index.add_shard(part)
+            for part in self._shard_index(s, meta, off, trained, ngpu):  # the folder's main index, and its delta
+                part = for_search(part, ngpu=ngpu, nprobe=nprobe, ef_search=ef_search)
+                self.parts.append(part)
+                self.index.add_shard(part)
 
     @classmethod
     def open(cls, index_dirs: Sequence[Union[str, Path]], model: str = FROM_INDEX, pretrained: str = FROM_INDEX,
@@ -146,27 +149,26 @@ class ShardedSearcher(Searcher):
         log.info("trained %s on %d vectors across %d shard(s)", index_type, len(sample), len(parts))
         return index
 
-    def _shard_index(self, store: IndexStore, rows: int, offset: int, trained, ngpu: int):
+    def _shard_index(self, store: IndexStore, meta, offset: int, trained, ngpu: int) -> list:
+        """The FAISS indexes of one folder, ids shifted by ``offset``: [main] or [main, delta]."""
         import faiss
 
         if trained is not None:
             ids, vecs = store.read_vectors()
             part = faiss.clone_index(trained)
             part.add_with_ids(np.ascontiguousarray(vecs, np.float32), np.ascontiguousarray(ids + offset, np.int64))
-            return part
-        part = None
-        if store.faiss_is_current():
-            part = load_index(store.faiss_path)
-            if part.ntotal != rows:
-                part = None
-        if part is None:
+            return [part]
+        main, delta = open_saved(store, meta.column("id").to_numpy())
+        if main is None:
             log.warning("index.faiss in %s is missing or older than its shards; rebuilt it in memory", store.root)
             ids, vecs = store.read_vectors()
-            part = build_index(vecs, ids, store.manifest.index_type, ngpu=0,
+            main = build_index(vecs, ids, store.manifest.index_type, ngpu=0,
                                memory_budget=getattr(store.manifest, "memory_budget", None) or None)
+        parts = [main] + ([delta] if delta is not None and delta.ntotal else [])
         if offset:
-            _shift_ids(part, offset)
-        return part
+            for part in parts:
+                _shift_ids(part, offset)
+        return parts
 
 
 def _shift_ids(index, offset: int) -> None:

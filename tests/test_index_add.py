@@ -1,8 +1,9 @@
-"""Adding to an index (issue #29): a new source goes into a new shard and is appended to the saved
-FAISS index (IVF: into its trained lists; HNSW: into its graph): the existing shard files keep their
-bytes and modification times, the quantizer is not trained again, and search finds old and new rows.
-A run killed after its commit and before the FAISS step loses nothing: the next run appends what
-the saved index lacks (read from the ids it holds)."""
+"""Adding to an index (issue #29): a new source goes into a new shard and its vectors into the
+delta beside the saved FAISS index (``index.delta.faiss``, exact): the existing shard files and
+index.faiss keep their bytes and modification times, nothing is trained again, and search finds old
+and new rows. A run killed after its commit and before the FAISS step loses nothing: the next run
+appends what the saved files lack (read from the ids they hold). tests/test_faiss_delta.py has the
+rest of the delta's life (search equality, kills, folding, repair/compact/merge/export)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ def test_adding_a_source_appends_without_training_or_touching_the_shards(tmp_pat
     old = load_index(tmp_path / "index.faiss")
     old_quantizer = quantizer_bytes(old)
     assert (old_quantizer != b"") == index_type.startswith("IVF")
+    main_bytes, main_mtime = (tmp_path / "index.faiss").read_bytes(), (tmp_path / "index.faiss").stat().st_mtime_ns
 
     def no_training(*a, **k):
         raise AssertionError("an add must not train or rebuild the index")
@@ -65,9 +67,11 @@ def test_adding_a_source_appends_without_training_or_touching_the_shards(tmp_pat
     after = shard_state(tmp_path)
     assert {k: v for k, v in after.items() if k in before} == before  # same bytes, same mtimes
     assert len(after) == len(before) + 2  # one new shard pair
+    assert (tmp_path / "index.faiss").read_bytes() == main_bytes  # the main index is not rewritten
+    assert (tmp_path / "index.faiss").stat().st_mtime_ns == main_mtime
     index = load_index(tmp_path / "index.faiss")
-    assert quantizer_bytes(index) == old_quantizer
-    assert index.ntotal == 1100 and held_ids(index).tolist() == held_ids(old).tolist() + list(range(1000, 1100))
+    assert quantizer_bytes(index) == old_quantizer and held_ids(index).tolist() == held_ids(old).tolist()
+    assert held_ids(load_index(tmp_path / "index.delta.faiss")).tolist() == list(range(1000, 1100))
     store = IndexStore.open_for_read(tmp_path)
     assert store.faiss_is_current()
     assert finds_itself(tmp_path, np.concatenate([base[0].vectors[:5], new.vectors[:5]]),
@@ -86,6 +90,7 @@ def test_a_run_killed_before_the_faiss_step_is_appended_by_the_next_run(tmp_path
     write(tmp_path, [synthetic_source(f"v{i}", 100, seed=i) for i in range(3)], "IVF8,Flat")
     quantizer = quantizer_bytes(load_index(tmp_path / "index.faiss"))
     before = shard_state(tmp_path)
+    main_bytes = (tmp_path / "index.faiss").read_bytes()
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(ROOT / 'tests')!r})
@@ -103,9 +108,9 @@ def test_a_run_killed_before_the_faiss_step_is_appended_by_the_next_run(tmp_path
     assert "/data/late.mp4" in store.manifest.sources and not store.faiss_is_current()  # committed, nothing lost
 
     monkeypatch.setattr(faiss_index, "_train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
-    write(tmp_path, [])  # the next run: nothing new to index, the saved index gets the killed run's shard
-    index = load_index(tmp_path / "index.faiss")
-    assert quantizer_bytes(index) == quantizer and index.ntotal == 330
+    write(tmp_path, [])  # the next run: nothing new to index, the delta gets the killed run's shard
+    assert (tmp_path / "index.faiss").read_bytes() == main_bytes and quantizer_bytes(load_index(tmp_path / "index.faiss")) == quantizer
+    assert held_ids(load_index(tmp_path / "index.delta.faiss")).tolist() == list(range(300, 330))
     assert {k: v for k, v in shard_state(tmp_path).items() if k in before} == before
     assert IndexStore.open_for_read(tmp_path).faiss_is_current()
     late = synthetic_source("late", 30, seed=42)
