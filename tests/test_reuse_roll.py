@@ -56,8 +56,8 @@ def drifting_frames(n: int, seed: int = 0) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- the naive statement
-def _rel(new, old) -> bool:
-    return float((new - old).norm() / old.norm().clamp_min(1e-6)) >= THRESHOLD
+def _rel(new, old, threshold=None) -> bool:
+    return float((new - old).norm() / old.norm().clamp_min(1e-6)) >= (THRESHOLD if threshold is None else threshold)
 
 
 THRESHOLD, BITS = 0.1, 64
@@ -87,9 +87,11 @@ def _full(model, planes, px):
     return {"codes": codes, "blocks": blocks, "out": model.forward_head(model.norm(x[None]))[0]}, 0
 
 
-def _dependant(model, planes, px, base):
+def _dependant(model, planes, px, base, query: float = 0.0):
     """A frame against the caches ``base``, token by token: (output, the caches it leaves, rows
-    of q/k/v recomputed)."""
+    of q/k/v recomputed). ``query`` > 0: the query gate (tests/test_reuse_query.py): attention and
+    the out-projection only for the tokens whose q/k/v row was recomputed or whose block input
+    moved by ``query``, the others keep their cached rows."""
     patches = model.patch_embed(px)
     codes = (patches[0] @ planes > 0).numpy()
     x = model.norm_pre(model._pos_embed(patches))[0]
@@ -103,7 +105,14 @@ def _dependant(model, planes, px, base):
         act[0] = act[0] or any(act[1:])
         qkv = torch.stack([b.attn.qkv(b.norm1(x[t])) if act[t] else c["qkv"][t] for t in range(n)])
         xs = torch.stack([x[t] if act[t] else c["x"][t] for t in range(n)])
-        if any(act):
+        if query > 0:
+            qact = [act[t] or (query < THRESHOLD and _rel(x[t], c["x"][t], query)) for t in range(n)]
+            qact[0] = qact[0] or any(qact[1:])
+            full = _attention(b, qkv)  # only the rows of qact are kept
+            a = torch.stack([full[t] if qact[t] else c["a"][t] for t in range(n)])
+            p = torch.stack([b.ls1(b.attn.proj(a[t])) if qact[t] else c["p"][t] for t in range(n)])
+            touched = touched or any(qact)
+        elif any(act):
             a = _attention(b, qkv)
             p = torch.stack([b.ls1(b.attn.proj(a[t])) for t in range(n)])
         else:
@@ -121,9 +130,10 @@ def _dependant(model, planes, px, base):
     return out, {"codes": new_codes, "blocks": blocks, "out": out}, qkv_rows
 
 
-def naive_rolling(model, planes, frames, k: int, refresh: int):
-    """Outputs [T, D] of one video's frames under rolling caches, and the q/k/v rows recomputed by
-    the dependants (the reference frames compute every row)."""
+def naive_rolling(model, planes, frames, k: int, refresh: int, query: float = 0.0):
+    """Outputs [T, D] of one video's frames under rolling caches (``k`` >= the frames: every
+    dependant against its reference, as ``roll=0``), and the q/k/v rows recomputed by the
+    dependants (the reference frames compute every row)."""
     outs, base = [], None
     newest, since, dep_rows = None, 0, 0
     with torch.inference_mode():
@@ -137,7 +147,7 @@ def naive_rolling(model, planes, frames, k: int, refresh: int):
             if since > 0 and since % k == 0:  # a new group: its base is what the last frame left
                 base = newest
             since += 1
-            out, newest, rows = _dependant(model, planes, px, base)
+            out, newest, rows = _dependant(model, planes, px, base, query)
             dep_rows += rows
             outs.append(out)
     return torch.stack(outs), dep_rows

@@ -12,7 +12,7 @@ from mergeseek.errors import ConfigError
 from mergeseek.options import parse_options
 
 _OFF = ("", "none", "off")
-_FLOATS = ("threshold", "cut", "attn")
+_FLOATS = ("threshold", "cut", "attn", "query")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,11 @@ class ReuseConfig:
             left (``k=1``: each frame with the one before it, as Eventful; a larger ``k`` batches
             the gated rows of ``k`` frames into one matrix product). 0 (the default): every frame
             of a shot is compared with its reference, one pass per batch.
+        query: ``T`` > 0: attention is recomputed only for the queries of a frame whose q/k/v row
+            was recomputed or whose block input moved by ``T`` (relative L2; ``T`` >= ``threshold``:
+            the q/k/v rows alone); the other queries keep their cached attention output and
+            out-projection rows (they changed by less than the gate lets through). 0 (the
+            default): every query of a frame in which any q/k/v row was recomputed.
     """
 
     threshold: float = 0.05
@@ -54,6 +59,7 @@ class ReuseConfig:
     max_videos: int = 16
     audit: int = 32
     roll: int = 0
+    query: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.threshold >= 0 and math.isfinite(self.threshold)):
@@ -64,6 +70,8 @@ class ReuseConfig:
             raise ConfigError(f"reuse cut={self.cut} is not valid; give a share in (0, 1]")
         if not (self.attn >= 0 and math.isfinite(self.attn)):
             raise ConfigError(f"reuse attn={self.attn} is not valid; give a number >= 0 (0: always recompute)")
+        if not (self.query >= 0 and math.isfinite(self.query)):
+            raise ConfigError(f"reuse query={self.query} is not valid; give a number >= 0 (0: every query of a frame that moved)")
         if not 1 <= self.bits <= 1024:
             raise ConfigError(f"reuse bits={self.bits} is not valid; give 1..1024")
         if self.max_videos < 1:

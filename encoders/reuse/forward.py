@@ -89,9 +89,9 @@ class BlockPass:
         R, F, xr = self.R, self.F, self.xr
         bias_r = attention_bias(self.state, self.plan.prop_attn, xr.dtype) if (self.plan is not None and R) else None
         n = int((xr if R else self.xd).shape[1])
-        qkv_r, qkv_d, rows, counts, x_buf = self.qkv_gate(bi, b, n, changed)
-        a_r, a_d, q_r, k_r, scale, moved = self.attention(bi, b, qkv_r, qkv_d, bias_r, counts)
-        p_r, p_d, y_r, y_d, rows2 = self.proj_gate(bi, b, n, a_r, a_d, moved)
+        qkv_r, qkv_d, rows, counts, x_buf, queries = self.qkv_gate(bi, b, n, changed)
+        a_r, a_d, q_r, k_r, scale, moved = self.attention(bi, b, n, qkv_r, qkv_d, bias_r, counts, queries)
+        p_r, p_d, y_r, y_d, rows2 = self.proj_gate(bi, b, n, a_r, a_d, moved, queries)
         y_r, y_d, merge_map_r = self.merge_step(bi, n, want, y_r, y_d, q_r, k_r, bias_r, scale)
         m_r, x_next, rows3, y_buf, m_buf = self.mlp_gate(bi, b, y_r, y_d)
         if F:
@@ -117,25 +117,37 @@ class BlockPass:
 
     def qkv_gate(self, bi: int, b, n: int, changed):
         """q/k/v: block 0 recomputes the patches whose hash moved, later blocks the moved inputs.
-        Returns (references' qkv, dependants' qkv, rows recomputed, per-frame row counts)."""
-        fam, F = self.fam, self.F
-        idx = rows = counts = None
+        Returns (references' qkv, dependants' qkv, rows recomputed, per-frame row counts, the
+        rolling cache of the block input, and with ``query`` > 0 the queries whose attention is
+        recomputed: (flat indices, count, per-frame counts))."""
+        fam, F, cfg = self.fam, self.F, self.cfg
+        idx = rows = counts = queries = None
         if F:
+            x_old = None
             if bi == 0:
                 act = np.zeros((F, n), dtype=bool)
                 act[:, fam.protected :] = changed
                 if fam.protected:
                     act[:, : fam.protected] = act[:, fam.protected :].any(axis=1, keepdims=True)
             else:
-                act = self.gate(self.xd, self.own(self.xr, "x", bi)[0])
+                x_old = self.own(self.xr, "x", bi)[0]
+                act = self.gate(self.xd, x_old)
             idx, rows, counts = self.gate_rows(act)
+            if cfg.query > 0:
+                queries = (idx, rows, counts)
+                if cfg.query < cfg.threshold:  # a wider set: the inputs that moved by ``query``
+                    x_old = self.own(self.xr, "x", bi)[0] if x_old is None else x_old
+                    wide = self.gate(self.xd, x_old, cfg.query)
+                    wide |= torch.as_tensor(act, device=self.dev) if isinstance(act, np.ndarray) else act
+                    queries = self.gate_rows(wide)
         qkv_r, vals = self.linear(lambda t: fam.qkv(b, fam.ln1(b, t)), self.xr, self.xd, idx, rows)
         qkv_d = self.written(qkv_r, "qkv", bi, idx, rows, vals, (F, n)) if F else None
         x_buf = self.rolled_rows(self.xr, "x", bi, idx, rows, self.xd) if F and self.rolled is not None else None
-        return qkv_r, qkv_d, rows, counts, x_buf
+        return qkv_r, qkv_d, rows, counts, x_buf, queries
 
-    def attention(self, bi: int, b, qkv_r, qkv_d, bias_r, counts):
-        """Every query of a reference and of a dependant where any q/k/v row was recomputed.
+    def attention(self, bi: int, b, n: int, qkv_r, qkv_d, bias_r, counts, queries):
+        """Every query of a reference and of a dependant where any q/k/v row was recomputed (with
+        ``query`` > 0: the dependants' ``queries`` only, the other rows cached).
         Returns (a_r, a_d, q_r, k_r, scale, the dependants that moved)."""
         a_r = k_r = q_r = scale = a_d = moved = None
         if self.R:
@@ -143,7 +155,11 @@ class BlockPass:
         if self.F:
             moved = [j for j, c in enumerate(counts) if c]
             bias_d = self.own(bias_r, "bias", bi)[0]
-            if len(moved) == self.F:
+            if queries is not None:
+                q_idx, q_rows, q_counts = queries
+                vals = self.attend_rows(b, qkv_d, bias_d, q_idx, q_counts) if q_rows else None
+                a_d = self.written(a_r, "a", bi, q_idx, q_rows, vals, (self.F, n))
+            elif len(moved) == self.F:
                 a_d = self.attend(b, qkv_d, bias_d)[0]
             else:
                 a_d, fresh = self.own(a_r, "a", bi)
@@ -154,13 +170,15 @@ class BlockPass:
                     a_d.index_copy_(0, mv, sub.to(a_d.dtype))
         return a_r, a_d, q_r, k_r, scale, moved
 
-    def proj_gate(self, bi: int, b, n: int, a_r, a_d, moved):
-        """Out-projection: every token of a frame whose attention was recomputed (``attn=0``), else
-        the tokens whose attention output moved by ``attn``. Returns (p_r, p_d, y_r, y_d, rows)."""
+    def proj_gate(self, bi: int, b, n: int, a_r, a_d, moved, queries):
+        """Out-projection: every token whose attention was recomputed (``attn=0``), else the tokens
+        whose attention output moved by ``attn``. Returns (p_r, p_d, y_r, y_d, rows)."""
         idx = rows = None
         if self.F:
             if self.cfg.attn > 0:
                 idx, rows, _ = self.gate_rows(self.gate(a_d, self.own(a_r, "a", bi)[0], self.cfg.attn))
+            elif queries is not None:  # the other rows kept their attention output, so their projection
+                idx, rows = queries[0], queries[1]
             else:  # known on the host
                 idx = on_device((np.asarray(moved, dtype=np.int64)[:, None] * n + np.arange(n)).reshape(-1), self.dev)
                 rows = len(moved) * n
@@ -332,6 +350,24 @@ class BlockPass:
         q, k, scale = self.fam.qk(b, q, k)
         out = scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype), scale=scale)
         return out.transpose(1, 2).reshape(f, n, -1), k, q, scale
+
+    def attend_rows(self, b, qkv, bias, idx, counts):
+        """Attention of the queries ``idx`` (flat over [F, N], frame by frame) against every key of
+        their frame: [rows, C] in the order of ``idx``."""
+        f, n, _ = qkv.shape
+        q, k, v = qkv.reshape(f, n, 3, self.fam.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        pos = idx % n
+        outs, start = [], 0
+        for j, c in enumerate(counts):
+            if not c:
+                continue
+            qj = q[j : j + 1] if c == n else q[j : j + 1].index_select(2, pos[start : start + c])
+            start += c
+            qj, kj, scale = self.fam.qk(b, qj, k[j : j + 1])
+            mask = None if bias is None else bias[j : j + 1].to(qj.dtype)
+            out = scaled_dot_product_attention(qj, kj, v[j : j + 1], attn_mask=mask, scale=scale)
+            outs.append(out.transpose(1, 2).reshape(c, -1))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def count(self, block: int, qkv_rows, proj_rows, mlp_rows, qkv_done, proj_done, mlp_done) -> None:
         self.stats.add(block, 0, qkv_rows, qkv_done)
