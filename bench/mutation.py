@@ -58,7 +58,8 @@ AREAS = {
         Area("serve", ("tests/test_serve_api.py",), ("tests/test_rules_serve.py",)),
         Area("time", ("tests/test_decoders.py", "tests/test_indexing_sources.py", "tests/test_retrieval_search.py"),
              ("tests/test_rules_time.py",)),
-        Area("reuse", ("tests/test_reuse.py",), ("tests/test_rules_reuse.py", "tests/test_reuse_roll.py")),
+        Area("reuse", ("tests/test_reuse.py",), ("tests/test_rules_reuse.py", "tests/test_reuse_roll.py",
+                                                  "tests/test_reuse_query.py")),
     )
 }
 
@@ -285,6 +286,19 @@ MUTANTS: tuple[Mutant, ...] = (
       'y_buf = self.rolled_rows(y_r, "y", bi, idx, rows, y_d)', 'y_buf = self.own(y_r, "y", bi)[0]'),
     M("reuse", "roll-negative-accepted", "encoders/reuse/config.py",
       "if self.roll < 0:", "if self.roll < -1:"),
+    # query gate (query=T, issue #27 second round)
+    M("reuse", "query-wide-never", "encoders/reuse/forward.py",
+      "if cfg.query < cfg.threshold:", "if False:"),
+    M("reuse", "query-wide-inclusive", "encoders/reuse/forward.py",
+      "if cfg.query < cfg.threshold:", "if cfg.query <= cfg.threshold:"),
+    M("reuse", "query-wide-drops-qkv-rows", "encoders/reuse/forward.py",
+      "                    wide |= torch.as_tensor(act", "                    wide &= torch.as_tensor(act"),
+    M("reuse", "query-proj-every-row", "encoders/reuse/forward.py",
+      "            elif queries is not None:", "            elif False:"),
+    M("reuse", "query-rows-of-the-wrong-token", "encoders/reuse/forward.py",
+      "        pos = idx % n\n", "        pos = (idx + 1) % n\n"),
+    M("reuse", "query-negative-accepted", "encoders/reuse/config.py",
+      "if not (self.query >= 0 and", "if not (self.query >= -1 and"),
 )
 
 
