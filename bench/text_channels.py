@@ -3,6 +3,7 @@ what OCR adds to an indexing run.
 
     python bench/text_channels.py [--engines "rapidocr;tesseract"] [--captions 12] [--sizes 16,20,24,32,40]
                                   [--rounds 2] [--out bench_text.json]
+    python bench/text_channels.py --engine-only [--engines ...] [--rounds 3]     # the engines alone
 
 A "news" video is made from the sample clips (bigbuckbunny, bikes; 1280x720, 10 fps): every 2 s a
 new caption (Vietnamese or English, from ``CAPTIONS``) is drawn in, at one of ``--sizes`` pixel
@@ -17,6 +18,10 @@ captions whose frame is in the top 10 of ``search --ocr`` for (a) the caption ty
 and (b) three of its words; overall, OCR frames per second (engine busy time) and the cost ratio
 of the run with OCR to the run without, by wall clock and by CPU time (this process and its
 children: Tesseract runs as child processes). Every figure names its clock.
+
+``--engine-only`` times the engines alone on the keyframes (rendered as above, through the same
+MPEG-4 encoder, without the frames between them), alternated in one process, CPU time of this
+process on one thread, and gives the CER per size from the lines read in each caption's band.
 """
 
 from __future__ import annotations
@@ -63,37 +68,75 @@ def _backgrounds():
     return frames
 
 
+def _plan(captions: list, sizes: list) -> list[dict]:
+    plan = [{"text": c, "size": s, "style": ("box", "glass", "outline")[(i + j) % 3]}
+            for j, s in enumerate(sizes) for i, c in enumerate(captions)]
+    per = FPS * SECONDS_PER_CAPTION
+    for n, cap in enumerate(plan):
+        top = 720 - 40 - cap["size"] * 2
+        cap.update(first_frame=n * per, band=(top - 6, top + cap["size"] * 2))
+    return plan
+
+
+def _draw(bg: np.ndarray, cap: dict, font) -> np.ndarray:
+    """One frame of the video: ``bg`` at 1280x720 with ``cap`` drawn in, slightly blurred (RGB)."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    im = Image.fromarray(bg).resize((1280, 720)).convert("RGB")
+    d = ImageDraw.Draw(im, "RGBA")
+    w = d.textlength(cap["text"], font=font)
+    top = cap["band"][0] + 6
+    if cap["style"] == "box":
+        d.rectangle([30, top - 8, 50 + w, top + cap["size"] * 1.4], fill=(16, 40, 120, 255))
+        d.text((40, top), cap["text"], font=font, fill=(255, 255, 255))
+    elif cap["style"] == "glass":
+        d.rectangle([30, top - 8, 50 + w, top + cap["size"] * 1.4], fill=(0, 0, 0, 140))
+        d.text((40, top), cap["text"], font=font, fill=(255, 240, 80))
+    else:
+        d.text((40, top), cap["text"], font=font, fill=(255, 255, 255), stroke_width=2, stroke_fill=(0, 0, 0))
+    return np.asarray(im.filter(ImageFilter.GaussianBlur(0.6)))
+
+
 def make_video(path: Path, captions: list, sizes: list) -> list[dict]:
     """Write the captioned video; returns one dict per caption (text, size, style, band, first frame)."""
     import cv2
-    from PIL import Image, ImageDraw, ImageFilter, ImageFont
+    from PIL import ImageFont
 
     bgs = _backgrounds()
     font_path = _font_path()
-    plan = [{"text": c, "size": s, "style": ("box", "glass", "outline")[(i + j) % 3]}
-            for j, s in enumerate(sizes) for i, c in enumerate(captions)]
+    plan = _plan(captions, sizes)
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), FPS, (1280, 720))
     per = FPS * SECONDS_PER_CAPTION
     for n, cap in enumerate(plan):
         font = ImageFont.truetype(font_path, cap["size"])
-        top = 720 - 40 - cap["size"] * 2
-        cap.update(first_frame=n * per, band=(top - 6, top + cap["size"] * 2))
         for f in range(per):
-            im = Image.fromarray(bgs[(n * per + f) // 3 % len(bgs)]).resize((1280, 720)).convert("RGB")
-            d = ImageDraw.Draw(im, "RGBA")
-            w = d.textlength(cap["text"], font=font)
-            if cap["style"] == "box":
-                d.rectangle([30, top - 8, 50 + w, top + cap["size"] * 1.4], fill=(16, 40, 120, 255))
-                d.text((40, top), cap["text"], font=font, fill=(255, 255, 255))
-            elif cap["style"] == "glass":
-                d.rectangle([30, top - 8, 50 + w, top + cap["size"] * 1.4], fill=(0, 0, 0, 140))
-                d.text((40, top), cap["text"], font=font, fill=(255, 240, 80))
-            else:
-                d.text((40, top), cap["text"], font=font, fill=(255, 255, 255), stroke_width=2, stroke_fill=(0, 0, 0))
-            im = im.filter(ImageFilter.GaussianBlur(0.6))
-            writer.write(cv2.cvtColor(np.asarray(im), cv2.COLOR_RGB2BGR))
+            writer.write(cv2.cvtColor(_draw(bgs[(n * per + f) // 3 % len(bgs)], cap, font), cv2.COLOR_RGB2BGR))
     writer.release()
     return plan
+
+
+def keyframes(captions: list, sizes: list, tmp: Path) -> tuple[list, list[np.ndarray]]:
+    """The plan and its keyframes (the first frame of each caption, what ``index --every 20`` keeps) as
+    RGB arrays, passed through the same MPEG-4 encoder as the video, without writing the others."""
+    import cv2
+    from PIL import ImageFont
+
+    bgs = _backgrounds()
+    plan = _plan(captions, sizes)
+    path = tmp / "keyframes.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), FPS, (1280, 720))
+    for n, cap in enumerate(plan):
+        font = ImageFont.truetype(_font_path(), cap["size"])
+        writer.write(cv2.cvtColor(_draw(bgs[(n * FPS * SECONDS_PER_CAPTION) // 3 % len(bgs)], cap, font), cv2.COLOR_RGB2BGR))
+    writer.release()
+    cap, frames = cv2.VideoCapture(str(path)), []
+    while True:
+        ok, bgr = cap.read()
+        if not ok:
+            break
+        frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    cap.release()
+    return plan, frames
 
 
 def _edit_distance(a: str, b: str) -> int:
@@ -164,6 +207,37 @@ def measure(plan: list, root: Path) -> dict:
     return {"sizes": sizes, "at_least_24px": at_least_24, "per_caption": per_caption}
 
 
+def engine_only(engines: list, captions: list, sizes: list, rounds: int, tmp: Path) -> dict:
+    """CPU time per frame of each engine alone on the keyframes (alternated; ``time.process_time``,
+    Tesseract's children included through getrusage) and the CER per caption size."""
+    from mergeseek.indexing.ocr import get_engine
+    from mergeseek.indexing.text import fold
+
+    plan, frames = keyframes(captions, sizes, tmp)
+    made = {e: get_engine(e) for e in engines}
+    for eng in made.values():
+        eng.read(frames[:2])  # sessions made, first-call costs paid, outside the timing
+    cpu: dict = {e: [] for e in engines}
+    read: dict = {}
+    for r in range(rounds):
+        for e in engines[r % len(engines):] + engines[: r % len(engines)]:
+            c0 = _cpu()
+            read[e] = made[e].read(frames)
+            cpu[e].append((_cpu() - c0) / len(frames))
+    out = {}
+    for e in engines:
+        cer: dict = {}
+        for cap, ft in zip(plan, read[e]):
+            lo, hi = cap["band"]
+            got = " ".join(w.text for w in ft.words if lo <= w.box[1] + w.box[3] / 2 <= hi)
+            cer.setdefault(cap["size"], []).append(_edit_distance(fold(got), fold(cap["text"])) / len(fold(cap["text"])))
+        out[e] = {"cpu_s_per_frame": [round(c, 4) for c in cpu[e]], "cpu_s_per_frame_median": round(float(np.median(cpu[e])), 4),
+                  "cer_by_size": {s: round(float(np.mean(v)), 3) for s, v in sorted(cer.items())},
+                  "cer_over_0.3_by_size": {s: int(sum(x > 0.3 for x in v)) for s, v in sorted(cer.items())}}
+    return {"frames": len(frames), "rounds": rounds, "engines": out, "load_avg": os.getloadavg(),
+            "clock": "CPU time per frame, getrusage self + children, one thread, engines alternated in one process"}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--captions", type=int, default=12, help="Distinct captions (each drawn at every size).")
@@ -173,11 +247,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--engines", default="rapidocr;tesseract",
                     help="--ocr engines to measure, separated by ';' (each against the same runs without OCR), "
                          "e.g. 'rapidocr;rapidocr,det_side=544;tesseract,passes=1'.")
+    ap.add_argument("--engine-only", action="store_true", help="Time the engines alone on the keyframes (no indexing).")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     torch.set_num_threads(1)
+    if args.engine_only:
+        with tempfile.TemporaryDirectory(prefix="mergeseek-text-bench-") as tmp:
+            report = engine_only([e.strip() for e in args.engines.split(";") if e.strip()], CAPTIONS[: args.captions],
+                                 [int(s) for s in args.sizes.split(",")], args.rounds, Path(tmp))
+        print(json.dumps(report, indent=1))
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=1))
+        return report
     from mergeseek.encoders import Encoder
 
     sizes = [int(s) for s in args.sizes.split(",")]

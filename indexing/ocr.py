@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -200,6 +201,12 @@ class RapidOcrEngine:
     diacritics ("Hà Nội" reads "Ha Noi"): matching is on folded words (``indexing.text.fold``), so
     that costs no recall. A line is split into words, each given its share of the line's box.
 
+    RapidOCR's models and its detector's post-processing are used; the steps around them are ours:
+    the detector's input is made in one pass from the RGB frame (:func:`detector_input`), its boxes
+    are mapped straight to the frame, each line is recognised on its own (RapidOCR batches them,
+    padded to the widest: more CPU per line here), and a line crop of exactly the pixels of one
+    read lately (a ticker, a logo) is not read again (``remember`` crops per thread).
+
     Args:
         det_side: long side of the frame for the detector.
         max_side: long side of the frame the lines are cut from.
@@ -218,7 +225,10 @@ class RapidOcrEngine:
         except ImportError:
             raise MissingDependencyError(f"--ocr rapidocr needs the rapidocr_onnxruntime package: {RAPIDOCR_INSTALL}") from None
         self.det_side, self.max_side, self.min_conf, self.threads = int(det_side), int(max_side), float(min_conf), int(threads)
-        self._local = threading.local()  # one set of ONNX sessions per OCR thread (RapidOCR keeps state per call)
+        self._local = threading.local()  # per OCR thread: its ONNX sessions (RapidOCR keeps state per call), crops read lately
+        self.remember = 64  # line crops remembered per thread (a news screen holds a few lines at a time)
+        self.recognised = self.reused = 0  # line crops read, and crops found among those remembered (counts)
+        self._count = threading.Lock()
 
     def __str__(self) -> str:
         extra = "".join(f",{k}={v:g}" for k, v, d in (("det_side", self.det_side, 640), ("max_side", self.max_side, 1280),
@@ -261,19 +271,19 @@ class RapidOcrEngine:
         return out
 
     def _read_one(self, image, pre: float) -> FrameText:
-        import cv2
-
         rgb, scale = self.shrink(image)
-        bgr = np.ascontiguousarray(rgb[:, :, ::-1])
         model = self._model()
-        s = min(1.0, self.det_side / max(bgr.shape[:2]))
-        small = bgr if s >= 1.0 else cv2.resize(bgr, (max(1, round(bgr.shape[1] * s)), max(1, round(bgr.shape[0] * s))),
-                                                interpolation=cv2.INTER_AREA)
-        boxes, _ = model.text_det(small)
-        if boxes is None or not len(boxes):
+        h, w = rgb.shape[:2]
+        blob = detector_input(rgb, self.det_side)
+        if blob is None:
             return FrameText()
-        quads = np.asarray(boxes, np.float32) / s
-        read, _ = model.text_rec(model.get_crop_img_list(bgr, quads))
+        boxes, _ = model.text_det.postprocess_op(model.text_det.infer(blob)[0], (h, w))
+        boxes = model.text_det.filter_tag_det_res(boxes, (h, w)) if len(boxes) else boxes
+        if not len(boxes):
+            return FrameText()
+        quads = np.asarray(boxes, np.float32)
+        read = [self._recognise(model, np.ascontiguousarray(crop[:, :, ::-1]))
+                for crop in model.get_crop_img_list(rgb, quads)]
         to_frame = 1.0 / ((scale * pre) or 1.0)
         lines = []
         for quad, (text, conf) in zip(quads, read):
@@ -282,6 +292,50 @@ class RapidOcrEngine:
             (x0, y0), (x1, y1) = quad.min(0) * to_frame, quad.max(0) * to_frame
             lines.append((float(x0), float(y0), float(x1), float(y1), text.strip(), 100.0 * float(conf)))
         return FrameText(tuple(w for line in _reading_order(lines) for w in _line_words(*line)))
+
+    def _recognise(self, model, crop: np.ndarray) -> tuple:
+        """(text, confidence 0-1) of one line crop (BGR). A crop of exactly the pixels of one read
+        lately (a ticker or a logo that stays on screen across keyframes) is not read again: the same
+        input gives the same output. One crop per call: batching lines pads them to the widest and
+        cost more per line here (docs/BENCHMARKS.md, OCR)."""
+        import hashlib
+
+        key = (crop.shape, hashlib.blake2b(crop.tobytes(), digest_size=16).digest())
+        seen = self._local.__dict__.setdefault("seen", OrderedDict())
+        if key in seen:
+            seen.move_to_end(key)
+            with self._count:
+                self.reused += 1
+            return seen[key]
+        (out,), _ = model.text_rec([crop])
+        seen[key] = out
+        if len(seen) > self.remember:
+            seen.popitem(last=False)
+        with self._count:
+            self.recognised += 1
+        return out
+
+
+def detector_input(rgb: np.ndarray, det_side: int) -> Optional[np.ndarray]:
+    """The text detector's input for an RGB frame: float32 [1, 3, H, W], BGR, ``(x / 255 - 0.5) / 0.5``;
+    None for a frame too small to hold text.
+
+    These are RapidOCR's own pixels exactly (the frame shrunk by area to ``det_side`` on its long side,
+    then resized to multiples of 32), made in one pass from the RGB frame. RapidOCR's path also copies
+    the whole frame to BGR first and normalises in float64. A direct area resize to the multiple of 32
+    would be one step fewer, but an area resize by a ratio that is not a whole number costs 8x more.
+    """
+    import cv2
+
+    h, w = rgb.shape[:2]
+    s = min(1.0, det_side / max(h, w))
+    small = rgb if s >= 1.0 else cv2.resize(rgb, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+    dw, dh = (int(round(int(x) / 32) * 32) for x in (small.shape[1], small.shape[0]))
+    if not dw or not dh:
+        return None
+    if (dh, dw) != small.shape[:2]:
+        small = cv2.resize(small, (dw, dh))
+    return cv2.dnn.blobFromImage(small, 1 / 127.5, None, (127.5, 127.5, 127.5), swapRB=True, crop=False)
 
 
 def _reading_order(lines: list) -> list:
