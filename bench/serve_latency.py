@@ -242,23 +242,34 @@ def text_encode_cpu(queries: int = 30, rounds: int = 3) -> dict:
 
 def measure_add(index_dir: Path, n_add: int, seed: int = 7) -> dict:
     """Add ``n_add`` frames (``n_add / 1000`` new videos of shot-like vectors) to the folder the way a
-    second ``cli.py index`` run does (``IndexWriter``: commit, then ``index.faiss`` brought up to date),
-    and check what the issue asks: the existing shard files untouched (size and mtime), the IVF
-    quantizer unchanged, every row in the FAISS index. Wall and process CPU seconds of each step."""
-    from mergeseek.indexing.faiss_index import held_ids, load_index, quantizer_bytes
+    second ``cli.py index`` run does (``IndexWriter``: commit, then the FAISS step, which writes the
+    delta ``index.delta.faiss`` and leaves ``index.faiss`` alone), and check what the issue asks: the
+    existing shard files untouched (size and mtime), index.faiss unchanged (size, mtime, inode and a
+    hash of every byte), the delta holding exactly the new ids in order, the manifest current. Wall
+    and process CPU seconds of each step, the process's peak RSS, and the delta's exact search cost
+    per query (one thread; also at the fold bound, 100k vectors, random)."""
+    import hashlib
+    import resource
+
+    import faiss
+
+    from mergeseek.indexing.faiss_index import DELTA_MAX_ROWS, file_ids, held_ids, load_index, make_delta
     from mergeseek.indexing.store import EncodedSource, IndexStore
     from mergeseek.indexing.writer import IndexWriter
 
     def stat_shards() -> dict:
         return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for sub in ("emb", "meta") for p in (index_dir / sub).iterdir()}
 
-    before = stat_shards()
-    t, c = time.perf_counter(), time.process_time()
-    old = load_index(index_dir / "index.faiss")
-    quantizer = quantizer_bytes(old)
-    n_before = old.ntotal
-    del old
-    load = (time.perf_counter() - t, time.process_time() - c)
+    def main_state() -> tuple:
+        p, h = index_dir / "index.faiss", hashlib.blake2b(digest_size=16)
+        with open(p, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+        st = p.stat()
+        return st.st_size, st.st_mtime_ns, st.st_ino, h.hexdigest()
+
+    before, main_before = stat_shards(), main_state()
+    n_before = len(file_ids(index_dir / "index.faiss"))
     rng = np.random.default_rng(seed)
     common = _unit(rng.standard_normal(IDENTITY["dim"]))
     vecs = shot_vectors(rng, n_add // FRAMES_PER_VIDEO, IDENTITY["dim"], common)
@@ -277,16 +288,30 @@ def measure_add(index_dir: Path, n_add: int, seed: int = 7) -> dict:
         t, c = time.perf_counter(), time.process_time()
         w.finish()
         refresh = (time.perf_counter() - t, time.process_time() - c)
-    after = stat_shards()
-    index = load_index(index_dir / "index.faiss")
-    return {"added": n_add, "vectors_before": int(n_before), "vectors_after": int(index.ntotal),
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    after, main_after = stat_shards(), main_state()
+    store = IndexStore.open_for_read(index_dir)
+    delta = load_index(store.delta_path)
+    faiss.omp_set_num_threads(1)
+    at_bound = make_delta(IDENTITY["dim"])  # an exact index of the delta's size at the fold bound
+    at_bound.add_with_ids(_unit(rng.standard_normal((DELTA_MAX_ROWS, IDENTITY["dim"]))), np.arange(DELTA_MAX_ROWS))
+    cost = {}
+    for name, index in (("delta", delta), ("flat_at_bound", at_bound)):
+        q = _unit(rng.standard_normal((40, IDENTITY["dim"]))).astype(np.float32)
+        c = time.process_time()
+        for row in q:
+            index.search(row[None], 20)
+        cost[f"{name}_{index.ntotal}"] = round((time.process_time() - c) / len(q) * 1e3, 2)
+    return {"added": n_add, "vectors_before": int(n_before), "vectors_after": int(n_before + delta.ntotal),
             "old_shards_untouched": all(after.get(k) == v for k, v in before.items()),
             "new_shard_files": sorted(set(after) - set(before)),
-            "quantizer_unchanged": quantizer_bytes(index) == quantizer, "quantizer_bytes": len(quantizer),
-            "ids_added_in_order": held_ids(index)[-n_add:].tolist() == list(range(start, start + n_add)),
-            "seconds_wall_cpu": {"load_index_for_checks": [round(x, 1) for x in load],
-                                 "commit_shard": [round(x, 1) for x in commit],
-                                 "faiss_append_and_save": [round(x, 1) for x in refresh]},
+            "index_faiss_unchanged": main_after == main_before, "index_faiss_bytes": main_before[0],
+            "delta_file_bytes": store.delta_path.stat().st_size,
+            "delta_ids_are_the_new_rows_in_order": held_ids(delta).tolist() == list(range(start, start + n_add)),
+            "faiss_state_current": store.faiss_is_current(),
+            "seconds_wall_cpu": {"commit_shard": [round(x, 2) for x in commit],
+                                 "faiss_step_delta_save": [round(x, 2) for x in refresh]},
+            "peak_rss_mb": round(peak_rss_mb), "exact_search_cpu_ms_per_query_one_thread_k20": cost,
             "load_average_1min": round(os.getloadavg()[0], 1)}
 
 
