@@ -144,3 +144,28 @@ def test_query_config(spec, ok):
     else:
         with pytest.raises(ConfigError, match="query"):
             ReuseConfig.parse("threshold=0.1," + spec)
+
+
+# ---------------------------------------------------------------------------- the merge replay
+@pytest.mark.parametrize("merge", ["r=2", "r=3,method=lsh", "r=2,method=pairs"])
+def test_a_replayed_merge_gives_the_references_own_merged_tokens(tiny_vit, merge):
+    """A dependant merges with its reference's map (each token's slot and weight): applied to the
+    reference's own post-attention tokens (x + attention branch, cached) it must give the tokens
+    the matcher merged, the cached ``y`` of every merging block."""
+    from mergeseek.encoders import apply_merging, remove_merging
+    from mergeseek.encoders.reuse.forward import BlockPass
+
+    apply_merging(tiny_vit, merge)
+    try:
+        stream = ReuseStream(tiny_vit, ReuseConfig(threshold=THRESHOLD, bits=BITS), merge)
+        stream_outputs(stream, drifting_frames(1), 1)
+    finally:
+        remove_merging(tiny_vit)
+    blocks = stream.streams["v"].ref.blocks
+    merging = [c for c in blocks if c.merge_map is not None]
+    assert len(merging) >= 4  # the first blocks merge (17 tokens: later ones may have too few)
+    for c in merging:
+        n_in, n_out = c.x.shape[1], c.y.shape[1]
+        assert n_out < n_in and c.merge_map.shape == (1, n_in, 2)
+        got = BlockPass.replay(c.merge_map, c.x + c.p, n_out)
+        assert torch.allclose(got, c.y, atol=1e-5), float((got - c.y).abs().max())

@@ -31,7 +31,7 @@ class BlockCache:
     y: Any
     m: Any
     bias: Any  # attention bias of the block's layout (None: no sizes yet)
-    merge_map: Any  # [1, N_out, N_in] size-weighted merge (None: the block does not merge)
+    merge_map: Any  # [1, N_in, 2]: per token its merged slot and weight (None: the block does not merge)
 
 
 @dataclass
@@ -200,12 +200,25 @@ class BlockPass:
                 merged, state, _ = merge_tokens(torch.cat([y_r, eye], dim=-1), self.state, k_r.mean(dim=1), probs, r, plan)
                 if state is not self.state:  # the matcher found something to merge
                     width = y_r.shape[-1]
-                    y_r, merge_map_r, self.state = merged[..., :width], merged[..., width:], state
+                    y_r, dense, self.state = merged[..., :width], merged[..., width:], state
+                    # every token goes to one slot (the merge is a scatter-sum): keep that slot
+                    # and its weight, so a dependant merges in O(N C), not O(N^2 C)
+                    slot = dense.argmax(dim=1, keepdim=True)  # [R, 1, N_in]
+                    merge_map_r = torch.stack([slot.squeeze(1).to(dense.dtype), dense.gather(1, slot).squeeze(1)], dim=-1)
         if self.F:
             mm = self.own(merge_map_r, "merge_map", bi)[0]
             if mm is not None:
-                y_d = torch.bmm(mm, y_d)
+                y_d = self.replay(mm, y_d, int(self.sources(y_r, lambda k: k.blocks[bi].y)[0].shape[1]))
         return y_r, y_d, merge_map_r
+
+    @staticmethod
+    def replay(mm, y, n_out: int):
+        """The merge ``mm`` [F, N_in, 2] (slot, weight per token) applied to ``y`` [F, N_in, C]."""
+        f, n_in, width = y.shape
+        slot = mm[..., 0].long() + torch.arange(f, device=y.device).unsqueeze(1) * n_out
+        out = y.new_zeros(f * n_out, width)
+        out.index_add_(0, slot.reshape(-1), (y * mm[..., 1:].to(y.dtype)).reshape(-1, width))
+        return out.view(f, n_out, width)
 
     def mlp_gate(self, bi: int, b, y_r, y_d):
         """MLP: the tokens whose post-attention input moved. Returns (m_r, the dependants' block
