@@ -445,3 +445,23 @@ def test_a_copied_folder_keeps_its_delta(tmp_path):
     shutil.copytree(tmp_path / "ix", tmp_path / "copy")
     assert IndexStore.open_for_read(tmp_path / "copy").faiss_is_current()
     assert Searcher(tmp_path / "copy", ngpu=0).delta.ntotal == 150
+
+
+def test_the_gpu_path_clones_the_main_index_and_the_delta(tmp_path, monkeypatch):
+    """With a GPU FAISS build, search moves both files' indexes to the GPU (``for_search``); here the
+    clone is a CPU copy standing in for it, so the answers must not change."""
+    import faiss
+
+    with_delta(tmp_path)
+    q = queries(tmp_path)
+    want = hits_of(Searcher(tmp_path, ngpu=0), q, 10)
+    cloned = []
+
+    def to_gpu(index, ngpu):
+        cloned.append((int(index.ntotal), ngpu))
+        return faiss.clone_index(index) if ngpu else None
+
+    monkeypatch.setattr(faiss_index, "_to_gpu", to_gpu)
+    s = Searcher(tmp_path, ngpu=-1)
+    assert sorted(cloned) == [(150, -1), (2000, -1)]
+    assert hits_of(s, q, 10) == want
