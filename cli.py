@@ -700,6 +700,13 @@ def eval_cmd(
                      "threshold=0.05,refresh=16). See docs/REUSE.md."),
     ] = None,
     compile_: CompileOpt = None,
+    ocr: Annotated[Optional[str], typer.Option("--ocr", help="OCR engine reading the keyframes of sets whose queries have "
+                   "'ocr:' parts (e.g. rapidocr), cached by file content; those queries are scored fused, as submit ranks "
+                   "them (docs/TEXT.md).")] = None,
+    asr: Annotated[Optional[str], typer.Option("--asr", help="Speech engine transcribing the videos of sets whose queries "
+                   "have 'asr:' parts (e.g. pocketsphinx), cached by file content.")] = None,
+    text_from: Annotated[Optional[Path], typer.Option("--text-from", help="Index folder of the same media built with "
+                         "--ocr/--asr: its stored text is used for 'ocr:'/'asr:' query parts (instead of --ocr/--asr).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Compare merged encoders with the unmerged baseline: speed, accuracy/recall and agreement."""
@@ -710,7 +717,8 @@ def eval_cmd(
         models=model, pretrained=pretrained, datasets=dataset, merges=merge, sweep=sweep, data_root=data_root,
         templates=templates, limit=limit, seed=seed, batch_size=batch_size, device=device, precision=precision,
         warmup=warmup, iters=iters, topk=topk, plots=plots, threads=threads, cpu_time=cpu_time,
-        reuse=tuple(reuse) if reuse else None, compile=compile_,
+        reuse=tuple(reuse) if reuse else None, compile=compile_, ocr=ocr, asr=asr,
+        text_from=str(text_from) if text_from else None,
     )
     from mergeseek.runtime import check_writable
 

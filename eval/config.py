@@ -66,6 +66,11 @@ class EvalConfig:
         compile: time every candidate (the baseline too) torch.compiled with a fixed batch (CUDA
             graphs on CUDA; ``encoders.compile``); compile time is logged and not timed. The
             accuracy passes run eager.
+        ocr: OCR engine (``--ocr`` of ``cli.py index``) reading the keyframes of sets whose queries
+            have ``ocr:`` parts; cached by file content and engine (``eval.channels``).
+        asr: speech engine (``--asr``) transcribing the videos of sets whose queries have ``asr:`` parts.
+        text_from: an index folder of the same media built with ``--ocr`` / ``--asr`` whose stored
+            text is used instead (matched by video id and frame index); not with ``ocr`` / ``asr``.
     """
 
     models: tuple[str, ...] = ("ViT-B-32",)
@@ -88,6 +93,9 @@ class EvalConfig:
     cpu_time: bool = False
     reuse: tuple[str, ...] = ()
     compile: bool = False
+    ocr: Optional[str] = None
+    asr: Optional[str] = None
+    text_from: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -108,6 +116,9 @@ class EvalConfig:
         if self.templates not in TEMPLATE_CHOICES and not Path(self.templates).expanduser().is_file():
             raise ConfigError(f"eval templates={self.templates!r} is not valid; choose {' or '.join(TEMPLATE_CHOICES)} "
                               "or the path of a templates file (one template per line, {} for the class name)")
+        if self.text_from and (self.ocr or self.asr):
+            raise ConfigError("give the frames' text one way: --text-from INDEX (text stored in an index) or --ocr / --asr "
+                              "(read by an engine), not both")
         self.merge_configs()  # fail early on a bad --merge / --sweep
         self.reuse_configs()  # ... and on a bad --reuse
 
@@ -139,6 +150,21 @@ class EvalConfig:
             data_root=str(resolve_data_root(data_root)),
             **kept,
         )
+
+    def text_channels(self) -> frozenset:
+        """The text channels this run has for keyframe queries with ``ocr:`` / ``asr:`` parts: those
+        ``--ocr`` / ``--asr`` read, or those the ``--text-from`` index holds (an engine or an index
+        that cannot be used fails here, before any model loads)."""
+        if self.text_from:
+            from mergeseek.eval.channels import index_channels
+
+            return frozenset(index_channels(Path(self.text_from)))
+        from mergeseek.indexing import asr as asr_engines, ocr as ocr_engines
+
+        for spec, engines in ((self.ocr, ocr_engines), (self.asr, asr_engines)):
+            if spec:
+                engines.get_engine(spec)  # a missing package: one line naming it
+        return frozenset(c for c, spec in (("ocr", self.ocr), ("asr", self.asr)) if spec)
 
     def reuse_configs(self) -> list[str]:
         """The ``--reuse`` configs (normalised) that the video sets are evaluated with."""
