@@ -153,9 +153,10 @@ def neighbour_overlap(base: np.ndarray, other: np.ndarray, k: int = 10) -> float
 
 
 def bench_sample_clips(model: str, names: List[str], reuses: List[str], merges, base_merge: str, batch_size: int,
-                       rounds: int, max_frames: int, clock: str = "cpu") -> List[dict]:
+                       rounds: int, max_frames: int, clock: str = "cpu", profile: bool = False) -> List[dict]:
     """Per clip: per-frame (``base_merge``) and each reuse config under each merge config
-    (``merges``: one or a list) alternating, the order reversed every other round."""
+    (``merges``: one or a list) alternating, the order reversed every other round; ``profile``:
+    then one profiled pass of each (share of time per op group)."""
     import torch
 
     from mergeseek.encoders import Encoder
@@ -193,6 +194,7 @@ def bench_sample_clips(model: str, names: List[str], reuses: List[str], merges, 
                 outs[name] = run()
                 times[name].append(now() - t0)
         t_pf, e_pf = statistics.median(times["per-frame"]), outs["per-frame"]
+        pf_shares = _profile_shares(per_frame)[0] if profile else None
         for merge, spec in configs:
             t_ru, e_ru = statistics.median(times[merge, spec]), outs[merge, spec]
             cos = (e_pf * e_ru).sum(axis=1)
@@ -205,6 +207,8 @@ def bench_sample_clips(model: str, names: List[str], reuses: List[str], merges, 
                 "top10_query_overlap": round(top_k_overlap(e_pf, e_ru), 4),
                 **{k: summ[k] for k in ("references", "cuts", "refreshes", "reuse_rate", "gate_reuse")},
             })
+            if profile:
+                rows[-1]["profile"] = [pf_shares, _profile_shares(lambda: reused(merge, spec))[0]]
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -331,7 +335,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
                    "ends with its vectors on the host, so the wall clock includes the device's work)")
     p.add_argument("--precision", default="fp32", help="CLIP models: fp32, fp16 or bf16 (autocast)")
     p.add_argument("--profile", action="store_true",
-                   help="CLIP models: also profile one per-frame and one reuse pass (share of time per op group)")
+                   help="CLIP models (and --sets clips): also profile one per-frame and one reuse pass (share of time per "
+                        "op group)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     a = p.parse_args(argv)
     import torch
@@ -350,7 +355,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         rows = []
         for model in a.model or ["ViT-B-16"]:
             rows += bench_sample_clips(model, a.clips.split(","), reuses, merges, a.base_merge or merges[0], a.batch_size,
-                                       a.rounds, a.max_frames or 100_000, a.clock)
+                                       a.rounds, a.max_frames or 100_000, a.clock, a.profile)
         if a.out:
             from mergeseek.runtime import atomic_write
 
