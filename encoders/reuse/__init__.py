@@ -16,7 +16,9 @@ only what changed is recomputed:
   whose input moved (block 0: the hash; later blocks: relative L2 change of the block input
   against the reference's, ``||x - x_ref|| / ||x_ref|| >= threshold``), attention is recomputed
   for every query of a frame in which any token was recomputed (cheap: N^2 C against the N C^2 of
-  the linear layers), the out-projection for every token of such a frame (``attn=0``, the default:
+  the linear layers; ``query=T``: only for the queries whose q/k/v row was recomputed or whose
+  input moved by ``T``, the others keep their cached attention and out-projection rows), the
+  out-projection for every token whose attention was recomputed (``attn=0``, the default:
   stale out-projection rows were the largest error; ``attn=T`` gates them by the relative change of
   the attention output), the MLP for tokens whose post-attention input moved. Unchanged tokens take the reference's outputs of those
   linear layers; the residual stream always carries the frame's own input. Class / prefix tokens
@@ -29,8 +31,8 @@ outputs, so the saving is real compute.
 
 Token merging composes by *replaying the reference's merges*: the reference runs the configured
 matcher (``encoders.patch`` machinery) and records, per merging block, the linear map from the
-block's tokens to the merged slots (a size-weighted average) and the slot sizes. Frames that reuse
-the reference merge with the same map, so every block sees the same token layout as its
+block's tokens to the merged slots (each token's slot and weight in a size-weighted average)
+and the slot sizes. Frames that reuse the reference merge with the same map, so every block sees the same token layout as its
 reference and cached values line up position by position; the matcher itself is skipped for them.
 
 ``threshold=0`` computes every frame in full (each frame is its own reference), which equals
