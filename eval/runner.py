@@ -46,7 +46,9 @@ def run_eval(cfg: EvalConfig, progress: bool = False) -> EvalReport:
     merges = cfg.merge_configs()
     from mergeseek.eval.datasets.video import is_video_spec, load_video_set
 
-    sets = [load_with_templates(DatasetSpec.parse(s), cfg) for s in cfg.datasets if not is_video_spec(s)]
+    channels = cfg.text_channels()
+    sets = [with_text(load_with_templates(DatasetSpec.parse(s), cfg, channels), cfg)
+            for s in cfg.datasets if not is_video_spec(s)]
     videos = [load_video_set(s, cfg.data_root, cfg.limit, cfg.seed) for s in cfg.datasets if is_video_spec(s)]
     models = []
     for spec in cfg.models:
@@ -159,12 +161,29 @@ def embed_all(mut: ModelUnderTest, cands: dict[str, Any], ds: EvalSet, batch_siz
     )
 
 
-def load_with_templates(spec: DatasetSpec, cfg: EvalConfig) -> EvalSet:
-    """One set with ``cfg.templates`` applied to classification sets (its own ``templates=`` option wins)."""
-    ds = load_dataset(spec, cfg.data_root, cfg.limit, cfg.seed)
+def load_with_templates(spec: DatasetSpec, cfg: EvalConfig, channels: frozenset = frozenset()) -> EvalSet:
+    """One set with ``cfg.templates`` applied to classification sets (its own ``templates=`` option
+    wins); ``channels``: the text channels the run has for keyframe queries (``eval.channels``)."""
+    ds = load_dataset(spec, cfg.data_root, cfg.limit, cfg.seed, channels=channels)
     if isinstance(ds, ClassificationSet) and spec.option("templates") is None:
         ds = choose_templates(ds, cfg.templates)
     return ds
+
+
+def with_text(ds: EvalSet, cfg: EvalConfig) -> EvalSet:
+    """A keyframe set whose queries have ``ocr:`` / ``asr:`` parts, with its frames' text attached
+    (read once, before any model loads; ``eval.channels.read_set_text``)."""
+    if not isinstance(ds, RetrievalSet):
+        return ds
+    from dataclasses import replace
+
+    from mergeseek.eval.channels import query_channels, read_set_text
+
+    texts = [x.text for x in ds.queries] + [e for x in ds.queries if x.aic is not None for e in (x.aic.events or ())]
+    need = {c for x in ds.queries for c, _ in x.channels} | {c for t in texts for c in query_channels(t)[1]}
+    if not need:
+        return ds
+    return replace(ds, text=read_set_text(ds, need, cfg.ocr, cfg.asr, cfg.text_from))
 
 
 def evaluate_dataset(mut: ModelUnderTest, cands: dict[str, Any], ds: EvalSet, batch_size: int, topk: int = 10,
@@ -227,29 +246,41 @@ def _classification(mut: ModelUnderTest, ds: ClassificationSet, embs, logits) ->
 
 # ---------------------------------------------------------------------------- retrieval
 def _retrieval(mut: ModelUnderTest, ds: RetrievalSet, embs, topk: int) -> DatasetResult:
-    q = mut.encode_texts([x.text for x in ds.queries])
+    from mergeseek.eval import channels as ch
+
+    q = mut.encode_texts([x.text for x in ds.queries])  # a query with ocr:/asr: parts: its visual part
     # R@K / MRR are frame-level: TRAKE queries (several events) get the official score only
     frame_q = [i for i, x in enumerate(ds.queries) if not (x.aic is not None and x.aic.truth.task == "trake")]
     relevant = [set(ds.queries[i].relevant) for i in frame_q]
+    fused_q = [i for i in frame_q if ds.queries[i].channels]  # ranked as `submit` ranks them (eval/channels.py)
     event_q = _event_vectors(mut, ds)
     video_rel: Optional[list] = None
     rows = []
     base_order = None
     for name in [BASELINE] + [k for k in embs if k != BASELINE]:
         scores = q @ embs[name].T
-        order = ranking(scores)
-        metrics = retrieval_metrics(first_relevant_rank(order[frame_q], relevant))
+        fused = {i: ch.fused_ranking(scores[i] if ds.queries[i].text.strip() else None, dict(ds.queries[i].channels),
+                                     ds.text, ch.submit_k()) for i in fused_q}
+        ranked = ch.ranked_scores(scores, fused) if fused else scores
+        order = ranking(ranked)
+        ranks = first_relevant_rank(order[frame_q], relevant)
+        for j, i in enumerate(frame_q):
+            if i in fused and ranks[j] > len(fused[i]):
+                ranks[j] = np.inf  # not in the fused ranking (what submit writes): a miss
+        metrics = retrieval_metrics(ranks)
         if ds.has_videos:
-            vscores, vnames = group_max(scores[frame_q], ds.video_ids)
+            vscores, vnames = group_max(ranked[frame_q], ds.video_ids)
             if video_rel is None:
                 col = {v: i for i, v in enumerate(vnames)}
                 video_rel = [{col[ds.queries[i].video_id]} for i in frame_q]
-            metrics.update(retrieval_metrics(first_relevant_rank(ranking(vscores), video_rel), prefix="video_"))
+            vranks = first_relevant_rank(ranking(vscores), video_rel)
+            for j, i in enumerate(frame_q):
+                if i in fused and np.isneginf(vscores[j, next(iter(video_rel[j]))]):
+                    vranks[j] = np.inf  # no frame of the video in the fused ranking
+            metrics.update(retrieval_metrics(vranks, prefix="video_"))
         if any(x.aic is not None for x in ds.queries):  # the HCMC AI Challenge score (eval/aic_score.py)
-            from mergeseek.eval.aic_score import set_scores
-
-            metrics.update(set_scores(ds.queries, scores, {k: v @ embs[name].T for k, v in event_q.items()},
-                                      ds.video_ids, ds.frame_idx, ds.pts_time or [float("nan")] * len(ds.video_ids)))
+            metrics.update(ch.aic_scores(ds.queries, scores, {k: v @ embs[name].T for k, v in event_q.items()}, ds, fused,
+                                         ds.text))
         if base_order is None:
             base_order = order
         agree = cosine_agreement(embs[name], embs[BASELINE])
@@ -258,9 +289,13 @@ def _retrieval(mut: ModelUnderTest, ds: RetrievalSet, embs, topk: int) -> Datase
     order_of = {k: i for i, k in enumerate(embs)}
     rows.sort(key=lambda r: order_of[r.config])
     notes = tuple(ds.notes) + _aic_notes(ds)
+    said = sum(1 for x in ds.queries if x.channels or (x.aic is not None and any(ch.query_channels(e)[1] for e in x.aic.events)))
+    if ds.text is not None and said:
+        notes += tuple(ch.describe(ds.text, len(ds.queries), said))
+    channels = f" + {' + '.join(ds.text.channels)} (fused)" if ds.text is not None and said else ""
     return DatasetResult(
         dataset=ds.name, kind="retrieval", source=ds.source, n_images=len(ds), n_queries=len(ds.queries),
-        n_classes=0, protocol="text→image" + (", frame and video level" if ds.has_videos else ""),
+        n_classes=0, protocol="text→image" + channels + (", frame and video level" if ds.has_videos else ""),
         primary="R@1", notes=notes, results=tuple(rows),
     )
 
@@ -270,8 +305,10 @@ def _event_vectors(mut: ModelUnderTest, ds: RetrievalSet) -> dict:
     trake = [x for x in ds.queries if x.aic is not None and x.aic.truth.task == "trake"]
     if not trake:
         return {}
-    texts = [e for x in trake for e in x.aic.events]
-    vecs = mut.encode_texts(texts)
+    from mergeseek.eval.channels import query_channels
+
+    texts = [(query_channels(e)[0] or "") if query_channels(e)[1] else e for x in trake for e in x.aic.events]
+    vecs = mut.encode_texts(texts)  # an event with ocr:/asr: parts: its visual part
     out, i = {}, 0
     for x in trake:
         out[x.qid] = vecs[i : i + len(x.aic.events)]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional, Union
+from typing import Collection, Optional, Union
 
 from mergeseek.errors import ConfigError
 from mergeseek.options import parse_options
@@ -90,10 +90,11 @@ class DatasetSpec:
 
 
 def load_dataset(spec: Union[str, DatasetSpec], data_root: Union[str, Path, None] = None,
-                 limit: Optional[int] = None, seed: int = 0) -> EvalSet:
+                 limit: Optional[int] = None, seed: int = 0, channels: Collection[str] = ()) -> EvalSet:
     """Read one evaluation set; ``limit`` keeps a fixed subset (images for classification and
     caption sets, queries for keyframe sets). ``data_root`` None: ``$MERGESEEK_DATA`` or the
-    user's cache folder (:func:`eval.config.default_data_root`)."""
+    user's cache folder (:func:`eval.config.default_data_root`). ``channels``: the text channels
+    the run has for keyframe sets (queries with ``ocr:`` / ``asr:`` parts, ``eval.channels``)."""
     from mergeseek.eval.datasets.captions import load_captions
     from mergeseek.eval.datasets.classification import load_cifar10, load_cifar100, load_imagefolder, load_imagenet, load_pets
     from mergeseek.eval.datasets.keyframes import load_keyframes
@@ -126,7 +127,7 @@ def load_dataset(spec: Union[str, DatasetSpec], data_root: Union[str, Path, None
         ds = load_captions(path, split, limit, seed, name=spec.name)
     else:  # keyframes
         q = spec.option("queries")
-        ds = load_keyframes(path, Path(q) if q else None, limit, seed)
+        ds = load_keyframes(path, Path(q) if q else None, limit, seed, channels=channels)
     if isinstance(ds, ClassificationSet):
         ds = ds.limited(limit, seed)
         templates = spec.option("templates")

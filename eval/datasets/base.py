@@ -187,6 +187,9 @@ class Query:
         video_id: the target video (video level); None for image–caption sets.
         aic: the AI Challenge ground truth (``eval.aic_score.AicQuery``: task, raw frame ranges,
             answer, TRAKE events) when the query file gives it; scored by the official rule.
+        channels: the text channels of a keyframe query given with ``ocr:`` / ``asr:`` parts, as
+            ``(("asr", words), ("ocr", words))``; ``text`` is then its visual part ("" when none).
+            Scored on the fused ranking (``eval.channels``).
     """
 
     qid: str
@@ -194,6 +197,7 @@ class Query:
     relevant: tuple[int, ...]
     video_id: Optional[str] = None
     aic: Optional[Any] = None
+    channels: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -209,6 +213,8 @@ class RetrievalSet:
         pts_time: per gallery item, seconds from the video's start (keyframe maps; TRAKE windows).
         source: where it was read from.
         notes: facts a reader of the report should know (snapped targets, dropped queries).
+        text: the frames' on-screen text and speech (``eval.channels.SetText``) when queries have
+            ``ocr:`` / ``asr:`` parts; attached by the runner before any model loads.
     """
 
     name: str
@@ -219,6 +225,7 @@ class RetrievalSet:
     source: str = ""
     notes: tuple[str, ...] = ()
     pts_time: tuple[float, ...] = ()
+    text: Optional[Any] = None
 
     kind = "retrieval"
 

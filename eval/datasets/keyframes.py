@@ -25,7 +25,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Collection, Optional
 
 from mergeseek.errors import InputError
 from mergeseek.eval.datasets.base import FileImages, Query, RetrievalSet, random_indices
@@ -47,11 +47,15 @@ class _Target:
 
 
 def load_keyframes(
-    root: Path, queries: Optional[Path] = None, limit: Optional[int] = None, seed: int = 0, name: str = "keyframes"
+    root: Path, queries: Optional[Path] = None, limit: Optional[int] = None, seed: int = 0, name: str = "keyframes",
+    channels: Collection[str] = (),
 ) -> RetrievalSet:
     """Read a keyframe gallery and its queries; ``limit`` keeps a fixed random subset of queries.
 
-    The gallery is always read whole (a smaller gallery would make retrieval easier).
+    The gallery is always read whole (a smaller gallery would make retrieval easier). A query (or
+    a TRAKE event) with ``ocr:`` / ``asr:`` parts needs the frames' text of those ``channels``
+    (``cli.py eval --ocr / --asr / --text-from``, ``eval.channels``); without it the query file is
+    refused in one line naming the flag to pass.
     """
     root = Path(root)
     if not root.is_dir():
@@ -61,12 +65,12 @@ def load_keyframes(
     if qpath is None:
         raise InputError(f"no queries file for {root}; put queries.jsonl there or pass queries=PATH")
     targets = _read_queries(qpath)
-    from mergeseek.retrieval.hybrid import split_channels
+    from mergeseek.eval.channels import query_channels, refusal
 
-    said = [t.qid for t in targets if split_channels(t.text or "")[1]]
-    if said:  # eval measures the image encoder; "ocr: HÀ NỘI" would be encoded as a description
-        raise InputError(f"{qpath}: query {said[0]} has ocr:/asr: parts ({len(said)} such); eval measures the image "
-                         "channel only: give descriptions alone, or use `cli.py submit` + `cli.py score` for the fused channels")
+    needs = {t.qid: {c for x in _texts(t) for c in query_channels(x)[1]} for t in targets}
+    short = [q for q, need in needs.items() if need - set(channels)]
+    if short:  # without the frames' text, "ocr: HÀ NỘI" could only be encoded as a description
+        raise InputError(refusal(str(qpath), short, set().union(*(needs[q] for q in short)) - set(channels)))
     keep = random_indices(len(targets), limit, seed)
     targets = [targets[i] for i in keep]
 
@@ -82,7 +86,10 @@ def load_keyframes(
             dropped.append(t.qid)
             continue
         snapped += snap
-        out.append(Query(qid=t.qid, text=t.text, relevant=tuple(sorted(rel)), video_id=t.video_id, aic=t.aic))
+        visual, said = query_channels(t.text)
+        text = (visual or "") if said else t.text
+        out.append(Query(qid=t.qid, text=text, relevant=tuple(sorted(rel)), video_id=t.video_id, aic=t.aic,
+                         channels=tuple(sorted(said.items()))))
     notes = []
     if snapped:
         notes.append(f"{snapped} target frame(s) are not keyframes and were snapped to the nearest keyframe of their video")
@@ -101,6 +108,12 @@ def load_keyframes(
         notes=tuple(notes),
         pts_time=tuple(times),
     )
+
+
+def _texts(t: _Target) -> list[str]:
+    """The query's text and, for TRAKE, its events' texts."""
+    events = list(getattr(t.aic, "events", ()) or ()) if t.aic is not None else []
+    return [t.text or ""] + [e or "" for e in events]
 
 
 # ---------------------------------------------------------------------------- gallery

@@ -1,0 +1,231 @@
+"""``cli.py eval`` scores keyframe queries with ``ocr:`` / ``asr:`` parts on the fused ranking
+``submit`` gives them (``eval/channels.py``): the visual part by each merge config's image
+embeddings, the text parts by the frames' text, fused by reciprocal rank (k=60).
+
+The set is a small AI Challenge layout whose keyframes have words drawn in; RapidOCR reads them
+(skipped without ``rapidocr_onnxruntime``). The expected metrics come from a naive fusion written
+here: the image ranking sorted by hand, the OCR ranking the one frame holding the word."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mergeseek.errors import InputError
+
+FRAMES = {"L01_V001": [0, 50, 100], "L01_V002": [10, 200, 300]}
+WORDS = {("L01_V002", 10): "SAIGON", ("L01_V001", 100): "FLOOD WARNING"}  # drawn in; the other frames are blank
+RRF_K = 60  # docs/TEXT.md: sum over channels of 1 / (60 + rank)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    for p in ("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"):
+        if Path(p).is_file():
+            return ImageFont.truetype(p, size)
+    pytest.skip("no DejaVu font (fonts-dejavu-core)")
+
+
+def write_set(root: Path, queries: list) -> Path:
+    """keyframes/<vid>/<n>.jpg + map-keyframes/<vid>.csv + queries.jsonl."""
+    from PIL import Image, ImageDraw
+
+    (root / "map-keyframes").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for v, frames in FRAMES.items():
+        (root / "keyframes" / v).mkdir(parents=True)
+        with open(root / "map-keyframes" / f"{v}.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["n", "pts_time", "fps", "frame_idx"])
+            for n, f in enumerate(frames, start=1):
+                w.writerow([n, f / 25.0, 25.0, f])
+                im = Image.fromarray(rng.integers(200, 230, (180, 320, 3), dtype=np.uint8))
+                if (v, f) in WORDS:
+                    ImageDraw.Draw(im).text((16, 60), WORDS[(v, f)], font=_font(36), fill=(10, 10, 10))
+                im.save(root / "keyframes" / v / f"{n:03d}.jpg", quality=95)
+    (root / "queries.jsonl").write_text("\n".join(json.dumps(q, ensure_ascii=False) for q in queries), encoding="utf-8")
+    return root
+
+
+QUERIES = [
+    {"id": "A", "task": "kis", "query": "a crowd ocr: saigon", "video_id": "L01_V002", "frame_idx": 10},
+    {"id": "B", "task": "kis", "query": "ocr: Sài Gòn", "video_id": "L01_V001", "frame_idx": 0},  # text alone, target has none
+    {"id": "C", "task": "kis", "query": "a crowd OCR: zzqx", "video_id": "L01_V001", "frame_idx": 50},  # no frame holds it
+    {"id": "D", "task": "kis", "query": "a crowd", "video_id": "L01_V001", "frame_idx": 100},  # no channel: as before
+    {"id": "E", "task": "kis", "query": "a crowd ocr: flood warning", "video_id": "L01_V001", "frame_idx": 100},
+]
+
+
+def gallery(scores) -> np.ndarray:
+    """Unit rows whose inner product with the query vector e0 is ``scores``."""
+    s = np.asarray(scores, np.float64)
+    g = np.zeros((len(s), len(s) + 1))
+    g[:, 0] = s
+    g[np.arange(len(s)), np.arange(len(s)) + 1] = np.sqrt(1 - s**2)
+    return g.astype(np.float32)
+
+
+class Texts:  # a "text tower": every visual part is the same description, vector e0
+    def encode_texts(self, texts):
+        out = np.zeros((len(texts), len(FRAMES["L01_V001"]) + len(FRAMES["L01_V002"]) + 1), np.float32)
+        out[:, 0] = 1.0
+        return out
+
+
+def naive_rank(scores, ocr_frames: list, target: int, visual: bool) -> float:
+    """1-based rank of ``target`` in the hand-made fusion of the image ranking (``scores`` sorted)
+    and the OCR ranking ``ocr_frames``; inf when neither channel lists it."""
+    fused: dict = {}
+    if visual:
+        for r, i in enumerate(sorted(range(len(scores)), key=lambda i: -scores[i]), start=1):
+            fused[i] = fused.get(i, 0.0) + 1 / (RRF_K + r)
+    for r, i in enumerate(ocr_frames, start=1):
+        fused[i] = fused.get(i, 0.0) + 1 / (RRF_K + r)
+    order = sorted(fused, key=lambda i: -fused[i])
+    return order.index(target) + 1 if target in order else math.inf
+
+
+def aic_of(rank: float) -> float:
+    return sum(rank <= k for k in (1, 5, 20, 50, 100)) / 5
+
+
+@pytest.fixture(scope="module")
+def kf_set(tmp_path_factory):
+    pytest.importorskip("rapidocr_onnxruntime", reason="rapidocr_onnxruntime is not installed (pip install 'mergeseek[ocr]')")
+    from mergeseek.eval.channels import TextCache
+    from mergeseek.eval.datasets import load_dataset
+    from mergeseek.eval.runner import with_text
+    from mergeseek.eval.config import EvalConfig
+
+    root = write_set(tmp_path_factory.mktemp("kf"), QUERIES)
+    ds = load_dataset(f"keyframes:{root}", channels={"ocr"})
+    cfg = EvalConfig(ocr="rapidocr", datasets=(f"keyframes:{root}",))
+    import mergeseek.eval.channels as ch
+
+    cache_file = root.parent / "cache.sqlite"
+    orig = ch.TextCache
+    ch.TextCache = lambda path=None: orig(cache_file)
+    try:
+        ds = with_text(ds, cfg)
+    finally:
+        ch.TextCache = orig
+    return root, ds, cache_file
+
+
+def test_queries_keep_their_visual_part_and_channels(kf_set):
+    _, ds, _ = kf_set
+    by = {q.qid: q for q in ds.queries}
+    assert (by["A"].text, by["A"].channels) == ("a crowd", (("ocr", "saigon"),))
+    assert (by["B"].text, by["B"].channels) == ("", (("ocr", "Sài Gòn"),))
+    assert (by["D"].text, by["D"].channels) == ("a crowd", ())
+
+
+def test_the_frames_text_is_read_by_the_ocr_engine(kf_set):
+    _, ds, _ = kf_set
+    texts = {(v, f): t.text for v, f, t in zip(ds.video_ids, ds.frame_idx, ds.text.texts["ocr"])}
+    assert texts[("L01_V002", 10)].upper().replace(" ", "") == "SAIGON"
+    assert "FLOOD" in texts[("L01_V001", 100)].upper()
+    assert all(not t for k, t in texts.items() if k not in WORDS)
+    assert ds.text.channels == ["ocr"] and any("rapidocr over the 6 keyframes" in n for n in ds.text.notes)
+
+
+@pytest.mark.parametrize("configs", [{"none": [0.9, 0.5, 0.8, 0.7, 0.3, 0.1]},
+                                     {"none": [0.9, 0.5, 0.8, 0.7, 0.3, 0.1], "r=8": [0.2, 0.95, 0.1, 0.3, 0.9, 0.5]}])
+def test_fused_metrics_equal_a_hand_computed_fusion_for_every_merge_config(kf_set, configs):
+    from mergeseek.eval.runner import _retrieval
+
+    _, ds, _ = kf_set
+    pos = {(v, f): i for i, (v, f) in enumerate(zip(ds.video_ids, ds.frame_idx))}
+    saigon, flood = pos[("L01_V002", 10)], pos[("L01_V001", 100)]
+    res = _retrieval(Texts(), ds, {name: gallery(s) for name, s in configs.items()}, topk=3)
+    assert [r.config for r in res.results] == list(configs)
+    for row in res.results:
+        s = configs[row.config]
+        ranks = {
+            "A": naive_rank(s, [saigon], saigon, True),
+            "B": naive_rank(s, [saigon], pos[("L01_V001", 0)], False),  # not listed: a miss
+            "C": naive_rank(s, [], pos[("L01_V001", 50)], True),  # no OCR match: the image ranking alone
+            "D": naive_rank(s, [], flood, True),
+            "E": naive_rank(s, [flood], flood, True),
+        }
+        assert ranks["B"] == math.inf
+        r = np.array(list(ranks.values()))
+        m = row.metrics
+        for k in (1, 5, 10, 100):
+            assert m[f"R@{k}"] == pytest.approx(float(np.mean(r <= k))), (row.config, k, ranks)
+        assert m["MRR"] == pytest.approx(float(np.mean(1 / r)))
+        assert m["AIC"] == pytest.approx(np.mean([aic_of(x) for x in r])) and m["AIC_kis"] == pytest.approx(m["AIC"])
+    first = res.results[0].metrics
+    assert first["R@1"] == pytest.approx(2 / 5)  # A and E: OCR lifts their frames (image ranks 3 and 2) to the top
+    assert "ocr (fused)" in res.protocol
+    assert any("4 of 5 queries have ocr:/asr: parts" in n and "k=60" in n for n in res.notes)
+
+
+def test_without_the_frames_text_the_query_file_is_refused_in_one_line_naming_the_flag(tmp_path):
+    from mergeseek.eval.datasets import load_dataset
+
+    write_set(tmp_path, QUERIES[:1] + [{"id": "S", "query": "asr: thủ tướng", "video_id": "L01_V001", "frame_idx": 0}])
+    with pytest.raises(InputError) as err:
+        load_dataset(f"keyframes:{tmp_path}")
+    msg = str(err.value)
+    assert "\n" not in msg and "query A has ocr:/asr: parts (2 such)" in msg
+    assert "--ocr ENGINE" in msg and "--asr ENGINE" in msg and "--text-from INDEX" in msg
+    with pytest.raises(InputError, match=r"query S .*\(1 such\) needing speech.*--asr ENGINE") as err:
+        load_dataset(f"keyframes:{tmp_path}", channels={"ocr"})  # --ocr given, the speech query still lacks its text
+    assert "--ocr ENGINE" not in str(err.value)
+    assert len(load_dataset(f"keyframes:{tmp_path}", channels={"ocr", "asr"}).queries) == 2
+
+
+def test_a_trake_event_with_a_channel_needs_its_text_too(tmp_path):
+    from mergeseek.eval.datasets import load_dataset
+
+    write_set(tmp_path, [{"id": "T", "task": "trake", "video_id": "L01_V001",
+                          "events": [{"text": "a crowd", "frame_idx": 0}, {"text": "a car ocr: flood", "frame_idx": 100}]}])
+    with pytest.raises(InputError, match=r"query T has ocr:/asr: parts \(1 such\) needing on-screen text"):
+        load_dataset(f"keyframes:{tmp_path}")
+
+
+def test_the_ocr_text_is_cached_by_file_content_and_engine(kf_set, monkeypatch):
+    from mergeseek.eval.channels import TextCache, read_set_text
+    from mergeseek.indexing import ocr
+
+    _, ds, cache_file = kf_set
+    monkeypatch.setattr(ocr.RapidOcrEngine, "read", lambda self, images, prescale=None: pytest.fail("read again"))
+    cache = TextCache(cache_file)
+    again = read_set_text(ds, {"ocr"}, "rapidocr", None, None, cache)
+    assert cache.hits == len(ds.video_ids) and cache.misses == 0
+    assert [t.text for t in again.texts["ocr"]] == [t.text for t in ds.text.texts["ocr"]]
+    assert any("6 from the cache" in n for n in again.notes)
+    cache.close()
+    other = TextCache(cache_file)  # another engine setting is another key: read again
+    monkeypatch.setattr(ocr.RapidOcrEngine, "read", lambda self, images, prescale=None: [ocr.FrameText()] * len(images))
+    read_set_text(ds, {"ocr"}, "rapidocr,min_conf=60", None, None, other)
+    assert other.misses == len(ds.video_ids)
+    other.close()
+
+
+def test_text_from_and_an_engine_are_not_given_together():
+    from mergeseek.errors import ConfigError
+    from mergeseek.eval.config import EvalConfig
+
+    with pytest.raises(ConfigError, match="one way"):
+        EvalConfig(ocr="rapidocr", text_from="ix")
+
+
+def test_cli_eval_passes_the_channel_flags(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import mergeseek.eval as ev
+    from mergeseek.cli import app
+
+    seen = {}
+    monkeypatch.setattr(ev, "evaluate", lambda cfg, out, progress=False: seen.setdefault("cfg", cfg) and {})
+    CliRunner().invoke(app, ["eval", "--dataset", "keyframes:x", "--ocr", "rapidocr", "--asr", "pocketsphinx",
+                             "--no-plots", "--out", str(tmp_path / "o")])
+    assert (seen["cfg"].ocr, seen["cfg"].asr, seen["cfg"].text_from) == ("rapidocr", "pocketsphinx", None)
