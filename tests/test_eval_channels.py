@@ -229,3 +229,27 @@ def test_cli_eval_passes_the_channel_flags(monkeypatch, tmp_path):
     CliRunner().invoke(app, ["eval", "--dataset", "keyframes:x", "--ocr", "rapidocr", "--asr", "pocketsphinx",
                              "--no-plots", "--out", str(tmp_path / "o")])
     assert (seen["cfg"].ocr, seen["cfg"].asr, seen["cfg"].text_from) == ("rapidocr", "pocketsphinx", None)
+
+
+def test_text_from_an_index_of_the_same_keyframes_gives_the_same_text_and_scores(kf_set, tmp_path):
+    """``--text-from``: an index built with ``--ocr`` over the same release; its stored text is
+    matched to the set's keyframes by (video id, frame index) and scores as the engine's reading."""
+    from dataclasses import replace
+
+    from test_indexing_support import build_encoder
+
+    from mergeseek.eval.channels import index_channels, read_set_text
+    from mergeseek.eval.runner import _retrieval
+    from mergeseek.indexing import IndexOptions, index_paths
+
+    root, ds, _ = kf_set
+    ix = tmp_path / "ix"
+    index_paths([root], ix, build_encoder(), IndexOptions(ocr="rapidocr"))
+    assert index_channels(ix) == {"ocr"}
+    stored = read_set_text(ds, {"ocr"}, None, None, str(ix))
+    assert [t.text for t in stored.texts["ocr"]] == [t.text for t in ds.text.texts["ocr"]]
+    assert any(f"stored in {ix} for 6 of the 6 keyframes" in n for n in stored.notes)
+    embs = {"none": gallery([0.9, 0.5, 0.8, 0.7, 0.3, 0.1])}
+    a = _retrieval(Texts(), ds, embs, topk=3).results[0].metrics
+    b = _retrieval(Texts(), replace(ds, text=stored), embs, topk=3).results[0].metrics
+    assert a == b
