@@ -274,8 +274,8 @@ class SetText:
         return [m.id for m in self.index.search(words, channel, depth)]
 
 
-def read_set_text(ds, channels: Collection[str], ocr: Optional[str], asr: Optional[str], text_from: Optional[str],
-                  cache: Optional[TextCache] = None) -> SetText:
+def read_set_text(ds, channels: Collection[str], *, ocr: Optional[str] = None, asr: Optional[str] = None,
+                  text_from: Optional[str] = None, cache: Optional[TextCache] = None) -> SetText:
     """The text of ``channels`` for keyframe set ``ds`` from the run's one source."""
     if text_from:
         texts, notes = stored_texts(ds, Path(text_from), channels)

@@ -198,14 +198,14 @@ def test_the_ocr_text_is_cached_by_file_content_and_engine(kf_set, monkeypatch):
     _, ds, cache_file = kf_set
     monkeypatch.setattr(ocr.RapidOcrEngine, "read", lambda self, images, prescale=None: pytest.fail("read again"))
     cache = TextCache(cache_file)
-    again = read_set_text(ds, {"ocr"}, "rapidocr", None, None, cache)
+    again = read_set_text(ds, {"ocr"}, ocr="rapidocr", cache=cache)
     assert cache.hits == len(ds.video_ids) and cache.misses == 0
     assert [t.text for t in again.texts["ocr"]] == [t.text for t in ds.text.texts["ocr"]]
     assert any("6 from the cache" in n for n in again.notes)
     cache.close()
     other = TextCache(cache_file)  # another engine setting is another key: read again
     monkeypatch.setattr(ocr.RapidOcrEngine, "read", lambda self, images, prescale=None: [ocr.FrameText()] * len(images))
-    read_set_text(ds, {"ocr"}, "rapidocr,min_conf=60", None, None, other)
+    read_set_text(ds, {"ocr"}, ocr="rapidocr,min_conf=60", cache=other)
     assert other.misses == len(ds.video_ids)
     other.close()
 
@@ -246,10 +246,50 @@ def test_text_from_an_index_of_the_same_keyframes_gives_the_same_text_and_scores
     ix = tmp_path / "ix"
     index_paths([root], ix, build_encoder(), IndexOptions(ocr="rapidocr"))
     assert index_channels(ix) == {"ocr"}
-    stored = read_set_text(ds, {"ocr"}, None, None, str(ix))
+    stored = read_set_text(ds, {"ocr"}, text_from=str(ix))
     assert [t.text for t in stored.texts["ocr"]] == [t.text for t in ds.text.texts["ocr"]]
     assert any(f"stored in {ix} for 6 of the 6 keyframes" in n for n in stored.notes)
     embs = {"none": gallery([0.9, 0.5, 0.8, 0.7, 0.3, 0.1])}
     a = _retrieval(Texts(), ds, embs, topk=3).results[0].metrics
     b = _retrieval(Texts(), replace(ds, text=stored), embs, topk=3).results[0].metrics
     assert a == b
+
+
+def test_asr_transcribes_the_release_s_videos_once_and_maps_them_to_the_keyframes(tmp_path, monkeypatch):
+    """``--asr``: each video id's video in the release is transcribed (cached by its content), and
+    its segments go to the keyframes by ``pts_time`` as indexing maps them; a video id without its
+    video gives no speech (a note), and the speech query is scored fused."""
+    from test_asr import SAID, _pocketsphinx, _speaking_video, needs_speech
+
+    if needs_speech.args[0]:
+        pytest.skip(needs_speech.kwargs["reason"])
+    _pocketsphinx()
+    from mergeseek.eval.channels import TextCache, read_set_text
+    from mergeseek.eval.datasets import load_dataset
+    from mergeseek.eval.runner import _retrieval
+    from mergeseek.indexing import asr
+    from mergeseek.indexing.audio import read_audio
+
+    root = write_set(tmp_path / "release", [{"id": "S", "task": "kis", "query": "asr: football team", "video_id": "L01_V002",
+                                             "frame_idx": 10}])
+    video = _speaking_video(root / "videos", "L01_V002", SAID["football"], pad_s=0.0)  # V001 has no video
+    ds = load_dataset(f"keyframes:{root}", channels={"asr"})
+    cache = TextCache(tmp_path / "cache.sqlite")
+    got = read_set_text(ds, {"asr"}, asr="pocketsphinx", cache=cache)
+    v2 = [i for i, v in enumerate(ds.video_ids) if v == "L01_V002"]
+    want = asr.segments_to_frames(asr.get_engine("pocketsphinx").transcribe(read_audio(str(video))), [ds.pts_time[i] for i in v2])
+    assert [got.texts["asr"][i].text for i in v2] == [t.text for t in want] and any(t.text for t in want)
+    assert all(not got.texts["asr"][i].text for i, v in enumerate(ds.video_ids) if v == "L01_V001")
+    assert any("no video for 1 video id(s) (L01_V001)" in n for n in got.notes)
+
+    monkeypatch.setattr(asr.PocketSphinxEngine, "transcribe", lambda self, samples: pytest.fail("transcribed again"))
+    again = read_set_text(ds, {"asr"}, asr="pocketsphinx", cache=cache)
+    assert [t.text for t in again.texts["asr"]] == [t.text for t in got.texts["asr"]] and cache.hits == 1
+    cache.close()
+
+    from dataclasses import replace
+
+    res = _retrieval(Texts(), replace(ds, text=got), {"none": gallery([0.9, 0.5, 0.8, 0.7, 0.3, 0.1])}, topk=3)
+    heard = [i for i in v2 if "football" in got.texts["asr"][i].text]
+    assert "asr (fused)" in res.protocol
+    assert res.results[0].metrics["R@1"] == (1.0 if ds.queries[0].relevant[0] == heard[0] else 0.0)
