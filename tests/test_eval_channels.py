@@ -293,3 +293,49 @@ def test_asr_transcribes_the_release_s_videos_once_and_maps_them_to_the_keyframe
     heard = [i for i in v2 if "football" in got.texts["asr"][i].text]
     assert "asr (fused)" in res.protocol
     assert res.results[0].metrics["R@1"] == (1.0 if ds.queries[0].relevant[0] == heard[0] else 0.0)
+
+
+def test_evaluate_end_to_end_writes_each_merge_config_s_fused_score(kf_set, tmp_path, monkeypatch):
+    """``evaluate`` with ``ocr=rapidocr`` on the set (random-weight ViT-B-32, two merge configs):
+    report.json records the flag and the channels, and each config's R@K / MRR / AIC equal the
+    naive fusion of that config's own image ranking (``encoders.Encoder``) with the OCR ranking."""
+    import mergeseek.eval.channels as ch
+    import mergeseek.eval.runner  # noqa: F401 (eval.runner, patched below)
+    from mergeseek import eval
+    from mergeseek.encoders import Encoder
+    from mergeseek.eval import EvalConfig, evaluate
+    from mergeseek.eval.candidates import merged_encoders
+    from mergeseek.eval.models import load_model
+
+    root, ds, cache_file = kf_set
+    model = load_model("ViT-B-32", None, "cpu")
+    monkeypatch.setattr(eval.runner, "load_model", lambda *a, **k: model)
+    orig = ch.TextCache
+    monkeypatch.setattr(ch, "TextCache", lambda path=None: orig(cache_file))  # the fixture's readings: nothing read again
+    cfg = EvalConfig(models=("ViT-B-32",), pretrained=None, datasets=(f"keyframes:{root}",), merges=("r=8",), batch_size=4,
+                     warmup=0, iters=1, topk=3, device="cpu", plots=False, ocr="rapidocr")
+    evaluate(cfg, tmp_path / "out")
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rep["config"]["ocr"] == "rapidocr" and rep["config"]["text_from"] is None
+    (dres,) = rep["models"][0]["datasets"]
+    assert "ocr (fused)" in dres["protocol"] and any("rapidocr over the 6 keyframes (6 from the cache" in n for n in dres["notes"])
+    assert "ocr (fused)" in (tmp_path / "out" / "report.md").read_text()
+
+    base = Encoder(model_name="ViT-B-32", pretrained=None, device="cpu", merge="none", batch_size=4,
+                   model=model.clip, preprocess=model.preprocess, tokenizer=model.tokenizer)
+    encoders = {"none": base, **merged_encoders(base, ("r=8",))}
+    images = [ds.images.load(i) for i in range(len(ds.images))]
+    q = base.encode_texts(["a crowd"])[0]
+    pos = {(v, f): i for i, (v, f) in enumerate(zip(ds.video_ids, ds.frame_idx))}
+    saigon, flood = pos[("L01_V002", 10)], pos[("L01_V001", 100)]
+    assert len(dres["results"]) == 2
+    for name, enc in encoders.items():
+        s = enc.encode_images(images) @ q
+        r = np.array([naive_rank(s, [saigon], saigon, True), naive_rank(s, [saigon], pos[("L01_V001", 0)], False),
+                      naive_rank(s, [], pos[("L01_V001", 50)], True), naive_rank(s, [], flood, True),
+                      naive_rank(s, [flood], flood, True)])
+        m = next(x for x in dres["results"] if x["config"] == name)["metrics"]
+        for k in (1, 5, 10):
+            assert m[f"R@{k}"] == pytest.approx(float(np.mean(r <= k))), (name, r)
+        assert m["MRR"] == pytest.approx(float(np.mean(1 / r)), abs=1e-6)
+        assert m["AIC"] == pytest.approx(np.mean([aic_of(x) for x in r]))
