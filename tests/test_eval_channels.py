@@ -339,3 +339,32 @@ def test_evaluate_end_to_end_writes_each_merge_config_s_fused_score(kf_set, tmp_
             assert m[f"R@{k}"] == pytest.approx(float(np.mean(r <= k))), (name, r)
         assert m["MRR"] == pytest.approx(float(np.mean(1 / r)), abs=1e-6)
         assert m["AIC"] == pytest.approx(np.mean([aic_of(x) for x in r]))
+
+
+def test_a_trake_query_chains_its_events_fused_rankings(kf_set, tmp_path, monkeypatch):
+    """TRAKE events with channels are each ranked fused and chained (``retrieval.events``): event 1
+    "a crowd ocr: saigon" starts at the SAIGON frame (image rank 3, OCR rank 1), event 2 "a crowd"
+    follows in the same video. By hand: that chain (1/63 + 1/61 + 1/65) beats the best image-only
+    one (V1: 1/61 + 1/62), so the first row is (L01_V002, 10, 200), the truth: score 1."""
+    from dataclasses import replace
+
+    import mergeseek.eval.channels as ch
+    from mergeseek.eval.datasets import load_dataset
+    from mergeseek.eval.runner import _retrieval, with_text
+    from mergeseek.eval.config import EvalConfig
+
+    _, _, cache_file = kf_set
+    trake = {"id": "T", "task": "trake", "video_id": "L01_V002", "within": 60,
+             "events": [{"text": "a crowd ocr: saigon", "frame_idx": 10}, {"text": "a crowd", "frame_idx": 200}]}
+    root = write_set(tmp_path / "t", [trake])
+    orig = ch.TextCache
+    monkeypatch.setattr(ch, "TextCache", lambda path=None: orig(cache_file))  # the same pictures: read from the cache
+    ds = with_text(load_dataset(f"keyframes:{root}", channels={"ocr"}), EvalConfig(ocr="rapidocr"))
+    embs = {"none": gallery([0.9, 0.5, 0.8, 0.7, 0.3, 0.1])}
+    res = _retrieval(Texts(), ds, embs, topk=3)
+    assert res.results[0].metrics["AIC_trake"] == 1.0 and "ocr (fused)" in res.protocol
+    plain = {"id": "T", "task": "trake", "video_id": "L01_V002", "within": 60,
+             "events": [{"text": "a crowd", "frame_idx": 10}, {"text": "a crowd", "frame_idx": 200}]}
+    (root / "queries.jsonl").write_text(json.dumps(plain))
+    without = _retrieval(Texts(), replace(load_dataset(f"keyframes:{root}"), text=None), embs, topk=3)
+    assert without.results[0].metrics["AIC_trake"] < 1.0  # the image channel alone starts the chain in L01_V001
