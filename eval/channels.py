@@ -22,7 +22,6 @@ Where the frames' text comes from (one source per run):
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -83,39 +82,62 @@ def file_digest(path: Path) -> str:
 
 
 class TextCache:
-    """What an engine read from a file, keyed by (engine as written by ``str(engine)``, file digest).
-    A frame the engine failed on is not stored (it is read again next time)."""
+    """What an engine read from a file, keyed by (engine as written by ``str(engine)``, file digest):
+    a picture's words (``ocr.FrameText``) or a video's speech segments (``asr.Segment``), as rows of
+    plain columns. A frame the engine failed on is not stored (it is read again next time)."""
 
     def __init__(self, path: Optional[Path] = None):
         self.path = Path(path) if path is not None else cache_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(self.path), timeout=60)
-        self.db.execute("CREATE TABLE IF NOT EXISTS texts (engine TEXT, digest TEXT, value TEXT, PRIMARY KEY (engine, digest))")
+        self.db.executescript(
+            "CREATE TABLE IF NOT EXISTS done (engine TEXT, digest TEXT, also TEXT, PRIMARY KEY (engine, digest));"
+            "CREATE TABLE IF NOT EXISTS parts (engine TEXT, digest TEXT, n INTEGER, text TEXT, conf REAL, a REAL, b REAL, "
+            "c REAL, d REAL, also TEXT, PRIMARY KEY (engine, digest, n));")
         self.hits = self.misses = 0
 
-    def get(self, engine: str, digest: str) -> Optional[Any]:
-        row = self.db.execute("SELECT value FROM texts WHERE engine = ? AND digest = ?", (engine, digest)).fetchone()
+    def _get(self, engine: str, digest: str) -> Optional[tuple]:
+        row = self.db.execute("SELECT also FROM done WHERE engine = ? AND digest = ?", (engine, digest)).fetchone()
         self.hits += row is not None
         self.misses += row is None
-        return json.loads(row[0]) if row else None
+        if row is None:
+            return None
+        parts = self.db.execute("SELECT text, conf, a, b, c, d, also FROM parts WHERE engine = ? AND digest = ? ORDER BY n",
+                                (engine, digest)).fetchall()
+        return row[0], parts
 
-    def put(self, engine: str, digest: str, value: Any) -> None:
-        with self.db:
-            self.db.execute("INSERT OR REPLACE INTO texts VALUES (?, ?, ?)", (engine, digest, json.dumps(value, ensure_ascii=False)))
+    def _put(self, engine: str, digest: str, also: str, parts: Sequence[tuple]) -> None:
+        with self.db:  # one transaction: a file is cached whole or not at all
+            self.db.execute("DELETE FROM parts WHERE engine = ? AND digest = ?", (engine, digest))
+            self.db.executemany("INSERT INTO parts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                [(engine, digest, n, *p) for n, p in enumerate(parts)])
+            self.db.execute("INSERT OR REPLACE INTO done VALUES (?, ?, ?)", (engine, digest, also))
+
+    def get_frame(self, engine: str, digest: str):
+        """The ``ocr.FrameText`` read from a picture, or None."""
+        from mergeseek.indexing.ocr import FrameText, Word
+
+        got = self._get(engine, digest)
+        if got is None:
+            return None
+        also, parts = got
+        return FrameText(tuple(Word(t, float(c), (int(a), int(b), int(w), int(h))) for t, c, a, b, w, h, _ in parts), also=also)
+
+    def put_frame(self, engine: str, digest: str, frame) -> None:
+        self._put(engine, digest, frame.also, [(w.text, w.conf, *w.box, "") for w in frame.words])
+
+    def get_segments(self, engine: str, digest: str) -> Optional[list]:
+        """The ``asr.Segment`` list heard in a video, or None."""
+        from mergeseek.indexing.asr import Segment
+
+        got = self._get(engine, digest)
+        return None if got is None else [Segment(float(a), float(b), t, float(c), x or "") for t, c, a, b, _, _, x in got[1]]
+
+    def put_segments(self, engine: str, digest: str, segments: Sequence) -> None:
+        self._put(engine, digest, "", [(s.text, s.conf, s.start_s, s.end_s, 0, 0, s.also) for s in segments])
 
     def close(self) -> None:
         self.db.close()
-
-
-def _frame_to_json(t) -> list:
-    return [[[w.text, w.conf, list(w.box)] for w in t.words], t.also]
-
-
-def _frame_from_json(v):
-    from mergeseek.indexing.ocr import FrameText, Word
-
-    words, also = v
-    return FrameText(tuple(Word(str(w), float(c), tuple(int(x) for x in box)) for w, c, box in words), also=also or "")
 
 
 # ---------------------------------------------------------------------------- reading the set's text
@@ -131,11 +153,9 @@ def ocr_texts(ds, spec: str, cache: TextCache, batch: int = 8) -> tuple[list, li
     out: list = [None] * len(paths)
     todo = []
     for i, d in enumerate(digests):
-        got = cache.get(str(engine), d)
-        if got is None:
+        out[i] = cache.get_frame(str(engine), d)
+        if out[i] is None:
             todo.append(i)
-        else:
-            out[i] = _frame_from_json(got)
     failed = 0
     for s in range(0, len(todo), batch):
         idx = todo[s : s + batch]
@@ -144,7 +164,7 @@ def ocr_texts(ds, spec: str, cache: TextCache, batch: int = 8) -> tuple[list, li
             if t.error:
                 failed += 1
             else:
-                cache.put(str(engine), digests[i], _frame_to_json(t))
+                cache.put_frame(str(engine), digests[i], t)
     notes = [f"on-screen text: {engine} over the {len(paths)} keyframes ({len(paths) - len(todo)} from the cache "
              f"{cache.path}, {len(todo)} read)"]
     if failed:
@@ -155,7 +175,7 @@ def ocr_texts(ds, spec: str, cache: TextCache, batch: int = 8) -> tuple[list, li
 def asr_texts(ds, spec: str, cache: TextCache) -> tuple[list, list[str]]:
     """The speech of each keyframe: its video transcribed by ``spec`` (cached), mapped to the video's
     keyframes by ``pts_time`` (``indexing.asr.segments_to_frames``); (FrameTexts, notes)."""
-    from mergeseek.indexing.asr import Segment, get_engine, segments_to_frames, sound_path
+    from mergeseek.indexing.asr import get_engine, segments_to_frames, sound_path
     from mergeseek.indexing.audio import read_audio
     from mergeseek.indexing.ocr import FrameText
 
@@ -174,13 +194,12 @@ def asr_texts(ds, spec: str, cache: TextCache) -> tuple[list, list[str]]:
             missing.append(v)
             continue
         digest = file_digest(Path(sound))
-        got = cache.get(str(engine), digest)
-        if got is None:
+        segments = cache.get_segments(str(engine), digest)
+        if segments is None:
             segments = engine.transcribe(read_audio(sound))
-            cache.put(str(engine), digest, [[s.start_s, s.end_s, s.text, s.conf, s.also] for s in segments])
+            cache.put_segments(str(engine), digest, segments)
         else:
             cached += 1
-            segments = [Segment(float(a), float(b), str(t), float(c), str(x or "")) for a, b, t, c, x in got]
         times = [ds.pts_time[i] if ds.pts_time else math.nan for i in idx]
         untimed += sum(1 for t in times if math.isnan(t))
         for i, t in zip(idx, segments_to_frames(segments, times)):
