@@ -5,7 +5,7 @@
 * Each text part is ranked by the frames' text, searched exactly as ``search --ocr`` searches an
   index: the set's per-frame text is loaded into an in-memory ``indexing.text.TextIndex``.
 * The rankings are fused by ``retrieval.hybrid.fuse`` (reciprocal rank, ``RRF_K``) with the depths
-  ``submit`` uses: the best ``SUBMIT_K`` frames of a fused ranking, each channel's best
+  ``submit`` uses: the best :func:`submit_k` (400) frames of a fused ranking, each channel's best
   ``max(5 k, 100)``; TRAKE events as ``retrieval.events.search_events`` ranks them.
 
 Where the frames' text comes from (one source per run):

@@ -98,10 +98,9 @@ def aic_of(rank: float) -> float:
 @pytest.fixture(scope="module")
 def kf_set(tmp_path_factory):
     pytest.importorskip("rapidocr_onnxruntime", reason="rapidocr_onnxruntime is not installed (pip install 'mergeseek[ocr]')")
-    from mergeseek.eval.channels import TextCache
+    from mergeseek.eval.config import EvalConfig
     from mergeseek.eval.datasets import load_dataset
     from mergeseek.eval.runner import with_text
-    from mergeseek.eval.config import EvalConfig
 
     root = write_set(tmp_path_factory.mktemp("kf"), QUERIES)
     ds = load_dataset(f"keyframes:{root}", channels={"ocr"})
