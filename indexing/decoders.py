@@ -75,6 +75,10 @@ def _import(backend: str):
                 # decord2 preloads the nvidia-* pip libraries (NVBLAS among them) with RTLD_GLOBAL;
                 # a torch imported after that sends its matrix products to NVBLAS and crashes.
                 import torch  # noqa: F401
+            if "decord" not in sys.modules and importlib.util.find_spec("faiss") is not None:
+                # the same for FAISS: imported after decord, its k-means (IVF training) calls NVBLAS's
+                # sgemm, which has no CPU BLAS behind it here, and the process dies (decord2 3.4.0)
+                import faiss  # noqa: F401
             if "decord" not in sys.modules and importlib.util.find_spec("torchcodec") is not None:
                 # decord loads its bundled FFmpeg with RTLD_GLOBAL; torchcodec, started after that,
                 # binds the system FFmpeg to those symbols and crashes. Loaded first, both work.

@@ -236,9 +236,9 @@ def test_a_live_webm_without_duration_names_the_way_out(tmp_path, sample_videos)
         assert tc.get_batch([0, 49]).shape == (2, 272, 640, 3)
 
 
-def test_decord_loaded_first_breaks_neither_torch_nor_torchcodec(sample_videos):  # noqa: F811
+def test_decord_loaded_first_breaks_neither_torch_nor_faiss_nor_torchcodec(sample_videos):  # noqa: F811
     # decord2 loads FFmpeg and the nvidia-* libraries with RTLD_GLOBAL. Through open_video, torch
-    # (and torchcodec) load first and keep working. A fresh interpreter: the import order is the point.
+    # (and FAISS, torchcodec) load first and keep working. A fresh interpreter: the import order is the point.
     import sys
 
     root = Path(__file__).resolve().parents[1]
@@ -250,6 +250,15 @@ assert vr.get_batch([0, 100]).shape == (2, 272, 640, 3)
 import torch
 a = torch.randn(512, 512)
 assert torch.isfinite(a @ a).all() and torch.isfinite(torch.nn.functional.linear(a, a)).all()
+import faiss, numpy as np  # FAISS's k-means (an IVF index trained after decoding) crashed in NVBLAS
+x = np.random.default_rng(0).standard_normal((4000, 64)).astype(np.float32)
+ivf = faiss.index_factory(64, "IVF16,Flat", faiss.METRIC_INNER_PRODUCT)
+ivf.train(x)
+ivf.add(x)
+ivf.nprobe = 16  # every list: the exact answer
+flat = faiss.IndexFlatIP(64)
+flat.add(x)
+assert (ivf.search(x[:50], 3)[1] == flat.search(x[:50], 3)[1]).all()
 print("ok")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
