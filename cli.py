@@ -152,7 +152,7 @@ def index_cmd(
     index_type: Annotated[
         Optional[str],
         typer.Option("--index-type", help="FAISS factory string: Flat (default), IVF1024,Flat, HNSW32, IVF4096,PQ64, ..., "
-                     "or auto (Flat / HNSW / IVF / IVF-PQ from the vector count and --memory-budget)."),
+                     "or auto (Flat / IVF / IVF-PQ from the vector count and --memory-budget)."),
     ] = None,
     memory_budget: Annotated[
         Optional[str], typer.Option("--memory-budget", help="RAM the FAISS index may use with --index-type auto, e.g. 4G (default 8G).")
@@ -323,7 +323,7 @@ def search_cmd(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "fp32",
     batch_size: BatchOpt = 32,
-    nprobe: Annotated[int, typer.Option("--nprobe", min=1, help="IVF index types: lists visited per query (more: better recall, slower).")] = 16,
+    nprobe: Annotated[Optional[int], typer.Option("--nprobe", min=1, help="IVF index types: lists visited per query (more: better recall, slower; default: max(16, lists/64), 64 for the IVF4096 that auto picks at 1M).")] = None,
     ef_search: Annotated[int, typer.Option("--ef-search", min=1, help="HNSW index types: search depth (more: better recall, slower).")] = 64,
     shards: Annotated[
         Optional[List[Path]],
@@ -596,7 +596,7 @@ def serve_cmd(
     translate: TranslateOpt = None,
     fuse: Annotated[Optional[List[Path]], typer.Option("--fuse", help="Another index of the same media built with "
                     "another model (repeatable): searches fuse every index's ranking by reciprocal rank.")] = None,
-    nprobe: Annotated[int, typer.Option("--nprobe", min=1, help="IVF index types: lists visited per query (more: better recall, slower).")] = 16,
+    nprobe: Annotated[Optional[int], typer.Option("--nprobe", min=1, help="IVF index types: lists visited per query (more: better recall, slower; default: max(16, lists/64), 64 for the IVF4096 that auto picks at 1M).")] = None,
     ef_search: Annotated[int, typer.Option("--ef-search", min=1, help="HNSW index types: search depth (more: better recall, slower).")] = 64,
 ) -> None:
     """Serve a search web page and JSON API over an index (read-only) until Ctrl-C."""

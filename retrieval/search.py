@@ -73,7 +73,7 @@ class Searcher:
             ``retrieval.translate`` spec such as ``"py:mymod:vi_to_en"``, or a callable).
     """
 
-    def __init__(self, index_dir: Union[str, Path], encoder: Any = None, ngpu: int = -1, nprobe: int = 16,
+    def __init__(self, index_dir: Union[str, Path], encoder: Any = None, ngpu: int = -1, nprobe: Optional[int] = None,
                  ef_search: int = 64, translate: Any = None):
         from mergeseek.retrieval.translate import get_translator
 
@@ -244,7 +244,7 @@ def check_query(text: Optional[str], image: Optional[Union[str, Path]], then, k:
 def run_search(index_dir: Union[str, Path], text: Optional[str] = None, image: Optional[Union[str, Path]] = None,
                then=None, within_s=30.0, k: int = 20, per_video: bool = False,
                model: str = FROM_INDEX, pretrained: str = FROM_INDEX, merge: str = FROM_INDEX, device: str = "auto",
-               precision: str = "fp32", batch_size: int = 32, nprobe: int = 16, ef_search: int = 64,
+               precision: str = "fp32", batch_size: int = 32, nprobe: Optional[int] = None, ef_search: int = 64,
                object_name: Optional[str] = None, ocr: Optional[str] = None, like: Sequence[int] = (),
                unlike: Sequence[int] = (), video: Optional[str] = None, fuse: Sequence = (), asr: Optional[str] = None,
                translate: Optional[str] = None) -> list:

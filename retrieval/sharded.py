@@ -47,7 +47,7 @@ class ShardedSearcher(Searcher):
         seed: of the training sample.
     """
 
-    def __init__(self, index_dirs: Sequence[Union[str, Path]], encoder: Any = None, ngpu: int = -1, nprobe: int = 16,
+    def __init__(self, index_dirs: Sequence[Union[str, Path]], encoder: Any = None, ngpu: int = -1, nprobe: Optional[int] = None,
                  ef_search: int = 64, index_type: Optional[str] = None, train_sample: int = TRAIN_SAMPLE, seed: int = 0):
         import faiss
 
@@ -188,7 +188,7 @@ def run_sharded_search(index_dirs: Sequence[Union[str, Path]], text: Optional[st
                        image: Optional[Union[str, Path]] = None, then: Optional[str] = None, within_s: float = 30.0,
                        k: int = 20, per_video: bool = False, model: str = FROM_INDEX, pretrained: str = FROM_INDEX,
                        merge: str = FROM_INDEX, device: str = "auto", precision: str = "fp32", batch_size: int = 32,
-                       nprobe: int = 16, ef_search: int = 64, index_type: Optional[str] = None) -> list:
+                       nprobe: Optional[int] = None, ef_search: int = 64, index_type: Optional[str] = None) -> list:
     """``retrieval.run_search`` over several index folders (``cli.py search --index A --shard B ...``)."""
     check_query(text, image, then, k)
     searcher = ShardedSearcher.open(index_dirs, model=model, pretrained=pretrained, merge=merge, device=device,

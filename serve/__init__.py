@@ -80,7 +80,7 @@ def allowed_hosts(host: str, extra: Sequence[str] = ()) -> list:
 def run_server(index_dir: Union[str, Path], host: str = "127.0.0.1", port: int = 8000, token: Optional[str] = None,
                model: str = "from-index", pretrained: str = "from-index", merge: str = "from-index",
                device: str = "auto", precision: str = "fp32", on_ready: Optional[Callable[[str, dict], None]] = None,
-               extra_hosts: Sequence[str] = (), translate: Optional[str] = None, fuse: Sequence = (), nprobe: int = 16,
+               extra_hosts: Sequence[str] = (), translate: Optional[str] = None, fuse: Sequence = (), nprobe: Optional[int] = None,
                ef_search: int = 64) -> None:
     """Load the model and the index once, then serve until Ctrl-C (``translate``: a
     ``retrieval.translate`` spec applied to each description, ``--translate``).

@@ -223,7 +223,7 @@ class Engine:
     @classmethod
     def open(cls, index_dir: Union[str, Path], model: str = FROM_INDEX, pretrained: str = FROM_INDEX,
              merge: str = FROM_INDEX, device: str = "auto", precision: str = "fp32", ngpu: int = -1,
-             translate=None, fuse: Sequence = (), nprobe: int = 16, ef_search: int = 64) -> "Engine":
+             translate=None, fuse: Sequence = (), nprobe: Optional[int] = None, ef_search: int = 64) -> "Engine":
         """``fuse``: more index folders of the same media built with other models; plain text searches
         then fuse every index's ranking by reciprocal rank (``retrieval.fusion``), hits stay this index's."""
         if fuse:

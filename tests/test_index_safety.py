@@ -313,7 +313,10 @@ def test_auto_index_type_follows_the_vector_count_and_the_memory_budget():
     from mergeseek.indexing.faiss_index import choose_index_type
 
     assert choose_index_type(5_000, 512) == "Flat"
-    assert choose_index_type(1_000_000, 512) == "HNSW32"
+    # never HNSW32: its graph loses the text-like queries of shot-clustered frames (faiss_index.choose_index_type)
+    assert choose_index_type(1_000_000, 512) == "IVF4096,Flat"
+    assert choose_index_type(200_000, 512) == "IVF2048,Flat"
+    assert choose_index_type(3_000_000, 512) == "IVF8192,Flat"
     assert choose_index_type(1_000_000, 512, memory_budget=2_200_000_000) == "IVF4096,Flat"
     assert choose_index_type(1_000_000, 512, memory_budget=100_000_000) == "IVF4096,PQ64"
     assert choose_index_type(50_000_000, 512, memory_budget=1 << 30) == "IVF32768,PQ8"  # 16 B a vector fit 1 GiB
@@ -331,6 +334,19 @@ def test_auto_index_type_follows_the_vector_count_and_the_memory_budget():
     assert exact.search(v[[7]], 1)[1][0, 0] == ids[7]
 
 
+def test_default_nprobe_grows_with_the_list_count():
+    import faiss
+
+    from mergeseek.indexing.faiss_index import default_nprobe, for_search, make_index
+
+    assert [default_nprobe(n) for n in (4, 16, 1024, 2048, 4096, 8192, 32768)] == [4, 16, 16, 32, 64, 128, 512]
+    index = make_index(16, "IVF256,Flat")
+    index.train(np.random.default_rng(0).standard_normal((256 * 39, 16)).astype(np.float32))
+    assert faiss.extract_index_ivf(for_search(index, ngpu=0).index).nprobe == 16
+    assert faiss.extract_index_ivf(for_search(index, ngpu=0, nprobe=5).index).nprobe == 5
+    assert faiss.extract_index_ivf(for_search(index, ngpu=0, nprobe=999).index).nprobe == 256
+
+
 def test_search_passes_nprobe_and_ef_search_to_faiss(tmp_path):
     import faiss
 
@@ -341,6 +357,7 @@ def test_search_passes_nprobe_and_ef_search_to_faiss(tmp_path):
         store.commit([_enc(f"v{i}", 50, i) for i in range(6)])
     s = Searcher(tmp_path, nprobe=3, ef_search=40)
     assert faiss.extract_index_ivf(s.index.index).nprobe == 3
+    assert faiss.extract_index_ivf(Searcher(tmp_path).index.index).nprobe == 4  # no --nprobe: max(16, lists/64), at most the lists
     q = rng.standard_normal((1, DIM)).astype(np.float32)
     assert len(s.search_vectors(q, 5)[0]) == 5
 
