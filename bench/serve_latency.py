@@ -412,6 +412,16 @@ def measure(index_dir: Path, queries: int, thumbs: int, clients: int, threads: i
     }
 
 
+def _default_nprobe(ix: Path):
+    """The lists the server visits without --nprobe (None for a type without lists)."""
+    import re
+
+    from mergeseek.indexing.faiss_index import default_nprobe
+
+    lists = re.match(r"IVF(\d+)", recorded_type(ix))
+    return default_nprobe(int(lists.group(1))) if lists else None
+
+
 def recorded_type(ix: Path) -> str:
     """The index type the folder's manifest records (``auto`` resolved)."""
     from mergeseek.indexing.store import IndexStore
@@ -433,7 +443,7 @@ def main(argv=None) -> None:
                     help="vectors: uniform on the sphere, or shaped like frames of real footage (shot_vectors)")
     ap.add_argument("--ef-search", default="64", help="HNSW search depths to report recall for, comma-separated")
     ap.add_argument("--nprobe", default="16", help="IVF lists visited to report recall for, comma-separated")
-    ap.add_argument("--serve-nprobe", type=int, default=16, help="the server's --nprobe")
+    ap.add_argument("--serve-nprobe", type=int, default=None, help="the server's --nprobe (default: the server's own, max(16, lists/64))")
     ap.add_argument("--serve-ef-search", type=int, default=64, help="the server's --ef-search")
     ap.add_argument("--recall-queries", type=int, default=200, help="queries per kind for recall@10")
     ap.add_argument("--skip-recall", action="store_true", help="leave out recall@10 (it reads every vector)")
@@ -457,9 +467,9 @@ def main(argv=None) -> None:
             report["runs"].append(run)
             continue
         efs = [int(e) for e in args.ef_search.split(",")]
-        knobs = ("--nprobe", str(args.serve_nprobe), "--ef-search", str(args.serve_ef_search))
+        knobs = (("--nprobe", str(args.serve_nprobe)) if args.serve_nprobe else ()) + ("--ef-search", str(args.serve_ef_search))
         run = measure(ix, args.queries, args.thumbs, args.clients, args.threads, knobs)
-        run["server_search_settings"] = {"nprobe": args.serve_nprobe, "ef_search": args.serve_ef_search}
+        run["server_search_settings"] = {"nprobe": args.serve_nprobe or _default_nprobe(ix), "ef_search": args.serve_ef_search}
         run["text_encode_cpu_ms"] = text_encode_cpu()
         run["index_type"] = recorded_type(ix)
         run["data"] = args.data
