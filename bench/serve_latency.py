@@ -1,7 +1,7 @@
 """Latency of `cli.py serve` through its HTTP API on large random indexes, and thumbnails served per second.
 
     python -m bench.serve_latency --sizes 100000,1000000 --out bench_serve.json
-    python -m bench.serve_latency --sizes 1000000 --index-type auto      # the type cli.py index would choose (HNSW32 at 1M)
+    python -m bench.serve_latency --sizes 1000000 --index-type auto      # the type cli.py index would choose (IVF4096,Flat at 1M)
 
 For each size, a real index folder is written with the store's own commit path (random unit
 vectors, 1000 frames per fake video, a thumbnail pack for the first 10k frames made from a real
@@ -13,7 +13,8 @@ costs the same as with trained weights) and an HTTP client measures:
 * ``GET /api/thumb/{id}``: thumbnails per second, one client and ``--clients`` concurrent ones;
 * recall@10 of the index against exact search for three kinds of query (``recall_queries``: uniform
   on the sphere, near a stored frame, text-like) at each ``--ef-search`` / ``--nprobe``, with the
-  single-thread CPU ms of each FAISS search; the server itself runs with nprobe 16 and efSearch 64;
+  single-thread CPU ms of each FAISS search; the server itself runs with its defaults (nprobe
+  max(16, lists/64), efSearch 64) unless ``--serve-nprobe`` / ``--serve-ef-search`` say otherwise;
 * the CPU time of one text encode on one thread, the tower on the query's tokens and on all 77.
 
 ``--data shots`` makes vectors shaped like frames of real footage (``shot_vectors``: shots of
