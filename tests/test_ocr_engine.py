@@ -88,3 +88,28 @@ def test_a_line_of_the_same_pixels_is_not_read_again_and_reads_the_same():
     engine.read([other])  # the ticker's crop is forgotten (only the last line is kept)
     n = engine.recognised
     assert engine.read([ticker])[0] == first and engine.recognised == n + lines
+
+
+def test_rec_height_is_an_option_that_round_trips_and_is_checked():
+    from mergeseek.errors import ConfigError
+    from mergeseek.indexing.ocr import get_engine
+
+    assert str(get_engine("rapidocr")) == "rapidocr"
+    e = get_engine("rapidocr,rec_height=40")
+    assert e.rec_height == 40 and str(e) == "rapidocr,rec_height=40" and str(get_engine(str(e))) == str(e)
+    assert e._model().text_rec.rec_image_shape == [3, 40, 267]  # the narrowest line scaled with it (320 at 48)
+    assert get_engine("rapidocr")._model().text_rec.rec_image_shape == [3, 48, 320]
+    for bad in ("rapidocr,rec_height=64", "rapidocr,rec_height=8"):
+        with pytest.raises(ConfigError, match="rec_height from 16 to 48"):
+            get_engine(bad)
+
+
+def test_forget_makes_the_next_read_recognise_again():
+    from mergeseek.indexing.ocr import RapidOcrEngine
+
+    ticker = _caption_frame("Election results tonight", 32, "box")
+    engine = RapidOcrEngine()
+    first = engine.read([ticker])[0]
+    n = engine.recognised
+    engine.forget()
+    assert engine.read([ticker])[0] == first and engine.recognised == 2 * n and engine.reused == 0
