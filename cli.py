@@ -266,8 +266,9 @@ def index_cmd(
 # ---------------------------------------------------------------- reuse across frames (encoders/reuse.py)
 ReuseOpt = Annotated[
     Optional[str],
-    typer.Option("--reuse", help="Reuse work across the frames of a shot: 'threshold=0.05,refresh=16' (keys: threshold, "
-                 "refresh, cut, attn, bits, seed, max_videos, audit; 'none' = off). See docs/REUSE.md."),
+    typer.Option("--reuse", help="Reuse work across the frames of a shot: 'footage' (the setting measured on real clips: "
+                 "threshold=0.15,refresh=1000,cut=0.9,roll=4,query=0.15), or keys: threshold, refresh, cut, attn, bits, "
+                 "seed, max_videos, audit, roll, query (default threshold=0.05,refresh=16; 'none' = off). See docs/REUSE.md."),
 ]
 
 

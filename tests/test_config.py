@@ -123,6 +123,20 @@ def test_huge_or_malformed_reuse_values_are_one_config_error(spec, needle):
     assert needle in str(err.value) and len(str(err.value).splitlines()) == 1 and len(str(err.value)) < 400
 
 
+def test_the_footage_preset_is_the_measured_config_and_takes_overrides():
+    from mergeseek.encoders.reuse import ReuseConfig
+
+    measured = ReuseConfig.parse("threshold=0.15,refresh=1000,cut=0.9,roll=4,query=0.15")
+    assert ReuseConfig.parse("footage") == ReuseConfig.parse(" Footage ") == measured and measured.enabled
+    assert ReuseConfig.parse("footage,audit=8,roll=2") == ReuseConfig(threshold=0.15, refresh=1000, cut=0.9, roll=2,
+                                                                       query=0.15, audit=8)
+    assert ReuseConfig.parse(str(measured)) == measured  # its string is a spec of the same config
+    with pytest.raises(ConfigError, match="reuse option 'footage' in 'threshold=0.1,footage' is not key=value"):
+        ReuseConfig.parse("threshold=0.1,footage")  # a preset only first
+    with pytest.raises(ConfigError, match="reuse option 'studio' is neither a preset \\(footage\\) nor key=value"):
+        ReuseConfig.parse("studio,refresh=3")
+
+
 def test_merge_and_metric_options_round_trip_and_name_their_choices():
     cfg = MergeConfig.parse("r=8,method=energy,merge=mlerp,metric=heads")
     assert (cfg.merge, cfg.metric) == ("mlerp", "heads") and MergeConfig.parse(str(cfg)) == cfg

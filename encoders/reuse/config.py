@@ -13,6 +13,10 @@ from mergeseek.options import parse_options
 
 _OFF = ("", "none", "off")
 _FLOATS = ("threshold", "cut", "attn", "query")
+# Named settings, usable alone or first in a spec (``footage,audit=8``). ``footage``: the one config
+# measured on every sample clip and synthetic kind (docs/REUSE.md, docs/BENCHMARKS.md "Real footage"):
+# ViT-B-16, CPU time, carphone 2.33x, bikes 1.74x, bigbuckbunny 2.79x, pan 1.11x (never below 1x).
+PRESETS = {"footage": {"threshold": 0.15, "refresh": 1000, "cut": 0.9, "roll": 4, "query": 0.15}}
 
 
 @dataclass(frozen=True)
@@ -93,13 +97,23 @@ class ReuseConfig:
 
     @classmethod
     def parse(cls, spec: Union[str, "ReuseConfig", None]) -> "ReuseConfig":
-        """``threshold=0.05,refresh=16`` (``none``/``off``/empty: no reuse)."""
+        """``threshold=0.05,refresh=16`` (``none``/``off``/empty: no reuse); a preset name of ``PRESETS``
+        alone or first (``footage``, ``footage,audit=8``: the preset with those keys changed)."""
         if isinstance(spec, ReuseConfig):
             return spec
         if spec is None or spec.strip().lower() in _OFF:
             return cls(threshold=0.0)
+        head, _, rest = spec.partition(",")
+        settings = dict(PRESETS.get(head.strip().lower(), {}))
         keys = [f.name for f in dataclasses.fields(cls)]
-        return cls(**{key: _number(key, value) for key, value in parse_options(spec, "reuse", keys, brackets=False).pairs})
+        if settings:
+            spec = rest
+        elif head.strip() and "=" not in head:
+            raise ConfigError(f"reuse option {head.strip()[:40]!r} is neither a preset ({', '.join(PRESETS)}) nor key=value; "
+                              f"valid keys: {', '.join(keys)}")
+        if spec.strip():
+            settings.update({key: _number(key, value) for key, value in parse_options(spec, "reuse", keys, brackets=False).pairs})
+        return cls(**settings)
 
     @property
     def recipe(self) -> str:
