@@ -205,7 +205,8 @@ KILL = textwrap.dedent("""
     die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
     if point == "before_delta":  # committed; the FAISS step never starts
         writer._append = die
-    elif point == "mid_delta_save":  # half of the new delta written under its temporary name
+    elif point in ("mid_delta_save", "fold_mid_main_save"):
+        # half of the new delta written under its temporary name; folding: the delta removed, index.faiss half written
         real = faiss.write_index
         def half(index, path):
             real(index, path)
@@ -220,14 +221,6 @@ KILL = textwrap.dedent("""
                 die()
             return real_wm(self, *a, **k)
         IndexStore.write_manifest = wm
-    elif point == "fold_mid_main_save":  # folding: the delta removed, index.faiss half written
-        real = faiss.write_index
-        def half(index, path):
-            real(index, path)
-            with open(path, "r+b") as fh:
-                fh.truncate(os.path.getsize(path) // 2)
-            die()
-        faiss.write_index = half
     elif point == "fold_after_main_save":  # folding: the new index.faiss in place, the manifest not written
         real_wm = IndexStore.write_manifest
         def wm(self, *a, **k):

@@ -77,24 +77,6 @@ def rows_of_stats(stats, gate: int) -> int:
     return sum(c[gate] for c in stats.computed)
 
 
-def test_query_gate_on_identical_frames_computes_no_row_after_the_reference(tiny_vit):
-    frames = drifting_frames(1).expand(6, -1, -1, -1).contiguous()
-    for query in (0.04, THRESHOLD):
-        stream = ReuseStream(tiny_vit, ReuseConfig(threshold=THRESHOLD, refresh=100, roll=2, query=query), "none")
-        out = stream_outputs(stream, frames, 4)
-        assert stream.stats.computed == [[N] * 3] * len(tiny_vit.blocks)
-        assert torch.equal(out, out[:1].expand_as(out))
-
-
-@pytest.mark.parametrize("spec", ["threshold=0,query=0.1", "threshold=0.1,refresh=1,roll=3,query=0.05"])
-def test_query_gate_without_reuse_equals_per_frame_encoding(tiny_vit, spec):
-    frames = drifting_frames(5)
-    with torch.inference_mode():
-        want = tiny_vit(frames)
-    got = stream_outputs(ReuseStream(tiny_vit, spec, "none"), frames, 3)
-    assert torch.allclose(got, want, atol=1e-5)
-
-
 @pytest.mark.parametrize("merge", ["r=2", "r=2,method=lsh"])
 def test_query_gate_with_merging_selecting_every_query_equals_the_old_rule(tiny_vit, merge):
     """With merging (replayed merges, the size bias on the keys): a query threshold that every

@@ -202,16 +202,18 @@ def test_rolling_caches_of_two_videos_in_one_batch_stay_apart(tiny_vit):
     assert torch.allclose(out[0::2], alone[0], atol=1e-5) and torch.allclose(out[1::2], alone[1], atol=1e-5)
 
 
-def test_rolling_identical_frames_compute_no_row_after_the_reference(tiny_vit):
+@pytest.mark.parametrize("query", [0.0, 0.04, THRESHOLD])  # the query gate (tests/test_reuse_query.py) too
+def test_rolling_identical_frames_compute_no_row_after_the_reference(tiny_vit, query):
     frames = drifting_frames(1).expand(6, -1, -1, -1).contiguous()
-    stream = ReuseStream(tiny_vit, ReuseConfig(threshold=THRESHOLD, refresh=100, roll=2), "none")
+    stream = ReuseStream(tiny_vit, ReuseConfig(threshold=THRESHOLD, refresh=100, roll=2, query=query), "none")
     out = stream_outputs(stream, frames, 4)
     n = (SIDE // PATCH) ** 2 + 1
     assert stream.stats.computed == [[n] * 3] * len(tiny_vit.blocks)
     assert torch.equal(out, out[:1].expand_as(out))
 
 
-@pytest.mark.parametrize("spec", ["threshold=0,roll=1", "threshold=0.1,refresh=1,roll=3"])
+@pytest.mark.parametrize("spec", ["threshold=0,roll=1", "threshold=0.1,refresh=1,roll=3",
+                                  "threshold=0,query=0.1", "threshold=0.1,refresh=1,roll=3,query=0.05"])
 def test_rolling_without_reuse_equals_per_frame_encoding(tiny_vit, spec):
     frames = drifting_frames(5)
     with torch.inference_mode():
