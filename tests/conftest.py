@@ -10,6 +10,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+# Test modules import decord at collection; decord2 3.4.0 then preloads NVIDIA's NVBLAS, and a FAISS
+# (or torch) loaded after it sends its matrix products there and dies (a k-means large enough to
+# use BLAS: IVF training). Loaded here first, in every worker, they keep their own BLAS.
+# indexing/decoders.py does the same for users who decode through mergeseek.
+for _first in ("torch", "faiss"):
+    try:
+        __import__(_first)
+    except ImportError:  # the suite still runs where one is missing; its tests skip
+        pass
+
 
 def pytest_collection_modifyitems(config, items):
     """GPU tests run only where CUDA exists (MERGESEEK_TEST_DEVICE=cuda forces them to be tried)."""
