@@ -214,14 +214,8 @@ KILL = textwrap.dedent("""
                 fh.truncate(os.path.getsize(path) // 2)
             die()
         faiss.write_index = half
-    elif point == "after_delta_save":  # the new delta in place, the manifest that lists it not written
-        real_wm = IndexStore.write_manifest
-        def wm(self, *a, **k):
-            if k.get("faiss_current"):
-                die()
-            return real_wm(self, *a, **k)
-        IndexStore.write_manifest = wm
-    elif point == "fold_after_main_save":  # folding: the new index.faiss in place, the manifest not written
+    elif point in ("after_delta_save", "fold_after_main_save"):
+        # the new delta (folding: the new index.faiss) in place, the manifest that lists it not written
         real_wm = IndexStore.write_manifest
         def wm(self, *a, **k):
             if k.get("faiss_current"):
