@@ -357,8 +357,9 @@ def test_kill_9_during_ocr_then_resume_gives_text_rows_equal_to_vector_rows(tmp_
 
 
 def test_eval_refuses_queries_with_text_channels_in_one_line(tmp_path):
-    """``eval`` measures the image channel: a keyframe query with ``ocr:``/``asr:`` parts is refused
-    (it would be encoded as a description), naming the query and what to use instead."""
+    """Loaded without a text source (``eval --ocr`` / ``--asr`` / ``--text-from``, eval/channels.py), a
+    keyframe query with ``ocr:``/``asr:`` parts is refused (it would be encoded as a description),
+    naming the query and what to pass instead."""
     import json
 
     from test_datasets import write_aic
@@ -370,7 +371,7 @@ def test_eval_refuses_queries_with_text_channels_in_one_line(tmp_path):
     rows = [{"id": "a", "query": "a crowd", "video_id": "L01_V001", "frame_idx": 0},
             {"id": "b", "query": "a crowd OCR: HÀ NỘI", "video_id": "L01_V001", "frame_idx": 50}]
     (tmp_path / "queries.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
-    with pytest.raises(InputError, match=r"query b has ocr:/asr: parts \(1 such\).*cli.py submit") as err:
+    with pytest.raises(InputError, match=r"query b has ocr:/asr: parts \(1 such\).*--ocr ENGINE.*--text-from INDEX") as err:
         load_dataset(f"keyframes:{tmp_path}")
     assert "\n" not in str(err.value)
     (tmp_path / "queries.jsonl").write_text(json.dumps(rows[0]), encoding="utf-8")
