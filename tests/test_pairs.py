@@ -195,10 +195,9 @@ def test_sweep_with_pairs_on_the_trained_reference(tmp_path, one_torch_thread):
     model, and the trade-off chart drawn."""
     import json
 
-    from mergeseek.encoders import remove_merging
     from mergeseek.eval import EvalConfig, evaluate
-    from mergeseek.eval.reference import evaluate_reference, load_cifar10_npz, load_reference, reference_available
-    from tests.test_sweep_charts import DATA_ROOT
+    from mergeseek.eval.reference import reference_available
+    from tests.test_sweep_charts import DATA_ROOT, assert_top1_is_the_reference_s_own
 
     if not reference_available() or not (DATA_ROOT / "cifar10" / "test_jpeg.npz").is_file():
         pytest.skip(f"needs eval/reference/reference-cifar10.pt and CIFAR-10 under {DATA_ROOT}")
@@ -211,10 +210,5 @@ def test_sweep_with_pairs_on_the_trained_reference(tmp_path, one_torch_thread):
     assert model["tokens"]["method=pairs,r=16"] == model["tokens"]["method=bipartite,r=16"]
     assert model["tokens"]["method=pairs_lsh,r=16"] == model["tokens"]["method=bipartite,r=16"]
     results = {r["config"]: r for r in model["datasets"][0]["results"]}
-    net, _ = load_reference()
-    split = load_cifar10_npz(DATA_ROOT / "cifar10", "test", 300)
-    for name in names:
-        apply_merging(net, name)
-        assert results[name]["metrics"]["top1"] == pytest.approx(evaluate_reference(net, split.images, split.labels))
-        remove_merging(net)
+    assert_top1_is_the_reference_s_own(results, names, 300)
     assert "tradeoff_reference-cifar10_cifar10.png" in {p.name for p in out.paths}

@@ -82,13 +82,26 @@ def test_chart_lines_are_sorted_by_x_and_labelled_by_r(tmp_path):
 
 
 @pytest.mark.slow
+def assert_top1_is_the_reference_s_own(results: dict, names: list, n: int) -> None:
+    """Each config's reported top-1 equals ``evaluate_reference`` of the same merged reference on the
+    first ``n`` CIFAR-10 test images (the sweep's numbers, recomputed by the reference's own loop)."""
+    from mergeseek.encoders import apply_merging, remove_merging
+    from mergeseek.eval.reference import evaluate_reference, load_cifar10_npz, load_reference
+
+    net, _ = load_reference()
+    split = load_cifar10_npz(DATA_ROOT / "cifar10", "test", n)
+    for name in names:
+        apply_merging(net, name)
+        assert results[name]["metrics"]["top1"] == pytest.approx(evaluate_reference(net, split.images, split.labels)), name
+        remove_merging(net)
+
+
 def test_sweep_on_the_trained_reference_writes_table_and_charts(tmp_path, one_torch_thread):
     """200 real test images, ``--sweep r=8|16,method=bipartite|energy``: every config's top-1
     equals the reference's own evaluation of the same merged model on the same images."""
-    from mergeseek.encoders import apply_merging, remove_merging
     from mergeseek.eval import EvalConfig, evaluate
     from mergeseek.eval.plots import replot
-    from mergeseek.eval.reference import evaluate_reference, load_cifar10_npz, load_reference, reference_available
+    from mergeseek.eval.reference import reference_available
 
     if not reference_available() or not (DATA_ROOT / "cifar10" / "test_jpeg.npz").is_file():
         pytest.skip(f"needs eval/reference/reference-cifar10.pt and CIFAR-10 under {DATA_ROOT}")
@@ -104,13 +117,8 @@ def test_sweep_on_the_trained_reference_writes_table_and_charts(tmp_path, one_to
     assert model["tokens"]["method=energy,r=16"] == model["tokens"]["method=bipartite,r=16"]  # equal FLOPs
     assert model["gflops"]["method=energy,r=16"] < model["gflops"]["method=energy,r=8"] < model["gflops"]["none"]
     results = {r["config"]: r for r in model["datasets"][0]["results"]}
-    net, info = load_reference()
-    split = load_cifar10_npz(DATA_ROOT / "cifar10", "test", 200)
-    for name in names:
-        apply_merging(net, name)
-        assert results[name]["metrics"]["top1"] == pytest.approx(evaluate_reference(net, split.images, split.labels))
-        remove_merging(net)
-        assert f"`{name}`" in md
+    assert_top1_is_the_reference_s_own(results, names, 200)
+    assert all(f"`{name}`" in md for name in names)
     assert np.isclose(results["none"]["agreement"]["cos_mean"], 1.0)
     header = next(line for line in md.splitlines() if line.startswith("| config | img/s | speed-up | GFLOPs"))
     assert all(col in header for col in ("top1", "Δtop1", "FLOP ratio", "cos_mean", "top5_overlap"))
