@@ -81,7 +81,6 @@ def test_chart_lines_are_sorted_by_x_and_labelled_by_r(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.slow
 def assert_top1_is_the_reference_s_own(results: dict, names: list, n: int) -> None:
     """Each config's reported top-1 equals ``evaluate_reference`` of the same merged reference on the
     first ``n`` CIFAR-10 test images (the sweep's numbers, recomputed by the reference's own loop)."""
@@ -96,6 +95,7 @@ def assert_top1_is_the_reference_s_own(results: dict, names: list, n: int) -> No
         remove_merging(net)
 
 
+@pytest.mark.slow
 def test_sweep_on_the_trained_reference_writes_table_and_charts(tmp_path, one_torch_thread):
     """200 real test images, ``--sweep r=8|16,method=bipartite|energy``: every config's top-1
     equals the reference's own evaluation of the same merged model on the same images."""
