@@ -76,3 +76,21 @@ class RayRunError(MergeseekError):
     is kept and the same command resumes."""
 
     exit_code = 11
+
+
+def path_is_not(path, want: str) -> str:
+    """Why ``path`` is not the ``want`` ("file" or "folder") a command needs, in a few words:
+    "does not exist", "is a folder, not a file", "is a file, not a folder", or (a dangling link)
+    "is a broken link"."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_symlink() and not p.exists():
+        return "is a broken link"
+    if not p.exists():
+        return "does not exist"
+    if want == "file" and p.is_dir():
+        return "is a folder, not a file"
+    if want == "folder" and not p.is_dir():
+        return "is a file, not a folder"
+    return f"is not a {want}"

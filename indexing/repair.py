@@ -17,7 +17,7 @@ from typing import Union
 
 import numpy as np
 
-from mergeseek.errors import DamagedIndexError, InputError
+from mergeseek.errors import DamagedIndexError, InputError, path_is_not
 from mergeseek.indexing.layout import (
     DAMAGED_DIR, DELTA_FILE, FAISS_FILE, MANIFEST, _described_shards, read_manifest, rebuild_manifest, shard_files_on_disk,
     shard_problem,
@@ -93,7 +93,7 @@ def repair_index(root: Union[str, Path], ngpu: int = 0) -> RepairReport:
 
     root = Path(root)
     if not root.is_dir():
-        raise InputError(f"index folder {root} does not exist; nothing to repair")
+        raise InputError(f"index folder {root} {path_is_not(root, 'folder')}; nothing to repair")
     report = RepairReport(str(root))
     store = IndexStore.open_for_repair(root)
     try:
@@ -202,7 +202,7 @@ def compact_index(root: Union[str, Path]) -> CompactReport:
 
     root = Path(root)
     if not root.is_dir():
-        raise InputError(f"index folder {root} does not exist")
+        raise InputError(f"index folder {root} {path_is_not(root, 'folder')}")
     m0 = read_manifest(root)
     if m0 is None:
         raise InputError(f"{root} has no {MANIFEST}; it is not a mergeseek index (`cli.py repair --index {root}` "

@@ -38,7 +38,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from mergeseek.errors import DamagedIndexError, IndexMismatchError, InputError, PartialWriteError, WriteError
+from mergeseek.errors import DamagedIndexError, IndexMismatchError, InputError, PartialWriteError, WriteError, path_is_not
 from mergeseek.indexing.journal import Journal
 from mergeseek.indexing.layout import (  # noqa: F401 (the format's names are re-exported for callers of the store)
     DELTA_FILE, EMB_DIR, FAISS_FILE, FAISS_MAGIC, FAISS_NEXT, FORMAT, FORMAT_VERSION, IDENTITY_KEYS, LOCK_FILE,
@@ -83,7 +83,7 @@ class IndexStore:
     def open_for_read(cls, root: Path) -> "IndexStore":
         root = Path(root)
         if not root.is_dir():
-            raise InputError(f"index folder {root} does not exist; build one with `cli.py index VIDEOS --index {root}`")
+            raise InputError(f"index folder {root} {path_is_not(root, 'folder')}; build one with `cli.py index VIDEOS --index {root}`")
         manifest = read_manifest(root)
         if manifest is None:
             if _described_shards(root):

@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from mergeseek.errors import IndexMismatchError, InputError
+from mergeseek.errors import IndexMismatchError, InputError, path_is_not
 from mergeseek.indexing.faiss_index import build_index, for_search, open_saved, search_with_delta
 from mergeseek.indexing.store import IndexStore, check_identity
 
@@ -335,7 +335,7 @@ def load_query_image(image: Union[str, Path, np.ndarray, Any]) -> Any:
 
         path = Path(image)
         if not path.is_file():
-            raise InputError(f"query image {path} does not exist; pass an existing .jpg/.png file to --image")
+            raise InputError(f"query image {path} {path_is_not(path, 'file')}; pass an existing .jpg/.png file to --image")
         try:
             with Image.open(path) as im:
                 return im.convert("RGB")

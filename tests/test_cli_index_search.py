@@ -102,6 +102,11 @@ def test_index_options_reach_the_library(tmp_path, monkeypatch):
         (["search", "", "--index", "{tmp}/ix"], 3, "empty query"),
         (["search", "a bike", "--index", "{tmp}/missing"], 3, "does not exist"),
         (["search", "--image", "{tmp}/nope.jpg", "--index", "{tmp}/ix"], 3, "does not exist"),
+        (["search", "--image", "{tmp}/empty", "--index", "{tmp}/ix"], 3, "empty is a folder, not a file"),
+        (["search", "--image", "{tmp}/dangling.jpg", "--index", "{tmp}/ix"], 3, "dangling.jpg is a broken link"),
+        (["search", "a bike", "--index", "{tmp}/bad/zero.mp4"], 3, "zero.mp4 is a file, not a folder"),
+        (["repair", "--index", "{tmp}/bad/zero.mp4"], 3, "zero.mp4 is a file, not a folder"),
+        (["compact", "--index", "{tmp}/bad/zero.mp4"], 3, "zero.mp4 is a file, not a folder"),
     ],
 )
 def test_bad_input_is_one_line_and_an_exit_code(tmp_path, model_calls, args, code, words):
@@ -109,6 +114,7 @@ def test_bad_input_is_one_line_and_an_exit_code(tmp_path, model_calls, args, cod
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "zero.mp4").write_bytes(b"")
     (tmp_path / "bad" / "junk.mkv").write_text("junk")
+    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
     got, out, err = run(*(a.format(tmp=tmp_path) for a in args))
     assert got == code
     assert words in err and len(err.strip().splitlines()) == 1 and err.startswith("error: ")
