@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
@@ -122,6 +122,8 @@ async def _read_limited(request, limit: int) -> bytes:
 class FrameRef(BaseModel):
     """A frame by what it is, not by an id: valid in any index that holds it."""
 
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is a 422 naming it, never silently ignored
+
     video_id: str = Field(..., min_length=1, max_length=500)
     frame_idx: StrictInt = Field(..., ge=0)
 
@@ -137,9 +139,13 @@ class Basket(BaseModel):
     query_id: Optional[str] = Field(None, max_length=100)
     answer: Optional[str] = Field(None, max_length=500)  # a QA answer: rows become video_id,frame_idx,answer
 
+    model_config = ConfigDict(extra="forbid")
+
 
 class SearchBody(BaseModel):
     """``POST /api/search``: events in order (one or more texts), feedback marks, one video."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is a 422 naming it, never silently ignored
 
     events: List[str] = Field(default_factory=list, max_length=16)
     within: Union[float, List[float]] = 30.0
@@ -191,7 +197,8 @@ def create_app(engine: Engine, token: Optional[str] = None, allowed_hosts: Optio
             None: no check (a caller mounting the app behind its own proxy). ``run_server``
             always passes the bound host, ``localhost``, ``127.0.0.1``, ``::1`` and ``--allowed-host``.
     """
-    app = FastAPI(title="mergeseek", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="mergeseek", docs_url=None, redoc_url=None, openapi_url=None,
+                  dependencies=[Depends(_known_query_only)])
     app.state.engine = engine
     _add_guard(app, token, allowed_hosts)
     _add_error_handlers(app)
@@ -200,6 +207,20 @@ def create_app(engine: Engine, token: Optional[str] = None, allowed_hosts: Optio
     _add_frame_routes(app, engine)
     _add_export_routes(app, engine)
     return app
+
+
+def _known_query_only(request: Request) -> None:
+    """A query parameter the route does not take (``?video=`` on ``/api/search``, a typo of ``per_video``)
+    is a 422 naming it and the ones the route takes: ignored, it would answer a different question.
+    The page (``/``) keeps its own state in its query string and is not checked."""
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    if dependant is None or not request.url.path.startswith("/api/"):
+        return
+    known = {p.alias for p in dependant.query_params} | {"token"}
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        takes = ", ".join(sorted(known - {"token"})) or "none"
+        raise InputError(f"unknown query parameter(s) {', '.join(u[:40] for u in unknown[:5])}; {request.url.path} takes: {takes}")
 
 
 def _add_guard(app: FastAPI, token: Optional[str], allowed_hosts: Optional[Sequence[str]]) -> None:

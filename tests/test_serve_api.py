@@ -156,11 +156,31 @@ def test_then_search_gives_pairs_in_order_within_the_window(client):
     ({"q": "x", "k": 0}, "k"), ({"q": "x", "k": "many"}, "k"), ({"q": "x", "k": 100000}, "k"),
     ({"q": "x", "then": "y", "within": 0}, "within"), ({}, "q"), ({"q": "   "}, "empty query"),
     ({"q": "x", "per_video": "maybe"}, "per_video"),
+    ({"q": "x", "video": "cam1"}, "unknown query parameter(s) video; /api/search takes: k, per_video, q, then, within"),
+    ({"q": "x", "perVideo": "1", "K": "3"}, "unknown query parameter(s) K, perVideo"),
 ])
 def test_bad_search_parameters_give_422_with_a_message(client, params, what):
     r = client.get("/api/search", params=params)
     assert r.status_code == 422
     assert isinstance(r.json()["detail"], str) and what in r.json()["detail"]
+
+
+@pytest.mark.parametrize("method, path, body, what", [
+    ("get", "/api/health?verbose=1", None, "unknown query parameter(s) verbose"),
+    ("get", "/api/thumb/0?size=big", None, "unknown query parameter(s) size"),
+    ("post", "/api/search", {"q": "a bike"}, "q: Extra inputs are not permitted"),
+    ("post", "/api/search", {"events": ["a bike"], "per_vdeo": True}, "per_vdeo: Extra inputs are not permitted"),
+    ("post", "/api/basket/verify", {"rows": []}, "rows: Extra inputs are not permitted"),
+    ("post", "/api/export.csv", {"items": [[{"video_id": "v", "frame_idx": 0, "pts": 1.0}]], "index": "x"}, "pts"),
+])
+def test_unknown_parameters_and_fields_are_named_never_ignored(client, method, path, body, what):
+    r = client.get(path) if method == "get" else client.post(path, json=body)
+    assert r.status_code == 422 and what in r.json()["detail"]
+
+
+def test_the_page_keeps_its_own_query_string(client):
+    r = client.get("/", params={"q": "a bike", "k": "20", "utm_source": "mail"})
+    assert r.status_code == 200 and "<title>mergeseek</title>" in r.text
 
 
 # ---------------------------------------------------------------------------- by id: similar, neighbours, thumbs
