@@ -65,7 +65,7 @@ def fuse(rankings: dict, k_rrf: int = RRF_K, weights: Optional[dict] = None) -> 
     return sorted(((i, s, ranks[i]) for i, s in score.items()), key=lambda t: (-t[1], min(t[2].values()), t[0]))
 
 
-_NONE = {"ocr": ("on-screen text", "--ocr tesseract"), "asr": ("speech", "--asr pocketsphinx")}
+_NONE = {"ocr": ("on-screen text", "--ocr rapidocr (or --ocr tesseract)"), "asr": ("speech", "--asr pocketsphinx")}
 
 
 def _text_index(searcher: Searcher, channel: str = "ocr"):
