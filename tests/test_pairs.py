@@ -212,3 +212,89 @@ def test_sweep_with_pairs_on_the_trained_reference(tmp_path, one_torch_thread):
     results = {r["config"]: r for r in model["datasets"][0]["results"]}
     assert_top1_is_the_reference_s_own(results, names, 300)
     assert "tradeoff_reference-cifar10_cifar10.png" in {p.name for p in out.paths}
+
+
+# ---------------------------------------------------------------------------- pairs_mix (fourth round)
+def _boundary(n, protected):
+    """The smallest r that pairs for n tokens (encoders.merging.mixed.PAIRS_FROM of the free ones)."""
+    from mergeseek.encoders.merging import mixed
+
+    return math.ceil(mixed.PAIRS_FROM * (n - protected) - 1e-9)
+
+
+@pytest.mark.parametrize("n,protected,seed", [(41, 1, 0), (61, 1, 1), (50, 0, 2), (90, 2, 3)])
+def test_pairs_mix_is_pairs_from_the_threshold_and_tome_below_it(n, protected, seed):
+    """At the threshold's r (and above) the naive pairs loop; one merge fewer, ToMe's naive loop."""
+    from mergeseek.encoders.merging.mixed import pairs_mix_merging, uses_pairs
+    from tests.test_merging import naive_bipartite
+
+    g = torch.Generator().manual_seed(seed)
+    metric = torch.randn(2, n, 8, generator=g, dtype=torch.float64)
+    x = torch.randn(2, n, 5, generator=g, dtype=torch.float64)
+    size = torch.randint(1, 4, (2, n, 1), generator=g).double()
+    r = _boundary(n, protected)
+    assert uses_pairs(r, n, protected) and not uses_pairs(r - 1, n, protected)
+    for rr in (r, r + 3):
+        result = pairs_mix_merging(metric, rr, protected=protected, size=size, padded=False)
+        _check(result, metric, x, size, rr, lambda m: naive_exact_edges(m, protected, pairs.PAIR_CANDIDATES),
+               protected, 1e-12)
+    result = pairs_mix_merging(metric, r - 1, protected=protected, size=size, padded=False)
+    got_x, got_s = merge_wavg(result, x, size)
+    for b in range(2):
+        want_x, want_s, _ = naive_bipartite(metric[b], x[b], size[b], r - 1, protected)
+        torch.testing.assert_close(got_x[b], want_x, rtol=0, atol=1e-12)
+        torch.testing.assert_close(got_s[b], want_s, rtol=0, atol=0)
+
+
+def test_hashed_pairs_mix_is_pairs_lsh_from_the_threshold_and_lsh_below_it():
+    from mergeseek.encoders.merging import lsh_soft_matching
+    from mergeseek.encoders.merging.mixed import pairs_mix_lsh_merging
+
+    n, bits, tables, window = 61, 3, 2, 8
+    g = torch.Generator().manual_seed(5)
+    metric = torch.randn(3, n, 8, generator=g, dtype=torch.float64)
+    x = torch.randn(3, n, 5, generator=g, dtype=torch.float64)
+    size = torch.randint(1, 4, (3, n, 1), generator=g).double()
+    planes = simhash_planes(8, bits, tables, seed=1, dtype=torch.float64)
+    opts = dict(planes=planes, lsh_bits=bits, lsh_tables=tables, lsh_window=window, size=size, padded=False)
+    r = _boundary(n, 1)
+    result = pairs_mix_lsh_merging(metric, r, **opts)
+    _check(result, metric, x, size, r, lambda m: naive_window_edges(m, planes, bits, tables, window, 1), 1, 1e-12)
+    got = merge_wavg(pairs_mix_lsh_merging(metric, r - 1, **opts), x, size)
+    want = merge_wavg(lsh_soft_matching(metric, r - 1, **opts), x, size)  # lsh has its own naive test (test_lsh.py)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# tiny reference: 17 tokens, 2 blocks. r=[1,2]: block 0 removes 1 of 16 free tokens (ToMe), block 1 2 of 15 (pairs)
+MIX_SPECS = ["method=pairs_mix,r=[1,2]", "method=pairs_mix_lsh,r=[1,2]", "method=pairs_mix,r=3"]
+
+
+@pytest.mark.parametrize("spec", [s.replace("r=[1,2]", "r=0").replace("r=3", "r=0") for s in MIX_SPECS[:2]])
+def test_pairs_mix_r_zero_is_the_unpatched_model(tiny, spec):
+    test_r_zero_is_the_unpatched_model(tiny, spec)
+
+
+@pytest.mark.parametrize("spec", MIX_SPECS)
+def test_pairs_mix_batch_of_four_equals_four_single_images(tiny, spec):
+    model = apply_merging(copy.deepcopy(tiny), spec)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        batch = model(x)
+        single = torch.cat([model(x[i : i + 1]) for i in range(4)])
+    torch.testing.assert_close(batch, single, rtol=1e-5, atol=1e-5)
+    assert token_counts(model) == ([16, 14] if "[1,2]" in spec else [14, 11])  # static widths
+
+
+def test_pairs_mix_blocks_follow_the_threshold_in_a_patched_model(tiny, monkeypatch):
+    """r=[1,2] on the tiny model: block 0 is exactly ToMe, block 1 exactly pairs (outputs equal the
+    two methods' own schedules where each acts)."""
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    calls = []
+    from mergeseek.encoders.merging import mixed
+
+    for name in ("pairs_merging", "bipartite_soft_matching"):
+        real = getattr(mixed, name)
+        monkeypatch.setattr(mixed, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    with torch.no_grad():
+        apply_merging(copy.deepcopy(tiny), "method=pairs_mix,r=[1,2]")(x)
+    assert calls == ["bipartite_soft_matching", "pairs_merging"]

@@ -134,6 +134,15 @@ register(MatcherSpec(
     doc="one-to-one greedy merging, hashed: candidate pairs from SimHash-sorted windows",
 ))
 register(MatcherSpec(
+    "pairs_mix", "mergeseek.encoders.merging.mixed:pairs_mix_merging",
+    doc="pairs where a block removes >= 10% of its tokens, ToMe's bipartite below (issue #26)",
+))
+register(MatcherSpec(
+    "pairs_mix_lsh", "mergeseek.encoders.merging.mixed:pairs_mix_lsh_merging",
+    config_keys=("lsh_bits", "lsh_tables", "lsh_window", "lsh_chunk", "seed"), options=_lsh_options, state=_lsh_state,
+    doc="pairs_mix, hashed: pairs_lsh above the threshold, lsh below",
+))
+register(MatcherSpec(
     "importance", "mergeseek.encoders.merging.importance:importance_merging", needs="cls_attn", bipartite_bounded=False,
     needs_prefix=True, doc="class-attention importance (arXiv 2306.04897)",
 ))
