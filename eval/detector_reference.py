@@ -68,6 +68,8 @@ class DetectorConfig:
         epochs, steps_per_epoch, batch_size, lr, min_lr, weight_decay, warmup_epochs, grad_clip:
             AdamW, linear warmup then cosine to ``min_lr`` per step; every step draws
             ``batch_size`` fresh training pictures.
+        head_lr_scale: the head's learning rate is ``head_lr_scale`` times the backbone's (the head
+            starts from random weights, the backbone from ``init``).
         size_weight, offset_weight: weights of the L1 losses on log sizes and centre offsets.
         eval_pictures: test pictures scored (mAP@0.5) after every epoch.
         max_detections: boxes kept per picture when decoding.
@@ -75,8 +77,8 @@ class DetectorConfig:
     """
 
     name: str = "reference-detector"
-    img_size: int = 56
-    patch_size: int = 4
+    img_size: int = 112
+    patch_size: int = 8
     embed_dim: int = 192
     depth: int = 9
     num_heads: int = 3
@@ -86,16 +88,17 @@ class DetectorConfig:
     mean: Tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
     std: Tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
     init: str = "reference-cifar10-56"
-    freeze_blocks: int = 6
+    freeze_blocks: int = 0
     picture_size: int = 112
-    epochs: int = 6
-    steps_per_epoch: int = 120
-    batch_size: int = 8
+    epochs: int = 20
+    steps_per_epoch: int = 150
+    batch_size: int = 16
     lr: float = 3e-4
     min_lr: float = 1e-5
     weight_decay: float = 0.05
-    warmup_epochs: int = 0
+    warmup_epochs: int = 1
     grad_clip: float = 1.0
+    head_lr_scale: float = 5.0
     size_weight: float = 1.0
     offset_weight: float = 1.0
     eval_pictures: int = 100
@@ -157,7 +160,7 @@ DETECTOR_CONFIGS: Dict[str, DetectorConfig] = {
     "reference-detector-tiny": DetectorConfig(
         name="reference-detector-tiny", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
         mlp_ratio=2.0, head_dim=16, init="", freeze_blocks=1, picture_size=64, epochs=2, steps_per_epoch=3, batch_size=4,
-        lr=1e-3, eval_pictures=4),
+        lr=1e-3, warmup_epochs=0, eval_pictures=4),
 }
 
 

@@ -75,18 +75,38 @@ def detection_loss(heat_logits, box, heat_t, reg_t, mask, cfg: DetectorConfig):
 
 
 def init_backbone(model, name: str) -> Dict[str, Any]:
-    """Copy a classification reference's ViT weights (all but its head) into the detector's backbone."""
+    """Copy a classification reference's ViT weights (all but its head) into the detector's backbone.
+
+    Where the detector's patches are ``k`` times the reference's side (same grid, ``k`` times the
+    input), each kernel weight is spread over a ``k x k`` block and divided by ``k * k``: the
+    patch embedding then equals "average-pool the picture by ``k``, then the reference's", and
+    training can use the finer pixels from there."""
     from mergeseek.eval.reference import file_sha256, load_reference
     from mergeseek.eval.reference import _resolve_weights as reference_path
 
     ref, _ = load_reference(name, device="cpu")
     state = {k: v for k, v in ref.state_dict().items() if not k.startswith("head.")}
+    key = "patch_embed.proj.weight"
+    want = model.backbone.state_dict()[key].shape
+    if key in state and state[key].shape != want:
+        state[key] = resample_patch_kernel(state[key], want, name)
     missing, unexpected = model.backbone.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if not k.startswith("head")]:
         raise ConfigError(f"init={name}: its ViT does not fit the detector's backbone (missing {missing}, "
                           f"unexpected {unexpected}); use a reference of the same width, depth and grid")
     path = reference_path(name)
     return {"from": name, "weights_sha256": file_sha256(path)}
+
+
+def resample_patch_kernel(weight, shape, name: str = "init"):
+    """A ``[C, 3, p, p]`` patch kernel -> ``[C, 3, k p, k p]`` equal to ``k x k`` average pooling
+    followed by the original kernel (``k`` a whole number)."""
+    p, q = weight.shape[-1], shape[-1]
+    if tuple(weight.shape[:2]) != tuple(shape[:2]) or q % p:
+        raise ConfigError(f"init={name}: its patch kernel {tuple(weight.shape)} cannot be spread to "
+                          f"{tuple(shape)}; the detector's patch side must be a multiple of the reference's")
+    k = q // p
+    return weight.repeat_interleave(k, dim=-1).repeat_interleave(k, dim=-2) / (k * k)
 
 
 def train_detector(data: Path, out: Path, cfg: DetectorConfig, *, time_budget_s: Optional[float] = None,
@@ -161,7 +181,7 @@ def _train_epoch(model, opt, cfg: DetectorConfig, spec, sources, epoch: int):
         step = epoch * cfg.steps_per_epoch + i
         lr = lr_at(step, total, warm, cfg)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         pics = [picture(spec, sources, "train", step * cfg.batch_size + j) for j in range(cfg.batch_size)]
         x = pictures_to_tensor([p[0] for p in pics], cfg)
         heat_t, reg_t, mask = make_targets([p[1] for p in pics], [p[2] for p in pics], cfg, spec.size)
@@ -188,12 +208,10 @@ def _start(cfg: DetectorConfig, ckpt: Path, fresh: bool, data: Path, spec, sourc
     """Model, optimizer and run record: new (backbone from ``cfg.init``), or restored from ``ckpt``."""
     import torch
 
-    from mergeseek.eval.train_reference import param_groups
-
     torch.manual_seed(cfg.seed)
     model = build_detector(cfg)
     freeze(model, cfg)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    opt = torch.optim.AdamW(detector_param_groups(model, cfg), lr=cfg.lr)
     if ckpt.is_file() and not fresh:
         from mergeseek.eval.checkpoints import resume_training
 
@@ -204,6 +222,29 @@ def _start(cfg: DetectorConfig, ckpt: Path, fresh: bool, data: Path, spec, sourc
             "data": {"path": str(data), "spec": dataclasses.asdict(spec), "key": spec.key(sources)},
             "params": sum(p.numel() for p in model.parameters()), "init": init}
     return model, opt, meta
+
+
+def detector_param_groups(model, cfg: DetectorConfig):
+    """AdamW groups: backbone and head apart (the head at ``head_lr_scale`` times the rate), each
+    split into decayed weights and undecayed biases / norms / embeddings."""
+    from mergeseek.eval.train_reference import param_groups
+
+    groups = []
+    for part, scale in ((model.backbone, 1.0), (_HeadView(model), cfg.head_lr_scale)):
+        for group in param_groups(part, cfg.weight_decay):
+            if group["params"]:
+                groups.append({**group, "lr_scale": scale})
+    return groups
+
+
+class _HeadView:
+    """The detector's parameters outside its backbone, for ``param_groups``."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def named_parameters(self):
+        return ((n, p) for n, p in self.model.named_parameters() if not n.startswith("backbone."))
 
 
 def freeze(model, cfg: DetectorConfig) -> None:

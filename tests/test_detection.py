@@ -264,3 +264,50 @@ def test_evaluation_rows_of_a_detector(sources):
     for r in res.results:
         assert set(r.metrics) == {"map50", "map", "map50_small", "map50_medium", "map50_large"}
         assert 0.0 <= r.metrics["map50"] <= 1.0
+
+
+def test_a_spread_patch_kernel_equals_average_pooling_then_the_original():
+    """init from a 4 px-patch reference into an 8 px-patch detector: same grid, the kernel spread
+    over 2 x 2 blocks computes avg_pool(2) followed by the original patch embedding."""
+    import torch
+    import torch.nn.functional as F
+
+    from mergeseek.errors import ConfigError
+    from mergeseek.eval.detector_train import resample_patch_kernel
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 3, 4, 4, dtype=torch.float64)
+    x = torch.randn(2, 3, 24, 24, dtype=torch.float64)
+    for k in (1, 2, 3):
+        spread = resample_patch_kernel(w, (6, 3, 4 * k, 4 * k))
+        assert spread.shape == (6, 3, 4 * k, 4 * k)
+        torch.testing.assert_close(F.conv2d(x[..., : 12 * k, : 12 * k], spread, stride=4 * k),
+                                   F.conv2d(F.avg_pool2d(x[..., : 12 * k, : 12 * k], k), w, stride=4))
+    with pytest.raises(ConfigError, match="multiple of the reference's"):
+        resample_patch_kernel(w, (6, 3, 6, 6))
+
+
+def test_head_learning_rate_scale_reaches_the_optimizer(sources):
+    """Every trainable parameter sits in exactly one AdamW group; after a step the head's groups run
+    at head_lr_scale times the backbone's rate, biases and norms without weight decay."""
+    import dataclasses
+
+    from mergeseek.eval.detector_reference import DetectorConfig, build_detector
+    from mergeseek.eval.detector_train import _train_epoch, detector_param_groups
+
+    cfg = dataclasses.replace(DetectorConfig.parse("reference-detector-tiny"), head_lr_scale=4.0, steps_per_epoch=1,
+                              batch_size=2)
+    model = build_detector(cfg)
+    groups = detector_param_groups(model, cfg)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    import torch
+
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    _, lr = _train_epoch(model, opt, cfg, DetectionSpec(size=cfg.picture_size, side=(12, 28)), sources, 0)
+    head = {id(p) for n, p in model.named_parameters() if not n.startswith("backbone.")}
+    for g in opt.param_groups:
+        in_head = {id(p) in head for p in g["params"]}
+        assert len(in_head) == 1
+        assert g["lr"] == pytest.approx(lr * (4.0 if in_head.pop() else 1.0))
+        assert (g["weight_decay"] == 0.0) == all(p.ndim <= 1 or p.ndim == 3 for p in g["params"])
