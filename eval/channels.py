@@ -11,10 +11,11 @@
 Where the frames' text comes from (one source per run):
 
 * ``--ocr ENGINE``: the engine reads every keyframe of the set once; ``--asr ENGINE``: the engine
-  transcribes the video of each of the set's videos (an AI Challenge release's ``Videos_*`` part,
-  ``indexing.asr.sound_path``), mapped to its keyframes by their ``pts_time`` (the indexing rule,
-  ``segments_to_frames``). Both are cached by file content and engine (:class:`TextCache`), so a
-  second run reads nothing again.
+  transcribes the video of each of the set's videos, found where ``index`` finds it
+  (``indexing.asr.sound_path``: the release's ``Videos_*`` folders, or the ``videos`` folder of
+  ``release_parts``, ``--videos DIR``), mapped to its keyframes by their ``pts_time`` (the indexing
+  rule, ``segments_to_frames``). Both are cached by file content and engine (:class:`TextCache`),
+  so a second run reads nothing again. Each engine is built once per process (:func:`text_engine`).
 * ``--text-from INDEX``: the text stored in an index folder built over the same media with
   ``--ocr`` / ``--asr``, matched by (video id, frame index).
 """
@@ -141,11 +142,25 @@ class TextCache:
 
 
 # ---------------------------------------------------------------------------- reading the set's text
-def ocr_texts(ds, spec: str, cache: TextCache, batch: int = 8) -> tuple[list, list[str]]:
-    """Every keyframe of ``ds`` read by the OCR engine ``spec`` (cached); (FrameTexts, notes)."""
-    from mergeseek.indexing.ocr import get_engine
+_ENGINES: dict = {}  # (channel, spec) -> the engine built for it in this process
 
-    engine = get_engine(spec)
+
+def text_engine(channel: str, spec: str):
+    """The OCR (``channel="ocr"``) or speech (``"asr"``) engine ``spec``, built once per process: the
+    run's check before any model loads and the reading of the set use the same one (an engine's
+    construction runs a command or loads models). A missing package raises as ``get_engine`` does."""
+    key = (channel, spec)
+    if key not in _ENGINES:
+        from mergeseek.indexing import asr, ocr
+
+        _ENGINES[key] = (ocr if channel == "ocr" else asr).get_engine(spec)
+    return _ENGINES[key]
+
+
+def ocr_texts(ds, spec: str, cache: TextCache, batch: int = 8, release_parts: Optional[dict] = None) -> tuple[list, list[str]]:
+    """Every keyframe of ``ds`` read by the OCR engine ``spec`` (cached); (FrameTexts, notes).
+    ``release_parts`` is not used (the keyframes are read themselves)."""
+    engine = text_engine("ocr", spec)
     if engine is None:
         raise InputError(f"--ocr {spec!r} names no engine; give one, e.g. --ocr rapidocr")
     paths = [Path(p) for p in ds.images.paths]
@@ -172,14 +187,15 @@ def ocr_texts(ds, spec: str, cache: TextCache, batch: int = 8) -> tuple[list, li
     return out, notes
 
 
-def asr_texts(ds, spec: str, cache: TextCache) -> tuple[list, list[str]]:
+def asr_texts(ds, spec: str, cache: TextCache, release_parts: Optional[dict] = None) -> tuple[list, list[str]]:
     """The speech of each keyframe: its video transcribed by ``spec`` (cached), mapped to the video's
-    keyframes by ``pts_time`` (``indexing.asr.segments_to_frames``); (FrameTexts, notes)."""
-    from mergeseek.indexing.asr import get_engine, segments_to_frames, sound_path
+    keyframes by ``pts_time`` (``indexing.asr.segments_to_frames``); (FrameTexts, notes). The video is
+    found as ``index`` finds it (``sound_path`` with the same ``release_parts``: ``{"videos": DIR}``)."""
+    from mergeseek.indexing.asr import segments_to_frames, sound_path
     from mergeseek.indexing.audio import read_audio
     from mergeseek.indexing.ocr import FrameText
 
-    engine = get_engine(spec)
+    engine = text_engine("asr", spec)
     if engine is None:
         raise InputError(f"--asr {spec!r} names no engine; give one, e.g. --asr pocketsphinx")
     by_video: dict = {}
@@ -189,7 +205,7 @@ def asr_texts(ds, spec: str, cache: TextCache) -> tuple[list, list[str]]:
     heard, missing, untimed, cached = 0, [], 0, 0
     for v, idx in by_video.items():
         folder = Path(ds.images.paths[idx[0]]).parent
-        sound = sound_path("keyframes", folder, v)
+        sound = sound_path("keyframes", folder, v, release_parts)
         if sound is None:
             missing.append(v)
             continue
@@ -206,9 +222,11 @@ def asr_texts(ds, spec: str, cache: TextCache) -> tuple[list, list[str]]:
             out[i] = t
         heard += 1
     if not heard:
+        where = f"{Path(release_parts['videos'])}" if (release_parts or {}).get("videos") else "the release's Videos_* folders"
         raise InputError(f"--asr: none of the {len(by_video)} videos of the set is there to transcribe (looked for "
-                         f"{missing[0]}.mp4 in the release's Videos_* folders); put the videos beside the keyframes, "
-                         "or pass --text-from INDEX (an index of the same media built with --asr)")
+                         f"{missing[0]}.mp4 in {where}, as index does); put the videos in a Videos_* folder of the "
+                         "release, or give their folder (--videos DIR), or pass --text-from INDEX (an index of the same "
+                         "media built with --asr)")
     notes = [f"speech: {engine} over {heard} of the set's {len(by_video)} videos ({cached} from the cache {cache.path})"]
     if missing:
         notes.append(f"speech: no video for {len(missing)} video id(s) ({', '.join(missing[:3])}); their keyframes have no speech")
@@ -294,8 +312,10 @@ class SetText:
 
 
 def read_set_text(ds, channels: Collection[str], *, ocr: Optional[str] = None, asr: Optional[str] = None,
-                  text_from: Optional[str] = None, cache: Optional[TextCache] = None) -> SetText:
-    """The text of ``channels`` for keyframe set ``ds`` from the run's one source."""
+                  text_from: Optional[str] = None, cache: Optional[TextCache] = None,
+                  release_parts: Optional[dict] = None) -> SetText:
+    """The text of ``channels`` for keyframe set ``ds`` from the run's one source (``release_parts``:
+    where the release's parts are when elsewhere, as ``index``'s ``--videos DIR``)."""
     if text_from:
         texts, notes = stored_texts(ds, Path(text_from), channels)
         return SetText(texts, notes)
@@ -305,7 +325,7 @@ def read_set_text(ds, channels: Collection[str], *, ocr: Optional[str] = None, a
         texts, notes = {}, []
         for channel, spec, read in (("ocr", ocr, ocr_texts), ("asr", asr, asr_texts)):
             if channel in channels:
-                texts[channel], more = read(ds, spec, cache)
+                texts[channel], more = read(ds, spec, cache, release_parts=release_parts)
                 notes += more
     finally:
         if own:
@@ -416,4 +436,5 @@ def describe(text: SetText, n_queries: int, n_fused: int) -> list[str]:
             f"(k={RRF_K}; each channel's best {max(5 * k, 100)} frames, the best {k} kept; frames past them are misses)"] + text.notes
 
 
-__all__ = ["SetText", "TextCache", "cache_path", "fused_ranking", "index_channels", "query_channels", "read_set_text", "refusal"]
+__all__ = ["SetText", "TextCache", "cache_path", "fused_ranking", "index_channels", "query_channels", "read_set_text", "refusal",
+           "text_engine"]

@@ -294,6 +294,80 @@ def test_asr_transcribes_the_release_s_videos_once_and_maps_them_to_the_keyframe
     assert res.results[0].metrics["R@1"] == (1.0 if ds.queries[0].relevant[0] == heard[0] else 0.0)
 
 
+def test_asr_finds_a_video_where_index_finds_it(tmp_path, monkeypatch):
+    """``--asr`` takes a keyframe folder's video by index's own rule (``indexing.asr.sound_path``):
+    the release's ``Videos_*`` folder, or a folder outside the release given as its videos part
+    (``--videos DIR``); without either, one line naming where it looked and what to pass."""
+    import shutil
+
+    import mergeseek.eval.channels as ch
+    from mergeseek.eval.channels import TextCache, read_set_text
+    from mergeseek.eval.datasets import load_dataset
+    from mergeseek.indexing import asr, audio
+
+    class Heard:  # an engine that hears the same words in any sound (no model needed)
+        def __str__(self):
+            return "heard"
+
+        def transcribe(self, samples):
+            return [asr.Segment(0.0, 60.0, "football team", 90.0)]
+
+    opened = []
+    monkeypatch.setattr(ch, "_ENGINES", {("asr", "heard"): Heard()})
+    monkeypatch.setattr(audio, "read_audio", lambda path, **kw: opened.append(Path(path)) or np.zeros(16000, np.float32))
+    root = write_set(tmp_path / "release", [{"id": "S", "task": "kis", "query": "asr: football", "video_id": "L01_V002",
+                                             "frame_idx": 10}])
+    ds = load_dataset(f"keyframes:{root}", channels={"asr"})
+    v2 = [i for i, v in enumerate(ds.video_ids) if v == "L01_V002"]
+    elsewhere = tmp_path / "disk2" / "clips"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "L01_V002.mp4").write_bytes(b"the video of L01_V002")
+
+    with pytest.raises(InputError, match=r"looked for L01_V001\.mp4 in the release's Videos_\* folders, as index does.*--videos DIR") as err:
+        read_set_text(ds, {"asr"}, asr="heard", cache=TextCache(tmp_path / "c0.sqlite"))
+    assert "\n" not in str(err.value) and not opened
+
+    got = read_set_text(ds, {"asr"}, asr="heard", cache=TextCache(tmp_path / "c1.sqlite"), release_parts={"videos": elsewhere})
+    folder = Path(ds.images.paths[v2[0]]).parent
+    assert opened == [Path(asr.sound_path("keyframes", folder, "L01_V002", {"videos": elsewhere}))]  # index's file
+    assert opened[0].samefile(elsewhere / "L01_V002.mp4")
+    assert all("football" in got.texts["asr"][i].text for i in v2)  # 0.4 s, 8 s, 12 s: inside the segment
+    assert all(not t.text for i, t in enumerate(got.texts["asr"]) if i not in v2)
+
+    (root / "Videos_L01").mkdir()
+    shutil.move(elsewhere / "L01_V002.mp4", root / "Videos_L01" / "L01_V002.mp4")  # in the release: no flag needed
+    again = read_set_text(ds, {"asr"}, asr="heard", cache=TextCache(tmp_path / "c2.sqlite"))
+    assert opened[1].samefile(root / "Videos_L01" / "L01_V002.mp4") and again.texts["asr"] == got.texts["asr"]
+
+
+def test_the_ocr_engine_is_built_once_for_every_set_of_the_run(tmp_path, monkeypatch):
+    """Two keyframe sets read with ``--ocr rapidocr``: one engine built (its construction loads
+    models), both sets read by it, each frame's words as before."""
+    pytest.importorskip("rapidocr_onnxruntime", reason="rapidocr_onnxruntime is not installed (pip install 'mergeseek[ocr]')")
+    import mergeseek.eval.channels as ch
+    from mergeseek.eval.channels import TextCache, read_set_text
+    from mergeseek.eval.datasets import load_dataset
+    from mergeseek.indexing import ocr
+
+    built = []
+    init = ocr.RapidOcrEngine.__init__
+
+    def counted(self, *args, **kwargs):
+        built.append(self)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(ch, "_ENGINES", {})
+    monkeypatch.setattr(ocr.RapidOcrEngine, "__init__", counted)
+    for name in ("one", "two"):
+        ds = load_dataset(f"keyframes:{write_set(tmp_path / name, QUERIES)}", channels={"ocr"})
+        got = read_set_text(ds, {"ocr"}, ocr="rapidocr", cache=TextCache(tmp_path / f"{name}.sqlite"))
+        texts = {(v, f): t.text for v, f, t in zip(ds.video_ids, ds.frame_idx, got.texts["ocr"])}
+        assert texts[("L01_V002", 10)].upper().replace(" ", "") == "SAIGON"
+    assert len(built) == 1 and ch.text_engine("ocr", "rapidocr") is built[0]
+    ch.text_engine("ocr", "rapidocr,min_conf=60")  # another setting is another engine
+    assert len(built) == 2
+
+
 def test_evaluate_end_to_end_writes_each_merge_config_s_fused_score(kf_set, tmp_path, monkeypatch):
     """``evaluate`` with ``ocr=rapidocr`` on the set (random-weight ViT-B-32, two merge configs):
     report.json records the flag and the channels, and each config's R@K / MRR / AIC equal the
