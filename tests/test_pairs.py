@@ -222,7 +222,7 @@ def _boundary(n, protected):
     return math.ceil(mixed.PAIRS_FROM * (n - protected) - 1e-9)
 
 
-@pytest.mark.parametrize("n,protected,seed", [(41, 1, 0), (61, 1, 1), (50, 0, 2), (90, 2, 3)])
+@pytest.mark.parametrize("n,protected,seed", [(41, 1, 0), (61, 1, 1), (50, 0, 2), (90, 2, 3), (121, 1, 4)])
 def test_pairs_mix_is_pairs_from_the_threshold_and_tome_below_it(n, protected, seed):
     """At the threshold's r (and above) the naive pairs loop; one merge fewer, ToMe's naive loop."""
     from mergeseek.encoders.merging.mixed import pairs_mix_merging, uses_pairs
@@ -234,6 +234,8 @@ def test_pairs_mix_is_pairs_from_the_threshold_and_tome_below_it(n, protected, s
     size = torch.randint(1, 4, (2, n, 1), generator=g).double()
     r = _boundary(n, protected)
     assert uses_pairs(r, n, protected) and not uses_pairs(r - 1, n, protected)
+    if n == 121:  # the reference's block 4 at r=6: 6 of 120 free tokens is exactly 5%, so it pairs
+        assert r == 6
     for rr in (r, r + 3):
         result = pairs_mix_merging(metric, rr, protected=protected, size=size, padded=False)
         _check(result, metric, x, size, rr, lambda m: naive_exact_edges(m, protected, pairs.PAIR_CANDIDATES),
@@ -265,36 +267,49 @@ def test_hashed_pairs_mix_is_pairs_lsh_from_the_threshold_and_lsh_below_it():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-# tiny reference: 17 tokens, 2 blocks. r=[1,2]: block 0 removes 1 of 16 free tokens (ToMe), block 1 2 of 15 (pairs)
-MIX_SPECS = ["method=pairs_mix,r=[1,2]", "method=pairs_mix_lsh,r=[1,2]", "method=pairs_mix,r=3"]
+@pytest.fixture(scope="module")
+def tiny65():
+    """The tiny reference at patch 4: 65 tokens, 2 blocks (room for a block below the threshold)."""
+    import dataclasses
+
+    from mergeseek.eval.reference import build_model, get_config
+
+    torch.manual_seed(0)
+    return build_model(dataclasses.replace(get_config("reference-tiny"), patch_size=4)).eval()
 
 
-@pytest.mark.parametrize("spec", [s.replace("r=[1,2]", "r=0").replace("r=3", "r=0") for s in MIX_SPECS[:2]])
-def test_pairs_mix_r_zero_is_the_unpatched_model(tiny, spec):
-    test_r_zero_is_the_unpatched_model(tiny, spec)
+# r=[1,4] on 65 tokens: block 0 removes 1 of 64 free tokens (under the threshold: ToMe), block 1 4 of 63 (pairs)
+MIX_SPECS = ["method=pairs_mix,r=[1,4]", "method=pairs_mix_lsh,r=[1,4]", "method=pairs_mix,r=8"]
+
+
+@pytest.mark.parametrize("spec", ["method=pairs_mix,r=0", "method=pairs_mix_lsh,r=0"])
+def test_pairs_mix_r_zero_is_the_unpatched_model(tiny65, spec):
+    test_r_zero_is_the_unpatched_model(tiny65, spec)
 
 
 @pytest.mark.parametrize("spec", MIX_SPECS)
-def test_pairs_mix_batch_of_four_equals_four_single_images(tiny, spec):
-    model = apply_merging(copy.deepcopy(tiny), spec)
+def test_pairs_mix_batch_of_four_equals_four_single_images(tiny65, spec):
+    model = apply_merging(copy.deepcopy(tiny65), spec)
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         batch = model(x)
         single = torch.cat([model(x[i : i + 1]) for i in range(4)])
+        base = tiny65(x)
     torch.testing.assert_close(batch, single, rtol=1e-5, atol=1e-5)
-    assert token_counts(model) == ([16, 14] if "[1,2]" in spec else [14, 11])  # static widths
+    assert (batch - base).abs().max() > 1e-4  # it did merge
+    assert token_counts(model) == ([64, 60] if "[1,4]" in spec else [57, 49])  # static widths
 
 
-def test_pairs_mix_blocks_follow_the_threshold_in_a_patched_model(tiny, monkeypatch):
-    """r=[1,2] on the tiny model: block 0 is exactly ToMe, block 1 exactly pairs (outputs equal the
-    two methods' own schedules where each acts)."""
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    calls = []
+def test_pairs_mix_blocks_follow_the_threshold_in_a_patched_model(tiny65, monkeypatch):
+    """r=[1,4]: block 0 asks ToMe, block 1 pairs; r=[4,1] the other way round."""
     from mergeseek.encoders.merging import mixed
 
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    calls = []
     for name in ("pairs_merging", "bipartite_soft_matching"):
         real = getattr(mixed, name)
         monkeypatch.setattr(mixed, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     with torch.no_grad():
-        apply_merging(copy.deepcopy(tiny), "method=pairs_mix,r=[1,2]")(x)
-    assert calls == ["bipartite_soft_matching", "pairs_merging"]
+        apply_merging(copy.deepcopy(tiny65), "method=pairs_mix,r=[1,4]")(x)
+        apply_merging(copy.deepcopy(tiny65), "method=pairs_mix,r=[4,1]")(x)
+    assert calls == ["bipartite_soft_matching", "pairs_merging", "pairs_merging", "bipartite_soft_matching"]

@@ -27,13 +27,13 @@ from mergeseek.encoders.merging.lsh import lsh_soft_matching
 from mergeseek.encoders.merging.pairs import pairs_lsh_merging, pairs_merging
 from mergeseek.encoders.merging.registry import MergeResult
 
-PAIRS_FROM = 0.1  # pairs where a block removes at least this share of its unprotected tokens
+PAIRS_FROM = 0.05  # pairs where a block removes at least this share of its unprotected tokens
 
 
 def uses_pairs(r: int, num_tokens: int, keep_first: int, threshold: float = PAIRS_FROM) -> bool:
     """Whether a block removing ``r`` of ``num_tokens`` tokens (``keep_first`` protected) pairs."""
     free = num_tokens - keep_first
-    return free > 0 and r >= threshold * free
+    return free > 0 and r >= threshold * free - 1e-9  # a product such as 0.07 * 100 is 7.000000000000001
 
 
 @torch.no_grad()

@@ -135,7 +135,7 @@ register(MatcherSpec(
 ))
 register(MatcherSpec(
     "pairs_mix", "mergeseek.encoders.merging.mixed:pairs_mix_merging",
-    doc="pairs where a block removes >= 10% of its tokens, ToMe's bipartite below (issue #26)",
+    doc="pairs where a block removes >= 5% of its tokens, ToMe's bipartite below (issue #26)",
 ))
 register(MatcherSpec(
     "pairs_mix_lsh", "mergeseek.encoders.merging.mixed:pairs_mix_lsh_merging",
