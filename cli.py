@@ -95,6 +95,25 @@ CompileOpt = Annotated[
                  "batches padded to --batch-size so nothing recompiles; the compile time is printed once and not "
                  "counted in any timing (default: off)."),
 ]
+CompileScopeOpt = Annotated[
+    Optional[str],
+    typer.Option("--compile-scope", help="What --compile traces (implies --compile): model (the whole tower, one "
+                 "graph; the default) or blocks (each transformer block alone, one program shared by all blocks: a "
+                 "merged tower then compiles about as fast as the unmerged one)."),
+]
+
+
+def _compile_arg(compile_: Optional[bool], scope: Optional[str]):
+    """--compile / --compile-scope -> Encoder's ``compile``: False, True or the scope name."""
+    if scope is None:
+        return bool(compile_)
+    if compile_ is False:
+        from mergeseek.errors import ConfigError
+
+        raise ConfigError("--compile-scope compiles; it cannot go with --no-compile")
+    from mergeseek.encoders.compile import compile_scope
+
+    return compile_scope(scope)
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -205,6 +224,7 @@ def index_cmd(
         "as a release's objects); search --object keeps every stored one.")] = None,
     detect_workers: Annotated[int, typer.Option("--detect-workers", min=1, help="Detector threads beside the encoder.")] = 1,
     compile_: CompileOpt = None,
+    compile_scope: CompileScopeOpt = None,
     cuda_graph: CudaGraphOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -236,6 +256,7 @@ def index_cmd(
         **({"detect_min_score": detect_min_score} if detect_min_score is not None else {}),
         detect_workers=detect_workers,
     )
+    compiled = _compile_arg(compile_, compile_scope)
     if ray_address is None and workers != 1:
         from mergeseek.errors import ConfigError
 
@@ -247,8 +268,8 @@ def index_cmd(
         report = index_paths_ray(
             paths, index_dir,
             lambda: Encoder(model_name=model, pretrained=pretrained, device="cpu", precision=precision, merge=merge,
-                            batch_size=batch_size, compile=bool(compile_),  # compiles lazily: only in the actors
-                            cuda_graph=bool(cuda_graph) and not compile_),
+                            batch_size=batch_size, compile=compiled,  # compiles lazily: only in the actors
+                            cuda_graph=bool(cuda_graph) and not compiled),
             options, RayOptions(address=ray_address, workers=workers, gpus_per_worker=0 if device == "cpu" else None),
         )
     else:
@@ -256,8 +277,8 @@ def index_cmd(
             paths,
             index_dir,
             lambda: Encoder(model_name=model, pretrained=pretrained, device=device, precision=precision, merge=merge,
-                            batch_size=batch_size, **({"compile": True} if compile_ else {}),
-                            **({"cuda_graph": True} if cuda_graph and not compile_ else {})),
+                            batch_size=batch_size, **({"compile": compiled} if compiled else {}),
+                            **({"cuda_graph": True} if cuda_graph and not compiled else {})),
             options,
         )
     _print(report, json_out)
@@ -701,6 +722,7 @@ def eval_cmd(
                      "threshold=0.05,refresh=16). See docs/REUSE.md."),
     ] = None,
     compile_: CompileOpt = None,
+    compile_scope: CompileScopeOpt = None,
     ocr: Annotated[Optional[str], typer.Option("--ocr", help="OCR engine reading the keyframes of sets whose queries have "
                    "'ocr:' parts (e.g. rapidocr), cached by file content; those queries are scored fused, as submit ranks "
                    "them (docs/TEXT.md).")] = None,
@@ -718,7 +740,7 @@ def eval_cmd(
         models=model, pretrained=pretrained, datasets=dataset, merges=merge, sweep=sweep, data_root=data_root,
         templates=templates, limit=limit, seed=seed, batch_size=batch_size, device=device, precision=precision,
         warmup=warmup, iters=iters, topk=topk, plots=plots, threads=threads, cpu_time=cpu_time,
-        reuse=tuple(reuse) if reuse else None, compile=compile_, ocr=ocr, asr=asr,
+        reuse=tuple(reuse) if reuse else None, compile=_compile_arg(compile_, compile_scope), ocr=ocr, asr=asr,
         text_from=str(text_from) if text_from else None,
     )
     from mergeseek.runtime import check_writable
@@ -753,6 +775,7 @@ def bench(
     device: Annotated[Optional[str], typer.Option("--device", help="auto (the default: CUDA when present), cpu, cuda or cuda:N.")] = None,
     precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 (the default), fp16 or bf16 (autocast).")] = None,
     compile_: CompileOpt = None,
+    compile_scope: CompileScopeOpt = None,
     cuda_graph: CudaGraphOpt = None,
     cpu_time: Annotated[
         Optional[bool], typer.Option("--cpu-time", help="Time by the CPU time of one torch thread instead of wall-clock "
@@ -776,7 +799,8 @@ def bench(
                                      "the package): git clone it, then python cli.py bench ...") from None
     cfg = BenchConfig.from_options(model=model, pretrained=pretrained, merges=merge, batch_size=batch_size, iters=iters,
                                    warmup=warmup, image_size=image_size, device=device, precision=precision,
-                                   compile=compile_, cuda_graph=cuda_graph, cpu_time=cpu_time)
+                                   compile=_compile_arg(compile_, compile_scope), cuda_graph=cuda_graph,
+                                   cpu_time=cpu_time)
     if out is not None:
         check_writable(out, what="--out")  # before the timing runs
     report = run_bench(cfg, progress=not json_out)

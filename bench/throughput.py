@@ -15,7 +15,7 @@ import contextlib
 import logging
 import platform
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class BenchConfig:
     image_size: Optional[int] = None
     device: str = "auto"
     precision: str = "fp32"
-    compile: bool = False
+    compile: Union[bool, str] = False  # True / "model": one graph; "blocks": each block alone
     cuda_graph: bool = False
     cpu_time: bool = False
 
@@ -127,7 +127,7 @@ def run_throughput(
     device: str = "auto",
     precision: str = "fp32",
     progress: bool = False,
-    compile: bool = False,
+    compile: Union[bool, str] = False,
     profile: bool = True,
     base: Any = None,
     clock: str = "wall",
@@ -137,7 +137,8 @@ def run_throughput(
 
     Args:
         compile: torch.compile every candidate (``encoders.compile.CompiledTower``; CUDA graphs on
-            CUDA); the first call's time is ``compile_s`` and not part of any other figure.
+            CUDA): True / ``model`` or ``blocks`` (the scope); the first call's time is ``compile_s``
+            and not part of any other figure.
         profile: also count kernels per forward and name the attention kernel (one extra forward
             per candidate under ``torch.profiler``).
         base: an ``Encoder`` to reuse (same model, device and precision; saves the load).
@@ -169,11 +170,14 @@ def run_throughput(
     autocast = _autocast(base.device, precision)
     callables = dict(models)
     compile_s: dict[str, Optional[float]] = {k: None for k in models}
+    from mergeseek.encoders.compile import compile_scope
+
+    compile = compile_scope(compile)  # None (off), "model" or "blocks"
     if compile:
         from mergeseek.encoders.compile import CompiledTower
 
         torch._dynamo.reset()
-        callables = {k: CompiledTower(m, batch_size, base.device) for k, m in models.items()}
+        callables = {k: CompiledTower(m, batch_size, base.device, scope=compile_scope(compile)) for k, m in models.items()}
     graphed = cuda_graph and not compile and base.device.startswith("cuda")
     if graphed:
         from mergeseek.encoders.compile import GraphedTower
@@ -236,6 +240,7 @@ def run_throughput(
         "precision": precision,
         "clock": clock,
         "compiled": bool(compile),
+        "compile_scope": compile_scope(compile),
         "compile_mode": (("reduce-overhead" if base.device.startswith("cuda") else "default") if compile
                          else "eager + CUDA graph" if graphed else "eager"),
         "kernels_counted": "GPU kernels" if base.device.startswith("cuda") else "aten ops",

@@ -8,6 +8,13 @@ merged forward launches ~30 small kernels per block, which is what makes it slow
 A compiled graph is specialised to its input shape: :class:`CompiledTower` pads a short batch
 (the last one of a run) to the batch size it was built for, so nothing recompiles, and records
 the compile time (the first call) apart from the steady-state calls.
+
+Two scopes (``--compile-scope``): ``model`` traces the whole tower into one graph; ``blocks``
+compiles each transformer block alone and leaves the glue between blocks eager. The blocks share
+one compiled program (the token count is a dynamic dimension after the first merge), so a merged
+tower compiles about as fast as the unmerged one: a merged ViT-B-16 is a 900-node graph against
+337 unmerged, 2,425 with lsh, and its whole-tower compile took 3.7x the unmerged one's CPU time
+(docs/BENCHMARKS.md, "Compile time").
 """
 
 from __future__ import annotations
@@ -17,6 +24,58 @@ import time
 from typing import Any, Optional
 
 log = logging.getLogger(__name__)
+
+
+SCOPES = ("model", "blocks")
+
+
+def compile_scope(value: Any) -> Optional[str]:
+    """``compile`` as the options give it -> None (off), ``model`` or ``blocks``: False/None is off,
+    True is ``model``; any other value is refused naming the valid ones."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "model"
+    scope = str(value).strip().lower()
+    if scope not in SCOPES:
+        from mergeseek.errors import ConfigError
+
+        raise ConfigError(f"--compile-scope {value!r} is not valid; choose one of: {', '.join(SCOPES)}")
+    return scope
+
+
+def _compile(fn: Any, mode: str, backend: Optional[str], **kw) -> Any:
+    import torch
+
+    if backend in (None, "inductor"):
+        return torch.compile(fn, mode=mode, **kw)
+    return torch.compile(fn, backend=backend, **kw)  # a mode is inductor's only
+
+
+def compile_blocks(module: Any, mode: str, backend: Optional[str] = None) -> int:
+    """Compile every transformer block of ``module`` on its own, in place; returns how many.
+
+    A patched (merging) block is called through ``merged_forward`` and that is what is compiled;
+    an unpatched block through its ``__call__`` (``nn.Module.compile``). ``dynamic=None``: the first
+    two token counts compile as they are, the third with the count dynamic, and every later block
+    reuses that program. ``r`` is a constant of the program: a per-block ``r``
+    list compiles one per distinct ``r`` (still at most one per block)."""
+    import torch
+
+    from mergeseek.encoders.family import vit_family
+
+    blocks = vit_family(module, use="--compile-scope blocks").blocks
+    # The blocks of every compiled tower in the process (an eval sweep compiles one per config) add
+    # entries to the cache of the same code: 2-3 per tower, one per block in the worst case. Past
+    # the limit dynamo would run the rest eager without a word, so it is raised, never lowered.
+    limit = max(int(getattr(torch._dynamo.config, "recompile_limit", 8)), 64, 2 * len(blocks) + 4)
+    torch._dynamo.config.recompile_limit = limit
+    for block in blocks:
+        if hasattr(block, "merged_forward"):
+            block.merged_forward = _compile(block.merged_forward, mode, backend, dynamic=None)
+        else:  # what nn.Module.compile does, with the same choice of backend
+            block.forward = _compile(block.forward, mode, backend, dynamic=None)
+    return len(blocks)
 
 
 def compile_mode(device: str) -> str:
@@ -32,15 +91,22 @@ class CompiledTower:
         batch_size: the batch every call is padded to (larger batches are split).
         device: where it runs (picks the compile mode).
         mode: torch.compile mode (None: :func:`compile_mode`).
+        scope: ``model`` (one graph) or ``blocks`` (:func:`compile_blocks`; the module is changed
+            in place).
+        backend: torch.compile's backend (None: inductor; the tests trace with ``aot_eager``).
     """
 
-    def __init__(self, module: Any, batch_size: int, device: str = "cpu", mode: Optional[str] = None) -> None:
-        import torch
-
+    def __init__(self, module: Any, batch_size: int, device: str = "cpu", mode: Optional[str] = None,
+                 scope: str = "model", backend: Optional[str] = None) -> None:
         self.module = module
         self.batch_size = int(batch_size)
         self.mode = mode or compile_mode(device)
-        self.fn = torch.compile(module, mode=self.mode, dynamic=False, fullgraph=False)
+        self.scope = compile_scope(scope) or "model"
+        if self.scope == "model":
+            self.fn = _compile(module, self.mode, backend, dynamic=False, fullgraph=False)
+        else:
+            compile_blocks(module, self.mode, backend)
+            self.fn = module
         self.compile_s: Optional[float] = None  # wall time of the first (compiling) call
 
     def __call__(self, pixels: Any) -> Any:
@@ -60,7 +126,8 @@ class CompiledTower:
             if pixels.is_cuda:
                 torch.cuda.synchronize(pixels.device)
             self.compile_s = time.perf_counter() - t0
-            log.warning("compiled the image tower (%s, batch %d) in %.1f s", self.mode, self.batch_size, self.compile_s)
+            log.warning("compiled the image tower (%s, scope %s, batch %d) in %.1f s", self.mode, self.scope,
+                        self.batch_size, self.compile_s)
         else:
             out = self._run(pixels)
         return tuple(o[:n] for o in out) if isinstance(out, tuple) else out[:n]

@@ -158,7 +158,8 @@ class Encoder:
         batch_size: images/texts per forward pass.
         image_size: input side override (None: the model's own).
         compile: ``torch.compile`` the image tower (merged or not; CUDA graphs on CUDA), with
-            every batch padded to ``batch_size`` so nothing recompiles (``encoders.compile``).
+            every batch padded to ``batch_size`` so nothing recompiles (``encoders.compile``):
+            True or ``"model"`` (one graph), ``"blocks"`` (each block alone; shorter compile).
         cuda_graph: on CUDA, replay the eager image tower as a CUDA graph (no compiler; captured
             at the first batch, batches padded to ``batch_size``; ``encoders.compile.GraphedTower``).
             Ignored off CUDA; not combined with ``compile`` (which already replays graphs).
@@ -171,7 +172,7 @@ class Encoder:
     merge: Union[MergeConfig, str, None] = None
     batch_size: int = 32
     image_size_override: Optional[int] = None
-    compile: bool = False
+    compile: Union[bool, str] = False
     cuda_graph: bool = False
     model: Any = field(default=None, repr=False)
     preprocess: Optional[Callable] = field(default=None, repr=False)
@@ -194,10 +195,13 @@ class Encoder:
 
             apply_merging(self.model, self.merge)
         self._tower = None
-        if self.compile:
+        from mergeseek.encoders.compile import compile_scope
+
+        scope = compile_scope(self.compile)
+        if scope is not None:
             from mergeseek.encoders.compile import CompiledTower
 
-            self._tower = CompiledTower(self.model.visual, self.batch_size, self.device)
+            self._tower = CompiledTower(self.model.visual, self.batch_size, self.device, scope=scope)
         elif self.cuda_graph and str(self.device).startswith("cuda"):
             from mergeseek.encoders.compile import GraphedTower
 

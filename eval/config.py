@@ -8,7 +8,7 @@ import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from mergeseek.encoders.config import MergeConfig
 from mergeseek.errors import ConfigError
@@ -92,7 +92,7 @@ class EvalConfig:
     threads: Optional[int] = None
     cpu_time: bool = False
     reuse: tuple[str, ...] = ()
-    compile: bool = False
+    compile: Union[bool, str] = False  # True / "model": one graph; "blocks": each block alone
     ocr: Optional[str] = None
     asr: Optional[str] = None
     text_from: Optional[str] = None

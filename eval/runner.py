@@ -108,9 +108,9 @@ def _compiled(module: Any, cfg: EvalConfig, device: str, pixels, mut: ModelUnder
         return module
     import torch
 
-    from mergeseek.encoders.compile import CompiledTower
+    from mergeseek.encoders.compile import CompiledTower, compile_scope
 
-    tower = CompiledTower(module, int(pixels.shape[0]), device)
+    tower = CompiledTower(module, int(pixels.shape[0]), device, scope=compile_scope(cfg.compile))
     with torch.inference_mode(), mut.autocast():
         tower(pixels)
     log.warning("compiled %s in %.1f s (not timed)", getattr(module, "_merge_cfg", "none"), tower.compile_s)

@@ -46,7 +46,10 @@ def test_the_gpu_suite_script_parses_and_every_default_stage_is_defined():
     subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_suite.sh")], check=True)
     stages = re.search(r'STAGES="\$\{STAGES:-([^}]*)\}"', script).group(1).split()
     defined = set(re.findall(r"^(?:\w+=\S+ )*(?:bench|run) (\w+) ", script, flags=re.M))
-    assert stages and set(stages) == defined, (sorted(stages), sorted(defined))
+    assert stages and set(stages) <= defined, (sorted(stages), sorted(defined))
+    header = script.split("set -uo pipefail")[0]
+    for extra in defined - set(stages):  # a stage left out of the default run says so in the header
+        assert re.search(rf"#   {extra} (.*\n#)?.*not in the default STAGES", header), extra
     for module in ("bench.keyframes", "bench.search_scale", "bench.reuse"):
         assert module in script
 
