@@ -66,12 +66,9 @@ def _naive_slots(result: MergeResult, batch: int, b: int, n: int) -> list:
     return out
 
 
-@pytest.mark.parametrize("spec", SPECS + ["keep=0.7,method=zerotprune,prune=on"])
-def test_every_position_carries_its_merged_token(spec, pixels, monkeypatch):
-    model = _vit()
-    apply_merging(model, spec)
-    with torch.no_grad():
-        merged = model.forward_features(pixels)  # the merged tokens, no unmerge
+def unmerged_with_naive_slots(model, spec: str, run, batch: int, monkeypatch) -> tuple:
+    """``run()`` on ``model`` patched with ``spec`` + unmerge, every block's merge recorded; returns
+    (its output, per image the slot each input position ends in, by a naive replay; None: dropped)."""
     records = []
     real = common.merge_tokens
 
@@ -83,18 +80,31 @@ def test_every_position_carries_its_merged_token(spec, pixels, monkeypatch):
     monkeypatch.setattr(common, "merge_tokens", recording)
     apply_merging(model, spec + ",unmerge=true")
     with torch.no_grad():
-        grid = model.forward_features(pixels)
+        out = run()
     monkeypatch.undo()
-    n0 = merged.shape[1] if not records else records[0][0]
+    maps = []
+    for b in range(batch):
+        slots = list(range(records[0][0])) if records else []
+        for n, result in records:
+            if isinstance(result, MergeResult) and not result.identity:
+                step = _naive_slots(result, batch, b, n)
+                slots = [None if s is None else step[s] for s in slots]
+        maps.append(slots)
+    return out, maps
+
+
+@pytest.mark.parametrize("spec", SPECS + ["keep=0.7,method=zerotprune,prune=on"])
+def test_every_position_carries_its_merged_token(spec, pixels, monkeypatch):
+    model = _vit()
+    apply_merging(model, spec)
+    with torch.no_grad():
+        merged = model.forward_features(pixels)  # the merged tokens, no unmerge
+    grid, maps = unmerged_with_naive_slots(model, spec, lambda: model.forward_features(pixels), pixels.shape[0],
+                                           monkeypatch)
+    n0 = len(maps[0])
     assert grid.shape == (4, n0, WIDTH) and n0 == GRID + 1
     assert merged.shape[1] < n0  # something merged
-    for b in range(pixels.shape[0]):
-        slots = list(range(n0))
-        for n, result in records:
-            if not isinstance(result, MergeResult) or result.identity:
-                continue
-            step = _naive_slots(result, pixels.shape[0], b, n)
-            slots = [None if s is None else step[s] for s in slots]
+    for b, slots in enumerate(maps):
         for p, s in enumerate(slots):
             # a dropped position (prune=on) reads the zero vector, normed by the final norm
             want = model.norm(torch.zeros(WIDTH)) if s is None else merged[b, s]

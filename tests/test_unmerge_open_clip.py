@@ -9,9 +9,7 @@ import pytest
 import torch
 
 from mergeseek.encoders import apply_merging
-from mergeseek.encoders.merging.registry import MergeResult
-from mergeseek.encoders.patch import common
-from tests.test_unmerge import _naive_slots
+from tests.test_unmerge import unmerged_with_naive_slots
 
 SIDE, WIDTH, GRID = 32, 32, 64  # 8 x 8 patches + a class token, 3 blocks
 
@@ -52,19 +50,7 @@ def test_every_output_token_is_its_position_s_merged_token(spec, pool_type, pixe
     apply_merging(model, spec)
     with torch.no_grad():
         merged_pooled, merged_tokens = model(pixels)  # no unmerge: the merged tokens, without the class token
-    records = []
-    real = common.merge_tokens
-
-    def recording(x, state, metric, attn, r, plan):
-        out = real(x, state, metric, attn, r, plan)
-        records.append((x.shape[1], out[2]))
-        return out
-
-    monkeypatch.setattr(common, "merge_tokens", recording)
-    apply_merging(model, spec + ",unmerge=true")
-    with torch.no_grad():
-        pooled, grid = model(pixels)
-    monkeypatch.undo()
+    (pooled, grid), maps = unmerged_with_naive_slots(model, spec, lambda: model(pixels), pixels.shape[0], monkeypatch)
     assert grid.shape == (pixels.shape[0], GRID, WIDTH)
     assert merged_tokens.shape[1] < GRID  # something merged
     # the class token is never merged, so the embedding is the merged model's: exactly for the class
@@ -73,12 +59,7 @@ def test_every_output_token_is_its_position_s_merged_token(spec, pool_type, pixe
         assert torch.equal(pooled, merged_pooled)
     else:
         torch.testing.assert_close(pooled, merged_pooled, rtol=0, atol=1e-5)
-    for b in range(pixels.shape[0]):
-        slots = list(range(GRID + 1))
-        for n, result in records:
-            if isinstance(result, MergeResult) and not result.identity:
-                step = _naive_slots(result, pixels.shape[0], b, n)
-                slots = [step[s] for s in slots]
+    for b, slots in enumerate(maps):
         assert slots[0] == 0  # the class token stays first
         for p in range(GRID):
             torch.testing.assert_close(grid[b, p], merged_tokens[b, slots[p + 1] - 1], rtol=0, atol=1e-6)
