@@ -93,7 +93,9 @@ def test_the_recorders_do_see_host_reads():
 ENERGY_SPECS = ["r=8,method=energy", "r=16,method=energy_lsh", "r=8,method=energy,merge=mlerp",
                 "r=16,metric=heads,merge=mlerp", "r=8,method=lsh,metric=heads"]
 # issue #26's one-to-one greedy merging (method=pairs / pairs_lsh): the greedy loop is r static steps
-PAIRS_SPECS = ["r=8,method=pairs", "r=16,method=pairs_lsh", "r=16,method=pairs,merge=mlerp"]
+PAIRS_SPECS = ["r=8,method=pairs", "r=16,method=pairs_lsh", "r=16,method=pairs,merge=mlerp",
+               # pairs_mix: ToMe in blocks 0-5 (4 of 196 free tokens, under the threshold), pairs in 6-11
+               "r=[4,4,4,4,4,4,20,20,20,20,20,20],method=pairs_mix", "r=[4,4,4,4,4,4,20,20,20,20,20,20],method=pairs_mix_lsh"]
 
 
 # dynamo traces ViT-B-16 in 15-60 s per config: two run in `make test`, the rest are marked slow (CI runs them).
@@ -200,7 +202,7 @@ def test_mask_free_model_equals_masked_model_and_passes_no_mask(spec, monkeypatc
 
 @pytest.mark.parametrize("spec", ["r=4,method=lsh", "r=4,method=importance", "r=4,method=zerotprune",
                                   "r=4,method=energy,merge=mlerp", "r=4,method=energy_lsh", "r=4,method=pairs",
-                                  "r=4,method=pairs_lsh"])
+                                  "r=4,method=pairs_lsh", "r=4,method=pairs_mix_lsh"])
 def test_compiled_graph_equals_eager(spec):
     """Dynamo + AOT tracing (the graph inductor would compile), whole graph, against eager."""
     model = _timm_tiny(depth=2)

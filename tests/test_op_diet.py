@@ -25,7 +25,8 @@ BUDGET = {"r=8": 600, "r=16": 600, "r=8,method=lsh": 650, "r=16,method=lsh": 650
           "r=16,metric=heads,merge=mlerp": 740,
           # issue #26's one-to-one pairs (measured 3673 / 5053): r greedy steps per block, ~13 small ops each
           # (a masked argmax over the candidate edges and two writes), and the hashed windows per table
-          "r=16,method=pairs": 3800, "r=16,method=pairs_lsh": 5200}
+          "r=16,method=pairs": 3800, "r=16,method=pairs_lsh": 5200,
+          "r=[4,4,4,4,4,4,20,20,20,20,20,20],method=pairs_mix": 3800}  # ToMe in blocks 0-5, pairs after
 
 
 @pytest.fixture(scope="module")
