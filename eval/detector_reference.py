@@ -1,9 +1,11 @@
 """``reference-detector``: a small CenterNet-style detector on a timm ViT, trained here on ``synth-detection``.
 
-The backbone is the CIFAR reference's ViT (timm ``VisionTransformer``: 56 px in 4 px patches =
-14 x 14 = 196 patch tokens + a class token, width 192, 9 blocks), so every merge method of the
-timm patch applies to it unchanged. The dense head reads the *whole* token grid after the last
-block (with merging, ``unmerge=true`` restores that grid: ``encoders/merging/unmerge.py``):
+The backbone is the CIFAR reference's ViT (timm ``VisionTransformer``, width 192, 9 blocks) on
+the 112 px picture in 8 px patches = 14 x 14 = 196 patch tokens + a class token (the picture is
+not shrunk; the reference's 4 px patch kernel is spread over 8 px when training starts), so every
+merge method of the timm patch applies to it unchanged. The dense head reads the *whole* token
+grid after the last block (with merging, ``unmerge=true`` restores that grid:
+``encoders/merging/unmerge.py``):
 
     tokens [B, 196, 192] -> grid [B, 192, 14, 14] -> conv3x3 (192 -> 128) -> GELU
         -> conv1x1 -> 10 class heatmaps (sigmoid) + 4 box channels per cell:
@@ -60,7 +62,8 @@ class DetectorConfig:
         num_classes: heatmaps (the CIFAR-10 classes).
         mean, std: per-channel normalisation after the resize to ``img_size``.
         init: reference whose backbone weights start training (``""``: random); its blocks must
-            have the same width and depth.
+            have the same width, depth and grid; a patch side ``k`` times the reference's spreads
+            its kernel (:func:`eval.detector_train.resample_patch_kernel`).
         freeze_blocks: the patch embedding, position embedding, class token and the first N blocks
             keep their ``init`` weights (no gradient flows through them: CPU training costs about
             9 + 2 x 3 instead of 3 x 9 block passes per picture at depth 9 with N = 6).
@@ -90,7 +93,7 @@ class DetectorConfig:
     init: str = "reference-cifar10-56"
     freeze_blocks: int = 0
     picture_size: int = 112
-    epochs: int = 20
+    epochs: int = 15
     steps_per_epoch: int = 150
     batch_size: int = 16
     lr: float = 3e-4
