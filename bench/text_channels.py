@@ -262,6 +262,25 @@ def engine_only(engines: list, captions: list, sizes: list, rounds: int, tmp: Pa
             "clock": "CPU time per frame, getrusage self + children, one thread, engines alternated in one process"}
 
 
+def resolved(engines: list) -> dict:
+    """What each ``--engines`` entry runs here (``rapidocr``'s ``runtime=auto`` resolves on what is
+    installed and on the CPU) and the versions of the runtimes: recorded in the report."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from mergeseek.indexing.ocr import get_engine
+
+    out = {}
+    for e in engines:
+        eng = get_engine(e)
+        out[e] = eng.describe() if hasattr(eng, "describe") else str(eng)
+    for pkg in ("onnxruntime", "openvino", "rapidocr_onnxruntime"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--captions", type=int, default=12, help="Distinct captions (each drawn at every size).")
@@ -279,8 +298,9 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)
     if args.engine_only:
         with tempfile.TemporaryDirectory(prefix="mergeseek-text-bench-") as tmp:
-            report = engine_only([e.strip() for e in args.engines.split(";") if e.strip()], CAPTIONS[: args.captions],
-                                 [int(s) for s in args.sizes.split(",")], args.rounds, Path(tmp))
+            engines = [e.strip() for e in args.engines.split(";") if e.strip()]
+            report = engine_only(engines, CAPTIONS[: args.captions], [int(s) for s in args.sizes.split(",")], args.rounds, Path(tmp))
+        report["resolved"] = resolved(engines)
         print(json.dumps(report, indent=1))
         if args.out:
             args.out.write_text(json.dumps(report, indent=1))
@@ -318,6 +338,7 @@ def main(argv=None) -> dict:
         "clock": "wall: time.perf_counter; cpu: getrusage self + children (Tesseract runs as child processes); "
                  "OCR frames/s: the OCR threads' busy time, wall clock",
         "load_avg": os.getloadavg(),
+        "resolved": resolved(engines),
     }
     print(json.dumps(report, indent=1))
     if args.out:

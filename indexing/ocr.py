@@ -33,6 +33,7 @@ from mergeseek.errors import ConfigError, MissingDependencyError
 log = logging.getLogger(__name__)
 
 TESSERACT_INSTALL = "apt-get install tesseract-ocr tesseract-ocr-vie tesseract-ocr-eng"
+RUNTIMES = ("auto", "onnxruntime", "openvino")  # what runs RapidOCR's models (RapidOcrEngine(runtime=...))
 RAPIDOCR_INSTALL = "pip install 'mergeseek[ocr]' (rapidocr_onnxruntime and onnxruntime; its wheel ships the models)"
 
 
@@ -214,22 +215,44 @@ class RapidOcrEngine:
         threads: ONNX Runtime threads per engine (one per OCR worker by default).
         rec_height: height in pixels of the lines given to the recogniser (trained at 48; 40 is
             12% cheaper and makes about twice the character errors, docs/BENCHMARKS.md).
+        runtime: what runs the two models: ``onnxruntime`` (RapidOCR's own sessions), ``openvino``
+            (the same ONNX files compiled by OpenVINO, ``indexing.ocr_openvino``: less CPU), or
+            ``auto`` (OpenVINO where it is installed, else ONNX Runtime).
+        rec_precision: the recogniser's arithmetic under OpenVINO: ``f32``, ``bf16`` (about half
+            the CPU per line, the same error rate on the benchmarks), or ``auto`` (bf16 where the CPU
+            has native bf16, else f32). The detector is always fp32.
     """
 
     name = "rapidocr"
 
     def __init__(self, det_side: int = 640, max_side: int = 1280, min_conf: float = 50.0, threads: int = 1,
-                 rec_height: int = 48):
+                 rec_height: int = 48, runtime: str = "auto", rec_precision: str = "auto"):
+        from mergeseek.indexing import ocr_openvino
+
         if det_side < 64 or max_side < 64 or threads < 1 or not 16 <= rec_height <= 48:
             raise ConfigError(f"--ocr rapidocr: det_side={det_side}, max_side={max_side}, threads={threads}, "
                               f"rec_height={rec_height} are not valid; give det_side and max_side of at least 64 pixels, "
                               "threads >= 1 and rec_height from 16 to 48")
+        if runtime not in RUNTIMES or rec_precision not in ("auto", *ocr_openvino.PRECISIONS):
+            raise ConfigError(f"--ocr rapidocr: runtime={runtime}, rec_precision={rec_precision} are not valid; give runtime "
+                              f"one of {', '.join(RUNTIMES)} and rec_precision one of auto, {', '.join(ocr_openvino.PRECISIONS)}")
+        if runtime == "onnxruntime" and rec_precision not in ("auto", "f32"):
+            raise ConfigError(f"--ocr rapidocr: rec_precision={rec_precision} needs runtime=openvino "
+                              "(ONNX Runtime runs these models in f32 only)")
         try:
             import rapidocr_onnxruntime  # noqa: F401
         except ImportError:
             raise MissingDependencyError(f"--ocr rapidocr needs the rapidocr_onnxruntime package: {RAPIDOCR_INSTALL}") from None
+        if (runtime == "openvino" or rec_precision == "bf16") and not ocr_openvino.available():
+            raise MissingDependencyError(f"--ocr rapidocr,runtime=openvino (and rec_precision=bf16) needs the openvino "
+                                         f"package: {ocr_openvino.OPENVINO_INSTALL}")
         self.det_side, self.max_side, self.min_conf, self.threads = int(det_side), int(max_side), float(min_conf), int(threads)
         self.rec_height = int(rec_height)
+        self.asked = {"runtime": runtime, "rec_precision": rec_precision}  # as given (``__str__``)
+        # what runs: auto resolved on this machine
+        self.runtime = runtime if runtime != "auto" else ("openvino" if ocr_openvino.available() else "onnxruntime")
+        self.rec_precision = "f32" if self.runtime == "onnxruntime" else (
+            rec_precision if rec_precision != "auto" else ("bf16" if ocr_openvino.native_bf16() else "f32"))
         self._local = threading.local()  # per OCR thread: its ONNX sessions (RapidOCR keeps state per call), crops read lately
         self.remember = 64  # line crops remembered per thread (a news screen holds a few lines at a time)
         self.recognised = self.reused = 0  # line crops read, and crops found among those remembered (counts)
@@ -239,7 +262,12 @@ class RapidOcrEngine:
         extra = "".join(f",{k}={v:g}" for k, v, d in (("det_side", self.det_side, 640), ("max_side", self.max_side, 1280),
                                                         ("min_conf", self.min_conf, 50.0), ("rec_height", self.rec_height, 48))
                         if v != d)
+        extra += "".join(f",{k}={v}" for k, v in self.asked.items() if v != "auto")
         return "rapidocr" + extra
+
+    def describe(self) -> str:
+        """What reads, as resolved here: ``str(self)`` and the runtime and recogniser precision."""
+        return f"{self} ({self.runtime}, recogniser {self.rec_precision})"
 
     def _model(self):
         model = getattr(self._local, "model", None)
@@ -250,6 +278,10 @@ class RapidOcrEngine:
             model.text_det.limit_type = "max"  # never enlarge the detector's input (it is shrunk here first)
             if self.rec_height != 48:  # lines given to the recogniser lower than it was trained on (48 px): cheaper
                 model.text_rec.rec_image_shape = [3, self.rec_height, round(320 * self.rec_height / 48)]
+            if self.runtime == "openvino":
+                from mergeseek.indexing import ocr_openvino
+
+                ocr_openvino.install(model, self.threads, self.rec_precision)
         return model
 
     def shrink(self, image) -> tuple:
@@ -409,13 +441,15 @@ class OcrStage:
 
 ENGINES = {"tesseract": TesseractEngine, "rapidocr": RapidOcrEngine}
 _KEYS = {"tesseract": ("passes", "min_conf", "max_side"),
-         "rapidocr": ("det_side", "max_side", "min_conf", "threads", "rec_height")}
+         "rapidocr": ("det_side", "max_side", "min_conf", "threads", "rec_height", "runtime", "rec_precision")}
+_WORDS = ("runtime", "rec_precision")  # options whose values are words, not numbers
 
 
 def get_engine(spec: Optional[str]):
     """``--ocr`` value -> an engine: ``tesseract`` (the default), ``tesseract:LANGS`` (``vie+eng``)
-    and options (``tesseract:vie,passes=1,min_conf=50``), ``rapidocr`` (``rapidocr,det_side=960``);
-    None or ``none`` -> None. A missing engine raises ``MissingDependencyError`` naming what to install."""
+    and options (``tesseract:vie,passes=1,min_conf=50``), ``rapidocr`` (``rapidocr,det_side=960``,
+    ``rapidocr,runtime=openvino,rec_precision=f32``); None or ``none`` -> None. A missing engine
+    raises ``MissingDependencyError`` naming what to install."""
     from mergeseek.options import parse_options
 
     if spec is None or spec.strip().lower() in ("", "none", "off"):
@@ -429,6 +463,9 @@ def get_engine(spec: Optional[str]):
         raise ConfigError(f"--ocr {spec!r}: {name} takes no ':' argument (its models read Latin text and digits)")
     kwargs: dict = {"langs": langs} if langs else {}
     for key, value in parsed.pairs:
+        if key in _WORDS:
+            kwargs[key] = value.strip().lower()
+            continue
         try:
             kwargs[key] = float(value) if key == "min_conf" else int(value)
         except ValueError:
