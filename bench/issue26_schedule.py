@@ -219,9 +219,51 @@ def import_slices(model_name: str, out: str, sources: Sequence[str] = ("runs/i26
             print(f"{half} {cfg}: {len(part)} images from {len(keys)} slices")
 
 
+def _load_preds(model_name: str, half: str, outs: Sequence[str]) -> Dict[str, np.ndarray]:
+    rows = {}
+    for out in outs:
+        for path in sorted(glob.glob(f"{out}/pred_{model_name}_{half}_*.npy")):
+            cfg_file = path[:-4] + ".cfg"
+            if os.path.exists(cfg_file):
+                rows.setdefault(open(cfg_file).read().strip(), np.load(path))
+    return rows
+
+
+def summary(model_name: str, outs: Sequence[str], alias: Dict[str, str]) -> None:
+    """Top-1 per half and over both, and the paired difference to ``bipartite`` at the same r
+    (``alias``: config -> the config whose predictions it provably equals, e.g. pairs_mix at r=16
+    and pairs)."""
+    ys = {h: load_half(model_name, h)[1].numpy() for h in "AB"}
+    preds = {h: _load_preds(model_name, h, outs) for h in "AB"}
+    for h in "AB":
+        for cfg, same in alias.items():
+            if same in preds[h] and cfg not in preds[h]:
+                preds[h][cfg] = preds[h][same]
+
+    def ref_of(cfg: str) -> str:
+        r = cfg.split("r=", 1)[1] if "r=" in cfg else ""
+        return f"method=bipartite,r={r}"
+
+    def fmt(d: np.ndarray) -> str:
+        return f"{100 * d.mean():+.2f} ± {100 * d.std(ddof=1) / np.sqrt(len(d)):.2f}"
+
+    for cfg in sorted(set(preds["A"]) | set(preds["B"])):
+        ok = {h: preds[h][cfg] == ys[h] for h in "AB" if cfg in preds[h]}
+        line = f"{cfg:55s} " + " ".join(f"{h}={100 * v.mean():6.2f}" for h, v in ok.items())
+        if len(ok) == 2:
+            line += f" all={100 * np.concatenate([ok['A'], ok['B']]).mean():6.2f}"
+        ref = ref_of(cfg)
+        diffs = {h: ok[h].astype(float) - (preds[h][ref] == ys[h]) for h in ok if ref in preds[h] and ref != cfg}
+        for h, d in diffs.items():
+            line += f" | {h}: {fmt(d)}"
+        if len(diffs) == 2:
+            line += f" | all: {fmt(np.concatenate([diffs['A'], diffs['B']]))}"
+        print(line)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("schedules", "score", "table", "import"))
+    p.add_argument("what", choices=("schedules", "score", "table", "import", "summary"))
     p.add_argument("configs", nargs="*")
     p.add_argument("--model", default="reference-cifar10")
     p.add_argument("--half", default="A", choices=("A", "B"))
@@ -237,6 +279,14 @@ def main() -> None:
             print(name, rs, f"{block_flops(rs, tokens, 192) / block_flops(base, tokens, 192) - 1:+.4f}")
     elif args.what == "score":
         score(args.model, args.half, args.configs, args.out)
+    elif args.what == "summary":
+        same = {}
+        for r in (8, 12, 16, 20):  # at these r every block of both references is over the threshold
+            same[f"method=pairs_mix,r={r}"] = f"method=pairs,r={r}"
+            same[f"method=pairs_mix_lsh,r={r}"] = f"method=pairs_lsh,r={r}"
+        same["method=pairs_mix,r=4"] = "method=bipartite,r=4"  # and under it at r=4
+        same["method=pairs_mix_lsh,r=4"] = "method=lsh,r=4"
+        summary(args.model, [args.out, f"{args.out}/imp"], same)
     elif args.what == "import":
         import_slices(args.model, args.out)
     else:

@@ -26,7 +26,9 @@ greedy step and the merge are the same.
 
 No size- or energy-based protection: on the CIFAR-10 references PiToMe's energy rule lost 2-3
 points to ToMe (docs/BENCHMARKS.md, issue #26) and protecting the most isolated tokens gained
-nothing; what the pairs constraint gains is measured there.
+nothing; what the pairs constraint gains is measured there. ``method=pairs_mix``
+(:mod:`encoders.merging.mixed`) uses this rule only in the blocks that remove at least 5% of their
+tokens, and ToMe's bipartite matching in the others.
 """
 
 from __future__ import annotations
