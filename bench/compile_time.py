@@ -6,6 +6,7 @@ the compiling first call (this process and its compile workers), its wall second
 dynamo made, and the steady-state CPU seconds of a forward after it.
 
     python -m bench.compile_time --model ViT-B-16 --merge none --merge r=8 --scope model --scope blocks
+    python -m bench.compile_time --speed --rounds 4     # eager / whole / blocks forwards alternated in one process
 """
 
 from __future__ import annotations
@@ -53,6 +54,43 @@ def measure(model_name: str, merge: str, scope: str, batch: int, side: int | Non
             "forward_cpu_s": round(time.process_time() - c1, 3), "torch": torch.__version__}
 
 
+def speed(model_name: str, merges: list, batch: int, rounds: int) -> list:
+    """Steady-state CPU seconds a forward of each (merge, eager | model | blocks), the configurations
+    alternated round by round in this process after each one's compiling call; one torch thread."""
+    import statistics
+    import time
+
+    import torch
+
+    from mergeseek.encoders import apply_merging
+    from mergeseek.encoders.compile import CompiledTower
+    from mergeseek.encoders.encoder import load_open_clip
+
+    torch.set_num_threads(1)
+    runs = {}
+    for merge in merges:
+        for scope in ("eager", "model", "blocks"):
+            visual = load_open_clip(model_name, None, "cpu")[0].visual.eval()
+            if merge != "none":
+                apply_merging(visual, merge)
+            runs[(merge, scope)] = visual if scope == "eager" else CompiledTower(visual, batch, "cpu", scope=scope)
+    size = next(iter(runs.values()))
+    side = 224 if not hasattr(size, "image_size") else (size.image_size if isinstance(size.image_size, int)
+                                                      else size.image_size[0])
+    x = torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(0))
+    times: dict = {k: [] for k in runs}
+    with torch.inference_mode():
+        for fn in runs.values():
+            fn(x)  # compiles
+        for _ in range(rounds):
+            for k, fn in runs.items():
+                t0 = time.process_time()
+                fn(x)
+                times[k].append(time.process_time() - t0)
+    return [{"merge": m, "scope": s, "forward_cpu_s": round(statistics.median(v), 3), "rounds": rounds, "batch": batch}
+            for (m, s), v in times.items()]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="ViT-B-16", help="open_clip model (random weights).")
@@ -60,9 +98,15 @@ def main(argv=None) -> int:
     ap.add_argument("--scope", action="append", help="model and/or blocks (repeatable; default both).")
     ap.add_argument("--batch-size", type=int, default=2, help="batch of the compiled forward (default 2).")
     ap.add_argument("--image-size", type=int, default=None, help="input side override.")
+    ap.add_argument("--speed", action="store_true", help="time the forwards instead (eager, model, blocks alternated).")
+    ap.add_argument("--rounds", type=int, default=4, help="with --speed: timed rounds (default 4).")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the child process
     args = ap.parse_args(argv)
     merges, scopes = args.merge or ["none", "r=8"], args.scope or ["model", "blocks"]
+    if args.speed:
+        for row in speed(args.model, merges, args.batch_size, args.rounds):
+            print(json.dumps(row), flush=True)
+        return 0
     if args.one:
         print(json.dumps(measure(args.model, merges[0], scopes[0], args.batch_size, args.image_size)), flush=True)
         return 0

@@ -54,7 +54,7 @@ def test_the_gpu_suite_script_parses_and_every_default_stage_is_defined():
         assert module in script
 
 
-@pytest.mark.parametrize("module", ["bench.keyframes", "bench.search_scale"])
+@pytest.mark.parametrize("module", ["bench.keyframes", "bench.search_scale", "bench.compile_time"])
 def test_bench_modules_answer_help(module):
     import sys
 
