@@ -212,7 +212,7 @@ class RapidOcrEngine:
         det_side: long side of the frame for the detector.
         max_side: long side of the frame the lines are cut from.
         min_conf: lines read with a lower confidence (0-100) are dropped.
-        threads: ONNX Runtime threads per engine (one per OCR worker by default).
+        threads: threads per engine of the runtime (ONNX Runtime or OpenVINO; one per OCR worker by default).
         rec_height: height in pixels of the lines given to the recogniser (trained at 48; 40 is
             12% cheaper and makes about twice the character errors, docs/BENCHMARKS.md).
         runtime: what runs the two models: ``onnxruntime`` (RapidOCR's own sessions), ``openvino``

@@ -120,6 +120,8 @@ class _Session:
         return self.compiled(x)
 
     def __getattr__(self, name):
+        if name == "original":  # not set yet (a copy being made): no recursion
+            raise AttributeError(name)
         return getattr(self.original, name)
 
 
