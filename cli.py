@@ -730,6 +730,8 @@ def eval_cmd(
                    "have 'asr:' parts (e.g. pocketsphinx), cached by file content.")] = None,
     text_from: Annotated[Optional[Path], typer.Option("--text-from", help="Index folder of the same media built with "
                          "--ocr/--asr: its stored text is used for 'ocr:'/'asr:' query parts (instead of --ocr/--asr).")] = None,
+    videos: Annotated[Optional[Path], typer.Option("--videos", help="Folder of an AI Challenge release's <video_id>.mp4 "
+                      "when not in its Videos_* folders (what --asr transcribes; as index --videos).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Compare merged encoders with the unmerged baseline: speed, accuracy/recall and agreement."""
@@ -741,7 +743,7 @@ def eval_cmd(
         templates=templates, limit=limit, seed=seed, batch_size=batch_size, device=device, precision=precision,
         warmup=warmup, iters=iters, topk=topk, plots=plots, threads=threads, cpu_time=cpu_time,
         reuse=tuple(reuse) if reuse else None, compile=_compile_arg(compile_, compile_scope), ocr=ocr, asr=asr,
-        text_from=str(text_from) if text_from else None,
+        text_from=str(text_from) if text_from else None, videos=str(videos) if videos else None,
     )
     from mergeseek.runtime import check_writable
 

@@ -71,6 +71,8 @@ class EvalConfig:
         asr: speech engine (``--asr``) transcribing the videos of sets whose queries have ``asr:`` parts.
         text_from: an index folder of the same media built with ``--ocr`` / ``--asr`` whose stored
             text is used instead (matched by video id and frame index); not with ``ocr`` / ``asr``.
+        videos: where an AI Challenge release's videos are when not in its ``Videos_*`` folders
+            (``--videos``, as for ``index``): what ``asr`` transcribes.
     """
 
     models: tuple[str, ...] = ("ViT-B-32",)
@@ -96,6 +98,7 @@ class EvalConfig:
     ocr: Optional[str] = None
     asr: Optional[str] = None
     text_from: Optional[str] = None
+    videos: Optional[str] = None  # --videos DIR: an AI Challenge release's videos, when not in its Videos_* folders
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -159,11 +162,11 @@ class EvalConfig:
             from mergeseek.eval.channels import index_channels
 
             return frozenset(index_channels(Path(self.text_from)))
-        from mergeseek.indexing import asr as asr_engines, ocr as ocr_engines
+        from mergeseek.eval.channels import text_engine
 
-        for spec, engines in ((self.ocr, ocr_engines), (self.asr, asr_engines)):
+        for channel, spec in (("ocr", self.ocr), ("asr", self.asr)):
             if spec:
-                engines.get_engine(spec)  # a missing package: one line naming it
+                text_engine(channel, spec)  # a missing package: one line naming it; built once, reused to read
         return frozenset(c for c, spec in (("ocr", self.ocr), ("asr", self.asr)) if spec)
 
     def reuse_configs(self) -> list[str]:

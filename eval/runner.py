@@ -183,7 +183,8 @@ def with_text(ds: EvalSet, cfg: EvalConfig) -> EvalSet:
     need = {c for x in ds.queries for c, _ in x.channels} | {c for t in texts for c in query_channels(t)[1]}
     if not need:
         return ds
-    return replace(ds, text=read_set_text(ds, need, ocr=cfg.ocr, asr=cfg.asr, text_from=cfg.text_from))
+    return replace(ds, text=read_set_text(ds, need, ocr=cfg.ocr, asr=cfg.asr, text_from=cfg.text_from,
+                                          release_parts={"videos": cfg.videos} if cfg.videos else None))
 
 
 def evaluate_dataset(mut: ModelUnderTest, cands: dict[str, Any], ds: EvalSet, batch_size: int, topk: int = 10,

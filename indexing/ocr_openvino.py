@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-OPENVINO_INSTALL = "pip install 'mergeseek[ocr-openvino]' (or pip install openvino)"
+OPENVINO_INSTALL = "pip install 'mergeseek[ocr]' (or pip install openvino)"
 PRECISIONS = ("f32", "bf16")
 REC_PAD = 32  # the recogniser's lines are padded to a multiple of this width (CompiledModel.pad_width)
 

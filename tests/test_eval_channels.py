@@ -226,8 +226,29 @@ def test_cli_eval_passes_the_channel_flags(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr(ev, "evaluate", lambda cfg, out, progress=False: seen.setdefault("cfg", cfg) and {})
     CliRunner().invoke(app, ["eval", "--dataset", "keyframes:x", "--ocr", "rapidocr", "--asr", "pocketsphinx",
-                             "--no-plots", "--out", str(tmp_path / "o")])
+                             "--no-plots", "--out", str(tmp_path / "o"), "--videos", str(tmp_path / "vids")])
     assert (seen["cfg"].ocr, seen["cfg"].asr, seen["cfg"].text_from) == ("rapidocr", "pocketsphinx", None)
+    assert seen["cfg"].videos == str(tmp_path / "vids")
+
+
+def test_eval_s_videos_folder_reaches_the_reading_as_index_s_release_parts(tmp_path, monkeypatch):
+    import mergeseek.eval.channels as ch
+    from mergeseek.eval import runner
+    from mergeseek.eval.config import EvalConfig
+    from mergeseek.eval.datasets import load_dataset
+
+    ds = load_dataset(f"keyframes:{write_set(tmp_path / 'set', QUERIES)}", channels={"ocr"})
+    seen = {}
+
+    def fake_read(ds, need, **kwargs):
+        seen.update(kwargs)
+        return None
+
+    monkeypatch.setattr(ch, "read_set_text", fake_read)
+    runner.with_text(ds, EvalConfig(ocr="rapidocr", videos="/data/aic/videos"))
+    assert seen["release_parts"] == {"videos": "/data/aic/videos"}
+    runner.with_text(ds, EvalConfig(ocr="rapidocr"))
+    assert seen["release_parts"] is None  # the release's own Videos_* folders
 
 
 def test_text_from_an_index_of_the_same_keyframes_gives_the_same_text_and_scores(kf_set, tmp_path):
@@ -365,6 +386,10 @@ def test_the_ocr_engine_is_built_once_for_every_set_of_the_run(tmp_path, monkeyp
         assert texts[("L01_V002", 10)].upper().replace(" ", "") == "SAIGON"
     assert len(built) == 1 and ch.text_engine("ocr", "rapidocr") is built[0]
     ch.text_engine("ocr", "rapidocr,min_conf=60")  # another setting is another engine
+    assert len(built) == 2
+    from mergeseek.eval.config import EvalConfig
+
+    EvalConfig(ocr="rapidocr").text_channels()  # the check before any model loads uses the same engine
     assert len(built) == 2
 
 

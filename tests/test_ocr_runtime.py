@@ -21,7 +21,7 @@ CAPTIONS = [("Thủ tướng thăm Hà Nội", 20, "box"), ("Breaking news flood
 
 
 def _needs_openvino():
-    pytest.importorskip("openvino", reason="openvino is not installed (pip install 'mergeseek[ocr-openvino]')")
+    pytest.importorskip("openvino", reason="openvino is not installed (pip install 'mergeseek[ocr]')")
 
 
 def _edit_distance(a: str, b: str) -> int:
@@ -60,7 +60,7 @@ def test_auto_is_openvino_where_installed_and_bf16_only_on_a_cpu_that_has_it(mon
     assert (e.runtime, e.rec_precision) == ("onnxruntime", "f32")
     assert "InferenceSession" in type(e._model().text_det.infer.session).__name__  # RapidOCR's own sessions
     for asked in ({"runtime": "openvino"}, {"rec_precision": "bf16"}):
-        with pytest.raises(MissingDependencyError, match=r"needs the openvino package: pip install 'mergeseek\[ocr-openvino\]'"):
+        with pytest.raises(MissingDependencyError, match=r"needs the openvino package: pip install 'mergeseek\[ocr\]'"):
             RapidOcrEngine(**asked)
 
     monkeypatch.setattr(ocr_openvino, "available", lambda: True)
