@@ -42,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mergeseek.eval.metrics import edit_distance
+
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -129,16 +131,6 @@ def _words(text: str) -> list[str]:
     return re.findall(r"[a-z']+", text.lower())
 
 
-def _edit_distance(a: list, b: list) -> int:
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i]
-        for j, y in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
-        prev = cur
-    return prev[-1]
-
-
 def transcribe_all(folder: Path, plan: list, engine_spec: str) -> dict:
     """WER per voice and the real-time factor (engine CPU time over sound duration, this process)."""
     from mergeseek.indexing.asr import get_engine
@@ -161,7 +153,7 @@ def transcribe_all(folder: Path, plan: list, engine_spec: str) -> dict:
             p["also_heard"] = " ".join(s.also for s in mine if s.also)
             ref = _words(p["text"])
             v = by_voice.setdefault(f"{p['voice']} {p['speed']} wpm", [0, 0])
-            v[0] += _edit_distance(ref, _words(hyp))
+            v[0] += edit_distance(ref, _words(hyp))
             v[1] += len(ref)
     wer = {k: round(e / n, 3) for k, (e, n) in by_voice.items()}
     total = sum(e for e, _ in by_voice.values()) / sum(n for _, n in by_voice.values())

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mergeseek.eval.metrics import edit_distance
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CAPTIONS = [
@@ -140,16 +142,6 @@ def keyframes(captions: list, sizes: list, tmp: Path) -> tuple[list, list[np.nda
     return plan, frames
 
 
-def _edit_distance(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
-
-
 def _cpu() -> float:
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
@@ -188,7 +180,7 @@ def measure(plan: list, root: Path) -> dict:
         lo, hi = cap["band"]
         read = " ".join(w for w, _, box in words if lo <= box[1] + box[3] / 2 <= hi)
         want = fold(cap["text"])
-        cer = _edit_distance(fold(read), want) / len(want)
+        cer = edit_distance(fold(read), want) / len(want)
         full = [frame_of[h.id] for h in search_hybrid(s, ocr=want, k=10)]
         part = [frame_of[h.id] for h in search_hybrid(s, ocr=" ".join(want.split()[:3]), k=10)]
         per_caption.append({"text": cap["text"], "size": cap["size"], "style": cap["style"], "read": read,
@@ -248,7 +240,7 @@ def engine_only(engines: list, captions: list, sizes: list, rounds: int, tmp: Pa
         for n, (cap, ft) in enumerate(zip(plan, read[e])):
             lo, hi = cap["band"]
             got = " ".join(w.text for w in ft.words if lo <= w.box[1] + w.box[3] / 2 <= hi)
-            cer.setdefault(cap["size"], []).append(_edit_distance(fold(got), fold(cap["text"])) / len(fold(cap["text"])))
+            cer.setdefault(cap["size"], []).append(edit_distance(fold(got), fold(cap["text"])) / len(fold(cap["text"])))
             want = fold(cap["text"])
             found.setdefault(cap["size"], []).append((n in [m.id for m in ix.search(want, "ocr", 10)],
                                                       n in [m.id for m in ix.search(" ".join(want.split()[:3]), "ocr", 10)]))

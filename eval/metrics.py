@@ -107,6 +107,18 @@ def cosine_agreement(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return {"cos_mean": float(np.mean(cos)), "cos_p5": float(np.percentile(cos, 5)), "cos_min": float(np.min(cos))}
 
 
+def edit_distance(a: Sequence, b: Sequence) -> int:
+    """Levenshtein distance between two sequences (characters of a string for a character error
+    rate, a list of words for a word error rate): insertions, deletions and substitutions, each 1."""
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1]
+
+
 def topk_overlap(order_a: np.ndarray, order_b: np.ndarray, k: int) -> float:
     """Mean |top-k(a) ∩ top-k(b)| / k over queries (1 = the same k results, in any order)."""
     order_a = np.asarray(order_a)[:, :k]

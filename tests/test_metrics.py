@@ -93,3 +93,15 @@ def test_cosine_agreement_and_overlap():
     assert topk_overlap(oa, ob, 4) == pytest.approx(0.375)
     with pytest.raises(InputError):
         cosine_agreement(a, b[:1])
+
+
+@pytest.mark.parametrize("a, b, want", [
+    ("", "", 0), ("abc", "abc", 0), ("", "abc", 3), ("abc", "", 3),
+    ("kitten", "sitting", 3),  # two substitutions and an insertion
+    ("Hà Nội", "Ha Noi", 2), ("flaw", "lawn", 2),
+    (["the", "anchor", "says"], ["the", "anchors", "says", "it"], 2),  # words: a substitution and an insertion
+])
+def test_edit_distance_against_hand_counts_and_is_symmetric(a, b, want):
+    from mergeseek.eval.metrics import edit_distance
+
+    assert edit_distance(a, b) == want == edit_distance(b, a)

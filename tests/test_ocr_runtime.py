@@ -13,6 +13,8 @@ import pytest
 
 from test_text_match import _caption_frame
 
+from mergeseek.eval.metrics import edit_distance
+
 pytest.importorskip("rapidocr_onnxruntime", reason="rapidocr_onnxruntime is not installed (pip install 'mergeseek[ocr]')")
 
 CAPTIONS = [("Thủ tướng thăm Hà Nội", 20, "box"), ("Breaking news flood warning", 24, "outline"),
@@ -22,16 +24,6 @@ CAPTIONS = [("Thủ tướng thăm Hà Nội", 20, "box"), ("Breaking news flood
 
 def _needs_openvino():
     pytest.importorskip("openvino", reason="openvino is not installed (pip install 'mergeseek[ocr]')")
-
-
-def _edit_distance(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
 
 
 def test_runtime_options_round_trip_and_bad_values_are_one_line_naming_the_choices():
@@ -113,7 +105,7 @@ def test_openvino_bf16_recogniser_reads_rendered_captions_within_tolerance():
     bf16 = RapidOcrEngine(runtime="openvino", rec_precision="bf16").read(frames)
     for (caption, size, _), a, b in zip(CAPTIONS, f32, bf16):
         ra, rb = fold(a.text), fold(b.text)
-        assert _edit_distance(ra, rb) <= 0.10 * len(ra), (caption, ra, rb)
+        assert edit_distance(ra, rb) <= 0.10 * len(ra), (caption, ra, rb)
         if size >= 20:  # what search needs: the caption's words in the reading (16 px reads loosely in both)
             assert all(w in rb.split() for w in fold(caption).split()), (caption, rb)
         top = lambda ft: min(w.box[1] for w in ft.words)  # noqa: E731 - the detector is fp32 in both
