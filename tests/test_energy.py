@@ -178,17 +178,22 @@ def test_r_zero_is_the_unpatched_model(tiny, spec):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def assert_batch_is_its_images(model, unmerged, x) -> None:
+    """The merged ``model`` gives a batch what it gives each image alone, and it did merge (its
+    output differs from the ``unmerged`` model's)."""
+    with torch.no_grad():
+        batch = model(x)
+        single = torch.cat([model(x[i : i + 1]) for i in range(x.shape[0])])
+        base = unmerged(x)
+    torch.testing.assert_close(batch, single, rtol=1e-5, atol=1e-5)
+    assert (batch - base).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("spec", ["method=energy,r=3", "method=energy_lsh,r=3", "method=energy,r=3,merge=mlerp",
                                   "r=3,merge=mlerp", "r=3,metric=heads", "method=lsh,r=3,metric=heads"])
 def test_a_batch_of_four_equals_four_single_images(tiny, spec):
     model = apply_merging(copy.deepcopy(tiny), spec)
-    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        batch = model(x)
-        single = torch.cat([model(x[i : i + 1]) for i in range(4)])
-        base = tiny(x)
-    torch.testing.assert_close(batch, single, rtol=1e-5, atol=1e-5)
-    assert (batch - base).abs().max() > 1e-4  # it did merge
+    assert_batch_is_its_images(model, tiny, torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
     from mergeseek.encoders import token_counts
 
     assert token_counts(model) == [14, 11]  # 17 tokens, 3 per block: static widths

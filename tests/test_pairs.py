@@ -15,6 +15,7 @@ from mergeseek.encoders import apply_merging, token_counts
 from mergeseek.encoders.merging import merge_wavg, pairs, simhash_planes
 from mergeseek.encoders.merging.pairs import pairs_lsh_merging, pairs_merging
 from mergeseek.errors import InputError
+from tests.test_energy import assert_batch_is_its_images
 
 
 def _cos(u, v):
@@ -177,13 +178,7 @@ def test_r_zero_is_the_unpatched_model(tiny, spec):
                                   "method=pairs,r=8"])
 def test_a_batch_of_four_equals_four_single_images(tiny, spec):
     model = apply_merging(copy.deepcopy(tiny), spec)
-    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        batch = model(x)
-        single = torch.cat([model(x[i : i + 1]) for i in range(4)])
-        base = tiny(x)
-    torch.testing.assert_close(batch, single, rtol=1e-5, atol=1e-5)
-    assert (batch - base).abs().max() > 1e-4  # it did merge
+    assert_batch_is_its_images(model, tiny, torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
     want = {"3": [14, 11], "8": [9, 5]}[spec.split("r=")[1].split(",")[0]]  # 17 tokens; r at most half of the free ones
     assert token_counts(model) == want  # static widths
 
@@ -290,13 +285,7 @@ def test_pairs_mix_r_zero_is_the_unpatched_model(tiny65, spec):
 @pytest.mark.parametrize("spec", MIX_SPECS)
 def test_pairs_mix_batch_of_four_equals_four_single_images(tiny65, spec):
     model = apply_merging(copy.deepcopy(tiny65), spec)
-    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        batch = model(x)
-        single = torch.cat([model(x[i : i + 1]) for i in range(4)])
-        base = tiny65(x)
-    torch.testing.assert_close(batch, single, rtol=1e-5, atol=1e-5)
-    assert (batch - base).abs().max() > 1e-4  # it did merge
+    assert_batch_is_its_images(model, tiny65, torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
     assert token_counts(model) == ([64, 60] if "[1,4]" in spec else [57, 49])  # static widths
 
 
