@@ -1,7 +1,8 @@
-"""On-screen text (OCR) of indexed frames: ``cli.py index --ocr [ENGINE]``.
+"""On-screen text (OCR) of indexed frames: ``cli.py index --ocr ENGINE``.
 
 An engine reads a batch of frames and gives each frame's words with their confidence and box.
-The default, ``tesseract``, runs the Tesseract command (Debian ``tesseract-ocr`` with
+``rapidocr`` (below) finds the text lines first and meets the targets of docs/TEXT.md;
+``tesseract`` runs the Tesseract command (Debian ``tesseract-ocr`` with
 ``tesseract-ocr-vie`` and ``tesseract-ocr-eng``) once per batch, in sparse-text mode (``--psm 11``,
 captions and tickers over pictures), Vietnamese + English; words under ``min_conf`` or without a
 letter or digit are dropped (a photo's texture reads as stray punctuation).
@@ -446,7 +447,7 @@ _WORDS = ("runtime", "rec_precision")  # options whose values are words, not num
 
 
 def get_engine(spec: Optional[str]):
-    """``--ocr`` value -> an engine: ``tesseract`` (the default), ``tesseract:LANGS`` (``vie+eng``)
+    """``--ocr`` value -> an engine: ``tesseract``, ``tesseract:LANGS`` (``vie+eng``)
     and options (``tesseract:vie,passes=1,min_conf=50``), ``rapidocr`` (``rapidocr,det_side=960``,
     ``rapidocr,runtime=openvino,rec_precision=f32``); None or ``none`` -> None. A missing engine
     raises ``MissingDependencyError`` naming what to install."""
