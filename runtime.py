@@ -23,6 +23,17 @@ TMP_SUFFIX = ".tmp"
 Writer = Union[str, bytes, Callable[[Path], object]]
 
 
+def xdg_cache_home() -> Path:
+    """The user's cache folder: ``$XDG_CACHE_HOME``, by default ``~/.cache``."""
+    return Path(os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache"))
+
+
+def cache_dir() -> Path:
+    """mergeseek's own cache (the compiled LSH kernel, OpenVINO's compiled OCR models):
+    ``$MERGESEEK_CACHE``, else ``xdg_cache_home() / "mergeseek"``."""
+    return Path(os.environ.get("MERGESEEK_CACHE") or xdg_cache_home() / "mergeseek")
+
+
 def tmp_path_for(path: Union[str, Path]) -> Path:
     """The temporary name :func:`atomic_write` uses for ``path`` (callers that journal it need it first)."""
     path = Path(path)

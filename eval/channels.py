@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import sqlite3
 import tempfile
 from dataclasses import dataclass, field
@@ -69,8 +68,9 @@ def refusal(where: str, qids: Sequence[str], missing: Collection[str]) -> str:
 # ---------------------------------------------------------------------------- the cache
 def cache_path() -> Path:
     """``$XDG_CACHE_HOME/mergeseek/eval-text.sqlite`` (``~/.cache/...`` when unset)."""
-    cache = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "mergeseek" / "eval-text.sqlite"
+    from mergeseek.runtime import xdg_cache_home
+
+    return xdg_cache_home() / "mergeseek" / "eval-text.sqlite"
 
 
 def file_digest(path: Path) -> str:

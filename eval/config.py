@@ -26,8 +26,9 @@ def default_data_root() -> Path:
     env = os.environ.get("MERGESEEK_DATA", "").strip()
     if env:
         return Path(env).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "mergeseek" / "data"
+    from mergeseek.runtime import xdg_cache_home
+
+    return xdg_cache_home() / "mergeseek" / "data"
 
 
 def resolve_data_root(data_root: Optional[str | os.PathLike] = None) -> Path:

@@ -40,9 +40,9 @@ def cache_dir() -> Path:
     """Where OpenVINO keeps the models it compiled (``$MERGESEEK_CACHE`` or the user's cache folder,
     ``openvino/``): the next run loads them instead of compiling again (0.05 s a model instead of
     0.25-0.3 s of CPU here). OpenVINO keys each file by the model's content, the settings and the CPU."""
-    from mergeseek.encoders.merging.lsh_native import _cache_dir
+    from mergeseek.runtime import cache_dir as mergeseek_cache
 
-    return _cache_dir() / "openvino"
+    return mergeseek_cache() / "openvino"
 
 
 @functools.lru_cache(maxsize=1)

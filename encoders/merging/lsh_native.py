@@ -40,9 +40,9 @@ def enabled() -> bool:
 
 def _cache_dir() -> Path:
     # $MERGESEEK_CACHE, else the XDG cache folder ($XDG_CACHE_HOME, by default ~/.cache) / mergeseek.
-    xdg = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
-    root = os.environ.get("MERGESEEK_CACHE") or os.path.join(xdg, "mergeseek")
-    return Path(root)
+    from mergeseek.runtime import cache_dir
+
+    return cache_dir()
 
 
 def _cpu_id() -> str:

@@ -36,17 +36,22 @@ def uses_pairs(r: int, num_tokens: int, keep_first: int, threshold: float = PAIR
     return free > 0 and r >= threshold * free - 1e-9  # a product such as 0.07 * 100 is 7.000000000000001
 
 
+def _by_share(above, below, metric: torch.Tensor, r: int, keep_first: int, threshold: float, **kwargs) -> MergeResult:
+    """``above`` where the block pairs (:func:`uses_pairs`), else ``below``; nothing at r <= 0."""
+    n = metric.shape[1]
+    if r <= 0:
+        return identity_merge(n)
+    fn = above if uses_pairs(r, n, keep_first, threshold) else below
+    return fn(metric, r, protected=keep_first, **kwargs)
+
+
 @torch.no_grad()
 @matcher
 def pairs_mix_merging(metric: torch.Tensor, r: int, keep_first: int, *, size: Optional[torch.Tensor] = None,
                       padded: Optional[bool] = None, threshold: float = PAIRS_FROM, **_: object) -> MergeResult:
     """``pairs`` where ``r`` is at least ``threshold`` of the unprotected tokens, else ``bipartite``
     (module doc). Called as every matcher (``core.matcher``)."""
-    n = metric.shape[1]
-    if r <= 0:
-        return identity_merge(n)
-    fn = pairs_merging if uses_pairs(r, n, keep_first, threshold) else bipartite_soft_matching
-    return fn(metric, r, protected=keep_first, size=size, padded=padded)
+    return _by_share(pairs_merging, bipartite_soft_matching, metric, r, keep_first, threshold, size=size, padded=padded)
 
 
 @torch.no_grad()
@@ -55,8 +60,5 @@ def pairs_mix_lsh_merging(metric: torch.Tensor, r: int, keep_first: int, *, size
                           padded: Optional[bool] = None, threshold: float = PAIRS_FROM, **options: object) -> MergeResult:
     """The hashed rule: ``pairs_lsh`` above the threshold, ``lsh`` below (module doc); ``planes``
     and the ``lsh_*`` options as for ``method=lsh``."""
-    n = metric.shape[1]
-    if r <= 0:
-        return identity_merge(n)
-    fn = pairs_lsh_merging if uses_pairs(r, n, keep_first, threshold) else lsh_soft_matching
-    return fn(metric, r, protected=keep_first, size=size, padded=padded, **options)
+    return _by_share(pairs_lsh_merging, lsh_soft_matching, metric, r, keep_first, threshold, size=size, padded=padded,
+                     **options)
