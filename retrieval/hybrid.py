@@ -73,10 +73,15 @@ def _text_index(searcher: Searcher, channel: str = "ocr"):
         from mergeseek.indexing.text import open_text_index
 
         searcher._text_ix = open_text_index(searcher.store.root, searcher.store.shard_names())
-    ix = searcher._text_ix
+    return require_channel(searcher._text_ix, searcher.store.root, channel)
+
+
+def require_channel(ix, root, channel: str):
+    """``ix`` (an ``indexing.text`` index or None) when it holds ``channel``'s text; else one line
+    saying how to add it."""
     if ix is None or channel not in {c for _, c in ix.loaded()}:
         what, how = _NONE.get(channel, (channel, f"--{channel}"))
-        raise InputError(f"index {searcher.store.root} has no {what}; index it with {how} "
+        raise InputError(f"index {root} has no {what}; index it with {how} "
                          "(the frames already indexed are read, nothing is encoded again)")
     return ix
 

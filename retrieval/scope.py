@@ -79,10 +79,49 @@ def video_rows(searcher, video_id: str) -> np.ndarray:
         searcher._rows_by_video = {str(v): order[bounds[i]:bounds[i + 1]] for i, v in enumerate(names)}
     rows = searcher._rows_by_video.get(str(video_id))
     if rows is None:
-        known = sorted(searcher._rows_by_video)
-        raise InputError(f"no video {video_id!r} in index {searcher.store.root}; it holds {len(known)} video(s), e.g. "
-                         f"{', '.join(known[:5])}")
+        raise unknown_video(video_id, searcher.store.root, searcher._rows_by_video)
     return rows
+
+
+def unknown_video(video_id: str, root, known) -> InputError:
+    """The one-line error for a video id the index at ``root`` (holding ``known`` ids) lacks."""
+    known = sorted(map(str, known))
+    return InputError(f"no video {video_id!r} in index {root}; it holds {len(known)} video(s), e.g. "
+                      f"{', '.join(known[:5])}")
+
+
+def preflight(index_dir, video: Optional[str] = None, channels: Sequence[str] = (), ids: Sequence[int] = ()) -> None:
+    """Refuse, before any model loads, a query that names what the index does not hold: an unknown
+    ``--video``, a text channel (``"ocr"``, ``"asr"``) it was not indexed with, or frame ids
+    (``--like`` / ``--unlike``) that are not live rows. Reads the metadata and the text index only."""
+    from pathlib import Path
+
+    from mergeseek.indexing.store import IndexStore
+
+    if video is None and not channels and not len(ids):
+        return
+    store = IndexStore.open_for_read(Path(index_dir))
+    if video is not None or len(ids):
+        meta = store.read_meta()
+        if video is not None:
+            known = set(meta.column("video_id").to_pylist())
+            if str(video) not in known:
+                raise unknown_video(video, store.root, known)
+        missing = sorted(set(int(i) for i in ids) - set(meta.column("id").to_pylist()))
+        if missing:
+            raise InputError(f"no frame with frame id {', '.join(map(str, missing[:10]))} in index {store.root}; "
+                             "use the ids of this index's results (search --json gives them)")
+    if channels:
+        from mergeseek.indexing.text import open_text_index
+        from mergeseek.retrieval.hybrid import require_channel
+
+        ix = open_text_index(store.root, store.shard_names())
+        try:
+            for channel in channels:
+                require_channel(ix, store.root, channel)
+        finally:
+            if ix is not None and hasattr(ix, "close"):
+                ix.close()
 
 
 def search_in_video(searcher, vector: np.ndarray, video_id: str, k: Optional[int] = 20,
@@ -101,4 +140,4 @@ def search_in_video(searcher, vector: np.ndarray, video_id: str, k: Optional[int
     return searcher._hits(scores[order].astype(np.float32), ids[order])
 
 
-__all__ = ["StoredVectors", "search_in_video", "stored_vectors", "video_rows"]
+__all__ = ["StoredVectors", "preflight", "search_in_video", "stored_vectors", "unknown_video", "video_rows"]

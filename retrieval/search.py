@@ -269,6 +269,10 @@ def run_search(index_dir: Union[str, Path], text: Optional[str] = None, image: O
         from mergeseek.retrieval.events import gap_windows
 
         gap_windows(within_s, len(thens) + 1)  # a bad window fails before the model loads
+    from mergeseek.retrieval.scope import preflight
+
+    said = [name for name, words in (("ocr", ocr), ("asr", asr)) if words is not None]
+    preflight(index_dir, video, said, [*(like or ()), *(unlike or ())])  # what the index lacks, before the model loads
     opened = dict(model=model, pretrained=pretrained, merge=merge, device=device, precision=precision,
                   batch_size=batch_size, nprobe=nprobe, ef_search=ef_search, translate=translator)
     if fuse:

@@ -262,3 +262,34 @@ def test_the_web_app_over_two_models_indexes_fuses_text_searches(indexes):
     assert all(set(h["channels"]) == {"ix_a", "ix_b"} for h in web)
     with pytest.raises(InputError, match="indexes other media"):
         Engine(sa, fused=[CachedSearcher(indexes["c"], ngpu=0)])
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    ({"text": "a bike", "video": "L99_V001"}, "no video 'L99_V001' in index"),
+    ({"text": "a bike", "video": "l21_v001"}, "no video 'l21_v001' in index"),  # ids are exact, case included
+    ({"text": "a bike", "like": [987654]}, "no frame with frame id 987654"),
+    ({"text": "a bike", "unlike": [-3]}, "no frame with frame id -3"),
+    ({"text": "a bike", "ocr": "HÀ NỘI"}, "has no on-screen text; index it with --ocr"),
+    ({"text": "a bike", "asr": "hello"}, "has no speech; index it with --asr"),
+    ({"asr": "hello"}, "has no speech"),
+    ({"text": "a bike", "video": "L99", "fuse": ["b"]}, "no video 'L99'"),
+])
+def test_what_the_index_lacks_is_refused_before_the_model_loads(indexes, kwargs, words, monkeypatch):
+    from mergeseek import encoders
+    from mergeseek.retrieval.search import run_search
+
+    monkeypatch.setattr(encoders, "Encoder", lambda **kw: (_ for _ in ()).throw(AssertionError("model loaded")))
+    if "fuse" in kwargs:
+        kwargs = {**kwargs, "fuse": [indexes[x] for x in kwargs["fuse"]]}
+    with pytest.raises(InputError, match=words):
+        run_search(indexes["a"], **kwargs)
+
+
+def test_a_live_video_and_live_ids_pass_the_preflight(indexes):
+    from mergeseek.retrieval.scope import preflight
+
+    rows = stored(indexes["a"])
+    some = sorted(rows)[:2]
+    preflight(indexes["a"], video=rows[some[0]][0], ids=some)  # nothing raised
+    preflight(indexes["a"])  # nothing asked: the index is not even opened
+    preflight(indexes["a"].parent / "not-an-index")
