@@ -157,20 +157,20 @@ def soft_merging(metric: torch.Tensor, r: int, keep_first: int, *, size: Optiona
         raise InputError(f"soft merging: choice={choice!r} / weights={weights!r}; choose choice from "
                          f"{', '.join(CHOICES)} and weights from {', '.join(WEIGHTS)}")
     n = metric.shape[1]
-    r, unit = pairs._prepare(metric, r, keep_first, size, padded, "soft")
+    r, unit = pairs.prepare_pairs(metric, r, keep_first, size, padded, "soft")
     if r <= 0:
         return identity_merge(n)
     if choice == "bipartite":
         src, dst = bipartite_choice(unit, r, keep_first)
     else:
         if choice == "pairs":
-            edges = pairs._candidate_edges(unit, keep_first, pairs.PAIR_CANDIDATES)
+            edges = pairs.candidate_edges(unit, keep_first, pairs.PAIR_CANDIDATES)
         else:
             if planes is None:
-                from mergeseek.encoders.merging.lsh import _cached_planes
+                from mergeseek.encoders.merging.lsh import cached_planes
 
-                planes = _cached_planes(metric.shape[2], lsh_bits, lsh_tables, seed, str(metric.device))
-            edges = pairs._window_edges(unit, planes, lsh_bits, lsh_tables, lsh_window, keep_first)
+                planes = cached_planes(metric.shape[2], lsh_bits, lsh_tables, seed, str(metric.device))
+            edges = pairs.window_edges(unit, planes, lsh_bits, lsh_tables, lsh_window, keep_first)
         src, dst, _ = pairs.greedy_pairs(*edges, r, n, keep_first)
     k = max(1, min(k, n - r - keep_first))  # never more receivers than kept, unprotected tokens
     recv, cos = receivers(unit, src, dst, k, keep_first)
@@ -188,7 +188,7 @@ def register_variants() -> None:
     """Screening-only methods ``soft_<choice><k><weights>`` (module doc), k = 1..4."""
     import functools
 
-    from mergeseek.encoders.merging.registry import MatcherSpec, _lsh_options, _lsh_state, register
+    from mergeseek.encoders.merging.registry import MatcherSpec, lsh_options, lsh_state, register
 
     lsh_keys = ("lsh_bits", "lsh_tables", "lsh_window", "lsh_chunk", "seed")
     for c, choice in CHOICE_CODES.items():
@@ -198,7 +198,7 @@ def register_variants() -> None:
                 register(MatcherSpec(
                     f"soft_{c}{k}{w}", functools.partial(soft_merging, choice=choice, k=k, weights=weights, tau=tau),
                     needs="attn" if weights.startswith("attn") else "keys", config_keys=lsh_keys if hashed else (),
-                    options=_lsh_options if hashed else (lambda cfg: {}), state=_lsh_state if hashed else None,
+                    options=lsh_options if hashed else (lambda cfg: {}), state=lsh_state if hashed else None,
                 ))
 
 

@@ -138,7 +138,7 @@ def test_unmerge_sends_a_removed_token_to_its_largest_weight_receiver():
     metric, x, size, attn = _inputs(1, 17, 5)
 
     unit = metric / metric.norm(dim=-1, keepdim=True)
-    src, dst, _ = pairs.greedy_pairs(*pairs._candidate_edges(unit, 1, pairs.PAIR_CANDIDATES), 4, 17, 1)
+    src, dst, _ = pairs.greedy_pairs(*pairs.candidate_edges(unit, 1, pairs.PAIR_CANDIDATES), 4, 17, 1)
     recv, _ = receivers(unit, src, dst, 3, 1)
     peaked = torch.full_like(attn, 1e-6)
     for i in range(4):

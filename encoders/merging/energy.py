@@ -168,14 +168,14 @@ def energy_lsh_merging(metric: torch.Tensor, r: int, keep_first: int, *, size: O
 
     Called as every matcher; ``planes`` and the ``lsh_*`` options as for ``method=lsh``.
     """
-    from mergeseek.encoders.merging.lsh import _cached_planes, fallback_partners, lsh_partners
+    from mergeseek.encoders.merging.lsh import cached_planes, fallback_partners, lsh_partners
 
     n, dim = metric.shape[1], metric.shape[2]
     r, unit = _prepare(metric, r, keep_first, size, padded)
     if r <= 0:
         return identity_merge(n)
     if planes is None:
-        planes = _cached_planes(dim, lsh_bits, lsh_tables, seed, str(metric.device))
+        planes = cached_planes(dim, lsh_bits, lsh_tables, seed, str(metric.device))
     src, dst_b = candidates(bucket_energy(unit, planes, lsh_bits, lsh_tables), r, keep_first)
     # The candidates in rank order (A at even, B at odd places): lsh's alternate split is ours.
     ranked = torch.stack([src, dst_b], dim=2).view(src.shape[0], 2 * r)

@@ -70,7 +70,7 @@ def simhash_planes(dim: int, bits: int, tables: int, seed: int = 0, device=None,
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_planes(dim: int, bits: int, tables: int, seed: int, device: str) -> torch.Tensor:
+def cached_planes(dim: int, bits: int, tables: int, seed: int, device: str) -> torch.Tensor:
     return simhash_planes(dim, bits, tables, seed, torch.device(device))
 
 
@@ -194,7 +194,7 @@ def lsh_partners(
     window = max(1, min(lsh_window, n // 2))
     half = max(1, min(lsh_chunk or window, window))  # A tokens per chunk
     if planes is None:
-        planes = _cached_planes(dim, bits, tables, seed, str(dev))
+        planes = cached_planes(dim, bits, tables, seed, str(dev))
     elif tuple(planes.shape) != (dim, tables * (bits + 1)):
         raise ValueError(
             f"planes must be [{dim}, {tables * (bits + 1)}] (metric dim, tables * (bits + 1)), got {list(planes.shape)}"

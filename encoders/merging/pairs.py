@@ -46,7 +46,7 @@ PAIR_CANDIDATES = 16  # candidate partners per token (its most similar tokens) f
 BUCKET_OFFSET = 4.0  # pairs_lsh: an edge across buckets scores cosine - 4 < -3, below every same-bucket edge
 
 
-def _prepare(metric: torch.Tensor, r: int, keep_first: int, size: Optional[torch.Tensor],
+def prepare_pairs(metric: torch.Tensor, r: int, keep_first: int, size: Optional[torch.Tensor],
              padded: Optional[bool], method: str) -> Tuple[int, torch.Tensor]:
     """(r clamped to half of the unprotected tokens, the unit metric); refuses padded inputs."""
     n = metric.shape[1]
@@ -98,7 +98,7 @@ def greedy_pairs(score: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
     return pair.amax(dim=2), pair.amin(dim=2), fallback
 
 
-def _candidate_edges(unit: torch.Tensor, keep_first: int, k: int) -> Tuple[torch.Tensor, ...]:
+def candidate_edges(unit: torch.Tensor, keep_first: int, k: int) -> Tuple[torch.Tensor, ...]:
     """Every unprotected token's k most similar unprotected tokens: (score, first, second) [B, N * k]."""
     batch, n, _ = unit.shape
     sim = unit @ unit.transpose(-1, -2)
@@ -122,17 +122,17 @@ def pairs_merging(metric: torch.Tensor, r: int, keep_first: int, *, size: Option
     with padding are refused).
     """
     n = metric.shape[1]
-    r, unit = _prepare(metric, r, keep_first, size, padded, "pairs")
+    r, unit = prepare_pairs(metric, r, keep_first, size, padded, "pairs")
     if r <= 0:
         return identity_merge(n)
-    score, first, second = _candidate_edges(unit, keep_first, PAIR_CANDIDATES)
+    score, first, second = candidate_edges(unit, keep_first, PAIR_CANDIDATES)
     src, dst, fallback = greedy_pairs(score, first, second, r, n, keep_first)
     out = pair_merge(src, dst, n)
     out.fallback = fallback
     return out
 
 
-def _window_edges(unit: torch.Tensor, planes: torch.Tensor, bits: int, tables: int, window: int,
+def window_edges(unit: torch.Tensor, planes: torch.Tensor, bits: int, tables: int, window: int,
                   keep_first: int) -> Tuple[torch.Tensor, ...]:
     """Per SimHash table, each token against the ``window // 2`` tokens after it in (bucket, order)
     sort order: (score, first, second) [B, E], in the order (table, sorted place, offset); pairs
@@ -175,15 +175,15 @@ def pairs_lsh_merging(metric: torch.Tensor, r: int, keep_first: int, *, size: Op
     Called as every matcher; ``planes`` and the ``lsh_*`` options as for ``method=lsh``
     (``lsh_chunk`` is not used).
     """
-    from mergeseek.encoders.merging.lsh import _cached_planes
+    from mergeseek.encoders.merging.lsh import cached_planes
 
     n, dim = metric.shape[1], metric.shape[2]
-    r, unit = _prepare(metric, r, keep_first, size, padded, "pairs_lsh")
+    r, unit = prepare_pairs(metric, r, keep_first, size, padded, "pairs_lsh")
     if r <= 0:
         return identity_merge(n)
     if planes is None:
-        planes = _cached_planes(dim, lsh_bits, lsh_tables, seed, str(metric.device))
-    score, first, second = _window_edges(unit, planes, lsh_bits, lsh_tables, lsh_window, keep_first)
+        planes = cached_planes(dim, lsh_bits, lsh_tables, seed, str(metric.device))
+    score, first, second = window_edges(unit, planes, lsh_bits, lsh_tables, lsh_window, keep_first)
     src, dst, fallback = greedy_pairs(score, first, second, r, n, keep_first)
     out = pair_merge(src, dst, n)
     out.fallback = fallback

@@ -91,11 +91,11 @@ def methods() -> Tuple[str, ...]:
     return tuple(REGISTRY)
 
 
-def _lsh_options(cfg: Any) -> Dict[str, Any]:
+def lsh_options(cfg: Any) -> Dict[str, Any]:
     return cfg.lsh_options()
 
 
-def _lsh_state(cfg: Any, dim: int, device: Any) -> Dict[str, Any]:
+def lsh_state(cfg: Any, dim: int, device: Any) -> Dict[str, Any]:
     """The SimHash hyperplanes of ``lsh`` (seeded: made once per model, not per forward)."""
     from mergeseek.encoders.merging.lsh import simhash_planes
 
@@ -112,7 +112,7 @@ register(MatcherSpec(
 ))
 register(MatcherSpec(
     "lsh", "mergeseek.encoders.merging.lsh:lsh_soft_matching",
-    config_keys=("lsh_bits", "lsh_tables", "lsh_window", "lsh_chunk", "seed"), options=_lsh_options, state=_lsh_state,
+    config_keys=("lsh_bits", "lsh_tables", "lsh_window", "lsh_chunk", "seed"), options=lsh_options, state=lsh_state,
     doc="hashed partner search (SimHash buckets, windowed scoring)",
 ))
 register(MatcherSpec(
@@ -121,7 +121,7 @@ register(MatcherSpec(
 ))
 register(MatcherSpec(
     "energy_lsh", "mergeseek.encoders.merging.energy:energy_lsh_merging",
-    config_keys=("lsh_bits", "lsh_tables", "lsh_window", "lsh_chunk", "seed"), options=_lsh_options, state=_lsh_state,
+    config_keys=("lsh_bits", "lsh_tables", "lsh_window", "lsh_chunk", "seed"), options=lsh_options, state=lsh_state,
     doc="energy-guided merging, hashed: bucket-density energy, partners among bucket-mates",
 ))
 register(MatcherSpec(
@@ -130,7 +130,7 @@ register(MatcherSpec(
 ))
 register(MatcherSpec(
     "pairs_lsh", "mergeseek.encoders.merging.pairs:pairs_lsh_merging",
-    config_keys=("lsh_bits", "lsh_tables", "lsh_window", "seed"), options=_lsh_options, state=_lsh_state,
+    config_keys=("lsh_bits", "lsh_tables", "lsh_window", "seed"), options=lsh_options, state=lsh_state,
     doc="one-to-one greedy merging, hashed: candidate pairs from SimHash-sorted windows",
 ))
 register(MatcherSpec(
@@ -139,7 +139,7 @@ register(MatcherSpec(
 ))
 register(MatcherSpec(
     "pairs_mix_lsh", "mergeseek.encoders.merging.mixed:pairs_mix_lsh_merging",
-    config_keys=("lsh_bits", "lsh_tables", "lsh_window", "lsh_chunk", "seed"), options=_lsh_options, state=_lsh_state,
+    config_keys=("lsh_bits", "lsh_tables", "lsh_window", "lsh_chunk", "seed"), options=lsh_options, state=lsh_state,
     doc="pairs_mix, hashed: pairs_lsh above the threshold, lsh below",
 ))
 register(MatcherSpec(
