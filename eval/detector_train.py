@@ -110,9 +110,10 @@ def resample_patch_kernel(weight, shape, name: str = "init"):
 
 
 def train_detector(data: Path, out: Path, cfg: DetectorConfig, *, time_budget_s: Optional[float] = None,
-                   fresh: bool = False, command: str = "", sources=None, spec=None, test=None):
+                   fresh: bool = False, command: str = "", sources=None, spec=None, test=None, eval_every: int = 1):
     """Train (or resume from ``out/last.pt``) the detector; ``data`` is the folder holding
-    ``cifar10/``, ``coco_captions/`` and ``imagenet_sample/`` (the ``synth-detection`` sources)."""
+    ``cifar10/``, ``coco_captions/`` and ``imagenet_sample/`` (the ``synth-detection`` sources).
+    The test pictures are scored every ``eval_every`` epochs and after the last one."""
     import torch
 
     from mergeseek.eval.datasets.detection import DetectionSpec, cache_folder, load_sources, load_synth_detection
@@ -138,21 +139,25 @@ def train_detector(data: Path, out: Path, cfg: DetectorConfig, *, time_budget_s:
         epoch = meta["epoch"]
         sums, lr = _train_epoch(model, opt, cfg, spec, sources, epoch)
         train_s = time.perf_counter() - ep_start
-        scores = evaluate_detector(model, cfg, test, limit=cfg.eval_pictures)
         record = {"epoch": epoch + 1, "lr": lr, "train_s": round(train_s, 1),
-                  **{k: round(v / cfg.steps_per_epoch, 5) for k, v in sums.items()},
-                  "map50_test": round(scores["map50"], 4), "map_test": round(scores["map"], 4),
-                  "eval_pictures": scores["pictures"]}
+                  **{k: round(v / cfg.steps_per_epoch, 5) for k, v in sums.items()}}
+        stopping = time_budget_s is not None and epoch + 1 < cfg.epochs and (
+            time.perf_counter() - start + train_s > time_budget_s)  # another epoch would pass the budget
+        scored = (epoch + 1) % max(1, eval_every) == 0 or epoch + 1 >= cfg.epochs or stopping
+        if scored:  # the last epoch of a run is always scored, so the manifest's figure is its own
+            scores = evaluate_detector(model, cfg, test, limit=cfg.eval_pictures)
+            record.update(map50_test=round(scores["map50"], 4), map_test=round(scores["map"], 4),
+                          eval_pictures=scores["pictures"])
+            meta["map50_test"], meta["map_test"], meta["eval_pictures"] = scores["map50"], scores["map"], scores["pictures"]
         meta["history"].append(record)
         meta["epoch"], meta["train_wall_s"] = epoch + 1, meta["train_wall_s"] + train_s
-        meta["map50_test"], meta["map_test"], meta["eval_pictures"] = scores["map50"], scores["map"], scores["pictures"]
         atomic_torch_save({"format": TRAIN_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
                            "meta": meta}, out / TRAIN_CHECKPOINT)
         atomic_write_json(_describe_run(meta)[0], out / "manifest.json")
-        log.info("epoch %d/%d loss %.4f mAP@0.5 %.4f mAP %.4f (%d test pictures) %.1fs", epoch + 1, cfg.epochs,
-                 record["loss"], scores["map50"], scores["map"], scores["pictures"], train_s)
-        if time_budget_s is not None and meta["epoch"] < cfg.epochs and (
-                time.perf_counter() - start + train_s > time_budget_s):
+        said = (f"mAP@0.5 {record['map50_test']:.4f} mAP {record['map_test']:.4f} ({record['eval_pictures']} test "
+                "pictures) " if scored else "")
+        log.info("epoch %d/%d loss %.4f %s%.1fs", epoch + 1, cfg.epochs, record["loss"], said, train_s)
+        if stopping:
             log.info("stopping after epoch %d: another epoch would pass the %.0fs budget; rerun to resume",
                      meta["epoch"], time_budget_s)
             break
@@ -281,7 +286,7 @@ def export_detector(checkpoint: Path, to: Path):
 
 def run_detector(*, data: Optional[str], out: str, config: str, overrides: str = "", epochs: Optional[int] = None,
                  export: Optional[str] = None, to: str = "eval/reference", time_budget: Optional[float] = None,
-                 fresh: bool = False, command: str = ""):
+                 fresh: bool = False, command: str = "", eval_every: int = 1):
     """``cli.py train-reference --config reference-detector ...``: ``data`` is the folder holding the
     ``synth-detection`` sources (default: the data root); ``export`` writes fp16 weights to ``to``."""
     if export:
@@ -293,4 +298,5 @@ def run_detector(*, data: Optional[str], out: str, config: str, overrides: str =
     cfg = DetectorConfig.parse(",".join(t for t in (config, overrides) if t))
     if epochs is not None:
         cfg = dataclasses.replace(cfg, epochs=epochs)
-    return train_detector(Path(data), Path(out), cfg, time_budget_s=time_budget, fresh=fresh, command=command)
+    return train_detector(Path(data), Path(out), cfg, time_budget_s=time_budget, fresh=fresh, command=command,
+                          eval_every=eval_every)

@@ -528,10 +528,16 @@ def run(*, data: Optional[str] = None, out: str = "runs/ref", config: str = "ref
     from mergeseek.eval.detector_train import run_detector
     from mergeseek.eval.speech_reference import is_speech_config, run_speech
 
+    given = {"--batch-size": batch_size is not None, "--device": device != "auto", "--limit": limit is not None,
+             "--eval-limit": eval_limit is not None, "--resume": resume is not None, "--compile": compile is not None,
+             "--stop-after": stop_after is not None, "--eval-every": eval_every != 1, "--init": init is not None}
     if is_detector_config(config):
+        _refuse_unread(config, given, ("--eval-every",), "--set batch_size=N, --set eval_pictures=N, --set init=NAME; "
+                       "it trains on the CPU")
         return run_detector(data=data, out=out, config=config, overrides=overrides, epochs=epochs, export=export,
-                            to=to, time_budget=time_budget, fresh=fresh, command=command)
+                            to=to, time_budget=time_budget, fresh=fresh, command=command, eval_every=eval_every)
     if is_speech_config(config):
+        _refuse_unread(config, given, ("--eval-limit",), "--set batch_size=N")
         return run_speech(data=data, out=out, config=config, overrides=overrides, epochs=epochs, export=export, to=to,
                           time_budget=time_budget, eval_limit=eval_limit, fresh=fresh, command=command)
     if data is None:
@@ -550,9 +556,22 @@ def run(*, data: Optional[str] = None, out: str = "runs/ref", config: str = "ref
                            command=command, init=init)
 
 
+def _refuse_unread(config: str, given: dict, reads: tuple, instead: str) -> None:
+    """One line naming the options the trainer of ``config`` does not read (rather than ignoring them)."""
+    unread = [flag for flag, on in given.items() if on and flag not in reads]
+    if unread:
+        from mergeseek.errors import ConfigError
+
+        raise ConfigError(f"{', '.join(unread)} {'does' if len(unread) == 1 else 'do'} not apply to --config "
+                          f"{config.split(',')[0]} (it reads --data, --out, --set, --epochs, --time-budget, --fresh, "
+                          f"--export, --to{''.join(', ' + r for r in reads)}); use {instead}")
+
+
 def describe(result) -> str:
     if isinstance(result, ExportResult):
-        check = "not re-scored" if result.top1_subset is None else f"top-1 {result.top1_subset:.4f} on {result.subset}"
+        check = ("not re-scored" if result.top1_subset is None
+                 else f"{result.subset}: {result.top1_subset:.4f}" if result.subset.startswith("mAP")  # the detector
+                 else f"top-1 {result.top1_subset:.4f} on {result.subset}")
         return f"exported {result.weights} + {result.manifest} ({check})"
     state = "complete" if result.complete else "stopped, rerun to resume"
     top = "" if result.top1_test is None else (f"; top-1 {result.top1_test:.4f} test, "

@@ -3,6 +3,7 @@ evaluation, on tiny sets composed from scikit-image's photos (no ../shared data,
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -225,6 +226,10 @@ def test_train_resume_export_and_detect(tmp_path, sources):
     assert done.epochs_done == 2 and done.complete and len(done.history) == 2
     assert json.loads((out / "manifest.json").read_text())["epochs"] == 2
     res = export_detector(out / "last.pt", tmp_path / "ref")
+    from mergeseek.eval.train_reference import describe
+
+    said = describe(res)  # the detector's export is scored by mAP, not top-1
+    assert said.endswith(f"(mAP@0.5 on 4 test pictures: {done.history[-1]['map50_test']:.4f})") and "top-1" not in said, said
     blob = torch.load(res.weights, weights_only=True)
     assert all(v.dtype == torch.float16 for v in blob["state_dict"].values() if v.is_floating_point())
     model, _ = read_detector_weights(res.weights)
@@ -246,6 +251,39 @@ def test_train_resume_export_and_detect(tmp_path, sources):
     merged = load_reference_detector(res.weights, merge="r=2")
     assert merged.model.backbone._merge_cfg.unmerge  # the head needs the grid: unmerge implied
     assert [len(d) for d in merged.detect(images, min_score=0.0)] == [len(d) for d in found]
+
+
+def test_eval_every_scores_every_nth_epoch_and_always_the_last(tmp_path, sources):
+    from mergeseek.eval.detector_reference import DetectorConfig
+    from mergeseek.eval.detector_train import train_detector
+
+    cfg = dataclasses.replace(DetectorConfig.parse("reference-detector-tiny"), epochs=3, steps_per_epoch=1)
+    spec = DetectionSpec(size=cfg.picture_size, side=(12, 28))
+    test = generate(spec, sources, "test", 2)
+    done = train_detector(tmp_path, tmp_path / "run", cfg, sources=sources, spec=spec, test=test, eval_every=2)
+    assert [("map50_test" in h) for h in done.history] == [False, True, True]  # epoch 2, then the last
+    assert done.top1_test == done.history[-1]["map50_test"]
+    cut = train_detector(tmp_path, tmp_path / "cut", cfg, sources=sources, spec=spec, test=test, eval_every=5,
+                         time_budget_s=0.0)  # stopped by the budget after epoch 1: scored, so the manifest is its own
+    assert len(cut.history) == 1 and "map50_test" in cut.history[0] and not cut.complete
+
+
+@pytest.mark.parametrize("config,args,named", [
+    ("reference-detector", ["--batch-size", "8"], "--batch-size does not apply to --config reference-detector"),
+    ("reference-detector", ["--device", "cuda", "--stop-after", "2"], "--device, --stop-after do not apply"),
+    ("reference-detector", ["--eval-limit", "50"], "--set eval_pictures=N"),
+    ("reference-speech", ["--eval-every", "2"], "--eval-every does not apply to --config reference-speech"),
+    ("reference-speech", ["--init", "reference-cifar10"], "--init does not apply"),
+])
+def test_train_reference_refuses_options_the_trainer_does_not_read(tmp_path, config, args, named):
+    from typer.testing import CliRunner
+
+    from mergeseek.cli import app
+
+    res = CliRunner().invoke(app, ["train-reference", "--config", config, "--data", str(tmp_path), "--out",
+                                   str(tmp_path / "run"), *args])
+    assert res.exit_code != 0 and named in res.output + (res.stderr or ""), res.output
+    assert not (tmp_path / "run").exists()  # refused before anything is read or written
 
 
 def test_evaluation_rows_of_a_detector(sources):
