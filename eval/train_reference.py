@@ -528,16 +528,16 @@ def run(*, data: Optional[str] = None, out: str = "runs/ref", config: str = "ref
     from mergeseek.eval.detector_train import run_detector
     from mergeseek.eval.speech_reference import is_speech_config, run_speech
 
-    given = {"--batch-size": batch_size is not None, "--device": device != "auto", "--limit": limit is not None,
+    given = {"--batch-size": batch_size is not None, "--device": device not in ("auto", "cpu"), "--limit": limit is not None,
              "--eval-limit": eval_limit is not None, "--resume": resume is not None, "--compile": compile is not None,
              "--stop-after": stop_after is not None, "--eval-every": eval_every != 1, "--init": init is not None}
     if is_detector_config(config):
         _refuse_unread(config, given, ("--eval-every",), "--set batch_size=N, --set eval_pictures=N, --set init=NAME; "
-                       "it trains on the CPU")
+                       "it trains on the CPU only")
         return run_detector(data=data, out=out, config=config, overrides=overrides, epochs=epochs, export=export,
                             to=to, time_budget=time_budget, fresh=fresh, command=command, eval_every=eval_every)
     if is_speech_config(config):
-        _refuse_unread(config, given, ("--eval-limit",), "--set batch_size=N")
+        _refuse_unread(config, given, ("--eval-limit",), "--set batch_size=N; it trains on the CPU only")
         return run_speech(data=data, out=out, config=config, overrides=overrides, epochs=epochs, export=export, to=to,
                           time_budget=time_budget, eval_limit=eval_limit, fresh=fresh, command=command)
     if data is None:

@@ -271,6 +271,7 @@ def test_eval_every_scores_every_nth_epoch_and_always_the_last(tmp_path, sources
 @pytest.mark.parametrize("config,args,named", [
     ("reference-detector", ["--batch-size", "8"], "--batch-size does not apply to --config reference-detector"),
     ("reference-detector", ["--device", "cuda", "--stop-after", "2"], "--device, --stop-after do not apply"),
+    ("reference-speech", ["--device", "cuda:1"], "--device does not apply"),
     ("reference-detector", ["--eval-limit", "50"], "--set eval_pictures=N"),
     ("reference-speech", ["--eval-every", "2"], "--eval-every does not apply to --config reference-speech"),
     ("reference-speech", ["--init", "reference-cifar10"], "--init does not apply"),
@@ -284,6 +285,15 @@ def test_train_reference_refuses_options_the_trainer_does_not_read(tmp_path, con
                                    str(tmp_path / "run"), *args])
     assert res.exit_code != 0 and named in res.output + (res.stderr or ""), res.output
     assert not (tmp_path / "run").exists()  # refused before anything is read or written
+
+
+def test_device_cpu_is_what_the_detector_trains_on_so_it_is_not_refused(tmp_path):
+    from mergeseek.eval.train_reference import run
+
+    from mergeseek.errors import InputError
+
+    with pytest.raises(InputError, match="synth-detection needs background photos"):  # past the option check
+        run(data=str(tmp_path), out=str(tmp_path / "run"), config="reference-detector", device="cpu")
 
 
 def test_evaluation_rows_of_a_detector(sources):
