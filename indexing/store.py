@@ -508,17 +508,18 @@ class IndexStore:
             raise _damaged(self.root, path, f"shape {v.shape} {v.dtype}, expected ({rows}, {self.manifest.dim}) float32")
         return v
 
-    def read_meta(self):
-        """Live metadata rows of all shards as one pyarrow Table (ordered by shard, then row); a
-        read-only store retries on a manifest a writer committed meanwhile (``_retrying``)."""
-        return self._retrying(self._read_meta_once)
+    def read_meta(self, columns: Optional[Sequence[str]] = None):
+        """Live metadata rows of all shards as one pyarrow Table (ordered by shard, then row; only
+        ``columns`` and ``source`` when named); a read-only store retries on a manifest a writer
+        committed meanwhile (``_retrying``)."""
+        return self._retrying(lambda: self._read_meta_once(columns))
 
-    def _read_meta_once(self):
+    def _read_meta_once(self, columns: Optional[Sequence[str]] = None):
         import pyarrow as pa
 
         parts = []
         for shard in sorted(self.manifest.shards):
-            t = self._read_table(shard)
+            t = self._read_table(shard, columns=None if columns is None else sorted({*columns, "source"}))
             mask = self._live_mask(shard, np.asarray(t.column("source").to_pylist(), dtype=object))
             t = t.replace_schema_metadata(None)
             parts.append(t.filter(pa.array(mask)) if not mask.all() else t)

@@ -102,7 +102,7 @@ def preflight(index_dir, video: Optional[str] = None, channels: Sequence[str] = 
         return
     store = IndexStore.open_for_read(Path(index_dir))
     if video is not None or len(ids):
-        meta = store.read_meta()
+        meta = store.read_meta(columns=["id", "video_id"])
         if video is not None:
             known = set(meta.column("video_id").to_pylist())
             if str(video) not in known:

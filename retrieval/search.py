@@ -271,7 +271,8 @@ def run_search(index_dir: Union[str, Path], text: Optional[str] = None, image: O
         gap_windows(within_s, len(thens) + 1)  # a bad window fails before the model loads
     from mergeseek.retrieval.scope import preflight
 
-    said = [name for name, words in (("ocr", ocr), ("asr", asr)) if words is not None]
+    visual = bool(text and text.strip())  # a text channel alone loads no model: the search itself says what is missing
+    said = [name for name, words in (("ocr", ocr), ("asr", asr)) if words is not None] if visual else []
     preflight(index_dir, video, said, [*(like or ()), *(unlike or ())])  # what the index lacks, before the model loads
     opened = dict(model=model, pretrained=pretrained, merge=merge, device=device, precision=precision,
                   batch_size=batch_size, nprobe=nprobe, ef_search=ef_search, translate=translator)
@@ -291,7 +292,6 @@ def run_search(index_dir: Union[str, Path], text: Optional[str] = None, image: O
 
         if object_name is not None:
             raise InputError(f"--object filters image-channel queries; drop {'--ocr' if ocr is not None else '--asr'} or --object")
-        visual = bool(text and text.strip())
         searcher = (Searcher.open(index_dir, **opened) if visual else Searcher(index_dir, nprobe=nprobe, ef_search=ef_search))
         return search_hybrid(searcher, text if visual else None, ocr, k=k, per_video=per_video, asr=asr)
     allow = None

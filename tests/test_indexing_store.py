@@ -52,6 +52,10 @@ def test_a_changed_source_replaces_its_rows(tmp_path):
     store = IndexStore.open_for_read(tmp_path)
     meta = store.read_meta()
     assert sorted(meta.column("video_id").to_pylist()) == ["a"] * 5 + ["b"] + ["c"]
+    some = store.read_meta(columns=["id", "video_id"])  # the same live rows, only the columns asked (+ source)
+    assert set(some.column_names) == {"id", "video_id", "source"}
+    for col in some.column_names:
+        assert some.column(col).to_pylist() == meta.column(col).to_pylist()
     assert store.read_vectors()[1].shape == (7, DIM)
     assert not (tmp_path / "emb" / "part-00000.npy").exists()  # fully dead shard deleted
     assert store.manifest.counts()["vectors"] == 7
