@@ -160,16 +160,32 @@ def read_keyframe_map(path: Path) -> KeyframeMap:
 
 # ---------------------------------------------------------------------------- images
 _GREY16 = ("I;16", "I;16B", "I;16L", "I;16N")
+_ORIENTATION = 0x0112  # the EXIF tag
 
 
 def to_rgb8(im) -> np.ndarray:
-    """A PIL image as an HxWx3 uint8 RGB array.
+    """A PIL image as an HxWx3 uint8 RGB array, as a viewer shows it.
 
-    PIL's ``convert("RGB")`` clips 16-bit grey (``I;16``), 32-bit integer (``I``) and float
-    (``F``) images to 0..255, so a 16-bit PNG or TIFF comes out almost white; these are scaled by
-    their range instead (16-bit: 0..65535; float: 0..1 when that is where the values lie). 16-bit
-    colour files are already reduced to 8 bits by PIL itself (by scaling, not clipping).
+    - Turned upright by its EXIF orientation tag (a phone photo taken sideways is stored sideways
+      with a tag saying so; viewers and browsers honour it, so the encoder must see the same).
+    - Transparency laid over white (``RGBA``, ``LA``, ``PA``, palette images with a transparent
+      colour): ``convert("RGB")`` alone would show whatever colour the invisible pixels carry,
+      often black.
+    - PIL's ``convert("RGB")`` clips 16-bit grey (``I;16``), 32-bit integer (``I``) and float
+      (``F``) images to 0..255, so a 16-bit PNG or TIFF comes out almost white; these are scaled by
+      their range instead (16-bit: 0..65535; float: 0..1 when that is where the values lie). 16-bit
+      colour files are already reduced to 8 bits by PIL itself (by scaling, not clipping).
+
+    Every reader of a user's image goes through here (indexing, ``search --image``, the web app's
+    upload, thumbnails), so the same file gives the same pixels on every path.
     """
+    from PIL import Image, ImageOps
+
+    try:
+        if im.getexif().get(_ORIENTATION, 1) != 1:  # exif_transpose alone would copy every image
+            im = ImageOps.exif_transpose(im)
+    except Exception:  # a damaged EXIF block: keep the stored orientation
+        pass
     if im.mode in _GREY16 or im.mode in ("I", "F"):
         arr = np.asarray(im, dtype=np.float64)
         top = arr.max(initial=0.0)
@@ -181,11 +197,16 @@ def to_rgb8(im) -> np.ndarray:
             scale = 1.0
         grey = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
         return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2))
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info) \
+            or (im.mode in ("RGB", "L") and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
     return np.asarray(im.convert("RGB"))
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """Decode an image file to HxWx3 uint8 RGB (16-bit files scaled, see ``to_rgb8``)."""
+def read_rgb(path) -> np.ndarray:
+    """Decode an image file (a path or a binary file object) to HxWx3 uint8 RGB (see ``to_rgb8``)."""
     from PIL import Image
 
     with Image.open(path) as im:

@@ -294,16 +294,12 @@ def _decode_source(kind: str, key: str, frame_idx: np.ndarray, paths: list) -> l
 def iter_decoded(kind: str, key: str, frame_idx: np.ndarray, paths: list, make: Callable) -> Iterator[list]:
     """``make(frame)`` of the given frames of one source again, ``DECODE_CHUNK`` frames at a time
     (a video: decoded at those frame numbers; keyframe and image folders: one file per row).
-    ``make`` gets an RGB array or a PIL image."""
+    ``make`` gets an HxWx3 uint8 RGB array."""
     if kind != "video":
-        from PIL import Image
+        from mergeseek.indexing.formats import read_rgb
 
         for s in range(0, len(paths), DECODE_CHUNK):
-            out = []
-            for p in paths[s : s + DECODE_CHUNK]:
-                with Image.open(p) as im:
-                    out.append(make(im))
-            yield out
+            yield [make(read_rgb(p)) for p in paths[s : s + DECODE_CHUNK]]  # the pixels indexing encoded
         return
     import decord
 

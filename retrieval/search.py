@@ -337,12 +337,13 @@ def load_query_image(image: Union[str, Path, np.ndarray, Any]) -> Any:
     if isinstance(image, (str, Path)):
         from PIL import Image
 
+        from mergeseek.indexing.formats import read_rgb
+
         path = Path(image)
         if not path.is_file():
             raise InputError(f"query image {path} {path_is_not(path, 'file')}; pass an existing .jpg/.png file to --image")
         try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
+            return Image.fromarray(read_rgb(path))  # the pixels indexing reads from the same file
         except Exception as exc:  # PIL raises several types for bad files
             raise InputError(f"query image {path} cannot be read ({str(exc)[:120]}); pass a JPEG or PNG file") from None
     return image

@@ -81,6 +81,8 @@ def _open_image(data: bytes):
     """
     from PIL import Image
 
+    from mergeseek.indexing.formats import to_rgb8
+
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h, fmt = im.width, im.height, im.format
@@ -94,7 +96,7 @@ def _open_image(data: bytes):
                 if im.format == "JPEG":
                     im.draft("RGB", (QUERY_SIDE, QUERY_SIDE))  # decode at 1/2, 1/4 or 1/8 scale
                 im.thumbnail((QUERY_SIDE, QUERY_SIDE))
-                out = im.convert("RGB")
+                out = Image.fromarray(to_rgb8(im))  # upright, transparency over white: as indexing reads it
             if w * h > 4_000_000:
                 from mergeseek.runtime import release_freed_memory
 
