@@ -1,8 +1,10 @@
 """One reader per on-disk format, shared by ``indexing/`` and ``eval/``.
 
-* media file extensions and the natural (numeric-aware) order of image files;
+* media file extensions (and the media types not read, reported) and the natural (numeric-aware)
+  order of image files;
 * the AI Challenge keyframe map ``map-keyframes/<video_id>.csv`` (columns ``n,pts_time,fps,frame_idx``);
-* images decoded to 8-bit RGB, with 16-bit and float images scaled (not clipped) to 0..255.
+* images decoded to 8-bit RGB as a viewer shows them: EXIF orientation applied, transparency over
+  white, 16-bit and float images scaled (not clipped) to 0..255.
 
 Readers here raise ``InputError`` only when a whole file is unusable; a bad row of a map is a
 warning for that row, and the rest of the map is kept.
@@ -24,8 +26,19 @@ from mergeseek.errors import InputError
 
 log = logging.getLogger(__name__)
 
-VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+# Every container below decodes with the default decoder (decord2) here, checked with files made
+# by ffmpeg (tests/test_media_types.py); .ogv (Theora) needs --decoder torchcodec, which the error
+# for it says. ".ts" is also TypeScript's extension: such a file counts only with MPEG-TS packets.
+VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ts", ".m2ts", ".mts",
+              ".flv", ".f4v", ".wmv", ".asf", ".3gp", ".vob", ".mxf", ".divx", ".ogv")
+IMAGE_EXTS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".avif", ".jp2")
+MPEG_TS_EXTS = (".ts", ".m2ts", ".mts")  # transport streams: some do not decode here (docs/INDEXING.md)
+HEIF_EXTS = (".heic", ".heif")  # iPhone photos: read when pillow-heif is installed
+# Media this project does not decode: reported (one line per folder), never silently passed over.
+UNREAD_EXTS = {
+    **dict.fromkeys((".cr2", ".cr3", ".nef", ".arw", ".dng", ".orf", ".rw2", ".raf"), "camera raw"),
+    ".psd": "Photoshop", ".svg": "vector", ".jxl": "JPEG XL", ".rm": "RealMedia", ".rmvb": "RealMedia",
+}
 KEYFRAME_DIR = "keyframes"
 KEYFRAME_MAP_DIR = "map-keyframes"
 KEYFRAME_MAP_COLUMNS = ("n", "pts_time", "fps", "frame_idx")
@@ -38,11 +51,60 @@ def natural_key(p: Path) -> list:
 
 
 def is_image(p: Path) -> bool:
-    return Path(p).suffix.lower() in IMAGE_EXTS
+    ext = Path(p).suffix.lower()
+    return ext in IMAGE_EXTS or (ext in HEIF_EXTS and heif_ready())
 
 
 def is_video(p: Path) -> bool:
-    return Path(p).suffix.lower() in VIDEO_EXTS
+    ext = Path(p).suffix.lower()
+    return ext in VIDEO_EXTS and (ext != ".ts" or _mpeg_ts(Path(p)))
+
+
+def _mpeg_ts(p: Path) -> bool:
+    """Whether a ``.ts`` file holds MPEG-TS packets (sync byte 0x47 every 188 bytes, or every 192
+    with a 4-byte time code) rather than TypeScript. A file that cannot be read counts as video, so
+    the reader reports it."""
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(4 + 192 + 1)
+    except OSError:
+        return True
+    synced = any(len(head) > at and head[at] == 0x47 and (len(head) <= at + step or head[at + step] == 0x47)
+                 for at, step in ((0, 188), (4, 192)))
+    return synced and any(b < 9 for b in head)  # packet headers and tables hold control bytes; source text does not
+
+
+_HEIF: list = []
+
+
+def heif_ready() -> bool:
+    """Whether HEIC/HEIF photos can be read (pillow-heif installed; its opener registered once)."""
+    if not _HEIF:
+        try:
+            import pillow_heif
+
+            pillow_heif.register_heif_opener()
+            _HEIF.append(True)
+        except Exception:  # not installed, or a build that does not load
+            _HEIF.append(False)
+    return _HEIF[0]
+
+
+def unread_media(files) -> Optional[str]:
+    """One line for the media files among ``files`` that are not read (None if there are none):
+    their types, counts and what to do."""
+    counts: dict = {}
+    for f in files:
+        ext = Path(f).suffix.lower()
+        if ext in UNREAD_EXTS or (ext in HEIF_EXTS and not heif_ready()):
+            counts[ext] = counts.get(ext, 0) + 1
+    if not counts:
+        return None
+    kinds = ", ".join(f"{n} {ext}" for ext, n in sorted(counts.items()))
+    hint = "export them as JPEG or PNG to index them"
+    if any(ext in HEIF_EXTS for ext in counts):
+        hint = "pip install pillow-heif to read HEIC/HEIF photos; " + hint
+    return f"{sum(counts.values())} file(s) skipped, types not read ({kinds}): {hint}"
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -209,12 +271,14 @@ def read_rgb(path) -> np.ndarray:
     """Decode an image file (a path or a binary file object) to HxWx3 uint8 RGB (see ``to_rgb8``)."""
     from PIL import Image
 
+    if isinstance(path, (str, Path)) and Path(path).suffix.lower() in HEIF_EXTS:
+        heif_ready()  # a worker process that did not run discovery registers the opener here
     with Image.open(path) as im:
         return to_rgb8(im)
 
 
 # ---------------------------------------------------------------------------- cut-short MP4 / MOV files
-ISO_BMFF_EXTS = (".mp4", ".mov", ".m4v")
+ISO_BMFF_EXTS = (".mp4", ".mov", ".m4v", ".3gp", ".f4v")
 
 
 @dataclass(frozen=True)

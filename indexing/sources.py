@@ -31,6 +31,7 @@ from mergeseek.indexing.formats import (
     IMAGE_EXTS,
     KEYFRAME_DIR,
     KEYFRAME_MAP_DIR,
+    MPEG_TS_EXTS,
     VIDEO_EXTS,
     is_image,
     is_video,
@@ -38,6 +39,7 @@ from mergeseek.indexing.formats import (
     natural_key,
     read_keyframe_map,
     read_rgb,
+    unread_media,
 )
 from mergeseek.indexing.sampling import SCENE_THUMB, Sampling, SceneDetector, thumbnails
 
@@ -213,7 +215,7 @@ def discover(paths: Sequence[Path], release_parts: Optional[dict] = None) -> tup
             elif is_image(root):
                 sources.append(MediaSource.images(root, [root]))
             else:
-                bad.append(BadInput(str(root), f"not a video ({', '.join(VIDEO_EXTS)}) or image file"))
+                bad.append(BadInput(str(root), unread_media([root]) or f"not a video ({', '.join(VIDEO_EXTS)}) or image file"))
             continue
         found = release_sources_for_path(root, release_parts)
         if found is None:
@@ -276,6 +278,9 @@ def _walk(root: Path, bad: list) -> list[MediaSource]:
             continue
         files, dirs = _scan(here, bad)
         files = _signed(files, bad)
+        unread = unread_media(files)
+        if unread:
+            bad.append(BadInput(str(here), unread))
         out.extend(MediaSource.video(p) for p in files if is_video(p))
         images = [p for p in files if is_image(p)]
         if images:
@@ -415,6 +420,10 @@ class SourceReader:
             what = (f"{len(vr.failed)} of {len(indices)} sampled frames could not be decoded, the first at frame "
                     f"{first} of {len(vr)} ({vr.fail_reason or 'no frame'})")
             if done == 0:
+                if Path(path).suffix.lower() in MPEG_TS_EXTS:  # a whole transport stream that does not decode
+                    raise InputError(f"{path}: {what}; decord and torchcodec cannot seek in some MPEG transport "
+                                     f"streams (H.264 with B-frames): remux it without re-encoding, ffmpeg -i IN "
+                                     f"-c copy OUT.mkv, and index the .mkv")
                 raise InputError(f"{path}: {what}; the file is truncated or damaged, re-copy or re-encode it")
             reason = (f"partly indexed: {what}; {done} indexed (the file is truncated or damaged; re-copy it "
                       "and index again to add the rest)")

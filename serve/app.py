@@ -81,8 +81,9 @@ def _open_image(data: bytes):
     """
     from PIL import Image
 
-    from mergeseek.indexing.formats import to_rgb8
+    from mergeseek.indexing.formats import heif_ready, to_rgb8
 
+    heif_ready()  # an iPhone photo (HEIC) opens when pillow-heif is installed
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h, fmt = im.width, im.height, im.format

@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 
 TEXT_CACHE_SIZE = 512
 MAX_K = 1000
-VIDEO_TYPES = {".mp4": "video/mp4", ".webm": "video/webm", ".mkv": "video/x-matroska", ".mov": "video/quicktime",
-               ".avi": "video/x-msvideo"}
+VIDEO_TYPES = {".mp4": "video/mp4", ".m4v": "video/mp4", ".webm": "video/webm", ".mkv": "video/x-matroska",
+               ".mov": "video/quicktime", ".avi": "video/x-msvideo", ".ogv": "video/ogg"}  # what a browser may play
 
 
 NotFound = NotFoundError  # the web app's name for it (HTTP 404)

@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from mergeseek.errors import InputError
+from mergeseek.indexing.formats import is_video
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def sample_video_paths() -> List[Path]:
         paths.append(Path(ref))
     except Exception:  # carphone is optional (a yuv pair in some releases)
         pass
-    return [p for p in paths if p.suffix.lower() in (".mp4", ".avi", ".mkv", ".mov", ".webm")]
+    return [p for p in paths if is_video(p)]
 
 
 def decode_clip(path: Path, fps: float, max_frames: int = 60, size: int = 224) -> VideoClip:
