@@ -121,6 +121,7 @@ def handle_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        kwargs = {k: _home(v) for k, v in kwargs.items()}
         try:
             return fn(*args, **kwargs)
         except MergeseekError as exc:
@@ -131,6 +132,16 @@ def handle_errors(fn: Callable) -> Callable:
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _home(value):
+    """A path option or argument with a leading ``~`` expanded (a quoted ``--index "~/idx"`` would
+    otherwise make a folder named ``~`` here); lists of paths likewise; anything else unchanged."""
+    if isinstance(value, Path):
+        return value.expanduser() if str(value).startswith("~") else value
+    if isinstance(value, (list, tuple)) and any(isinstance(v, Path) for v in value):
+        return type(value)(_home(v) for v in value)
+    return value
 
 
 def _print(report, json_out: bool) -> None:

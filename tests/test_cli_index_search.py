@@ -145,3 +145,23 @@ def test_demo_falls_back_to_random_weights_loudly(tmp_path, model_calls, monkeyp
     assert "query: 'a man riding a bike'" in out and lines[-4].split()[0] == "score"
     assert {line.split()[1] for line in lines[-2:]} == {"bikes"}
     assert np.isfinite(float(lines[-1].split()[0]))
+
+
+def test_a_quoted_tilde_in_path_options_means_home(tmp_path, model_calls, monkeypatch):
+    """`--index "~/ix"` (quoted, so the shell leaves it) is the home folder's ix, for every path
+    option and argument, not a folder named "~" in the working directory."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    (home / "videos").mkdir(parents=True)
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    write_video(home / "videos" / "clip.mp4", [("red", 10), ("blue", 10)])
+    code, out, err = run("index", "~/videos", "--index", "~/ix", "--pretrained", "none", "--no-progress")
+    assert code == 0, err
+    assert (home / "ix" / "manifest.json").is_file() and not (work / "~").exists()
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(home / "q.png")
+    code, out, err = run("search", "--image", "~/q.png", "--index", "~/ix", "-k", "1", "--json", "--csv", "~/sub.csv")
+    assert code == 0, err
+    assert len(json.loads(out)) == 1 and (home / "sub.csv").is_file() and not (work / "~").exists()
