@@ -20,7 +20,10 @@ unmerged, 2,425 with lsh; compiled whole it took 4.1x the unmerged tower's CPU t
 from __future__ import annotations
 
 import logging
+import os
+import re
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,32 @@ def compile_scope(value: Any) -> Optional[str]:
 
         raise ConfigError(f"--compile-scope {value!r} is not valid; choose one of: {', '.join(SCOPES)}")
     return scope
+
+
+MAX_DAMAGED_KERNELS = 256  # one compile of a large tower builds a few dozen kernels
+_DAMAGED = re.compile(r"(/\S+\.so): (?:file too short|invalid ELF header|file truncated)")
+
+
+def drop_damaged_kernel(exc: BaseException) -> bool:
+    """Remove the compiled kernel ``exc`` (or an exception behind it) says is damaged, when it lies
+    in a torch inductor cache; True if one was removed."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        found = _DAMAGED.search(str(exc))
+        if found:
+            path = Path(found.group(1))
+            cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
+            in_cache = any(p.name.startswith("torchinductor") for p in path.parents) or (
+                cache and Path(cache) in path.parents)
+            if in_cache and path.is_file():
+                log.warning("removing %s, a compiled kernel an interrupted compile left damaged (%s); compiling "
+                            "it again", path, found.group(0).split(": ", 1)[1])
+                path.unlink()
+                return True
+            return False
+        exc = getattr(exc, "inner_exception", None) or exc.__cause__ or exc.__context__
+    return False
 
 
 def _compile(fn: Any, mode: str, backend: Optional[str], **kw) -> Any:
@@ -122,7 +151,7 @@ class CompiledTower:
         pixels = torch.cat([pixels, pad])
         if self.compile_s is None:
             t0 = time.perf_counter()
-            out = self._run(pixels)
+            out = self._first_run(pixels)
             if pixels.is_cuda:
                 torch.cuda.synchronize(pixels.device)
             self.compile_s = time.perf_counter() - t0
@@ -131,6 +160,18 @@ class CompiledTower:
         else:
             out = self._run(pixels)
         return tuple(o[:n] for o in out) if isinstance(out, tuple) else out[:n]
+
+    def _first_run(self, pixels: Any) -> Any:
+        """The compiling call. A kernel that an interrupted compile left damaged in inductor's cache
+        (a ``.so`` cut short: "file too short") would fail every later run of every tower that
+        needs it; it is removed, with a warning, and compiled again."""
+        for _ in range(MAX_DAMAGED_KERNELS):
+            try:
+                return self._run(pixels)
+            except Exception as exc:  # BackendCompilerFailed wrapping the loader's ImportError
+                if not drop_damaged_kernel(exc):
+                    raise
+        return self._run(pixels)
 
     def _run(self, pixels: Any) -> Any:
         import torch
