@@ -271,7 +271,7 @@ class TorchcodecReader(VideoReader):
         self._dec = self._decoder("exact")
         md = self._dec.metadata
         self.avg_fps = _finite(md.average_fps)
-        self.timestamps = _fill_missing(self._scan_pts(len(self._dec)), self.avg_fps)
+        self.timestamps = _fill_missing(_from_first_frame(self._scan_pts(len(self._dec))), self.avg_fps)
 
     def _scan_pts(self, n: int) -> np.ndarray:
         # The demuxer's frame index gives every frame's pts without decoding; it lives in
@@ -374,6 +374,15 @@ def _finite(x) -> float:
     except (TypeError, ValueError):
         return 0.0
     return v if math.isfinite(v) and v > 0 else 0.0
+
+
+def _from_first_frame(ts: np.ndarray) -> np.ndarray:
+    """Presentation times counted from the first frame, as decord2 gives them: a stream that starts
+    at 1.4 s (MPEG-TS's usual offset) or after an edit offset reads 0.0 at its first frame with
+    either decoder, so a video indexed twice gets the same times."""
+    ts = np.asarray(ts, dtype=np.float64)
+    finite = ts[np.isfinite(ts)]
+    return ts - finite.min() if len(finite) and finite.min() != 0 else ts
 
 
 def _fill_missing(ts: np.ndarray, fps: float) -> np.ndarray:

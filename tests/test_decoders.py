@@ -48,6 +48,24 @@ def _ffmpeg(*args: str) -> None:
     subprocess.run([FFMPEG, "-v", "error", "-y", *args], check=True, capture_output=True)
 
 
+@needs_ffmpeg
+@pytest.mark.skipif(bool(TORCHCODEC_WHY), reason=TORCHCODEC_WHY or "-")
+@pytest.mark.parametrize("name, args", [
+    ("offset.mp4", ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-output_ts_offset", "2"]),
+    ("offset.mkv", ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-output_ts_offset", "2"]),
+    ("broadcast.ts", ["-c:v", "mpeg2video"]),  # MPEG-TS starts at 1.4 s
+])
+def test_backends_agree_on_times_of_a_stream_that_does_not_start_at_zero(tmp_path, name, args):
+    """Times count from the first frame with either decoder: indexing a file again with the other
+    decoder gives the same pts_time (and so the same submissions)."""
+    path = tmp_path / name
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48:rate=25:duration=2", *args, str(path))
+    a, b = open_video(path, "decord"), open_video(path, "torchcodec")
+    assert len(a) == len(b) == 50
+    want = np.arange(50) / 25
+    assert np.abs(a.timestamps - want).max() < 1e-4 and np.abs(b.timestamps - want).max() < 1e-4
+
+
 # ---------------------------------------------------------------------------- sample videos
 @pytest.mark.skipif(bool(TORCHCODEC_WHY), reason=TORCHCODEC_WHY or "-")
 @pytest.mark.parametrize("name", ["bikes", "bigbuckbunny"])
