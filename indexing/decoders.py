@@ -22,6 +22,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from mergeseek.errors import ConfigError, InputError
+from mergeseek.indexing.formats import video_rotation
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ class DecordReader(VideoReader):
 
     def _get_batch(self, indices: list[int]) -> np.ndarray:
         try:
-            return self._vr.get_batch(indices).asnumpy()
+            return _rgb_frames(self._vr.get_batch(indices).asnumpy())
         except Exception as exc:
             # After an error decord's threaded decoder stays broken: later frames fail too.
             self._vr = self._open(num_threads=0)
@@ -257,7 +258,7 @@ class DecordReader(VideoReader):
         # decord's frame-threaded decoder loses packets on some VP9 streams; one thread does not.
         vr = self._open(num_threads=1)
         for _ in range(len(vr)):
-            yield vr.next().asnumpy()
+            yield _rgb_frames(vr.next().asnumpy()[None])[0]
 
 
 # ---------------------------------------------------------------------------- torchcodec
@@ -334,6 +335,8 @@ def open_video(path: Path, backend: str = DEFAULT_BACKEND, size: Optional[tuple[
     except FileNotFoundError:
         raise InputError(f"{path}: does not exist (a broken link, or removed during the run)") from None
     cls = DecordReader if backend == "decord" else TorchcodecReader
+    if backend == "decord" and video_rotation(path) in (1, 3):
+        cls = _reader_for_portrait(path)
     try:
         reader = cls(path, size)
     except InputError:
@@ -343,6 +346,21 @@ def open_video(path: Path, backend: str = DEFAULT_BACKEND, size: Optional[tuple[
     if len(reader) == 0:
         raise InputError(f"{path}: the video has no frames")
     return reader
+
+
+def _reader_for_portrait(path: Path) -> type:
+    """torchcodec for a video stored turned by 90 degrees (a phone video shot in portrait): decord2
+    turns such frames into garbage (4 channels, or a size error); torchcodec turns them upright."""
+    try:
+        _import("torchcodec")
+    except InputError as exc:
+        raise InputError(
+            f"{path}: the video is stored turned by 90 degrees (a phone video shot in portrait), which decord2 "
+            f"decodes wrongly; pip install torchcodec (then used for such files by itself), or turn it upright: "
+            f"ffmpeg -i IN -c:a copy OUT.mp4 ({exc})"
+        ) from None
+    log.info("%s: stored turned by 90 degrees; decoded with torchcodec (decord2 decodes such video wrongly)", path)
+    return TorchcodecReader
 
 
 def _open_error(path: Path, backend: str, exc: BaseException) -> InputError:
@@ -374,6 +392,15 @@ def _finite(x) -> float:
     except (TypeError, ValueError):
         return 0.0
     return v if math.isfinite(v) and v > 0 else 0.0
+
+
+def _rgb_frames(frames: np.ndarray) -> np.ndarray:
+    """decord's frames, refused when they are not [B, H, W, 3]: what it returns for a video turned
+    by 90 degrees in a container whose rotation ``video_rotation`` cannot read (4 channels)."""
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise DecodeError(f"decord2 returned frames of shape {tuple(frames.shape[1:])}, not H x W x 3 (a video "
+                          f"stored turned by 90 degrees? index it with --decoder torchcodec)")
+    return frames
 
 
 def _from_first_frame(ts: np.ndarray) -> np.ndarray:

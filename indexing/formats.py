@@ -327,6 +327,61 @@ def mp4_truncation(path: Path) -> Optional[Truncation]:
     return Truncation(size, offset, duration) if offset > size else None
 
 
+def _children(fh, start: int, end: int):
+    """(kind, body start, box end) of the boxes between ``start`` and ``end``."""
+    import struct
+
+    pos = start
+    while pos + 8 <= end:
+        fh.seek(pos)
+        head = fh.read(16)
+        size, kind = struct.unpack(">I4s", head[:8])
+        body = pos + 8
+        if size == 1 and len(head) == 16:
+            size, body = struct.unpack(">Q", head[8:16])[0], pos + 16
+        elif size == 0:
+            size = end - pos
+        if size < 8:
+            return
+        yield kind, body, min(pos + size, end)
+        pos += size
+
+
+def video_rotation(path: Path) -> int:
+    """Quarter turns (``np.rot90``'s k) that make an MP4 / MOV video's frames upright, from its video
+    track's display matrix (``tkhd``): 1 for a phone video shot in portrait ("rotate 90"), 2 for
+    upside down, 3 for "rotate 270"; 0 for none, another format, or a file that cannot be read."""
+    import struct
+
+    path = Path(path)
+    if path.suffix.lower() not in ISO_BMFF_EXTS:
+        return 0
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            for kind, body, end in _children(fh, 0, size):
+                if kind != b"moov":
+                    continue
+                for trak_kind, trak_body, trak_end in _children(fh, body, end):
+                    if trak_kind != b"trak":
+                        continue
+                    for tk, tk_body, _ in _children(fh, trak_body, trak_end):
+                        if tk != b"tkhd":
+                            continue
+                        fh.seek(tk_body)
+                        version = fh.read(1)[0]
+                        fh.seek(tk_body + 4 + (32 if version == 1 else 20) + 16)
+                        m = struct.unpack(">9i", fh.read(36))
+                        width, height = struct.unpack(">II", fh.read(8))
+                        if width and height:  # the video track (sound tracks have no size)
+                            turns = -math.degrees(math.atan2(m[1], m[0])) / 90
+                            return int(round(turns)) % 4
+                return 0
+    except (OSError, struct.error, IndexError):
+        return 0
+    return 0
+
+
 def _mvhd_duration(fh, moov_at: int, moov_size: int) -> Optional[float]:
     """Seconds from the ``mvhd`` box inside ``moov`` (None when absent or odd)."""
     import struct

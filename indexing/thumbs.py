@@ -301,13 +301,14 @@ def iter_decoded(kind: str, key: str, frame_idx: np.ndarray, paths: list, make: 
         for s in range(0, len(paths), DECODE_CHUNK):
             yield [make(read_rgb(p)) for p in paths[s : s + DECODE_CHUNK]]  # the pixels indexing encoded
         return
-    import decord
+    from mergeseek.indexing.decoders import open_video
 
-    decord.logging.set_level(decord.logging.QUIET)
-    vr = decord.VideoReader(key, ctx=decord.cpu(0))
-    for s in range(0, len(frame_idx), DECODE_CHUNK):
-        chunk = [int(i) for i in frame_idx[s : s + DECODE_CHUNK]]
-        yield [make(f) for f in vr.get_batch(chunk).asnumpy()]
+    vr = open_video(key)  # the default decoder, or torchcodec for a video stored turned (as indexing reads it)
+    try:
+        for s in range(0, len(frame_idx), DECODE_CHUNK):
+            yield [make(f) for f in vr.get_batch([int(i) for i in frame_idx[s : s + DECODE_CHUNK]])]
+    finally:
+        vr.close()
 
 
 def ensure_thumbs(store, force: bool = False, known: Optional[Callable[[str], Optional[list]]] = None) -> ThumbReport:

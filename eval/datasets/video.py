@@ -126,17 +126,18 @@ def sample_video_paths() -> List[Path]:
 
 
 def decode_clip(path: Path, fps: float, max_frames: int = 60, size: int = 224) -> VideoClip:
-    """Frames of a video file at ``fps`` of video time (decord), resized to ``size`` square."""
-    import decord
+    """Frames of a video file at ``fps`` of video time (the indexer's decoder), resized to ``size`` square."""
     from PIL import Image
 
-    vr = decord.VideoReader(str(path))
-    native = float(vr.get_avg_fps()) or 25.0
+    from mergeseek.indexing.decoders import open_video
+
+    vr = open_video(path)
+    native = vr.avg_fps or 25.0
     step = max(1.0, native / fps)
     idx = [int(round(i * step)) for i in range(int(len(vr) / step))][:max_frames]
     if not idx:
         raise InputError(f"{path} has no frames to sample at {fps} fps")
-    frames = [np.asarray(Image.fromarray(f).resize((size, size), Image.BILINEAR)) for f in vr.get_batch(idx).asnumpy()]
+    frames = [np.asarray(Image.fromarray(f).resize((size, size), Image.BILINEAR)) for f in vr.get_batch(idx)]
     return VideoClip(path.stem, "sample", tuple(frames))
 
 
