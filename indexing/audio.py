@@ -62,7 +62,43 @@ def read_audio(path: Union[str, Path], sample_rate: int = SAMPLE_RATE, backend: 
         reason = re.sub(r"^\[[\d:]+\]\s*\S+:\d+:\s*", "", text.splitlines()[-1])[:200] if text else type(exc).__name__
         raise InputError(f"{path}: not an audio or video file that can be read ({reason})") from None
     samples = np.asarray(samples, np.float32).reshape(-1)
+    samples = _align_to_first_frame(path, samples, int(sample_rate))
     return np.clip(np.nan_to_num(samples), -1.0, 1.0)
+
+
+def _align_to_first_frame(path: Path, samples: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Samples placed on the video's clock: silence put before a sound track that starts after the
+    first frame (a recorder that started its microphone late; the decoders return the track from
+    its own first sample), and sound before the first frame dropped. The start times come from
+    torchcodec's stream headers; without torchcodec (or for a file without video) the track is
+    taken to start with the first frame, as before."""
+    offset = _audio_offset(path)
+    if offset is None or len(samples) == 0:
+        return samples
+    shift = int(round(offset * sample_rate))
+    if shift > 0:
+        log.info("%s: the sound starts %.2f s after the first frame; aligned to the frames", path, offset)
+        return np.concatenate([np.zeros(shift, samples.dtype), samples])
+    return samples[-shift:] if shift < 0 else samples
+
+
+def _audio_offset(path: Path) -> "float | None":
+    """Seconds the first audio stream starts after the first video frame (None when unknown)."""
+    import sys
+
+    if "decord" in sys.modules and "torchcodec.decoders" not in sys.modules:
+        return None  # torchcodec cannot start after decord (indexing.decoders._import)
+    try:
+        from torchcodec.decoders import AudioDecoder, VideoDecoder
+
+        audio = AudioDecoder(str(path)).metadata.begin_stream_seconds
+        video = VideoDecoder(str(path), seek_mode="approximate").metadata.begin_stream_seconds
+    except Exception:  # torchcodec missing, or no video stream (an audio file): nothing to align to
+        return None
+    if audio is None or video is None:
+        return None
+    offset = float(audio) - float(video)
+    return offset if abs(offset) >= 0.05 else 0.0  # codec priming (tens of ms) is left as it is
 
 
 def _holds_text(path: Path) -> bool:

@@ -1,7 +1,8 @@
 """The one audio reader (``indexing.audio.read_audio``) refuses what is not sound, one line each.
 
-No ffmpeg binary needed (test_asr.py covers real wav/flac/mp3/video tracks and a silent video):
-the files here are written by hand, the decoder is the bundled library.
+The refusals need no ffmpeg binary (test_asr.py covers real wav/flac/mp3/video tracks and a silent
+video): those files are written by hand, the decoder is the bundled library. The clock test makes
+its clip with ffmpeg.
 """
 
 from __future__ import annotations
@@ -14,6 +15,13 @@ import pytest
 
 from mergeseek.errors import InputError
 from mergeseek.indexing.audio import read_audio
+
+try:  # torchcodec must load before decord does (indexing.decoders._import): at collection
+    import torchcodec.decoders  # noqa: F401
+
+    TORCHCODEC = True
+except Exception:  # pragma: no cover - not installed here
+    TORCHCODEC = False
 
 
 def _refusal(path) -> str:
@@ -52,3 +60,35 @@ def test_a_missing_file_and_a_bad_rate_are_refused_in_one_line(tmp_path):
     assert "\n" not in str(err.value)
     x = read_audio(tmp_path / "ok.wav")  # the same file with a valid rate reads: the refusals are not blanket ones
     assert x.dtype == np.float32 and abs(len(x) - 16000) < 400 and np.abs(x).max() > 0.1
+
+
+def _envelope_onsets(samples: np.ndarray, rate: int = 16000) -> tuple:
+    """(first, last) tenth of a second in which the sound is loud."""
+    env = np.abs(samples[: len(samples) // (rate // 10) * (rate // 10)]).reshape(-1, rate // 10).max(1)
+    loud = np.flatnonzero(env > 0.1)
+    return loud[0] / 10, loud[-1] / 10
+
+
+@pytest.mark.parametrize("backend", ["decord", "torchcodec"])
+def test_a_sound_track_that_starts_late_is_placed_on_the_video_clock(tmp_path, backend):
+    """A tone heard from 2.0 s to 4.0 s of a 5 s video, in a track that starts at 2.0 s: the
+    samples put it at 2.0-4.0 s (speech found there lands on the frames shown then)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg (Debian package) makes the clip")
+    if not TORCHCODEC:
+        pytest.skip("the stream start times come from torchcodec's headers (pip install torchcodec)")
+    path = tmp_path / "late.mp4"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=25:duration=5",
+                    "-itsoffset", "2", "-f", "lavfi", "-i", "sine=frequency=440:duration=2", "-map", "0:v", "-map", "1:a",
+                    "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", str(path)], check=True, timeout=60)
+    first, last = _envelope_onsets(read_audio(path, backend=backend))
+    assert 1.85 <= first <= 2.05 and 3.85 <= last <= 4.05
+    aligned = tmp_path / "aligned.mp4"  # the same sound from the first frame: unchanged
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=25:duration=3",
+                    "-f", "lavfi", "-i", "sine=frequency=440:duration=2", "-map", "0:v", "-map", "1:a",
+                    "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", str(aligned)], check=True, timeout=60)
+    first, last = _envelope_onsets(read_audio(aligned, backend=backend))
+    assert first == 0.0 and 1.85 <= last <= 2.05
