@@ -7,7 +7,7 @@ A query is a text or an image, optionally with
   ``--then`` gives ``TemporalHit`` pairs, more give ``EventChain`` s), ``within`` per gap;
 * ``like`` / ``unlike``: relevance feedback by frame id (``retrieval.feedback``; no text needed
   when something is liked);
-* ``video``: only frames of that video (``retrieval.scope``, exact);
+* ``video``: only frames of that video (``retrieval.scope``, exact but for Unicode composition);
 * ``allow``: only these ``(video_id, frame_idx)`` (``--object``).
 
 Combinations that have no meaning (events with feedback, an image with events) are refused by
@@ -40,6 +40,10 @@ def run_query(searcher, text: Optional[str] = None, image=None, thens: Sequence[
     """Hits (or pairs / chains) for one query; see the module docstring."""
     thens = list(thens or ())
     check_session(text, image, thens, like, unlike, video)
+    if video is not None:  # the index's own spelling from here on (exact compares downstream)
+        from mergeseek.retrieval.scope import resolve_video
+
+        video = resolve_video(searcher, video)
     if thens:
         if allow is not None:
             raise InputError("--object filters text and image queries; drop --then or --object")

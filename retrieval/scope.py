@@ -11,6 +11,7 @@ skip, and costs O(frames of the video), not O(index).
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Optional, Sequence
 
 import numpy as np
@@ -77,10 +78,31 @@ def video_rows(searcher, video_id: str) -> np.ndarray:
         order = np.argsort(inverse, kind="stable")
         bounds = np.searchsorted(inverse[order], np.arange(len(names) + 1))
         searcher._rows_by_video = {str(v): order[bounds[i]:bounds[i + 1]] for i, v in enumerate(names)}
-    rows = searcher._rows_by_video.get(str(video_id))
-    if rows is None:
+    stored = match_video(video_id, searcher._rows_by_video)
+    if stored is None:
         raise unknown_video(video_id, searcher.store.root, searcher._rows_by_video)
-    return rows
+    return searcher._rows_by_video[stored]
+
+
+def match_video(video_id: str, known) -> Optional[str]:
+    """The stored spelling of ``video_id`` among ``known`` ids, or None. Exact, except for how the
+    characters are encoded and surrounding blanks: a name typed in composed Unicode (NFC, what
+    keyboards give: "Phở") finds a file named in decomposed form (NFD, what macOS file systems
+    store) and the other way round; any other difference is another video."""
+    given = str(video_id)
+    if given in known:
+        return given
+    want = unicodedata.normalize("NFC", given.strip())
+    found = [k for k in known if unicodedata.normalize("NFC", str(k)) == want]
+    return str(found[0]) if len(found) == 1 else None
+
+
+def resolve_video(searcher, video_id: Optional[str]) -> Optional[str]:
+    """``video_id`` as the searcher's index spells it (None stays None); one line for an unknown video."""
+    if video_id is None:
+        return None
+    video_rows(searcher, video_id)  # builds the map, refuses an unknown id
+    return match_video(video_id, searcher._rows_by_video)
 
 
 def unknown_video(video_id: str, root, known) -> InputError:
@@ -105,7 +127,7 @@ def preflight(index_dir, video: Optional[str] = None, channels: Sequence[str] = 
         meta = store.read_meta(columns=["id", "video_id"])
         if video is not None:
             known = set(meta.column("video_id").to_pylist())
-            if str(video) not in known:
+            if match_video(video, known) is None:
                 raise unknown_video(video, store.root, known)
         missing = sorted(set(int(i) for i in ids) - set(meta.column("id").to_pylist()))
         if missing:
@@ -140,4 +162,5 @@ def search_in_video(searcher, vector: np.ndarray, video_id: str, k: Optional[int
     return searcher._hits(scores[order].astype(np.float32), ids[order])
 
 
-__all__ = ["StoredVectors", "preflight", "search_in_video", "stored_vectors", "unknown_video", "video_rows"]
+__all__ = ["StoredVectors", "match_video", "preflight", "resolve_video", "search_in_video", "stored_vectors",
+           "unknown_video", "video_rows"]

@@ -165,3 +165,29 @@ def test_a_quoted_tilde_in_path_options_means_home(tmp_path, model_calls, monkey
     code, out, err = run("search", "--image", "~/q.png", "--index", "~/ix", "-k", "1", "--json", "--csv", "~/sub.csv")
     assert code == 0, err
     assert len(json.loads(out)) == 1 and (home / "sub.csv").is_file() and not (work / "~").exists()
+
+
+def test_video_names_match_whatever_unicode_composition_was_typed(tmp_path, model_calls):
+    """A file named on macOS is stored decomposed (NFD: "o" + hook + dot below); a user types the
+    composed form (NFC). --video finds it either way; a name that differs otherwise does not."""
+    import unicodedata
+
+    from mergeseek.retrieval.scope import match_video
+
+    composed = "Phở_Hà_Nội"
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert composed != decomposed
+    assert match_video(composed, {decomposed}) == decomposed and match_video(decomposed + " ", {composed}) == composed
+    assert match_video(composed, {composed, decomposed}) == composed  # two files, two videos: exact wins
+    assert match_video("Pho_Ha_Noi", {decomposed}) is None and match_video("phở_hà_nội", {composed}) is None
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / f"{decomposed}.mp4", [("red", 10), ("blue", 10)])
+    code, out, err = run("index", videos, "--index", tmp_path / "ix", "--pretrained", "none", "--no-progress")
+    assert code == 0, err
+    code, out, err = run("search", "red", "--video", composed, "--index", tmp_path / "ix", "-k", "5", "--json")
+    assert code == 0, err
+    assert {h["video_id"] for h in json.loads(out)} == {decomposed}
+    code, out, err = run("search", "red", "--video", "Pho_Ha_Noi", "--index", tmp_path / "ix", "--json")
+    assert code != 0 and "no video 'Pho_Ha_Noi'" in err
