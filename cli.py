@@ -328,7 +328,8 @@ def search_cmd(
                     "is relevant (repeatable; Rocchio, retrieval/feedback.py).")] = None,
     unlike: Annotated[Optional[List[int]], typer.Option("--unlike", help="A frame id that is not relevant (repeatable; "
                       "left out of the results).")] = None,
-    video: Annotated[Optional[str], typer.Option("--video", help="Only frames of this video id, as results show it (exact search; a name typed in another Unicode composition, NFC or NFD, still matches).")] = None,
+    video: Annotated[Optional[str], typer.Option("--video", help="Only frames of this video id, as results show it "
+                     "(exact search; a name typed in the other Unicode composition, NFC or NFD, matches too).")] = None,
     fuse: Annotated[Optional[List[Path]], typer.Option("--fuse", help="Another index of the same media built with "
                     "another model (repeatable): rankings fused by reciprocal rank (retrieval/fusion.py).")] = None,
     per_video: Annotated[bool, typer.Option("--per-video", help="Keep only the best hit of each video.")] = False,
