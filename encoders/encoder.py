@@ -256,7 +256,7 @@ class Encoder:
                 continue
             if isinstance(im, np.ndarray):
                 im = Image.fromarray(im)
-            tensors.append(self.preprocess(im.convert("RGB")))
+            tensors.append(self.preprocess(bounded_aspect(im.convert("RGB"), self.preprocess)))
         return torch.stack(tensors)
 
     def _autocast(self):
@@ -329,6 +329,30 @@ def _warn_if_truncated(tokenizer: Callable, texts: Sequence[str]) -> None:
         if n is not None and n > ctx:
             log.warning("text %d is %d tokens, longer than the text tower's context of %d: only its first %d "
                         "tokens are used (%r...); shorten it to keep the rest", i, n, ctx, ctx - 2, text[:60])
+
+
+MAX_ASPECT = 4  # longest side / shortest side an image is resized with (see bounded_aspect)
+
+
+def bounded_aspect(im, preprocess):
+    """``im`` with its long side cut, around its centre, to ``MAX_ASPECT`` times its short side, when
+    ``preprocess`` resizes the short side and then keeps the centre square (open_clip's default):
+    the square it keeps is the same, but a 2 x 20,000 banner no longer becomes a 224 x 2,240,000
+    intermediate (1.2 GB and seconds; a longer one would end the run out of memory). Any other
+    preprocessing (e.g. squashing to a square) gets the image unchanged."""
+    steps = list(getattr(preprocess, "transforms", ()))
+    if len(steps) < 2 or type(steps[0]).__name__ != "Resize" or type(steps[1]).__name__ != "CenterCrop":
+        return im
+    size = steps[0].size
+    if not (isinstance(size, int) or (isinstance(size, (list, tuple)) and len(size) == 1)):
+        return im  # a (h, w) resize squashes: the whole image is kept
+    w, h = im.size
+    short, long_ = min(w, h), max(w, h)
+    if long_ <= MAX_ASPECT * short:
+        return im
+    keep = MAX_ASPECT * short
+    cut = (long_ - keep) // 2
+    return im.crop((cut, 0, cut + keep, h) if w > h else (0, cut, w, cut + keep))
 
 
 def _batches(items: Sequence, size: int, progress: bool, desc: str) -> Iterable[Sequence]:
