@@ -107,12 +107,25 @@ def unread_media(files) -> Optional[str]:
     return f"{sum(counts.values())} file(s) skipped, types not read ({kinds}): {hint}"
 
 
+# Folders that hold a system's or a program's own copies, never the user's media: a Synology NAS
+# keeps thumbnails of every photo in @eaDir, macOS zips carry __MACOSX, Windows drives $RECYCLE.BIN.
+SYSTEM_FOLDERS = frozenset({"@eadir", "__macosx", "$recycle.bin", "system volume information", "lost+found"})
+
+
+def not_media(name: str) -> bool:
+    """A hidden entry (``.git``, ``.Trash-1000``, macOS's ``._IMG_1.jpg`` resource-fork twins, which
+    are not images) or a system folder inside a folder being indexed: passed over. A path given on
+    the command line is indexed whatever its name."""
+    return name.startswith(".") or name.lower() in SYSTEM_FOLDERS
+
+
 def list_images(folder: Path) -> list[Path]:
     """Image files directly inside ``folder`` (broken symlinks left out), in natural order.
 
     Raises ``OSError`` (e.g. ``PermissionError``) when the folder itself cannot be listed.
     """
-    return sorted((p for p in Path(folder).iterdir() if is_image(p) and p.is_file()), key=natural_key)
+    return sorted((p for p in Path(folder).iterdir() if is_image(p) and not not_media(p.name) and p.is_file()),
+                  key=natural_key)
 
 
 # ---------------------------------------------------------------------------- keyframe maps

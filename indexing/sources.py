@@ -37,6 +37,7 @@ from mergeseek.indexing.formats import (
     is_video,
     mp4_truncation,
     natural_key,
+    not_media,
     read_keyframe_map,
     read_rgb,
     unread_media,
@@ -160,6 +161,8 @@ def _scan(folder: Path, bad: list) -> tuple[list[Path], list[Path]]:
         return [], []
     files, dirs = [], []
     for e in entries:
+        if not_media(e.name):
+            continue
         p = Path(e.path)
         try:
             if e.is_dir():

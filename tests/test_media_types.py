@@ -139,3 +139,27 @@ def test_heic_photos_are_read_with_pillow_heif(tmp_path):
 
 def test_heif_extensions_are_not_also_plain_image_types():
     assert not set(HEIF_EXTS) & set(IMAGE_EXTS) and not set(formats.UNREAD_EXTS) & set(IMAGE_EXTS + VIDEO_EXTS)
+
+
+def test_hidden_entries_and_system_folders_are_passed_over(tmp_path):
+    """What a NAS, a Mac, a Windows drive or a git checkout leaves beside the media is not indexed
+    (and not reported: it is not the user's), while a folder given by name is indexed whatever its name."""
+    def jpg(path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(path)
+        return path
+
+    root = tmp_path / "archive"
+    jpg(root / "trip" / "a.jpg")
+    (root / "trip" / "._a.jpg").write_bytes(b"\x00\x05\x16\x07" + b"\0" * 60)  # AppleDouble: not an image
+    jpg(root / "trip" / "@eaDir" / "a.jpg" / "SYNOPHOTO_THUMB_XL.jpg")
+    jpg(root / "__MACOSX" / "trip" / "b.jpg")
+    jpg(root / ".git" / "x.jpg")
+    jpg(root / "$RECYCLE.BIN" / "c.jpg")
+    jpg(root / ".hidden.jpg")
+    sources, bad = discover([root])
+    assert not bad
+    assert [(s.path.name, [Path(f.path).name for b in SourceReader(s, Sampling.parse("all"), 8).batches() for f in b])
+            for s in sources] == [("trip", ["a.jpg"])]
+    (named,), bad = discover([root / ".git"])
+    assert named.path.name == ".git" and not bad
