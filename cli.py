@@ -170,7 +170,7 @@ def index_cmd(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "fp32",
     batch_size: BatchOpt = 32,
-    fps: Annotated[Optional[float], typer.Option("--fps", help="Frames per second of video time (the default: 1).")] = None,
+    fps: Annotated[Optional[float], typer.Option("--fps", help="Frames per second of video time (the default: 1; at most 1000, --every 1 keeps every frame).")] = None,
     every: Annotated[Optional[int], typer.Option("--every", min=1, help="Keep every N-th frame instead.")] = None,
     uniform: Annotated[Optional[int], typer.Option("--uniform", min=1, help="Keep K frames spread evenly per video instead.")] = None,
     scene: Annotated[

@@ -18,6 +18,8 @@ import numpy as np
 from mergeseek.errors import ConfigError
 
 MODES = ("fps", "every", "uniform", "scene", "all")
+MAX_FPS = 1000  # above any camera's rate but high-speed ones; fps=1e9 once tried to hold 1e9 sample times
+_TARGETS_PER_CHUNK = 1 << 20  # sample times looked up at once (memory stays bounded for any video length)
 DEFAULT_SCENE_THRESHOLD = 0.15
 # Scene differences are measured on thumbnails this size: big enough to see a cut, small enough
 # that decoding every frame of an hour of video stays cheap (decord rejects some sizes, e.g. 48).
@@ -46,6 +48,9 @@ class Sampling:
             raise ConfigError(f"sampling {self.mode}={self.value:g} is not valid; give an integer >= 1")
         if self.mode == "fps" and not (self.value > 0 and math.isfinite(self.value)):
             raise ConfigError(f"sampling fps={self.value:g} is not valid; give frames per second > 0")
+        if self.mode == "fps" and self.value > MAX_FPS:
+            raise ConfigError(f"sampling fps={self.value:g} is above {MAX_FPS}; to keep every frame use every=1 "
+                              f"(--every 1)")
         if self.mode == "scene" and not (0 < self.value < 1):
             raise ConfigError(f"scene threshold {self.value:g} is not valid; give a fraction in (0, 1), e.g. 0.15")
 
@@ -127,6 +132,8 @@ def fps_indices(n_frames: int, video_fps: float, fps: float) -> np.ndarray:
     """Frames nearest to t = 0, 1/fps, 2/fps, ... for every t before the video's end."""
     if not (video_fps > 0 and math.isfinite(video_fps)):
         raise ConfigError(f"video frame rate {video_fps!r} is unknown; use every=N or uniform=K sampling instead")
+    if fps >= video_fps:  # a step of at most one frame reaches every frame
+        return np.arange(max(0, n_frames), dtype=np.int64)
     duration = n_frames / video_fps
     # A tiny epsilon so that 10 s at 1 fps gives t = 0..9 (10 frames), not 11 through rounding.
     count = max(1, math.ceil(duration * fps - 1e-9))
@@ -149,13 +156,15 @@ def fps_indices_by_time(timestamps: np.ndarray, fps: float) -> np.ndarray:
     # Container timestamps are often float32 or rounded to the time base: a slack of 1e-4 periods
     # keeps 2.5000001 s at 2 fps from adding a target at the very end.
     count = max(1, math.ceil((end - t0) * fps - 1e-4))
-    targets = t0 + np.arange(count) / fps
-    right = np.clip(np.searchsorted(ts, targets, side="left"), 0, n - 1)
-    left = np.clip(right - 1, 0, n - 1)
-    # 1e-9 s slack: a timestamp stored as 0.5000000001 still ties with 0.4999999999
-    take_left = np.abs(targets - ts[left]) <= np.abs(ts[right] - targets) + 1e-9
-    idx = np.where(take_left, left, right)
-    return np.unique(idx).astype(np.int64)
+    chosen = np.zeros(n, bool)
+    for start in range(0, count, _TARGETS_PER_CHUNK):  # a long video at a high rate: bounded memory
+        targets = t0 + np.arange(start, min(count, start + _TARGETS_PER_CHUNK)) / fps
+        right = np.clip(np.searchsorted(ts, targets, side="left"), 0, n - 1)
+        left = np.clip(right - 1, 0, n - 1)
+        # 1e-9 s slack: a timestamp stored as 0.5000000001 still ties with 0.4999999999
+        take_left = np.abs(targets - ts[left]) <= np.abs(ts[right] - targets) + 1e-9
+        chosen[np.where(take_left, left, right)] = True
+    return np.flatnonzero(chosen).astype(np.int64)
 
 
 def thumbnails(frames: np.ndarray) -> np.ndarray:

@@ -121,3 +121,28 @@ def test_timestamps_out_of_order_fall_back_to_the_average_rate():
     ts = np.arange(20) / 10.0
     ts[[5, 6]] = ts[[6, 5]]  # frame 6 claims 0.5 s, frame 5 0.6 s
     assert Sampling("fps", 2.0).select(ts, 10.0).tolist() == [0, 5, 10, 15]  # 0.5 s at 10 fps is frame 5
+
+
+def test_by_time_in_chunks_is_the_same_rule(monkeypatch):
+    """The sample times are looked up a chunk at a time (bounded memory): chunks of 7 give what
+    the naive rule gives, for rates below, at and far above the video's."""
+    from mergeseek.indexing import sampling
+
+    rng = np.random.default_rng(1)
+    ts = np.cumsum(rng.choice([1 / 30, 1 / 15, 1 / 60], size=120))
+    monkeypatch.setattr(sampling, "_TARGETS_PER_CHUNK", 7)
+    for fps in (0.7, 3.0, 30.0, 240.0, 999.0):
+        assert fps_indices_by_time(ts, fps).tolist() == naive_by_time(ts, fps), fps
+
+
+@pytest.mark.parametrize("n, rate, fps", [(250, 25.0, 25.0), (250, 25.0, 60.0), (7, 24.0, 1000.0), (1, 30.0, 31.0)])
+def test_a_rate_at_or_above_the_videos_keeps_every_frame(n, rate, fps):
+    assert fps_indices(n, rate, fps).tolist() == list(range(n))
+    assert fps_indices_by_time(np.arange(n) / rate, fps).tolist() == list(range(n))
+
+
+def test_an_absurd_rate_is_refused_before_it_can_fill_the_memory():
+    """fps=1e9 on a 1 s clip once tried to hold 1e9 sample times (the process was killed)."""
+    with pytest.raises(ConfigError, match="above 1000.*every=1"):
+        Sampling.parse("fps=1e9")
+    assert Sampling.parse("fps=1000").value == 1000
