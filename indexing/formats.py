@@ -100,11 +100,11 @@ def unread_media(files) -> Optional[str]:
             counts[ext] = counts.get(ext, 0) + 1
     if not counts:
         return None
-    kinds = ", ".join(f"{n} {ext}" for ext, n in sorted(counts.items()))
+    kinds = ", ".join(f"{n} {ext} ({UNREAD_EXTS.get(ext, 'HEIC/HEIF')})" for ext, n in sorted(counts.items()))
     hint = "export them as JPEG or PNG to index them"
     if any(ext in HEIF_EXTS for ext in counts):
         hint = "pip install pillow-heif to read HEIC/HEIF photos; " + hint
-    return f"{sum(counts.values())} file(s) skipped, types not read ({kinds}): {hint}"
+    return f"{sum(counts.values())} file(s) skipped, types not read: {kinds}; {hint}"
 
 
 # Folders that hold a system's or a program's own copies, never the user's media: a Synology NAS
@@ -345,7 +345,9 @@ def _children(fh, start: int, end: int):
     import struct
 
     pos = start
-    while pos + 8 <= end:
+    for _ in range(100_000):  # real files have a handful of boxes per level; garbage stops here
+        if pos + 8 > end:
+            return
         fh.seek(pos)
         head = fh.read(16)
         size, kind = struct.unpack(">I4s", head[:8])

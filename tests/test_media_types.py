@@ -163,3 +163,24 @@ def test_hidden_entries_and_system_folders_are_passed_over(tmp_path):
             for s in sources] == [("trip", ["a.jpg"])]
     (named,), bad = discover([root / ".git"])
     assert named.path.name == ".git" and not bad
+
+
+def test_the_rotation_reader_shrugs_at_odd_files(tmp_path):
+    """Not an MP4, cut short, or endless tiny boxes: no rotation is read, nothing raises."""
+    import struct
+
+    from mergeseek.indexing.formats import video_rotation
+
+    odd = {
+        "empty.mp4": b"",
+        "zeros.mp4": b"\0" * 64,
+        "noise.mp4": np.random.default_rng(0).integers(0, 256, 100_000, dtype=np.uint8).tobytes(),
+        "tiny-boxes.mp4": struct.pack(">I4s", 8, b"free") * 200_000,
+        "cut-tkhd.mov": struct.pack(">I4s", 40, b"moov") + struct.pack(">I4s", 32, b"trak")
+        + struct.pack(">I4s", 24, b"tkhd") + b"\0" * 4,
+        "huge-size.mp4": struct.pack(">I4sQ", 1, b"moov", 2**62) + b"\0" * 32,
+    }
+    for name, data in odd.items():
+        (tmp_path / name).write_bytes(data)
+        assert video_rotation(tmp_path / name) == 0, name
+    assert video_rotation(tmp_path / "missing.mp4") == 0
