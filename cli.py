@@ -160,7 +160,9 @@ IndexDirOpt = Annotated[Path, typer.Option("--index", help="Index folder (manife
 def index_cmd(
     paths: Annotated[
         List[Path],
-        typer.Argument(help="Video files or folders: videos (mp4, mkv, webm, avi, mov), keyframes/ + map-keyframes/, images."),
+        typer.Argument(help="Video files or folders: videos (mp4, mkv, webm, avi, mov, m4v, mpg, ts, wmv, flv, 3gp, "
+                       "... see docs/INDEXING.md), keyframes/ + map-keyframes/, images (jpg, png, webp, tiff, avif, "
+                       "heic with pillow-heif, ...)."),
     ],
     *,
     index_dir: IndexDirOpt = Path("index"),
