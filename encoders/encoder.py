@@ -26,10 +26,11 @@ ImageLike = Any  # PIL.Image.Image, HxWx3 uint8 numpy array, or an already prepr
 
 
 def normalize_pretrained(pretrained: Optional[str]) -> Optional[str]:
-    """``none``/empty -> None (random init); anything else is a tag or a path, unchanged."""
+    """``none``/empty -> None (random init); a path with a leading ``~`` expanded (a quoted one
+    reaches us unexpanded); anything else (a tag, a path) unchanged."""
     if pretrained is None or str(pretrained).strip().lower() in ("", "none", "random"):
         return None
-    return str(pretrained)
+    return os.path.expanduser(str(pretrained)) if str(pretrained).startswith("~") else str(pretrained)
 
 
 def load_open_clip(model_name: str, pretrained: Optional[str], device: str = "cpu", image_size: Optional[int] = None):

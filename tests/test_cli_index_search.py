@@ -191,3 +191,12 @@ def test_video_names_match_whatever_unicode_composition_was_typed(tmp_path, mode
     assert {h["video_id"] for h in json.loads(out)} == {decomposed}
     code, out, err = run("search", "red", "--video", "Pho_Ha_Noi", "--index", tmp_path / "ix", "--json")
     assert code != 0 and "no video 'Pho_Ha_Noi'" in err
+
+
+def test_a_quoted_tilde_in_pretrained_is_the_home_folder(tmp_path, monkeypatch):
+    from mergeseek.encoders.encoder import normalize_pretrained
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert normalize_pretrained("~/ckpt/open_clip.pt") == str(tmp_path / "ckpt" / "open_clip.pt")
+    assert normalize_pretrained("laion2b_s34b_b79k") == "laion2b_s34b_b79k"
+    assert normalize_pretrained(" none ") is None and normalize_pretrained("/abs/x.pt") == "/abs/x.pt"
