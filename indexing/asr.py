@@ -231,6 +231,7 @@ class WhisperEngine(_Engine):
         except ImportError:
             raise MissingDependencyError(f"--asr whisper needs the faster-whisper package: {WHISPER_INSTALL} "
                                          "(and the model folder on disk: --asr whisper:PATH)") from None
+        path = str(Path(path).expanduser()) if str(path).startswith("~") else path  # the shell leaves whisper:~/x alone
         if not path or not Path(path).is_dir():
             raise InputError(f"--asr whisper:{path}: give the folder of a CTranslate2 Whisper model "
                              "(nothing is downloaded), e.g. --asr whisper:/models/faster-whisper-small")

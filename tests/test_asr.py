@@ -176,6 +176,9 @@ def test_engine_specs_take_options_and_round_trip(monkeypatch, tmp_path):
         asr.get_engine(f"whisper:{tmp_path / 'nope'}")
     w = asr.get_engine(f"whisper:{tmp_path},lang=vi,threads=2")
     assert str(w) == f"whisper:{tmp_path},lang=vi,threads=2" and str(asr.get_engine(str(w))) == str(w)
+    (tmp_path / "models" / "fw-small").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(tmp_path))  # whisper:~/x is left alone by the shell
+    assert str(asr.get_engine("whisper:~/models/fw-small")) == f"whisper:{tmp_path / 'models' / 'fw-small'}"
 
 
 def test_whisper_segments_come_through_with_their_confidence(monkeypatch, tmp_path):
