@@ -35,6 +35,11 @@ INSTALL_HINT = {
 
 
 # A damaged stretch this long ends the attempts: each failed frame costs a seek and a decode.
+READ_BYTES = 256 << 20  # decoded frames held by one read: bounds memory whatever the resolution
+# Video above 1080p is decoded at a 1080-pixel short side by decord2 (its scaler): its queue of decoded
+# frames held 5.2 GB for an 8K clip at full size, 1.1 GB scaled (and decoding took half the time);
+# the encoder (224 px), thumbnails (256 px) and OCR need no more.
+MAX_SHORT_SIDE = 1080
 MAX_FAILURES_IN_A_ROW = 16
 
 
@@ -132,6 +137,7 @@ class VideoReader:
         self._seq_reason = ""
         self._seq: Optional[Iterator[np.ndarray]] = None
         self._seq_pos = 0
+        self._shape: Optional[tuple] = None  # one decoded frame's (H, W, 3) (frame_shape)
 
     def __len__(self) -> int:
         return len(self.timestamps)
@@ -167,8 +173,9 @@ class VideoReader:
         """
         idx = [int(i) for i in indices]
         in_a_row = 0
-        for s in range(0, len(idx), batch_size):
-            chunk = idx[s : s + batch_size]
+        step = self.frames_per_read(idx[0], batch_size) if idx else batch_size
+        for s in range(0, len(idx), step):
+            chunk = idx[s : s + step]
             if not self.fell_back:
                 try:
                     yield chunk, self.get_batch(chunk)
@@ -189,6 +196,23 @@ class VideoReader:
                     in_a_row = 0
             if images:
                 yield got, np.stack(images)
+
+    def frame_shape(self, first: int = 0) -> Optional[tuple]:
+        """(H, W, 3) of the decoded frames, from decoding frame ``first`` once; None if it fails."""
+        if self._shape is None:
+            try:
+                self._shape = tuple(int(d) for d in self.get_batch([first]).shape[1:])
+            except DecodeError:  # the reads that follow say what is wrong
+                return None
+        return self._shape
+
+    def frames_per_read(self, first: int, batch_size: int) -> int:
+        """How many frames to decode at once: ``batch_size``, fewer when that many frames would hold
+        more than ``READ_BYTES`` (a batch of 32 frames of 8K video is 3.2 GB before any copy)."""
+        shape = self.frame_shape(first)
+        if shape is None:
+            return batch_size
+        return max(1, min(int(batch_size), READ_BYTES // max(1, int(np.prod(shape)))))
 
     def _one(self, index: int) -> Optional[np.ndarray]:
         """Frame ``index`` by random access, else from the sequential decoder; None if neither works."""
@@ -346,6 +370,16 @@ def open_video(path: Path, backend: str = DEFAULT_BACKEND, size: Optional[tuple[
     if len(reader) == 0:
         raise InputError(f"{path}: the video has no frames")
     return reader
+
+
+def bounded_size(shape: Optional[tuple], short_side: int = MAX_SHORT_SIDE) -> Optional[tuple[int, int]]:
+    """(width, height) to decode frames of ``shape`` (H, W, ...) at so that the short side is
+    ``short_side`` (even sizes, aspect kept), or None when they are no larger than that already."""
+    if shape is None or min(shape[0], shape[1]) <= short_side:
+        return None
+    h, w = int(shape[0]), int(shape[1])
+    scale = short_side / min(h, w)
+    return max(2, int(round(w * scale / 2)) * 2), max(2, int(round(h * scale / 2)) * 2)
 
 
 def _reader_for_portrait(path: Path) -> type:

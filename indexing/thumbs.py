@@ -304,9 +304,11 @@ def iter_decoded(kind: str, key: str, frame_idx: np.ndarray, paths: list, make: 
     from mergeseek.indexing.decoders import open_video
 
     vr = open_video(key)  # the default decoder, or torchcodec for a video stored turned (as indexing reads it)
+    idx = [int(i) for i in frame_idx]
     try:
-        for s in range(0, len(frame_idx), DECODE_CHUNK):
-            yield [make(f) for f in vr.get_batch([int(i) for i in frame_idx[s : s + DECODE_CHUNK]])]
+        step = vr.frames_per_read(idx[0], DECODE_CHUNK) if idx else DECODE_CHUNK  # 8K frames: fewer at once
+        for s in range(0, len(idx), step):
+            yield [make(f) for f in vr.get_batch(idx[s : s + step])]
     finally:
         vr.close()
 

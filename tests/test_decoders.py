@@ -196,7 +196,8 @@ def test_sequential_fallback_gives_the_same_frames_as_random_access(sample_video
 
     monkeypatch.setattr(vr, "_get_batch", refuse)
     got = [(chunk, imgs) for chunk, imgs in vr.read(want, batch_size=4)]
-    assert vr.fell_back and not vr.failed and len(calls) == 1 + len(want)  # the batch, then each frame alone
+    # the frame-size probe (frame_shape: the first wanted frame), the batch, then each frame alone
+    assert vr.fell_back and not vr.failed and calls[0] == [0] and calls[1] == want[:4] and len(calls) == 2 + len(want)
     assert [i for c, _ in got for i in c] == want
     assert np.array_equal(np.concatenate([imgs for _, imgs in got]), ref)
 
@@ -380,3 +381,45 @@ def test_thumbnails_of_a_turned_video_are_upright(turned_videos):
     path = turned_videos[(3, ".mov")]
     (chunk,) = list(iter_decoded("video", str(path), np.array([0, 24]), [str(path)] * 2, lambda f: f))
     assert [f.shape for f in chunk] == [(64, 48, 3), (64, 48, 3)]
+
+
+# ---------------------------------------------------------------------------- memory: large frames
+def test_decode_size_and_read_size_are_bounded():
+    from mergeseek.indexing.decoders import READ_BYTES, VideoReader, bounded_size
+
+    assert bounded_size((1080, 1920, 3)) is None and bounded_size((720, 1280, 3)) is None and bounded_size(None) is None
+    assert bounded_size((2160, 3840, 3)) == (1920, 1080) == bounded_size((4320, 7680, 3))
+    assert bounded_size((3840, 2160, 3)) == (1080, 1920)  # portrait
+    assert bounded_size((1441, 2561, 3)) == (1920, 1080) and bounded_size((1200, 1601, 3)) == (1440, 1080)  # even
+
+    class Sized(VideoReader):
+        def __init__(self, shape):
+            super().__init__("x.mp4")
+            self._shape = shape
+
+    assert Sized((4320, 7680, 3)).frames_per_read(0, 32) == READ_BYTES // (4320 * 7680 * 3) == 2
+    assert Sized((1080, 1920, 3)).frames_per_read(0, 32) == 32 and Sized((8000, 8000, 3)).frames_per_read(0, 32) == 1
+
+
+@needs_ffmpeg
+def test_video_above_1080p_is_decoded_at_1080p_with_the_same_frames(tmp_path):
+    """decord2's queue of full-size 8K frames held 5.2 GB; scaled in the decoder it held 1.1 GB. The
+    frames, times and sampled indices are those of the full-size decode, and what reaches the model
+    differs from it by the rescaling only."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    path = tmp_path / "qhd.mp4"
+    _ffmpeg("-f", "lavfi", "-i", "testsrc2=size=2560x1440:rate=5:duration=2", "-c:v", "libx264", "-preset", "ultrafast",
+            "-pix_fmt", "yuv420p", str(path))
+    source = MediaSource("video", path, path.stem, "x")
+    reader = SourceReader(source, Sampling.parse("fps=2"))
+    frames = [f for b in reader.batches() for f in b]
+    full = open_video(path, "decord")
+    want = Sampling.parse("fps=2").select(full.timestamps, full.avg_fps)
+    assert [f.frame_idx for f in frames] == want.tolist() and len(frames) == 4
+    assert [f.pts_time for f in frames] == [float(full.timestamps[i]) for i in want]
+    assert {f.image.shape for f in frames} == {(1080, 1920, 3)}
+    clip = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor()])
+    for f, ref in zip(frames, full.get_batch(want.tolist())):
+        assert (clip(Image.fromarray(f.image)) - clip(Image.fromarray(ref))).abs().mean() < 0.01
