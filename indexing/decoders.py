@@ -372,6 +372,17 @@ def open_video(path: Path, backend: str = DEFAULT_BACKEND, size: Optional[tuple[
     return reader
 
 
+def open_bounded(path: Path, backend: str = DEFAULT_BACKEND) -> VideoReader:
+    """``open_video`` at full size, or for decord2 video above 1080p at a 1080-pixel short side
+    (``MAX_SHORT_SIDE``): what indexing reads, and what re-reading a source later must read too."""
+    vr = open_video(path, backend)
+    size = bounded_size(vr.frame_shape(0)) if vr.backend == "decord" else None
+    if size is None:
+        return vr
+    vr.close()
+    return open_video(path, backend, size=size)
+
+
 def bounded_size(shape: Optional[tuple], short_side: int = MAX_SHORT_SIDE) -> Optional[tuple[int, int]]:
     """(width, height) to decode frames of ``shape`` (H, W, ...) at so that the short side is
     ``short_side`` (even sizes, aspect kept), or None when they are no larger than that already."""

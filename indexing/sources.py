@@ -26,7 +26,7 @@ import numpy as np
 from mergeseek.errors import InputError
 from mergeseek.indexing.aic import ReleaseParts, find_release
 from mergeseek.runtime import file_sig, first_by
-from mergeseek.indexing.decoders import DEFAULT_BACKEND, bounded_size, open_video
+from mergeseek.indexing.decoders import DEFAULT_BACKEND, open_bounded, open_video
 from mergeseek.indexing.formats import (
     IMAGE_EXTS,
     KEYFRAME_DIR,
@@ -399,11 +399,7 @@ class SourceReader:
     def frame_indices(self) -> tuple[np.ndarray, object]:
         """(indices to keep, the open ``VideoReader``: full size, or a 1080-pixel short side for
         larger decord2 video, see ``decoders.MAX_SHORT_SIDE``)."""
-        vr = self._open()
-        size = bounded_size(vr.frame_shape(0)) if vr.backend == "decord" else None
-        if size is not None:
-            vr.close()
-            vr = self._open(size=size)
+        vr = open_bounded(self.source.path, self.decoder)
         if self.sampling.mode != "scene":
             return self.sampling.select(vr.timestamps, vr.avg_fps), vr
         small = self._open(size=(SCENE_THUMB, SCENE_THUMB))

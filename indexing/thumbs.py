@@ -301,9 +301,9 @@ def iter_decoded(kind: str, key: str, frame_idx: np.ndarray, paths: list, make: 
         for s in range(0, len(paths), DECODE_CHUNK):
             yield [make(read_rgb(p)) for p in paths[s : s + DECODE_CHUNK]]  # the pixels indexing encoded
         return
-    from mergeseek.indexing.decoders import open_video
+    from mergeseek.indexing.decoders import open_bounded
 
-    vr = open_video(key)  # the default decoder, or torchcodec for a video stored turned (as indexing reads it)
+    vr = open_bounded(key)  # the frames indexing read: 1080p for larger video, torchcodec for a turned one
     idx = [int(i) for i in frame_idx]
     try:
         step = vr.frames_per_read(idx[0], DECODE_CHUNK) if idx else DECODE_CHUNK  # 8K frames: fewer at once

@@ -423,3 +423,7 @@ def test_video_above_1080p_is_decoded_at_1080p_with_the_same_frames(tmp_path):
     clip = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor()])
     for f, ref in zip(frames, full.get_batch(want.tolist())):
         assert (clip(Image.fromarray(f.image)) - clip(Image.fromarray(ref))).abs().mean() < 0.01
+    from mergeseek.indexing.thumbs import iter_decoded  # read again later (thumbs, --ocr): the same pixels
+
+    (again,) = list(iter_decoded("video", str(path), want, [str(path)] * len(want), lambda f: f))
+    assert all(np.array_equal(a, f.image) for a, f in zip(again, frames))
