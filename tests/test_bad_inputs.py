@@ -142,14 +142,14 @@ def test_an_unexpected_error_in_one_source_fails_that_source_not_the_run(tmp_pat
     d.mkdir()
     write_video(d / "a.mp4", [("red", 10)])
     write_video(d / "b.mp4", [("blue", 10)])
-    real_open = sources_mod.open_video
+    real_open = sources_mod.open_bounded  # how SourceReader opens a video
 
     def buggy(path, *args, **kwargs):  # a decoder bug (not an InputError) on one file
         if Path(path).name == "a.mp4":
             raise ZeroDivisionError("division by zero inside the decoder")
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(sources_mod, "open_video", buggy)
+    monkeypatch.setattr(sources_mod, "open_bounded", buggy)
     report = index_paths([d], tmp_path / "idx", encoder, IndexOptions())
     assert report.indexed == ["b"]
     (fail,) = report.failed
