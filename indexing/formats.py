@@ -38,6 +38,13 @@ HEIF_EXTS = (".heic", ".heif")  # iPhone photos: read when pillow-heif is instal
 UNREAD_EXTS = {
     **dict.fromkeys((".cr2", ".cr3", ".nef", ".arw", ".dng", ".orf", ".rw2", ".raf"), "camera raw"),
     ".psd": "Photoshop", ".svg": "vector", ".jxl": "JPEG XL", ".rm": "RealMedia", ".rmvb": "RealMedia",
+    # CCTV and dashcam exports: no container, so no frame rate or times; neither decoder reads them
+    **dict.fromkeys((".h264", ".264", ".h265", ".265", ".hevc"), "raw video stream"),
+}
+UNREAD_HINTS = {  # what to do, per kind (anything else: export as JPEG or PNG)
+    "RealMedia": "re-encode RealMedia: ffmpeg -i IN.rm OUT.mp4",
+    "raw video stream": "wrap a raw stream at its frame rate: ffmpeg -r 25 -i IN.h264 -c copy OUT.mkv",
+    "HEIC/HEIF": "pip install pillow-heif to read HEIC/HEIF photos",
 }
 KEYFRAME_DIR = "keyframes"
 KEYFRAME_MAP_DIR = "map-keyframes"
@@ -100,11 +107,10 @@ def unread_media(files) -> Optional[str]:
             counts[ext] = counts.get(ext, 0) + 1
     if not counts:
         return None
-    kinds = ", ".join(f"{n} {ext} ({UNREAD_EXTS.get(ext, 'HEIC/HEIF')})" for ext, n in sorted(counts.items()))
-    hint = "export them as JPEG or PNG to index them"
-    if any(ext in HEIF_EXTS for ext in counts):
-        hint = "pip install pillow-heif to read HEIC/HEIF photos; " + hint
-    return f"{sum(counts.values())} file(s) skipped, types not read: {kinds}; {hint}"
+    kind = {ext: UNREAD_EXTS.get(ext, "HEIC/HEIF") for ext in counts}
+    listed = ", ".join(f"{n} {ext} ({kind[ext]})" for ext, n in sorted(counts.items()))
+    hints = list(dict.fromkeys(UNREAD_HINTS.get(k, "export the others as JPEG or PNG") for k in kind.values()))
+    return f"{sum(counts.values())} file(s) skipped, types not read: {listed}; {'; '.join(hints)}"
 
 
 # Folders that hold a system's or a program's own copies, never the user's media: a Synology NAS

@@ -113,13 +113,15 @@ def test_media_that_is_not_read_is_reported_once_per_folder(tmp_path, monkeypatc
     shoot = tmp_path / "shoot"
     shoot.mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(shoot / "ok.jpg")
-    for name in ("IMG_1.CR2", "IMG_2.cr2", "cover.psd", "IMG_3.HEIC", "notes.txt", "clip.srt"):
+    for name in ("IMG_1.CR2", "IMG_2.cr2", "cover.psd", "IMG_3.HEIC", "notes.txt", "clip.srt", "cam1.h264"):
         (shoot / name).write_bytes(b"\0" * 16)
     (src,), bad = discover([tmp_path])
     assert [Path(f.path).name for b in SourceReader(src, Sampling.parse("all"), 8).batches() for f in b] == ["ok.jpg"]
     assert len(bad) == 1 and bad[0].path == str(shoot)
-    assert "4 file(s) skipped" in bad[0].reason and "2 .cr2" in bad[0].reason and "1 .heic" in bad[0].reason
-    assert "1 .psd" in bad[0].reason and "pillow-heif" in bad[0].reason
+    why = bad[0].reason
+    assert "5 file(s) skipped" in why and "2 .cr2 (camera raw)" in why and "1 .heic (HEIC/HEIF)" in why
+    assert "1 .psd (Photoshop)" in why and "1 .h264 (raw video stream)" in why and "\n" not in why
+    assert "pip install pillow-heif" in why and "ffmpeg -r 25 -i IN.h264 -c copy OUT.mkv" in why and "JPEG or PNG" in why
     with pytest.raises(Exception, match="pillow-heif"):  # a lone HEIC names the fix too
         discover([shoot / "IMG_3.HEIC"])
 
@@ -184,3 +186,20 @@ def test_the_rotation_reader_shrugs_at_odd_files(tmp_path):
         (tmp_path / name).write_bytes(data)
         assert video_rotation(tmp_path / name) == 0, name
     assert video_rotation(tmp_path / "missing.mp4") == 0
+
+
+@needs_ffmpeg
+def test_the_hint_for_a_raw_stream_gives_a_file_that_indexes(tmp_path):
+    """A CCTV-style raw H.264 stream (.h264) is reported, not read; the command the report gives
+    (wrap it in a container at its frame rate) makes a file that decodes with the right times."""
+    raw = tmp_path / "cam1.h264"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=25:duration=2",
+                    "-c:v", "libx264", "-pix_fmt", "yuv420p", "-f", "h264", str(raw)], check=True, timeout=60)
+    with pytest.raises(Exception, match="raw video stream"):
+        discover([raw])
+    wrapped = tmp_path / "cam1.mkv"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-r", "25", "-i", str(raw), "-c", "copy", str(wrapped)],
+                   check=True, timeout=60)
+    (src,), bad = discover([wrapped])
+    frames = [f for b in SourceReader(src, Sampling.parse("fps=1"), 8).batches() for f in b]
+    assert not bad and [(f.frame_idx, round(f.pts_time, 2)) for f in frames] == [(0, 0.0), (25, 1.0)]
