@@ -43,7 +43,7 @@ UNREAD_EXTS = {
 }
 UNREAD_HINTS = {  # what to do, per kind (anything else: export as JPEG or PNG)
     "RealMedia": "re-encode RealMedia: ffmpeg -i IN.rm OUT.mp4",
-    "raw video stream": "wrap a raw stream at its frame rate: ffmpeg -r 25 -i IN.h264 -c copy OUT.mkv",
+    "raw video stream": "re-encode a raw stream at its frame rate: ffmpeg -r 25 -i IN.h264 OUT.mp4",
     "HEIC/HEIF": "pip install pillow-heif to read HEIC/HEIF photos",
 }
 KEYFRAME_DIR = "keyframes"

@@ -121,7 +121,7 @@ def test_media_that_is_not_read_is_reported_once_per_folder(tmp_path, monkeypatc
     why = bad[0].reason
     assert "5 file(s) skipped" in why and "2 .cr2 (camera raw)" in why and "1 .heic (HEIC/HEIF)" in why
     assert "1 .psd (Photoshop)" in why and "1 .h264 (raw video stream)" in why and "\n" not in why
-    assert "pip install pillow-heif" in why and "ffmpeg -r 25 -i IN.h264 -c copy OUT.mkv" in why and "JPEG or PNG" in why
+    assert "pip install pillow-heif" in why and "ffmpeg -r 25 -i IN.h264 OUT.mp4" in why and "JPEG or PNG" in why
     with pytest.raises(Exception, match="pillow-heif"):  # a lone HEIC names the fix too
         discover([shoot / "IMG_3.HEIC"])
 
@@ -190,16 +190,16 @@ def test_the_rotation_reader_shrugs_at_odd_files(tmp_path):
 
 @needs_ffmpeg
 def test_the_hint_for_a_raw_stream_gives_a_file_that_indexes(tmp_path):
-    """A CCTV-style raw H.264 stream (.h264) is reported, not read; the command the report gives
-    (wrap it in a container at its frame rate) makes a file that decodes with the right times."""
+    """A CCTV-style raw H.264 stream (.h264, here with B-frames) is reported, not read; the command
+    the report gives (re-encode at its frame rate: a plain remux of such a stream cannot place its
+    frames in time) makes a file that decodes with the right times."""
     raw = tmp_path / "cam1.h264"
     subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=25:duration=2",
                     "-c:v", "libx264", "-pix_fmt", "yuv420p", "-f", "h264", str(raw)], check=True, timeout=60)
     with pytest.raises(Exception, match="raw video stream"):
         discover([raw])
-    wrapped = tmp_path / "cam1.mkv"
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-r", "25", "-i", str(raw), "-c", "copy", str(wrapped)],
-                   check=True, timeout=60)
-    (src,), bad = discover([wrapped])
+    fixed = tmp_path / "cam1.mp4"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-r", "25", "-i", str(raw), str(fixed)], check=True, timeout=60)
+    (src,), bad = discover([fixed])
     frames = [f for b in SourceReader(src, Sampling.parse("fps=1"), 8).batches() for f in b]
     assert not bad and [(f.frame_idx, round(f.pts_time, 2)) for f in frames] == [(0, 0.0), (25, 1.0)]
