@@ -380,7 +380,9 @@ def open_bounded(path: Path, backend: str = DEFAULT_BACKEND) -> VideoReader:
     if size is None:
         return vr
     vr.close()
-    return open_video(path, backend, size=size)
+    vr = open_video(path, backend, size=size)
+    vr._shape = (size[1], size[0], 3)  # known: frames_per_read needs no second probe
+    return vr
 
 
 def bounded_size(shape: Optional[tuple], short_side: int = MAX_SHORT_SIDE) -> Optional[tuple[int, int]]:

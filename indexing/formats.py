@@ -346,8 +346,9 @@ def mp4_truncation(path: Path) -> Optional[Truncation]:
     return Truncation(size, offset, duration) if offset > size else None
 
 
-def _children(fh, start: int, end: int):
-    """(kind, body start, box end) of the boxes between ``start`` and ``end``."""
+def _children(fh, start: int, end: int, only: Optional[bytes] = None):
+    """(kind, body start, box end) of the boxes between ``start`` and ``end`` (those of kind
+    ``only`` when given)."""
     import struct
 
     pos = start
@@ -364,7 +365,8 @@ def _children(fh, start: int, end: int):
             size = end - pos
         if size < 8:
             return
-        yield kind, body, min(pos + size, end)
+        if only is None or kind == only:
+            yield kind, body, min(pos + size, end)
         pos += size
 
 
@@ -378,48 +380,44 @@ def video_rotation(path: Path) -> int:
     if path.suffix.lower() not in ISO_BMFF_EXTS:
         return 0
     try:
-        size = path.stat().st_size
         with open(path, "rb") as fh:
-            for kind, body, end in _children(fh, 0, size):
-                if kind != b"moov":
-                    continue
-                for trak_kind, trak_body, trak_end in _children(fh, body, end):
-                    if trak_kind != b"trak":
-                        continue
-                    for tk, tk_body, _ in _children(fh, trak_body, trak_end):
-                        if tk != b"tkhd":
-                            continue
-                        fh.seek(tk_body)
-                        version = fh.read(1)[0]
-                        fh.seek(tk_body + 4 + (32 if version == 1 else 20) + 16)
-                        m = struct.unpack(">9i", fh.read(36))
-                        width, height = struct.unpack(">II", fh.read(8))
-                        if width and height:  # the video track (sound tracks have no size)
-                            turns = -math.degrees(math.atan2(m[1], m[0])) / 90
-                            return int(round(turns)) % 4
+            for _, moov, moov_end in _children(fh, 0, path.stat().st_size, b"moov"):
+                for _, trak, trak_end in _children(fh, moov, moov_end, b"trak"):
+                    for _, tkhd, _ in _children(fh, trak, trak_end, b"tkhd"):
+                        turns = _tkhd_turns(fh, tkhd)
+                        if turns is not None:  # the video track (sound tracks have no size)
+                            return turns
                 return 0
     except (OSError, struct.error, IndexError):
         return 0
     return 0
 
 
+def _tkhd_turns(fh, body: int) -> Optional[int]:
+    """Quarter turns of a ``tkhd`` box's display matrix; None for a track without a picture size."""
+    import struct
+
+    fh.seek(body)
+    version = fh.read(1)[0]
+    fh.seek(body + 4 + (32 if version == 1 else 20) + 16)
+    m = struct.unpack(">9i", fh.read(36))
+    width, height = struct.unpack(">II", fh.read(8))
+    if not (width and height):
+        return None
+    return int(round(-math.degrees(math.atan2(m[1], m[0])) / 90)) % 4
+
+
 def _mvhd_duration(fh, moov_at: int, moov_size: int) -> Optional[float]:
     """Seconds from the ``mvhd`` box inside ``moov`` (None when absent or odd)."""
     import struct
 
-    pos, end = moov_at + 8, moov_at + moov_size
-    while pos + 8 <= end:
-        fh.seek(pos)
-        size, kind = struct.unpack(">I4s", fh.read(8))
-        if size < 8:
-            return None
-        if kind == b"mvhd":
-            version = fh.read(1)[0]
-            fh.read(3)
-            if version == 1:
-                _, _, scale, duration = struct.unpack(">QQIQ", fh.read(28))
-            else:
-                _, _, scale, duration = struct.unpack(">IIII", fh.read(16))
-            return duration / scale if scale else None
-        pos += size
+    for _, body, _ in _children(fh, moov_at + 8, moov_at + moov_size, b"mvhd"):
+        fh.seek(body)
+        version = fh.read(1)[0]
+        fh.read(3)
+        if version == 1:
+            _, _, scale, duration = struct.unpack(">QQIQ", fh.read(28))
+        else:
+            _, _, scale, duration = struct.unpack(">IIII", fh.read(16))
+        return duration / scale if scale else None
     return None

@@ -73,6 +73,14 @@ def stored_vectors(searcher) -> StoredVectors:
 
 def video_rows(searcher, video_id: str) -> np.ndarray:
     """Row numbers (into the searcher's metadata) of ``video_id``'s frames; one line for an unknown video."""
+    stored = resolve_video(searcher, video_id)  # builds the map first
+    return searcher._rows_by_video[stored]
+
+
+def resolve_video(searcher, video_id: Optional[str]) -> Optional[str]:
+    """``video_id`` as the searcher's index spells it (None stays None); one line for an unknown video."""
+    if video_id is None:
+        return None
     if getattr(searcher, "_rows_by_video", None) is None:
         names, inverse = np.unique(np.asarray(searcher._video, dtype=object), return_inverse=True)
         order = np.argsort(inverse, kind="stable")
@@ -81,7 +89,7 @@ def video_rows(searcher, video_id: str) -> np.ndarray:
     stored = match_video(video_id, searcher._rows_by_video)
     if stored is None:
         raise unknown_video(video_id, searcher.store.root, searcher._rows_by_video)
-    return searcher._rows_by_video[stored]
+    return stored
 
 
 def match_video(video_id: str, known) -> Optional[str]:
@@ -95,14 +103,6 @@ def match_video(video_id: str, known) -> Optional[str]:
     want = unicodedata.normalize("NFC", given.strip())
     found = [k for k in known if unicodedata.normalize("NFC", str(k)) == want]
     return str(found[0]) if len(found) == 1 else None
-
-
-def resolve_video(searcher, video_id: Optional[str]) -> Optional[str]:
-    """``video_id`` as the searcher's index spells it (None stays None); one line for an unknown video."""
-    if video_id is None:
-        return None
-    video_rows(searcher, video_id)  # builds the map, refuses an unknown id
-    return match_video(video_id, searcher._rows_by_video)
 
 
 def unknown_video(video_id: str, root, known) -> InputError:
