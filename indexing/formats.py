@@ -109,7 +109,8 @@ def unread_media(files) -> Optional[str]:
         return None
     kind = {ext: UNREAD_EXTS.get(ext, "HEIC/HEIF") for ext in counts}
     listed = ", ".join(f"{n} {ext} ({kind[ext]})" for ext, n in sorted(counts.items()))
-    hints = list(dict.fromkeys(UNREAD_HINTS.get(k, "export camera raw, Photoshop, vector and JPEG XL files as JPEG or PNG") for k in kind.values()))
+    other = "export camera raw, Photoshop, vector and JPEG XL files as JPEG or PNG"
+    hints = list(dict.fromkeys(UNREAD_HINTS.get(k, other) for k in kind.values()))
     return f"{sum(counts.values())} file(s) skipped, types not read: {listed}; {'; '.join(hints)}"
 
 
