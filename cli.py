@@ -194,8 +194,10 @@ def index_cmd(
     shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Vectors per committed shard.")] = 4096,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars over videos and frames.")] = True,
     decoder: Annotated[
-        str, typer.Option("--decoder", help="Video decoder: decord (decord2, the default) or torchcodec "
-                          "(pip install torchcodec; needs FFmpeg's shared libraries).")
+        str, typer.Option("--decoder", help="Video decoder: decord (decord2, the default), torchcodec "
+                          "(pip install torchcodec; needs FFmpeg's shared libraries) or ffmpeg (FFmpeg's command-line "
+                          "tools; with ffmpeg on PATH it also reads RealMedia, raw streams, MPEG program/transport "
+                          "streams and ASF/WMV, and what the chosen decoder cannot open; docs/INDEXING.md).")
     ] = "decord",
     ray_address: Annotated[
         Optional[str],

@@ -27,6 +27,7 @@ import numpy as np
 
 from mergeseek.errors import InputError
 from mergeseek.indexing.decoders import DEFAULT_BACKEND, require_backend
+from mergeseek.indexing.formats import FFMPEG_ONLY_EXTS, ffmpeg_ready
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +51,26 @@ def read_audio(path: Union[str, Path], sample_rate: int = SAMPLE_RATE, backend: 
     if int(sample_rate) <= 0:
         raise InputError(f"{path}: sample rate {sample_rate} is not valid; give a positive rate such as 16000")
     require_backend(backend)
-    try:
-        samples = _decode_decord(path, int(sample_rate)) if backend == "decord" else _decode_torchcodec(path, int(sample_rate))
-    except Exception as exc:  # the decoders raise their own types (DECORDError, RuntimeError, ValueError)
-        text = str(exc).strip()
-        if any(s in text.lower() for s in _NO_AUDIO):
-            if _holds_text(path):  # FFmpeg opens a text file as an "ansi" art video with no sound
-                raise InputError(f"{path}: not an audio or video file that can be read (it holds text)") from None
-            log.debug("%s has no audio stream", path)
-            return np.zeros(0, np.float32)
-        reason = re.sub(r"^\[[\d:]+\]\s*\S+:\d+:\s*", "", text.splitlines()[-1])[:200] if text else type(exc).__name__
-        raise InputError(f"{path}: not an audio or video file that can be read ({reason})") from None
+    if backend == "ffmpeg" or (path.suffix.lower() in FFMPEG_ONLY_EXTS and ffmpeg_ready()):
+        samples = _decode_ffmpeg(path, int(sample_rate))
+    else:
+        try:
+            samples = _decode_decord(path, int(sample_rate)) if backend == "decord" else _decode_torchcodec(path, int(sample_rate))
+        except Exception as exc:  # the decoders raise their own types (DECORDError, RuntimeError, ValueError)
+            text = str(exc).strip()
+            if any(s in text.lower() for s in _NO_AUDIO):
+                if _holds_text(path):  # FFmpeg opens a text file as an "ansi" art video with no sound
+                    raise InputError(f"{path}: not an audio or video file that can be read (it holds text)") from None
+                log.debug("%s has no audio stream", path)
+                return np.zeros(0, np.float32)
+            reason = re.sub(r"^\[[\d:]+\]\s*\S+:\d+:\s*", "", text.splitlines()[-1])[:200] if text else type(exc).__name__
+            error = InputError(f"{path}: not an audio or video file that can be read ({reason})")
+            if not ffmpeg_ready() or _holds_text(path):
+                raise error from None
+            try:  # what the library cannot read, FFmpeg's command may (as for video, decoders.open_video)
+                samples = _decode_ffmpeg(path, int(sample_rate))
+            except InputError:
+                raise error from None
     samples = np.asarray(samples, np.float32).reshape(-1)
     samples = _align_to_first_frame(path, samples, int(sample_rate))
     return np.clip(np.nan_to_num(samples), -1.0, 1.0)
@@ -119,6 +129,14 @@ def _decode_decord(path: Path, sample_rate: int) -> np.ndarray:
     import decord
 
     return decord.AudioReader(str(path), sample_rate=sample_rate, mono=True)[:].asnumpy()
+
+
+def _decode_ffmpeg(path: Path, sample_rate: int) -> np.ndarray:
+    from mergeseek.indexing.ffmpeg_cli import read_audio_ffmpeg
+
+    if _holds_text(path):  # FFmpeg opens a text file as an "ansi" art video with no sound
+        raise InputError(f"{path}: not an audio or video file that can be read (it holds text)")
+    return read_audio_ffmpeg(path, sample_rate)
 
 
 def _decode_torchcodec(path: Path, sample_rate: int) -> np.ndarray:

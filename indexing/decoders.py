@@ -10,6 +10,10 @@ Backends:
 * ``decord`` (default): the decord2 package (the maintained fork; ``import decord``).
 * ``torchcodec``: PyTorch's decoder (``pip install 'mergeseek[torchcodec]'``; needs FFmpeg's
   shared libraries, e.g. ``apt-get install ffmpeg``).
+* ``ffmpeg``: FFmpeg's command-line tools through a pipe (:mod:`indexing.ffmpeg_cli`; ``ffmpeg`` and
+  ``ffprobe`` on PATH). Slow at random access, and the only reader of RealMedia and raw H.264/H.265
+  streams. When ``ffmpeg`` is on PATH it is also the fallback for a file the chosen decoder cannot
+  open or cannot decode a first frame of (``open_video``).
 """
 
 from __future__ import annotations
@@ -22,15 +26,16 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from mergeseek.errors import ConfigError, InputError
-from mergeseek.indexing.formats import video_rotation
+from mergeseek.indexing.formats import FFMPEG_HINT, FFMPEG_ONLY_EXTS, ffmpeg_ready, video_rotation
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("decord", "torchcodec")
+BACKENDS = ("decord", "torchcodec", "ffmpeg")
 DEFAULT_BACKEND = "decord"
 INSTALL_HINT = {
     "decord": "pip install decord2",
     "torchcodec": "pip install torchcodec (and FFmpeg's shared libraries: apt-get install ffmpeg)",
+    "ffmpeg": FFMPEG_HINT,
 }
 
 
@@ -41,6 +46,12 @@ READ_BYTES = 256 << 20  # decoded frames held by one read: bounds memory whateve
 # the encoder (224 px), thumbnails (256 px) and OCR need no more.
 MAX_SHORT_SIDE = 1080
 MAX_FAILURES_IN_A_ROW = 16
+# Containers without a seek index where decord2 returns other frames than the ones asked for, with
+# no error: MPEG-2 in program streams (.mpg, .mpeg, .vob) and transport streams, H.264 with B-frames
+# in transport streams, WMV2 in ASF (tests/test_media_types.py compares every container's frames with
+# the source's). With decord (the default) these files are read through FFmpeg's command when it is
+# on PATH, and a warning says so otherwise.
+DECORD_WRONG_FRAMES = frozenset({".mpg", ".mpeg", ".vob", ".ts", ".m2ts", ".mts", ".wmv", ".asf"})
 
 
 class DecodeError(Exception):
@@ -75,6 +86,10 @@ def _import(backend: str):
     import importlib.util
     import sys
 
+    if backend == "ffmpeg":
+        if not ffmpeg_ready():
+            raise InputError(f"video decoder 'ffmpeg' needs ffmpeg and ffprobe on PATH; {FFMPEG_HINT}")
+        return None
     try:
         if backend == "decord":
             if "decord" not in sys.modules and importlib.util.find_spec("torch") is not None:
@@ -358,26 +373,63 @@ def open_video(path: Path, backend: str = DEFAULT_BACKEND, size: Optional[tuple[
         raise InputError(f"{path}: permission denied; make the file readable (chmod a+r) or run as its owner") from None
     except FileNotFoundError:
         raise InputError(f"{path}: does not exist (a broken link, or removed during the run)") from None
-    cls = DecordReader if backend == "decord" else TorchcodecReader
-    if backend == "decord" and video_rotation(path) in (1, 3):
-        cls = _reader_for_portrait(path)
+    suffix = path.suffix.lower()
+    if backend == "ffmpeg" or suffix in FFMPEG_ONLY_EXTS:
+        return _ffmpeg_reader(path, size)
+    if backend == "decord" and suffix in DECORD_WRONG_FRAMES:
+        if ffmpeg_ready():
+            return _ffmpeg_reader(path, size)
+        log.warning("%s: decord2 decodes the wrong frames of some %s files (measured here: MPEG program and transport "
+                    "streams, ASF/WMV); install FFmpeg (%s), which then reads them, or remux: ffmpeg -i IN -c copy "
+                    "OUT.mkv", path, suffix, FFMPEG_HINT)
+    _import(backend)  # a decoder that does not load is the run's problem, not the file's: no fallback
     try:
-        reader = cls(path, size)
-    except InputError:
-        raise
-    except Exception as exc:  # decord raises DECORDError/RuntimeError; torchcodec RuntimeError/ValueError
-        raise _open_error(path, backend, exc) from None
+        cls = DecordReader if backend == "decord" else TorchcodecReader
+        if backend == "decord" and video_rotation(path) in (1, 3):
+            cls = _reader_for_portrait(path)
+        try:
+            reader = cls(path, size)
+        except InputError:
+            raise
+        except Exception as exc:  # decord raises DECORDError/RuntimeError; torchcodec RuntimeError/ValueError
+            raise _open_error(path, backend, exc) from None
+        if len(reader) == 0:
+            raise InputError(f"{path}: the video has no frames")
+        if ffmpeg_ready() and reader.frame_shape(0) is None:
+            raise InputError(f"{path}: {backend} cannot decode its first frame")
+        return reader
+    except InputError as exc:
+        if not ffmpeg_ready():
+            raise
+        try:
+            reader = _ffmpeg_reader(path, size)
+            reader.get_batch([0])  # it decodes: else the first decoder's reason says more
+        except (InputError, DecodeError):
+            raise exc from None
+        log.info("%s: read through the ffmpeg command (%s)", path, exc)
+        return reader
+
+
+def _ffmpeg_reader(path: Path, size: Optional[tuple[int, int]]) -> VideoReader:
+    from mergeseek.indexing.ffmpeg_cli import FfmpegReader
+
+    if not ffmpeg_ready():
+        raise InputError(f"{path}: reading it needs FFmpeg's command-line tools; {FFMPEG_HINT}")
+    reader = FfmpegReader(path, size)
     if len(reader) == 0:
         raise InputError(f"{path}: the video has no frames")
     return reader
 
 
 def open_bounded(path: Path, backend: str = DEFAULT_BACKEND) -> VideoReader:
-    """``open_video`` at full size, or for decord2 video above 1080p at a 1080-pixel short side
-    (``MAX_SHORT_SIDE``): what indexing reads, and what re-reading a source later must read too."""
+    """``open_video`` at full size, or for decord2 and ffmpeg video above 1080p at a 1080-pixel short
+    side (``MAX_SHORT_SIDE``): what indexing reads, and what re-reading a source later must read too."""
     vr = open_video(path, backend)
-    size = bounded_size(vr.frame_shape(0)) if vr.backend == "decord" else None
+    size = bounded_size(vr.frame_shape(0)) if vr.backend in ("decord", "ffmpeg") else None
     if size is None:
+        return vr
+    if vr.backend == "ffmpeg":
+        vr.scale_to(size)
         return vr
     vr.close()
     vr = open_video(path, backend, size=size)

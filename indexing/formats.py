@@ -41,9 +41,13 @@ UNREAD_EXTS = {
     # CCTV and dashcam exports: no container, so no frame rate or times; neither decoder reads them
     **dict.fromkeys((".h264", ".264", ".h265", ".265", ".hevc"), "raw video stream"),
 }
+# ... of which these are read through FFmpeg's command-line tools when ffmpeg and ffprobe are on
+# PATH (indexing/ffmpeg_cli.py), and reported otherwise
+FFMPEG_ONLY_EXTS = frozenset(ext for ext, kind in UNREAD_EXTS.items() if kind in ("RealMedia", "raw video stream"))
+FFMPEG_HINT = "apt-get install ffmpeg (or any FFmpeg build with ffmpeg and ffprobe on PATH)"
 UNREAD_HINTS = {  # what to do, per kind (anything else: export as JPEG or PNG)
-    "RealMedia": "re-encode RealMedia: ffmpeg -i IN.rm OUT.mp4",
-    "raw video stream": "re-encode a raw stream at its frame rate: ffmpeg -r 25 -i IN.h264 OUT.mp4",
+    "RealMedia": f"install FFmpeg to read RealMedia and raw streams ({FFMPEG_HINT})",
+    "raw video stream": f"install FFmpeg to read RealMedia and raw streams ({FFMPEG_HINT})",
     "HEIC/HEIF": "pip install pillow-heif to read HEIC/HEIF photos",
 }
 KEYFRAME_DIR = "keyframes"
@@ -64,7 +68,21 @@ def is_image(p: Path) -> bool:
 
 def is_video(p: Path) -> bool:
     ext = Path(p).suffix.lower()
+    if ext in FFMPEG_ONLY_EXTS:
+        return ffmpeg_ready()
     return ext in VIDEO_EXTS and (ext != ".ts" or _mpeg_ts(Path(p)))
+
+
+_FFMPEG: list = []
+
+
+def ffmpeg_ready() -> bool:
+    """Whether FFmpeg's ``ffmpeg`` and ``ffprobe`` are on PATH (looked up once per process)."""
+    if not _FFMPEG:
+        import shutil
+
+        _FFMPEG.append(shutil.which("ffmpeg") is not None and shutil.which("ffprobe") is not None)
+    return _FFMPEG[0]
 
 
 def _mpeg_ts(p: Path) -> bool:
@@ -103,7 +121,7 @@ def unread_media(files) -> Optional[str]:
     counts: dict = {}
     for f in files:
         ext = Path(f).suffix.lower()
-        if ext in UNREAD_EXTS or (ext in HEIF_EXTS and not heif_ready()):
+        if (ext in UNREAD_EXTS and not (ext in FFMPEG_ONLY_EXTS and ffmpeg_ready())) or (ext in HEIF_EXTS and not heif_ready()):
             counts[ext] = counts.get(ext, 0) + 1
     if not counts:
         return None

@@ -426,8 +426,9 @@ class SourceReader:
             if done == 0:
                 if Path(path).suffix.lower() in MPEG_TS_EXTS:  # a whole transport stream that does not decode
                     raise InputError(f"{path}: {what}; decord and torchcodec cannot seek in some MPEG transport "
-                                     f"streams (H.264 with B-frames): remux it without re-encoding, ffmpeg -i IN "
-                                     f"-c copy OUT.mkv, and index the .mkv")
+                                     f"streams (H.264 with B-frames): install FFmpeg (apt-get install ffmpeg), which "
+                                     f"then reads them, or remux it without re-encoding, ffmpeg -i IN -c copy "
+                                     f"OUT.mkv, and index the .mkv")
                 raise InputError(f"{path}: {what}; the file is truncated or damaged, re-copy or re-encode it")
             reason = (f"partly indexed: {what}; {done} indexed (the file is truncated or damaged; re-copy it "
                       "and index again to add the rest)")

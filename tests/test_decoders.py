@@ -14,7 +14,7 @@ import pytest
 from test_indexing_support import COLOURS, encoder, index_contents, sample_videos, write_video  # noqa: F401
 
 from mergeseek.errors import ConfigError, InputError
-from mergeseek.indexing import Dedup, IndexOptions, index_paths
+from mergeseek.indexing import Dedup, IndexOptions, formats, index_paths
 from mergeseek.indexing.decoders import BACKENDS, DecodeError, open_video
 from mergeseek.indexing.sampling import Sampling, fps_indices
 from mergeseek.indexing.sources import MediaSource, SourceReader
@@ -188,6 +188,8 @@ def test_sequential_fallback_gives_the_same_frames_as_random_access(sample_video
     want = [0, 7, 30, 31, 100, 249]
     ref = open_video(path, backend).get_batch(want)
     vr = open_video(path, backend)
+    # open_video decodes the first frame when FFmpeg is on PATH (to know whether to fall back to it)
+    probe = [] if vr._shape is not None else [[0]]
     calls = []
 
     def refuse(indices):  # random access broken, as on a WebM without Cues
@@ -196,8 +198,9 @@ def test_sequential_fallback_gives_the_same_frames_as_random_access(sample_video
 
     monkeypatch.setattr(vr, "_get_batch", refuse)
     got = [(chunk, imgs) for chunk, imgs in vr.read(want, batch_size=4)]
-    # the frame-size probe (frame_shape: the first wanted frame), the batch, then each frame alone
-    assert vr.fell_back and not vr.failed and calls[0] == [0] and calls[1] == want[:4] and len(calls) == 2 + len(want)
+    # the frame-size probe (frame_shape: the first wanted frame) unless done, the batch, then each frame alone
+    assert vr.fell_back and not vr.failed and calls[: len(probe)] == probe
+    assert calls[len(probe)] == want[:4] and len(calls) == len(probe) + 1 + len(want)
     assert [i for c, _ in got for i in c] == want
     assert np.array_equal(np.concatenate([imgs for _, imgs in got]), ref)
 
@@ -212,7 +215,7 @@ def test_unknown_decoder_is_a_config_error_before_the_model_loads(tmp_path):
         index_paths([tmp_path], tmp_path / "idx", no_model, IndexOptions(decoder="pyav"))
     with pytest.raises(ConfigError, match="choose one of"):
         open_video(tmp_path / "v.mp4", "opencv")
-    assert BACKENDS == ("decord", "torchcodec")
+    assert BACKENDS == ("decord", "torchcodec", "ffmpeg")
 
 
 def test_empty_and_missing_files_are_one_line(tmp_path):
@@ -356,6 +359,10 @@ def test_a_portrait_video_without_torchcodec_names_the_ways_out(turned_videos, m
         return real(backend)
 
     monkeypatch.setattr(decoders, "_import", no_torchcodec)
+    # FFmpeg's command on PATH: it reads the file, upright (64x48 turned by 90 degrees is 48 wide)
+    vr = open_video(turned_videos[(1, ".mp4")], "decord")
+    assert vr.backend == "ffmpeg" and vr.get_batch([0]).shape == (1, 64, 48, 3)
+    monkeypatch.setattr(formats, "_FFMPEG", [False])  # and without it, the error names the ways out
     with pytest.raises(InputError, match="portrait.*pip install torchcodec.*ffmpeg -i IN"):
         open_video(turned_videos[(1, ".mp4")], "decord")
     assert len(open_video(turned_videos[(2, ".mp4")], "decord")) == 25  # upside down: decord2 turns it itself
@@ -369,8 +376,13 @@ def test_decords_garbage_for_a_turned_video_it_was_not_told_about_is_refused(tur
 
     monkeypatch.setattr(decoders, "video_rotation", lambda path: 0)
     path = turned_videos[(1, ".mp4")]
+    source = MediaSource("video", path, path.stem, "x")
+    # FFmpeg's command on PATH: decord2's first frame fails the check, and FFmpeg reads the file upright
+    frames = [f for b in SourceReader(source, Sampling.parse("fps=2")).batches() for f in b]
+    assert [f.image.shape for f in frames] == [(64, 48, 3)] * 2
+    monkeypatch.setattr(formats, "_FFMPEG", [False])  # without it, the line names the way out
     with pytest.raises(InputError, match="not H x W x 3.*--decoder torchcodec"):
-        [f for b in SourceReader(MediaSource("video", path, path.stem, "x"), Sampling.parse("fps=2")).batches() for f in b]
+        [f for b in SourceReader(source, Sampling.parse("fps=2")).batches() for f in b]
 
 
 @needs_ffmpeg

@@ -27,8 +27,6 @@ CODECS = {
     ".3gp": "-c:v h263 -s 128x96", ".vob": "-c:v mpeg2video -f vob", ".mxf": "-c:v mpeg2video",
     ".divx": "-c:v mpeg4 -f avi", ".ogv": "-c:v libtheora",
 }
-NEEDS_TORCHCODEC = {".ogv"}  # decord2 cannot read a Theora file's length: the error says so
-
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg (Debian package) makes the clips")
 
 
@@ -43,28 +41,80 @@ def test_every_listed_video_type_has_a_clip_recipe():
     assert set(CODECS) == set(VIDEO_EXTS)
 
 
+# Frame n of this source is flat grey at luma 20 + 4n: a decoded frame says which frame it is.
+NUMBERED = "nullsrc=s=64x48:r=25:d=2,geq=lum='20+4*N':cb=128:cr=128"
+
+
+@pytest.fixture
+def no_ffmpeg(monkeypatch):
+    """As on a machine without FFmpeg's command-line tools."""
+    monkeypatch.setattr(formats, "_FFMPEG", [False])
+
+
+def numbered_means() -> np.ndarray:
+    """Mean RGB value of every frame of ``NUMBERED``, as FFmpeg converts it (the reference)."""
+    raw = subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", NUMBERED, "-f", "rawvideo", "-pix_fmt",
+                          "rgb24", "-"], check=True, timeout=60, capture_output=True).stdout
+    return np.frombuffer(raw, np.uint8).reshape(-1, 48 * 64 * 3).mean(axis=1)
+
+
 @needs_ffmpeg
-def test_every_video_type_is_found_and_decoded(tmp_path):
+def test_every_video_type_is_found_and_decodes_the_frames_asked_for(tmp_path):
+    """Every container, read the default way, gives the frame each index names at its time. decord2
+    alone returns other frames of MPEG program and transport streams, with no error (the reason
+    those are read through FFmpeg's command when it is on PATH, decoders.DECORD_WRONG_FRAMES)."""
     for ext in VIDEO_EXTS:
-        make_clip(tmp_path / f"clip{ext.replace('.', '_')}{ext}")
+        subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", NUMBERED, "-an",
+                        *CODECS[ext].split(), str(tmp_path / f"clip{ext.replace('.', '_')}{ext}")], check=True, timeout=60)
+    want = numbered_means()
     sources, bad = discover([tmp_path])
     assert not bad
     assert sorted(s.path.suffix for s in sources) == sorted(VIDEO_EXTS)
     for s in sources:
-        reader = SourceReader(s, Sampling.parse("fps=1"), 8)
-        if s.path.suffix in NEEDS_TORCHCODEC:
-            with pytest.raises(Exception, match="torchcodec"):
-                list(reader.batches())
-            continue
+        reader = SourceReader(s, Sampling.parse("fps=3"), 8)
         frames = [f for b in reader.batches() for f in b]
-        assert [round(f.pts_time, 2) for f in frames] == [0.0, 1.0], s.path.name
+        assert [f.frame_idx for f in frames] == [0, 8, 17, 25, 33, 42], s.path.name
+        assert [round(f.pts_time, 2) for f in frames] == [round(f.frame_idx / 25, 2) for f in frames], s.path.name
+        shown = [int(np.abs(want - f.image.astype(float).mean()).argmin()) for f in frames]
+        assert shown == [f.frame_idx for f in frames], (s.path.name, shown)
         assert frames[0].image.dtype == np.uint8 and frames[0].image.ndim == 3 and not reader.skipped
 
 
 @needs_ffmpeg
-def test_a_transport_stream_that_does_not_decode_names_the_remux(tmp_path):
-    """H.264 with B-frames in MPEG-TS: neither decoder reads a frame of it here (a known limit,
-    docs/INDEXING.md); the error says how to get an indexable file, and the remuxed file indexes."""
+def test_without_ffmpeg_the_library_decoders_read_alone(tmp_path, no_ffmpeg, caplog):
+    """Without FFmpeg's command: a Theora file that decord2 cannot read fails alone naming
+    torchcodec, and an MPEG program stream is read by decord2 with a warning about its frames."""
+    ogv = make_clip(tmp_path / "a.ogv")
+    (src,), _ = discover([ogv])
+    with pytest.raises(Exception, match="torchcodec"):
+        list(SourceReader(src, Sampling.parse("fps=1"), 8).batches())
+    mpg = make_clip(tmp_path / "b.mpg")
+    (src,), _ = discover([mpg])
+    with caplog.at_level("WARNING"):
+        frames = [f for b in SourceReader(src, Sampling.parse("fps=1"), 8).batches() for f in b]
+    assert len(frames) == 2 and "wrong frames" in caplog.text and "install FFmpeg" in caplog.text
+
+
+@needs_ffmpeg
+def test_a_transport_stream_with_b_frames_is_read_through_ffmpeg(tmp_path):
+    """H.264 with B-frames in MPEG-TS, which decord2 decodes to other frames and torchcodec cannot
+    seek in: read through FFmpeg's command, every frame the one asked for."""
+    ts = tmp_path / "broadcast.ts"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", NUMBERED, "-c:v", "libx264", "-bf", "3",
+                    "-pix_fmt", "yuv420p", str(ts)], check=True, timeout=60)
+    (src,), _ = discover([ts])
+    reader = SourceReader(src, Sampling.parse("every=5"), 4)
+    frames = [f for b in reader.batches() for f in b]
+    want = numbered_means()
+    assert [f.frame_idx for f in frames] == list(range(0, 50, 5)) and not reader.skipped
+    assert [int(np.abs(want - f.image.astype(float).mean()).argmin()) for f in frames] == list(range(0, 50, 5))
+    assert [round(f.pts_time, 2) for f in frames] == [round(i / 25, 2) for i in range(0, 50, 5)]
+
+
+@needs_ffmpeg
+def test_a_transport_stream_that_does_not_decode_names_the_remux(tmp_path, no_ffmpeg):
+    """Without FFmpeg's command, H.264 with B-frames in MPEG-TS reads no frame here (docs/INDEXING.md);
+    the error says how to get an indexable file, and the remuxed file indexes."""
     ts = tmp_path / "broadcast.ts"
     subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=25:duration=2",
                     "-c:v", "libx264", "-pix_fmt", "yuv420p", str(ts)], check=True, timeout=60)
@@ -108,7 +158,7 @@ def test_image_types_are_read(tmp_path):
         assert f.image.shape == (16, 24, 3), f.path
 
 
-def test_media_that_is_not_read_is_reported_once_per_folder(tmp_path, monkeypatch):
+def test_media_that_is_not_read_is_reported_once_per_folder(tmp_path, monkeypatch, no_ffmpeg):
     monkeypatch.setattr(formats, "_HEIF", [False])  # as on a machine without pillow-heif
     shoot = tmp_path / "shoot"
     shoot.mkdir()
@@ -121,7 +171,7 @@ def test_media_that_is_not_read_is_reported_once_per_folder(tmp_path, monkeypatc
     why = bad[0].reason
     assert "5 file(s) skipped" in why and "2 .cr2 (camera raw)" in why and "1 .heic (HEIC/HEIF)" in why
     assert "1 .psd (Photoshop)" in why and "1 .h264 (raw video stream)" in why and "\n" not in why
-    assert "pip install pillow-heif" in why and "ffmpeg -r 25 -i IN.h264 OUT.mp4" in why and "JPEG or PNG" in why
+    assert "pip install pillow-heif" in why and "apt-get install ffmpeg" in why and "JPEG or PNG" in why
     with pytest.raises(Exception, match="pillow-heif"):  # a lone HEIC names the fix too
         discover([shoot / "IMG_3.HEIC"])
 
@@ -189,17 +239,36 @@ def test_the_rotation_reader_shrugs_at_odd_files(tmp_path):
 
 
 @needs_ffmpeg
-def test_the_hint_for_a_raw_stream_gives_a_file_that_indexes(tmp_path):
-    """A CCTV-style raw H.264 stream (.h264, here with B-frames) is reported, not read; the command
-    the report gives (re-encode at its frame rate: a plain remux of such a stream cannot place its
-    frames in time) makes a file that decodes with the right times."""
+@pytest.mark.parametrize("name,args", [("cam1.h264", "-c:v libx264 -pix_fmt yuv420p -f h264"),
+                                       ("cam2.h265", "-c:v libx265 -pix_fmt yuv420p -f hevc"),
+                                       ("old.rm", "-c:v rv20")])
+def test_raw_streams_and_realmedia_are_read_through_ffmpeg(tmp_path, name, args):
+    """A CCTV-style raw stream (no container: B-frames, no times) and RealMedia, which neither library
+    decoder reads: with FFmpeg's command on PATH they index, every frame the one asked for, timed at
+    the rate the stream states (10 frames/s here)."""
+    path = tmp_path / name
+    src10 = NUMBERED.replace("r=25:d=2", "r=10:d=5")
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", src10, *args.split(), str(path)],
+                   check=True, timeout=60)
+    (src,), bad = discover([path])
+    reader = SourceReader(src, Sampling.parse("fps=1"), 4)
+    frames = [f for b in reader.batches() for f in b]
+    raw = subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", src10, "-f", "rawvideo", "-pix_fmt", "rgb24",
+                          "-"], check=True, timeout=60, capture_output=True).stdout
+    want = np.frombuffer(raw, np.uint8).reshape(-1, 48 * 64 * 3).mean(axis=1)
+    assert not bad and not reader.skipped
+    assert [(f.frame_idx, round(f.pts_time, 2)) for f in frames] == [(10 * k, float(k)) for k in range(5)]
+    assert [int(np.abs(want - f.image.astype(float).mean()).argmin()) for f in frames] == [10 * k for k in range(5)]
+
+
+@needs_ffmpeg
+def test_without_ffmpeg_a_raw_stream_is_reported_with_the_fix(tmp_path, no_ffmpeg):
     raw = tmp_path / "cam1.h264"
     subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=25:duration=2",
                     "-c:v", "libx264", "-pix_fmt", "yuv420p", "-f", "h264", str(raw)], check=True, timeout=60)
-    with pytest.raises(Exception, match="raw video stream"):
+    with pytest.raises(Exception, match="raw video stream.*apt-get install ffmpeg"):
         discover([raw])
-    fixed = tmp_path / "cam1.mp4"
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-r", "25", "-i", str(raw), str(fixed)], check=True, timeout=60)
-    (src,), bad = discover([fixed])
-    frames = [f for b in SourceReader(src, Sampling.parse("fps=1"), 8).batches() for f in b]
-    assert not bad and [(f.frame_idx, round(f.pts_time, 2)) for f in frames] == [(0, 0.0), (25, 1.0)]
+    with pytest.raises(Exception, match="FFmpeg"):  # asked for by name, it fails alone saying what it needs
+        from mergeseek.indexing.decoders import open_video
+
+        open_video(raw)
