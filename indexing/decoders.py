@@ -46,12 +46,14 @@ READ_BYTES = 256 << 20  # decoded frames held by one read: bounds memory whateve
 # the encoder (224 px), thumbnails (256 px) and OCR need no more.
 MAX_SHORT_SIDE = 1080
 MAX_FAILURES_IN_A_ROW = 16
-# Containers without a seek index where decord2 returns other frames than the ones asked for, with
-# no error: MPEG-2 in program streams (.mpg, .mpeg, .vob) and transport streams, H.264 with B-frames
-# in transport streams, WMV2 in ASF (tests/test_media_types.py compares every container's frames with
-# the source's). With decord (the default) these files are read through FFmpeg's command when it is
-# on PATH, and a warning says so otherwise.
-DECORD_WRONG_FRAMES = frozenset({".mpg", ".mpeg", ".vob", ".ts", ".m2ts", ".mts", ".wmv", ".asf"})
+# Containers without a seek index where a library decoder returns other frames than the ones asked
+# for, with no error (python -m mergeseek.bench.decoders frames; docs/BENCHMARKS.md "1c"): decord2 on
+# MPEG-2 in program streams (.mpg, .mpeg, .vob) and transport streams, H.264 with B-frames in
+# transport streams and WMV2 in ASF; torchcodec on H.264 with B-frames in transport streams (and it
+# cannot seek in the MPEG-2 ones). With these decoders such files are read through FFmpeg's command
+# when it is on PATH, and a warning says so otherwise.
+_MPEG_STREAMS = frozenset({".mpg", ".mpeg", ".vob", ".ts", ".m2ts", ".mts"})
+WRONG_FRAMES = {"decord": _MPEG_STREAMS | {".wmv", ".asf"}, "torchcodec": _MPEG_STREAMS}
 
 
 class DecodeError(Exception):
@@ -376,12 +378,12 @@ def open_video(path: Path, backend: str = DEFAULT_BACKEND, size: Optional[tuple[
     suffix = path.suffix.lower()
     if backend == "ffmpeg" or suffix in FFMPEG_ONLY_EXTS:
         return _ffmpeg_reader(path, size)
-    if backend == "decord" and suffix in DECORD_WRONG_FRAMES:
+    if suffix in WRONG_FRAMES.get(backend, ()):
         if ffmpeg_ready():
             return _ffmpeg_reader(path, size)
-        log.warning("%s: decord2 decodes the wrong frames of some %s files (measured here: MPEG program and transport "
-                    "streams, ASF/WMV); install FFmpeg (%s), which then reads them, or remux: ffmpeg -i IN -c copy "
-                    "OUT.mkv", path, suffix, FFMPEG_HINT)
+        log.warning("%s: %s decodes the wrong frames of some %s files (measured here, docs/INDEXING.md); install FFmpeg "
+                    "(%s), which then reads them, or remux: ffmpeg -i IN -c copy OUT.mkv", path, backend, suffix,
+                    FFMPEG_HINT)
     _import(backend)  # a decoder that does not load is the run's problem, not the file's: no fallback
     try:
         cls = DecordReader if backend == "decord" else TorchcodecReader

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import subprocess
 import tempfile
@@ -60,9 +61,15 @@ def _passthrough_args() -> tuple:
     return ("-fps_mode", "passthrough")
 
 
+def _url(path: Path) -> str:
+    """The file as FFmpeg must be given it: ``file:`` and the absolute path, so that a name such as
+    ``concat:a.mp4`` or ``http:x.mp4`` is not taken for a protocol, nor ``-x.mp4`` for an option."""
+    return "file:" + os.path.abspath(str(path))
+
+
 def _probe(args: list, path: Path) -> str:
     try:
-        done = subprocess.run(["ffprobe", "-v", "error", *args, "-i", str(path)], capture_output=True, text=True,
+        done = subprocess.run(["ffprobe", "-v", "error", *args, "-i", _url(path)], capture_output=True, text=True,
                               timeout=PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         raise InputError(f"{path}: ffprobe took over {PROBE_TIMEOUT_S} s to list its frames; copy the file to a "
@@ -175,7 +182,7 @@ class FfmpegReader(VideoReader):
         chain = f"scale={w}:{h}"
         if select:  # frame numbers n count decoded frames in presentation order, as our indices do
             chain = "select='" + "+".join(f"eq(n,{i})" for i in select) + "'," + chain
-        return ["ffmpeg", "-nostdin", "-hide_banner", "-v", "error", "-i", str(self.path), "-map", "0:v:0",
+        return ["ffmpeg", "-nostdin", "-hide_banner", "-v", "error", "-i", _url(self.path), "-map", "0:v:0",
                 *_passthrough_args(), "-vf", chain, "-pix_fmt", "rgb24", "-f", "rawvideo", "pipe:1"]
 
     def _sequential(self, select: Optional[list] = None) -> Iterator[np.ndarray]:
@@ -295,7 +302,7 @@ def read_audio_ffmpeg(path: Path, sample_rate: int) -> np.ndarray:
     if not has_audio:
         return np.zeros(0, np.float32)
     with tempfile.TemporaryFile() as err:
-        done = subprocess.run(["ffmpeg", "-nostdin", "-hide_banner", "-v", "error", "-i", str(path), "-map", "0:a:0",
+        done = subprocess.run(["ffmpeg", "-nostdin", "-hide_banner", "-v", "error", "-i", _url(path), "-map", "0:a:0",
                                "-ac", "1", "-ar", str(int(sample_rate)), "-f", "f32le", "pipe:1"],
                               stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL)
         if done.returncode != 0:

@@ -69,7 +69,7 @@ def _envelope_onsets(samples: np.ndarray, rate: int = 16000) -> tuple:
     return loud[0] / 10, loud[-1] / 10
 
 
-@pytest.mark.parametrize("backend", ["decord", "torchcodec"])
+@pytest.mark.parametrize("backend", ["decord", "torchcodec", "ffmpeg"])
 def test_a_sound_track_that_starts_late_is_placed_on_the_video_clock(tmp_path, backend):
     """A tone heard from 2.0 s to 4.0 s of a 5 s video, in a track that starts at 2.0 s: the
     samples put it at 2.0-4.0 s (speech found there lands on the frames shown then)."""
@@ -92,3 +92,43 @@ def test_a_sound_track_that_starts_late_is_placed_on_the_video_clock(tmp_path, b
                     "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", str(aligned)], check=True, timeout=60)
     first, last = _envelope_onsets(read_audio(aligned, backend=backend))
     assert first == 0.0 and 1.85 <= last <= 2.05
+
+
+def _ffmpeg(*args: str) -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg (Debian package) makes the clip")
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", *args], check=True, timeout=60)
+
+
+def test_the_ffmpeg_reader_hears_what_the_library_hears(tmp_path):
+    """``backend="ffmpeg"`` (FFmpeg's command through a pipe): the same samples as decord2's for a
+    tone in an MP4, nothing for a video without sound, and text refused as by the library."""
+    tone = tmp_path / "tone.mp4"
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48:rate=25:duration=2", "-f", "lavfi", "-i",
+            "sine=frequency=440:duration=2", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", str(tone))
+    lib, cli = read_audio(tone, backend="decord"), read_audio(tone, backend="ffmpeg")
+    assert cli.dtype == np.float32 and abs(len(cli) - len(lib)) <= 160 and abs(len(cli) - 32000) <= 1600
+    n = min(len(lib), len(cli))
+    assert np.corrcoef(lib[:n], cli[:n])[0, 1] > 0.99
+    silent = tmp_path / "silent.mp4"
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48:rate=25:duration=1", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+            str(silent))
+    assert len(read_audio(silent, backend="ffmpeg")) == 0
+    (tmp_path / "notes.txt").write_text("not a sound\n" * 50)
+    with pytest.raises(InputError, match="it holds text"):
+        read_audio(tmp_path / "notes.txt", backend="ffmpeg")
+
+
+def test_realmedia_sound_is_read_through_ffmpeg(tmp_path):
+    """RealMedia, which neither library reads: its sound comes through FFmpeg's command whatever the
+    chosen decoder (a 440 Hz tone, RealAudio 1.0 at 8 kHz)."""
+    rm = tmp_path / "old.rm"
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48:rate=25:duration=2", "-f", "lavfi", "-i",
+            "sine=frequency=440:duration=2", "-c:v", "rv20", "-c:a", "real_144", "-ar", "8000", "-ac", "1", str(rm))
+    x = read_audio(rm)  # the default decoder, decord2
+    assert abs(len(x) - 32000) <= 1600 and np.abs(x).max() > 0.05
+    spectrum = np.abs(np.fft.rfft(x[4000:20000]))
+    assert abs(int(spectrum.argmax()) - 440) <= 5  # the tone's frequency (16,000 samples at 16 kHz: 1 Hz bins)

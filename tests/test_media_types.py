@@ -62,7 +62,7 @@ def numbered_means() -> np.ndarray:
 def test_every_video_type_is_found_and_decodes_the_frames_asked_for(tmp_path):
     """Every container, read the default way, gives the frame each index names at its time. decord2
     alone returns other frames of MPEG program and transport streams, with no error (the reason
-    those are read through FFmpeg's command when it is on PATH, decoders.DECORD_WRONG_FRAMES)."""
+    those are read through FFmpeg's command when it is on PATH, decoders.WRONG_FRAMES)."""
     for ext in VIDEO_EXTS:
         subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", NUMBERED, "-an",
                         *CODECS[ext].split(), str(tmp_path / f"clip{ext.replace('.', '_')}{ext}")], check=True, timeout=60)
