@@ -64,13 +64,17 @@ def _reader(path: Path, backend: str):
     return {"decord": decoders.DecordReader, "torchcodec": decoders.TorchcodecReader, "ffmpeg": FfmpegReader}[backend](path)
 
 
-def frames(source: str, seconds: float, at: list) -> None:
+def frames(source: str, seconds: float, at: list, only=None) -> dict:
+    """Print (and return, per container and backend) the differences; ``only``: these containers."""
     from mergeseek.indexing.decoders import open_video
 
     backends = _backends()
+    table: dict = {}
     print(f"{'container':10s} " + " ".join(f"{b:>24s}" for b in backends))
     with tempfile.TemporaryDirectory() as tmp:
         for ext, args in CODECS.items():
+            if only and ext not in only:
+                continue
             clip = Path(tmp) / ("clip" + ext.split("-")[0])
             extra = args.split()
             if "-s" not in extra:
@@ -82,10 +86,14 @@ def frames(source: str, seconds: float, at: list) -> None:
                 try:
                     got = _reader(clip, b).get_batch(at)
                     ref = open_video(source, "decord", size=(got.shape[2], got.shape[1])).get_batch(at)
-                    cells.append("/".join(f"{np.abs(got[k].astype(int) - ref[k]).mean():.1f}" for k in range(len(at))))
+                    diffs = [float(np.abs(got[k].astype(int) - ref[k]).mean()) for k in range(len(at))]
+                    table[ext, b] = diffs
+                    cells.append("/".join(f"{d:.1f}" for d in diffs))
                 except Exception as exc:
+                    table[ext, b] = None
                     cells.append("error: " + str(exc).splitlines()[-1][:16])
             print(f"{ext:10s} " + " ".join(f"{c:>24s}" for c in cells), flush=True)
+    return table
 
 
 def cost(source: str, seconds: float, repeat: int) -> None:

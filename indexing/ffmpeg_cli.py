@@ -20,6 +20,7 @@ random access is slow (indexing reads forward; so do thumbnails and scene detect
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import re
@@ -100,27 +101,28 @@ def stream_info(path: Path) -> dict:
     """
     out = _probe(["-select_streams", "v:0", "-show_entries",
                   "stream=codec_name,width,height,avg_frame_rate,r_frame_rate:stream_side_data=rotation"
-                  ":stream_tags=rotate:format=format_name", "-of", "default=nw=0"], path)
-    fields: dict = {}
-    for line in out.splitlines():
-        key, sep, value = line.partition("=")
-        key = key.strip().removeprefix("TAG:")
-        if sep and key not in fields:
-            fields[key] = value.strip()
-    fmt, codec = fields.get("format_name", ""), fields.get("codec_name", "")
+                  ":stream_tags=rotate:format=format_name", "-of", "json"], path)
+    try:
+        probe = json.loads(out)
+    except ValueError:
+        raise InputError(f"{path}: ffprobe's answer about it cannot be read") from None
+    streams = probe.get("streams") or [{}]
+    fields = streams[0]
+    fmt, codec = str((probe.get("format") or {}).get("format_name", "")), str(fields.get("codec_name", ""))
     if codec in ("", "none", "unknown") or "width" not in fields:
         raise InputError(f"{path}: no video stream that FFmpeg can decode (no video track, or an unknown codec)")
     if codec == "ansi" or any(tag in fmt for tag in NOT_VIDEO_FORMATS):
         raise InputError(f"{path}: not a video (FFmpeg reads it as {fmt or codec})")
     try:
         width, height = int(fields["width"]), int(fields["height"])
-    except ValueError:
+    except (TypeError, ValueError):
         raise InputError(f"{path}: the video stream states no frame size") from None
     if width <= 0 or height <= 0:
         raise InputError(f"{path}: the video stream states no frame size")
+    side = [d.get("rotation") for d in fields.get("side_data_list") or [] if isinstance(d, dict)]
     try:
-        turn = float(fields.get("rotation") or fields.get("rotate") or 0)
-    except ValueError:
+        turn = float(next((r for r in side if r is not None), None) or (fields.get("tags") or {}).get("rotate") or 0)
+    except (TypeError, ValueError):
         turn = 0.0
     if round(turn) % 180 == 90:
         width, height = height, width
@@ -134,9 +136,16 @@ def packet_times(path: Path) -> np.ndarray:
 
     A raw stream has no times. MPEG program streams (.mpg, .vob) give a pts to some packets only,
     and the decode times FFmpeg guesses for the others skip and repeat values (measured on a clip
-    made here), so neither is used: such streams are constant-rate in practice (DVD, broadcast)."""
-    out = _probe(["-select_streams", "v:0", "-show_entries", "packet=pts_time", "-of", "csv=p=0"], path)
-    times = [_seconds(line.strip().split(",")[0]) for line in out.splitlines() if line.strip().strip(",")]
+    made here), so neither is used: such streams are constant-rate in practice (DVD, broadcast).
+    Packets flagged to be discarded (the frames before an MP4 edit point, which FFmpeg decodes but
+    does not output) are left out, so the count is that of the frames ``ffmpeg`` gives."""
+    out = _probe(["-select_streams", "v:0", "-show_entries", "packet=pts_time,flags", "-of", "csv=p=0"], path)
+    times = []
+    for line in out.splitlines():
+        cells = line.strip().split(",")
+        if not line.strip().strip(",") or (len(cells) > 1 and "D" in cells[1]):
+            continue  # a blank line, or a packet the container says to decode but not show (before an edit point)
+        times.append(_seconds(cells[0]))
     ts = np.asarray(times, dtype=np.float64)
     return np.sort(ts) if not np.isnan(ts).any() else np.full(len(ts), np.nan)
 
