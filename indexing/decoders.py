@@ -281,6 +281,11 @@ class DecordReader(VideoReader):
         except Exception:
             ts = np.full(n, np.nan)
         self.avg_fps = _finite(self._vr.get_avg_fps())
+        # Frames before an MP4/MOV edit point (a video trimmed without re-encoding: the frames from
+        # the keyframe before the cut are stored, to be decoded but not shown) get negative times
+        # here, and decord2 then counts, times and seeks such a file wrongly (open_video reads it
+        # with another decoder).
+        self.before_edit = int(np.sum(ts < -1e-6))
         self.timestamps = _fill_missing(ts, self.avg_fps)
 
     def _open(self, num_threads: int):
@@ -397,6 +402,8 @@ def open_video(path: Path, backend: str = DEFAULT_BACKEND, size: Optional[tuple[
             raise _open_error(path, backend, exc) from None
         if len(reader) == 0:
             raise InputError(f"{path}: the video has no frames")
+        if getattr(reader, "before_edit", 0):
+            reader = _instead_of_decord_for_edits(reader, size)
         if ffmpeg_ready() and reader.frame_shape(0) is None:
             raise InputError(f"{path}: {backend} cannot decode its first frame")
         return reader
@@ -447,6 +454,34 @@ def bounded_size(shape: Optional[tuple], short_side: int = MAX_SHORT_SIDE) -> Op
     h, w = int(shape[0]), int(shape[1])
     scale = short_side / min(h, w)
     return max(2, int(round(w * scale / 2)) * 2), max(2, int(round(h * scale / 2)) * 2)
+
+
+def _instead_of_decord_for_edits(reader: VideoReader, size: Optional[tuple[int, int]]) -> VideoReader:
+    """A reader for a video trimmed without re-encoding (``DecordReader.before_edit`` frames stored
+    before its edit point). decord2 counts those frames, gives them and the frames after them wrong
+    times, and returns other frames by random access; torchcodec and FFmpeg's command show the edit
+    (measured: tests/test_decoders.py). torchcodec when it loads, else FFmpeg's command when it is on
+    PATH, else decord2 with a warning."""
+    path, hidden = reader.path, reader.before_edit
+    try:
+        _import("torchcodec")
+        other: Optional[VideoReader] = TorchcodecReader(path, size)
+    except Exception:
+        other = None
+    if other is None and ffmpeg_ready():
+        try:
+            other = _ffmpeg_reader(path, size)
+        except InputError:
+            other = None
+    if other is None:
+        log.warning("%s: trimmed without re-encoding (%d frames stored before its edit point), which decord2 counts "
+                    "and times wrongly; pip install torchcodec or install FFmpeg (%s), which read it right, or "
+                    "re-encode it: ffmpeg -i IN OUT.mp4", path, hidden, FFMPEG_HINT)
+        return reader
+    log.info("%s: trimmed without re-encoding (%d frames before its edit point); read with %s", path, hidden,
+             other.backend)
+    reader.close()
+    return other
 
 
 def _reader_for_portrait(path: Path) -> type:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
+from mergeseek.errors import InputError
 from mergeseek.indexing import formats
 from mergeseek.indexing.formats import HEIF_EXTS, IMAGE_EXTS, VIDEO_EXTS, is_video
 from mergeseek.indexing.sources import Sampling, SourceReader, discover
@@ -272,3 +273,43 @@ def test_without_ffmpeg_a_raw_stream_is_reported_with_the_fix(tmp_path, no_ffmpe
         from mergeseek.indexing.decoders import open_video
 
         open_video(raw)
+
+
+@needs_ffmpeg
+def test_a_video_trimmed_without_re_encoding_shows_its_edit(tmp_path, monkeypatch, caplog):
+    """An MP4 cut with ``-c copy`` keeps the frames from the keyframe before the cut, to be decoded but
+    not shown (an edit list). decord2 counts them and gives them and the frames after them wrong
+    times; such a file is read with torchcodec or FFmpeg's command, so frame i is the i-th frame
+    shown, at i / 25 s."""
+    numbered = "nullsrc=s=64x48:r=25:d=4,geq=lum='20+2*N':cb=128:cr=128"
+    whole, cut = tmp_path / "whole.mp4", tmp_path / "cut.mp4"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", numbered, "-c:v", "libx264", "-g", "100",
+                    "-pix_fmt", "yuv420p", str(whole)], check=True, timeout=60)
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-ss", "2", "-i", str(whole), "-c", "copy", str(cut)], check=True,
+                   timeout=60)
+    raw = subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", numbered, "-f", "rawvideo", "-pix_fmt",
+                          "rgb24", "-"], check=True, timeout=60, capture_output=True).stdout
+    want = np.frombuffer(raw, np.uint8).reshape(-1, 48 * 64 * 3).mean(axis=1)
+    from mergeseek.indexing.decoders import DecordReader
+
+    assert DecordReader(cut).before_edit > 0  # the case: decord2 sees frames before the edit point
+    (src,), _ = discover([cut])
+    frames = [f for b in SourceReader(src, Sampling.parse("every=10"), 4).batches() for f in b]
+    assert [f.frame_idx for f in frames] == [0, 10, 20, 30, 40]
+    assert [round(f.pts_time, 2) for f in frames] == [0.0, 0.4, 0.8, 1.2, 1.6]
+    assert [int(np.abs(want - f.image.astype(float).mean()).argmin()) for f in frames] == [50, 60, 70, 80, 90]
+    # with neither torchcodec nor FFmpeg's command: decord2 reads it, with a warning naming both
+    from mergeseek.indexing import decoders
+
+    real = decoders._import
+
+    def no_torchcodec(backend):
+        if backend == "torchcodec":
+            raise InputError("video decoder 'torchcodec' cannot be loaded (No module named 'torchcodec')")
+        return real(backend)
+
+    monkeypatch.setattr(decoders, "_import", no_torchcodec)
+    monkeypatch.setattr(formats, "_FFMPEG", [False])
+    with caplog.at_level("WARNING"):
+        assert decoders.open_video(cut).backend == "decord"
+    assert "trimmed without re-encoding" in caplog.text and "pip install torchcodec" in caplog.text
