@@ -33,7 +33,11 @@ CODECS = {
     ".m2ts": "-c:v libx264 -pix_fmt yuv420p -bf 0", ".flv": "-c:v flv1", ".wmv": "-c:v wmv2", ".asf": "-c:v wmv2",
     ".3gp": "-c:v h263 -s 128x96", ".vob": "-c:v mpeg2video -f vob", ".mxf": "-c:v mpeg2video",
     ".divx": "-c:v mpeg4 -f avi", ".ogv": "-c:v libtheora",
+    # trimmed without re-encoding: encoded with one keyframe, then cut 1 s in with -c copy, so the
+    # frames of its first second stay stored before the edit point (compared with source frame i + 25)
+    ".mp4-cut": "-c:v libx264 -pix_fmt yuv420p -g 250 -f mp4",
 }
+CUT_S = 1.0
 
 
 def default_source() -> str:
@@ -79,13 +83,20 @@ def frames(source: str, seconds: float, at: list, only=None) -> dict:
             extra = args.split()
             if "-s" not in extra:
                 extra += ["-vf", "scale=320:-2"]
-            subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", source, "-t", str(seconds), "-an", *extra, str(clip)],
+            length = seconds + (CUT_S if ext.endswith("-cut") else 0.0)  # the cut keeps `seconds` shown
+            subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", source, "-t", str(length), "-an", *extra, str(clip)],
                            check=True, timeout=600)
+            shift = 0
+            if ext.endswith("-cut"):
+                whole, clip = clip, Path(tmp) / "cut.mp4"
+                subprocess.run(["ffmpeg", "-v", "error", "-y", "-ss", str(CUT_S), "-i", str(whole), "-c", "copy", str(clip)],
+                               check=True, timeout=600)
+                shift = int(round(CUT_S * open_video(source, "decord").avg_fps))
             cells = []
             for b in backends:
                 try:
                     got = _reader(clip, b).get_batch(at)
-                    ref = open_video(source, "decord", size=(got.shape[2], got.shape[1])).get_batch(at)
+                    ref = open_video(source, "decord", size=(got.shape[2], got.shape[1])).get_batch([i + shift for i in at])
                     diffs = [float(np.abs(got[k].astype(int) - ref[k]).mean()) for k in range(len(at))]
                     table[ext, b] = diffs
                     cells.append("/".join(f"{d:.1f}" for d in diffs))
