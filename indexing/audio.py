@@ -27,7 +27,7 @@ import numpy as np
 
 from mergeseek.errors import InputError
 from mergeseek.indexing.decoders import DEFAULT_BACKEND, require_backend
-from mergeseek.indexing.formats import FFMPEG_ONLY_EXTS, ffmpeg_ready
+from mergeseek.indexing.formats import FFMPEG_ONLY_EXTS, ffmpeg_ready, holds_text
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,8 @@ def read_audio(path: Union[str, Path], sample_rate: int = SAMPLE_RATE, backend: 
     if int(sample_rate) <= 0:
         raise InputError(f"{path}: sample rate {sample_rate} is not valid; give a positive rate such as 16000")
     require_backend(backend)
+    if holds_text(path):  # FFmpeg reads text as an "ansi" art video, and follows a playlist named like media
+        raise InputError(f"{path}: not an audio or video file that can be read (it holds text)")
     if backend == "ffmpeg" or (path.suffix.lower() in FFMPEG_ONLY_EXTS and ffmpeg_ready()):
         samples = _decode_ffmpeg(path, int(sample_rate))
     else:
@@ -59,13 +61,13 @@ def read_audio(path: Union[str, Path], sample_rate: int = SAMPLE_RATE, backend: 
         except Exception as exc:  # the decoders raise their own types (DECORDError, RuntimeError, ValueError)
             text = str(exc).strip()
             if any(s in text.lower() for s in _NO_AUDIO):
-                if _holds_text(path):  # FFmpeg opens a text file as an "ansi" art video with no sound
+                if holds_text(path):  # FFmpeg opens a text file as an "ansi" art video with no sound
                     raise InputError(f"{path}: not an audio or video file that can be read (it holds text)") from None
                 log.debug("%s has no audio stream", path)
                 return np.zeros(0, np.float32)
             reason = re.sub(r"^\[[\d:]+\]\s*\S+:\d+:\s*", "", text.splitlines()[-1])[:200] if text else type(exc).__name__
             error = InputError(f"{path}: not an audio or video file that can be read ({reason})")
-            if not ffmpeg_ready() or _holds_text(path):
+            if not ffmpeg_ready() or holds_text(path):
                 raise error from None
             try:  # what the library cannot read, FFmpeg's command may (as for video, decoders.open_video)
                 samples = _decode_ffmpeg(path, int(sample_rate))
@@ -111,20 +113,6 @@ def _audio_offset(path: Path) -> "float | None":
     return offset if abs(offset) >= 0.05 else 0.0  # codec priming (tens of ms) is left as it is
 
 
-def _holds_text(path: Path) -> bool:
-    """The file starts as text (UTF-8, no control bytes but tab and line ends): no audio or video
-    container does (they open with binary magic: RIFF, fLaC, ID3 / frame sync, OggS, ftyp, EBML)."""
-    with open(path, "rb") as fh:
-        head = fh.read(4096)
-    try:
-        chars = head.decode("utf-8")
-    except UnicodeDecodeError as exc:  # a multi-byte character cut at the end of the 4096 bytes is still text
-        if exc.start < len(head) - 3:
-            return False
-        chars = head[: exc.start].decode("utf-8")
-    return all(c >= " " or c in "\t\n\r" for c in chars)
-
-
 def _decode_decord(path: Path, sample_rate: int) -> np.ndarray:
     import decord
 
@@ -134,7 +122,7 @@ def _decode_decord(path: Path, sample_rate: int) -> np.ndarray:
 def _decode_ffmpeg(path: Path, sample_rate: int) -> np.ndarray:
     from mergeseek.indexing.ffmpeg_cli import read_audio_ffmpeg
 
-    if _holds_text(path):  # FFmpeg opens a text file as an "ansi" art video with no sound
+    if holds_text(path):  # FFmpeg opens a text file as an "ansi" art video with no sound
         raise InputError(f"{path}: not an audio or video file that can be read (it holds text)")
     return read_audio_ffmpeg(path, sample_rate)
 

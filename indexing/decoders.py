@@ -26,7 +26,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from mergeseek.errors import ConfigError, InputError
-from mergeseek.indexing.formats import FFMPEG_HINT, FFMPEG_ONLY_EXTS, ffmpeg_ready, video_rotation
+from mergeseek.indexing.formats import FFMPEG_HINT, FFMPEG_ONLY_EXTS, ffmpeg_ready, holds_text, video_rotation
 
 log = logging.getLogger(__name__)
 
@@ -380,6 +380,9 @@ def open_video(path: Path, backend: str = DEFAULT_BACKEND, size: Optional[tuple[
         raise InputError(f"{path}: permission denied; make the file readable (chmod a+r) or run as its owner") from None
     except FileNotFoundError:
         raise InputError(f"{path}: does not exist (a broken link, or removed during the run)") from None
+    if holds_text(path):  # an HLS playlist or an ffconcat list named like a video: FFmpeg would follow it
+        raise InputError(f"{path}: cannot be decoded as a video: it holds text (a playlist or a list of files?); "
+                         "index the video files themselves")
     suffix = path.suffix.lower()
     if backend == "ffmpeg" or suffix in FFMPEG_ONLY_EXTS:
         return _ffmpeg_reader(path, size)

@@ -46,6 +46,8 @@ SELECT_MAX_FRAMES = 6000
 RAW_STREAM_FPS = 25.0  # what FFmpeg's raw H.264/H.265 demuxers assume when the stream states no rate
 # What FFmpeg opens as "video" but is not: text (drawn as ANSI art), one still image, a playlist.
 NOT_VIDEO_FORMATS = ("tty", "image2", "_pipe", "hls", "concat")
+# The input is a local file: no network protocol, whatever the file points to.
+LOCAL_ONLY = ("-protocol_whitelist", "file")
 
 
 @functools.lru_cache(maxsize=1)
@@ -70,7 +72,7 @@ def _url(path: Path) -> str:
 
 def _probe(args: list, path: Path) -> str:
     try:
-        done = subprocess.run(["ffprobe", "-v", "error", *args, "-i", _url(path)], capture_output=True, text=True,
+        done = subprocess.run(["ffprobe", "-v", "error", *LOCAL_ONLY, *args, "-i", _url(path)], capture_output=True, text=True,
                               timeout=PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         raise InputError(f"{path}: ffprobe took over {PROBE_TIMEOUT_S} s to list its frames; copy the file to a "
@@ -191,7 +193,7 @@ class FfmpegReader(VideoReader):
         chain = f"scale={w}:{h}"
         if select:  # frame numbers n count decoded frames in presentation order, as our indices do
             chain = "select='" + "+".join(f"eq(n,{i})" for i in select) + "'," + chain
-        return ["ffmpeg", "-nostdin", "-hide_banner", "-v", "error", "-i", _url(self.path), "-map", "0:v:0",
+        return ["ffmpeg", "-nostdin", "-hide_banner", "-v", "error", *LOCAL_ONLY, "-i", _url(self.path), "-map", "0:v:0",
                 *_passthrough_args(), "-vf", chain, "-pix_fmt", "rgb24", "-f", "rawvideo", "pipe:1"]
 
     def _sequential(self, select: Optional[list] = None) -> Iterator[np.ndarray]:
@@ -311,7 +313,7 @@ def read_audio_ffmpeg(path: Path, sample_rate: int) -> np.ndarray:
     if not has_audio:
         return np.zeros(0, np.float32)
     with tempfile.TemporaryFile() as err:
-        done = subprocess.run(["ffmpeg", "-nostdin", "-hide_banner", "-v", "error", "-i", _url(path), "-map", "0:a:0",
+        done = subprocess.run(["ffmpeg", "-nostdin", "-hide_banner", "-v", "error", *LOCAL_ONLY, "-i", _url(path), "-map", "0:a:0",
                                "-ac", "1", "-ar", str(int(sample_rate)), "-f", "f32le", "pipe:1"],
                               stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL)
         if done.returncode != 0:

@@ -73,6 +73,20 @@ def is_video(p: Path) -> bool:
     return ext in VIDEO_EXTS and (ext != ".ts" or _mpeg_ts(Path(p)))
 
 
+def holds_text(path: Path) -> bool:
+    """The file starts as text (UTF-8, no control bytes but tab and line ends): no audio or video
+    container does (they open with binary magic: RIFF, fLaC, ID3 / frame sync, OggS, ftyp, EBML)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    try:
+        chars = head.decode("utf-8")
+    except UnicodeDecodeError as exc:  # a multi-byte character cut at the end of the 4096 bytes is still text
+        if exc.start < len(head) - 3:
+            return False
+        chars = head[: exc.start].decode("utf-8")
+    return all(c >= " " or c in "\t\n\r" for c in chars)
+
+
 _FFMPEG: list = []
 
 

@@ -439,3 +439,24 @@ def test_video_above_1080p_is_decoded_at_1080p_with_the_same_frames(tmp_path):
 
     (again,) = list(iter_decoded("video", str(path), want, [str(path)] * len(want), lambda f: f))
     assert all(np.array_equal(a, f.image) for a, f in zip(again, frames))
+
+
+@pytest.mark.parametrize("backend", ["decord", "torchcodec", "ffmpeg"])
+def test_a_playlist_named_like_a_video_is_refused_not_followed(tmp_path, sample_videos, backend):  # noqa: F811
+    """An HLS playlist or an ffconcat list named .mp4 (FFmpeg reads them and opens the files they
+    name; torchcodec did): refused as text by every decoder, for video and for sound."""
+    from mergeseek.indexing.audio import read_audio
+
+    if backend == "torchcodec" and TORCHCODEC_WHY:
+        pytest.skip(TORCHCODEC_WHY)
+    if backend == "ffmpeg" and FFMPEG is None:
+        pytest.skip("ffmpeg is not installed")
+    target = sample_videos["bikes"]
+    lists = {"hls.mp4": f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\n{target}\n#EXT-X-ENDLIST\n",
+             "concat.mkv": f"ffconcat version 1.0\nfile '{target}'\n"}
+    for name, text in lists.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(InputError, match="it holds text"):
+            open_video(tmp_path / name, backend)
+        with pytest.raises(InputError, match="it holds text"):
+            read_audio(tmp_path / name, backend=backend)
