@@ -5,10 +5,15 @@ The third video backend (``--decoder ffmpeg``), and the one that reads what the 
 * raw H.264/H.265 streams (CCTV and dashcam exports: no container, so frames are timed at the
   stream's stated rate, 25 fps when it states none) and RealMedia (``.rm``, ``.rmvb``), which
   neither decord2 nor torchcodec reads;
-* any other video that the chosen decoder cannot open or cannot decode a first frame of (some
-  MPEG transport streams with B-frames, a phone video stored turned by 90 degrees when torchcodec
-  is not installed): ``decoders.open_video`` falls back to this reader when ``ffmpeg`` is on PATH,
-  with one log line, and re-reads of the file (thumbnails, scene detection) take the same path.
+* the containers where a library decoder returns other frames than the ones asked for, with no
+  error (``decoders.WRONG_FRAMES``: MPEG program and transport streams, ASF/WMV), and an MP4
+  trimmed without re-encoding when torchcodec is not there (``decoders.open_video``);
+* any other video that the chosen decoder cannot open or cannot decode a first frame of (Theora
+  for decord2, a phone video stored turned by 90 degrees when torchcodec is not installed):
+  ``decoders.open_video`` falls back to this reader when ``ffmpeg`` is on PATH, with one log line.
+
+Re-reads of a file (thumbnails, scene detection, the channels read later) go through
+``open_video`` too, so they take the same path as indexing did.
 
 How it reads: ``ffprobe`` lists the stream's packets (their presentation times, without decoding:
 a frame's time is its packet's, counted from the first frame as the other backends count it), and

@@ -60,8 +60,7 @@ class IndexOptions:
         read_workers: threads that hash and preprocess decoded frames (0: min(8, CPU count)).
         ngpu: GPUs for FAISS (-1: all that exist, 0: none).
         progress: tqdm bars over sources and frames.
-        decoder: video decoder, ``decord`` (decord2), ``torchcodec`` or ``ffmpeg`` (FFmpeg's command-line
-            tools; see ``indexing.decoders``).
+        decoder: video decoder, ``decord``, ``torchcodec`` or ``ffmpeg`` (see ``indexing.decoders``).
         release_parts: AI Challenge release parts that live elsewhere (``{"maps": DIR, "media_info": DIR,
             "videos": DIR, "objects": DIR, "features": DIR}``, see ``indexing.aic``).
         memory_budget: bytes the FAISS index may use, for ``index_type="auto"`` (None: 8 GiB).
