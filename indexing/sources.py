@@ -28,10 +28,12 @@ from mergeseek.indexing.aic import ReleaseParts, find_release
 from mergeseek.runtime import file_sig, first_by
 from mergeseek.indexing.decoders import DEFAULT_BACKEND, open_bounded, open_video
 from mergeseek.indexing.formats import (
+    HEIF_EXTS,
     IMAGE_EXTS,
     KEYFRAME_DIR,
     KEYFRAME_MAP_DIR,
     MPEG_TS_EXTS,
+    UNREAD_EXTS,
     VIDEO_EXTS,
     is_image,
     is_video,
@@ -148,6 +150,10 @@ def _os_problem(exc: OSError, what: str) -> str:
     return f"the {what} cannot be read ({exc.strerror or exc})"
 
 
+NOT_A_FILE = "not a regular file (a named pipe, socket or device); save the media to a file and index that"
+MEDIA_SUFFIXES = frozenset(VIDEO_EXTS) | frozenset(IMAGE_EXTS) | frozenset(HEIF_EXTS) | frozenset(UNREAD_EXTS)
+
+
 def _scan(folder: Path, bad: list) -> tuple[list[Path], list[Path]]:
     """(files, sub-folders) directly in ``folder``, each list in natural order.
 
@@ -173,6 +179,8 @@ def _scan(folder: Path, bad: list) -> tuple[list[Path], list[Path]]:
                 problem = _link_problem(p)
                 if problem:
                     bad.append(BadInput(str(p), problem))
+            elif Path(e.name).suffix.lower() in MEDIA_SUFFIXES:  # named like media, but not a file
+                bad.append(BadInput(str(p), NOT_A_FILE))
         except OSError as exc:  # e.g. ELOOP: a link loop raises instead of answering False
             bad.append(BadInput(str(p), (_link_problem(p) if os.path.islink(p) else None) or _os_problem(exc, "entry")))
     return sorted(files, key=natural_key), sorted(dirs, key=natural_key)
@@ -211,6 +219,9 @@ def discover(paths: Sequence[Path], release_parts: Optional[dict] = None) -> tup
             continue
         if not root.exists():
             bad.append(BadInput(str(raw), "does not exist"))
+            continue
+        if not root.is_file() and not root.is_dir():
+            bad.append(BadInput(str(raw), NOT_A_FILE))
             continue
         if root.is_file():
             if is_video(root):

@@ -313,3 +313,17 @@ def test_a_video_trimmed_without_re_encoding_shows_its_edit(tmp_path, monkeypatc
     with caplog.at_level("WARNING"):
         assert decoders.open_video(cut).backend == "decord"
     assert "trimmed without re-encoding" in caplog.text and "pip install torchcodec" in caplog.text
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="named pipes are a POSIX thing")
+def test_a_named_pipe_named_like_media_is_reported_not_opened(tmp_path):
+    """A FIFO named clip.mp4 (or a socket, a device) in a folder, or given by name: one line each, and
+    nothing blocks on opening it; a real image beside it still indexes."""
+    import os
+
+    os.mkfifo(tmp_path / "clip.mp4")
+    os.mkfifo(tmp_path / "notes")  # not named like media: passed over, as other files are
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "ok.png")
+    sources, bad = discover([tmp_path, tmp_path / "clip.mp4"])
+    assert [s.kind for s in sources] == ["images"]
+    assert [(Path(b.path).name, "not a regular file" in b.reason) for b in bad] == [("clip.mp4", True)] * 2
