@@ -82,8 +82,8 @@ def _align_to_first_frame(path: Path, samples: np.ndarray, sample_rate: int) -> 
     """Samples placed on the video's clock: silence put before a sound track that starts after the
     first frame (a recorder that started its microphone late; the decoders return the track from
     its own first sample), and sound before the first frame dropped. The start times come from
-    torchcodec's stream headers; without torchcodec (or for a file without video) the track is
-    taken to start with the first frame, as before."""
+    torchcodec's stream headers, else from ffprobe's; without either (or for a file without video)
+    the track is taken to start with the first frame, as before."""
     offset = _audio_offset(path)
     if offset is None or len(samples) == 0:
         return samples
@@ -95,7 +95,23 @@ def _align_to_first_frame(path: Path, samples: np.ndarray, sample_rate: int) -> 
 
 
 def _audio_offset(path: Path) -> "float | None":
-    """Seconds the first audio stream starts after the first video frame (None when unknown)."""
+    """Seconds the first audio stream starts after the first video frame (None when unknown): from
+    torchcodec's stream headers, else from ``ffprobe``'s when FFmpeg's tools are on PATH."""
+    offset = _offset_torchcodec(path)
+    if offset is None and ffmpeg_ready():
+        from mergeseek.indexing.ffmpeg_cli import stream_starts
+
+        try:
+            video, audio = stream_starts(path)
+        except InputError:
+            video = audio = None
+        offset = None if video is None or audio is None else audio - video
+    if offset is None:
+        return None
+    return offset if abs(offset) >= 0.05 else 0.0  # codec priming (tens of ms) is left as it is
+
+
+def _offset_torchcodec(path: Path) -> "float | None":
     import sys
 
     if "decord" in sys.modules and "torchcodec.decoders" not in sys.modules:
@@ -109,8 +125,7 @@ def _audio_offset(path: Path) -> "float | None":
         return None
     if audio is None or video is None:
         return None
-    offset = float(audio) - float(video)
-    return offset if abs(offset) >= 0.05 else 0.0  # codec priming (tens of ms) is left as it is
+    return float(audio) - float(video)
 
 
 def _decode_decord(path: Path, sample_rate: int) -> np.ndarray:

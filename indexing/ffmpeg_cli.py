@@ -310,6 +310,23 @@ class FfmpegReader(VideoReader):
         super().close()
 
 
+def stream_starts(path: Path) -> tuple:
+    """(first video stream's start, first audio stream's start) in seconds, None where there is no
+    such stream or it states no start."""
+    out = _probe(["-show_entries", "stream=codec_type,start_time", "-of", "json"], path)
+    try:
+        streams = json.loads(out).get("streams") or []
+    except ValueError:
+        return None, None
+    found: dict = {}
+    for st in streams:
+        kind = st.get("codec_type")
+        if kind in ("video", "audio") and kind not in found:
+            found[kind] = _seconds(str(st.get("start_time", "N/A")))
+    video, audio = found.get("video"), found.get("audio")
+    return (None if video is None or np.isnan(video) else video), (None if audio is None or np.isnan(audio) else audio)
+
+
 def read_audio_ffmpeg(path: Path, sample_rate: int) -> np.ndarray:
     """The first audio stream as float32 mono samples at ``sample_rate`` (empty without one)."""
     if not ffmpeg_ready():
@@ -328,4 +345,4 @@ def read_audio_ffmpeg(path: Path, sample_rate: int) -> np.ndarray:
     return np.frombuffer(done.stdout, "<f4").astype(np.float32)
 
 
-__all__ = ["FfmpegReader", "ffmpeg_ready", "packet_times", "read_audio_ffmpeg", "stream_info"]
+__all__ = ["FfmpegReader", "ffmpeg_ready", "packet_times", "read_audio_ffmpeg", "stream_info", "stream_starts"]

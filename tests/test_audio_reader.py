@@ -132,3 +132,24 @@ def test_realmedia_sound_is_read_through_ffmpeg(tmp_path):
     assert abs(len(x) - 32000) <= 1600 and np.abs(x).max() > 0.05
     spectrum = np.abs(np.fft.rfft(x[4000:20000]))
     assert abs(int(spectrum.argmax()) - 440) <= 5  # the tone's frequency (16,000 samples at 16 kHz: 1 Hz bins)
+
+
+@pytest.mark.parametrize("container", [".mp4", ".ts"])
+def test_without_torchcodec_the_start_times_come_from_ffprobe(tmp_path, monkeypatch, container):
+    """The late sound track of the clock test, aligned from ffprobe's stream start times when
+    torchcodec gives none (not installed, or started after decord): also in a transport stream,
+    whose streams both start 1.4 s in."""
+    from mergeseek.indexing import audio
+
+    path = tmp_path / f"late{container}"
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48:rate=25:duration=5", "-itsoffset", "2", "-f", "lavfi", "-i",
+            "sine=frequency=440:duration=2", "-map", "0:v", "-map", "1:a", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+            "-c:a", "aac", str(path))
+    monkeypatch.setattr(audio, "_offset_torchcodec", lambda p: None)
+    first, last = _envelope_onsets(read_audio(path, backend="ffmpeg"))
+    assert 1.85 <= first <= 2.05 and 3.85 <= last <= 4.05
+    from mergeseek.indexing import formats
+
+    monkeypatch.setattr(formats, "_FFMPEG", [False])  # and with neither: the track from the first frame
+    first, _ = _envelope_onsets(read_audio(path, backend="decord"))
+    assert first <= 0.1
