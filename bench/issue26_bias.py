@@ -25,8 +25,6 @@ from typing import Iterator
 
 import torch
 
-OUT = "runs/i26f"
-MODEL = "reference-cifar10"
 
 
 def _unit(t: torch.Tensor) -> torch.Tensor:
@@ -70,23 +68,9 @@ def variant(name: str) -> Iterator[None]:
 
 
 def main() -> None:
-    import argparse
+    from mergeseek.bench.issue26_schedule import screening_main
 
-    from mergeseek.bench import issue26_schedule
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("score", "table"), help="score configs, or print the table of what is saved")
-    p.add_argument("configs", nargs="*", help="merge configs (score), e.g. method=pairs,r=16")
-    p.add_argument("--variant", default="base", help="alpha=A, gamma=G, xmetric, kxmetric or base")
-    p.add_argument("--half", default="A", choices=("A", "B"), help="half of the test set (A screens, B confirms)")
-    p.add_argument("--out", default=OUT, help="where predictions are saved")
-    p.add_argument("--ref", default="method=pairs,r=16|base", help="the row the table pairs every other with")
-    args = p.parse_intermixed_args()
-    if args.what == "score":
-        with variant(args.variant):
-            issue26_schedule.score(MODEL, args.half, [f"{c}|{args.variant}" for c in args.configs], args.out)
-    else:
-        issue26_schedule.table(MODEL, args.half, args.ref, args.out)
+    screening_main(__doc__, variant, "alpha=A, gamma=G, xmetric, kxmetric or base", "method=pairs,r=16")
 
 
 if __name__ == "__main__":

@@ -42,8 +42,6 @@ from mergeseek.encoders.merging.energy import pair_merge
 from mergeseek.encoders.merging.pairs import PAIR_CANDIDATES, candidate_edges, greedy_pairs, prepare_pairs
 from mergeseek.encoders.merging.registry import MergeResult
 
-OUT = "runs/i26f"
-MODEL = "reference-cifar10"
 VARIANTS = ("base", "early", "medoid", "prune", "prunemerge", "center", "cands", "agglo")
 
 _variant = {"kind": "base", "value": 0.0}
@@ -166,24 +164,9 @@ def register() -> None:
 
 
 def main() -> None:
-    import argparse
+    from mergeseek.bench.issue26_schedule import screening_main
 
-    from mergeseek.bench import issue26_schedule
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("score", "table"), help="score configs, or print the table of what is saved")
-    p.add_argument("configs", nargs="*", help="merge configs (score), e.g. method=p7,r=16")
-    p.add_argument("--variant", default="base", help="early=K, medoid=F, prune=F, prunemerge=F, center, cands=K, agglo=W or base")
-    p.add_argument("--half", default="A", choices=("A", "B"), help="half of the test set (A screens, B confirms)")
-    p.add_argument("--out", default=OUT, help="where predictions are saved")
-    p.add_argument("--ref", default="method=pairs,r=16|base", help="the row the table pairs every other with")
-    args = p.parse_intermixed_args()
-    if args.what == "score":
-        register()
-        with variant(args.variant):
-            issue26_schedule.score(MODEL, args.half, [f"{c}|{args.variant}" for c in args.configs], args.out)
-    else:
-        issue26_schedule.table(MODEL, args.half, args.ref, args.out)
+    screening_main(__doc__, variant, "early=K, medoid=F, prune=F, prunemerge=F, center, cands=K, agglo=W or base", "method=p7,r=16", register)
 
 
 if __name__ == "__main__":

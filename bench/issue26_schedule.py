@@ -261,6 +261,27 @@ def summary(model_name: str, outs: Sequence[str], alias: Dict[str, str]) -> None
         print(line)
 
 
+def screening_main(doc: str, variant, variant_help: str, example: str, register=None, argv=None) -> None:
+    """The command line every later round's harness shares: ``score`` configs under one screening
+    variant (``variant(name)`` patches the forward while it runs; ``register()`` adds screening
+    methods), or ``table`` of what is saved, paired with ``--ref``."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("what", choices=("score", "table"), help="score configs, or print the table of what is saved")
+    p.add_argument("configs", nargs="*", help=f"merge configs (score), e.g. {example}")
+    p.add_argument("--variant", default="base", help=variant_help)
+    p.add_argument("--half", default="A", choices=("A", "B"), help="half of the test set (A screens, B confirms)")
+    p.add_argument("--out", default="runs/i26f", help="where predictions are saved")
+    p.add_argument("--ref", default="method=pairs,r=16|base", help="the row the table pairs every other with")
+    args = p.parse_intermixed_args(argv)
+    if args.what == "score":
+        if register is not None:
+            register()
+        with variant(args.variant):
+            score("reference-cifar10", args.half, [f"{c}|{args.variant}" for c in args.configs], args.out)
+    else:
+        table("reference-cifar10", args.half, args.ref, args.out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=("schedules", "score", "table", "import", "summary"))

@@ -71,3 +71,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def no_torchcodec(monkeypatch):
+    """As on a machine without torchcodec: ``indexing.decoders`` cannot load it (decord2 and FFmpeg's
+    command stay as they are)."""
+    from mergeseek.errors import InputError
+    from mergeseek.indexing import decoders
+
+    real = decoders._import
+
+    def load(backend):
+        if backend == "torchcodec":
+            raise InputError("video decoder 'torchcodec' cannot be loaded (No module named 'torchcodec')")
+        return real(backend)
+
+    monkeypatch.setattr(decoders, "_import", load)

@@ -348,17 +348,7 @@ def test_a_video_stored_turned_is_read_upright(turned_videos):
 
 
 @needs_ffmpeg
-def test_a_portrait_video_without_torchcodec_names_the_ways_out(turned_videos, monkeypatch):
-    from mergeseek.indexing import decoders
-
-    real = decoders._import
-
-    def no_torchcodec(backend):
-        if backend == "torchcodec":
-            raise InputError("video decoder 'torchcodec' cannot be loaded (No module named 'torchcodec')")
-        return real(backend)
-
-    monkeypatch.setattr(decoders, "_import", no_torchcodec)
+def test_a_portrait_video_without_torchcodec_names_the_ways_out(turned_videos, monkeypatch, no_torchcodec):
     # FFmpeg's command on PATH: it reads the file, upright (64x48 turned by 90 degrees is 48 wide)
     vr = open_video(turned_videos[(1, ".mp4")], "decord")
     assert vr.backend == "ffmpeg" and vr.get_batch([0]).shape == (1, 64, 48, 3)

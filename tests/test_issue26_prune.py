@@ -140,3 +140,22 @@ def test_unknown_variant_is_refused():
     with pytest.raises(ValueError, match="unknown variant"):
         with variant("beta=2"):
             pass
+
+
+def test_the_screening_command_line(monkeypatch):
+    """bench/issue26_schedule.screening_main (every later round's command line): ``score`` runs the
+    configs tagged with the variant while the variant is active; ``table`` pairs with ``--ref``."""
+    from mergeseek.bench import issue26_prune, issue26_schedule
+
+    calls = []
+    monkeypatch.setattr(issue26_schedule, "score", lambda model, half, cfgs, out: calls.append(
+        ("score", model, half, cfgs, out, dict(issue26_prune._variant))))
+    monkeypatch.setattr(issue26_schedule, "table", lambda model, half, ref, out: calls.append(("table", half, ref)))
+    issue26_schedule.screening_main(issue26_prune.__doc__, variant, "help", "method=p7,r=16", register,
+                                    ["score", "--variant", "early=2", "method=p7,r=16", "--half", "B"])
+    issue26_schedule.screening_main(issue26_prune.__doc__, variant, "help", "method=p7,r=16", register,
+                                    ["table", "--ref", "method=bipartite,r=16|base"])
+    assert calls == [("score", "reference-cifar10", "B", ["method=p7,r=16|early=2"], "runs/i26f",
+                      {"kind": "early", "value": 2.0}),
+                     ("table", "A", "method=bipartite,r=16|base")]
+    assert issue26_prune._variant["kind"] == "base"  # left as it was

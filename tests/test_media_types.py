@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
-from mergeseek.errors import InputError
 from mergeseek.indexing import formats
 from mergeseek.indexing.formats import HEIF_EXTS, IMAGE_EXTS, VIDEO_EXTS, is_video
 from mergeseek.indexing.sources import Sampling, SourceReader, discover
@@ -276,7 +275,7 @@ def test_without_ffmpeg_a_raw_stream_is_reported_with_the_fix(tmp_path, no_ffmpe
 
 
 @needs_ffmpeg
-def test_a_video_trimmed_without_re_encoding_shows_its_edit(tmp_path, monkeypatch, caplog):
+def test_a_video_trimmed_without_re_encoding_shows_its_edit(tmp_path, monkeypatch, caplog, request):
     """An MP4 cut with ``-c copy`` keeps the frames from the keyframe before the cut, to be decoded but
     not shown (an edit list). decord2 counts them and gives them and the frames after them wrong
     times; such a file is read with torchcodec or FFmpeg's command, so frame i is the i-th frame
@@ -301,14 +300,7 @@ def test_a_video_trimmed_without_re_encoding_shows_its_edit(tmp_path, monkeypatc
     # with neither torchcodec nor FFmpeg's command: decord2 reads it, with a warning naming both
     from mergeseek.indexing import decoders
 
-    real = decoders._import
-
-    def no_torchcodec(backend):
-        if backend == "torchcodec":
-            raise InputError("video decoder 'torchcodec' cannot be loaded (No module named 'torchcodec')")
-        return real(backend)
-
-    monkeypatch.setattr(decoders, "_import", no_torchcodec)
+    request.getfixturevalue("no_torchcodec")
     monkeypatch.setattr(formats, "_FFMPEG", [False])
     with caplog.at_level("WARNING"):
         assert decoders.open_video(cut).backend == "decord"
