@@ -385,6 +385,13 @@ def _add_frame_routes(app: FastAPI, engine: Engine) -> None:
         v = engine.catalog.video(video_id)  # a dict lookup: a request never names a path
         return FileResponse(v.path, media_type=v.media_type, headers={"Cache-Control": "private, max-age=3600"})
 
+    @app.get("/api/clip/{video_id:path}")
+    def clip(video_id: str, start: float = Query(0.0, ge=0, le=10_000_000)):
+        """A preview of a video the browser cannot play (serve/clips.py): an H.264 MP4 from ``start``."""
+        v = engine.catalog.video(video_id)  # the indexed file, still unchanged, or a 404
+        path = engine.clips.clip(v.path, v.sig, start)
+        return FileResponse(path, media_type="video/mp4", headers={"Cache-Control": "private, max-age=3600"})
+
 
 def _add_export_routes(app: FastAPI, engine: Engine) -> None:
     """Submission files (``retrieval.submission``'s format) of a search or of the basket."""

@@ -215,6 +215,9 @@ class Engine:
         self.catalog = Catalog(searcher)
         self.manifest = searcher.manifest
         self.fused = list(fused)  # searchers of other models' indexes of the same media (serve --fuse)
+        from mergeseek.serve.clips import ClipMaker
+
+        self.clips = ClipMaker()  # previews of videos the browser cannot play (/api/clip)
         if self.fused:
             from mergeseek.retrieval.fusion import check_same_media
 
