@@ -384,11 +384,9 @@ def open_video(path: Path, backend: str = DEFAULT_BACKEND, size: Optional[tuple[
         raise InputError(f"{path}: cannot be decoded as a video: it holds text (a playlist or a list of files?); "
                          "index the video files themselves")
     suffix = path.suffix.lower()
-    if backend == "ffmpeg" or suffix in FFMPEG_ONLY_EXTS:
+    if planned_backend(path, backend) == "ffmpeg":
         return _ffmpeg_reader(path, size)
     if suffix in WRONG_FRAMES.get(backend, ()):
-        if ffmpeg_ready():
-            return _ffmpeg_reader(path, size)
         log.warning("%s: %s decodes the wrong frames of some %s files (measured here, docs/INDEXING.md); install FFmpeg "
                     "(%s), which then reads them, or remux: ffmpeg -i IN -c copy OUT.mkv", path, backend, suffix,
                     FFMPEG_HINT)
@@ -420,6 +418,26 @@ def open_video(path: Path, backend: str = DEFAULT_BACKEND, size: Optional[tuple[
             raise exc from None
         log.info("%s: read through the ffmpeg command (%s)", path, exc)
         return reader
+
+
+def planned_backend(path: Path, backend: str) -> str:
+    """The decoder ``open_video`` will read ``path`` with when nothing fails: FFmpeg's command for what
+    only it reads, and for what the chosen library decodes wrongly when ``ffmpeg`` is on PATH (by the
+    name alone: no file is opened). Part of an index's recipe, so that a source read one way is read
+    again when it would now be read the other."""
+    suffix = Path(path).suffix.lower()
+    if backend == "ffmpeg" or suffix in FFMPEG_ONLY_EXTS:
+        return "ffmpeg"
+    if suffix in WRONG_FRAMES.get(backend, ()) and ffmpeg_ready():
+        return "ffmpeg"
+    return backend
+
+
+def reader_tag(path: Path, backend: str) -> str:
+    """``;reader=ffmpeg`` for an index recipe when ``path`` is read through FFmpeg's command instead of
+    ``backend``, else empty: an index built before (decord2's wrong frames of a transport stream) reads
+    such a source again on its next run."""
+    return ";reader=ffmpeg" if planned_backend(path, backend) != backend else ""
 
 
 def _ffmpeg_reader(path: Path, size: Optional[tuple[int, int]]) -> VideoReader:

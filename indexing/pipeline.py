@@ -28,7 +28,7 @@ from mergeseek.errors import InputError
 from mergeseek.indexing import aic
 from mergeseek.indexing.dedup import Dedup, DuplicateFilter, phash
 from mergeseek.indexing.sampling import Sampling
-from mergeseek.indexing.decoders import require_backend
+from mergeseek.indexing.decoders import reader_tag, require_backend
 from mergeseek.indexing.sources import BadInput, MediaSource, SourceReader, assign_ids, discover
 from mergeseek.indexing.store import EncodedSource, preflight
 from mergeseek.indexing.thumbs import ensure_thumbs, make_jpeg
@@ -342,7 +342,7 @@ def _lower_priority() -> None:
 # ---------------------------------------------------------------------------- the run
 def recipe_for(source: MediaSource, options: IndexOptions) -> str:
     sampling = str(options.sampling) if source.kind == "video" else "all"
-    recipe = f"{sampling};dedup={options.dedup}"
+    recipe = f"{sampling};dedup={options.dedup}" + (reader_tag(source.path, options.decoder) if source.kind == "video" else "")
     reuse = _reuse_config(options)
     return recipe + (f";reuse={reuse.recipe}" if reuse is not None else "")
 

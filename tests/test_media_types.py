@@ -319,3 +319,32 @@ def test_a_named_pipe_named_like_media_is_reported_not_opened(tmp_path):
     sources, bad = discover([tmp_path, tmp_path / "clip.mp4"])
     assert [s.kind for s in sources] == ["images"]
     assert [(Path(b.path).name, "not a regular file" in b.reason) for b in bad] == [("clip.mp4", True)] * 2
+
+
+@needs_ffmpeg
+def test_a_source_read_by_decord_is_read_again_once_ffmpeg_is_there(tmp_path, monkeypatch, request):
+    """An index built where decord2 read an MPEG program stream (no FFmpeg then: its frames are wrong)
+    reads that source again on its next run once FFmpeg's command is on PATH, and its frames are then
+    the ones asked for; an MP4 beside it is not read again."""
+    from test_indexing_support import build_encoder
+
+    from mergeseek.indexing import IndexOptions, index_paths
+    from mergeseek.indexing.store import IndexStore
+
+    media = tmp_path / "media"
+    media.mkdir()
+    for name, codec in (("dvd.mpg", "-c:v mpeg2video"), ("phone.mp4", "-c:v libx264 -pix_fmt yuv420p")):
+        subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", NUMBERED, "-an", *codec.split(),
+                        str(media / name)], check=True, timeout=60)
+    options = IndexOptions(sampling=Sampling.parse("every=10"))
+    enc = build_encoder()
+    monkeypatch.setattr(formats, "_FFMPEG", [False])  # built without FFmpeg
+    first = index_paths([media], tmp_path / "ix", enc, options)
+    monkeypatch.setattr(formats, "_FFMPEG", [True])  # FFmpeg installed since
+    second = index_paths([media], tmp_path / "ix", enc, options)
+    third = index_paths([media], tmp_path / "ix", enc, options)
+    assert (len(first.indexed), first.up_to_date) == (2, 0)
+    assert (second.indexed, second.up_to_date) == (["dvd"], 1)
+    assert (len(third.indexed), third.up_to_date) == (0, 2)
+    recipes = {Path(k).name: e.recipe for k, e in IndexStore.open_for_read(tmp_path / "ix").manifest.sources.items()}
+    assert recipes["dvd.mpg"].endswith(";reader=ffmpeg") and "reader" not in recipes["phone.mp4"]
