@@ -481,7 +481,7 @@ def _instead_of_decord_for_edits(reader: VideoReader, size: Optional[tuple[int, 
     """A reader for a video trimmed without re-encoding (``DecordReader.before_edit`` frames stored
     before its edit point). decord2 counts those frames, gives them and the frames after them wrong
     times, and returns other frames by random access; torchcodec and FFmpeg's command show the edit
-    (measured: tests/test_decoders.py). torchcodec when it loads, else FFmpeg's command when it is on
+    (measured: tests/test_media_types.py). torchcodec when it loads, else FFmpeg's command when it is on
     PATH, else decord2 with a warning."""
     path, hidden = reader.path, reader.before_edit
     try:
