@@ -61,13 +61,11 @@ def read_audio(path: Union[str, Path], sample_rate: int = SAMPLE_RATE, backend: 
         except Exception as exc:  # the decoders raise their own types (DECORDError, RuntimeError, ValueError)
             text = str(exc).strip()
             if any(s in text.lower() for s in _NO_AUDIO):
-                if holds_text(path):  # FFmpeg opens a text file as an "ansi" art video with no sound
-                    raise InputError(f"{path}: not an audio or video file that can be read (it holds text)") from None
                 log.debug("%s has no audio stream", path)
                 return np.zeros(0, np.float32)
             reason = re.sub(r"^\[[\d:]+\]\s*\S+:\d+:\s*", "", text.splitlines()[-1])[:200] if text else type(exc).__name__
             error = InputError(f"{path}: not an audio or video file that can be read ({reason})")
-            if not ffmpeg_ready() or holds_text(path):
+            if not ffmpeg_ready():
                 raise error from None
             try:  # what the library cannot read, FFmpeg's command may (as for video, decoders.open_video)
                 samples = _decode_ffmpeg(path, int(sample_rate))
@@ -99,12 +97,13 @@ def _audio_offset(path: Path) -> "float | None":
     torchcodec's stream headers, else from ``ffprobe``'s when FFmpeg's tools are on PATH."""
     offset = _offset_torchcodec(path)
     if offset is None and ffmpeg_ready():
-        from mergeseek.indexing.ffmpeg_cli import stream_starts
+        from mergeseek.indexing.ffmpeg_cli import start_times
 
         try:
-            video, audio = stream_starts(path)
+            starts = start_times(path)
         except InputError:
-            video = audio = None
+            starts = {}
+        video, audio = starts.get("video"), starts.get("audio")
         offset = None if video is None or audio is None else audio - video
     if offset is None:
         return None
@@ -137,8 +136,6 @@ def _decode_decord(path: Path, sample_rate: int) -> np.ndarray:
 def _decode_ffmpeg(path: Path, sample_rate: int) -> np.ndarray:
     from mergeseek.indexing.ffmpeg_cli import read_audio_ffmpeg
 
-    if holds_text(path):  # FFmpeg opens a text file as an "ansi" art video with no sound
-        raise InputError(f"{path}: not an audio or video file that can be read (it holds text)")
     return read_audio_ffmpeg(path, sample_rate)
 
 

@@ -578,7 +578,11 @@ def _fill_missing(ts: np.ndarray, fps: float) -> np.ndarray:
     return ts
 
 
+def last_line(text: str, otherwise: str) -> str:
+    """The last non-empty line of a decoder's message (its reason), cut to 200 characters."""
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    return lines[-1][:200] if lines else otherwise
+
+
 def _short(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    msg = lines[-1] if lines else type(exc).__name__
-    return msg[:200]
+    return last_line(str(exc), type(exc).__name__)

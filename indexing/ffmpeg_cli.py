@@ -37,7 +37,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from mergeseek.errors import InputError
-from mergeseek.indexing.decoders import DecodeError, VideoReader, _fill_missing, _finite, _from_first_frame
+from mergeseek.indexing.decoders import DecodeError, VideoReader, _fill_missing, _finite, _from_first_frame, last_line
 from mergeseek.indexing.formats import FFMPEG_HINT as INSTALL_HINT
 from mergeseek.indexing.formats import ffmpeg_ready
 
@@ -85,8 +85,7 @@ def _probe(args: list, path: Path) -> str:
     except OSError as exc:
         raise InputError(f"{path}: ffprobe cannot run ({exc}); {INSTALL_HINT}") from None
     if done.returncode != 0:
-        lines = [ln.strip() for ln in done.stderr.splitlines() if ln.strip()]
-        raise InputError(f"{path}: FFmpeg cannot read it ({lines[-1][:200] if lines else 'no reason given'})")
+        raise InputError(f"{path}: FFmpeg cannot read it ({last_line(done.stderr, 'no reason given')})")
     return done.stdout
 
 
@@ -216,8 +215,7 @@ class FfmpegReader(VideoReader):
                 code = proc.wait()
                 if code != 0:
                     err.seek(0)
-                    lines = [ln.strip() for ln in err.read().decode("utf-8", "replace").splitlines() if ln.strip()]
-                    raise DecodeError(lines[-1][:200] if lines else f"ffmpeg exited with status {code}")
+                    raise DecodeError(last_line(err.read().decode("utf-8", "replace"), f"ffmpeg exited with status {code}"))
             finally:
                 if proc.poll() is None:
                     proc.kill()
@@ -310,21 +308,25 @@ class FfmpegReader(VideoReader):
         super().close()
 
 
-def stream_starts(path: Path) -> tuple:
-    """(first video stream's start, first audio stream's start) in seconds, None where there is no
-    such stream or it states no start."""
-    out = _probe(["-show_entries", "stream=codec_type,start_time", "-of", "json"], path)
+def start_times(path: Path) -> dict:
+    """Start times in seconds from one ``ffprobe``: ``video`` and ``audio`` (the first stream of
+    each) and ``file`` (the container's, which ``-ss`` counts from); None where there is none."""
+    out = _probe(["-show_entries", "stream=codec_type,start_time:format=start_time", "-of", "json"], path)
     try:
-        streams = json.loads(out).get("streams") or []
+        probe = json.loads(out)
     except ValueError:
-        return None, None
-    found: dict = {}
-    for st in streams:
+        return {"video": None, "audio": None, "file": None}
+
+    def seconds(entry: dict) -> Optional[float]:
+        t = _seconds(str(entry.get("start_time", "N/A")))
+        return None if np.isnan(t) else t
+
+    found = {"file": seconds(probe.get("format") or {})}
+    for st in probe.get("streams") or []:
         kind = st.get("codec_type")
         if kind in ("video", "audio") and kind not in found:
-            found[kind] = _seconds(str(st.get("start_time", "N/A")))
-    video, audio = found.get("video"), found.get("audio")
-    return (None if video is None or np.isnan(video) else video), (None if audio is None or np.isnan(audio) else audio)
+            found[kind] = seconds(st)
+    return {"video": found.get("video"), "audio": found.get("audio"), "file": found["file"]}
 
 
 def read_audio_ffmpeg(path: Path, sample_rate: int) -> np.ndarray:
@@ -340,9 +342,9 @@ def read_audio_ffmpeg(path: Path, sample_rate: int) -> np.ndarray:
                               stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL)
         if done.returncode != 0:
             err.seek(0)
-            lines = [ln.strip() for ln in err.read().decode("utf-8", "replace").splitlines() if ln.strip()]
-            raise InputError(f"{path}: FFmpeg cannot decode its sound ({lines[-1][:200] if lines else 'no reason given'})")
+            why = last_line(err.read().decode("utf-8", "replace"), "no reason given")
+            raise InputError(f"{path}: FFmpeg cannot decode its sound ({why})")
     return np.frombuffer(done.stdout, "<f4").astype(np.float32)
 
 
-__all__ = ["FfmpegReader", "ffmpeg_ready", "packet_times", "read_audio_ffmpeg", "stream_info", "stream_starts"]
+__all__ = ["FfmpegReader", "ffmpeg_ready", "packet_times", "read_audio_ffmpeg", "start_times", "stream_info"]

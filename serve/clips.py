@@ -78,7 +78,8 @@ class ClipMaker:
             return out
 
     def _make(self, path: Path, start: float) -> Path:
-        from mergeseek.indexing.ffmpeg_cli import LOCAL_ONLY, _url, stream_starts
+        from mergeseek.indexing.decoders import last_line
+        from mergeseek.indexing.ffmpeg_cli import LOCAL_ONLY, _url, start_times
 
         if self._dir is None:
             import atexit
@@ -86,10 +87,10 @@ class ClipMaker:
             self._dir = tempfile.mkdtemp(prefix="mergeseek-clips-")
             atexit.register(self.close)
         try:  # -ss before -i counts from the file's start, which may come before its first video frame
-            video, _ = stream_starts(path)
-            first = _format_start(path)
+            starts = start_times(path)
         except Exception:  # the clip is made from the file's start then; a fraction of a second off at most
-            video = first = None
+            starts = {}
+        video, first = starts.get("video"), starts.get("file")
         shift = max(0.0, video - first) if video is not None and first is not None else 0.0
         fd, tmp = tempfile.mkstemp(suffix=".mp4", dir=self._dir)
         os.close(fd)
@@ -108,10 +109,9 @@ class ClipMaker:
         except subprocess.TimeoutExpired:
             Path(tmp).unlink(missing_ok=True)
             raise NotFoundError(f"a preview of {path.name} took over {TIMEOUT_S} s to make") from None
-        if done.returncode != 0 or Path(tmp).stat().st_size == 0 or not _has_frames(Path(tmp)):
+        if done.returncode != 0 or Path(tmp).stat().st_size == 0 or not _has_picture(Path(tmp)):
             Path(tmp).unlink(missing_ok=True)
-            lines = [ln.strip() for ln in done.stderr.splitlines() if ln.strip()]
-            why = lines[-1][:200] if lines else f"nothing to show from {start:g} s (past the end?)"
+            why = last_line(done.stderr, f"nothing to show from {start:g} s (past the end?)")
             raise NotFoundError(f"no preview of {path.name} from {start:g} s ({why})")
         return Path(tmp)
 
@@ -121,17 +121,13 @@ class ClipMaker:
             self._dir = None
 
 
-def _format_start(path: Path) -> Optional[float]:
-    from mergeseek.indexing.ffmpeg_cli import _probe, _seconds
-
-    value = _seconds(_probe(["-show_entries", "format=start_time", "-of", "csv=p=0"], path).strip())
-    return None if math.isnan(value) else value
-
-
-def _has_frames(clip: Path) -> bool:
-    from mergeseek.indexing.ffmpeg_cli import _probe
+def _has_picture(clip: Path) -> bool:
+    """The clip has a video stream (a seek that lands between keyframes can leave only the sound)."""
+    from mergeseek.errors import InputError
+    from mergeseek.indexing.ffmpeg_cli import stream_info
 
     try:
-        return bool(_probe(["-select_streams", "v:0", "-show_entries", "stream=index", "-of", "csv=p=0"], clip).strip())
-    except Exception:
+        stream_info(clip)
+        return True
+    except InputError:
         return False

@@ -50,6 +50,21 @@ def synthetic_source(key: str, n: int, seed: int, fingerprint: str = "f1", frame
 
 
 @functools.lru_cache(maxsize=1)
+def frame_means(lavfi_source: str) -> np.ndarray:
+    """Mean RGB value of every frame of an ffmpeg lavfi source, as FFmpeg converts it: the reference
+    a decoded frame of a "numbered" source (flat grey, a different level per frame) is matched to."""
+    import subprocess
+
+    raw = subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", lavfi_source, "-f", "rawvideo", "-pix_fmt",
+                          "rgb24", "-"], check=True, timeout=60, capture_output=True).stdout
+    return np.frombuffer(raw, np.uint8).reshape(-1, 48 * 64 * 3).mean(axis=1)
+
+
+def shown_frame(means: np.ndarray, image: np.ndarray) -> int:
+    """Which frame of the reference ``means`` an image is (the nearest mean)."""
+    return int(np.abs(means - image.astype(float).mean()).argmin())
+
+
 def build_encoder():
     """Random-weight ViT-B-32 (seeded: the same weights in every process)."""
     import torch

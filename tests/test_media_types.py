@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, features
+from test_indexing_support import frame_means, shown_frame
 
 from mergeseek.indexing import formats
 from mergeseek.indexing.formats import HEIF_EXTS, IMAGE_EXTS, VIDEO_EXTS, is_video
@@ -51,13 +52,6 @@ def no_ffmpeg(monkeypatch):
     monkeypatch.setattr(formats, "_FFMPEG", [False])
 
 
-def numbered_means() -> np.ndarray:
-    """Mean RGB value of every frame of ``NUMBERED``, as FFmpeg converts it (the reference)."""
-    raw = subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", NUMBERED, "-f", "rawvideo", "-pix_fmt",
-                          "rgb24", "-"], check=True, timeout=60, capture_output=True).stdout
-    return np.frombuffer(raw, np.uint8).reshape(-1, 48 * 64 * 3).mean(axis=1)
-
-
 @needs_ffmpeg
 def test_every_video_type_is_found_and_decodes_the_frames_asked_for(tmp_path):
     """Every container, read the default way, gives the frame each index names at its time. decord2
@@ -66,7 +60,7 @@ def test_every_video_type_is_found_and_decodes_the_frames_asked_for(tmp_path):
     for ext in VIDEO_EXTS:
         subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", NUMBERED, "-an",
                         *CODECS[ext].split(), str(tmp_path / f"clip{ext.replace('.', '_')}{ext}")], check=True, timeout=60)
-    want = numbered_means()
+    want = frame_means(NUMBERED)
     sources, bad = discover([tmp_path])
     assert not bad
     assert sorted(s.path.suffix for s in sources) == sorted(VIDEO_EXTS)
@@ -75,7 +69,7 @@ def test_every_video_type_is_found_and_decodes_the_frames_asked_for(tmp_path):
         frames = [f for b in reader.batches() for f in b]
         assert [f.frame_idx for f in frames] == [0, 8, 17, 25, 33, 42], s.path.name
         assert [round(f.pts_time, 2) for f in frames] == [round(f.frame_idx / 25, 2) for f in frames], s.path.name
-        shown = [int(np.abs(want - f.image.astype(float).mean()).argmin()) for f in frames]
+        shown = [shown_frame(want, f.image) for f in frames]
         assert shown == [f.frame_idx for f in frames], (s.path.name, shown)
         assert frames[0].image.dtype == np.uint8 and frames[0].image.ndim == 3 and not reader.skipped
 
@@ -105,9 +99,9 @@ def test_a_transport_stream_with_b_frames_is_read_through_ffmpeg(tmp_path):
     (src,), _ = discover([ts])
     reader = SourceReader(src, Sampling.parse("every=5"), 4)
     frames = [f for b in reader.batches() for f in b]
-    want = numbered_means()
+    want = frame_means(NUMBERED)
     assert [f.frame_idx for f in frames] == list(range(0, 50, 5)) and not reader.skipped
-    assert [int(np.abs(want - f.image.astype(float).mean()).argmin()) for f in frames] == list(range(0, 50, 5))
+    assert [shown_frame(want, f.image) for f in frames] == list(range(0, 50, 5))
     assert [round(f.pts_time, 2) for f in frames] == [round(i / 25, 2) for i in range(0, 50, 5)]
 
 
@@ -253,12 +247,10 @@ def test_raw_streams_and_realmedia_are_read_through_ffmpeg(tmp_path, name, args)
     (src,), bad = discover([path])
     reader = SourceReader(src, Sampling.parse("fps=1"), 4)
     frames = [f for b in reader.batches() for f in b]
-    raw = subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", src10, "-f", "rawvideo", "-pix_fmt", "rgb24",
-                          "-"], check=True, timeout=60, capture_output=True).stdout
-    want = np.frombuffer(raw, np.uint8).reshape(-1, 48 * 64 * 3).mean(axis=1)
+    want = frame_means(src10)
     assert not bad and not reader.skipped
     assert [(f.frame_idx, round(f.pts_time, 2)) for f in frames] == [(10 * k, float(k)) for k in range(5)]
-    assert [int(np.abs(want - f.image.astype(float).mean()).argmin()) for f in frames] == [10 * k for k in range(5)]
+    assert [shown_frame(want, f.image) for f in frames] == [10 * k for k in range(5)]
 
 
 @needs_ffmpeg
@@ -286,9 +278,7 @@ def test_a_video_trimmed_without_re_encoding_shows_its_edit(tmp_path, monkeypatc
                     "-pix_fmt", "yuv420p", str(whole)], check=True, timeout=60)
     subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-ss", "2", "-i", str(whole), "-c", "copy", str(cut)], check=True,
                    timeout=60)
-    raw = subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", numbered, "-f", "rawvideo", "-pix_fmt",
-                          "rgb24", "-"], check=True, timeout=60, capture_output=True).stdout
-    want = np.frombuffer(raw, np.uint8).reshape(-1, 48 * 64 * 3).mean(axis=1)
+    want = frame_means(numbered)
     from mergeseek.indexing.decoders import DecordReader
 
     assert DecordReader(cut).before_edit > 0  # the case: decord2 sees frames before the edit point
@@ -296,7 +286,7 @@ def test_a_video_trimmed_without_re_encoding_shows_its_edit(tmp_path, monkeypatc
     frames = [f for b in SourceReader(src, Sampling.parse("every=10"), 4).batches() for f in b]
     assert [f.frame_idx for f in frames] == [0, 10, 20, 30, 40]
     assert [round(f.pts_time, 2) for f in frames] == [0.0, 0.4, 0.8, 1.2, 1.6]
-    assert [int(np.abs(want - f.image.astype(float).mean()).argmin()) for f in frames] == [50, 60, 70, 80, 90]
+    assert [shown_frame(want, f.image) for f in frames] == [50, 60, 70, 80, 90]
     # with neither torchcodec nor FFmpeg's command: decord2 reads it, with a warning naming both
     from mergeseek.indexing import decoders
 

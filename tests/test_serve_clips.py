@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_indexing_support import build_encoder
+from test_indexing_support import build_encoder, frame_means, shown_frame
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
@@ -22,12 +22,6 @@ NUMBERED = "nullsrc=s=64x48:r=25:d=4,geq=lum='20+2*N':cb=128:cr=128"
 
 def _ffmpeg(*args: str) -> None:
     subprocess.run(["ffmpeg", "-loglevel", "error", "-y", *args], check=True, timeout=60)
-
-
-def numbered_means() -> np.ndarray:
-    raw = subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", NUMBERED, "-f", "rawvideo", "-pix_fmt",
-                          "rgb24", "-"], check=True, timeout=60, capture_output=True).stdout
-    return np.frombuffer(raw, np.uint8).reshape(-1, 48 * 64 * 3).mean(axis=1)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +46,7 @@ def served(tmp_path_factory, one_torch_thread):
 
 def test_a_clip_starts_at_the_frame_asked_for_and_keeps_the_sound(served, tmp_path):
     from mergeseek.indexing.decoders import open_video
-    from mergeseek.indexing.ffmpeg_cli import stream_starts
+    from mergeseek.indexing.ffmpeg_cli import start_times
 
     res = served["client"].get("/api/clip/news?start=2.0")
     assert res.status_code == 200, repr(res.content) and res.headers["content-type"] == "video/mp4"
@@ -61,11 +55,11 @@ def test_a_clip_starts_at_the_frame_asked_for_and_keeps_the_sound(served, tmp_pa
     vr = open_video(clip, "decord")
     assert 45 <= len(vr) <= 50  # the 2 s left of the 4 s video, not the 20 s a clip may hold
     frames = vr.get_batch([0, 10, len(vr) - 1]).astype(float)
-    want = numbered_means()
-    shown = [int(np.abs(want - f.mean()).argmin()) for f in frames]
+    want = frame_means(NUMBERED)
+    shown = [shown_frame(want, f) for f in frames]
     assert abs(shown[0] - 50) <= 1 and abs(shown[1] - 60) <= 1 and shown[2] >= 97  # source frame = clip frame + 50
-    video, audio = stream_starts(clip)
-    assert video is not None and audio is not None  # the sound came along
+    starts = start_times(clip)
+    assert starts["video"] is not None and starts["audio"] is not None  # the sound came along
 
 
 def test_a_clip_is_made_once(served):
