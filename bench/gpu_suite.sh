@@ -110,7 +110,7 @@ run() {
   tail -n 12 "$OUT/$name.log"
 }
 
-run tests 45 "'$PY' -m pytest -q -m gpu -p no:cacheprovider tests/test_compile.py tests/test_compile_scope.py tests/test_lsh.py tests/test_reuse.py"
+run tests 55 "'$PY' -m pytest -q -m gpu -p no:cacheprovider tests/test_compile.py tests/test_compile_scope.py tests/test_lsh.py tests/test_reuse.py tests/test_detection.py tests/test_speech_reference.py"
 B16="none;r=8;r=16;r=8,method=lsh;r=16,method=lsh"
 bench eager_b16 55 ViT-B-16 64,256 fp16 0 15 "$B16"
 GRAPH=1 bench graph_b16 50 ViT-B-16 1,64,256 fp16 0 20 "none;r=8;r=16;r=16,method=lsh"

@@ -72,7 +72,7 @@ def run_manifest(meta: Dict[str, Any], num_tokens: int) -> Dict[str, Any]:
             "epochs": meta["epoch"], "epochs_planned": meta["config"]["epochs"],
             "complete": meta["epoch"] >= meta["config"]["epochs"], "num_tokens": num_tokens,
             "params": meta["params"], "train_wall_s": round(meta["train_wall_s"], 1),
-            "device": f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)",
+            "device": meta.get("device") or f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)",
             "versions": {"torch": str(torch.__version__), "timm": str(timm.__version__),
                          "python": platform.python_version()},
             "config": meta["config"], "history": meta["history"]}

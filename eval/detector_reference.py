@@ -381,13 +381,14 @@ def detect_set(model, cfg: DetectorConfig, ds, batch_size: int = 50, limit: Opti
 
     n = len(ds) if limit is None else min(limit, len(ds))
     out: List[list] = []
+    dev = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             for s in range(0, n, batch_size):
-                heat, box = model(pictures_to_tensor(ds.images[s:min(n, s + batch_size)], cfg))
-                out += decoded_lists(heat, box, cfg, ds.images.shape[1])
+                heat, box = model(pictures_to_tensor(ds.images[s:min(n, s + batch_size)], cfg).to(dev))
+                out += decoded_lists(heat.cpu(), box.cpu(), cfg, ds.images.shape[1])
     finally:
         model.train(was_training)
     return out

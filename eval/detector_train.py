@@ -110,14 +110,18 @@ def resample_patch_kernel(weight, shape, name: str = "init"):
 
 
 def train_detector(data: Path, out: Path, cfg: DetectorConfig, *, time_budget_s: Optional[float] = None,
-                   fresh: bool = False, command: str = "", sources=None, spec=None, test=None, eval_every: int = 1):
+                   fresh: bool = False, command: str = "", sources=None, spec=None, test=None, eval_every: int = 1,
+                   device: str = "auto"):
     """Train (or resume from ``out/last.pt``) the detector; ``data`` is the folder holding
     ``cifar10/``, ``coco_captions/`` and ``imagenet_sample/`` (the ``synth-detection`` sources).
-    The test pictures are scored every ``eval_every`` epochs and after the last one."""
+    The test pictures are scored every ``eval_every`` epochs and after the last one. ``device``:
+    auto (CUDA when present), cpu, cuda or cuda:N; the pictures and their targets are drawn on the
+    CPU either way (the same pictures on every device), the model steps on ``device``."""
     import torch
 
     from mergeseek.eval.datasets.detection import DetectionSpec, cache_folder, load_sources, load_synth_detection
-    from mergeseek.eval.train_reference import TrainResult, atomic_torch_save, atomic_write_json
+    from mergeseek.eval.train_reference import (TrainResult, atomic_torch_save, atomic_write_json, device_label,
+                                                resolve_device)
 
     spec = spec or DetectionSpec(size=cfg.picture_size)
     if spec.size != cfg.picture_size:
@@ -128,11 +132,13 @@ def train_detector(data: Path, out: Path, cfg: DetectorConfig, *, time_budget_s:
     test = test if test is not None else load_synth_detection(cache_folder(None, data), data, "test", spec, sources)
     log.info("sources and test split ready in %.1fs (%d test pictures)", time.perf_counter() - t0, len(test))
     out = Path(out)
-    model, opt, meta = _start(cfg, out / TRAIN_CHECKPOINT, fresh, data, spec, sources)
+    dev = resolve_device(device)
+    model, opt, meta = _start(cfg, out / TRAIN_CHECKPOINT, fresh, data, spec, sources, dev)
     out.mkdir(parents=True, exist_ok=True)
     meta["commands"].append(command)
-    log.info("%s: %d params, %d tokens, %d pictures/step, epochs %d..%d on cpu (%d threads)", cfg.name,
-             meta["params"], cfg.num_tokens, cfg.batch_size, meta["epoch"] + 1, cfg.epochs, torch.get_num_threads())
+    meta["device"] = device_label(dev)
+    log.info("%s: %d params, %d tokens, %d pictures/step, epochs %d..%d on %s", cfg.name,
+             meta["params"], cfg.num_tokens, cfg.batch_size, meta["epoch"] + 1, cfg.epochs, meta["device"])
     start = time.perf_counter()
     while meta["epoch"] < cfg.epochs:
         ep_start = time.perf_counter()
@@ -178,6 +184,7 @@ def _train_epoch(model, opt, cfg: DetectorConfig, spec, sources, epoch: int):
     from mergeseek.eval.train_reference import lr_at
 
     torch.manual_seed(cfg.seed * 100_003 + epoch)
+    dev = next(model.parameters()).device
     model.train()
     total, warm = cfg.epochs * cfg.steps_per_epoch, cfg.warmup_epochs * cfg.steps_per_epoch
     sums: Dict[str, float] = {"loss": 0.0, "focal": 0.0, "offset": 0.0, "size": 0.0}
@@ -188,8 +195,9 @@ def _train_epoch(model, opt, cfg: DetectorConfig, spec, sources, epoch: int):
         for group in opt.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         pics = [picture(spec, sources, "train", step * cfg.batch_size + j) for j in range(cfg.batch_size)]
-        x = pictures_to_tensor([p[0] for p in pics], cfg)
-        heat_t, reg_t, mask = make_targets([p[1] for p in pics], [p[2] for p in pics], cfg, spec.size)
+        x = pictures_to_tensor([p[0] for p in pics], cfg).to(dev)
+        heat_t, reg_t, mask = (t.to(dev) for t in make_targets([p[1] for p in pics], [p[2] for p in pics], cfg,
+                                                              spec.size))
         heat, box = model(x)
         loss, parts = detection_loss(heat, box, heat_t, reg_t, mask, cfg)
         opt.zero_grad(set_to_none=True)
@@ -209,20 +217,23 @@ def _train_epoch(model, opt, cfg: DetectorConfig, spec, sources, epoch: int):
     return sums, lr
 
 
-def _start(cfg: DetectorConfig, ckpt: Path, fresh: bool, data: Path, spec, sources):
-    """Model, optimizer and run record: new (backbone from ``cfg.init``), or restored from ``ckpt``."""
+def _start(cfg: DetectorConfig, ckpt: Path, fresh: bool, data: Path, spec, sources, dev=None):
+    """Model (on ``dev``, default the CPU), optimizer and run record: new (backbone from ``cfg.init``),
+    or restored from ``ckpt`` (saved on any device)."""
     import torch
 
     torch.manual_seed(cfg.seed)
     model = build_detector(cfg)
+    resume = ckpt.is_file() and not fresh
+    init = init_backbone(model, cfg.init) if cfg.init and not resume else None  # before the optimizer sees the weights
     freeze(model, cfg)
+    if dev is not None:
+        model.to(dev)
     opt = torch.optim.AdamW(detector_param_groups(model, cfg), lr=cfg.lr)
-    if ckpt.is_file() and not fresh:
+    if resume:
         from mergeseek.eval.checkpoints import resume_training
 
         return model, opt, resume_training(ckpt, TRAIN_FORMAT, cfg, model, opt, "detector")
-    init = init_backbone(model, cfg.init) if cfg.init else None
-    freeze(model, cfg)
     meta = {"config": cfg.to_dict(), "epoch": 0, "history": [], "commands": [], "train_wall_s": 0.0,
             "data": {"path": str(data), "spec": dataclasses.asdict(spec), "key": spec.key(sources)},
             "params": sum(p.numel() for p in model.parameters()), "init": init}
@@ -286,11 +297,15 @@ def export_detector(checkpoint: Path, to: Path):
 
 def run_detector(*, data: Optional[str], out: str, config: str, overrides: str = "", epochs: Optional[int] = None,
                  export: Optional[str] = None, to: str = "eval/reference", time_budget: Optional[float] = None,
-                 fresh: bool = False, command: str = "", eval_every: int = 1):
+                 fresh: bool = False, command: str = "", eval_every: int = 1, device: str = "auto"):
     """``cli.py train-reference --config reference-detector ...``: ``data`` is the folder holding the
-    ``synth-detection`` sources (default: the data root); ``export`` writes fp16 weights to ``to``."""
+    ``synth-detection`` sources (default: the data root); ``export`` writes fp16 weights to ``to``;
+    ``device``: auto (CUDA when present), cpu, cuda or cuda:N."""
     if export:
         return export_detector(Path(export), Path(to))
+    from mergeseek.eval.train_reference import resolve_device
+
+    resolve_device(device)  # a device that is not there is refused before any data is read
     if data is None:
         from mergeseek.eval.config import default_data_root
 
@@ -299,4 +314,4 @@ def run_detector(*, data: Optional[str], out: str, config: str, overrides: str =
     if epochs is not None:
         cfg = dataclasses.replace(cfg, epochs=epochs)
     return train_detector(Path(data), Path(out), cfg, time_budget_s=time_budget, fresh=fresh, command=command,
-                          eval_every=eval_every)
+                          eval_every=eval_every, device=device)

@@ -201,14 +201,15 @@ def evaluate_speech(model, features: np.ndarray, labels: np.ndarray, cfg: Speech
 
     if len(features) != len(labels) or len(labels) == 0:
         raise InputError(f"got {len(features)} spectrograms and {len(labels)} labels; pass one label each, at least one")
+    dev = next(model.parameters()).device
     was_training = model.training
     model.eval()
     correct = 0
     try:
         with torch.inference_mode():
             for s in range(0, len(labels), batch_size):
-                x = scale(torch.from_numpy(features[s:s + batch_size].astype(np.float32))[:, None], cfg)
-                correct += int((model(x).argmax(-1).numpy() == labels[s:s + batch_size]).sum())
+                x = scale(torch.from_numpy(features[s:s + batch_size].astype(np.float32))[:, None], cfg).to(dev)
+                correct += int((model(x).argmax(-1).cpu().numpy() == labels[s:s + batch_size]).sum())
     finally:
         model.train(was_training)
     return correct / len(labels)
@@ -258,12 +259,16 @@ def spec_augment(x, cfg: SpeechConfig, gen):
 
 
 def train_speech(data: Path, out: Path, cfg: SpeechConfig, *, time_budget_s: Optional[float] = None,
-                 eval_limit: Optional[int] = None, command: str = "", fresh: bool = False, spec=None):
-    """Train (or resume from ``out/last.pt``) the speech reference on the ``speech-words`` cache under ``data``."""
+                 eval_limit: Optional[int] = None, command: str = "", fresh: bool = False, spec=None,
+                 device: str = "auto"):
+    """Train (or resume from ``out/last.pt``) the speech reference on the ``speech-words`` cache under
+    ``data``. ``device``: auto (CUDA when present), cpu, cuda or cuda:N; batches are drawn and
+    masked on the CPU (the same on every device), the model steps on ``device``."""
     import torch
 
     from mergeseek.eval.datasets.speech import SpeechWordsSpec, load_split
-    from mergeseek.eval.train_reference import TrainResult, atomic_torch_save, atomic_write_json
+    from mergeseek.eval.train_reference import (TrainResult, atomic_torch_save, atomic_write_json, device_label,
+                                                resolve_device)
 
     spec = spec or SpeechWordsSpec()
     train, test = load_split(data, "train", spec), load_split(data, "test", spec)
@@ -271,12 +276,14 @@ def train_speech(data: Path, out: Path, cfg: SpeechConfig, *, time_budget_s: Opt
         raise ConfigError(f"speech-words features {train.features.shape[1:]} / {len(spec.words)} words do not fit "
                           f"{cfg.name} ({cfg.n_mels}, {cfg.frames}) / {cfg.num_classes} classes")
     test_x, test_y = test.features[:eval_limit], test.labels[:eval_limit]
-    model, opt, meta = _start(cfg, out / "last.pt", fresh, data, spec, len(train.labels), len(test.labels))
+    dev = resolve_device(device)
+    model, opt, meta = _start(cfg, out / "last.pt", fresh, data, spec, len(train.labels), len(test.labels), dev)
     out.mkdir(parents=True, exist_ok=True)
     meta["commands"].append(command)
-    log.info("%s: %d params, %d tokens, %d train / %d test clips, epochs %d..%d on cpu (%d threads)", cfg.name,
+    meta["device"] = device_label(dev)
+    log.info("%s: %d params, %d tokens, %d train / %d test clips, epochs %d..%d on %s", cfg.name,
              meta["params"], cfg.num_tokens, len(train.labels), len(test_y), meta["epoch"] + 1, cfg.epochs,
-             torch.get_num_threads())
+             meta["device"])
     start = time.perf_counter()
     while meta["epoch"] < cfg.epochs:
         t0 = time.perf_counter()
@@ -303,14 +310,17 @@ def train_speech(data: Path, out: Path, cfg: SpeechConfig, *, time_budget_s: Opt
                        subset="the whole test split")
 
 
-def _start(cfg: SpeechConfig, ckpt: Path, fresh: bool, data: Path, spec, n_train: int, n_test: int):
-    """Model, optimizer and run record: new, or restored from ``ckpt`` (which must share ``cfg``)."""
+def _start(cfg: SpeechConfig, ckpt: Path, fresh: bool, data: Path, spec, n_train: int, n_test: int, dev=None):
+    """Model (on ``dev``, default the CPU), optimizer and run record: new, or restored from ``ckpt``
+    (which must share ``cfg``; saved on any device)."""
     import torch
 
     from mergeseek.eval.train_reference import param_groups
 
     torch.manual_seed(cfg.seed)
     model = build_speech_model(cfg)
+    if dev is not None:
+        model.to(dev)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     if ckpt.is_file() and not fresh:
         from mergeseek.eval.checkpoints import resume_training
@@ -336,6 +346,7 @@ def _epoch(model, opt, cfg: SpeechConfig, epoch: int, x_all, y_all) -> Dict[str,
     bs = min(cfg.batch_size, n)
     steps = n // bs
     order = torch.randperm(n, generator=gen)
+    dev = next(model.parameters()).device
     model.train()
     loss_sum, lr, recent = 0.0, cfg.lr, 0.0
     for i in range(steps):
@@ -343,8 +354,8 @@ def _epoch(model, opt, cfg: SpeechConfig, epoch: int, x_all, y_all) -> Dict[str,
         for group in opt.param_groups:
             group["lr"] = lr
         idx = order[i * bs:(i + 1) * bs]
-        x = spec_augment(scale(x_all[idx].float()[:, None], cfg), cfg, gen)
-        loss = F.cross_entropy(model(x), y_all[idx], label_smoothing=cfg.label_smoothing)
+        x = spec_augment(scale(x_all[idx].float()[:, None], cfg), cfg, gen).to(dev)
+        loss = F.cross_entropy(model(x), y_all[idx].to(dev), label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -378,11 +389,15 @@ def export_speech(checkpoint: Path, to: Path):
 
 def run_speech(*, data: Optional[str], out: str, config: str, overrides: str = "", epochs: Optional[int] = None,
                export: Optional[str] = None, to: str = "eval/reference", time_budget: Optional[float] = None,
-               eval_limit: Optional[int] = None, fresh: bool = False, command: str = ""):
+               eval_limit: Optional[int] = None, fresh: bool = False, command: str = "", device: str = "auto"):
     """``cli.py train-reference --config reference-speech ...``: ``data`` is the ``speech_words``
-    folder (default: under the data root); ``export`` writes fp16 weights to ``to``."""
+    folder (default: under the data root); ``export`` writes fp16 weights to ``to``; ``device``:
+    auto (CUDA when present), cpu, cuda or cuda:N."""
     if export:
         return export_speech(Path(export), Path(to))
+    from mergeseek.eval.train_reference import resolve_device
+
+    resolve_device(device)  # a device that is not there is refused before any data is read
     if data is None:
         from mergeseek.eval.config import default_data_root
 
@@ -392,4 +407,4 @@ def run_speech(*, data: Optional[str], out: str, config: str, overrides: str = "
     if epochs is not None:
         cfg = dataclasses.replace(cfg, epochs=epochs)
     return train_speech(Path(data), Path(out), cfg, time_budget_s=time_budget, eval_limit=eval_limit,
-                        command=command, fresh=fresh)
+                        command=command, fresh=fresh, device=device)

@@ -76,6 +76,15 @@ def resolve_device(device: str):
     return torch.device(resolve(device))
 
 
+def device_label(dev) -> str:
+    """What a run's manifest says it trained on: the GPU's name, or the CPU's cores and torch threads."""
+    import torch
+
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     import torch
 
@@ -383,7 +392,7 @@ def _start_run(cfg: ReferenceConfig, dev, blob, data: Path, data_hash: Dict[str,
         raise ConfigError(f"checkpoint trained on {meta['train_images']} images but --limit gives "
                           f"{len(train.labels)}; pass the same --limit, --fresh or another --out")
     meta["versions"] = _versions()
-    meta["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    meta["device"] = device_label(dev)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -532,14 +541,15 @@ def run(*, data: Optional[str] = None, out: str = "runs/ref", config: str = "ref
              "--eval-limit": eval_limit is not None, "--resume": resume is not None, "--compile": compile is not None,
              "--stop-after": stop_after is not None, "--eval-every": eval_every != 1, "--init": init is not None}
     if is_detector_config(config):
-        _refuse_unread(config, given, ("--eval-every",), "--set batch_size=N, --set eval_pictures=N, --set init=NAME; "
-                       "it trains on the CPU only")
+        _refuse_unread(config, given, ("--eval-every", "--device"),
+                       "--set batch_size=N, --set eval_pictures=N, --set init=NAME")
         return run_detector(data=data, out=out, config=config, overrides=overrides, epochs=epochs, export=export,
-                            to=to, time_budget=time_budget, fresh=fresh, command=command, eval_every=eval_every)
+                            to=to, time_budget=time_budget, fresh=fresh, command=command, eval_every=eval_every,
+                            device=device)
     if is_speech_config(config):
-        _refuse_unread(config, given, ("--eval-limit",), "--set batch_size=N; it trains on the CPU only")
+        _refuse_unread(config, given, ("--eval-limit", "--device"), "--set batch_size=N")
         return run_speech(data=data, out=out, config=config, overrides=overrides, epochs=epochs, export=export, to=to,
-                          time_budget=time_budget, eval_limit=eval_limit, fresh=fresh, command=command)
+                          time_budget=time_budget, eval_limit=eval_limit, fresh=fresh, command=command, device=device)
     if data is None:
         from mergeseek.eval.config import default_data_root
 

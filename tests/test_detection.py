@@ -224,7 +224,10 @@ def test_train_resume_export_and_detect(tmp_path, sources):
     assert first.epochs_done == 1 and not first.complete
     done = train_detector(tmp_path, out, cfg, sources=sources, spec=spec, test=test, command="test")
     assert done.epochs_done == 2 and done.complete and len(done.history) == 2
-    assert json.loads((out / "manifest.json").read_text())["epochs"] == 2
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["epochs"] == 2
+    if not torch.cuda.is_available():  # device auto: the CPU here, named with its cores and threads
+        assert manifest["device"].startswith("cpu (") and "torch threads" in manifest["device"]
     res = export_detector(out / "last.pt", tmp_path / "ref")
     from mergeseek.eval.train_reference import describe
 
@@ -270,8 +273,7 @@ def test_eval_every_scores_every_nth_epoch_and_always_the_last(tmp_path, sources
 
 @pytest.mark.parametrize("config,args,named", [
     ("reference-detector", ["--batch-size", "8"], "--batch-size does not apply to --config reference-detector"),
-    ("reference-detector", ["--device", "cuda", "--stop-after", "2"], "--device, --stop-after do not apply"),
-    ("reference-speech", ["--device", "cuda:1"], "--device does not apply"),
+    ("reference-detector", ["--device", "cuda", "--stop-after", "2"], "--stop-after does not apply"),
     ("reference-detector", ["--eval-limit", "50"], "--set eval_pictures=N"),
     ("reference-speech", ["--eval-every", "2"], "--eval-every does not apply to --config reference-speech"),
     ("reference-speech", ["--init", "reference-cifar10"], "--init does not apply"),
@@ -287,13 +289,32 @@ def test_train_reference_refuses_options_the_trainer_does_not_read(tmp_path, con
     assert not (tmp_path / "run").exists()  # refused before anything is read or written
 
 
-def test_device_cpu_is_what_the_detector_trains_on_so_it_is_not_refused(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_device_cpu_or_auto_passes_the_option_check(tmp_path, device):
     from mergeseek.eval.train_reference import run
 
     from mergeseek.errors import InputError
 
     with pytest.raises(InputError, match="synth-detection needs background photos"):  # past the option check
-        run(data=str(tmp_path), out=str(tmp_path / "run"), config="reference-detector", device="cpu")
+        run(data=str(tmp_path), out=str(tmp_path / "run"), config="reference-detector", device=device)
+
+
+@pytest.mark.parametrize("config", ["reference-detector", "reference-speech"])
+@pytest.mark.parametrize("device,said", [("cuda", "no CUDA device is present"), ("cuda:1", "no CUDA device is present"),
+                                         ("tpu", "is not valid")])
+def test_a_device_that_is_not_there_is_refused_before_any_data_is_read(tmp_path, monkeypatch, config, device, said):
+    """The detector and speech trainers take --device (CUDA when present); one that is missing or
+    misspelt is one line, before the data folder is looked at."""
+    import torch
+    from typer.testing import CliRunner
+
+    from mergeseek.cli import app
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine
+    res = CliRunner().invoke(app, ["train-reference", "--config", config, "--data", str(tmp_path / "absent"),
+                                   "--out", str(tmp_path / "run"), "--device", device])
+    assert res.exit_code != 0 and said in res.output + (res.stderr or ""), res.output
+    assert "does not apply" not in res.output and not (tmp_path / "run").exists()
 
 
 def test_evaluation_rows_of_a_detector(sources):
@@ -359,3 +380,28 @@ def test_head_learning_rate_scale_reaches_the_optimizer(sources):
         assert len(in_head) == 1
         assert g["lr"] == pytest.approx(lr * (4.0 if in_head.pop() else 1.0))
         assert (g["weight_decay"] == 0.0) == all(p.ndim <= 1 or p.ndim == 3 for p in g["params"])
+
+
+@pytest.mark.gpu
+def test_the_detector_trains_on_cuda_and_resumes_on_the_cpu(tmp_path, sources):
+    """An epoch on the GPU, the next on the CPU from the same checkpoint; the GPU's pictures are the
+    CPU's (drawn on the CPU), its loss finite, its manifest names the GPU."""
+    import math
+
+    import torch
+
+    from mergeseek.eval.detector_reference import DetectorConfig
+    from mergeseek.eval.detector_train import train_detector
+
+    cfg = DetectorConfig.parse("reference-detector-tiny")
+    spec = DetectionSpec(size=cfg.picture_size, side=(12, 28))
+    test = generate(spec, sources, "test", 4)
+    out = tmp_path / "run"
+    first = train_detector(tmp_path, out, cfg, sources=sources, spec=spec, test=test, time_budget_s=0.0, device="cuda")
+    assert first.epochs_done == 1 and math.isfinite(first.history[0]["loss"])
+    assert json.loads((out / "manifest.json").read_text())["device"] == torch.cuda.get_device_name(0)
+    cpu = train_detector(tmp_path, tmp_path / "cpu", cfg, sources=sources, spec=spec, test=test, time_budget_s=0.0,
+                         device="cpu")
+    assert abs(cpu.history[0]["loss"] - first.history[0]["loss"]) < 0.05 * abs(cpu.history[0]["loss"])
+    done = train_detector(tmp_path, out, cfg, sources=sources, spec=spec, test=test, device="cpu")
+    assert done.epochs_done == 2 and done.complete and math.isfinite(done.history[1]["loss"])

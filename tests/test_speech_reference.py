@@ -233,3 +233,25 @@ def test_train_resume_export_and_load_round_trip(tiny_root, tmp_path, spectrogra
         torch.testing.assert_close(model(spectrograms), trained(spectrograms), atol=2e-2, rtol=0)
     with pytest.raises(ConfigError, match="another config"):
         train_speech(tiny_root, tmp_path / "run", cfg.__class__(**{**cfg.to_dict(), "lr": cfg.lr * 2}), spec=TINY)
+
+
+@needs_espeak
+@pytest.mark.gpu
+def test_speech_trains_on_cuda_and_resumes_on_the_cpu(tiny_root, tmp_path, spectrograms):
+    """An epoch on the GPU, the next on the CPU from its checkpoint; the batches and masks are drawn
+    on the CPU, so the first epoch's loss is the CPU's within float tolerance."""
+    import json
+    import math
+
+    from mergeseek.eval.speech_reference import load_speech_reference, train_speech
+
+    cfg = get_speech_config("reference-speech-tiny")
+    gpu = train_speech(tiny_root, tmp_path / "run", cfg, spec=TINY, time_budget_s=0.0, device="cuda")
+    cpu = train_speech(tiny_root, tmp_path / "cpu", cfg, spec=TINY, time_budget_s=0.0, device="cpu")
+    assert math.isfinite(gpu.history[0]["loss"]) and abs(gpu.history[0]["loss"] - cpu.history[0]["loss"]) < 0.05 * cpu.history[0]["loss"]
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["device"] == torch.cuda.get_device_name(0)
+    done = train_speech(tiny_root, tmp_path / "run", cfg, spec=TINY, device="cpu")
+    assert (done.epochs_done, done.complete) == (2, True)
+    model, _ = load_speech_reference(done.checkpoint)  # saved from both devices, loads on the CPU
+    with torch.inference_mode():
+        assert torch.isfinite(model(spectrograms)).all()
