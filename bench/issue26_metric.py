@@ -35,17 +35,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional
 
 import torch
 
 from mergeseek.encoders.merging.core import NEG_INF, identity_merge, matcher
 from mergeseek.encoders.merging.energy import pair_merge
-from mergeseek.encoders.merging.pairs import PAIR_CANDIDATES, candidate_edges, greedy_pairs, prepare_pairs
+from mergeseek.encoders.merging.pairs import (PAIR_CANDIDATES, candidate_edges, greedy_pairs, matrix_edges,
+                                             prepare_pairs)
 from mergeseek.encoders.merging.registry import MergeResult
 
-VARIANTS = ("base", "attncol", "attnrow", "mix", "ward", "spatial")
-PATCHING = ("ward", "spatial")  # variants that patch common.merge_tokens to hand the matcher more
+VARIANTS = ("base", "attncol", "attnrow", "mix", "ward", "wardns", "wardk", "spatial")
+PATCHING = ("ward", "wardns", "spatial")  # variants that patch common.merge_tokens to hand the matcher more
 
 _variant = {"kind": "base", "value": 0.0}
 
@@ -87,13 +88,13 @@ def edge_scores(kind: str, value: float, unit: torch.Tensor, attn: Optional[torc
         if kind == "mix":
             return value * (unit @ unit.transpose(-1, -2)) + (1 - value) * cos
         return cos
-    if kind == "ward":
+    if kind in ("ward", "wardns", "wardk"):
         if hidden is None:
-            raise ValueError("ward needs the hidden states (run inside variant('ward'))")
+            raise ValueError(f"{kind} needs the hidden states (run inside variant('{kind}'))")
         x = hidden.float()
         sq = (x * x).sum(dim=-1)
         d2 = (sq[:, :, None] + sq[:, None, :] - 2 * (x @ x.transpose(-1, -2))).clamp_min(0)
-        s = torch.ones(batch, n, device=x.device) if size is None else size[..., 0].float()
+        s = torch.ones(batch, n, device=x.device) if size is None or kind == "wardns" else size[..., 0].float()
         return (-(s[:, :, None] * s[:, None, :]) / (s[:, :, None] + s[:, None, :]) * d2).to(unit.dtype)
     if kind == "spatial":
         if pos is None:
@@ -102,17 +103,6 @@ def edge_scores(kind: str, value: float, unit: torch.Tensor, attn: Optional[torc
         dist = (p[:, :, None] - p[:, None, :]).pow(2).sum(dim=-1).sqrt()
         return unit @ unit.transpose(-1, -2) - (value * dist).to(unit.dtype)
     raise ValueError(f"unknown variant {kind!r}")
-
-
-def matrix_edges(sim: torch.Tensor, keep_first: int, k: int) -> Tuple[torch.Tensor, ...]:
-    """``pairs.candidate_edges`` for a given score matrix [B, N, N] (modified in place)."""
-    batch, n, _ = sim.shape
-    sim.diagonal(dim1=-2, dim2=-1).fill_(NEG_INF)
-    sim[:, :keep_first] = NEG_INF
-    sim[:, :, :keep_first] = NEG_INF
-    score, nbr = sim.topk(min(k, n - 1), dim=-1)
-    first = torch.arange(n, device=sim.device)[:, None].expand(n, nbr.shape[-1])
-    return score.reshape(batch, -1), first.reshape(1, -1).expand(batch, -1), nbr.reshape(batch, -1)
 
 
 @torch.no_grad()
@@ -130,6 +120,7 @@ def p9_merging(metric: torch.Tensor, r: int, keep_first: int, *, size: Optional[
     if kind == "base":
         edges = candidate_edges(unit, keep_first, PAIR_CANDIDATES)
     else:
+        hidden = metric if kind == "wardk" else hidden  # wardk: Ward's cost on the raw head-averaged keys
         sim = edge_scores(kind, value, unit, attn=attn, hidden=hidden, size=size, pos=pos)
         edges = matrix_edges(sim, keep_first, PAIR_CANDIDATES)
     src, dst, fallback = greedy_pairs(*edges, r, n, keep_first)
@@ -146,7 +137,7 @@ def _patched_merge_tokens(saved, kind: str):
     def merge_tokens(x, state, metric, attn, r, plan):
         if r <= 0:
             return saved(x, state, metric, attn, r, plan)
-        if kind == "ward":
+        if kind in ("ward", "wardns"):
             return saved(x, state, metric, attn, r, dataclasses.replace(plan, options=dict(plan.options, hidden=x)))
         pos = getattr(state, "p9_pos", None)
         if pos is None:

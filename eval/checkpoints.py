@@ -62,6 +62,15 @@ def load_trained_model(path: Path, config_cls, build, formats: tuple[str, str], 
     return model.eval(), cfg
 
 
+def device_label(dev) -> str:
+    """What a run's manifest says it trained on: the GPU's name, or the CPU's cores and torch threads."""
+    import torch
+
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
 def run_manifest(meta: Dict[str, Any], num_tokens: int) -> Dict[str, Any]:
     """The fields every reference's manifest shares (name, commands, data, epochs, size, time, machine,
     versions, config, history), from a training checkpoint's ``meta``."""

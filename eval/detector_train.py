@@ -120,8 +120,8 @@ def train_detector(data: Path, out: Path, cfg: DetectorConfig, *, time_budget_s:
     import torch
 
     from mergeseek.eval.datasets.detection import DetectionSpec, cache_folder, load_sources, load_synth_detection
-    from mergeseek.eval.train_reference import (TrainResult, atomic_torch_save, atomic_write_json, device_label,
-                                                resolve_device)
+    from mergeseek.eval.checkpoints import device_label
+    from mergeseek.eval.train_reference import TrainResult, atomic_torch_save, atomic_write_json, resolve_device
 
     spec = spec or DetectionSpec(size=cfg.picture_size)
     if spec.size != cfg.picture_size:

@@ -267,8 +267,8 @@ def train_speech(data: Path, out: Path, cfg: SpeechConfig, *, time_budget_s: Opt
     import torch
 
     from mergeseek.eval.datasets.speech import SpeechWordsSpec, load_split
-    from mergeseek.eval.train_reference import (TrainResult, atomic_torch_save, atomic_write_json, device_label,
-                                                resolve_device)
+    from mergeseek.eval.checkpoints import device_label
+    from mergeseek.eval.train_reference import TrainResult, atomic_torch_save, atomic_write_json, resolve_device
 
     spec = spec or SpeechWordsSpec()
     train, test = load_split(data, "train", spec), load_split(data, "test", spec)

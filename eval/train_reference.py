@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import platform
 import sys
 import time
@@ -74,15 +73,6 @@ def resolve_device(device: str):
     from mergeseek.runtime import resolve_device as resolve
 
     return torch.device(resolve(device))
-
-
-def device_label(dev) -> str:
-    """What a run's manifest says it trained on: the GPU's name, or the CPU's cores and torch threads."""
-    import torch
-
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -360,6 +350,8 @@ def _start_run(cfg: ReferenceConfig, dev, blob, data: Path, data_hash: Dict[str,
     """Decode the data once onto the device; build (or restore) model, optimizer and run record."""
     import torch
 
+    from mergeseek.eval import checkpoints
+
     t0 = time.perf_counter()
     train = load_cifar10_npz(data, "train", limit)
     test = load_cifar10_npz(data, "test", eval_limit)
@@ -392,7 +384,7 @@ def _start_run(cfg: ReferenceConfig, dev, blob, data: Path, data_hash: Dict[str,
         raise ConfigError(f"checkpoint trained on {meta['train_images']} images but --limit gives "
                           f"{len(train.labels)}; pass the same --limit, --fresh or another --out")
     meta["versions"] = _versions()
-    meta["device"] = device_label(dev)
+    meta["device"] = checkpoints.device_label(dev)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

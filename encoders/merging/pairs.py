@@ -100,13 +100,18 @@ def greedy_pairs(score: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
 
 def candidate_edges(unit: torch.Tensor, keep_first: int, k: int) -> Tuple[torch.Tensor, ...]:
     """Every unprotected token's k most similar unprotected tokens: (score, first, second) [B, N * k]."""
-    batch, n, _ = unit.shape
-    sim = unit @ unit.transpose(-1, -2)
+    return matrix_edges(unit @ unit.transpose(-1, -2), keep_first, k)
+
+
+def matrix_edges(sim: torch.Tensor, keep_first: int, k: int) -> Tuple[torch.Tensor, ...]:
+    """Every unprotected token's k best-scoring unprotected partners in ``sim`` [B, N, N] (higher is
+    better; changed in place): (score, first, second) [B, N * k]."""
+    batch, n, _ = sim.shape
     sim.diagonal(dim1=-2, dim2=-1).fill_(NEG_INF)
     sim[:, :keep_first] = NEG_INF
     sim[:, :, :keep_first] = NEG_INF
     score, nbr = sim.topk(min(k, n - 1), dim=-1)
-    first = torch.arange(n, device=unit.device)[:, None].expand(n, nbr.shape[-1])
+    first = torch.arange(n, device=sim.device)[:, None].expand(n, nbr.shape[-1])
     return score.reshape(batch, -1), first.reshape(1, -1).expand(batch, -1), nbr.reshape(batch, -1)
 
 

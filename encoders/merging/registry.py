@@ -39,6 +39,8 @@ class MatcherSpec:
         state: ``(MergeConfig, metric dim, device) -> dict`` of tensors made once per model and
             passed to the matcher as options with the same names (kept as buffers of the patched
             module, so they follow it across devices); None: the method keeps nothing.
+        tokens: the matcher also gets the block's tokens (``tokens=`` [B, N, C], the rows that
+            are averaged), for methods that score pairs on them (``ward``).
     """
 
     name: str
@@ -50,6 +52,7 @@ class MatcherSpec:
     needs_prefix: bool = False
     doc: str = ""
     state: Optional[Callable[[Any, int, Any], Dict[str, Any]]] = None
+    tokens: bool = False
 
     def __post_init__(self) -> None:
         if self.needs not in NEEDS:
@@ -141,6 +144,15 @@ register(MatcherSpec(
     "pairs_mix_lsh", "mergeseek.encoders.merging.mixed:pairs_mix_lsh_merging",
     config_keys=("lsh_bits", "lsh_tables", "lsh_window", "lsh_chunk", "seed"), options=lsh_options, state=lsh_state,
     doc="pairs_mix, hashed: pairs_lsh above the threshold, lsh below",
+))
+register(MatcherSpec(
+    "ward", "mergeseek.encoders.merging.ward:ward_merging", tokens=True,
+    doc="one-to-one greedy merging by Ward's cost (size-weighted squared distance of the tokens; issue #26)",
+))
+register(MatcherSpec(
+    "ward_lsh", "mergeseek.encoders.merging.ward:ward_lsh_merging", tokens=True,
+    config_keys=("lsh_bits", "lsh_tables", "lsh_window", "seed"), options=lsh_options, state=lsh_state,
+    doc="ward, hashed: pairs_lsh's candidate pairs from SimHash-sorted windows, scored by Ward's cost",
 ))
 register(MatcherSpec(
     "importance", "mergeseek.encoders.merging.importance:importance_merging", needs="cls_attn", bipartite_bounded=False,

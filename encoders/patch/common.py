@@ -65,6 +65,7 @@ class Plan:
     attn_mode: str = "auto"  # how log(size) reaches the fused attention: "auto", "channel" or "mask"
     mlerp: bool = False  # norm-preserving merge (MergeConfig.merge)
     metric: str = "keys"  # what similarity is measured on (MergeConfig.metric, key_metric)
+    tokens: bool = False  # the matcher also gets the block's tokens (MatcherSpec.tokens)
 
 
 @dataclass
@@ -86,7 +87,7 @@ def make_plan(cfg: MergeConfig, protected: int, state: Optional[Dict[str, Tensor
     if state:
         options = dict(options, **state)
     return Plan(spec.fn, spec.needs, cfg.prop_attn, protected, options, attn_mode or default_attn_mode(),
-                cfg.merge == "mlerp", cfg.metric)
+                cfg.merge == "mlerp", cfg.metric, spec.tokens)
 
 
 ATTN_MODES = ("auto", "channel", "mask")
@@ -187,8 +188,9 @@ def merge_tokens(
     """Run the matcher and merge; returns (x, new state, tokens merged per image)."""
     if r <= 0:
         return x, state, 0
+    extra = {"tokens": x} if plan.tokens else {}
     result: MergeResult = plan.matcher(
-        metric, r, size=state.size, padded=state.padded, protected=plan.protected, attn=attn, **plan.options
+        metric, r, size=state.size, padded=state.padded, protected=plan.protected, attn=attn, **plan.options, **extra
     )
     if result.identity:  # nothing to merge (too few tokens)
         return x, state, result

@@ -1,0 +1,124 @@
+"""Pairs by Ward's merge cost (``method=ward``, ``method=ward_lsh``; issue #26, ninth round).
+
+``method=pairs`` joins disjoint pairs of tokens greedily, best edge first, scoring an edge by the
+cosine of the two tokens' head-averaged keys. This rule keeps that greedy one-to-one step and
+scores an edge by what averaging the two tokens throws away instead: Ward's cost
+
+    cost(a, b) = s_a * s_b / (s_a + s_b) * ||x_a - x_b||^2
+
+on the block's tokens ``x`` (the residual stream after the attention branch, the rows that are
+averaged), with ``s`` the token sizes. It is the increase of the squared error between every
+patch and the token that stands for it when ``a`` and ``b`` become one size-weighted token, so it
+prefers merging small tokens and tokens with close values *and* norms (the cosine of the keys
+sees neither). The cheapest edges merge first (the edge score is ``-cost``); each token lists
+its ``PAIR_CANDIDATES`` cheapest partners as candidate edges, as for ``pairs``.
+
+``ward_lsh`` is the hashed variant: the candidate edges are ``pairs_lsh``'s (SimHash-sorted
+windows over the unit keys, no N x N matrix), each scored by the same cost computed for that
+edge alone; edges between different buckets rank below every same-bucket edge.
+
+Measured on the CIFAR-10 reference (docs/BENCHMARKS.md, issue #26, ninth round): chosen on half A
+of the test set, where it led ``pairs`` by 0.32 ± 0.30 points at r=16; on the held-out half B it
+leads ``pairs`` by 0.16 ± 0.29 and bipartite by 0.46 ± 0.32. The cost without the sizes, or on the
+keys instead of the tokens, did not beat ``pairs``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from mergeseek.encoders.merging.core import NEG_INF, identity_merge, matcher
+from mergeseek.encoders.merging.energy import pair_merge
+from mergeseek.encoders.merging.pairs import (BUCKET_OFFSET, PAIR_CANDIDATES, greedy_pairs, matrix_edges,
+                                             prepare_pairs, window_edges)
+from mergeseek.encoders.merging.registry import MergeResult
+from mergeseek.errors import ConfigError
+
+
+def _tokens_of(tokens: Optional[torch.Tensor], metric: torch.Tensor, method: str) -> torch.Tensor:
+    if tokens is None or tokens.shape[:2] != metric.shape[:2]:
+        raise ConfigError(f"method={method} scores pairs on the block's tokens; call it through a patched model "
+                          "(apply_merging), which hands them over, or pass tokens=[B, N, C]")
+    return tokens
+
+
+def ward_scores(tokens: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:
+    """[B, N, N] ``-cost(a, b)`` (module doc) in float32; ``size`` [B, N, 1] or None (all ones)."""
+    x = tokens.float()
+    sq = (x * x).sum(dim=-1)
+    d2 = (sq[:, :, None] + sq[:, None, :] - 2 * (x @ x.transpose(-1, -2))).clamp_min(0)
+    if size is None:
+        return d2 * -0.5
+    s = size[..., 0].float()
+    return -(s[:, :, None] * s[:, None, :]) / (s[:, :, None] + s[:, None, :]) * d2
+
+
+def edge_ward_scores(tokens: torch.Tensor, size: Optional[torch.Tensor], first: torch.Tensor,
+                     second: torch.Tensor) -> torch.Tensor:
+    """[B, E] ``-cost`` of the edges (first[b, e], second[b, e]) alone (no N x N matrix)."""
+    x = tokens.float()
+    dim = x.shape[-1]
+    xa = x.gather(1, first[..., None].expand(-1, -1, dim))
+    xb = x.gather(1, second[..., None].expand(-1, -1, dim))
+    d2 = (xa - xb).pow(2).sum(dim=-1)
+    if size is None:
+        return d2 * -0.5
+    s = size[..., 0].float()
+    sa, sb = s.gather(1, first), s.gather(1, second)
+    return -(sa * sb) / (sa + sb) * d2
+
+
+@torch.no_grad()
+@matcher
+def ward_merging(metric: torch.Tensor, r: int, keep_first: int, *, size: Optional[torch.Tensor] = None,
+                 padded: Optional[bool] = None, tokens: Optional[torch.Tensor] = None, **_: object) -> MergeResult:
+    """Merge r disjoint pairs, the cheapest by Ward's cost first (module doc).
+
+    Called as every matcher (``core.matcher``) plus ``tokens`` [B, N, C], the block's tokens
+    (the patched blocks hand them over: ``MatcherSpec.tokens``); ``r`` is clamped to half of the
+    unprotected tokens; inputs with padding are refused, as for ``pairs``.
+    """
+    n = metric.shape[1]
+    x = _tokens_of(tokens, metric, "ward")
+    r, _unit = prepare_pairs(metric, r, keep_first, size, padded, "ward")
+    if r <= 0:
+        return identity_merge(n)
+    score, first, second = matrix_edges(ward_scores(x, size), keep_first, PAIR_CANDIDATES)
+    src, dst, fallback = greedy_pairs(score, first, second, r, n, keep_first)
+    out = pair_merge(src, dst, n)
+    out.fallback = fallback
+    return out
+
+
+@torch.no_grad()
+@matcher
+def ward_lsh_merging(metric: torch.Tensor, r: int, keep_first: int, *, size: Optional[torch.Tensor] = None,
+                     padded: Optional[bool] = None, tokens: Optional[torch.Tensor] = None,
+                     planes: Optional[torch.Tensor] = None, lsh_bits: int = 4, lsh_tables: int = 4,
+                     lsh_window: int = 16, seed: int = 0, **_: object) -> MergeResult:
+    """The hashed rule (module doc): ``pairs_lsh``'s candidate edges, scored by Ward's cost.
+
+    ``planes`` and the ``lsh_*`` options as for ``method=pairs_lsh``.
+    """
+    from mergeseek.encoders.merging.lsh import cached_planes
+
+    n, dim = metric.shape[1], metric.shape[2]
+    x = _tokens_of(tokens, metric, "ward_lsh")
+    r, unit = prepare_pairs(metric, r, keep_first, size, padded, "ward_lsh")
+    if r <= 0:
+        return identity_merge(n)
+    if planes is None:
+        planes = cached_planes(dim, lsh_bits, lsh_tables, seed, str(metric.device))
+    cosine, first, second = window_edges(unit, planes, lsh_bits, lsh_tables, lsh_window, keep_first)
+    cost = edge_ward_scores(x, size, first, second)
+    # same-bucket edges first: a cross-bucket edge (cosine - BUCKET_OFFSET < -1) drops below the
+    # image's most costly edge; edges past the end of a window stay -inf
+    floor = cost.amin(dim=1, keepdim=True) - 1.0
+    cross = cosine < -BUCKET_OFFSET / 2  # same bucket: a cosine >= -1; across: <= 1 - BUCKET_OFFSET
+    score = torch.where(cross, floor + cost - cost.amax(dim=1, keepdim=True), cost).masked_fill(cosine == NEG_INF, NEG_INF)
+    src, dst, fallback = greedy_pairs(score, first, second, r, n, keep_first)
+    out = pair_merge(src, dst, n)
+    out.fallback = fallback
+    return out

@@ -1,0 +1,163 @@
+"""method=ward / ward_lsh (issue #26): pairs chosen by Ward's merge cost on the block's tokens.
+
+Checked against naive per-image loops (the cost of every pair computed from its definition, each
+token's cheapest candidates, the greedy one-to-one step), r=0 exact, a batch of 4 equal to 4 x 1,
+static widths, and the tokens reaching the matcher through the patched blocks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from mergeseek.encoders import apply_merging, token_counts
+from mergeseek.encoders.merging import pairs, simhash_planes
+from mergeseek.encoders.merging.ward import ward_lsh_merging, ward_merging
+from mergeseek.errors import ConfigError, InputError
+from tests.test_energy import assert_batch_is_its_images
+from tests.test_pairs import _check, naive_window_edges
+
+
+def naive_cost(x, size, i, j):
+    """Ward's cost from its definition: the growth of the squared error of the patches when tokens
+    i and j (each standing for size[i] / size[j] patches at its value) become their weighted mean."""
+    si, sj = float(size[i]), float(size[j])
+    mean = (x[i] * si + x[j] * sj) / (si + sj)
+    return si * float(((x[i] - mean) ** 2).sum()) + sj * float(((x[j] - mean) ** 2).sum())
+
+
+def naive_ward_edges(x, size, protected, k):
+    n = x.shape[0]
+    edges = []
+    for i in range(protected, n):
+        others = sorted(((-naive_cost(x, size, i, j), j) for j in range(protected, n) if j != i), key=lambda t: -t[0])
+        edges += [(s, i, j) for s, j in others[:k]]
+    return edges
+
+
+def naive_ward_window_edges(metric, x, size, planes, bits, tables, window, protected):
+    """The hashed windows' edges (test_pairs' loop), re-scored by Ward's cost; cross-bucket edges
+    after every same-bucket edge, in their own cost order."""
+    edges = naive_window_edges(metric, planes, bits, tables, window, protected)
+    costed = [(-naive_cost(x, size, i, j), c < -2.0, i, j) for c, i, j in edges]
+    worst = min(s for s, _, _, _ in costed)
+    best = max(s for s, _, _, _ in costed)
+    return [((worst - 1.0) + s - best if cross else s, i, j) for s, cross, i, j in costed]
+
+
+@pytest.mark.parametrize("n,r,protected,seed", [(17, 4, 1, 0), (50, 12, 1, 1), (31, 15, 1, 2), (24, 5, 0, 3),
+                                                (40, 19, 0, 5)])
+def test_ward_agrees_with_a_naive_loop(n, r, protected, seed):
+    g = torch.Generator().manual_seed(seed)
+    metric = torch.randn(3, n, 8, generator=g, dtype=torch.float64)
+    x = torch.randn(3, n, 5, generator=g, dtype=torch.float64)
+    size = torch.randint(1, 5, (3, n, 1), generator=g).double()
+    result = ward_merging(metric, r, protected=protected, size=size, padded=False, tokens=x)
+    by_image = iter(range(3))
+
+    def edges(m):  # _check walks the images in order; the cost needs that image's tokens and sizes
+        b = next(by_image)
+        return naive_ward_edges(x[b], size[b, :, 0], protected, pairs.PAIR_CANDIDATES)
+
+    _check(result, metric, x, size, r, edges, protected, 1e-12)
+
+
+def test_without_sizes_every_token_counts_one():
+    g = torch.Generator().manual_seed(4)
+    metric, x = torch.randn(2, 21, 4, generator=g, dtype=torch.float64), torch.randn(2, 21, 6, generator=g, dtype=torch.float64)
+    ones = torch.ones(2, 21, 1, dtype=torch.float64)
+    a = ward_merging(metric, 6, size=None, padded=False, tokens=x)
+    b = ward_merging(metric, 6, size=ones, padded=False, tokens=x)
+    from mergeseek.encoders.merging import merge_wavg
+
+    torch.testing.assert_close(merge_wavg(a, x, ones)[0], merge_wavg(b, x, ones)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n,r,window,seed", [(33, 8, 16, 0), (64, 16, 8, 1), (21, 10, 4, 2)])
+def test_hashed_ward_agrees_with_a_naive_window_loop(n, r, window, seed):
+    bits, tables = 3, 2
+    g = torch.Generator().manual_seed(seed)
+    metric = torch.randn(2, n, 8, generator=g, dtype=torch.float64)
+    x = torch.randn(2, n, 5, generator=g, dtype=torch.float64)
+    size = torch.randint(1, 4, (2, n, 1), generator=g).double()
+    planes = simhash_planes(8, bits, tables, seed=seed, dtype=torch.float64)
+    result = ward_lsh_merging(metric, r, planes=planes, lsh_bits=bits, lsh_tables=tables, lsh_window=window,
+                              size=size, padded=False, tokens=x)
+    by_image = iter(range(2))
+
+    def edges(m):
+        b = next(by_image)
+        return naive_ward_window_edges(m, x[b], size[b, :, 0], planes, bits, tables, window, 1)
+
+    _check(result, metric, x, size, r, edges, 1, 1e-12)
+
+
+def test_r_zero_too_large_padding_and_missing_tokens():
+    metric, x = torch.randn(2, 9, 4), torch.randn(2, 9, 6)
+    for fn in (ward_merging, ward_lsh_merging):
+        assert fn(metric, 0, tokens=x).identity
+        assert fn(metric, 50, tokens=x).width == 9 - 4  # clamped to half of the unprotected tokens
+        size = torch.ones(2, 9, 1)
+        size[1, -2:] = 0
+        with pytest.raises(InputError, match="padding"):
+            fn(metric, 2, size=size, tokens=x)
+        with pytest.raises(ConfigError, match="tokens"):  # called bare, without the block's tokens
+            fn(metric, 2)
+        with pytest.raises(ConfigError, match="tokens"):
+            fn(metric, 2, tokens=x[:, :5])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from mergeseek.eval.reference import build_model, get_config
+
+    torch.manual_seed(0)
+    return build_model(get_config("reference-tiny")).eval()
+
+
+@pytest.mark.parametrize("spec", ["method=ward,r=0", "method=ward_lsh,r=0", "method=ward,r=0,merge=mlerp"])
+def test_r_zero_is_the_unpatched_model(tiny, spec):
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = tiny(x)
+        got = apply_merging(copy.deepcopy(tiny), spec)(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("spec", ["method=ward,r=3", "method=ward_lsh,r=3", "method=ward,r=8"])
+def test_a_batch_of_four_equals_four_single_images(tiny, spec):
+    model = apply_merging(copy.deepcopy(tiny), spec)
+    assert_batch_is_its_images(model, tiny, torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    want = {"3": [14, 11], "8": [9, 5]}[spec.split("r=")[1].split(",")[0]]  # 17 tokens; r at most half of the free ones
+    assert token_counts(model) == want  # static widths
+
+
+def test_the_patched_blocks_hand_the_matcher_the_tokens_they_average(tiny, monkeypatch):
+    """The tokens the matcher scores are the rows merge_wavg averages: the residual stream after
+    the attention branch, one per token, in the block's current width."""
+    from mergeseek.encoders.patch import common
+
+    seen, merged = [], []
+    real = common.merge_wavg
+
+    def spy(result, x, size, **kw):
+        merged.append(x.detach().clone())
+        return real(result, x, size, **kw)
+
+    import mergeseek.encoders.merging.ward as ward_mod
+
+    real_scores = ward_mod.ward_scores
+
+    def scores(tokens, size):
+        seen.append(tokens.detach().clone())
+        return real_scores(tokens, size)
+
+    monkeypatch.setattr(common, "merge_wavg", spy)
+    monkeypatch.setattr(ward_mod, "ward_scores", scores)
+    model = apply_merging(copy.deepcopy(tiny), "method=ward,r=3")
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
+    assert len(seen) == len(merged) == 2 and [t.shape[1] for t in seen] == [17, 14]
+    for a, b in zip(seen, merged):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
