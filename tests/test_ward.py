@@ -161,3 +161,28 @@ def test_the_patched_blocks_hand_the_matcher_the_tokens_they_average(tiny, monke
     assert len(seen) == len(merged) == 2 and [t.shape[1] for t in seen] == [17, 14]
     for a, b in zip(seen, merged):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_the_two_window_paths_give_the_same_dots_and_pairs(monkeypatch):
+    """window_dots' CPU path (table by table, shifted views) and its CUDA path (one gather of every
+    window), both run here on the CPU: the same numbers, so the same pairs on either device."""
+    g = torch.Generator().manual_seed(9)
+    rows = torch.randn(3, 40, 7, generator=g, dtype=torch.float64)
+    perm = torch.stack([torch.randperm(40, generator=g) for _ in range(3 * 4)]).view(3, 4, 40).transpose(1, 2)
+    naive = torch.zeros(3, 4, 40, 5, dtype=torch.float64)
+    for b in range(3):
+        for t in range(4):
+            for s in range(40):
+                for d in range(1, 6):
+                    if s + d < 40:
+                        naive[b, t, s, d - 1] = rows[b, perm[b, s, t]] @ rows[b, perm[b, s + d, t]]
+    cpu = pairs.window_dots(rows, perm, 5)
+    monkeypatch.setattr(pairs, "BATCHED_WINDOWS", [True])
+    batched = pairs.window_dots(rows, perm, 5)
+    past = torch.arange(40)[:, None] + torch.arange(1, 6) >= 40
+    torch.testing.assert_close(cpu, naive, rtol=0, atol=1e-12)
+    torch.testing.assert_close(batched.masked_fill(past, 0.0), naive, rtol=0, atol=1e-12)  # past the end: masked by callers
+    metric, x = torch.randn(2, 33, 8, generator=g), torch.randn(2, 33, 5, generator=g)
+    on_gpu_path = ward_lsh_merging(metric, 8, tokens=x).merge(x)
+    monkeypatch.setattr(pairs, "BATCHED_WINDOWS", [False])
+    torch.testing.assert_close(ward_lsh_merging(metric, 8, tokens=x).merge(x), on_gpu_path, rtol=0, atol=0)

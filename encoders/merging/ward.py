@@ -32,7 +32,7 @@ import torch
 from mergeseek.encoders.merging.core import NEG_INF, identity_merge, matcher
 from mergeseek.encoders.merging.energy import pair_merge
 from mergeseek.encoders.merging.pairs import (BUCKET_OFFSET, PAIR_CANDIDATES, greedy_pairs, matrix_edges,
-                                             prepare_pairs, window_edges)
+                                             prepare_pairs, window_dots, window_edges, window_order, window_span)
 from mergeseek.encoders.merging.registry import MergeResult
 from mergeseek.errors import ConfigError
 
@@ -55,19 +55,21 @@ def ward_scores(tokens: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Ten
     return -(s[:, :, None] * s[:, None, :]) / (s[:, :, None] + s[:, None, :]) * d2
 
 
-def edge_ward_scores(tokens: torch.Tensor, size: Optional[torch.Tensor], first: torch.Tensor,
-                     second: torch.Tensor) -> torch.Tensor:
-    """[B, E] ``-cost`` of the edges (first[b, e], second[b, e]) alone (no N x N matrix)."""
-    x = tokens.float()
-    dim = x.shape[-1]
-    xa = x.gather(1, first[..., None].expand(-1, -1, dim))
-    xb = x.gather(1, second[..., None].expand(-1, -1, dim))
-    d2 = (xa - xb).pow(2).sum(dim=-1)
-    if size is None:
-        return d2 * -0.5
-    s = size[..., 0].float()
-    sa, sb = s.gather(1, first), s.gather(1, second)
-    return -(sa * sb) / (sa + sb) * d2
+def window_ward_scores(tokens: torch.Tensor, size: Optional[torch.Tensor], perm: torch.Tensor, keep_first: int,
+                       window: int) -> torch.Tensor:
+    """[B, E] ``-cost`` of ``pairs.window_edges``' edges, in its order (table, sorted place, offset):
+    each free token against the ``window // 2`` tokens after it in each table's sort ``perm``
+    [B, F, T] (past the end: a finite placeholder the caller masks). No N x N matrix."""
+    x = tokens[:, keep_first:].float()
+    batch, free, _ = x.shape
+    span, later, _ = window_span(free, window, x.device)
+    place = perm.transpose(1, 2)  # [B, T, F]
+    sq = (x * x).sum(dim=-1)
+    s = torch.ones_like(sq) if size is None else size[:, keep_first:, 0].float()
+    sqs, ss = sq.gather(1, place.reshape(batch, -1)).view_as(place), s.gather(1, place.reshape(batch, -1)).view_as(place)
+    d2 = (sqs[..., None] + sqs[..., later] - 2 * window_dots(x, perm, span)).clamp_min(0)
+    sb = ss[..., later]
+    return (-(ss[..., None] * sb) / (ss[..., None] + sb) * d2).reshape(batch, -1)
 
 
 @torch.no_grad()
@@ -111,8 +113,9 @@ def ward_lsh_merging(metric: torch.Tensor, r: int, keep_first: int, *, size: Opt
         return identity_merge(n)
     if planes is None:
         planes = cached_planes(dim, lsh_bits, lsh_tables, seed, str(metric.device))
-    cosine, first, second = window_edges(unit, planes, lsh_bits, lsh_tables, lsh_window, keep_first)
-    cost = edge_ward_scores(x, size, first, second)
+    order = window_order(unit, planes, lsh_bits, lsh_tables, keep_first)
+    cosine, first, second = window_edges(unit, planes, lsh_bits, lsh_tables, lsh_window, keep_first, order)
+    cost = window_ward_scores(x, size, order[1], keep_first, lsh_window)
     # same-bucket edges first: a cross-bucket edge (cosine - BUCKET_OFFSET < -1) drops below the
     # image's most costly edge; edges past the end of a window stay -inf
     floor = cost.amin(dim=1, keepdim=True) - 1.0
