@@ -1,8 +1,9 @@
 """method=ward / ward_lsh (issue #26): pairs chosen by Ward's merge cost on the block's tokens.
 
 Checked against naive per-image loops (the cost of every pair computed from its definition, each
-token's cheapest candidates, the greedy one-to-one step), r=0 exact, a batch of 4 equal to 4 x 1,
-static widths, and the tokens reaching the matcher through the patched blocks."""
+token's cheapest candidates, the greedy one-to-one step) and the tokens reaching the matcher
+through the patched blocks; r=0 exact, a batch of 4 equal to 4 x 1 and static widths are
+tests/test_pairs.py's, parametrized with these methods too."""
 
 from __future__ import annotations
 
@@ -11,12 +12,11 @@ import copy
 import pytest
 import torch
 
-from mergeseek.encoders import apply_merging, token_counts
+from mergeseek.encoders import apply_merging
 from mergeseek.encoders.merging import pairs, simhash_planes
 from mergeseek.encoders.merging.ward import ward_lsh_merging, ward_merging
 from mergeseek.errors import ConfigError, InputError
-from tests.test_energy import assert_batch_is_its_images
-from tests.test_pairs import _check, naive_window_edges
+from tests.test_pairs import _check, naive_window_edges, tiny  # noqa: F401  (tiny: a fixture)
 
 
 def naive_cost(x, size, i, j):
@@ -106,31 +106,6 @@ def test_r_zero_too_large_padding_and_missing_tokens():
             fn(metric, 2)
         with pytest.raises(ConfigError, match="tokens"):
             fn(metric, 2, tokens=x[:, :5])
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    from mergeseek.eval.reference import build_model, get_config
-
-    torch.manual_seed(0)
-    return build_model(get_config("reference-tiny")).eval()
-
-
-@pytest.mark.parametrize("spec", ["method=ward,r=0", "method=ward_lsh,r=0", "method=ward,r=0,merge=mlerp"])
-def test_r_zero_is_the_unpatched_model(tiny, spec):
-    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        want = tiny(x)
-        got = apply_merging(copy.deepcopy(tiny), spec)(x)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("spec", ["method=ward,r=3", "method=ward_lsh,r=3", "method=ward,r=8"])
-def test_a_batch_of_four_equals_four_single_images(tiny, spec):
-    model = apply_merging(copy.deepcopy(tiny), spec)
-    assert_batch_is_its_images(model, tiny, torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
-    want = {"3": [14, 11], "8": [9, 5]}[spec.split("r=")[1].split(",")[0]]  # 17 tokens; r at most half of the free ones
-    assert token_counts(model) == want  # static widths
 
 
 def test_the_patched_blocks_hand_the_matcher_the_tokens_they_average(tiny, monkeypatch):
