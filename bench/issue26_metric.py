@@ -13,7 +13,9 @@ times the best edge whose two tokens are both unused is taken. Only the edge sco
 - ``mix=W``: ``W`` * key cosine + (1 - ``W``) * ``attncol`` cosine;
 - ``ward``: ``-(s_a s_b / (s_a + s_b)) ||x_a - x_b||^2`` on the block's hidden states (after the
   attention branch, the rows the merge averages) and token sizes: Ward's merge cost, the squared
-  error the size-weighted average introduces; unlike the cosine it sees the norms;
+  error the size-weighted average introduces; unlike the cosine it sees the norms (shipped as
+  ``method=ward``); ablations: ``wardns`` (no size factor), ``wardk`` (on the raw head-averaged
+  keys), ``wardp=G`` (the harmonic size factor to the power G);
 - ``spatial=L``: key cosine minus ``L`` * the Euclidean distance between the two tokens' centroids
   (patch units divided by the grid side); the centroids are carried through the merges with the
   same size-weighted average.
@@ -45,8 +47,8 @@ from mergeseek.encoders.merging.pairs import (PAIR_CANDIDATES, candidate_edges, 
                                              prepare_pairs)
 from mergeseek.encoders.merging.registry import MergeResult
 
-VARIANTS = ("base", "attncol", "attnrow", "mix", "ward", "wardns", "wardk", "spatial")
-PATCHING = ("ward", "wardns", "spatial")  # variants that patch common.merge_tokens to hand the matcher more
+VARIANTS = ("base", "attncol", "attnrow", "mix", "ward", "wardns", "wardk", "wardp", "spatial")
+PATCHING = ("ward", "wardns", "wardp", "spatial")  # variants that patch common.merge_tokens to hand the matcher more
 
 _variant = {"kind": "base", "value": 0.0}
 
@@ -88,14 +90,15 @@ def edge_scores(kind: str, value: float, unit: torch.Tensor, attn: Optional[torc
         if kind == "mix":
             return value * (unit @ unit.transpose(-1, -2)) + (1 - value) * cos
         return cos
-    if kind in ("ward", "wardns", "wardk"):
+    if kind in ("ward", "wardns", "wardk", "wardp"):
         if hidden is None:
             raise ValueError(f"{kind} needs the hidden states (run inside variant('{kind}'))")
         x = hidden.float()
         sq = (x * x).sum(dim=-1)
         d2 = (sq[:, :, None] + sq[:, None, :] - 2 * (x @ x.transpose(-1, -2))).clamp_min(0)
         s = torch.ones(batch, n, device=x.device) if size is None or kind == "wardns" else size[..., 0].float()
-        return (-(s[:, :, None] * s[:, None, :]) / (s[:, :, None] + s[:, None, :]) * d2).to(unit.dtype)
+        harmonic = s[:, :, None] * s[:, None, :] / (s[:, :, None] + s[:, None, :])
+        return (-(harmonic ** (value if kind == "wardp" else 1.0)) * d2).to(unit.dtype)  # wardp=G: its power
     if kind == "spatial":
         if pos is None:
             raise ValueError("spatial needs the token centroids (run inside variant('spatial=L'))")
@@ -137,7 +140,7 @@ def _patched_merge_tokens(saved, kind: str):
     def merge_tokens(x, state, metric, attn, r, plan):
         if r <= 0:
             return saved(x, state, metric, attn, r, plan)
-        if kind in ("ward", "wardns"):
+        if kind in ("ward", "wardns", "wardp"):
             return saved(x, state, metric, attn, r, dataclasses.replace(plan, options=dict(plan.options, hidden=x)))
         pos = getattr(state, "p9_pos", None)
         if pos is None:

@@ -15,7 +15,7 @@ from mergeseek.bench.issue26_metric import edge_scores, grid_positions, p9_mergi
 from mergeseek.encoders import apply_merging
 from mergeseek.encoders.merging import merge_wavg
 
-VARIANTS = ["attncol", "attnrow", "mix=0.5", "ward", "spatial=0.1", "spatial=0.3"]
+VARIANTS = ["attncol", "attnrow", "mix=0.5", "ward", "wardns", "wardk", "wardp=0.5", "spatial=0.1", "spatial=0.3"]
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +72,10 @@ def naive_score(name, keys, attn, hidden, size, pos, b, i, j):
         return cos(attn[b, :, i, :].flatten(), attn[b, :, j, :].flatten())
     if kind == "mix":
         return float(value) * key + (1 - float(value)) * col
-    if kind == "ward":
-        si, sj = float(size[b, i]), float(size[b, j])
-        return -(si * sj / (si + sj)) * float(((hidden[b, i] - hidden[b, j]) ** 2).sum())
+    if kind.startswith("ward"):  # ward; wardns: sizes 1; wardk: on the raw keys; wardp=G: harmonic size ** G
+        si, sj = (1.0, 1.0) if kind == "wardns" else (float(size[b, i]), float(size[b, j]))
+        rows = keys if kind == "wardk" else hidden
+        return -((si * sj / (si + sj)) ** float(value or 1)) * float(((rows[b, i] - rows[b, j]) ** 2).sum())
     if kind == "spatial":
         return key - float(value) * math.dist(pos[b, i].tolist(), pos[b, j].tolist())
     return key
@@ -104,7 +105,8 @@ def test_scores_and_pairs_agree_with_a_naive_loop(name):
     keys, attn, hidden, size, pos = inputs()
     kind, _, value = name.partition("=")
     unit = torch.nn.functional.normalize(keys, dim=-1)
-    got = edge_scores(kind, float(value or 0), unit, attn=attn, hidden=hidden, size=size, pos=pos)
+    rows = keys if kind == "wardk" else hidden  # p9 hands wardk its raw metric as the rows
+    got = edge_scores(kind, float(value or 0), unit, attn=attn, hidden=rows, size=size, pos=pos)
     n, r = 17, 6
     for b in range(3):
         want = torch.tensor([[naive_score(name, keys, attn, hidden, size, pos, b, i, j) for j in range(n)]
@@ -173,7 +175,7 @@ def test_the_variant_context_restores_what_it_patches():
     before = common.merge_tokens
     for name in VARIANTS + ["base"]:
         with variant(name):
-            assert (common.merge_tokens is before) == (name.split("=")[0] not in ("ward", "spatial"))
+            assert (common.merge_tokens is before) == (name.split("=")[0] not in ("ward", "wardns", "wardp", "spatial"))
         assert common.merge_tokens is before
         assert issue26_metric._variant == {"kind": "base", "value": 0.0}
     with pytest.raises(RuntimeError):
