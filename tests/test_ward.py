@@ -74,8 +74,12 @@ def test_without_sizes_every_token_counts_one():
     torch.testing.assert_close(merge_wavg(a, x, ones)[0], merge_wavg(b, x, ones)[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("gram", [True, False])  # the window costs from the Gram matrix, or window by window
 @pytest.mark.parametrize("n,r,window,seed", [(33, 8, 16, 0), (64, 16, 8, 1), (21, 10, 4, 2)])
-def test_hashed_ward_agrees_with_a_naive_window_loop(n, r, window, seed):
+def test_hashed_ward_agrees_with_a_naive_window_loop(n, r, window, seed, gram, monkeypatch):
+    import mergeseek.encoders.merging.ward as ward_mod
+
+    monkeypatch.setattr(ward_mod, "GRAM_UP_TO", 1024 if gram else 0)
     bits, tables = 3, 2
     g = torch.Generator().manual_seed(seed)
     metric = torch.randn(2, n, 8, generator=g, dtype=torch.float64)
@@ -158,6 +162,11 @@ def test_the_two_window_paths_give_the_same_dots_and_pairs(monkeypatch):
     torch.testing.assert_close(cpu, naive, rtol=0, atol=1e-12)
     torch.testing.assert_close(batched.masked_fill(past, 0.0), naive, rtol=0, atol=1e-12)  # past the end: masked by callers
     metric, x = torch.randn(2, 33, 8, generator=g), torch.randn(2, 33, 5, generator=g)
+    import mergeseek.encoders.merging.ward as ward_mod
+
+    by_gram = ward_lsh_merging(metric, 8, tokens=x).merge(x)  # 32 free tokens: costs from the Gram matrix
+    monkeypatch.setattr(ward_mod, "GRAM_UP_TO", 0)  # window by window, as for a large block
     on_gpu_path = ward_lsh_merging(metric, 8, tokens=x).merge(x)
     monkeypatch.setattr(pairs, "BATCHED_WINDOWS", [False])
     torch.testing.assert_close(ward_lsh_merging(metric, 8, tokens=x).merge(x), on_gpu_path, rtol=0, atol=0)
+    torch.testing.assert_close(by_gram, on_gpu_path, rtol=0, atol=0)

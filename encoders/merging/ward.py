@@ -37,6 +37,9 @@ from mergeseek.encoders.merging.registry import MergeResult
 from mergeseek.errors import ConfigError
 
 
+GRAM_UP_TO = 1024  # ward_lsh: up to this many free tokens a block's window costs come from the Gram matrix
+
+
 def _tokens_of(tokens: Optional[torch.Tensor], metric: torch.Tensor, method: str) -> torch.Tensor:
     if tokens is None or tokens.shape[:2] != metric.shape[:2]:
         raise ConfigError(f"method={method} scores pairs on the block's tokens; call it through a patched model "
@@ -45,14 +48,17 @@ def _tokens_of(tokens: Optional[torch.Tensor], metric: torch.Tensor, method: str
 
 
 def ward_scores(tokens: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:
-    """[B, N, N] ``-cost(a, b)`` (module doc) in float32; ``size`` [B, N, 1] or None (all ones)."""
+    """[B, N, N] ``-cost(a, b)`` (module doc) in float32; ``size`` [B, N, 1] or None (all ones).
+
+    ``s_a s_b / (s_a + s_b) = 1 / (1 / s_a + 1 / s_b)``, and ``||x_a - x_b||^2`` is one fused
+    product-and-add (``baddbmm``): three passes over the N x N matrix besides the product."""
     x = tokens.float()
     sq = (x * x).sum(dim=-1)
-    d2 = (sq[:, :, None] + sq[:, None, :] - 2 * (x @ x.transpose(-1, -2))).clamp_min(0)
+    d2 = torch.baddbmm(sq[:, :, None] + sq[:, None, :], x, x.transpose(-1, -2), alpha=-2.0)
     if size is None:
-        return d2 * -0.5
-    s = size[..., 0].float()
-    return -(s[:, :, None] * s[:, None, :]) / (s[:, :, None] + s[:, None, :]) * d2
+        return d2.mul_(-0.5)
+    inv = size[..., 0].float().reciprocal()
+    return d2.div_(inv[:, :, None] + inv[:, None, :]).neg_()
 
 
 def window_ward_scores(tokens: torch.Tensor, size: Optional[torch.Tensor], perm: torch.Tensor, keep_first: int,
@@ -67,7 +73,12 @@ def window_ward_scores(tokens: torch.Tensor, size: Optional[torch.Tensor], perm:
     sq = (x * x).sum(dim=-1)
     s = torch.ones_like(sq) if size is None else size[:, keep_first:, 0].float()
     sqs, ss = sq.gather(1, place.reshape(batch, -1)).view_as(place), s.gather(1, place.reshape(batch, -1)).view_as(place)
-    d2 = (sqs[..., None] + sqs[..., later] - 2 * window_dots(x, perm, span)).clamp_min(0)
+    if free <= GRAM_UP_TO:  # one product (BLAS) and a gather beat the windows' elementwise products here
+        pairs_at = place[..., None] * free + place[..., later]  # [B, T, F, span] flat (a, b)
+        dots = (x @ x.transpose(-1, -2)).view(batch, -1).gather(1, pairs_at.reshape(batch, -1)).view_as(pairs_at)
+    else:
+        dots = window_dots(x, perm, span)
+    d2 = (sqs[..., None] + sqs[..., later] - 2 * dots).clamp_min(0)
     sb = ss[..., later]
     return (-(ss[..., None] * sb) / (ss[..., None] + sb) * d2).reshape(batch, -1)
 
