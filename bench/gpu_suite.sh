@@ -10,9 +10,11 @@
 # /tmp/site, and the checkout is made importable as the package `mergeseek`.
 #
 # Stages (in this order; names for STAGES):
-#   tests        the GPU-marked tests (FlashAttention with merging, CUDA LSH, CUDA reuse, CUDA-graph replay)
+#   tests        the GPU-marked tests (FlashAttention with merging, CUDA LSH, CUDA reuse, CUDA-graph replay,
+#                one epoch of the detector and speech trainers on CUDA)
 #   eager_b16    ViT-B-16 eager fp16, batch 64/256: none, r=8, r=16, lsh r=8, lsh r=16
 #   graph_b16    ViT-B-16 eager forward replayed as a CUDA graph (--cuda-graph), fp16 batch 1/64/256
+#   eager_pairs  ViT-B-16 eager fp16 batch 64, r=16: bipartite, pairs, ward, pairs_lsh, ward_lsh (issue #26)
 #   index        an AI Challenge keyframe folder (10,000 1280x720 JPEGs): decode paths, then
 #                `cli.py index --cuda-graph` end to end with ViT-B-16 r=8 fp16
 #   compiled_b16 ViT-B-16 compiled by blocks (--compile-scope blocks; CUDA graphs) fp16 batch 256: none, r=8, r=16
@@ -33,7 +35,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_out}"
 mkdir -p "$OUT"
 TOTAL="${TOTAL:-420}"
-STAGES="${STAGES:-tests eager_b16 graph_b16 index compiled_b16 eager_mask graph_l14 search reuse compiled_b1 compiled_l14 eager_bf16}"
+STAGES="${STAGES:-tests eager_b16 graph_b16 eager_pairs index compiled_b16 eager_mask graph_l14 search reuse compiled_b1 compiled_l14 eager_bf16}"
 PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
@@ -114,6 +116,8 @@ run tests 55 "'$PY' -m pytest -q -m gpu -p no:cacheprovider tests/test_compile.p
 B16="none;r=8;r=16;r=8,method=lsh;r=16,method=lsh"
 bench eager_b16 55 ViT-B-16 64,256 fp16 0 15 "$B16"
 GRAPH=1 bench graph_b16 50 ViT-B-16 1,64,256 fp16 0 20 "none;r=8;r=16;r=16,method=lsh"
+# issue #26's one-to-one rules on the GPU (greedy steps; ward_lsh/pairs_lsh take pairs.window_dots' CUDA path)
+bench eager_pairs 30 ViT-B-16 64 fp16 0 10 "none;r=16;r=16,method=pairs;r=16,method=ward;r=16,method=pairs_lsh;r=16,method=ward_lsh"
 KF=/tmp/mergeseek_kf
 run index 80 "'$PY' -m bench.keyframes make $KF --videos 20 --per-video 500 && \
   '$PY' -m bench.keyframes decode $KF --limit 2000 --device cuda | tee '$OUT/keyframes.json' && \
