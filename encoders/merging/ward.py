@@ -14,13 +14,15 @@ sees neither). The cheapest edges merge first (the edge score is ``-cost``); eac
 its ``PAIR_CANDIDATES`` cheapest partners as candidate edges, as for ``pairs``.
 
 ``ward_lsh`` is the hashed variant: the candidate edges are ``pairs_lsh``'s (SimHash-sorted
-windows over the unit keys, no N x N matrix), each scored by the same cost computed for that
-edge alone; edges between different buckets rank below every same-bucket edge.
+windows over the unit keys), each scored by the same cost; edges between different buckets rank
+below every same-bucket edge. Up to ``GRAM_UP_TO`` free tokens the window costs are read off one
+Gram product of the tokens (one BLAS call is cheaper there than the windows' elementwise
+products); above it they are computed window by window, with no N x N matrix.
 
-Measured on the CIFAR-10 reference (docs/BENCHMARKS.md, issue #26, ninth round): chosen on half A
-of the test set, where it led ``pairs`` by 0.32 ± 0.30 points at r=16; on the held-out half B it
-leads ``pairs`` by 0.16 ± 0.29 and bipartite by 0.46 ± 0.32. The cost without the sizes, or on the
-keys instead of the tokens, did not beat ``pairs``.
+Measured on the CIFAR-10 references (docs/BENCHMARKS.md, issue #26, ninth round; all 10,000 test
+images): +0.54 ± 0.23 points above bipartite at r=16 on the 145-token reference (chosen on half A;
+half B alone +0.46 ± 0.32), +0.33 ± 0.18 at r=20 on the 197-token one. The cost without the
+sizes, or on the keys instead of the tokens, did not beat ``pairs``.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ def window_ward_scores(tokens: torch.Tensor, size: Optional[torch.Tensor], perm:
                        window: int) -> torch.Tensor:
     """[B, E] ``-cost`` of ``pairs.window_edges``' edges, in its order (table, sorted place, offset):
     each free token against the ``window // 2`` tokens after it in each table's sort ``perm``
-    [B, F, T] (past the end: a finite placeholder the caller masks). No N x N matrix."""
+    [B, F, T] (past the end: a finite placeholder the caller masks); from the Gram matrix up to
+    ``GRAM_UP_TO`` free tokens, window by window (``pairs.window_dots``) above."""
     x = tokens[:, keep_first:].float()
     batch, free, _ = x.shape
     span, later, _ = window_span(free, window, x.device)
