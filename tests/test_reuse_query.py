@@ -151,3 +151,22 @@ def test_a_replayed_merge_gives_the_references_own_merged_tokens(tiny_vit, merge
         assert n_out < n_in and c.merge_map.shape == (1, n_in, 2)
         got = BlockPass.replay(c.merge_map, c.x + c.p, n_out)
         assert torch.allclose(got, c.y, atol=1e-5), float((got - c.y).abs().max())
+
+
+@pytest.mark.parametrize("merge", ["r=2", "r=2,method=pairs", "r=2,method=ward", "r=3,method=ward_lsh"])
+def test_threshold_zero_is_the_plain_merged_forward_for_every_rule(tiny_vit, merge):
+    """With threshold=0 every frame is a reference: the stream's matcher must take the pairs the
+    plain merged forward takes. Ward's cost is computed on the block's tokens, and the reuse pass
+    merges them with an identity block appended (to record the map): the matcher must score the
+    tokens alone."""
+    from mergeseek.encoders import apply_merging, remove_merging
+
+    frames = drifting_frames(3)
+    apply_merging(tiny_vit, merge)
+    try:
+        with torch.inference_mode():
+            want = tiny_vit(frames)
+        got = stream_outputs(ReuseStream(tiny_vit, ReuseConfig(threshold=0.0, bits=BITS), merge), frames, 3)
+    finally:
+        remove_merging(tiny_vit)
+    assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())

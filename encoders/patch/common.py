@@ -183,12 +183,15 @@ def attention_probs(q: Tensor, k: Tensor, bias: Optional[Tensor], scale: float, 
 
 
 def merge_tokens(
-    x: Tensor, state: TokenState, metric: Tensor, attn: Optional[Tensor], r: int, plan: Plan
+    x: Tensor, state: TokenState, metric: Tensor, attn: Optional[Tensor], r: int, plan: Plan,
+    scored: Optional[Tensor] = None,
 ) -> Tuple[Tensor, TokenState, Any]:
-    """Run the matcher and merge; returns (x, new state, tokens merged per image)."""
+    """Run the matcher and merge; returns (x, new state, tokens merged per image). ``scored``: the
+    block's tokens for a matcher that scores them (``MatcherSpec.tokens``) when ``x`` carries more
+    columns than the tokens (the reuse pass appends an identity block); default ``x``."""
     if r <= 0:
         return x, state, 0
-    extra = {"tokens": x} if plan.tokens else {}
+    extra = {"tokens": x if scored is None else scored} if plan.tokens else {}
     result: MergeResult = plan.matcher(
         metric, r, size=state.size, padded=state.padded, protected=plan.protected, attn=attn, **plan.options, **extra
     )

@@ -197,7 +197,8 @@ class BlockPass:
             if r > 0:
                 probs = attention_probs(q_r, k_r, bias_r, scale, plan.needs)
                 eye = torch.eye(n, dtype=y_r.dtype, device=self.dev).expand(self.R, n, n)
-                merged, state, _ = merge_tokens(torch.cat([y_r, eye], dim=-1), self.state, k_r.mean(dim=1), probs, r, plan)
+                merged, state, _ = merge_tokens(torch.cat([y_r, eye], dim=-1), self.state, k_r.mean(dim=1), probs, r, plan,
+                                                scored=y_r)
                 if state is not self.state:  # the matcher found something to merge
                     width = y_r.shape[-1]
                     y_r, dense, self.state = merged[..., :width], merged[..., width:], state
