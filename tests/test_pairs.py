@@ -131,14 +131,19 @@ def test_the_fallback_pairs_the_earliest_unused_tokens_when_no_candidate_is_left
     assert int(result.fallback.sum()) > 0
 
 
-@pytest.mark.parametrize("n,r,window,seed", [(33, 8, 16, 0), (64, 16, 8, 1), (21, 10, 4, 2), (9, 4, 40, 3)])
-def test_hashed_pairs_agree_with_a_naive_window_loop(n, r, window, seed):
-    bits, tables = 3, 2
+def window_inputs(n, seed, bits=3, tables=2):
+    """Two images of n random keys (8 wide) and tokens (5 wide), sizes 1-3, and SimHash planes."""
     g = torch.Generator().manual_seed(seed)
     metric = torch.randn(2, n, 8, generator=g, dtype=torch.float64)
     x = torch.randn(2, n, 5, generator=g, dtype=torch.float64)
     size = torch.randint(1, 4, (2, n, 1), generator=g).double()
-    planes = simhash_planes(8, bits, tables, seed=seed, dtype=torch.float64)
+    return metric, x, size, simhash_planes(8, bits, tables, seed=seed, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("n,r,window,seed", [(33, 8, 16, 0), (64, 16, 8, 1), (21, 10, 4, 2), (9, 4, 40, 3)])
+def test_hashed_pairs_agree_with_a_naive_window_loop(n, r, window, seed):
+    bits, tables = 3, 2
+    metric, x, size, planes = window_inputs(n, seed, bits, tables)
     result = pairs_lsh_merging(metric, r, planes=planes, lsh_bits=bits, lsh_tables=tables, lsh_window=window,
                                size=size, padded=False)
     _check(result, metric, x, size, r,

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from mergeseek.encoders import apply_merging
-from mergeseek.encoders.merging import pairs, simhash_planes
+from mergeseek.encoders.merging import pairs
 from mergeseek.encoders.merging.ward import ward_lsh_merging, ward_merging
 from mergeseek.errors import ConfigError, InputError
-from tests.test_pairs import _check, naive_window_edges, tiny  # noqa: F401  (tiny: a fixture)
+from tests.test_pairs import _check, naive_window_edges, tiny, window_inputs  # noqa: F401  (tiny: a fixture)
 
 
 def naive_cost(x, size, i, j):
@@ -81,11 +81,7 @@ def test_hashed_ward_agrees_with_a_naive_window_loop(n, r, window, seed, gram, m
 
     monkeypatch.setattr(ward_mod, "GRAM_UP_TO", 1024 if gram else 0)
     bits, tables = 3, 2
-    g = torch.Generator().manual_seed(seed)
-    metric = torch.randn(2, n, 8, generator=g, dtype=torch.float64)
-    x = torch.randn(2, n, 5, generator=g, dtype=torch.float64)
-    size = torch.randint(1, 4, (2, n, 1), generator=g).double()
-    planes = simhash_planes(8, bits, tables, seed=seed, dtype=torch.float64)
+    metric, x, size, planes = window_inputs(n, seed, bits, tables)
     result = ward_lsh_merging(metric, r, planes=planes, lsh_bits=bits, lsh_tables=tables, lsh_window=window,
                               size=size, padded=False, tokens=x)
     by_image = iter(range(2))
