@@ -185,23 +185,30 @@ def window_dots(rows: torch.Tensor, perm: torch.Tensor, span: int) -> torch.Tens
 BATCHED_WINDOWS = [False]  # True: the CUDA path on any device (tests compare the two)
 
 
+def window_ends(code: torch.Tensor, perm: torch.Tensor, later: torch.Tensor,
+                keep_first: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The windows' edges in the order (table, sorted place, offset): (first, second) [B, E] token
+    positions and ``same`` [B, E], whether both ends share the table's bucket (``window_order``'s
+    ``code`` and ``perm``, ``window_span``'s ``later``)."""
+    batch = perm.shape[0]
+    place = perm.transpose(1, 2)  # [B, T, F] the free token at each sorted place
+    sc = code.transpose(1, 2).gather(2, place)  # [B, T, F] bucket code at each sorted place
+    first = place[..., None].expand(-1, -1, -1, later.shape[1])
+    return (first.reshape(batch, -1) + keep_first, place[..., later].reshape(batch, -1) + keep_first,
+            (sc[..., None] == sc[..., later]).reshape(batch, -1))
+
+
 def window_edges(unit: torch.Tensor, planes: torch.Tensor, bits: int, tables: int, window: int,
-                  keep_first: int, order: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, ...]:
+                 keep_first: int) -> Tuple[torch.Tensor, ...]:
     """Per SimHash table, each token against the ``window // 2`` tokens after it in (bucket, order)
     sort order: (score, first, second) [B, E], in the order (table, sorted place, offset); pairs
-    that run past the end score -inf, cross-bucket edges cosine - BUCKET_OFFSET. ``order``: the
-    :func:`window_order` of these arguments when the caller has it already. All tables at once."""
+    that run past the end score -inf, cross-bucket edges cosine - BUCKET_OFFSET. All tables at once."""
     batch, n, _ = unit.shape
-    free = n - keep_first
-    code, perm = order if order is not None else window_order(unit, planes, bits, tables, keep_first)
-    span, later, past = window_span(free, window, unit.device)
-    place = perm.transpose(1, 2)  # [B, T, F] the free token at each sorted place
-    cos = window_dots(unit[:, keep_first:], perm, span)  # [B, T, F, span]
-    sc = code.transpose(1, 2).gather(2, place)  # [B, T, F] bucket code at each sorted place
-    cos = torch.where(sc[..., None] == sc[..., later], cos, cos - BUCKET_OFFSET).masked_fill(past, NEG_INF)
-    first = place[..., None].expand(-1, -1, -1, span)
-    return (cos.reshape(batch, -1).to(unit.dtype), first.reshape(batch, -1) + keep_first,
-            place[..., later].reshape(batch, -1) + keep_first)
+    code, perm = window_order(unit, planes, bits, tables, keep_first)
+    span, later, past = window_span(n - keep_first, window, unit.device)
+    first, second, same = window_ends(code, perm, later, keep_first)
+    cos = window_dots(unit[:, keep_first:], perm, span).masked_fill(past, NEG_INF).reshape(batch, -1)
+    return torch.where(same, cos, cos - BUCKET_OFFSET).to(unit.dtype), first, second
 
 
 @torch.no_grad()

@@ -33,8 +33,8 @@ import torch
 
 from mergeseek.encoders.merging.core import NEG_INF, identity_merge, matcher
 from mergeseek.encoders.merging.energy import pair_merge
-from mergeseek.encoders.merging.pairs import (BUCKET_OFFSET, PAIR_CANDIDATES, greedy_pairs, matrix_edges,
-                                             prepare_pairs, window_dots, window_edges, window_order, window_span)
+from mergeseek.encoders.merging.pairs import (PAIR_CANDIDATES, greedy_pairs, matrix_edges, prepare_pairs, window_dots,
+                                             window_ends, window_order, window_span)
 from mergeseek.encoders.merging.registry import MergeResult
 from mergeseek.errors import ConfigError
 
@@ -65,7 +65,7 @@ def ward_scores(tokens: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Ten
 
 def window_ward_scores(tokens: torch.Tensor, size: Optional[torch.Tensor], perm: torch.Tensor, keep_first: int,
                        window: int) -> torch.Tensor:
-    """[B, E] ``-cost`` of ``pairs.window_edges``' edges, in its order (table, sorted place, offset):
+    """[B, E] ``-cost`` of the windows' edges in ``pairs.window_ends``' order (table, sorted place, offset):
     each free token against the ``window // 2`` tokens after it in each table's sort ``perm``
     [B, F, T] (past the end: a finite placeholder the caller masks); from the Gram matrix up to
     ``GRAM_UP_TO`` free tokens, window by window (``pairs.window_dots``) above."""
@@ -127,14 +127,15 @@ def ward_lsh_merging(metric: torch.Tensor, r: int, keep_first: int, *, size: Opt
         return identity_merge(n)
     if planes is None:
         planes = cached_planes(dim, lsh_bits, lsh_tables, seed, str(metric.device))
-    order = window_order(unit, planes, lsh_bits, lsh_tables, keep_first)
-    cosine, first, second = window_edges(unit, planes, lsh_bits, lsh_tables, lsh_window, keep_first, order)
-    cost = window_ward_scores(x, size, order[1], keep_first, lsh_window)
-    # same-bucket edges first: a cross-bucket edge (cosine - BUCKET_OFFSET < -1) drops below the
-    # image's most costly edge; edges past the end of a window stay -inf
+    code, perm = window_order(unit, planes, lsh_bits, lsh_tables, keep_first)
+    span, later, past = window_span(n - keep_first, lsh_window, metric.device)
+    first, second, same = window_ends(code, perm, later, keep_first)
+    cost = window_ward_scores(x, size, perm, keep_first, lsh_window)
+    # same-bucket edges first: a cross-bucket edge drops below the image's most costly edge; edges
+    # past the end of a window stay -inf
     floor = cost.amin(dim=1, keepdim=True) - 1.0
-    cross = cosine < -BUCKET_OFFSET / 2  # same bucket: a cosine >= -1; across: <= 1 - BUCKET_OFFSET
-    score = torch.where(cross, floor + cost - cost.amax(dim=1, keepdim=True), cost).masked_fill(cosine == NEG_INF, NEG_INF)
+    score = torch.where(same, cost, floor + cost - cost.amax(dim=1, keepdim=True))
+    score = score.unflatten(1, (lsh_tables, -1, span)).masked_fill(past, NEG_INF).flatten(1)
     src, dst, fallback = greedy_pairs(score, first, second, r, n, keep_first)
     out = pair_merge(src, dst, n)
     out.fallback = fallback
