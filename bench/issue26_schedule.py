@@ -272,14 +272,16 @@ def screening_main(doc: str, variant, variant_help: str, example: str, register=
     p.add_argument("--half", default="A", choices=("A", "B"), help="half of the test set (A screens, B confirms)")
     p.add_argument("--out", default="runs/i26f", help="where predictions are saved")
     p.add_argument("--ref", default="method=pairs,r=16|base", help="the row the table pairs every other with")
+    p.add_argument("--model", default="reference-cifar10",
+                   help="reference model (its cached test images in runs/i26), e.g. reference-cifar10-56")
     args = p.parse_intermixed_args(argv)
     if args.what == "score":
         if register is not None:
             register()
         with variant(args.variant):
-            score("reference-cifar10", args.half, [f"{c}|{args.variant}" for c in args.configs], args.out)
+            score(args.model, args.half, [f"{c}|{args.variant}" for c in args.configs], args.out)
     else:
-        table("reference-cifar10", args.half, args.ref, args.out)
+        table(args.model, args.half, args.ref, args.out)
 
 
 def main() -> None:
