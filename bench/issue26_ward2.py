@@ -19,7 +19,10 @@ variant changes one thing, and keeps r per block (so the token counts and block 
   harness patches ``encoders.patch.common.merge_tokens`` to call the original twice;
 - ``imp=A``: importance-weighted sizes in the cost, ``s' = s (1 + A N c)``, ``c`` the class
   token's attention to each token averaged over heads (the block's own softmax, proportional
-  bias included; N c averages 1); the merged rows are still averaged by the true sizes.
+  bias included; N c averages 1); the merged rows are still averaged by the true sizes;
+- ``kc=K``: each token's ``K`` candidate partners are its most similar by key cosine (``pairs``'
+  candidates), the edges scored by Ward's cost (``ward_lsh``, whose candidates come from the keys'
+  hash buckets, was 0.12 above ``ward`` on the second reference: is it the key neighbourhood?).
 
 ``w10`` asks for the class token's attention row (``needs="cls_attn"``) and the block's tokens
 (``MatcherSpec.tokens``); the forward itself is unchanged. Screened on half A of each reference
@@ -40,12 +43,13 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from mergeseek.encoders.merging.core import identity_merge, matcher, top_r_merge
+from mergeseek.encoders.merging.core import NEG_INF, identity_merge, matcher, top_r_merge
 from mergeseek.encoders.merging.energy import pair_merge
-from mergeseek.encoders.merging.pairs import PAIR_CANDIDATES, greedy_pairs, matrix_edges, prepare_pairs
+from mergeseek.encoders.merging.pairs import (PAIR_CANDIDATES, candidate_edges, greedy_pairs, matrix_edges,
+                                             prepare_pairs)
 from mergeseek.encoders.merging.registry import MergeResult
 
-VARIANTS = ("base", "bip", "k", "ln", "two", "imp")
+VARIANTS = ("base", "bip", "k", "ln", "two", "imp", "kc")
 PATCHING = ("two",)  # variants that patch common.merge_tokens
 
 _variant = {"kind": "base", "value": 0.0}
@@ -68,7 +72,7 @@ def edge_scores(kind: str, value: float, tokens: torch.Tensor, size: Optional[to
     """[B, N, N] the variant's edge score (higher merges first; the diagonal and the protected
     tokens are masked by the caller): ``tokens`` [B, N, C], ``size`` [B, N, 1] or None,
     ``cls_attn`` [B, H, 1, N] the class token's attention (``imp``)."""
-    if kind in ("base", "bip", "k", "two"):
+    if kind in ("base", "bip", "k", "two", "kc"):
         return ward_cost(tokens, size)
     if kind == "ln":
         x = tokens.float()
@@ -92,7 +96,7 @@ def w10_merging(metric: torch.Tensor, r: int, keep_first: int, *, size: Optional
     n = metric.shape[1]
     if tokens is None or tokens.shape[:2] != metric.shape[:2]:
         raise ValueError("w10 scores the block's tokens: call it through a patched model or pass tokens=[B, N, C]")
-    r, _unit = prepare_pairs(metric, r, keep_first, size, padded, "w10")  # refuses padding
+    r, unit = prepare_pairs(metric, r, keep_first, size, padded, "w10")  # refuses padding
     if r <= 0:
         return identity_merge(n)
     kind, value = _variant["kind"], _variant["value"]
@@ -102,8 +106,13 @@ def w10_merging(metric: torch.Tensor, r: int, keep_first: int, *, size: Optional
             raise ValueError(f"bip: at most one protected token (a class token), got {keep_first}")
         best, partner = sim[:, 2 * keep_first :: 2, 1::2].max(dim=-1)  # as bipartite.py's split
         return top_r_merge(best, partner, r, n, keep_first)
-    candidates = int(value) if kind == "k" else PAIR_CANDIDATES
-    src, dst, fallback = greedy_pairs(*matrix_edges(sim, keep_first, candidates), r, n, keep_first)
+    if kind == "kc":  # the keys' candidate edges (-inf: protected or the token itself), Ward's cost on them
+        cos, first, second = candidate_edges(unit, keep_first, int(value))
+        cost = sim.flatten(1).gather(1, first * n + second)
+        edges = (cost.masked_fill(cos == NEG_INF, NEG_INF), first, second)
+    else:
+        edges = matrix_edges(sim, keep_first, int(value) if kind == "k" else PAIR_CANDIDATES)
+    src, dst, fallback = greedy_pairs(*edges, r, n, keep_first)
     out = pair_merge(src, dst, n)
     out.fallback = fallback
     return out
@@ -141,9 +150,9 @@ def variant(name: str) -> Iterator[None]:
 
     kind, _, value = name.partition("=")
     if kind not in VARIANTS:
-        raise ValueError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)} (k=K, imp=A)")
-    if kind == "k" and (not value or int(float(value)) < 1):
-        raise ValueError(f"variant {name!r}: k needs a candidate count >= 1, e.g. k=32")
+        raise ValueError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)} (k=K, imp=A, kc=K)")
+    if kind in ("k", "kc") and (not value or int(float(value)) < 1):
+        raise ValueError(f"variant {name!r}: {kind} needs a candidate count >= 1, e.g. {kind}=32")
     saved_variant, saved_merge = dict(_variant), common.merge_tokens
     _variant.update(kind=kind, value=float(value or 0))
     if kind in PATCHING:
@@ -165,7 +174,7 @@ def register() -> None:
 def main() -> None:
     from mergeseek.bench.issue26_schedule import screening_main
 
-    screening_main(__doc__, variant, "bip, k=K, ln, two, imp=A or base", "method=w10,r=16", register)
+    screening_main(__doc__, variant, "bip, k=K, ln, two, imp=A, kc=K or base", "method=w10,r=16", register)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from mergeseek.bench import issue26_ward2
 from mergeseek.bench.issue26_ward2 import edge_scores, register, variant, w10_merging
 from mergeseek.encoders import apply_merging
 
-VARIANTS = ["bip", "k=4", "k=32", "ln", "two", "imp=0.5", "imp=2"]
+VARIANTS = ["bip", "k=4", "k=32", "ln", "two", "imp=0.5", "imp=2", "kc=4", "kc=16"]
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +58,14 @@ def naive_cost(name, tokens, size, cls_attn, b, i, j):
     return -(si * sj / (si + sj)) * sum((p - q) ** 2 for p, q in zip(x[i], x[j]))
 
 
-def naive_greedy(score, free, r, candidates=None):
-    """One image: edges between the ``free`` tokens (each token's ``candidates`` best partners, or
-    all), best first; take r whose ends are both unused. Returns the pairs (i < j) in order taken."""
+def naive_greedy(score, free, r, candidates=None, rank=None):
+    """One image: edges between the ``free`` tokens (each token's ``candidates`` best partners by
+    ``rank``, default ``score``; or all), best first by ``score``; take r whose ends are both
+    unused. Returns the pairs (i < j) in order taken."""
     edges = set()
+    rank = rank or score
     for i in free:
-        partners = sorted((j for j in free if j != i), key=lambda j: -score(i, j))
+        partners = sorted((j for j in free if j != i), key=lambda j: -rank(i, j))
         for j in partners[: candidates or len(partners)]:
             edges.add((min(i, j), max(i, j)))
     used, pairs = set(), []
@@ -107,7 +109,11 @@ def test_scores_agree_with_a_naive_loop(name):
         torch.testing.assert_close(got[b][off], want[off], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["base", "k=4", "k=32", "ln", "imp=0.5", "imp=2", "bip"])
+def cos(a, b):
+    return float(a @ b) / (float(a.norm()) * float(b.norm()))
+
+
+@pytest.mark.parametrize("name", ["base", "k=4", "k=32", "ln", "imp=0.5", "imp=2", "bip", "kc=4", "kc=16"])
 def test_merges_agree_with_a_naive_loop(name):
     keys, tokens, size, cls_attn = inputs()
     n, r = 17, 6
@@ -119,16 +125,20 @@ def test_merges_agree_with_a_naive_loop(name):
             return naive_cost(name, tokens, size, cls_attn, b, i, j)
         if kind == "bip":
             want = naive_bip(score, n, r)
+        elif kind == "kc":  # candidates: the key cosine's best; edges: Ward's cost
+            pairs = naive_greedy(score, range(1, n), r, int(value), rank=lambda i, j, b=b: cos(keys[b, i], keys[b, j]))
+            want = {frozenset(p) for p in pairs}
         else:
             pairs = naive_greedy(score, range(1, n), r, int(value) if kind == "k" else 16)
             want = {frozenset(p) for p in pairs}
         assert merged_groups(result, n)[b] == want
 
 
-def test_fewer_candidates_change_the_pairs():
-    """k=4 must not reduce to taking every edge (else the k=K test would not test the limit)."""
+@pytest.mark.parametrize("name", ["k=2", "kc=4"])
+def test_fewer_candidates_change_the_pairs(name):
+    """k=2 and kc=4 must not reduce to taking every edge (else their tests would not test the limit)."""
     keys, tokens, size, cls_attn = inputs()
-    with variant("k=2"):
+    with variant(name):
         few = merged_groups(w10_merging(keys, 8, class_token=True, size=size, tokens=tokens), 17)
     with variant("base"):
         all_ = merged_groups(w10_merging(keys, 8, class_token=True, size=size, tokens=tokens), 17)
@@ -199,7 +209,7 @@ def test_a_batch_is_its_images(tiny, name):
         with variant("base"):
             base = model(x)
     torch.testing.assert_close(batch, alone, rtol=1e-5, atol=1e-5)
-    if not name.startswith("k=") and name != "two":  # k=K, two: base's pairs here (tested on their own)
+    if name.split("=")[0] not in ("k", "kc", "two"):  # base's pairs here (tested on their own)
         assert not torch.allclose(batch, base, atol=1e-4)  # the variant changed what merged
 
 
@@ -220,7 +230,7 @@ def test_the_variant_context_restores_what_it_patches():
         assert issue26_ward2._variant == {"kind": "base", "value": 0.0}
 
 
-@pytest.mark.parametrize("name", ["cosine=2", "k", "k=0", "wardp=2"])
+@pytest.mark.parametrize("name", ["cosine=2", "k", "k=0", "kc", "wardp=2"])
 def test_unknown_or_incomplete_variant_is_refused(name):
     with pytest.raises(ValueError, match="variant"):
         with variant(name):
