@@ -17,6 +17,8 @@ variant changes one thing, and keeps r per block (so the token counts and block 
 - ``two``: two greedy rounds inside the block, r // 2 then r - r // 2, the second scored on the
   merged tokens and sizes (clusters of up to 4 tokens; the block removes the same r tokens). The
   harness patches ``encoders.patch.common.merge_tokens`` to call the original twice;
+  ``rounds=R``: ``R`` such rounds (r split as evenly as possible, the larger parts last;
+  ``rounds=2`` is ``two``; clusters of up to 2^R tokens);
 - ``imp=A``: importance-weighted sizes in the cost, ``s' = s (1 + A N c)``, ``c`` the class
   token's attention to each token averaged over heads (the block's own softmax, proportional
   bias included; N c averages 1); the merged rows are still averaged by the true sizes;
@@ -38,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +51,8 @@ from mergeseek.encoders.merging.pairs import (PAIR_CANDIDATES, candidate_edges, 
                                              prepare_pairs)
 from mergeseek.encoders.merging.registry import MergeResult
 
-VARIANTS = ("base", "bip", "k", "ln", "two", "imp", "kc")
-PATCHING = ("two",)  # variants that patch common.merge_tokens
+VARIANTS = ("base", "bip", "k", "ln", "two", "imp", "kc", "rounds")
+PATCHING = ("two", "rounds")  # variants that patch common.merge_tokens
 
 _variant = {"kind": "base", "value": 0.0}
 
@@ -72,7 +74,7 @@ def edge_scores(kind: str, value: float, tokens: torch.Tensor, size: Optional[to
     """[B, N, N] the variant's edge score (higher merges first; the diagonal and the protected
     tokens are masked by the caller): ``tokens`` [B, N, C], ``size`` [B, N, 1] or None,
     ``cls_attn`` [B, H, 1, N] the class token's attention (``imp``)."""
-    if kind in ("base", "bip", "k", "two", "kc"):
+    if kind in ("base", "bip", "k", "two", "kc", "rounds"):
         return ward_cost(tokens, size)
     if kind == "ln":
         x = tokens.float()
@@ -118,45 +120,52 @@ def w10_merging(metric: torch.Tensor, r: int, keep_first: int, *, size: Optional
     return out
 
 
-def _two_rounds(saved):
-    """``common.merge_tokens`` that merges r // 2 tokens, then r - r // 2 more on the merged tokens
-    (the metric merged by the same size-weighted average; no attention for the second round).
-    The result returned is the second round's, with both rounds' counts in ``num_merged``."""
+def round_sizes(r: int, rounds: int) -> List[int]:
+    """r split into ``rounds`` parts as evenly as possible, the larger ones last (r // 2, r - r // 2
+    for two), zero parts left out."""
+    base, extra = divmod(r, rounds)
+    return [p for p in [base] * (rounds - extra) + [base + 1] * extra if p > 0]
+
+
+def _in_rounds(saved, rounds: int):
+    """``common.merge_tokens`` that merges r tokens in ``rounds`` greedy rounds, each on the tokens
+    and sizes the previous one left (the metric merged by the same size-weighted average; the
+    attention only for the first round). The result returned is the last round's, with every
+    round's count in ``num_merged``."""
     from mergeseek.encoders.merging import merge_wavg
 
     def merge_tokens(x, state, metric, attn, r, plan, scored=None):
         if scored is not None:
-            raise ValueError("two: the reuse pass (scored tokens) is not supported by this screening variant")
-        first = r // 2
-        if first <= 0:
-            return saved(x, state, metric, attn, r, plan)
-        x1, state1, res1 = saved(x, state, metric, attn, first, plan)
-        if not isinstance(res1, MergeResult) or res1.identity:
-            return x1, state1, res1
-        metric1 = merge_wavg(res1, metric, state.size)[0]
-        x2, state2, res2 = saved(x1, state1, metric1, None, r - first, plan)
-        if not isinstance(res2, MergeResult) or res2.identity:
-            return x1, state1, res1
-        return x2, state2, dataclasses.replace(res2, num_merged=res1.num_merged + res2.num_merged)
+            raise ValueError("rounds: the reuse pass (scored tokens) is not supported by this screening variant")
+        merged, last = 0, None
+        for k, part in enumerate(round_sizes(r, rounds)):
+            out_x, out_state, result = saved(x, state, metric, attn if k == 0 else None, part, plan)
+            if not isinstance(result, MergeResult) or result.identity:
+                break
+            metric = merge_wavg(result, metric, state.size)[0]
+            x, state, merged, last = out_x, out_state, merged + result.num_merged, result
+        if last is None:
+            return saved(x, state, metric, attn, 0, plan)
+        return x, state, dataclasses.replace(last, num_merged=merged)
 
     return merge_tokens
 
 
 @contextlib.contextmanager
 def variant(name: str) -> Iterator[None]:
-    """Select what ``method=w10`` does while in the block (``kind=value`` or ``kind``); ``two``
-    also patches ``encoders.patch.common.merge_tokens`` (restored on exit)."""
+    """Select what ``method=w10`` does while in the block (``kind=value`` or ``kind``); ``two`` and
+    ``rounds=R`` also patch ``encoders.patch.common.merge_tokens`` (restored on exit)."""
     from mergeseek.encoders.patch import common
 
     kind, _, value = name.partition("=")
     if kind not in VARIANTS:
-        raise ValueError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)} (k=K, imp=A, kc=K)")
-    if kind in ("k", "kc") and (not value or int(float(value)) < 1):
-        raise ValueError(f"variant {name!r}: {kind} needs a candidate count >= 1, e.g. {kind}=32")
+        raise ValueError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)} (k=K, imp=A, kc=K, rounds=R)")
+    if kind in ("k", "kc", "rounds") and (not value or int(float(value)) < 1):
+        raise ValueError(f"variant {name!r}: {kind} needs a count >= 1, e.g. {kind}=4")
     saved_variant, saved_merge = dict(_variant), common.merge_tokens
     _variant.update(kind=kind, value=float(value or 0))
     if kind in PATCHING:
-        common.merge_tokens = _two_rounds(saved_merge)
+        common.merge_tokens = _in_rounds(saved_merge, 2 if kind == "two" else int(float(value)))
     try:
         yield
     finally:
@@ -174,7 +183,7 @@ def register() -> None:
 def main() -> None:
     from mergeseek.bench.issue26_schedule import screening_main
 
-    screening_main(__doc__, variant, "bip, k=K, ln, two, imp=A, kc=K or base", "method=w10,r=16", register)
+    screening_main(__doc__, variant, "bip, k=K, ln, two, rounds=R, imp=A, kc=K or base", "method=w10,r=16", register)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from mergeseek.bench import issue26_ward2
 from mergeseek.bench.issue26_ward2 import edge_scores, register, variant, w10_merging
 from mergeseek.encoders import apply_merging
 
-VARIANTS = ["bip", "k=4", "k=32", "ln", "two", "imp=0.5", "imp=2", "kc=4", "kc=16"]
+VARIANTS = ["bip", "k=4", "k=32", "ln", "two", "rounds=3", "imp=0.5", "imp=2", "kc=4", "kc=16"]
 
 
 @pytest.fixture(scope="module")
@@ -145,10 +145,18 @@ def test_fewer_candidates_change_the_pairs(name):
     assert few != all_
 
 
-def test_two_rounds_agree_with_a_naive_loop():
+def test_round_sizes():
+    assert issue26_ward2.round_sizes(16, 2) == [8, 8] and issue26_ward2.round_sizes(7, 2) == [3, 4]
+    assert issue26_ward2.round_sizes(20, 3) == [6, 7, 7] and issue26_ward2.round_sizes(2, 4) == [1, 1]
+    assert issue26_ward2.round_sizes(0, 2) == []
+
+
+@pytest.mark.parametrize("name,parts", [("two", (3, 4)), ("rounds=2", (3, 4)), ("rounds=3", (2, 2, 3)),
+                                        ("rounds=1", (7,))])
+def test_rounds_agree_with_a_naive_loop(name, parts):
     """The patched merge step: r // 2 greedy pairs, the size-weighted means, r - r // 2 more pairs
-    scored on the merged rows and sizes; the output rows in position order (a pair in the slot of
-    its earlier token)."""
+    scored on the merged rows and sizes (``two``; ``rounds=R``: R such rounds); the output rows in
+    position order (a pair in the slot of its earlier token)."""
     from mergeseek.encoders.config import MergeConfig
     from mergeseek.encoders.patch import common
 
@@ -156,12 +164,12 @@ def test_two_rounds_agree_with_a_naive_loop():
     keys, tokens, size, cls_attn = inputs()
     r = 7
     plan = common.make_plan(MergeConfig.parse(f"method=w10,r={r}"), protected=1)
-    with variant("two"):
+    with variant(name):
         x, state, result = common.merge_tokens(tokens, common.TokenState(size), keys, cls_attn, r, plan)
     assert x.shape[1] == 17 - r and result.num_merged.tolist() == [r] * 3
     for b in range(3):
         rows = [(tokens[b, t].double(), float(size[b, t])) for t in range(17)]
-        for take in (r // 2, r - r // 2):
+        for take in parts:
             def score(i, j):
                 (xi, si), (xj, sj) = rows[i], rows[j]
                 return -(si * sj / (si + sj)) * float(((xi - xj) ** 2).sum())
@@ -173,7 +181,7 @@ def test_two_rounds_agree_with_a_naive_loop():
         torch.testing.assert_close(x[b].double(), torch.stack([row[0] for row in rows]), rtol=1e-5, atol=1e-5)
         assert state.size[b, :, 0].tolist() == [row[1] for row in rows]
     one, _, _ = common.merge_tokens(tokens, common.TokenState(size), keys, cls_attn, r, plan)
-    assert not torch.allclose(x, one)  # a second round took a merged token again
+    assert torch.allclose(x, one) == (len(parts) == 1)  # a later round took a merged token again
 
 
 def test_base_is_ward_exactly(tiny):
@@ -209,7 +217,7 @@ def test_a_batch_is_its_images(tiny, name):
         with variant("base"):
             base = model(x)
     torch.testing.assert_close(batch, alone, rtol=1e-5, atol=1e-5)
-    if name.split("=")[0] not in ("k", "kc", "two"):  # base's pairs here (tested on their own)
+    if name.split("=")[0] not in ("k", "kc", "two", "rounds"):  # base's pairs here (tested on their own)
         assert not torch.allclose(batch, base, atol=1e-4)  # the variant changed what merged
 
 
@@ -219,10 +227,10 @@ def test_the_variant_context_restores_what_it_patches():
     before = common.merge_tokens
     for name in VARIANTS + ["base"]:
         with variant(name):
-            assert (common.merge_tokens is before) == (name != "two")
+            assert (common.merge_tokens is before) == (name.split("=")[0] not in ("two", "rounds"))
         assert common.merge_tokens is before
         assert issue26_ward2._variant == {"kind": "base", "value": 0.0}
-    for name in ("two", "imp=2"):
+    for name in ("two", "rounds=4", "imp=2"):
         with pytest.raises(RuntimeError):
             with variant(name):
                 raise RuntimeError("inside")
@@ -230,7 +238,7 @@ def test_the_variant_context_restores_what_it_patches():
         assert issue26_ward2._variant == {"kind": "base", "value": 0.0}
 
 
-@pytest.mark.parametrize("name", ["cosine=2", "k", "k=0", "kc", "wardp=2"])
+@pytest.mark.parametrize("name", ["cosine=2", "k", "k=0", "kc", "rounds", "rounds=0", "wardp=2"])
 def test_unknown_or_incomplete_variant_is_refused(name):
     with pytest.raises(ValueError, match="variant"):
         with variant(name):
