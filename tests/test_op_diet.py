@@ -32,6 +32,9 @@ BUDGET = {"r=8": 600, "r=16": 600, "r=8,method=lsh": 650, "r=16,method=lsh": 650
           # ward (measured 3834 / 4583): pairs' greedy steps on Ward's cost; ward_lsh reads its window
           # costs off one Gram product at these token counts (ward.GRAM_UP_TO), the same on both paths
           "r=16,method=ward": 4000, "r=16,method=ward_lsh": 4700}
+# On the CPU the greedy steps of pairs and ward run in one fused C call (pairs_kernel.c; measured
+# 589 / 750 at r=16): the budgets above count the tensor path a GPU takes (MERGESEEK_PAIRS_NATIVE=0)
+NATIVE_BUDGET = {"r=16,method=pairs": 620, "r=8,method=pairs": 620, "r=16,method=ward": 780}
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +70,7 @@ def test_merged_vit_b16_forward_stays_within_its_op_budget(b16, pixels, unmerged
     from mergeseek.encoders.merging import pairs
 
     monkeypatch.setattr(pairs, "BATCHED_WINDOWS", [True])  # the window path a GPU takes (pairs_lsh, ward_lsh)
+    monkeypatch.setenv("MERGESEEK_PAIRS_NATIVE", "0")  # and its greedy steps (pairs, ward)
     if "lsh" in spec and "pairs" not in spec and "ward" not in spec:
         from mergeseek.encoders.merging import lsh_native
 
@@ -76,6 +80,19 @@ def test_merged_vit_b16_forward_stays_within_its_op_budget(b16, pixels, unmerged
     ops = _count(merged, pixels)
     assert ops <= BUDGET[spec], f"{spec}: {ops} aten ops per forward (budget {BUDGET[spec]})"
     assert unmerged_ops < ops  # the counter sees the merged forward's extra work (the stock model: 136)
+
+
+@pytest.mark.parametrize("spec", list(NATIVE_BUDGET))
+def test_fused_pairs_kernel_brings_pairs_and_ward_to_the_bipartite_budget(b16, pixels, unmerged_ops, spec,
+                                                                           one_torch_thread, monkeypatch):
+    from mergeseek.encoders.merging import lsh_native
+
+    monkeypatch.delenv("MERGESEEK_PAIRS_NATIVE", raising=False)
+    if lsh_native.load_pairs() is None:
+        pytest.skip(f"the fused pairs kernel is unavailable here: {lsh_native.pairs_reason()}")
+    merged = apply_merging(copy.deepcopy(b16), MergeConfig.parse(spec))
+    ops = _count(merged, pixels)
+    assert unmerged_ops < ops <= NATIVE_BUDGET[spec], f"{spec}: {ops} aten ops per forward"
 
 
 def _random_edges(batch, n, first_a, gen):

@@ -43,6 +43,9 @@ from mergeseek.encoders.merging.registry import MergeResult
 from mergeseek.errors import InputError
 
 PAIR_CANDIDATES = 16  # candidate partners per token (its most similar tokens) for method=pairs
+# up to this r a matrix rule's greedy steps read the score matrix directly (``greedy_matrix``: one
+# row maximum per step) rather than a top-k candidate list; the same pairs (2 r - 1 <= 16)
+MATRIX_GREEDY_UP_TO = 8
 BUCKET_OFFSET = 4.0  # pairs_lsh: an edge across buckets scores cosine - 4 < -3, below every same-bucket edge
 
 
@@ -87,7 +90,18 @@ def greedy_pairs(score: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
         pair = pair.masked_fill(live.gather(1, edge) == NEG_INF, n)
         used.scatter_(1, pair, True)
         picked.append(pair)
-    pair = torch.stack(picked, dim=1)  # [B, r, 2]; failed steps hold (n, n)
+    return close_pairs(_stacked(picked, batch, dev), used, r, n)
+
+
+def _stacked(picked: list, batch: int, device) -> torch.Tensor:
+    """The greedy steps' pairs [B, r, 2] (r = 0: empty)."""
+    return torch.stack(picked, dim=1) if picked else torch.empty(batch, 0, 2, dtype=torch.long, device=device)
+
+
+def close_pairs(pair: torch.Tensor, used: torch.Tensor, r: int, n: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``greedy_pairs``' result from the greedy steps' pairs [B, r, 2] (failed steps hold (n, n)) and
+    the used tokens [B, n + 1]: failed steps take the unused unprotected tokens in position order."""
+    batch, dev = pair.shape[0], pair.device
     failed = pair[..., 0] == n
     fallback = failed.sum(dim=1)
     # unused unprotected tokens in position order: their first 2r, paired (0, 1), (2, 3), ... in turn
@@ -96,6 +110,79 @@ def greedy_pairs(score: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
     slot = (failed.cumsum(dim=1) - 1).clamp(min=0)  # the k-th failed step takes the k-th spare pair
     pair = torch.where(failed[..., None], spare.gather(1, slot[..., None].expand(batch, r, 2)), pair)
     return pair.amax(dim=2), pair.amin(dim=2), fallback
+
+
+def greedy_matrix(sim: torch.Tensor, r: int, keep_first: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``greedy_pairs`` over *every* edge of ``sim`` [B, N, N] (higher is better; changed in place),
+    without a candidate list: r times the best entry whose row and column tokens are both unused,
+    ties to the earlier (row, column). Each step is one pass over the matrix (a row maximum), so
+    at small r it is cheaper than ``matrix_edges``' top-k (on the CPU ``topk`` over 145 x 145 per
+    image costs as much as ~8 row maxima, whatever k is).
+
+    The same pairs as ``greedy_pairs(*matrix_edges(sim, keep_first, k), r, ...)`` whenever
+    ``2 r - 1 <= k`` (or k covers every token): after t steps at most 2t tokens are used, so the
+    best unused partner of a token is among its 2t + 1 best, which the candidate list holds
+    (``MATRIX_GREEDY_UP_TO``). The protected rows and columns and the diagonal are masked here.
+    """
+    batch, n, _ = sim.shape
+    dev = sim.device
+    sim.diagonal(dim1=-2, dim2=-1).fill_(NEG_INF)
+    sim[:, :keep_first] = NEG_INF
+    sim[:, :, :keep_first] = NEG_INF
+    used = torch.zeros(batch, n + 1, dtype=torch.bool, device=dev)
+    used[:, :keep_first] = True
+    picked = []
+    for _ in range(r):
+        best, partner = sim.max(dim=2)  # [B, N] each row's best value and its first column
+        row = best.argmax(dim=1, keepdim=True)  # the first row holding the maximum
+        pair = torch.cat([row, partner.gather(1, row)], dim=1)  # [B, 2]
+        # no edge left: the step fails ((n, n), filled by close_pairs); its rows stay masked anyway
+        dead = best.gather(1, row) == NEG_INF
+        sim.scatter_(1, pair[:, :, None].expand(batch, 2, n), NEG_INF)  # both tokens' rows ...
+        sim.scatter_(2, pair[:, None, :].expand(batch, n, 2), NEG_INF)  # ... and columns
+        pair = pair.masked_fill(dead, n)
+        used.scatter_(1, pair, True)
+        picked.append(pair)
+    return close_pairs(_stacked(picked, batch, dev), used, r, n)
+
+
+def native_greedy(sim: torch.Tensor, r: int, keep_first: int, k: int) -> Optional[Tuple[torch.Tensor, ...]]:
+    """``greedy_pairs(*matrix_edges(sim, keep_first, k), r, ...)`` by the fused C kernel
+    (``pairs_kernel.c``): float32 CPU scores outside torch.compile, when a C compiler built it;
+    else None. ``sim`` is read as it is (its diagonal and protected rows and columns are ignored).
+    The same pairs as the tensor code except between exactly equal scores in one row, which the
+    kernel ranks by column and torch's ``topk`` in an order of its own."""
+    if sim.device.type != "cpu" or sim.dtype != torch.float32 or torch.compiler.is_compiling():
+        return None
+    from mergeseek.encoders.merging import lsh_native
+
+    lib = lsh_native.load_pairs()
+    if lib is None:
+        return None
+    batch, n, _ = sim.shape
+    sim = sim.contiguous()
+    src = torch.empty(batch, r, dtype=torch.long)
+    dst = torch.empty(batch, r, dtype=torch.long)
+    fallback = torch.empty(batch, dtype=torch.long)
+    status = lib.mergeseek_pairs_greedy(sim.data_ptr(), batch, n, keep_first, k, r, src.data_ptr(), dst.data_ptr(),
+                                        fallback.data_ptr(), torch.get_num_threads())
+    return (src, dst, fallback) if status == 0 else None
+
+
+def matrix_pairs(sim: torch.Tensor, r: int, keep_first: int, k: Optional[int] = None) -> Tuple[torch.Tensor, ...]:
+    """``greedy_pairs`` over each token's k best partners in ``sim`` [B, N, N] (may be changed in
+    place): by the C kernel on the CPU (``native_greedy``), else through ``greedy_matrix`` where that
+    gives the same pairs and costs less (CPU, r up to ``MATRIX_GREEDY_UP_TO`` and 2 r - 1 <= k),
+    else through ``matrix_edges``' candidate list (GPUs, torch.compile)."""
+    k = PAIR_CANDIDATES if k is None else k
+    n = sim.shape[1]
+    found = native_greedy(sim, r, keep_first, k)
+    if found is not None:
+        return found
+    if (sim.device.type == "cpu" and not torch.compiler.is_compiling() and r <= MATRIX_GREEDY_UP_TO
+            and (2 * r - 1 <= k or k >= n - 1)):
+        return greedy_matrix(sim, r, keep_first)
+    return greedy_pairs(*matrix_edges(sim, keep_first, k), r, n, keep_first)
 
 
 def candidate_edges(unit: torch.Tensor, keep_first: int, k: int) -> Tuple[torch.Tensor, ...]:
@@ -130,8 +217,7 @@ def pairs_merging(metric: torch.Tensor, r: int, keep_first: int, *, size: Option
     r, unit = prepare_pairs(metric, r, keep_first, size, padded, "pairs")
     if r <= 0:
         return identity_merge(n)
-    score, first, second = candidate_edges(unit, keep_first, PAIR_CANDIDATES)
-    src, dst, fallback = greedy_pairs(score, first, second, r, n, keep_first)
+    src, dst, fallback = matrix_pairs(unit @ unit.transpose(-1, -2), r, keep_first)
     out = pair_merge(src, dst, n)
     out.fallback = fallback
     return out

@@ -33,7 +33,7 @@ import torch
 
 from mergeseek.encoders.merging.core import NEG_INF, identity_merge, matcher
 from mergeseek.encoders.merging.energy import pair_merge
-from mergeseek.encoders.merging.pairs import (PAIR_CANDIDATES, greedy_pairs, matrix_edges, prepare_pairs, window_dots,
+from mergeseek.encoders.merging.pairs import (greedy_pairs, matrix_pairs, prepare_pairs, window_dots,
                                              window_ends, window_order, window_span)
 from mergeseek.encoders.merging.registry import MergeResult
 from mergeseek.errors import ConfigError
@@ -101,8 +101,7 @@ def ward_merging(metric: torch.Tensor, r: int, keep_first: int, *, size: Optiona
     r, _unit = prepare_pairs(metric, r, keep_first, size, padded, "ward")
     if r <= 0:
         return identity_merge(n)
-    score, first, second = matrix_edges(ward_scores(x, size), keep_first, PAIR_CANDIDATES)
-    src, dst, fallback = greedy_pairs(score, first, second, r, n, keep_first)
+    src, dst, fallback = matrix_pairs(ward_scores(x, size), r, keep_first)
     out = pair_merge(src, dst, n)
     out.fallback = fallback
     return out
