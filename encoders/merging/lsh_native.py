@@ -165,6 +165,9 @@ def load_pairs() -> Optional[ctypes.CDLL]:
                 fn = lib.mergeseek_pairs_greedy
                 fn.restype = ctypes.c_int
                 fn.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
+                fe = lib.mergeseek_pairs_edges
+                fe.restype = ctypes.c_int
+                fe.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
             except AttributeError as exc:
                 lib, why = None, str(exc)
         if why:

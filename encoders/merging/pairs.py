@@ -75,7 +75,20 @@ def greedy_pairs(score: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
     the steps that found no edge and paired the two earliest unused unprotected tokens instead.
     Edges only ever die, so such steps are the last ones: they are filled after the loop, from the
     unused tokens in position order.
+
+    On the CPU (float32) the fused C kernel runs (``native_edges``), elsewhere the tensor loop
+    (``tensor_greedy_pairs``): the same pairs.
     """
+    found = native_edges(score, first, second, r, num_tokens, keep_first)
+    if found is not None:
+        return found
+    return tensor_greedy_pairs(score, first, second, r, num_tokens, keep_first)
+
+
+def tensor_greedy_pairs(score: torch.Tensor, first: torch.Tensor, second: torch.Tensor, r: int, num_tokens: int,
+                        keep_first: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``greedy_pairs`` in tensor operations, r rounds of a masked argmax over the edges (GPUs,
+    torch.compile; static shapes, no host read)."""
     batch, n = score.shape[0], num_tokens
     dev = score.device
     used = torch.zeros(batch, n + 1, dtype=torch.bool, device=dev)  # column n: where a failed step writes
@@ -146,17 +159,42 @@ def greedy_matrix(sim: torch.Tensor, r: int, keep_first: int) -> Tuple[torch.Ten
     return close_pairs(_stacked(picked, batch, dev), used, r, n)
 
 
+def _pairs_kernel(scores: torch.Tensor):
+    """The fused pairs kernel's library where it applies to ``scores`` (float32 on the CPU, outside
+    torch.compile, a C compiler at hand), else None."""
+    if scores.device.type != "cpu" or scores.dtype != torch.float32 or torch.compiler.is_compiling():
+        return None
+    from mergeseek.encoders.merging import lsh_native
+
+    return lsh_native.load_pairs()
+
+
+def native_edges(score: torch.Tensor, first: torch.Tensor, second: torch.Tensor, r: int, num_tokens: int,
+                 keep_first: int) -> Optional[Tuple[torch.Tensor, ...]]:
+    """``greedy_pairs`` by the fused C kernel (``pairs_kernel.c``: the edges in a heap, popped until
+    r have two unused ends; the same pairs, ties included), or None where it does not apply."""
+    lib = _pairs_kernel(score)
+    if lib is None:
+        return None
+    batch, edges = score.shape
+    score = score.contiguous()
+    first, second = first.long().contiguous(), second.long().contiguous()
+    src = torch.empty(batch, r, dtype=torch.long)
+    dst = torch.empty(batch, r, dtype=torch.long)
+    fallback = torch.empty(batch, dtype=torch.long)
+    status = lib.mergeseek_pairs_edges(score.data_ptr(), first.data_ptr(), second.data_ptr(), batch, edges, num_tokens,
+                                       keep_first, r, src.data_ptr(), dst.data_ptr(), fallback.data_ptr(),
+                                       torch.get_num_threads())
+    return (src, dst, fallback) if status == 0 else None
+
+
 def native_greedy(sim: torch.Tensor, r: int, keep_first: int, k: int) -> Optional[Tuple[torch.Tensor, ...]]:
     """``greedy_pairs(*matrix_edges(sim, keep_first, k), r, ...)`` by the fused C kernel
     (``pairs_kernel.c``): float32 CPU scores outside torch.compile, when a C compiler built it;
     else None. ``sim`` is read as it is (its diagonal and protected rows and columns are ignored).
     The same pairs as the tensor code except between exactly equal scores in one row, which the
     kernel ranks by column and torch's ``topk`` in an order of its own."""
-    if sim.device.type != "cpu" or sim.dtype != torch.float32 or torch.compiler.is_compiling():
-        return None
-    from mergeseek.encoders.merging import lsh_native
-
-    lib = lsh_native.load_pairs()
+    lib = _pairs_kernel(sim)
     if lib is None:
         return None
     batch, n, _ = sim.shape

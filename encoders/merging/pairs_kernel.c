@@ -159,3 +159,100 @@ int mergeseek_pairs_greedy(const float *score, int B, int N, int keep_first, int
     }
     return failed;
 }
+
+/* ---- The same greedy over an explicit edge list (pairs_lsh, ward_lsh: SimHash windows) ----
+ *
+ * pairs.greedy_pairs' rule: r times, the best edge whose two ends are both unused (ties: the
+ * earlier edge), -inf edges are no edges. Per image the edges go into a binary heap ordered by
+ * (score, then the earlier edge; NaN above every number) and are popped until r have two unused
+ * ends: an edge found dead stays dead (tokens are only ever used up), so the first live edge popped
+ * is the best live edge. O(E + (r + dead edges) log E) per image. */
+
+/* edge i ranks before edge j */
+static inline int edge_before(const float *s, int32_t i, int32_t j) {
+    const float x = s[i], y = s[j];
+    if (above(x, y)) return 1;
+    if (above(y, x)) return 0;
+    return i < j;
+}
+
+static void sift_down(const float *s, int32_t *heap, int m, int at) {
+    for (;;) {
+        int best = at, l = 2 * at + 1, r = l + 1;
+        if (l < m && edge_before(s, heap[l], heap[best])) best = l;
+        if (r < m && edge_before(s, heap[r], heap[best])) best = r;
+        if (best == at) return;
+        const int32_t t = heap[at];
+        heap[at] = heap[best];
+        heap[best] = t;
+        at = best;
+    }
+}
+
+static void edges_one_image(const float *s, const int64_t *fst, const int64_t *snd, int E, int N, int keep_first, int r,
+                            int32_t *heap, uint8_t *used, int64_t *src, int64_t *dst, int64_t *fallback) {
+    memset(used, 0, (size_t)N);
+    for (int a = 0; a < keep_first && a < N; a++) used[a] = 1;
+    int m = 0;
+    for (int i = 0; i < E; i++)
+        if (s[i] != -INFINITY) heap[m++] = i;
+    for (int at = m / 2 - 1; at >= 0; at--) sift_down(s, heap, m, at);
+    int step = 0;
+    while (step < r && m > 0) {
+        const int32_t e = heap[0];
+        heap[0] = heap[--m];
+        sift_down(s, heap, m, 0);
+        const int64_t a = fst[e], b = snd[e];
+        if (a < 0 || b < 0 || a >= N || b >= N || a == b || used[a] || used[b]) continue;
+        used[a] = used[b] = 1;
+        src[step] = a > b ? a : b;
+        dst[step] = a > b ? b : a;
+        step++;
+    }
+    const int failed = r - step;
+    for (int a = keep_first, first = -1; a < N && step < r; a++) {
+        if (used[a]) continue;
+        if (first < 0) {
+            first = a;
+            continue;
+        }
+        src[step] = a;
+        dst[step] = first;
+        step++;
+        first = -1;
+    }
+    *fallback = failed;
+}
+
+/* Returns 0 on success, 1 when out of memory, 2 on bad sizes. score, first, second: [B, E]; src,
+ * dst: [B, r] the later and the earlier token of each pair; fallback: [B] the failed steps. */
+int mergeseek_pairs_edges(const float *score, const int64_t *first, const int64_t *second, int B, int E, int N,
+                          int keep_first, int r, int64_t *src, int64_t *dst, int64_t *fallback, int threads) {
+    if (B < 0 || E < 0 || N < 1 || r < 0 || keep_first < 0 || 2 * r > N - keep_first) return 2;
+    if (threads > B) threads = B;
+    if (threads < 1) threads = 1;
+    int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+#endif
+    {
+        int t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        int32_t *heap = malloc(sizeof(int32_t) * (size_t)(E > 0 ? E : 1));
+        uint8_t *used = malloc((size_t)N);
+        if (!heap || !used) {
+            failed = 1;
+        } else {
+            const int lo = (int)((long)B * t / nt), hi = (int)((long)B * (t + 1) / nt);
+            for (int b = lo; b < hi; b++)
+                edges_one_image(score + (size_t)b * E, first + (size_t)b * E, second + (size_t)b * E, E, N, keep_first,
+                                r, heap, used, src + (size_t)b * r, dst + (size_t)b * r, fallback + b);
+        }
+        free(heap);
+        free(used);
+    }
+    return failed;
+}
