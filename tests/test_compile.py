@@ -97,7 +97,9 @@ PAIRS_SPECS = ["r=8,method=pairs", "r=16,method=pairs_lsh", "r=16,method=pairs,m
                # pairs_mix: ToMe in blocks 0-5 (4 of 196 free tokens, under the threshold), pairs in 6-11
                "r=[4,4,4,4,4,4,20,20,20,20,20,20],method=pairs_mix", "r=[4,4,4,4,4,4,20,20,20,20,20,20],method=pairs_mix_lsh",
                # ward / ward_lsh: the same greedy loop over edges scored on the block's tokens
-               "r=16,method=ward", "r=16,method=ward_lsh"]
+               "r=16,method=ward", "r=16,method=ward_lsh",
+               # ward_imp / ward_imp_lsh: the class token's attention row weighs the sizes in the cost
+               "r=16,method=ward_imp", "r=16,method=ward_imp_lsh"]
 
 
 # dynamo traces ViT-B-16 in 15-60 s per config: two run in `make test`, the rest are marked slow (CI runs them).

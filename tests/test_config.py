@@ -38,7 +38,7 @@ def test_fields_parsed():
     "spec,needle",
     [
         ("r=8,foo=1", "unknown merge option 'foo'.*valid keys: method, r, schedule"),
-        ("method=tome", "method='tome' is not valid; choose one of: none, bipartite, lsh, energy, energy_lsh, pairs, pairs_lsh, pairs_mix, pairs_mix_lsh, ward, ward_lsh, importance, zerotprune"),
+        ("method=tome", "method='tome' is not valid; choose one of: none, bipartite, lsh, energy, energy_lsh, pairs, pairs_lsh, pairs_mix, pairs_mix_lsh, ward, ward_lsh, ward_imp, ward_imp_lsh, importance, zerotprune"),
         ("r=eight", "r='eight' is not valid"),
         ("r=-2", "non-negative"),
         ("schedule=fast", "schedule='fast' is not valid; choose one of: constant, decreasing"),

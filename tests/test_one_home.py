@@ -644,7 +644,7 @@ def test_lsh_state_lives_in_the_method_registry():
     assert found == []
     planted = "if cfg.method == 'lsh':\n    planes = simhash_planes(d, cfg.lsh_bits, 4)\nroot._buffers.pop('_merge_planes')\n"
     assert len(_lsh_branches("patch/x.py", ast.parse(planted))) == 4
-    hashed = ["lsh", "energy_lsh", "pairs_lsh", "pairs_mix_lsh", "ward_lsh"]
+    hashed = ["lsh", "energy_lsh", "pairs_lsh", "pairs_mix_lsh", "ward_lsh", "ward_imp_lsh"]
     assert [n for n, s in REGISTRY.items() if s.state is not None] == hashed
     assert all(get_spec(n).state.__module__.endswith("registry") for n in hashed)
     assert MergeConfig.parse("r=8,method=lsh,lsh_bits=3,lsh_tables=2").matcher_state(16)["planes"].shape == (16, 8)

@@ -171,7 +171,8 @@ def tiny():
 
 
 @pytest.mark.parametrize("spec", ["method=pairs,r=0", "method=pairs_lsh,r=0", "method=pairs,r=0,merge=mlerp",
-                                  "method=ward,r=0", "method=ward_lsh,r=0", "method=ward,r=0,merge=mlerp"])
+                                  "method=ward,r=0", "method=ward_lsh,r=0", "method=ward,r=0,merge=mlerp",
+                                  "method=ward_imp,r=0", "method=ward_imp_lsh,r=0"])
 def test_r_zero_is_the_unpatched_model(tiny, spec):
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -181,7 +182,8 @@ def test_r_zero_is_the_unpatched_model(tiny, spec):
 
 
 @pytest.mark.parametrize("spec", ["method=pairs,r=3", "method=pairs_lsh,r=3", "method=pairs,r=3,merge=mlerp",
-                                  "method=pairs,r=8", "method=ward,r=3", "method=ward_lsh,r=3", "method=ward,r=8"])
+                                  "method=pairs,r=8", "method=ward,r=3", "method=ward_lsh,r=3", "method=ward,r=8",
+                                  "method=ward_imp,r=3", "method=ward_imp_lsh,r=8"])
 def test_a_batch_of_four_equals_four_single_images(tiny, spec):
     model = apply_merging(copy.deepcopy(tiny), spec)
     assert_batch_is_its_images(model, tiny, torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)))

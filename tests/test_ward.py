@@ -14,7 +14,8 @@ import torch
 
 from mergeseek.encoders import apply_merging
 from mergeseek.encoders.merging import pairs
-from mergeseek.encoders.merging.ward import ward_lsh_merging, ward_merging
+from mergeseek.encoders.merging.ward import (IMPORTANCE, ward_imp_lsh_merging, ward_imp_merging, ward_lsh_merging,
+                                            ward_merging)
 from mergeseek.errors import ConfigError, InputError
 from tests.test_pairs import _check, naive_window_edges, tiny, window_inputs  # noqa: F401  (tiny: a fixture)
 
@@ -166,3 +167,83 @@ def test_the_two_window_paths_give_the_same_dots_and_pairs(monkeypatch):
     monkeypatch.setattr(pairs, "BATCHED_WINDOWS", [False])
     torch.testing.assert_close(ward_lsh_merging(metric, 8, tokens=x).merge(x), on_gpu_path, rtol=0, atol=0)
     torch.testing.assert_close(by_gram, on_gpu_path, rtol=0, atol=0)
+
+
+def naive_importance(size, cls_attn):
+    """ward_imp's cost sizes from their definition, one token at a time: s_i (1 + A N c_i), c_i the
+    class token's attention to token i averaged over the heads."""
+    heads, n = cls_attn.shape[0], cls_attn.shape[-1]
+    out = []
+    for i in range(n):
+        c = sum(float(cls_attn[h, 0, i]) for h in range(heads)) / heads
+        out.append(float(size[i]) * (1 + IMPORTANCE * n * c))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def _attention(batch, heads, n, g):
+    return torch.softmax(torch.randn(batch, heads, 1, n, generator=g, dtype=torch.float64) * 2, dim=-1)
+
+
+@pytest.mark.parametrize("n,r,protected,seed", [(17, 4, 1, 0), (50, 12, 1, 1), (31, 15, 1, 2), (40, 7, 2, 3)])
+def test_ward_imp_agrees_with_a_naive_loop(n, r, protected, seed):
+    """The cost's sizes are weighted by the class token's attention; the merged rows are averaged
+    by the true sizes (the naive merge uses them)."""
+    g = torch.Generator().manual_seed(seed)
+    metric = torch.randn(3, n, 8, generator=g, dtype=torch.float64)
+    x = torch.randn(3, n, 5, generator=g, dtype=torch.float64)
+    size = torch.randint(1, 5, (3, n, 1), generator=g).double()
+    attn = _attention(3, 4, n, g)
+    result = ward_imp_merging(metric, r, protected=protected, size=size, padded=False, tokens=x, attn=attn)
+    by_image = iter(range(3))
+
+    def edges(m):
+        b = next(by_image)
+        return naive_ward_edges(x[b], naive_importance(size[b, :, 0], attn[b]), protected, pairs.PAIR_CANDIDATES)
+
+    _check(result, metric, x, size, r, edges, protected, 1e-12)
+
+
+@pytest.mark.parametrize("n,r,window,seed", [(33, 8, 16, 0), (64, 16, 8, 1)])
+def test_hashed_ward_imp_agrees_with_a_naive_window_loop(n, r, window, seed):
+    bits, tables = 3, 2
+    metric, x, size, planes = window_inputs(n, seed, bits, tables)
+    attn = _attention(2, 3, n, torch.Generator().manual_seed(seed + 10)).to(x.dtype)
+    result = ward_imp_lsh_merging(metric, r, planes=planes, lsh_bits=bits, lsh_tables=tables, lsh_window=window,
+                                  size=size, padded=False, tokens=x, attn=attn)
+    by_image = iter(range(2))
+
+    def edges(m):
+        b = next(by_image)
+        weights = naive_importance(size[b, :, 0], attn[b])
+        return naive_ward_window_edges(m, x[b], weights, planes, bits, tables, window, 1)
+
+    _check(result, metric, x, size, r, edges, 1, 1e-12)
+
+
+def test_ward_imp_is_ward_when_the_class_token_attends_evenly_or_not_at_all():
+    """Attention spread evenly multiplies every size by the same 1 + A (the ranking of the costs is
+    unchanged); importance 0 is ward itself."""
+    g = torch.Generator().manual_seed(6)
+    metric, x = torch.randn(2, 33, 8, generator=g), torch.randn(2, 33, 12, generator=g)
+    size = torch.randint(1, 4, (2, 33, 1), generator=g).float()
+    even = torch.full((2, 3, 1, 33), 1 / 33)
+    peaked = _attention(2, 3, 33, g).float()
+    want = ward_merging(metric, 10, size=size, tokens=x)
+    for got in (ward_imp_merging(metric, 10, size=size, tokens=x, attn=even),
+                ward_imp_merging(metric, 10, size=size, tokens=x, attn=peaked, importance=0.0)):
+        assert torch.equal(got.wavg(x, size)[0], want.wavg(x, size)[0])
+    assert not torch.equal(ward_imp_merging(metric, 10, size=size, tokens=x, attn=peaked).wavg(x, size)[0],
+                           want.wavg(x, size)[0])
+
+
+def test_ward_imp_needs_the_class_tokens_attention_and_a_class_token(tiny):
+    metric, x = torch.randn(2, 9, 4), torch.randn(2, 9, 6)
+    for fn in (ward_imp_merging, ward_imp_lsh_merging):
+        with pytest.raises(ConfigError, match="class token's attention"):
+            fn(metric, 2, tokens=x)
+        with pytest.raises(ConfigError, match="class token's attention"):
+            fn(metric, 2, tokens=x, attn=torch.rand(2, 3, 9, 9))  # the full matrix is not the class row
+        assert fn(metric, 0, tokens=x).identity
+    from mergeseek.encoders.merging import get_spec
+
+    assert get_spec("ward_imp").needs == "cls_attn" and get_spec("ward_imp").needs_prefix

@@ -155,6 +155,15 @@ register(MatcherSpec(
     doc="ward, hashed: pairs_lsh's candidate pairs from SimHash-sorted windows, scored by Ward's cost",
 ))
 register(MatcherSpec(
+    "ward_imp", "mergeseek.encoders.merging.ward:ward_imp_merging", needs="cls_attn", tokens=True, needs_prefix=True,
+    doc="ward with the sizes in the cost weighted by the class token's attention (issue #26, tenth round)",
+))
+register(MatcherSpec(
+    "ward_imp_lsh", "mergeseek.encoders.merging.ward:ward_imp_lsh_merging", needs="cls_attn", tokens=True,
+    needs_prefix=True, config_keys=("lsh_bits", "lsh_tables", "lsh_window", "seed"), options=lsh_options,
+    state=lsh_state, doc="ward_imp, hashed: ward_lsh's window pairs scored with the class-attention-weighted sizes",
+))
+register(MatcherSpec(
     "importance", "mergeseek.encoders.merging.importance:importance_merging", needs="cls_attn", bipartite_bounded=False,
     needs_prefix=True, doc="class-attention importance (arXiv 2306.04897)",
 ))

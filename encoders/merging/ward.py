@@ -107,6 +107,31 @@ def ward_merging(metric: torch.Tensor, r: int, keep_first: int, *, size: Optiona
     return out
 
 
+def _hashed(metric: torch.Tensor, unit: torch.Tensor, r: int, keep_first: int, x: torch.Tensor,
+            cost_size: Optional[torch.Tensor],
+            planes: Optional[torch.Tensor], lsh_bits: int, lsh_tables: int, lsh_window: int, seed: int) -> MergeResult:
+    """``ward_lsh``'s rule (module doc) with the cost's sizes ``cost_size`` [B, N, 1] or None;
+    ``unit`` the unit metric and ``r`` clamped and positive (``prepare_pairs``)."""
+    from mergeseek.encoders.merging.lsh import cached_planes
+
+    n, dim = metric.shape[1], metric.shape[2]
+    if planes is None:
+        planes = cached_planes(dim, lsh_bits, lsh_tables, seed, str(metric.device))
+    code, perm = window_order(unit, planes, lsh_bits, lsh_tables, keep_first)
+    span, later, past = window_span(n - keep_first, lsh_window, metric.device)
+    first, second, same = window_ends(code, perm, later, keep_first)
+    cost = window_ward_scores(x, cost_size, perm, keep_first, lsh_window)
+    # same-bucket edges first: a cross-bucket edge drops below the image's most costly edge; edges
+    # past the end of a window stay -inf
+    floor = cost.amin(dim=1, keepdim=True) - 1.0
+    score = torch.where(same, cost, floor + cost - cost.amax(dim=1, keepdim=True))
+    score = score.unflatten(1, (lsh_tables, -1, span)).masked_fill(past, NEG_INF).flatten(1)
+    src, dst, fallback = greedy_pairs(score, first, second, r, n, keep_first)
+    out = pair_merge(src, dst, n)
+    out.fallback = fallback
+    return out
+
+
 @torch.no_grad()
 @matcher
 def ward_lsh_merging(metric: torch.Tensor, r: int, keep_first: int, *, size: Optional[torch.Tensor] = None,
@@ -117,25 +142,64 @@ def ward_lsh_merging(metric: torch.Tensor, r: int, keep_first: int, *, size: Opt
 
     ``planes`` and the ``lsh_*`` options as for ``method=pairs_lsh``.
     """
-    from mergeseek.encoders.merging.lsh import cached_planes
-
-    n, dim = metric.shape[1], metric.shape[2]
+    n = metric.shape[1]
     x = _tokens_of(tokens, metric, "ward_lsh")
     r, unit = prepare_pairs(metric, r, keep_first, size, padded, "ward_lsh")
     if r <= 0:
         return identity_merge(n)
-    if planes is None:
-        planes = cached_planes(dim, lsh_bits, lsh_tables, seed, str(metric.device))
-    code, perm = window_order(unit, planes, lsh_bits, lsh_tables, keep_first)
-    span, later, past = window_span(n - keep_first, lsh_window, metric.device)
-    first, second, same = window_ends(code, perm, later, keep_first)
-    cost = window_ward_scores(x, size, perm, keep_first, lsh_window)
-    # same-bucket edges first: a cross-bucket edge drops below the image's most costly edge; edges
-    # past the end of a window stay -inf
-    floor = cost.amin(dim=1, keepdim=True) - 1.0
-    score = torch.where(same, cost, floor + cost - cost.amax(dim=1, keepdim=True))
-    score = score.unflatten(1, (lsh_tables, -1, span)).masked_fill(past, NEG_INF).flatten(1)
-    src, dst, fallback = greedy_pairs(score, first, second, r, n, keep_first)
+    return _hashed(metric, unit, r, keep_first, x, size, planes, lsh_bits, lsh_tables, lsh_window, seed)
+
+
+IMPORTANCE = 2.0  # ward_imp: A in s' = s (1 + A N c), chosen on the CIFAR-10 references (docs/BENCHMARKS.md, tenth round)
+
+
+def importance_sizes(size: Optional[torch.Tensor], cls_attn: Optional[torch.Tensor], method: str,
+                     weight: float = IMPORTANCE) -> torch.Tensor:
+    """[B, N, 1] float32 the sizes ``ward_imp`` puts into Ward's cost: ``s (1 + weight N c)``, with
+    ``c`` [B, N] the class token's attention to each token averaged over the heads
+    (``cls_attn`` [B, H, 1, N], proportional-attention bias included) and N the tokens present, so
+    ``N c`` is 1 for a token the class token attends to as much as to the average token."""
+    if cls_attn is None or cls_attn.dim() != 4 or cls_attn.shape[2] != 1:
+        raise ConfigError(f"method={method} weighs tokens by the class token's attention; call it through a "
+                          "patched model (apply_merging), which hands it over, or pass attn=[B, H, 1, N]")
+    n = cls_attn.shape[-1]
+    c = cls_attn.float().mean(dim=1)[:, 0]  # [B, N]
+    s = torch.ones_like(c) if size is None else size[..., 0].float()
+    return (s * (1 + weight * n * c))[..., None]
+
+
+@torch.no_grad()
+@matcher
+def ward_imp_merging(metric: torch.Tensor, r: int, keep_first: int, *, size: Optional[torch.Tensor] = None,
+                     padded: Optional[bool] = None, tokens: Optional[torch.Tensor] = None,
+                     attn: Optional[torch.Tensor] = None, importance: float = IMPORTANCE, **_: object) -> MergeResult:
+    """``ward`` with each token's size in the cost weighted by how much the class token attends to it
+    (``importance_sizes``): tokens the class token reads merge later. The merge itself averages by
+    the true sizes. Called as every matcher plus ``tokens`` [B, N, C] and ``attn`` [B, H, 1, N]."""
+    n = metric.shape[1]
+    x = _tokens_of(tokens, metric, "ward_imp")
+    r, _unit = prepare_pairs(metric, r, keep_first, size, padded, "ward_imp")
+    if r <= 0:
+        return identity_merge(n)
+    weights = importance_sizes(size, attn, "ward_imp", importance)
+    src, dst, fallback = matrix_pairs(ward_scores(x, weights), r, keep_first)
     out = pair_merge(src, dst, n)
     out.fallback = fallback
     return out
+
+
+@torch.no_grad()
+@matcher
+def ward_imp_lsh_merging(metric: torch.Tensor, r: int, keep_first: int, *, size: Optional[torch.Tensor] = None,
+                         padded: Optional[bool] = None, tokens: Optional[torch.Tensor] = None,
+                         attn: Optional[torch.Tensor] = None, planes: Optional[torch.Tensor] = None, lsh_bits: int = 4,
+                         lsh_tables: int = 4, lsh_window: int = 16, seed: int = 0, importance: float = IMPORTANCE,
+                         **_: object) -> MergeResult:
+    """The hashed ``ward_imp``: ``ward_lsh``'s window edges scored with ``importance_sizes``."""
+    n = metric.shape[1]
+    x = _tokens_of(tokens, metric, "ward_imp_lsh")
+    r, unit = prepare_pairs(metric, r, keep_first, size, padded, "ward_imp_lsh")
+    if r <= 0:
+        return identity_merge(n)
+    weights = importance_sizes(size, attn, "ward_imp_lsh", importance)
+    return _hashed(metric, unit, r, keep_first, x, weights, planes, lsh_bits, lsh_tables, lsh_window, seed)
