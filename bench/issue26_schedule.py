@@ -112,6 +112,35 @@ def family_schedules(r: int, layers: int, num_tokens: int, dim: int) -> Dict[str
 
 
 # ---------------------------------------------------------------------------- scoring
+def build_cache(model_name: str, data_root: str, cache: str = CACHE) -> List[str]:
+    """Write the preprocessed CIFAR-10 test images every screening harness reads (``load_half``):
+    ``{cache}/{model}_{a}_{b}.pt`` = (images as the model takes them, labels) per slice of
+    ``SLICES``, in ``load_cifar10_npz``'s class-interleaved order. Slices already there are kept;
+    each file is written whole (a temporary file renamed). Returns the paths written."""
+    import torch
+
+    from mergeseek.eval.reference import load_cifar10_npz, load_reference, preprocess_info_of, preprocess_uint8
+
+    model, _ = load_reference(model_name)
+    info = preprocess_info_of(model)
+    split = load_cifar10_npz(os.path.join(data_root, "cifar10"), "test")
+    if len(split.labels) < SLICES[-1][1]:
+        raise SystemExit(f"the CIFAR-10 test pack under {data_root} has {len(split.labels)} images; "
+                         f"the screening halves need {SLICES[-1][1]}")
+    os.makedirs(cache, exist_ok=True)
+    written = []
+    for a, b in SLICES:
+        path = f"{cache}/{model_name}_{a}_{b}.pt"
+        if os.path.exists(path):
+            continue
+        x = preprocess_uint8(split.images[a:b], info)
+        tmp = path + ".tmp"
+        torch.save((x, torch.as_tensor(split.labels[a:b])), tmp)
+        os.replace(tmp, path)
+        written.append(path)
+    return written
+
+
 def load_half(model_name: str, half: str):
     import torch
 
@@ -286,15 +315,20 @@ def screening_main(doc: str, variant, variant_help: str, example: str, register=
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("schedules", "score", "table", "import", "summary"))
+    p.add_argument("what", choices=("cache", "schedules", "score", "table", "import", "summary"),
+                   help="cache: write the preprocessed test images the harnesses read (runs/i26) from --data-root")
     p.add_argument("configs", nargs="*")
     p.add_argument("--model", default="reference-cifar10")
     p.add_argument("--half", default="A", choices=("A", "B"))
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--ref", default="method=bipartite,r=16")
     p.add_argument("--out", default=OUT)
+    p.add_argument("--data-root", default="../shared/data", help="folder holding cifar10/ (cache)")
     args = p.parse_intermixed_args()
-    if args.what == "schedules":
+    if args.what == "cache":
+        for path in build_cache(args.model, args.data_root):
+            print(path)
+    elif args.what == "schedules":
         layers, tokens = (9, 145) if args.model == "reference-cifar10" else (9, 197)
         base = constant(args.r, layers, tokens)
         print("constant", base, f"{block_flops(base, tokens, 192) / 1e9:.4f} GMAC")

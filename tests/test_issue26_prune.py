@@ -159,3 +159,28 @@ def test_the_screening_command_line(monkeypatch):
                       {"kind": "early", "value": 2.0}),
                      ("table", "A", "method=bipartite,r=16|base")]
     assert issue26_prune._variant["kind"] == "base"  # left as it was
+
+
+def test_the_screening_cache_is_built_from_the_test_pack_and_read_back_by_halves(tmp_path, monkeypatch):
+    """``issue26_schedule cache``: each slice of the (class-interleaved) test pack preprocessed as the
+    model takes it, labels beside it; ``load_half`` reads the slices back as halves A and B; slices
+    already written are kept."""
+    import numpy as np
+
+    from mergeseek.bench import issue26_schedule
+    from mergeseek.eval import reference
+
+    images = np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(40) % 10
+    model = reference.build_model(reference.get_config("reference-tiny")).eval()  # no weights needed here
+    monkeypatch.setattr(reference, "load_reference", lambda name: (model, None))
+    monkeypatch.setattr(reference, "load_cifar10_npz", lambda path, split: reference.Cifar10Split(images, labels))
+    monkeypatch.setattr(issue26_schedule, "SLICES", ((0, 20), (20, 40)))
+    monkeypatch.setattr(issue26_schedule, "CACHE", str(tmp_path))
+    written = issue26_schedule.build_cache("reference-tiny", "unused", str(tmp_path))
+    assert [p.rsplit("/", 1)[1] for p in written] == ["reference-tiny_0_20.pt", "reference-tiny_20_40.pt"]
+    want = reference.preprocess_uint8(images, reference.preprocess_info_of(model))
+    x, y = issue26_schedule.load_half("reference-tiny", "A")
+    pick = issue26_schedule.half_index(40, "A")
+    assert torch.equal(x, want[pick]) and y.tolist() == labels[pick].tolist()
+    assert issue26_schedule.build_cache("reference-tiny", "unused", str(tmp_path)) == []  # kept
