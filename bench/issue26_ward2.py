@@ -50,23 +50,12 @@ from mergeseek.encoders.merging.energy import pair_merge
 from mergeseek.encoders.merging.pairs import (PAIR_CANDIDATES, candidate_edges, greedy_pairs, matrix_edges,
                                              prepare_pairs)
 from mergeseek.encoders.merging.registry import MergeResult
+from mergeseek.encoders.merging.ward import ward_scores
 
 VARIANTS = ("base", "bip", "k", "ln", "two", "imp", "kc", "rounds")
 PATCHING = ("two", "rounds")  # variants that patch common.merge_tokens
 
 _variant = {"kind": "base", "value": 0.0}
-
-
-def ward_cost(x: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:
-    """[B, N, N] ``-(s_a s_b / (s_a + s_b)) ||x_a - x_b||^2`` in float32 (``size`` [B, N, 1] or
-    None: ones), in ``ward.ward_scores``' float operations, so ``base`` is ``ward`` bit for bit."""
-    x = x.float()
-    sq = (x * x).sum(dim=-1)
-    d2 = torch.baddbmm(sq[:, :, None] + sq[:, None, :], x, x.transpose(-1, -2), alpha=-2.0)
-    if size is None:
-        return d2.mul_(-0.5)
-    inv = size[..., 0].float().reciprocal()
-    return d2.div_(inv[:, :, None] + inv[:, None, :]).neg_()
 
 
 def edge_scores(kind: str, value: float, tokens: torch.Tensor, size: Optional[torch.Tensor],
@@ -75,17 +64,17 @@ def edge_scores(kind: str, value: float, tokens: torch.Tensor, size: Optional[to
     tokens are masked by the caller): ``tokens`` [B, N, C], ``size`` [B, N, 1] or None,
     ``cls_attn`` [B, H, 1, N] the class token's attention (``imp``)."""
     if kind in ("base", "bip", "k", "two", "kc", "rounds"):
-        return ward_cost(tokens, size)
+        return ward_scores(tokens, size)
     if kind == "ln":
         x = tokens.float()
-        return ward_cost(F.layer_norm(x, x.shape[-1:]), size)
+        return ward_scores(F.layer_norm(x, x.shape[-1:]), size)
     if kind == "imp":
         if cls_attn is None:
             raise ValueError("imp needs the class token's attention row (needs='cls_attn')")
         batch, n = tokens.shape[:2]
         c = cls_attn.float().mean(dim=1)[:, 0]  # [B, N]
         s = torch.ones(batch, n, device=tokens.device) if size is None else size[..., 0].float()
-        return ward_cost(tokens, (s * (1 + value * n * c))[..., None])
+        return ward_scores(tokens, (s * (1 + value * n * c))[..., None])
     raise ValueError(f"unknown variant {kind!r}")
 
 
