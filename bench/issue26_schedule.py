@@ -116,10 +116,11 @@ def build_cache(model_name: str, data_root: str, cache: str = CACHE) -> List[str
     """Write the preprocessed CIFAR-10 test images every screening harness reads (``load_half``):
     ``{cache}/{model}_{a}_{b}.pt`` = (images as the model takes them, labels) per slice of
     ``SLICES``, in ``load_cifar10_npz``'s class-interleaved order. Slices already there are kept;
-    each file is written whole (a temporary file renamed). Returns the paths written."""
+    each file is written whole (a temporary file, fsynced and renamed). Returns the paths written."""
     import torch
 
     from mergeseek.eval.reference import load_cifar10_npz, load_reference, preprocess_info_of, preprocess_uint8
+    from mergeseek.runtime import commit_file
 
     model, _ = load_reference(model_name)
     info = preprocess_info_of(model)
@@ -136,7 +137,7 @@ def build_cache(model_name: str, data_root: str, cache: str = CACHE) -> List[str
         x = preprocess_uint8(split.images[a:b], info)
         tmp = path + ".tmp"
         torch.save((x, torch.as_tensor(split.labels[a:b])), tmp)
-        os.replace(tmp, path)
+        commit_file(tmp, path)  # fsync, rename, fsync the folder
         written.append(path)
     return written
 

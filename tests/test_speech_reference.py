@@ -116,7 +116,9 @@ def test_r0_equals_unmerged(tiny_model, spectrograms):
 @pytest.mark.parametrize("method", list(MATCHERS))
 def test_batch_of_four_equals_four_batches_of_one(tiny_model, spectrograms, method):
     x = spectrograms[:4]
-    if method == "importance":  # scores tokens by class-token attention: refused on an avg-pooled model
+    from mergeseek.encoders.merging import get_spec
+
+    if get_spec(method).needs_prefix:  # scores tokens by class-token attention: refused on an avg-pooled model
         with pytest.raises(UnsupportedModelError, match="no class token"):
             apply_merging(tiny_model, f"r=6,method={method}")
         return
