@@ -19,7 +19,12 @@ below every same-bucket edge. Up to ``GRAM_UP_TO`` free tokens the window costs 
 Gram product of the tokens (one BLAS call is cheaper there than the windows' elementwise
 products); above it they are computed window by window, with no N x N matrix.
 
-Measured on the CIFAR-10 references (docs/BENCHMARKS.md, issue #26, ninth round; all 10,000 test
+``ward_imp`` (and ``ward_imp_lsh``) put weighted sizes into the cost, ``s (1 + 2 N c)`` with ``c``
+the class token's attention to the token (heads averaged), so tokens the class token reads merge
+later; the merge still averages by the true sizes (issue #26, tenth round: the most accurate rule
+at -50% FLOPs on both references, +0.75 / +0.59 points over bipartite; docs/BENCHMARKS.md).
+
+``ward`` measured on the CIFAR-10 references (docs/BENCHMARKS.md, issue #26, ninth round; all 10,000 test
 images): +0.54 ± 0.23 points above bipartite at r=16 on the 145-token reference (chosen on half A;
 half B alone +0.46 ± 0.32), +0.33 ± 0.18 at r=20 on the 197-token one. The cost without the
 sizes, or on the keys instead of the tokens, did not beat ``pairs``.
