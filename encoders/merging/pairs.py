@@ -111,7 +111,8 @@ def _stacked(picked: list, batch: int, device) -> torch.Tensor:
     return torch.stack(picked, dim=1) if picked else torch.empty(batch, 0, 2, dtype=torch.long, device=device)
 
 
-def close_pairs(pair: torch.Tensor, used: torch.Tensor, r: int, n: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def close_pairs(pair: torch.Tensor, used: torch.Tensor, r: int,
+                n: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``greedy_pairs``' result from the greedy steps' pairs [B, r, 2] (failed steps hold (n, n)) and
     the used tokens [B, n + 1]: failed steps take the unused unprotected tokens in position order."""
     batch, dev = pair.shape[0], pair.device

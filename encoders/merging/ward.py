@@ -155,7 +155,8 @@ def ward_lsh_merging(metric: torch.Tensor, r: int, keep_first: int, *, size: Opt
     return _hashed(metric, unit, r, keep_first, x, size, planes, lsh_bits, lsh_tables, lsh_window, seed)
 
 
-IMPORTANCE = 2.0  # ward_imp: A in s' = s (1 + A N c), chosen on the CIFAR-10 references (docs/BENCHMARKS.md, tenth round)
+# ward_imp: A in s' = s (1 + A N c), chosen on the CIFAR-10 references (docs/BENCHMARKS.md, tenth round)
+IMPORTANCE = 2.0
 
 
 def importance_sizes(size: Optional[torch.Tensor], cls_attn: Optional[torch.Tensor], method: str,
