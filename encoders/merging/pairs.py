@@ -50,14 +50,15 @@ BUCKET_OFFSET = 4.0  # pairs_lsh: an edge across buckets scores cosine - 4 < -3,
 
 
 def prepare_pairs(metric: torch.Tensor, r: int, keep_first: int, size: Optional[torch.Tensor],
-             padded: Optional[bool], method: str) -> Tuple[int, torch.Tensor]:
-    """(r clamped to half of the unprotected tokens, the unit metric); refuses padded inputs."""
+                  padded: Optional[bool], method: str, unit: bool = True) -> Tuple[int, Optional[torch.Tensor]]:
+    """(r clamped to half of the unprotected tokens, the unit metric, or None with ``unit=False``
+    for rules that never read it); refuses padded inputs."""
     n = metric.shape[1]
     if padding_mask(size, padded) is not None:
         raise InputError(f"method={method} merges inputs without padding (size-0 rows) only; a patched model never "
                          "makes padding. Merge each image alone, or use method=bipartite for padded batches")
-    unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return min(r, (n - keep_first) // 2), unit
+    unit_metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12) if unit else None
+    return min(r, (n - keep_first) // 2), unit_metric
 
 
 def greedy_pairs(score: torch.Tensor, first: torch.Tensor, second: torch.Tensor, r: int, num_tokens: int,
@@ -170,6 +171,12 @@ def _pairs_kernel(scores: torch.Tensor):
     return lsh_native.load_pairs()
 
 
+def _kernel_outputs(batch: int, r: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel's outputs, written in place: src, dst [B, r] and fallback [B] (int64, CPU)."""
+    return (torch.empty(batch, r, dtype=torch.long), torch.empty(batch, r, dtype=torch.long),
+            torch.empty(batch, dtype=torch.long))
+
+
 def native_edges(score: torch.Tensor, first: torch.Tensor, second: torch.Tensor, r: int, num_tokens: int,
                  keep_first: int) -> Optional[Tuple[torch.Tensor, ...]]:
     """``greedy_pairs`` by the fused C kernel (``pairs_kernel.c``: the edges in a heap, popped until
@@ -180,9 +187,7 @@ def native_edges(score: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
     batch, edges = score.shape
     score = score.contiguous()
     first, second = first.long().contiguous(), second.long().contiguous()
-    src = torch.empty(batch, r, dtype=torch.long)
-    dst = torch.empty(batch, r, dtype=torch.long)
-    fallback = torch.empty(batch, dtype=torch.long)
+    src, dst, fallback = _kernel_outputs(batch, r)
     status = lib.mergeseek_pairs_edges(score.data_ptr(), first.data_ptr(), second.data_ptr(), batch, edges, num_tokens,
                                        keep_first, r, src.data_ptr(), dst.data_ptr(), fallback.data_ptr(),
                                        torch.get_num_threads())
@@ -200,9 +205,7 @@ def native_greedy(sim: torch.Tensor, r: int, keep_first: int, k: int) -> Optiona
         return None
     batch, n, _ = sim.shape
     sim = sim.contiguous()
-    src = torch.empty(batch, r, dtype=torch.long)
-    dst = torch.empty(batch, r, dtype=torch.long)
-    fallback = torch.empty(batch, dtype=torch.long)
+    src, dst, fallback = _kernel_outputs(batch, r)
     status = lib.mergeseek_pairs_greedy(sim.data_ptr(), batch, n, keep_first, k, r, src.data_ptr(), dst.data_ptr(),
                                         fallback.data_ptr(), torch.get_num_threads())
     return (src, dst, fallback) if status == 0 else None

@@ -35,6 +35,17 @@ static inline int above(float x, float y) {
     return x > y || (isnan(x) && !isnan(y));
 }
 
+/* This worker's images [first, last) of B, split evenly over the OpenMP team (all of them serially). */
+static void my_images(int B, int *first, int *last) {
+    int t = 0, nt = 1;
+#ifdef _OPENMP
+    t = omp_get_thread_num();
+    nt = omp_get_num_threads();
+#endif
+    *first = (int)((long)B * t / nt);
+    *last = (int)((long)B * (t + 1) / nt);
+}
+
 typedef struct {
     float *val;     /* [N * k] each row's candidates' scores, best first */
     int32_t *col;   /* [N * k] their partners */
@@ -132,11 +143,8 @@ int mergeseek_pairs_greedy(const float *score, int B, int N, int keep_first, int
 #pragma omp parallel num_threads(threads) reduction(| : failed)
 #endif
     {
-        int t = 0, nt = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
+        int first, last;
+        my_images(B, &first, &last);
         work_t w;
         w.val = malloc(sizeof(float) * (size_t)N * k);
         w.col = malloc(sizeof(int32_t) * (size_t)N * k);
@@ -146,7 +154,6 @@ int mergeseek_pairs_greedy(const float *score, int B, int N, int keep_first, int
         if (!w.val || !w.col || !w.cnt || !w.ptr || !w.used) {
             failed = 1;
         } else {
-            const int first = (int)((long)B * t / nt), last = (int)((long)B * (t + 1) / nt);
             for (int b = first; b < last; b++)
                 one_image(score + (size_t)b * N * N, N, keep_first, k, r, &w, src + (size_t)b * r, dst + (size_t)b * r,
                           fallback + b);
@@ -236,17 +243,13 @@ int mergeseek_pairs_edges(const float *score, const int64_t *first, const int64_
 #pragma omp parallel num_threads(threads) reduction(| : failed)
 #endif
     {
-        int t = 0, nt = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
+        int lo, hi;
+        my_images(B, &lo, &hi);
         int32_t *heap = malloc(sizeof(int32_t) * (size_t)(E > 0 ? E : 1));
         uint8_t *used = malloc((size_t)N);
         if (!heap || !used) {
             failed = 1;
         } else {
-            const int lo = (int)((long)B * t / nt), hi = (int)((long)B * (t + 1) / nt);
             for (int b = lo; b < hi; b++)
                 edges_one_image(score + (size_t)b * E, first + (size_t)b * E, second + (size_t)b * E, E, N, keep_first,
                                 r, heap, used, src + (size_t)b * r, dst + (size_t)b * r, fallback + b);

@@ -103,7 +103,7 @@ def ward_merging(metric: torch.Tensor, r: int, keep_first: int, *, size: Optiona
     """
     n = metric.shape[1]
     x = _tokens_of(tokens, metric, "ward")
-    r, _unit = prepare_pairs(metric, r, keep_first, size, padded, "ward")
+    r, _ = prepare_pairs(metric, r, keep_first, size, padded, "ward", unit=False)
     if r <= 0:
         return identity_merge(n)
     src, dst, fallback = matrix_pairs(ward_scores(x, size), r, keep_first)
@@ -184,7 +184,7 @@ def ward_imp_merging(metric: torch.Tensor, r: int, keep_first: int, *, size: Opt
     the true sizes. Called as every matcher plus ``tokens`` [B, N, C] and ``attn`` [B, H, 1, N]."""
     n = metric.shape[1]
     x = _tokens_of(tokens, metric, "ward_imp")
-    r, _unit = prepare_pairs(metric, r, keep_first, size, padded, "ward_imp")
+    r, _ = prepare_pairs(metric, r, keep_first, size, padded, "ward_imp", unit=False)
     if r <= 0:
         return identity_merge(n)
     weights = importance_sizes(size, attn, "ward_imp", importance)
